@@ -1,0 +1,255 @@
+"""plait attributes: size-symbol ranges, device meshes, placements, and the
+schemes later passes attach (quantization, sparsity, memory placement).
+
+    #plait.symbols<batch = [1, 64], seq = [2, 4096]>
+    #plait.mesh<dp = 2, tp = 4>
+    #plait.placements<[shard(0), replicate, partial(sum)]>
+    #plait.quant<method = "easyquant", bits = 4, group = 128, outlier_sigma = 3.0>
+    #plait.sparsity<method = "gqsa", group = 16, sparsity = 0.5, bits = 4>
+    #plait.mem<tier = "device", offset = 4096>
+
+The last three are records: a fixed schema of typed fields, written as
+`key = value` pairs, declared as data (`FIELDS`) by each class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from xdsl.ir import Data
+from xdsl.irdl import irdl_attr_definition
+
+INF = None  # an unbounded symbol range is stored as None and printed `inf`
+
+
+def _parse_bound(parser) -> int | None:
+    if parser.parse_optional_keyword("inf") is not None:
+        return INF
+    return parser.parse_integer(allow_boolean=False)
+
+
+def _bound_text(value: int | None) -> str:
+    return "inf" if value is None else str(value)
+
+
+@irdl_attr_definition
+class SymbolsAttr(Data[tuple[tuple[str, int, int | None], ...]]):
+    """The size symbols of a program with their inclusive value ranges."""
+
+    name = "plait.symbols"
+
+    @property
+    def ranges(self) -> dict[str, tuple[int, int | None]]:
+        return {name: (lo, hi) for name, lo, hi in self.data}
+
+    @classmethod
+    def parse_parameter(cls, parser) -> tuple[tuple[str, int, int | None], ...]:
+        def entry() -> tuple[str, int, int | None]:
+            name = parser.parse_identifier(context_msg=" (a size symbol)")
+            parser.parse_punctuation("=")
+            parser.parse_punctuation("[")
+            lo = parser.parse_integer(allow_boolean=False)
+            parser.parse_punctuation(",")
+            hi = _parse_bound(parser)
+            parser.parse_punctuation("]")
+            return name, lo, hi
+
+        entries = parser.parse_comma_separated_list(parser.Delimiter.ANGLE, entry)
+        return tuple(entries)
+
+    def print_parameter(self, printer) -> None:
+        body = ", ".join(f"{n} = [{lo}, {_bound_text(hi)}]" for n, lo, hi in self.data)
+        printer.print_string(f"<{body}>")
+
+
+@irdl_attr_definition
+class MeshAttr(Data[tuple[tuple[str, int], ...]]):
+    """A device mesh: named axes with their sizes, outermost first."""
+
+    name = "plait.mesh"
+
+    @property
+    def axes(self) -> dict[str, int]:
+        return dict(self.data)
+
+    @property
+    def size(self) -> int:
+        out = 1
+        for _, n in self.data:
+            out *= n
+        return out
+
+    @classmethod
+    def parse_parameter(cls, parser) -> tuple[tuple[str, int], ...]:
+        def axis() -> tuple[str, int]:
+            name = parser.parse_identifier(context_msg=" (a mesh axis name)")
+            parser.parse_punctuation("=")
+            return name, parser.parse_integer(allow_boolean=False, allow_negative=False)
+
+        return tuple(parser.parse_comma_separated_list(parser.Delimiter.ANGLE, axis))
+
+    def print_parameter(self, printer) -> None:
+        printer.print_string("<" + ", ".join(f"{n} = {s}" for n, s in self.data) + ">")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How a tensor lies along one mesh axis, in DTensor's vocabulary."""
+
+    kind: str  # "shard" | "replicate" | "partial"
+    dim: int | None = None  # for shard
+    reduce: str | None = None  # for partial: "sum", "max", ...
+
+    def __str__(self) -> str:
+        if self.kind == "shard":
+            return f"shard({self.dim})"
+        if self.kind == "partial":
+            return f"partial({self.reduce})"
+        return "replicate"
+
+
+REPLICATE = Placement("replicate")
+
+
+def shard(dim: int) -> Placement:
+    return Placement("shard", dim=dim)
+
+
+def partial(reduce: str = "sum") -> Placement:
+    return Placement("partial", reduce=reduce)
+
+
+@irdl_attr_definition
+class PlacementsAttr(Data[tuple[Placement, ...]]):
+    """One placement per mesh axis."""
+
+    name = "plait.placements"
+
+    @classmethod
+    def parse_parameter(cls, parser) -> tuple[Placement, ...]:
+        def placement() -> Placement:
+            kind = parser.parse_keyword_in(("shard", "replicate", "partial"), " (a placement)")
+            if kind == "shard":
+                parser.parse_punctuation("(")
+                dim = parser.parse_integer(allow_boolean=False)
+                parser.parse_punctuation(")")
+                return shard(dim)
+            if kind == "partial":
+                parser.parse_punctuation("(")
+                reduce = parser.parse_identifier()
+                parser.parse_punctuation(")")
+                return partial(reduce)
+            return REPLICATE
+
+        with parser.in_angle_brackets():
+            items = parser.parse_comma_separated_list(parser.Delimiter.SQUARE, placement)
+        return tuple(items)
+
+    def print_parameter(self, printer) -> None:
+        printer.print_string("<[" + ", ".join(str(p) for p in self.data) + "]>")
+
+
+# ---- records: typed key = value fields declared as data --------------------
+
+_FIELD_PARSERS = {
+    int: lambda p: p.parse_integer(allow_boolean=False),
+    float: lambda p: float(p.parse_number()),
+    bool: lambda p: p.parse_boolean(),
+    str: lambda p: p.parse_str_literal(),
+}
+
+
+def _field_text(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, float):
+        text = repr(value)
+        return text if ("." in text or "n" in text) else text.replace("e", ".0e")
+    return str(value)
+
+
+class RecordAttr(Data[tuple[tuple[str, object], ...]]):
+    """Base of attributes written `<key = value, ...>` with a fixed schema.
+
+    Subclasses list `FIELDS`: (key, python type, default). Fields equal to their
+    default are not printed, so adding a field keeps old text valid.
+    """
+
+    FIELDS: ClassVar[tuple[tuple[str, type, object], ...]] = ()
+
+    @classmethod
+    def make(cls, **values: object):
+        schema = {k: (t, d) for k, t, d in cls.FIELDS}
+        for key in values:
+            if key not in schema:
+                raise KeyError(f"{cls.name} has no field '{key}'; fields: {', '.join(schema)}")
+        return cls(tuple((k, values.get(k, d)) for k, _, d in cls.FIELDS))
+
+    def __getitem__(self, key: str) -> object:
+        return dict(self.data)[key]
+
+    @classmethod
+    def parse_parameter(cls, parser):
+        schema = {k: (t, d) for k, t, d in cls.FIELDS}
+        values: dict[str, object] = {}
+
+        def entry() -> None:
+            pos = parser.pos
+            key = parser.parse_identifier()
+            if key not in schema:
+                parser.raise_error(
+                    f"{cls.name} has no field '{key}'; fields: {', '.join(schema)}", pos, parser.pos
+                )
+            parser.parse_punctuation("=")
+            values[key] = _FIELD_PARSERS[schema[key][0]](parser)
+
+        parser.parse_comma_separated_list(parser.Delimiter.ANGLE, entry)
+        return tuple((k, values.get(k, d)) for k, _, d in cls.FIELDS)
+
+    def print_parameter(self, printer) -> None:
+        defaults = {k: d for k, _, d in self.FIELDS}
+        shown = [f"{k} = {_field_text(v)}" for k, v in self.data if v != defaults[k]]
+        printer.print_string("<" + ", ".join(shown) + ">")
+
+
+@irdl_attr_definition
+class QuantAttr(RecordAttr):
+    """A weight quantization scheme chosen by a quantization pass."""
+
+    name = "plait.quant"
+    FIELDS = (
+        ("method", str, "rtn"),
+        ("bits", int, 8),
+        ("group", int, 0),  # 0: one scale per output channel
+        ("symmetric", bool, True),
+        ("outlier_sigma", float, 0.0),  # 0: no outliers kept
+    )
+
+
+@irdl_attr_definition
+class SparsityAttr(RecordAttr):
+    """A structured sparsity pattern chosen by a sparsity pass."""
+
+    name = "plait.sparsity"
+    FIELDS = (
+        ("method", str, "gqsa"),
+        ("group", int, 16),
+        ("sparsity", float, 0.5),
+        ("bits", int, 4),
+        ("pattern", str, ""),  # e.g. "2:4"
+    )
+
+
+@irdl_attr_definition
+class MemAttr(RecordAttr):
+    """Where a tensor lives: memory tier and its offset in that tier's arena."""
+
+    name = "plait.mem"
+    FIELDS = (
+        ("tier", str, "device"),
+        ("offset", int, -1),  # -1: not planned
+        ("prefetch", bool, False),
+    )

@@ -1,0 +1,142 @@
+"""The IR's text form: print, parse (with file:line:column errors) and verify.
+
+Printing always includes locations (`loc("model.layers.0.mlp")`), so a dump is
+a complete, reproducible test case: print -> parse -> print is the identity.
+"""
+
+from __future__ import annotations
+
+import io
+import weakref
+
+from xdsl.dialects import func
+from xdsl.dialects.builtin import ModuleOp, NameLoc, UnknownLoc
+from xdsl.ir import Operation
+from xdsl.parser import Parser
+from xdsl.printer import Printer
+from xdsl.utils.exceptions import ParseError, VerifyException
+
+from . import symbolic
+from .attrs import SymbolsAttr
+from .dialect import make_context
+from .errors import IRParseError, IRVerifyError
+from .types import AsyncType, TensorType
+
+SYMBOLS_ATTR = "plait.symbols"
+
+# op -> (filename, line, column) for ops that came from text, for error messages
+_positions: weakref.WeakKeyDictionary[Operation, tuple[str, int, int]] = weakref.WeakKeyDictionary()
+
+
+class _PositionRecordingParser(Parser):
+    def parse_operation(self) -> Operation:
+        location = self._current_token.span.get_location()
+        op = super().parse_operation()
+        _positions[op] = tuple(location)
+        return op
+
+
+class _LocationPrinter(Printer):
+    """Prints known locations and leaves out `loc(unknown)`."""
+
+    def print_op(self, op: Operation) -> None:
+        saved, self.print_debuginfo = self.print_debuginfo, not isinstance(op.location, UnknownLoc)
+        try:
+            super().print_op(op)
+        finally:
+            self.print_debuginfo = saved
+
+    def print_block_argument(self, arg, print_type: bool = True) -> None:
+        saved, self.print_debuginfo = self.print_debuginfo, not isinstance(arg.location, UnknownLoc)
+        try:
+            super().print_block_argument(arg, print_type)
+        finally:
+            self.print_debuginfo = saved
+
+
+def print_module(module: ModuleOp) -> str:
+    out = io.StringIO()
+    _LocationPrinter(stream=out).print_op(module)
+    out.write("\n")
+    return out.getvalue()
+
+
+def parse_module(text: str, filename: str = "<ir>", verify: bool = True) -> ModuleOp:
+    """Parse IR text; every rejection is an IRParseError with a line and column."""
+    parser = _PositionRecordingParser(make_context(), text, filename)
+    try:
+        module = parser.parse_module()
+    except ParseError as exc:
+        location = exc.span.get_location()
+        raise IRParseError(
+            exc.msg, filename, location.line, location.col, exc.span.print_with_context(exc.msg)
+        ) from None
+    except (VerifyException, ValueError, TypeError, KeyError, IndexError, RecursionError) as exc:
+        # Raised while building an op from well-formed tokens (e.g. a bad
+        # attribute value): report it at the token the parser stopped on.
+        location = parser._current_token.span.get_location()
+        raise IRParseError(
+            f"invalid IR: {exc}", filename, location.line, location.col
+        ) from None
+    if verify:
+        verify_module(module)
+    return module
+
+
+def where(op: Operation) -> str:
+    """Where an op comes from: file:line:column if parsed, and its module path."""
+    parts = []
+    if op in _positions:
+        filename, line, column = _positions[op]
+        parts.append(f"{filename}:{line}:{column}")
+    if isinstance(op.location, NameLoc):
+        parts.append(f"({op.location.desc.data})")
+    return " ".join(parts) or op.name
+
+
+def verify_module(module: ModuleOp) -> None:
+    """Check every op, dominance in straight-line bodies, and declared symbols."""
+    symbols = module.attributes.get(SYMBOLS_ATTR)
+    if symbols is not None and not isinstance(symbols, SymbolsAttr):
+        raise IRVerifyError(f"'{SYMBOLS_ATTR}' must be a #plait.symbols attribute", "module")
+    declared = set(symbols.ranges) if symbols is not None else set()
+    for op in module.walk():
+        try:
+            op.verify(verify_nested_ops=False)
+        except VerifyException as exc:
+            raise IRVerifyError(f"{op.name}: {exc}", where(op)) from None
+        for result in op.results:
+            _check_symbols(result.type, declared, op)
+    for fn in module.ops:
+        if isinstance(fn, func.FuncOp):
+            for arg_type in fn.function_type.inputs:
+                _check_symbols(arg_type, declared, fn)
+            _check_dominance(fn)
+
+
+def _check_symbols(type_, declared: set[str], op: Operation) -> None:
+    if isinstance(type_, AsyncType):
+        type_ = type_.value_type
+    if isinstance(type_, TensorType) and not type_.is_static:
+        for dim in type_.shape:
+            missing = symbolic.free_names(dim) - declared
+            if missing:
+                raise IRVerifyError(
+                    f"size symbol '{sorted(missing)[0]}' is not declared; add it to the "
+                    f"module's {SYMBOLS_ATTR} attribute with its range",
+                    where(op),
+                )
+
+
+def _check_dominance(fn: func.FuncOp) -> None:
+    if len(fn.body.blocks) != 1:
+        return
+    block = fn.body.blocks.first
+    defined = set(block.args)
+    for op in block.ops:
+        for operand in op.operands:
+            if operand not in defined:
+                raise IRVerifyError(
+                    f"{op.name} uses a value before it is defined", where(op)
+                )
+        defined.update(op.results)
