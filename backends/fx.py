@@ -1,0 +1,308 @@
+"""The torch backend: plait IR -> a per-rank torch.fx GraphModule.
+
+The program calls ATen operators directly (no DTensor, no nn.Module
+dispatch), binds its weights from a WeightStore by reference, computes
+symbolic sizes from its inputs' shapes, and lowers collectives to PyTorch's
+functional collectives. `program.code` is the Python a user can read:
+
+    def forward(self, input_ids, attention_mask):
+        seq = torch.ops.aten.sym_size.int(input_ids, 1)
+        ...
+        linear = torch.ops.aten.linear.default(mul_3, model_layers_0_self_attn_q_proj_weight)
+"""
+
+from __future__ import annotations
+
+import importlib
+import operator
+from dataclasses import dataclass, field
+
+import sympy
+import torch
+import torch.fx
+from xdsl.dialects import func
+from xdsl.dialects.builtin import ModuleOp
+from xdsl.ir import Operation, SSAValue
+
+from ..ir import args as irargs
+from ..ir import symbolic
+from ..ir.dtypes import TORCH_NAMES
+from ..ir.errors import PlaitError
+from ..ir.ops import (
+    AllGatherOp,
+    AllReduceOp,
+    AllToAllOp,
+    CallOp,
+    ParamOp,
+    ReduceScatterOp,
+    WaitOp,
+)
+from ..ir.targets import split_name
+from ..ir.text import where
+from ..ir.types import TensorType
+from ..ir.weights import WeightStore
+
+
+class LoweringError(PlaitError):
+    """An op the torch backend cannot lower."""
+
+
+def resolve_target(target: str, op: Operation | None = None) -> torch._ops.OpOverload:
+    """Schema name -> the torch OpOverload, importing a custom op's library if needed."""
+    namespace, name, overload = split_name(target)
+    for attempt in range(2):
+        try:
+            return getattr(getattr(getattr(torch.ops, namespace), name), overload)
+        except (AttributeError, RuntimeError):
+            if attempt == 0:
+                try:
+                    importlib.import_module(namespace)  # e.g. transformers registers its ops
+                except ImportError:
+                    break
+    location = f"{where(op)}: " if op is not None else ""
+    raise LoweringError(
+        f"{location}operator '{target}' is not registered with torch; import the library "
+        f"that defines it (torch.library) before compiling or running, or replace the op"
+    )
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return getattr(torch, TORCH_NAMES[name])
+
+
+@dataclass
+class Program:
+    """One rank's executable program."""
+
+    graph_module: torch.fx.GraphModule
+    input_types: list[TensorType]
+    input_names: list[str]
+    symbols: dict[str, tuple[int, int | None]] = field(default_factory=dict)
+
+    @property
+    def code(self) -> str:
+        return self.graph_module.code
+
+    def __call__(self, *inputs: torch.Tensor):
+        return self.graph_module(*inputs)
+
+
+class _SymExprs:
+    """Builds fx nodes that compute symbolic sizes from the inputs' shapes."""
+
+    _OPS = {sympy.Add: operator.add, sympy.Mul: operator.mul}
+
+    def __init__(self, graph: torch.fx.Graph):
+        self.graph = graph
+        self.nodes: dict[sympy.Expr, torch.fx.Node] = {}
+
+    def bind(self, symbol: str, tensor: torch.fx.Node, dim: int) -> None:
+        node = self.graph.call_function(torch.ops.aten.sym_size.int, (tensor, dim))
+        node.name = symbol
+        self.nodes[symbolic.symbol(symbol)] = node
+
+    def node(self, expr: sympy.Expr):
+        if expr.is_Integer:
+            return int(expr)
+        if expr in self.nodes:
+            return self.nodes[expr]
+        if expr.is_Symbol:
+            raise LoweringError(
+                f"size symbol '{expr}' is not a dim of any input; the program cannot compute it"
+            )
+        args = [self.node(a) for a in expr.args]
+        if type(expr) in self._OPS:
+            fn = self._OPS[type(expr)]
+            out = args[0]
+            for a in args[1:]:
+                out = self.graph.call_function(fn, (out, a))
+        elif expr.is_Pow:
+            out = self.graph.call_function(operator.pow, (args[0], args[1]))
+        elif isinstance(expr, (sympy.floor, sympy.ceiling)):
+            num, den = sympy.fraction(sympy.together(expr.args[0]))
+            n, d = self.node(num), self.node(den)
+            if isinstance(expr, sympy.floor):
+                out = self.graph.call_function(operator.floordiv, (n, d))
+            else:  # ceil(n / d) == -((-n) // d)
+                neg = self.graph.call_function(operator.neg, (n,))
+                out = self.graph.call_function(
+                    operator.neg, (self.graph.call_function(operator.floordiv, (neg, d)),)
+                )
+        elif isinstance(expr, sympy.Mod):
+            out = self.graph.call_function(operator.mod, tuple(args))
+        elif isinstance(expr, (sympy.Max, sympy.Min)):
+            fn = max if isinstance(expr, sympy.Max) else min
+            out = self.graph.call_function(fn, tuple(args))
+        else:
+            raise LoweringError(f"cannot compute size expression {expr}")
+        self.nodes[expr] = out
+        return out
+
+
+@dataclass
+class CollectiveGroups:
+    """Process-group names per mesh axis, for lowering collectives."""
+
+    names: dict[str, str]
+    sizes: dict[str, int]
+
+
+class _Lowering:
+    def __init__(self, weights: WeightStore, device: torch.device, groups: CollectiveGroups | None):
+        self.weights = weights
+        self.device = device
+        self.groups = groups
+        self.graph = torch.fx.Graph()
+        self.values: dict[SSAValue, torch.fx.Node] = {}
+        self.attrs: dict[str, torch.Tensor] = {}
+        self.syms = _SymExprs(self.graph)
+
+    def arg(self, value, op: CallOp):
+        if isinstance(value, irargs.Operand):
+            return self.values[op.inputs[value.index]]
+        if isinstance(value, tuple):
+            return [self.arg(v, op) for v in value]
+        if isinstance(value, irargs.Sym):
+            return self.syms.node(value.expr)
+        if isinstance(value, irargs.Tag):
+            if value.kind == "dtype":
+                return torch_dtype(value.value)
+            if value.kind == "device":
+                return self.device
+            return getattr(torch, value.value)
+        return value
+
+    def lower_call(self, op: CallOp) -> None:
+        target = resolve_target(op.target_name, op)
+        args = tuple(self.arg(a, op) for a in op.args.args)
+        kwargs = {k: self.arg(v, op) for k, v in op.args.kwargs}
+        node = self._node(target, args, kwargs, op)
+        returns = target._schema.returns
+        single = len(returns) == 1 and str(returns[0].type) in ("Tensor", "Tensor(a)", "Tensor(a!)")
+        if len(op.results) == 1 and single:
+            self.values[op.results[0]] = node
+            return
+        for i, result in enumerate(op.results):
+            self.values[result] = self._node(operator.getitem, (node, i), {}, op, result)
+
+    def lower_param(self, op: ParamOp) -> None:
+        name = op.weight_name
+        tensor = self.weights.get(name)
+        if tensor.device != self.device and not tensor.is_meta:
+            tensor = tensor.to(self.device)
+        self.attrs[name] = tensor
+        self.values[op.result] = self.graph.get_attr(name)
+
+    def lower_collective(self, op: Operation) -> None:
+        if self.groups is None or op.axis.data not in self.groups.names:
+            raise LoweringError(
+                f"{where(op)}: {op.name} over mesh axis '{op.axis.data}' needs a process group; "
+                "run the program on its mesh (plait run --nproc N)"
+            )
+        group = self.groups.names[op.axis.data]
+        size = self.groups.sizes[op.axis.data]
+        x = self.values[op.input]
+        c10d = torch.ops._c10d_functional
+        if isinstance(op, AllReduceOp):
+            node = self.graph.call_function(c10d.all_reduce.default, (x, op.reduce.data, group))
+        elif isinstance(op, AllGatherOp):
+            node = self._gather(x, op.dim.value.data, size, group)
+        elif isinstance(op, ReduceScatterOp):
+            node = self._scatter(x, op.dim.value.data, op.reduce.data, size, group)
+        elif isinstance(op, AllToAllOp):
+            raise LoweringError(f"{where(op)}: all_to_all lowering arrives with expert parallelism")
+        else:
+            raise LoweringError(f"{where(op)}: unknown collective {op.name}")
+        if op.is_async is None:
+            node = self._node(c10d.wait_tensor.default, (node,), {}, op)
+        self.values[op.result] = node
+
+    def _gather(self, x, dim: int, size: int, group: str):
+        c10d = torch.ops._c10d_functional
+        # functional all_gather stacks along dim 0; move the pieces to `dim`
+        if dim == 0:
+            return self.graph.call_function(c10d.all_gather_into_tensor.default, (x, size, group))
+        moved = self.graph.call_function(torch.ops.aten.movedim.int, (x, dim, 0))
+        moved = self.graph.call_function(torch.ops.aten.contiguous.default, (moved,))
+        gathered = self.graph.call_function(
+            c10d.all_gather_into_tensor.default, (moved, size, group)
+        )
+        gathered = self.graph.call_function(c10d.wait_tensor.default, (gathered,))
+        return self.graph.call_function(torch.ops.aten.movedim.int, (gathered, 0, dim))
+
+    def _scatter(self, x, dim: int, reduce: str, size: int, group: str):
+        c10d = torch.ops._c10d_functional
+        if dim == 0:
+            return self.graph.call_function(
+                c10d.reduce_scatter_tensor.default, (x, reduce, size, group)
+            )
+        moved = self.graph.call_function(torch.ops.aten.movedim.int, (x, dim, 0))
+        moved = self.graph.call_function(torch.ops.aten.contiguous.default, (moved,))
+        out = self.graph.call_function(
+            c10d.reduce_scatter_tensor.default, (moved, reduce, size, group)
+        )
+        out = self.graph.call_function(c10d.wait_tensor.default, (out,))
+        return self.graph.call_function(torch.ops.aten.movedim.int, (out, 0, dim))
+
+    def lower_wait(self, op: WaitOp) -> None:
+        wait = torch.ops._c10d_functional.wait_tensor.default
+        self.values[op.result] = self._node(wait, (self.values[op.input],), {}, op)
+
+    def _node(self, target, args, kwargs, op: Operation, result: SSAValue | None = None):
+        """A call node named after the IR value it computes."""
+        value = result or (op.results[0] if op.results else None)
+        name = value.name_hint if value is not None else None
+        return self.graph.create_node("call_function", target, args, kwargs, name=name)
+
+    def run(self, fn: func.FuncOp) -> torch.fx.GraphModule:
+        block = fn.body.blocks.first
+        types = list(fn.function_type.inputs)
+        for index, arg in enumerate(block.args):
+            name = arg.name_hint or f"input_{index}"
+            self.values[arg] = self.graph.placeholder(name)
+        # bind each symbol from the first input dim that is exactly that symbol
+        for arg, type_ in zip(block.args, types):
+            for d, dim in enumerate(type_.shape):
+                if isinstance(dim, sympy.Symbol) and dim not in self.syms.nodes:
+                    self.syms.bind(dim.name, self.values[arg], d)
+        for op in block.ops:
+            if isinstance(op, ParamOp):
+                self.lower_param(op)
+            elif isinstance(op, CallOp):
+                self.lower_call(op)
+            elif isinstance(op, (AllReduceOp, AllGatherOp, ReduceScatterOp, AllToAllOp)):
+                self.lower_collective(op)
+            elif isinstance(op, WaitOp):
+                self.lower_wait(op)
+            elif isinstance(op, func.ReturnOp):
+                self.graph.output(tuple(self.values[v] for v in op.arguments))
+            else:
+                raise LoweringError(f"{where(op)}: the torch backend has no lowering for {op.name}")
+        return torch.fx.GraphModule(self.attrs, self.graph, class_name="PlaitProgram")
+
+
+def build_program(
+    module: ModuleOp,
+    weights: WeightStore,
+    device: str | torch.device = "cpu",
+    groups: CollectiveGroups | None = None,
+    function: str = "forward",
+) -> Program:
+    """Lower the function `function` of `module` to a runnable torch program."""
+    from ..ir.text import SYMBOLS_ATTR
+
+    fn = next(
+        (op for op in module.ops if isinstance(op, func.FuncOp) and op.sym_name.data == function),
+        None,
+    )
+    if fn is None:
+        raise LoweringError(f"the module has no function @{function}")
+    lowering = _Lowering(weights, torch.device(device), groups)
+    gm = lowering.run(fn)
+    symbols = module.attributes.get(SYMBOLS_ATTR)
+    return Program(
+        graph_module=gm,
+        input_types=list(fn.function_type.inputs),
+        input_names=[a.name_hint or f"input_{i}" for i, a in enumerate(fn.body.blocks.first.args)],
+        symbols=symbols.ranges if symbols is not None else {},
+    )

@@ -1,0 +1,94 @@
+"""Capture an nn.Module with torch.export (non-strict).
+
+Example inputs may be real, fake or `meta` tensors; a model built on `meta`
+captures without allocating its weights. `dynamic_shapes` takes torch.export's
+own spec (`{"input_ids": {0: Dim("batch", min=1, max=64)}}`); the Dim names
+become the IR's size symbols.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..ir.errors import PlaitError
+from .symbols import dim_names
+
+
+class CaptureError(PlaitError):
+    """torch.export could not capture the model."""
+
+
+@dataclass
+class Captured:
+    program: torch.export.ExportedProgram
+    # per flat tensor input: dim index -> the user's Dim name
+    dim_names: list[dict[int, str]]
+    # prefix a wrapper adds to state-dict names and module paths ("model.")
+    prefix: str = ""
+    input_names: list[str] = field(default_factory=list)
+
+
+def capture(
+    model: torch.nn.Module,
+    example_inputs: Sequence,
+    dynamic_shapes=None,
+) -> Captured:
+    """Export `model` called on `example_inputs` (positional)."""
+    if not isinstance(model, torch.nn.Module):
+        raise CaptureError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    example_inputs = tuple(example_inputs)
+    # export in eval mode (dropout off), then give every submodule its own mode back
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with _quiet_export():
+            program = torch.export.export(
+                model, example_inputs, dynamic_shapes=dynamic_shapes, strict=False
+            )
+    except Exception as exc:  # torch.export raises many types; all are capture failures
+        hint = ""
+        if "DynamicCache" in str(exc) or "Cache" in type(exc).__name__:
+            hint = (
+                "\nhint: Hugging Face models return a cache by default; wrap them with "
+                "plait.frontend.hf.wrap(model), which passes use_cache=False and returns logits"
+            )
+        raise CaptureError(
+            f"torch.export could not capture {type(model).__name__}: "
+            f"{type(exc).__name__}: {exc}{hint}"
+        ) from exc
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    signature = program.graph_signature
+    input_names = [
+        spec.arg.name
+        for spec in signature.input_specs
+        if spec.kind == torch.export.graph_signature.InputKind.USER_INPUT
+    ]
+    return Captured(
+        program=program,
+        dim_names=dim_names(model, example_inputs, dynamic_shapes),
+        prefix=getattr(model, "plait_prefix", ""),
+        input_names=input_names,
+    )
+
+
+@contextlib.contextmanager
+def _quiet_export():
+    """torch.export logs guards and warnings that users cannot act on."""
+    import logging
+    import warnings
+
+    logger = logging.getLogger("torch.export")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)

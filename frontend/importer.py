@@ -1,0 +1,325 @@
+"""ExportedProgram -> plait IR module and WeightStore.
+
+Each ATen call becomes the typed op of its family (`ir.targets`), or a
+`plait.call`; its arguments are kept as export recorded them. Parameters,
+buffers and constants become `plait.param` ops named by their state-dict keys,
+with their data in the WeightStore. Each op's location is the module path that
+called it (`nn_module_stack`), such as "model.layers.3.mlp.down_proj".
+
+Symbolic ints (`sym_size`, arithmetic on sizes) do not become ops: they are
+expressions over the input's size symbols, written into the arguments and
+types that use them. In-place ATen calls on fresh tensors are replaced by
+their out-of-place forms so that the IR is purely functional.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch.export.graph_signature import InputKind
+from xdsl.dialects import func
+from xdsl.dialects.builtin import ModuleOp, NameLoc, NoneAttr, StringAttr
+from xdsl.ir import Block, Region, SSAValue
+
+from ..ir import args as irargs
+from ..ir.dtypes import IR_NAMES
+from ..ir.errors import PlaitError
+from ..ir.attrs import SymbolsAttr
+from ..ir.ops import ParamOp, call_op_class
+from ..ir.targets import join_name
+from ..ir.text import SYMBOLS_ATTR
+from ..ir.types import TensorType
+from ..ir.weights import WeightStore
+from .capture import Captured
+from .symbols import SymbolMap
+
+# calls that only check what export already proved; they carry no data
+_DROPPED = {
+    "aten::_assert_scalar",
+    "aten::sym_constrain_range_for_size",
+    "aten::sym_constrain_range",
+    "aten::_assert_async.msg",
+}
+
+
+class ImportError_(PlaitError):
+    """A captured graph that plait cannot represent."""
+
+
+def target_name(target) -> str:
+    """torch OpOverload -> schema name ('aten::add.Tensor')."""
+    namespace = target.namespace
+    name = target._schema.name.split("::", 1)[1]
+    return join_name(namespace, name, target._overloadname)
+
+
+def location(path: str) -> NameLoc:
+    return NameLoc(StringAttr(path), NoneAttr())
+
+
+def _module_path(node: torch.fx.Node, prefix: str) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    if path.startswith("_empty_nn_module_stack"):
+        return ""
+    path = path.split("@")[0]
+    return _strip(path, prefix)
+
+
+def _strip(name: str, prefix: str) -> str:
+    return name[len(prefix):] if prefix and name.startswith(prefix) else name
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return IR_NAMES[str(dtype).removeprefix("torch.")]
+
+
+class _Importer:
+    def __init__(self, captured: Captured):
+        self.captured = captured
+        self.program = captured.program
+        self.prefix = captured.prefix
+        self.symbols = SymbolMap()
+        self.values: dict[torch.fx.Node, SSAValue | list[SSAValue]] = {}
+        self.weights = WeightStore()
+        self.block = Block()
+        # fresh values replaced by in-place ops: node -> value after the mutation
+        self.mutated: dict[torch.fx.Node, SSAValue] = {}
+
+    # ---- types and values ------------------------------------------------
+
+    def where(self, node: torch.fx.Node) -> str:
+        path = _module_path(node, self.prefix)
+        return f"{path} ({node.name})" if path else node.name
+
+    def dim(self, value, node) -> int | object:
+        if isinstance(value, int):
+            return value
+        if isinstance(value, torch.SymInt):
+            expr = value.node.expr
+            converted = self.symbols.convert(expr, self.where(node))
+            return int(converted) if converted.is_Integer else converted
+        raise ImportError_(f"{self.where(node)}: unexpected size {value!r}")
+
+    def tensor_type(self, fake, node) -> TensorType:
+        if not isinstance(fake, torch.Tensor):
+            raise ImportError_(
+                f"{self.where(node)}: produces {type(fake).__name__}, not a tensor; "
+                "plait programs pass only tensors between ops"
+            )
+        return TensorType([self.dim(d, node) for d in fake.shape], dtype_name(fake.dtype))
+
+    def bind_input_symbols(self, user_inputs: list[torch.fx.Node]) -> None:
+        ranges = self.program.range_constraints
+        for index, node in enumerate(user_inputs):
+            names = self.captured.dim_names[index] if index < len(self.captured.dim_names) else {}
+            fake = node.meta.get("val")
+            if not isinstance(fake, torch.Tensor):
+                continue
+            for d, size in enumerate(fake.shape):
+                if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol:
+                    symbol = size.node.expr
+                    self.symbols.bind(symbol, names.get(d), ranges.get(symbol))
+
+    def lookup(self, node: torch.fx.Node):
+        """The IR value of a node, after any in-place update of it."""
+        return self.mutated[node] if node in self.mutated else self.values.get(node)
+
+    # ---- arguments -------------------------------------------------------
+
+    def convert_arg(self, value, node, operands: list[SSAValue]):
+        if isinstance(value, torch.fx.Node):
+            fake = value.meta.get("val")
+            if isinstance(fake, (torch.SymInt, int)) and not isinstance(fake, bool):
+                dim = self.dim(fake, node)
+                return dim if isinstance(dim, int) else irargs.Sym(dim)
+            if isinstance(fake, (torch.SymFloat, torch.SymBool)):
+                raise ImportError_(
+                    f"{self.where(node)}: symbolic {type(fake).__name__} arguments are not "
+                    "supported; make the value static"
+                )
+            ssa = self.lookup(value)
+            if not isinstance(ssa, SSAValue):
+                raise ImportError_(f"{self.where(node)}: argument {value.name} is not a tensor")
+            operands.append(ssa)
+            return irargs.Operand(len(operands) - 1)
+        if isinstance(value, (list, tuple)):
+            return tuple(self.convert_arg(v, node, operands) for v in value)
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        if isinstance(value, torch.dtype):
+            return irargs.Tag("dtype", dtype_name(value))
+        if isinstance(value, torch.device):
+            return irargs.Tag("device", str(value))
+        if isinstance(value, torch.layout):
+            return irargs.Tag("layout", str(value).removeprefix("torch."))
+        if isinstance(value, torch.memory_format):
+            return irargs.Tag("memory_format", str(value).removeprefix("torch."))
+        raise ImportError_(
+            f"{self.where(node)}: argument of type {type(value).__name__} is not supported"
+        )
+
+    # ---- nodes -----------------------------------------------------------
+
+    def import_param(self, node: torch.fx.Node, spec) -> None:
+        name = spec.target
+        if spec.kind == InputKind.PARAMETER:
+            tensor, kind = self.program.state_dict[name], "parameter"
+        elif spec.kind == InputKind.BUFFER:
+            source = self.program.state_dict if spec.persistent else self.program.constants
+            tensor, kind = source[name], "buffer"
+        else:
+            tensor, kind = self.program.constants[name], "constant"
+        if isinstance(tensor, torch.nn.Parameter):
+            tensor = tensor.data
+        plait_name = _strip(name, self.prefix)
+        op = ParamOp(plait_name, self.tensor_type(node.meta["val"], node), kind)
+        op.location = location(plait_name.rpartition(".")[0])
+        op.result.name_hint = plait_name
+        self.weights.add(plait_name, tensor)
+        self.block.add_op(op)
+        self.values[node] = op.result
+
+    def import_call(self, node: torch.fx.Node) -> None:
+        target = node.target
+        if target is operator.getitem:
+            source, index = node.args
+            results = self.values.get(source)
+            if not isinstance(results, list):
+                raise ImportError_(f"{self.where(node)}: getitem on a non-tuple value")
+            self.values[node] = results[index]
+            return
+        if not isinstance(target, torch._ops.OpOverload):
+            fake = node.meta.get("val")
+            if isinstance(fake, (torch.SymInt, int)):
+                return  # size arithmetic: folded into the expressions that use it
+            raise ImportError_(
+                f"{self.where(node)}: cannot import a call to {getattr(target, '__name__', target)}; "
+                "plait supports ATen and custom operators (torch.library). Rewrite this part "
+                "of the model without it"
+            )
+        name = target_name(target)
+        if name in _DROPPED:
+            return
+        fake = node.meta.get("val")
+        if isinstance(fake, (torch.SymInt, int)) and not isinstance(fake, bool):
+            return  # aten.sym_size and friends: symbolic, not data
+        name, self_node = self.functionalize(node, name)
+        operands: list[SSAValue] = []
+        args = tuple(self.convert_arg(a, node, operands) for a in node.args)
+        kwargs = tuple((k, self.convert_arg(v, node, operands)) for k, v in node.kwargs.items())
+        if fake is None:
+            result_types, multi = [], False
+        elif isinstance(fake, (list, tuple)):
+            result_types, multi = [self.tensor_type(f, node) for f in fake], True
+        else:
+            result_types, multi = [self.tensor_type(fake, node)], False
+        op = call_op_class(name)(name, operands, irargs.ArgsAttr(args, kwargs), result_types)
+        path = _module_path(node, self.prefix)
+        if path:
+            op.location = location(path)
+        for result in op.results:
+            result.name_hint = node.name
+        self.block.add_op(op)
+        self.values[node] = list(op.results) if multi else (op.results[0] if op.results else [])
+        if self_node is not None:
+            self.mutated[self_node] = op.results[0]
+
+    def functionalize(self, node: torch.fx.Node, name: str) -> tuple[str, torch.fx.Node | None]:
+        """In-place call on a fresh tensor -> its out-of-place form."""
+        schema = node.target._schema
+        mutated = [a for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+        if not mutated:
+            return name, None
+        namespace, base = node.target.namespace, schema.name.split("::", 1)[1]
+        functional = base.rstrip("_")
+        arg = node.args[0] if node.args else None
+        safe = (
+            len(mutated) == 1
+            and mutated[0].name == schema.arguments[0].name
+            and functional != base
+            and hasattr(getattr(torch.ops, namespace), functional)
+            and isinstance(arg, torch.fx.Node)
+            and self._is_fresh(arg, node)
+        )
+        if not safe:
+            raise ImportError_(
+                f"{self.where(node)}: in-place {name} on a tensor that is an input, a weight or "
+                "a view cannot be imported; use the out-of-place form in the model"
+            )
+        packet = getattr(getattr(torch.ops, namespace), functional)
+        overload = getattr(packet, node.target._overloadname)
+        return target_name(overload), arg
+
+    def _is_fresh(self, value: torch.fx.Node, mutation: torch.fx.Node) -> bool:
+        """A computed tensor that nothing aliases (no views of it are taken)."""
+        if value.op != "call_function" or not isinstance(value.target, torch._ops.OpOverload):
+            return value.op == "call_function" and value.target is operator.getitem
+        if any(r.alias_info is not None for r in value.target._schema.returns):
+            return False
+        for user in value.users:
+            if user is mutation or not isinstance(user.target, torch._ops.OpOverload):
+                continue
+            if any(r.alias_info is not None for r in user.target._schema.returns):
+                return False
+        return True
+
+    # ---- program ---------------------------------------------------------
+
+    def run(self) -> tuple[ModuleOp, WeightStore]:
+        signature = self.program.graph_signature
+        specs = {spec.arg.name: spec for spec in signature.input_specs}
+        graph = self.program.graph_module.graph
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        user_inputs = [n for n in placeholders if specs[n.name].kind == InputKind.USER_INPUT]
+        self.bind_input_symbols(user_inputs)
+        input_types = []
+        for node in user_inputs:
+            input_types.append(self.tensor_type(node.meta["val"], node))
+        self.block = Block(arg_types=input_types)
+        for arg, node in zip(self.block.args, user_inputs):
+            arg.name_hint = node.name
+            self.values[node] = arg
+        outputs: list[SSAValue] = []
+        for node in graph.nodes:
+            if node.op == "placeholder":
+                spec = specs[node.name]
+                if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
+                    self.import_param(node, spec)
+                elif spec.kind != InputKind.USER_INPUT:
+                    raise ImportError_(f"{node.name}: inputs of kind {spec.kind.name} are not supported")
+            elif node.op == "call_function":
+                self.import_call(node)
+            elif node.op == "output":
+                for out in node.args[0]:
+                    value = self.lookup(out)
+                    if not isinstance(value, SSAValue):
+                        raise ImportError_(
+                            f"output {getattr(out, 'name', out)!r} is not a tensor; plait "
+                            "programs return tensors"
+                        )
+                    outputs.append(value)
+            else:
+                raise ImportError_(
+                    f"{self.where(node)}: graph node kind '{node.op}' (e.g. control flow or "
+                    "a submodule call) is not supported yet"
+                )
+        self.block.add_op(func.ReturnOp(*outputs))
+        fn = func.FuncOp(
+            "forward",
+            (input_types, [v.type for v in outputs]),
+            Region(self.block),
+        )
+        module = ModuleOp([fn])
+        module.attributes[SYMBOLS_ATTR] = SymbolsAttr(
+            tuple((n, lo, hi) for n, (lo, hi) in self.symbols.ranges.items())
+        )
+        return module, self.weights
+
+
+def import_program(captured: Captured) -> tuple[ModuleOp, WeightStore]:
+    """The plait IR module and weights of a captured program."""
+    return _Importer(captured).run()

@@ -1,0 +1,128 @@
+"""WeightStore: the weight data behind a program's `plait.param` names.
+
+The IR holds no weight data. A store maps each parameter name to where its
+tensor is: a tensor in memory (shared with the user's model, never copied), a
+tensor in a safetensors file (read on first use, so a rank reads only what it
+needs), or only a shape on `meta`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import PlaitError
+
+
+class WeightError(PlaitError):
+    """A weight that is missing, or cannot be materialized or saved."""
+
+
+@dataclass
+class _FileEntry:
+    path: Path
+    key: str
+
+
+class WeightStore:
+    """Parameter name -> tensor, resolved lazily."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, torch.Tensor | _FileEntry] = {}
+
+    # ---- filling -------------------------------------------------------
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Keep a reference to `tensor` (no copy) under `name`."""
+        self._entries[name] = tensor.detach()
+
+    def add_safetensors(self, path: str | Path, names: Iterable[str] | None = None) -> None:
+        """Register tensors of a safetensors file, read when first used.
+
+        Names the file stores once for several tied weights come back under
+        every name (see `save`).
+        """
+        from safetensors import safe_open
+
+        path = Path(path)
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            aliases = json.loads((f.metadata() or {}).get("plait.aliases", "{}"))
+        wanted = set(names) if names is not None else keys | set(aliases)
+        for name in wanted:
+            key = aliases.get(name, name)
+            if key not in keys:
+                raise WeightError(
+                    f"weight '{name}' is not in {path}; the checkpoint does not match the model"
+                )
+            self._entries[name] = _FileEntry(path, key)
+
+    # ---- reading -------------------------------------------------------
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def get(self, name: str) -> torch.Tensor:
+        entry = self._entries.get(name)
+        if entry is None:
+            raise WeightError(
+                f"no weight named '{name}'; the program needs it (check the checkpoint "
+                "or the model the program was compiled from)"
+            )
+        if isinstance(entry, _FileEntry):
+            from safetensors import safe_open
+
+            with safe_open(str(entry.path), framework="pt") as f:
+                entry = f.get_tensor(entry.key)
+            self._entries[name] = entry
+        return entry
+
+    def is_meta(self, name: str) -> bool:
+        entry = self._entries.get(name)
+        return isinstance(entry, torch.Tensor) and entry.is_meta
+
+    def subset(self, names: Iterable[str]) -> WeightStore:
+        """A store with only `names`, sharing this store's tensors."""
+        out = WeightStore()
+        for name in names:
+            if name not in self._entries:
+                self.get(name)  # raises the missing-weight error
+            out._entries[name] = self._entries[name]
+        return out
+
+    # ---- writing -------------------------------------------------------
+
+    def save(self, path: str | Path, names: Iterable[str] | None = None) -> None:
+        """Write weights to one safetensors file; tied weights are stored once."""
+        from safetensors.torch import save_file
+
+        tensors: dict[str, torch.Tensor] = {}
+        aliases: dict[str, str] = {}
+        by_storage: dict[tuple[int, int, tuple[int, ...], tuple[int, ...], torch.dtype], str] = {}
+        for name in sorted(names if names is not None else self._entries):
+            tensor = self.get(name)
+            if tensor.is_meta:
+                raise WeightError(
+                    f"weight '{name}' is on the meta device and has no data to save; "
+                    "load real weights (a checkpoint) before saving"
+                )
+            key = (
+                tensor.untyped_storage().data_ptr(),
+                tensor.storage_offset(),
+                tuple(tensor.shape),
+                tuple(tensor.stride()),
+                tensor.dtype,
+            )
+            if key in by_storage:
+                aliases[name] = by_storage[key]
+                continue
+            by_storage[key] = name
+            tensors[name] = tensor.contiguous().cpu()
+        save_file(tensors, str(path), metadata={"plait.aliases": json.dumps(aliases)})
