@@ -40,6 +40,7 @@ from xdsl.utils.exceptions import VerifyException
 
 from . import targets
 from .args import ArgsAttr, Operand, parse_call_args, print_call_args
+from .schema import get_argument
 from .types import AsyncType, TensorType
 
 # ---- parameters -------------------------------------------------------------
@@ -178,6 +179,10 @@ class CallOp(IRDLOperation):
     @property
     def args(self) -> ArgsAttr:
         return self.call_args
+
+    def arg(self, name: str, default=None):
+        """The argument called `name` in the target's schema, or `default`."""
+        return get_argument(self.target_name, self.args.args, self.args.kwargs, name, default)
 
     def input_of(self, value: object) -> SSAValue | None:
         """The operand an argument value refers to, if it is an operand."""

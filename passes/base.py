@@ -1,0 +1,43 @@
+"""What every pass is: a frozen dataclass with a kebab-case name and typed options.
+
+Passes are xDSL `ModulePass`es, so they run under xDSL's tools too. A pass that
+needs the program's weights (quantization, sharding) finds them on the
+`PassContext` it is given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from xdsl.context import Context
+from xdsl.dialects.builtin import ModuleOp
+from xdsl.passes import ModulePass
+
+from ..ir.dialect import make_context
+from ..ir.weights import WeightStore
+
+
+@dataclass
+class PassContext(Context):
+    """An xDSL context that also carries the program's weights."""
+
+    weights: WeightStore | None = field(default=None)
+
+    @staticmethod
+    def create(weights: WeightStore | None = None) -> PassContext:
+        ctx = PassContext(weights=weights)
+        for dialect in make_context().loaded_dialects:
+            ctx.load_dialect(dialect)
+        return ctx
+
+
+@dataclass(frozen=True)
+class Pass(ModulePass):
+    """Base of plait's passes. Subclasses set `name` and implement `apply`."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str] = ""
+
+    def apply(self, ctx: Context, op: ModuleOp) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError

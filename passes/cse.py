@@ -1,0 +1,45 @@
+"""cse: merge ops that compute the same thing from the same operands."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from xdsl.context import Context
+from xdsl.dialects import func
+from xdsl.dialects.builtin import ModuleOp
+from xdsl.rewriter import Rewriter
+from xdsl.ir import Operation
+
+from .base import Pass
+from .effects import is_mergeable
+
+
+def _key(op: Operation):
+    return (
+        op.name,
+        tuple(op.operands),
+        tuple(sorted(op.properties.items())),
+        tuple(sorted(op.attributes.items())),
+        tuple(r.type for r in op.results),
+    )
+
+
+@dataclass(frozen=True)
+class CommonSubexpressionElimination(Pass):
+    name = "cse"
+    summary = "merge identical pure ops (same op, operands, arguments and types)"
+
+    def apply(self, ctx: Context, op: ModuleOp) -> None:
+        for fn in op.ops:
+            if isinstance(fn, func.FuncOp):
+                for block in fn.body.blocks:
+                    seen: dict[object, Operation] = {}
+                    for inner in list(block.ops):
+                        if not is_mergeable(inner):
+                            continue
+                        key = _key(inner)
+                        first = seen.setdefault(key, inner)
+                        if first is not inner:
+                            for old, new in zip(inner.results, first.results):
+                                old.replace_all_uses_with(new)
+                            Rewriter.erase_op(inner)

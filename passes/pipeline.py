@@ -1,0 +1,126 @@
+"""Textual pass pipelines.
+
+    canonicalize,cse,shard{mesh=tp:2}
+    quantize{bits=4,group=128},memplan{budget=40GB}
+
+A pipeline is passes separated by commas; each may take `{key=value,...}`
+options, which set the pass's dataclass fields (`outlier-sigma` sets
+`outlier_sigma`). A value may itself hold commas (`mesh=dp:2,tp:2`): a piece
+without `=` continues the previous value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+
+from ..ir.errors import PlaitError
+from . import registry
+from .base import Pass
+
+
+class PipelineError(PlaitError):
+    def __init__(self, message: str, text: str, column: int):
+        self.column = column
+        super().__init__(f"pipeline:{column + 1}: error: {message}\n  {text}\n  {' ' * column}^")
+
+
+def _split_top(text: str, start: int = 0) -> list[tuple[str, int]]:
+    """Split on commas outside braces, keeping each piece's offset."""
+    pieces, depth, begin = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth < 0:
+                raise PipelineError("unbalanced '}'", text, start + i)
+        elif ch == "," and depth == 0:
+            pieces.append((text[begin:i], start + begin))
+            begin = i + 1
+    if depth != 0:
+        raise PipelineError("unclosed '{'", text, start + len(text))
+    pieces.append((text[begin:], start + begin))
+    return pieces
+
+
+def _convert(value: str, annotation, field_name: str, full: str, column: int):
+    kinds = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    if value == "" and type(None) in kinds:
+        return None
+    for kind in kinds:
+        try:
+            if kind is bool:
+                if value.lower() in ("true", "1", "yes", ""):
+                    return True
+                if value.lower() in ("false", "0", "no"):
+                    return False
+                continue
+            if kind in (int, float, str):
+                return kind(value)
+        except ValueError:
+            continue
+    names = " or ".join(getattr(k, "__name__", str(k)) for k in kinds)
+    raise PipelineError(f"option '{field_name}' expects {names}, got '{value}'", full, column)
+
+
+def parse_pipeline(text: str) -> list[Pass]:
+    """Pipeline text -> pass instances, with errors pointing at the column."""
+    passes: list[Pass] = []
+    if not text.strip():
+        return passes
+    for piece, offset in _split_top(text):
+        stripped = piece.strip()
+        lead = offset + len(piece) - len(piece.lstrip())
+        if not stripped:
+            raise PipelineError("empty pass name", text, lead)
+        name, brace, rest = stripped.partition("{")
+        name = name.strip()
+        try:
+            cls = registry.get(name)
+        except registry.UnknownPassError as exc:
+            raise PipelineError(str(exc), text, lead) from None
+        options: dict[str, tuple[str, int]] = {}
+        if brace:
+            if not rest.endswith("}"):
+                raise PipelineError("expected '}' at the end of the options", text, lead + len(stripped))
+            body_start = lead + len(name) + 1
+            last = None
+            for item, item_offset in _split_top(rest[:-1], body_start):
+                if "=" in item:
+                    key, _, value = item.partition("=")
+                    last = key.strip().replace("-", "_")
+                    options[last] = (value.strip(), item_offset)
+                elif last is not None:
+                    value, column = options[last]
+                    options[last] = (f"{value},{item.strip()}", column)
+                elif item.strip():
+                    last = item.strip().replace("-", "_")
+                    options[last] = ("", item_offset)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for key, (value, column) in options.items():
+            if key not in fields:
+                known = ", ".join(k.replace("_", "-") for k in fields) or "none"
+                raise PipelineError(f"pass '{name}' has no option '{key}' (options: {known})", text, column)
+            kwargs[key] = _convert(value, hints[key], key, text, column)
+        try:
+            passes.append(cls(**kwargs))
+        except (TypeError, ValueError) as exc:
+            raise PipelineError(f"pass '{name}': {exc}", text, lead) from None
+    return passes
+
+
+def pipeline_text(passes: list[Pass]) -> str:
+    """The text that parses back to `passes` (options at their defaults are left out)."""
+    out = []
+    for p in passes:
+        opts = [
+            f"{f.name.replace('_', '-')}={getattr(p, f.name)}"
+            for f in dataclasses.fields(p)
+            if getattr(p, f.name) != f.default
+        ]
+        out.append(p.name + ("{" + ",".join(opts) + "}" if opts else ""))
+    return ",".join(out)

@@ -1,0 +1,30 @@
+"""The registry of passes: name -> class, imported only when used."""
+
+from __future__ import annotations
+
+import importlib
+
+from ..ir.errors import PlaitError
+
+# name -> "module:Class", relative to plait.passes
+_PASSES: dict[str, str] = {
+    "canonicalize": "canonicalize:Canonicalize",
+    "cse": "cse:CommonSubexpressionElimination",
+    "dce": "dce:DeadCodeElimination",
+}
+
+
+class UnknownPassError(PlaitError):
+    pass
+
+
+def names() -> list[str]:
+    return sorted(_PASSES)
+
+
+def get(name: str):
+    """The pass class registered as `name`."""
+    if name not in _PASSES:
+        raise UnknownPassError(f"unknown pass '{name}'; available: {', '.join(names())}")
+    module, cls = _PASSES[name].split(":")
+    return getattr(importlib.import_module(f"{__package__}.{module}"), cls)
