@@ -1,0 +1,17 @@
+"""plait: a compiler for PyTorch models.
+
+    import plait
+    compiled = plait.compile(model, example_inputs, pipeline="canonicalize,cse,dce")
+    compiled(*inputs)            # run it
+    compiled.ir, compiled.code   # inspect the plan and the program
+    compiled.save("artifact/")   # and plait.load("artifact/") later
+
+See README.md for the CLI (`plait compile`, `plait opt`, `plait run`).
+"""
+
+__version__ = "0.1.0"
+
+from .api import DEFAULT_PIPELINE, CompiledModel, compile, compile_ir, load  # noqa: E402
+from .ir.errors import PlaitError  # noqa: E402
+
+__all__ = ["CompiledModel", "DEFAULT_PIPELINE", "PlaitError", "compile", "compile_ir", "load", "__version__"]

@@ -1,0 +1,203 @@
+"""plait's Python API: compile a model, call it, inspect it, save and load it.
+
+    import plait
+    compiled = plait.compile(model, (x,), pipeline="canonicalize,cse,dce")
+    y = compiled(x)                 # runs the compiled per-rank program
+    print(compiled.ir)              # the plan, as IR text
+    print(compiled.code)            # the program, as Python
+    compiled.save("out/")           # an artifact directory
+    again = plait.load("out/")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from torch.utils import _pytree as pytree
+from xdsl.dialects import func
+from xdsl.dialects.builtin import ModuleOp
+
+from .backends.fx import Program, build_program
+from .frontend.capture import capture
+from .frontend.importer import import_program
+from .ir.errors import PlaitError
+from .ir.ops import ParamOp
+from .ir.text import print_module
+from .ir.weights import WeightStore
+from .passes.manager import PassManager
+from .runtime import artifact
+from .runtime.inputs import bind_inputs, check_inputs
+
+DEFAULT_PIPELINE = "canonicalize,cse,dce"
+
+
+class CompiledModel:
+    """A compiled model: callable, with its IR, program source and weights."""
+
+    def __init__(
+        self,
+        module: ModuleOp,
+        weights: WeightStore,
+        pipeline: str,
+        out_spec: str | None = None,
+        device: str | torch.device = "cpu",
+        pass_report: str | None = None,
+    ):
+        self.module = module
+        self.pipeline = pipeline
+        self.out_spec = out_spec
+        self.device = torch.device(device)
+        self.pass_report = pass_report
+        self.weights = weights.subset(self.weight_names)
+
+    @property
+    def function(self) -> func.FuncOp:
+        return next(op for op in self.module.ops if isinstance(op, func.FuncOp))
+
+    @property
+    def weight_names(self) -> list[str]:
+        return sorted({op.weight_name for op in self.module.walk() if isinstance(op, ParamOp)})
+
+    @property
+    def ir(self) -> str:
+        """The plan as IR text (parses back with `plait opt`)."""
+        return print_module(self.module)
+
+    @cached_property
+    def program(self) -> Program:
+        """This rank's torch program, built on first use."""
+        return build_program(self.module, self.weights, self.device)
+
+    @property
+    def code(self) -> str:
+        """The program's Python source."""
+        return self.program.code
+
+    @property
+    def input_names(self) -> list[str]:
+        return [a.name_hint or f"input_{i}" for i, a in enumerate(self.function.body.blocks.first.args)]
+
+    def __call__(self, *args, **kwargs):
+        program = self.program
+        inputs = bind_inputs(program.input_names, args, kwargs)
+        check_inputs(program.input_names, program.input_types, program.symbols, inputs)
+        if any(self.weights.is_meta(n) for n in self.weight_names):
+            raise PlaitError(
+                "the model's weights are on the meta device; load real weights "
+                "(e.g. a checkpoint) into the model before compiling it to run it"
+            )
+        outputs = program(*[x.to(self.device) for x in inputs])
+        if self.out_spec is not None:
+            return pytree.tree_unflatten(list(outputs), pytree.treespec_loads(self.out_spec))
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write an artifact directory (see `plait.runtime.artifact`)."""
+        function = self.function
+        manifest = {
+            "pipeline": self.pipeline,
+            "mesh": {"world_size": 1, "axes": {}},
+            "inputs": [
+                {"name": name, "type": str(t)}
+                for name, t in zip(self.input_names, function.function_type.inputs)
+            ],
+            "symbols": {n: list(r) for n, r in self.program.symbols.items()},
+            "outputs": {"count": len(function.function_type.outputs), "treespec": self.out_spec},
+            "device": str(self.device.type),
+        }
+        contents = artifact.Artifact(plan=self.ir, programs={0: self.code}, manifest=manifest)
+        return artifact.write(directory, contents, self.weights, self.weight_names)
+
+
+def _out_spec(program: torch.export.ExportedProgram) -> str | None:
+    try:
+        return pytree.treespec_dumps(program.call_spec.out_spec)
+    except Exception:  # specs of custom containers do not serialize; fall back to a tuple
+        return None
+
+
+def compile(
+    model: torch.nn.Module,
+    example_inputs: Sequence,
+    *,
+    pipeline: str = DEFAULT_PIPELINE,
+    dynamic_shapes=None,
+    device: str | torch.device | None = None,
+    dump_ir: str | Path | None = None,
+    print_ir_after_all: bool = False,
+    print_ir_before: Iterable[str] = (),
+    print_ir_after: Iterable[str] = (),
+    verify_each: bool = True,
+) -> CompiledModel:
+    """Capture `model` on `example_inputs`, run `pipeline`, and return a CompiledModel.
+
+    `example_inputs` may be real, fake or meta tensors. `dynamic_shapes` is
+    torch.export's spec; its Dim names become the IR's size symbols:
+
+        compiled = plait.compile(model, (ids,), dynamic_shapes={"ids": {0: Dim("batch", max=64)}})
+    """
+    captured = capture(model, example_inputs, dynamic_shapes)
+    module, weights = import_program(captured)
+    manager = PassManager.parse(
+        pipeline,
+        verify_each=verify_each,
+        print_ir_after_all=print_ir_after_all,
+        print_ir_before=set(print_ir_before),
+        print_ir_after=set(print_ir_after),
+        dump_ir=dump_ir,
+    )
+    manager.run(module, weights)
+    if device is None:
+        device = _weights_device(weights)
+    return CompiledModel(
+        module, weights, pipeline, _out_spec(captured.program), device, manager.report()
+    )
+
+
+def compile_ir(
+    module: ModuleOp,
+    weights: WeightStore,
+    *,
+    pipeline: str = DEFAULT_PIPELINE,
+    device: str | torch.device = "cpu",
+    **options,
+) -> CompiledModel:
+    """Run `pipeline` on an IR module (e.g. parsed from a dump) with its weights."""
+    manager = PassManager.parse(pipeline, **options)
+    manager.run(module, weights)
+    return CompiledModel(module, weights, pipeline, None, device, manager.report())
+
+
+def load(directory: str | Path, device: str | torch.device = "cpu") -> CompiledModel:
+    """Load an artifact written by `CompiledModel.save` or `plait compile`."""
+    contents, module, weights = artifact.read(directory)
+    manifest = contents.manifest
+    compiled = CompiledModel(
+        module,
+        weights,
+        manifest.get("pipeline", ""),
+        manifest.get("outputs", {}).get("treespec"),
+        device,
+    )
+    if manifest.get("torch_version") == torch.__version__ and compiled.device.type == manifest.get("device"):
+        saved = contents.programs.get(0)
+        if saved is not None and saved != compiled.code:
+            raise artifact.ArtifactError(
+                f"{directory}/{artifact.program_file(0)} does not match the program rebuilt "
+                "from plan.mlir; the artifact was edited. Recompile it with `plait compile`"
+            )
+    return compiled
+
+
+def _weights_device(weights: WeightStore) -> torch.device:
+    for name in weights.names():
+        tensor = weights.get(name)
+        if not tensor.is_meta:
+            return tensor.device
+    return torch.device("cpu")
+
+
+__all__ = ["CompiledModel", "compile", "compile_ir", "load", "DEFAULT_PIPELINE"]

@@ -1,0 +1,106 @@
+"""Call-time checks: inputs against the program's declared input types.
+
+A program is compiled for input dtypes, ranks, static sizes and ranges of its
+size symbols. Anything else is rejected before running, with a message that
+names the input and dim and says how to recompile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import sympy
+import torch
+
+from ..ir import symbolic
+from ..ir.dtypes import TORCH_NAMES
+from ..ir.errors import PlaitError
+from ..ir.types import TensorType
+
+
+class InputError(PlaitError):
+    """Inputs that do not match what the program was compiled for."""
+
+
+def bind_inputs(names: Sequence[str], args: tuple, kwargs: Mapping) -> list:
+    """Positional and keyword arguments -> inputs in the program's order."""
+    if len(args) > len(names):
+        raise InputError(f"the model takes {len(names)} inputs ({', '.join(names)}), got {len(args)}")
+    values = dict(zip(names, args))
+    for key, value in kwargs.items():
+        if key not in names:
+            raise InputError(f"unexpected input '{key}'; the model takes {', '.join(names)}")
+        if key in values:
+            raise InputError(f"input '{key}' given twice")
+        values[key] = value
+    missing = [n for n in names if n not in values]
+    if missing:
+        raise InputError(f"missing input(s) {', '.join(missing)}; the model takes {', '.join(names)}")
+    return [values[n] for n in names]
+
+
+def _recompile_hint(symbol: str | None, name: str, dim: int) -> str:
+    if symbol is None:
+        return (
+            f"recompile with a dynamic dim, e.g. dynamic_shapes={{'{name}': {{{dim}: "
+            f"Dim('d{dim}', min=..., max=...)}}}}"
+        )
+    return f"recompile with a wider range for '{symbol}' (Dim('{symbol}', min=..., max=...))"
+
+
+def check_inputs(
+    names: Sequence[str],
+    types: Sequence[TensorType],
+    symbols: Mapping[str, tuple[int, int | None]],
+    inputs: Sequence,
+) -> dict[str, int]:
+    """Raise InputError unless inputs fit; return the symbol values they bind."""
+    values: dict[str, int] = {}
+    for name, type_, value in zip(names, types, inputs):
+        if not isinstance(value, torch.Tensor):
+            raise InputError(f"input '{name}' must be a tensor, got {type(value).__name__}")
+        expected = TORCH_NAMES[type_.dtype]
+        actual = str(value.dtype).removeprefix("torch.")
+        if actual != expected:
+            raise InputError(
+                f"input '{name}' has dtype {actual} but the model was compiled for {expected}; "
+                f"convert it with .to(torch.{expected}) or recompile with {actual} example inputs"
+            )
+        if value.dim() != type_.rank:
+            raise InputError(
+                f"input '{name}' has {value.dim()} dims {tuple(value.shape)} but the model "
+                f"expects {type_.rank}: [{', '.join(symbolic.to_text(d) for d in type_.shape)}]"
+            )
+        for d, (size, dim) in enumerate(zip(value.shape, type_.shape)):
+            if isinstance(dim, int):
+                if size != dim:
+                    raise InputError(
+                        f"input '{name}' dim {d} is {size} but the model was compiled for "
+                        f"{dim}; {_recompile_hint(None, name, d)}"
+                    )
+            elif isinstance(dim, sympy.Symbol):
+                symbol = dim.name
+                if symbol in values and values[symbol] != size:
+                    raise InputError(
+                        f"input '{name}' dim {d} is {size} but '{symbol}' is "
+                        f"{values[symbol]} in another input; they must be equal"
+                    )
+                lo, hi = symbols.get(symbol, (1, None))
+                if size < lo or (hi is not None and size > hi):
+                    bound = f"[{lo}, {hi if hi is not None else 'inf'}]"
+                    raise InputError(
+                        f"input '{name}' dim {d} ({symbol}) is {size}, outside the compiled "
+                        f"range {bound}; {_recompile_hint(symbol, name, d)}"
+                    )
+                values[symbol] = int(size)
+    # dims that are expressions of the symbols must agree too
+    for name, type_, value in zip(names, types, inputs):
+        for d, (size, dim) in enumerate(zip(value.shape, type_.shape)):
+            if not isinstance(dim, (int, sympy.Symbol)):
+                expected = symbolic.evaluate(dim, values)
+                if size != expected:
+                    raise InputError(
+                        f"input '{name}' dim {d} is {size} but must be "
+                        f"{symbolic.to_text(dim)} = {expected}"
+                    )
+    return values
