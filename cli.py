@@ -1,0 +1,283 @@
+"""The `plait` command line: compile, opt, run.
+
+    plait compile --example llama-tiny -o out/           # capture, run passes, save an artifact
+    plait compile model.py:build -o out/ --time-passes
+    plait compile path/to/hf_checkpoint/ -o out/ --pipeline canonicalize,cse,dce
+    plait compile --example llama-tiny --emit mlir --mlir-dialect stablehlo
+    plait opt dump.mlir --pipeline canonicalize -o clean.mlir
+    plait run out/                                      # run on generated inputs
+    plait run out/ --inputs inputs.safetensors --output outputs.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+EXAMPLES_TEXT = __doc__.split("\n\n", 1)[1]
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _status(console, text: str):
+    """A spinner for a long phase, when stderr is a terminal."""
+    return console.status(text) if console.is_terminal else nullcontext()
+
+
+def _add_ir_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("pass pipeline")
+    group.add_argument("--pipeline", default=None, help="passes to run, e.g. 'canonicalize,cse,dce'")
+    group.add_argument("--print-ir-after-all", action="store_true", help="print the IR after each pass (stderr)")
+    group.add_argument("--print-ir-before", action="append", default=[], metavar="PASS", help="print the IR before PASS")
+    group.add_argument("--print-ir-after", action="append", default=[], metavar="PASS", help="print the IR after PASS")
+    group.add_argument("--dump-ir", metavar="DIR", help="write the IR before the first pass and after each pass to DIR")
+    group.add_argument("--time-passes", action="store_true", help="print each pass's time and op counts")
+    group.add_argument("--no-verify-each", action="store_true", help="do not verify the IR after each pass")
+
+
+def _pm_options(args) -> dict:
+    return dict(
+        verify_each=not args.no_verify_each,
+        print_ir_after_all=args.print_ir_after_all,
+        print_ir_before=set(args.print_ir_before),
+        print_ir_after=set(args.print_ir_after),
+        dump_ir=args.dump_ir,
+    )
+
+
+def cmd_compile(args) -> int:
+    import plait
+    from plait.frontend.model_spec import load_model
+
+    console = _console()
+    pipeline = args.pipeline or plait.DEFAULT_PIPELINE
+    start = time.perf_counter()
+    if args.model is not None and args.model.endswith(".mlir"):
+        compiled = _compile_ir_file(args, pipeline, console)
+    else:
+        with _status(console, "loading the model"):
+            loaded = load_model(args.model, args.example, args.batch, args.seq, not args.static, args.meta)
+        with _status(console, f"capturing and compiling {loaded.description}"):
+            compiled = plait.compile(
+                loaded.model, loaded.example_inputs, pipeline=pipeline,
+                dynamic_shapes=loaded.dynamic_shapes, device=args.device, **_pm_options(args),
+            )
+    if args.time_passes:
+        console.print(compiled.pass_report, markup=False, highlight=False)
+    out = sys.stdout
+    if args.emit == "ir":
+        _write(args.output, compiled.ir)
+    elif args.emit == "python":
+        _write(args.output, compiled.code)
+    elif args.emit == "mlir":
+        from plait.backends.mlir import to_mlir
+
+        with _status(console, f"lowering to MLIR ({args.mlir_dialect}) with torch-mlir"):
+            text = to_mlir(compiled.module, compiled.weights, args.mlir_dialect, not args.keep_weights)
+        _write(args.output, text)
+    else:
+        if args.output is None:
+            console.print("error: --emit artifact needs -o DIR", style="red")
+            return 2
+        with _status(console, f"saving {args.output}"):
+            compiled.save(args.output)
+        console.print(
+            f"compiled in {time.perf_counter() - start:.1f}s -> {args.output} "
+            f"(run it with: plait run {args.output})",
+            highlight=False,
+        )
+    out.flush()
+    return 0
+
+
+def _compile_ir_file(args, pipeline: str, console):
+    import plait
+    from plait.ir.text import parse_module
+    from plait.ir.weights import WeightStore
+
+    path = Path(args.model)
+    if not path.is_file():
+        raise plait.PlaitError(f"{path}: no such IR file")
+    module = parse_module(path.read_text(), str(path))
+    weights = WeightStore()
+    if args.weights:
+        weights.add_safetensors(args.weights)
+    elif args.emit in ("artifact", "python", "mlir"):
+        raise plait.PlaitError(
+            f"{path} holds no weights; pass --weights FILE.safetensors (e.g. an artifact's "
+            "weights.safetensors) or use --emit ir"
+        )
+    return plait.compile_ir(module, weights, pipeline=pipeline, device=args.device or "cpu", **_pm_options(args))
+
+
+def _write(path: str | None, text: str) -> None:
+    if path is None:
+        sys.stdout.write(text)
+    else:
+        Path(path).write_text(text)
+
+
+def cmd_opt(args) -> int:
+    from plait.ir.text import parse_module, print_module
+    from plait.passes import registry
+    from plait.passes.manager import PassManager
+
+    if args.list_passes:
+        for name in registry.names():
+            print(f"{name:<16} {registry.get(name).summary}")
+        return 0
+    if args.file is None:
+        print("error: plait opt needs an IR FILE (or - for stdin)", file=sys.stderr)
+        return 2
+    text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+    module = parse_module(text, "<stdin>" if args.file == "-" else args.file)
+    manager = PassManager.parse(args.pipeline or "", **_pm_options(args))
+    manager.run(module)
+    if args.time_passes:
+        print(manager.report(), file=sys.stderr)
+    _write(args.output, print_module(module))
+    return 0
+
+
+def _generated_inputs(compiled, dims: dict[str, int]):
+    import torch
+
+    from plait.backends.fx import torch_dtype
+    from plait.ir import symbolic
+
+    program = compiled.program
+    values = {}
+    for name, (lo, hi) in program.symbols.items():
+        default = max(lo, min(8, hi if hi is not None else 8))
+        values[name] = dims.get(name, default)
+    generator = torch.Generator().manual_seed(0)
+    inputs = []
+    for type_ in program.input_types:
+        shape = [symbolic.evaluate(d, values) for d in type_.shape]
+        dtype = torch_dtype(type_.dtype)
+        if dtype.is_floating_point:
+            inputs.append(torch.randn(shape, generator=generator).to(dtype))
+        else:  # token ids and masks: ones are valid for both
+            inputs.append(torch.ones(shape, dtype=dtype))
+    return inputs
+
+
+def cmd_run(args) -> int:
+    import statistics
+
+    import torch
+
+    import plait
+
+    console = _console()
+    with _status(console, f"loading {args.artifact}"):
+        compiled = plait.load(args.artifact, device=args.device or "cpu")
+    if args.inputs:
+        from safetensors.torch import load_file
+
+        tensors = load_file(args.inputs)
+        missing = [n for n in compiled.input_names if n not in tensors]
+        if missing:
+            raise plait.PlaitError(
+                f"{args.inputs} lacks input(s) {', '.join(missing)}; it must hold tensors named "
+                f"{', '.join(compiled.input_names)}"
+            )
+        inputs = [tensors[n] for n in compiled.input_names]
+    else:
+        dims = {}
+        for item in args.dim:
+            name, _, value = item.partition("=")
+            if not value.isdigit():
+                raise plait.PlaitError(f"--dim expects NAME=SIZE, got '{item}'")
+            dims[name] = int(value)
+        inputs = _generated_inputs(compiled, dims)
+    times = []
+    with torch.inference_mode():
+        for _ in range(max(1, args.repeat)):
+            start = time.perf_counter()
+            outputs = compiled(*inputs)
+            times.append(time.perf_counter() - start)
+    flat = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
+    for name, x in zip(compiled.input_names, inputs):
+        console.print(f"input  {name}: {tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}", highlight=False)
+    for i, y in enumerate(flat):
+        summary = f"output {i}: {tuple(y.shape)} {str(y.dtype).removeprefix('torch.')}"
+        if y.is_floating_point():
+            summary += f" mean={y.float().mean().item():.6g} std={y.float().std().item():.6g}"
+        console.print(summary, highlight=False)
+    console.print(f"time: median {statistics.median(times) * 1e3:.3f} ms over {len(times)} run(s)", highlight=False)
+    if args.output:
+        from safetensors.torch import save_file
+
+        save_file({f"output_{i}": y.contiguous() for i, y in enumerate(flat)}, args.output)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="plait",
+        description="plait: compile PyTorch models into per-rank programs.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n" + EXAMPLES_TEXT,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "compile", help="capture a model, run passes, write an artifact",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="MODEL is path/to/file.py:factory (returning (model, example_inputs[, dynamic_shapes])),\n"
+        "a Hugging Face config/checkpoint directory, or an IR file (.mlir, with --weights).",
+    )
+    p.add_argument("model", nargs="?", metavar="MODEL")
+    p.add_argument("--example", help="a bundled example: llama-tiny, gpt2-tiny, mixtral-tiny, cnn-tiny")
+    p.add_argument("-o", "--output", help="artifact directory (or file, with --emit ir|python|mlir)")
+    p.add_argument("--emit", choices=["artifact", "ir", "python", "mlir"], default="artifact")
+    p.add_argument("--mlir-dialect", choices=["linalg", "stablehlo", "tosa", "torch"], default="linalg")
+    p.add_argument("--keep-weights", action="store_true", help="with --emit mlir: print weight data")
+    p.add_argument("--batch", type=int, default=2, help="example batch for a Hugging Face MODEL")
+    p.add_argument("--seq", type=int, default=16, help="example sequence length for a Hugging Face MODEL")
+    p.add_argument("--static", action="store_true", help="compile for the example shapes only")
+    p.add_argument("--meta", action="store_true", help="build a Hugging Face MODEL on meta (IR only)")
+    p.add_argument("--weights", help="safetensors weights for an IR-file MODEL")
+    p.add_argument("--device", help="device to run on (default: the weights' device)")
+    _add_ir_options(p)
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("opt", help="run passes on IR text, like mlir-opt")
+    p.add_argument("file", nargs="?", metavar="FILE", help="IR file, or - for stdin")
+    p.add_argument("-o", "--output", help="output file (default stdout)")
+    p.add_argument("--list-passes", action="store_true", help="list the registered passes")
+    _add_ir_options(p)
+    p.set_defaults(func=cmd_opt)
+
+    p = sub.add_parser("run", help="run an artifact on given or generated inputs")
+    p.add_argument("artifact", metavar="DIR")
+    p.add_argument("--inputs", help="safetensors file with one tensor per input name")
+    p.add_argument("--dim", action="append", default=[], metavar="NAME=SIZE", help="size symbol for generated inputs, e.g. seq=32")
+    p.add_argument("--output", help="write outputs to this safetensors file")
+    p.add_argument("--repeat", type=int, default=1, help="run N times and report the median time")
+    p.add_argument("--device", help="device to run on (default cpu)")
+    p.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from plait.ir.errors import PlaitError
+
+    try:
+        return args.func(args)
+    except PlaitError as exc:
+        print(f"plait: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

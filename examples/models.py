@@ -1,0 +1,94 @@
+"""Small runnable models for the README, the CLI (`--example NAME`) and tests.
+
+Each factory returns (model, example_inputs, dynamic_shapes). The transformer
+configs are tiny versions of real architectures from `transformers`, with
+seeded random weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.export import Dim
+
+from ..frontend import hf
+
+
+def _seeded(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build().eval()
+
+
+def llama_tiny(batch: int = 2, seq: int = 16):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    )
+    model = _seeded(lambda: LlamaForCausalLM(config))
+    return hf.wrap(model), hf.example_inputs(model, batch, seq), hf.dynamic_shapes(max_seq=256)
+
+
+def gpt2_tiny(batch: int = 2, seq: int = 16):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=256,
+        bos_token_id=0, eos_token_id=0,
+    )
+    model = _seeded(lambda: GPT2LMHeadModel(config))
+    return hf.wrap(model), hf.example_inputs(model, batch, seq), hf.dynamic_shapes(max_seq=256)
+
+
+def mixtral_tiny(batch: int = 2, seq: int = 16):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+        num_experts_per_tok=2, max_position_embeddings=256,
+    )
+    model = _seeded(lambda: MixtralForCausalLM(config))
+    return hf.wrap(model), hf.example_inputs(model, batch, seq), hf.dynamic_shapes(max_seq=256)
+
+
+class SmallCNN(torch.nn.Module):
+    """conv-bn-relu-pool twice, then global pooling and a classifier."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 16, 3, padding=1),
+            torch.nn.BatchNorm2d(16),
+            torch.nn.ReLU(),
+            torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(16, 32, 3, padding=1),
+            torch.nn.BatchNorm2d(32),
+            torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1),
+        )
+        self.classifier = torch.nn.Linear(32, classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(images), 1))
+
+
+def cnn_tiny(batch: int = 4, size: int = 32):
+    model = _seeded(SmallCNN)
+    with torch.no_grad():  # non-trivial running statistics
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    return model, (images,), {"images": {0: Dim("batch", min=1, max=256)}}
+
+
+EXAMPLES: dict[str, Callable] = {
+    "llama-tiny": llama_tiny,
+    "gpt2-tiny": gpt2_tiny,
+    "mixtral-tiny": mixtral_tiny,
+    "cnn-tiny": cnn_tiny,
+}
