@@ -7,6 +7,7 @@ a complete, reproducible test case: print -> parse -> print is the identity.
 from __future__ import annotations
 
 import io
+import re
 import weakref
 
 from xdsl.dialects import func
@@ -15,6 +16,7 @@ from xdsl.ir import Operation
 from xdsl.parser import Parser
 from xdsl.printer import Printer
 from xdsl.utils.exceptions import ParseError, VerifyException
+from xdsl.utils.mlir_lexer import MLIRLexer
 
 from . import symbolic
 from .attrs import SymbolsAttr
@@ -23,6 +25,13 @@ from .errors import IRParseError, IRVerifyError
 from .types import AsyncType, TensorType
 
 SYMBOLS_ATTR = "plait.symbols"
+
+# xDSL 0.75 lexes string literals with a nested quantifier, `(?:[^"...]+|...)*"`,
+# which backtracks exponentially on an unterminated string (a hang on a
+# truncated file). This regex accepts exactly the same literals in linear time.
+MLIRLexer._unescaped_characters_regex = re.compile(
+    r'"(?:[^"\\\n\v\f]|\\(?:["nt\\]|[0-9A-Fa-f]{2}))*"'
+)
 
 # op -> (filename, line, column) for ops that came from text, for error messages
 _positions: weakref.WeakKeyDictionary[Operation, tuple[str, int, int]] = weakref.WeakKeyDictionary()
@@ -63,8 +72,9 @@ def print_module(module: ModuleOp) -> str:
 
 def parse_module(text: str, filename: str = "<ir>", verify: bool = True) -> ModuleOp:
     """Parse IR text; every rejection is an IRParseError with a line and column."""
-    parser = _PositionRecordingParser(make_context(), text, filename)
+    parser = None
     try:
+        parser = _PositionRecordingParser(make_context(), text, filename)
         module = parser.parse_module()
     except ParseError as exc:
         location = exc.span.get_location()
@@ -74,10 +84,10 @@ def parse_module(text: str, filename: str = "<ir>", verify: bool = True) -> Modu
     except (VerifyException, ValueError, TypeError, KeyError, IndexError, RecursionError) as exc:
         # Raised while building an op from well-formed tokens (e.g. a bad
         # attribute value): report it at the token the parser stopped on.
-        location = parser._current_token.span.get_location()
-        raise IRParseError(
-            f"invalid IR: {exc}", filename, location.line, location.col
-        ) from None
+        line, column = (1, 1)
+        if parser is not None:
+            line, column = parser._current_token.span.get_location()[1:]
+        raise IRParseError(f"invalid IR: {exc}", filename, line, column) from None
     if verify:
         verify_module(module)
     return module
@@ -140,3 +150,16 @@ def _check_dominance(fn: func.FuncOp) -> None:
                     f"{op.name} uses a value before it is defined", where(op)
                 )
         defined.update(op.results)
+
+
+def parse_dim(text: str) -> symbolic.Expr:
+    """Parse a standalone dimension expression such as '2*batch*seq'."""
+    parser = Parser(make_context(), text, "<dim>")
+    try:
+        expr = symbolic.parse_expr(parser)
+        if parser.parse_optional_punctuation(",") is not None or parser.pos < len(text.rstrip()):
+            parser.raise_error("unexpected text after the expression")
+    except ParseError as exc:
+        location = exc.span.get_location()
+        raise IRParseError(exc.msg, "<dim>", location.line, location.col) from None
+    return expr

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from functools import cached_property
 
 import sympy
-from xdsl.ir import Attribute, Data, ParametrizedAttribute, TypeAttribute
+from xdsl.ir import Data, ParametrizedAttribute, TypeAttribute
 from xdsl.irdl import irdl_attr_definition
 
 from . import symbolic
@@ -107,9 +107,11 @@ class AsyncType(ParametrizedAttribute, TypeAttribute):
     def __init__(self, value_type: TensorType):
         super().__init__(value_type)
 
-
-def tensor_type(value: Attribute) -> TensorType:
-    """The tensor type of an SSA value's type, unwrapping nothing."""
-    if not isinstance(value, TensorType):
-        raise TypeError(f"expected a !plait.tensor, got {value}")
-    return value
+    @classmethod
+    def parse_parameters(cls, parser) -> tuple[TensorType]:
+        with parser.in_angle_brackets():
+            pos = parser.pos
+            inner = parser.parse_type()
+            if not isinstance(inner, TensorType):
+                parser.raise_error("!plait.async carries a !plait.tensor type", pos, parser.pos)
+        return (inner,)

@@ -1,0 +1,44 @@
+"""Shared fixtures: compiled example models, built once per test session."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import plait
+from plait.examples.models import EXAMPLES
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def example():
+    """example(name) -> (model, inputs, dynamic_shapes), built once."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = EXAMPLES[name]()
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def compiled():
+    """compiled(name, dynamic=True) -> CompiledModel of an example, compiled once."""
+    cache = {}
+
+    def get(name: str, dynamic: bool = True):
+        key = (name, dynamic)
+        if key not in cache:
+            model, inputs, shapes = EXAMPLES[name]()
+            cache[key] = plait.compile(model, inputs, dynamic_shapes=shapes if dynamic else None)
+        return cache[key]
+
+    return get
+
+
+def max_rel_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Max abs difference relative to the reference's scale."""
+    return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
