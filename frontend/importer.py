@@ -73,6 +73,15 @@ def _strip(name: str, prefix: str) -> str:
     return name[len(prefix):] if prefix and name.startswith(prefix) else name
 
 
+def _mutates_self(node: torch.fx.Node) -> bool:
+    """An in-place op: writes its first argument and returns it."""
+    if not isinstance(node.target, torch._ops.OpOverload):
+        return False
+    arguments = node.target._schema.arguments
+    first = arguments[0] if arguments else None
+    return bool(first is not None and first.alias_info is not None and first.alias_info.is_write)
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return IR_NAMES[str(dtype).removeprefix("torch.")]
 
@@ -86,8 +95,10 @@ class _Importer:
         self.values: dict[torch.fx.Node, SSAValue | list[SSAValue]] = {}
         self.weights = WeightStore()
         self.block = Block()
-        # fresh values replaced by in-place ops: node -> value after the mutation
+        # tensors updated in place: node -> value after the last mutation
         self.mutated: dict[torch.fx.Node, SSAValue] = {}
+        # result of an in-place op -> the tensor it aliases
+        self.bases: dict[torch.fx.Node, torch.fx.Node] = {}
 
     # ---- types and values ------------------------------------------------
 
@@ -126,6 +137,7 @@ class _Importer:
 
     def lookup(self, node: torch.fx.Node):
         """The IR value of a node, after any in-place update of it."""
+        node = self.bases.get(node, node)
         return self.mutated[node] if node in self.mutated else self.values.get(node)
 
     # ---- arguments -------------------------------------------------------
@@ -229,42 +241,45 @@ class _Importer:
             self.mutated[self_node] = op.results[0]
 
     def functionalize(self, node: torch.fx.Node, name: str) -> tuple[str, torch.fx.Node | None]:
-        """In-place call on a fresh tensor -> its out-of-place form."""
+        """In-place call on a fresh tensor -> its out-of-place form.
+
+        Returns the functional target and the mutated node, whose later uses
+        (and those of every earlier in-place result aliasing it) must see the
+        new value.
+        """
         schema = node.target._schema
-        mutated = [a for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
-        if not mutated:
+        if not _mutates_self(node):
+            if any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments):
+                raise ImportError_(f"{self.where(node)}: {name} mutates an argument; not supported")
             return name, None
-        namespace, base = node.target.namespace, schema.name.split("::", 1)[1]
-        functional = base.rstrip("_")
-        arg = node.args[0] if node.args else None
-        safe = (
-            len(mutated) == 1
-            and mutated[0].name == schema.arguments[0].name
-            and functional != base
-            and hasattr(getattr(torch.ops, namespace), functional)
-            and isinstance(arg, torch.fx.Node)
-            and self._is_fresh(arg, node)
-        )
-        if not safe:
+        namespace, base_name = node.target.namespace, schema.name.split("::", 1)[1]
+        packet = getattr(getattr(torch.ops, namespace), base_name.rstrip("_"), None)
+        overload = getattr(packet, node.target._overloadname, None) if packet is not None else None
+        arg = node.args[0]
+        base = self.bases.get(arg, arg)
+        if overload is None or not self._is_fresh(base):
             raise ImportError_(
                 f"{self.where(node)}: in-place {name} on a tensor that is an input, a weight or "
                 "a view cannot be imported; use the out-of-place form in the model"
             )
-        packet = getattr(getattr(torch.ops, namespace), functional)
-        overload = getattr(packet, node.target._overloadname)
-        return target_name(overload), arg
+        self.bases[node] = base
+        return target_name(overload), base
 
-    def _is_fresh(self, value: torch.fx.Node, mutation: torch.fx.Node) -> bool:
-        """A computed tensor that nothing aliases (no views of it are taken)."""
-        if value.op != "call_function" or not isinstance(value.target, torch._ops.OpOverload):
-            return value.op == "call_function" and value.target is operator.getitem
-        if any(r.alias_info is not None for r in value.target._schema.returns):
+    def _is_fresh(self, base: torch.fx.Node) -> bool:
+        """A computed tensor that no view aliases: mutating it in place is local."""
+        if base.op != "call_function":
             return False
-        for user in value.users:
-            if user is mutation or not isinstance(user.target, torch._ops.OpOverload):
-                continue
-            if any(r.alias_info is not None for r in user.target._schema.returns):
+        if isinstance(base.target, torch._ops.OpOverload):
+            if any(r.alias_info is not None for r in base.target._schema.returns):
                 return False
+        elif base.target is not operator.getitem:
+            return False
+        group = [base] + [n for n, b in self.bases.items() if b is base]
+        for member in group:
+            for user in member.users:
+                if isinstance(user.target, torch._ops.OpOverload) and not _mutates_self(user):
+                    if any(r.alias_info is not None for r in user.target._schema.returns):
+                        return False
         return True
 
     # ---- program ---------------------------------------------------------
@@ -314,9 +329,10 @@ class _Importer:
             Region(self.block),
         )
         module = ModuleOp([fn])
-        module.attributes[SYMBOLS_ATTR] = SymbolsAttr(
-            tuple((n, lo, hi) for n, (lo, hi) in self.symbols.ranges.items())
-        )
+        if self.symbols.ranges:
+            module.attributes[SYMBOLS_ATTR] = SymbolsAttr(
+                tuple((n, lo, hi) for n, (lo, hi) in self.symbols.ranges.items())
+            )
         return module, self.weights
 
 
