@@ -43,7 +43,7 @@ _DROPPED = {
 }
 
 
-class ImportError_(PlaitError):
+class GraphImportError(PlaitError):
     """A captured graph that plait cannot represent."""
 
 
@@ -113,11 +113,11 @@ class _Importer:
             expr = value.node.expr
             converted = self.symbols.convert(expr, self.where(node))
             return int(converted) if converted.is_Integer else converted
-        raise ImportError_(f"{self.where(node)}: unexpected size {value!r}")
+        raise GraphImportError(f"{self.where(node)}: unexpected size {value!r}")
 
     def tensor_type(self, fake, node) -> TensorType:
         if not isinstance(fake, torch.Tensor):
-            raise ImportError_(
+            raise GraphImportError(
                 f"{self.where(node)}: produces {type(fake).__name__}, not a tensor; "
                 "plait programs pass only tensors between ops"
             )
@@ -149,13 +149,13 @@ class _Importer:
                 dim = self.dim(fake, node)
                 return dim if isinstance(dim, int) else irargs.Sym(dim)
             if isinstance(fake, (torch.SymFloat, torch.SymBool)):
-                raise ImportError_(
+                raise GraphImportError(
                     f"{self.where(node)}: symbolic {type(fake).__name__} arguments are not "
                     "supported; make the value static"
                 )
             ssa = self.lookup(value)
             if not isinstance(ssa, SSAValue):
-                raise ImportError_(f"{self.where(node)}: argument {value.name} is not a tensor")
+                raise GraphImportError(f"{self.where(node)}: argument {value.name} is not a tensor")
             operands.append(ssa)
             return irargs.Operand(len(operands) - 1)
         if isinstance(value, (list, tuple)):
@@ -170,7 +170,7 @@ class _Importer:
             return irargs.Tag("layout", str(value).removeprefix("torch."))
         if isinstance(value, torch.memory_format):
             return irargs.Tag("memory_format", str(value).removeprefix("torch."))
-        raise ImportError_(
+        raise GraphImportError(
             f"{self.where(node)}: argument of type {type(value).__name__} is not supported"
         )
 
@@ -201,14 +201,14 @@ class _Importer:
             source, index = node.args
             results = self.values.get(source)
             if not isinstance(results, list):
-                raise ImportError_(f"{self.where(node)}: getitem on a non-tuple value")
+                raise GraphImportError(f"{self.where(node)}: getitem on a non-tuple value")
             self.values[node] = results[index]
             return
         if not isinstance(target, torch._ops.OpOverload):
             fake = node.meta.get("val")
             if isinstance(fake, (torch.SymInt, int)):
                 return  # size arithmetic: folded into the expressions that use it
-            raise ImportError_(
+            raise GraphImportError(
                 f"{self.where(node)}: cannot import a call to {getattr(target, '__name__', target)}; "
                 "plait supports ATen and custom operators (torch.library). Rewrite this part "
                 "of the model without it"
@@ -250,7 +250,7 @@ class _Importer:
         schema = node.target._schema
         if not _mutates_self(node):
             if any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments):
-                raise ImportError_(f"{self.where(node)}: {name} mutates an argument; not supported")
+                raise GraphImportError(f"{self.where(node)}: {name} mutates an argument; not supported")
             return name, None
         namespace, base_name = node.target.namespace, schema.name.split("::", 1)[1]
         packet = getattr(getattr(torch.ops, namespace), base_name.rstrip("_"), None)
@@ -258,7 +258,7 @@ class _Importer:
         arg = node.args[0]
         base = self.bases.get(arg, arg)
         if overload is None or not self._is_fresh(base):
-            raise ImportError_(
+            raise GraphImportError(
                 f"{self.where(node)}: in-place {name} on a tensor that is an input, a weight or "
                 "a view cannot be imported; use the out-of-place form in the model"
             )
@@ -305,20 +305,20 @@ class _Importer:
                 if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
                     self.import_param(node, spec)
                 elif spec.kind != InputKind.USER_INPUT:
-                    raise ImportError_(f"{node.name}: inputs of kind {spec.kind.name} are not supported")
+                    raise GraphImportError(f"{node.name}: inputs of kind {spec.kind.name} are not supported")
             elif node.op == "call_function":
                 self.import_call(node)
             elif node.op == "output":
                 for out in node.args[0]:
                     value = self.lookup(out)
                     if not isinstance(value, SSAValue):
-                        raise ImportError_(
+                        raise GraphImportError(
                             f"output {getattr(out, 'name', out)!r} is not a tensor; plait "
                             "programs return tensors"
                         )
                     outputs.append(value)
             else:
-                raise ImportError_(
+                raise GraphImportError(
                     f"{self.where(node)}: graph node kind '{node.op}' (e.g. control flow or "
                     "a submodule call) is not supported yet"
                 )

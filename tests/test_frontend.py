@@ -1,0 +1,121 @@
+"""Capture: real, fake and meta inputs; symbolic dims with ranges; Hugging Face
+names and buffers; models too big to allocate; clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.export import Dim
+
+import plait
+from plait.frontend import hf
+from plait.frontend.capture import CaptureError, capture
+from plait.frontend.importer import GraphImportError, import_program
+from plait.ir.attrs import SymbolsAttr
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def test_llama3_70b_shaped_model_captures_on_meta_without_allocating():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=2,
+        num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=8192,
+    )
+    before = _rss_bytes()
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    captured = capture(hf.wrap(model), hf.example_inputs(model, 1, 16))
+    module, weights = import_program(captured)
+    grown = _rss_bytes() - before
+    assert grown < 1.5e9, f"RSS grew by {grown / 1e9:.1f} GB; weights were allocated"  # real: ~12 GB
+    assert all(weights.is_meta(name) for name in weights.names())
+    assert "!plait.tensor<[28672, 8192], f32>" in plait.ir.text.print_module(module)
+
+
+def test_fake_tensor_inputs(example):
+    model, (images,), shapes = example("cnn-tiny")
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        fake = torch.empty(4, 3, 32, 32)
+    program = plait.compile(model, (fake,), dynamic_shapes=shapes)
+    assert torch.allclose(program(images), model(images).detach(), atol=1e-6)
+
+
+def test_dynamic_dims_are_named_symbols_with_ranges():
+    class Scale(torch.nn.Module):
+        def forward(self, x, y):
+            return x.reshape(-1) * 2, torch.cat([x, y], dim=1)
+
+    x, y = torch.randn(3, 4), torch.randn(3, 5)
+    rows = Dim("rows", min=2, max=100)
+    captured = capture(Scale(), (x, y), {"x": {0: rows, 1: Dim.AUTO}, "y": {0: rows}})
+    module, _ = import_program(captured)
+    text = plait.ir.text.print_module(module)
+    symbols = module.attributes["plait.symbols"]
+    assert isinstance(symbols, SymbolsAttr)
+    assert symbols.ranges["rows"] == (2, 100)
+    assert "d0" in symbols.ranges  # Dim.AUTO has no name of its own
+    assert "!plait.tensor<[d0*rows], f32>" in text
+    assert "!plait.tensor<[rows, d0 + 5], f32>" in text
+
+
+def test_hugging_face_wrapper_keeps_state_dict_names(example):
+    model, inputs, _ = example("llama-tiny")
+    _, weights = import_program(capture(model, inputs))
+    expected = set(model.model.state_dict())
+    assert {n for n in weights.names() if not n.endswith("inv_freq")} <= expected
+    assert "model.rotary_emb.inv_freq" in weights.names()  # a non-persistent buffer, kept
+    tensor = weights.get("model.layers.0.mlp.up_proj.weight")
+    assert tensor.data_ptr() == model.model.model.layers[0].mlp.up_proj.weight.data_ptr()
+
+
+def test_capture_leaves_each_submodule_in_its_own_mode(example):
+    model, inputs, _ = example("gpt2-tiny")
+    wrapper = hf.wrap(model.model)  # a fresh wrapper is in training mode
+    capture(wrapper, inputs)
+    assert wrapper.training and not model.model.training
+
+
+def test_not_a_module_is_a_clear_error():
+    with pytest.raises(CaptureError, match="expected a torch.nn.Module"):
+        capture(lambda x: x, (torch.randn(2),))
+
+
+def test_untraceable_model_names_the_export_failure():
+    class Branchy(torch.nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow
+                return x + 1
+            return x - 1
+
+    with pytest.raises(CaptureError, match="torch.export could not capture Branchy"):
+        capture(Branchy(), (torch.randn(3),))
+
+
+def test_data_dependent_shapes_name_the_op():
+    class Nonzero(torch.nn.Module):
+        def forward(self, x):
+            return x[x > 0]
+
+    with pytest.raises(plait.PlaitError, match="data-dependent shape"):
+        import_program(capture(Nonzero(), (torch.randn(8),)))
+
+
+def test_in_place_write_into_a_view_is_rejected_with_its_location():
+    class Scatter(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = self.proj(x)
+            y[:, 0] = 0
+            return y
+
+    with pytest.raises(GraphImportError, match="in-place aten::fill_.Tensor .* a view"):
+        import_program(capture(Scatter(), (torch.randn(2, 4),)))
