@@ -31,8 +31,8 @@ from ..ir.errors import PlaitError
 from ..ir.ops import (
     AllGatherOp,
     AllReduceOp,
-    AllToAllOp,
     CallOp,
+    CollectiveOp,
     ParamOp,
     ReduceScatterOp,
     WaitOp,
@@ -156,6 +156,8 @@ class _Lowering:
         self.values: dict[SSAValue, torch.fx.Node] = {}
         self.attrs: dict[str, torch.Tensor] = {}
         self.syms = _SymExprs(self.graph)
+        # async collective value -> what its wait must apply after waiting
+        self.finishers: dict[SSAValue, object] = {}
 
     def arg(self, value, op: CallOp):
         if isinstance(value, irargs.Operand):
@@ -193,60 +195,53 @@ class _Lowering:
         self.attrs[name] = tensor
         self.values[op.result] = self.graph.get_attr(name)
 
-    def lower_collective(self, op: Operation) -> None:
+    def lower_collective(self, op: CollectiveOp) -> None:
         if self.groups is None or op.axis.data not in self.groups.names:
             raise LoweringError(
                 f"{where(op)}: {op.name} over mesh axis '{op.axis.data}' needs a process group; "
                 "run the program on its mesh (plait run --nproc N)"
             )
-        group = self.groups.names[op.axis.data]
-        size = self.groups.sizes[op.axis.data]
-        x = self.values[op.input]
-        c10d = torch.ops._c10d_functional
-        if isinstance(op, AllReduceOp):
-            node = self.graph.call_function(c10d.all_reduce.default, (x, op.reduce.data, group))
-        elif isinstance(op, AllGatherOp):
-            node = self._gather(x, op.dim.value.data, size, group)
-        elif isinstance(op, ReduceScatterOp):
-            node = self._scatter(x, op.dim.value.data, op.reduce.data, size, group)
-        elif isinstance(op, AllToAllOp):
-            raise LoweringError(f"{where(op)}: all_to_all lowering arrives with expert parallelism")
-        else:
-            raise LoweringError(f"{where(op)}: unknown collective {op.name}")
+        pending, finish = self._start_collective(op, self.values[op.input])
         if op.is_async is None:
-            node = self._node(c10d.wait_tensor.default, (node,), {}, op)
-        self.values[op.result] = node
-
-    def _gather(self, x, dim: int, size: int, group: str):
-        c10d = torch.ops._c10d_functional
-        # functional all_gather stacks along dim 0; move the pieces to `dim`
-        if dim == 0:
-            return self.graph.call_function(c10d.all_gather_into_tensor.default, (x, size, group))
-        moved = self.graph.call_function(torch.ops.aten.movedim.int, (x, dim, 0))
-        moved = self.graph.call_function(torch.ops.aten.contiguous.default, (moved,))
-        gathered = self.graph.call_function(
-            c10d.all_gather_into_tensor.default, (moved, size, group)
-        )
-        gathered = self.graph.call_function(c10d.wait_tensor.default, (gathered,))
-        return self.graph.call_function(torch.ops.aten.movedim.int, (gathered, 0, dim))
-
-    def _scatter(self, x, dim: int, reduce: str, size: int, group: str):
-        c10d = torch.ops._c10d_functional
-        if dim == 0:
-            return self.graph.call_function(
-                c10d.reduce_scatter_tensor.default, (x, reduce, size, group)
-            )
-        moved = self.graph.call_function(torch.ops.aten.movedim.int, (x, dim, 0))
-        moved = self.graph.call_function(torch.ops.aten.contiguous.default, (moved,))
-        out = self.graph.call_function(
-            c10d.reduce_scatter_tensor.default, (moved, reduce, size, group)
-        )
-        out = self.graph.call_function(c10d.wait_tensor.default, (out,))
-        return self.graph.call_function(torch.ops.aten.movedim.int, (out, 0, dim))
+            self.values[op.result] = finish(self._wait(pending, op))
+        else:  # the matching plait.wait finishes it
+            self.values[op.result] = pending
+            self.finishers[op.result] = finish
 
     def lower_wait(self, op: WaitOp) -> None:
-        wait = torch.ops._c10d_functional.wait_tensor.default
-        self.values[op.result] = self._node(wait, (self.values[op.input],), {}, op)
+        finish = self.finishers.pop(op.input)
+        self.values[op.result] = finish(self._wait(self.values[op.input], op))
+
+    def _wait(self, pending: torch.fx.Node, op: Operation) -> torch.fx.Node:
+        return self._node(torch.ops._c10d_functional.wait_tensor.default, (pending,), {}, op)
+
+    def _start_collective(self, op: CollectiveOp, x: torch.fx.Node):
+        """Issue the collective: (its pending result, what turns the waited result into ours)."""
+        group = self.groups.names[op.axis.data]
+        size = self.groups.sizes[op.axis.data]
+        c10d = torch.ops._c10d_functional
+        aten = torch.ops.aten
+        name = f"{op.results[0].name_hint or 'collective'}_pending"
+
+        def call(target, *args):
+            return self.graph.create_node("call_function", target, args, {}, name=name)
+
+        if isinstance(op, AllReduceOp):
+            return call(c10d.all_reduce.default, x, op.reduce.data, group), lambda y: y
+        if isinstance(op, (AllGatherOp, ReduceScatterOp)):
+            # functional collectives gather and scatter along dim 0: move `dim` there and back
+            dim = op.dim.value.data
+            if dim != 0:
+                moved = self.graph.call_function(aten.movedim.int, (x, dim, 0))
+                x = self.graph.call_function(aten.contiguous.default, (moved,))
+            if isinstance(op, AllGatherOp):
+                pending = call(c10d.all_gather_into_tensor.default, x, size, group)
+            else:
+                pending = call(c10d.reduce_scatter_tensor.default, x, op.reduce.data, size, group)
+            if dim == 0:
+                return pending, lambda y: y
+            return pending, lambda y: self._node(aten.movedim.int, (y, 0, dim), {}, op)
+        raise LoweringError(f"{where(op)}: {op.name} has no lowering yet (it comes with expert parallelism)")
 
     def _node(self, target, args, kwargs, op: Operation, result: SSAValue | None = None):
         """A call node named after the IR value it computes."""
@@ -270,7 +265,7 @@ class _Lowering:
                 self.lower_param(op)
             elif isinstance(op, CallOp):
                 self.lower_call(op)
-            elif isinstance(op, (AllReduceOp, AllGatherOp, ReduceScatterOp, AllToAllOp)):
+            elif isinstance(op, CollectiveOp):
                 self.lower_collective(op)
             elif isinstance(op, WaitOp):
                 self.lower_wait(op)

@@ -25,14 +25,14 @@ def example():
 
 
 @pytest.fixture(scope="session")
-def compiled():
-    """compiled(name, dynamic=True) -> CompiledModel of an example, compiled once."""
+def compiled(example):
+    """compiled(name, dynamic=True) -> CompiledModel of example(name), compiled once."""
     cache = {}
 
     def get(name: str, dynamic: bool = True):
         key = (name, dynamic)
         if key not in cache:
-            model, inputs, shapes = EXAMPLES[name]()
+            model, inputs, shapes = example(name)
             cache[key] = plait.compile(model, inputs, dynamic_shapes=shapes if dynamic else None)
         return cache[key]
 

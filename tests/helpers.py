@@ -6,3 +6,86 @@ import torch
 def max_rel_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
     """Max abs difference relative to the reference's scale."""
     return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(world_size: int, fn, *args, timeout: float = 120.0) -> list:
+    """Run fn(rank, world_size, *args) in `world_size` gloo processes; return their results."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    queue = ctx.Queue()
+    procs = [
+        ctx.Process(target=_rank_main, args=(rank, world_size, port, queue, fn, args))
+        for rank in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    results = {}
+    try:
+        for _ in procs:
+            rank, ok, value = queue.get(timeout=timeout)
+            if not ok:
+                raise RuntimeError(f"rank {rank} failed:\n{value}")
+            results[rank] = value
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    return [results[r] for r in range(world_size)]
+
+
+def _rank_main(rank, world_size, port, queue, fn, args):
+    import traceback
+
+    import torch.distributed as dist
+
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+        )
+        queue.put((rank, True, fn(rank, world_size, *args)))
+    except Exception:
+        queue.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+COLLECTIVES_IR = """\
+builtin.module {
+  func.func @forward(%x : !plait.tensor<[4, 6], f32>) -> (!plait.tensor<[4, 6], f32>, !plait.tensor<[4, 6], f32>, !plait.tensor<[4, 12], f32>, !plait.tensor<[2, 6], f32>) {
+    %s = plait.all_reduce %x {axis = "tp", reduce = "sum"} : !plait.tensor<[4, 6], f32> -> !plait.tensor<[4, 6], f32>
+    %h = plait.all_reduce %x {axis = "tp", reduce = "max", async} : !plait.tensor<[4, 6], f32> -> !plait.async<!plait.tensor<[4, 6], f32>>
+    %e = plait.elementwise "aten::exp"(%x) : !plait.tensor<[4, 6], f32>
+    %m = plait.wait %h : !plait.async<!plait.tensor<[4, 6], f32>> -> !plait.tensor<[4, 6], f32>
+    %g = plait.all_gather %e {axis = "tp", dim = 1 : i64} : !plait.tensor<[4, 6], f32> -> !plait.tensor<[4, 12], f32>
+    %r = plait.reduce_scatter %x {axis = "tp", dim = 0 : i64, reduce = "sum"} : !plait.tensor<[4, 6], f32> -> !plait.tensor<[2, 6], f32>
+    func.return %s, %m, %g, %r : !plait.tensor<[4, 6], f32>, !plait.tensor<[4, 6], f32>, !plait.tensor<[4, 12], f32>, !plait.tensor<[2, 6], f32>
+  }
+}
+"""
+
+
+def collectives_rank(rank: int, world_size: int):
+    """Run COLLECTIVES_IR on this rank with input filled with rank-dependent values."""
+    import torch.distributed as dist
+
+    from plait.backends.fx import CollectiveGroups, build_program
+    from plait.ir.text import parse_module
+    from plait.ir.weights import WeightStore
+
+    groups = CollectiveGroups({"tp": dist.group.WORLD.group_name}, {"tp": world_size})
+    program = build_program(parse_module(COLLECTIVES_IR), WeightStore(), groups=groups)
+    x = torch.arange(24, dtype=torch.float32).reshape(4, 6) + 100 * rank
+    return [t.clone() for t in program(x)], program.code
