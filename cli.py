@@ -23,7 +23,7 @@ EXAMPLES_TEXT = __doc__.split("\n\n", 1)[1]
 def _console():
     from rich.console import Console
 
-    return Console(stderr=True)
+    return Console(stderr=True, soft_wrap=True)
 
 
 def _status(console, text: str):

@@ -1,0 +1,157 @@
+"""The `plait` CLI end to end: compile, run, opt, IR dumps fed back in, and
+clear errors for bad MODEL specs and bad inputs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from plait.cli import main
+
+
+def _run(capsys, *argv) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).parent / "plait"  # installed beside the interpreter
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "plait compile --example llama-tiny" in result.stdout
+
+
+def test_compile_run_dump_opt_and_recompile(tmp_path, capsys):
+    artifact, dumps = tmp_path / "llama", tmp_path / "dumps"
+    code, _, err = _run(capsys, "compile", "--example", "llama-tiny", "-o", str(artifact),
+                        "--time-passes", "--dump-ir", str(dumps))
+    assert code == 0, err
+    assert "canonicalize" in err and f"-> {artifact}" in err
+    assert sorted(p.name for p in dumps.iterdir())[0] == "00-input.mlir"
+
+    code, _, err = _run(capsys, "run", str(artifact), "--dim", "seq=12", "--dim", "batch=3",
+                        "--output", str(tmp_path / "a.safetensors"))
+    assert code == 0, err
+    assert "output 0: (3, 12, 256) float32" in err
+
+    canonical = tmp_path / "canonical.mlir"
+    code, _, err = _run(capsys, "opt", str(dumps / "00-input.mlir"), "--pipeline", "canonicalize",
+                        "-o", str(canonical))
+    assert code == 0, err
+    code, _, err = _run(capsys, "compile", str(canonical), "--weights",
+                        str(artifact / "weights.safetensors"), "-o", str(tmp_path / "again"))
+    assert code == 0, err
+    code, _, err = _run(capsys, "run", str(tmp_path / "again"), "--dim", "seq=12", "--dim", "batch=3",
+                        "--output", str(tmp_path / "b.safetensors"))
+    assert code == 0, err
+    first, second = load_file(str(tmp_path / "a.safetensors")), load_file(str(tmp_path / "b.safetensors"))
+    assert torch.allclose(first["output_0"], second["output_0"], rtol=0, atol=1e-6)
+
+
+def test_run_with_given_inputs(compiled, example, tmp_path, capsys):
+    model, inputs, _ = example("cnn-tiny")
+    compiled("cnn-tiny").save(tmp_path / "cnn")
+    save_file({"images": inputs[0]}, str(tmp_path / "in.safetensors"))
+    code, _, err = _run(capsys, "run", str(tmp_path / "cnn"), "--inputs", str(tmp_path / "in.safetensors"),
+                        "--output", str(tmp_path / "out.safetensors"))
+    assert code == 0, err
+    with torch.no_grad():
+        assert torch.allclose(load_file(str(tmp_path / "out.safetensors"))["output_0"], model(*inputs), atol=1e-6)
+    save_file({"pixels": inputs[0]}, str(tmp_path / "wrong.safetensors"))
+    code, _, err = _run(capsys, "run", str(tmp_path / "cnn"), "--inputs", str(tmp_path / "wrong.safetensors"))
+    assert code == 1 and "lacks input(s) images" in err
+
+
+FACTORY = """
+import torch
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return torch.tanh(self.fc(x))
+
+def build():
+    torch.manual_seed(0)
+    return Net(), (torch.randn(2, 4),)
+
+def only_model():
+    return Net()
+"""
+
+
+def test_compile_a_factory_file(tmp_path, capsys):
+    path = tmp_path / "net.py"
+    path.write_text(FACTORY)
+    code, out, err = _run(capsys, "compile", f"{path}:build", "--emit", "python")
+    assert code == 0, err
+    assert "torch.ops.aten.tanh.default" in out
+    code, _, err = _run(capsys, "compile", f"{path}:missing")
+    assert code == 1 and "has no function 'missing'; functions there: Net, build, only_model" in err
+    code, _, err = _run(capsys, "compile", f"{path}:only_model")
+    assert code == 1 and "return (model, example_inputs)" in err
+
+
+def test_compile_a_hugging_face_checkpoint_directory(tmp_path, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from plait.frontend import hf
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)).eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    code, _, err = _run(capsys, "compile", str(tmp_path / "ckpt"), "-o", str(tmp_path / "out"))
+    assert code == 0, err
+    ids, mask = hf.example_inputs(model, 2, 9)
+    save_file({"input_ids": ids, "attention_mask": mask}, str(tmp_path / "in.safetensors"))
+    code, _, err = _run(capsys, "run", str(tmp_path / "out"), "--inputs", str(tmp_path / "in.safetensors"),
+                        "--output", str(tmp_path / "o.safetensors"))
+    assert code == 0, err
+    with torch.no_grad():
+        ref = hf.wrap(model)(ids, mask)
+    assert torch.allclose(load_file(str(tmp_path / "o.safetensors"))["output_0"], ref, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["compile", "no/such/model.py:build"], "no/such/model.py: no such file"),
+        (["compile", "does-not-exist"], "MODEL 'does-not-exist' does not exist"),
+        (["compile", "--example", "bert-huge"], "unknown example 'bert-huge'; examples: cnn-tiny"),
+        (["compile"], "give a MODEL"),
+        (["run", "/no/such/dir"], "no such artifact directory"),
+        (["compile", "--example", "cnn-tiny", "--pipeline", "canonicalize,fold"], "unknown pass 'fold'"),
+    ],
+)
+def test_bad_input_is_a_clear_error(argv, message, capsys):
+    code, _, err = _run(capsys, *argv)
+    assert code == 1
+    assert message in err
+
+
+def test_opt_reports_parse_errors_with_position(tmp_path, capsys):
+    path = tmp_path / "bad.mlir"
+    path.write_text("builtin.module {\n  func.func @f() {\n    %x = plait.param 42 : !plait.tensor<[2], f32>\n  }\n}\n")
+    code, _, err = _run(capsys, "opt", str(path), "--pipeline", "cse")
+    assert code == 1
+    assert f"{path}:3:22: error:" in err
+
+
+def test_opt_lists_passes(capsys):
+    code, out, _ = _run(capsys, "opt", "--list-passes")
+    assert code == 0 and "canonicalize" in out and "dce" in out
+
+
+def test_help_runs_as_a_module():
+    result = subprocess.run([sys.executable, "-m", "plait.cli", "compile", "--help"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "--print-ir-after-all" in result.stdout
