@@ -57,9 +57,17 @@ class CompiledModel:
     def function(self) -> func.FuncOp:
         return next(op for op in self.module.ops if isinstance(op, func.FuncOp))
 
-    @property
+    @cached_property
     def weight_names(self) -> list[str]:
         return sorted({op.weight_name for op in self.module.walk() if isinstance(op, ParamOp)})
+
+    @cached_property
+    def _output_spec(self):
+        return pytree.treespec_loads(self.out_spec) if self.out_spec is not None else None
+
+    @cached_property
+    def _has_meta_weights(self) -> bool:
+        return any(self.weights.is_meta(n) for n in self.weight_names)
 
     @property
     def ir(self) -> str:
@@ -84,14 +92,14 @@ class CompiledModel:
         program = self.program
         inputs = bind_inputs(program.input_names, args, kwargs)
         check_inputs(program.input_names, program.input_types, program.symbols, inputs)
-        if any(self.weights.is_meta(n) for n in self.weight_names):
+        if self._has_meta_weights:
             raise PlaitError(
                 "the model's weights are on the meta device; load real weights "
                 "(e.g. a checkpoint) into the model before compiling it to run it"
             )
         outputs = program(*[x.to(self.device) for x in inputs])
-        if self.out_spec is not None:
-            return pytree.tree_unflatten(list(outputs), pytree.treespec_loads(self.out_spec))
+        if self._output_spec is not None:
+            return pytree.tree_unflatten(list(outputs), self._output_spec)
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     def save(self, directory: str | Path) -> Path:

@@ -9,6 +9,7 @@ become the IR's size symbols.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -41,6 +42,7 @@ def capture(
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"expected a torch.nn.Module, got {type(model).__name__}")
     example_inputs = tuple(example_inputs)
+    _check_no_size_one_dynamic_dims(model, example_inputs, dynamic_shapes)
     # export in eval mode (dropout off), then give every submodule its own mode back
     modes = {m: m.training for m in model.modules()}
     model.eval()
@@ -75,6 +77,21 @@ def capture(
         prefix=getattr(model, "plait_prefix", ""),
         input_names=input_names,
     )
+
+
+def _check_no_size_one_dynamic_dims(model, example_inputs, dynamic_shapes) -> None:
+    """torch.export specializes sizes 0 and 1; say so before its harder message."""
+    names = dim_names(model, example_inputs, dynamic_shapes)
+    params = list(inspect.signature(model.forward).parameters)
+    for index, (value, dims) in enumerate(zip(example_inputs, names)):
+        for dim, symbol in dims.items():
+            if isinstance(value, torch.Tensor) and dim < value.dim() and value.shape[dim] < 2:
+                name = params[index] if index < len(params) else f"#{index}"
+                raise CaptureError(
+                    f"example input '{name}' has size {value.shape[dim]} in dim {dim}, which is "
+                    f"dynamic ('{symbol}'); torch.export fixes sizes 0 and 1 as constants. "
+                    "Use an example of size 2 or more for dynamic dims"
+                )
 
 
 @contextlib.contextmanager

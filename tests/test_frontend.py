@@ -119,3 +119,12 @@ def test_in_place_write_into_a_view_is_rejected_with_its_location():
 
     with pytest.raises(GraphImportError, match="in-place aten::fill_.Tensor .* a view"):
         import_program(capture(Scatter(), (torch.randn(2, 4),)))
+
+
+def test_size_one_example_for_a_dynamic_dim_is_explained():
+    class Id(torch.nn.Module):
+        def forward(self, tokens):
+            return tokens * 2
+
+    with pytest.raises(CaptureError, match="'tokens' has size 1 in dim 0, which is dynamic \\('batch'\\)"):
+        capture(Id(), (torch.ones(1, 4),), {"tokens": {0: Dim("batch", max=8)}})
