@@ -72,6 +72,11 @@ def resolve_target(target: str, op: Operation | None = None) -> torch._ops.OpOve
 _BINDING_MODULES = ("_VariableFunctions", "_nn", "_special", "_linalg", "_fft")
 
 
+# Tensor methods whose generated bindings take the schema's arguments (hand-written
+# ones such as `to` do not).
+_METHODS = {"view", "expand", "contiguous", "new_ones", "new_zeros", "new_empty", "new_full"}
+
+
 @functools.lru_cache(maxsize=None)
 def fast_call(target: torch._ops.OpOverload) -> tuple[str, object]:
     """(fx node kind, target) that calls `target` the cheapest way."""
@@ -81,9 +86,7 @@ def fast_call(target: torch._ops.OpOverload) -> tuple[str, object]:
             binding = getattr(getattr(torch._C, module), name, None)
             if type(binding).__name__ == "builtin_function_or_method" and _nameable(binding):
                 return "call_function", binding
-        # a C-implemented Tensor method (Python-level ones such as split differ)
-        method = getattr(torch._C.TensorBase, name, None)
-        if method is not None and type(method).__name__ == "method_descriptor":
+        if name in _METHODS:
             return "call_method", name
     return "call_function", target
 

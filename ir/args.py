@@ -144,8 +144,31 @@ def float_text(value: float) -> str:
     return text
 
 
-def _string_text(value: str) -> str:
-    return '"' + value.encode("unicode_escape").decode("ascii").replace('"', '\\"') + '"'
+_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\v": "\\0B", "\f": "\\0C"}
+
+
+def string_literal(value: str) -> str:
+    """An MLIR string literal that lexes back to `value`.
+
+    Only what the lexer cannot take raw is escaped, and non-ASCII stays UTF-8:
+    xDSL lexes a literal holding both an escape and non-ASCII text as bytes.
+    """
+    return '"' + "".join(_ESCAPES.get(ch, ch) for ch in value) + '"'
+
+
+def parse_optional_text(parser) -> str | None:
+    """A string literal, also when the lexer saw it as bytes (escapes + UTF-8)."""
+    text = parser.parse_optional_str_literal()
+    if text is not None:
+        return text
+    pos = parser.pos
+    data = parser.parse_optional_bytes_literal()
+    if data is None:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        parser.raise_error("string literal is not valid UTF-8", pos, parser.pos)
 
 
 def print_value(printer, value: Value, print_operand: Callable[[int], None]) -> None:
@@ -167,11 +190,11 @@ def print_value(printer, value: Value, print_operand: Callable[[int], None]) -> 
     elif isinstance(value, float):
         printer.print_string(float_text(value))
     elif isinstance(value, str):
-        printer.print_string(_string_text(value))
+        printer.print_string(string_literal(value))
     elif isinstance(value, Sym):
         printer.print_string(f"sym({symbolic.to_text(value.expr)})")
     elif isinstance(value, Tag):
-        text = _string_text(value.value) if TAG_KINDS[value.kind] else value.value
+        text = string_literal(value.value) if TAG_KINDS[value.kind] else value.value
         printer.print_string(f"{value.kind}({text})")
     else:
         raise TypeError(f"cannot print argument value {value!r}")
@@ -219,7 +242,7 @@ def parse_value(parser, parse_operand: Callable[[], Operand | None], operand_key
         number = parser.parse_optional_number()
         if number is not None:
             return number
-        text = parser.parse_optional_str_literal()
+        text = parse_optional_text(parser)
         if text is not None:
             return text
         word = parser.parse_optional_identifier()
@@ -236,7 +259,7 @@ def parse_value(parser, parse_operand: Callable[[], Operand | None], operand_key
     if word in TAG_KINDS:
         parser.parse_punctuation("(")
         if TAG_KINDS[word]:
-            inner = parser.parse_str_literal()
+            inner = parser.expect(lambda: parse_optional_text(parser), "expected a string literal")
         else:
             inner_pos = parser.pos
             inner = parser.parse_identifier()

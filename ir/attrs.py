@@ -20,6 +20,8 @@ from typing import ClassVar
 from xdsl.ir import Data
 from xdsl.irdl import irdl_attr_definition
 
+from .args import float_text, parse_optional_text, string_literal
+
 INF = None  # an unbounded symbol range is stored as None and printed `inf`
 
 
@@ -156,7 +158,7 @@ _FIELD_PARSERS = {
     int: lambda p: p.parse_integer(allow_boolean=False),
     float: lambda p: float(p.parse_number()),
     bool: lambda p: p.parse_boolean(),
-    str: lambda p: p.parse_str_literal(),
+    str: lambda p: p.expect(lambda: parse_optional_text(p), "expected a string literal"),
 }
 
 
@@ -164,10 +166,9 @@ def _field_text(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return string_literal(value)
     if isinstance(value, float):
-        text = repr(value)
-        return text if ("." in text or "n" in text) else text.replace("e", ".0e")
+        return float_text(value)
     return str(value)
 
 

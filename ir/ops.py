@@ -39,7 +39,7 @@ from xdsl.irdl import (
 from xdsl.utils.exceptions import VerifyException
 
 from . import targets
-from .args import ArgsAttr, Operand, parse_call_args, print_call_args
+from .args import ArgsAttr, Operand, parse_call_args, parse_optional_text, print_call_args
 from .schema import get_argument
 from .types import AsyncType, TensorType
 
@@ -81,7 +81,9 @@ class ParamOp(IRDLOperation):
     @classmethod
     def parse(cls, parser) -> ParamOp:
         kind = parser.parse_optional_keyword_in(PARAM_KINDS[1:]) or "parameter"
-        name = parser.parse_str_literal(" (the weight's state-dict name)")
+        name = parser.expect(
+            lambda: parse_optional_text(parser), "expected a string literal (the weight's name)"
+        )
         attrs = parser.parse_optional_attr_dict()
         parser.parse_punctuation(":")
         type = parser.parse_type()
@@ -207,7 +209,9 @@ class CallOp(IRDLOperation):
 
     @classmethod
     def parse(cls, parser):
-        target = parser.parse_str_literal(" (the operator, e.g. \"aten::add.Tensor\")")
+        target = parser.expect(
+            lambda: parse_optional_text(parser), 'expected the operator, e.g. "aten::add.Tensor"'
+        )
         inputs: list[SSAValue] = []
 
         def operand() -> Operand | None:

@@ -19,6 +19,7 @@ from xdsl.utils.exceptions import ParseError, VerifyException
 from xdsl.utils.mlir_lexer import MLIRLexer
 
 from . import symbolic
+from .args import string_literal
 from .attrs import SymbolsAttr
 from .dialect import make_context
 from .errors import IRParseError, IRVerifyError
@@ -46,7 +47,12 @@ class _PositionRecordingParser(Parser):
 
 
 class _LocationPrinter(Printer):
-    """Prints known locations and leaves out `loc(unknown)`."""
+    """Prints known locations and leaves out `loc(unknown)`; keeps non-ASCII
+    text in string literals as UTF-8 (xDSL's byte escapes do not parse back
+    where a string is expected, e.g. in a location)."""
+
+    def print_string_literal(self, string: str) -> None:
+        self.print_string(string_literal(string))
 
     def print_op(self, op: Operation) -> None:
         saved, self.print_debuginfo = self.print_debuginfo, not isinstance(op.location, UnknownLoc)
