@@ -70,6 +70,9 @@ def _module_path(node: torch.fx.Node, prefix: str) -> str:
 
 
 def _strip(name: str, prefix: str) -> str:
+    """Drop a wrapper's prefix: "model.lm_head" -> "lm_head", "model" -> ""."""
+    if prefix and name == prefix.rstrip("."):
+        return ""
     return name[len(prefix):] if prefix and name.startswith(prefix) else name
 
 

@@ -1,0 +1,78 @@
+"""The Python API: calling conventions, call-time input checks with clear
+messages, and the CUDA path where a GPU exists."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import max_rel_diff
+
+import plait
+from plait.runtime.inputs import InputError
+
+
+@pytest.fixture(scope="module")
+def llama(compiled, example):
+    model, inputs, _ = example("llama-tiny")
+    return model, inputs, compiled("llama-tiny")
+
+
+def test_positional_and_keyword_calls_agree(llama):
+    _, (ids, mask), program = llama
+    assert torch.equal(program(ids, mask), program(input_ids=ids, attention_mask=mask))
+    assert torch.equal(program(ids, attention_mask=mask), program(ids, mask))
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda ids, mask: (ids.float(), mask),
+         "input 'input_ids' has dtype float32 but the model was compiled for int64; convert it with .to(torch.int64)"),
+        (lambda ids, mask: (ids[0], mask),
+         "input 'input_ids' has 1 dims (16,) but the model expects 2: [batch, seq]"),
+        (lambda ids, mask: (ids.repeat(1, 20), mask.repeat(1, 20)),
+         "input 'input_ids' dim 1 (seq) is 320, outside the compiled range [2, 256]; recompile with a wider range for 'seq'"),
+        (lambda ids, mask: (ids, mask[:, :5]),
+         "input 'attention_mask' dim 1 is 5 but 'seq' is 16 in another input; they must be equal"),
+        (lambda ids, mask: (ids, mask, mask),
+         "the model takes 2 inputs (input_ids, attention_mask), got 3"),
+        (lambda ids, mask: (ids,),
+         "missing input(s) attention_mask"),
+        (lambda ids, mask: (ids, [1, 2]),
+         "input 'attention_mask' must be a tensor, got list"),
+    ],
+)
+def test_bad_inputs_are_refused_before_running(llama, make, message):
+    _, (ids, mask), program = llama
+    with pytest.raises(InputError) as info:
+        program(*make(ids, mask))
+    assert message in str(info.value)
+
+
+def test_static_dims_name_the_fix(compiled, example):
+    _, (images,), _ = example("cnn-tiny")
+    program = compiled("cnn-tiny", dynamic=False)
+    with pytest.raises(InputError, match=r"input 'images' dim 0 is 2 but the model was compiled for 4; recompile with a dynamic dim"):
+        program(images[:2])
+    with pytest.raises(InputError, match="unexpected input 'pixels'"):
+        program(pixels=images)
+
+
+def test_meta_weights_cannot_run(example):
+    model, inputs, _ = example("cnn-tiny")
+    with torch.device("meta"):
+        meta_model = type(model)()
+    program = plait.compile(meta_model, (torch.empty(4, 3, 32, 32, device="meta"),))
+    assert "features.0.weight" in program.ir and "torch.conv2d" in program.code
+    with pytest.raises(plait.PlaitError, match="weights are on the meta device"):
+        program(*inputs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_runs_on_cuda(example):
+    model, inputs, shapes = example("llama-tiny")
+    program = plait.compile(model, inputs, dynamic_shapes=shapes, device="cuda")
+    out = program(*inputs)
+    assert out.device.type == "cuda"
+    with torch.no_grad():
+        assert max_rel_diff(out.cpu(), model(*inputs)) <= 1e-4  # TF32/kernel differences
