@@ -148,7 +148,6 @@ def cmd_opt(args) -> int:
 
 def _generated_inputs(compiled, dims: dict[str, int]):
     import torch
-
     from plait.backends.fx import torch_dtype
     from plait.ir import symbolic
 
@@ -172,9 +171,8 @@ def _generated_inputs(compiled, dims: dict[str, int]):
 def cmd_run(args) -> int:
     import statistics
 
-    import torch
-
     import plait
+    import torch
 
     console = _console()
     with _status(console, f"loading {args.artifact}"):

@@ -23,13 +23,12 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=80)
     args = parser.parse_args()
 
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from plait.frontend import hf
     from plait.frontend.capture import capture
     from plait.frontend.importer import import_program
     from plait.ir.text import verify_module
     from plait.passes.manager import PassManager, count_ops
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(  # Llama-3-70B
         vocab_size=128256, hidden_size=8192, intermediate_size=28672,

@@ -23,9 +23,9 @@ from xdsl.dialects.builtin import ModuleOp, NameLoc, NoneAttr, StringAttr
 from xdsl.ir import Block, Region, SSAValue
 
 from ..ir import args as irargs
+from ..ir.attrs import SymbolsAttr
 from ..ir.dtypes import IR_NAMES
 from ..ir.errors import PlaitError
-from ..ir.attrs import SymbolsAttr
 from ..ir.ops import ParamOp, call_op_class
 from ..ir.targets import join_name
 from ..ir.text import SYMBOLS_ATTR

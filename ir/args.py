@@ -294,5 +294,5 @@ def parse_call_args(parser, parse_operand, close: str, operand_keyword=None):
         else:
             args.append(value)
         if parser.parse_optional_punctuation(",") is None:
-            parser.parse_punctuation(close, f" or ',' in an argument list")
+            parser.parse_punctuation(close, " or ',' in an argument list")
             return (tuple(args), tuple(kwargs))

@@ -7,11 +7,14 @@ needs the program's weights (quantization, sharding) finds them on the
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 from xdsl.context import Context
+from xdsl.dialects import func
 from xdsl.dialects.builtin import ModuleOp
+from xdsl.ir import Block
 from xdsl.passes import ModulePass
 
 from ..ir.dialect import make_context
@@ -30,6 +33,13 @@ class PassContext(Context):
         for dialect in make_context().loaded_dialects:
             ctx.load_dialect(dialect)
         return ctx
+
+
+def function_blocks(module: ModuleOp) -> Iterator[Block]:
+    """Every block of every function in the module: what most passes walk."""
+    for fn in module.ops:
+        if isinstance(fn, func.FuncOp):
+            yield from fn.body.blocks
 
 
 @dataclass(frozen=True)

@@ -16,14 +16,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from xdsl.context import Context
-from xdsl.dialects import func
 from xdsl.dialects.builtin import ModuleOp
-from xdsl.rewriter import Rewriter
 from xdsl.ir import SSAValue
+from xdsl.rewriter import Rewriter
 
 from ..ir.args import Operand
 from ..ir.ops import CallOp
-from .base import Pass
+from .base import Pass, function_blocks
 
 Fold = Callable[[CallOp], SSAValue | None]
 
@@ -136,7 +135,5 @@ class Canonicalize(Pass):
     summary = "drop export noise: asserts, aliases, eval dropout, no-op casts, views and arithmetic"
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
-        for fn in op.ops:
-            if isinstance(fn, func.FuncOp):
-                for block in fn.body.blocks:
-                    canonicalize_block(block)
+        for block in function_blocks(op):
+            canonicalize_block(block)

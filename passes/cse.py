@@ -5,12 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from xdsl.context import Context
-from xdsl.dialects import func
 from xdsl.dialects.builtin import ModuleOp
-from xdsl.rewriter import Rewriter
 from xdsl.ir import Operation
+from xdsl.rewriter import Rewriter
 
-from .base import Pass
+from .base import Pass, function_blocks
 from .effects import is_mergeable
 
 
@@ -30,16 +29,13 @@ class CommonSubexpressionElimination(Pass):
     summary = "merge identical pure ops (same op, operands, arguments and types)"
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
-        for fn in op.ops:
-            if isinstance(fn, func.FuncOp):
-                for block in fn.body.blocks:
-                    seen: dict[object, Operation] = {}
-                    for inner in list(block.ops):
-                        if not is_mergeable(inner):
-                            continue
-                        key = _key(inner)
-                        first = seen.setdefault(key, inner)
-                        if first is not inner:
-                            for old, new in zip(inner.results, first.results):
-                                old.replace_all_uses_with(new)
-                            Rewriter.erase_op(inner)
+        for block in function_blocks(op):
+            seen: dict[object, Operation] = {}
+            for inner in list(block.ops):
+                if not is_mergeable(inner):
+                    continue
+                first = seen.setdefault(_key(inner), inner)
+                if first is not inner:
+                    for old, new in zip(inner.results, first.results):
+                        old.replace_all_uses_with(new)
+                    Rewriter.erase_op(inner)

@@ -5,11 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from xdsl.context import Context
-from xdsl.dialects import func
 from xdsl.dialects.builtin import ModuleOp
 from xdsl.rewriter import Rewriter
 
-from .base import Pass
+from .base import Pass, function_blocks
 from .effects import is_removable
 
 
@@ -19,10 +18,8 @@ class DeadCodeElimination(Pass):
     summary = "erase unused ops without effects (parameters included)"
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
-        for fn in op.ops:
-            if isinstance(fn, func.FuncOp):
-                for block in fn.body.blocks:
-                    # reverse order: erasing a user can make its operands dead
-                    for inner in reversed(list(block.ops)):
-                        if is_removable(inner) and all(not r.uses for r in inner.results):
-                            Rewriter.erase_op(inner)
+        for block in function_blocks(op):
+            # reverse order: erasing a user can make its operands dead
+            for inner in reversed(list(block.ops)):
+                if is_removable(inner) and all(not r.uses for r in inner.results):
+                    Rewriter.erase_op(inner)

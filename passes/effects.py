@@ -8,7 +8,6 @@ issued identically by every rank, so they are removable but never merged.
 
 from __future__ import annotations
 
-from xdsl.dialects import func
 from xdsl.ir import Operation
 
 from ..ir.ops import CallOp, CollectiveOp, ParamOp, WaitOp
@@ -46,7 +45,3 @@ def is_mergeable(op: Operation) -> bool:
     if isinstance(op, CallOp):
         return bool(op.results) and not is_random(op)
     return False
-
-
-def is_terminator(op: Operation) -> bool:
-    return isinstance(op, func.ReturnOp)

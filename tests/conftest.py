@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import plait
 import pytest
 import torch
-
-import plait
 from plait.examples.models import EXAMPLES
 
 torch.set_num_threads(1)

@@ -80,7 +80,6 @@ builtin.module {
 def collectives_rank(rank: int, world_size: int):
     """Run COLLECTIVES_IR on this rank with input filled with rank-dependent values."""
     import torch.distributed as dist
-
     from plait.backends.fx import CollectiveGroups, build_program
     from plait.ir.text import parse_module
     from plait.ir.weights import WeightStore

@@ -3,11 +3,10 @@ messages, and the CUDA path where a GPU exists."""
 
 from __future__ import annotations
 
+import plait
 import pytest
 import torch
 from helpers import max_rel_diff
-
-import plait
 from plait.runtime.inputs import InputError
 
 

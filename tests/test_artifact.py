@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 
+import plait
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-
-import plait
 from plait.ir.weights import WeightError, WeightStore
 from plait.runtime.artifact import ArtifactError
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 
 @pytest.fixture(scope="module")

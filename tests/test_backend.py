@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import collectives_rank, run_ranks
-
 from plait.backends.fx import LoweringError, build_program
 from plait.ir.text import parse_module
 from plait.ir.weights import WeightStore

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from plait.cli import main
+from safetensors.torch import load_file, save_file
 
 
 def _run(capsys, *argv) -> tuple[int, str, str]:
@@ -100,9 +99,8 @@ def test_compile_a_factory_file(tmp_path, capsys):
 
 
 def test_compile_a_hugging_face_checkpoint_directory(tmp_path, capsys):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from plait.frontend import hf
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(

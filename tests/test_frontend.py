@@ -3,16 +3,15 @@ names and buffers; models too big to allocate; clear errors."""
 
 from __future__ import annotations
 
+import plait
 import pytest
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.export import Dim
-
-import plait
 from plait.frontend import hf
 from plait.frontend.capture import CaptureError, capture
 from plait.frontend.importer import GraphImportError, import_program
 from plait.ir.attrs import SymbolsAttr
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.export import Dim
 
 
 def _rss_bytes() -> int:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import sympy
-
 from plait.ir import symbolic
 from plait.ir.args import ArgsAttr, Operand, Sym, Tag
 from plait.ir.errors import IRParseError, IRVerifyError, PlaitError

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from plait.ir.errors import IRParseError, IRVerifyError
 from plait.ir.text import parse_module, print_module
 

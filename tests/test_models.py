@@ -4,12 +4,11 @@ round-tripping and determinism of the compiled artifacts."""
 
 from __future__ import annotations
 
+import plait
 import pytest
 import torch
 import transformers as T
 from helpers import max_rel_diff
-
-import plait
 from plait.backends.fx import build_program
 from plait.frontend import hf
 from plait.ir.text import parse_module, print_module

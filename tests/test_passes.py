@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import io
 
+import plait
 import pytest
 import torch
 from helpers import max_rel_diff
-
-import plait
 from plait.backends.fx import build_program
 from plait.ir.text import parse_module, print_module
 from plait.passes import registry
