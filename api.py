@@ -55,7 +55,11 @@ class CompiledModel:
 
     @property
     def function(self) -> func.FuncOp:
-        return next(op for op in self.module.ops if isinstance(op, func.FuncOp))
+        """The program's entry point, @forward."""
+        for op in self.module.ops:
+            if isinstance(op, func.FuncOp) and op.sym_name.data == "forward":
+                return op
+        raise PlaitError("the IR module has no func.func @forward to run")
 
     @cached_property
     def weight_names(self) -> list[str]:
@@ -147,9 +151,7 @@ def compile(
 
         compiled = plait.compile(model, (ids,), dynamic_shapes={"ids": {0: Dim("batch", max=64)}})
     """
-    captured = capture(model, example_inputs, dynamic_shapes)
-    module, weights = import_program(captured)
-    manager = PassManager.parse(
+    manager = PassManager.parse(  # parse first: a typo should not wait for the export
         pipeline,
         verify_each=verify_each,
         print_ir_after_all=print_ir_after_all,
@@ -157,6 +159,8 @@ def compile(
         print_ir_after=set(print_ir_after),
         dump_ir=dump_ir,
     )
+    captured = capture(model, example_inputs, dynamic_shapes)
+    module, weights = import_program(captured)
     manager.run(module, weights)
     if device is None:
         device = _weights_device(weights)

@@ -178,9 +178,11 @@ def cmd_run(args) -> int:
     with _status(console, f"loading {args.artifact}"):
         compiled = plait.load(args.artifact, device=args.device or "cpu")
     if args.inputs:
-        from safetensors.torch import load_file
+        from plait.ir.weights import WeightStore
 
-        tensors = load_file(args.inputs)
+        store = WeightStore()
+        store.add_safetensors(args.inputs)
+        tensors = {name: store.get(name) for name in store.names()}
         missing = [n for n in compiled.input_names if n not in tensors]
         if missing:
             raise plait.PlaitError(
@@ -190,10 +192,14 @@ def cmd_run(args) -> int:
         inputs = [tensors[n] for n in compiled.input_names]
     else:
         dims = {}
+        symbols = compiled.program.symbols
         for item in args.dim:
             name, _, value = item.partition("=")
             if not value.isdigit():
                 raise plait.PlaitError(f"--dim expects NAME=SIZE, got '{item}'")
+            if name not in symbols:
+                known = ", ".join(symbols) or "none (the model has static shapes)"
+                raise plait.PlaitError(f"--dim {item}: the model has no size symbol '{name}'; symbols: {known}")
             dims[name] = int(value)
         inputs = _generated_inputs(compiled, dims)
     times = []
@@ -272,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except PlaitError as exc:
+    except (PlaitError, OSError) as exc:  # OSError: a file named on the command line
         print(f"plait: error: {exc}", file=sys.stderr)
         return 1
 

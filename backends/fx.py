@@ -14,7 +14,7 @@ functional collectives. `program.code` is the Python a user can read:
 from __future__ import annotations
 
 import functools
-import importlib
+import inspect
 import operator
 from dataclasses import dataclass, field
 
@@ -38,10 +38,10 @@ from ..ir.ops import (
     ReduceScatterOp,
     WaitOp,
 )
-from ..ir.targets import split_name
-from ..ir.text import where
+from ..ir.text import SYMBOLS_ATTR, where
 from ..ir.types import TensorType
 from ..ir.weights import WeightStore
+from . import bindings
 
 
 class LoweringError(PlaitError):
@@ -49,55 +49,40 @@ class LoweringError(PlaitError):
 
 
 def resolve_target(target: str, op: Operation | None = None) -> torch._ops.OpOverload:
-    """Schema name -> the torch OpOverload, importing a custom op's library if needed."""
-    namespace, name, overload = split_name(target)
-    for attempt in range(2):
-        try:
-            return getattr(getattr(getattr(torch.ops, namespace), name), overload)
-        except (AttributeError, RuntimeError):
-            if attempt == 0:
-                try:
-                    importlib.import_module(namespace)  # e.g. transformers registers its ops
-                except ImportError:
-                    break
-    location = f"{where(op)}: " if op is not None else ""
-    raise LoweringError(
-        f"{location}operator '{target}' is not registered with torch; import the library "
-        f"that defines it (torch.library) before compiling or running, or replace the op"
-    )
-
-
-# Python bindings of ATen, tried in order. They reach the same operator as the
-# OpOverload, resolved by argument types, with ~2-3 us less overhead per call.
-_BINDING_MODULES = ("_VariableFunctions", "_nn", "_special", "_linalg", "_fft")
-
-
-# Tensor methods whose generated bindings take the schema's arguments (hand-written
-# ones such as `to` do not).
-_METHODS = {"view", "expand", "contiguous", "new_ones", "new_zeros", "new_empty", "new_full"}
+    """Schema name -> the torch OpOverload, or a LoweringError that says what to do."""
+    overload = bindings.resolve(target)
+    if overload is None:
+        location = f"{where(op)}: " if op is not None else ""
+        raise LoweringError(
+            f"{location}operator '{target}' is not registered with torch; import the library "
+            f"that defines it (torch.library) before compiling or running, or replace the op"
+        )
+    return overload
 
 
 @functools.lru_cache(maxsize=None)
-def fast_call(target: torch._ops.OpOverload) -> tuple[str, object]:
-    """(fx node kind, target) that calls `target` the cheapest way."""
-    if target.namespace == "aten":
-        name = target._schema.name.split("::", 1)[1]
-        for module in _BINDING_MODULES:
-            binding = getattr(getattr(torch._C, module), name, None)
-            if type(binding).__name__ == "builtin_function_or_method" and _nameable(binding):
-                return "call_function", binding
-        if name in _METHODS:
-            return "call_method", name
-    return "call_function", target
+def _signature(target: torch._ops.OpOverload) -> inspect.Signature:
+    return torch.fx.operator_schemas._torchscript_schema_to_signature(target._schema)
 
 
-def _nameable(fn) -> bool:
-    """Can fx write a call to `fn` in generated code?"""
+def _check_call(op: CallOp, target, args: tuple, kwargs: dict) -> bool:
+    """Raise unless the call fits the schema; True if it returns one tensor."""
     try:
-        torch.fx.node._get_qualified_name(fn)
-    except RuntimeError:
-        return False
-    return True
+        _signature(target).bind(*args, **kwargs)
+    except TypeError as exc:
+        raise LoweringError(
+            f"{where(op)}: the arguments of {op.target_name} do not fit its schema "
+            f"({target._schema}): {exc}"
+        ) from None
+    returns = target._schema.returns
+    single = len(returns) == 1 and not str(returns[0].type).startswith(("List", "Optional"))
+    variadic = len(returns) == 1 and not single  # Tensor[]: any count
+    if not variadic and len(op.results) != (1 if single else len(returns)):
+        raise LoweringError(
+            f"{where(op)}: {op.target_name} returns {len(returns)} value(s) but the op has "
+            f"{len(op.results)} result(s)"
+        )
+    return single and len(op.results) == 1
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -182,8 +167,11 @@ class CollectiveGroups:
 
 
 class _Lowering:
-    def __init__(self, weights: WeightStore, device: torch.device, groups: CollectiveGroups | None):
+    def __init__(
+        self, weights: WeightStore, device: torch.device, groups: CollectiveGroups | None, fast: bool
+    ):
         self.weights = weights
+        self.fast = fast
         self.device = device
         self.groups = groups
         self.graph = torch.fx.Graph()
@@ -212,11 +200,12 @@ class _Lowering:
         target = resolve_target(op.target_name, op)
         args = tuple(self.arg(a, op) for a in op.args.args)
         kwargs = {k: self.arg(v, op) for k, v in op.args.kwargs}
-        kind, callee = fast_call(target)
+        single = _check_call(op, target, args, kwargs)
+        kind, callee = "call_function", target
+        if self.fast:
+            kind, callee = bindings.fast_call(target, op.target_name)
         node = self._node(callee, args, kwargs, op, kind=kind)
-        returns = target._schema.returns
-        single = len(returns) == 1 and str(returns[0].type) in ("Tensor", "Tensor(a)", "Tensor(a!)")
-        if len(op.results) == 1 and single:
+        if single:
             self.values[op.results[0]] = node
             return
         for i, result in enumerate(op.results):
@@ -225,6 +214,16 @@ class _Lowering:
     def lower_param(self, op: ParamOp) -> None:
         name = op.weight_name
         tensor = self.weights.get(name)
+        expected = op.result.type
+        shape_ok = len(tensor.shape) == expected.rank and all(
+            not isinstance(d, int) or d == n for d, n in zip(expected.shape, tensor.shape)
+        )
+        if not shape_ok or str(tensor.dtype).removeprefix("torch.") != TORCH_NAMES[expected.dtype]:
+            raise LoweringError(
+                f"{where(op)}: weight '{name}' is {tuple(tensor.shape)} "
+                f"{str(tensor.dtype).removeprefix('torch.')} but the program expects {expected}; "
+                "the weights do not belong to this program (check the checkpoint)"
+            )
         if tensor.device != self.device and not tensor.is_meta:
             tensor = tensor.to(self.device)
         self.attrs[name] = tensor
@@ -295,6 +294,15 @@ class _Lowering:
             for d, dim in enumerate(type_.shape):
                 if isinstance(dim, sympy.Symbol) and dim not in self.syms.nodes:
                     self.syms.bind(dim.name, self.values[arg], d)
+        for type_ in types:
+            for dim in type_.shape:
+                unbound = symbolic.free_names(dim) - {s.name for s in self.syms.nodes if s.is_Symbol}
+                if unbound:
+                    raise LoweringError(
+                        f"input dim {symbolic.to_text(dim)} uses size symbol '{sorted(unbound)[0]}', "
+                        "which no input has as a dim of its own; plait reads each symbol's value "
+                        "from an input dim that is exactly that symbol"
+                    )
         for op in block.ops:
             if isinstance(op, ParamOp):
                 self.lower_param(op)
@@ -317,17 +325,19 @@ def build_program(
     device: str | torch.device = "cpu",
     groups: CollectiveGroups | None = None,
     function: str = "forward",
+    fast: bool = True,
 ) -> Program:
-    """Lower the function `function` of `module` to a runnable torch program."""
-    from ..ir.text import SYMBOLS_ATTR
+    """Lower the function `function` of `module` to a runnable torch program.
 
+    `fast=False` calls every operator through its OpOverload (for re-export).
+    """
     fn = next(
         (op for op in module.ops if isinstance(op, func.FuncOp) and op.sym_name.data == function),
         None,
     )
     if fn is None:
         raise LoweringError(f"the module has no function @{function}")
-    lowering = _Lowering(weights, torch.device(device), groups)
+    lowering = _Lowering(weights, torch.device(device), groups, fast)
     gm = lowering.run(fn)
     symbols = module.attributes.get(SYMBOLS_ATTR)
     return Program(

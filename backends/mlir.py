@@ -66,7 +66,7 @@ def to_mlir(
     names = {op.weight_name for op in module.walk() if isinstance(op, ParamOp)}
     if any(weights.is_meta(name) for name in names):
         raise MlirError("MLIR emission needs real weights; the model's weights are on meta")
-    program = build_program(module, weights, "cpu")
+    program = build_program(module, weights, "cpu", fast=False)
     gm = program.graph_module
     # torch-mlir's decompositions may leave strides that `view` rejects; MLIR has
     # value semantics, where reshape means the same thing.

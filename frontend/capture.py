@@ -42,7 +42,8 @@ def capture(
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"expected a torch.nn.Module, got {type(model).__name__}")
     example_inputs = tuple(example_inputs)
-    _check_no_size_one_dynamic_dims(model, example_inputs, dynamic_shapes)
+    names = dim_names(model, example_inputs, dynamic_shapes)
+    _check_no_size_one_dynamic_dims(model, example_inputs, names)
     # export in eval mode (dropout off), then give every submodule its own mode back
     modes = {m: m.training for m in model.modules()}
     model.eval()
@@ -73,15 +74,14 @@ def capture(
     ]
     return Captured(
         program=program,
-        dim_names=dim_names(model, example_inputs, dynamic_shapes),
+        dim_names=names,
         prefix=getattr(model, "plait_prefix", ""),
         input_names=input_names,
     )
 
 
-def _check_no_size_one_dynamic_dims(model, example_inputs, dynamic_shapes) -> None:
+def _check_no_size_one_dynamic_dims(model, example_inputs, names) -> None:
     """torch.export specializes sizes 0 and 1; say so before its harder message."""
-    names = dim_names(model, example_inputs, dynamic_shapes)
     params = list(inspect.signature(model.forward).parameters)
     for index, (value, dims) in enumerate(zip(example_inputs, names)):
         for dim, symbol in dims.items():

@@ -14,6 +14,7 @@ their out-of-place forms so that the IR is purely functional.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 
 import torch
@@ -34,12 +35,12 @@ from ..ir.weights import WeightStore
 from .capture import Captured
 from .symbols import SymbolMap
 
-# calls that only check what export already proved; they carry no data
+# checks on symbolic sizes that export already proved for the declared ranges;
+# their SymBool arguments have no form in the IR
 _DROPPED = {
     "aten::_assert_scalar",
     "aten::sym_constrain_range_for_size",
     "aten::sym_constrain_range",
-    "aten::_assert_async.msg",
 }
 
 
@@ -192,7 +193,9 @@ class _Importer:
             tensor = tensor.data
         plait_name = _strip(name, self.prefix)
         op = ParamOp(plait_name, self.tensor_type(node.meta["val"], node), kind)
-        op.location = location(plait_name.rpartition(".")[0])
+        owner = plait_name.rpartition(".")[0]
+        if owner:
+            op.location = location(owner)
         op.result.name_hint = plait_name
         self.weights.add(plait_name, tensor)
         self.block.add_op(op)
@@ -222,7 +225,7 @@ class _Importer:
         fake = node.meta.get("val")
         if isinstance(fake, (torch.SymInt, int)) and not isinstance(fake, bool):
             return  # aten.sym_size and friends: symbolic, not data
-        name, self_node = self.functionalize(node, name)
+        name, self_node, functional = self.functionalize(node, name)
         operands: list[SSAValue] = []
         args = tuple(self.convert_arg(a, node, operands) for a in node.args)
         kwargs = tuple((k, self.convert_arg(v, node, operands)) for k, v in node.kwargs.items())
@@ -232,29 +235,63 @@ class _Importer:
             result_types, multi = [self.tensor_type(f, node) for f in fake], True
         else:
             result_types, multi = [self.tensor_type(fake, node)], False
-        op = call_op_class(name)(name, operands, irargs.ArgsAttr(args, kwargs), result_types)
         path = _module_path(node, self.prefix)
-        if path:
-            op.location = location(path)
-        for result in op.results:
-            result.name_hint = node.name
-        self.block.add_op(op)
+        promoted = self._promoted_type(node, functional, result_types) if functional else None
+        op = call_op_class(name)(
+            name, operands, irargs.ArgsAttr(args, kwargs), [promoted] if promoted else result_types
+        )
+        self._add(op, path, node.name)
+        if promoted is not None:
+            # in place, the result is cast back to the updated tensor's dtype
+            dtype = irargs.Tag("dtype", result_types[0].dtype)
+            cast = call_op_class("aten::_to_copy")(
+                "aten::_to_copy", [op.results[0]],
+                irargs.ArgsAttr((irargs.Operand(0),), (("dtype", dtype),)), result_types,
+            )
+            self._add(cast, path, node.name)
+            op = cast
         self.values[node] = list(op.results) if multi else (op.results[0] if op.results else [])
         if self_node is not None:
             self.mutated[self_node] = op.results[0]
 
-    def functionalize(self, node: torch.fx.Node, name: str) -> tuple[str, torch.fx.Node | None]:
+    def _add(self, op, path: str, name: str) -> None:
+        if path:
+            op.location = location(path)
+        for result in op.results:
+            result.name_hint = name
+        self.block.add_op(op)
+
+    def _promoted_type(self, node: torch.fx.Node, overload, types: list[TensorType]):
+        """The out-of-place op's result type, if type promotion makes it differ
+        from the in-place op's (which keeps the updated tensor's dtype)."""
+        from torch._guards import detect_fake_mode
+        from torch.utils import _pytree as pytree
+
+        def fake(value):
+            return value.meta.get("val") if isinstance(value, torch.fx.Node) else value
+
+        args, kwargs = pytree.tree_map(fake, (tuple(node.args), dict(node.kwargs)))
+        mode = detect_fake_mode(pytree.tree_leaves((args, kwargs)))
+        with mode or contextlib.nullcontext():
+            out = overload(*args, **kwargs)
+        if dtype_name(out.dtype) == types[0].dtype:
+            return None
+        return TensorType(types[0].shape, dtype_name(out.dtype))
+
+
+    def functionalize(self, node: torch.fx.Node, name: str):
         """In-place call on a fresh tensor -> its out-of-place form.
 
-        Returns the functional target and the mutated node, whose later uses
-        (and those of every earlier in-place result aliasing it) must see the
-        new value.
+        Returns the target to call, the mutated node (whose later uses, and
+        those of every earlier in-place result aliasing it, must see the new
+        value) and the out-of-place overload; the last two are None for calls
+        that mutate nothing.
         """
         schema = node.target._schema
         if not _mutates_self(node):
             if any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments):
                 raise GraphImportError(f"{self.where(node)}: {name} mutates an argument; not supported")
-            return name, None
+            return name, None, None
         namespace, base_name = node.target.namespace, schema.name.split("::", 1)[1]
         packet = getattr(getattr(torch.ops, namespace), base_name.rstrip("_"), None)
         overload = getattr(packet, node.target._overloadname, None) if packet is not None else None
@@ -266,7 +303,7 @@ class _Importer:
                 "a view cannot be imported; use the out-of-place form in the model"
             )
         self.bases[node] = base
-        return target_name(overload), base
+        return target_name(overload), base, overload
 
     def _is_fresh(self, base: torch.fx.Node) -> bool:
         """A computed tensor that no view aliases: mutating it in place is local."""
@@ -275,7 +312,13 @@ class _Importer:
         if isinstance(base.target, torch._ops.OpOverload):
             if any(r.alias_info is not None for r in base.target._schema.returns):
                 return False
-        elif base.target is not operator.getitem:
+        elif base.target is operator.getitem:
+            producer = base.args[0]  # split, chunk, unbind return views of their input
+            if isinstance(producer.target, torch._ops.OpOverload) and any(
+                r.alias_info is not None for r in producer.target._schema.returns
+            ):
+                return False
+        else:
             return False
         group = [base] + [n for n, b in self.bases.items() if b is base]
         for member in group:

@@ -54,7 +54,10 @@ def _from_factory(spec: str) -> LoadedModel:
         raise ModelSpecError(
             f"{path} has no function '{factory_name}'; functions there: {', '.join(names) or 'none'}"
         )
-    result = factory()
+    try:
+        result = factory()
+    except Exception as exc:
+        raise ModelSpecError(f"{spec}: calling {factory_name}() failed: {type(exc).__name__}: {exc}") from exc
     if isinstance(result, torch.nn.Module):
         raise ModelSpecError(
             f"{spec} returned only a model; return (model, example_inputs) or "
@@ -77,8 +80,10 @@ def _from_hf_dir(path: Path, batch: int, seq: int, dynamic: bool, meta: bool) ->
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:
         raise ModelSpecError(f"{path}: cannot read a Hugging Face config: {exc}") from exc
-    has_weights = any(path.glob("*.safetensors"))
-    if has_weights and not meta:
+    safetensors = any(path.glob("*.safetensors"))
+    pickled = sorted(path.glob("*.bin"))
+    has_weights = safetensors or bool(pickled)
+    if safetensors and not meta:
         model = AutoModelForCausalLM.from_pretrained(
             str(path), local_files_only=True, use_safetensors=True, dtype=torch.float32
         )
@@ -86,11 +91,28 @@ def _from_hf_dir(path: Path, batch: int, seq: int, dynamic: bool, meta: bool) ->
         torch.manual_seed(0)
         with torch.device("meta") if meta else torch.device("cpu"):
             model = AutoModelForCausalLM.from_config(config)
+        if pickled and not meta:
+            _load_torch_checkpoint(model, pickled)
     model.eval()
     inputs = hf.example_inputs(model, batch, seq)  # on the model's device (meta or cpu)
     shapes = hf.dynamic_shapes(max_seq=getattr(config, "max_position_embeddings", 4096)) if dynamic else None
     source = "weights" if has_weights and not meta else ("meta" if meta else "random weights")
     return LoadedModel(hf.wrap(model), inputs, shapes, f"{path} ({config.model_type}, {source})")
+
+
+def _load_torch_checkpoint(model: torch.nn.Module, files: list[Path]) -> None:
+    """Load *.bin state dicts with weights_only=True: tensors only, no code runs."""
+    state = {}
+    for file in files:
+        try:
+            state.update(torch.load(file, map_location="cpu", weights_only=True))
+        except Exception as exc:
+            raise ModelSpecError(f"{file}: not a loadable weights-only checkpoint: {exc}") from exc
+    missing, _ = model.load_state_dict(state, strict=False)
+    if missing:
+        raise ModelSpecError(
+            f"checkpoint {files[0].parent} lacks {len(missing)} weight(s), e.g. '{missing[0]}'"
+        )
 
 
 def load_model(
@@ -120,6 +142,8 @@ def load_model(
         return _from_hf_dir(path, batch, seq, dynamic, meta)
     if ":" in spec and not path.exists():
         return _from_factory(spec)
+    if path.is_file() and path.suffix == ".py":
+        raise ModelSpecError(f"name the factory function in {path}: {path}:FUNCTION")
     raise ModelSpecError(
         f"MODEL '{spec}' does not exist; expected path/to/file.py:factory, a Hugging Face "
         "checkpoint directory, an IR file (.mlir), or use --example NAME"

@@ -40,7 +40,8 @@ def dim_names(model: torch.nn.Module, example_inputs: Sequence, dynamic_shapes) 
         items = spec.items() if isinstance(spec, dict) else enumerate(spec or ())
         for index, dim in items:
             name = getattr(dim, "__name__", None)
-            if name and name.isidentifier() and name not in RESERVED and not name.startswith("_"):
+            usable = name and name.isascii() and name.isidentifier() and not name.startswith("_")
+            if usable and name not in RESERVED:
                 names[index] = name
         out.append(names)
     return out

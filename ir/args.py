@@ -60,8 +60,8 @@ def typed_key(value: Value) -> object:
     """A key that is equal only for values of the same type and value."""
     if isinstance(value, tuple):
         return ("list", tuple(typed_key(v) for v in value))
-    if isinstance(value, float) and math.isnan(value):
-        return ("float", "nan")
+    if isinstance(value, float):  # nan equals itself here; -0.0 differs from 0.0
+        return ("float", "nan") if math.isnan(value) else ("float", value, math.copysign(1.0, value))
     return (type(value).__name__, value)
 
 

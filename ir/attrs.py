@@ -24,6 +24,16 @@ from .args import float_text, parse_optional_text, string_literal
 
 INF = None  # an unbounded symbol range is stored as None and printed `inf`
 
+REDUCE_OPS = ("sum", "avg", "max", "min", "product")
+
+
+def _check_unique(names: list[str], what: str, parser, pos) -> None:
+    seen = set()
+    for name in names:
+        if name in seen:
+            parser.raise_error(f"{what} '{name}' is declared twice", pos, parser.pos)
+        seen.add(name)
+
 
 def _parse_bound(parser) -> int | None:
     if parser.parse_optional_keyword("inf") is not None:
@@ -57,7 +67,12 @@ class SymbolsAttr(Data[tuple[tuple[str, int, int | None], ...]]):
             parser.parse_punctuation("]")
             return name, lo, hi
 
+        pos = parser.pos
         entries = parser.parse_comma_separated_list(parser.Delimiter.ANGLE, entry)
+        _check_unique([e[0] for e in entries], "size symbol", parser, pos)
+        for name, lo, hi in entries:
+            if lo < 0 or (hi is not None and hi < lo):
+                parser.raise_error(f"size symbol '{name}' has an empty range [{lo}, {hi}]", pos, parser.pos)
         return tuple(entries)
 
     def print_parameter(self, printer) -> None:
@@ -87,9 +102,16 @@ class MeshAttr(Data[tuple[tuple[str, int], ...]]):
         def axis() -> tuple[str, int]:
             name = parser.parse_identifier(context_msg=" (a mesh axis name)")
             parser.parse_punctuation("=")
-            return name, parser.parse_integer(allow_boolean=False, allow_negative=False)
+            pos = parser.pos
+            size = parser.parse_integer(allow_boolean=False, allow_negative=False)
+            if size < 1:
+                parser.raise_error(f"mesh axis '{name}' must have at least 1 device", pos, parser.pos)
+            return name, size
 
-        return tuple(parser.parse_comma_separated_list(parser.Delimiter.ANGLE, axis))
+        pos = parser.pos
+        axes = parser.parse_comma_separated_list(parser.Delimiter.ANGLE, axis)
+        _check_unique([a[0] for a in axes], "mesh axis", parser, pos)
+        return tuple(axes)
 
     def print_parameter(self, printer) -> None:
         printer.print_string("<" + ", ".join(f"{n} = {s}" for n, s in self.data) + ">")
@@ -139,7 +161,7 @@ class PlacementsAttr(Data[tuple[Placement, ...]]):
                 return shard(dim)
             if kind == "partial":
                 parser.parse_punctuation("(")
-                reduce = parser.parse_identifier()
+                reduce = parser.parse_keyword_in(REDUCE_OPS, " (a reduction)")
                 parser.parse_punctuation(")")
                 return partial(reduce)
             return REPLICATE

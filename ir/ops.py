@@ -40,6 +40,7 @@ from xdsl.utils.exceptions import VerifyException
 
 from . import targets
 from .args import ArgsAttr, Operand, parse_call_args, parse_optional_text, print_call_args
+from .attrs import REDUCE_OPS
 from .schema import get_argument
 from .types import AsyncType, TensorType
 
@@ -295,8 +296,6 @@ def call_op_class(target: str) -> type[CallOp]:
 
 
 # ---- collectives ------------------------------------------------------------
-
-REDUCE_OPS = ("sum", "avg", "max", "min", "product")
 
 
 class CollectiveOp(IRDLOperation):

@@ -13,17 +13,28 @@ from .targets import split_name
 _MISSING = object()
 
 
-@lru_cache(maxsize=None)
-def argument_names(target: str) -> tuple[str, ...] | None:
-    """Names of the target's arguments in order, or None if torch does not know it."""
+def _overload(target: str):
     import torch
 
     namespace, name, overload = split_name(target)
     try:
-        schema = getattr(getattr(getattr(torch.ops, namespace), name), overload)._schema
+        return getattr(getattr(getattr(torch.ops, namespace), name), overload)
     except (AttributeError, RuntimeError):
         return None
-    return tuple(a.name for a in schema.arguments)
+
+
+@lru_cache(maxsize=None)
+def argument_names(target: str) -> tuple[str, ...] | None:
+    """Names of the target's arguments in order, or None if torch does not know it."""
+    overload = _overload(target)
+    return None if overload is None else tuple(a.name for a in overload._schema.arguments)
+
+
+@lru_cache(maxsize=None)
+def tags(target: str) -> frozenset[str] | None:
+    """The operator's torch tags ('nondeterministic_seeded', ...), or None if unknown."""
+    overload = _overload(target)
+    return None if overload is None else frozenset(t.name for t in overload.tags)
 
 
 def get_argument(target: str, args: tuple, kwargs: tuple, name: str, default=None):
@@ -37,3 +48,10 @@ def get_argument(target: str, args: tuple, kwargs: tuple, name: str, default=Non
         if index < len(args):
             return args[index]
     return default
+
+
+@lru_cache(maxsize=None)
+def returns_alias(target: str) -> bool:
+    """Does the op return a view of an input (e.g. view, transpose, to)?"""
+    overload = _overload(target)
+    return overload is not None and any(r.alias_info is not None for r in overload._schema.returns)

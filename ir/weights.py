@@ -46,12 +46,15 @@ class WeightStore:
         Names the file stores once for several tied weights come back under
         every name (see `save`).
         """
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         path = Path(path)
-        with safe_open(str(path), framework="pt") as f:
-            keys = set(f.keys())
-            aliases = json.loads((f.metadata() or {}).get("plait.aliases", "{}"))
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                keys = set(f.keys())
+                aliases = json.loads((f.metadata() or {}).get("plait.aliases", "{}"))
+        except (OSError, SafetensorError, json.JSONDecodeError) as exc:
+            raise WeightError(f"{path}: cannot read safetensors weights: {exc}") from None
         wanted = set(names) if names is not None else keys | set(aliases)
         for name in wanted:
             key = aliases.get(name, name)

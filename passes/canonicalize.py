@@ -3,11 +3,15 @@
 The rules are a table from target to a fold that returns the value the op can
 be replaced by (or None to keep it):
 
-- metadata asserts (`_assert_tensor_metadata`, ...) are erased;
+- metadata asserts (`_assert_tensor_metadata`) are erased;
 - `alias`, eval-mode `dropout`, and casts, copies, views, expands and full
   slices whose result type equals their input's type become their input;
-- `x + 0`, `x - 0`, `x * 1`, `x / 1` with a scalar become `x` when the type is
-  unchanged (no promotion, no broadcast).
+- `x - 0`, `x * 1`, `x / 1` with a scalar become `x` when the type is
+  unchanged (no promotion, no broadcast), and `x + 0` too for integers (for
+  floats it turns -0.0 into 0.0).
+
+A fold that removes a copy (`clone`, `x * 1`, ...) is skipped where the
+result is returned: the caller must not get back its own input or a weight.
 """
 
 from __future__ import annotations
@@ -16,23 +20,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from xdsl.context import Context
+from xdsl.dialects import func
 from xdsl.dialects.builtin import ModuleOp
 from xdsl.ir import SSAValue
 from xdsl.rewriter import Rewriter
 
 from ..ir.args import Operand
+from ..ir.dtypes import is_floating
 from ..ir.ops import CallOp
+from ..ir.schema import returns_alias
 from .base import Pass, function_blocks
 
 Fold = Callable[[CallOp], SSAValue | None]
 
-ERASED_ASSERTS = {
-    "aten::_assert_tensor_metadata",
-    "aten::_assert_scalar",
-    "aten::_assert_async",
-    "aten::_assert_async.msg",
-    "aten::_functional_assert_async.msg",
-}
+# checks of dtype/device metadata that export already verified (user assertions
+# on data, such as torch._assert_async, are kept)
+ERASED_ASSERTS = {"aten::_assert_tensor_metadata"}
 
 
 def _first_input(op: CallOp) -> SSAValue | None:
@@ -72,42 +75,57 @@ def _full_slice(op: CallOp) -> SSAValue | None:
     return _first_input(op) if start in (None, 0) and step == 1 else None
 
 
-def _scalar_identity(neutral: int) -> Fold:
+def _scalar_identity(neutral: int, floats: bool = True) -> Fold:
     def fold(op: CallOp) -> SSAValue | None:
         other, alpha = op.arg("other"), op.arg("alpha", 1)
         is_neutral = type(other) in (int, float) and other == neutral and alpha == 1
+        if not floats and is_floating(op.results[0].type.dtype):
+            return None
         return _first_input(op) if is_neutral else None
 
     return fold
 
 
-FOLDS: dict[str, Fold] = {
-    "aten::alias": _identity,
-    "aten::dropout": _eval_dropout,
-    "aten::to.dtype": _cast,
-    "aten::to.device": _cast,
-    "aten::to.dtype_layout": _cast,
-    "aten::to.other": _cast,
-    "aten::_to_copy": _cast,
-    "aten::type_as": _identity,
-    "aten::clone": _clone,
-    "aten::view": _identity,
-    "aten::_unsafe_view": _identity,
-    "aten::reshape": _identity,
-    "aten::view_as": _identity,
-    "aten::reshape_as": _identity,
-    "aten::expand": _identity,
-    "aten::expand_as": _identity,
-    "aten::slice.Tensor": _full_slice,
-    "aten::add.Tensor": _scalar_identity(0),
-    "aten::add.Scalar": _scalar_identity(0),
-    "aten::sub.Tensor": _scalar_identity(0),
-    "aten::sub.Scalar": _scalar_identity(0),
-    "aten::mul.Tensor": _scalar_identity(1),
-    "aten::mul.Scalar": _scalar_identity(1),
-    "aten::div.Tensor": _scalar_identity(1),
-    "aten::div.Scalar": _scalar_identity(1),
+# target -> (fold, does the op copy: is its result a new tensor in eager?)
+FOLDS: dict[str, tuple[Fold, bool]] = {
+    "aten::alias": (_identity, False),
+    "aten::dropout": (_eval_dropout, False),
+    "aten::to.dtype": (_cast, False),
+    "aten::to.device": (_cast, False),
+    "aten::to.dtype_layout": (_cast, False),
+    "aten::to.other": (_cast, False),
+    "aten::_to_copy": (_cast, True),
+    "aten::type_as": (_identity, False),
+    "aten::clone": (_clone, True),
+    "aten::view": (_identity, False),
+    "aten::_unsafe_view": (_identity, False),
+    "aten::reshape": (_identity, False),
+    "aten::view_as": (_identity, False),
+    "aten::reshape_as": (_identity, False),
+    "aten::expand": (_identity, False),
+    "aten::expand_as": (_identity, False),
+    "aten::slice.Tensor": (_full_slice, False),
+    "aten::add.Tensor": (_scalar_identity(0, floats=False), True),
+    "aten::add.Scalar": (_scalar_identity(0, floats=False), True),
+    "aten::sub.Tensor": (_scalar_identity(0), True),
+    "aten::sub.Scalar": (_scalar_identity(0), True),
+    "aten::mul.Tensor": (_scalar_identity(1), True),
+    "aten::mul.Scalar": (_scalar_identity(1), True),
+    "aten::div.Tensor": (_scalar_identity(1), True),
+    "aten::div.Scalar": (_scalar_identity(1), True),
 }
+
+
+def _escapes(value: SSAValue) -> bool:
+    """Is the value returned, itself or through views of it?"""
+    for use in value.uses:
+        user = use.operation
+        if isinstance(user, func.ReturnOp):
+            return True
+        if isinstance(user, CallOp) and returns_alias(user.target_name):
+            if any(_escapes(result) for result in user.results):
+                return True
+    return False
 
 
 def canonicalize_block(block) -> int:
@@ -120,8 +138,10 @@ def canonicalize_block(block) -> int:
             Rewriter.erase_op(op)
             changed += 1
             continue
-        fold = FOLDS.get(op.target_name)
-        replacement = fold(op) if fold is not None else None
+        if op.target_name not in FOLDS:
+            continue
+        fold, copies = FOLDS[op.target_name]
+        replacement = None if copies and _escapes(op.results[0]) else fold(op)
         if replacement is not None:
             op.results[0].replace_all_uses_with(replacement)
             Rewriter.erase_op(op)

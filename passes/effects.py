@@ -1,9 +1,11 @@
 """Analysis: which ops may be removed or merged.
 
-An ATen call is pure unless it draws random numbers (two calls differ, and
-removing one shifts the generator) or returns nothing (it exists for an effect,
-such as an assert). Parameters are pure; collectives are deterministic and
-issued identically by every rank, so they are removable but never merged.
+An ATen call is pure unless torch tags it as drawing random numbers (two calls
+differ, and removing one shifts the generator) or it returns nothing (it
+exists for an effect, such as an assert). Calls to other libraries' operators
+are kept as they are: their effects are unknown. Parameters are pure;
+collectives are deterministic and issued identically by every rank, so they
+are removable but never merged.
 """
 
 from __future__ import annotations
@@ -11,37 +13,26 @@ from __future__ import annotations
 from xdsl.ir import Operation
 
 from ..ir.ops import CallOp, CollectiveOp, ParamOp, WaitOp
-from ..ir.targets import split_name
-
-RANDOM = {
-    "rand", "rand_like", "randn", "randn_like", "randint", "randint_like", "randperm",
-    "bernoulli", "bernoulli_", "normal", "normal_", "uniform_", "multinomial",
-    "native_dropout", "exponential_", "geometric_", "poisson", "rrelu",
-}
+from ..ir.schema import tags
 
 
-def is_random(op: Operation) -> bool:
-    if not isinstance(op, CallOp):
+def _pure_call(op: CallOp) -> bool:
+    if not op.results or not op.target_name.startswith("aten::"):
         return False
-    name = split_name(op.target_name)[1]
-    if name == "dropout":  # random only in training mode
-        return op.arg("train") is not False
-    return name in RANDOM
+    known = tags(op.target_name)
+    if known is None or "nondeterministic_seeded" not in known:
+        return known is not None
+    # dropout draws random numbers only while training
+    return op.target_name == "aten::dropout" and op.arg("train") is False
 
 
 def is_removable(op: Operation) -> bool:
     """May the op be erased when its results are unused?"""
     if isinstance(op, (ParamOp, CollectiveOp, WaitOp)):
         return True
-    if isinstance(op, CallOp):
-        return bool(op.results) and not is_random(op)
-    return False
+    return isinstance(op, CallOp) and _pure_call(op)
 
 
 def is_mergeable(op: Operation) -> bool:
     """May two identical ops be merged into one?"""
-    if isinstance(op, ParamOp):
-        return True
-    if isinstance(op, CallOp):
-        return bool(op.results) and not is_random(op)
-    return False
+    return isinstance(op, ParamOp) or (isinstance(op, CallOp) and _pure_call(op))

@@ -48,6 +48,11 @@ class Artifact:
     manifest: dict = field(default_factory=dict)
 
 
+def _plain_name(name: object) -> bool:
+    """A file name inside the artifact: no directories, no '..'."""
+    return isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name
+
+
 def _plait_version() -> str:
     from .. import __version__
 
@@ -57,6 +62,8 @@ def _plait_version() -> str:
 def write(directory: str | Path, artifact: Artifact, weights: WeightStore, weight_names) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    # a manifest marks a complete artifact: remove an old one before rewriting files
+    (directory / MANIFEST).unlink(missing_ok=True)
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -90,17 +97,23 @@ def read(directory: str | Path) -> tuple[Artifact, ModuleOp, WeightStore]:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as exc:
         raise ArtifactError(f"{manifest_path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from None
-    if manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{manifest_path}: not a plait artifact manifest")
-    version = manifest.get("plait_version", "?")
+    version = str(manifest.get("plait_version", "?"))
     if manifest.get("format_version") != FORMAT_VERSION or version.split(".")[:2] != _plait_version().split(".")[:2]:
         raise ArtifactError(
             f"{directory} was written by plait {version} (artifact format "
             f"{manifest.get('format_version')}); this is plait {_plait_version()} (format "
             f"{FORMAT_VERSION}). Recompile the model with this plait: `plait compile ... -o {directory}`"
         )
+    programs_entry = manifest.get("programs", {})
     files = [manifest.get("plan", PLAN), manifest.get("weights", WEIGHTS)]
-    files += list(manifest.get("programs", {}).values())
+    files += list(programs_entry.values()) if isinstance(programs_entry, dict) else [None]
+    if not all(_plain_name(f) for f in files) or not all(str(r).isdigit() for r in programs_entry):
+        raise ArtifactError(
+            f"{manifest_path}: file entries must be plain file names inside the artifact "
+            "and program keys rank numbers; recompile the artifact"
+        )
     missing = [f for f in files if not (directory / f).is_file()]
     if missing:
         raise ArtifactError(

@@ -116,3 +116,19 @@ def test_checkpoint_missing_a_tensor(saved, tmp_path):
     save_file(tensors, str(copy / "weights.safetensors"))
     with pytest.raises(WeightError, match="weight 'lm_head.weight' is not in .*weights.safetensors"):
         plait.load(copy)
+
+
+def test_manifest_file_names_must_stay_inside_the_artifact(saved, tmp_path):
+    copy = _copy(saved, tmp_path)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["plan"] = "../../etc/passwd"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="must be plain file names inside the artifact"):
+        plait.load(copy)
+
+
+def test_corrupt_weights_file(saved, tmp_path):
+    copy = _copy(saved, tmp_path)
+    (copy / "weights.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(WeightError, match="cannot read safetensors weights"):
+        plait.load(copy)

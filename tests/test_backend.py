@@ -62,3 +62,52 @@ def test_collectives_on_two_gloo_ranks():
         assert torch.equal(scattered, (inputs[0] + inputs[1])[2 * rank : 2 * rank + 2])
         # the async all-reduce's wait comes after the independent exp
         assert code.index("h_pending = ") < code.index("torch.exp(x)") < code.index("(h_pending)")
+
+
+def _program(body: str, inputs: str = "%x : !plait.tensor<[2, 4], f32>", attrs: str = "") -> str:
+    return (
+        f"builtin.module{attrs} {{\n  func.func @forward({inputs}) -> !plait.tensor<[2, 4], f32> {{\n"
+        f"{body}  }}\n}}\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        ('    %y = plait.elementwise "aten::add.Tensor"(%x) : !plait.tensor<[2, 4], f32>\n'
+         "    func.return %y : !plait.tensor<[2, 4], f32>\n",
+         "the arguments of aten::add.Tensor do not fit its schema"),
+        ('    %y = plait.elementwise "aten::add.Tensor"(%x, %x, beta = 2) : !plait.tensor<[2, 4], f32>\n'
+         "    func.return %y : !plait.tensor<[2, 4], f32>\n",
+         "unexpected keyword argument 'beta'"),
+        ('    %y = plait.call "aten::topk"(%x, 2) : !plait.tensor<[2, 2], f32>\n'
+         "    func.return %x : !plait.tensor<[2, 4], f32>\n",
+         "aten::topk returns 2 value(s) but the op has 1 result(s)"),
+    ],
+)
+def test_calls_are_checked_against_their_schema(body, message):
+    with pytest.raises(LoweringError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        build_program(parse_module(_program(body)), WeightStore())
+
+
+def test_weights_that_do_not_fit_the_program_are_named():
+    body = (
+        '    %w = plait.param "fc.weight" : !plait.tensor<[2, 4], f32> loc("fc")\n'
+        '    %y = plait.elementwise "aten::mul.Tensor"(%x, %w) : !plait.tensor<[2, 4], f32>\n'
+        "    func.return %y : !plait.tensor<[2, 4], f32>\n"
+    )
+    weights = WeightStore()
+    weights.add("fc.weight", torch.ones(4, 2))
+    with pytest.raises(LoweringError, match=r"weight 'fc.weight' is \(4, 2\) float32 but the program expects tensor<\[2, 4\], f32>"):
+        build_program(parse_module(_program(body)), weights)
+
+
+def test_a_symbol_no_input_dim_carries_is_refused():
+    text = _program(
+        "    func.return %x : !plait.tensor<[2, 4], f32>\n",
+        inputs="%x : !plait.tensor<[2*s, 4], f32>",
+        attrs=" attributes {plait.symbols = #plait.symbols<s = [1, 8]>}",
+    ).replace("-> !plait.tensor<[2, 4], f32>", "-> !plait.tensor<[2*s, 4], f32>").replace(
+        "func.return %x : !plait.tensor<[2, 4], f32>", "func.return %x : !plait.tensor<[2*s, 4], f32>")
+    with pytest.raises(LoweringError, match="uses size symbol 's', which no input has as a dim of its own"):
+        build_program(parse_module(text), WeightStore())

@@ -64,6 +64,8 @@ def test_run_with_given_inputs(compiled, example, tmp_path, capsys):
     save_file({"pixels": inputs[0]}, str(tmp_path / "wrong.safetensors"))
     code, _, err = _run(capsys, "run", str(tmp_path / "cnn"), "--inputs", str(tmp_path / "wrong.safetensors"))
     assert code == 1 and "lacks input(s) images" in err
+    code, _, err = _run(capsys, "run", str(tmp_path / "cnn"), "--dim", "batchh=3")
+    assert code == 1 and "the model has no size symbol 'batchh'; symbols: batch" in err
 
 
 FACTORY = """
@@ -96,6 +98,8 @@ def test_compile_a_factory_file(tmp_path, capsys):
     assert code == 1 and "has no function 'missing'; functions there: Net, build, only_model" in err
     code, _, err = _run(capsys, "compile", f"{path}:only_model")
     assert code == 1 and "return (model, example_inputs)" in err
+    code, _, err = _run(capsys, "compile", str(path))
+    assert code == 1 and f"name the factory function in {path}: {path}:FUNCTION" in err
 
 
 def test_compile_a_hugging_face_checkpoint_directory(tmp_path, capsys):
@@ -128,6 +132,7 @@ def test_compile_a_hugging_face_checkpoint_directory(tmp_path, capsys):
         (["compile"], "give a MODEL"),
         (["run", "/no/such/dir"], "no such artifact directory"),
         (["compile", "--example", "cnn-tiny", "--pipeline", "canonicalize,fold"], "unknown pass 'fold'"),
+        (["opt", "/no/such/file.mlir"], "No such file or directory: '/no/such/file.mlir'"),
     ],
 )
 def test_bad_input_is_a_clear_error(argv, message, capsys):

@@ -52,13 +52,13 @@ def test_dynamic_dims_are_named_symbols_with_ranges():
 
     x, y = torch.randn(3, 4), torch.randn(3, 5)
     rows = Dim("rows", min=2, max=100)
-    captured = capture(Scale(), (x, y), {"x": {0: rows, 1: Dim.AUTO}, "y": {0: rows}})
+    captured = capture(Scale(), (x, y), {"x": {0: rows, 1: Dim("länge")}, "y": {0: rows}})
     module, _ = import_program(captured)
     text = plait.ir.text.print_module(module)
     symbols = module.attributes["plait.symbols"]
     assert isinstance(symbols, SymbolsAttr)
     assert symbols.ranges["rows"] == (2, 100)
-    assert "d0" in symbols.ranges  # Dim.AUTO has no name of its own
+    assert "d0" in symbols.ranges  # the MLIR lexer takes ASCII names only
     assert "!plait.tensor<[d0*rows], f32>" in text
     assert "!plait.tensor<[rows, d0 + 5], f32>" in text
 
@@ -127,3 +127,32 @@ def test_size_one_example_for_a_dynamic_dim_is_explained():
 
     with pytest.raises(CaptureError, match="'tokens' has size 1 in dim 0, which is dynamic \\('batch'\\)"):
         capture(Id(), (torch.ones(1, 4),), {"tokens": {0: Dim("batch", max=8)}})
+
+
+def test_in_place_on_a_split_chunk_is_a_write_into_a_view():
+    class Chunked(torch.nn.Module):
+        def forward(self, x):
+            y = x * 2
+            first, _ = y.split(2)
+            first.add_(1)  # writes into y
+            return y
+
+    with pytest.raises(GraphImportError, match="in-place aten::add_.Tensor .* a view"):
+        import_program(capture(Chunked(), (torch.ones(4),)))
+
+
+def test_in_place_ops_keep_the_updated_tensors_dtype():
+    class Mixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.linspace(0.5, 2.0, 4))  # float32
+
+        def forward(self, x):
+            y = x.exp()
+            y.mul_(self.scale)  # computed in float32, stored in float16
+            return y + 1
+
+    model, x = Mixed(), torch.randn(4, dtype=torch.float16)
+    program = plait.compile(model, (x,))
+    out, ref = program(x), model(x).detach()
+    assert out.dtype == torch.float16 and torch.equal(out, ref)

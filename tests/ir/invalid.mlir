@@ -155,3 +155,19 @@ builtin.module {
     func.return
   }
 }
+// -----
+// error: size symbol 'n' is declared twice
+builtin.module attributes {plait.symbols = #plait.symbols<n = [1, 8], n = [2, 4]>} {
+}
+// -----
+// error: size symbol 'n' has an empty range [8, 2]
+builtin.module attributes {plait.symbols = #plait.symbols<n = [8, 2]>} {
+}
+// -----
+// error: mesh axis 'tp' must have at least 1 device
+builtin.module attributes {m = #plait.mesh<tp = 0>} {
+}
+// -----
+// error: Expected one of 'avg', 'max', 'min', 'product', 'sum' (a reduction)
+builtin.module attributes {p = #plait.placements<[partial(median)]>} {
+}
