@@ -14,4 +14,12 @@ __version__ = "0.1.0"
 from .api import DEFAULT_PIPELINE, CompiledModel, compile, compile_ir, load  # noqa: E402
 from .ir.errors import PlaitError  # noqa: E402
 
-__all__ = ["CompiledModel", "DEFAULT_PIPELINE", "PlaitError", "compile", "compile_ir", "load", "__version__"]
+__all__ = [
+    "CompiledModel",
+    "DEFAULT_PIPELINE",
+    "PlaitError",
+    "compile",
+    "compile_ir",
+    "load",
+    "__version__",
+]

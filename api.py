@@ -1,12 +1,12 @@
 """plait's Python API: compile a model, call it, inspect it, save and load it.
 
-    import plait
-    compiled = plait.compile(model, (x,), pipeline="canonicalize,cse,dce")
-    y = compiled(x)                 # runs the compiled per-rank program
-    print(compiled.ir)              # the plan, as IR text
-    print(compiled.code)            # the program, as Python
-    compiled.save("out/")           # an artifact directory
-    again = plait.load("out/")
+import plait
+compiled = plait.compile(model, (x,), pipeline="canonicalize,cse,dce")
+y = compiled(x)                 # runs the compiled per-rank program
+print(compiled.ir)              # the plan, as IR text
+print(compiled.code)            # the program, as Python
+compiled.save("out/")           # an artifact directory
+again = plait.load("out/")
 """
 
 from __future__ import annotations
@@ -90,7 +90,9 @@ class CompiledModel:
 
     @property
     def input_names(self) -> list[str]:
-        return [a.name_hint or f"input_{i}" for i, a in enumerate(self.function.body.blocks.first.args)]
+        return [
+            a.name_hint or f"input_{i}" for i, a in enumerate(self.function.body.blocks.first.args)
+        ]
 
     def __call__(self, *args, **kwargs):
         program = self.program
@@ -194,7 +196,9 @@ def load(directory: str | Path, device: str | torch.device = "cpu") -> CompiledM
         manifest.get("outputs", {}).get("treespec"),
         device,
     )
-    if manifest.get("torch_version") == torch.__version__ and compiled.device.type == manifest.get("device"):
+    if manifest.get("torch_version") == torch.__version__ and compiled.device.type == manifest.get(
+        "device"
+    ):
         saved = contents.programs.get(0)
         if saved is not None and saved != compiled.code:
             raise artifact.ArtifactError(

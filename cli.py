@@ -1,12 +1,12 @@
 """The `plait` command line: compile, opt, run.
 
-    plait compile --example llama-tiny -o out/           # capture, run passes, save an artifact
-    plait compile model.py:build -o out/ --time-passes
-    plait compile path/to/hf_checkpoint/ -o out/ --pipeline canonicalize,cse,dce
-    plait compile --example llama-tiny --emit mlir --mlir-dialect stablehlo
-    plait opt dump.mlir --pipeline canonicalize -o clean.mlir
-    plait run out/                                      # run on generated inputs
-    plait run out/ --inputs inputs.safetensors --output outputs.safetensors
+plait compile --example llama-tiny -o out/           # capture, run passes, save an artifact
+plait compile model.py:build -o out/ --time-passes
+plait compile path/to/hf_checkpoint/ -o out/ --pipeline canonicalize,cse,dce
+plait compile --example llama-tiny --emit mlir --mlir-dialect stablehlo
+plait opt dump.mlir --pipeline canonicalize -o clean.mlir
+plait run out/                                      # run on generated inputs
+plait run out/ --inputs inputs.safetensors --output outputs.safetensors
 """
 
 from __future__ import annotations
@@ -33,13 +33,37 @@ def _status(console, text: str):
 
 def _add_ir_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("pass pipeline")
-    group.add_argument("--pipeline", default=None, help="passes to run, e.g. 'canonicalize,cse,dce'")
-    group.add_argument("--print-ir-after-all", action="store_true", help="print the IR after each pass (stderr)")
-    group.add_argument("--print-ir-before", action="append", default=[], metavar="PASS", help="print the IR before PASS")
-    group.add_argument("--print-ir-after", action="append", default=[], metavar="PASS", help="print the IR after PASS")
-    group.add_argument("--dump-ir", metavar="DIR", help="write the IR before the first pass and after each pass to DIR")
-    group.add_argument("--time-passes", action="store_true", help="print each pass's time and op counts")
-    group.add_argument("--no-verify-each", action="store_true", help="do not verify the IR after each pass")
+    group.add_argument(
+        "--pipeline", default=None, help="passes to run, e.g. 'canonicalize,cse,dce'"
+    )
+    group.add_argument(
+        "--print-ir-after-all", action="store_true", help="print the IR after each pass (stderr)"
+    )
+    group.add_argument(
+        "--print-ir-before",
+        action="append",
+        default=[],
+        metavar="PASS",
+        help="print the IR before PASS",
+    )
+    group.add_argument(
+        "--print-ir-after",
+        action="append",
+        default=[],
+        metavar="PASS",
+        help="print the IR after PASS",
+    )
+    group.add_argument(
+        "--dump-ir",
+        metavar="DIR",
+        help="write the IR before the first pass and after each pass to DIR",
+    )
+    group.add_argument(
+        "--time-passes", action="store_true", help="print each pass's time and op counts"
+    )
+    group.add_argument(
+        "--no-verify-each", action="store_true", help="do not verify the IR after each pass"
+    )
 
 
 def _pm_options(args) -> dict:
@@ -63,11 +87,17 @@ def cmd_compile(args) -> int:
         compiled = _compile_ir_file(args, pipeline, console)
     else:
         with _status(console, "loading the model"):
-            loaded = load_model(args.model, args.example, args.batch, args.seq, not args.static, args.meta)
+            loaded = load_model(
+                args.model, args.example, args.batch, args.seq, not args.static, args.meta
+            )
         with _status(console, f"capturing and compiling {loaded.description}"):
             compiled = plait.compile(
-                loaded.model, loaded.example_inputs, pipeline=pipeline,
-                dynamic_shapes=loaded.dynamic_shapes, device=args.device, **_pm_options(args),
+                loaded.model,
+                loaded.example_inputs,
+                pipeline=pipeline,
+                dynamic_shapes=loaded.dynamic_shapes,
+                device=args.device,
+                **_pm_options(args),
             )
     if args.time_passes:
         console.print(compiled.pass_report, markup=False, highlight=False)
@@ -80,7 +110,9 @@ def cmd_compile(args) -> int:
         from plait.backends.mlir import to_mlir
 
         with _status(console, f"lowering to MLIR ({args.mlir_dialect}) with torch-mlir"):
-            text = to_mlir(compiled.module, compiled.weights, args.mlir_dialect, not args.keep_weights)
+            text = to_mlir(
+                compiled.module, compiled.weights, args.mlir_dialect, not args.keep_weights
+            )
         _write(args.output, text)
     else:
         if args.output is None:
@@ -114,7 +146,9 @@ def _compile_ir_file(args, pipeline: str, console):
             f"{path} holds no weights; pass --weights FILE.safetensors (e.g. an artifact's "
             "weights.safetensors) or use --emit ir"
         )
-    return plait.compile_ir(module, weights, pipeline=pipeline, device=args.device or "cpu", **_pm_options(args))
+    return plait.compile_ir(
+        module, weights, pipeline=pipeline, device=args.device or "cpu", **_pm_options(args)
+    )
 
 
 def _write(path: str | None, text: str) -> None:
@@ -199,7 +233,9 @@ def cmd_run(args) -> int:
                 raise plait.PlaitError(f"--dim expects NAME=SIZE, got '{item}'")
             if name not in symbols:
                 known = ", ".join(symbols) or "none (the model has static shapes)"
-                raise plait.PlaitError(f"--dim {item}: the model has no size symbol '{name}'; symbols: {known}")
+                raise plait.PlaitError(
+                    f"--dim {item}: the model has no size symbol '{name}'; symbols: {known}"
+                )
             dims[name] = int(value)
         inputs = _generated_inputs(compiled, dims)
     times = []
@@ -210,13 +246,19 @@ def cmd_run(args) -> int:
             times.append(time.perf_counter() - start)
     flat = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
     for name, x in zip(compiled.input_names, inputs):
-        console.print(f"input  {name}: {tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}", highlight=False)
+        console.print(
+            f"input  {name}: {tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}",
+            highlight=False,
+        )
     for i, y in enumerate(flat):
         summary = f"output {i}: {tuple(y.shape)} {str(y.dtype).removeprefix('torch.')}"
         if y.is_floating_point():
             summary += f" mean={y.float().mean().item():.6g} std={y.float().std().item():.6g}"
         console.print(summary, highlight=False)
-    console.print(f"time: median {statistics.median(times) * 1e3:.3f} ms over {len(times)} run(s)", highlight=False)
+    console.print(
+        f"time: median {statistics.median(times) * 1e3:.3f} ms over {len(times)} run(s)",
+        highlight=False,
+    )
     if args.output:
         from safetensors.torch import save_file
 
@@ -234,21 +276,34 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(
-        "compile", help="capture a model, run passes, write an artifact",
+        "compile",
+        help="capture a model, run passes, write an artifact",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="MODEL is path/to/file.py:factory (returning (model, example_inputs[, dynamic_shapes])),\n"
         "a Hugging Face config/checkpoint directory, or an IR file (.mlir, with --weights).",
     )
     p.add_argument("model", nargs="?", metavar="MODEL")
-    p.add_argument("--example", help="a bundled example: llama-tiny, gpt2-tiny, mixtral-tiny, cnn-tiny")
-    p.add_argument("-o", "--output", help="artifact directory (or file, with --emit ir|python|mlir)")
+    p.add_argument(
+        "--example", help="a bundled example: llama-tiny, gpt2-tiny, mixtral-tiny, cnn-tiny"
+    )
+    p.add_argument(
+        "-o", "--output", help="artifact directory (or file, with --emit ir|python|mlir)"
+    )
     p.add_argument("--emit", choices=["artifact", "ir", "python", "mlir"], default="artifact")
-    p.add_argument("--mlir-dialect", choices=["linalg", "stablehlo", "tosa", "torch"], default="linalg")
-    p.add_argument("--keep-weights", action="store_true", help="with --emit mlir: print weight data")
+    p.add_argument(
+        "--mlir-dialect", choices=["linalg", "stablehlo", "tosa", "torch"], default="linalg"
+    )
+    p.add_argument(
+        "--keep-weights", action="store_true", help="with --emit mlir: print weight data"
+    )
     p.add_argument("--batch", type=int, default=2, help="example batch for a Hugging Face MODEL")
-    p.add_argument("--seq", type=int, default=16, help="example sequence length for a Hugging Face MODEL")
+    p.add_argument(
+        "--seq", type=int, default=16, help="example sequence length for a Hugging Face MODEL"
+    )
     p.add_argument("--static", action="store_true", help="compile for the example shapes only")
-    p.add_argument("--meta", action="store_true", help="build a Hugging Face MODEL on meta (IR only)")
+    p.add_argument(
+        "--meta", action="store_true", help="build a Hugging Face MODEL on meta (IR only)"
+    )
     p.add_argument("--weights", help="safetensors weights for an IR-file MODEL")
     p.add_argument("--device", help="device to run on (default: the weights' device)")
     _add_ir_options(p)
@@ -264,7 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run an artifact on given or generated inputs")
     p.add_argument("artifact", metavar="DIR")
     p.add_argument("--inputs", help="safetensors file with one tensor per input name")
-    p.add_argument("--dim", action="append", default=[], metavar="NAME=SIZE", help="size symbol for generated inputs, e.g. seq=32")
+    p.add_argument(
+        "--dim",
+        action="append",
+        default=[],
+        metavar="NAME=SIZE",
+        help="size symbol for generated inputs, e.g. seq=32",
+    )
     p.add_argument("--output", help="write outputs to this safetensors file")
     p.add_argument("--repeat", type=int, default=1, help="run N times and report the median time")
     p.add_argument("--device", help="device to run on (default cpu)")

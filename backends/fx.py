@@ -168,7 +168,11 @@ class CollectiveGroups:
 
 class _Lowering:
     def __init__(
-        self, weights: WeightStore, device: torch.device, groups: CollectiveGroups | None, fast: bool
+        self,
+        weights: WeightStore,
+        device: torch.device,
+        groups: CollectiveGroups | None,
+        fast: bool,
     ):
         self.weights = weights
         self.fast = fast
@@ -275,9 +279,19 @@ class _Lowering:
             if dim == 0:
                 return pending, lambda y: y
             return pending, lambda y: self._node(aten.movedim.int, (y, 0, dim), {}, op)
-        raise LoweringError(f"{where(op)}: {op.name} has no lowering yet (it comes with expert parallelism)")
+        raise LoweringError(
+            f"{where(op)}: {op.name} has no lowering yet (it comes with expert parallelism)"
+        )
 
-    def _node(self, target, args, kwargs, op: Operation, result: SSAValue | None = None, kind="call_function"):
+    def _node(
+        self,
+        target,
+        args,
+        kwargs,
+        op: Operation,
+        result: SSAValue | None = None,
+        kind="call_function",
+    ):
         """A call node named after the IR value it computes."""
         value = result or (op.results[0] if op.results else None)
         name = value.name_hint if value is not None else None
@@ -296,7 +310,9 @@ class _Lowering:
                     self.syms.bind(dim.name, self.values[arg], d)
         for type_ in types:
             for dim in type_.shape:
-                unbound = symbolic.free_names(dim) - {s.name for s in self.syms.nodes if s.is_Symbol}
+                unbound = symbolic.free_names(dim) - {
+                    s.name for s in self.syms.nodes if s.is_Symbol
+                }
                 if unbound:
                     raise LoweringError(
                         f"input dim {symbolic.to_text(dim)} uses size symbol '{sorted(unbound)[0]}', "

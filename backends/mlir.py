@@ -53,7 +53,9 @@ def to_mlir(
 ) -> str:
     """MLIR text of `module`'s forward function in `dialect`."""
     if dialect not in OUTPUT_TYPES:
-        raise MlirError(f"unknown MLIR dialect '{dialect}'; choose one of {', '.join(OUTPUT_TYPES)}")
+        raise MlirError(
+            f"unknown MLIR dialect '{dialect}'; choose one of {', '.join(OUTPUT_TYPES)}"
+        )
     if any(isinstance(op, (CollectiveOp, WaitOp)) for op in module.walk()):
         raise MlirError(
             "the program has collectives, which torch-mlir cannot lower; emit MLIR before "
@@ -97,7 +99,9 @@ def to_mlir(
     except Exception as exc:
         detail = diagnostics.getvalue().strip().splitlines()
         reason = detail[0] if detail else str(exc).splitlines()[0]
-        hint = " (tosa needs static shapes: compile without dynamic dims)" if dialect == "tosa" else ""
+        hint = (
+            " (tosa needs static shapes: compile without dynamic dims)" if dialect == "tosa" else ""
+        )
         raise MlirError(
             f"torch-mlir could not lower the program to {dialect}{hint}: {reason}; "
             "`--mlir-dialect torch` shows what it accepted"

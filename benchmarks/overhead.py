@@ -21,8 +21,13 @@ def small_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-        num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048,
+        vocab_size=32000,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
     )
     torch.manual_seed(0)
     return LlamaForCausalLM(config).eval()
@@ -49,7 +54,9 @@ def measure(eager, compiled, inputs, repeats: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -61,13 +68,17 @@ def main() -> None:
     for name, build in (("small llama (120M)", small_llama), ("llama-tiny", tiny_llama)):
         model = build()
         wrapper = hf.wrap(model)
-        compiled = plait.compile(wrapper, hf.example_inputs(model, 2, 16), dynamic_shapes=hf.dynamic_shapes(max_seq=2048))
+        compiled = plait.compile(
+            wrapper, hf.example_inputs(model, 2, 16), dynamic_shapes=hf.dynamic_shapes(max_seq=2048)
+        )
         params = sum(p.numel() for p in model.parameters()) / 1e6
         for batch, seq in ((1, 128), (1, 8)):
             inputs = hf.example_inputs(model, batch, seq)
             eager_s, plait_s = measure(wrapper, compiled, inputs, args.repeats)
             label = f"{name}"
-            print(f"{label:<22} {batch}x{seq:<6} {eager_s * 1e3:>10.3f} {plait_s * 1e3:>10.3f} {plait_s / eager_s:>7.3f}")
+            print(
+                f"{label:<22} {batch}x{seq:<6} {eager_s * 1e3:>10.3f} {plait_s * 1e3:>10.3f} {plait_s / eager_s:>7.3f}"
+            )
         del params
 
 

@@ -18,7 +18,9 @@ import torch
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--dynamic", action="store_true")
     parser.add_argument("--layers", type=int, default=80)
     args = parser.parse_args()
@@ -31,9 +33,14 @@ def main() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(  # Llama-3-70B
-        vocab_size=128256, hidden_size=8192, intermediate_size=28672,
-        num_hidden_layers=args.layers, num_attention_heads=64, num_key_value_heads=8,
-        max_position_embeddings=8192, rope_theta=500000.0,
+        vocab_size=128256,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=args.layers,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
     )
     phases = {}
     start = time.perf_counter()

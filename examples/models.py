@@ -24,8 +24,13 @@ def llama_tiny(batch: int = 2, seq: int = 16):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
     )
     model = _seeded(lambda: LlamaForCausalLM(config))
     return hf.wrap(model), hf.example_inputs(model, batch, seq), hf.dynamic_shapes(max_seq=256)
@@ -35,8 +40,13 @@ def gpt2_tiny(batch: int = 2, seq: int = 16):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(
-        vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=256,
-        bos_token_id=0, eos_token_id=0,
+        vocab_size=256,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=256,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     model = _seeded(lambda: GPT2LMHeadModel(config))
     return hf.wrap(model), hf.example_inputs(model, batch, seq), hf.dynamic_shapes(max_seq=256)
@@ -46,9 +56,15 @@ def mixtral_tiny(batch: int = 2, seq: int = 16):
     from transformers import MixtralConfig, MixtralForCausalLM
 
     config = MixtralConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-        num_experts_per_tok=2, max_position_embeddings=256,
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=256,
     )
     model = _seeded(lambda: MixtralForCausalLM(config))
     return hf.wrap(model), hf.example_inputs(model, batch, seq), hf.dynamic_shapes(max_seq=256)

@@ -74,7 +74,7 @@ def _strip(name: str, prefix: str) -> str:
     """Drop a wrapper's prefix: "model.lm_head" -> "lm_head", "model" -> ""."""
     if prefix and name == prefix.rstrip("."):
         return ""
-    return name[len(prefix):] if prefix and name.startswith(prefix) else name
+    return name[len(prefix) :] if prefix and name.startswith(prefix) else name
 
 
 def _mutates_self(node: torch.fx.Node) -> bool:
@@ -245,8 +245,10 @@ class _Importer:
             # in place, the result is cast back to the updated tensor's dtype
             dtype = irargs.Tag("dtype", result_types[0].dtype)
             cast = call_op_class("aten::_to_copy")(
-                "aten::_to_copy", [op.results[0]],
-                irargs.ArgsAttr((irargs.Operand(0),), (("dtype", dtype),)), result_types,
+                "aten::_to_copy",
+                [op.results[0]],
+                irargs.ArgsAttr((irargs.Operand(0),), (("dtype", dtype),)),
+                result_types,
             )
             self._add(cast, path, node.name)
             op = cast
@@ -278,7 +280,6 @@ class _Importer:
             return None
         return TensorType(types[0].shape, dtype_name(out.dtype))
 
-
     def functionalize(self, node: torch.fx.Node, name: str):
         """In-place call on a fresh tensor -> its out-of-place form.
 
@@ -290,7 +291,9 @@ class _Importer:
         schema = node.target._schema
         if not _mutates_self(node):
             if any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments):
-                raise GraphImportError(f"{self.where(node)}: {name} mutates an argument; not supported")
+                raise GraphImportError(
+                    f"{self.where(node)}: {name} mutates an argument; not supported"
+                )
             return name, None, None
         namespace, base_name = node.target.namespace, schema.name.split("::", 1)[1]
         packet = getattr(getattr(torch.ops, namespace), base_name.rstrip("_"), None)
@@ -351,7 +354,9 @@ class _Importer:
                 if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
                     self.import_param(node, spec)
                 elif spec.kind != InputKind.USER_INPUT:
-                    raise GraphImportError(f"{node.name}: inputs of kind {spec.kind.name} are not supported")
+                    raise GraphImportError(
+                        f"{node.name}: inputs of kind {spec.kind.name} are not supported"
+                    )
             elif node.op == "call_function":
                 self.import_call(node)
             elif node.op == "output":

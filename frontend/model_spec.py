@@ -57,7 +57,9 @@ def _from_factory(spec: str) -> LoadedModel:
     try:
         result = factory()
     except Exception as exc:
-        raise ModelSpecError(f"{spec}: calling {factory_name}() failed: {type(exc).__name__}: {exc}") from exc
+        raise ModelSpecError(
+            f"{spec}: calling {factory_name}() failed: {type(exc).__name__}: {exc}"
+        ) from exc
     if isinstance(result, torch.nn.Module):
         raise ModelSpecError(
             f"{spec} returned only a model; return (model, example_inputs) or "
@@ -95,7 +97,11 @@ def _from_hf_dir(path: Path, batch: int, seq: int, dynamic: bool, meta: bool) ->
             _load_torch_checkpoint(model, pickled)
     model.eval()
     inputs = hf.example_inputs(model, batch, seq)  # on the model's device (meta or cpu)
-    shapes = hf.dynamic_shapes(max_seq=getattr(config, "max_position_embeddings", 4096)) if dynamic else None
+    shapes = (
+        hf.dynamic_shapes(max_seq=getattr(config, "max_position_embeddings", 4096))
+        if dynamic
+        else None
+    )
     source = "weights" if has_weights and not meta else ("meta" if meta else "random weights")
     return LoadedModel(hf.wrap(model), inputs, shapes, f"{path} ({config.model_type}, {source})")
 
@@ -134,11 +140,15 @@ def load_model(
         model, inputs, shapes = EXAMPLES[example]()
         return LoadedModel(model, tuple(inputs), shapes if dynamic else None, f"example {example}")
     if spec is None:
-        raise ModelSpecError("give a MODEL (file.py:factory or a Hugging Face directory) or --example NAME")
+        raise ModelSpecError(
+            "give a MODEL (file.py:factory or a Hugging Face directory) or --example NAME"
+        )
     path = Path(spec)
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelSpecError(f"{path}: a model directory needs a config.json (Hugging Face layout)")
+            raise ModelSpecError(
+                f"{path}: a model directory needs a config.json (Hugging Face layout)"
+            )
         return _from_hf_dir(path, batch, seq, dynamic, meta)
     if ":" in spec and not path.exists():
         return _from_factory(spec)

@@ -25,7 +25,9 @@ class SymbolError(PlaitError):
     """A shape expression plait cannot express."""
 
 
-def dim_names(model: torch.nn.Module, example_inputs: Sequence, dynamic_shapes) -> list[dict[int, str]]:
+def dim_names(
+    model: torch.nn.Module, example_inputs: Sequence, dynamic_shapes
+) -> list[dict[int, str]]:
     """For each flat tensor input, the user's Dim name of each dynamic dim."""
     if dynamic_shapes is None:
         return [{} for _ in example_inputs]

@@ -51,7 +51,12 @@ class Tag:
 
 
 # tag kind -> is the value a quoted string (else a bare identifier)
-TAG_KINDS: dict[str, bool] = {"dtype": False, "device": True, "layout": False, "memory_format": False}
+TAG_KINDS: dict[str, bool] = {
+    "dtype": False,
+    "device": True,
+    "layout": False,
+    "memory_format": False,
+}
 
 Value = object  # int | float | bool | str | None | tuple | Operand | Sym | Tag
 
@@ -61,7 +66,9 @@ def typed_key(value: Value) -> object:
     if isinstance(value, tuple):
         return ("list", tuple(typed_key(v) for v in value))
     if isinstance(value, float):  # nan equals itself here; -0.0 differs from 0.0
-        return ("float", "nan") if math.isnan(value) else ("float", value, math.copysign(1.0, value))
+        return (
+            ("float", "nan") if math.isnan(value) else ("float", value, math.copysign(1.0, value))
+        )
     return (type(value).__name__, value)
 
 
@@ -89,7 +96,9 @@ class ArgsAttr(Data[tuple[tuple[Value, ...], tuple[tuple[str, Value], ...]]]):
 
     name = "plait.args"
 
-    def __init__(self, args: tuple[Value, ...], kwargs: tuple[tuple[str, Value], ...] | None = None):
+    def __init__(
+        self, args: tuple[Value, ...], kwargs: tuple[tuple[str, Value], ...] | None = None
+    ):
         if kwargs is None:  # the parser passes the parsed (args, kwargs) pair
             args, kwargs = args
         super().__init__((tuple(args), tuple(kwargs)))
@@ -103,9 +112,12 @@ class ArgsAttr(Data[tuple[tuple[Value, ...], tuple[tuple[str, Value], ...]]]):
         return self.data[1]
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, ArgsAttr) and typed_key(self.args) == typed_key(other.args) and [
-            (k, typed_key(v)) for k, v in self.kwargs
-        ] == [(k, typed_key(v)) for k, v in other.kwargs]
+        return (
+            isinstance(other, ArgsAttr)
+            and typed_key(self.args) == typed_key(other.args)
+            and [(k, typed_key(v)) for k, v in self.kwargs]
+            == [(k, typed_key(v)) for k, v in other.kwargs]
+        )
 
     def __hash__(self) -> int:
         return hash((typed_key(self.args), tuple((k, typed_key(v)) for k, v in self.kwargs)))
@@ -215,7 +227,9 @@ def print_call_args(printer, attr: ArgsAttr, print_operand: Callable[[int], None
         print_value(printer, value, print_operand)
 
 
-def parse_value(parser, parse_operand: Callable[[], Operand | None], operand_keyword=None, word=None) -> Value:
+def parse_value(
+    parser, parse_operand: Callable[[], Operand | None], operand_keyword=None, word=None
+) -> Value:
     """Parse one value; `parse_operand` parses an inline `%x`, if present.
 
     `word` is an identifier the caller has already consumed.

@@ -72,7 +72,9 @@ class SymbolsAttr(Data[tuple[tuple[str, int, int | None], ...]]):
         _check_unique([e[0] for e in entries], "size symbol", parser, pos)
         for name, lo, hi in entries:
             if lo < 0 or (hi is not None and hi < lo):
-                parser.raise_error(f"size symbol '{name}' has an empty range [{lo}, {hi}]", pos, parser.pos)
+                parser.raise_error(
+                    f"size symbol '{name}' has an empty range [{lo}, {hi}]", pos, parser.pos
+                )
         return tuple(entries)
 
     def print_parameter(self, printer) -> None:
@@ -105,7 +107,9 @@ class MeshAttr(Data[tuple[tuple[str, int], ...]]):
             pos = parser.pos
             size = parser.parse_integer(allow_boolean=False, allow_negative=False)
             if size < 1:
-                parser.raise_error(f"mesh axis '{name}' must have at least 1 device", pos, parser.pos)
+                parser.raise_error(
+                    f"mesh axis '{name}' must have at least 1 device", pos, parser.pos
+                )
             return name, size
 
         pos = parser.pos

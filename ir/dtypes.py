@@ -30,9 +30,23 @@ IR_NAMES: dict[str, str] = {torch_name: ir for ir, torch_name in TORCH_NAMES.ite
 
 # bytes per element, for memory accounting
 ITEM_BYTES: dict[str, int] = {
-    "f64": 8, "f32": 4, "f16": 2, "bf16": 2, "f8e4m3fn": 1, "f8e5m2": 1,
-    "i64": 8, "i32": 4, "i16": 2, "i8": 1, "u8": 1, "u16": 2, "u32": 4, "u64": 8,
-    "i1": 1, "c64": 8, "c128": 16,
+    "f64": 8,
+    "f32": 4,
+    "f16": 2,
+    "bf16": 2,
+    "f8e4m3fn": 1,
+    "f8e5m2": 1,
+    "i64": 8,
+    "i32": 4,
+    "i16": 2,
+    "i8": 1,
+    "u8": 1,
+    "u16": 2,
+    "u32": 4,
+    "u64": 8,
+    "i1": 1,
+    "c64": 8,
+    "c128": 16,
 }
 
 

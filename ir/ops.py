@@ -254,27 +254,39 @@ def _call_op(class_name: str, op_name: str, kind: str | None, doc: str) -> type[
 
 
 LinearOp = _call_op(
-    "LinearOp", "plait.linear", "linear", "y = x W^T + b with W of shape [out, in].")
+    "LinearOp", "plait.linear", "linear", "y = x W^T + b with W of shape [out, in]."
+)
 MatmulOp = _call_op(
-    "MatmulOp", "plait.matmul", "matmul", "Matrix products: mm, bmm, matmul, addmm, baddbmm.")
+    "MatmulOp", "plait.matmul", "matmul", "Matrix products: mm, bmm, matmul, addmm, baddbmm."
+)
 EmbeddingOp = _call_op(
-    "EmbeddingOp", "plait.embedding", "embedding", "Row lookup in a [vocab, dim] table.")
+    "EmbeddingOp", "plait.embedding", "embedding", "Row lookup in a [vocab, dim] table."
+)
 AttentionOp = _call_op(
-    "AttentionOp", "plait.attention", "attention", "Scaled dot-product attention.")
-NormOp = _call_op(
-    "NormOp", "plait.norm", "norm", "Layer, RMS, group and batch normalization.")
+    "AttentionOp", "plait.attention", "attention", "Scaled dot-product attention."
+)
+NormOp = _call_op("NormOp", "plait.norm", "norm", "Layer, RMS, group and batch normalization.")
 ElementwiseOp = _call_op(
-    "ElementwiseOp", "plait.elementwise", "elementwise", "Pointwise math, comparisons, selects and casts."
+    "ElementwiseOp",
+    "plait.elementwise",
+    "elementwise",
+    "Pointwise math, comparisons, selects and casts.",
 )
 SoftmaxOp = _call_op(
-    "SoftmaxOp", "plait.softmax", "softmax", "Softmax and log-softmax along one dim.")
+    "SoftmaxOp", "plait.softmax", "softmax", "Softmax and log-softmax along one dim."
+)
 ReduceOp = _call_op(
-    "ReduceOp", "plait.reduce", "reduce", "Reductions over dims (sum, mean, max, ...).")
+    "ReduceOp", "plait.reduce", "reduce", "Reductions over dims (sum, mean, max, ...)."
+)
 ReshapeOp = _call_op(
-    "ReshapeOp", "plait.reshape", "reshape", "The reshape family: views, transposes, slices, splits, concat."
+    "ReshapeOp",
+    "plait.reshape",
+    "reshape",
+    "The reshape family: views, transposes, slices, splits, concat.",
 )
 GenericCallOp = _call_op(
-    "GenericCallOp", "plait.call", None, "Any other operator, called by its schema name.")
+    "GenericCallOp", "plait.call", None, "Any other operator, called by its schema name."
+)
 
 CALL_OPS: dict[str, type[CallOp]] = {
     "linear": LinearOp,
@@ -360,7 +372,9 @@ class AllGatherOp(CollectiveOp):
     name = "plait.all_gather"
     dim = prop_def(IntegerAttr)
 
-    def __init__(self, input: SSAValue, result_type: TensorType, axis: str, dim: int, is_async: bool = False):
+    def __init__(
+        self, input: SSAValue, result_type: TensorType, axis: str, dim: int, is_async: bool = False
+    ):
         self._init(input, result_type, axis, is_async, dim=IntegerAttr(dim, i64))
 
 
@@ -373,8 +387,13 @@ class ReduceScatterOp(CollectiveOp):
     reduce = prop_def(StringAttr)
 
     def __init__(
-        self, input: SSAValue, result_type: TensorType, axis: str, dim: int,
-        reduce: str = "sum", is_async: bool = False,
+        self,
+        input: SSAValue,
+        result_type: TensorType,
+        axis: str,
+        dim: int,
+        reduce: str = "sum",
+        is_async: bool = False,
     ):
         self._init(
             input, result_type, axis, is_async, dim=IntegerAttr(dim, i64), reduce=StringAttr(reduce)
@@ -394,12 +413,21 @@ class AllToAllOp(CollectiveOp):
     concat_dim = prop_def(IntegerAttr)
 
     def __init__(
-        self, input: SSAValue, result_type: TensorType, axis: str, split_dim: int,
-        concat_dim: int, is_async: bool = False,
+        self,
+        input: SSAValue,
+        result_type: TensorType,
+        axis: str,
+        split_dim: int,
+        concat_dim: int,
+        is_async: bool = False,
     ):
         self._init(
-            input, result_type, axis, is_async,
-            split_dim=IntegerAttr(split_dim, i64), concat_dim=IntegerAttr(concat_dim, i64),
+            input,
+            result_type,
+            axis,
+            is_async,
+            split_dim=IntegerAttr(split_dim, i64),
+            concat_dim=IntegerAttr(concat_dim, i64),
         )
 
 

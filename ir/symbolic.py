@@ -75,7 +75,9 @@ def to_text(expr: Expr | int) -> str:
         return expr.name
     if expr.is_Add:
         terms = expr.as_ordered_terms()
-        out = to_text(terms[0]) if not _is_negative_term(terms[0]) else "-" + _factor_text(-terms[0])
+        out = (
+            to_text(terms[0]) if not _is_negative_term(terms[0]) else "-" + _factor_text(-terms[0])
+        )
         for term in terms[1:]:
             if _is_negative_term(term):
                 out += " - " + _factor_text(-term)

@@ -152,9 +152,7 @@ def _check_dominance(fn: func.FuncOp) -> None:
     for op in block.ops:
         for operand in op.operands:
             if operand not in defined:
-                raise IRVerifyError(
-                    f"{op.name} uses a value before it is defined", where(op)
-                )
+                raise IRVerifyError(f"{op.name} uses a value before it is defined", where(op))
         defined.update(op.results)
 
 

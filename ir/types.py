@@ -35,7 +35,9 @@ class TensorType(Data[tuple[tuple[Dim, ...], str]], TypeAttribute):
 
     name = "plait.tensor"
 
-    def __init__(self, shape: Sequence[Dim] | tuple[tuple[Dim, ...], str], dtype: str | None = None):
+    def __init__(
+        self, shape: Sequence[Dim] | tuple[tuple[Dim, ...], str], dtype: str | None = None
+    ):
         if dtype is None:  # the parser passes the parsed (shape, dtype) pair
             shape, dtype = shape
         super().__init__((tuple(_canonical_dim(d) for d in shape), dtype))

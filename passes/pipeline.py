@@ -46,7 +46,9 @@ def _split_top(text: str, start: int = 0) -> list[tuple[str, int]]:
 
 
 def _convert(value: str, annotation, field_name: str, full: str, column: int):
-    kinds = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    kinds = (
+        typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    )
     if value == "" and type(None) in kinds:
         return None
     for kind in kinds:
@@ -84,7 +86,9 @@ def parse_pipeline(text: str) -> list[Pass]:
         options: dict[str, tuple[str, int]] = {}
         if brace:
             if not rest.endswith("}"):
-                raise PipelineError("expected '}' at the end of the options", text, lead + len(stripped))
+                raise PipelineError(
+                    "expected '}' at the end of the options", text, lead + len(stripped)
+                )
             body_start = lead + len(name) + 1
             last = None
             for item, item_offset in _split_top(rest[:-1], body_start):
@@ -104,7 +108,9 @@ def parse_pipeline(text: str) -> list[Pass]:
         for key, (value, column) in options.items():
             if key not in fields:
                 known = ", ".join(k.replace("_", "-") for k in fields) or "none"
-                raise PipelineError(f"pass '{name}' has no option '{key}' (options: {known})", text, column)
+                raise PipelineError(
+                    f"pass '{name}' has no option '{key}' (options: {known})", text, column
+                )
             kwargs[key] = _convert(value, hints[key], key, text, column)
         try:
             passes.append(cls(**kwargs))

@@ -86,7 +86,9 @@ def write(directory: str | Path, artifact: Artifact, weights: WeightStore, weigh
 def read(directory: str | Path) -> tuple[Artifact, ModuleOp, WeightStore]:
     directory = Path(directory)
     if not directory.is_dir():
-        raise ArtifactError(f"{directory}: no such artifact directory; create one with `plait compile`")
+        raise ArtifactError(
+            f"{directory}: no such artifact directory; create one with `plait compile`"
+        )
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
         raise ArtifactError(
@@ -96,11 +98,16 @@ def read(directory: str | Path) -> tuple[Artifact, ModuleOp, WeightStore]:
     try:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{manifest_path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from None
+        raise ArtifactError(
+            f"{manifest_path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}"
+        ) from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{manifest_path}: not a plait artifact manifest")
     version = str(manifest.get("plait_version", "?"))
-    if manifest.get("format_version") != FORMAT_VERSION or version.split(".")[:2] != _plait_version().split(".")[:2]:
+    if (
+        manifest.get("format_version") != FORMAT_VERSION
+        or version.split(".")[:2] != _plait_version().split(".")[:2]
+    ):
         raise ArtifactError(
             f"{directory} was written by plait {version} (artifact format "
             f"{manifest.get('format_version')}); this is plait {_plait_version()} (format "

@@ -25,7 +25,9 @@ class InputError(PlaitError):
 def bind_inputs(names: Sequence[str], args: tuple, kwargs: Mapping) -> list:
     """Positional and keyword arguments -> inputs in the program's order."""
     if len(args) > len(names):
-        raise InputError(f"the model takes {len(names)} inputs ({', '.join(names)}), got {len(args)}")
+        raise InputError(
+            f"the model takes {len(names)} inputs ({', '.join(names)}), got {len(args)}"
+        )
     values = dict(zip(names, args))
     for key, value in kwargs.items():
         if key not in names:
@@ -35,7 +37,9 @@ def bind_inputs(names: Sequence[str], args: tuple, kwargs: Mapping) -> list:
         values[key] = value
     missing = [n for n in names if n not in values]
     if missing:
-        raise InputError(f"missing input(s) {', '.join(missing)}; the model takes {', '.join(names)}")
+        raise InputError(
+            f"missing input(s) {', '.join(missing)}; the model takes {', '.join(names)}"
+        )
     return [values[n] for n in names]
 
 

@@ -25,20 +25,28 @@ def test_positional_and_keyword_calls_agree(llama):
 @pytest.mark.parametrize(
     "make,message",
     [
-        (lambda ids, mask: (ids.float(), mask),
-         "input 'input_ids' has dtype float32 but the model was compiled for int64; convert it with .to(torch.int64)"),
-        (lambda ids, mask: (ids[0], mask),
-         "input 'input_ids' has 1 dims (16,) but the model expects 2: [batch, seq]"),
-        (lambda ids, mask: (ids.repeat(1, 20), mask.repeat(1, 20)),
-         "input 'input_ids' dim 1 (seq) is 320, outside the compiled range [2, 256]; recompile with a wider range for 'seq'"),
-        (lambda ids, mask: (ids, mask[:, :5]),
-         "input 'attention_mask' dim 1 is 5 but 'seq' is 16 in another input; they must be equal"),
-        (lambda ids, mask: (ids, mask, mask),
-         "the model takes 2 inputs (input_ids, attention_mask), got 3"),
-        (lambda ids, mask: (ids,),
-         "missing input(s) attention_mask"),
-        (lambda ids, mask: (ids, [1, 2]),
-         "input 'attention_mask' must be a tensor, got list"),
+        (
+            lambda ids, mask: (ids.float(), mask),
+            "input 'input_ids' has dtype float32 but the model was compiled for int64; convert it with .to(torch.int64)",
+        ),
+        (
+            lambda ids, mask: (ids[0], mask),
+            "input 'input_ids' has 1 dims (16,) but the model expects 2: [batch, seq]",
+        ),
+        (
+            lambda ids, mask: (ids.repeat(1, 20), mask.repeat(1, 20)),
+            "input 'input_ids' dim 1 (seq) is 320, outside the compiled range [2, 256]; recompile with a wider range for 'seq'",
+        ),
+        (
+            lambda ids, mask: (ids, mask[:, :5]),
+            "input 'attention_mask' dim 1 is 5 but 'seq' is 16 in another input; they must be equal",
+        ),
+        (
+            lambda ids, mask: (ids, mask, mask),
+            "the model takes 2 inputs (input_ids, attention_mask), got 3",
+        ),
+        (lambda ids, mask: (ids,), "missing input(s) attention_mask"),
+        (lambda ids, mask: (ids, [1, 2]), "input 'attention_mask' must be a tensor, got list"),
     ],
 )
 def test_bad_inputs_are_refused_before_running(llama, make, message):
@@ -51,7 +59,10 @@ def test_bad_inputs_are_refused_before_running(llama, make, message):
 def test_static_dims_name_the_fix(compiled, example):
     _, (images,), _ = example("cnn-tiny")
     program = compiled("cnn-tiny", dynamic=False)
-    with pytest.raises(InputError, match=r"input 'images' dim 0 is 2 but the model was compiled for 4; recompile with a dynamic dim"):
+    with pytest.raises(
+        InputError,
+        match=r"input 'images' dim 0 is 2 but the model was compiled for 4; recompile with a dynamic dim",
+    ):
         program(images[:2])
     with pytest.raises(InputError, match="unexpected input 'pixels'"):
         program(pixels=images)

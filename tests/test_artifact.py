@@ -33,7 +33,10 @@ def test_save_and_load_roundtrip(saved, example, compiled):
     model, inputs, _ = example("gpt2-tiny")
     loaded = plait.load(saved)
     assert sorted(p.name for p in saved.iterdir()) == [
-        "manifest.json", "plan.mlir", "rank0.py", "weights.safetensors"
+        "manifest.json",
+        "plan.mlir",
+        "rank0.py",
+        "weights.safetensors",
     ]
     assert loaded.ir == compiled("gpt2-tiny").ir
     assert loaded.code == (saved / "rank0.py").read_text()
@@ -60,7 +63,9 @@ def test_tied_weights_are_stored_once(tmp_path):
         assert len(list(f.keys())) == 2
     again = WeightStore()
     again.add_safetensors(tmp_path / "w.safetensors")
-    assert torch.equal(again.get("lm_head.weight"), table) and torch.equal(again.get("embed.weight"), table)
+    assert torch.equal(again.get("lm_head.weight"), table) and torch.equal(
+        again.get("embed.weight"), table
+    )
 
 
 def test_missing_directory_and_missing_manifest(tmp_path):
@@ -73,7 +78,9 @@ def test_missing_directory_and_missing_manifest(tmp_path):
 def test_incomplete_artifact(saved, tmp_path):
     copy = _copy(saved, tmp_path)
     (copy / "weights.safetensors").unlink()
-    with pytest.raises(ArtifactError, match="incomplete artifact, missing weights.safetensors; recompile"):
+    with pytest.raises(
+        ArtifactError, match="incomplete artifact, missing weights.safetensors; recompile"
+    ):
         plait.load(copy)
 
 
@@ -114,7 +121,9 @@ def test_checkpoint_missing_a_tensor(saved, tmp_path):
     with safe_open(str(copy / "weights.safetensors"), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys() if k != "lm_head.weight"}
     save_file(tensors, str(copy / "weights.safetensors"))
-    with pytest.raises(WeightError, match="weight 'lm_head.weight' is not in .*weights.safetensors"):
+    with pytest.raises(
+        WeightError, match="weight 'lm_head.weight' is not in .*weights.safetensors"
+    ):
         plait.load(copy)
 
 

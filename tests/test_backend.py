@@ -41,7 +41,9 @@ builtin.module {
         build_program(parse_module(text, "x.mlir"), WeightStore())
     message = str(info.value)
     assert "x.mlir:3:5" in message and "model.block.3" in message
-    assert "'no_such_lib::fancy_op' is not registered" in message and "import the library" in message
+    assert (
+        "'no_such_lib::fancy_op' is not registered" in message and "import the library" in message
+    )
 
 
 def test_collectives_need_a_process_group():
@@ -74,15 +76,21 @@ def _program(body: str, inputs: str = "%x : !plait.tensor<[2, 4], f32>", attrs: 
 @pytest.mark.parametrize(
     "body,message",
     [
-        ('    %y = plait.elementwise "aten::add.Tensor"(%x) : !plait.tensor<[2, 4], f32>\n'
-         "    func.return %y : !plait.tensor<[2, 4], f32>\n",
-         "the arguments of aten::add.Tensor do not fit its schema"),
-        ('    %y = plait.elementwise "aten::add.Tensor"(%x, %x, beta = 2) : !plait.tensor<[2, 4], f32>\n'
-         "    func.return %y : !plait.tensor<[2, 4], f32>\n",
-         "unexpected keyword argument 'beta'"),
-        ('    %y = plait.call "aten::topk"(%x, 2) : !plait.tensor<[2, 2], f32>\n'
-         "    func.return %x : !plait.tensor<[2, 4], f32>\n",
-         "aten::topk returns 2 value(s) but the op has 1 result(s)"),
+        (
+            '    %y = plait.elementwise "aten::add.Tensor"(%x) : !plait.tensor<[2, 4], f32>\n'
+            "    func.return %y : !plait.tensor<[2, 4], f32>\n",
+            "the arguments of aten::add.Tensor do not fit its schema",
+        ),
+        (
+            '    %y = plait.elementwise "aten::add.Tensor"(%x, %x, beta = 2) : !plait.tensor<[2, 4], f32>\n'
+            "    func.return %y : !plait.tensor<[2, 4], f32>\n",
+            "unexpected keyword argument 'beta'",
+        ),
+        (
+            '    %y = plait.call "aten::topk"(%x, 2) : !plait.tensor<[2, 2], f32>\n'
+            "    func.return %x : !plait.tensor<[2, 4], f32>\n",
+            "aten::topk returns 2 value(s) but the op has 1 result(s)",
+        ),
     ],
 )
 def test_calls_are_checked_against_their_schema(body, message):
@@ -98,16 +106,27 @@ def test_weights_that_do_not_fit_the_program_are_named():
     )
     weights = WeightStore()
     weights.add("fc.weight", torch.ones(4, 2))
-    with pytest.raises(LoweringError, match=r"weight 'fc.weight' is \(4, 2\) float32 but the program expects tensor<\[2, 4\], f32>"):
+    with pytest.raises(
+        LoweringError,
+        match=r"weight 'fc.weight' is \(4, 2\) float32 but the program expects tensor<\[2, 4\], f32>",
+    ):
         build_program(parse_module(_program(body)), weights)
 
 
 def test_a_symbol_no_input_dim_carries_is_refused():
-    text = _program(
-        "    func.return %x : !plait.tensor<[2, 4], f32>\n",
-        inputs="%x : !plait.tensor<[2*s, 4], f32>",
-        attrs=" attributes {plait.symbols = #plait.symbols<s = [1, 8]>}",
-    ).replace("-> !plait.tensor<[2, 4], f32>", "-> !plait.tensor<[2*s, 4], f32>").replace(
-        "func.return %x : !plait.tensor<[2, 4], f32>", "func.return %x : !plait.tensor<[2*s, 4], f32>")
-    with pytest.raises(LoweringError, match="uses size symbol 's', which no input has as a dim of its own"):
+    text = (
+        _program(
+            "    func.return %x : !plait.tensor<[2, 4], f32>\n",
+            inputs="%x : !plait.tensor<[2*s, 4], f32>",
+            attrs=" attributes {plait.symbols = #plait.symbols<s = [1, 8]>}",
+        )
+        .replace("-> !plait.tensor<[2, 4], f32>", "-> !plait.tensor<[2*s, 4], f32>")
+        .replace(
+            "func.return %x : !plait.tensor<[2, 4], f32>",
+            "func.return %x : !plait.tensor<[2*s, 4], f32>",
+        )
+    )
+    with pytest.raises(
+        LoweringError, match="uses size symbol 's', which no input has as a dim of its own"
+    ):
         build_program(parse_module(text), WeightStore())

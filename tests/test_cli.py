@@ -27,28 +27,72 @@ def test_console_script_is_installed():
 
 def test_compile_run_dump_opt_and_recompile(tmp_path, capsys):
     artifact, dumps = tmp_path / "llama", tmp_path / "dumps"
-    code, _, err = _run(capsys, "compile", "--example", "llama-tiny", "-o", str(artifact),
-                        "--time-passes", "--dump-ir", str(dumps))
+    code, _, err = _run(
+        capsys,
+        "compile",
+        "--example",
+        "llama-tiny",
+        "-o",
+        str(artifact),
+        "--time-passes",
+        "--dump-ir",
+        str(dumps),
+    )
     assert code == 0, err
     assert "canonicalize" in err and f"-> {artifact}" in err
     assert sorted(p.name for p in dumps.iterdir())[0] == "00-input.mlir"
 
-    code, _, err = _run(capsys, "run", str(artifact), "--dim", "seq=12", "--dim", "batch=3",
-                        "--output", str(tmp_path / "a.safetensors"))
+    code, _, err = _run(
+        capsys,
+        "run",
+        str(artifact),
+        "--dim",
+        "seq=12",
+        "--dim",
+        "batch=3",
+        "--output",
+        str(tmp_path / "a.safetensors"),
+    )
     assert code == 0, err
     assert "output 0: (3, 12, 256) float32" in err
 
     canonical = tmp_path / "canonical.mlir"
-    code, _, err = _run(capsys, "opt", str(dumps / "00-input.mlir"), "--pipeline", "canonicalize",
-                        "-o", str(canonical))
+    code, _, err = _run(
+        capsys,
+        "opt",
+        str(dumps / "00-input.mlir"),
+        "--pipeline",
+        "canonicalize",
+        "-o",
+        str(canonical),
+    )
     assert code == 0, err
-    code, _, err = _run(capsys, "compile", str(canonical), "--weights",
-                        str(artifact / "weights.safetensors"), "-o", str(tmp_path / "again"))
+    code, _, err = _run(
+        capsys,
+        "compile",
+        str(canonical),
+        "--weights",
+        str(artifact / "weights.safetensors"),
+        "-o",
+        str(tmp_path / "again"),
+    )
     assert code == 0, err
-    code, _, err = _run(capsys, "run", str(tmp_path / "again"), "--dim", "seq=12", "--dim", "batch=3",
-                        "--output", str(tmp_path / "b.safetensors"))
+    code, _, err = _run(
+        capsys,
+        "run",
+        str(tmp_path / "again"),
+        "--dim",
+        "seq=12",
+        "--dim",
+        "batch=3",
+        "--output",
+        str(tmp_path / "b.safetensors"),
+    )
     assert code == 0, err
-    first, second = load_file(str(tmp_path / "a.safetensors")), load_file(str(tmp_path / "b.safetensors"))
+    first, second = (
+        load_file(str(tmp_path / "a.safetensors")),
+        load_file(str(tmp_path / "b.safetensors")),
+    )
     assert torch.allclose(first["output_0"], second["output_0"], rtol=0, atol=1e-6)
 
 
@@ -56,13 +100,24 @@ def test_run_with_given_inputs(compiled, example, tmp_path, capsys):
     model, inputs, _ = example("cnn-tiny")
     compiled("cnn-tiny").save(tmp_path / "cnn")
     save_file({"images": inputs[0]}, str(tmp_path / "in.safetensors"))
-    code, _, err = _run(capsys, "run", str(tmp_path / "cnn"), "--inputs", str(tmp_path / "in.safetensors"),
-                        "--output", str(tmp_path / "out.safetensors"))
+    code, _, err = _run(
+        capsys,
+        "run",
+        str(tmp_path / "cnn"),
+        "--inputs",
+        str(tmp_path / "in.safetensors"),
+        "--output",
+        str(tmp_path / "out.safetensors"),
+    )
     assert code == 0, err
     with torch.no_grad():
-        assert torch.allclose(load_file(str(tmp_path / "out.safetensors"))["output_0"], model(*inputs), atol=1e-6)
+        assert torch.allclose(
+            load_file(str(tmp_path / "out.safetensors"))["output_0"], model(*inputs), atol=1e-6
+        )
     save_file({"pixels": inputs[0]}, str(tmp_path / "wrong.safetensors"))
-    code, _, err = _run(capsys, "run", str(tmp_path / "cnn"), "--inputs", str(tmp_path / "wrong.safetensors"))
+    code, _, err = _run(
+        capsys, "run", str(tmp_path / "cnn"), "--inputs", str(tmp_path / "wrong.safetensors")
+    )
     assert code == 1 and "lacks input(s) images" in err
     code, _, err = _run(capsys, "run", str(tmp_path / "cnn"), "--dim", "batchh=3")
     assert code == 1 and "the model has no size symbol 'batchh'; symbols: batch" in err
@@ -107,16 +162,31 @@ def test_compile_a_hugging_face_checkpoint_directory(tmp_path, capsys):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)).eval()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=128,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=64,
+        )
+    ).eval()
     model.save_pretrained(tmp_path / "ckpt")
     code, _, err = _run(capsys, "compile", str(tmp_path / "ckpt"), "-o", str(tmp_path / "out"))
     assert code == 0, err
     ids, mask = hf.example_inputs(model, 2, 9)
     save_file({"input_ids": ids, "attention_mask": mask}, str(tmp_path / "in.safetensors"))
-    code, _, err = _run(capsys, "run", str(tmp_path / "out"), "--inputs", str(tmp_path / "in.safetensors"),
-                        "--output", str(tmp_path / "o.safetensors"))
+    code, _, err = _run(
+        capsys,
+        "run",
+        str(tmp_path / "out"),
+        "--inputs",
+        str(tmp_path / "in.safetensors"),
+        "--output",
+        str(tmp_path / "o.safetensors"),
+    )
     assert code == 0, err
     with torch.no_grad():
         ref = hf.wrap(model)(ids, mask)
@@ -131,7 +201,10 @@ def test_compile_a_hugging_face_checkpoint_directory(tmp_path, capsys):
         (["compile", "--example", "bert-huge"], "unknown example 'bert-huge'; examples: cnn-tiny"),
         (["compile"], "give a MODEL"),
         (["run", "/no/such/dir"], "no such artifact directory"),
-        (["compile", "--example", "cnn-tiny", "--pipeline", "canonicalize,fold"], "unknown pass 'fold'"),
+        (
+            ["compile", "--example", "cnn-tiny", "--pipeline", "canonicalize,fold"],
+            "unknown pass 'fold'",
+        ),
         (["opt", "/no/such/file.mlir"], "No such file or directory: '/no/such/file.mlir'"),
     ],
 )
@@ -143,7 +216,9 @@ def test_bad_input_is_a_clear_error(argv, message, capsys):
 
 def test_opt_reports_parse_errors_with_position(tmp_path, capsys):
     path = tmp_path / "bad.mlir"
-    path.write_text("builtin.module {\n  func.func @f() {\n    %x = plait.param 42 : !plait.tensor<[2], f32>\n  }\n}\n")
+    path.write_text(
+        "builtin.module {\n  func.func @f() {\n    %x = plait.param 42 : !plait.tensor<[2], f32>\n  }\n}\n"
+    )
     code, _, err = _run(capsys, "opt", str(path), "--pipeline", "cse")
     assert code == 1
     assert f"{path}:3:22: error:" in err
@@ -155,6 +230,10 @@ def test_opt_lists_passes(capsys):
 
 
 def test_help_runs_as_a_module():
-    result = subprocess.run([sys.executable, "-m", "plait.cli", "compile", "--help"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "plait.cli", "compile", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0 and "--print-ir-after-all" in result.stdout

@@ -23,8 +23,13 @@ def test_llama3_70b_shaped_model_captures_on_meta_without_allocating():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=2,
-        num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=8192,
+        vocab_size=128256,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=2,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
     )
     before = _rss_bytes()
     with torch.device("meta"):
@@ -32,7 +37,9 @@ def test_llama3_70b_shaped_model_captures_on_meta_without_allocating():
     captured = capture(hf.wrap(model), hf.example_inputs(model, 1, 16))
     module, weights = import_program(captured)
     grown = _rss_bytes() - before
-    assert grown < 1.5e9, f"RSS grew by {grown / 1e9:.1f} GB; weights were allocated"  # real: ~12 GB
+    assert grown < 1.5e9, (
+        f"RSS grew by {grown / 1e9:.1f} GB; weights were allocated"
+    )  # real: ~12 GB
     assert all(weights.is_meta(name) for name in weights.names())
     assert "!plait.tensor<[28672, 8192], f32>" in plait.ir.text.print_module(module)
 
@@ -125,7 +132,9 @@ def test_size_one_example_for_a_dynamic_dim_is_explained():
         def forward(self, tokens):
             return tokens * 2
 
-    with pytest.raises(CaptureError, match="'tokens' has size 1 in dim 0, which is dynamic \\('batch'\\)"):
+    with pytest.raises(
+        CaptureError, match="'tokens' has size 1 in dim 0, which is dynamic \\('batch'\\)"
+    ):
         capture(Id(), (torch.ones(1, 4),), {"tokens": {0: Dim("batch", max=8)}})
 
 

@@ -14,7 +14,9 @@ def test_every_module_imports():
     names = []
     for path in sorted(SOURCE.rglob("*.py")):
         relative = path.relative_to(SOURCE)
-        if relative.parts[0] in ("tests", "benchmarks", "build") or relative.parts[0].startswith("."):
+        if relative.parts[0] in ("tests", "benchmarks", "build") or relative.parts[0].startswith(
+            "."
+        ):
             continue
         parts = list(relative.with_suffix("").parts)
         if parts[-1] == "__init__":

@@ -45,7 +45,7 @@ def test_invalid(line, text):
 
 
 def test_parse_error_points_at_line_and_column():
-    text = "builtin.module {\n  func.func @f(%x : !plait.tensor<[2], f32>) {\n    %y = plait.elementwise \"aten::relu\"(%x : !plait.tensor<[2], f32>\n  }\n}\n"
+    text = 'builtin.module {\n  func.func @f(%x : !plait.tensor<[2], f32>) {\n    %y = plait.elementwise "aten::relu"(%x : !plait.tensor<[2], f32>\n  }\n}\n'
     with pytest.raises(IRParseError) as info:
         parse_module(text, "bad.mlir")
     assert (info.value.filename, info.value.line) == ("bad.mlir", 3)
@@ -54,7 +54,7 @@ def test_parse_error_points_at_line_and_column():
 
 def test_verify_error_names_file_position_and_module_path():
     text = (
-        'builtin.module {\n  func.func @f(%x : !plait.tensor<[2], f32>) {\n'
+        "builtin.module {\n  func.func @f(%x : !plait.tensor<[2], f32>) {\n"
         '    %y = plait.linear "aten::relu"(%x) : !plait.tensor<[2], f32> loc("model.layers.3.mlp")\n'
         "    func.return\n  }\n}\n"
     )
@@ -65,8 +65,18 @@ def test_verify_error_names_file_position_and_module_path():
 
 @pytest.mark.parametrize(
     "text",
-    ["batch", "2*batch*seq", "batch*seq + 1", "floordiv(seq, 2)", "seq - 1", "mod(seq, 4)",
-     "max(batch, seq)", "ceildiv(seq, 128)", "-batch + 2*seq", "batch*batch"],
+    [
+        "batch",
+        "2*batch*seq",
+        "batch*seq + 1",
+        "floordiv(seq, 2)",
+        "seq - 1",
+        "mod(seq, 4)",
+        "max(batch, seq)",
+        "ceildiv(seq, 128)",
+        "-batch + 2*seq",
+        "batch*batch",
+    ],
 )
 def test_dim_expressions_roundtrip(text):
     expr = parse_dim(text)
@@ -91,11 +101,15 @@ def test_build_ops_and_read_arguments():
     block = Block(arg_types=[x_type])
     w = ParamOp("fc.weight", TensorType([4, 8], "f32"))
     linear = LinearOp(
-        "aten::linear", [block.args[0], w.result], ArgsAttr((Operand(0), Operand(1), None), ()),
+        "aten::linear",
+        [block.args[0], w.result],
+        ArgsAttr((Operand(0), Operand(1), None), ()),
         [TensorType([b, 4], "f32")],
     )
     act = ElementwiseOp(
-        "aten::gelu", [linear.results[0]], ArgsAttr((Operand(0),), (("approximate", "tanh"),)),
+        "aten::gelu",
+        [linear.results[0]],
+        ArgsAttr((Operand(0),), (("approximate", "tanh"),)),
         [TensorType([b, 4], "f32")],
     )
     block.add_ops([w, linear, act, func.ReturnOp(act.results[0])])
@@ -105,7 +119,7 @@ def test_build_ops_and_read_arguments():
 
     module.attributes["plait.symbols"] = SymbolsAttr((("b", 1, 16),))
     text = print_module(module)
-    assert 'plait.gelu' not in text and '"aten::gelu"(%' in text and 'approximate = "tanh"' in text
+    assert "plait.gelu" not in text and '"aten::gelu"(%' in text and 'approximate = "tanh"' in text
     parsed = parse_module(text)
     ops = list(parsed.ops.first.body.blocks.first.ops)
     assert ops[1].arg("bias") is None and ops[2].arg("approximate") == "tanh"

@@ -15,14 +15,32 @@ from plait.ir.weights import WeightStore  # noqa: E402
 def test_llama_to_linalg_keeps_dynamic_batch_and_sequence(compiled):
     program = compiled("llama-tiny")
     text = to_mlir(program.module, program.weights, "linalg")
-    assert "func.func @main(%arg0: tensor<?x?xi64>, %arg1: tensor<?x?xi64>) -> tensor<?x?x256xf32>" in text
+    assert (
+        "func.func @main(%arg0: tensor<?x?xi64>, %arg1: tensor<?x?xi64>) -> tensor<?x?x256xf32>"
+        in text
+    )
     assert "linalg.generic" in text or "linalg.matmul" in text
     assert "torch.aten" not in text and "!torch." not in text  # fully lowered
 
 
 def test_cli_emits_stablehlo(tmp_path, capsys):
     out = tmp_path / "cnn.mlir"
-    assert main(["compile", "--example", "cnn-tiny", "--emit", "mlir", "--mlir-dialect", "stablehlo", "-o", str(out)]) == 0
+    assert (
+        main(
+            [
+                "compile",
+                "--example",
+                "cnn-tiny",
+                "--emit",
+                "mlir",
+                "--mlir-dialect",
+                "stablehlo",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = out.read_text()
     assert "stablehlo.convolution" in text and "tensor<?x3x32x32xf32>" in text
 

@@ -21,7 +21,10 @@ def _other_inputs(name: str, model):
     """Inputs at shapes other than the example's."""
     if name == "cnn-tiny":
         g = torch.Generator().manual_seed(1)
-        return [(torch.randn(1, 3, 32, 32, generator=g),), (torch.randn(7, 3, 32, 32, generator=g),)]
+        return [
+            (torch.randn(1, 3, 32, 32, generator=g),),
+            (torch.randn(7, 3, 32, 32, generator=g),),
+        ]
     inner = model.model
     return [hf.example_inputs(inner, 1, 5), hf.example_inputs(inner, 3, 37)]
 
@@ -70,7 +73,7 @@ def test_compiling_twice_gives_identical_ir_and_code(name, example, compiled):
 def test_compiled_program_keeps_symbols_and_module_paths(compiled):
     text = compiled("llama-tiny").ir
     assert "plait.symbols = #plait.symbols<batch = [1, 64], seq = [2, 256]>" in text
-    assert '%input_ids: !plait.tensor<[batch, seq], i64>' in text
+    assert "%input_ids: !plait.tensor<[batch, seq], i64>" in text
     assert 'loc("model.layers.1.mlp.down_proj")' in text
     assert '"model.layers.0.self_attn.q_proj.weight"' in text  # state-dict names, no wrapper prefix
     assert 'plait.param buffer "model.rotary_emb.inv_freq"' in text  # non-persistent buffer kept
@@ -78,21 +81,41 @@ def test_compiled_program_keeps_symbols_and_module_paths(compiled):
 
 
 def _small(cls, **extra):
-    base = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    base = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     return cls(**{**base, **extra})
 
 
 MORE = {
     "qwen2": lambda: T.Qwen2ForCausalLM(_small(T.Qwen2Config)),
     "phi3": lambda: T.Phi3ForCausalLM(_small(T.Phi3Config, pad_token_id=0)),
-    "gpt-neox": lambda: T.GPTNeoXForCausalLM(T.GPTNeoXConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=128)),
+    "gpt-neox": lambda: T.GPTNeoXForCausalLM(
+        T.GPTNeoXConfig(
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+        )
+    ),
     "gemma2": lambda: T.Gemma2ForCausalLM(_small(T.Gemma2Config, head_dim=16)),
-    "qwen2-moe": lambda: T.Qwen2MoeForCausalLM(_small(
-        T.Qwen2MoeConfig, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
-        shared_expert_intermediate_size=64)),
+    "qwen2-moe": lambda: T.Qwen2MoeForCausalLM(
+        _small(
+            T.Qwen2MoeConfig,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=64,
+            shared_expert_intermediate_size=64,
+        )
+    ),
 }
 
 
@@ -100,8 +123,11 @@ MORE = {
 def test_more_architectures_match_eager(name):
     torch.manual_seed(0)
     model = MORE[name]().eval()
-    program = plait.compile(hf.wrap(model), hf.example_inputs(model, 2, 8),
-                            dynamic_shapes=hf.dynamic_shapes(max_seq=128))
+    program = plait.compile(
+        hf.wrap(model),
+        hf.example_inputs(model, 2, 8),
+        dynamic_shapes=hf.dynamic_shapes(max_seq=128),
+    )
     for batch, seq in [(2, 8), (3, 13)]:
         inputs = hf.example_inputs(model, batch, seq)
         with torch.no_grad():
@@ -111,9 +137,15 @@ def test_more_architectures_match_eager(name):
 class _Bert(torch.nn.Module):
     def __init__(self):
         super().__init__()
-        self.bert = T.BertModel(T.BertConfig(
-            vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=128))
+        self.bert = T.BertModel(
+            T.BertConfig(
+                vocab_size=128,
+                hidden_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=128,
+            )
+        )
 
     def forward(self, ids, mask):
         return self.bert(input_ids=ids, attention_mask=mask).last_hidden_state

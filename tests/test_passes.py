@@ -18,7 +18,12 @@ from plait.passes.pipeline import PipelineError, parse_pipeline, pipeline_text
 HEADER = "builtin.module attributes {plait.symbols = #plait.symbols<n = [1, 64]>} {\n"
 
 
-def _run(pipeline: str, body: str, inputs: str = "%x : !plait.tensor<[n, 4], f32>", result: str = "!plait.tensor<[n, 4], f32>") -> str:
+def _run(
+    pipeline: str,
+    body: str,
+    inputs: str = "%x : !plait.tensor<[n, 4], f32>",
+    result: str = "!plait.tensor<[n, 4], f32>",
+) -> str:
     text = HEADER + f"  func.func @forward({inputs}) -> {result} {{\n{body}  }}\n}}\n"
     module = parse_module(text)
     PassManager.parse(pipeline).run(module)
@@ -77,7 +82,9 @@ def test_copies_that_reach_the_result_are_kept():
     %i = plait.elementwise "aten::add.Tensor"(%c, 0) : !plait.tensor<[n, 4], f32>
     func.return %c, %v : !plait.tensor<[n, 4], f32>, !plait.tensor<[n, 4], f32>
 """
-    out = _run("canonicalize", body, result="(!plait.tensor<[n, 4], f32>, !plait.tensor<[n, 4], f32>)")
+    out = _run(
+        "canonicalize", body, result="(!plait.tensor<[n, 4], f32>, !plait.tensor<[n, 4], f32>)"
+    )
     # returning x or the weight itself would let the caller write into them
     assert '"aten::clone"(%x)' in out and '"aten::mul.Tensor"(%w, 1)' in out
     assert '"aten::view"' not in out  # a same-shape view folds: it aliases in eager too
@@ -93,6 +100,7 @@ def test_integer_plus_float_zero_promotes_and_is_kept():
 
 
 # ---- cse and dce ------------------------------------------------------------------
+
 
 def test_cse_merges_identical_pure_ops_but_not_random_ones():
     body = """\
@@ -156,6 +164,7 @@ def test_default_pipeline_shrinks_llama(compiled):
 
 # ---- pipelines and the pass manager -------------------------------------------------
 
+
 def test_registry_lists_passes_by_kebab_case_name():
     assert {"canonicalize", "cse", "dce"} <= set(registry.names())
     for name in registry.names():
@@ -186,11 +195,19 @@ def test_pipeline_errors_point_at_the_column(text, message, column):
 
 
 def test_pass_manager_prints_dumps_and_times(tmp_path):
-    text = HEADER + "  func.func @forward(%x : !plait.tensor<[n, 4], f32>) -> !plait.tensor<[n, 4], f32> {\n" + CANONICAL_NOISE + "  }\n}\n"
+    text = (
+        HEADER
+        + "  func.func @forward(%x : !plait.tensor<[n, 4], f32>) -> !plait.tensor<[n, 4], f32> {\n"
+        + CANONICAL_NOISE
+        + "  }\n}\n"
+    )
     stream = io.StringIO()
     manager = PassManager.parse(
-        "canonicalize,cse,dce", print_ir_before={"cse"}, print_ir_after={"dce"},
-        dump_ir=tmp_path, stream=stream,
+        "canonicalize,cse,dce",
+        print_ir_before={"cse"},
+        print_ir_after={"dce"},
+        dump_ir=tmp_path,
+        stream=stream,
     )
     manager.run(parse_module(text))
     printed = stream.getvalue()
@@ -207,8 +224,15 @@ def test_pass_manager_prints_dumps_and_times(tmp_path):
 
 def test_print_ir_after_all_and_disabled_passes():
     stream = io.StringIO()
-    text = HEADER + "  func.func @forward(%x : !plait.tensor<[n, 4], f32>) -> !plait.tensor<[n, 4], f32> {\n" + CANONICAL_NOISE + "  }\n}\n"
-    manager = PassManager.parse("canonicalize,cse,dce", print_ir_after_all=True, disabled={"cse"}, stream=stream)
+    text = (
+        HEADER
+        + "  func.func @forward(%x : !plait.tensor<[n, 4], f32>) -> !plait.tensor<[n, 4], f32> {\n"
+        + CANONICAL_NOISE
+        + "  }\n}\n"
+    )
+    manager = PassManager.parse(
+        "canonicalize,cse,dce", print_ir_after_all=True, disabled={"cse"}, stream=stream
+    )
     manager.run(parse_module(text))
     assert stream.getvalue().count("IR Dump After") == 2
     assert [r.name for r in manager.records] == ["canonicalize", "dce"]
