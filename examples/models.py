@@ -20,54 +20,40 @@ def _seeded(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
     return build().eval()
 
 
-def llama_tiny(batch: int = 2, seq: int = 16):
-    from transformers import LlamaConfig, LlamaForCausalLM
+# name -> (transformers config class, model class, config): tiny, seeded, 256-token vocab
+CAUSAL_LMS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(
+        hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256)),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(
+        n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=0, eos_token_id=0)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=256)),
+}  # fmt: skip
 
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=176,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    model = _seeded(lambda: LlamaForCausalLM(config))
+
+def causal_lm(name: str, batch: int = 2, seq: int = 16):
+    """A tiny `transformers` causal LM, wrapped, with inputs and dynamic batch/seq."""
+    import transformers
+
+    config_cls, model_cls, config = CAUSAL_LMS[name]
+    config = getattr(transformers, config_cls)(vocab_size=256, **config)
+    model = _seeded(lambda: getattr(transformers, model_cls)(config))
     return hf.wrap(model), hf.example_inputs(model, batch, seq), hf.dynamic_shapes(max_seq=256)
+
+
+def llama_tiny(batch: int = 2, seq: int = 16):
+    return causal_lm("llama", batch, seq)
 
 
 def gpt2_tiny(batch: int = 2, seq: int = 16):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    config = GPT2Config(
-        vocab_size=256,
-        n_embd=64,
-        n_layer=2,
-        n_head=4,
-        n_positions=256,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    model = _seeded(lambda: GPT2LMHeadModel(config))
-    return hf.wrap(model), hf.example_inputs(model, batch, seq), hf.dynamic_shapes(max_seq=256)
+    return causal_lm("gpt2", batch, seq)
 
 
 def mixtral_tiny(batch: int = 2, seq: int = 16):
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    config = MixtralConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=256,
-    )
-    model = _seeded(lambda: MixtralForCausalLM(config))
-    return hf.wrap(model), hf.example_inputs(model, batch, seq), hf.dynamic_shapes(max_seq=256)
+    return causal_lm("mixtral", batch, seq)
 
 
 class SmallCNN(torch.nn.Module):
