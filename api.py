@@ -108,6 +108,18 @@ class CompiledModel:
             return pytree.tree_unflatten(list(outputs), self._output_spec)
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
+    def estimate(self, hardware="h100-sxm", mesh=None, values=None, context=None):
+        """Predicted time, memory and communication of this plan on `hardware`.
+
+        est = compiled.estimate("h100-sxm", values={"batch": 1, "seq": 2048})
+        est.schedule.step_time, est.comm_share, est.formulas["flops"]
+        """
+        from .hardware import Hardware, load
+        from .passes.estimate import Target, estimate
+
+        hw = hardware if isinstance(hardware, Hardware) else load(hardware)
+        return estimate(self.module, Target(hw, dict(mesh or {}), dict(values or {}), context))
+
     def save(self, directory: str | Path) -> Path:
         """Write an artifact directory (see `plait.runtime.artifact`)."""
         function = self.function

@@ -266,6 +266,93 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _estimate_module(args, console):
+    """The IR to estimate: from an artifact, an IR file, or a captured model (on meta)."""
+    from plait.frontend.capture import capture
+    from plait.frontend.importer import import_program
+    from plait.frontend.model_spec import load_model
+    from plait.ir.text import parse_module
+
+    if args.model is not None:
+        path = Path(args.model)
+        if (path / "manifest.json").is_file():
+            return parse_module((path / "plan.mlir").read_text(), str(path / "plan.mlir")), None
+        if path.suffix == ".mlir":
+            return parse_module(path.read_text(), str(path)), None
+    with _status(console, "capturing the model"):
+        loaded = load_model(
+            args.model, args.example, max(args.batch, 2), max(args.seq, 2), True, meta=True
+        )
+        module, weights = import_program(
+            capture(loaded.model, loaded.example_inputs, loaded.dynamic_shapes)
+        )
+    return module, weights
+
+
+def cmd_estimate(args) -> int:
+    from plait import DEFAULT_PIPELINE, PlaitError
+    from plait.hardware import load
+    from plait.ir.attrs import mesh_from_text
+    from plait.passes.estimate import Target, estimate
+    from plait.passes.estimate_report import render, render_compare
+    from plait.passes.manager import PassManager
+
+    console = _console()
+    hardware = load(args.hardware)  # fail fast on an unknown name
+    mesh = mesh_from_text(args.mesh) if args.mesh else {}
+    values = {"batch": args.batch, "seq": 1 if args.decode else args.seq}
+    for item in args.dim:
+        name, _, value = item.partition("=")
+        if not value.isdigit():
+            raise PlaitError(f"--dim expects NAME=SIZE, got '{item}'")
+        values[name] = int(value)
+    context = (args.context or args.seq) if args.decode else None
+    pipelines = [args.pipeline if args.pipeline is not None else DEFAULT_PIPELINE]
+    if args.compare is not None:
+        pipelines.append(args.compare)
+    managers = [PassManager.parse(p, **_pm_options(args)) for p in pipelines]
+    module, weights = _estimate_module(args, console)
+    results = []
+    for manager in managers:
+        plan = module.clone() if len(managers) > 1 else module
+        manager.run(plan, weights)
+        symbols = plan.attributes.get("plait.symbols")
+        known = {k: v for k, v in values.items() if symbols is not None and k in symbols.ranges}
+        results.append(estimate(plan, Target(hardware, mesh, known, context)))
+    mode = f"decode, context {context}" if args.decode else "prefill"
+    print(f"{hardware.name}: {hardware.description}")
+    print(f"mesh {mesh or {}}, {mode}, " + ", ".join(f"{k}={v}" for k, v in values.items()))
+    print()
+    if len(results) == 1:
+        print(render(results[0], args.group))
+    else:
+        print(
+            render_compare(
+                results[0], results[1], (pipelines[0] or "(none)", pipelines[1] or "(none)")
+            )
+        )
+    if args.trace:
+        from plait.passes.estimate import family, module_path
+        from plait.runtime.profile import TraceEvent, write_trace
+
+        events = [
+            TraceEvent(f"{family(e.op)} {module_path(e.op)}".strip(), e.lane, e.start, e.duration)
+            for e in results[-1].schedule.events
+        ]
+        write_trace(args.trace, events)
+        console.print(f"wrote the simulated schedule to {args.trace} (open it in ui.perfetto.dev)")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from plait.runtime.calibrate import write
+
+    console = _console()
+    path = write(args.output, progress=lambda text: console.print(f"measuring {text}"))
+    console.print(f"wrote {path}; use it with: plait estimate ... --hardware {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="plait",
@@ -329,7 +416,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write outputs to this safetensors file")
     p.add_argument("--repeat", type=int, default=1, help="run N times and report the median time")
     p.add_argument("--device", help="device to run on (default cpu)")
+    p.add_argument("--trace", help="write a measured per-op trace (Chrome trace JSON)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "estimate",
+        help="predict time, memory and communication on target hardware",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  plait estimate --example llama-tiny --hardware h100-sxm --batch 8 --seq 2048\n"
+        "  plait estimate path/to/hf_config_dir --mesh tp:8 --decode --batch 1 --context 8192\n"
+        "  plait estimate out/ --hardware cpu.toml --trace sim.json",
+    )
+    p.add_argument(
+        "model", nargs="?", metavar="MODEL", help="model spec, artifact directory or .mlir"
+    )
+    p.add_argument("--example", help="a bundled example")
+    p.add_argument("--hardware", default="h100-sxm", help="hardware name or .toml file")
+    p.add_argument("--mesh", help="device mesh, e.g. tp:8 or dp:2,tp:4")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument(
+        "--seq", type=int, default=2048, help="prompt length (prefill) or default context"
+    )
+    p.add_argument(
+        "--dim", action="append", default=[], metavar="NAME=SIZE", help="other size symbols"
+    )
+    p.add_argument("--decode", action="store_true", help="one new token per sequence")
+    p.add_argument(
+        "--context", type=int, help="KV positions attention reads in decode (default --seq)"
+    )
+    p.add_argument("--compare", metavar="PIPELINE", help="a second pipeline to put side by side")
+    p.add_argument("--group", choices=["family", "module"], default="family")
+    p.add_argument("--trace", help="write the simulated schedule (Chrome trace JSON)")
+    _add_ir_options(p)
+    p.set_defaults(func=cmd_estimate)
+
+    p = sub.add_parser("calibrate", help="measure this machine and write a hardware file")
+    p.add_argument("-o", "--output", default="plait-cpu.toml")
+    p.set_defaults(func=cmd_calibrate)
     return parser
 
 

@@ -89,6 +89,10 @@ def torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, TORCH_NAMES[name])
 
 
+# fx node meta key: the IR op a node lowers (for per-op profiles)
+OP_META = "plait_op"
+
+
 @dataclass
 class Program:
     """One rank's executable program."""
@@ -262,7 +266,9 @@ class _Lowering:
         name = f"{op.results[0].name_hint or 'collective'}_pending"
 
         def call(target, *args):
-            return self.graph.create_node("call_function", target, args, {}, name=name)
+            node = self.graph.create_node("call_function", target, args, {}, name=name)
+            node.meta[OP_META] = op
+            return node
 
         if isinstance(op, AllReduceOp):
             return call(c10d.all_reduce.default, x, op.reduce.data, group), lambda y: y
@@ -292,10 +298,12 @@ class _Lowering:
         result: SSAValue | None = None,
         kind="call_function",
     ):
-        """A call node named after the IR value it computes."""
+        """A call node named after the IR value it computes, tagged with the op."""
         value = result or (op.results[0] if op.results else None)
         name = value.name_hint if value is not None else None
-        return self.graph.create_node(kind, target, args, kwargs, name=name)
+        node = self.graph.create_node(kind, target, args, kwargs, name=name)
+        node.meta[OP_META] = op
+        return node
 
     def run(self, fn: func.FuncOp) -> torch.fx.GraphModule:
         block = fn.body.blocks.first

@@ -21,6 +21,7 @@ from xdsl.ir import Data
 from xdsl.irdl import irdl_attr_definition
 
 from .args import float_text, parse_optional_text, string_literal
+from .errors import PlaitError
 
 INF = None  # an unbounded symbol range is stored as None and printed `inf`
 
@@ -119,6 +120,19 @@ class MeshAttr(Data[tuple[tuple[str, int], ...]]):
 
     def print_parameter(self, printer) -> None:
         printer.print_string("<" + ", ".join(f"{n} = {s}" for n, s in self.data) + ">")
+
+
+def mesh_from_text(text: str) -> dict[str, int]:
+    """'tp:8' or 'dp:2,tp:4' -> {"dp": 2, "tp": 4} (outermost axis first)."""
+    axes: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, size = part.partition(":")
+        if not name.isidentifier() or not size.isdigit() or int(size) < 1 or name in axes:
+            raise PlaitError(
+                f"bad mesh '{text}': write axes as NAME:SIZE separated by commas, e.g. tp:8 or dp:2,tp:4"
+            )
+        axes[name] = int(size)
+    return axes
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,128 @@
+"""A hardware description: what the cost model needs to know about a machine.
+
+One TOML file per machine in this folder (or any path), each figure quoted
+with its public source:
+
+    name = "h100-sxm"
+    [compute]            # peak dense FLOP/s per element type
+    bf16 = 989.4e12
+    [memory]
+    bandwidth = 3.35e12  # bytes/s
+    capacity = 80e9      # bytes
+    [overhead]
+    op = 4e-6            # seconds per launched op
+    view = 0.0           # seconds per view op (no kernel)
+    [[links]]            # innermost first: the devices a link joins
+    name = "NVLink 4 via NVSwitch"
+    devices = 8
+    bandwidth = 450e9    # bytes/s per device per direction
+    latency = 3e-6       # alpha of one step of a collective, seconds
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..ir.errors import PlaitError
+
+HERE = Path(__file__).parent
+
+
+class HardwareError(PlaitError):
+    """A hardware name or file that plait cannot use."""
+
+
+@dataclass(frozen=True)
+class Link:
+    """An interconnect level: up to `devices` devices joined at this bandwidth."""
+
+    name: str
+    devices: int | None  # None: unbounded (a network)
+    bandwidth: float  # bytes/s per device, one direction
+    latency: float  # seconds per collective step
+
+
+@dataclass(frozen=True)
+class Hardware:
+    name: str
+    description: str
+    flops: dict[str, float]  # element type -> peak FLOP/s
+    memory_bandwidth: float
+    memory_capacity: float
+    op_overhead: float
+    view_overhead: float
+    links: tuple[Link, ...] = ()
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def peak_flops(self, dtype: str) -> float:
+        """Peak FLOP/s for an element type (integer types use i8 or f32)."""
+        if dtype in self.flops:
+            return self.flops[dtype]
+        fallback = "i8" if dtype.startswith(("i", "u")) and "i8" in self.flops else "f32"
+        return self.flops[fallback]
+
+    def link_for(self, devices: int) -> Link:
+        """The innermost link that joins `devices` devices."""
+        for link in self.links:
+            if link.devices is None or devices <= link.devices:
+                return link
+        largest = max((l.devices or 0 for l in self.links), default=1)
+        raise HardwareError(
+            f"{self.name}: a group of {devices} devices is larger than one node "
+            f"({largest} devices) and the file describes no link between nodes; "
+            "add a [[links]] entry without `devices` (e.g. InfiniBand) or use a smaller mesh"
+        )
+
+
+def available() -> list[str]:
+    return sorted(p.stem for p in HERE.glob("*.toml"))
+
+
+def _require(table: dict, key: str, where: str):
+    if key not in table:
+        raise HardwareError(f"{where}: missing '{key}'")
+    return table[key]
+
+
+def load(name_or_path: str | Path) -> Hardware:
+    """A shipped description by name ('h100-sxm'), or a TOML file by path."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = HERE / f"{name_or_path}.toml"
+        if not path.is_file():
+            raise HardwareError(
+                f"unknown hardware '{name_or_path}'; known: {', '.join(available())} "
+                "(or give the path of a .toml file, e.g. one written by `plait calibrate`)"
+            )
+    if not path.is_file():
+        raise HardwareError(f"{path}: no such hardware file")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise HardwareError(f"{path}: invalid TOML: {exc}") from None
+    where = str(path)
+    compute = _require(data, "compute", where)
+    memory = _require(data, "memory", where)
+    overhead = data.get("overhead", {})
+    links = tuple(
+        Link(
+            name=_require(entry, "name", f"{where} [[links]]"),
+            devices=entry.get("devices"),
+            bandwidth=float(_require(entry, "bandwidth", f"{where} [[links]]")),
+            latency=float(_require(entry, "latency", f"{where} [[links]]")),
+        )
+        for entry in data.get("links", [])
+    )
+    return Hardware(
+        name=data.get("name", path.stem),
+        description=data.get("description", ""),
+        flops={k: float(v) for k, v in compute.items()},
+        memory_bandwidth=float(_require(memory, "bandwidth", f"{where} [memory]")),
+        memory_capacity=float(_require(memory, "capacity", f"{where} [memory]")),
+        op_overhead=float(overhead.get("op", 0.0)),
+        view_overhead=float(overhead.get("view", 0.0)),
+        links=links,
+        sources=data.get("sources", {}),
+    )

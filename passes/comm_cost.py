@@ -1,0 +1,60 @@
+"""Analysis: time of a collective by the alpha-beta model, over the link its
+mesh axis maps to.
+
+For p ranks, a link of latency alpha (per step) and bandwidth beta (bytes/s
+per rank and direction), and n bytes:
+
+    all_reduce   ring: 2(p-1)(alpha + n/(p beta))     tree: 2 ceil(log2 p) alpha + 2 n / beta
+    all_gather   ring: (p-1)(alpha + n_out/(p beta))
+    reduce_scatter    (p-1)(alpha + n_in/(p beta))
+    all_to_all        (p-1)(alpha + n_in/(p beta))
+
+An all-reduce takes the faster of ring and tree, as NCCL does. Mesh axes are
+listed outermost first; an axis spans the devices of itself and every axis
+inside it, and uses the innermost link that joins that many devices.
+"""
+
+from __future__ import annotations
+
+import math
+
+import sympy
+
+from ..hardware import Hardware, Link
+from ..ir.ops import AllGatherOp, AllReduceOp, AllToAllOp, CollectiveOp, ReduceScatterOp
+from .op_cost import Expr, _type
+
+
+def axis_links(mesh: dict[str, int], hardware: Hardware) -> dict[str, tuple[int, Link]]:
+    """Mesh axis -> (its size, the link it runs over)."""
+    out, span = {}, 1
+    for name, size in reversed(list(mesh.items())):
+        span *= size
+        out[name] = (size, hardware.link_for(span))
+    return out
+
+
+def ring_steps(p: int, n: Expr, link: Link) -> Expr:
+    return (p - 1) * (link.latency + n / (p * link.bandwidth))
+
+
+def all_reduce_time(p: int, n: Expr, link: Link) -> Expr:
+    if p == 1:
+        return sympy.Integer(0)
+    ring = 2 * ring_steps(p, n, link)
+    tree = 2 * math.ceil(math.log2(p)) * link.latency + 2 * n / link.bandwidth
+    return sympy.Min(ring, tree)
+
+
+def collective_time(op: CollectiveOp, links: dict[str, tuple[int, Link]]) -> Expr:
+    p, link = links[op.axis.data]
+    n_in = sympy.sympify(_type(op.input).nbytes)
+    if isinstance(op, AllReduceOp):
+        return all_reduce_time(p, n_in, link)
+    if p == 1:
+        return sympy.Integer(0)
+    if isinstance(op, AllGatherOp):
+        return ring_steps(p, sympy.sympify(_type(op.result).nbytes), link)
+    if isinstance(op, (ReduceScatterOp, AllToAllOp)):
+        return ring_steps(p, n_in, link)
+    raise TypeError(f"no cost model for {op.name}")

@@ -1,0 +1,211 @@
+"""Analysis: predict a plan's time, memory and communication on a target machine.
+
+    target = Target(hardware.load("h100-sxm"), mesh={"tp": 8}, values={"batch": 1, "seq": 1},
+                    context=8192)        # decode: attention reads 8192 cached positions
+    result = estimate(module, target)
+    result.schedule.step_time, result.comm_share, result.mfu
+    result.formulas["flops"]             # sympy, in the module's size symbols
+
+Each op's time is its roofline, max(FLOPs / peak FLOP/s of its dtype, bytes /
+memory bandwidth), plus the machine's per-op overhead; collectives follow the
+alpha-beta model (`comm_cost`). The schedule simulation (`schedule`) then
+overlaps async collectives with compute. Ops with the same types cost the
+same, so identical layers are costed once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy
+from xdsl.dialects import func
+from xdsl.dialects.builtin import ModuleOp, NameLoc
+from xdsl.ir import Operation, SSAValue
+
+from ..hardware import Hardware
+from ..ir.attrs import MeshAttr
+from ..ir.ops import CallOp, CollectiveOp, ReshapeOp
+from ..ir.text import SYMBOLS_ATTR
+from ..ir.types import AsyncType, TensorType
+from .comm_cost import axis_links, collective_time
+from .op_cost import OpCost, op_cost
+from .schedule import Schedule, simulate
+
+MESH_ATTR = "plait.mesh"
+
+
+@dataclass
+class Target:
+    hardware: Hardware
+    mesh: dict[str, int] = field(default_factory=dict)
+    values: dict[str, int] = field(default_factory=dict)  # size symbol -> value
+    context: int | None = None  # decode: KV positions attention reads
+
+
+@dataclass
+class OpEstimate:
+    op: Operation
+    family: str  # "linear", "attention", ..., "all_reduce"
+    module: str  # module path, layer indices kept
+    cost: OpCost
+    time_formula: sympy.Expr
+    time: float
+    flops: float
+    bytes: float
+
+
+@dataclass
+class Estimate:
+    target: Target
+    ops: list[OpEstimate]
+    schedule: Schedule
+    formulas: dict[str, sympy.Expr]
+
+    @property
+    def total_flops(self) -> float:
+        return sum(o.flops for o in self.ops)
+
+    @property
+    def comm_share(self) -> float:
+        """Share of the step the compute lane waits on communication."""
+        return (
+            self.schedule.exposed_comm / self.schedule.step_time if self.schedule.step_time else 0.0
+        )
+
+    @property
+    def mfu(self) -> float:
+        """Model FLOPs utilization of one rank: FLOPs / (step time x peak of the main dtype)."""
+        by_dtype: dict[str, float] = {}
+        for o in self.ops:
+            if o.op.results and isinstance(o.op.results[0].type, TensorType):
+                dtype = o.op.results[0].type.dtype
+                by_dtype[dtype] = by_dtype.get(dtype, 0.0) + o.flops
+        if not by_dtype or not self.schedule.step_time:
+            return 0.0
+        main = max(by_dtype, key=by_dtype.get)
+        peak = self.target.hardware.peak_flops(main)
+        return self.total_flops / (self.schedule.step_time * peak)
+
+
+class EstimateError(ValueError):
+    pass
+
+
+def family(op: Operation) -> str:
+    if isinstance(op, (CallOp, CollectiveOp)):
+        return op.name.split(".", 1)[1]
+    return op.name.split(".", 1)[-1]
+
+
+def module_path(op: Operation) -> str:
+    return op.location.desc.data if isinstance(op.location, NameLoc) else ""
+
+
+def _signature(op: Operation, context) -> tuple:
+    """Ops with equal signatures cost the same."""
+    props = tuple(sorted((k, str(v)) for k, v in op.properties.items()))
+    return (
+        op.name,
+        props,
+        tuple(v.type for v in op.operands),
+        tuple(r.type for r in op.results),
+        context,
+    )
+
+
+def _evaluate(expr: sympy.Expr, subs: dict) -> float:
+    return float(sympy.sympify(expr).xreplace(subs)) if expr != 0 else 0.0
+
+
+def _value_bytes(value: SSAValue) -> sympy.Expr:
+    t = value.type
+    t = t.value_type if isinstance(t, AsyncType) else t
+    return sympy.sympify(t.nbytes) if isinstance(t, TensorType) else sympy.Integer(0)
+
+
+def estimate(module: ModuleOp, target: Target, function: str = "forward") -> Estimate:
+    fn = next(
+        (o for o in module.ops if isinstance(o, func.FuncOp) and o.sym_name.data == function), None
+    )
+    if fn is None:
+        raise EstimateError(f"the module has no function @{function}")
+    mesh = dict(target.mesh)
+    declared = module.attributes.get(MESH_ATTR)
+    if isinstance(declared, MeshAttr):
+        if mesh and mesh != declared.axes:
+            raise EstimateError(
+                f"the plan was made for mesh {declared.axes}, not {mesh}; recompile for {mesh}"
+            )
+        mesh = declared.axes
+    links = axis_links(mesh, target.hardware)
+    symbols = module.attributes.get(SYMBOLS_ATTR)
+    names = set(symbols.ranges) if symbols is not None else set()
+    missing = names - set(target.values)
+    if missing:
+        raise EstimateError(
+            f"give a value for size symbol(s) {', '.join(sorted(missing))} "
+            "(e.g. --batch, --seq or --dim NAME=VALUE)"
+        )
+    from ..ir import symbolic
+
+    subs = {symbolic.symbol(n): sympy.Integer(v) for n, v in target.values.items()}
+    hw = target.hardware
+    context = sympy.Integer(target.context) if target.context is not None else None
+    cache: dict[tuple, tuple[OpCost, sympy.Expr, float, float, float]] = {}
+    rows: list[OpEstimate] = []
+    times: dict[Operation, float] = {}
+    views: set[Operation] = set()
+    for op in fn.body.blocks.first.ops:
+        key = _signature(op, context)
+        if key not in cache:
+            cost = op_cost(op, context)
+            if cost.kind == "collective":
+                formula = collective_time(op, links)
+            elif cost.kind == "compute":
+                dtype = _dtype(op)
+                formula = sympy.Max(
+                    cost.flops / hw.peak_flops(dtype), cost.bytes / hw.memory_bandwidth
+                )
+                formula = formula + hw.op_overhead
+            elif cost.kind == "view":
+                formula = sympy.Float(hw.view_overhead)
+            else:
+                formula = sympy.Integer(0)
+            cache[key] = (
+                cost,
+                formula,
+                _evaluate(formula, subs),
+                _evaluate(cost.flops, subs),
+                _evaluate(cost.bytes, subs),
+            )
+        cost, formula, time, flops, moved = cache[key]
+        if cost.kind == "view" and isinstance(op, ReshapeOp):
+            views.add(op)
+        times[op] = time
+        rows.append(OpEstimate(op, family(op), module_path(op), cost, formula, time, flops, moved))
+    size_cache: dict[object, float] = {}
+    sizes: dict[SSAValue, float] = {}
+    values = list(fn.body.blocks.first.args) + [
+        r for o in fn.body.blocks.first.ops for r in o.results
+    ]
+    for value in values:
+        if value.type not in size_cache:
+            size_cache[value.type] = _evaluate(_value_bytes(value), subs)
+        sizes[value] = size_cache[value.type]
+    schedule = simulate(fn, times, sizes, views)
+    formulas = {
+        "flops": sympy.Add(*(r.cost.flops for r in rows)),
+        "bytes": sympy.Add(*(r.cost.bytes for r in rows)),
+        "compute_time": sympy.Add(*(r.time_formula for r in rows if r.cost.kind != "collective")),
+        "comm_time": sympy.Add(*(r.time_formula for r in rows if r.cost.kind == "collective")),
+        "activation_peak": sympy.Add(*(_value_bytes(v) for v in schedule.peak_live)),
+    }
+    return Estimate(target, rows, schedule, formulas)
+
+
+def _dtype(op: Operation) -> str:
+    for value in list(op.results) + list(op.operands):
+        t = value.type
+        if isinstance(t, TensorType) and t.dtype.startswith(("f", "bf")):
+            return t.dtype
+    return "f32"

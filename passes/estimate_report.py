@@ -1,0 +1,92 @@
+"""Text reports of estimates: a table per layer kind, totals, and formulas."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+import sympy
+
+from .estimate import Estimate
+
+_LAYER_INDEX = re.compile(r"\.\d+(?=\.|$)")
+
+
+def group_key(row, by: str) -> str:
+    """'family': op family (linear, attention, all_reduce...); 'module': module path with
+    layer indices folded ("model.layers.*.mlp.down_proj")."""
+    if by == "module":
+        return _LAYER_INDEX.sub(".*", row.module) or "(top level)"
+    return row.family
+
+
+def grouped(estimate: Estimate, by: str = "family") -> list[tuple[str, int, float, float, float]]:
+    """(group, ops, flops, bytes, seconds) per group, slowest first."""
+    totals: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0.0, 0.0])
+    for row in estimate.ops:
+        if row.time == 0 and row.flops == 0:
+            continue
+        entry = totals[group_key(row, by)]
+        entry[0] += 1
+        entry[1] += row.flops
+        entry[2] += row.bytes
+        entry[3] += row.time
+    rows = [(name, int(v[0]), v[1], v[2], v[3]) for name, v in totals.items()]
+    return sorted(rows, key=lambda r: -r[4])
+
+
+def _bytes(n: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _round(expr: sympy.Expr, digits: int = 4) -> sympy.Expr:
+    return expr.xreplace({f: sympy.Float(f, digits) for f in expr.atoms(sympy.Float)})
+
+
+def summary(estimate: Estimate) -> list[tuple[str, str]]:
+    s = estimate.schedule
+    hw = estimate.target.hardware
+    return [
+        ("step time", f"{s.step_time * 1e3:.3f} ms"),
+        ("compute busy", f"{s.compute_busy * 1e3:.3f} ms"),
+        ("communication busy", f"{s.comm_busy * 1e3:.3f} ms"),
+        ("exposed communication", f"{s.exposed_comm * 1e3:.3f} ms ({estimate.comm_share:.1%} of the step)"),
+        ("peak memory per rank", f"{_bytes(s.peak_memory)} (weights {_bytes(s.weight_bytes)}, "
+                                 f"activations {_bytes(s.activation_peak)}; device has {_bytes(hw.memory_capacity)})"),
+        ("MFU", f"{estimate.mfu:.1%}"),
+    ]  # fmt: skip
+
+
+def render(estimate: Estimate, by: str = "family") -> str:
+    """The whole report as plain text."""
+    step = estimate.schedule.step_time or 1.0
+    lines = [
+        f"{'group':<40} {'ops':>5} {'GFLOP':>10} {'moved':>10} {'time ms':>9} {'share':>6}",
+    ]
+    for name, count, flops, moved, seconds in grouped(estimate, by):
+        lines.append(
+            f"{name[:40]:<40} {count:>5} {flops / 1e9:>10.3f} {_bytes(moved):>10} "
+            f"{seconds * 1e3:>9.3f} {seconds / step:>6.1%}"
+        )
+    lines.append("")
+    lines.extend(f"{k + ':':<24} {v}" for k, v in summary(estimate))
+    lines.append("")
+    lines.append("formulas (seconds and bytes, in the size symbols):")
+    for key, expr in estimate.formulas.items():
+        lines.append(f"  {key} = {_round(sympy.sympify(expr))}")
+    return "\n".join(lines)
+
+
+def render_compare(first: Estimate, second: Estimate, names: tuple[str, str]) -> str:
+    """Two estimates side by side."""
+    a, b = dict(summary(first)), dict(summary(second))
+    width = max(len(names[0]), 28)
+    lines = [f"{'':<24} {names[0]:<{width}} {names[1]}"]
+    for key in a:
+        lines.append(f"{key + ':':<24} {a[key]:<{width}} {b[key]}")
+    ratio = first.schedule.step_time / second.schedule.step_time if second.schedule.step_time else 0
+    lines.append(f"{'speedup of the second:':<24} {ratio:.3f}x")
+    return "\n".join(lines)

@@ -1,0 +1,188 @@
+"""Analysis: FLOPs and bytes moved by each op, as sympy formulas in the IR's dims.
+
+Counts are per rank (an op's types are its local shapes) and follow the
+usual conventions: a multiply-add is 2 FLOPs; bytes are what a kernel reads
+and writes (all operands and results once), except that views move nothing
+and an embedding reads only the rows it returns.
+
+    cost = op_cost(op)                # OpCost(flops=2*batch*seq*4096*4096, bytes=..., kind="compute")
+    cost = op_cost(op, context=8192)  # attention reading a KV cache of 8192 positions (decode)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import reduce
+
+import sympy
+from xdsl.ir import Operation, SSAValue
+
+from ..ir.args import Operand
+from ..ir.ops import (
+    AttentionOp,
+    CallOp,
+    CollectiveOp,
+    ElementwiseOp,
+    EmbeddingOp,
+    LinearOp,
+    MatmulOp,
+    NormOp,
+    ParamOp,
+    ReduceOp,
+    ReshapeOp,
+    SoftmaxOp,
+    WaitOp,
+)
+from ..ir.types import AsyncType, TensorType
+
+Expr = sympy.Expr
+ZERO = sympy.Integer(0)
+
+
+@dataclass(frozen=True)
+class OpCost:
+    flops: Expr
+    bytes: Expr
+    kind: str  # "compute", "view" (no kernel), "collective", "none"
+
+
+def _type(value: SSAValue) -> TensorType:
+    t = value.type
+    return t.value_type if isinstance(t, AsyncType) else t
+
+
+def _numel(t: TensorType) -> Expr:
+    return sympy.sympify(t.numel)
+
+
+def _bytes(types) -> Expr:
+    return sympy.Add(*(sympy.sympify(t.nbytes) for t in types))
+
+
+def _io_bytes(op: Operation) -> Expr:
+    return _bytes([_type(v) for v in op.operands]) + _bytes([_type(r) for r in op.results])
+
+
+def _prod(dims) -> Expr:
+    return reduce(lambda a, b: a * b, dims, sympy.Integer(1))
+
+
+def _arg_type(op: CallOp, name: str) -> TensorType | None:
+    value = op.arg(name)
+    return _type(op.inputs[value.index]) if isinstance(value, Operand) else None
+
+
+# element-wise functions that cost more than one FLOP per element
+# (approximate counts for the polynomial/exp evaluations kernels use)
+_TRANSCENDENTAL = {"exp", "log", "sin", "cos", "tanh", "sigmoid", "silu", "gelu", "erf",
+                   "rsqrt", "sqrt", "pow", "softplus", "mish", "elu", "log1p", "expm1",
+                   "exp2", "log2", "reciprocal", "div"}  # fmt: skip
+
+
+def _linear(op: CallOp) -> OpCost:
+    x, w = _arg_type(op, "input"), _arg_type(op, "weight")
+    out = _type(op.results[0])
+    out_features, in_features = w.shape[0], w.shape[-1]
+    rows = _numel(x) / in_features
+    flops = 2 * rows * in_features * out_features
+    if _arg_type(op, "bias") is not None:
+        flops += _numel(out)
+    return OpCost(sympy.simplify(flops), _io_bytes(op), "compute")
+
+
+def _matmul(op: CallOp) -> OpCost:
+    # mm/bmm/matmul/addmm/baddbmm: out [..., m, n] from a reduction of length k
+    out = _type(op.results[0])
+    second = _type(op.inputs[-1])
+    k = second.shape[-2] if second.rank >= 2 else second.shape[0]
+    flops = 2 * _numel(out) * k
+    if op.target_name in ("aten::addmm", "aten::baddbmm"):
+        flops += _numel(out)
+    return OpCost(flops, _io_bytes(op), "compute")
+
+
+def _attention(op: CallOp, context=None) -> OpCost:
+    q, k, v = (_arg_type(op, n) for n in ("query", "key", "value"))
+    out = _type(op.results[0])
+    batch_heads = _numel(q) / (q.shape[-2] * q.shape[-1])
+    q_len, head_dim, v_dim = q.shape[-2], q.shape[-1], v.shape[-1]
+    kv_len = k.shape[-2] if context is None else context
+    scores = batch_heads * q_len * kv_len
+    flops = 2 * scores * head_dim + 2 * scores * v_dim + 5 * scores  # QK^T, PV, softmax
+    kv_heads = _numel(k) / (k.shape[-2] * k.shape[-1])
+    kv_bytes = kv_heads * kv_len * (head_dim + v_dim) * (sympy.sympify(k.nbytes) / _numel(k))
+    mask = _arg_type(op, "attn_mask")
+    mask_bytes = _bytes([mask]) if mask is not None and context is None else ZERO
+    moved = _bytes([q, out]) + kv_bytes + mask_bytes
+    return OpCost(flops, moved, "compute")
+
+
+def _norm(op: CallOp) -> OpCost:
+    return OpCost(5 * _numel(_type(op.results[0])), _io_bytes(op), "compute")
+
+
+def _elementwise(op: CallOp) -> OpCost:
+    name = op.target_name.split("::", 1)[1].split(".")[0]
+    per_element = 4 if name in _TRANSCENDENTAL else 1
+    return OpCost(per_element * _numel(_type(op.results[0])), _io_bytes(op), "compute")
+
+
+def _softmax(op: CallOp) -> OpCost:
+    return OpCost(5 * _numel(_type(op.results[0])), _io_bytes(op), "compute")
+
+
+def _reduce(op: CallOp) -> OpCost:
+    return OpCost(_numel(_type(op.inputs[0])), _io_bytes(op), "compute")
+
+
+_COPYING_RESHAPES = {"aten::contiguous", "aten::clone", "aten::cat", "aten::stack"}
+
+
+def _reshape(op: CallOp) -> OpCost:
+    if op.target_name in _COPYING_RESHAPES:
+        return OpCost(ZERO, _io_bytes(op), "compute")
+    return OpCost(ZERO, ZERO, "view")
+
+
+def _embedding(op: CallOp) -> OpCost:
+    out = _type(op.results[0])
+    indices = _arg_type(op, "indices")
+    return OpCost(ZERO, 2 * sympy.sympify(out.nbytes) + _bytes([indices]), "compute")
+
+
+def _generic(op: CallOp) -> OpCost:
+    name = op.target_name
+    out = _type(op.results[0]) if op.results else None
+    if name.startswith("aten::conv") and len(op.inputs) >= 2 and out is not None:
+        weight = _type(op.inputs[1])  # [out, in / groups, *kernel]
+        return OpCost(2 * _numel(out) * _prod(weight.shape[1:]), _io_bytes(op), "compute")
+    flops = _numel(out) if out is not None else ZERO
+    return OpCost(flops, _io_bytes(op), "compute" if op.results else "none")
+
+
+_BY_FAMILY = {
+    LinearOp: _linear,
+    MatmulOp: _matmul,
+    NormOp: _norm,
+    ElementwiseOp: _elementwise,
+    SoftmaxOp: _softmax,
+    ReduceOp: _reduce,
+    ReshapeOp: _reshape,
+    EmbeddingOp: _embedding,
+}
+
+
+def op_cost(op: Operation, context: Expr | int | None = None) -> OpCost:
+    """FLOPs and bytes of one op; `context` is the KV length attention reads in decode."""
+    if isinstance(op, AttentionOp):
+        return _attention(op, context)
+    for family, fn in _BY_FAMILY.items():
+        if isinstance(op, family):
+            return fn(op)
+    if isinstance(op, CallOp):
+        return _generic(op)
+    if isinstance(op, CollectiveOp):
+        return OpCost(ZERO, _bytes([_type(op.input)]), "collective")
+    if isinstance(op, (ParamOp, WaitOp)):
+        return OpCost(ZERO, ZERO, "none")
+    return OpCost(ZERO, ZERO, "none")

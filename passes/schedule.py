@@ -1,0 +1,125 @@
+"""Analysis: simulate one rank's program on two resources, compute and communication.
+
+Ops run in program order. A compute op starts when the compute lane is free
+and its inputs are ready. A blocking collective holds the compute lane until
+it finishes; an async one is issued on the communication lane and only its
+`plait.wait` blocks compute, so compute between the two overlaps it. The
+time the compute lane spends waiting on collectives is exposed communication.
+
+Memory: weights stay resident; every other result is allocated when produced
+and freed after its last use (views share their base's memory), giving the
+peak bytes alive at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from xdsl.dialects import func
+from xdsl.ir import Operation, SSAValue
+
+from ..ir.ops import CollectiveOp, ParamOp, WaitOp
+
+
+@dataclass
+class Event:
+    op: Operation
+    lane: str  # "compute" | "comm"
+    start: float
+    duration: float
+
+
+@dataclass
+class Schedule:
+    events: list[Event] = field(default_factory=list)
+    step_time: float = 0.0
+    compute_busy: float = 0.0
+    comm_busy: float = 0.0
+    exposed_comm: float = 0.0
+    weight_bytes: float = 0.0
+    activation_peak: float = 0.0
+    peak_live: list[SSAValue] = field(default_factory=list)  # what is alive at the peak
+
+    @property
+    def peak_memory(self) -> float:
+        return self.weight_bytes + self.activation_peak
+
+
+def simulate(
+    fn: func.FuncOp,
+    times: dict[Operation, float],
+    sizes: dict[SSAValue, float],
+    views: set[Operation],
+) -> Schedule:
+    """Timeline and memory of `fn`, given each op's time and each value's bytes.
+
+    `views` are ops whose results alias their first operand (no allocation).
+    """
+    out = Schedule()
+    ready: dict[SSAValue, float] = {}
+    compute_free = comm_free = 0.0
+    block = fn.body.blocks.first
+    for arg in block.args:
+        ready[arg] = 0.0
+    for op in block.ops:
+        inputs_ready = max((ready.get(v, 0.0) for v in op.operands), default=0.0)
+        duration = times.get(op, 0.0)
+        if isinstance(op, CollectiveOp):
+            start = max(comm_free, inputs_ready, compute_free)
+            comm_free = start + duration
+            out.events.append(Event(op, "comm", start, duration))
+            out.comm_busy += duration
+            if op.is_async is None:  # blocking: compute waits for it
+                out.exposed_comm += comm_free - max(compute_free, inputs_ready)
+                compute_free = comm_free
+            ready[op.result] = comm_free
+        elif isinstance(op, WaitOp):
+            done = ready[op.input]
+            out.exposed_comm += max(0.0, done - compute_free)
+            compute_free = max(compute_free, done)
+            ready[op.result] = compute_free
+        elif isinstance(op, func.ReturnOp):
+            continue
+        else:
+            start = max(compute_free, inputs_ready)
+            compute_free = start + duration
+            if duration > 0:
+                out.events.append(Event(op, "compute", start, duration))
+            out.compute_busy += duration
+            for result in op.results:
+                ready[result] = compute_free
+    out.step_time = max(compute_free, comm_free)
+    _memory(block, sizes, views, out)
+    return out
+
+
+def _memory(block, sizes: dict[SSAValue, float], views: set[Operation], out: Schedule) -> None:
+    ops = list(block.ops)
+    base: dict[SSAValue, SSAValue] = {}
+    last_use: dict[SSAValue, int] = {}
+    for index, op in enumerate(ops):
+        for value in op.operands:
+            root = base.get(value, value)
+            last_use[root] = index
+        if op in views and op.operands:
+            for result in op.results:
+                base[result] = base.get(op.operands[0], op.operands[0])
+    for value in block.args:
+        last_use.setdefault(value, -1)
+    live: dict[SSAValue, float] = {a: sizes.get(a, 0.0) for a in block.args}
+    current = sum(live.values())
+    peak, peak_live = current, list(live)
+    for index, op in enumerate(ops):
+        if isinstance(op, ParamOp):
+            out.weight_bytes += sizes.get(op.result, 0.0)
+            continue
+        for result in op.results:
+            if result not in base:
+                live[result] = sizes.get(result, 0.0)
+                current += live[result]
+        if current > peak:
+            peak, peak_live = current, list(live)
+        for value in list(live):
+            if last_use.get(value, -1) <= index and not isinstance(op, func.ReturnOp):
+                current -= live.pop(value)
+    out.activation_peak, out.peak_live = peak, peak_live

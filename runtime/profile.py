@@ -1,0 +1,119 @@
+"""Measured per-op times of a program, and traces in Chrome's event format.
+
+    times = profile_ops(program, inputs, repeats=10)   # IR op -> median seconds
+    write_trace("measured.json", measured_events(program, inputs))
+
+Traces open in Perfetto (ui.perfetto.dev) or chrome://tracing; `plait
+estimate --trace` writes the simulated schedule in the same format, one
+process per rank and one thread per lane, so the two can be laid side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.fx
+
+from ..backends.fx import OP_META, Program
+
+
+@dataclass
+class TraceEvent:
+    name: str
+    lane: str  # "compute" or "comm"
+    start: float  # seconds
+    duration: float
+    rank: int = 0
+    args: dict | None = None
+
+
+class _TimingInterpreter(torch.fx.Interpreter):
+    """Runs the graph node by node, timing each call itself."""
+
+    def __init__(self, module: torch.fx.GraphModule, sync):
+        super().__init__(module)
+        self.sync = sync
+        self.spans: list[tuple[torch.fx.Node, float, float]] = []
+
+    def run_node(self, node: torch.fx.Node):
+        if node.op not in ("call_function", "call_method"):
+            return super().run_node(node)
+        args, kwargs = self.fetch_args_kwargs_from_env(node)
+        self.sync()
+        start = time.perf_counter()
+        result = getattr(self, node.op)(node.target, args, kwargs)
+        self.sync()
+        self.spans.append((node, start, time.perf_counter() - start))
+        return result
+
+
+def _spans(program: Program, inputs) -> list[tuple[torch.fx.Node, float, float]]:
+    on_cuda = any(isinstance(x, torch.Tensor) and x.is_cuda for x in inputs)
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
+    interpreter = _TimingInterpreter(program.graph_module, sync)
+    with torch.inference_mode():
+        interpreter.run(*inputs)
+    return interpreter.spans
+
+
+def profile_ops(program: Program, inputs, repeats: int = 10, warmup: int = 2) -> dict:
+    """IR op -> median measured seconds (summed over the nodes it lowers to)."""
+    samples: dict[object, list[float]] = defaultdict(list)
+    for i in range(warmup + repeats):
+        per_op: dict[object, float] = defaultdict(float)
+        for node, _, seconds in _spans(program, inputs):
+            op = node.meta.get(OP_META)
+            if op is not None:
+                per_op[op] += seconds
+        if i >= warmup:
+            for op, seconds in per_op.items():
+                samples[op].append(seconds)
+    return {op: statistics.median(values) for op, values in samples.items()}
+
+
+def measured_events(program: Program, inputs, rank: int = 0) -> list[TraceEvent]:
+    """One timed run, as trace events on the compute lane."""
+    spans = _spans(program, inputs)
+    origin = spans[0][1] if spans else 0.0
+    return [
+        TraceEvent(
+            node.name, "compute", start - origin, seconds, rank, {"target": str(node.target)}
+        )
+        for node, start, seconds in spans
+    ]
+
+
+def chrome_trace(events: list[TraceEvent]) -> dict:
+    lanes = {"compute": 0, "comm": 1}
+    out = []
+    for rank in sorted({e.rank for e in events}):
+        out.append(
+            {"ph": "M", "name": "process_name", "pid": rank, "args": {"name": f"rank {rank}"}}
+        )
+        for lane, tid in lanes.items():
+            out.append(
+                {"ph": "M", "name": "thread_name", "pid": rank, "tid": tid, "args": {"name": lane}}
+            )
+    for e in events:
+        out.append(
+            {
+                "ph": "X",
+                "name": e.name,
+                "pid": e.rank,
+                "tid": lanes[e.lane],
+                "ts": e.start * 1e6,
+                "dur": e.duration * 1e6,
+                "args": e.args or {},
+            }
+        )
+    return {"traceEvents": out, "displayTimeUnit": "ms"}
+
+
+def write_trace(path: str | Path, events: list[TraceEvent]) -> None:
+    Path(path).write_text(json.dumps(chrome_trace(events)))
