@@ -6,9 +6,9 @@ it finishes; an async one is issued on the communication lane and only its
 `plait.wait` blocks compute, so compute between the two overlaps it. The
 time the compute lane spends waiting on collectives is exposed communication.
 
-Memory: weights stay resident; every other result is allocated when produced
-and freed after its last use (views share their base's memory), giving the
-peak bytes alive at once.
+Memory: weights and inputs stay resident; every other result is allocated
+when produced and freed after its last use (views share their base's memory),
+giving the peak bytes alive at once.
 """
 
 from __future__ import annotations
@@ -104,8 +104,8 @@ def _memory(block, sizes: dict[SSAValue, float], views: set[Operation], out: Sch
         if op in views and op.operands:
             for result in op.results:
                 base[result] = base.get(op.operands[0], op.operands[0])
-    for value in block.args:
-        last_use.setdefault(value, -1)
+    for value in block.args:  # the caller owns the inputs: alive throughout
+        last_use[value] = len(ops)
     live: dict[SSAValue, float] = {a: sizes.get(a, 0.0) for a in block.args}
     current = sum(live.values())
     peak, peak_live = current, list(live)

@@ -1,0 +1,197 @@
+"""The cost model: FLOP and byte counts against hand-computed values, the
+alpha-beta collectives, the schedule simulation, z3 bounds, hardware files,
+and `plait estimate` / `plait calibrate`."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import sympy
+
+from plait.hardware import HardwareError, Link, load
+from plait.ir import symbolic
+from plait.ir.text import parse_module
+from plait.passes.bounds import prove_at_most
+from plait.passes.comm_cost import all_reduce_time, axis_links, collective_time
+from plait.passes.estimate import Target, estimate
+from plait.passes.op_cost import op_cost
+
+B, S = symbolic.symbol("b"), symbolic.symbol("s")
+
+
+def _ops(body: str, inputs: str, symbols: str = "b = [1, 64], s = [1, 4096]", mesh: str = ""):
+    attrs = f"plait.symbols = #plait.symbols<{symbols}>" + (f", plait.mesh = #plait.mesh<{mesh}>" if mesh else "")
+    text = f"builtin.module attributes {{{attrs}}} {{\n  func.func @forward({inputs}) {{\n{body}    func.return\n  }}\n}}\n"
+    module = parse_module(text)
+    return module, list(module.ops.first.body.blocks.first.ops)[:-1]
+
+
+def test_linear_flops_and_bytes():
+    _, (w, b, y) = _ops(
+        '    %w = plait.param "w" : !plait.tensor<[256, 64], bf16>\n'
+        '    %bias = plait.param "bias" : !plait.tensor<[256], bf16>\n'
+        '    %y = plait.linear "aten::linear"(%x, %w, %bias) : !plait.tensor<[b, s, 256], bf16>\n',
+        "%x : !plait.tensor<[b, s, 64], bf16>",
+    )
+    cost = op_cost(y)
+    assert sympy.simplify(cost.flops - (2 * B * S * 64 * 256 + B * S * 256)) == 0
+    # x + W + bias + y, 2 bytes each
+    assert sympy.simplify(cost.bytes - 2 * (B * S * 64 + 256 * 64 + 256 + B * S * 256)) == 0
+    assert op_cost(w).flops == 0 and op_cost(w).kind == "none"
+
+
+def test_attention_flops_and_bytes_prefill_and_decode():
+    _, ops = _ops(
+        '    %o = plait.attention "aten::scaled_dot_product_attention"(%q, %k, %v, is_causal = true) : !plait.tensor<[b, 8, s, 64], f32>\n',
+        "%q : !plait.tensor<[b, 8, s, 64], f32>, %k : !plait.tensor<[b, 2, s, 64], f32>, %v : !plait.tensor<[b, 2, s, 64], f32>",
+    )
+    (attention,) = ops
+    prefill = op_cost(attention)
+    scores = B * 8 * S * S
+    assert sympy.simplify(prefill.flops - (2 * scores * 64 + 2 * scores * 64 + 5 * scores)) == 0
+    # q and out (8 heads), k and v (2 heads), fp32
+    assert sympy.simplify(prefill.bytes - 4 * (2 * B * 8 * S * 64 + 2 * B * 2 * S * 64)) == 0
+    decode = op_cost(attention, context=1000)
+    assert sympy.simplify(decode.flops - (4 * B * 8 * S * 1000 * 64 + 5 * B * 8 * S * 1000)) == 0
+    assert sympy.simplify(decode.bytes - 4 * (2 * B * 8 * S * 64 + 2 * B * 2 * 1000 * 64)) == 0
+
+
+def test_norm_elementwise_embedding_and_views():
+    _, (norm, act, emb, view, cat) = _ops(
+        '    %n = plait.norm "aten::layer_norm"(%x, [64]) : !plait.tensor<[b, 64], f32>\n'
+        '    %a = plait.elementwise "aten::silu"(%n) : !plait.tensor<[b, 64], f32>\n'
+        '    %e = plait.embedding "aten::embedding"(%t, %i) : !plait.tensor<[b, 64], f32>\n'
+        '    %v = plait.reshape "aten::view"(%a, [sym(b), 8, 8]) : !plait.tensor<[b, 8, 8], f32>\n'
+        '    %c = plait.reshape "aten::cat"([%a, %e], 1) : !plait.tensor<[b, 128], f32>\n',
+        "%x : !plait.tensor<[b, 64], f32>, %t : !plait.tensor<[1000, 64], f32>, %i : !plait.tensor<[b], i64>",
+    )
+    assert sympy.simplify(op_cost(norm).flops - 5 * B * 64) == 0
+    assert sympy.simplify(op_cost(norm).bytes - 2 * 4 * B * 64) == 0
+    assert sympy.simplify(op_cost(act).flops - 4 * B * 64) == 0  # a transcendental
+    # an embedding reads the rows it returns, not the table
+    assert sympy.simplify(op_cost(emb).bytes - (2 * 4 * B * 64 + 8 * B)) == 0
+    assert op_cost(view).kind == "view" and op_cost(view).bytes == 0
+    assert sympy.simplify(op_cost(cat).bytes - 4 * (B * 64 * 2 + B * 128)) == 0
+
+
+LINK = Link("test", 8, bandwidth=100e9, latency=2e-6)
+
+
+@pytest.mark.parametrize("p,n", [(8, 16384), (8, 64e6), (2, 1e6), (4, 1e9)])
+def test_all_reduce_is_the_faster_of_ring_and_tree(p, n):
+    ring = 2 * (p - 1) * (2e-6 + n / (p * 100e9))
+    tree = 2 * math.ceil(math.log2(p)) * 2e-6 + 2 * n / 100e9
+    assert float(all_reduce_time(p, sympy.Float(n), LINK)) == pytest.approx(min(ring, tree))
+
+
+def test_each_collective_by_alpha_beta():
+    _, (ar, ag, rs, a2a) = _ops(
+        '    %r = plait.all_reduce %x {axis = "tp", reduce = "sum"} : !plait.tensor<[1024], bf16> -> !plait.tensor<[1024], bf16>\n'
+        '    %g = plait.all_gather %x {axis = "tp", dim = 0 : i64} : !plait.tensor<[1024], bf16> -> !plait.tensor<[4096], bf16>\n'
+        '    %s = plait.reduce_scatter %x {axis = "tp", dim = 0 : i64, reduce = "sum"} : !plait.tensor<[1024], bf16> -> !plait.tensor<[256], bf16>\n'
+        '    %a = plait.all_to_all %x {axis = "tp", split_dim = 0 : i64, concat_dim = 0 : i64} : !plait.tensor<[1024], bf16> -> !plait.tensor<[1024], bf16>\n',
+        "%x : !plait.tensor<[1024], bf16>",
+    )
+    links = {"tp": (4, LINK)}
+    alpha, beta, n = 2e-6, 100e9, 2048.0  # 1024 bf16
+    assert float(collective_time(ar, links)) == pytest.approx(min(6 * (alpha + n / (4 * beta)), 4 * alpha + 2 * n / beta))
+    assert float(collective_time(ag, links)) == pytest.approx(3 * (alpha + 4 * n / (4 * beta)))
+    assert float(collective_time(rs, links)) == pytest.approx(3 * (alpha + n / (4 * beta)))
+    assert float(collective_time(a2a, links)) == pytest.approx(3 * (alpha + n / (4 * beta)))
+
+
+def test_mesh_axes_map_to_links():
+    h100 = load("h100-sxm")
+    links = axis_links({"dp": 2, "tp": 8}, h100)
+    assert links["tp"][1].name.startswith("NVLink") and links["dp"][1].name.startswith("InfiniBand")
+    with pytest.raises(HardwareError, match="larger than one node .* describes no link between nodes"):
+        axis_links({"tp": 16}, load("h100-pcie-nop2p"))
+
+
+def test_unknown_hardware_lists_the_known_ones(tmp_path):
+    with pytest.raises(HardwareError, match="unknown hardware 'tpu-v9'; known: a100-80gb, cpu, h100-pcie-nop2p, h100-sxm, h200"):
+        load("tpu-v9")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[compute]\nf32 = 1e12\n")
+    with pytest.raises(HardwareError, match="missing 'memory'"):
+        load(bad)
+
+
+SCHEDULE_IR = """\
+    %w = plait.param "w" : !plait.tensor<[1024, 1024], f32>
+    %y = plait.linear "aten::linear"(%x, %w) : !plait.tensor<[1024, 1024], f32>
+    %h = plait.all_reduce %y {{axis = "tp", reduce = "sum"{flag}}} : !plait.tensor<[1024, 1024], f32> -> {type}
+    %z = plait.linear "aten::linear"(%x, %w) : !plait.tensor<[1024, 1024], f32>
+{wait}    %s = plait.elementwise "aten::add.Tensor"(%z, %r) : !plait.tensor<[1024, 1024], f32>
+"""
+
+
+def _schedule(async_: bool):
+    body = SCHEDULE_IR.format(
+        flag=", async" if async_ else "",
+        type="!plait.async<!plait.tensor<[1024, 1024], f32>>" if async_ else "!plait.tensor<[1024, 1024], f32>",
+        wait="    %r = plait.wait %h : !plait.async<!plait.tensor<[1024, 1024], f32>> -> !plait.tensor<[1024, 1024], f32>\n" if async_ else "",
+    )
+    if not async_:
+        body = body.replace("%h = plait.all_reduce", "%r = plait.all_reduce")
+    module, _ = _ops(body, "%x : !plait.tensor<[1024, 1024], f32>", symbols="", mesh="tp = 2")
+    return estimate(module, Target(load("a100-80gb"))).schedule
+
+
+def test_async_collectives_overlap_the_compute_before_their_wait():
+    blocking, overlapped = _schedule(False), _schedule(True)
+    assert blocking.compute_busy == pytest.approx(overlapped.compute_busy)
+    assert blocking.step_time == pytest.approx(blocking.compute_busy + blocking.comm_busy)
+    # the second linear runs while the all-reduce is in flight
+    assert overlapped.step_time < blocking.step_time
+    assert overlapped.exposed_comm == pytest.approx(blocking.exposed_comm - min(blocking.comm_busy, blocking.compute_busy / 3), rel=0.05)
+
+
+def test_peak_memory_counts_live_activations_and_weights():
+    module, _ = _ops(
+        '    %w = plait.param "w" : !plait.tensor<[256, 64], f32>\n'
+        '    %a = plait.linear "aten::linear"(%x, %w) : !plait.tensor<[b, 256], f32>\n'
+        '    %v = plait.reshape "aten::view"(%a, [sym(b), 16, 16]) : !plait.tensor<[b, 16, 16], f32>\n'
+        '    %e = plait.elementwise "aten::exp"(%v) : !plait.tensor<[b, 16, 16], f32>\n',
+        "%x : !plait.tensor<[b, 64], f32>",
+    )
+    result = estimate(module, Target(load("h100-sxm"), values={"b": 10, "s": 1}))
+    assert result.schedule.weight_bytes == 256 * 64 * 4
+    # x, a (viewed as v) and e are alive together at the exp: 64 + 256 + 256 floats per row
+    assert result.schedule.activation_peak == 10 * (64 + 256 + 256) * 4
+    assert sympy.simplify(result.formulas["activation_peak"] - 4 * (64 + 256 + 256) * B) == 0
+
+
+def test_z3_proves_bounds_for_the_whole_range_or_finds_a_counterexample():
+    memory = 4 * B * S * S + 1000 * B * S
+    assert prove_at_most(memory, 2e9, {"b": (1, 8), "s": (1, 8192)}).proved is False
+    result = prove_at_most(memory, 2e9, {"b": (1, 8), "s": (1, 8192)})
+    b, s = result.counterexample["b"], result.counterexample["s"]
+    assert 4 * b * s * s + 1000 * b * s > 2e9
+    assert prove_at_most(memory, 2e9, {"b": (1, 8), "s": (1, 2048)}).proved
+
+
+def test_formulas_evaluate_to_the_simulated_numbers(compiled):
+    result = compiled("llama-tiny").estimate("h100-sxm", values={"batch": 4, "seq": 100})
+    flops = result.formulas["flops"].subs({symbolic.symbol("batch"): 4, symbolic.symbol("seq"): 100})
+    assert float(flops) == pytest.approx(result.total_flops)
+    assert result.schedule.step_time == pytest.approx(result.schedule.compute_busy)
+    assert 0 < result.mfu < 1
+
+
+def test_cli_estimate_compare_and_trace(tmp_path, capsys):
+    from plait.cli import main
+
+    trace = tmp_path / "sim.json"
+    assert main(["estimate", "--example", "llama-tiny", "--batch", "2", "--seq", "64",
+                 "--hardware", "a100-80gb", "--trace", str(trace), "--group", "module"]) == 0
+    out = capsys.readouterr().out
+    assert "model.layers.*.mlp.down_proj" in out and "step time:" in out and "flops = " in out
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert any(e.get("ph") == "X" and e["tid"] == 0 for e in events)
+    assert main(["estimate", "--example", "llama-tiny", "--compare", "canonicalize", "--pipeline", ""]) == 0
+    assert "speedup of the second:" in capsys.readouterr().out
+    assert main(["estimate", "--example", "llama-tiny", "--hardware", "tpu-v9"]) == 1
+    assert "known: a100-80gb" in capsys.readouterr().err
