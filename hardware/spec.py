@@ -6,12 +6,19 @@ with its public source:
     name = "h100-sxm"
     [compute]            # peak dense FLOP/s per element type
     bf16 = 989.4e12
+    [compute.attention]  # optional: what a class of kernels reaches
+    bf16 = 600e12        # (attention, transcendental)
     [memory]
     bandwidth = 3.35e12  # bytes/s
     capacity = 80e9      # bytes
+    [[memory.caches]]    # optional, smallest first: working sets that fit
+    bytes = 2e6          # stream at the cache's bandwidth
+    bandwidth = 100e9
     [overhead]
     op = 4e-6            # seconds per launched op
     view = 0.0           # seconds per view op (no kernel)
+    [overhead.targets]   # optional: ops with their own fixed cost
+    "aten::index.Tensor" = 12e-6
     [[links]]            # innermost first: the devices a link joins
     name = "NVLink 4 via NVSwitch"
     devices = 8
@@ -24,6 +31,8 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import sympy
 
 from ..ir.errors import PlaitError
 
@@ -49,19 +58,46 @@ class Hardware:
     name: str
     description: str
     flops: dict[str, float]  # element type -> peak FLOP/s
+    # kernel class ("attention", "transcendental") -> element type -> FLOP/s it reaches
+    family_flops: dict[str, dict[str, float]]
     memory_bandwidth: float
     memory_capacity: float
+    # (bytes, bandwidth) per cache level, smallest first: working sets that fit
+    # stream at that level's bandwidth
+    caches: tuple[tuple[float, float], ...]
     op_overhead: float
     view_overhead: float
+    target_overhead: dict[str, float]  # schema name -> seconds, where it differs from `op`
     links: tuple[Link, ...] = ()
     sources: dict[str, str] = field(default_factory=dict)
 
-    def peak_flops(self, dtype: str) -> float:
-        """Peak FLOP/s for an element type (integer types use i8 or f32)."""
+    def peak_flops(self, dtype: str, family: str | None = None) -> float:
+        """FLOP/s for an element type (integer types use i8 or f32), for a kernel
+        class where the file gives its own rate."""
+        table = self.family_flops.get(family, {}) if family else {}
+        if dtype in table:
+            return table[dtype]
         if dtype in self.flops:
             return self.flops[dtype]
         fallback = "i8" if dtype.startswith(("i", "u")) and "i8" in self.flops else "f32"
         return self.flops[fallback]
+
+    def overhead(self, target: str | None, view: bool) -> float:
+        """Fixed seconds per op: the target's own figure, else the view or op default."""
+        if target in self.target_overhead:
+            return self.target_overhead[target]
+        return self.view_overhead if view else self.op_overhead
+
+    def roofline(self, flops, moved, dtype: str, family: str | None = None, target=None):
+        """Seconds of a kernel: max(compute, memory) plus its fixed cost. Working sets
+        that fit in the cache (where the file gives one) stream at cache bandwidth."""
+        bandwidth = self.memory_bandwidth
+        if self.caches:
+            bandwidth = sympy.Piecewise(
+                *((bw, moved <= size) for size, bw in self.caches), (self.memory_bandwidth, True)
+            )
+        compute = flops / self.peak_flops(dtype, family)
+        return sympy.Max(compute, moved / bandwidth) + self.overhead(target, view=False)
 
     def link_for(self, devices: int) -> Link:
         """The innermost link that joins `devices` devices."""
@@ -118,11 +154,24 @@ def load(name_or_path: str | Path) -> Hardware:
     return Hardware(
         name=data.get("name", path.stem),
         description=data.get("description", ""),
-        flops={k: float(v) for k, v in compute.items()},
+        flops={k: float(v) for k, v in compute.items() if not isinstance(v, dict)},
+        family_flops={
+            family: {k: float(v) for k, v in table.items()}
+            for family, table in compute.items()
+            if isinstance(table, dict)
+        },
         memory_bandwidth=float(_require(memory, "bandwidth", f"{where} [memory]")),
         memory_capacity=float(_require(memory, "capacity", f"{where} [memory]")),
+        caches=tuple(
+            (
+                float(_require(c, "bytes", f"{where} [[memory.caches]]")),
+                float(_require(c, "bandwidth", f"{where} [[memory.caches]]")),
+            )
+            for c in memory.get("caches", [])
+        ),  # fmt: skip
         op_overhead=float(overhead.get("op", 0.0)),
         view_overhead=float(overhead.get("view", 0.0)),
+        target_overhead={k: float(v) for k, v in overhead.get("targets", {}).items()},
         links=links,
         sources=data.get("sources", {}),
     )

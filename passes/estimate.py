@@ -28,6 +28,7 @@ from ..ir.ops import CallOp, CollectiveOp, ReshapeOp
 from ..ir.text import SYMBOLS_ATTR
 from ..ir.types import AsyncType, TensorType
 from .comm_cost import axis_links, collective_time
+from .layout import copies, memory_orders
 from .op_cost import OpCost, op_cost
 from .schedule import Schedule, simulate
 
@@ -155,20 +156,20 @@ def estimate(module: ModuleOp, target: Target, function: str = "forward") -> Est
     rows: list[OpEstimate] = []
     times: dict[Operation, float] = {}
     views: set[Operation] = set()
+    orders = memory_orders(fn.body.blocks.first)
     for op in fn.body.blocks.first.ops:
-        key = _signature(op, context)
+        copying = copies(op, orders)
+        key = (_signature(op, context), copying)
         if key not in cache:
-            cost = op_cost(op, context)
+            cost = op_cost(op, context, copying)
             if cost.kind == "collective":
                 formula = collective_time(op, links)
             elif cost.kind == "compute":
-                dtype = _dtype(op)
-                formula = sympy.Max(
-                    cost.flops / hw.peak_flops(dtype), cost.bytes / hw.memory_bandwidth
+                formula = hw.roofline(
+                    cost.flops, cost.bytes, _dtype(op), cost.rate, getattr(op, "target_name", None)
                 )
-                formula = formula + hw.op_overhead
             elif cost.kind == "view":
-                formula = sympy.Float(hw.view_overhead)
+                formula = sympy.Float(hw.overhead(getattr(op, "target_name", None), view=True))
             else:
                 formula = sympy.Integer(0)
             cache[key] = (

@@ -44,6 +44,9 @@ class OpCost:
     flops: Expr
     bytes: Expr
     kind: str  # "compute", "view" (no kernel), "collective", "none"
+    # which throughput the FLOPs run at: None for the machine's matmul peak, or a
+    # kernel class a hardware file may rate on its own ("attention", "transcendental")
+    rate: str | None = None
 
 
 def _type(value: SSAValue) -> TensorType:
@@ -72,11 +75,11 @@ def _arg_type(op: CallOp, name: str) -> TensorType | None:
     return _type(op.inputs[value.index]) if isinstance(value, Operand) else None
 
 
-# element-wise functions that cost more than one FLOP per element
-# (approximate counts for the polynomial/exp evaluations kernels use)
-_TRANSCENDENTAL = {"exp", "log", "sin", "cos", "tanh", "sigmoid", "silu", "gelu", "erf",
-                   "rsqrt", "sqrt", "pow", "softplus", "mish", "elu", "log1p", "expm1",
-                   "exp2", "log2", "reciprocal", "div"}  # fmt: skip
+# element-wise functions evaluated by polynomial/exp approximations: counted as
+# 4 FLOPs per element, at the machine's transcendental rate where it has one
+_TRANSCENDENTAL = {"exp", "log", "sin", "cos", "tan", "tanh", "sigmoid", "silu", "gelu", "erf",
+                   "softplus", "mish", "elu", "log1p", "expm1", "exp2", "log2", "atan",
+                   "sinh", "cosh"}  # fmt: skip
 
 
 def _linear(op: CallOp) -> OpCost:
@@ -114,7 +117,7 @@ def _attention(op: CallOp, context=None) -> OpCost:
     mask = _arg_type(op, "attn_mask")
     mask_bytes = _bytes([mask]) if mask is not None and context is None else ZERO
     moved = _bytes([q, out]) + kv_bytes + mask_bytes
-    return OpCost(flops, moved, "compute")
+    return OpCost(flops, moved, "compute", "attention")
 
 
 def _norm(op: CallOp) -> OpCost:
@@ -123,8 +126,10 @@ def _norm(op: CallOp) -> OpCost:
 
 def _elementwise(op: CallOp) -> OpCost:
     name = op.target_name.split("::", 1)[1].split(".")[0]
-    per_element = 4 if name in _TRANSCENDENTAL else 1
-    return OpCost(per_element * _numel(_type(op.results[0])), _io_bytes(op), "compute")
+    numel = _numel(_type(op.results[0]))
+    if name in _TRANSCENDENTAL:
+        return OpCost(4 * numel, _io_bytes(op), "compute", "transcendental")
+    return OpCost(numel, _io_bytes(op), "compute")
 
 
 def _softmax(op: CallOp) -> OpCost:
@@ -135,11 +140,11 @@ def _reduce(op: CallOp) -> OpCost:
     return OpCost(_numel(_type(op.inputs[0])), _io_bytes(op), "compute")
 
 
-_COPYING_RESHAPES = {"aten::contiguous", "aten::clone", "aten::cat", "aten::stack"}
+_COPYING_RESHAPES = {"aten::clone", "aten::cat", "aten::stack"}
 
 
-def _reshape(op: CallOp) -> OpCost:
-    if op.target_name in _COPYING_RESHAPES:
+def _reshape(op: CallOp, copies: bool = False) -> OpCost:
+    if copies or op.target_name in _COPYING_RESHAPES:
         return OpCost(ZERO, _io_bytes(op), "compute")
     return OpCost(ZERO, ZERO, "view")
 
@@ -167,15 +172,17 @@ _BY_FAMILY = {
     ElementwiseOp: _elementwise,
     SoftmaxOp: _softmax,
     ReduceOp: _reduce,
-    ReshapeOp: _reshape,
     EmbeddingOp: _embedding,
 }
 
 
-def op_cost(op: Operation, context: Expr | int | None = None) -> OpCost:
-    """FLOPs and bytes of one op; `context` is the KV length attention reads in decode."""
+def op_cost(op: Operation, context: Expr | int | None = None, copies: bool = False) -> OpCost:
+    """FLOPs and bytes of one op; `context` is the KV length attention reads in
+    decode; `copies` says a reshape must copy a strided input (see `layout`)."""
     if isinstance(op, AttentionOp):
         return _attention(op, context)
+    if isinstance(op, ReshapeOp):
+        return _reshape(op, copies)
     for family, fn in _BY_FAMILY.items():
         if isinstance(op, family):
             return fn(op)

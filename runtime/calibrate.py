@@ -1,9 +1,9 @@
 """`plait calibrate`: measure this machine and write a hardware file for it.
 
-Times a few kernels with torch (matmul throughput per dtype, a large copy for
-memory bandwidth, tiny ops for per-op overhead) and all-reduces between two
-gloo processes over loopback (latency and bandwidth by a least-squares fit of
-t = 2 alpha + n / beta), then writes the TOML the cost model reads.
+Times a few kernels with torch (linear and attention throughput per dtype,
+an element-wise kernel, a large copy for memory bandwidth, tiny ops for
+per-op fixed costs) and all-reduces between two gloo processes over loopback
+(t = 2 alpha + n / beta), then writes the TOML the cost model reads.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from ..ir.dtypes import IR_NAMES
 
 
-def _median_time(fn, repeats: int, warmup: int = 3) -> float:
+def _times(fn, repeats: int, warmup: int = 3) -> list[float]:
     for _ in range(warmup):
         fn()
     samples = []
@@ -30,30 +30,121 @@ def _median_time(fn, repeats: int, warmup: int = 3) -> float:
         start = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    return samples
 
 
-def matmul_flops(dtype: torch.dtype, size: int = 1024, repeats: int = 7) -> float:
-    a = torch.randn(size, size).to(dtype)
-    b = torch.randn(size, size).to(dtype)
-    seconds = _median_time(lambda: torch.mm(a, b), repeats)
-    return 2 * size**3 / seconds
+def _median_time(fn, repeats: int) -> float:
+    """Typical time of a kernel long enough to time reliably."""
+    return statistics.median(_times(fn, repeats))
 
 
-def memory_bandwidth(megabytes: int = 256, repeats: int = 7) -> float:
-    x = torch.empty(megabytes * 2**20 // 4)
+def _best_time(fn, repeats: int) -> float:
+    """The fastest of many runs of a microsecond call, which noise only lengthens."""
+    return min(_times(fn, repeats))
+
+
+# (rows, in, out) of linear layers in small transformers
+LINEAR_SHAPES = ((128, 512, 512), (128, 512, 2048), (128, 2048, 512), (512, 1024, 1024))
+
+
+def matmul_flops(dtype: torch.dtype, repeats: int = 7) -> float:
+    """Median FLOP/s of F.linear over transformer-like shapes."""
+    rates = []
+    for rows, k, n in LINEAR_SHAPES:
+        x, w = torch.randn(rows, k).to(dtype), torch.randn(n, k).to(dtype)
+        seconds = _median_time(lambda: torch.nn.functional.linear(x, w), repeats)
+        rates.append(2 * rows * k * n / seconds)
+    return statistics.median(rates)
+
+
+def attention_flops(dtype: torch.dtype, repeats: int = 5) -> float:
+    """Median FLOP/s of causal-masked SDPA over sequence lengths, counted as the
+    cost model counts attention."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    rates = []
+    for length in (64, 128, 256, 512):
+        b, h, d = 1, 8, 64
+        q = torch.randn(b, h, length, d).to(dtype)
+        mask = torch.ones(length, length, dtype=torch.bool).tril()[None, None]
+        seconds = _median_time(lambda: sdpa(q, q, q, attn_mask=mask), repeats)
+        scores = b * h * length * length
+        rates.append((4 * scores * d + 5 * scores) / seconds)
+    return statistics.median(rates)
+
+
+def transcendental_flops(repeats: int = 7) -> float:
+    """FLOP/s of a transcendental element-wise kernel (4 FLOPs per element)."""
+    x = torch.randn(1 << 20)
+    seconds = _median_time(lambda: torch.nn.functional.silu(x), repeats)
+    return 4 * x.numel() / seconds
+
+
+def copy_bandwidth(nbytes: int, repeats: int = 7) -> float:
+    """Bytes/s of a copy whose source and destination total `nbytes`."""
+    x = torch.empty(nbytes // 8)
     y = torch.empty_like(x)
-    seconds = _median_time(lambda: y.copy_(x), repeats)
-    return 2 * x.numel() * 4 / seconds  # read + write
+    seconds = _median_time(lambda: y.copy_(x), max(repeats, 2_000_000 // max(nbytes, 1)))
+    return nbytes / seconds
 
 
-def op_overheads(repeats: int = 2000) -> tuple[float, float]:
-    """Seconds per tiny kernel op and per view op (dispatch, no work)."""
-    x = torch.ones(8)
+def cache_sizes() -> list[int]:
+    """Sizes of the unified (level 2 and up) caches, smallest first, from sysfs."""
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            if (index / "type").read_text().strip() != "Unified":
+                continue
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        scale = {"K": 1024, "M": 1024**2}.get(text[-1], 1)
+        sizes.append(int(text.rstrip("KM")) * scale)
+    return sorted(sizes)
+
+
+def _tiny_calls() -> dict[str, tuple]:
+    """Common targets on tiny inputs: their cost is the fixed cost per call."""
+    x = torch.ones(2, 4)
+    col, row = torch.arange(4).view(1, 1, 4, 1), torch.arange(4).view(1, 1, 1, 4)
+    mask = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+    rows, cols = torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 2, dtype=torch.long)
+    return {
+        "aten::add.Tensor": (x, x),
+        "aten::view": (x, [2, 4]),
+        "aten::expand": (x, [2, 4]),
+        "aten::slice.Tensor": (x, 1, 0, 2),
+        "aten::transpose.int": (x, 0, 1),
+        "aten::unsqueeze": (x, 0),
+        "aten::reshape": (x, [8]),
+        "aten::mul.Tensor": (x, x),
+        "aten::neg": (x,),
+        "aten::cos": (x,),
+        "aten::le.Tensor": (col, row),
+        "aten::__and__.Tensor": (mask, mask),
+        "aten::to.dtype": (x, torch.float64),
+        "aten::index.Tensor": (x, [rows, cols]),
+        "aten::arange": (8,),
+        "aten::new_ones": (x, [2]),
+        "aten::mean.dim": (x, [-1], True),
+        "aten::cat": ([x, x], -1),
+    }
+
+
+def op_overheads(repeats: int = 2000) -> dict[str, float]:
+    """Seconds of fixed cost per call of common targets, called exactly as plait
+    programs call them (through ATen's bindings where the backend does)."""
+    from ..backends.bindings import fast_call, resolve
+
+    out = {}
     with torch.inference_mode():
-        kernel = _median_time(lambda: torch.add(x, x), repeats)
-        view = _median_time(lambda: x.view(2, 4), repeats)
-    return kernel, view
+        for target, args in _tiny_calls().items():
+            kind, callee = fast_call(resolve(target), target)
+            if kind == "call_method":
+                method, first, rest = callee, args[0], args[1:]
+                out[target] = _best_time(lambda: getattr(first, method)(*rest), repeats)
+            else:
+                out[target] = _best_time(lambda: callee(*args), repeats)
+    return out
 
 
 def _allreduce_worker(rank: int, port: int, sizes: list[int], queue) -> None:
@@ -64,7 +155,7 @@ def _allreduce_worker(rank: int, port: int, sizes: list[int], queue) -> None:
     results = []
     for n in sizes:
         x = torch.ones(n // 4)
-        results.append((n, _median_time(lambda: dist.all_reduce(x), repeats=15)))
+        results.append((n, _best_time(lambda: dist.all_reduce(x), repeats=15)))
     if rank == 0:
         queue.put(results)
     dist.barrier()
@@ -111,40 +202,58 @@ def _memory_capacity() -> float:
 def calibrate(progress=print) -> str:
     """Measure this machine; return the hardware file's text."""
     threads = torch.get_num_threads()
-    progress(f"matmul throughput ({threads} threads)")
-    flops = {
-        IR_NAMES[str(d).removeprefix("torch.")]: matmul_flops(d)
-        for d in (torch.float32, torch.bfloat16)
-    }
-    progress("memory bandwidth")
-    bandwidth = memory_bandwidth()
-    progress("per-op overhead")
-    kernel, view = op_overheads()
+    dtypes = (torch.float32, torch.bfloat16)
+    name = {d: IR_NAMES[str(d).removeprefix("torch.")] for d in dtypes}
+    progress(f"matmul and attention throughput ({threads} torch threads)")
+    flops = {name[d]: matmul_flops(d) for d in dtypes}
+    attention = {name[d]: attention_flops(d) for d in dtypes}
+    transcendental = transcendental_flops()
+    progress("memory and cache bandwidth")
+    bandwidth = copy_bandwidth(512 << 20)
+    # a copy of half a cache's size, as an op's inputs and outputs together
+    caches = [(size, copy_bandwidth(size // 2)) for size in cache_sizes() if size < 256 << 20]
+    progress("per-op overheads")
+    overheads = op_overheads()
     progress("gloo all-reduce between 2 processes")
     alpha, beta = gloo_all_reduce()
     stamp = datetime.date.today().isoformat()
-    where = f"{platform.node() or 'this machine'} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    cpu = platform.processor() or platform.machine()
+    where = f"{platform.node() or 'this machine'} ({cpu}, {os.cpu_count()} cores)"
     how = f"measured by `plait calibrate` on {stamp}, {where}, torch {torch.__version__}"
+    default_op, default_view = overheads["aten::add.Tensor"], overheads["aten::view"]
     lines = [
         "# This CPU, as measured by `plait calibrate` (re-run it to refresh).",
         'name = "cpu"',
         f'description = "{where}, {threads} torch threads"',
         "",
-        "[compute]  # FLOP/s of a 1024x1024 matmul",
+        "[compute]  # FLOP/s of F.linear, median over transformer-like shapes",
         *(f"{k} = {v:.4g}" for k, v in flops.items()),
         "",
+        "[compute.attention]  # causal SDPA, 8 heads x 64-512 positions x 64, median",
+        *(f"{k} = {v:.4g}" for k, v in attention.items()),
+        "",
+        "[compute.transcendental]  # silu on 1M floats, 4 FLOPs per element",
+        f"f32 = {transcendental:.4g}",
+        "",
         "[memory]",
-        f"bandwidth = {bandwidth:.4g}  # bytes/s, a 256 MiB copy (read + write)",
+        f"bandwidth = {bandwidth:.4g}  # bytes/s, a 512 MiB copy (read + write)",
         f"capacity = {_memory_capacity():.4g}  # bytes, MemTotal",
         "",
-        "[overhead]",
-        f"op = {kernel:.4g}  # seconds, torch.add on 8 elements",
-        f"view = {view:.4g}  # seconds, Tensor.view",
+        *(
+            f"[[memory.caches]]\nbytes = {size}\nbandwidth = {bw:.4g}  # a copy of half of it\n"
+            for size, bw in caches
+        ),
+        "[overhead]  # seconds of fixed cost per op, called as plait programs call them",
+        f"op = {default_op:.4g}  # aten::add.Tensor on 8 elements",
+        f"view = {default_view:.4g}  # aten::view",
+        "",
+        "[overhead.targets]",
+        *(f'"{k}" = {v:.4g}' for k, v in overheads.items()),
         "",
         "[[links]]",
         'name = "gloo over loopback (2 processes)"',
-        f"bandwidth = {beta:.4g}  # bytes/s, fit of 2-rank all-reduce times, 4 KB to 16 MB",
-        f"latency = {alpha:.4g}  # seconds per step, same fit",
+        f"bandwidth = {beta:.4g}  # bytes/s, from 2-rank all-reduce times, 4 KB to 16 MB",
+        f"latency = {alpha:.4g}  # seconds per step, same measurement",
         "",
         "[sources]",
         f'all = "{how}"',

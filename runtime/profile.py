@@ -10,8 +10,8 @@ process per rank and one thread per lane, so the two can be laid side by side.
 
 from __future__ import annotations
 
+import gc
 import json
-import statistics
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -34,47 +34,63 @@ class TraceEvent:
 
 
 class _TimingInterpreter(torch.fx.Interpreter):
-    """Runs the graph node by node, timing each call itself."""
+    """Runs the graph node by node, timing each call.
 
-    def __init__(self, module: torch.fx.GraphModule, sync):
+    With `repeats`, each call is also repeated on its own inputs and the
+    fastest kept: the op's own cost with warm caches, as a per-op model (and
+    `plait calibrate`) measure it, rather than whatever the previous op or
+    another process left behind.
+    """
+
+    def __init__(self, module: torch.fx.GraphModule, sync, repeats: int = 0):
         super().__init__(module)
         self.sync = sync
+        self.repeats = repeats
         self.spans: list[tuple[torch.fx.Node, float, float]] = []
+
+    def _timed(self, node, args, kwargs):
+        self.sync()
+        start = time.perf_counter()
+        result = getattr(self, node.op)(node.target, args, kwargs)
+        self.sync()
+        return result, start, time.perf_counter() - start
 
     def run_node(self, node: torch.fx.Node):
         if node.op not in ("call_function", "call_method"):
             return super().run_node(node)
         args, kwargs = self.fetch_args_kwargs_from_env(node)
-        self.sync()
-        start = time.perf_counter()
-        result = getattr(self, node.op)(node.target, args, kwargs)
-        self.sync()
-        self.spans.append((node, start, time.perf_counter() - start))
+        result, start, seconds = self._timed(node, args, kwargs)
+        if self.repeats:
+            seconds = min(self._timed(node, args, kwargs)[2] for _ in range(self.repeats))
+        self.spans.append((node, start, seconds))
         return result
 
 
-def _spans(program: Program, inputs) -> list[tuple[torch.fx.Node, float, float]]:
+def _spans(program: Program, inputs, repeats: int = 0) -> list[tuple[torch.fx.Node, float, float]]:
     on_cuda = any(isinstance(x, torch.Tensor) and x.is_cuda for x in inputs)
     sync = torch.cuda.synchronize if on_cuda else (lambda: None)
-    interpreter = _TimingInterpreter(program.graph_module, sync)
-    with torch.inference_mode():
-        interpreter.run(*inputs)
+    interpreter = _TimingInterpreter(program.graph_module, sync, repeats)
+    collecting = gc.isenabled()
+    gc.disable()  # a collection would land on whichever op allocates at that moment
+    try:
+        with torch.inference_mode():
+            interpreter.run(*inputs)
+    finally:
+        if collecting:
+            gc.enable()
     return interpreter.spans
 
 
-def profile_ops(program: Program, inputs, repeats: int = 10, warmup: int = 2) -> dict:
-    """IR op -> median measured seconds (summed over the nodes it lowers to)."""
-    samples: dict[object, list[float]] = defaultdict(list)
-    for i in range(warmup + repeats):
-        per_op: dict[object, float] = defaultdict(float)
-        for node, _, seconds in _spans(program, inputs):
-            op = node.meta.get(OP_META)
-            if op is not None:
-                per_op[op] += seconds
-        if i >= warmup:
-            for op, seconds in per_op.items():
-                samples[op].append(seconds)
-    return {op: statistics.median(values) for op, values in samples.items()}
+def profile_ops(program: Program, inputs, repeats: int = 10) -> dict:
+    """IR op -> measured seconds: each op run `repeats` times on its own inputs,
+    the fastest kept, summed over the nodes the op lowers to."""
+    _spans(program, inputs)  # warm up
+    per_op: dict[object, float] = defaultdict(float)
+    for node, _, seconds in _spans(program, inputs, repeats):
+        op = node.meta.get(OP_META)
+        if op is not None:
+            per_op[op] += seconds
+    return dict(per_op)
 
 
 def measured_events(program: Program, inputs, rank: int = 0) -> list[TraceEvent]:

@@ -9,7 +9,6 @@ import math
 
 import pytest
 import sympy
-
 from plait.hardware import HardwareError, Link, load
 from plait.ir import symbolic
 from plait.ir.text import parse_module
@@ -22,7 +21,9 @@ B, S = symbolic.symbol("b"), symbolic.symbol("s")
 
 
 def _ops(body: str, inputs: str, symbols: str = "b = [1, 64], s = [1, 4096]", mesh: str = ""):
-    attrs = f"plait.symbols = #plait.symbols<{symbols}>" + (f", plait.mesh = #plait.mesh<{mesh}>" if mesh else "")
+    attrs = f"plait.symbols = #plait.symbols<{symbols}>" + (
+        f", plait.mesh = #plait.mesh<{mesh}>" if mesh else ""
+    )
     text = f"builtin.module attributes {{{attrs}}} {{\n  func.func @forward({inputs}) {{\n{body}    func.return\n  }}\n}}\n"
     module = parse_module(text)
     return module, list(module.ops.first.body.blocks.first.ops)[:-1]
@@ -96,7 +97,9 @@ def test_each_collective_by_alpha_beta():
     )
     links = {"tp": (4, LINK)}
     alpha, beta, n = 2e-6, 100e9, 2048.0  # 1024 bf16
-    assert float(collective_time(ar, links)) == pytest.approx(min(6 * (alpha + n / (4 * beta)), 4 * alpha + 2 * n / beta))
+    assert float(collective_time(ar, links)) == pytest.approx(
+        min(6 * (alpha + n / (4 * beta)), 4 * alpha + 2 * n / beta)
+    )
     assert float(collective_time(ag, links)) == pytest.approx(3 * (alpha + 4 * n / (4 * beta)))
     assert float(collective_time(rs, links)) == pytest.approx(3 * (alpha + n / (4 * beta)))
     assert float(collective_time(a2a, links)) == pytest.approx(3 * (alpha + n / (4 * beta)))
@@ -106,12 +109,17 @@ def test_mesh_axes_map_to_links():
     h100 = load("h100-sxm")
     links = axis_links({"dp": 2, "tp": 8}, h100)
     assert links["tp"][1].name.startswith("NVLink") and links["dp"][1].name.startswith("InfiniBand")
-    with pytest.raises(HardwareError, match="larger than one node .* describes no link between nodes"):
+    with pytest.raises(
+        HardwareError, match="larger than one node .* describes no link between nodes"
+    ):
         axis_links({"tp": 16}, load("h100-pcie-nop2p"))
 
 
 def test_unknown_hardware_lists_the_known_ones(tmp_path):
-    with pytest.raises(HardwareError, match="unknown hardware 'tpu-v9'; known: a100-80gb, cpu, h100-pcie-nop2p, h100-sxm, h200"):
+    with pytest.raises(
+        HardwareError,
+        match="unknown hardware 'tpu-v9'; known: a100-80gb, cpu, h100-pcie-nop2p, h100-sxm, h200",
+    ):
         load("tpu-v9")
     bad = tmp_path / "bad.toml"
     bad.write_text("[compute]\nf32 = 1e12\n")
@@ -131,8 +139,12 @@ SCHEDULE_IR = """\
 def _schedule(async_: bool):
     body = SCHEDULE_IR.format(
         flag=", async" if async_ else "",
-        type="!plait.async<!plait.tensor<[1024, 1024], f32>>" if async_ else "!plait.tensor<[1024, 1024], f32>",
-        wait="    %r = plait.wait %h : !plait.async<!plait.tensor<[1024, 1024], f32>> -> !plait.tensor<[1024, 1024], f32>\n" if async_ else "",
+        type="!plait.async<!plait.tensor<[1024, 1024], f32>>"
+        if async_
+        else "!plait.tensor<[1024, 1024], f32>",
+        wait="    %r = plait.wait %h : !plait.async<!plait.tensor<[1024, 1024], f32>> -> !plait.tensor<[1024, 1024], f32>\n"
+        if async_
+        else "",
     )
     if not async_:
         body = body.replace("%h = plait.all_reduce", "%r = plait.all_reduce")
@@ -146,7 +158,9 @@ def test_async_collectives_overlap_the_compute_before_their_wait():
     assert blocking.step_time == pytest.approx(blocking.compute_busy + blocking.comm_busy)
     # the second linear runs while the all-reduce is in flight
     assert overlapped.step_time < blocking.step_time
-    assert overlapped.exposed_comm == pytest.approx(blocking.exposed_comm - min(blocking.comm_busy, blocking.compute_busy / 3), rel=0.05)
+    assert overlapped.exposed_comm == pytest.approx(
+        blocking.exposed_comm - min(blocking.comm_busy, blocking.compute_busy / 3), rel=0.05
+    )
 
 
 def test_peak_memory_counts_live_activations_and_weights():
@@ -175,7 +189,9 @@ def test_z3_proves_bounds_for_the_whole_range_or_finds_a_counterexample():
 
 def test_formulas_evaluate_to_the_simulated_numbers(compiled):
     result = compiled("llama-tiny").estimate("h100-sxm", values={"batch": 4, "seq": 100})
-    flops = result.formulas["flops"].subs({symbolic.symbol("batch"): 4, symbolic.symbol("seq"): 100})
+    flops = result.formulas["flops"].subs(
+        {symbolic.symbol("batch"): 4, symbolic.symbol("seq"): 100}
+    )
     assert float(flops) == pytest.approx(result.total_flops)
     assert result.schedule.step_time == pytest.approx(result.schedule.compute_busy)
     assert 0 < result.mfu < 1
@@ -185,13 +201,34 @@ def test_cli_estimate_compare_and_trace(tmp_path, capsys):
     from plait.cli import main
 
     trace = tmp_path / "sim.json"
-    assert main(["estimate", "--example", "llama-tiny", "--batch", "2", "--seq", "64",
-                 "--hardware", "a100-80gb", "--trace", str(trace), "--group", "module"]) == 0
+    assert (
+        main(
+            [
+                "estimate",
+                "--example",
+                "llama-tiny",
+                "--batch",
+                "2",
+                "--seq",
+                "64",
+                "--hardware",
+                "a100-80gb",
+                "--trace",
+                str(trace),
+                "--group",
+                "module",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "model.layers.*.mlp.down_proj" in out and "step time:" in out and "flops = " in out
     events = json.loads(trace.read_text())["traceEvents"]
     assert any(e.get("ph") == "X" and e["tid"] == 0 for e in events)
-    assert main(["estimate", "--example", "llama-tiny", "--compare", "canonicalize", "--pipeline", ""]) == 0
+    assert (
+        main(["estimate", "--example", "llama-tiny", "--compare", "canonicalize", "--pipeline", ""])
+        == 0
+    )
     assert "speedup of the second:" in capsys.readouterr().out
     assert main(["estimate", "--example", "llama-tiny", "--hardware", "tpu-v9"]) == 1
     assert "known: a100-80gb" in capsys.readouterr().err

@@ -1,0 +1,110 @@
+"""Cost model vs measurement on this machine, for the ops of a small Llama.
+
+    plait calibrate -o /tmp/cpu.toml && python benchmarks/cost_model_cpu.py --hardware /tmp/cpu.toml
+    python benchmarks/cost_model_cpu.py                 # the shipped hardware/cpu.toml
+
+Measures each op of the compiled forward (median of repeated timed runs, op by
+op) and the whole forward (median of plain runs), predicts both with the cost
+model, and prints Kendall's tau between predicted and measured per-op times
+(goal >= 0.8) and the total's error (goal within +-25%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def kendall_tau_b(x: list[float], y: list[float]) -> float:
+    concordant = discordant = ties_x = ties_y = 0
+    for i in range(len(x)):
+        for j in range(i + 1, len(x)):
+            dx, dy = x[i] - x[j], y[i] - y[j]
+            if dx == 0 and dy == 0:
+                continue
+            if dx == 0:
+                ties_x += 1
+            elif dy == 0:
+                ties_y += 1
+            elif (dx > 0) == (dy > 0):
+                concordant += 1
+            else:
+                discordant += 1
+    denominator = ((concordant + discordant + ties_x) * (concordant + discordant + ties_y)) ** 0.5
+    return (concordant - discordant) / denominator if denominator else 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--hardware", default="cpu")
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args()
+
+    import plait
+    from plait.frontend import hf
+    from plait.hardware import load
+    from plait.runtime.profile import profile_ops
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=8192,
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    inputs = hf.example_inputs(model, 1, args.seq)
+    compiled = plait.compile(
+        hf.wrap(model),
+        hf.example_inputs(model, 2, 16),
+        dynamic_shapes=hf.dynamic_shapes(max_seq=1024),
+    )
+    hardware = load(args.hardware)
+    predicted = compiled.estimate(hardware, values={"batch": 1, "seq": args.seq})
+
+    measured = profile_ops(compiled.program, list(inputs), repeats=args.repeats)
+    with torch.inference_mode():
+        for _ in range(3):
+            compiled(*inputs)
+        runs = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            compiled(*inputs)
+            runs.append(time.perf_counter() - start)
+    total_measured = statistics.median(runs)
+
+    pairs = [(row.time, measured[row.op]) for row in predicted.ops if row.op in measured]
+    tau = kendall_tau_b([p for p, _ in pairs], [m for _, m in pairs])
+    total_predicted = predicted.schedule.step_time
+    error = total_predicted / total_measured - 1
+    print(
+        f"small Llama (hidden 512, 4 layers), batch 1, seq {args.seq}, hardware file {hardware.name} "
+        f"({hardware.description}), torch threads {torch.get_num_threads()}"
+    )
+    print(f"ops compared: {len(pairs)}")
+    print(f"Kendall tau (predicted vs measured per-op time): {tau:.3f}  (goal >= 0.8)")
+    print(
+        f"forward: predicted {total_predicted * 1e3:.3f} ms, measured {total_measured * 1e3:.3f} ms, "
+        f"error {error:+.1%}  (goal within +-25%)"
+    )
+    slowest = sorted((r for r in predicted.ops if r.op in measured), key=lambda r: -measured[r.op])[
+        :8
+    ]
+    print(f"\n{'op':<48} {'predicted us':>13} {'measured us':>12}")
+    for row in slowest:
+        name = f"{row.family} {row.module}"[:48]
+        print(f"{name:<48} {row.time * 1e6:>13.1f} {measured[row.op] * 1e6:>12.1f}")
+
+
+if __name__ == "__main__":
+    main()
