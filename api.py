@@ -11,6 +11,7 @@ again = plait.load("out/")
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -20,7 +21,7 @@ from torch.utils import _pytree as pytree
 from xdsl.dialects import func
 from xdsl.dialects.builtin import ModuleOp
 
-from .backends.fx import Program, build_program
+from .backends.fx import CollectiveGroups, Program, build_program
 from .frontend.capture import capture
 from .frontend.importer import import_program
 from .ir.errors import PlaitError
@@ -78,15 +79,36 @@ class CompiledModel:
         """The plan as IR text (parses back with `plait opt`)."""
         return print_module(self.module)
 
+    @property
+    def mesh(self) -> dict[str, int]:
+        """The device mesh the plan was sharded for ({} for one device)."""
+        attr = self.module.attributes.get("plait.mesh")
+        return attr.axes if attr is not None else {}
+
+    @property
+    def world_size(self) -> int:
+        return math.prod(self.mesh.values())
+
     @cached_property
     def program(self) -> Program:
-        """This rank's torch program, built on first use."""
-        return build_program(self.module, self.weights, self.device)
+        """This rank's torch program, built on first use (under torchrun or an
+        initialized process group when the plan spans several ranks)."""
+        groups = None
+        if self.world_size > 1:
+            from .runtime.distributed import mesh_groups
+
+            groups = mesh_groups(self.mesh)
+        return build_program(self.module, self.weights, self.device, groups)
+
+    def rank_code(self, rank: int) -> str:
+        """The program source of `rank`, with groups named after mesh axes."""
+        groups = CollectiveGroups.placeholder(self.mesh, rank) if self.mesh else None
+        return build_program(self.module, self.weights, self.device, groups).code
 
     @property
     def code(self) -> str:
-        """The program's Python source."""
-        return self.program.code
+        """The program's Python source (rank 0's for a sharded plan)."""
+        return self.program.code if self.world_size == 1 else self.rank_code(0)
 
     @property
     def input_names(self) -> list[str]:
@@ -120,21 +142,28 @@ class CompiledModel:
         hw = hardware if isinstance(hardware, Hardware) else load(hardware)
         return estimate(self.module, Target(hw, dict(mesh or {}), dict(values or {}), context))
 
+    def _symbols(self) -> dict:
+        attr = self.module.attributes.get("plait.symbols")
+        return attr.ranges if attr is not None else {}
+
     def save(self, directory: str | Path) -> Path:
         """Write an artifact directory (see `plait.runtime.artifact`)."""
         function = self.function
         manifest = {
             "pipeline": self.pipeline,
-            "mesh": {"world_size": 1, "axes": {}},
+            "mesh": {"world_size": self.world_size, "axes": self.mesh},
             "inputs": [
                 {"name": name, "type": str(t)}
                 for name, t in zip(self.input_names, function.function_type.inputs)
             ],
-            "symbols": {n: list(r) for n, r in self.program.symbols.items()},
+            "symbols": {n: list(r) for n, r in self._symbols().items()},
             "outputs": {"count": len(function.function_type.outputs), "treespec": self.out_spec},
             "device": str(self.device.type),
         }
-        contents = artifact.Artifact(plan=self.ir, programs={0: self.code}, manifest=manifest)
+        programs = (
+            {r: self.rank_code(r) for r in range(self.world_size)} if self.mesh else {0: self.code}
+        )
+        contents = artifact.Artifact(plan=self.ir, programs=programs, manifest=manifest)
         return artifact.write(directory, contents, self.weights, self.weight_names)
 
 
@@ -212,7 +241,7 @@ def load(directory: str | Path, device: str | torch.device = "cpu") -> CompiledM
         "device"
     ):
         saved = contents.programs.get(0)
-        if saved is not None and saved != compiled.code:
+        if saved is not None and saved != compiled.rank_code(0):
             raise artifact.ArtifactError(
                 f"{directory}/{artifact.program_file(0)} does not match the program rebuilt "
                 "from plan.mlir; the artifact was edited. Recompile it with `plait compile`"

@@ -64,16 +64,20 @@ def fast_call(target: torch._ops.OpOverload, schema_name: str) -> tuple[str, obj
     return "call_function", target
 
 
-def resolve(target: str) -> torch._ops.OpOverload | None:
-    """Schema name -> OpOverload, importing a custom op's library if needed."""
+def resolve(target: str, libraries: tuple[str, ...] = ()) -> torch._ops.OpOverload | None:
+    """Schema name -> OpOverload. A custom op is found after importing the module
+    the program says defines it (`libraries`, only modules of the op's own
+    package), or the package named like its namespace."""
     namespace, name, overload = split_name(target)
-    for attempt in range(2):
+    candidates = [m for m in libraries if m.split(".")[0] == namespace] + [namespace]
+    for module in [None, *candidates]:
+        if module is not None:
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                continue
         try:
             return getattr(getattr(getattr(torch.ops, namespace), name), overload)
         except (AttributeError, RuntimeError):
-            if attempt == 0:
-                try:
-                    importlib.import_module(namespace)  # e.g. transformers registers its ops
-                except ImportError:
-                    return None
+            continue
     return None

@@ -34,6 +34,7 @@ from ..ir.ops import (
     AllReduceOp,
     CallOp,
     CollectiveOp,
+    LocalShardOp,
     ParamOp,
     ReduceScatterOp,
     WaitOp,
@@ -48,9 +49,11 @@ class LoweringError(PlaitError):
     """An op the torch backend cannot lower."""
 
 
-def resolve_target(target: str, op: Operation | None = None) -> torch._ops.OpOverload:
+def resolve_target(
+    target: str, op: Operation | None = None, libraries: tuple[str, ...] = ()
+) -> torch._ops.OpOverload:
     """Schema name -> the torch OpOverload, or a LoweringError that says what to do."""
-    overload = bindings.resolve(target)
+    overload = bindings.resolve(target, libraries)
     if overload is None:
         location = f"{where(op)}: " if op is not None else ""
         raise LoweringError(
@@ -91,6 +94,9 @@ def torch_dtype(name: str) -> torch.dtype:
 
 # fx node meta key: the IR op a node lowers (for per-op profiles)
 OP_META = "plait_op"
+MESH_ATTR = "plait.mesh"
+PLACEMENTS_ATTR = "plait.placements"
+LIBRARIES_ATTR = "plait.libraries"
 
 
 @dataclass
@@ -164,10 +170,26 @@ class _SymExprs:
 
 @dataclass
 class CollectiveGroups:
-    """Process-group names per mesh axis, for lowering collectives."""
+    """This rank's place on the mesh: per axis, the process group's name, the
+    axis size and this rank's coordinate along it."""
 
     names: dict[str, str]
     sizes: dict[str, int]
+    coords: dict[str, int] = field(default_factory=dict)
+
+    @staticmethod
+    def placeholder(mesh: dict[str, int], rank: int = 0) -> CollectiveGroups:
+        """Groups named after their axes, for program source that is read, not run."""
+        return CollectiveGroups({a: a for a in mesh}, dict(mesh), mesh_coords(mesh, rank))
+
+
+def mesh_coords(mesh: dict[str, int], rank: int) -> dict[str, int]:
+    """A rank's coordinate on each axis; ranks are laid out row-major, last axis fastest."""
+    coords = {}
+    for axis, size in reversed(list(mesh.items())):
+        coords[axis] = rank % size
+        rank //= size
+    return dict(reversed(list(coords.items())))
 
 
 class _Lowering:
@@ -177,9 +199,13 @@ class _Lowering:
         device: torch.device,
         groups: CollectiveGroups | None,
         fast: bool,
+        mesh: dict[str, int],
+        libraries: tuple[str, ...],
     ):
         self.weights = weights
         self.fast = fast
+        self.mesh = mesh
+        self.libraries = libraries  # modules that define the custom ops called
         self.device = device
         self.groups = groups
         self.graph = torch.fx.Graph()
@@ -205,7 +231,7 @@ class _Lowering:
         return value
 
     def lower_call(self, op: CallOp) -> None:
-        target = resolve_target(op.target_name, op)
+        target = resolve_target(op.target_name, op, self.libraries)
         args = tuple(self.arg(a, op) for a in op.args.args)
         kwargs = {k: self.arg(v, op) for k, v in op.args.kwargs}
         single = _check_call(op, target, args, kwargs)
@@ -221,7 +247,17 @@ class _Lowering:
 
     def lower_param(self, op: ParamOp) -> None:
         name = op.weight_name
-        tensor = self.weights.get(name)
+        placements = op.attributes.get(PLACEMENTS_ATTR)
+        tensor, key = self.weights.get(name), name
+        for axis, placement in zip(self.mesh, placements.data if placements else ()):
+            if placement.kind == "shard":  # this rank's slice of the weight
+                if self.groups is None:
+                    raise LoweringError(
+                        f"{where(op)}: a sharded weight needs the rank's mesh position"
+                    )
+                size, coord = self.groups.sizes[axis], self.groups.coords[axis]
+                tensor = self.weights.get_shard(name, placement.dim, coord, size)
+                key = f"{name}_shard{placement.dim}"
         expected = op.result.type
         shape_ok = len(tensor.shape) == expected.rank and all(
             not isinstance(d, int) or d == n for d, n in zip(expected.shape, tensor.shape)
@@ -234,8 +270,17 @@ class _Lowering:
             )
         if tensor.device != self.device and not tensor.is_meta:
             tensor = tensor.to(self.device)
-        self.attrs[name] = tensor
-        self.values[op.result] = self.graph.get_attr(name)
+        self.attrs[key] = tensor
+        self.values[op.result] = self.graph.get_attr(key)
+
+    def lower_local_shard(self, op: LocalShardOp) -> None:
+        axis, dim = op.axis.data, op.dim.value.data
+        if self.groups is None or axis not in self.groups.coords:
+            raise LoweringError(f"{where(op)}: plait.local_shard needs the rank's mesh position")
+        size = op.result.type.shape[dim]
+        start = self.groups.coords[axis] * size
+        args = (self.values[op.input], dim, start, size)
+        self.values[op.result] = self._node(torch.ops.aten.narrow.default, args, {}, op)
 
     def lower_collective(self, op: CollectiveOp) -> None:
         if self.groups is None or op.axis.data not in self.groups.names:
@@ -336,6 +381,8 @@ class _Lowering:
                 self.lower_collective(op)
             elif isinstance(op, WaitOp):
                 self.lower_wait(op)
+            elif isinstance(op, LocalShardOp):
+                self.lower_local_shard(op)
             elif isinstance(op, func.ReturnOp):
                 self.graph.output(tuple(self.values[v] for v in op.arguments))
             else:
@@ -361,7 +408,11 @@ def build_program(
     )
     if fn is None:
         raise LoweringError(f"the module has no function @{function}")
-    lowering = _Lowering(weights, torch.device(device), groups, fast)
+    mesh_attr = module.attributes.get(MESH_ATTR)
+    mesh = mesh_attr.axes if mesh_attr is not None else {}
+    libraries = module.attributes.get(LIBRARIES_ATTR)
+    libraries = tuple(a.data for a in libraries.data) if libraries is not None else ()
+    lowering = _Lowering(weights, torch.device(device), groups, fast, mesh, libraries)
     gm = lowering.run(fn)
     symbols = module.attributes.get(SYMBOLS_ATTR)
     return Program(

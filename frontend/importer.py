@@ -20,7 +20,7 @@ import operator
 import torch
 from torch.export.graph_signature import InputKind
 from xdsl.dialects import func
-from xdsl.dialects.builtin import ModuleOp, NameLoc, NoneAttr, StringAttr
+from xdsl.dialects.builtin import ArrayAttr, ModuleOp, NameLoc, NoneAttr, StringAttr
 from xdsl.ir import Block, Region, SSAValue
 
 from ..ir import args as irargs
@@ -46,6 +46,19 @@ _DROPPED = {
 
 class GraphImportError(PlaitError):
     """A captured graph that plait cannot represent."""
+
+
+LIBRARIES_ATTR = "plait.libraries"
+
+
+def defining_module(target) -> str | None:
+    """The Python module that registered a custom operator (torch.library)."""
+    from torch._library.custom_ops import OPDEFS
+
+    qualname = f"{target.namespace}::{target._schema.name.split('::', 1)[1]}"
+    definition = OPDEFS.get(qualname)
+    module = getattr(getattr(definition, "_init_fn", None), "__module__", None)
+    return module if module and module.split(".")[0] == target.namespace else None
 
 
 def target_name(target) -> str:
@@ -103,6 +116,8 @@ class _Importer:
         self.mutated: dict[torch.fx.Node, SSAValue] = {}
         # result of an in-place op -> the tensor it aliases
         self.bases: dict[torch.fx.Node, torch.fx.Node] = {}
+        # modules that define the custom operators the program calls
+        self.libraries: set[str] = set()
 
     # ---- types and values ------------------------------------------------
 
@@ -222,6 +237,10 @@ class _Importer:
         name = target_name(target)
         if name in _DROPPED:
             return
+        if target.namespace not in ("aten", "prims"):
+            module = defining_module(target)
+            if module is not None:
+                self.libraries.add(module)
         fake = node.meta.get("val")
         if isinstance(fake, (torch.SymInt, int)) and not isinstance(fake, bool):
             return  # aten.sym_size and friends: symbolic, not data
@@ -380,6 +399,10 @@ class _Importer:
             Region(self.block),
         )
         module = ModuleOp([fn])
+        if self.libraries:
+            module.attributes[LIBRARIES_ATTR] = ArrayAttr(
+                [StringAttr(m) for m in sorted(self.libraries)]
+            )
         if self.symbols.ranges:
             module.attributes[SYMBOLS_ATTR] = SymbolsAttr(
                 tuple((n, lo, hi) for n, (lo, hi) in self.symbols.ranges.items())

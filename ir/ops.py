@@ -455,6 +455,36 @@ class WaitOp(IRDLOperation):
             raise VerifyException("an async value must be waited on exactly once")
 
 
+@irdl_op_definition
+class LocalShardOp(IRDLOperation):
+    """This rank's slice along `dim` of a tensor every rank of `axis` holds whole.
+
+    No communication: each rank keeps its 1/n of the tensor. It turns a
+    replicated value into a sharded one where a sharded op needs it.
+    """
+
+    name = "plait.local_shard"
+
+    input = operand_def(TensorType)
+    result = result_def(TensorType)
+    axis = prop_def(StringAttr)
+    dim = prop_def(IntegerAttr)
+
+    assembly_format = "$input attr-dict `:` type($input) `->` type($result)"
+    irdl_options = (ParsePropInAttrDict(),)
+
+    def __init__(self, input: SSAValue, result_type: TensorType, axis: str, dim: int):
+        super().__init__(
+            operands=[input],
+            result_types=[result_type],
+            properties={"axis": StringAttr(axis), "dim": IntegerAttr(dim, i64)},
+        )
+
+    def verify_(self) -> None:
+        if self.input.type.dtype != self.result.type.dtype:
+            raise VerifyException("plait.local_shard cannot change the element type")
+
+
 COLLECTIVE_OPS = (AllReduceOp, AllGatherOp, ReduceScatterOp, AllToAllOp)
 
 

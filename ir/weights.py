@@ -87,6 +87,26 @@ class WeightStore:
             self._entries[name] = entry
         return entry
 
+    def get_shard(self, name: str, dim: int, index: int, parts: int) -> torch.Tensor:
+        """Slice `index` of `parts` equal slices along `dim`, reading only that
+        slice from a safetensors file."""
+        entry = self._entries.get(name)
+        if isinstance(entry, _FileEntry):
+            from safetensors import safe_open
+
+            with safe_open(str(entry.path), framework="pt") as f:
+                view = f.get_slice(entry.key)
+                shape = view.get_shape()
+                size = shape[dim] // parts
+                index_expr = [slice(None)] * len(shape)
+                index_expr[dim] = slice(index * size, (index + 1) * size)
+                return view[tuple(index_expr)]
+        full = self.get(name)
+        size = full.shape[dim] // parts
+        if full.is_meta:
+            return full.narrow(dim, index * size, size)
+        return full.narrow(dim, index * size, size).contiguous()
+
     def is_meta(self, name: str) -> bool:
         entry = self._entries.get(name)
         return isinstance(entry, torch.Tensor) and entry.is_meta

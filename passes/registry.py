@@ -11,6 +11,7 @@ _PASSES: dict[str, str] = {
     "canonicalize": "canonicalize:Canonicalize",
     "cse": "cse:CommonSubexpressionElimination",
     "dce": "dce:DeadCodeElimination",
+    "shard": "shard:Shard",
 }
 
 

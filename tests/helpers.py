@@ -1,5 +1,7 @@
 """Helpers shared by tests."""
 
+import io
+
 import torch
 
 
@@ -35,7 +37,7 @@ def run_ranks(world_size: int, fn, *args, timeout: float = 120.0) -> list:
             rank, ok, value = queue.get(timeout=timeout)
             if not ok:
                 raise RuntimeError(f"rank {rank} failed:\n{value}")
-            results[rank] = value
+            results[rank] = torch.load(io.BytesIO(value), weights_only=True)
     finally:
         for p in procs:
             p.join(timeout=10)
@@ -54,7 +56,10 @@ def _rank_main(rank, world_size, port, queue, fn, args):
         dist.init_process_group(
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
         )
-        queue.put((rank, True, fn(rank, world_size, *args)))
+        # serialized: a tensor sent as shared memory dies with its process
+        buffer = io.BytesIO()
+        torch.save(fn(rank, world_size, *args), buffer)
+        queue.put((rank, True, buffer.getvalue()))
     except Exception:
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -88,3 +93,13 @@ def collectives_rank(rank: int, world_size: int):
     program = build_program(parse_module(COLLECTIVES_IR), WeightStore(), groups=groups)
     x = torch.arange(24, dtype=torch.float32).reshape(4, 6) + 100 * rank
     return [t.clone() for t in program(x)], program.code
+
+
+def artifact_rank(rank: int, world_size: int, directory: str, inputs: list):
+    """Load a sharded artifact on this rank and run it on `inputs`."""
+    import plait
+
+    model = plait.load(directory)
+    with torch.inference_mode():
+        out = model(*inputs)
+    return out.clone(), model.code if rank == 0 else ""

@@ -1,0 +1,239 @@
+"""shard{mesh=tp:N}: tensor parallelism by Megatron-style rules.
+
+Walks the program once, deciding each op's placements from those its inputs
+arrive with (`shard_rules`), and rewrites it into the per-rank (SPMD) program:
+local shapes, weights marked with the slice each rank loads, and the
+collectives where placements change:
+
+    partial -> replicate       plait.all_reduce
+    shard(d) -> replicate      plait.all_gather along d
+    partial -> shard(d)        plait.reduce_scatter along d
+    replicate -> shard(d)      a weight: each rank loads its slice; an
+                               activation: plait.local_shard (no communication)
+
+For a Llama block this gives Q/K/V and gate/up column-parallel, attention
+by heads, O and down row-parallel, and one all-reduce after each of O and down.
+Every program output is replicated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from xdsl.context import Context
+from xdsl.dialects import func
+from xdsl.dialects.builtin import ModuleOp
+from xdsl.ir import Operation, SSAValue
+from xdsl.rewriter import InsertPoint, Rewriter
+
+from ..ir.args import ArgsAttr, Operand
+from ..ir.attrs import REPLICATE, MeshAttr, Placement, PlacementsAttr, mesh_from_text
+from ..ir.errors import PlaitError
+from ..ir.ops import (
+    AllGatherOp,
+    AllReduceOp,
+    CallOp,
+    CollectiveOp,
+    LocalShardOp,
+    ParamOp,
+    ReduceScatterOp,
+    call_op_class,
+)
+from ..ir.text import where
+from .base import Pass, function_blocks
+from .shard_rules import Decision, decide, local_type
+
+MESH_ATTR = "plait.mesh"
+PLACEMENTS_ATTR = "plait.placements"
+
+_SIZE_ARGS = {"aten::view": "size", "aten::_unsafe_view": "size", "aten::reshape": "shape",
+              "aten::expand": "size"}  # fmt: skip
+
+
+class ShardError(PlaitError):
+    pass
+
+
+class _Sharder:
+    def __init__(self, block, axis: str, n: int):
+        self.block, self.axis, self.n = block, axis, n
+        self.placement: dict[SSAValue, Placement] = {}
+        self.params: set[SSAValue] = set()
+        self.resharded: dict[tuple[SSAValue, Placement], SSAValue] = {}
+
+    def place(self, value: SSAValue) -> Placement:
+        return self.placement.get(value, REPLICATE)
+
+    # ---- resharding ---------------------------------------------------------------
+
+    def reshard(self, value: SSAValue, want: Placement, before: Operation) -> SSAValue:
+        have = self.place(value)
+        if have == want:
+            return value
+        key = (value, want)
+        if key not in self.resharded:
+            self.resharded[key] = self._reshard(value, have, want, before)
+        return self.resharded[key]
+
+    def _insert(self, op: Operation, before: Operation, placement: Placement) -> SSAValue:
+        op.location = before.location
+        Rewriter.insert_op(op, InsertPoint.before(before))
+        result = op.results[0]
+        self.placement[result] = placement
+        return result
+
+    def _full_type(self, value: SSAValue):
+        have = self.place(value)
+        t = value.type
+        if have.kind != "shard":
+            return t
+        shape = list(t.shape)
+        shape[have.dim] = shape[have.dim] * self.n
+        return t.with_shape(shape)
+
+    def _reshard(self, value: SSAValue, have: Placement, want: Placement, before) -> SSAValue:
+        axis, n = self.axis, self.n
+        if want == REPLICATE:
+            if have.kind == "partial":
+                return self._insert(AllReduceOp(value, axis, have.reduce), before, REPLICATE)
+            full = self._full_type(value)
+            return self._insert(AllGatherOp(value, full, axis, have.dim), before, REPLICATE)
+        if want.kind != "shard":
+            raise ShardError(f"{where(before)}: cannot make a value {want}")
+        if have.kind == "partial":
+            local = local_type(value.type, want, n)
+            op = ReduceScatterOp(value, local, axis, want.dim, have.reduce)
+            return self._insert(op, before, want)
+        if have.kind == "shard":  # another dim: gather, then keep our slice
+            value = self.reshard(value, REPLICATE, before)
+        if value in self.params:
+            return self._sharded_param(value.owner, want)
+        local = local_type(value.type, want, n)
+        return self._insert(LocalShardOp(value, local, axis, want.dim), before, want)
+
+    def _sharded_param(self, param: ParamOp, want: Placement) -> SSAValue:
+        """A copy of the weight that each rank loads only its slice of."""
+        local = local_type(param.result.type, want, self.n)
+        op = ParamOp(param.weight_name, local, param.kind.data)
+        op.attributes[PLACEMENTS_ATTR] = PlacementsAttr((want,))
+        op.location = param.location
+        op.result.name_hint = param.result.name_hint
+        Rewriter.insert_op(op, InsertPoint.after(param))
+        self.placement[op.result] = want
+        return op.result
+
+    # ---- ops --------------------------------------------------------------------
+
+    def run(self) -> None:
+        for op in list(self.block.ops):
+            if isinstance(op, ParamOp):
+                self.params.add(op.result)
+            elif isinstance(op, func.ReturnOp):
+                for i, value in enumerate(op.operands):
+                    op.operands[i] = self.reshard(value, REPLICATE, op)
+            elif isinstance(op, CallOp):
+                self.call(op)
+            elif isinstance(op, (CollectiveOp, LocalShardOp)):
+                raise ShardError(f"{where(op)}: the program is already sharded")
+        for param in [v for v in self.params if not v.uses]:
+            Rewriter.erase_op(param.owner)
+
+    def global_type(self, value: SSAValue):
+        """The unsharded type of a value (types of rewritten values are local)."""
+        return self._full_type(value)
+
+    def call(self, op: CallOp) -> None:
+        arriving = [self.place(v) for v in op.inputs]
+        types = [self.global_type(v) for v in op.inputs]
+        decision = decide(op, arriving, types, self.n, self.params)
+        inputs = [self.reshard(v, p, op) for v, p in zip(op.inputs, decision.inputs)]
+        args = _with_sizes(op, decision) if decision.sizes else op.args
+        bias = op.arg("bias") if op.target_name == "aten::linear" else op.arg("self")
+        row_with_bias = decision.style == "row" and op.target_name in (
+            "aten::linear",
+            "aten::addmm",
+        )
+        if row_with_bias and isinstance(bias, Operand):
+            self.row_parallel_with_bias(op, inputs, bias.index)
+            return
+        types = [local_type(r.type, p, self.n) for r, p in zip(op.results, decision.outputs)]
+        new = type(op)(op.target_name, inputs, args, types, dict(op.attributes))
+        self._replace(op, new, decision.outputs)
+
+    def row_parallel_with_bias(self, op: CallOp, inputs: list[SSAValue], bias: int) -> None:
+        """x @ W_shard sums partials; the bias is added once, after the all-reduce."""
+        if op.target_name == "aten::linear":
+            target = "aten::linear"
+            values = [v for i, v in enumerate(inputs) if i != bias]
+            args = [Operand(0), Operand(1), None]
+        else:  # addmm(bias, x, W) -> mm(x, W)
+            target = "aten::mm"
+            values = [v for i, v in enumerate(inputs) if i != bias]
+            args = [Operand(0), Operand(1)]
+        partial_sum = call_op_class(target)(
+            target, values, ArgsAttr(tuple(args), ()), [op.results[0].type]
+        )
+        partial_sum.location = op.location
+        partial_sum.results[0].name_hint = op.results[0].name_hint
+        Rewriter.insert_op(partial_sum, InsertPoint.before(op))
+        self.placement[partial_sum.results[0]] = Placement("partial", reduce="sum")
+        reduced = self.reshard(partial_sum.results[0], REPLICATE, op)
+        add = call_op_class("aten::add.Tensor")(
+            "aten::add.Tensor", [reduced, inputs[bias]],
+            ArgsAttr((Operand(0), Operand(1)), ()), [op.results[0].type],
+        )  # fmt: skip
+        self._replace(op, add, [REPLICATE])
+
+    def _replace(self, op: CallOp, new: Operation, placements: list[Placement]) -> None:
+        new.location = op.location
+        for old, fresh, placement in zip(op.results, new.results, placements):
+            fresh.name_hint = old.name_hint
+            self.placement[fresh] = placement
+        Rewriter.insert_op(new, InsertPoint.before(op))
+        for old, fresh in zip(op.results, new.results):
+            old.replace_all_uses_with(fresh)
+        Rewriter.erase_op(op)
+
+
+def _with_sizes(op: CallOp, decision: Decision) -> ArgsAttr:
+    """Size arguments of a view/reshape/expand rewritten to local sizes."""
+    name = _SIZE_ARGS.get(op.target_name)
+    if name is None:
+        return op.args
+    sizes = op.arg(name)
+    if not isinstance(sizes, tuple):
+        return op.args
+    local = tuple(
+        decision.sizes[i] if i in decision.sizes and size != -1 else size
+        for i, size in enumerate(sizes)
+    )
+    args = list(op.args.args)
+    kwargs = dict(op.args.kwargs)
+    if name in kwargs:
+        kwargs[name] = local
+    else:
+        args[1] = local
+    return ArgsAttr(tuple(args), tuple(kwargs.items()))
+
+
+@dataclass(frozen=True)
+class Shard(Pass):
+    name = "shard"
+    summary = "tensor parallelism on a 1-D mesh by Megatron rules, with collectives"
+
+    mesh: str = "tp:2"
+
+    def apply(self, ctx: Context, op: ModuleOp) -> None:
+        axes = mesh_from_text(self.mesh)
+        if len(axes) != 1:
+            raise ShardError(
+                f"mesh '{self.mesh}': the rule-based sharding handles one mesh axis; "
+                "use a 1-D mesh such as tp:8"
+            )
+        if MESH_ATTR in op.attributes:
+            raise ShardError("the program is already sharded (it has a plait.mesh)")
+        ((axis, n),) = axes.items()
+        if n > 1:
+            for block in function_blocks(op):
+                _Sharder(block, axis, n).run()
+        op.attributes[MESH_ATTR] = MeshAttr(tuple(axes.items()))

@@ -1,0 +1,351 @@
+"""Sharding rules: how placements flow through each op family (one mesh axis).
+
+A rule looks at the placements its tensor inputs arrive with and returns the
+placements it needs them in and the placements of its results. Where an
+input arrives otherwise, the pass reshards it (all-reduce, all-gather or a
+local slice). The rules follow Megatron-LM: a linear reading a replicated
+activation splits its weight by rows (column-parallel, output sharded on
+features); one reading feature-sharded input splits by columns (row-parallel,
+partial sums). Attention is sharded by heads, element-wise ops and views carry
+the sharded dim along, and everything else runs replicated.
+
+    Placement("shard", dim=d)   this rank holds a 1/n slice along dim d
+    REPLICATE                   every rank holds the whole tensor
+    Placement("partial", "sum") every rank holds a term; the tensor is their sum
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy
+from xdsl.ir import SSAValue
+
+from ..ir.args import Operand
+from ..ir.attrs import REPLICATE, Placement, partial, shard
+from ..ir.ops import (
+    AttentionOp,
+    CallOp,
+    ElementwiseOp,
+    LinearOp,
+    MatmulOp,
+    NormOp,
+    ReduceOp,
+    ReshapeOp,
+    SoftmaxOp,
+)
+from ..ir.types import TensorType
+
+R = REPLICATE
+SUM = partial("sum")
+
+
+@dataclass
+class Decision:
+    inputs: list[Placement]  # what each tensor operand must be, in op.inputs order
+    outputs: list[Placement]
+    style: str = ""  # "column" / "row" for weight-sharded matmuls
+    # reshape family: output dim -> local size to write into size arguments
+    sizes: dict[int, object] = field(default_factory=dict)
+
+
+def divides(dim, n: int) -> bool:
+    """Is a (static) dim split evenly n ways?"""
+    return isinstance(dim, int) and dim % n == 0
+
+
+def local_type(t: TensorType, placement: Placement, n: int) -> TensorType:
+    if placement.kind != "shard":
+        return t
+    shape = list(t.shape)
+    shape[placement.dim] = shape[placement.dim] // n
+    return t.with_shape(shape)
+
+
+def replicated(op: CallOp) -> Decision:
+    return Decision([R] * len(op.inputs), [R] * len(op.results))
+
+
+def _operand_index(op: CallOp, name: str) -> int | None:
+    value = op.arg(name)
+    return value.index if isinstance(value, Operand) else None
+
+
+def _dim(value, rank: int) -> int | None:
+    return value % rank if isinstance(value, int) and rank else None
+
+
+# ---- matrix products ------------------------------------------------------------
+
+
+def _weight_sharded(op: CallOp, x: int, w: int, bias: int | None, arriving, types, n: int,
+                    w_out: int, w_in: int) -> Decision:  # fmt: skip
+    """x @ W with W's output features on dim `w_out`, input features on `w_in`."""
+    weight = types[w]
+    x_rank = types[x].rank
+    out_rank = op.results[0].type.rank
+    inputs = [R] * len(op.inputs)
+    x_sharded_on_features = arriving[x] == shard(x_rank - 1)
+    if x_sharded_on_features and divides(weight.shape[w_in], n):
+        inputs[x], inputs[w] = shard(x_rank - 1), shard(w_in)  # row-parallel
+        return Decision(inputs, [SUM], "row")
+    if divides(weight.shape[w_out], n):
+        inputs[w] = shard(w_out)  # column-parallel
+        if bias is not None:
+            inputs[bias] = shard(0)
+        return Decision(inputs, [shard(out_rank - 1)], "column")
+    return replicated(op)
+
+
+def linear_rule(op: CallOp, arriving, types, n: int) -> Decision:
+    x, w, b = (_operand_index(op, k) for k in ("input", "weight", "bias"))
+    return _weight_sharded(op, x, w, b, arriving, types, n, w_out=0, w_in=1)
+
+
+_PARAM_MATMULS = {"aten::mm": ("self", "mat2", None), "aten::addmm": ("mat1", "mat2", "self"),
+                  "aten::matmul": ("self", "other", None)}  # fmt: skip
+
+
+def matmul_rule(op: CallOp, arriving, types, n: int, params: set[SSAValue]) -> Decision:
+    names = _PARAM_MATMULS.get(op.target_name)
+    if names is not None:
+        x, w, b = (_operand_index(op, k) if k else None for k in names)
+        if op.inputs[w] in params and types[w].rank == 2:  # x @ W, W: [in, out]
+            return _weight_sharded(op, x, w, b, arriving, types, n, w_out=1, w_in=0)
+    # activation x activation (e.g. attention scores): shard shared batch dims
+    if op.target_name in ("aten::bmm", "aten::matmul") and len(op.inputs) == 2:
+        a, b = arriving
+        out_rank = op.results[0].type.rank
+        if a == b and a.kind == "shard" and a.dim < min(t.rank for t in types) - 2:
+            if types[0].rank == types[1].rank == out_rank:
+                return Decision([a, a], [a])
+    return replicated(op)
+
+
+# ---- attention, norms, softmax, reductions ---------------------------------------
+
+
+def attention_rule(op: CallOp, arriving, types, n: int) -> Decision:
+    q, k, v = (_operand_index(op, name) for name in ("query", "key", "value"))
+    mask = _operand_index(op, "attn_mask")
+    heads = [types[i].shape[1] for i in (q, k, v)]
+    if types[q].rank != 4 or not all(divides(h, n) for h in heads):
+        return replicated(op)
+    if arriving[q] != shard(1):
+        return replicated(op)
+    inputs = [R] * len(op.inputs)
+    for i in (q, k, v):
+        inputs[i] = shard(1)
+    if mask is not None and types[mask].rank == 4 and types[mask].shape[1] != 1:
+        inputs[mask] = shard(1)
+    return Decision(inputs, [shard(1)])
+
+
+def _keeps_unless(op: CallOp, arriving, types, touched: set[int]) -> Decision:
+    """The op works on the dims in `touched`; a shard elsewhere passes through."""
+    first = arriving[0]
+    if first.kind == "shard" and first.dim not in touched and len(op.results) == 1:
+        if op.results[0].type.rank == types[0].rank:
+            inputs = [first] + [R] * (len(op.inputs) - 1)
+            return Decision(inputs, [first])
+    return replicated(op)
+
+
+def norm_rule(op: CallOp, arriving, types, n: int) -> Decision:
+    rank = types[0].rank
+    if op.target_name in ("aten::layer_norm", "aten::rms_norm"):
+        normalized = len(op.arg("normalized_shape", ()))
+        return _keeps_unless(op, arriving, types, set(range(rank - normalized, rank)))
+    return replicated(op)
+
+
+def softmax_rule(op: CallOp, arriving, types, n: int) -> Decision:
+    rank = types[0].rank
+    return _keeps_unless(op, arriving, types, {_dim(op.arg("dim", -1), rank)})
+
+
+def reduce_rule(op: CallOp, arriving, types, n: int) -> Decision:
+    rank = types[0].rank
+    dims = op.arg("dim")
+    first = arriving[0]
+    if dims is None or first.kind != "shard" or len(op.results) != 1:
+        return replicated(op)
+    dims = {_dim(d, rank) for d in (dims if isinstance(dims, tuple) else (dims,))}
+    if first.dim in dims:
+        return replicated(op)
+    keepdim = op.arg("keepdim", False)
+    out_dim = first.dim if keepdim else first.dim - sum(1 for d in dims if d < first.dim)
+    return Decision([first] + [R] * (len(op.inputs) - 1), [shard(out_dim)])
+
+
+# ---- element-wise -----------------------------------------------------------------
+
+_LINEAR_IN_PARTIALS = {"aten::add.Tensor", "aten::sub.Tensor"}
+_SCALES_PARTIALS = {"aten::mul.Tensor", "aten::div.Tensor", "aten::neg"}
+
+
+def elementwise_rule(op: CallOp, arriving, types, n: int) -> Decision:
+    out_rank = op.results[0].type.rank
+    out_shape = op.results[0].type.shape
+    # partial sums stay partial through sums of partials and scaling by replicated values
+    partials = [i for i, p in enumerate(arriving) if p.kind == "partial"]
+    if partials:
+        if op.target_name in _LINEAR_IN_PARTIALS and len(partials) == len(op.inputs) == 2:
+            if all(t == op.results[0].type for t in types):
+                return Decision([SUM, SUM], [SUM])
+        if op.target_name in _SCALES_PARTIALS and len(partials) == 1:
+            inputs = [R] * len(op.inputs)
+            inputs[partials[0]] = SUM
+            return Decision(inputs, [SUM])
+        return replicated(op)
+    # a shard on an output dim: inputs sharded there, or broadcast along it
+    out_dim = None
+    for t, p in zip(types, arriving):
+        if p.kind == "shard":
+            out_dim = p.dim + out_rank - t.rank
+            break
+    if out_dim is None or not divides(out_shape[out_dim], n):
+        return replicated(op)
+    inputs = []
+    for t in types:
+        d = out_dim - (out_rank - t.rank)
+        broadcast = d < 0 or t.shape[d] == 1
+        inputs.append(R if broadcast else shard(d))
+    return Decision(inputs, [shard(out_dim) for _ in op.results])
+
+
+# ---- the reshape family -------------------------------------------------------------
+
+
+def _groups(src: list, dst: list) -> list[tuple[list[int], list[int]]] | None:
+    """Pair runs of input dims with runs of output dims of equal product."""
+    groups, i, j = [], 0, 0
+    while i < len(src) or j < len(dst):
+        gi, gj = [], []
+        pi = pj = sympy.Integer(1)
+        while True:
+            if gi and gj and sympy.simplify(pi - pj) == 0:
+                break
+            if i < len(src) and (not gi or _smaller(pi, pj)):
+                pi *= src[i]
+                gi.append(i)
+                i += 1
+            elif j < len(dst):
+                pj *= dst[j]
+                gj.append(j)
+                j += 1
+            elif i < len(src):
+                pi *= src[i]
+                gi.append(i)
+                i += 1
+            elif all(d == 1 for d in src[i:] + dst[j:]) and groups:
+                break  # trailing size-1 dims belong to the last group
+            else:
+                return None
+        if gi or gj:
+            groups.append((gi, gj))
+    return groups
+
+
+def _smaller(a, b) -> bool:
+    """Is product a a proper divisor of product b (so a needs more dims)?"""
+    ratio = sympy.simplify(b / a)
+    return ratio != 1 and sympy.fraction(ratio)[1] == 1
+
+
+def _moved_dim(op: CallOp, d: int, source: TensorType) -> int | None:
+    """Where input dim d lands in the (single) output of a reshape-family op."""
+    name = op.target_name
+    rank_in, rank_out = source.rank, op.results[0].type.rank
+    src, dst = list(source.shape), list(op.results[0].type.shape)
+    if name in (
+        "aten::alias",
+        "aten::contiguous",
+        "aten::clone",
+        "aten::expand",
+        "aten::expand_as",
+    ):
+        return d if rank_in == rank_out else None
+    if name in ("aten::transpose.int", "aten::t"):
+        a, b = _dim(op.arg("dim0", 0), rank_in), _dim(op.arg("dim1", 1), rank_in)
+        return b if d == a else a if d == b else d
+    if name == "aten::permute":
+        dims = [_dim(x, rank_in) for x in op.arg("dims", ())]
+        return dims.index(d) if d in dims else None
+    if name == "aten::unsqueeze":
+        new = _dim(op.arg("dim", 0), rank_out)
+        return d + 1 if d >= new else d
+    if name in ("aten::slice.Tensor", "aten::narrow", "aten::select.int"):
+        cut = _dim(op.arg("dim", 0), rank_in)
+        if cut == d:
+            return None
+        return d - 1 if name == "aten::select.int" and d > cut else d
+    if name in ("aten::view", "aten::_unsafe_view", "aten::reshape", "aten::flatten.using_ints",
+                "aten::unflatten.int", "aten::squeeze", "aten::squeeze.dim", "aten::squeeze.dims",
+                "aten::view_as", "aten::reshape_as"):  # fmt: skip
+        groups = _groups(src, dst)
+        if groups is None:
+            return None
+        for gi, gj in groups:
+            if d in gi:
+                outer = [k for k in gi if src[k] != 1]
+                targets = [k for k in gj if dst[k] != 1]
+                return targets[0] if outer and outer[0] == d and targets else None
+    return None
+
+
+def reshape_rule(op: CallOp, arriving, types, n: int) -> Decision:
+    first = arriving[0]
+    name = op.target_name
+    if name in ("aten::cat", "aten::stack"):
+        return _concat_rule(op, arriving, n)
+    if first.kind != "shard":
+        return replicated(op)
+    if name in ("aten::split.Tensor", "aten::split_with_sizes", "aten::chunk", "aten::unbind.int"):
+        cut = _dim(op.arg("dim", 0), types[0].rank)
+        if cut == first.dim:
+            return replicated(op)
+        out = first.dim - 1 if name == "aten::unbind.int" and first.dim > cut else first.dim
+        return Decision([first], [shard(out)] * len(op.results))
+    if len(op.results) != 1:
+        return replicated(op)
+    out_dim = _moved_dim(op, first.dim, types[0])
+    if out_dim is None or not divides(op.results[0].type.shape[out_dim], n):
+        return replicated(op)
+    local = op.results[0].type.shape[out_dim] // n
+    inputs = [first] + [R] * (len(op.inputs) - 1)
+    return Decision(inputs, [shard(out_dim)], sizes={out_dim: local})
+
+
+def _concat_rule(op: CallOp, arriving, n: int) -> Decision:
+    rank = op.results[0].type.rank
+    along = _dim(op.arg("dim", 0), rank)
+    if not arriving or any(p != arriving[0] for p in arriving) or arriving[0].kind != "shard":
+        return replicated(op)
+    d = arriving[0].dim
+    if op.target_name == "aten::stack":
+        d = d + 1 if d >= along else d
+    if d == along:
+        return replicated(op)
+    return Decision(list(arriving), [shard(d)])
+
+
+_RULES = {
+    LinearOp: linear_rule,
+    AttentionOp: attention_rule,
+    ElementwiseOp: elementwise_rule,
+    NormOp: norm_rule,
+    SoftmaxOp: softmax_rule,
+    ReduceOp: reduce_rule,
+    ReshapeOp: reshape_rule,
+}
+
+
+def decide(op: CallOp, arriving: list[Placement], types: list[TensorType], n: int,
+           params: set[SSAValue]) -> Decision:  # fmt: skip
+    """The placements `op` needs and produces, given those its inputs arrive with
+    and their global (unsharded) types."""
+    if isinstance(op, MatmulOp):
+        return matmul_rule(op, arriving, types, n, params)
+    rule = _RULES.get(type(op))
+    return rule(op, arriving, types, n) if rule else replicated(op)
