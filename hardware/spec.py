@@ -17,6 +17,7 @@ with its public source:
     [overhead]
     op = 4e-6            # seconds per launched op
     view = 0.0           # seconds per view op (no kernel)
+    sequence = 0.0       # extra seconds per kernel when kernels run back to back
     [overhead.targets]   # optional: ops with their own fixed cost
     "aten::index.Tensor" = 12e-6
     [[links]]            # innermost first: the devices a link joins
@@ -67,6 +68,7 @@ class Hardware:
     caches: tuple[tuple[float, float], ...]
     op_overhead: float
     view_overhead: float
+    sequence_overhead: float  # extra per kernel in a program over the same kernel alone
     target_overhead: dict[str, float]  # schema name -> seconds, where it differs from `op`
     links: tuple[Link, ...] = ()
     sources: dict[str, str] = field(default_factory=dict)
@@ -88,16 +90,22 @@ class Hardware:
             return self.target_overhead[target]
         return self.view_overhead if view else self.op_overhead
 
-    def roofline(self, flops, moved, dtype: str, family: str | None = None, target=None):
-        """Seconds of a kernel: max(compute, memory) plus its fixed cost. Working sets
-        that fit in the cache (where the file gives one) stream at cache bandwidth."""
+    def roofline(self, flops, moved, dtype: str, family: str | None = None, target=None, weights=0):
+        """Seconds of a kernel: max(compute, memory) plus its fixed cost. Weights
+        (`weights` of the `moved` bytes) stream from memory, as a forward pass
+        touches each once; activations that fit in a cache (where the file
+        describes one) stream at that cache's bandwidth."""
+        activations = moved - weights
         bandwidth = self.memory_bandwidth
         if self.caches:
             bandwidth = sympy.Piecewise(
-                *((bw, moved <= size) for size, bw in self.caches), (self.memory_bandwidth, True)
+                *((bw, activations <= size) for size, bw in self.caches),
+                (self.memory_bandwidth, True),
             )
+        memory = activations / bandwidth + weights / self.memory_bandwidth
         compute = flops / self.peak_flops(dtype, family)
-        return sympy.Max(compute, moved / bandwidth) + self.overhead(target, view=False)
+        fixed = self.overhead(target, view=False) + self.sequence_overhead
+        return sympy.Max(compute, memory) + fixed
 
     def link_for(self, devices: int) -> Link:
         """The innermost link that joins `devices` devices."""
@@ -171,6 +179,7 @@ def load(name_or_path: str | Path) -> Hardware:
         ),  # fmt: skip
         op_overhead=float(overhead.get("op", 0.0)),
         view_overhead=float(overhead.get("view", 0.0)),
+        sequence_overhead=float(overhead.get("sequence", 0.0)),
         target_overhead={k: float(v) for k, v in overhead.get("targets", {}).items()},
         links=links,
         sources=data.get("sources", {}),

@@ -165,8 +165,9 @@ def estimate(module: ModuleOp, target: Target, function: str = "forward") -> Est
             if cost.kind == "collective":
                 formula = collective_time(op, links)
             elif cost.kind == "compute":
+                target_name = getattr(op, "target_name", None)
                 formula = hw.roofline(
-                    cost.flops, cost.bytes, _dtype(op), cost.rate, getattr(op, "target_name", None)
+                    cost.flops, cost.bytes, _dtype(op), cost.rate, target_name, cost.weight_bytes
                 )
             elif cost.kind == "view":
                 formula = sympy.Float(hw.overhead(getattr(op, "target_name", None), view=True))

@@ -11,6 +11,7 @@ and an embedding reads only the rows it returns.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import reduce
 
@@ -45,8 +46,10 @@ class OpCost:
     bytes: Expr
     kind: str  # "compute", "view" (no kernel), "collective", "none"
     # which throughput the FLOPs run at: None for the machine's matmul peak, or a
-    # kernel class a hardware file may rate on its own ("attention", "transcendental")
+    # kernel class a hardware file may rate on its own ("attention",
+    # "transcendental", "broadcast")
     rate: str | None = None
+    weight_bytes: Expr = sympy.Integer(0)  # of `bytes`, those read from parameters
 
 
 def _type(value: SSAValue) -> TensorType:
@@ -129,6 +132,13 @@ def _elementwise(op: CallOp) -> OpCost:
     numel = _numel(_type(op.results[0]))
     if name in _TRANSCENDENTAL:
         return OpCost(4 * numel, _io_bytes(op), "compute", "transcendental")
+    out_rank = _type(op.results[0]).rank
+    if any(
+        _type(v).rank == out_rank and _type(v).shape != _type(op.results[0]).shape
+        for v in op.inputs
+    ):
+        # a broadcasting kernel walks every output element with strided inputs
+        return OpCost(numel, _io_bytes(op), "compute", "broadcast")
     return OpCost(numel, _io_bytes(op), "compute")
 
 
@@ -179,6 +189,14 @@ _BY_FAMILY = {
 def op_cost(op: Operation, context: Expr | int | None = None, copies: bool = False) -> OpCost:
     """FLOPs and bytes of one op; `context` is the KV length attention reads in
     decode; `copies` says a reshape must copy a strided input (see `layout`)."""
+    cost = _op_cost(op, context, copies)
+    if cost.kind == "compute":
+        weights = _bytes([_type(v) for v in op.operands if isinstance(v.owner, ParamOp)])
+        cost = dataclasses.replace(cost, weight_bytes=weights)
+    return cost
+
+
+def _op_cost(op: Operation, context, copies: bool) -> OpCost:
     if isinstance(op, AttentionOp):
         return _attention(op, context)
     if isinstance(op, ReshapeOp):

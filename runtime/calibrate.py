@@ -79,6 +79,47 @@ def transcendental_flops(repeats: int = 7) -> float:
     return 4 * x.numel() / seconds
 
 
+def broadcast_rate(repeats: int = 21) -> float:
+    """Elements/s of a broadcasting element-wise kernel (1 FLOP per element)."""
+    col, row = torch.randn(1, 1, 256, 1), torch.randn(1, 1, 1, 256)
+    seconds = _median_time(lambda: torch.add(col, row), repeats)
+    return 256 * 256 / seconds
+
+
+def sequence_overhead(repeats: int = 20) -> float:
+    """Seconds each kernel costs beyond its own warm time when kernels follow
+    each other as in a transformer block (threads waking, caches refilling)."""
+    torch.manual_seed(0)
+    x = torch.randn(128, 512)
+    up, gate, down = torch.randn(1408, 512), torch.randn(1408, 512), torch.randn(512, 1408)
+    norm = torch.randn(512)
+    f = torch.nn.functional
+    steps = [
+        lambda v: torch.pow(v, 2),
+        lambda v: torch.mean(v, [-1], True),
+        lambda v: torch.rsqrt(torch.add(v, 1e-6)),
+        lambda v: torch.mul(x, v),
+        lambda v: torch.mul(norm, v),
+        lambda v: f.silu(f.linear(v, gate)) * f.linear(v, up),
+        lambda v: f.linear(v, down),
+        lambda v: torch.add(x, v),
+    ]
+    inputs, value = [], x
+    for step in steps:  # each step's input, for timing it alone
+        inputs.append(value)
+        value = step(value)
+    alone = sum(_best_time(lambda s=step, v=v: s(v), repeats) for step, v in zip(steps, inputs))
+
+    def block():
+        v = x
+        for step in steps:
+            v = step(v)
+
+    together = _median_time(block, repeats)
+    kernels = 12  # the steps above launch this many kernels
+    return max(0.0, (together - alone) / kernels)
+
+
 def copy_bandwidth(nbytes: int, repeats: int = 7) -> float:
     """Bytes/s of a copy whose source and destination total `nbytes`."""
     x = torch.empty(nbytes // 8)
@@ -208,12 +249,14 @@ def calibrate(progress=print) -> str:
     flops = {name[d]: matmul_flops(d) for d in dtypes}
     attention = {name[d]: attention_flops(d) for d in dtypes}
     transcendental = transcendental_flops()
+    broadcast = broadcast_rate()
     progress("memory and cache bandwidth")
     bandwidth = copy_bandwidth(512 << 20)
     # a copy of half a cache's size, as an op's inputs and outputs together
     caches = [(size, copy_bandwidth(size // 2)) for size in cache_sizes() if size < 256 << 20]
     progress("per-op overheads")
     overheads = op_overheads()
+    in_sequence = sequence_overhead()
     progress("gloo all-reduce between 2 processes")
     alpha, beta = gloo_all_reduce()
     stamp = datetime.date.today().isoformat()
@@ -235,6 +278,9 @@ def calibrate(progress=print) -> str:
         "[compute.transcendental]  # silu on 1M floats, 4 FLOPs per element",
         f"f32 = {transcendental:.4g}",
         "",
+        "[compute.broadcast]  # [256, 1] + [1, 256], 1 FLOP per output element",
+        f"f32 = {broadcast:.4g}",
+        "",
         "[memory]",
         f"bandwidth = {bandwidth:.4g}  # bytes/s, a 512 MiB copy (read + write)",
         f"capacity = {_memory_capacity():.4g}  # bytes, MemTotal",
@@ -246,6 +292,7 @@ def calibrate(progress=print) -> str:
         "[overhead]  # seconds of fixed cost per op, called as plait programs call them",
         f"op = {default_op:.4g}  # aten::add.Tensor on 8 elements",
         f"view = {default_view:.4g}  # aten::view",
+        f"sequence = {in_sequence:.4g}  # extra per kernel when kernels run back to back",
         "",
         "[overhead.targets]",
         *(f'"{k}" = {v:.4g}' for k, v in overheads.items()),
