@@ -232,3 +232,28 @@ def test_cli_estimate_compare_and_trace(tmp_path, capsys):
     assert "speedup of the second:" in capsys.readouterr().out
     assert main(["estimate", "--example", "llama-tiny", "--hardware", "tpu-v9"]) == 1
     assert "known: a100-80gb" in capsys.readouterr().err
+
+
+def test_calibrate_writes_a_hardware_file_the_cost_model_reads(tmp_path, compiled):
+    from plait.runtime.calibrate import write
+
+    path = write(tmp_path / "cpu.toml", progress=lambda _: None)
+    hardware = load(path)
+    assert hardware.peak_flops("f32") > 1e9 and hardware.memory_bandwidth > 1e9
+    assert hardware.links[0].devices is None and hardware.links[0].latency > 0
+    assert "aten::index.Tensor" in hardware.target_overhead
+    result = compiled("llama-tiny").estimate(hardware, values={"batch": 1, "seq": 32})
+    assert result.schedule.step_time > 0
+
+
+def test_measured_trace_and_per_op_profile(compiled, example, tmp_path):
+    from plait.runtime.profile import measured_events, profile_ops, write_trace
+
+    _, inputs, _ = example("cnn-tiny")
+    program = compiled("cnn-tiny").program
+    times = profile_ops(program, list(inputs), repeats=3)
+    convs = [op for op in times if getattr(op, "target_name", "") == "aten::conv2d"]
+    assert len(convs) == 2 and all(times[op] > 0 for op in convs)
+    write_trace(tmp_path / "m.json", measured_events(program, list(inputs)))
+    events = [e for e in json.loads((tmp_path / "m.json").read_text())["traceEvents"] if e["ph"] == "X"]
+    assert len(events) >= 10 and all(e["dur"] >= 0 for e in events)
