@@ -24,6 +24,7 @@ from xdsl.dialects.builtin import ModuleOp
 from .backends.fx import CollectiveGroups, Program, build_program
 from .frontend.capture import capture
 from .frontend.importer import import_program
+from .ir.attrs import MESH_ATTR, SYMBOLS_ATTR
 from .ir.errors import PlaitError
 from .ir.ops import ParamOp
 from .ir.text import print_module
@@ -82,7 +83,7 @@ class CompiledModel:
     @property
     def mesh(self) -> dict[str, int]:
         """The device mesh the plan was sharded for ({} for one device)."""
-        attr = self.module.attributes.get("plait.mesh")
+        attr = self.module.attributes.get(MESH_ATTR)
         return attr.axes if attr is not None else {}
 
     @property
@@ -101,9 +102,10 @@ class CompiledModel:
         return build_program(self.module, self.weights, self.device, groups)
 
     def rank_code(self, rank: int) -> str:
-        """The program source of `rank`, with groups named after mesh axes."""
+        """The program source of `rank`, with groups named after mesh axes
+        (built on meta weights: no weight is read)."""
         groups = CollectiveGroups.placeholder(self.mesh, rank) if self.mesh else None
-        return build_program(self.module, self.weights, self.device, groups).code
+        return build_program(self.module, self.weights.as_meta(), self.device, groups).code
 
     @property
     def code(self) -> str:
@@ -143,7 +145,7 @@ class CompiledModel:
         return estimate(self.module, Target(hw, dict(mesh or {}), dict(values or {}), context))
 
     def _symbols(self) -> dict:
-        attr = self.module.attributes.get("plait.symbols")
+        attr = self.module.attributes.get(SYMBOLS_ATTR)
         return attr.ranges if attr is not None else {}
 
     def save(self, directory: str | Path) -> Path:

@@ -27,6 +27,7 @@ from xdsl.ir import Operation, SSAValue
 
 from ..ir import args as irargs
 from ..ir import symbolic
+from ..ir.attrs import LIBRARIES_ATTR, MESH_ATTR, PLACEMENTS_ATTR, SYMBOLS_ATTR
 from ..ir.dtypes import TORCH_NAMES
 from ..ir.errors import PlaitError
 from ..ir.ops import (
@@ -39,7 +40,7 @@ from ..ir.ops import (
     ReduceScatterOp,
     WaitOp,
 )
-from ..ir.text import SYMBOLS_ATTR, where
+from ..ir.text import where
 from ..ir.types import TensorType
 from ..ir.weights import WeightStore
 from . import bindings
@@ -94,9 +95,6 @@ def torch_dtype(name: str) -> torch.dtype:
 
 # fx node meta key: the IR op a node lowers (for per-op profiles)
 OP_META = "plait_op"
-MESH_ATTR = "plait.mesh"
-PLACEMENTS_ATTR = "plait.placements"
-LIBRARIES_ATTR = "plait.libraries"
 
 
 @dataclass
@@ -329,7 +327,12 @@ class _Lowering:
                 pending = call(c10d.reduce_scatter_tensor.default, x, op.reduce.data, size, group)
             if dim == 0:
                 return pending, lambda y: y
-            return pending, lambda y: self._node(aten.movedim.int, (y, 0, dim), {}, op)
+
+            def finish(y):  # back to `dim`, contiguous as the plan's later views expect
+                moved = self.graph.call_function(aten.movedim.int, (y, 0, dim))
+                return self._node(aten.contiguous.default, (moved,), {}, op)
+
+            return pending, finish
         raise LoweringError(
             f"{where(op)}: {op.name} has no lowering yet (it comes with expert parallelism)"
         )

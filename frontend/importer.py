@@ -24,12 +24,11 @@ from xdsl.dialects.builtin import ArrayAttr, ModuleOp, NameLoc, NoneAttr, String
 from xdsl.ir import Block, Region, SSAValue
 
 from ..ir import args as irargs
-from ..ir.attrs import SymbolsAttr
+from ..ir.attrs import LIBRARIES_ATTR, SYMBOLS_ATTR, SymbolsAttr
 from ..ir.dtypes import IR_NAMES
 from ..ir.errors import PlaitError
 from ..ir.ops import ParamOp, call_op_class
 from ..ir.targets import join_name
-from ..ir.text import SYMBOLS_ATTR
 from ..ir.types import TensorType
 from ..ir.weights import WeightStore
 from .capture import Captured
@@ -46,9 +45,6 @@ _DROPPED = {
 
 class GraphImportError(PlaitError):
     """A captured graph that plait cannot represent."""
-
-
-LIBRARIES_ATTR = "plait.libraries"
 
 
 def defining_module(target) -> str | None:

@@ -25,6 +25,12 @@ from .errors import PlaitError
 
 INF = None  # an unbounded symbol range is stored as None and printed `inf`
 
+# names under which passes attach these attributes
+SYMBOLS_ATTR = "plait.symbols"  # module: size symbols and their ranges
+MESH_ATTR = "plait.mesh"  # module: the device mesh a sharded plan runs on
+PLACEMENTS_ATTR = "plait.placements"  # param: the slice of the weight each rank loads
+LIBRARIES_ATTR = "plait.libraries"  # module: Python modules that define custom ops
+
 REDUCE_OPS = ("sum", "avg", "max", "min", "product")
 
 

@@ -20,12 +20,10 @@ from xdsl.utils.mlir_lexer import MLIRLexer
 
 from . import symbolic
 from .args import string_literal
-from .attrs import SymbolsAttr
+from .attrs import SYMBOLS_ATTR, SymbolsAttr
 from .dialect import make_context
 from .errors import IRParseError, IRVerifyError
 from .types import AsyncType, TensorType
-
-SYMBOLS_ATTR = "plait.symbols"
 
 # xDSL 0.75 lexes string literals with a nested quantifier, `(?:[^"...]+|...)*"`,
 # which backtracks exponentially on an unterminated string (a hang on a

@@ -28,6 +28,22 @@ class _FileEntry:
     key: str
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+
+
+def _check_parts(name: str, shape: list[int], dim: int, parts: int) -> None:
+    if dim >= len(shape) or shape[dim] % parts:
+        raise WeightError(
+            f"weight '{name}' of shape {tuple(shape)} cannot be split in {parts} along dim "
+            f"{dim}; the checkpoint does not match the plan"
+        )
+
+
 class WeightStore:
     """Parameter name -> tensor, resolved lazily."""
 
@@ -97,15 +113,33 @@ class WeightStore:
             with safe_open(str(entry.path), framework="pt") as f:
                 view = f.get_slice(entry.key)
                 shape = view.get_shape()
+                _check_parts(name, shape, dim, parts)
                 size = shape[dim] // parts
                 index_expr = [slice(None)] * len(shape)
                 index_expr[dim] = slice(index * size, (index + 1) * size)
                 return view[tuple(index_expr)]
         full = self.get(name)
+        _check_parts(name, list(full.shape), dim, parts)
         size = full.shape[dim] // parts
         if full.is_meta:
             return full.narrow(dim, index * size, size)
         return full.narrow(dim, index * size, size).contiguous()
+
+    def as_meta(self) -> WeightStore:
+        """The same names with shapes and dtypes only (no data read), e.g. to
+        generate program source."""
+        from safetensors import safe_open
+
+        out = WeightStore()
+        for name, entry in self._entries.items():
+            if isinstance(entry, _FileEntry):
+                with safe_open(str(entry.path), framework="pt") as f:
+                    view = f.get_slice(entry.key)
+                    dtype = _SAFETENSORS_DTYPES[view.get_dtype()]
+                    out._entries[name] = torch.empty(view.get_shape(), dtype=dtype, device="meta")
+            else:
+                out._entries[name] = entry.to("meta")
+        return out
 
     def is_meta(self, name: str) -> bool:
         entry = self._entries.get(name)

@@ -15,6 +15,7 @@ same, so identical layers are costed once.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import sympy
@@ -23,16 +24,14 @@ from xdsl.dialects.builtin import ModuleOp, NameLoc
 from xdsl.ir import Operation, SSAValue
 
 from ..hardware import Hardware
-from ..ir.attrs import MeshAttr
-from ..ir.ops import CallOp, CollectiveOp, ReshapeOp
-from ..ir.text import SYMBOLS_ATTR
+from ..ir.attrs import MESH_ATTR, SYMBOLS_ATTR, MeshAttr
+from ..ir.errors import PlaitError
+from ..ir.ops import CallOp, CollectiveOp, LocalShardOp, ReshapeOp, WaitOp
 from ..ir.types import AsyncType, TensorType
 from .comm_cost import axis_links, collective_time
 from .layout import copies, memory_orders
 from .op_cost import OpCost, op_cost
 from .schedule import Schedule, simulate
-
-MESH_ATTR = "plait.mesh"
 
 
 @dataclass
@@ -88,8 +87,13 @@ class Estimate:
         return self.total_flops / (self.schedule.step_time * peak)
 
 
-class EstimateError(ValueError):
+class EstimateError(PlaitError):
     pass
+
+
+# results that share their input's storage: a wait returns the buffer its
+# collective filled; a local shard is a narrow view
+_ALIASING = (WaitOp, LocalShardOp)
 
 
 def family(op: Operation) -> str:
@@ -138,6 +142,11 @@ def estimate(module: ModuleOp, target: Target, function: str = "forward") -> Est
                 f"the plan was made for mesh {declared.axes}, not {mesh}; recompile for {mesh}"
             )
         mesh = declared.axes
+    elif math.prod(mesh.values()) > 1:
+        raise EstimateError(
+            f"the plan is not sharded, so it runs on one device, not mesh {mesh}; add "
+            f"shard{{mesh={','.join(f'{a}:{n}' for a, n in mesh.items())}}} to the pipeline"
+        )
     links = axis_links(mesh, target.hardware)
     symbols = module.attributes.get(SYMBOLS_ATTR)
     names = set(symbols.ranges) if symbols is not None else set()
@@ -181,7 +190,7 @@ def estimate(module: ModuleOp, target: Target, function: str = "forward") -> Est
                 _evaluate(cost.bytes, subs),
             )
         cost, formula, time, flops, moved = cache[key]
-        if cost.kind == "view" and isinstance(op, ReshapeOp):
+        if (cost.kind == "view" and isinstance(op, ReshapeOp)) or isinstance(op, _ALIASING):
             views.add(op)
         times[op] = time
         rows.append(OpEstimate(op, family(op), module_path(op), cost, formula, time, flops, moved))
@@ -197,7 +206,7 @@ def estimate(module: ModuleOp, target: Target, function: str = "forward") -> Est
     schedule = simulate(fn, times, sizes, views)
     formulas = {
         "flops": sympy.Add(*(r.cost.flops for r in rows)),
-        "bytes": sympy.Add(*(r.cost.bytes for r in rows)),
+        "bytes": sympy.Add(*(r.cost.bytes for r in rows if r.cost.kind != "collective")),
         "compute_time": sympy.Add(*(r.time_formula for r in rows if r.cost.kind != "collective")),
         "comm_time": sympy.Add(*(r.time_formula for r in rows if r.cost.kind == "collective")),
         "activation_peak": sympy.Add(*(_value_bytes(v) for v in schedule.peak_live)),

@@ -114,6 +114,8 @@ def _attention(op: CallOp, context=None) -> OpCost:
     q_len, head_dim, v_dim = q.shape[-2], q.shape[-1], v.shape[-1]
     kv_len = k.shape[-2] if context is None else context
     scores = batch_heads * q_len * kv_len
+    if op.arg("is_causal", False) is True and context is None:
+        scores = scores / 2  # fused causal kernels skip the masked half
     flops = 2 * scores * head_dim + 2 * scores * v_dim + 5 * scores  # QK^T, PV, softmax
     kv_heads = _numel(k) / (k.shape[-2] * k.shape[-1])
     kv_bytes = kv_heads * kv_len * (head_dim + v_dim) * (sympy.sympify(k.nbytes) / _numel(k))

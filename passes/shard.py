@@ -27,7 +27,15 @@ from xdsl.ir import Operation, SSAValue
 from xdsl.rewriter import InsertPoint, Rewriter
 
 from ..ir.args import ArgsAttr, Operand
-from ..ir.attrs import REPLICATE, MeshAttr, Placement, PlacementsAttr, mesh_from_text
+from ..ir.attrs import (
+    MESH_ATTR,
+    PLACEMENTS_ATTR,
+    REPLICATE,
+    MeshAttr,
+    Placement,
+    PlacementsAttr,
+    mesh_from_text,
+)
 from ..ir.errors import PlaitError
 from ..ir.ops import (
     AllGatherOp,
@@ -41,13 +49,7 @@ from ..ir.ops import (
 )
 from ..ir.text import where
 from .base import Pass, function_blocks
-from .shard_rules import Decision, decide, local_type
-
-MESH_ATTR = "plait.mesh"
-PLACEMENTS_ATTR = "plait.placements"
-
-_SIZE_ARGS = {"aten::view": "size", "aten::_unsafe_view": "size", "aten::reshape": "shape",
-              "aten::expand": "size"}  # fmt: skip
+from .shard_rules import SIZE_ARGS, Decision, decide, local_type
 
 
 class ShardError(PlaitError):
@@ -138,13 +140,9 @@ class _Sharder:
         for param in [v for v in self.params if not v.uses]:
             Rewriter.erase_op(param.owner)
 
-    def global_type(self, value: SSAValue):
-        """The unsharded type of a value (types of rewritten values are local)."""
-        return self._full_type(value)
-
     def call(self, op: CallOp) -> None:
         arriving = [self.place(v) for v in op.inputs]
-        types = [self.global_type(v) for v in op.inputs]
+        types = [self._full_type(v) for v in op.inputs]  # rules reason on global shapes
         decision = decide(op, arriving, types, self.n, self.params)
         inputs = [self.reshard(v, p, op) for v, p in zip(op.inputs, decision.inputs)]
         args = _with_sizes(op, decision) if decision.sizes else op.args
@@ -196,13 +194,12 @@ class _Sharder:
 
 
 def _with_sizes(op: CallOp, decision: Decision) -> ArgsAttr:
-    """Size arguments of a view/reshape/expand rewritten to local sizes."""
-    name = _SIZE_ARGS.get(op.target_name)
+    """Size arguments of a view/reshape/expand rewritten to local sizes (the
+    rules shard only reshapes whose sizes this can rewrite)."""
+    name = SIZE_ARGS.get(op.target_name)
     if name is None:
         return op.args
     sizes = op.arg(name)
-    if not isinstance(sizes, tuple):
-        return op.args
     local = tuple(
         decision.sizes[i] if i in decision.sizes and size != -1 else size
         for i, size in enumerate(sizes)

@@ -108,7 +108,8 @@ _PARAM_MATMULS = {"aten::mm": ("self", "mat2", None), "aten::addmm": ("mat1", "m
 
 def matmul_rule(op: CallOp, arriving, types, n: int, params: set[SSAValue]) -> Decision:
     names = _PARAM_MATMULS.get(op.target_name)
-    if names is not None:
+    scaled = op.arg("alpha", 1) != 1 or op.arg("beta", 1) != 1
+    if names is not None and not scaled:
         x, w, b = (_operand_index(op, k) if k else None for k in names)
         if op.inputs[w] in params and types[w].rank == 2:  # x @ W, W: [in, out]
             return _weight_sharded(op, x, w, b, arriving, types, n, w_out=1, w_in=0)
@@ -136,8 +137,10 @@ def attention_rule(op: CallOp, arriving, types, n: int) -> Decision:
     inputs = [R] * len(op.inputs)
     for i in (q, k, v):
         inputs[i] = shard(1)
-    if mask is not None and types[mask].rank == 4 and types[mask].shape[1] != 1:
-        inputs[mask] = shard(1)
+    if mask is not None and types[mask].rank >= 3:
+        heads_dim = types[mask].rank - 3  # [..., heads, q, k]
+        if types[mask].shape[heads_dim] != 1:
+            inputs[mask] = shard(heads_dim)
     return Decision(inputs, [shard(1)])
 
 
@@ -171,7 +174,7 @@ def reduce_rule(op: CallOp, arriving, types, n: int) -> Decision:
     if dims is None or first.kind != "shard" or len(op.results) != 1:
         return replicated(op)
     dims = {_dim(d, rank) for d in (dims if isinstance(dims, tuple) else (dims,))}
-    if first.dim in dims:
+    if first.dim in dims or not dims:  # an empty dim list reduces every dim
         return replicated(op)
     keepdim = op.arg("keepdim", False)
     out_dim = first.dim if keepdim else first.dim - sum(1 for d in dims if d < first.dim)
@@ -193,7 +196,8 @@ def elementwise_rule(op: CallOp, arriving, types, n: int) -> Decision:
         if op.target_name in _LINEAR_IN_PARTIALS and len(partials) == len(op.inputs) == 2:
             if all(t == op.results[0].type for t in types):
                 return Decision([SUM, SUM], [SUM])
-        if op.target_name in _SCALES_PARTIALS and len(partials) == 1:
+        numerator_only = op.target_name.startswith("aten::div") and partials[0] != 0
+        if op.target_name in _SCALES_PARTIALS and len(partials) == 1 and not numerator_only:
             inputs = [R] * len(op.inputs)
             inputs[partials[0]] = SUM
             return Decision(inputs, [SUM])
@@ -204,7 +208,7 @@ def elementwise_rule(op: CallOp, arriving, types, n: int) -> Decision:
         if p.kind == "shard":
             out_dim = p.dim + out_rank - t.rank
             break
-    if out_dim is None or not divides(out_shape[out_dim], n):
+    if out_dim is None or out_dim < 0 or not divides(out_shape[out_dim], n):
         return replicated(op)
     inputs = []
     for t in types:
@@ -238,7 +242,7 @@ def _groups(src: list, dst: list) -> list[tuple[list[int], list[int]]] | None:
                 pi *= src[i]
                 gi.append(i)
                 i += 1
-            elif all(d == 1 for d in src[i:] + dst[j:]) and groups:
+            elif sympy.simplify(pi - pj) == 0 and groups:
                 break  # trailing size-1 dims belong to the last group
             else:
                 return None
@@ -281,8 +285,7 @@ def _moved_dim(op: CallOp, d: int, source: TensorType) -> int | None:
             return None
         return d - 1 if name == "aten::select.int" and d > cut else d
     if name in ("aten::view", "aten::_unsafe_view", "aten::reshape", "aten::flatten.using_ints",
-                "aten::unflatten.int", "aten::squeeze", "aten::squeeze.dim", "aten::squeeze.dims",
-                "aten::view_as", "aten::reshape_as"):  # fmt: skip
+                "aten::squeeze", "aten::squeeze.dim", "aten::squeeze.dims"):  # fmt: skip
         groups = _groups(src, dst)
         if groups is None:
             return None
@@ -292,6 +295,11 @@ def _moved_dim(op: CallOp, d: int, source: TensorType) -> int | None:
                 targets = [k for k in gj if dst[k] != 1]
                 return targets[0] if outer and outer[0] == d and targets else None
     return None
+
+
+# targets whose size argument must be rewritten to local sizes, by argument name
+SIZE_ARGS = {"aten::view": "size", "aten::_unsafe_view": "size", "aten::reshape": "shape",
+             "aten::expand": "size"}  # fmt: skip
 
 
 def reshape_rule(op: CallOp, arriving, types, n: int) -> Decision:
@@ -312,6 +320,8 @@ def reshape_rule(op: CallOp, arriving, types, n: int) -> Decision:
     out_dim = _moved_dim(op, first.dim, types[0])
     if out_dim is None or not divides(op.results[0].type.shape[out_dim], n):
         return replicated(op)
+    if name in SIZE_ARGS and not isinstance(op.arg(SIZE_ARGS[name]), tuple):
+        return replicated(op)  # a size we cannot rewrite
     local = op.results[0].type.shape[out_dim] // n
     inputs = [first] + [R] * (len(op.inputs) - 1)
     return Decision(inputs, [shard(out_dim)], sizes={out_dim: local})

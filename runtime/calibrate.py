@@ -108,7 +108,7 @@ def sequence_overhead(repeats: int = 20) -> float:
     for step in steps:  # each step's input, for timing it alone
         inputs.append(value)
         value = step(value)
-    alone = sum(_best_time(lambda s=step, v=v: s(v), repeats) for step, v in zip(steps, inputs))
+    alone = sum(_median_time(lambda s=step, v=v: s(v), repeats) for step, v in zip(steps, inputs))
 
     def block():
         v = x
@@ -215,9 +215,18 @@ def gloo_all_reduce(sizes=(4096, 65536, 1 << 20, 4 << 20, 16 << 20)) -> tuple[fl
     ]
     for p in procs:
         p.start()
-    results = queue.get(timeout=300)
-    for p in procs:
-        p.join(timeout=30)
+    try:
+        results = queue.get(timeout=300)
+    except Exception as exc:
+        codes = [p.exitcode for p in procs]
+        raise RuntimeError(
+            f"the gloo all-reduce measurement failed (worker exit codes {codes})"
+        ) from exc
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
     # least squares: t = 2 alpha + n / beta  (ring all-reduce, p = 2)
     n = [float(a) for a, _ in results]
     t = [b for _, b in results]

@@ -116,3 +116,13 @@ def test_a_sharded_plan_says_how_to_launch_it(compiled, example):
     with pytest.raises(plait.PlaitError, match="this plan runs on 2 ranks .* torchrun"):
         program(*inputs)
     assert "all_reduce.default" in program.code  # rank 0's program, groups named by axis
+
+
+def test_partial_sums_divide_only_as_numerators():
+    body = MLP.replace(
+        '    %r = plait.elementwise "aten::add.Tensor"(%x, %y) : !plait.tensor<[b, 64], f32> loc("block")',
+        '    %r = plait.elementwise "aten::div.Tensor"(%x, %y) : !plait.tensor<[b, 64], f32> loc("block")',
+    ).replace("%w2, %b2", "%w2, none")
+    out = _shard(body)
+    # x / sum(partials) needs the sum first: the all-reduce precedes the division
+    assert out.index("plait.all_reduce") < out.index('"aten::div.Tensor"')
