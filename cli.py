@@ -425,7 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
         "  plait estimate --example llama-tiny --hardware h100-sxm --batch 8 --seq 2048\n"
-        "  plait estimate path/to/hf_config_dir --mesh tp:8 --decode --batch 1 --context 8192\n"
+        '  plait estimate path/to/hf_config_dir --pipeline "canonicalize,cse,dce,shard{mesh=tp:8}" '
+        "--decode --context 8192\n"
         "  plait estimate out/ --hardware cpu.toml --trace sim.json",
     )
     p.add_argument(
@@ -433,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--example", help="a bundled example")
     p.add_argument("--hardware", default="h100-sxm", help="hardware name or .toml file")
-    p.add_argument("--mesh", help="device mesh, e.g. tp:8 or dp:2,tp:4")
+    p.add_argument("--mesh", help="check the plan's device mesh, e.g. tp:8 (shard with --pipeline)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument(
         "--seq", type=int, default=2048, help="prompt length (prefill) or default context"
