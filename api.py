@@ -144,7 +144,9 @@ class CompiledModel:
         hw = hardware if isinstance(hardware, Hardware) else load(hardware)
         return estimate(self.module, Target(hw, dict(mesh or {}), dict(values or {}), context))
 
-    def _symbols(self) -> dict:
+    @property
+    def symbols(self) -> dict[str, tuple[int, int | None]]:
+        """The size symbols and their ranges."""
         attr = self.module.attributes.get(SYMBOLS_ATTR)
         return attr.ranges if attr is not None else {}
 
@@ -158,7 +160,7 @@ class CompiledModel:
                 {"name": name, "type": str(t)}
                 for name, t in zip(self.input_names, function.function_type.inputs)
             ],
-            "symbols": {n: list(r) for n, r in self._symbols().items()},
+            "symbols": {n: list(r) for n, r in self.symbols.items()},
             "outputs": {"count": len(function.function_type.outputs), "treespec": self.out_spec},
             "device": str(self.device.type),
         }

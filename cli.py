@@ -120,9 +120,10 @@ def cmd_compile(args) -> int:
             return 2
         with _status(console, f"saving {args.output}"):
             compiled.save(args.output)
+        ranks = f" --nproc {compiled.world_size}" if compiled.world_size > 1 else ""
         console.print(
             f"compiled in {time.perf_counter() - start:.1f}s -> {args.output} "
-            f"(run it with: plait run {args.output})",
+            f"(run it with: plait run {args.output}{ranks})",
             highlight=False,
         )
     out.flush()
@@ -202,15 +203,38 @@ def _generated_inputs(compiled, dims: dict[str, int]):
     return inputs
 
 
+def _launcher_args(args) -> list[str]:
+    out = []
+    for flag in ("nnodes", "node_rank", "rdzv_endpoint", "rdzv_id", "rdzv_backend", "local_addr"):
+        value = getattr(args, flag)
+        if value is not None:
+            out.append(f"--{flag.replace('_', '-')}={value}")
+    return out
+
+
 def cmd_run(args) -> int:
     import statistics
 
     import plait
     import torch
+    from plait.runtime import launch
 
     console = _console()
+    device = args.device or "cpu"
+    if args.nproc > 1 and not launch.under_launcher():
+        argv = [a for a in sys.argv[1:] if not a.startswith("--nproc")]
+        if "--nproc" in sys.argv:  # the value followed the flag
+            i = sys.argv.index("--nproc")
+            argv = sys.argv[1:i] + sys.argv[i + 2 :]
+        return launch.relaunch(argv, args.nproc, _launcher_args(args))
+    rank = 0
+    if launch.under_launcher():
+        device = launch.join(device)
+        rank = torch.distributed.get_rank()
+    if rank != 0:
+        console.quiet = True  # rank 0 reports for all
     with _status(console, f"loading {args.artifact}"):
-        compiled = plait.load(args.artifact, device=args.device or "cpu")
+        compiled = plait.load(args.artifact, device=device)
     if args.inputs:
         from plait.ir.weights import WeightStore
 
@@ -226,7 +250,7 @@ def cmd_run(args) -> int:
         inputs = [tensors[n] for n in compiled.input_names]
     else:
         dims = {}
-        symbols = compiled.program.symbols
+        symbols = compiled.symbols
         for item in args.dim:
             name, _, value = item.partition("=")
             if not value.isdigit():
@@ -259,10 +283,10 @@ def cmd_run(args) -> int:
         f"time: median {statistics.median(times) * 1e3:.3f} ms over {len(times)} run(s)",
         highlight=False,
     )
-    if args.output:
+    if args.output and rank == 0:
         from safetensors.torch import save_file
 
-        save_file({f"output_{i}": y.contiguous() for i, y in enumerate(flat)}, args.output)
+        save_file({f"output_{i}": y.contiguous().cpu() for i, y in enumerate(flat)}, args.output)
     return 0
 
 
@@ -417,6 +441,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=1, help="run N times and report the median time")
     p.add_argument("--device", help="device to run on (default cpu)")
     p.add_argument("--trace", help="write a measured per-op trace (Chrome trace JSON)")
+    group = p.add_argument_group("several ranks (through torchrun)")
+    group.add_argument("--nproc", type=int, default=1, help="ranks per node")
+    group.add_argument("--nnodes", help="nodes, or MIN:MAX")
+    group.add_argument(
+        "--node-rank", dest="node_rank", help="this node's index (static rendezvous)"
+    )
+    group.add_argument("--rdzv-endpoint", dest="rdzv_endpoint", help="host:port of the rendezvous")
+    group.add_argument("--rdzv-id", dest="rdzv_id", help="job id shared by all nodes")
+    group.add_argument("--rdzv-backend", dest="rdzv_backend", help="c10d (default) or static")
+    group.add_argument(
+        "--local-addr", dest="local_addr", help="this node's address (multi-node c10d)"
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(

@@ -237,3 +237,62 @@ def test_help_runs_as_a_module():
         timeout=120,
     )
     assert result.returncode == 0 and "--print-ir-after-all" in result.stdout
+
+
+def test_run_a_sharded_artifact_on_two_ranks_through_torchrun(tmp_path, capsys):
+    single, sharded = tmp_path / "one", tmp_path / "tp2"
+    assert main(["compile", "--example", "llama-tiny", "-o", str(single)]) == 0
+    assert (
+        main(
+            [
+                "compile",
+                "--example",
+                "llama-tiny",
+                "-o",
+                str(sharded),
+                "--pipeline",
+                "canonicalize,cse,dce,shard{mesh=tp:2},dce",
+            ]
+        )
+        == 0
+    )
+    assert "--nproc 2" in capsys.readouterr().err
+    assert main(["run", str(single), "--dim", "seq=9", "--output", str(tmp_path / "a.st")]) == 0
+    script = Path(sys.executable).parent / "plait"
+    result = subprocess.run(
+        [
+            str(script),
+            "run",
+            str(sharded),
+            "--nproc",
+            "2",
+            "--dim",
+            "seq=9",
+            "--output",
+            str(tmp_path / "b.st"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    a, b = (
+        load_file(str(tmp_path / "a.st"))["output_0"],
+        load_file(str(tmp_path / "b.st"))["output_0"],
+    )
+    assert torch.allclose(a, b, rtol=0, atol=1e-5)
+    failing = subprocess.run(
+        [
+            str(script),
+            "run",
+            str(sharded),
+            "--nproc",
+            "2",
+            "--inputs",
+            str(tmp_path / "missing.st"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert failing.returncode != 0 and "missing.st" in failing.stdout + failing.stderr
