@@ -11,6 +11,8 @@ _PASSES: dict[str, str] = {
     "canonicalize": "canonicalize:Canonicalize",
     "cse": "cse:CommonSubexpressionElimination",
     "dce": "dce:DeadCodeElimination",
+    "ladder": "ladder:Ladder",
+    "overlap": "overlap:Overlap",
     "shard": "shard:Shard",
 }
 

@@ -77,10 +77,15 @@ class _Sharder:
             self.resharded[key] = self._reshard(value, have, want, before)
         return self.resharded[key]
 
+    _SUFFIX = {"AllReduceOp": "reduced", "AllGatherOp": "gathered", "ReduceScatterOp": "scattered",
+               "LocalShardOp": "local"}  # fmt: skip
+
     def _insert(self, op: Operation, before: Operation, placement: Placement) -> SSAValue:
         op.location = before.location
         Rewriter.insert_op(op, InsertPoint.before(before))
         result = op.results[0]
+        source = op.operands[0].name_hint or "value"
+        result.name_hint = f"{source}_{self._SUFFIX[type(op).__name__]}"
         self.placement[result] = placement
         return result
 

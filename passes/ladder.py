@@ -1,0 +1,130 @@
+"""ladder{layers=K}: Ladder Residual (Zhang, Mishra et al., 2025).
+
+A tensor-parallel transformer computes, per module (attention or MLP),
+
+    x_i = x_{i-1} + AllReduce(h_i(x_{i-1}))         standard
+    x_i = x_{i-1} + AllReduce(h_i(x_{i-2}))         ladder
+
+so that the all-reduce of h_i runs while h_{i+1} computes. The pass finds
+the residual stream by dataflow (`residual`), rewires each converted module's
+branch to read the stream from two modules back (the first module reads the
+embeddings, as does the second), turns the all-reduce ending each branch into
+an async start with a `plait.wait`, and moves each wait and residual add down
+to where their results are first needed. `layers=K` converts only the last K
+decoder layers (2K modules); `layers=0`, the default, converts all.
+
+After `shard` it needs a replicated stream (Megatron: Llama, Qwen, Mixtral);
+where sharding leaves the stream split (GPT-2's fused QKV), run it before:
+`ladder,shard{mesh=tp:2},overlap`, the result is the same model.
+
+It changes the model's function: the reference for a ladder program is the
+same pass on one device (no collectives), not the original model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from xdsl.context import Context
+from xdsl.dialects.builtin import ModuleOp
+from xdsl.ir import Block, Operation
+from xdsl.rewriter import InsertPoint, Rewriter
+
+from ..ir.errors import PlaitError
+from ..ir.ops import AllReduceOp, CollectiveOp, LocalShardOp, WaitOp
+from ..ir.text import where
+from .base import Pass, function_blocks
+from .residual import ResidualModule, residual_chain
+
+
+class LadderError(PlaitError):
+    pass
+
+
+def _first_user(value, block: Block, position: dict[Operation, int]) -> Operation | None:
+    users = [use.operation for use in value.uses if use.operation.parent is block]
+    return min(users, key=position.__getitem__, default=None)
+
+
+def sink(op: Operation, block: Block) -> None:
+    """Move `op` down to just before the first op that uses its results."""
+    position = {o: i for i, o in enumerate(block.ops)}
+    firsts = [u for r in op.results if (u := _first_user(r, block, position)) is not None]
+    if not firsts:
+        return
+    target = min(firsts, key=position.__getitem__)
+    if position[target] > position[op] + 1:
+        op.detach()
+        Rewriter.insert_op(op, InsertPoint.before(target))
+
+
+def make_async(blocking: AllReduceOp) -> WaitOp:
+    """A blocking all-reduce -> an async start where it was and a wait after it."""
+    start = AllReduceOp(blocking.input, blocking.axis.data, blocking.reduce.data, is_async=True)
+    start.location = blocking.location
+    start.result.name_hint = blocking.result.name_hint
+    wait = WaitOp(start.result)
+    wait.location = blocking.location
+    wait.result.name_hint = blocking.result.name_hint
+    Rewriter.insert_op(start, InsertPoint.before(blocking))
+    Rewriter.insert_op(wait, InsertPoint.before(blocking))
+    blocking.result.replace_all_uses_with(wait.result)
+    Rewriter.erase_op(blocking)
+    return wait
+
+
+def _check_replicated(chain: list[ResidualModule]) -> None:
+    """In a sharded program the stream must be whole on every rank."""
+    for module in chain:
+        for op, _ in module.readers:
+            if isinstance(op, (CollectiveOp, LocalShardOp)):
+                raise LadderError(
+                    f"{where(module.add)}: the residual stream is sharded here (read by "
+                    f"{op.name}), so ladder cannot rewire it after sharding; run ladder "
+                    "before shard and overlap after it: ladder,shard{mesh=...},overlap"
+                )
+
+
+def convert(block: Block, layers: int) -> int:
+    """Rewrite the block's residual stream; returns the number of modules converted."""
+    chain = residual_chain(block)
+    if len(chain) < 2:
+        raise LadderError(
+            "ladder found no residual stream to convert: it looks for a chain of adds "
+            "r_i = r_{i-1} + f_i(r_{i-1}) (each branch f_i computed from the stream, in TP "
+            "programs ending in an all-reduce); this model's blocks are not residual"
+        )
+    _check_replicated(chain)
+    first = 0 if layers <= 0 else max(0, len(chain) - 2 * layers)
+    converted = chain[first:]
+    for i, module in enumerate(chain):
+        if i < first or i == 0:
+            continue  # the first module already reads the embeddings
+        two_back = chain[i - 1].stream
+        for op, index in module.readers:
+            op.operands[index] = two_back
+    for module in converted:
+        blocking = module.branch.owner
+        wait = (
+            make_async(blocking)
+            if isinstance(blocking, AllReduceOp) and blocking.is_async is None
+            else None
+        )
+        sink(module.add, block)
+        if wait is not None:
+            sink(wait, block)
+    return len(converted)
+
+
+@dataclass(frozen=True)
+class Ladder(Pass):
+    name = "ladder"
+    summary = (
+        "Ladder Residual: each module reads the stream from two modules back; async all-reduces"
+    )
+
+    layers: int = 0
+
+    def apply(self, ctx: Context, op: ModuleOp) -> None:
+        for block in function_blocks(op):
+            convert(block, self.layers)

@@ -1,0 +1,90 @@
+"""Analysis: the residual stream of a transformer, found by dataflow.
+
+A residual module adds a branch computed from the stream back onto it:
+
+    r_i = r_{i-1} + f_i(r_{i-1})        (in TP programs f_i ends in an all-reduce)
+
+`residual_chain` finds the longest sequence of such adds, each one's stream
+input the previous one's result, whatever the modules are called. For each
+module it records the ops of the branch that read the stream, which is what
+the ladder rewrite rewires.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from xdsl.ir import Block, Operation, SSAValue
+
+from ..ir.ops import CallOp
+
+
+@dataclass
+class ResidualModule:
+    add: CallOp  # r_i = add(stream, branch)
+    stream: SSAValue  # r_{i-1}
+    branch: SSAValue  # f_i(r_{i-1})
+    readers: list[tuple[Operation, int]] = field(
+        default_factory=list
+    )  # (op, operand #) reading r_{i-1}
+
+    @property
+    def result(self) -> SSAValue:
+        return self.add.results[0]
+
+
+def _is_plain_add(op: Operation) -> bool:
+    return (
+        isinstance(op, CallOp)
+        and op.target_name == "aten::add.Tensor"
+        and len(op.inputs) == 2
+        and op.arg("alpha", 1) == 1
+        and op.inputs[0].type == op.inputs[1].type == op.results[0].type
+    )
+
+
+def _branch_readers(stream: SSAValue, branch: SSAValue, position: dict) -> list | None:
+    """Ops computing `branch` that read `stream` (None if the branch ignores it)."""
+    start = position.get(stream.owner, -1) if isinstance(stream.owner, Operation) else -1
+    seen: set[Operation] = set()
+    readers = []
+    stack = [branch.owner] if isinstance(branch.owner, Operation) else []
+    while stack:
+        op = stack.pop()
+        if op in seen or position.get(op, -1) <= start:
+            continue
+        seen.add(op)
+        for index, operand in enumerate(op.operands):
+            if operand is stream:
+                readers.append((op, index))
+            elif isinstance(operand.owner, Operation):
+                stack.append(operand.owner)
+    return readers or None
+
+
+def residual_chain(block: Block) -> list[ResidualModule]:
+    """The longest chain of residual modules in program order (may be empty)."""
+    ops = list(block.ops)
+    position = {op: i for i, op in enumerate(ops)}
+    modules: dict[SSAValue, ResidualModule] = {}  # keyed by the stream it reads
+    for op in ops:
+        if not _is_plain_add(op):
+            continue
+        for stream, branch in ((op.inputs[0], op.inputs[1]), (op.inputs[1], op.inputs[0])):
+            readers = _branch_readers(stream, branch, position)
+            if readers is not None:
+                modules.setdefault(stream, ResidualModule(op, stream, branch, readers))
+                break
+    # follow r_{i-1} -> r_i from every start and keep the longest run
+    by_result = {m.result: m for m in modules.values()}
+    best: list[ResidualModule] = []
+    for module in modules.values():
+        if module.stream in by_result:
+            continue  # not the start of a run
+        run, current = [], module
+        while current is not None:
+            run.append(current)
+            current = modules.get(current.result)
+        if len(run) > len(best):
+            best = run
+    return best
