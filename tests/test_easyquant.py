@@ -1,0 +1,45 @@
+"""EasyQuant and round-to-nearest: ranges, outliers, and reconstruction error
+against RTN at equal bits on transformer weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from plait.passes.easyquant import easyquant, rtn
+
+
+@pytest.fixture(scope="module")
+def weights():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512,
+                                         num_hidden_layers=1, num_attention_heads=4))  # fmt: skip
+    return [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+
+@pytest.mark.parametrize("bits,group", [(4, 0), (4, 128), (8, 0)])
+def test_easyquant_beats_rtn_with_few_outliers(weights, bits, group):
+    rtn_error = sum(rtn(w, bits, group).relative_error(w) for w in weights)
+    quantized = [easyquant(w, bits, group, steps=100) for w in weights]
+    eq_error = sum(q.relative_error(w) for q, w in zip(quantized, weights))
+    assert eq_error <= 0.8 * rtn_error
+    assert max(q.outlier_fraction for q in quantized) <= 0.01
+
+
+def test_codes_scales_and_outliers():
+    torch.manual_seed(0)
+    w = torch.randn(64, 256) * 0.02
+    w[3, 17] = 1.5  # a planted outlier
+    q = easyquant(w, bits=4, group=64, steps=20)
+    assert q.q.dtype == torch.int8 and int(q.q.min()) >= -8 and int(q.q.max()) <= 7
+    assert q.scales.shape == (64, 4) and bool((q.scales > 0).all())
+    assert (3, 17) in set(zip(q.outlier_index[0].tolist(), q.outlier_index[1].tolist()))
+    assert q.dequantize()[3, 17] == w[3, 17]  # outliers are kept exactly
+    assert q.relative_error(w) < rtn(w, 4, 64).relative_error(w)
+
+
+def test_groups_must_divide_the_row():
+    with pytest.raises(ValueError, match="group size 100 does not divide the 256 input features"):
+        rtn(torch.randn(4, 256), 4, 100)
