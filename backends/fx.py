@@ -25,6 +25,7 @@ from xdsl.dialects import func
 from xdsl.dialects.builtin import ModuleOp
 from xdsl.ir import Operation, SSAValue
 
+from .. import kernels
 from ..ir import args as irargs
 from ..ir import symbolic
 from ..ir.attrs import LIBRARIES_ATTR, MESH_ATTR, PLACEMENTS_ATTR, SYMBOLS_ATTR
@@ -232,6 +233,7 @@ class _Lowering:
         target = resolve_target(op.target_name, op, self.libraries)
         args = tuple(self.arg(a, op) for a in op.args.args)
         kwargs = {k: self.arg(v, op) for k, v in op.args.kwargs}
+        kwargs.update(self.prepared(op, args))
         single = _check_call(op, target, args, kwargs)
         kind, callee = "call_function", target
         if self.fast:
@@ -242,6 +244,24 @@ class _Lowering:
             return
         for i, result in enumerate(op.results):
             self.values[result] = self._node(operator.getitem, (node, i), {}, op, result)
+
+    def prepared(self, op: CallOp, args: tuple) -> dict[str, torch.fx.Node]:
+        """Weights in a kernel's own layout, computed now (see `kernels.preparer`)."""
+        prepare = kernels.preparer(op.target_name)
+        if prepare is None:
+            return {}
+        weights = [a.target for a in args if isinstance(a, torch.fx.Node) and a.op == "get_attr"]
+        known = [
+            self.attrs[a.target] if isinstance(a, torch.fx.Node) and a.target in weights else a
+            for a in args
+        ]
+        known = [None if isinstance(a, torch.fx.Node) else a for a in known]
+        nodes = {}
+        for name, tensor in prepare(known).items():
+            key = f"{weights[0]}_{name}"  # named after the kernel's first weight
+            self.attrs[key] = tensor
+            nodes[name] = self.graph.get_attr(key)
+        return nodes
 
     def lower_param(self, op: ParamOp) -> None:
         name = op.weight_name

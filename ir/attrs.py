@@ -273,6 +273,8 @@ class QuantAttr(RecordAttr):
         ("group", int, 0),  # 0: one scale per output channel
         ("symmetric", bool, True),
         ("outlier_sigma", float, 0.0),  # 0: no outliers kept
+        ("outliers", float, 0.0),  # fraction of the weights kept in full precision
+        ("error", float, 0.0),  # relative reconstruction error ||Q(W) - W|| / ||W||
     )
 
 

@@ -81,7 +81,10 @@ def _search_scales(grouped: torch.Tensor, bits: int, points: int = 20) -> torch.
             best, best_error = scales, error
         else:
             better = error < best_error
-            best, best_error = torch.where(better, scales, best), torch.where(better, error, best_error)
+            best, best_error = (
+                torch.where(better, scales, best),
+                torch.where(better, error, best_error),
+            )
     return best
 
 

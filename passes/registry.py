@@ -13,6 +13,7 @@ _PASSES: dict[str, str] = {
     "dce": "dce:DeadCodeElimination",
     "ladder": "ladder:Ladder",
     "overlap": "overlap:Overlap",
+    "quantize": "quantize:Quantize",
     "shard": "shard:Shard",
 }
 

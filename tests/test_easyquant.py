@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from plait.passes.easyquant import easyquant, rtn
 
 

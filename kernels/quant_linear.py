@@ -1,0 +1,182 @@
+"""`plait::quant_linear`: a linear layer with weight-only int8 or int4 weights.
+
+    y = x @ (q * scale + outliers)^T + bias
+
+Storage (what the artifact holds, what sharding slices):
+    qweight   int8 [out, in] (8 bits), or uint8 [out, in / 2] (4 bits: two
+              values + 8 per byte, even column in the low nibble)
+    scales    float32 [out, groups] (groups = 1: per output channel)
+    outliers  index int32 [1, 2, nnz] (row, column in this rank's slice) and
+              values [1, nnz]: full-precision weights added back (zero
+              padding adds nothing)
+
+Dispatch by token count (`DECODE_MAX_TOKENS`, measured by
+benchmarks/quant_kernels.py): few tokens (decode) run PyTorch's weight-only
+kernels, which read the low-bit weight directly (`_weight_int8pack_mm`,
+`_weight_int4pack_mm_for_cpu`, CUDA's tinygemm `_weight_int4pack_mm`); these
+are vectorized for bf16/fp16 activations only, so fp32 activations are cast to
+bf16 for them. Many tokens (prefill) dequantize and run a dense GEMM, in the
+activations' dtype.
+
+The int4 kernels want their own weight layout, which depends on the device;
+`prepare` computes it once when a program is built (the backend calls it on
+the weights), so the IR and the artifact stay device-independent.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# at most this many tokens use the weight-only kernels; above, dequantize + GEMM
+DECODE_MAX_TOKENS = 16
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+_INT4_GROUPS = (256, 128, 64, 32)  # group sizes the int4 kernels take
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int8 values in [-8, 7], [out, in] -> uint8 [out, in / 2]."""
+    u = (q.to(torch.int16) + 8).to(torch.uint8)
+    return u[:, 0::2] | (u[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [out, in / 2] -> int8 [out, in] in [-8, 7]."""
+    low = (packed & 0xF).to(torch.int8) - 8
+    high = (packed >> 4).to(torch.int8) - 8
+    return torch.stack((low, high), dim=-1).reshape(packed.shape[0], -1)
+
+
+def int_values(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    return unpack_int4(qweight) if bits == 4 else qweight
+
+
+def dequantize(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    outlier_index: torch.Tensor,
+    outlier_value: torch.Tensor,
+    bits: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The dense weight [out, in] the layer computes with."""
+    q = int_values(qweight, bits)
+    out, cols = q.shape
+    groups = scales.shape[1]
+    w = (q.view(out, groups, cols // groups).to(dtype) * scales.to(dtype).unsqueeze(-1)).view(
+        out, cols
+    )
+    if outlier_value.numel():  # quantized values are 0 there: add
+        index = outlier_index.reshape(2, -1).long()
+        w = w.index_put((index[0], index[1]), outlier_value.reshape(-1).to(dtype), accumulate=True)
+    return w
+
+
+def _kernel_group(cols: int, groups: int) -> int | None:
+    """The int4 kernel group size that expresses `groups` scale groups per row
+    (a per-channel scale is repeated over several kernel groups)."""
+    size = cols // groups
+    for g in _INT4_GROUPS:
+        if size % g == 0:
+            return g
+    return None
+
+
+def prepare(
+    qweight: torch.Tensor, scales: torch.Tensor, bits: int
+) -> dict[str, torch.Tensor | None]:
+    """The int4 kernel's weight layout for this device, computed once at load.
+
+    Returns {} where no kernel applies (8 bits: the storage is the kernel's
+    layout; shapes the int4 kernels do not take)."""
+    if bits != 4:
+        return {}
+    out, cols = qweight.shape[0], qweight.shape[1] * 2
+    groups = scales.shape[1]
+    group = _kernel_group(cols, groups)
+    if group is None:
+        return {}
+    cuda = qweight.device.type == "cuda"
+    if qweight.is_meta:  # program source only: shapes of the CPU layout
+        packed = torch.empty(out, cols // 2, dtype=torch.uint8, device="meta")
+    elif cuda:
+        inner_k_tiles = 8 if cols % 1024 == 0 else 2
+        packed = torch._convert_weight_to_int4pack(qweight.contiguous(), inner_k_tiles)
+    else:
+        u = (unpack_int4(qweight).to(torch.int32) + 8).contiguous()
+        packed = torch._convert_weight_to_int4pack_for_cpu(u, 1)
+    # tinygemm dequantizes (u - 8) * scale + zero: symmetric weights have zero 0
+    repeated = scales.repeat_interleave((cols // groups) // group, dim=1)  # [out, cols / group]
+    scale_zero = torch.stack((repeated, torch.zeros_like(repeated)), dim=-1)
+    dtype = torch.bfloat16
+    return {"packed": packed, "scale_zero": scale_zero.transpose(0, 1).contiguous().to(dtype)}
+
+
+def prepare_args(args: list) -> dict[str, torch.Tensor]:
+    """`prepare` for a call's arguments, if its weights are known at load."""
+    qweight, scales, bits = args[1], args[2], args[6]
+    if not isinstance(qweight, torch.Tensor) or not isinstance(scales, torch.Tensor):
+        return {}
+    return prepare(qweight, scales, bits)
+
+
+def _tokens(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+
+@torch.library.custom_op("plait::quant_linear", mutates_args=())
+def quant_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    outlier_index: torch.Tensor,
+    outlier_value: torch.Tensor,
+    bits: int,
+    packed: torch.Tensor | None = None,
+    scale_zero: torch.Tensor | None = None,
+) -> torch.Tensor:
+    out = scales.shape[0]
+    x2 = x.reshape(-1, x.shape[-1])
+    outlier_index, outlier_value = outlier_index.reshape(2, -1), outlier_value.reshape(-1)
+    kernel = _tokens(x) <= DECODE_MAX_TOKENS
+    compute = x.dtype if x.dtype in _KERNEL_DTYPES else torch.bfloat16
+    if kernel and bits == 8 and scales.shape[1] == 1:
+        y = torch._weight_int8pack_mm(x2.to(compute), qweight, scales[:, 0].to(compute))
+    elif kernel and bits == 4 and packed is not None:
+        group = x.shape[-1] // scale_zero.shape[0]
+        if x.device.type == "cuda":
+            y = torch._weight_int4pack_mm(x2.to(compute), packed, group, scale_zero.to(compute))
+        else:
+            y = torch._weight_int4pack_mm_for_cpu(
+                x2.to(compute), packed, group, scale_zero.to(compute)
+            )
+    else:  # dequantize + GEMM; outliers are part of the dense weight
+        w = dequantize(qweight, scales, outlier_index, outlier_value, bits, x.dtype)
+        y = torch.nn.functional.linear(x2, w)
+        outlier_value = outlier_value[:0]
+    y = y.to(x.dtype)
+    if outlier_value.numel():  # y[:, row] += x[:, col] * value, a sparse product
+        y = y.index_add(1, outlier_index[0], x2[:, outlier_index[1]] * outlier_value.to(x.dtype))
+    if bias is not None:
+        y = y + bias.to(x.dtype)
+    return y.reshape(*x.shape[:-1], out)
+
+
+@quant_linear.register_fake
+def _(x, qweight, scales, bias, outlier_index, outlier_value, bits, packed=None, scale_zero=None):
+    return x.new_empty(*x.shape[:-1], scales.shape[0])
+
+
+def reference(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    outlier_index: torch.Tensor,
+    outlier_value: torch.Tensor,
+    bits: int,
+) -> torch.Tensor:
+    """The layer in float64 from the dense weight: what the kernels approximate."""
+    w = dequantize(qweight, scales, outlier_index, outlier_value, bits, torch.float64)
+    b = None if bias is None else bias.double()
+    return torch.nn.functional.linear(x.double(), w, b)

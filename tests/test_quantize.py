@@ -1,0 +1,181 @@
+"""quantize pass and plait::quant_linear: kernels against a float64 dense
+reference, whole models against eager with the dequantized weights, TP=2 on
+gloo ranks against TP=1, the size budget chosen by z3, and bad input."""
+
+from __future__ import annotations
+
+import itertools
+
+import plait
+import pytest
+import torch
+from helpers import artifact_rank, max_rel_diff, run_ranks
+from plait.frontend import hf
+from plait.kernels import quant_linear as kernel
+from plait.passes.bit_allocation import BudgetError, allocate
+from plait.passes.easyquant import easyquant
+from plait.passes.quantize import QuantizeError
+
+PREFILL = (3, 11)  # 33 tokens: above DECODE_MAX_TOKENS, dequantize + GEMM in fp32
+
+
+def _layer(bits: int, group: int, out: int = 96, cols: int = 256, bias: bool = True):
+    torch.manual_seed(bits + group)
+    w = torch.randn(out, cols) * 0.05
+    q = easyquant(w, bits, group, steps=20)
+    stored = kernel.pack_int4(q.q) if bits == 4 else q.q
+    index, value = q.outlier_index.to(torch.int32)[None], q.outlier_value[None]
+    b = torch.randn(out) if bias else None
+    return (stored, q.scales, b, index, value, bits), q
+
+
+@pytest.mark.parametrize("bits,group", [(8, 0), (8, 64), (4, 0), (4, 64), (4, 128)])
+@pytest.mark.parametrize("tokens", [1, 7, 40])
+def test_kernel_matches_the_dense_reference(bits, group, tokens):
+    args, q = _layer(bits, group)
+    assert q.outlier_value.numel() > 0  # the sparse add-back is exercised
+    x = torch.randn(tokens, 256)
+    ref = kernel.reference(x, *args)
+    y = torch.ops.plait.quant_linear(x, *args, **kernel.prepare(args[0], args[1], bits))
+    assert y.dtype == x.dtype and y.shape == (tokens, 96)
+    uses_kernel = tokens <= kernel.DECODE_MAX_TOKENS and (bits == 4 or group == 0)
+    # the weight-only kernels compute in bf16; dequantize + GEMM in the input's dtype
+    assert max_rel_diff(y.double(), ref) <= (2e-2 if uses_kernel else 1e-5)
+    assert (kernel.int_values(args[0], bits) == q.q).all()
+
+
+def test_kernel_on_bf16_activations_and_3d_inputs():
+    args, _ = _layer(4, 128)
+    x = torch.randn(2, 3, 256, dtype=torch.bfloat16)
+    y = torch.ops.plait.quant_linear(x, *args, **kernel.prepare(args[0], args[1], 4))
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 3, 96)
+    assert max_rel_diff(y.double(), kernel.reference(x, *args)) <= 2e-2
+
+
+def _dequantized_model(model, compiled):
+    """A copy of `model` whose quantized linears hold the weights the program computes with."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    params = dict(twin.model.named_parameters())  # the IR's names: the HF model's
+    names = set(compiled.weight_names)
+    for name in names:
+        if name.endswith(".qweight"):
+            base = name.removesuffix(".qweight")
+            get = lambda s: compiled.weights.get(f"{base}.{s}")  # noqa: E731
+            bits = 4 if get("qweight").dtype == torch.uint8 else 8
+            w = kernel.dequantize(get("qweight"), get("scales"), get("outlier_index"),
+                                  get("outlier_value"), bits, torch.float32)  # fmt: skip
+            with torch.no_grad():
+                params[f"{base}.weight"].copy_(w)
+    return twin
+
+
+@pytest.mark.parametrize("pipeline", [
+    "quantize{bits=8}",
+    "quantize{bits=4,method=rtn}",
+    "quantize{bits=4,group=32,layers=*.self_attn.*}",
+])  # fmt: skip
+def test_llama_matches_eager_with_the_dequantized_weights(example, pipeline):
+    model, example_inputs, shapes = example("llama-tiny")
+    compiled = plait.compile(model, example_inputs, dynamic_shapes=shapes, pipeline=pipeline)
+    twin = _dequantized_model(model, compiled)
+    inputs = hf.example_inputs(model.model, *PREFILL)
+    with torch.no_grad():
+        assert max_rel_diff(compiled(*inputs), twin(*inputs)) <= 1e-5
+        assert max_rel_diff(compiled(*inputs), model(*inputs)) > 1e-4  # it did quantize
+        decode = hf.example_inputs(model.model, 1, 5)  # the weight-only kernels, bf16
+        assert max_rel_diff(compiled(*decode), twin(*decode)) <= 3e-2
+    quantized = compiled.ir.count('"plait::quant_linear"')
+    assert quantized == (8 if "self_attn" in pipeline else 15)  # 7 per layer, and lm_head
+    assert "#plait.quant<" in compiled.ir and "error = " in compiled.ir
+
+
+def test_tensor_parallel_quantization_is_the_same_model(example, tmp_path):
+    model, example_inputs, shapes = example("llama-tiny")
+    pipeline = "canonicalize,cse,dce,{}quantize{{bits=4,group=8}}"
+    single = plait.compile(model, example_inputs, dynamic_shapes=shapes,
+                           pipeline=pipeline.format(""))  # fmt: skip
+    sharded = plait.compile(model, example_inputs, dynamic_shapes=shapes,
+                            pipeline=pipeline.format("shard{mesh=tp:2},"))  # fmt: skip
+    assert "plait::quant_linear" in sharded.ir and "shard(1)" in sharded.ir
+    sharded.save(tmp_path)
+    inputs = hf.example_inputs(model.model, *PREFILL)
+    with torch.no_grad():
+        ref = single(*inputs)
+    for out, _ in run_ranks(2, artifact_rank, str(tmp_path), list(inputs)):
+        assert max_rel_diff(out, ref) <= 1e-5
+
+
+def test_row_parallel_groups_must_not_straddle_shards(example):
+    model, example_inputs, _ = example("llama-tiny")
+    # down_proj reads 176 features, 88 per rank: groups of 16 divide 176 but not 88
+    message = (
+        r"down_proj is row-parallel over 2 ranks \(88 input .* group that divides 88 \(8, 22, 44\)"
+    )
+    with pytest.raises(QuantizeError, match=message):
+        plait.compile(model, example_inputs, pipeline="shard{mesh=tp:2},quantize{group=16}")
+
+
+def test_artifact_holds_packed_weights_and_runs_the_same(example, tmp_path):
+    from safetensors import safe_open
+
+    model, example_inputs, shapes = example("llama-tiny")
+    compiled = plait.compile(model, example_inputs, dynamic_shapes=shapes,
+                             pipeline="quantize{bits=4,group=32,layers=*.mlp.up_proj}")  # fmt: skip
+    compiled.save(tmp_path)
+    with safe_open(str(tmp_path / "weights.safetensors"), framework="pt") as f:
+        packed = f.get_tensor("model.layers.0.mlp.up_proj.qweight")
+        assert "model.layers.0.mlp.up_proj.weight" not in f.keys()
+    assert packed.dtype == torch.uint8 and packed.shape == (176, 32)  # two 4-bit values a byte
+    again = plait.load(tmp_path)
+    inputs = hf.example_inputs(model.model, 1, 3)
+    assert torch.equal(again(*inputs), compiled(*inputs))
+
+
+def test_size_budget_is_met_with_the_least_error(example):
+    model, example_inputs, _ = example("llama-tiny")
+    dense = sum(p.numel() * 4 for n, p in model.named_parameters() if "proj" in n)
+    compiled = plait.compile(model, example_inputs,
+                             pipeline="quantize{size-budget=0.2,layers=*proj}")  # fmt: skip
+    used = sum(compiled.weights.get(n).numel() * compiled.weights.get(n).element_size()
+               for n in compiled.weight_names if "proj" in n)  # fmt: skip
+    assert used <= 0.2 * dense
+    dtypes = {compiled.weights.get(n).dtype for n in compiled.weight_names if "qweight" in n}
+    assert dtypes == {torch.uint8, torch.int8}  # a mix of 4 and 8 bits fits best
+
+
+def test_allocation_is_optimal_against_brute_force():
+    torch.manual_seed(0)
+    candidates = {
+        f"l{i}": {4: (100 + 7 * i, 5.0 + i), 8: (200 + 9 * i, 1.0 + i / 3), 32: (800, 0.0)}
+        for i in range(6)
+    }
+    budget = 1900
+    best = min(
+        (sum(candidates[f"l{i}"][b][1] for i, b in enumerate(combo)), combo)
+        for combo in itertools.product((4, 8, 32), repeat=6)
+        if sum(candidates[f"l{i}"][b][0] for i, b in enumerate(combo)) <= budget
+    )
+    result = allocate(candidates, budget)
+    assert result.status == "optimal" and result.bytes <= budget
+    assert result.error == pytest.approx(best[0])
+    with pytest.raises(BudgetError, match="below the smallest choice, 705 bytes"):
+        allocate(candidates, 700)
+
+
+def test_quantize_needs_real_weights():
+    from plait.frontend.hf import wrap
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = wrap(LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32,
+            intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)))  # fmt: skip
+    inputs = hf.example_inputs(model.model, 1, 4)
+    with pytest.raises(QuantizeError, match="quantize needs the weight of model.layers.0"):
+        plait.compile(model, inputs, pipeline="quantize")
+
+
+def test_bad_options_name_what_to_change():
+    with pytest.raises(plait.PlaitError, match="bits must be 4 or 8, not 3"):
+        plait.compile(torch.nn.Linear(4, 4), (torch.randn(1, 4),), pipeline="quantize{bits=3}")
