@@ -24,64 +24,33 @@ groups that would work in the error).
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 
 import torch
 from xdsl.context import Context
-from xdsl.dialects.builtin import ArrayAttr, ModuleOp, StringAttr
-from xdsl.rewriter import InsertPoint, Rewriter
+from xdsl.dialects.builtin import ModuleOp
 
-from ..ir.args import ArgsAttr, Operand
-from ..ir.attrs import (
-    LIBRARIES_ATTR,
-    MESH_ATTR,
-    PLACEMENTS_ATTR,
-    REPLICATE,
-    Placement,
-    PlacementsAttr,
-    QuantAttr,
-    shard,
-)
-from ..ir.dtypes import IR_NAMES
+from ..ir.attrs import REPLICATE, Placement, QuantAttr, shard
 from ..ir.errors import PlaitError
-from ..ir.ops import GenericCallOp, LinearOp, ParamOp
 from ..ir.text import where
-from ..ir.types import TensorType
 from ..kernels import quant_linear as kernel
-from .base import Pass, PassContext, function_blocks
+from .base import Pass, PassContext
 from .bit_allocation import allocate
 from .easyquant import DEFAULT_SIGMA, Quantized, easyquant, rtn
-from .shard_rules import local_type
+from .linear_rewrite import (
+    Layer,
+    add_param,
+    find_linears,
+    full_weights,
+    replace_linear,
+    require_library,
+)
 
-LIBRARY = kernel.__name__
 TARGET = "plait::quant_linear"
 
 
 class QuantizeError(PlaitError):
     pass
-
-
-@dataclass
-class _Layer:
-    op: LinearOp
-    param: ParamOp
-    module: str
-    placement: Placement  # of the weight on the (single) mesh axis
-    parts: int  # ranks along that axis
-
-    @property
-    def weight_type(self) -> TensorType:
-        return self.param.result.type
-
-
-def _placement(param: ParamOp) -> Placement:
-    attr = param.attributes.get(PLACEMENTS_ATTR)
-    return attr.data[0] if attr is not None and attr.data else REPLICATE
-
-
-def _matches(module: str, globs: list[str]) -> bool:
-    return any(fnmatch.fnmatchcase(module, g) for g in globs)
 
 
 def quantized_bytes(q: Quantized) -> int:
@@ -135,32 +104,12 @@ class Quantize(Pass):
         if self.group < 0 or self.group % 2:
             raise ValueError(f"group must be 0 (per output channel) or even, not {self.group}")
 
-    # ---- choosing --------------------------------------------------------------
-
-    def _layers(self, module: ModuleOp) -> list[_Layer]:
-        mesh = module.attributes.get(MESH_ATTR)
-        parts = mesh.size if mesh is not None else 1
-        globs = [g.strip() for g in self.layers.split(",") if g.strip()]
-        found = []
-        for block in function_blocks(module):
-            for op in block.ops:
-                if not isinstance(op, LinearOp) or op.target_name != "aten::linear":
-                    continue
-                weight = op.input_of(op.arg("weight"))
-                param = weight.owner if weight is not None else None
-                if not isinstance(param, ParamOp) or param.result.type.rank != 2:
-                    continue
-                path = param.weight_name.removesuffix(".weight")
-                if _matches(path, globs):
-                    found.append(_Layer(op, param, path, _placement(param), parts))
-        return found
-
     def _quantize(self, weight: torch.Tensor, bits: int) -> Quantized:
         if self.method == "rtn":
             return rtn(weight, bits, self.group)
         return easyquant(weight, bits, self.group, self.outlier_sigma)
 
-    def _check(self, layer: _Layer, weight: torch.Tensor) -> None:
+    def _check(self, layer: Layer, weight: torch.Tensor) -> None:
         cols = weight.shape[1]
         if self.group and cols % self.group:
             raise QuantizeError(
@@ -169,59 +118,21 @@ class Quantize(Pass):
             )
         if layer.placement == shard(1):
             local = cols // layer.parts
-            size = self.group or cols
             if local % 2 or (self.group and local % self.group):
                 fits = [g for g in range(2, min(local, 257), 2) if local % g == 0][-3:]
                 raise QuantizeError(
                     f"{where(layer.op)}: {layer.module} is row-parallel over {layer.parts} "
-                    f"ranks ({local} input features each), so group={size} would straddle "
-                    f"shard boundaries; use a group that divides {local} "
+                    f"ranks ({local} input features each), so group={self.group or cols} would "
+                    f"straddle shard boundaries; use a group that divides {local} "
                     f"({', '.join(map(str, fits))}) or 0 (per output channel)"
                 )
 
-    # ---- rewriting -------------------------------------------------------------
-
-    def _param(self, layer: _Layer, suffix: str, tensor, store, placement=REPLICATE):
-        name = f"{layer.module}.{suffix}"
-        store.add(name, tensor)
-        full = TensorType(tuple(tensor.shape), IR_NAMES[str(tensor.dtype).removeprefix("torch.")])
-        op = ParamOp(name, local_type(full, placement, layer.parts))
-        if placement.kind == "shard":
-            op.attributes[PLACEMENTS_ATTR] = PlacementsAttr((placement,))
-        op.location = layer.param.location
-        op.result.name_hint = name.replace(".", "_")
-        Rewriter.insert_op(op, InsertPoint.before(layer.op))
-        return op.result
-
-    def _rewrite(self, layer: _Layer, q: Quantized, weight: torch.Tensor, store) -> None:
+    def _rewrite(self, layer: Layer, q: Quantized, weight: torch.Tensor, store) -> None:
         p = layer.placement
         stored = kernel.pack_int4(q.q) if q.bits == 4 else q.q
         scales_placement = p if p == shard(0) or q.scales.shape[1] > 1 else REPLICATE
         buckets = shard(0) if p.kind == "shard" else REPLICATE  # one bucket per rank
         index, value = _bucket_outliers(q, p, layer.parts, weight.shape)
-        op = layer.op
-        bias = op.input_of(op.arg("bias"))
-        operands = [
-            op.input_of(op.arg("input")),
-            self._param(layer, "qweight", stored, store, p),
-            self._param(layer, "scales", q.scales, store, scales_placement),
-        ]
-        bias_arg = None
-        if bias is not None:
-            operands.append(bias)
-            bias_arg = Operand(3)
-        operands.append(self._param(layer, "outlier_index", index, store, buckets))
-        operands.append(self._param(layer, "outlier_value", value, store, buckets))
-        n = len(operands)
-        args = (
-            Operand(0),
-            Operand(1),
-            Operand(2),
-            bias_arg,
-            Operand(n - 2),
-            Operand(n - 1),
-            q.bits,
-        )
         attrs = {
             "quant": QuantAttr.make(
                 method=self.method,
@@ -232,14 +143,20 @@ class Quantize(Pass):
                 error=round(q.relative_error(weight), 6),
             )
         }
-        new = GenericCallOp(TARGET, operands, ArgsAttr(args, ()), [op.results[0].type], attrs)
-        new.location = op.location
-        new.results[0].name_hint = op.results[0].name_hint
-        Rewriter.replace_op(op, new)
-        if not layer.param.result.uses:
-            Rewriter.erase_op(layer.param)
-
-    # ---- the pass --------------------------------------------------------------
+        replace_linear(
+            layer,
+            TARGET,
+            [
+                add_param(layer, "qweight", stored, store, p),
+                add_param(layer, "scales", q.scales, store, scales_placement),
+            ],
+            [
+                add_param(layer, "outlier_index", index, store, buckets),
+                add_param(layer, "outlier_value", value, store, buckets),
+            ],
+            (q.bits,),
+            attrs,
+        )
 
     def _bits(self, layers, weights, results) -> dict[str, int]:
         """Per layer: the bits to use (the original dtype's bits: keep it)."""
@@ -259,16 +176,10 @@ class Quantize(Pass):
         return allocate(candidates, int(self.size_budget * original)).bits
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
-        layers = self._layers(op)
+        layers = find_linears(op, self.layers)
         store = ctx.weights if isinstance(ctx, PassContext) else None
-        weights = {}
+        weights = full_weights(store, layers, "quantize")
         for layer in layers:
-            if store is None or store.is_meta(layer.param.weight_name):
-                raise QuantizeError(
-                    f"{where(layer.op)}: quantize needs the weight of {layer.module}; compile "
-                    "a model with real weights (not on meta) or load its checkpoint first"
-                )
-            weights[layer.module] = store.get(layer.param.weight_name)
             self._check(layer, weights[layer.module])
         results: dict[tuple[str, int], Quantized] = {}
         chosen = self._bits(layers, weights, results)
@@ -276,12 +187,7 @@ class Quantize(Pass):
             bits = chosen[layer.module]
             if bits not in (4, 8):
                 continue  # kept in its original precision
-            key = (layer.module, bits)
-            q = results.get(key) or self._quantize(weights[layer.module], bits)
+            q = results.get((layer.module, bits)) or self._quantize(weights[layer.module], bits)
             self._rewrite(layer, q, weights[layer.module], store)
         if layers:
-            libraries = op.attributes.get(LIBRARIES_ATTR)
-            names = {a.data for a in libraries.data} if libraries is not None else set()
-            op.attributes[LIBRARIES_ATTR] = ArrayAttr(
-                [StringAttr(m) for m in sorted(names | {LIBRARY})]
-            )
+            require_library(op, kernel.__name__)

@@ -1,0 +1,132 @@
+"""Shared by the weight-compression passes: find the linear layers a glob
+selects, add the compressed weights as new params, and replace each
+`aten::linear` with a call to a compressed kernel."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import torch
+from xdsl.dialects.builtin import ArrayAttr, ModuleOp, StringAttr
+from xdsl.ir import Attribute, SSAValue
+from xdsl.rewriter import InsertPoint, Rewriter
+
+from ..ir.args import ArgsAttr, Operand
+from ..ir.attrs import (
+    LIBRARIES_ATTR,
+    MESH_ATTR,
+    PLACEMENTS_ATTR,
+    REPLICATE,
+    Placement,
+    PlacementsAttr,
+)
+from ..ir.dtypes import IR_NAMES
+from ..ir.errors import PlaitError
+from ..ir.ops import GenericCallOp, LinearOp, ParamOp
+from ..ir.text import where
+from ..ir.types import TensorType
+from ..ir.weights import WeightStore
+from .base import function_blocks
+from .shard_rules import local_type
+
+
+@dataclass
+class Layer:
+    op: LinearOp
+    param: ParamOp
+    module: str  # the module path, e.g. model.layers.0.mlp.up_proj
+    placement: Placement  # of the weight on the (single) mesh axis
+    parts: int  # ranks along that axis
+
+
+def _placement(param: ParamOp) -> Placement:
+    attr = param.attributes.get(PLACEMENTS_ATTR)
+    return attr.data[0] if attr is not None and attr.data else REPLICATE
+
+
+def find_linears(module: ModuleOp, layers: str) -> list[Layer]:
+    """`aten::linear` calls whose weight is a 2-D param of a module matching
+    one of the comma-separated globs in `layers`."""
+    mesh = module.attributes.get(MESH_ATTR)
+    parts = mesh.size if mesh is not None else 1
+    globs = [g.strip() for g in layers.split(",") if g.strip()]
+    found = []
+    for block in function_blocks(module):
+        for op in block.ops:
+            if not isinstance(op, LinearOp) or op.target_name != "aten::linear":
+                continue
+            weight = op.input_of(op.arg("weight"))
+            param = weight.owner if weight is not None else None
+            if not isinstance(param, ParamOp) or param.result.type.rank != 2:
+                continue
+            path = param.weight_name.removesuffix(".weight")
+            if any(fnmatch.fnmatchcase(path, g) for g in globs):
+                found.append(Layer(op, param, path, _placement(param), parts))
+    return found
+
+
+def full_weights(store: WeightStore | None, layers: list[Layer], pass_name: str):
+    """Each layer's whole (unsharded) weight, or an error naming the layer."""
+    out = {}
+    for layer in layers:
+        if store is None or store.is_meta(layer.param.weight_name):
+            raise PlaitError(
+                f"{where(layer.op)}: {pass_name} needs the weight of {layer.module}; compile "
+                "a model with real weights (not on meta) or load its checkpoint first"
+            )
+        out[layer.module] = store.get(layer.param.weight_name)
+    return out
+
+
+def add_param(
+    layer: Layer, suffix: str, tensor: torch.Tensor, store: WeightStore, placement=REPLICATE
+) -> SSAValue:
+    """A new weight `<module>.<suffix>` in the store and the program; a sharded
+    placement gives each rank its slice."""
+    name = f"{layer.module}.{suffix}"
+    store.add(name, tensor)
+    full = TensorType(tuple(tensor.shape), IR_NAMES[str(tensor.dtype).removeprefix("torch.")])
+    op = ParamOp(name, local_type(full, placement, layer.parts))
+    if placement.kind == "shard":
+        op.attributes[PLACEMENTS_ATTR] = PlacementsAttr((placement,))
+    op.location = layer.param.location
+    op.result.name_hint = name.replace(".", "_")
+    Rewriter.insert_op(op, InsertPoint.before(layer.op))
+    return op.result
+
+
+def replace_linear(
+    layer: Layer,
+    target: str,
+    before_bias: list[SSAValue],
+    after_bias: list[SSAValue],
+    constants: tuple,
+    attributes: dict[str, Attribute],
+) -> None:
+    """linear(x, W, b) -> target(x, *before_bias, b, *after_bias, *constants)."""
+    op = layer.op
+    bias = op.input_of(op.arg("bias"))
+    operands = [op.input_of(op.arg("input")), *before_bias]
+    args = [Operand(i) for i in range(len(operands))]
+    if bias is not None:
+        operands.append(bias)
+    args.append(Operand(len(operands) - 1) if bias is not None else None)
+    for value in after_bias:
+        operands.append(value)
+        args.append(Operand(len(operands) - 1))
+    new = GenericCallOp(
+        target, operands, ArgsAttr((*args, *constants), ()), [op.results[0].type], attributes
+    )
+    new.location = op.location
+    new.results[0].name_hint = op.results[0].name_hint
+    Rewriter.replace_op(op, new)
+    if not layer.param.result.uses:
+        Rewriter.erase_op(layer.param)
+
+
+def require_library(module: ModuleOp, name: str) -> None:
+    """Record that the program calls custom ops defined in Python module `name`."""
+    libraries = module.attributes.get(LIBRARIES_ATTR)
+    names = {a.data for a in libraries.data} if libraries is not None else set()
+    module.attributes[LIBRARIES_ATTR] = ArrayAttr([StringAttr(m) for m in sorted(names | {name})])
