@@ -289,6 +289,7 @@ class SparsityAttr(RecordAttr):
         ("sparsity", float, 0.5),
         ("bits", int, 4),
         ("pattern", str, ""),  # e.g. "2:4"
+        ("error", float, 0.0),  # relative reconstruction error ||S(W) - W|| / ||W||
     )
 
 

@@ -13,7 +13,10 @@ from __future__ import annotations
 import importlib
 
 # target -> "module:function", relative to this package
-_PREPARE = {"plait::quant_linear": "quant_linear:prepare_args"}
+_PREPARE = {
+    "plait::quant_linear": "quant_linear:prepare_args",
+    "plait::gqsa_linear": "gqsa:prepare_args",
+}
 
 
 def preparer(target: str):

@@ -14,6 +14,7 @@ _PASSES: dict[str, str] = {
     "ladder": "ladder:Ladder",
     "overlap": "overlap:Overlap",
     "quantize": "quantize:Quantize",
+    "sparsify": "sparsify:Sparsify",
     "shard": "shard:Shard",
 }
 

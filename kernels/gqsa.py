@@ -1,0 +1,123 @@
+"""`plait::gqsa_linear`: a linear layer with a GQSA weight (see passes/gqsa.py
+for the layout): 4-bit groups of G input features, most pruned away.
+
+PyTorch has no kernel for this layout, so plait ships one in C++
+(`gqsa.cpp`, AVX2 where the CPU has it), compiled on first use with
+torch.utils.cpp_extension into torch's extension cache. Few tokens (decode)
+run it; many tokens, or a machine without a C++ compiler, rebuild the dense
+weight and run a GEMM (the reference path the tests compare against).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from pathlib import Path
+
+import torch
+
+# at most this many tokens use the sparse kernel; above, densify + GEMM
+# (benchmarks/quant_kernels.py measures the crossover)
+SPARSE_MAX_TOKENS = 16
+
+
+def unpack_groups(values: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., G/2] -> int values in [-8, 7], [..., G]."""
+    low = (values & 15).to(torch.int8) - 8
+    high = (values >> 4).to(torch.int8) - 8
+    return torch.cat((low, high), dim=-1)
+
+
+def pack_groups(q: torch.Tensor) -> torch.Tensor:
+    half = q.shape[-1] // 2
+    u = (q.to(torch.int16) + 8).to(torch.uint8)
+    return u[..., :half] | (u[..., half:] << 4)
+
+
+def dense_weight(values, scales, blocks, group: int, in_features: int, segments: int = 1):
+    """The dense [out, in] weight of a GQSA layout (float32)."""
+    out, kept = scales.shape
+    per_segment = kept // segments
+    offset = (
+        torch.arange(kept, device=blocks.device) // per_segment * (in_features // group // segments)
+    )
+    column = blocks.long() + offset  # global block column
+    groups = unpack_groups(values).float() * scales.float().unsqueeze(-1)  # [out, kept, G]
+    w = torch.zeros(out, in_features // group, group, device=values.device)
+    w.scatter_(1, column.unsqueeze(-1).expand(-1, -1, group), groups)
+    return w.reshape(out, in_features)
+
+
+@functools.lru_cache(maxsize=None)
+def extension():
+    """The compiled C++ kernel, or None (with a warning) where it cannot be built."""
+    from torch.utils.cpp_extension import load
+
+    flags = ["-O3", "-fopenmp-simd"]
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file() and " avx2 " in cpuinfo.read_text() and " fma " in cpuinfo.read_text():
+        flags += ["-mavx2", "-mfma"]
+    try:
+        return load(
+            name="plait_gqsa",
+            sources=[str(Path(__file__).with_name("gqsa.cpp"))],
+            extra_cflags=flags,
+            verbose=False,
+        )
+    except Exception as exc:  # no compiler, no headers: the dense path still works
+        warnings.warn(f"plait: the GQSA C++ kernel could not be built ({exc}); "
+                      "GQSA layers run densified", stacklevel=2)  # fmt: skip
+        return None
+
+
+def prepare_args(args: list) -> dict[str, torch.Tensor]:
+    """float32 scales and int32 blocks, as the C++ kernel reads them."""
+    scales, blocks = args[2], args[3]
+    if not isinstance(scales, torch.Tensor) or not isinstance(blocks, torch.Tensor):
+        return {}
+    return {"scales32": scales.float(), "blocks32": blocks.int()}
+
+
+@torch.library.custom_op("plait::gqsa_linear", mutates_args=())
+def gqsa_linear(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    scales: torch.Tensor,
+    blocks: torch.Tensor,
+    bias: torch.Tensor | None,
+    group: int,
+    scales32: torch.Tensor | None = None,
+    blocks32: torch.Tensor | None = None,
+) -> torch.Tensor:
+    out, cols = scales.shape[0], x.shape[-1]
+    x2 = x.reshape(-1, cols)
+    sparse = (
+        x2.shape[0] <= SPARSE_MAX_TOKENS and x.device.type == "cpu" and group in (8, 16, 32, 64)
+    )
+    ext = extension() if sparse else None
+    if ext is not None:
+        y = ext.gqsa_linear(
+            x2.float(),
+            values,
+            scales32 if scales32 is not None else scales.float(),
+            blocks32 if blocks32 is not None else blocks.int(),
+            group,
+        ).to(x.dtype)
+    else:
+        y = torch.nn.functional.linear(
+            x2, dense_weight(values, scales, blocks, group, cols).to(x.dtype)
+        )
+    if bias is not None:
+        y = y + bias.to(x.dtype)
+    return y.reshape(*x.shape[:-1], out)
+
+
+@gqsa_linear.register_fake
+def _(x, values, scales, blocks, bias, group, scales32=None, blocks32=None):
+    return x.new_empty(*x.shape[:-1], scales.shape[0])
+
+
+def reference(x, values, scales, blocks, bias, group) -> torch.Tensor:
+    """The layer in float64 from the dense weight."""
+    w = dense_weight(values, scales, blocks, group, x.shape[-1]).double()
+    return torch.nn.functional.linear(x.double(), w, None if bias is None else bias.double())

@@ -1,0 +1,96 @@
+"""sparsify{method=gqsa,group=16,sparsity=0.5,bits=4,layers=GLOBS}
+
+GQSA group sparsity (the math is in `gqsa`): each selected `aten::linear`
+becomes `plait::gqsa_linear` (see `kernels.gqsa`) reading the block-sparse
+int4 weight the pass adds to the WeightStore, with a `sparsity` attribute:
+
+    %y = plait.call "plait::gqsa_linear"(%x, %values, %scales, %blocks, none, 16)
+           {sparsity = #plait.sparsity<group = 16, sparsity = 0.5, error = 0.43>}
+
+After `shard`, a column-parallel layer's rows split across ranks as they are;
+a row-parallel layer keeps the same number of groups in each rank's columns
+(block columns stored relative to the rank's slice), so every rank does the
+same work. The rank's slice must hold whole groups (checked).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from xdsl.context import Context
+from xdsl.dialects.builtin import ModuleOp
+
+from ..ir.attrs import SparsityAttr, shard
+from ..ir.errors import PlaitError
+from ..ir.text import where
+from ..kernels import gqsa as kernel
+from .base import Pass, PassContext
+from .gqsa import gqsa
+from .linear_rewrite import add_param, find_linears, full_weights, replace_linear, require_library
+
+TARGET = "plait::gqsa_linear"
+
+
+class SparsifyError(PlaitError):
+    pass
+
+
+@dataclass(frozen=True)
+class Sparsify(Pass):
+    name = "sparsify"
+    summary = "GQSA: prune 1xG weight groups, int4 survivors, block-sparse kernel"
+
+    method: str = "gqsa"
+    group: int = 16
+    sparsity: float = 0.5
+    bits: int = 4
+    layers: str = "*"
+
+    def __post_init__(self):
+        if self.method != "gqsa":
+            raise ValueError(f"method must be gqsa, not '{self.method}'")
+        if self.bits != 4:
+            raise ValueError(f"GQSA stores 4-bit groups; bits must be 4, not {self.bits}")
+        if self.group not in (8, 16, 32, 64):
+            raise ValueError(f"group must be 8, 16, 32 or 64, not {self.group}")
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"sparsity is the pruned fraction, in [0, 1), not {self.sparsity}")
+
+    def apply(self, ctx: Context, op: ModuleOp) -> None:
+        layers = find_linears(op, self.layers)
+        store = ctx.weights if isinstance(ctx, PassContext) else None
+        weights = full_weights(store, layers, "sparsify")
+        for layer in layers:
+            weight = weights[layer.module]
+            row_parallel = layer.placement == shard(1)
+            segments = layer.parts if row_parallel else 1
+            if weight.shape[1] % (self.group * segments):
+                where_ = f" per rank ({weight.shape[1] // segments})" if row_parallel else ""
+                raise SparsifyError(
+                    f"{where(layer.op)}: the input features of {layer.module}{where_} do not "
+                    f"split into groups of {self.group}; use a group that divides them"
+                )
+            s = gqsa(weight, self.group, self.sparsity, self.bits, segments)
+            placement = layer.placement  # rows, or each rank's kept groups
+            attrs = {
+                "sparsity": SparsityAttr.make(
+                    group=self.group,
+                    sparsity=self.sparsity,
+                    bits=self.bits,
+                    error=round(s.relative_error(weight), 6),
+                )
+            }
+            replace_linear(
+                layer,
+                TARGET,
+                [
+                    add_param(layer, "values", s.values, store, placement),
+                    add_param(layer, "scales", s.scales, store, placement),
+                    add_param(layer, "blocks", s.blocks, store, placement),
+                ],
+                [],
+                (self.group,),
+                attrs,
+            )
+        if layers:
+            require_library(op, kernel.__name__)
