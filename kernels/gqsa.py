@@ -3,8 +3,8 @@ for the layout): 4-bit groups of G input features, most pruned away.
 
 PyTorch has no kernel for this layout, so plait ships one in C++
 (`gqsa.cpp`, AVX2 where the CPU has it), compiled on first use with
-torch.utils.cpp_extension into torch's extension cache. Few tokens (decode)
-run it; many tokens, or a machine without a C++ compiler, rebuild the dense
+torch.utils.cpp_extension into torch's extension cache. Up to
+`SPARSE_MAX_TOKENS` tokens run it; more tokens, or a machine without a C++ compiler, rebuild the dense
 weight and run a GEMM (the reference path the tests compare against).
 """
 
@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 # at most this many tokens use the sparse kernel; above, densify + GEMM
-# (benchmarks/quant_kernels.py measures the crossover)
-SPARSE_MAX_TOKENS = 16
+# (benchmarks/quant_kernels.py: the dense path is faster from 128 tokens)
+SPARSE_MAX_TOKENS = 64
 
 
 def unpack_groups(values: torch.Tensor) -> torch.Tensor:

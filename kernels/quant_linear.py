@@ -11,12 +11,12 @@ Storage (what the artifact holds, what sharding slices):
               padding adds nothing)
 
 Dispatch by token count (`DECODE_MAX_TOKENS`, measured by
-benchmarks/quant_kernels.py): few tokens (decode) run PyTorch's weight-only
+benchmarks/quant_kernels.py): up to a few hundred tokens run PyTorch's weight-only
 kernels, which read the low-bit weight directly (`_weight_int8pack_mm`,
 `_weight_int4pack_mm_for_cpu`, CUDA's tinygemm `_weight_int4pack_mm`); these
 are vectorized for bf16/fp16 activations only, so fp32 activations are cast to
-bf16 for them. Many tokens (prefill) dequantize and run a dense GEMM, in the
-activations' dtype.
+bf16 for them. More tokens (long prefills) dequantize and run a dense GEMM, in
+the activations' dtype.
 
 The int4 kernels want their own weight layout, which depends on the device;
 `prepare` computes it once when a program is built (the backend calls it on
@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import torch
 
-# at most this many tokens use the weight-only kernels; above, dequantize + GEMM
-DECODE_MAX_TOKENS = 16
+# bits -> at most this many tokens use the weight-only kernel; above, dequantize
+# + GEMM. benchmarks/quant_kernels.py, 4096 x 4096, 1 thread on the CI CPU: the
+# dense path is faster from 256 tokens at int8 and from 512 at int4.
+DECODE_MAX_TOKENS = {8: 128, 4: 256}
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 _INT4_GROUPS = (256, 128, 64, 32)  # group sizes the int4 kernels take
 
@@ -138,7 +140,7 @@ def quant_linear(
     out = scales.shape[0]
     x2 = x.reshape(-1, x.shape[-1])
     outlier_index, outlier_value = outlier_index.reshape(2, -1), outlier_value.reshape(-1)
-    kernel = _tokens(x) <= DECODE_MAX_TOKENS
+    kernel = _tokens(x) <= DECODE_MAX_TOKENS[bits]
     compute = x.dtype if x.dtype in _KERNEL_DTYPES else torch.bfloat16
     if kernel and bits == 8 and scales.shape[1] == 1:
         y = torch._weight_int8pack_mm(x2.to(compute), qweight, scales[:, 0].to(compute))

@@ -38,7 +38,7 @@ def test_the_weakest_groups_are_pruned_evenly(segments):
 
 
 @pytest.mark.parametrize("group", [8, 16, 32, 64])
-@pytest.mark.parametrize("tokens", [1, 5, 40])
+@pytest.mark.parametrize("tokens", [1, 5, 100])
 def test_kernel_matches_the_dense_reference(group, tokens):
     torch.manual_seed(group)
     s = gqsa(torch.randn(48, 256) * 0.05, group=group, sparsity=0.5)
@@ -75,7 +75,7 @@ def test_llama_matches_eager_with_the_dense_gqsa_weights(example):
     assert compiled.ir.count('"plait::gqsa_linear"') == 14
     twin = _dense_twin(model, compiled)
     with torch.no_grad():
-        for batch, seq in ((1, 5), (3, 11)):  # the sparse kernel, then densify + GEMM
+        for batch, seq in ((1, 5), (3, 30)):  # the sparse kernel, then densify + GEMM
             inputs = hf.example_inputs(model.model, batch, seq)
             assert max_rel_diff(compiled(*inputs), twin(*inputs)) <= 1e-5
 
