@@ -57,7 +57,35 @@ def summary(estimate: Estimate) -> list[tuple[str, str]]:
         ("peak memory per rank", f"{_bytes(s.peak_memory)} (weights {_bytes(s.weight_bytes)}, "
                                  f"activations {_bytes(s.activation_peak)}; device has {_bytes(hw.memory_capacity)})"),
         ("MFU", f"{estimate.mfu:.1%}"),
+        *compression(estimate),
     ]  # fmt: skip
+
+
+def compression(estimate: Estimate) -> list[tuple[str, str]]:
+    """Bytes and bits per weight of the quantized and sparse linears, scales,
+    indices and outliers included (none if there are none)."""
+    from ..ir.ops import CallOp, ParamOp
+    from .op_cost import compressed_weights
+
+    weights, stored, seen = 0, 0, set()
+    for row in estimate.ops:
+        count = compressed_weights(row.op) if isinstance(row.op, CallOp) else None
+        if count is None:
+            continue
+        weights += int(count)
+        for value in row.op.operands:
+            if isinstance(value.owner, ParamOp) and value not in seen:
+                seen.add(value)
+                stored += int(value.type.nbytes)
+    if not weights:
+        return []
+    return [
+        (
+            "compressed linears",
+            f"{_bytes(stored)} per rank, {8 * stored / weights:.2f} bits "
+            "per weight (scales, indices and outliers included)",
+        )
+    ]
 
 
 def render(estimate: Estimate, by: str = "family") -> str:

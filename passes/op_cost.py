@@ -177,6 +177,28 @@ def _generic(op: CallOp) -> OpCost:
     return OpCost(flops, _io_bytes(op), "compute" if op.results else "none")
 
 
+def compressed_weights(op: CallOp) -> Expr:
+    """How many weights a compressed linear stands for (out x in of its dense
+    weight); None for other ops."""
+    if op.target_name not in COMPRESSED_LINEARS:
+        return None
+    out = _type(op.results[0])
+    return out.shape[-1] * _type(op.inputs[0]).shape[-1]
+
+
+def _compressed_linear(op: CallOp) -> OpCost:
+    """Weight-only quantized or GQSA linears: the multiply-adds of the weights
+    they keep (a GQSA layer keeps `values` = out x kept x G/2 bytes of them)."""
+    out = _type(op.results[0])
+    kept = _type(op.inputs[0]).shape[-1]
+    if op.target_name == "plait::gqsa_linear":
+        values = _type(op.inputs[1]).shape
+        kept = values[1] * values[2] * 2
+    return OpCost(2 * _numel(out) * kept, _io_bytes(op), "compute")
+
+
+COMPRESSED_LINEARS = {"plait::quant_linear", "plait::gqsa_linear"}
+
 _BY_FAMILY = {
     LinearOp: _linear,
     MatmulOp: _matmul,
@@ -207,6 +229,8 @@ def _op_cost(op: Operation, context, copies: bool) -> OpCost:
         if isinstance(op, family):
             return fn(op)
     if isinstance(op, CallOp):
+        if op.target_name in COMPRESSED_LINEARS:
+            return _compressed_linear(op)
         return _generic(op)
     if isinstance(op, CollectiveOp):
         return OpCost(ZERO, _bytes([_type(op.input)]), "collective")

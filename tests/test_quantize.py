@@ -179,3 +179,18 @@ def test_quantize_needs_real_weights():
 def test_bad_options_name_what_to_change():
     with pytest.raises(plait.PlaitError, match="bits must be 4 or 8, not 3"):
         plait.compile(torch.nn.Linear(4, 4), (torch.randn(1, 4),), pipeline="quantize{bits=3}")
+
+
+def test_estimate_reports_bits_per_weight_with_metadata(example):
+    from plait.passes.estimate_report import compression
+
+    model, example_inputs, _ = example("llama-tiny")
+    compiled = plait.compile(model, example_inputs,
+                             pipeline="quantize{bits=8,method=rtn,layers=*.mlp.*}")  # fmt: skip
+    # int8 values, one float32 scale per output channel, no outliers
+    mlp = [m for n, m in model.model.named_modules() if ".mlp." in n and hasattr(m, "weight")]
+    weights = sum(m.weight.numel() for m in mlp)
+    stored = weights + sum(m.weight.shape[0] * 4 for m in mlp)
+    ((label, text),) = compression(compiled.estimate("cpu"))
+    assert label == "compressed linears"
+    assert f"{8 * stored / weights:.2f} bits per weight" in text
