@@ -25,6 +25,8 @@ the weights), so the IR and the artifact stay device-independent.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 # bits -> at most this many tokens use the weight-only kernel; above, dequantize
@@ -98,11 +100,14 @@ def prepare(
     if group is None:
         return {}
     cuda = qweight.device.type == "cuda"
+    if not qweight.is_meta and not _has_kernel("_weight_int4pack_mm", qweight.device):
+        return {}
     if qweight.is_meta:  # program source only: shapes of the CPU layout
         packed = torch.empty(out, cols // 2, dtype=torch.uint8, device="meta")
-    elif cuda:
+    elif cuda:  # tinygemm wants the even column in the high nibble; untested here (no GPU)
         inner_k_tiles = 8 if cols % 1024 == 0 else 2
-        packed = torch._convert_weight_to_int4pack(qweight.contiguous(), inner_k_tiles)
+        swapped = ((qweight & 0xF) << 4) | (qweight >> 4)
+        packed = torch._convert_weight_to_int4pack(swapped.contiguous(), inner_k_tiles)
     else:
         u = (unpack_int4(qweight).to(torch.int32) + 8).contiguous()
         packed = torch._convert_weight_to_int4pack_for_cpu(u, 1)
@@ -119,6 +124,19 @@ def prepare_args(args: list) -> dict[str, torch.Tensor]:
     if not isinstance(qweight, torch.Tensor) or not isinstance(scales, torch.Tensor):
         return {}
     return prepare(qweight, scales, bits)
+
+
+def _has_kernel(name: str, device: torch.device) -> bool:
+    """Does this torch build have ATen's `name` (the CPU variant on CPU) for `device`?"""
+    return _registered(name, device.type)
+
+
+@functools.lru_cache(maxsize=None)
+def _registered(name: str, device_type: str) -> bool:
+    if device_type == "cpu" and name == "_weight_int4pack_mm":
+        name = "_weight_int4pack_mm_for_cpu"
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{name}", key)
 
 
 def _tokens(x: torch.Tensor) -> int:
@@ -142,7 +160,12 @@ def quant_linear(
     outlier_index, outlier_value = outlier_index.reshape(2, -1), outlier_value.reshape(-1)
     kernel = _tokens(x) <= DECODE_MAX_TOKENS[bits]
     compute = x.dtype if x.dtype in _KERNEL_DTYPES else torch.bfloat16
-    if kernel and bits == 8 and scales.shape[1] == 1:
+    if (
+        kernel
+        and bits == 8
+        and scales.shape[1] == 1
+        and _has_kernel("_weight_int8pack_mm", x.device)
+    ):
         y = torch._weight_int8pack_mm(x2.to(compute), qweight, scales[:, 0].to(compute))
     elif kernel and bits == 4 and packed is not None:
         group = x.shape[-1] // scale_zero.shape[0]
