@@ -1,6 +1,11 @@
 """Shared by the weight-compression passes: find the linear layers a glob
-selects, add the compressed weights as new params, and replace each
-`aten::linear` with a call to a compressed kernel."""
+selects, add the compressed weights as new params, and replace each with a
+call to a compressed kernel.
+
+A linear layer is `aten::linear` with a [out, in] weight, or `aten::addmm` /
+`aten::mm` with a [in, out] weight (GPT-2's Conv1D, and row-parallel layers
+after `shard` split off their bias); the passes see every weight as [out, in].
+"""
 
 from __future__ import annotations
 
@@ -20,10 +25,11 @@ from ..ir.attrs import (
     REPLICATE,
     Placement,
     PlacementsAttr,
+    shard,
 )
 from ..ir.dtypes import IR_NAMES
 from ..ir.errors import PlaitError
-from ..ir.ops import GenericCallOp, LinearOp, ParamOp
+from ..ir.ops import CallOp, GenericCallOp, ParamOp
 from ..ir.text import where
 from ..ir.types import TensorType
 from ..ir.weights import WeightStore
@@ -31,43 +37,71 @@ from .base import function_blocks
 from .shard_rules import local_type
 
 
+@dataclass(frozen=True)
+class Form:
+    """Where a linear-like call keeps its input, weight and bias."""
+
+    input: str
+    weight: str
+    bias: str | None
+    transposed: bool  # the weight is [in, out]
+
+
+FORMS = {
+    "aten::linear": Form("input", "weight", "bias", transposed=False),
+    "aten::addmm": Form("mat1", "mat2", "self", transposed=True),
+    "aten::mm": Form("self", "mat2", None, transposed=True),
+}
+
+
 @dataclass
 class Layer:
-    op: LinearOp
+    op: CallOp
     param: ParamOp
     module: str  # the module path, e.g. model.layers.0.mlp.up_proj
-    placement: Placement  # of the weight on the (single) mesh axis
+    placement: Placement  # of the [out, in] weight on the (single) mesh axis
     parts: int  # ranks along that axis
+    form: Form
 
 
-def _placement(param: ParamOp) -> Placement:
+def _placement(param: ParamOp, transposed: bool) -> Placement:
     attr = param.attributes.get(PLACEMENTS_ATTR)
-    return attr.data[0] if attr is not None and attr.data else REPLICATE
+    placement = attr.data[0] if attr is not None and attr.data else REPLICATE
+    if transposed and placement.kind == "shard":
+        return shard(1 - placement.dim)
+    return placement
+
+
+def _plain(op: CallOp) -> bool:
+    """addmm with beta = alpha = 1: x @ W + b."""
+    return op.arg("beta", 1) == 1 and op.arg("alpha", 1) == 1
 
 
 def find_linears(module: ModuleOp, layers: str) -> list[Layer]:
-    """`aten::linear` calls whose weight is a 2-D param of a module matching
-    one of the comma-separated globs in `layers`."""
+    """Linear-like calls (`FORMS`) whose weight is a 2-D param of a module
+    matching one of the comma-separated globs in `layers`."""
     mesh = module.attributes.get(MESH_ATTR)
     parts = mesh.size if mesh is not None else 1
     globs = [g.strip() for g in layers.split(",") if g.strip()]
     found = []
     for block in function_blocks(module):
         for op in block.ops:
-            if not isinstance(op, LinearOp) or op.target_name != "aten::linear":
+            form = FORMS.get(op.target_name) if isinstance(op, CallOp) else None
+            if form is None or not _plain(op):
                 continue
-            weight = op.input_of(op.arg("weight"))
+            weight = op.input_of(op.arg(form.weight))
             param = weight.owner if weight is not None else None
             if not isinstance(param, ParamOp) or param.result.type.rank != 2:
                 continue
             path = param.weight_name.removesuffix(".weight")
             if any(fnmatch.fnmatchcase(path, g) for g in globs):
-                found.append(Layer(op, param, path, _placement(param), parts))
+                placement = _placement(param, form.transposed)
+                found.append(Layer(op, param, path, placement, parts, form))
     return found
 
 
 def full_weights(store: WeightStore | None, layers: list[Layer], pass_name: str):
-    """Each layer's whole (unsharded) weight, or an error naming the layer."""
+    """Each layer's whole (unsharded) weight as [out, in], or an error naming the layer."""
     out = {}
     for layer in layers:
         if store is None or store.is_meta(layer.param.weight_name):
@@ -75,7 +109,8 @@ def full_weights(store: WeightStore | None, layers: list[Layer], pass_name: str)
                 f"{where(layer.op)}: {pass_name} needs the weight of {layer.module}; compile "
                 "a model with real weights (not on meta) or load its checkpoint first"
             )
-        out[layer.module] = store.get(layer.param.weight_name)
+        weight = store.get(layer.param.weight_name)
+        out[layer.module] = weight.t() if layer.form.transposed else weight
     return out
 
 
@@ -105,9 +140,9 @@ def replace_linear(
     attributes: dict[str, Attribute],
 ) -> None:
     """linear(x, W, b) -> target(x, *before_bias, b, *after_bias, *constants)."""
-    op = layer.op
-    bias = op.input_of(op.arg("bias"))
-    operands = [op.input_of(op.arg("input")), *before_bias]
+    op, form = layer.op, layer.form
+    bias = op.input_of(op.arg(form.bias)) if form.bias is not None else None
+    operands = [op.input_of(op.arg(form.input)), *before_bias]
     args = [Operand(i) for i in range(len(operands))]
     if bias is not None:
         operands.append(bias)
