@@ -28,7 +28,7 @@ from xdsl.ir import Operation, SSAValue
 from .. import kernels
 from ..ir import args as irargs
 from ..ir import symbolic
-from ..ir.attrs import LIBRARIES_ATTR, MESH_ATTR, PLACEMENTS_ATTR, SYMBOLS_ATTR
+from ..ir.attrs import ARENA_ATTR, LIBRARIES_ATTR, MESH_ATTR, PLACEMENTS_ATTR, SYMBOLS_ATTR
 from ..ir.dtypes import TORCH_NAMES
 from ..ir.errors import PlaitError
 from ..ir.ops import (
@@ -41,9 +41,11 @@ from ..ir.ops import (
     ReduceScatterOp,
     WaitOp,
 )
+from ..ir.schema import out_variant
 from ..ir.text import where
 from ..ir.types import TensorType
 from ..ir.weights import WeightStore
+from ..passes.memplan import planned_offset
 from . import bindings
 
 
@@ -200,6 +202,7 @@ class _Lowering:
         fast: bool,
         mesh: dict[str, int],
         libraries: tuple[str, ...],
+        arena_size: int = 0,
     ):
         self.weights = weights
         self.fast = fast
@@ -213,6 +216,9 @@ class _Lowering:
         self.syms = _SymExprs(self.graph)
         # async collective value -> what its wait must apply after waiting
         self.finishers: dict[SSAValue, object] = {}
+        self.arena_size = arena_size
+        self.arena_views: dict[str, torch.dtype] = {}  # attr name -> dtype viewing the arena
+        self.arena_nodes: dict[str, torch.fx.Node] = {}
 
     def arg(self, value, op: CallOp):
         if isinstance(value, irargs.Operand):
@@ -234,16 +240,38 @@ class _Lowering:
         args = tuple(self.arg(a, op) for a in op.args.args)
         kwargs = {k: self.arg(v, op) for k, v in op.args.kwargs}
         kwargs.update(self.prepared(op, args))
-        single = _check_call(op, target, args, kwargs)
         kind, callee = "call_function", target
-        if self.fast:
+        offset = planned_offset(op)
+        if offset is not None:  # write the result into its place in the arena
+            target = callee = resolve_target(out_variant(op.target_name), op)
+            kwargs["out"] = self.arena_view(op.results[0].type, offset, op)
+        elif self.fast:
             kind, callee = bindings.fast_call(target, op.target_name)
+        single = _check_call(op, target, args, kwargs)
         node = self._node(callee, args, kwargs, op, kind=kind)
         if single:
             self.values[op.results[0]] = node
             return
         for i, result in enumerate(op.results):
             self.values[result] = self._node(operator.getitem, (node, i), {}, op, result)
+
+    def arena_view(self, type_: TensorType, offset: int, op: CallOp) -> torch.fx.Node:
+        """A contiguous tensor of `type_` at byte `offset` of the arena."""
+        dtype = torch_dtype(type_.dtype)
+        key = f"arena_{type_.dtype}"
+        if key not in self.arena_views:
+            self.arena_views[key] = dtype
+            self.arena_nodes[key] = self.graph.get_attr(key)
+        item = torch.empty((), dtype=dtype).element_size()
+        shape = [self.syms.node(sympy.sympify(d)) for d in type_.shape]
+        strides, stride = [], sympy.Integer(1)
+        for d in reversed(type_.shape):
+            strides.append(self.syms.node(stride))
+            stride = stride * sympy.sympify(d)
+        args = (self.arena_nodes[key], shape, strides[::-1], offset // item)
+        node = self.graph.call_function(torch.ops.aten.as_strided.default, args)
+        node.name = f"{op.results[0].name_hint or 'result'}_out"
+        return node
 
     def prepared(self, op: CallOp, args: tuple) -> dict[str, torch.fx.Node]:
         """Weights in a kernel's own layout, computed now (see `kernels.preparer`)."""
@@ -410,6 +438,13 @@ class _Lowering:
                 self.graph.output(tuple(self.values[v] for v in op.arguments))
             else:
                 raise LoweringError(f"{where(op)}: the torch backend has no lowering for {op.name}")
+        if self.arena_views:  # allocated once; planned results are views of it
+            weights = [t for t in self.attrs.values() if isinstance(t, torch.Tensor)]
+            meta = bool(weights) and all(t.is_meta for t in weights)
+            arena = torch.empty(self.arena_size, dtype=torch.uint8,
+                                device="meta" if meta else self.device)  # fmt: skip
+            for key, dtype in self.arena_views.items():
+                self.attrs[key] = arena.view(dtype)
         return torch.fx.GraphModule(self.attrs, self.graph, class_name="PlaitProgram")
 
 
@@ -435,7 +470,9 @@ def build_program(
     mesh = mesh_attr.axes if mesh_attr is not None else {}
     libraries = module.attributes.get(LIBRARIES_ATTR)
     libraries = tuple(a.data for a in libraries.data) if libraries is not None else ()
-    lowering = _Lowering(weights, torch.device(device), groups, fast, mesh, libraries)
+    arena = module.attributes.get(ARENA_ATTR)
+    arena_size = arena.value.data if arena is not None else 0
+    lowering = _Lowering(weights, torch.device(device), groups, fast, mesh, libraries, arena_size)
     gm = lowering.run(fn)
     symbols = module.attributes.get(SYMBOLS_ATTR)
     return Program(

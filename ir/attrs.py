@@ -29,6 +29,7 @@ INF = None  # an unbounded symbol range is stored as None and printed `inf`
 SYMBOLS_ATTR = "plait.symbols"  # module: size symbols and their ranges
 MESH_ATTR = "plait.mesh"  # module: the device mesh a sharded plan runs on
 PLACEMENTS_ATTR = "plait.placements"  # param: the slice of the weight each rank loads
+ARENA_ATTR = "plait.arena"  # module: bytes of the planned activation arena (see memplan)
 LIBRARIES_ATTR = "plait.libraries"  # module: Python modules that define custom ops
 
 REDUCE_OPS = ("sum", "avg", "max", "min", "product")

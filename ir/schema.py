@@ -55,3 +55,37 @@ def returns_alias(target: str) -> bool:
     """Does the op return a view of an input (e.g. view, transpose, to)?"""
     overload = _overload(target)
     return overload is not None and any(r.alias_info is not None for r in overload._schema.returns)
+
+
+@lru_cache(maxsize=None)
+def writes_input(target: str) -> bool | None:
+    """Does the op write one of its arguments (in-place, out=)? None if torch does not know it."""
+    overload = _overload(target)
+    if overload is None:
+        return None
+    return any(
+        a.alias_info is not None and a.alias_info.is_write for a in overload._schema.arguments
+    )
+
+
+@lru_cache(maxsize=None)
+def out_variant(target: str) -> str | None:
+    """The schema name of the target's `out=` overload (same arguments plus
+    `out`), or None: `aten::add.Tensor` -> `aten::add.out`."""
+    import torch
+
+    functional = _overload(target)
+    if functional is None:
+        return None
+    namespace, name, overload = split_name(target)
+    packet = getattr(getattr(torch.ops, namespace), name)
+    names = [a.name for a in functional._schema.arguments]
+    for candidate in (f"{overload}_out", "out"):
+        if candidate not in packet.overloads():
+            continue
+        schema = getattr(packet, candidate)._schema
+        writes = [a for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+        rest = [a.name for a in schema.arguments if a not in writes]
+        if rest == names and [a.name for a in writes] == ["out"]:
+            return f"{namespace}::{name}.{candidate}"
+    return None

@@ -12,6 +12,7 @@ _PASSES: dict[str, str] = {
     "cse": "cse:CommonSubexpressionElimination",
     "dce": "dce:DeadCodeElimination",
     "ladder": "ladder:Ladder",
+    "memplan": "memplan:MemPlan",
     "overlap": "overlap:Overlap",
     "quantize": "quantize:Quantize",
     "sparsify": "sparsify:Sparsify",

@@ -1,0 +1,98 @@
+"""memplan{values=batch:8,seq:2048}: place activations at offsets in one arena.
+
+Plans the per-rank program's buffers (`liveness`) with `arena.plan_arena`
+and records the result in the IR: the module gets `plait.arena` (bytes) and
+each planned op a `mem` attribute with its offset:
+
+    %h = plait.elementwise "aten::silu"(%g) {mem = #plait.mem<offset = 4096>} : ...
+
+The backend then allocates the arena once and runs each planned op into a
+view of it (its `out=` overload). Planned are the results of ops that have an
+`out=` overload and are not program results (those must outlive the call);
+the rest stay with PyTorch's allocator. Sizes are planned at `values` (default:
+the upper bounds of the size symbols); any smaller shape fits the same plan.
+
+A program whose aliasing cannot be proven safe (an op that writes an input,
+or has no torch schema) is not planned: the pass warns and leaves it as it is.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+from xdsl.context import Context
+from xdsl.dialects.builtin import IntegerAttr, ModuleOp, i64
+
+from ..ir.attrs import ARENA_ATTR, SYMBOLS_ATTR, MemAttr
+from ..ir.errors import PlaitError
+from ..ir.ops import CallOp
+from ..ir.schema import out_variant
+from .arena import plan_arena
+from .base import Pass, function_blocks
+from .liveness import liveness, value_sizes
+
+MEM = "mem"  # the op attribute holding a planned offset
+
+
+class MemPlanError(PlaitError):
+    pass
+
+
+def planned_offset(op) -> int | None:
+    attr = op.attributes.get(MEM)
+    return None if attr is None else attr["offset"]
+
+
+@dataclass(frozen=True)
+class MemPlan(Pass):
+    name = "memplan"
+    summary = "activation arena: liveness, best-of greedy + exact offsets, checked"
+
+    values: str = ""  # e.g. batch:8,seq:2048; default: the symbols' upper bounds
+
+    def _values(self, module: ModuleOp) -> dict[str, int]:
+        given = {}
+        for item in filter(None, (p.strip() for p in self.values.split(","))):
+            name, _, value = item.partition(":")
+            if not value.strip().isdigit():
+                raise MemPlanError(f"memplan values: '{item}' is not NAME:INT (e.g. seq:2048)")
+            given[name.strip()] = int(value)
+        symbols = module.attributes.get(SYMBOLS_ATTR)
+        for name, (_, high) in symbols.ranges.items() if symbols is not None else ():
+            if name not in given:
+                if high is None:
+                    raise MemPlanError(
+                        f"size symbol '{name}' has no upper bound; give memplan{{values={name}:N}} "
+                        "for the largest size the arena must hold"
+                    )
+                given[name] = high
+        return given
+
+    def apply(self, ctx: Context, op: ModuleOp) -> None:
+        values = self._values(op)
+        total = 0
+        for block in function_blocks(op):
+            fn = block.parent.parent
+            live = liveness(fn, value_sizes(fn, values))
+            if live.unsafe:
+                warnings.warn(
+                    f"memplan: not planning @{fn.sym_name.data}, its aliasing cannot be proven "
+                    f"safe ({live.unsafe[0]}); PyTorch's allocator keeps it",
+                    stacklevel=2,
+                )
+                continue
+            plannable = [
+                b
+                for b in live.buffers
+                if not b.returned
+                and isinstance(b.value.owner, CallOp)
+                and len(b.value.owner.results) == 1
+                and out_variant(b.value.owner.target_name) is not None
+            ]
+            plan = plan_arena(plannable)
+            for buffer, offset in zip(plannable, plan.offsets):
+                buffer.value.owner.attributes[MEM] = MemAttr.make(offset=offset)
+            total = max(total, plan.size)
+        if total:
+            op.attributes[ARENA_ATTR] = IntegerAttr(total, i64)

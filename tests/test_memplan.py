@@ -1,0 +1,139 @@
+"""memplan: liveness (views, async windows), arena planners against the lower
+bound and an overlap checker, and programs running in the arena against eager
+(bit-exact), on gloo ranks with async collectives, and from an artifact."""
+
+from __future__ import annotations
+
+import random
+import warnings
+
+import plait
+import pytest
+import torch
+from helpers import artifact_rank, max_rel_diff, run_ranks
+from plait.frontend import hf
+from plait.ir.text import parse_module
+from plait.passes.arena import ALIGN, PlanError, _best_fit, check, lower_bound, plan_arena
+from plait.passes.liveness import Buffer, liveness, value_sizes
+from plait.passes.manager import PassManager
+from plait.passes.memplan import MemPlanError
+
+
+def _buffers(spec):
+    """(size, start, end) triples -> Buffers (values are not needed to plan)."""
+    return [Buffer(None, size, start, end) for size, start, end in spec]
+
+
+def _random_buffers(seed: int, n: int):
+    rng = random.Random(seed)
+    spec = []
+    for _ in range(n):
+        start = rng.randrange(0, 3 * n)
+        spec.append((ALIGN * rng.randint(1, 64), start, start + rng.randrange(0, n // 2 + 1)))
+    return _buffers(spec)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_plans_are_valid_and_never_below_the_bound(seed):
+    buffers = _random_buffers(seed, 300)
+    plan = plan_arena(buffers)
+    check(buffers, plan.offsets)
+    assert lower_bound(buffers) == plan.lower_bound <= plan.size
+    assert plan.ratio <= 1.15  # random lifetimes are harder than a program's
+
+
+def test_exact_search_improves_on_greedy_and_reaches_the_bound():
+    # program order places A and B side by side, then C cannot reuse their space
+    buffers = _buffers([(64, 0, 1), (128, 1, 2), (128, 0, 0), (64, 2, 3)])
+    greedy = _best_fit(buffers, [0, 1, 2, 3])
+    greedy_size = max(o + b.size for o, b in zip(greedy, buffers))
+    plan = plan_arena(buffers)
+    check(buffers, plan.offsets)
+    assert plan.size == plan.lower_bound == 192 <= greedy_size
+
+
+def test_the_checker_finds_overlaps():
+    buffers = _buffers([(128, 0, 2), (128, 1, 3), (128, 3, 4)])
+    check(buffers, [0, 128, 0])  # the third reuses the first's bytes after it dies
+    with pytest.raises(PlanError, match="alive together"):
+        check(buffers, [0, 64, 256])
+
+
+ASYNC = """\
+builtin.module {
+  func.func @forward(%x : !plait.tensor<[4, 8], f32>) -> !plait.tensor<[4, 8], f32> {
+    %a = plait.elementwise "aten::exp"(%x) : !plait.tensor<[4, 8], f32>
+    %s = plait.all_reduce %a {axis = "tp", reduce = "sum", async} : !plait.tensor<[4, 8], f32> -> !plait.async<!plait.tensor<[4, 8], f32>>
+    %v = plait.reshape "aten::view"(%x, [8, 4]) : !plait.tensor<[8, 4], f32>
+    %b = plait.elementwise "aten::neg"(%v) : !plait.tensor<[8, 4], f32>
+    %t = plait.reshape "aten::view"(%b, [4, 8]) : !plait.tensor<[4, 8], f32>
+    %c = plait.elementwise "aten::sin"(%x) : !plait.tensor<[4, 8], f32>
+    %r = plait.wait %s : !plait.async<!plait.tensor<[4, 8], f32>> -> !plait.tensor<[4, 8], f32>
+    %y = plait.elementwise "aten::add.Tensor"(%r, %t) : !plait.tensor<[4, 8], f32>
+    func.return %y : !plait.tensor<[4, 8], f32>
+  }
+}
+"""
+
+
+def test_liveness_follows_views_and_async_windows():
+    fn = parse_module(ASYNC).ops.first
+    live = {b.value.name_hint: b for b in liveness(fn, value_sizes(fn, {})).buffers}
+    assert set(live) == {"a", "s", "b", "c", "y"}  # views and the wait own no memory
+    assert (live["a"].start, live["a"].end) == (0, 6)  # sent while in flight: until the wait
+    assert (live["b"].start, live["b"].end) == (3, 7)  # through its view %t
+    assert live["y"].returned and not live["c"].returned
+
+
+@pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny", "mixtral-tiny"])
+def test_programs_in_the_arena_match_eager_exactly(example, name):
+    model, example_inputs, shapes = example(name)
+    compiled = plait.compile(model, example_inputs, dynamic_shapes=shapes,
+                             pipeline="canonicalize,cse,dce,memplan")  # fmt: skip
+    assert "plait.arena = " in compiled.ir and "as_strided" in compiled.code
+    for batch, seq in ((3, 11), (64, 256)):  # any shape up to the planned maximum
+        inputs = hf.example_inputs(model.model, batch, seq)
+        with torch.no_grad():
+            ref = model(*inputs)
+            assert torch.equal(compiled(*inputs), ref)
+            assert torch.equal(compiled(*inputs), ref)  # the arena is reused
+
+
+def test_ladder_in_the_arena_on_gloo_ranks(example, tmp_path):
+    model, example_inputs, shapes = example("llama-tiny")
+    reference = plait.compile(model, example_inputs, dynamic_shapes=shapes,
+                              pipeline="canonicalize,cse,dce,ladder")  # fmt: skip
+    planned = plait.compile(model, example_inputs, dynamic_shapes=shapes,
+                            pipeline="canonicalize,cse,dce,shard{mesh=tp:2},ladder,memplan{values=batch:4,seq:32}")  # fmt: skip
+    assert "async" in planned.ir and "plait.arena" in planned.ir
+    planned.save(tmp_path)
+    inputs = hf.example_inputs(model.model, 3, 11)
+    with torch.no_grad():
+        ref = reference(*inputs)
+    for out, _ in run_ranks(2, artifact_rank, str(tmp_path), list(inputs)):
+        assert max_rel_diff(out, ref) <= 1e-5
+
+
+def test_unprovable_aliasing_is_left_to_pytorch():
+    text = ASYNC.replace('plait.elementwise "aten::sin"(%x)', 'plait.call "aten::sin_"(%b)')
+    module = parse_module(text)
+    with pytest.warns(UserWarning, match=r"not planning @forward.*aten::sin_ writes an input"):
+        PassManager.parse("memplan").run(module)
+    assert "plait.arena" not in module.attributes
+
+
+def test_unbounded_sizes_need_values():
+    from torch.export import Dim
+
+    model = torch.nn.Linear(8, 8)
+    shapes = {"input": {0: Dim("rows", min=2)}}
+    with pytest.raises(
+        MemPlanError, match=r"'rows' has no upper bound; give memplan\{values=rows:N\}"
+    ):
+        plait.compile(model, (torch.randn(4, 8),), dynamic_shapes=shapes, pipeline="memplan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compiled = plait.compile(model, (torch.randn(4, 8),), dynamic_shapes=shapes,
+                                 pipeline="memplan{values=rows:16}")  # fmt: skip
+    x = torch.randn(16, 8)
+    assert torch.equal(compiled(x), model(x))
