@@ -46,6 +46,8 @@ from ..ir.text import where
 from ..ir.types import TensorType
 from ..ir.weights import WeightStore
 from ..passes.memplan import planned_offset
+from ..passes.tier import host_tier
+from ..runtime.prefetch import Prefetcher
 from . import bindings
 
 
@@ -219,6 +221,7 @@ class _Lowering:
         self.arena_size = arena_size
         self.arena_views: dict[str, torch.dtype] = {}  # attr name -> dtype viewing the arena
         self.arena_nodes: dict[str, torch.fx.Node] = {}
+        self.streamed: list[tuple[ParamOp, tuple[int, int, int] | None]] = []
 
     def arg(self, value, op: CallOp):
         if isinstance(value, irargs.Operand):
@@ -254,6 +257,30 @@ class _Lowering:
             return
         for i, result in enumerate(op.results):
             self.values[result] = self._node(operator.getitem, (node, i), {}, op, result)
+
+    def stream(self, ops: list[Operation]):
+        """The streamed weights' schedule: value -> its index (taken at first
+        use), and op index -> copies to start after it (two ahead)."""
+        if not self.streamed:
+            return {}, {}
+        position = {op: i for i, op in enumerate(ops)}
+
+        def uses(param):
+            return [position[u.operation] for u in param.result.uses]
+
+        order = sorted(self.streamed, key=lambda s: min(uses(s[0])))
+        loaders = [functools.partial(self._load, p, shard) for p, shard in order]
+        self.attrs["prefetch"] = Prefetcher(loaders, [p.weight_name for p, _ in order])
+        starts: dict[int, list[int]] = {-1: [0, 1][: len(order)]}
+        for j in range(2, len(order)):
+            starts.setdefault(max(uses(order[j - 2][0])), []).append(j)
+        for j in starts.pop(-1):
+            self.graph.call_module("prefetch", ("start", j))
+        return {p.result: j for j, (p, _) in enumerate(order)}, starts
+
+    def _load(self, op: ParamOp, shard) -> torch.Tensor:
+        tensor = self.weights.read(op.weight_name, shard)
+        return tensor if tensor.is_meta else tensor.to(self.device)
 
     def arena_view(self, type_: TensorType, offset: int, op: CallOp) -> torch.fx.Node:
         """A contiguous tensor of `type_` at byte `offset` of the arena."""
@@ -291,19 +318,28 @@ class _Lowering:
             nodes[name] = self.graph.get_attr(key)
         return nodes
 
-    def lower_param(self, op: ParamOp) -> None:
-        name = op.weight_name
+    def _slice(self, op: ParamOp) -> tuple[int, int, int] | None:
+        """(dim, index, parts) of this rank's slice of a sharded weight, or None."""
         placements = op.attributes.get(PLACEMENTS_ATTR)
-        tensor, key = self.weights.get(name), name
         for axis, placement in zip(self.mesh, placements.data if placements else ()):
-            if placement.kind == "shard":  # this rank's slice of the weight
+            if placement.kind == "shard":
                 if self.groups is None:
                     raise LoweringError(
                         f"{where(op)}: a sharded weight needs the rank's mesh position"
                     )
-                size, coord = self.groups.sizes[axis], self.groups.coords[axis]
-                tensor = self.weights.get_shard(name, placement.dim, coord, size)
-                key = f"{name}_shard{placement.dim}"
+                return placement.dim, self.groups.coords[axis], self.groups.sizes[axis]
+        return None
+
+    def lower_param(self, op: ParamOp) -> None:
+        name = op.weight_name
+        shard = self._slice(op)
+        if host_tier(op):  # streamed: fetched ahead of its first use (see `stream`)
+            self.streamed.append((op, shard))
+            return
+        tensor, key = self.weights.get(name), name
+        if shard is not None:  # this rank's slice of the weight
+            tensor = self.weights.get_shard(name, *shard)
+            key = f"{name}_shard{shard[0]}"
         expected = op.result.type
         shape_ok = len(tensor.shape) == expected.rank and all(
             not isinstance(d, int) or d == n for d, n in zip(expected.shape, tensor.shape)
@@ -423,10 +459,20 @@ class _Lowering:
                         "which no input has as a dim of its own; plait reads each symbol's value "
                         "from an input dim that is exactly that symbol"
                     )
-        for op in block.ops:
+        ops = list(block.ops)
+        for op in ops:
             if isinstance(op, ParamOp):
                 self.lower_param(op)
-            elif isinstance(op, CallOp):
+        takes, starts = self.stream(ops)
+        for index, op in enumerate(ops):
+            if isinstance(op, ParamOp):
+                continue  # bound above
+            for value in op.operands:
+                if value in takes:  # a streamed weight, first used here
+                    node = self.graph.call_module("prefetch", ("take", takes.pop(value)))
+                    node.name = value.name_hint or node.name
+                    self.values[value] = node
+            if isinstance(op, CallOp):
                 self.lower_call(op)
             elif isinstance(op, CollectiveOp):
                 self.lower_collective(op)
@@ -438,6 +484,8 @@ class _Lowering:
                 self.graph.output(tuple(self.values[v] for v in op.arguments))
             else:
                 raise LoweringError(f"{where(op)}: the torch backend has no lowering for {op.name}")
+            for j in starts.get(index, ()):
+                self.graph.call_module("prefetch", ("start", j))
         if self.arena_views:  # allocated once; planned results are views of it
             weights = [t for t in self.attrs.values() if isinstance(t, torch.Tensor)]
             meta = bool(weights) and all(t.is_meta for t in weights)

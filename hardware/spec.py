@@ -72,6 +72,7 @@ class Hardware:
     target_overhead: dict[str, float]  # schema name -> seconds, where it differs from `op`
     links: tuple[Link, ...] = ()
     sources: dict[str, str] = field(default_factory=dict)
+    host_bandwidth: float | None = None  # bytes/s from the host tier to this device
 
     def peak_flops(self, dtype: str, family: str | None = None) -> float:
         """FLOP/s for an element type (integer types use i8 or f32), for a kernel
@@ -183,4 +184,5 @@ def load(name_or_path: str | Path) -> Hardware:
         target_overhead={k: float(v) for k, v in overhead.get("targets", {}).items()},
         links=links,
         sources=data.get("sources", {}),
+        host_bandwidth=float(data["host"]["bandwidth"]) if "host" in data else None,
     )

@@ -125,6 +125,20 @@ class WeightStore:
             return full.narrow(dim, index * size, size)
         return full.narrow(dim, index * size, size).contiguous()
 
+    def read(self, name: str, shard: tuple[int, int, int] | None = None) -> torch.Tensor:
+        """A fresh copy of the weight (or of its `(dim, index, parts)` slice),
+        not kept by the store: what streaming from the host tier reads."""
+        entry = self._entries.get(name)
+        if isinstance(entry, _FileEntry):  # get_shard and a whole-file read do not cache
+            if shard is not None:
+                return self.get_shard(name, *shard)
+            from safetensors import safe_open
+
+            with safe_open(str(entry.path), framework="pt") as f:
+                return f.get_tensor(entry.key)
+        tensor = self.get_shard(name, *shard) if shard is not None else self.get(name)
+        return tensor if tensor.is_meta else tensor.clone()
+
     def as_meta(self) -> WeightStore:
         """The same names with shapes and dtypes only (no data read), e.g. to
         generate program source."""

@@ -44,6 +44,26 @@ def planned_offset(op) -> int | None:
     return None if attr is None else attr["offset"]
 
 
+def symbol_values(module: ModuleOp, text: str, pass_name: str) -> dict[str, int]:
+    """`batch:8,seq:2048` -> values, the other size symbols at their upper bounds."""
+    given = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = item.partition(":")
+        if not value.strip().isdigit():
+            raise MemPlanError(f"{pass_name} values: '{item}' is not NAME:INT (e.g. seq:2048)")
+        given[name.strip()] = int(value)
+    symbols = module.attributes.get(SYMBOLS_ATTR)
+    for name, (_, high) in symbols.ranges.items() if symbols is not None else ():
+        if name not in given:
+            if high is None:
+                raise MemPlanError(
+                    f"size symbol '{name}' has no upper bound; give {pass_name}{{values={name}:N}} "
+                    "for the largest size to plan for"
+                )
+            given[name] = high
+    return given
+
+
 @dataclass(frozen=True)
 class MemPlan(Pass):
     name = "memplan"
@@ -51,26 +71,8 @@ class MemPlan(Pass):
 
     values: str = ""  # e.g. batch:8,seq:2048; default: the symbols' upper bounds
 
-    def _values(self, module: ModuleOp) -> dict[str, int]:
-        given = {}
-        for item in filter(None, (p.strip() for p in self.values.split(","))):
-            name, _, value = item.partition(":")
-            if not value.strip().isdigit():
-                raise MemPlanError(f"memplan values: '{item}' is not NAME:INT (e.g. seq:2048)")
-            given[name.strip()] = int(value)
-        symbols = module.attributes.get(SYMBOLS_ATTR)
-        for name, (_, high) in symbols.ranges.items() if symbols is not None else ():
-            if name not in given:
-                if high is None:
-                    raise MemPlanError(
-                        f"size symbol '{name}' has no upper bound; give memplan{{values={name}:N}} "
-                        "for the largest size the arena must hold"
-                    )
-                given[name] = high
-        return given
-
     def apply(self, ctx: Context, op: ModuleOp) -> None:
-        values = self._values(op)
+        values = symbol_values(op, self.values, "memplan")
         total = 0
         for block in function_blocks(op):
             fn = block.parent.parent

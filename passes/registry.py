@@ -17,6 +17,7 @@ _PASSES: dict[str, str] = {
     "quantize": "quantize:Quantize",
     "sparsify": "sparsify:Sparsify",
     "shard": "shard:Shard",
+    "tier": "tier:Tier",
 }
 
 

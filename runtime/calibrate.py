@@ -298,6 +298,9 @@ def calibrate(progress=print) -> str:
             f"[[memory.caches]]\nbytes = {size}\nbandwidth = {bw:.4g}  # a copy of half of it\n"
             for size, bw in caches
         ),
+        "[host]  # the host tier: a safetensors file in the page cache, read like a copy",
+        f"bandwidth = {bandwidth:.4g}",
+        "",
         "[overhead]  # seconds of fixed cost per op, called as plait programs call them",
         f"op = {default_op:.4g}  # aten::add.Tensor on 8 elements",
         f"view = {default_view:.4g}  # aten::view",

@@ -1,0 +1,77 @@
+"""tier{budget=0.5,hardware=cpu,values=batch:1,seq:128}: keep weights within a
+device budget by streaming the rest from the host tier.
+
+`budget` is a fraction of the program's weight bytes (<= 1) or a number of
+bytes. The cost model (`estimate`, on `hardware`, with the size symbols at
+`values` or their upper bounds) gives each op's time; `tiering.plan_tiers`
+picks the weights to stream. Those params are marked
+
+    %w = plait.param "model.layers.1.mlp.up_proj.weight" {mem = #plait.mem<tier = "host", prefetch = true>} : ...
+
+and the backend fetches them on a background thread, two ahead, in the
+order of their first use (see `tiering`). A budget below the minimum is an
+error that states the minimum. The predicted step times (all on device, and
+with this choice) are in the module's `plait.tiering` attribute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from xdsl.context import Context
+from xdsl.dialects.builtin import ModuleOp, StringAttr
+
+from ..ir.attrs import MemAttr
+from ..ir.ops import ParamOp
+from .base import Pass, function_blocks
+from .liveness import value_sizes
+from .memplan import MEM, symbol_values
+from .tiering import TierError, Weight, plan_tiers
+
+TIERING_ATTR = "plait.tiering"
+
+
+def host_tier(param: ParamOp) -> bool:
+    attr = param.attributes.get(MEM)
+    return attr is not None and attr["tier"] == "host"
+
+
+@dataclass(frozen=True)
+class Tier(Pass):
+    name = "tier"
+    summary = "weights streamed from the host tier within a device budget, prefetched"
+
+    budget: float = 0.5
+    hardware: str = "cpu"
+    values: str = ""
+
+    def apply(self, ctx: Context, op: ModuleOp) -> None:
+        from ..hardware import load
+        from .estimate import Target, estimate
+
+        hw = load(self.hardware)
+        if hw.host_bandwidth is None:
+            raise TierError(f"hardware '{hw.name}' has no [host] bandwidth to stream weights with")
+        values = symbol_values(op, self.values, "tier")
+        times = {row.op: row.time for row in estimate(op, Target(hw, values=values)).ops}
+        for block in function_blocks(op):
+            fn = block.parent.parent
+            ops = list(block.ops)
+            sizes = value_sizes(fn, values)
+            weights, params = [], {}
+            for param in (o for o in ops if isinstance(o, ParamOp)):
+                users = [ops.index(use.operation) for use in param.result.uses]
+                if users:
+                    name = param.weight_name
+                    weights.append(Weight(name, sizes[param.result], min(users), max(users)))
+                    params[name] = param
+            total = sum(w.size for w in weights)
+            budget = int(self.budget * total) if self.budget <= 1 else int(self.budget)
+            plan = plan_tiers([times.get(o, 0.0) for o in ops], weights, budget, hw.host_bandwidth)
+            for name in plan.streamed:
+                params[name].attributes[MEM] = MemAttr.make(tier="host", prefetch=True)
+            op.attributes[TIERING_ATTR] = StringAttr(
+                f"weights {total} B, on device {plan.device_bytes} B, streamed "
+                f"{len(plan.streamed)}; predicted step {plan.all_device:.6g} s all on device, "
+                f"{plan.predicted:.6g} s tiered ({hw.name})"
+            )
