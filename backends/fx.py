@@ -94,6 +94,20 @@ def _check_call(op: CallOp, target, args: tuple, kwargs: dict) -> bool:
     return single and len(op.results) == 1
 
 
+def _check_weight(op: ParamOp, tensor: torch.Tensor) -> None:
+    """The weight a param binds must have the IR's shape and dtype."""
+    expected = op.result.type
+    shape_ok = len(tensor.shape) == expected.rank and all(
+        not isinstance(d, int) or d == n for d, n in zip(expected.shape, tensor.shape)
+    )
+    if not shape_ok or str(tensor.dtype).removeprefix("torch.") != TORCH_NAMES[expected.dtype]:
+        raise LoweringError(
+            f"{where(op)}: weight '{op.weight_name}' is {tuple(tensor.shape)} "
+            f"{str(tensor.dtype).removeprefix('torch.')} but the program expects {expected}; "
+            "the weights do not belong to this program (check the checkpoint)"
+        )
+
+
 def torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, TORCH_NAMES[name])
 
@@ -280,6 +294,7 @@ class _Lowering:
 
     def _load(self, op: ParamOp, shard) -> torch.Tensor:
         tensor = self.weights.read(op.weight_name, shard)
+        _check_weight(op, tensor)
         return tensor if tensor.is_meta else tensor.to(self.device)
 
     def arena_view(self, type_: TensorType, offset: int, op: CallOp) -> torch.fx.Node:
@@ -340,16 +355,7 @@ class _Lowering:
         if shard is not None:  # this rank's slice of the weight
             tensor = self.weights.get_shard(name, *shard)
             key = f"{name}_shard{shard[0]}"
-        expected = op.result.type
-        shape_ok = len(tensor.shape) == expected.rank and all(
-            not isinstance(d, int) or d == n for d, n in zip(expected.shape, tensor.shape)
-        )
-        if not shape_ok or str(tensor.dtype).removeprefix("torch.") != TORCH_NAMES[expected.dtype]:
-            raise LoweringError(
-                f"{where(op)}: weight '{name}' is {tuple(tensor.shape)} "
-                f"{str(tensor.dtype).removeprefix('torch.')} but the program expects {expected}; "
-                "the weights do not belong to this program (check the checkpoint)"
-            )
+        _check_weight(op, tensor)
         if tensor.device != self.device and not tensor.is_meta:
             tensor = tensor.to(self.device)
         self.attrs[key] = tensor
