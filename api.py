@@ -6,12 +6,15 @@ y = compiled(x)                 # runs the compiled per-rank program
 print(compiled.ir)              # the plan, as IR text
 print(compiled.code)            # the program, as Python
 compiled.save("out/")           # an artifact directory
+# a plan sharded over N ranks runs on N local worker processes when called here
 again = plait.load("out/")
 """
 
 from __future__ import annotations
 
 import math
+import tempfile
+import weakref
 from collections.abc import Iterable, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -54,6 +57,8 @@ class CompiledModel:
         self.device = torch.device(device)
         self.pass_report = pass_report
         self.weights = weights.subset(self.weight_names)
+        self._directory: Path | None = None  # the artifact it was loaded from
+        self._pool = None  # worker processes, for a sharded plan called in one process
 
     @property
     def function(self) -> func.FuncOp:
@@ -119,18 +124,37 @@ class CompiledModel:
         ]
 
     def __call__(self, *args, **kwargs):
-        program = self.program
-        inputs = bind_inputs(program.input_names, args, kwargs)
-        check_inputs(program.input_names, program.input_types, program.symbols, inputs)
+        names = self.input_names
+        inputs = bind_inputs(names, args, kwargs)
+        check_inputs(names, list(self.function.function_type.inputs), self.symbols, inputs)
         if self._has_meta_weights:
             raise PlaitError(
                 "the model's weights are on the meta device; load real weights "
                 "(e.g. a checkpoint) into the model before compiling it to run it"
             )
-        outputs = program(*[x.to(self.device) for x in inputs])
+        if self.world_size > 1 and not _in_process_group():
+            outputs = self._workers().run(inputs)  # one local process per rank
+        else:
+            outputs = self.program(*[x.to(self.device) for x in inputs])
         if self._output_spec is not None:
             return pytree.tree_unflatten(list(outputs), self._output_spec)
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    def _workers(self):
+        from .runtime.workers import WorkerPool
+
+        if self._pool is None or not self._pool.alive:
+            self.close()  # a pool that lost a rank: stop the rest, start afresh
+            directory = self._directory or self.save(tempfile.mkdtemp(prefix="plait-ranks-"))
+            self._pool = WorkerPool(directory, self.world_size)
+            weakref.finalize(self, self._pool.close)
+        return self._pool
+
+    def close(self) -> None:
+        """Stop the worker processes a sharded plan called from one process runs on."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
     def estimate(self, hardware="h100-sxm", mesh=None, values=None, context=None):
         """Predicted time, memory and communication of this plan on `hardware`.
@@ -241,6 +265,7 @@ def load(directory: str | Path, device: str | torch.device = "cpu") -> CompiledM
         manifest.get("outputs", {}).get("treespec"),
         device,
     )
+    compiled._directory = Path(directory)
     if manifest.get("torch_version") == torch.__version__ and compiled.device.type == manifest.get(
         "device"
     ):
@@ -251,6 +276,12 @@ def load(directory: str | Path, device: str | torch.device = "cpu") -> CompiledM
                 "from plan.mlir; the artifact was edited. Recompile it with `plait compile`"
             )
     return compiled
+
+
+def _in_process_group() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 def _weights_device(weights: WeightStore) -> torch.device:

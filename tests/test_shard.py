@@ -110,12 +110,28 @@ def test_tp_programs_match_eager_on_gloo_ranks(name, n, example, tmp_path):
     assert (tmp_path / f"rank{n - 1}.py").is_file()
 
 
-def test_a_sharded_plan_says_how_to_launch_it(compiled, example):
+def test_a_sharded_plan_called_in_one_process_runs_on_worker_ranks(example):
+    import time
+
     model, inputs, shapes = example("llama-tiny")
     program = plait.compile(model, inputs, dynamic_shapes=shapes, pipeline="shard{mesh=tp:2}")
-    with pytest.raises(plait.PlaitError, match="this plan runs on 2 ranks .* torchrun"):
-        program(*inputs)
     assert "all_reduce.default" in program.code  # rank 0's program, groups named by axis
+    other = hf.example_inputs(model.model, 3, 11)
+    try:
+        with torch.no_grad():
+            assert max_rel_diff(program(*other), model(*other)) <= 1e-5
+            pool = program._pool
+            assert max_rel_diff(program(*inputs), model(*inputs)) <= 1e-5
+            assert program._pool is pool  # the workers are reused
+        pool.procs[1].kill()  # a rank dies: the call fails naming it, in bounded time
+        start = time.monotonic()
+        with pytest.raises(plait.PlaitError, match="rank 1 exited"):
+            pool.run(list(other))
+        assert time.monotonic() - start < 30 and not any(p.is_alive() for p in pool.procs)
+        with torch.no_grad():  # the next call starts a fresh pool
+            assert max_rel_diff(program(*other), model(*other)) <= 1e-5
+    finally:
+        program.close()
 
 
 def test_partial_sums_divide_only_as_numerators():
