@@ -31,6 +31,9 @@ CAUSAL_LMS = {
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
         max_position_embeddings=256)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(
+        hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256)),
 }  # fmt: skip
 
 
@@ -54,6 +57,10 @@ def gpt2_tiny(batch: int = 2, seq: int = 16):
 
 def mixtral_tiny(batch: int = 2, seq: int = 16):
     return causal_lm("mixtral", batch, seq)
+
+
+def qwen2_tiny(batch: int = 2, seq: int = 16):
+    return causal_lm("qwen2", batch, seq)
 
 
 class SmallCNN(torch.nn.Module):
@@ -92,5 +99,6 @@ EXAMPLES: dict[str, Callable] = {
     "llama-tiny": llama_tiny,
     "gpt2-tiny": gpt2_tiny,
     "mixtral-tiny": mixtral_tiny,
+    "qwen2-tiny": qwen2_tiny,
     "cnn-tiny": cnn_tiny,
 }

@@ -94,7 +94,15 @@ def _tp_outputs(model, example_inputs, shapes, n: int, tmp_path, inputs):
 
 
 @pytest.mark.parametrize(
-    "name,n", [("llama-tiny", 2), ("llama-tiny", 4), ("gpt2-tiny", 2), ("mixtral-tiny", 2)]
+    "name,n",
+    [
+        ("llama-tiny", 2),
+        ("llama-tiny", 4),
+        ("gpt2-tiny", 2),
+        ("mixtral-tiny", 2),
+        ("qwen2-tiny", 2),
+        ("qwen2-tiny", 4),
+    ],  # fmt: skip
 )
 def test_tp_programs_match_eager_on_gloo_ranks(name, n, example, tmp_path):
     model, _, shapes = example(name)
