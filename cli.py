@@ -395,7 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", nargs="?", metavar="MODEL")
     p.add_argument(
-        "--example", help="a bundled example: llama-tiny, gpt2-tiny, mixtral-tiny, qwen2-tiny, cnn-tiny"
+        "--example",
+        help="a bundled example: llama-tiny, gpt2-tiny, mixtral-tiny, qwen2-tiny, cnn-tiny",
     )
     p.add_argument(
         "-o", "--output", help="artifact directory (or file, with --emit ir|python|mlir)"

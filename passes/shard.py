@@ -49,6 +49,7 @@ from ..ir.ops import (
 )
 from ..ir.text import where
 from .base import Pass, function_blocks
+from .op_cost import COMPRESSED_LINEARS
 from .shard_rules import SIZE_ARGS, Decision, decide, local_type
 
 
@@ -146,6 +147,11 @@ class _Sharder:
             Rewriter.erase_op(param.owner)
 
     def call(self, op: CallOp) -> None:
+        if op.target_name in COMPRESSED_LINEARS:
+            raise ShardError(
+                f"{where(op)}: {op.target_name} is already compressed; put shard before quantize "
+                "and sparsify in the pipeline, which then slice the compressed weights per rank"
+            )
         arriving = [self.place(v) for v in op.inputs]
         types = [self._full_type(v) for v in op.inputs]  # rules reason on global shapes
         decision = decide(op, arriving, types, self.n, self.params)

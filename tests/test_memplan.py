@@ -100,13 +100,14 @@ def test_programs_in_the_arena_match_eager_exactly(example, name):
             assert torch.equal(compiled(*inputs), ref)  # the arena is reused
 
 
-def test_ladder_in_the_arena_on_gloo_ranks(example, tmp_path):
+def test_ladder_in_the_arena_with_streamed_weights_on_gloo_ranks(example, tmp_path):
     model, example_inputs, shapes = example("llama-tiny")
     reference = plait.compile(model, example_inputs, dynamic_shapes=shapes,
                               pipeline="canonicalize,cse,dce,ladder")  # fmt: skip
     planned = plait.compile(model, example_inputs, dynamic_shapes=shapes,
-                            pipeline="canonicalize,cse,dce,shard{mesh=tp:2},ladder,memplan{values=batch:4,seq:32}")  # fmt: skip
-    assert "async" in planned.ir and "plait.arena" in planned.ir
+                            pipeline="canonicalize,cse,dce,shard{mesh=tp:2},ladder,memplan{values=batch:4,seq:32},"
+                                     "tier{budget=0.5,values=batch:4,seq:32}")  # fmt: skip
+    assert "async" in planned.ir and "plait.arena" in planned.ir and 'tier = "host"' in planned.ir
     planned.save(tmp_path)
     inputs = hf.example_inputs(model.model, 3, 11)
     with torch.no_grad():

@@ -130,6 +130,12 @@ def test_row_parallel_groups_must_not_straddle_shards(example):
         plait.compile(model, example_inputs, pipeline="shard{mesh=tp:2},quantize{group=16}")
 
 
+def test_sharding_after_compression_is_refused(example):
+    model, example_inputs, _ = example("llama-tiny")
+    with pytest.raises(plait.PlaitError, match="put shard before quantize and sparsify"):
+        plait.compile(model, example_inputs, pipeline="quantize,shard{mesh=tp:2}")
+
+
 def test_artifact_holds_packed_weights_and_runs_the_same(example, tmp_path):
     from safetensors import safe_open
 
