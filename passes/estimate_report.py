@@ -58,7 +58,25 @@ def summary(estimate: Estimate) -> list[tuple[str, str]]:
                                  f"activations {_bytes(s.activation_peak)}; device has {_bytes(hw.memory_capacity)})"),
         ("MFU", f"{estimate.mfu:.1%}"),
         *compression(estimate),
+        *memory_plan(estimate),
     ]  # fmt: skip
+
+
+def memory_plan(estimate: Estimate) -> list[tuple[str, str]]:
+    """The planned arena (memplan) and the weight tiering (tier), where the plan has them."""
+    from ..ir.attrs import ARENA_ATTR
+    from .tier import TIERING_ATTR
+
+    if not estimate.ops:
+        return []
+    module = estimate.ops[0].op.get_toplevel_object()
+    rows = []
+    if ARENA_ATTR in module.attributes:
+        arena = module.attributes[ARENA_ATTR].value.data
+        rows.append(("activation arena", f"{_bytes(arena)} (memplan, at the planned sizes)"))
+    if TIERING_ATTR in module.attributes:
+        rows.append(("weight tiering", module.attributes[TIERING_ATTR].data))
+    return rows
 
 
 def compression(estimate: Estimate) -> list[tuple[str, str]]:
