@@ -214,6 +214,7 @@ def compile(
     print_ir_before: Iterable[str] = (),
     print_ir_after: Iterable[str] = (),
     verify_each: bool = True,
+    calibration: Iterable[Sequence] = (),
 ) -> CompiledModel:
     """Capture `model` on `example_inputs`, run `pipeline`, and return a CompiledModel.
 
@@ -221,6 +222,9 @@ def compile(
     torch.export's spec; its Dim names become the IR's size symbols:
 
         compiled = plait.compile(model, (ids,), dynamic_shapes={"ids": {0: Dim("batch", max=64)}})
+
+    `calibration` is a list of input tuples that calibrating passes run the
+    program on (`sparsify{importance=activation}`).
     """
     manager = PassManager.parse(  # parse first: a typo should not wait for the export
         pipeline,
@@ -232,7 +236,7 @@ def compile(
     )
     captured = capture(model, example_inputs, dynamic_shapes)
     module, weights = import_program(captured)
-    manager.run(module, weights)
+    manager.run(module, weights, calibration)
     if device is None:
         device = _weights_device(weights)
     return CompiledModel(

@@ -26,10 +26,12 @@ class PassContext(Context):
     """An xDSL context that also carries the program's weights."""
 
     weights: WeightStore | None = field(default=None)
+    # example inputs to run the program on, for passes that calibrate (sparsify)
+    calibration: list[tuple] = field(default_factory=list)
 
     @staticmethod
-    def create(weights: WeightStore | None = None) -> PassContext:
-        ctx = PassContext(weights=weights)
+    def create(weights: WeightStore | None = None, calibration=()) -> PassContext:
+        ctx = PassContext(weights=weights, calibration=[tuple(b) for b in calibration])
         for dialect in make_context().loaded_dialects:
             ctx.load_dialect(dialect)
         return ctx

@@ -2,8 +2,10 @@
 
 GQSA ("Group Quantization and Sparsity for Accelerating LLM Inference", 2024)
 prunes whole 1 x G groups of consecutive input features and quantizes the
-groups that survive to int4, one scale per group. Importance is data-free:
-a group's L2 norm. Every output row keeps the same number of groups (in each
+groups that survive to int4, one scale per group. Importance is data-free, a
+group's L2 norm, or, given the norms of the layer's input features over
+calibration data, the L2 norm of |W_ij| * ||x_j|| over the group (the
+activation-aware score of Wanda, per group). Every output row keeps the same number of groups (in each
 of `segments` equal column ranges, so a row-parallel shard holds whole rows of
 work), which makes the storage a fixed-width block-sparse (ELL) layout:
 
@@ -45,7 +47,12 @@ class GroupSparse:
 
 
 def gqsa(
-    weight: torch.Tensor, group: int = 16, sparsity: float = 0.5, bits: int = 4, segments: int = 1
+    weight: torch.Tensor,
+    group: int = 16,
+    sparsity: float = 0.5,
+    bits: int = 4,
+    segments: int = 1,
+    input_norms: torch.Tensor | None = None,
 ) -> GroupSparse:
     if bits != 4:
         raise ValueError(f"GQSA stores 4-bit groups; bits={bits} is not supported")
@@ -58,7 +65,12 @@ def gqsa(
     per_segment = cols // group // segments
     keep = max(1, round((1 - sparsity) * per_segment))
     grouped = w.reshape(out, segments, per_segment, group)
-    importance = grouped.norm(dim=-1)  # [out, segments, per_segment]
+    scores = (
+        grouped
+        if input_norms is None
+        else grouped * input_norms.float().reshape(1, segments, per_segment, group)
+    )
+    importance = scores.norm(dim=-1)  # [out, segments, per_segment]
     chosen = importance.topk(keep, dim=-1).indices.sort(dim=-1).values  # [out, segments, keep]
     kept = grouped.gather(2, chosen.unsqueeze(-1).expand(-1, -1, -1, group))
     kept = kept.reshape(out, segments * keep, group)

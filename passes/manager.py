@@ -69,8 +69,8 @@ class PassManager:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / f"{index:02d}-{name}.mlir").write_text(print_module(module))
 
-    def run(self, module: ModuleOp, weights: WeightStore | None = None) -> ModuleOp:
-        ctx = PassContext.create(weights)
+    def run(self, module: ModuleOp, weights: WeightStore | None = None, calibration=()) -> ModuleOp:
+        ctx = PassContext.create(weights, calibration)
         self._dump(module, 0, "input")
         step = 0
         for p in self.passes:

@@ -1,4 +1,4 @@
-"""sparsify{method=gqsa,group=16,sparsity=0.5,bits=4,layers=GLOBS}
+"""sparsify{method=gqsa,group=16,sparsity=0.5,bits=4,layers=GLOBS,importance=magnitude}
 
 GQSA group sparsity (the math is in `gqsa`): each selected `aten::linear`
 becomes `plait::gqsa_linear` (see `kernels.gqsa`) reading the block-sparse
@@ -6,6 +6,10 @@ int4 weight the pass adds to the WeightStore, with a `sparsity` attribute:
 
     %y = plait.call "plait::gqsa_linear"(%x, %values, %scales, %blocks, none, 16)
            {sparsity = #plait.sparsity<group = 16, sparsity = 0.5, error = 0.43>}
+
+`importance=activation` weighs each weight by the norm of its input feature
+over the calibration inputs given to `plait.compile(..., calibration=[...])`
+(it runs the program, so it goes before `shard`).
 
 After `shard`, a column-parallel layer's rows split across ranks as they are;
 a row-parallel layer keeps the same number of groups in each rank's columns
@@ -25,6 +29,7 @@ from ..ir.errors import PlaitError
 from ..ir.text import where
 from ..kernels import gqsa as kernel
 from .base import Pass, PassContext
+from .calibration import input_norms
 from .gqsa import gqsa
 from .linear_rewrite import add_param, find_linears, full_weights, replace_linear, require_library
 
@@ -45,8 +50,11 @@ class Sparsify(Pass):
     sparsity: float = 0.5
     bits: int = 4
     layers: str = "*"
+    importance: str = "magnitude"
 
     def __post_init__(self):
+        if self.importance not in ("magnitude", "activation"):
+            raise ValueError(f"importance must be magnitude or activation, not '{self.importance}'")
         if self.method != "gqsa":
             raise ValueError(f"method must be gqsa, not '{self.method}'")
         if self.bits != 4:
@@ -60,6 +68,15 @@ class Sparsify(Pass):
         layers = find_linears(op, self.layers)
         store = ctx.weights if isinstance(ctx, PassContext) else None
         weights = full_weights(store, layers, "sparsify")
+        norms = {}
+        if self.importance == "activation" and layers:
+            calibration = ctx.calibration if isinstance(ctx, PassContext) else []
+            if not calibration:
+                raise SparsifyError(
+                    "sparsify{importance=activation} needs calibration inputs: "
+                    "plait.compile(..., calibration=[inputs, ...])"
+                )
+            norms = input_norms(op, store, calibration, [layer.op for layer in layers])
         for layer in layers:
             weight = weights[layer.module]
             row_parallel = layer.placement == shard(1)
@@ -70,7 +87,7 @@ class Sparsify(Pass):
                     f"{where(layer.op)}: the input features of {layer.module}{where_} do not "
                     f"split into groups of {self.group}; use a group that divides them"
                 )
-            s = gqsa(weight, self.group, self.sparsity, self.bits, segments)
+            s = gqsa(weight, self.group, self.sparsity, self.bits, segments, norms.get(layer.op))
             placement = layer.placement  # rows, or each rank's kept groups
             attrs = {
                 "sparsity": SparsityAttr.make(

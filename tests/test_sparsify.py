@@ -97,3 +97,33 @@ def test_row_parallel_shards_keep_their_own_groups(example, tmp_path):
         plait.PlaitError, match=r"down_proj per rank \(88\) do not split into groups of 16"
     ):
         plait.compile(model, example_inputs, pipeline="shard{mesh=tp:2},sparsify{group=16}")
+
+
+def test_activation_aware_importance_keeps_the_groups_that_meet_large_inputs():
+    torch.manual_seed(0)
+    w = torch.randn(8, 64)
+    norms = torch.ones(64)
+    norms[:16] = 100.0  # the first group of each row sees large inputs
+    w[:, :16] *= 0.05  # ... but has small weights: magnitude alone prunes it
+    by_magnitude = gqsa(w, group=16, sparsity=0.75)
+    by_activation = gqsa(w, group=16, sparsity=0.75, input_norms=norms)
+    assert (by_magnitude.blocks != 0).all() and (by_activation.blocks == 0).all()
+
+
+def test_activation_importance_needs_calibration_and_runs_it(example):
+    model, example_inputs, shapes = example("llama-tiny")
+    pipeline = "sparsify{layers=*.mlp.*,importance=activation}"
+    with pytest.raises(
+        plait.PlaitError, match=r"needs calibration inputs: plait.compile\(\.\.\., calibration"
+    ):
+        plait.compile(model, example_inputs, pipeline=pipeline)
+    calibration = [hf.example_inputs(model.model, 4, 32)]
+    compiled = plait.compile(model, example_inputs, dynamic_shapes=shapes, pipeline=pipeline,
+                             calibration=calibration)  # fmt: skip
+    magnitude = plait.compile(model, example_inputs, dynamic_shapes=shapes,
+                              pipeline="sparsify{layers=*.mlp.*}")  # fmt: skip
+    blocks = "model.layers.0.mlp.down_proj.blocks"
+    assert not torch.equal(compiled.weights.get(blocks), magnitude.weights.get(blocks))
+    inputs = hf.example_inputs(model.model, 3, 30)
+    with torch.no_grad():
+        assert max_rel_diff(compiled(*inputs), _dense_twin(model, compiled)(*inputs)) <= 1e-5
