@@ -2,7 +2,7 @@
 running the program on calibration inputs (the weight-compression passes
 weigh weights by them).
 
-    norms = input_norms(module, weights, [(ids, mask), ...], ops)
+    norms = input_norms(module, weights, [(ids, mask), ...], {op: 0})  # op -> its input's position
     norms[op]      # float64 [in_features]: sqrt(sum over tokens of x_j^2)
 
 Runs the unsharded program with torch.fx's Interpreter, reading the input of
@@ -10,6 +10,8 @@ each asked-for op as it executes.
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.fx
@@ -26,7 +28,7 @@ class CalibrationError(PlaitError):
 
 
 def input_norms(
-    module: ModuleOp, weights: WeightStore, batches: list[tuple], ops: list[Operation]
+    module: ModuleOp, weights: WeightStore, batches: list[tuple], ops: dict[Operation, int]
 ) -> dict[Operation, torch.Tensor]:
     from ..backends.fx import OP_META, build_program
 
@@ -35,14 +37,14 @@ def input_norms(
             "calibration runs the unsharded program: put the pass that uses it before shard"
         )
     program = build_program(module, weights, fast=False)
-    wanted = set(ops)
     sums: dict[Operation, torch.Tensor] = {}
 
     class Recorder(torch.fx.Interpreter):
         def run_node(self, node):
             op = node.meta.get(OP_META)
-            if op in wanted and node.op == "call_function":
-                x = self.env[node.args[0]] if isinstance(node.args[0], torch.fx.Node) else None
+            if op in ops and node.op == "call_function" and node.target is not operator.getitem:
+                arg = node.args[ops[op]]
+                x = self.env[arg] if isinstance(arg, torch.fx.Node) else None
                 if isinstance(x, torch.Tensor):
                     squares = x.detach().double().reshape(-1, x.shape[-1]).pow(2).sum(0)
                     sums[op] = sums.get(op, 0) + squares

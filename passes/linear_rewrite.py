@@ -30,6 +30,7 @@ from ..ir.attrs import (
 from ..ir.dtypes import IR_NAMES
 from ..ir.errors import PlaitError
 from ..ir.ops import CallOp, GenericCallOp, ParamOp
+from ..ir.schema import argument_names
 from ..ir.text import where
 from ..ir.types import TensorType
 from ..ir.weights import WeightStore
@@ -62,6 +63,11 @@ class Layer:
     placement: Placement  # of the [out, in] weight on the (single) mesh axis
     parts: int  # ranks along that axis
     form: Form
+
+    @property
+    def input_position(self) -> int:
+        """Where the activation is among the call's arguments."""
+        return argument_names(self.op.target_name).index(self.form.input)
 
 
 def _placement(param: ParamOp, transposed: bool) -> Placement:

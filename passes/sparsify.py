@@ -76,7 +76,8 @@ class Sparsify(Pass):
                     "sparsify{importance=activation} needs calibration inputs: "
                     "plait.compile(..., calibration=[inputs, ...])"
                 )
-            norms = input_norms(op, store, calibration, [layer.op for layer in layers])
+            inputs = {layer.op: layer.input_position for layer in layers}
+            norms = input_norms(op, store, calibration, inputs)
         for layer in layers:
             weight = weights[layer.module]
             row_parallel = layer.placement == shard(1)

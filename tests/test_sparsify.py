@@ -127,3 +127,12 @@ def test_activation_importance_needs_calibration_and_runs_it(example):
     inputs = hf.example_inputs(model.model, 3, 30)
     with torch.no_grad():
         assert max_rel_diff(compiled(*inputs), _dense_twin(model, compiled)(*inputs)) <= 1e-5
+
+
+def test_activation_importance_reads_conv1d_inputs(example):
+    # GPT-2's addmm(bias, x, W): the activation is the second argument, not the bias
+    model, example_inputs, shapes = example("gpt2-tiny")
+    compiled = plait.compile(model, example_inputs, dynamic_shapes=shapes,
+                             pipeline="sparsify{layers=transformer.*,importance=activation}",
+                             calibration=[hf.example_inputs(model.model, 4, 32)])  # fmt: skip
+    assert compiled.ir.count('"plait::gqsa_linear"') == 8
