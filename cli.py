@@ -356,7 +356,8 @@ def cmd_estimate(args) -> int:
             )
         )
     if args.trace:
-        from plait.passes.estimate import family, module_path
+        from plait.ir.text import module_path
+        from plait.passes.estimate import family
         from plait.runtime.profile import TraceEvent, write_trace
 
         events = [

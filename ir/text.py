@@ -97,6 +97,11 @@ def parse_module(text: str, filename: str = "<ir>", verify: bool = True) -> Modu
     return module
 
 
+def module_path(op: Operation) -> str:
+    """The module an op comes from (its location), or ""."""
+    return op.location.desc.data if isinstance(op.location, NameLoc) else ""
+
+
 def where(op: Operation) -> str:
     """Where an op comes from: file:line:column if parsed, and its module path."""
     parts = []

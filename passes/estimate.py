@@ -20,13 +20,14 @@ from dataclasses import dataclass, field
 
 import sympy
 from xdsl.dialects import func
-from xdsl.dialects.builtin import ModuleOp, NameLoc
+from xdsl.dialects.builtin import ModuleOp
 from xdsl.ir import Operation, SSAValue
 
 from ..hardware import Hardware
 from ..ir.attrs import MESH_ATTR, SYMBOLS_ATTR, MeshAttr
 from ..ir.errors import PlaitError
 from ..ir.ops import CallOp, CollectiveOp, LocalShardOp, ReshapeOp, WaitOp
+from ..ir.text import module_path
 from ..ir.types import AsyncType, TensorType
 from .comm_cost import axis_links, collective_time
 from .layout import copies, memory_orders
@@ -100,10 +101,6 @@ def family(op: Operation) -> str:
     if isinstance(op, (CallOp, CollectiveOp)):
         return op.name.split(".", 1)[1]
     return op.name.split(".", 1)[-1]
-
-
-def module_path(op: Operation) -> str:
-    return op.location.desc.data if isinstance(op.location, NameLoc) else ""
 
 
 def _signature(op: Operation, context) -> tuple:

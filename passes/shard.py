@@ -14,10 +14,19 @@ collectives where placements change:
 For a Llama block this gives Q/K/V and gate/up column-parallel, attention
 by heads, O and down row-parallel, and one all-reduce after each of O and down.
 Every program output is replicated.
+
+A manual plan, like PyTorch's `parallelize_module` plans, overrides the rules
+for the linear layers whose module path matches a glob (first match wins):
+
+    shard{mesh=tp:4,plan=*.mlp.*:replicate,lm_head:colwise}
+
+with `colwise` (weight split by output features), `rowwise` (by input
+features; partial sums reduced) or `replicate`; the rest follow the rules.
 """
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass
 
 from xdsl.context import Context
@@ -47,10 +56,10 @@ from ..ir.ops import (
     ReduceScatterOp,
     call_op_class,
 )
-from ..ir.text import where
+from ..ir.text import module_path, where
 from .base import Pass, function_blocks
 from .op_cost import COMPRESSED_LINEARS
-from .shard_rules import SIZE_ARGS, Decision, decide, local_type
+from .shard_rules import SIZE_ARGS, STYLES, Decision, decide, local_type
 
 
 class ShardError(PlaitError):
@@ -58,11 +67,16 @@ class ShardError(PlaitError):
 
 
 class _Sharder:
-    def __init__(self, block, axis: str, n: int):
+    def __init__(self, block, axis: str, n: int, plan: list[tuple[str, str]] = ()):
         self.block, self.axis, self.n = block, axis, n
+        self.plan = plan  # (module-path glob, style), first match wins
         self.placement: dict[SSAValue, Placement] = {}
         self.params: set[SSAValue] = set()
         self.resharded: dict[tuple[SSAValue, Placement], SSAValue] = {}
+
+    def style(self, op: CallOp) -> str | None:
+        path = module_path(op)
+        return next((style for glob, style in self.plan if fnmatch.fnmatchcase(path, glob)), None)
 
     def place(self, value: SSAValue) -> Placement:
         return self.placement.get(value, REPLICATE)
@@ -154,7 +168,7 @@ class _Sharder:
             )
         arriving = [self.place(v) for v in op.inputs]
         types = [self._full_type(v) for v in op.inputs]  # rules reason on global shapes
-        decision = decide(op, arriving, types, self.n, self.params)
+        decision = decide(op, arriving, types, self.n, self.params, self.style(op))
         inputs = [self.reshard(v, p, op) for v, p in zip(op.inputs, decision.inputs)]
         args = _with_sizes(op, decision) if decision.sizes else op.args
         bias = op.arg("bias") if op.target_name == "aten::linear" else op.arg("self")
@@ -230,8 +244,22 @@ class Shard(Pass):
     summary = "tensor parallelism on a 1-D mesh by Megatron rules, with collectives"
 
     mesh: str = "tp:2"
+    plan: str = ""  # e.g. *.mlp.down_proj:rowwise,lm_head:replicate
+
+    def _plan(self) -> list[tuple[str, str]]:
+        entries = []
+        for item in filter(None, (p.strip() for p in self.plan.split(","))):
+            glob, _, style = item.rpartition(":")
+            if not glob or style not in STYLES:
+                raise ShardError(
+                    f"shard plan entry '{item}': write MODULE-GLOB:STYLE with STYLE one of "
+                    f"{', '.join(STYLES)} (e.g. *.mlp.down_proj:rowwise)"
+                )
+            entries.append((glob, style))
+        return entries
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
+        plan = self._plan()
         axes = mesh_from_text(self.mesh)
         if len(axes) != 1:
             raise ShardError(
@@ -243,5 +271,5 @@ class Shard(Pass):
         ((axis, n),) = axes.items()
         if n > 1:
             for block in function_blocks(op):
-                _Sharder(block, axis, n).run()
+                _Sharder(block, axis, n, plan).run()
         op.attributes[MESH_ATTR] = MeshAttr(tuple(axes.items()))

@@ -23,6 +23,7 @@ from xdsl.ir import SSAValue
 
 from ..ir.args import Operand
 from ..ir.attrs import REPLICATE, Placement, partial, shard
+from ..ir.errors import PlaitError
 from ..ir.ops import (
     AttentionOp,
     CallOp,
@@ -34,6 +35,7 @@ from ..ir.ops import (
     ReshapeOp,
     SoftmaxOp,
 )
+from ..ir.text import where
 from ..ir.types import TensorType
 
 R = REPLICATE
@@ -78,15 +80,35 @@ def _dim(value, rank: int) -> int | None:
 # ---- matrix products ------------------------------------------------------------
 
 
+STYLES = ("colwise", "rowwise", "replicate")  # a manual plan's choices for a linear layer
+
+
+class PlanError(PlaitError):
+    pass
+
+
 def _weight_sharded(op: CallOp, x: int, w: int, bias: int | None, arriving, types, n: int,
-                    w_out: int, w_in: int) -> Decision:  # fmt: skip
-    """x @ W with W's output features on dim `w_out`, input features on `w_in`."""
+                    w_out: int, w_in: int, style: str | None = None) -> Decision:  # fmt: skip
+    """x @ W with W's output features on dim `w_out`, input features on `w_in`.
+
+    Without a `style`, Megatron's pairing: row-parallel when x arrives split on
+    features, else column-parallel; a manual plan's style overrides it."""
     weight = types[w]
     x_rank = types[x].rank
     out_rank = op.results[0].type.rank
     inputs = [R] * len(op.inputs)
-    x_sharded_on_features = arriving[x] == shard(x_rank - 1)
-    if x_sharded_on_features and divides(weight.shape[w_in], n):
+    if style == "replicate":
+        return replicated(op)
+    if style is not None:
+        dim = weight.shape[w_in if style == "rowwise" else w_out]
+        if not divides(dim, n):
+            raise PlanError(
+                f"{where(op)}: the plan makes this layer {style}, but its "
+                f"{'input' if style == 'rowwise' else 'output'} features ({dim}) do not split "
+                f"over {n} ranks; use another style for it or a mesh that divides {dim}"
+            )
+    rowwise = style == "rowwise" or (style is None and arriving[x] == shard(x_rank - 1))
+    if rowwise and divides(weight.shape[w_in], n):
         inputs[x], inputs[w] = shard(x_rank - 1), shard(w_in)  # row-parallel
         return Decision(inputs, [SUM], "row")
     if divides(weight.shape[w_out], n):
@@ -97,22 +119,23 @@ def _weight_sharded(op: CallOp, x: int, w: int, bias: int | None, arriving, type
     return replicated(op)
 
 
-def linear_rule(op: CallOp, arriving, types, n: int) -> Decision:
+def linear_rule(op: CallOp, arriving, types, n: int, style: str | None = None) -> Decision:
     x, w, b = (_operand_index(op, k) for k in ("input", "weight", "bias"))
-    return _weight_sharded(op, x, w, b, arriving, types, n, w_out=0, w_in=1)
+    return _weight_sharded(op, x, w, b, arriving, types, n, w_out=0, w_in=1, style=style)
 
 
 _PARAM_MATMULS = {"aten::mm": ("self", "mat2", None), "aten::addmm": ("mat1", "mat2", "self"),
                   "aten::matmul": ("self", "other", None)}  # fmt: skip
 
 
-def matmul_rule(op: CallOp, arriving, types, n: int, params: set[SSAValue]) -> Decision:
+def matmul_rule(op: CallOp, arriving, types, n: int, params: set[SSAValue],
+                style: str | None = None) -> Decision:  # fmt: skip
     names = _PARAM_MATMULS.get(op.target_name)
     scaled = op.arg("alpha", 1) != 1 or op.arg("beta", 1) != 1
     if names is not None and not scaled:
         x, w, b = (_operand_index(op, k) if k else None for k in names)
         if op.inputs[w] in params and types[w].rank == 2:  # x @ W, W: [in, out]
-            return _weight_sharded(op, x, w, b, arriving, types, n, w_out=1, w_in=0)
+            return _weight_sharded(op, x, w, b, arriving, types, n, w_out=1, w_in=0, style=style)
     # activation x activation (e.g. attention scores): shard shared batch dims
     if op.target_name in ("aten::bmm", "aten::matmul") and len(op.inputs) == 2:
         a, b = arriving
@@ -340,8 +363,7 @@ def _concat_rule(op: CallOp, arriving, n: int) -> Decision:
     return Decision(list(arriving), [shard(d)])
 
 
-_RULES = {
-    LinearOp: linear_rule,
+_RULES = {  # linear and matmul: see `decide`
     AttentionOp: attention_rule,
     ElementwiseOp: elementwise_rule,
     NormOp: norm_rule,
@@ -352,10 +374,13 @@ _RULES = {
 
 
 def decide(op: CallOp, arriving: list[Placement], types: list[TensorType], n: int,
-           params: set[SSAValue]) -> Decision:  # fmt: skip
+           params: set[SSAValue], style: str | None = None) -> Decision:  # fmt: skip
     """The placements `op` needs and produces, given those its inputs arrive with
-    and their global (unsharded) types."""
+    and their global (unsharded) types; `style` is a manual plan's choice for a
+    linear layer."""
     if isinstance(op, MatmulOp):
-        return matmul_rule(op, arriving, types, n, params)
+        return matmul_rule(op, arriving, types, n, params, style)
+    if isinstance(op, LinearOp):
+        return linear_rule(op, arriving, types, n, style)
     rule = _RULES.get(type(op))
     return rule(op, arriving, types, n) if rule else replicated(op)

@@ -150,3 +150,31 @@ def test_partial_sums_divide_only_as_numerators():
     out = _shard(body)
     # x / sum(partials) needs the sum first: the all-reduce precedes the division
     assert out.index("plait.all_reduce") < out.index('"aten::div.Tensor"')
+
+
+def test_a_manual_plan_overrides_the_rules():
+    out = _shard(MLP, "tp:2,plan=mlp.up:replicate")
+    # up stays whole; down then reads a replicated activation: column-parallel, gathered
+    assert 'plait.param "up.weight" : !plait.tensor<[256, 64], f32>' in out
+    assert "plait.all_reduce" not in out and out.count("plait.all_gather") == 1
+    rowwise = _shard(MLP, "tp:2,plan=mlp.up:rowwise,mlp.down:replicate")
+    assert "#plait.placements<[shard(1)]>} : !plait.tensor<[256, 32], f32>" in rowwise
+    with pytest.raises(plait.PlaitError, match="write MODULE-GLOB:STYLE with STYLE one of"):
+        _shard(MLP, "tp:2,plan=mlp.up:sideways")
+    with pytest.raises(plait.PlaitError, match=r"plan makes this layer rowwise, but its input "
+                                               r"features \(64\) do not split over 128 ranks"):  # fmt: skip
+        _shard(MLP, "tp:128,plan=mlp.up:rowwise")
+
+
+def test_a_manual_plan_matches_eager_on_gloo_ranks(example, tmp_path):
+    model, example_inputs, shapes = example("llama-tiny")
+    plan = "*.mlp.*:replicate,*.self_attn.o_proj:replicate,lm_head:colwise"
+    program = plait.compile(model, example_inputs, dynamic_shapes=shapes,
+                            pipeline=f"canonicalize,cse,dce,shard{{mesh=tp:2,plan={plan}}},dce")  # fmt: skip
+    assert program.ir.count("plait.all_reduce") == 0  # no row-parallel layer is left
+    program.save(tmp_path)
+    inputs = hf.example_inputs(model.model, 3, 11)
+    with torch.no_grad():
+        ref = model(*inputs)
+    for out, _ in run_ranks(2, artifact_rank, str(tmp_path), list(inputs)):
+        assert max_rel_diff(out, ref) <= 1e-5
