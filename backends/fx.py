@@ -304,13 +304,12 @@ class _Lowering:
         if key not in self.arena_views:
             self.arena_views[key] = dtype
             self.arena_nodes[key] = self.graph.get_attr(key)
-        item = torch.empty((), dtype=dtype).element_size()
         shape = [self.syms.node(sympy.sympify(d)) for d in type_.shape]
         strides, stride = [], sympy.Integer(1)
         for d in reversed(type_.shape):
             strides.append(self.syms.node(stride))
             stride = stride * sympy.sympify(d)
-        args = (self.arena_nodes[key], shape, strides[::-1], offset // item)
+        args = (self.arena_nodes[key], shape, strides[::-1], offset // dtype.itemsize)
         node = self.graph.call_function(torch.ops.aten.as_strided.default, args)
         node.name = f"{op.results[0].name_hint or 'result'}_out"
         return node

@@ -55,7 +55,8 @@ def extension():
 
     flags = ["-O3", "-fopenmp-simd"]
     cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file() and " avx2 " in cpuinfo.read_text() and " fma " in cpuinfo.read_text():
+    cpu = cpuinfo.read_text() if cpuinfo.is_file() else ""
+    if " avx2 " in cpu and " fma " in cpu:
         flags += ["-mavx2", "-mfma"]
     try:
         return load(

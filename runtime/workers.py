@@ -29,17 +29,19 @@ class WorkerError(PlaitError):
     pass
 
 
-def _pack(value) -> bytes:
+def pack(value) -> bytes:
+    """Tensors to bytes for another process (a tensor sent as shared memory
+    dies with the process that made it)."""
     buffer = io.BytesIO()
     torch.save(value, buffer)
     return buffer.getvalue()
 
 
-def _unpack(data: bytes):
+def unpack(data: bytes):
     return torch.load(io.BytesIO(data), weights_only=True)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
@@ -50,7 +52,7 @@ def _free_port() -> int:
 class WorkerPool:
     def __init__(self, directory: str | Path, world_size: int, threads: int | None = None):
         ctx = mp.get_context("spawn")
-        port = _free_port()
+        port = free_port()
         self.world_size = world_size
         self.inboxes = [ctx.Queue() for _ in range(world_size)]
         self.results = ctx.Queue()
@@ -79,7 +81,7 @@ class WorkerPool:
         """The flat outputs of one call on every rank (rank 0's returned)."""
         if not self.alive:
             raise WorkerError("the worker pool was stopped; call the model again to restart it")
-        payload = _pack(list(inputs))
+        payload = pack(list(inputs))
         for inbox in self.inboxes:
             inbox.put(payload)
         outputs, done, deadline = None, set(), time.monotonic() + timeout
@@ -107,7 +109,7 @@ class WorkerPool:
                 raise WorkerError(f"{cause}rank {rank} failed:\n{data}")
             done.add(rank)
             if rank == 0:
-                outputs = _unpack(data)
+                outputs = unpack(data)
         return outputs
 
     @property
@@ -143,8 +145,8 @@ def _worker(rank, world_size, port, directory, threads, inbox, results) -> None:
         while (payload := inbox.get()) is not None:
             try:
                 with torch.inference_mode():
-                    outputs = [t.clone() for t in program(*_unpack(payload))]
-                results.put((rank, True, _pack(outputs) if rank == 0 else b""))
+                    outputs = [t.clone() for t in program(*unpack(payload))]
+                results.put((rank, True, pack(outputs) if rank == 0 else b""))
             except Exception:
                 results.put((rank, False, traceback.format_exc()))
                 return

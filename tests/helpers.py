@@ -1,21 +1,12 @@
 """Helpers shared by tests."""
 
-import io
-
 import torch
+from plait.runtime.workers import free_port, pack, unpack
 
 
 def max_rel_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
     """Max abs difference relative to the reference's scale."""
     return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_ranks(world_size: int, fn, *args, timeout: float = 120.0) -> list:
@@ -37,7 +28,7 @@ def run_ranks(world_size: int, fn, *args, timeout: float = 120.0) -> list:
             rank, ok, value = queue.get(timeout=timeout)
             if not ok:
                 raise RuntimeError(f"rank {rank} failed:\n{value}")
-            results[rank] = torch.load(io.BytesIO(value), weights_only=True)
+            results[rank] = unpack(value)
     finally:
         for p in procs:
             p.join(timeout=10)
@@ -56,10 +47,7 @@ def _rank_main(rank, world_size, port, queue, fn, args):
         dist.init_process_group(
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
         )
-        # serialized: a tensor sent as shared memory dies with its process
-        buffer = io.BytesIO()
-        torch.save(fn(rank, world_size, *args), buffer)
-        queue.put((rank, True, buffer.getvalue()))
+        queue.put((rank, True, pack(fn(rank, world_size, *args))))
     except Exception:
         queue.put((rank, False, traceback.format_exc()))
     finally:
