@@ -6,12 +6,22 @@
     compiled.ir, compiled.code   # inspect the plan and the program
     compiled.save("artifact/")   # and plait.load("artifact/") later
 
+    generator = plait.compile_generation(hf_model, batch=1, max_length=256)
+    generator.generate(input_ids, max_new_tokens=32)   # prefill + decode, KV cache
+
 See README.md for the CLI (`plait compile`, `plait opt`, `plait run`).
 """
 
 __version__ = "0.1.0"
 
-from .api import DEFAULT_PIPELINE, CompiledModel, compile, compile_ir, load  # noqa: E402
+from .api import (  # noqa: E402
+    DEFAULT_PIPELINE,
+    CompiledModel,
+    compile,
+    compile_generation,
+    compile_ir,
+    load,
+)
 from .ir.errors import PlaitError  # noqa: E402
 
 __all__ = [
@@ -19,6 +29,7 @@ __all__ = [
     "DEFAULT_PIPELINE",
     "PlaitError",
     "compile",
+    "compile_generation",
     "compile_ir",
     "load",
     "__version__",

@@ -29,7 +29,7 @@ from .frontend.capture import capture
 from .frontend.importer import import_program
 from .ir.attrs import MESH_ATTR, SYMBOLS_ATTR
 from .ir.errors import PlaitError
-from .ir.ops import ParamOp
+from .ir.ops import stored_weight_names
 from .ir.text import print_module
 from .ir.weights import WeightStore
 from .passes.manager import PassManager
@@ -50,6 +50,7 @@ class CompiledModel:
         out_spec: str | None = None,
         device: str | torch.device = "cpu",
         pass_report: str | None = None,
+        generation: dict | None = None,
     ):
         self.module = module
         self.pipeline = pipeline
@@ -57,20 +58,29 @@ class CompiledModel:
         self.device = torch.device(device)
         self.pass_report = pass_report
         self.weights = weights.subset(self.weight_names)
+        # for generation: default token ids ({"eos_token_id": 2, "pad_token_id": 0})
+        self.generation = dict(generation or {})
         self._directory: Path | None = None  # the artifact it was loaded from
         self._pool = None  # worker processes, for a sharded plan called in one process
+        self._programs: dict[str, Program] = {}
+        self._state: dict[str, torch.Tensor] = {}  # program state (KV cache), by name
+
+    @property
+    def functions(self) -> list[str]:
+        """The module's programs: ["forward"], or ["prefill", "decode"] for generation."""
+        return [op.sym_name.data for op in self.module.ops if isinstance(op, func.FuncOp)]
 
     @property
     def function(self) -> func.FuncOp:
-        """The program's entry point, @forward."""
-        for op in self.module.ops:
-            if isinstance(op, func.FuncOp) and op.sym_name.data == "forward":
-                return op
-        raise PlaitError("the IR module has no func.func @forward to run")
+        """The entry point that calling the model runs: @forward, else the first function."""
+        functions = [op for op in self.module.ops if isinstance(op, func.FuncOp)]
+        if not functions:
+            raise PlaitError("the IR module has no func.func to run")
+        return next((f for f in functions if f.sym_name.data == "forward"), functions[0])
 
     @cached_property
     def weight_names(self) -> list[str]:
-        return sorted({op.weight_name for op in self.module.walk() if isinstance(op, ParamOp)})
+        return stored_weight_names(self.module)
 
     @cached_property
     def _output_spec(self):
@@ -95,22 +105,40 @@ class CompiledModel:
     def world_size(self) -> int:
         return math.prod(self.mesh.values())
 
-    @cached_property
+    @property
     def program(self) -> Program:
-        """This rank's torch program, built on first use (under torchrun or an
-        initialized process group when the plan spans several ranks)."""
-        groups = None
-        if self.world_size > 1:
-            from .runtime.distributed import mesh_groups
+        """This rank's torch program of the entry function, built on first use
+        (under torchrun or an initialized process group when the plan spans
+        several ranks)."""
+        return self.program_of(self.function.sym_name.data)
 
-            groups = mesh_groups(self.mesh)
-        return build_program(self.module, self.weights, self.device, groups)
+    def program_of(self, function: str) -> Program:
+        """This rank's program of `function`; the programs of one model share
+        its weights and its state (the KV cache)."""
+        if function not in self._programs:
+            groups = None
+            if self.world_size > 1:
+                from .runtime.distributed import mesh_groups
+
+                groups = mesh_groups(self.mesh)
+            self._programs[function] = build_program(
+                self.module, self.weights, self.device, groups, function, state=self._state
+            )
+        return self._programs[function]
 
     def rank_code(self, rank: int) -> str:
         """The program source of `rank`, with groups named after mesh axes
-        (built on meta weights: no weight is read)."""
+        (built on meta weights: no weight is read); one section per function
+        when there are several."""
         groups = CollectiveGroups.placeholder(self.mesh, rank) if self.mesh else None
-        return build_program(self.module, self.weights.as_meta(), self.device, groups).code
+        weights = self.weights.as_meta()
+        codes = [
+            (name, build_program(self.module, weights, self.device, groups, name).code)
+            for name in self.functions
+        ]
+        if len(codes) == 1:
+            return codes[0][1]
+        return "\n".join(f"# ---- @{name} ----{code}" for name, code in codes)
 
     @property
     def code(self) -> str:
@@ -127,18 +155,20 @@ class CompiledModel:
         names = self.input_names
         inputs = bind_inputs(names, args, kwargs)
         check_inputs(names, list(self.function.function_type.inputs), self.symbols, inputs)
+        self._check_weights()
+        if self.world_size > 1 and not _in_process_group():
+            return self._workers().call("__call__", inputs)  # one local process per rank
+        outputs = self.program(*[x.to(self.device) for x in inputs])
+        if self._output_spec is not None:
+            return pytree.tree_unflatten(list(outputs), self._output_spec)
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    def _check_weights(self) -> None:
         if self._has_meta_weights:
             raise PlaitError(
                 "the model's weights are on the meta device; load real weights "
                 "(e.g. a checkpoint) into the model before compiling it to run it"
             )
-        if self.world_size > 1 and not _in_process_group():
-            outputs = self._workers().run(inputs)  # one local process per rank
-        else:
-            outputs = self.program(*[x.to(self.device) for x in inputs])
-        if self._output_spec is not None:
-            return pytree.tree_unflatten(list(outputs), self._output_spec)
-        return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     def _workers(self):
         from .runtime.workers import WorkerPool
@@ -149,6 +179,62 @@ class CompiledModel:
             self._pool = WorkerPool(directory, self.world_size)
             weakref.finalize(self, self._pool.close)
         return self._pool
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int = 32,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+    ) -> torch.Tensor:
+        """Greedy or sampled decoding with the KV cache of a model compiled with
+        `plait.compile_generation`; returns the prompt followed by the new tokens,
+        like `transformers`' generate. EOS and pad ids default to the model's.
+
+            tokens = compiled.generate(input_ids, max_new_tokens=32)
+            tokens = compiled.generate(ids, 64, mask, do_sample=True, top_p=0.9, seed=0)
+        """
+        from .runtime.generate import Sampling, generate
+
+        functions = self.functions
+        if "decode" not in functions or "prefill" not in functions:
+            raise PlaitError(
+                "this model has no @prefill and @decode programs; compile it for generation "
+                "with plait.compile_generation(model, batch=..., max_length=...)"
+            )
+        self._check_weights()
+        options = dict(attention_mask=attention_mask, do_sample=do_sample,
+                       temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                       eos_token_id=eos_token_id, pad_token_id=pad_token_id)  # fmt: skip
+        if self.world_size > 1 and not _in_process_group():
+            return self._workers().call("generate", (input_ids, max_new_tokens), options)
+        batch, max_length = self.cache_size
+        ids = {"eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
+        ids = {k: v if v is not None else self.generation.get(k) for k, v in ids.items()}
+        sampling = Sampling(do_sample, temperature, top_k, top_p, seed)
+
+        def run(function: str, *inputs: torch.Tensor) -> torch.Tensor:
+            (logits,) = self.program_of(function)(*[x.to(self.device) for x in inputs])
+            return logits
+
+        with torch.inference_mode():
+            return generate(run, batch, max_length, input_ids, max_new_tokens,
+                            attention_mask, sampling, **ids)  # fmt: skip
+
+    @property
+    def cache_size(self) -> tuple[int, int]:
+        """(batch, max_length) of the KV cache the generation programs were compiled for."""
+        decode = next(op for op in self.module.ops
+                      if isinstance(op, func.FuncOp) and op.sym_name.data == "decode")  # fmt: skip
+        ids, *_, cache_mask = decode.function_type.inputs
+        return ids.shape[0], cache_mask.shape[1]
 
     def close(self) -> None:
         """Stop the worker processes a sharded plan called from one process runs on."""
@@ -187,6 +273,7 @@ class CompiledModel:
             "symbols": {n: list(r) for n, r in self.symbols.items()},
             "outputs": {"count": len(function.function_type.outputs), "treespec": self.out_spec},
             "device": str(self.device.type),
+            "generation": self.generation,
         }
         programs = (
             {r: self.rank_code(r) for r in range(self.world_size)} if self.mesh else {0: self.code}
@@ -209,12 +296,8 @@ def compile(
     pipeline: str = DEFAULT_PIPELINE,
     dynamic_shapes=None,
     device: str | torch.device | None = None,
-    dump_ir: str | Path | None = None,
-    print_ir_after_all: bool = False,
-    print_ir_before: Iterable[str] = (),
-    print_ir_after: Iterable[str] = (),
-    verify_each: bool = True,
     calibration: Iterable[Sequence] = (),
+    **options,
 ) -> CompiledModel:
     """Capture `model` on `example_inputs`, run `pipeline`, and return a CompiledModel.
 
@@ -224,16 +307,11 @@ def compile(
         compiled = plait.compile(model, (ids,), dynamic_shapes={"ids": {0: Dim("batch", max=64)}})
 
     `calibration` is a list of input tuples that calibrating passes run the
-    program on (`sparsify{importance=activation}`).
+    program on (`sparsify{importance=activation}`). `options` go to the pass
+    manager: dump_ir=DIR, print_ir_after_all, print_ir_before={...},
+    print_ir_after={...}, verify_each.
     """
-    manager = PassManager.parse(  # parse first: a typo should not wait for the export
-        pipeline,
-        verify_each=verify_each,
-        print_ir_after_all=print_ir_after_all,
-        print_ir_before=set(print_ir_before),
-        print_ir_after=set(print_ir_after),
-        dump_ir=dump_ir,
-    )
+    manager = PassManager.parse(pipeline, **options)  # a typo should not wait for the export
     captured = capture(model, example_inputs, dynamic_shapes)
     module, weights = import_program(captured)
     manager.run(module, weights, calibration)
@@ -242,6 +320,37 @@ def compile(
     return CompiledModel(
         module, weights, pipeline, _out_spec(captured.program), device, manager.report()
     )
+
+
+def compile_generation(
+    model: torch.nn.Module,
+    *,
+    batch: int = 1,
+    max_length: int = 256,
+    pipeline: str = DEFAULT_PIPELINE,
+    device: str | torch.device | None = None,
+    **options,
+) -> CompiledModel:
+    """Compile a `transformers` `*ForCausalLM` model for autoregressive decoding:
+    @prefill (a prompt) and @decode (one token) programs that share the weights
+    and a static KV cache of `batch` sequences x `max_length` tokens, which
+    sharding splits by kv heads. Options are `compile`'s.
+
+        compiled = plait.compile_generation(model, batch=2, max_length=128,
+                                            pipeline="shard{mesh=tp:2}")
+        tokens = compiled.generate(input_ids, max_new_tokens=32)
+    """
+    from .frontend.decoding import capture_generation
+
+    manager = PassManager.parse(pipeline, **options)
+    module, weights = capture_generation(model, batch, max_length)
+    manager.run(module, weights)
+    config = getattr(model, "generation_config", None)
+    ids = {k: getattr(config, k, None) for k in ("eos_token_id", "pad_token_id")}
+    return CompiledModel(
+        module, weights, pipeline, None, device or _weights_device(weights), manager.report(),
+        generation={k: v for k, v in ids.items() if v is not None},
+    )  # fmt: skip
 
 
 def compile_ir(
@@ -268,6 +377,7 @@ def load(directory: str | Path, device: str | torch.device = "cpu") -> CompiledM
         manifest.get("pipeline", ""),
         manifest.get("outputs", {}).get("treespec"),
         device,
+        generation=manifest.get("generation"),
     )
     compiled._directory = Path(directory)
     if manifest.get("torch_version") == torch.__version__ and compiled.device.type == manifest.get(
@@ -296,4 +406,5 @@ def _weights_device(weights: WeightStore) -> torch.device:
     return torch.device("cpu")
 
 
-__all__ = ["CompiledModel", "compile", "compile_ir", "load", "DEFAULT_PIPELINE"]
+__all__ = ["CompiledModel", "compile", "compile_generation", "compile_ir", "load",
+           "DEFAULT_PIPELINE"]  # fmt: skip

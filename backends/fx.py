@@ -219,8 +219,11 @@ class _Lowering:
         mesh: dict[str, int],
         libraries: tuple[str, ...],
         arena_size: int = 0,
+        state: dict[str, torch.Tensor] | None = None,
     ):
         self.weights = weights
+        # program state by name, shared by the functions of one module
+        self.state = {} if state is None else state
         self.fast = fast
         self.mesh = mesh
         self.libraries = libraries  # modules that define the custom ops called
@@ -347,6 +350,9 @@ class _Lowering:
     def lower_param(self, op: ParamOp) -> None:
         name = op.weight_name
         shard = self._slice(op)
+        if op.is_state:
+            self.lower_state(op, shard)
+            return
         if host_tier(op):  # streamed: fetched ahead of its first use (see `stream`)
             self.streamed.append((op, shard))
             return
@@ -357,6 +363,22 @@ class _Lowering:
         _check_weight(op, tensor)
         if tensor.device != self.device and not tensor.is_meta:
             tensor = tensor.to(self.device)
+        self.attrs[key] = tensor
+        self.values[op.result] = self.graph.get_attr(key)
+
+    def lower_state(self, op: ParamOp, shard) -> None:
+        """Program state: allocated zero-filled on first use, this rank's part only."""
+        type_ = op.result.type
+        if not all(isinstance(d, int) for d in type_.shape):
+            raise LoweringError(f"{where(op)}: state '{op.weight_name}' needs a static shape")
+        key = op.weight_name if shard is None else f"{op.weight_name}_shard{shard[0]}"
+        tensor = self.state.get(key)
+        if tensor is None:
+            # code built on meta weights (to be read, not run) allocates no state either
+            meta = any(self.weights.is_meta(n) for n in self.weights.names())
+            device = torch.device("meta") if meta else self.device
+            tensor = torch.zeros(type_.shape, dtype=torch_dtype(type_.dtype), device=device)
+            self.state[key] = tensor
         self.attrs[key] = tensor
         self.values[op.result] = self.graph.get_attr(key)
 
@@ -508,10 +530,13 @@ def build_program(
     groups: CollectiveGroups | None = None,
     function: str = "forward",
     fast: bool = True,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> Program:
     """Lower the function `function` of `module` to a runnable torch program.
 
     `fast=False` calls every operator through its OpOverload (for re-export).
+    `state` holds the program state tensors (a KV cache) by name; programs of
+    one module built with the same dict update the same tensors.
     """
     fn = next(
         (op for op in module.ops if isinstance(op, func.FuncOp) and op.sym_name.data == function),
@@ -525,7 +550,9 @@ def build_program(
     libraries = tuple(a.data for a in libraries.data) if libraries is not None else ()
     arena = module.attributes.get(ARENA_ATTR)
     arena_size = arena.value.data if arena is not None else 0
-    lowering = _Lowering(weights, torch.device(device), groups, fast, mesh, libraries, arena_size)
+    lowering = _Lowering(
+        weights, torch.device(device), groups, fast, mesh, libraries, arena_size, state
+    )
     gm = lowering.run(fn)
     symbols = module.attributes.get(SYMBOLS_ATTR)
     return Program(

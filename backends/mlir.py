@@ -23,7 +23,7 @@ from xdsl.dialects.builtin import ModuleOp
 
 from ..ir import symbolic
 from ..ir.errors import PlaitError
-from ..ir.ops import CollectiveOp, ParamOp, WaitOp
+from ..ir.ops import CollectiveOp, WaitOp, stored_weight_names
 from ..ir.weights import WeightStore
 from .fx import build_program, torch_dtype
 
@@ -65,7 +65,7 @@ def to_mlir(
         from torch_mlir import fx as torch_mlir_fx
     except ImportError as exc:
         raise MlirError("the MLIR backend needs torch-mlir: pip install 'plait[mlir]'") from exc
-    names = {op.weight_name for op in module.walk() if isinstance(op, ParamOp)}
+    names = stored_weight_names(module)
     if any(weights.is_meta(name) for name in names):
         raise MlirError("MLIR emission needs real weights; the model's weights are on meta")
     program = build_program(module, weights, "cpu", fast=False)

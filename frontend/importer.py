@@ -9,7 +9,11 @@ called it (`nn_module_stack`), such as "model.layers.3.mlp.down_proj".
 Symbolic ints (`sym_size`, arithmetic on sizes) do not become ops: they are
 expressions over the input's size symbols, written into the arguments and
 types that use them. In-place ATen calls on fresh tensors are replaced by
-their out-of-place forms so that the IR is purely functional.
+their out-of-place forms so that the IR is purely functional; the one
+exception is program state: a buffer the model updates in place (a KV cache
+written with `index_copy_`) becomes a `plait.param state`, and its updates
+stay in-place calls whose results every later read uses, so the order of
+writes and reads is the dataflow's.
 """
 
 from __future__ import annotations
@@ -114,6 +118,8 @@ class _Importer:
         self.bases: dict[torch.fx.Node, torch.fx.Node] = {}
         # modules that define the custom operators the program calls
         self.libraries: set[str] = set()
+        # buffers the program updates in place: program state
+        self.state: set[torch.fx.Node] = set()
 
     # ---- types and values ------------------------------------------------
 
@@ -203,12 +209,20 @@ class _Importer:
         if isinstance(tensor, torch.nn.Parameter):
             tensor = tensor.data
         plait_name = _strip(name, self.prefix)
+        if node in self.state:
+            kind = "state"
+            if not tensor.is_meta and bool(tensor.any()):
+                raise GraphImportError(
+                    f"buffer '{name}' is updated in place, so it is program state, which "
+                    "starts zero-filled on every rank; initialize it with zeros in the model"
+                )
         op = ParamOp(plait_name, self.tensor_type(node.meta["val"], node), kind)
         owner = plait_name.rpartition(".")[0]
         if owner:
             op.location = location(owner)
         op.result.name_hint = plait_name
-        self.weights.add(plait_name, tensor)
+        if kind != "state":
+            self.weights.add(plait_name, tensor)
         self.block.add_op(op)
         self.values[node] = op.result
 
@@ -315,6 +329,16 @@ class _Importer:
         overload = getattr(packet, node.target._overloadname, None) if packet is not None else None
         arg = node.args[0]
         base = self.bases.get(arg, arg)
+        if base in self.state:  # an update of program state stays in place
+            current = self.lookup(base)
+            if current.uses:
+                raise GraphImportError(
+                    f"{self.where(node)}: state buffer '{base.name}' is read before this "
+                    f"in-place update ({name}); plait orders state updates before reads. "
+                    "Update the buffer first, then read it"
+                )
+            self.bases[node] = base
+            return name, base, None
         if overload is None or not self._is_fresh(base):
             raise GraphImportError(
                 f"{self.where(node)}: in-place {name} on a tensor that is an input, a weight or "
@@ -353,6 +377,7 @@ class _Importer:
         specs = {spec.arg.name: spec for spec in signature.input_specs}
         graph = self.program.graph_module.graph
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        self.state = _updated_buffers(graph, specs)
         user_inputs = [n for n in placeholders if specs[n.name].kind == InputKind.USER_INPUT]
         self.bind_input_symbols(user_inputs)
         input_types = []
@@ -404,6 +429,21 @@ class _Importer:
                 tuple((n, lo, hi) for n, (lo, hi) in self.symbols.ranges.items())
             )
         return module, self.weights
+
+
+def _updated_buffers(graph: torch.fx.Graph, specs) -> set[torch.fx.Node]:
+    """Buffers that an in-place call writes (through earlier in-place results too)."""
+    bases: dict[torch.fx.Node, torch.fx.Node] = {}
+    updated = set()
+    for node in graph.nodes:
+        if node.op == "call_function" and _mutates_self(node):
+            arg = node.args[0]
+            base = bases.get(arg, arg)
+            bases[node] = base
+            spec = specs.get(base.name) if base.op == "placeholder" else None
+            if spec is not None and spec.kind == InputKind.BUFFER:
+                updated.add(base)
+    return updated
 
 
 def import_program(captured: Captured) -> tuple[ModuleOp, WeightStore]:

@@ -46,7 +46,9 @@ from .types import AsyncType, TensorType
 
 # ---- parameters -------------------------------------------------------------
 
-PARAM_KINDS = ("parameter", "buffer", "constant")
+# "state": a buffer the program updates in place (a KV cache); it holds no
+# data in the WeightStore: the runtime allocates it, zero-filled, per rank
+PARAM_KINDS = ("parameter", "buffer", "constant", "state")
 
 
 @irdl_op_definition
@@ -72,6 +74,10 @@ class ParamOp(IRDLOperation):
     @property
     def weight_name(self) -> str:
         return self.param_name.data
+
+    @property
+    def is_state(self) -> bool:
+        return self.kind.data == "state"
 
     def verify_(self) -> None:
         if self.kind.data not in PARAM_KINDS:
@@ -100,6 +106,13 @@ class ParamOp(IRDLOperation):
         printer.print_op_attributes(self.attributes)
         printer.print_string(" : ")
         printer.print_attribute(self.result.type)
+
+
+def stored_weight_names(module) -> list[str]:
+    """Names of the weights a module's params read from its WeightStore (state excluded)."""
+    return sorted(
+        {op.weight_name for op in module.walk() if isinstance(op, ParamOp) and not op.is_state}
+    )
 
 
 # ---- ATen calls -------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Analysis: which ops may be removed or merged.
 
 An ATen call is pure unless torch tags it as drawing random numbers (two calls
-differ, and removing one shifts the generator) or it returns nothing (it
-exists for an effect, such as an assert). Calls to other libraries' operators
+differ, and removing one shifts the generator), writes an argument (an
+update of program state, such as a KV cache) or returns nothing (it exists
+for an effect, such as an assert). Calls to other libraries' operators
 are kept as they are: their effects are unknown. Parameters are pure;
 collectives are deterministic and issued identically by every rank, so they
 are removable but never merged.
@@ -13,11 +14,13 @@ from __future__ import annotations
 from xdsl.ir import Operation
 
 from ..ir.ops import CallOp, CollectiveOp, ParamOp, WaitOp
-from ..ir.schema import tags
+from ..ir.schema import tags, writes_input
 
 
 def _pure_call(op: CallOp) -> bool:
     if not op.results or not op.target_name.startswith("aten::"):
+        return False
+    if writes_input(op.target_name):
         return False
     known = tags(op.target_name)
     if known is None or "nondeterministic_seeded" not in known:

@@ -363,6 +363,25 @@ def _concat_rule(op: CallOp, arriving, n: int) -> Decision:
     return Decision(list(arriving), [shard(d)])
 
 
+def index_copy_rule(op: CallOp, arriving, types, n: int) -> Decision:
+    """A state update (KV cache slots written with index_copy_): the state takes
+    the placement its new rows arrive with, split on a dim the copy does not index."""
+    target, source = _operand_index(op, "self"), _operand_index(op, "source")
+    if target is None or source is None:
+        return replicated(op)
+    along = _dim(op.arg("dim"), types[target].rank)
+    arrives = arriving[source]
+    if arrives.kind != "shard" or arrives.dim == along:
+        return replicated(op)
+    if not divides(types[target].shape[arrives.dim], n):
+        return replicated(op)
+    inputs = [R] * len(op.inputs)
+    inputs[target] = inputs[source] = arrives
+    return Decision(inputs, [arrives])
+
+
+_TARGET_RULES = {"aten::index_copy_": index_copy_rule, "aten::index_copy": index_copy_rule}
+
 _RULES = {  # linear and matmul: see `decide`
     AttentionOp: attention_rule,
     ElementwiseOp: elementwise_rule,
@@ -382,5 +401,5 @@ def decide(op: CallOp, arriving: list[Placement], types: list[TensorType], n: in
         return matmul_rule(op, arriving, types, n, params, style)
     if isinstance(op, LinearOp):
         return linear_rule(op, arriving, types, n, style)
-    rule = _RULES.get(type(op))
+    rule = _TARGET_RULES.get(op.target_name) or _RULES.get(type(op))
     return rule(op, arriving, types, n) if rule else replicated(op)

@@ -20,7 +20,7 @@ import torch
 from xdsl.dialects.builtin import ModuleOp
 
 from ..ir.errors import PlaitError
-from ..ir.ops import ParamOp
+from ..ir.ops import stored_weight_names
 from ..ir.text import parse_module
 from ..ir.weights import WeightStore
 
@@ -131,6 +131,6 @@ def read(directory: str | Path) -> tuple[Artifact, ModuleOp, WeightStore]:
     programs = {int(r): (directory / f).read_text() for r, f in manifest["programs"].items()}
     weights = WeightStore()
     module = parse_module(plan, str(plan_path))
-    names = sorted({op.weight_name for op in module.walk() if isinstance(op, ParamOp)})
+    names = stored_weight_names(module)
     weights.add_safetensors(directory / manifest["weights"], names)
     return Artifact(plan=plan, programs=programs, manifest=manifest), module, weights

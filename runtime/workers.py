@@ -3,11 +3,13 @@ worker process per rank (gloo on CPU), started on the first call and reused.
 
     compiled = plait.compile(model, inputs, pipeline="shard{mesh=tp:2}")
     compiled(*inputs)        # runs on 2 worker processes, returns rank 0's output
+    compiled.generate(ids)   # the whole decoding loop runs on every rank
     compiled.close()         # stops them (also at exit)
 
 Each worker loads the plan from an artifact directory (the one it was loaded
 from, or a temporary save), joins a process group, and runs every call it is
-sent. A worker that raises or dies ends the pool: the call raises a
+sent: a method of its own CompiledModel, whose programs and state (the KV
+cache) live as long as the pool. A worker that raises or dies ends the pool: the call raises a
 PlaitError naming the rank, and the other workers are stopped.
 """
 
@@ -21,6 +23,7 @@ import traceback
 from pathlib import Path
 
 import torch
+from torch.utils import _pytree as pytree
 
 from ..ir.errors import PlaitError
 
@@ -77,11 +80,11 @@ class WorkerPool:
         for p in self.procs:
             p.start()
 
-    def run(self, inputs: list[torch.Tensor], timeout: float = 600.0) -> list[torch.Tensor]:
-        """The flat outputs of one call on every rank (rank 0's returned)."""
+    def call(self, method: str, args=(), kwargs=None, timeout: float = 600.0):
+        """`compiled.<method>(*args, **kwargs)` on every rank; rank 0's result."""
         if not self.alive:
             raise WorkerError("the worker pool was stopped; call the model again to restart it")
-        payload = pack(list(inputs))
+        payload = pack((method, tuple(args), dict(kwargs or {})))
         for inbox in self.inboxes:
             inbox.put(payload)
         outputs, done, deadline = None, set(), time.monotonic() + timeout
@@ -137,16 +140,19 @@ def _worker(rank, world_size, port, directory, threads, inbox, results) -> None:
         dist.init_process_group(
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
         )
-        program = load(directory).program
+        compiled = load(directory)
+        _ = compiled.program  # build it (read this rank's weights) before the first call
     except Exception:
         results.put((rank, False, traceback.format_exc()))
         return
     try:
         while (payload := inbox.get()) is not None:
             try:
+                method, args, kwargs = unpack(payload)
                 with torch.inference_mode():
-                    outputs = [t.clone() for t in program(*unpack(payload))]
-                results.put((rank, True, pack(outputs) if rank == 0 else b""))
+                    result = getattr(compiled, method)(*args, **kwargs)
+                    result = pytree.tree_map_only(torch.Tensor, torch.Tensor.clone, result)
+                results.put((rank, True, pack(result) if rank == 0 else b""))
             except Exception:
                 results.put((rank, False, traceback.format_exc()))
                 return

@@ -134,7 +134,7 @@ def test_a_sharded_plan_called_in_one_process_runs_on_worker_ranks(example):
         pool.procs[1].kill()  # a rank dies: the call fails naming it, in bounded time
         start = time.monotonic()
         with pytest.raises(plait.PlaitError, match="rank 1 exited"):
-            pool.run(list(other))
+            pool.call("__call__", other)
         assert time.monotonic() - start < 30 and not any(p.is_alive() for p in pool.procs)
         with torch.no_grad():  # the next call starts a fresh pool
             assert max_rel_diff(program(*other), model(*other)) <= 1e-5

@@ -1,0 +1,166 @@
+"""Autoregressive decoding: a `*ForCausalLM` model with a static KV cache,
+captured as two programs that share its weights and cache.
+
+    @prefill(input_ids, position_ids, slots, cache_mask)   a prompt of S tokens
+    @decode(input_ids, position_ids, slots, cache_mask)    one token per sequence
+
+Both write the new keys and values into cache `slots` (one index per token)
+and return the logits of the last position. The cache is one zero-filled
+tensor per layer and per keys/values, batch x kv-heads x max-length x
+head-dim, registered as buffers and updated with `index_copy_`, so it imports
+as program state (`plait.param state`), which sharding splits by kv heads.
+`cache_mask` (batch x max-length) marks the slots that hold real tokens,
+which is how sequences of different lengths (left padding) share a batch.
+
+    model = LlamaForCausalLM(config)
+    module, weights = capture_generation(model, batch=4, max_length=256)
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch.export import Dim
+from xdsl.dialects import func
+from xdsl.dialects.builtin import ArrayAttr, ModuleOp, StringAttr
+
+from ..ir.attrs import LIBRARIES_ATTR, SYMBOLS_ATTR, SymbolsAttr
+from ..ir.errors import PlaitError
+from ..ir.weights import WeightStore
+from .capture import capture
+from .importer import import_program
+
+FUNCTIONS = ("prefill", "decode")
+
+
+class GenerationError(PlaitError):
+    pass
+
+
+def cache_shape(config, batch: int, max_length: int) -> tuple[int, int, int, int]:
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return batch, kv_heads, max_length, head_dim
+
+
+class _LayerCache(torch.nn.Module):
+    def __init__(self, shape, dtype, device):
+        super().__init__()
+        self.register_buffer("keys", torch.zeros(shape, dtype=dtype, device=device))
+        self.register_buffer("values", torch.zeros(shape, dtype=dtype, device=device))
+
+
+class _SlotCache:
+    """The cache object Hugging Face attention layers call `update` on: writes
+    the step's keys and values into their slots and returns the whole layer."""
+
+    is_compileable = True
+
+    def __init__(self, layers: torch.nn.ModuleList):
+        self.layers = layers
+        self.slots: torch.Tensor | None = None
+
+    def update(self, keys, values, layer_idx, *args, **kwargs):
+        layer = self.layers[layer_idx]
+        layer.keys.index_copy_(2, self.slots, keys)
+        layer.values.index_copy_(2, self.slots, values)
+        return layer.keys, layer.values
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        raise GenerationError("the cached model passes position_ids; nothing asks for a length")
+
+
+class CachedCausalLM(torch.nn.Module):
+    """(input_ids, position_ids, slots, cache_mask) -> last-position logits,
+    with the KV cache as buffers `kv_cache.{layer}.keys/values`."""
+
+    plait_prefix = "model."
+
+    def __init__(self, model: torch.nn.Module, batch: int, max_length: int):
+        super().__init__()
+        config = getattr(model, "config", None)
+        if config is None or not hasattr(config, "num_hidden_layers"):
+            raise GenerationError(
+                f"{type(model).__name__} is not a Hugging Face *ForCausalLM model; generation "
+                "compiles transformers decoder models (Llama, GPT-2, Qwen2, ...)"
+            )
+        self.model = model
+        self.max_length = max_length
+        parameter = next(model.parameters())
+        shape = cache_shape(config, batch, max_length)
+        self.kv_cache = torch.nn.ModuleList(
+            _LayerCache(shape, parameter.dtype, parameter.device)
+            for _ in range(config.num_hidden_layers)
+        )
+        self.cache = _SlotCache(self.kv_cache)
+        self.keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    def forward(self, input_ids, position_ids, slots, cache_mask):
+        self.cache.slots = slots
+        # query q (written at slots[q]) sees slot k if k <= slots[q] and slot k
+        # holds a real token; always itself, so padding rows stay finite
+        k = torch.arange(self.max_length, device=input_ids.device)
+        causal = k[None, :] <= slots[:, None]
+        visible = cache_mask[:, None, :].bool() | (k[None, :] == slots[:, None])[None]
+        mask = (causal[None] & visible)[:, None]
+        extra = {"logits_to_keep": 1} if self.keep_last else {}
+        out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
+                         cache=self.cache, use_cache=True, **extra)  # fmt: skip
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        return logits[:, -1:]
+
+
+def example_inputs(batch: int, seq: int, max_length: int, device=None):
+    ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
+    positions = torch.arange(seq, device=device)[None].expand(batch, seq).contiguous()
+    slots = torch.arange(seq, device=device)
+    cache_mask = torch.zeros(batch, max_length, dtype=torch.long, device=device)
+    return ids, positions, slots, cache_mask
+
+
+def capture_generation(
+    model: torch.nn.Module, batch: int, max_length: int
+) -> tuple[ModuleOp, WeightStore]:
+    """One IR module with @prefill (dynamic prompt length `prompt` in
+    [1, max_length]) and @decode (one token), sharing weight and state names."""
+    if max_length < 2 or batch < 1:
+        raise GenerationError("generation needs batch >= 1 and max_length >= 2")
+    wrapper = CachedCausalLM(model, batch, max_length)
+    device = wrapper.kv_cache[0].keys.device
+    seq = Dim("prompt", min=1, max=max_length)
+    prefill_dims = {"input_ids": {1: seq}, "position_ids": {1: seq}, "slots": {0: seq},
+                    "cache_mask": None}  # fmt: skip
+    example = example_inputs(batch, min(4, max_length), max_length, device)
+    parts = {
+        "prefill": import_program(capture(wrapper, example, prefill_dims)),
+        "decode": import_program(capture(wrapper, example_inputs(batch, 1, max_length, device))),
+    }
+    return merge_functions(parts)
+
+
+def merge_functions(parts: dict[str, tuple[ModuleOp, WeightStore]]):
+    """Modules of one @forward each -> one module with a function per name."""
+    functions, libraries, symbols = [], set(), {}
+    weights = WeightStore()
+    for name, (module, store) in parts.items():
+        fn = next(op for op in module.ops if isinstance(op, func.FuncOp))
+        fn.sym_name = StringAttr(name)
+        fn.detach()
+        functions.append(fn)
+        if LIBRARIES_ATTR in module.attributes:
+            libraries.update(a.data for a in module.attributes[LIBRARIES_ATTR].data)
+        if SYMBOLS_ATTR in module.attributes:
+            symbols.update(module.attributes[SYMBOLS_ATTR].ranges)
+        for weight in store.names():
+            if weight not in weights:  # both programs read the same model's weights
+                weights.add(weight, store.get(weight))
+    merged = ModuleOp(functions)
+    if libraries:
+        merged.attributes[LIBRARIES_ATTR] = ArrayAttr([StringAttr(m) for m in sorted(libraries)])
+    if symbols:
+        merged.attributes[SYMBOLS_ATTR] = SymbolsAttr(
+            tuple((n, lo, hi) for n, (lo, hi) in symbols.items())
+        )
+    return merged, weights
