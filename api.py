@@ -132,18 +132,17 @@ class CompiledModel:
         when there are several."""
         groups = CollectiveGroups.placeholder(self.mesh, rank) if self.mesh else None
         weights = self.weights.as_meta()
-        codes = [
-            (name, build_program(self.module, weights, self.device, groups, name).code)
-            for name in self.functions
-        ]
-        if len(codes) == 1:
-            return codes[0][1]
-        return "\n".join(f"# ---- @{name} ----{code}" for name, code in codes)
+        return _joined(
+            {f: build_program(self.module, weights, self.device, groups, f).code
+             for f in self.functions}
+        )  # fmt: skip
 
     @property
     def code(self) -> str:
         """The program's Python source (rank 0's for a sharded plan)."""
-        return self.program.code if self.world_size == 1 else self.rank_code(0)
+        if self.world_size > 1:
+            return self.rank_code(0)
+        return _joined({f: self.program_of(f).code for f in self.functions})
 
     @property
     def input_names(self) -> list[str]:
@@ -390,6 +389,13 @@ def load(directory: str | Path, device: str | torch.device = "cpu") -> CompiledM
                 "from plan.mlir; the artifact was edited. Recompile it with `plait compile`"
             )
     return compiled
+
+
+def _joined(codes: dict[str, str]) -> str:
+    """The source of a module's programs: one, or a section per function."""
+    if len(codes) == 1:
+        return next(iter(codes.values()))
+    return "\n".join(f"# ---- @{name} ----{code}" for name, code in codes.items())
 
 
 def _in_process_group() -> bool:

@@ -91,14 +91,24 @@ def cmd_compile(args) -> int:
                 args.model, args.example, args.batch, args.seq, not args.static, args.meta
             )
         with _status(console, f"capturing and compiling {loaded.description}"):
-            compiled = plait.compile(
-                loaded.model,
-                loaded.example_inputs,
-                pipeline=pipeline,
-                dynamic_shapes=loaded.dynamic_shapes,
-                device=args.device,
-                **_pm_options(args),
-            )
+            if args.generate:
+                compiled = plait.compile_generation(
+                    _causal_lm(loaded.model),
+                    batch=args.batch,
+                    max_length=args.max_length,
+                    pipeline=pipeline,
+                    device=args.device,
+                    **_pm_options(args),
+                )
+            else:
+                compiled = plait.compile(
+                    loaded.model,
+                    loaded.example_inputs,
+                    pipeline=pipeline,
+                    dynamic_shapes=loaded.dynamic_shapes,
+                    device=args.device,
+                    **_pm_options(args),
+                )
     if args.time_passes:
         console.print(compiled.pass_report, markup=False, highlight=False)
     out = sys.stdout
@@ -120,13 +130,106 @@ def cmd_compile(args) -> int:
             return 2
         with _status(console, f"saving {args.output}"):
             compiled.save(args.output)
+            if args.generate and args.model is not None:
+                _copy_tokenizer(Path(args.model), Path(args.output))
         ranks = f" --nproc {compiled.world_size}" if compiled.world_size > 1 else ""
+        how = " --generate --prompt-ids 1,2,3" if args.generate else ""
         console.print(
             f"compiled in {time.perf_counter() - start:.1f}s -> {args.output} "
-            f"(run it with: plait run {args.output}{ranks})",
+            f"(run it with: plait run {args.output}{ranks}{how})",
             highlight=False,
         )
     out.flush()
+    return 0
+
+
+def _causal_lm(model):
+    """The `transformers` model inside plait's forward wrapper."""
+    from plait.frontend import hf
+
+    return model.model if isinstance(model, hf.CausalLM) else model
+
+
+# files of a Hugging Face tokenizer, copied next to a generation artifact
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")  # fmt: skip
+
+
+def _copy_tokenizer(model_dir: Path, artifact: Path) -> None:
+    import shutil
+
+    files = [model_dir / f for f in TOKENIZER_FILES if (model_dir / f).is_file()]
+    if files:
+        (artifact / "tokenizer").mkdir(exist_ok=True)
+        for file in files:
+            shutil.copy(file, artifact / "tokenizer" / file.name)
+
+
+def _prompts(args, compiled):
+    """(input_ids, attention_mask, tokenizer or None) from --prompt-ids or --prompt,
+    left padded to the longest."""
+    import plait
+    import torch
+
+    tokenizer = None
+    if args.prompt:
+        directory = Path(args.artifact) / "tokenizer"
+        if not directory.is_dir():
+            raise plait.PlaitError(
+                f"--prompt needs a tokenizer, and {args.artifact} has none (it is copied there "
+                "when compiling a Hugging Face directory that has one); give --prompt-ids instead"
+            )
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        sequences = [tokenizer(p)["input_ids"] for p in args.prompt]
+    else:
+        try:
+            sequences = [[int(t) for t in part.split(",") if t.strip()]
+                         for part in args.prompt_ids.split(";")]  # fmt: skip
+        except ValueError:
+            raise plait.PlaitError(
+                f"--prompt-ids '{args.prompt_ids}': write comma-separated token ids, and ';' "
+                "between sequences (e.g. 1,2,3;4,5)"
+            ) from None
+    if not sequences or not all(sequences):
+        raise plait.PlaitError("each prompt needs at least one token")
+    width = max(len(x) for x in sequences)
+    pad = compiled.generation.get("pad_token_id") or 0
+    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(sequences), width, dtype=torch.long)
+    for row, tokens in enumerate(sequences):
+        ids[row, width - len(tokens) :] = torch.tensor(tokens)
+        mask[row, width - len(tokens) :] = 1
+    return ids, mask, tokenizer
+
+
+def _run_generate(args, compiled, console) -> int:
+    import statistics
+
+    if not args.prompt and not args.prompt_ids:
+        console.print("error: --generate needs --prompt-ids IDS or --prompt TEXT", style="red")
+        return 2
+    ids, mask, tokenizer = _prompts(args, compiled)
+    options = dict(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, seed=args.seed)  # fmt: skip
+    times = []
+    for _ in range(max(1, args.repeat)):
+        start = time.perf_counter()
+        out = compiled.generate(ids, args.max_new_tokens, mask, **options)
+        times.append(time.perf_counter() - start)
+    new = out[:, ids.shape[1] :]
+    for row in range(len(ids)):
+        tokens = new[row].tolist()
+        console.print(f"sequence {row}: {','.join(map(str, tokens))}", highlight=False)
+        if tokenizer is not None:
+            console.print(f"  {tokenizer.decode(tokens, skip_special_tokens=True)}", markup=False)
+    seconds = statistics.median(times)
+    console.print(
+        f"generated {new.numel()} tokens in {seconds * 1e3:.1f} ms (median of {len(times)}): "
+        f"{new.numel() / seconds:.1f} tokens/s",
+        highlight=False,
+    )
     return 0
 
 
@@ -235,6 +338,8 @@ def cmd_run(args) -> int:
         console.quiet = True  # rank 0 reports for all
     with _status(console, f"loading {args.artifact}"):
         compiled = plait.load(args.artifact, device=device)
+    if args.generate:
+        return _run_generate(args, compiled, console)
     if args.inputs:
         from plait.ir.weights import WeightStore
 
@@ -419,6 +524,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--weights", help="safetensors weights for an IR-file MODEL")
     p.add_argument("--device", help="device to run on (default: the weights' device)")
+    group = p.add_argument_group("generation (a Hugging Face causal LM)")
+    group.add_argument("--generate", action="store_true",
+                       help="compile @prefill and @decode programs with a KV cache of --batch "
+                            "sequences")  # fmt: skip
+    group.add_argument("--max-length", dest="max_length", type=int, default=256,
+                       help="KV cache length: prompt plus new tokens")  # fmt: skip
     _add_ir_options(p)
     p.set_defaults(func=cmd_compile)
 
@@ -443,6 +554,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=1, help="run N times and report the median time")
     p.add_argument("--device", help="device to run on (default cpu)")
     p.add_argument("--trace", help="write a measured per-op trace (Chrome trace JSON)")
+    group = p.add_argument_group("generation (an artifact compiled with --generate)")
+    group.add_argument("--generate", action="store_true", help="decode new tokens")
+    group.add_argument("--prompt-ids", dest="prompt_ids",
+                       help="token ids, comma-separated; ';' between sequences")  # fmt: skip
+    group.add_argument("--prompt", action="append", default=[],
+                       help="prompt text (needs the artifact's tokenizer); repeatable")  # fmt: skip
+    group.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=32)
+    group.add_argument("--do-sample", dest="do_sample", action="store_true")
+    group.add_argument("--temperature", type=float, default=1.0)
+    group.add_argument("--top-k", dest="top_k", type=int)
+    group.add_argument("--top-p", dest="top_p", type=float)
+    group.add_argument("--seed", type=int)
     group = p.add_argument_group("several ranks (through torchrun)")
     group.add_argument("--nproc", type=int, default=1, help="ranks per node")
     group.add_argument("--nnodes", help="nodes, or MIN:MAX")

@@ -11,8 +11,8 @@ collective's input is read while it is in flight, so it stays alive until the
 matching `plait.wait`. Program results stay alive to the end. Inputs and
 weights are not buffers (the caller and the WeightStore own them).
 
-Aliasing plait cannot see through (an operator that writes an input, or one
-torch has no schema for) is listed in `unsafe`; a planner must not plan such a
+Aliasing plait cannot see through (an operator that writes an input other
+than program state, or one torch has no schema for) is listed in `unsafe`; a planner must not plan such a
 program.
 """
 
@@ -54,6 +54,13 @@ def _aliases(op) -> bool:
     return isinstance(op, CallOp) and returns_alias(op.target_name)
 
 
+def _updates_state(op: CallOp, base: dict[SSAValue, SSAValue]) -> bool:
+    """An in-place call whose written argument is program state (a KV cache)."""
+    written = op.operands[0] if op.operands else None
+    owner = base.get(written, written).owner if written is not None else None
+    return isinstance(owner, ParamOp) and owner.is_state
+
+
 def liveness(fn: func.FuncOp, sizes: dict[SSAValue, int]) -> Liveness:
     block = fn.body.blocks.first
     ops = list(block.ops)
@@ -72,6 +79,8 @@ def liveness(fn: func.FuncOp, sizes: dict[SSAValue, int]) -> Liveness:
     for index, op in enumerate(ops):
         if isinstance(op, CallOp):
             writes = writes_input(op.target_name)
+            if writes and _updates_state(op, base):
+                writes = False  # program state lives outside the arena, like weights
             if writes is None or writes:
                 what = "writes an input" if writes else "has no torch schema"
                 out.unsafe.append(f"{where(op)}: {op.target_name} {what}")

@@ -167,8 +167,19 @@ def _embedding(op: CallOp) -> OpCost:
     return OpCost(ZERO, 2 * sympy.sympify(out.nbytes) + _bytes([indices]), "compute")
 
 
+def _index_copy(op: CallOp) -> OpCost:
+    """A KV-cache update moves only the rows it writes (read once, written once)."""
+    source, index = _arg_type(op, "source"), _arg_type(op, "index")
+    return OpCost(ZERO, 2 * _bytes([source]) + _bytes([index]), "compute")
+
+
+_BY_TARGET = {"aten::index_copy_": _index_copy, "aten::index_copy": _index_copy}
+
+
 def _generic(op: CallOp) -> OpCost:
     name = op.target_name
+    if name in _BY_TARGET:
+        return _BY_TARGET[name](op)
     out = _type(op.results[0]) if op.results else None
     if name.startswith("aten::conv") and len(op.inputs) >= 2 and out is not None:
         weight = _type(op.inputs[1])  # [out, in / groups, *kernel]

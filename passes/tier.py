@@ -53,13 +53,14 @@ class Tier(Pass):
         if hw.host_bandwidth is None:
             raise TierError(f"hardware '{hw.name}' has no [host] bandwidth to stream weights with")
         values = symbol_values(op, self.values, "tier")
-        times = {row.op: row.time for row in estimate(op, Target(hw, values=values)).ops}
         for block in function_blocks(op):
             fn = block.parent.parent
+            report = estimate(op, Target(hw, values=values), fn.sym_name.data)
+            times = {row.op: row.time for row in report.ops}
             ops = list(block.ops)
             sizes = value_sizes(fn, values)
             weights, params = [], {}
-            for param in (o for o in ops if isinstance(o, ParamOp)):
+            for param in (o for o in ops if isinstance(o, ParamOp) and not o.is_state):
                 users = [ops.index(use.operation) for use in param.result.uses]
                 if users:
                     name = param.weight_name
