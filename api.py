@@ -227,6 +227,20 @@ class CompiledModel:
             return generate(run, batch, max_length, input_ids, max_new_tokens,
                             attention_mask, sampling, **ids)  # fmt: skip
 
+    def run(self, function: str, *inputs: torch.Tensor) -> list[torch.Tensor]:
+        """Run one program of the module on tensor inputs and return its outputs,
+        e.g. a decode step: `compiled.run("decode", ids, positions, slots, cache_mask)`."""
+        fn = next((op for op in self.module.ops
+                   if isinstance(op, func.FuncOp) and op.sym_name.data == function), None)  # fmt: skip
+        if fn is None:
+            raise PlaitError(f"the model has no @{function}; it has {', '.join(self.functions)}")
+        names = [a.name_hint or f"input_{i}" for i, a in enumerate(fn.body.blocks.first.args)]
+        check_inputs(names, list(fn.function_type.inputs), self.symbols, list(inputs))
+        self._check_weights()
+        if self.world_size > 1 and not _in_process_group():
+            return self._workers().call("run", (function, *inputs))
+        return list(self.program_of(function)(*[x.to(self.device) for x in inputs]))
+
     @property
     def cache_size(self) -> tuple[int, int]:
         """(batch, max_length) of the KV cache the generation programs were compiled for."""
