@@ -255,8 +255,9 @@ class CompiledModel:
             self._pool.close()
             self._pool = None
 
-    def estimate(self, hardware="h100-sxm", mesh=None, values=None, context=None):
-        """Predicted time, memory and communication of this plan on `hardware`.
+    def estimate(self, hardware="h100-sxm", mesh=None, values=None, context=None, function=None):
+        """Predicted time, memory and communication of this plan (its entry
+        function, or `function`, e.g. "decode") on `hardware`.
 
         est = compiled.estimate("h100-sxm", values={"batch": 1, "seq": 2048})
         est.schedule.step_time, est.comm_share, est.formulas["flops"]
@@ -265,7 +266,8 @@ class CompiledModel:
         from .passes.estimate import Target, estimate
 
         hw = hardware if isinstance(hardware, Hardware) else load(hardware)
-        return estimate(self.module, Target(hw, dict(mesh or {}), dict(values or {}), context))
+        target = Target(hw, dict(mesh or {}), dict(values or {}), context)
+        return estimate(self.module, target, function)
 
     @property
     def symbols(self) -> dict[str, tuple[int, int | None]]:

@@ -447,7 +447,13 @@ def cmd_estimate(args) -> int:
         manager.run(plan, weights)
         symbols = plan.attributes.get("plait.symbols")
         known = {k: v for k, v in values.items() if symbols is not None and k in symbols.ranges}
-        results.append(estimate(plan, Target(hardware, mesh, known, context)))
+        # a generation plan: @decode for --decode, else @prefill of a --seq prompt
+        has_decode = any(getattr(op, "sym_name", None) and op.sym_name.data == "decode"
+                         for op in plan.ops)  # fmt: skip
+        function = "decode" if args.decode and has_decode else None
+        if symbols is not None and "prompt" in symbols.ranges:
+            known["prompt"] = args.seq
+        results.append(estimate(plan, Target(hardware, mesh, known, context), function))
     mode = f"decode, context {context}" if args.decode else "prefill"
     print(f"{hardware.name}: {hardware.description}")
     print(f"mesh {mesh or {}}, {mode}, " + ", ".join(f"{k}={v}" for k, v in values.items()))

@@ -330,9 +330,7 @@ class _Lowering:
         known = [None if isinstance(a, torch.fx.Node) else a for a in known]
         nodes = {}
         for name, tensor in prepare(known).items():
-            key = f"{weights[0]}_{name}"  # named after the kernel's first weight
-            self.attrs[key] = tensor
-            nodes[name] = self.graph.get_attr(key)
+            nodes[name] = self.bind(f"{weights[0]}_{name}", tensor)  # after its first weight
         return nodes
 
     def _slice(self, op: ParamOp) -> tuple[int, int, int] | None:
@@ -363,8 +361,17 @@ class _Lowering:
         _check_weight(op, tensor)
         if tensor.device != self.device and not tensor.is_meta:
             tensor = tensor.to(self.device)
-        self.attrs[key] = tensor
-        self.values[op.result] = self.graph.get_attr(key)
+        self.values[op.result] = self.bind(key, tensor)
+
+    def bind(self, key: str, tensor: torch.Tensor) -> torch.fx.Node:
+        """A program attribute read by a get_attr node. Names are flat
+        ("model_layers_0_mlp_up_proj_weight"): a nested path costs one
+        Module.__getattr__ per level on every call."""
+        flat = key.replace(".", "_")
+        while flat in self.attrs and self.attrs[flat] is not tensor:
+            flat += "_"
+        self.attrs[flat] = tensor
+        return self.graph.get_attr(flat)
 
     def lower_state(self, op: ParamOp, shard) -> None:
         """Program state: allocated zero-filled on first use, this rank's part only."""
@@ -379,8 +386,7 @@ class _Lowering:
             device = torch.device("meta") if meta else self.device
             tensor = torch.zeros(type_.shape, dtype=torch_dtype(type_.dtype), device=device)
             self.state[key] = tensor
-        self.attrs[key] = tensor
-        self.values[op.result] = self.graph.get_attr(key)
+        self.values[op.result] = self.bind(key, tensor)
 
     def lower_local_shard(self, op: LocalShardOp) -> None:
         axis, dim = op.axis.data, op.dim.value.data
@@ -520,7 +526,10 @@ class _Lowering:
                                 device="meta" if meta else self.device)  # fmt: skip
             for key, dtype in self.arena_views.items():
                 self.attrs[key] = arena.view(dtype)
-        return torch.fx.GraphModule(self.attrs, self.graph, class_name="PlaitProgram")
+        gm = torch.fx.GraphModule(self.attrs, self.graph, class_name="PlaitProgram")
+        for name in list(gm._buffers):  # plain attributes: read without Module.__getattr__
+            gm.__dict__[name] = gm._buffers.pop(name)
+        return gm
 
 
 def build_program(

@@ -100,7 +100,9 @@ def single_rank(size: str, prompt: int, new: int, repeats: int, quantized: bool)
     unchecked = ()
     if quantized:  # other numerics: not checked against transformers' tokens
         int8 = plait.compile_generation(
-            model, max_length=prompt + new, pipeline="canonicalize,quantize{method=rtn,bits=8},cse,dce"
+            model,
+            max_length=prompt + new,
+            pipeline="canonicalize,quantize{method=rtn,bits=8},cse,dce",
         )
         variants["plait int8 weights (RTN)"] = lambda x, n: plait_generate(int8, x, n)
         unchecked = ("plait int8 weights (RTN)",)

@@ -125,10 +125,12 @@ def _value_bytes(value: SSAValue) -> sympy.Expr:
     return sympy.sympify(t.nbytes) if isinstance(t, TensorType) else sympy.Integer(0)
 
 
-def estimate(module: ModuleOp, target: Target, function: str = "forward") -> Estimate:
-    fn = next(
-        (o for o in module.ops if isinstance(o, func.FuncOp) and o.sym_name.data == function), None
-    )
+def estimate(module: ModuleOp, target: Target, function: str | None = None) -> Estimate:
+    """Estimate `function` (default: @forward, else the module's first function)."""
+    functions = {o.sym_name.data: o for o in module.ops if isinstance(o, func.FuncOp)}
+    if function is None:
+        function = "forward" if "forward" in functions else next(iter(functions), "forward")
+    fn = functions.get(function)
     if fn is None:
         raise EstimateError(f"the module has no function @{function}")
     mesh = dict(target.mesh)

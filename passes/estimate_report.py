@@ -63,14 +63,21 @@ def summary(estimate: Estimate) -> list[tuple[str, str]]:
 
 
 def memory_plan(estimate: Estimate) -> list[tuple[str, str]]:
-    """The planned arena (memplan) and the weight tiering (tier), where the plan has them."""
+    """Program state (a KV cache), the planned arena (memplan) and the weight
+    tiering (tier), where the plan has them."""
     from ..ir.attrs import ARENA_ATTR
+    from ..ir.ops import ParamOp
     from .tier import TIERING_ATTR
 
     if not estimate.ops:
         return []
-    module = estimate.ops[0].op.get_toplevel_object()
+    block = estimate.ops[0].op.parent_block()
+    module = block.parent_op().get_toplevel_object()
     rows = []
+    state = sum(int(op.result.type.nbytes) for op in block.ops
+                if isinstance(op, ParamOp) and op.is_state)  # fmt: skip
+    if state:
+        rows.append(("program state", f"{_bytes(state)} per rank (KV cache; in the weights above)"))
     if ARENA_ATTR in module.attributes:
         arena = module.attributes[ARENA_ATTR].value.data
         rows.append(("activation arena", f"{_bytes(arena)} (memplan, at the planned sizes)"))

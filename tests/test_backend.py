@@ -24,7 +24,7 @@ def test_program_source_is_readable_aten(compiled):
 def test_weights_are_bound_without_copies(example, compiled):
     model, _, _ = example("llama-tiny")
     program = compiled("llama-tiny").program.graph_module
-    bound = program.model.layers.get_submodule("0").mlp.up_proj.weight
+    bound = program.model_layers_0_mlp_up_proj_weight  # a flat attribute
     assert bound.data_ptr() == model.model.model.layers[0].mlp.up_proj.weight.data_ptr()
 
 
