@@ -202,19 +202,13 @@ class CompiledModel:
         """
         from .runtime.generate import Sampling, generate
 
-        functions = self.functions
-        if "decode" not in functions or "prefill" not in functions:
-            raise PlaitError(
-                "this model has no @prefill and @decode programs; compile it for generation "
-                "with plait.compile_generation(model, batch=..., max_length=...)"
-            )
+        batch, max_length = self.cache_size  # (raises unless compiled for generation)
         self._check_weights()
         options = dict(attention_mask=attention_mask, do_sample=do_sample,
                        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                        eos_token_id=eos_token_id, pad_token_id=pad_token_id)  # fmt: skip
         if self.world_size > 1 and not _in_process_group():
             return self._workers().call("generate", (input_ids, max_new_tokens), options)
-        batch, max_length = self.cache_size
         ids = {"eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
         ids = {k: v if v is not None else self.generation.get(k) for k, v in ids.items()}
         sampling = Sampling(do_sample, temperature, top_k, top_p, seed)
@@ -230,8 +224,7 @@ class CompiledModel:
     def run(self, function: str, *inputs: torch.Tensor) -> list[torch.Tensor]:
         """Run one program of the module on tensor inputs and return its outputs,
         e.g. a decode step: `compiled.run("decode", ids, positions, slots, cache_mask)`."""
-        fn = next((op for op in self.module.ops
-                   if isinstance(op, func.FuncOp) and op.sym_name.data == function), None)  # fmt: skip
+        fn = self._function_named(function)
         if fn is None:
             raise PlaitError(f"the model has no @{function}; it has {', '.join(self.functions)}")
         names = [a.name_hint or f"input_{i}" for i, a in enumerate(fn.body.blocks.first.args)]
@@ -244,10 +237,18 @@ class CompiledModel:
     @property
     def cache_size(self) -> tuple[int, int]:
         """(batch, max_length) of the KV cache the generation programs were compiled for."""
-        decode = next(op for op in self.module.ops
-                      if isinstance(op, func.FuncOp) and op.sym_name.data == "decode")  # fmt: skip
+        decode = self._function_named("decode")
+        if decode is None or self._function_named("prefill") is None:
+            raise PlaitError(
+                "this model has no @prefill and @decode programs; compile it for generation "
+                "with plait.compile_generation(model, batch=..., max_length=...)"
+            )
         ids, *_, cache_mask = decode.function_type.inputs
         return ids.shape[0], cache_mask.shape[1]
+
+    def _function_named(self, name: str) -> func.FuncOp | None:
+        return next((op for op in self.module.ops
+                     if isinstance(op, func.FuncOp) and op.sym_name.data == name), None)  # fmt: skip
 
     def close(self) -> None:
         """Stop the worker processes a sharded plan called from one process runs on."""

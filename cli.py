@@ -520,7 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--keep-weights", action="store_true", help="with --emit mlir: print weight data"
     )
-    p.add_argument("--batch", type=int, default=2, help="example batch for a Hugging Face MODEL")
+    p.add_argument("--batch", type=int, default=2,
+                   help="example batch for a Hugging Face MODEL (with --generate: the most "
+                        "sequences generated at once)")  # fmt: skip
     p.add_argument(
         "--seq", type=int, default=16, help="example sequence length for a Hugging Face MODEL"
     )
