@@ -296,3 +296,28 @@ def test_run_a_sharded_artifact_on_two_ranks_through_torchrun(tmp_path, capsys):
         timeout=300,
     )
     assert failing.returncode != 0 and "missing.st" in failing.stdout + failing.stderr
+
+
+def test_compile_and_run_generation(tmp_path, capsys):
+    from plait.examples.models import causal_lm
+
+    artifact = tmp_path / "gen"
+    code, _, err = _run(capsys, "compile", "--example", "llama-tiny", "--generate",
+                        "--max-length", "32", "-o", str(artifact))  # fmt: skip
+    assert code == 0, err
+    assert "--generate" in err  # the printed run command
+    code, _, err = _run(capsys, "run", str(artifact), "--generate", "--prompt-ids",
+                        "5,6,7,8;9,10", "--max-new-tokens", "8")  # fmt: skip
+    assert code == 0, err
+    model = causal_lm("llama")[0].model
+    eos = model.generation_config.eos_token_id
+    ids = torch.tensor([[5, 6, 7, 8], [eos, eos, 9, 10]])
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    with torch.no_grad():
+        expected = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    for row in range(2):
+        tokens = ",".join(map(str, expected[row, 4:].tolist()))
+        assert f"sequence {row}: {tokens}" in err
+    assert "tokens/s" in err
+    code, _, err = _run(capsys, "run", str(artifact), "--generate", "--prompt", "hello")
+    assert code != 0 and "needs a tokenizer" in err
