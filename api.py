@@ -243,8 +243,8 @@ class CompiledModel:
                 "this model has no @prefill and @decode programs; compile it for generation "
                 "with plait.compile_generation(model, batch=..., max_length=...)"
             )
-        ids, *_, cache_mask = decode.function_type.inputs
-        return ids.shape[0], cache_mask.shape[1]
+        ids = decode.function_type.inputs.data[0]
+        return ids.shape[0], self.symbols["context"][1]  # the most slots attention reads
 
     def _function_named(self, name: str) -> func.FuncOp | None:
         return next((op for op in self.module.ops

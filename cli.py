@@ -451,8 +451,8 @@ def cmd_estimate(args) -> int:
         has_decode = any(getattr(op, "sym_name", None) and op.sym_name.data == "decode"
                          for op in plan.ops)  # fmt: skip
         function = "decode" if args.decode and has_decode else None
-        if symbols is not None and "prompt" in symbols.ranges:
-            known["prompt"] = args.seq
+        if symbols is not None and "prompt" in symbols.ranges:  # cache slots read: context
+            known.update(prompt=args.seq, context=context or args.seq)
         results.append(estimate(plan, Target(hardware, mesh, known, context), function))
     mode = f"decode, context {context}" if args.decode else "prefill"
     print(f"{hardware.name}: {hardware.description}")

@@ -9,8 +9,10 @@ and return the logits of the last position. The cache is one zero-filled
 tensor per layer and per keys/values, batch x kv-heads x max-length x
 head-dim, registered as buffers and updated with `index_copy_`, so it imports
 as program state (`plait.param state`), which sharding splits by kv heads.
-`cache_mask` (batch x max-length) marks the slots that hold real tokens,
-which is how sequences of different lengths (left padding) share a batch.
+`cache_mask` (batch x context) marks which of the first `context` slots hold
+real tokens (sequences of different lengths share a batch by left padding);
+attention reads only those `context` slots, so a step costs what the tokens
+so far cost, not the whole cache.
 
     model = LlamaForCausalLM(config)
     module, weights = capture_generation(model, batch=4, max_length=256)
@@ -61,12 +63,13 @@ class _SlotCache:
     def __init__(self, layers: torch.nn.ModuleList):
         self.layers = layers
         self.slots: torch.Tensor | None = None
+        self.context = 0  # slots attention reads: the first `context`
 
     def update(self, keys, values, layer_idx, *args, **kwargs):
         layer = self.layers[layer_idx]
         layer.keys.index_copy_(2, self.slots, keys)
         layer.values.index_copy_(2, self.slots, values)
-        return layer.keys, layer.values
+        return layer.keys[:, :, : self.context], layer.values[:, :, : self.context]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         raise GenerationError("the cached model passes position_ids; nothing asks for a length")
@@ -89,7 +92,9 @@ class CachedCausalLM(torch.nn.Module):
         self.model = model
         self.max_length = max_length
         parameter = next(model.parameters())
-        shape = cache_shape(config, batch, max_length)
+        # one slot more than is ever read: export specializes a slice that spans a
+        # whole dim, so `context` stays below the cache's length
+        shape = cache_shape(config, batch, max_length + 1)
         self.kv_cache = torch.nn.ModuleList(
             _LayerCache(shape, parameter.dtype, parameter.device)
             for _ in range(config.num_hidden_layers)
@@ -98,10 +103,10 @@ class CachedCausalLM(torch.nn.Module):
         self.keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     def forward(self, input_ids, position_ids, slots, cache_mask):
-        self.cache.slots = slots
+        self.cache.slots, self.cache.context = slots, cache_mask.shape[1]
         # query q (written at slots[q]) sees slot k if k <= slots[q] and slot k
         # holds a real token; always itself, so padding rows stay finite
-        k = torch.arange(self.max_length, device=input_ids.device)
+        k = torch.arange(cache_mask.shape[1], device=input_ids.device)
         causal = k[None, :] <= slots[:, None]
         visible = cache_mask[:, None, :].bool() | (k[None, :] == slots[:, None])[None]
         mask = (causal[None] & visible)[:, None]
@@ -112,30 +117,35 @@ class CachedCausalLM(torch.nn.Module):
         return logits[:, -1:]
 
 
-def example_inputs(batch: int, seq: int, max_length: int, device=None):
+def example_inputs(batch: int, seq: int, context: int, device=None):
     ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
     positions = torch.arange(seq, device=device)[None].expand(batch, seq).contiguous()
     slots = torch.arange(seq, device=device)
-    cache_mask = torch.zeros(batch, max_length, dtype=torch.long, device=device)
+    cache_mask = torch.zeros(batch, context, dtype=torch.long, device=device)
     return ids, positions, slots, cache_mask
 
 
 def capture_generation(
     model: torch.nn.Module, batch: int, max_length: int
 ) -> tuple[ModuleOp, WeightStore]:
-    """One IR module with @prefill (dynamic prompt length `prompt` in
-    [1, max_length]) and @decode (one token), sharing weight and state names."""
-    if max_length < 2 or batch < 1:
-        raise GenerationError("generation needs batch >= 1 and max_length >= 2")
+    """One IR module with @prefill (`prompt` tokens) and @decode (one token),
+    both reading `context` cache slots (sizes in [1, max_length]), sharing
+    weight and state names."""
+    if max_length < 3 or batch < 1:
+        raise GenerationError("generation needs batch >= 1 and max_length >= 3")
     wrapper = CachedCausalLM(model, batch, max_length)
     device = wrapper.kv_cache[0].keys.device
-    seq = Dim("prompt", min=1, max=max_length)
-    prefill_dims = {"input_ids": {1: seq}, "position_ids": {1: seq}, "slots": {0: seq},
-                    "cache_mask": None}  # fmt: skip
-    example = example_inputs(batch, min(4, max_length), max_length, device)
+    prompt = Dim("prompt", min=1, max=max_length)
+    context = {0: None, 1: Dim("context", min=1, max=max_length)}
+    prefill_dims = {"input_ids": {1: prompt}, "position_ids": {1: prompt}, "slots": {0: prompt},
+                    "cache_mask": context}  # fmt: skip
+    decode_dims = {"input_ids": None, "position_ids": None, "slots": None, "cache_mask": context}
+    # example sizes differ, or export would take prompt and context for one symbol
+    prefill = example_inputs(batch, 2, 3, device)
+    decode = example_inputs(batch, 1, 3, device)
     parts = {
-        "prefill": import_program(capture(wrapper, example, prefill_dims)),
-        "decode": import_program(capture(wrapper, example_inputs(batch, 1, max_length, device))),
+        "prefill": import_program(capture(wrapper, prefill, prefill_dims)),
+        "decode": import_program(capture(wrapper, decode, decode_dims)),
     }
     return merge_functions(parts)
 

@@ -109,7 +109,8 @@ def generate(
     cache_mask[:, :prompt] = mask
     lengths = mask.sum(-1)
 
-    logits = run("prefill", ids, positions, torch.arange(prompt), cache_mask)
+    # attention reads the first `context` slots: the prompt, then one more per step
+    logits = run("prefill", ids, positions, torch.arange(prompt), cache_mask[:, :prompt])
     unfinished = torch.ones(rows, dtype=torch.bool)
     new_tokens = []
     for step in range(max_new_tokens):
@@ -123,6 +124,7 @@ def generate(
         fed = torch.full((batch, 1), pad, dtype=torch.long)
         fed[:rows, 0] = chosen
         cache_mask[:, slot] = 1
-        logits = run("decode", fed, lengths[:, None].clone(), torch.tensor([slot]), cache_mask)
+        context = cache_mask[:, : slot + 1]
+        logits = run("decode", fed, lengths[:, None].clone(), torch.tensor([slot]), context)
         lengths += 1
     return torch.cat([input_ids.cpu(), torch.stack(new_tokens, 1)], 1)
