@@ -90,7 +90,6 @@ class CachedCausalLM(torch.nn.Module):
                 "compiles transformers decoder models (Llama, GPT-2, Qwen2, ...)"
             )
         self.model = model
-        self.max_length = max_length
         parameter = next(model.parameters())
         # one slot more than is ever read: export specializes a slice that spans a
         # whole dim, so `context` stays below the cache's length
