@@ -321,3 +321,40 @@ def test_compile_and_run_generation(tmp_path, capsys):
     assert "tokens/s" in err
     code, _, err = _run(capsys, "run", str(artifact), "--generate", "--prompt", "hello")
     assert code != 0 and "needs a tokenizer" in err
+
+
+def test_generation_from_a_checkpoint_with_a_tokenizer(tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = "once upon a time there was a cat that sat on the mat".split()
+    vocab = {
+        "[UNK]": 0,
+        "<s>": 1,
+        "</s>": 2,
+        **{w: i + 3 for i, w in enumerate(dict.fromkeys(words))},
+    }
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]",
+                                        bos_token="<s>", eos_token="</s>")  # fmt: skip
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                         bos_token_id=1, eos_token_id=2)  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    tokenizer.save_pretrained(tmp_path / "ckpt")
+    code, _, err = _run(capsys, "compile", str(tmp_path / "ckpt"), "--generate", "--batch", "1",
+                        "--max-length", "24", "-o", str(tmp_path / "gen"))  # fmt: skip
+    assert code == 0, err
+    assert (tmp_path / "gen" / "tokenizer" / "tokenizer.json").is_file()
+    code, _, err = _run(capsys, "run", str(tmp_path / "gen"), "--generate", "--prompt",
+                        "once upon a time", "--max-new-tokens", "6")  # fmt: skip
+    assert code == 0, err
+    ids = torch.tensor([tokenizer("once upon a time")["input_ids"]])
+    with torch.no_grad():
+        expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                                  do_sample=False)[0, ids.shape[1]:].tolist()  # fmt: skip
+    assert f"sequence 0: {','.join(map(str, expected))}" in err
+    assert tokenizer.decode(expected, skip_special_tokens=True).strip() in err
