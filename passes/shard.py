@@ -27,6 +27,7 @@ features; partial sums reduced) or `replicate`; the rest follow the rules.
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from dataclasses import dataclass
 
 from xdsl.context import Context
@@ -49,6 +50,7 @@ from ..ir.errors import PlaitError
 from ..ir.ops import (
     AllGatherOp,
     AllReduceOp,
+    AttentionOp,
     CallOp,
     CollectiveOp,
     LocalShardOp,
@@ -59,7 +61,7 @@ from ..ir.ops import (
 from ..ir.text import module_path, where
 from .base import Pass, function_blocks
 from .op_cost import COMPRESSED_LINEARS
-from .shard_rules import SIZE_ARGS, STYLES, Decision, decide, local_type
+from .shard_rules import SIZE_ARGS, STYLES, Decision, decide, divides, local_type
 
 
 class ShardError(PlaitError):
@@ -73,6 +75,7 @@ class _Sharder:
         self.placement: dict[SSAValue, Placement] = {}
         self.params: set[SSAValue] = set()
         self.resharded: dict[tuple[SSAValue, Placement], SSAValue] = {}
+        self.replicated_attention: list[str] = []  # where heads did not split n ways
 
     def style(self, op: CallOp) -> str | None:
         path = module_path(op)
@@ -159,6 +162,12 @@ class _Sharder:
                 raise ShardError(f"{where(op)}: the program is already sharded")
         for param in [v for v in self.params if not v.uses]:
             Rewriter.erase_op(param.owner)
+        if self.replicated_attention:
+            warnings.warn(
+                f"shard: attention runs replicated at {len(self.replicated_attention)} place(s), "
+                f"e.g. {self.replicated_attention[0]}; its inputs are all-gathered first",
+                stacklevel=2,
+            )
 
     def call(self, op: CallOp) -> None:
         if op.target_name in COMPRESSED_LINEARS:
@@ -169,6 +178,15 @@ class _Sharder:
         arriving = [self.place(v) for v in op.inputs]
         types = [self._full_type(v) for v in op.inputs]  # rules reason on global shapes
         decision = decide(op, arriving, types, self.n, self.params, self.style(op))
+        if isinstance(op, AttentionOp) and decision.outputs == [REPLICATE]:
+            heads = [t.shape[1] for t in types[:3]]  # query, key, value: [batch, heads, ...]
+            if any(not divides(h, self.n) for h in heads):
+                fits = [n for n in range(2, max(heads) + 1) if all(divides(h, n) for h in heads)]
+                self.replicated_attention.append(
+                    f"{module_path(op) or where(op)}: {heads[0]} query and {heads[1]} kv heads "
+                    f"do not split over {self.n} ranks (sizes that do: "
+                    f"{', '.join(map(str, fits)) or 'none'})"
+                )
         inputs = [self.reshard(v, p, op) for v, p in zip(op.inputs, decision.inputs)]
         args = _with_sizes(op, decision) if decision.sizes else op.args
         bias = op.arg("bias") if op.target_name == "aten::linear" else op.arg("self")

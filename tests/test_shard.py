@@ -178,3 +178,21 @@ def test_a_manual_plan_matches_eager_on_gloo_ranks(example, tmp_path):
         ref = model(*inputs)
     for out, _ in run_ranks(2, artifact_rank, str(tmp_path), list(inputs)):
         assert max_rel_diff(out, ref) <= 1e-5
+
+
+def test_heads_that_do_not_split_run_replicated_with_a_warning():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=3, num_key_value_heads=3)  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    inputs = hf.example_inputs(model, 2, 8)
+    with pytest.warns(UserWarning, match=r"3 query and 3 kv heads do not split over 2 ranks "
+                                         r"\(sizes that do: 3\)"):  # fmt: skip
+        program = plait.compile(hf.wrap(model), inputs, pipeline="shard{mesh=tp:2}")
+    try:
+        with torch.no_grad():
+            assert max_rel_diff(program(*inputs), hf.wrap(model)(*inputs)) <= 1e-5
+    finally:
+        program.close()
