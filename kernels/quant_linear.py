@@ -26,6 +26,7 @@ the weights), so the IR and the artifact stay device-independent.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 
@@ -86,12 +87,42 @@ def _kernel_group(cols: int, groups: int) -> int | None:
 
 
 def prepare(
-    qweight: torch.Tensor, scales: torch.Tensor, bits: int
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    outlier_index: torch.Tensor | None = None,
+    outlier_value: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor | None]:
-    """The int4 kernel's weight layout for this device, computed once at load.
+    """Layouts computed once at load: the outliers as CSR rows (sorted by row,
+    for a sparse product on several tokens) and the int4 kernel's weight
+    layout for this device (none for 8 bits: the storage is the kernel's)."""
+    prepared = {}
+    if outlier_value is not None and outlier_value.numel():
+        prepared |= _outlier_rows(outlier_index.reshape(2, -1), outlier_value.reshape(-1),
+                                  scales.shape[0])  # fmt: skip
+    return prepared | _int4_layout(qweight, scales, bits)
 
-    Returns {} where no kernel applies (8 bits: the storage is the kernel's
-    layout; shapes the int4 kernels do not take)."""
+
+# PyTorch's one-time notice; the CSR product is all plait uses of it
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+
+
+def _outlier_rows(index: torch.Tensor, value: torch.Tensor, rows: int) -> dict[str, torch.Tensor]:
+    """CSR arrays (row pointers, columns, values) of the outliers."""
+    if value.is_meta:  # program source only
+        meta = {"device": "meta"}
+        return {"csr_rows": torch.empty(rows + 1, dtype=torch.int64, **meta),
+                "csr_cols": torch.empty(value.numel(), dtype=torch.int64, **meta),
+                "csr_values": torch.empty(value.numel(), dtype=value.dtype, **meta)}  # fmt: skip
+    order = torch.argsort(index[0].long() * (int(index[1].max()) + 1) + index[1].long())
+    row, col = index[0].long()[order], index[1].long()[order]
+    pointers = torch.zeros(rows + 1, dtype=torch.int64, device=value.device)
+    pointers[1:] = torch.bincount(row, minlength=rows).cumsum(0)
+    return {"csr_rows": pointers, "csr_cols": col, "csr_values": value[order].contiguous()}
+
+
+def _int4_layout(qweight: torch.Tensor, scales: torch.Tensor, bits: int) -> dict:
+    """The int4 kernel's weight layout, or {} where no kernel applies."""
     if bits != 4:
         return {}
     out, cols = qweight.shape[0], qweight.shape[1] * 2
@@ -123,7 +154,10 @@ def prepare_args(args: list) -> dict[str, torch.Tensor]:
     qweight, scales, bits = args[1], args[2], args[6]
     if not isinstance(qweight, torch.Tensor) or not isinstance(scales, torch.Tensor):
         return {}
-    return prepare(qweight, scales, bits)
+    index, value = args[4], args[5]
+    if not isinstance(index, torch.Tensor) or not isinstance(value, torch.Tensor):
+        index = value = None
+    return prepare(qweight, scales, bits, index, value)
 
 
 def _has_kernel(name: str, device: torch.device) -> bool:
@@ -154,6 +188,9 @@ def quant_linear(
     bits: int,
     packed: torch.Tensor | None = None,
     scale_zero: torch.Tensor | None = None,
+    csr_rows: torch.Tensor | None = None,
+    csr_cols: torch.Tensor | None = None,
+    csr_values: torch.Tensor | None = None,
 ) -> torch.Tensor:
     out = scales.shape[0]
     x2 = x.reshape(-1, x.shape[-1])
@@ -180,7 +217,13 @@ def quant_linear(
         y = torch.nn.functional.linear(x2, w)
         outlier_value = outlier_value[:0]
     y = y.to(x.dtype)
-    if outlier_value.numel():  # y[:, row] += x[:, col] * value, a sparse product
+    if outlier_value.numel() and csr_rows is not None:
+        # a CSR product: ~0.3 ms at 1 token for 1% outliers of a 4096x4096 layer,
+        # where index_add along dim 1 took ~12 ms (kept for calls without `prepare`)
+        sparse = torch.sparse_csr_tensor(csr_rows, csr_cols, csr_values, (out, x.shape[-1]),
+                                         check_invariants=False)  # built by `prepare`  # fmt: skip
+        y = y + (sparse @ x2.t().to(csr_values.dtype)).t().to(x.dtype)
+    elif outlier_value.numel():  # y[:, row] += x[:, col] * value, a sparse product
         y = y.index_add(1, outlier_index[0], x2[:, outlier_index[1]] * outlier_value.to(x.dtype))
     if bias is not None:
         y = y + bias.to(x.dtype)
@@ -188,7 +231,7 @@ def quant_linear(
 
 
 @quant_linear.register_fake
-def _(x, qweight, scales, bias, outlier_index, outlier_value, bits, packed=None, scale_zero=None):
+def _(x, qweight, scales, bias, outlier_index, outlier_value, bits, *prepared):
     return x.new_empty(*x.shape[:-1], scales.shape[0])
 
 

@@ -36,7 +36,7 @@ def test_kernel_matches_the_dense_reference(bits, group, tokens):
     assert q.outlier_value.numel() > 0  # the sparse add-back is exercised
     x = torch.randn(tokens, 256)
     ref = kernel.reference(x, *args)
-    y = torch.ops.plait.quant_linear(x, *args, **kernel.prepare(args[0], args[1], bits))
+    y = torch.ops.plait.quant_linear(x, *args, **kernel.prepare(*args[:2], bits, *args[3:5]))
     assert y.dtype == x.dtype and y.shape == (tokens, 96)
     uses_kernel = tokens <= kernel.DECODE_MAX_TOKENS[bits] and (bits == 4 or group == 0)
     # the weight-only kernels compute in bf16; dequantize + GEMM in the input's dtype
