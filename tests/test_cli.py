@@ -321,6 +321,18 @@ def test_compile_and_run_generation(tmp_path, capsys):
     assert "tokens/s" in err
     code, _, err = _run(capsys, "run", str(artifact), "--generate", "--prompt", "hello")
     assert code != 0 and "needs a tokenizer" in err
+    sharded = tmp_path / "gen-tp2"  # every rank runs its own decoding loop under torchrun
+    code, _, err = _run(capsys, "compile", "--example", "llama-tiny", "--generate", "--max-length",
+                        "32", "--pipeline", "shard{mesh=tp:2}", "-o", str(sharded))  # fmt: skip
+    assert code == 0, err
+    script = Path(sys.executable).parent / "plait"
+    result = subprocess.run([str(script), "run", str(sharded), "--nproc", "2", "--generate",
+                             "--prompt-ids", "5,6,7,8;9,10", "--max-new-tokens", "8"],
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    for row in range(2):
+        tokens = ",".join(map(str, expected[row, 4:].tolist()))
+        assert f"sequence {row}: {tokens}" in result.stdout + result.stderr
 
 
 def test_generation_from_a_checkpoint_with_a_tokenizer(tmp_path, capsys):
