@@ -163,16 +163,16 @@ class Quantize(Pass):
         if not self.size_budget:
             return {layer.module: self.bits for layer in layers}
         candidates, original = {}, 0
-        for layer in layers:
-            w = weights[layer.module]
+        for module in dict.fromkeys(layer.module for layer in layers):  # once per weight
+            w = weights[module]
             keep = w.numel() * w.element_size()
             original += keep
             options = {w.element_size() * 8: (keep, 0.0)}
             for bits in (4, 8):
-                q = results.setdefault((layer.module, bits), self._quantize(w, bits))
+                q = results.setdefault((module, bits), self._quantize(w, bits))
                 error = float(((q.dequantize() - w.float()) ** 2).sum())
                 options[bits] = (quantized_bytes(q), error)
-            candidates[layer.module] = options
+            candidates[module] = options
         return allocate(candidates, int(self.size_budget * original)).bits
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
@@ -187,7 +187,9 @@ class Quantize(Pass):
             bits = chosen[layer.module]
             if bits not in (4, 8):
                 continue  # kept in its original precision
-            q = results.get((layer.module, bits)) or self._quantize(weights[layer.module], bits)
-            self._rewrite(layer, q, weights[layer.module], store)
+            key = (layer.module, bits)  # a weight several functions read is quantized once
+            if key not in results:
+                results[key] = self._quantize(weights[layer.module], bits)
+            self._rewrite(layer, results[key], weights[layer.module], store)
         if layers:
             require_library(op, kernel.__name__)

@@ -78,6 +78,7 @@ class Sparsify(Pass):
                 )
             inputs = {layer.op: layer.input_position for layer in layers}
             norms = input_norms(op, store, calibration, inputs)
+        pruned = {}
         for layer in layers:
             weight = weights[layer.module]
             row_parallel = layer.placement == shard(1)
@@ -88,7 +89,11 @@ class Sparsify(Pass):
                     f"{where(layer.op)}: the input features of {layer.module}{where_} do not "
                     f"split into groups of {self.group}; use a group that divides them"
                 )
-            s = gqsa(weight, self.group, self.sparsity, self.bits, segments, norms.get(layer.op))
+            if layer.module not in pruned:  # a weight several functions read is pruned once
+                importance = norms.get(layer.op)
+                pruned[layer.module] = gqsa(weight, self.group, self.sparsity, self.bits, segments,
+                                            importance)  # fmt: skip
+            s = pruned[layer.module]
             placement = layer.placement  # rows, or each rank's kept groups
             attrs = {
                 "sparsity": SparsityAttr.make(

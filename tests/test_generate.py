@@ -138,6 +138,7 @@ def _forced_logits(compiled, forward, prompt, continuation):
 @pytest.mark.parametrize(
     "pipeline",
     ["canonicalize,quantize{bits=8},cse,dce,memplan", "canonicalize,ladder,cse,dce",
+     "canonicalize,quantize{size-budget=0.4,layers=model.layers.*},cse,dce",
      "canonicalize,shard{mesh=tp:2},ladder,cse,dce,memplan"],
 )  # fmt: skip
 def test_decode_steps_match_the_forward_compiled_with_the_same_passes(lms, pipeline):
