@@ -63,7 +63,7 @@ class CompiledModel:
         self._directory: Path | None = None  # the artifact it was loaded from
         self._pool = None  # worker processes, for a sharded plan called in one process
         self._programs: dict[str, Program] = {}
-        self._state: dict[str, torch.Tensor] = {}  # program state (KV cache), by name
+        self._shared: dict = {}  # what its programs share: weights, state (KV cache), arena
 
     @property
     def functions(self) -> list[str]:
@@ -122,7 +122,7 @@ class CompiledModel:
 
                 groups = mesh_groups(self.mesh)
             self._programs[function] = build_program(
-                self.module, self.weights, self.device, groups, function, state=self._state
+                self.module, self.weights, self.device, groups, function, shared=self._shared
             )
         return self._programs[function]
 
@@ -200,18 +200,24 @@ class CompiledModel:
             tokens = compiled.generate(input_ids, max_new_tokens=32)
             tokens = compiled.generate(ids, 64, mask, do_sample=True, top_p=0.9, seed=0)
         """
-        from .runtime.generate import Sampling, generate
+        from .runtime.generate import Sampling, check_request, generate
 
         batch, max_length = self.cache_size  # (raises unless compiled for generation)
         self._check_weights()
-        options = dict(attention_mask=attention_mask, do_sample=do_sample,
-                       temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                       eos_token_id=eos_token_id, pad_token_id=pad_token_id)  # fmt: skip
-        if self.world_size > 1 and not _in_process_group():
+        sampling = Sampling(do_sample, temperature, top_k, top_p, seed)
+        # checked here, so a bad request never reaches (and stops) the worker ranks
+        check_request(batch, max_length, input_ids, max_new_tokens, attention_mask, sampling)
+        in_group = _in_process_group()
+        if do_sample and seed is None and self.world_size > 1:
+            seed = _common_seed(in_group)  # every rank must draw the same tokens
+            sampling = Sampling(do_sample, temperature, top_k, top_p, seed)
+        if self.world_size > 1 and not in_group:
+            options = dict(attention_mask=attention_mask, do_sample=do_sample,
+                           temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                           eos_token_id=eos_token_id, pad_token_id=pad_token_id)  # fmt: skip
             return self._workers().call("generate", (input_ids, max_new_tokens), options)
         ids = {"eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
         ids = {k: v if v is not None else self.generation.get(k) for k, v in ids.items()}
-        sampling = Sampling(do_sample, temperature, top_k, top_p, seed)
 
         def run(function: str, *inputs: torch.Tensor) -> torch.Tensor:
             (logits,) = self.program_of(function)(*[x.to(self.device) for x in inputs])
@@ -406,6 +412,18 @@ def load(directory: str | Path, device: str | torch.device = "cpu") -> CompiledM
                 "from plan.mlir; the artifact was edited. Recompile it with `plait compile`"
             )
     return compiled
+
+
+def _common_seed(in_group: bool) -> int:
+    """A fresh sampling seed, rank 0's when the ranks share a process group."""
+    seed = int(torch.randint(0, 2**62, ()))
+    if in_group:
+        import torch.distributed as dist
+
+        box = [seed]
+        dist.broadcast_object_list(box, src=0)
+        seed = box[0]
+    return seed
 
 
 def _joined(codes: dict[str, str]) -> str:

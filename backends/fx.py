@@ -219,11 +219,11 @@ class _Lowering:
         mesh: dict[str, int],
         libraries: tuple[str, ...],
         arena_size: int = 0,
-        state: dict[str, torch.Tensor] | None = None,
+        shared: dict | None = None,
     ):
         self.weights = weights
-        # program state by name, shared by the functions of one module
-        self.state = {} if state is None else state
+        # what the programs of one module share: state, weights, layouts, arena
+        self.shared = {} if shared is None else shared
         self.fast = fast
         self.mesh = mesh
         self.libraries = libraries  # modules that define the custom ops called
@@ -328,8 +328,10 @@ class _Lowering:
             for a in args
         ]
         known = [None if isinstance(a, torch.fx.Node) else a for a in known]
+        if ("prepared", weights[0]) not in self.shared:
+            self.shared["prepared", weights[0]] = prepare(known)
         nodes = {}
-        for name, tensor in prepare(known).items():
+        for name, tensor in self.shared["prepared", weights[0]].items():
             nodes[name] = self.bind(f"{weights[0]}_{name}", tensor)  # after its first weight
         return nodes
 
@@ -354,14 +356,16 @@ class _Lowering:
         if host_tier(op):  # streamed: fetched ahead of its first use (see `stream`)
             self.streamed.append((op, shard))
             return
-        tensor, key = self.weights.get(name), name
-        if shard is not None:  # this rank's slice of the weight
-            tensor = self.weights.get_shard(name, *shard)
-            key = f"{name}_shard{shard[0]}"
-        _check_weight(op, tensor)
-        if tensor.device != self.device and not tensor.is_meta:
-            tensor = tensor.to(self.device)
-        self.values[op.result] = self.bind(key, tensor)
+        key = name if shard is None else f"{name}_shard{shard[0]}"
+        if ("weight", key) not in self.shared:
+            tensor = self.weights.get(name)
+            if shard is not None:  # this rank's slice of the weight
+                tensor = self.weights.get_shard(name, *shard)
+            _check_weight(op, tensor)
+            if tensor.device != self.device and not tensor.is_meta:
+                tensor = tensor.to(self.device)
+            self.shared["weight", key] = tensor
+        self.values[op.result] = self.bind(key, self.shared["weight", key])
 
     def bind(self, key: str, tensor: torch.Tensor) -> torch.fx.Node:
         """A program attribute read by a get_attr node. Names are flat
@@ -379,13 +383,19 @@ class _Lowering:
         if not all(isinstance(d, int) for d in type_.shape):
             raise LoweringError(f"{where(op)}: state '{op.weight_name}' needs a static shape")
         key = op.weight_name if shard is None else f"{op.weight_name}_shard{shard[0]}"
-        tensor = self.state.get(key)
+        tensor = self.shared.get(("state", key))
         if tensor is None:
             # code built on meta weights (to be read, not run) allocates no state either
             meta = any(self.weights.is_meta(n) for n in self.weights.names())
             device = torch.device("meta") if meta else self.device
-            tensor = torch.zeros(type_.shape, dtype=torch_dtype(type_.dtype), device=device)
-            self.state[key] = tensor
+            with torch.inference_mode(False):  # updated in place in and out of inference mode
+                tensor = torch.zeros(type_.shape, dtype=torch_dtype(type_.dtype), device=device)
+            self.shared["state", key] = tensor
+        elif tuple(tensor.shape) != tuple(type_.shape):
+            raise LoweringError(
+                f"{where(op)}: state '{op.weight_name}' is {list(type_.shape)} here but "
+                f"{list(tensor.shape)} in another function of the module; shard them alike"
+            )
         self.values[op.result] = self.bind(key, tensor)
 
     def lower_local_shard(self, op: LocalShardOp) -> None:
@@ -522,8 +532,10 @@ class _Lowering:
         if self.arena_views:  # allocated once; planned results are views of it
             weights = [t for t in self.attrs.values() if isinstance(t, torch.Tensor)]
             meta = bool(weights) and all(t.is_meta for t in weights)
-            arena = torch.empty(self.arena_size, dtype=torch.uint8,
-                                device="meta" if meta else self.device)  # fmt: skip
+            if ("arena",) not in self.shared:  # the module's functions never run at once
+                self.shared["arena",] = torch.empty(self.arena_size, dtype=torch.uint8,
+                                                    device="meta" if meta else self.device)  # fmt: skip
+            arena = self.shared["arena",]
             for key, dtype in self.arena_views.items():
                 self.attrs[key] = arena.view(dtype)
         gm = torch.fx.GraphModule(self.attrs, self.graph, class_name="PlaitProgram")
@@ -539,13 +551,14 @@ def build_program(
     groups: CollectiveGroups | None = None,
     function: str = "forward",
     fast: bool = True,
-    state: dict[str, torch.Tensor] | None = None,
+    shared: dict | None = None,
 ) -> Program:
     """Lower the function `function` of `module` to a runnable torch program.
 
     `fast=False` calls every operator through its OpOverload (for re-export).
-    `state` holds the program state tensors (a KV cache) by name; programs of
-    one module built with the same dict update the same tensors.
+    Programs of one module built with the same `shared` dict share this rank's
+    weights, kernel layouts, arena and state (a KV cache: they update the same
+    tensors).
     """
     fn = next(
         (op for op in module.ops if isinstance(op, func.FuncOp) and op.sym_name.data == function),
@@ -560,7 +573,7 @@ def build_program(
     arena = module.attributes.get(ARENA_ATTR)
     arena_size = arena.value.data if arena is not None else 0
     lowering = _Lowering(
-        weights, torch.device(device), groups, fast, mesh, libraries, arena_size, state
+        weights, torch.device(device), groups, fast, mesh, libraries, arena_size, shared
     )
     gm = lowering.run(fn)
     symbols = module.attributes.get(SYMBOLS_ATTR)

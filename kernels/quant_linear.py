@@ -113,12 +113,13 @@ def _outlier_rows(index: torch.Tensor, value: torch.Tensor, rows: int) -> dict[s
         meta = {"device": "meta"}
         return {"csr_rows": torch.empty(rows + 1, dtype=torch.int64, **meta),
                 "csr_cols": torch.empty(value.numel(), dtype=torch.int64, **meta),
-                "csr_values": torch.empty(value.numel(), dtype=value.dtype, **meta)}  # fmt: skip
+                "csr_values": torch.empty(value.numel(), dtype=torch.float32, **meta)}  # fmt: skip
     order = torch.argsort(index[0].long() * (int(index[1].max()) + 1) + index[1].long())
     row, col = index[0].long()[order], index[1].long()[order]
     pointers = torch.zeros(rows + 1, dtype=torch.int64, device=value.device)
     pointers[1:] = torch.bincount(row, minlength=rows).cumsum(0)
-    return {"csr_rows": pointers, "csr_cols": col, "csr_values": value[order].contiguous()}
+    # float32: CPU sparse products have no bf16/fp16 kernels
+    return {"csr_rows": pointers, "csr_cols": col, "csr_values": value[order].float().contiguous()}
 
 
 def _int4_layout(qweight: torch.Tensor, scales: torch.Tensor, bits: int) -> dict:

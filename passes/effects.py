@@ -39,3 +39,14 @@ def is_removable(op: Operation) -> bool:
 def is_mergeable(op: Operation) -> bool:
     """May two identical ops be merged into one?"""
     return isinstance(op, ParamOp) or (isinstance(op, CallOp) and _pure_call(op))
+
+
+def updates_state(op: Operation) -> bool:
+    """An in-place call on program state (a KV cache update): it writes the
+    state's memory, so its result is a view of the state, not a new buffer."""
+    if not isinstance(op, CallOp) or not op.operands or not writes_input(op.target_name):
+        return False
+    owner = op.operands[0].owner
+    while isinstance(owner, CallOp) and owner.operands and writes_input(owner.target_name):
+        owner = owner.operands[0].owner  # an earlier update of the same state
+    return isinstance(owner, ParamOp) and owner.is_state

@@ -30,6 +30,7 @@ from ..ir.ops import CallOp, CollectiveOp, LocalShardOp, ReshapeOp, WaitOp
 from ..ir.text import module_path
 from ..ir.types import AsyncType, TensorType
 from .comm_cost import axis_links, collective_time
+from .effects import updates_state
 from .layout import copies, memory_orders
 from .op_cost import OpCost, op_cost
 from .schedule import Schedule, simulate
@@ -189,7 +190,13 @@ def estimate(module: ModuleOp, target: Target, function: str | None = None) -> E
                 _evaluate(cost.bytes, subs),
             )
         cost, formula, time, flops, moved = cache[key]
-        if (cost.kind == "view" and isinstance(op, ReshapeOp)) or isinstance(op, _ALIASING):
+        if (
+            (cost.kind == "view" and isinstance(op, ReshapeOp))
+            or isinstance(op, _ALIASING)
+            or (
+                updates_state(op)  # writes the KV cache in place: no new memory
+            )
+        ):
             views.add(op)
         times[op] = time
         rows.append(OpEstimate(op, family(op), module_path(op), cost, formula, time, flops, moved))

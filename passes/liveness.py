@@ -26,6 +26,7 @@ from xdsl.ir import SSAValue
 from ..ir.ops import CallOp, CollectiveOp, LocalShardOp, ParamOp, WaitOp
 from ..ir.schema import returns_alias, writes_input
 from ..ir.text import where
+from .effects import updates_state
 
 
 @dataclass
@@ -54,13 +55,6 @@ def _aliases(op) -> bool:
     return isinstance(op, CallOp) and returns_alias(op.target_name)
 
 
-def _updates_state(op: CallOp, base: dict[SSAValue, SSAValue]) -> bool:
-    """An in-place call whose written argument is program state (a KV cache)."""
-    written = op.operands[0] if op.operands else None
-    owner = base.get(written, written).owner if written is not None else None
-    return isinstance(owner, ParamOp) and owner.is_state
-
-
 def liveness(fn: func.FuncOp, sizes: dict[SSAValue, int]) -> Liveness:
     block = fn.body.blocks.first
     ops = list(block.ops)
@@ -79,7 +73,7 @@ def liveness(fn: func.FuncOp, sizes: dict[SSAValue, int]) -> Liveness:
     for index, op in enumerate(ops):
         if isinstance(op, CallOp):
             writes = writes_input(op.target_name)
-            if writes and _updates_state(op, base):
+            if writes and updates_state(op):
                 writes = False  # program state lives outside the arena, like weights
             if writes is None or writes:
                 what = "writes an input" if writes else "has no torch schema"

@@ -290,4 +290,24 @@ class Shard(Pass):
         if n > 1:
             for block in function_blocks(op):
                 _Sharder(block, axis, n, plan).run()
+            _check_alike(op)
         op.attributes[MESH_ATTR] = MeshAttr(tuple(axes.items()))
+
+
+def _check_alike(module: ModuleOp) -> None:
+    """Functions that share weights or state (@prefill, @decode) must slice them
+    alike: each rank holds one copy of its part."""
+    seen: dict[str, tuple[str, set]] = {}
+    for block in function_blocks(module):
+        function = block.parent.parent.sym_name.data
+        placements: dict[str, set] = {}
+        for param in (o for o in block.ops if isinstance(o, ParamOp)):
+            attr = param.attributes.get(PLACEMENTS_ATTR)
+            placements.setdefault(param.weight_name, set()).add(str(attr))
+        for name, here in placements.items():
+            other, there = seen.setdefault(name, (function, here))
+            if there != here:
+                raise ShardError(
+                    f"'{name}' is sharded {sorted(here)} in @{function} but {sorted(there)} in "
+                    f"@{other}; functions that share weights or state must shard them alike"
+                )

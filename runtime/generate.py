@@ -57,19 +57,15 @@ class Sampling:
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def generate(
-    run: Callable[..., torch.Tensor],
+def check_request(
     batch: int,
     max_length: int,
     input_ids: torch.Tensor,
     max_new_tokens: int,
-    attention_mask: torch.Tensor | None = None,
-    sampling: Sampling = Sampling(),
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int | None = None,
-) -> torch.Tensor:
-    """`run(function, *inputs)` calls the compiled program `function` ("prefill"
-    or "decode") compiled for a cache of `batch` sequences of `max_length` slots."""
+    attention_mask: torch.Tensor | None,
+    sampling: Sampling,
+) -> None:
+    """Raise a GenerateError unless the request fits the compiled cache."""
     sampling.check()
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise GenerateError("input_ids must be a 2-D tensor of token ids (batch x prompt length)")
@@ -88,13 +84,30 @@ def generate(
             f"slots, but the cache holds {max_length}; compile with max_length >= {needed}, or "
             "shorten the prompt or max_new_tokens"
         )
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    if attention_mask.shape != input_ids.shape:
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise GenerateError(
             f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids "
             f"{tuple(input_ids.shape)}; they must match"
         )
+
+
+def generate(
+    run: Callable[..., torch.Tensor],
+    batch: int,
+    max_length: int,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    attention_mask: torch.Tensor | None = None,
+    sampling: Sampling = Sampling(),
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+) -> torch.Tensor:
+    """`run(function, *inputs)` calls the compiled program `function` ("prefill"
+    or "decode") compiled for a cache of `batch` sequences of `max_length` slots."""
+    check_request(batch, max_length, input_ids, max_new_tokens, attention_mask, sampling)
+    rows, prompt = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
     generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None

@@ -51,6 +51,9 @@ def test_greedy_generation_is_transformers_generate_on_one_and_two_ranks(lms, na
     two = plait.compile_generation(model, batch=2, max_length=48, pipeline="shard{mesh=tp:2}")
     try:
         assert torch.equal(two.generate(ids, NEW_TOKENS), expected)
+        with pytest.raises(plait.PlaitError, match="needs 49 cache slots"):  # checked up front
+            two.generate(ids, 43)
+        assert two._pool.alive  # a bad request does not stop the ranks
     finally:
         two.close()
 
@@ -64,6 +67,19 @@ def test_kv_cache_is_program_state_sharded_by_kv_heads(lms):
     # this rank's kv head; one spare slot keeps every read a proper slice
     assert all("!plait.tensor<[3, 1, 41, 16], f32>" in line for line in state)
     assert "kv_cache" not in " ".join(compiled.weight_names)  # not a stored weight
+
+
+def test_programs_share_weights_and_cache_and_run_outside_inference_mode(lms):
+    model = lms("llama")
+    compiled = plait.compile_generation(model, batch=1, max_length=16)
+    ids = _prompts(model.config.vocab_size, 1, 4)
+    compiled.generate(ids, 4)  # builds both programs under inference_mode
+    prefill, decode = (compiled.program_of(f).graph_module for f in ("prefill", "decode"))
+    for name in ("kv_cache_0_keys", "model_layers_0_mlp_up_proj_weight"):
+        assert getattr(prefill, name) is getattr(decode, name)
+    mask = torch.ones(1, 5, dtype=torch.long)
+    (logits,) = compiled.run("decode", ids[:, :1], torch.tensor([[4]]), torch.tensor([4]), mask)
+    assert logits.shape == (1, 1, model.config.vocab_size)
 
 
 def test_left_padded_batch_smaller_than_compiled(lms):

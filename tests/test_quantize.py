@@ -46,8 +46,9 @@ def test_kernel_matches_the_dense_reference(bits, group, tokens):
 
 def test_kernel_on_bf16_activations_and_3d_inputs():
     args, _ = _layer(4, 128)
+    args = (*args[:4], args[4].bfloat16(), *args[5:])  # a bf16 model's outliers
     x = torch.randn(2, 3, 256, dtype=torch.bfloat16)
-    y = torch.ops.plait.quant_linear(x, *args, **kernel.prepare(args[0], args[1], 4))
+    y = torch.ops.plait.quant_linear(x, *args, **kernel.prepare(*args[:2], 4, *args[3:5]))
     assert y.dtype == torch.bfloat16 and y.shape == (2, 3, 96)
     assert max_rel_diff(y.double(), kernel.reference(x, *args)) <= 2e-2
 
