@@ -84,6 +84,10 @@ def cmd_compile(args) -> int:
     pipeline = args.pipeline or plait.DEFAULT_PIPELINE
     start = time.perf_counter()
     if args.model is not None and args.model.endswith(".mlir"):
+        if args.generate:
+            console.print("error: --generate captures a Hugging Face causal LM (a checkpoint "
+                          "directory or --example), not IR text", style="red")  # fmt: skip
+            return 2
         compiled = _compile_ir_file(args, pipeline, console)
     else:
         with _status(console, "loading the model"):
