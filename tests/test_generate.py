@@ -58,6 +58,16 @@ def test_greedy_generation_is_transformers_generate_on_one_and_two_ranks(lms, na
         two.close()
 
 
+def test_tp4_generation_with_fewer_kv_heads_than_ranks(lms):
+    model = lms("qwen2")  # 4 query heads, 2 kv heads
+    ids = _prompts(model.config.vocab_size)
+    four = plait.compile_generation(model, batch=2, max_length=48, pipeline="shard{mesh=tp:4}")
+    try:
+        assert torch.equal(four.generate(ids, NEW_TOKENS), _reference(model, ids))
+    finally:
+        four.close()
+
+
 def test_kv_cache_is_program_state_sharded_by_kv_heads(lms):
     model = lms("llama")  # 4 heads, 2 kv heads, head dim 16
     compiled = plait.compile_generation(model, batch=3, max_length=40, pipeline="shard{mesh=tp:2}")
