@@ -157,7 +157,7 @@ class CompiledModel:
         self._check_weights()
         if self.world_size > 1 and not _in_process_group():
             return self._workers().call("__call__", inputs)  # one local process per rank
-        outputs = self.program(*[x.to(self.device) for x in inputs])
+        outputs = self._call(self.function.sym_name.data, inputs)
         if self._output_spec is not None:
             return pytree.tree_unflatten(list(outputs), self._output_spec)
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
@@ -220,7 +220,7 @@ class CompiledModel:
         ids = {k: v if v is not None else self.generation.get(k) for k, v in ids.items()}
 
         def run(function: str, *inputs: torch.Tensor) -> torch.Tensor:
-            (logits,) = self.program_of(function)(*[x.to(self.device) for x in inputs])
+            (logits,) = self._call(function, inputs)
             return logits
 
         with torch.inference_mode():
@@ -238,7 +238,11 @@ class CompiledModel:
         self._check_weights()
         if self.world_size > 1 and not _in_process_group():
             return self._workers().call("run", (function, *inputs))
-        return list(self.program_of(function)(*[x.to(self.device) for x in inputs]))
+        return list(self._call(function, inputs))
+
+    def _call(self, function: str, inputs) -> tuple[torch.Tensor, ...]:
+        """This rank's program of `function` on `inputs`, moved to the model's device."""
+        return self.program_of(function)(*[x.to(self.device) for x in inputs])
 
     @property
     def cache_size(self) -> tuple[int, int]:

@@ -108,6 +108,11 @@ def _check_weight(op: ParamOp, tensor: torch.Tensor) -> None:
         )
 
 
+def _attr_key(name: str, shard: tuple[int, int, int] | None) -> str:
+    """A weight's or state's name in the program, marked by the dim it is sliced on."""
+    return name if shard is None else f"{name}_shard{shard[0]}"
+
+
 def torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, TORCH_NAMES[name])
 
@@ -240,6 +245,12 @@ class _Lowering:
         self.arena_nodes: dict[str, torch.fx.Node] = {}
         self.streamed: list[tuple[ParamOp, tuple[int, int, int] | None]] = []
 
+    @functools.cached_property
+    def on_meta(self) -> bool:
+        """Built on meta weights (program source to read, not run): the arena
+        and the state are allocated on meta too."""
+        return any(self.weights.is_meta(n) for n in self.weights.names())
+
     def arg(self, value, op: CallOp):
         if isinstance(value, irargs.Operand):
             return self.values[op.inputs[value.index]]
@@ -356,7 +367,7 @@ class _Lowering:
         if host_tier(op):  # streamed: fetched ahead of its first use (see `stream`)
             self.streamed.append((op, shard))
             return
-        key = name if shard is None else f"{name}_shard{shard[0]}"
+        key = _attr_key(name, shard)
         if ("weight", key) not in self.shared:
             tensor = self.weights.get(name)
             if shard is not None:  # this rank's slice of the weight
@@ -382,12 +393,10 @@ class _Lowering:
         type_ = op.result.type
         if not all(isinstance(d, int) for d in type_.shape):
             raise LoweringError(f"{where(op)}: state '{op.weight_name}' needs a static shape")
-        key = op.weight_name if shard is None else f"{op.weight_name}_shard{shard[0]}"
+        key = _attr_key(op.weight_name, shard)
         tensor = self.shared.get(("state", key))
         if tensor is None:
-            # code built on meta weights (to be read, not run) allocates no state either
-            meta = any(self.weights.is_meta(n) for n in self.weights.names())
-            device = torch.device("meta") if meta else self.device
+            device = torch.device("meta") if self.on_meta else self.device
             with torch.inference_mode(False):  # updated in place in and out of inference mode
                 tensor = torch.zeros(type_.shape, dtype=torch_dtype(type_.dtype), device=device)
             self.shared["state", key] = tensor
@@ -530,11 +539,10 @@ class _Lowering:
             for j in starts.get(index, ()):
                 self.graph.call_module("prefetch", ("start", j))
         if self.arena_views:  # allocated once; planned results are views of it
-            weights = [t for t in self.attrs.values() if isinstance(t, torch.Tensor)]
-            meta = bool(weights) and all(t.is_meta for t in weights)
             if ("arena",) not in self.shared:  # the module's functions never run at once
+                device = "meta" if self.on_meta else self.device
                 self.shared["arena",] = torch.empty(self.arena_size, dtype=torch.uint8,
-                                                    device="meta" if meta else self.device)  # fmt: skip
+                                                    device=device)  # fmt: skip
             arena = self.shared["arena",]
             for key, dtype in self.arena_views.items():
                 self.attrs[key] = arena.view(dtype)
