@@ -71,7 +71,7 @@ def choose_one_each(
         integrality=integral,
         bounds=Bounds(0, 1),
         constraints=[LinearConstraint(matrix, [r[1] for r in rows], [r[2] for r in rows])],
-        options={"time_limit": timeout_s},
+        options={"time_limit": timeout_s, "mip_rel_gap": 1e-7},  # tie-breakers are small
     )
     if result.x is None:
         return None, "infeasible" if result.status == 2 else "timeout"

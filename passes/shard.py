@@ -22,6 +22,15 @@ for the linear layers whose module path matches a glob (first match wins):
 
 with `colwise` (weight split by output features), `rowwise` (by input
 features; partial sums reduced) or `replicate`; the rest follow the rules.
+
+With `solve=ilp` an integer program picks every op's strategy instead of the
+rules' greedy walk (`shard_ilp`): the least predicted step time on a
+hardware file at the given sizes, weights within `memory` bytes per device:
+
+    shard{mesh=tp:8,solve=ilp,hardware=h100-sxm,values=batch:1,seq:2048,memory=40e9}
+
+The module records the outcome (optimal or feasible, the objective) in
+`plait.sharding`. A manual plan still decides the layers it names.
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ from dataclasses import dataclass
 
 from xdsl.context import Context
 from xdsl.dialects import func
-from xdsl.dialects.builtin import ModuleOp
+from xdsl.dialects.builtin import ModuleOp, StringAttr
 from xdsl.ir import Operation, SSAValue
 from xdsl.rewriter import InsertPoint, Rewriter
 
@@ -61,7 +70,10 @@ from ..ir.ops import (
 from ..ir.text import module_path, where
 from .base import Pass, function_blocks
 from .op_cost import COMPRESSED_LINEARS
+from .shard_ilp import Solution, solve
 from .shard_rules import SIZE_ARGS, STYLES, Decision, decide, divides, local_type
+
+SHARDING_ATTR = "plait.sharding"  # module: how the solver chose (status, objective)
 
 
 class ShardError(PlaitError):
@@ -69,9 +81,11 @@ class ShardError(PlaitError):
 
 
 class _Sharder:
-    def __init__(self, block, axis: str, n: int, plan: list[tuple[str, str]] = ()):
+    def __init__(self, block, axis: str, n: int, plan: list[tuple[str, str]] = (),
+                 chosen: dict[Operation, Decision] | None = None):  # fmt: skip
         self.block, self.axis, self.n = block, axis, n
         self.plan = plan  # (module-path glob, style), first match wins
+        self.chosen = chosen or {}  # op -> decision made by the solver
         self.placement: dict[SSAValue, Placement] = {}
         self.params: set[SSAValue] = set()
         self.resharded: dict[tuple[SSAValue, Placement], SSAValue] = {}
@@ -177,7 +191,10 @@ class _Sharder:
             )
         arriving = [self.place(v) for v in op.inputs]
         types = [self._full_type(v) for v in op.inputs]  # rules reason on global shapes
-        decision = decide(op, arriving, types, self.n, self.params, self.style(op))
+        style = self.style(op)
+        decision = self.chosen.get(op) if style is None else None
+        if decision is None:
+            decision = decide(op, arriving, types, self.n, self.params, style)
         if isinstance(op, AttentionOp) and decision.outputs == [REPLICATE]:
             heads = [t.shape[1] for t in types[:3]]  # query, key, value: [batch, heads, ...]
             if any(not divides(h, self.n) for h in heads):
@@ -263,6 +280,10 @@ class Shard(Pass):
 
     mesh: str = "tp:2"
     plan: str = ""  # e.g. *.mlp.down_proj:rowwise,lm_head:replicate
+    solve: str = "rules"  # or "ilp"
+    hardware: str = "h100-sxm"  # ilp: the costs' hardware file
+    values: str = ""  # ilp: sizes to optimize for, e.g. batch:1,seq:2048 (default: upper bounds)
+    memory: float = 0.0  # ilp: weight bytes per device at most (0: no limit)
 
     def _plan(self) -> list[tuple[str, str]]:
         entries = []
@@ -287,11 +308,37 @@ class Shard(Pass):
         if MESH_ATTR in op.attributes:
             raise ShardError("the program is already sharded (it has a plait.mesh)")
         ((axis, n),) = axes.items()
+        if self.solve not in ("rules", "ilp"):
+            raise ShardError(f"shard solve={self.solve}: use rules or ilp")
         if n > 1:
+            reports = []
             for block in function_blocks(op):
-                _Sharder(block, axis, n, plan).run()
+                chosen = None
+                if self.solve == "ilp":
+                    solution = self._solve(op, block, axis, n)
+                    chosen = solution.decisions
+                    reports.append(
+                        f"@{block.parent.parent.sym_name.data}: {solution.status}, predicted "
+                        f"{solution.objective:.6g} s/step, weights {solution.weight_bytes:.6g} "
+                        f"B/device, {solution.groups} choices for {solution.ops} ops"
+                    )
+                _Sharder(block, axis, n, plan, chosen).run()
             _check_alike(op)
+            if reports:
+                op.attributes[SHARDING_ATTR] = StringAttr(
+                    f"ilp on {self.hardware}; " + "; ".join(reports)
+                )
         op.attributes[MESH_ATTR] = MeshAttr(tuple(axes.items()))
+
+    def _solve(self, module: ModuleOp, block, axis: str, n: int) -> Solution:
+        from ..hardware import load
+        from .comm_cost import axis_links
+        from .memplan import symbol_values
+
+        hw = load(self.hardware)
+        values = symbol_values(module, self.values, "shard")
+        _, link = axis_links({axis: n}, hw)[axis]
+        return solve(block, n, hw, link, values, self.memory or None)
 
 
 def _check_alike(module: ModuleOp) -> None:

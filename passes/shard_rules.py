@@ -398,8 +398,19 @@ def decide(op: CallOp, arriving: list[Placement], types: list[TensorType], n: in
     and their global (unsharded) types; `style` is a manual plan's choice for a
     linear layer."""
     if isinstance(op, MatmulOp):
-        return matmul_rule(op, arriving, types, n, params, style)
-    if isinstance(op, LinearOp):
-        return linear_rule(op, arriving, types, n, style)
-    rule = _TARGET_RULES.get(op.target_name) or _RULES.get(type(op))
-    return rule(op, arriving, types, n) if rule else replicated(op)
+        decision = matmul_rule(op, arriving, types, n, params, style)
+    elif isinstance(op, LinearOp):
+        decision = linear_rule(op, arriving, types, n, style)
+    else:
+        rule = _TARGET_RULES.get(op.target_name) or _RULES.get(type(op))
+        decision = rule(op, arriving, types, n) if rule else replicated(op)
+    return decision if _splits_evenly(decision, types, op, n) else replicated(op)
+
+
+def _splits_evenly(decision: Decision, types: list[TensorType], op: CallOp, n: int) -> bool:
+    """Every sharded dim, of inputs and results, is a static size that n divides
+    (a symbolic size such as seq may not be)."""
+    placed = list(zip(decision.inputs, types)) + [
+        (p, r.type) for p, r in zip(decision.outputs, op.results)
+    ]
+    return all(p.kind != "shard" or divides(t.shape[p.dim], n) for p, t in placed)

@@ -1,0 +1,245 @@
+"""Analysis: each op's sharding strategy chosen by one integer program (Alpa's
+formulation, on one mesh axis).
+
+Strategies come from the rules (`shard_rules.decide`) asked with every
+placement an input could arrive in (replicated, sharded on each dim, partial),
+plus running replicated; each costs its per-rank compute time (roofline on the
+hardware file, work split n ways when the op's result is sharded or partial)
+and holds its weights (split when sharded). An edge from a producer to a
+consumer costs the collective that turns the producer's placement into the
+one the consumer needs (alpha-beta over the mesh axis's link); weights are
+sliced at load time, for free. One choice per op, least total time, weights
+within the `memory` budget per device:
+
+    solution = solve(block, axis, n, hardware, values, memory=80e9)
+    solution.decisions[op], solution.status, solution.objective
+
+Ops of repeated transformer blocks (same module path but for the layer index,
+same position and types) share one choice, so the program's size does not
+grow with depth.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+
+import sympy
+from xdsl.dialects import func
+from xdsl.ir import Operation, SSAValue
+
+from ..hardware import Hardware, Link
+from ..ir import symbolic
+from ..ir.attrs import REPLICATE, Placement, partial, shard
+from ..ir.errors import PlaitError
+from ..ir.ops import CallOp, ParamOp
+from ..ir.text import module_path
+from ..ir.types import TensorType
+from .comm_cost import all_reduce_time, ring_steps
+from .estimate import _dtype
+from .milp import choose_one_each
+from .op_cost import op_cost
+from .shard_rules import Decision, decide, replicated
+
+_IMPOSSIBLE = 1e6  # seconds: no collective makes a value partial
+_PER_COLLECTIVE = 1e-7  # seconds: breaks ties between plans equal in the alpha-beta model
+
+
+class SolveError(PlaitError):
+    pass
+
+
+@dataclass
+class Solution:
+    decisions: dict[Operation, Decision]
+    status: str  # "optimal" | "feasible" (time limit, best found)
+    objective: float  # predicted seconds per step of one rank
+    weight_bytes: float  # per device
+    groups: int  # choice variables after sharing repeated blocks
+    ops: int
+
+
+def _key(d: Decision) -> tuple:
+    return (tuple(d.inputs), tuple(d.outputs), d.style, tuple(sorted(d.sizes.items())))
+
+
+def strategies(op: CallOp, n: int, params: set[SSAValue]) -> list[Decision]:
+    """Every distinct decision the rules make for `op`, whatever its inputs arrive as."""
+    types = [v.type for v in op.inputs]
+    options: list[list[Placement]] = []
+    for t in types:
+        rank = t.rank if isinstance(t, TensorType) else 0
+        options.append([shard(d) for d in range(rank)] + [partial("sum")])
+    arrivals = [[REPLICATE] * len(types)]
+    for i, choices in enumerate(options):
+        for p in choices:
+            arrivals.append([p if j == i else REPLICATE for j in range(len(types))])
+    for p in {p for choices in options for p in choices}:  # all alike (bmm, add of partials)
+        if all(p in choices for choices in options):
+            arrivals.append([p] * len(types))
+    found = {_key(replicated(op)): replicated(op)}
+    for arriving in arrivals:
+        d = decide(op, arriving, types, n, params)
+        found.setdefault(_key(d), d)
+    return list(found.values())
+
+
+def _evaluate(expr, subs) -> float:
+    return float(sympy.sympify(expr).xreplace(subs))
+
+
+class _Costs:
+    def __init__(self, hw: Hardware, n: int, link: Link, subs: dict):
+        self.hw, self.n, self.link, self.subs = hw, n, link, subs
+
+    def nbytes(self, t: TensorType) -> float:
+        return _evaluate(t.nbytes, self.subs)
+
+    def compute(self, op: CallOp, d: Decision) -> float:
+        cost = op_cost(op)
+        if cost.kind != "compute":
+            return 0.0
+        split = any(p.kind != "replicate" for p in d.outputs)
+        k = self.n if split else 1
+        flops, moved, weights = (_evaluate(e, self.subs) / k for e in (cost.flops, cost.bytes,
+                                                                        cost.weight_bytes))  # fmt: skip
+        return float(self.hw.roofline(flops, moved, _dtype(op), cost.rate, op.target_name, weights))
+
+    def weights(self, op: CallOp, d: Decision, params: set[SSAValue]) -> float:
+        held = 0.0
+        for value, p in zip(op.inputs, d.inputs):
+            if value in params:
+                held += self.nbytes(value.type) / (self.n if p.kind == "shard" else 1)
+        return held
+
+    def reshard(self, t: TensorType, have: Placement, want: Placement) -> float:
+        """Seconds to turn a value placed `have` into `want` (global type `t`):
+        the collective's alpha-beta time plus a kernel launch (at least
+        `_PER_COLLECTIVE`, so that of two plans moving the same bytes, such as
+        an all-reduce and two all-gathers, the one with fewer collectives wins)."""
+        if have == want:
+            return 0.0
+        if want.kind == "partial":
+            return _IMPOSSIBLE
+        size = sympy.Float(self.nbytes(t))
+        launch = max(self.hw.overhead(None, view=False), _PER_COLLECTIVE)
+        if want.kind == "replicate" and have.kind == "partial":
+            return float(all_reduce_time(self.n, size, self.link)) + launch
+        if have.kind == "replicate":  # a local slice
+            return self.hw.overhead(None, view=True)
+        # all-gather; reduce-scatter; or shard(d) -> shard(e): gather, keep a slice
+        return float(ring_steps(self.n, size, self.link)) + launch
+
+
+_LAYER = re.compile(r"\.(\d+)(?=\.|$)")
+
+
+def _group_keys(ops: list[CallOp]) -> dict[CallOp, tuple]:
+    """Ops alike at the same place of repeated blocks share a key: the module
+    path with layer indices wildcarded, the op's target, arguments and types,
+    and which of the alike ops in that module it is (counting only alike ops,
+    so an op that CSE moved into the first layer does not shift the rest)."""
+    seen: dict[tuple, int] = defaultdict(int)
+    keys = {}
+    for op in ops:
+        path = module_path(op)
+        if not path:
+            keys[op] = (id(op),)
+            continue
+        alike = (_LAYER.sub(".*", path), op.target_name, str(op.args),
+                 tuple(str(v.type) for v in op.operands), tuple(str(r.type) for r in op.results))  # fmt: skip
+        keys[op] = (*alike, seen[(path, alike)])
+        seen[(path, alike)] += 1
+    return keys
+
+
+def solve(block, n: int, hw: Hardware, link: Link, values: dict[str, int],
+          memory: float | None = None, timeout_s: float = 10.0) -> Solution:  # fmt: skip
+    subs = {symbolic.symbol(k): sympy.Integer(v) for k, v in values.items()}
+    costs = _Costs(hw, n, link, subs)
+    params = {o.result for o in block.ops if isinstance(o, ParamOp)}
+    ops = [o for o in block.ops if isinstance(o, CallOp)]
+    keys = _group_keys(ops)
+    options: dict[tuple, list[Decision]] = {}
+    group_cost: dict[tuple, list[float]] = {}
+    group_memory: dict[tuple, list[float]] = {}
+    members: dict[tuple, int] = defaultdict(int)
+    representative: dict[tuple, CallOp] = {}
+    for op in ops:  # ops of one group have the same types, so the same costs
+        key = keys[op]
+        members[key] += 1
+        if key not in options:
+            representative[key] = op
+            options[key] = strategies(op, n, params)
+            group_cost[key] = [costs.compute(op, d) for d in options[key]]
+            group_memory[key] = [costs.weights(op, d, params) for d in options[key]]
+    for key, count in members.items():
+        group_cost[key] = [c * count for c in group_cost[key]]
+        group_memory[key] = [m * count for m in group_memory[key]]
+    producer = {r: (keys[o], k) for o in ops for k, r in enumerate(o.results)}
+    # (source, consumer, input index) -> how often; a source is (group, result)
+    # or a program input's type, a consumer (group, index) or None for a result
+    edges: dict[tuple, int] = defaultdict(int)
+    for op in ops:
+        for index, value in enumerate(op.inputs):
+            if value not in params:  # each rank loads its slice of a weight
+                edges[(producer.get(value, value.type), (keys[op], index))] += 1
+    for ret in (o for o in block.ops if isinstance(o, func.ReturnOp)):
+        for value in ret.operands:
+            edges[(producer.get(value, value.type), None)] += 1
+    pairs: dict[tuple, dict[tuple, float]] = defaultdict(lambda: defaultdict(float))
+    for (source, consumer), count in edges.items():
+        if isinstance(source, tuple):
+            group, result = source
+            t = representative[group].results[result].type
+            haves = [d.outputs[result] for d in options[group]]
+        else:  # a program input: replicated
+            group, t, haves = None, source, [REPLICATE]
+        if consumer is None:  # a program result: must be replicated
+            target, wants = None, [REPLICATE]
+        else:
+            target, index = consumer
+            wants = [d.inputs[index] for d in options[target]]
+        table = [[count * costs.reshard(t, have, want) for want in wants] for have in haves]
+        if group is None:
+            for j, row in enumerate(zip(*table)):
+                group_cost[target][j] += row[0]
+        elif target is None:
+            for i, row in enumerate(table):
+                group_cost[group][i] += row[0]
+        elif group == target:  # repeated blocks feeding each other: one shared choice
+            for i, row in enumerate(table):
+                group_cost[group][i] += row[i]
+        else:
+            for i, row in enumerate(table):
+                for j, cost in enumerate(row):
+                    pairs[(group, target)][(i, j)] += cost
+    limits = []
+    if memory is not None:
+        least = sum(min(m) for m in group_memory.values())
+        if least > memory:
+            raise SolveError(
+                f"memory budget {memory:.4g} B per device is below the minimum for weights on "
+                f"{n} ranks, {least:.4g} B; raise memory or use a larger mesh"
+            )
+        limits.append(({g: dict(enumerate(m)) for g, m in group_memory.items()}, memory))
+    picks, status = choose_one_each(
+        {g: dict(enumerate(c)) for g, c in group_cost.items()},
+        {p: dict(t) for p, t in pairs.items()},
+        limits,
+        timeout_s,
+    )
+    if picks is None:
+        raise SolveError(f"the sharding program has no solution ({status})")
+    objective = sum(group_cost[g][c] for g, c in picks.items()) + sum(
+        t.get((picks[a], picks[b]), 0.0) for (a, b), t in pairs.items()
+    )
+    return Solution(
+        decisions={op: options[keys[op]][picks[keys[op]]] for op in ops},
+        status=status,
+        objective=objective,
+        weight_bytes=sum(group_memory[g][c] for g, c in picks.items()),
+        groups=len(options),
+        ops=len(ops),
+    )
