@@ -9,10 +9,10 @@
 Each choice is a binary variable, one per group; a pair cost is linearised
 the way Alpa does its resharding edges (a variable per choice pair whose row
 and column sums equal the two groups' choices, so it is 0/1 whenever they
-are). Solved by HiGHS through scipy.optimize.milp: exact, deterministic and
-fast at the sizes plait meets. Returns (picks, status) with status "optimal"
-or "feasible" (time limit hit with a solution), or (None, "infeasible" |
-"timeout").
+are); an infinite cost forbids a choice or pair. Solved by HiGHS through
+scipy.optimize.milp: exact, deterministic and fast at the sizes plait meets.
+Returns (picks, status) with status "optimal" or "feasible" (time limit hit
+with a solution), or (None, "infeasible" | "timeout").
 """
 
 from __future__ import annotations
@@ -66,10 +66,19 @@ def choose_one_each(
     matrix = coo_array((v, (i, j)), shape=(len(rows), n))
     integral = np.zeros(n)
     integral[: len(column)] = 1  # pair variables follow from the choices
+    # an infinite cost forbids the choice (pair); the rest are scaled so the
+    # largest is 1e6: HiGHS stops within an absolute gap of 1e-6, which is
+    # larger than differences in seconds between plans
+    objective = np.asarray(objective, dtype=float)
+    allowed = np.isfinite(objective)
+    objective[~allowed] = 0.0
+    top = np.abs(objective).max(initial=0.0)
+    if top > 0:
+        objective *= 1e6 / top
     result = milp(
-        np.asarray(objective, dtype=float),
+        objective,
         integrality=integral,
-        bounds=Bounds(0, 1),
+        bounds=Bounds(0, allowed.astype(float)),
         constraints=[LinearConstraint(matrix, [r[1] for r in rows], [r[2] for r in rows])],
         options={"time_limit": timeout_s, "mip_rel_gap": 1e-7},  # tie-breakers are small
     )

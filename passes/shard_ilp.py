@@ -11,7 +11,7 @@ one the consumer needs (alpha-beta over the mesh axis's link); weights are
 sliced at load time, for free. One choice per op, least total time, weights
 within the `memory` budget per device:
 
-    solution = solve(block, axis, n, hardware, values, memory=80e9)
+    solution = solve(block, n, hardware, link, values, memory=80e9)
     solution.decisions[op], solution.status, solution.objective
 
 Ops of repeated transformer blocks (same module path but for the layer index,
@@ -21,6 +21,7 @@ grow with depth.
 
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ from .milp import choose_one_each
 from .op_cost import op_cost
 from .shard_rules import Decision, decide, replicated
 
-_IMPOSSIBLE = 1e6  # seconds: no collective makes a value partial
+_IMPOSSIBLE = math.inf  # no collective makes a value partial
 _PER_COLLECTIVE = 1e-7  # seconds: breaks ties between plans equal in the alpha-beta model
 
 
@@ -154,8 +155,25 @@ def _group_keys(ops: list[CallOp]) -> dict[CallOp, tuple]:
     return keys
 
 
-def solve(block, n: int, hw: Hardware, link: Link, values: dict[str, int],
-          memory: float | None = None, timeout_s: float = 10.0) -> Solution:  # fmt: skip
+@dataclass
+class Problem:
+    """One choice per group of alike ops: `options[g][i]` costs `costs[g][i]`
+    seconds and holds `memory[g][i]` weight bytes; choosing i for g and j for
+    h adds `pairs[(g, h)][(i, j)]` seconds of resharding."""
+
+    keys: dict[CallOp, tuple]
+    options: dict[tuple, list[Decision]]
+    costs: dict[tuple, list[float]]
+    memory: dict[tuple, list[float]]
+    pairs: dict[tuple, dict[tuple, float]]
+
+    def objective(self, picks: dict[tuple, int]) -> float:
+        return sum(self.costs[g][i] for g, i in picks.items()) + sum(
+            table.get((picks[g], picks[h]), 0.0) for (g, h), table in self.pairs.items()
+        )
+
+
+def formulate(block, n: int, hw: Hardware, link: Link, values: dict[str, int]) -> Problem:
     subs = {symbolic.symbol(k): sympy.Integer(v) for k, v in values.items()}
     costs = _Costs(hw, n, link, subs)
     params = {o.result for o in block.ops if isinstance(o, ParamOp)}
@@ -178,8 +196,8 @@ def solve(block, n: int, hw: Hardware, link: Link, values: dict[str, int],
         group_cost[key] = [c * count for c in group_cost[key]]
         group_memory[key] = [m * count for m in group_memory[key]]
     producer = {r: (keys[o], k) for o in ops for k, r in enumerate(o.results)}
-    # (source, consumer, input index) -> how often; a source is (group, result)
-    # or a program input's type, a consumer (group, index) or None for a result
+    # (source, consumer) -> how often; a source is (group, result index) or a
+    # program input's type, a consumer (group, input index) or None for a result
     edges: dict[tuple, int] = defaultdict(int)
     for op in ops:
         for index, value in enumerate(op.inputs):
@@ -203,8 +221,8 @@ def solve(block, n: int, hw: Hardware, link: Link, values: dict[str, int],
             wants = [d.inputs[index] for d in options[target]]
         table = [[count * costs.reshard(t, have, want) for want in wants] for have in haves]
         if group is None:
-            for j, row in enumerate(zip(*table)):
-                group_cost[target][j] += row[0]
+            for j, cost in enumerate(table[0]):
+                group_cost[target][j] += cost
         elif target is None:
             for i, row in enumerate(table):
                 group_cost[group][i] += row[0]
@@ -215,31 +233,34 @@ def solve(block, n: int, hw: Hardware, link: Link, values: dict[str, int],
             for i, row in enumerate(table):
                 for j, cost in enumerate(row):
                     pairs[(group, target)][(i, j)] += cost
+    return Problem(keys, options, group_cost, group_memory, {k: dict(t) for k, t in pairs.items()})
+
+
+def solve(block, n: int, hw: Hardware, link: Link, values: dict[str, int],
+          memory: float | None = None, timeout_s: float = 10.0) -> Solution:  # fmt: skip
+    problem = formulate(block, n, hw, link, values)
     limits = []
     if memory is not None:
-        least = sum(min(m) for m in group_memory.values())
+        least = sum(min(m) for m in problem.memory.values())
         if least > memory:
             raise SolveError(
                 f"memory budget {memory:.4g} B per device is below the minimum for weights on "
                 f"{n} ranks, {least:.4g} B; raise memory or use a larger mesh"
             )
-        limits.append(({g: dict(enumerate(m)) for g, m in group_memory.items()}, memory))
+        limits.append(({g: dict(enumerate(m)) for g, m in problem.memory.items()}, memory))
     picks, status = choose_one_each(
-        {g: dict(enumerate(c)) for g, c in group_cost.items()},
-        {p: dict(t) for p, t in pairs.items()},
+        {g: dict(enumerate(c)) for g, c in problem.costs.items()},
+        problem.pairs,
         limits,
         timeout_s,
     )
     if picks is None:
         raise SolveError(f"the sharding program has no solution ({status})")
-    objective = sum(group_cost[g][c] for g, c in picks.items()) + sum(
-        t.get((picks[a], picks[b]), 0.0) for (a, b), t in pairs.items()
-    )
     return Solution(
-        decisions={op: options[keys[op]][picks[keys[op]]] for op in ops},
+        decisions={op: problem.options[key][picks[key]] for op, key in problem.keys.items()},
         status=status,
-        objective=objective,
-        weight_bytes=sum(group_memory[g][c] for g, c in picks.items()),
-        groups=len(options),
-        ops=len(ops),
+        objective=problem.objective(picks),
+        weight_bytes=sum(problem.memory[g][i] for g, i in picks.items()),
+        groups=len(problem.options),
+        ops=len(problem.keys),
     )

@@ -49,3 +49,10 @@ def test_objective_equals_brute_force(seed):
 def test_infeasible_is_reported():
     picks, status = choose_one_each({"a": {"x": 1.0}}, limits=[({"a": {"x": 3}}, 2)])
     assert picks is None and status == "infeasible"
+
+
+def test_an_infinite_cost_forbids_a_pair():
+    costs = {"a": {"x": 0.0, "y": 1.0}, "b": {"x": 0.0, "y": 1.0}}
+    picks, status = choose_one_each(costs, {("a", "b"): {("x", "x"): float("inf")}})
+    assert status == "optimal" and picks != {"a": "x", "b": "x"}
+    assert sorted(picks.values()) == ["x", "y"]

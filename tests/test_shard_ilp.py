@@ -1,0 +1,170 @@
+"""shard{solve=ilp}: the integer program's choices (Megatron's layout, sequence
+parallelism), its optimality against brute force, memory budgets, and the
+numerics of its plans on real gloo ranks against eager."""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+import plait
+import pytest
+import torch
+from helpers import artifact_rank, max_rel_diff, run_ranks
+from plait.frontend import hf
+from plait.frontend.capture import capture
+from plait.frontend.importer import import_program
+from plait.hardware import load
+from plait.ir.text import parse_module, print_module
+from plait.passes.base import function_blocks
+from plait.passes.comm_cost import axis_links
+from plait.passes.manager import PassManager
+from plait.passes.shard_ilp import SolveError, formulate, solve
+from test_shard import MLP
+
+# communication almost free and memory slow: sharding anything that splits pays
+FREE_LINKS = """\
+name = "free-links"
+[compute]
+f32 = 1e12
+[memory]
+bandwidth = 1e6
+capacity = 1e12
+[[links]]
+name = "ideal"
+bandwidth = 1e18
+latency = 0.0
+"""
+
+
+def _meta_llama(layers: int, dynamic: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                         num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=8)  # fmt: skip
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    inputs = hf.example_inputs(model, 2 if dynamic else 1, 64)
+    shapes = hf.dynamic_shapes(max_seq=4096) if dynamic else None
+    module, _ = import_program(capture(hf.wrap(model), inputs, shapes))
+    return module
+
+
+def _counts(text: str) -> dict[str, int]:
+    names = ("all_reduce", "all_gather", "reduce_scatter", "local_shard")
+    return {name: text.count(f"plait.{name} ") for name in names}
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_the_solver_finds_megatrons_layout_at_any_depth(layers):
+    module = _meta_llama(layers, dynamic=True)  # batch and seq symbolic: seq cannot split
+    pipeline = "canonicalize,cse,dce,shard{mesh=tp:2,solve=ilp,values=batch:1,seq:2048},dce"
+    PassManager.parse(pipeline).run(module)
+    text = print_module(module)
+    # an all-reduce after o_proj and down_proj per layer; the vocab-split logits gathered
+    assert _counts(text) == {"all_reduce": 2 * layers, "all_gather": 1,
+                             "reduce_scatter": 0, "local_shard": 0}  # fmt: skip
+    for proj, dim in [("q_proj", 0), ("k_proj", 0), ("v_proj", 0), ("o_proj", 1),
+                      ("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)]:  # fmt: skip
+        assert (
+            text.count(f'{proj}.weight" {{plait.placements = #plait.placements<[shard({dim})]>}}')
+            == layers
+        )
+    assert re.search(r'plait.sharding = "ilp on h100-sxm; @forward: optimal', text)
+
+
+def test_with_a_static_sequence_it_picks_sequence_parallelism():
+    layers = 2
+    module = _meta_llama(layers, dynamic=False)
+    PassManager.parse("canonicalize,cse,dce,shard{mesh=tp:2,solve=ilp},dce").run(module)
+    counts = _counts(print_module(module))
+    # all-gather before each column-parallel pair, reduce-scatter after each row-parallel
+    # layer; plus the gathers into lm_head and of its logits, and one slice of the embeddings
+    assert counts == {"all_reduce": 0, "all_gather": 2 * layers + 2,
+                      "reduce_scatter": 2 * layers, "local_shard": 1}  # fmt: skip
+
+
+ATTENTION = """\
+builtin.module {
+  func.func @forward(%x : !plait.tensor<[2, 8, 64], f32>) -> !plait.tensor<[2, 8, 64], f32> {
+    %wq = plait.param "q.weight" : !plait.tensor<[64, 64], f32> loc("attn.q")
+    %wo = plait.param "o.weight" : !plait.tensor<[64, 64], f32> loc("attn.o")
+    %q = plait.linear "aten::linear"(%x, %wq) : !plait.tensor<[2, 8, 64], f32> loc("attn.q")
+    %h = plait.reshape "aten::view"(%q, [2, 8, 4, 16]) : !plait.tensor<[2, 8, 4, 16], f32> loc("attn")
+    %t = plait.reshape "aten::transpose.int"(%h, 1, 2) : !plait.tensor<[2, 4, 8, 16], f32> loc("attn")
+    %a = plait.attention "aten::scaled_dot_product_attention"(%t, %t, %t) : !plait.tensor<[2, 4, 8, 16], f32> loc("attn")
+    %b = plait.reshape "aten::transpose.int"(%a, 1, 2) : !plait.tensor<[2, 8, 4, 16], f32> loc("attn")
+    %c = plait.reshape "aten::reshape"(%b, [2, 8, 64]) : !plait.tensor<[2, 8, 64], f32> loc("attn")
+    %o = plait.linear "aten::linear"(%c, %wo) : !plait.tensor<[2, 8, 64], f32> loc("attn.o")
+    %r = plait.elementwise "aten::add.Tensor"(%x, %o) : !plait.tensor<[2, 8, 64], f32> loc("block")
+    %n = plait.norm "aten::rms_norm"(%r, [64]) : !plait.tensor<[2, 8, 64], f32> loc("norm")
+    func.return %n : !plait.tensor<[2, 8, 64], f32>
+  }
+}
+"""
+
+
+@pytest.mark.parametrize("text", [MLP, ATTENTION], ids=["mlp", "attention"])
+@pytest.mark.parametrize("hardware", ["h100-sxm", "cpu", "free-links"])
+def test_the_objective_equals_brute_force(text, hardware, tmp_path):
+    if hardware == "free-links":
+        hardware = tmp_path / "free-links.toml"
+        hardware.write_text(FREE_LINKS)
+    hw = load(hardware)
+    module = parse_module(text)
+    block = next(iter(function_blocks(module)))
+    values = {"b": 16}
+    _, link = axis_links({"tp": 2}, hw)["tp"]
+    problem = formulate(block, 2, hw, link, values)
+    groups = list(problem.options)
+    assert 4 <= len(groups) <= 12
+    best = min(
+        problem.objective(dict(zip(groups, picks)))
+        for picks in itertools.product(*(range(len(problem.options[g])) for g in groups))
+    )
+    solution = solve(block, 2, hw, link, values)
+    assert solution.status == "optimal"
+    assert solution.objective == pytest.approx(best, rel=1e-6, abs=1e-12)
+
+
+def test_a_memory_budget_binds_and_one_below_the_minimum_names_it(example):
+    model, inputs, _ = example("llama-tiny")
+    base = "canonicalize,cse,dce,shard{mesh=tp:2,solve=ilp,hardware=cpu"
+
+    def weights(memory: str) -> float:
+        program = plait.compile(model, inputs, pipeline=f"{base}{memory}}},dce")
+        return float(re.search(r"weights (\S+) B/device", program.ir).group(1))
+
+    free = weights("")
+    bound = weights(",memory=300000")
+    assert bound <= 300000 < free
+    with pytest.raises(
+        SolveError, match=r"below the minimum for weights on 2 ranks, 2\.83\d*e\+05 B"
+    ):
+        weights(",memory=60000")
+
+
+@pytest.mark.parametrize(
+    "hardware,dynamic,memory",
+    [("cpu", True, 0), ("h100-sxm", False, 300000), ("free-links", False, 0)],
+)
+def test_ilp_plans_match_eager_on_gloo_ranks(hardware, dynamic, memory, example, tmp_path):
+    if hardware == "free-links":
+        hardware = tmp_path / "free-links.toml"
+        hardware.write_text(FREE_LINKS)
+    model, example_inputs, shapes = example("llama-tiny")
+    program = plait.compile(
+        model,
+        example_inputs,
+        dynamic_shapes=shapes if dynamic else None,
+        pipeline=f"canonicalize,cse,dce,shard{{mesh=tp:2,solve=ilp,hardware={hardware},"
+        f"memory={memory}}},dce",
+    )
+    counts = _counts(program.ir)
+    assert sum(counts.values()) > 0  # the plan communicates
+    inputs = hf.example_inputs(model.model, 3, 11) if dynamic else example_inputs
+    with torch.no_grad():
+        ref = model(*inputs)
+    program.save(tmp_path / "artifact")
+    for out, _ in run_ranks(2, artifact_rank, str(tmp_path / "artifact"), list(inputs)):
+        assert max_rel_diff(out, ref) <= 1e-5
