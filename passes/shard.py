@@ -311,26 +311,22 @@ class Shard(Pass):
         if self.solve not in ("rules", "ilp"):
             raise ShardError(f"shard solve={self.solve}: use rules or ilp")
         if n > 1:
-            reports = []
-            for block in function_blocks(op):
-                chosen = None
-                if self.solve == "ilp":
-                    solution = self._solve(op, block, axis, n)
-                    chosen = solution.decisions
-                    reports.append(
-                        f"@{block.parent.parent.sym_name.data}: {solution.status}, predicted "
-                        f"{solution.objective:.6g} s/step, weights {solution.weight_bytes:.6g} "
-                        f"B/device, {solution.groups} choices for {solution.ops} ops"
-                    )
+            blocks = list(function_blocks(op))
+            chosen = None
+            if self.solve == "ilp":
+                solution = self._solve(op, blocks, axis, n)
+                chosen = solution.decisions
+                op.attributes[SHARDING_ATTR] = StringAttr(
+                    f"ilp on {self.hardware}: {solution.status}, predicted "
+                    f"{solution.objective:.6g} s/step, weights {solution.weight_bytes:.6g} "
+                    f"B/device, {solution.groups} choices for {solution.ops} ops"
+                )
+            for block in blocks:
                 _Sharder(block, axis, n, plan, chosen).run()
             _check_alike(op)
-            if reports:
-                op.attributes[SHARDING_ATTR] = StringAttr(
-                    f"ilp on {self.hardware}; " + "; ".join(reports)
-                )
         op.attributes[MESH_ATTR] = MeshAttr(tuple(axes.items()))
 
-    def _solve(self, module: ModuleOp, block, axis: str, n: int) -> Solution:
+    def _solve(self, module: ModuleOp, blocks, axis: str, n: int) -> Solution:
         from ..hardware import load
         from .comm_cost import axis_links
         from .memplan import symbol_values
@@ -338,7 +334,7 @@ class Shard(Pass):
         hw = load(self.hardware)
         values = symbol_values(module, self.values, "shard")
         _, link = axis_links({axis: n}, hw)[axis]
-        return solve(block, n, hw, link, values, self.memory or None)
+        return solve(blocks, n, hw, link, values, self.memory or None)
 
 
 def _check_alike(module: ModuleOp) -> None:

@@ -9,9 +9,9 @@ and holds its weights (split when sharded). An edge from a producer to a
 consumer costs the collective that turns the producer's placement into the
 one the consumer needs (alpha-beta over the mesh axis's link); weights are
 sliced at load time, for free. One choice per op, least total time, weights
-within the `memory` budget per device:
+and state (a KV cache) within the `memory` budget per device:
 
-    solution = solve(block, n, hardware, link, values, memory=80e9)
+    solution = solve(blocks, n, hardware, link, values, memory=80e9)
     solution.decisions[op], solution.status, solution.objective
 
 Ops of repeated transformer blocks (same module path but for the layer index,
@@ -56,7 +56,7 @@ class Solution:
     decisions: dict[Operation, Decision]
     status: str  # "optimal" | "feasible" (time limit, best found)
     objective: float  # predicted seconds per step of one rank
-    weight_bytes: float  # per device
+    weight_bytes: float  # weights and state (a KV cache) per device
     groups: int  # choice variables after sharing repeated blocks
     ops: int
 
@@ -107,12 +107,13 @@ class _Costs:
                                                                         cost.weight_bytes))  # fmt: skip
         return float(self.hw.roofline(flops, moved, _dtype(op), cost.rate, op.target_name, weights))
 
-    def weights(self, op: CallOp, d: Decision, params: set[SSAValue]) -> float:
-        held = 0.0
+    def weights(self, op: CallOp, d: Decision, held: set[SSAValue]) -> float:
+        """Bytes of the weights and state `op` reads that this function holds."""
+        total = 0.0
         for value, p in zip(op.inputs, d.inputs):
-            if value in params:
-                held += self.nbytes(value.type) / (self.n if p.kind == "shard" else 1)
-        return held
+            if value in held:
+                total += self.nbytes(value.type) / (self.n if p.kind == "shard" else 1)
+        return total
 
     def reshard(self, t: TensorType, have: Placement, want: Placement) -> float:
         """Seconds to turn a value placed `have` into `want` (global type `t`):
@@ -173,12 +174,23 @@ class Problem:
         )
 
 
-def formulate(block, n: int, hw: Hardware, link: Link, values: dict[str, int]) -> Problem:
+def formulate(blocks, n: int, hw: Hardware, link: Link, values: dict[str, int]) -> Problem:
+    """The program for the functions' `blocks` together: functions that share
+    a weight or state (@prefill and @decode) must slice it alike."""
     subs = {symbolic.symbol(k): sympy.Integer(v) for k, v in values.items()}
     costs = _Costs(hw, n, link, subs)
-    params = {o.result for o in block.ops if isinstance(o, ParamOp)}
-    ops = [o for o in block.ops if isinstance(o, CallOp)]
-    keys = _group_keys(ops)
+    params = {o.result for b in blocks for o in b.ops if isinstance(o, ParamOp)}
+    first: dict[str, int] = {}  # weight -> the first function that uses it, which holds it
+    for index, block in enumerate(blocks):
+        for o in block.ops:
+            if isinstance(o, ParamOp):
+                first.setdefault(o.weight_name, index)
+    held = {v for v in params if first[v.owner.weight_name] == blocks.index(v.owner.parent)}
+    ops, keys = [], {}
+    for index, block in enumerate(blocks):
+        calls = [o for o in block.ops if isinstance(o, CallOp)]
+        ops += calls
+        keys.update({op: (index, *key) for op, key in _group_keys(calls).items()})
     options: dict[tuple, list[Decision]] = {}
     group_cost: dict[tuple, list[float]] = {}
     group_memory: dict[tuple, list[float]] = {}
@@ -191,7 +203,7 @@ def formulate(block, n: int, hw: Hardware, link: Link, values: dict[str, int]) -
             representative[key] = op
             options[key] = strategies(op, n, params)
             group_cost[key] = [costs.compute(op, d) for d in options[key]]
-            group_memory[key] = [costs.weights(op, d, params) for d in options[key]]
+            group_memory[key] = [costs.weights(op, d, held) for d in options[key]]
     for key, count in members.items():
         group_cost[key] = [c * count for c in group_cost[key]]
         group_memory[key] = [m * count for m in group_memory[key]]
@@ -203,7 +215,7 @@ def formulate(block, n: int, hw: Hardware, link: Link, values: dict[str, int]) -
         for index, value in enumerate(op.inputs):
             if value not in params:  # each rank loads its slice of a weight
                 edges[(producer.get(value, value.type), (keys[op], index))] += 1
-    for ret in (o for o in block.ops if isinstance(o, func.ReturnOp)):
+    for ret in (o for b in blocks for o in b.ops if isinstance(o, func.ReturnOp)):
         for value in ret.operands:
             edges[(producer.get(value, value.type), None)] += 1
     pairs: dict[tuple, dict[tuple, float]] = defaultdict(lambda: defaultdict(float))
@@ -233,12 +245,34 @@ def formulate(block, n: int, hw: Hardware, link: Link, values: dict[str, int]) -
             for i, row in enumerate(table):
                 for j, cost in enumerate(row):
                     pairs[(group, target)][(i, j)] += cost
+    _slice_alike(ops, keys, options, params, pairs)
     return Problem(keys, options, group_cost, group_memory, {k: dict(t) for k, t in pairs.items()})
 
 
-def solve(block, n: int, hw: Hardware, link: Link, values: dict[str, int],
+def _slice_alike(ops, keys, options, params, pairs) -> None:
+    """Forbid pairs of choices that slice one weight differently in two functions
+    (each rank holds one copy of its part): every use of a weight is tied to
+    its first use."""
+    first: dict[str, tuple[tuple, int]] = {}
+    for op in ops:
+        for index, value in enumerate(op.inputs):
+            if value not in params:
+                continue
+            use = (keys[op], index)
+            anchor = first.setdefault(value.owner.weight_name, use)
+            (g, a), (h, b) = anchor, use
+            if g[0] == h[0]:
+                continue  # the same function: the pass keeps a copy per slicing
+            table = pairs[(g, h)]
+            for i, d in enumerate(options[g]):
+                for j, e in enumerate(options[h]):
+                    if d.inputs[a] != e.inputs[b]:
+                        table[(i, j)] = _IMPOSSIBLE
+
+
+def solve(blocks, n: int, hw: Hardware, link: Link, values: dict[str, int],
           memory: float | None = None, timeout_s: float = 10.0) -> Solution:  # fmt: skip
-    problem = formulate(block, n, hw, link, values)
+    problem = formulate(blocks, n, hw, link, values)
     limits = []
     if memory is not None:
         least = sum(min(m) for m in problem.memory.values())
