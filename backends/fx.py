@@ -147,8 +147,13 @@ class _SymExprs:
         self.graph = graph
         self.nodes: dict[sympy.Expr, torch.fx.Node] = {}
 
-    def bind(self, symbol: str, tensor: torch.fx.Node, dim: int) -> None:
+    def bind(self, symbol: str, tensor: torch.fx.Node, dim: int, scale: int = 1, offset: int = 0):
+        """The symbol's value from an input dim that is `scale * symbol + offset`."""
         node = self.graph.call_function(torch.ops.aten.sym_size.int, (tensor, dim))
+        if offset:
+            node = self.graph.call_function(operator.sub, (node, offset))
+        if scale != 1:
+            node = self.graph.call_function(operator.floordiv, (node, scale))
         node.name = symbol
         self.nodes[symbolic.symbol(symbol)] = node
 
@@ -411,8 +416,13 @@ class _Lowering:
         axis, dim = op.axis.data, op.dim.value.data
         if self.groups is None or axis not in self.groups.coords:
             raise LoweringError(f"{where(op)}: plait.local_shard needs the rank's mesh position")
-        size = op.result.type.shape[dim]
-        start = self.groups.coords[axis] * size
+        size = self.syms.node(sympy.sympify(op.result.type.shape[dim]))  # int, or a size node
+        coord = self.groups.coords[axis]
+        start = (
+            coord * size
+            if isinstance(size, int)
+            else self.graph.call_function(operator.mul, (size, coord))
+        )
         args = (self.values[op.input], dim, start, size)
         self.values[op.result] = self._node(torch.ops.aten.narrow.default, args, {}, op)
 
@@ -495,11 +505,17 @@ class _Lowering:
         for index, arg in enumerate(block.args):
             name = arg.name_hint or f"input_{index}"
             self.values[arg] = self.graph.placeholder(name)
-        # bind each symbol from the first input dim that is exactly that symbol
-        for arg, type_ in zip(block.args, types):
-            for d, dim in enumerate(type_.shape):
-                if isinstance(dim, sympy.Symbol) and dim not in self.syms.nodes:
-                    self.syms.bind(dim.name, self.values[arg], d)
+        # bind each symbol from the first input dim that is exactly that symbol,
+        # else from one linear in it (a derived dim such as 2*k)
+        for only_exact in (True, False):
+            for arg, type_ in zip(block.args, types):
+                for d, dim in enumerate(type_.shape):
+                    linear = _linear_in_one_symbol(dim)
+                    if not linear or linear[0] in self.syms.nodes:
+                        continue
+                    symbol, scale, offset = linear
+                    if (scale, offset) == (1, 0) or not only_exact:
+                        self.syms.bind(symbol.name, self.values[arg], d, scale, offset)
         for type_ in types:
             for dim in type_.shape:
                 unbound = symbolic.free_names(dim) - {
@@ -509,7 +525,7 @@ class _Lowering:
                     raise LoweringError(
                         f"input dim {symbolic.to_text(dim)} uses size symbol '{sorted(unbound)[0]}', "
                         "which no input has as a dim of its own; plait reads each symbol's value "
-                        "from an input dim that is exactly that symbol"
+                        "from an input dim that is that symbol or linear in it (2*k + 1)"
                     )
         ops = list(block.ops)
         for op in ops:
@@ -591,3 +607,15 @@ def build_program(
         input_names=[a.name_hint or f"input_{i}" for i, a in enumerate(fn.body.blocks.first.args)],
         symbols=symbols.ranges if symbols is not None else {},
     )
+
+
+def _linear_in_one_symbol(dim) -> tuple[sympy.Symbol, int, int] | None:
+    """(k, a, b) when dim is a*k + b with integers a > 0 and b, else None."""
+    if isinstance(dim, int) or len(dim.free_symbols) != 1:
+        return None
+    (k,) = dim.free_symbols
+    poly = sympy.Poly(dim, k) if dim.is_polynomial(k) else None
+    if poly is None or poly.degree() != 1 or not all(c.is_integer for c in poly.all_coeffs()):
+        return None
+    a, b = (int(c) for c in poly.all_coeffs())
+    return (k, a, b) if a > 0 else None

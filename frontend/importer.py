@@ -152,8 +152,10 @@ class _Importer:
             if not isinstance(fake, torch.Tensor):
                 continue
             for d, size in enumerate(fake.shape):
-                if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol:
-                    symbol = size.node.expr
+                # a dim is a symbol, or a formula in one (a derived dim such as 2*k)
+                free = size.node.expr.free_symbols if isinstance(size, torch.SymInt) else ()
+                if len(free) == 1:
+                    (symbol,) = free
                     self.symbols.bind(symbol, names.get(d), ranges.get(symbol))
 
     def lookup(self, node: torch.fx.Node):
@@ -220,7 +222,8 @@ class _Importer:
         owner = plait_name.rpartition(".")[0]
         if owner:
             op.location = location(owner)
-        op.result.name_hint = plait_name
+        # SSA names may not start with a digit (nn.Sequential's "0.weight")
+        op.result.name_hint = plait_name if not plait_name[0].isdigit() else f"p{plait_name}"
         if kind != "state":
             self.weights.add(plait_name, tensor)
         self.block.add_op(op)

@@ -41,6 +41,7 @@ def dim_names(
         names: dict[int, str] = {}
         items = spec.items() if isinstance(spec, dict) else enumerate(spec or ())
         for index, dim in items:
+            dim = getattr(dim, "root", dim)  # a derived dim (2 * Dim("k")) names its root
             name = getattr(dim, "__name__", None)
             usable = name and name.isascii() and name.isidentifier() and not name.startswith("_")
             if usable and name not in RESERVED:

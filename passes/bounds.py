@@ -3,6 +3,7 @@
     result = prove_at_most(activation_bytes, 80e9, {"batch": (1, 64), "seq": (2, 8192)})
     result.proved           # True: holds for every batch and seq in range
     result.counterexample   # else values where it fails, e.g. {"batch": 64, "seq": 8192}
+    prove_divisible(2 * k, 2, {"k": (1, 512)}).proved   # True: seq = 2k splits in two
 
 Every call has a time limit; when z3 cannot decide in time the result says
 so (`proved` False, `unknown` True) instead of guessing.
@@ -78,4 +79,30 @@ def prove_at_most(
     if verdict == z3.sat:
         model = solver.model()
         return BoundResult(False, {n: model.eval(v).as_long() for n, v in variables.items()})
+    return BoundResult(False, unknown=True)
+
+
+def prove_divisible(
+    expr: sympy.Expr, n: int, ranges: dict[str, tuple[int, int | None]], timeout_ms: int = 2000
+) -> BoundResult:
+    """Is expr a multiple of n for every value of the symbols in their ranges?"""
+    expr = sympy.sympify(expr)
+    variables = {s.name: z3.Int(s.name) for s in expr.free_symbols}
+    solver = z3.Solver()
+    solver.set("timeout", timeout_ms)
+    for name, var in variables.items():
+        lo, hi = ranges.get(name, (1, None))
+        solver.add(var >= lo)
+        if hi is not None:
+            solver.add(var <= hi)
+    term = to_z3(expr, variables)
+    if not term.is_int():
+        return BoundResult(False, unknown=True)
+    solver.add(term % n != 0)
+    verdict = solver.check()
+    if verdict == z3.unsat:
+        return BoundResult(proved=True)
+    if verdict == z3.sat:
+        model = solver.model()
+        return BoundResult(False, {k: model.eval(v).as_long() for k, v in variables.items()})
     return BoundResult(False, unknown=True)

@@ -50,6 +50,7 @@ from ..ir.attrs import (
     MESH_ATTR,
     PLACEMENTS_ATTR,
     REPLICATE,
+    SYMBOLS_ATTR,
     MeshAttr,
     Placement,
     PlacementsAttr,
@@ -71,7 +72,16 @@ from ..ir.text import module_path, where
 from .base import Pass, function_blocks
 from .op_cost import COMPRESSED_LINEARS
 from .shard_ilp import Solution, solve
-from .shard_rules import SIZE_ARGS, STYLES, Decision, decide, divides, local_type
+from .shard_rules import (
+    SIZE_ARGS,
+    STYLES,
+    SYMBOL_RANGES,
+    Decision,
+    decide,
+    divides,
+    local_type,
+    sizes_that_split,
+)
 
 SHARDING_ATTR = "plait.sharding"  # module: how the solver chose (status, objective)
 
@@ -198,7 +208,7 @@ class _Sharder:
         if isinstance(op, AttentionOp) and decision.outputs == [REPLICATE]:
             heads = [t.shape[1] for t in types[:3]]  # query, key, value: [batch, heads, ...]
             if any(not divides(h, self.n) for h in heads):
-                fits = [n for n in range(2, max(heads) + 1) if all(divides(h, n) for h in heads)]
+                fits = sizes_that_split(*heads)
                 self.replicated_attention.append(
                     f"{module_path(op) or where(op)}: {heads[0]} query and {heads[1]} kv heads "
                     f"do not split over {self.n} ranks (sizes that do: "
@@ -311,20 +321,28 @@ class Shard(Pass):
         if self.solve not in ("rules", "ilp"):
             raise ShardError(f"shard solve={self.solve}: use rules or ilp")
         if n > 1:
-            blocks = list(function_blocks(op))
-            chosen = None
-            if self.solve == "ilp":
-                solution = self._solve(op, blocks, axis, n)
-                chosen = solution.decisions
-                op.attributes[SHARDING_ATTR] = StringAttr(
-                    f"ilp on {self.hardware}: {solution.status}, predicted "
-                    f"{solution.objective:.6g} s/step, weights {solution.weight_bytes:.6g} "
-                    f"B/device, {solution.groups} choices for {solution.ops} ops"
-                )
-            for block in blocks:
-                _Sharder(block, axis, n, plan, chosen).run()
-            _check_alike(op)
+            symbols = op.attributes.get(SYMBOLS_ATTR)  # ranges, for divisibility proofs
+            token = SYMBOL_RANGES.set(symbols.data if symbols is not None else ())
+            try:
+                self._shard(op, plan, axis, n)
+            finally:
+                SYMBOL_RANGES.reset(token)
         op.attributes[MESH_ATTR] = MeshAttr(tuple(axes.items()))
+
+    def _shard(self, op: ModuleOp, plan, axis: str, n: int) -> None:
+        blocks = list(function_blocks(op))
+        chosen = None
+        if self.solve == "ilp":
+            solution = self._solve(op, blocks, axis, n)
+            chosen = solution.decisions
+            op.attributes[SHARDING_ATTR] = StringAttr(
+                f"ilp on {self.hardware}: {solution.status}, predicted "
+                f"{solution.objective:.6g} s/step, weights {solution.weight_bytes:.6g} "
+                f"B/device, {solution.groups} choices for {solution.ops} ops"
+            )
+        for block in blocks:
+            _Sharder(block, axis, n, plan, chosen).run()
+        _check_alike(op)
 
     def _solve(self, module: ModuleOp, blocks, axis: str, n: int) -> Solution:
         from ..hardware import load

@@ -98,14 +98,20 @@ class _Costs:
         return _evaluate(t.nbytes, self.subs)
 
     def compute(self, op: CallOp, d: Decision) -> float:
+        """Per-rank seconds of `op`, and of the all-reduce inside a row-parallel
+        layer with a bias (its result is replicated, not partial)."""
         cost = op_cost(op)
         if cost.kind != "compute":
             return 0.0
+        inside = 0.0
+        if d.style == "row" and d.outputs == [REPLICATE]:
+            inside = self.reshard(op.results[0].type, partial("sum"), REPLICATE)
         split = any(p.kind != "replicate" for p in d.outputs)
         k = self.n if split else 1
         flops, moved, weights = (_evaluate(e, self.subs) / k for e in (cost.flops, cost.bytes,
                                                                         cost.weight_bytes))  # fmt: skip
-        return float(self.hw.roofline(flops, moved, _dtype(op), cost.rate, op.target_name, weights))
+        time = self.hw.roofline(flops, moved, _dtype(op), cost.rate, op.target_name, weights)
+        return float(time) + inside
 
     def weights(self, op: CallOp, d: Decision, held: set[SSAValue]) -> float:
         """Bytes of the weights and state `op` reads that this function holds."""

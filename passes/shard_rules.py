@@ -16,6 +16,8 @@ the sharded dim along, and everything else runs replicated.
 
 from __future__ import annotations
 
+import functools
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import sympy
@@ -51,9 +53,30 @@ class Decision:
     sizes: dict[int, object] = field(default_factory=dict)
 
 
+# the size symbols' ranges of the module being sharded (the shard pass sets them)
+SYMBOL_RANGES: ContextVar[tuple[tuple[str, int, int | None], ...]] = ContextVar(
+    "SYMBOL_RANGES", default=()
+)
+
+
 def divides(dim, n: int) -> bool:
-    """Is a (static) dim split evenly n ways?"""
-    return isinstance(dim, int) and dim % n == 0
+    """Is a dim split evenly n ways, for every size in range? A symbolic dim
+    only when z3 proves it (2*k over 2 ranks, not seq)."""
+    if isinstance(dim, int):
+        return dim % n == 0
+    return _proved_divisible(dim, n, SYMBOL_RANGES.get())
+
+
+def sizes_that_split(*dims) -> list[int]:
+    """Mesh sizes up to 64 that split every one of `dims` evenly."""
+    return [n for n in range(2, 65) if all(divides(d, n) for d in dims)]
+
+
+@functools.lru_cache(maxsize=4096)
+def _proved_divisible(dim, n: int, ranges: tuple) -> bool:
+    from .bounds import prove_divisible
+
+    return prove_divisible(dim, n, {name: (lo, hi) for name, lo, hi in ranges}).proved
 
 
 def local_type(t: TensorType, placement: Placement, n: int) -> TensorType:
@@ -105,12 +128,14 @@ def _weight_sharded(op: CallOp, x: int, w: int, bias: int | None, arriving, type
             raise PlanError(
                 f"{where(op)}: the plan makes this layer {style}, but its "
                 f"{'input' if style == 'rowwise' else 'output'} features ({dim}) do not split "
-                f"over {n} ranks; use another style for it or a mesh that divides {dim}"
+                f"over {n} ranks; use another style for it or a mesh size that divides {dim} "
+                f"({', '.join(map(str, sizes_that_split(dim))) or 'none'})"
             )
     rowwise = style == "rowwise" or (style is None and arriving[x] == shard(x_rank - 1))
     if rowwise and divides(weight.shape[w_in], n):
         inputs[x], inputs[w] = shard(x_rank - 1), shard(w_in)  # row-parallel
-        return Decision(inputs, [SUM], "row")
+        # with a bias, the partial sums are all-reduced inside the op, then it is added once
+        return Decision(inputs, [SUM if bias is None else R], "row")
     if divides(weight.shape[w_out], n):
         inputs[w] = shard(w_out)  # column-parallel
         if bias is not None:

@@ -52,6 +52,18 @@ def _recompile_hint(symbol: str | None, name: str, dim: int) -> str:
     return f"recompile with a wider range for '{symbol}' (Dim('{symbol}', min=..., max=...))"
 
 
+def _solve(dim: sympy.Expr, size: int, name: str, index: int) -> tuple[str, int]:
+    """The value of the one symbol in `dim` that makes it `size` (k for 2*k = 10)."""
+    (symbol,) = dim.free_symbols
+    roots = [r for r in sympy.solve(sympy.Eq(dim, size), symbol) if r.is_integer]
+    if not roots:
+        raise InputError(
+            f"input '{name}' dim {index} is {size}, which is not {symbolic.to_text(dim)} "
+            f"for any integer {symbol.name}; pad it to such a size"
+        )
+    return symbol.name, int(roots[0])
+
+
 def check_inputs(
     names: Sequence[str],
     types: Sequence[TensorType],
@@ -82,8 +94,8 @@ def check_inputs(
                         f"input '{name}' dim {d} is {size} but the model was compiled for "
                         f"{dim}; {_recompile_hint(None, name, d)}"
                     )
-            elif isinstance(dim, sympy.Symbol):
-                symbol = dim.name
+            elif isinstance(dim, sympy.Symbol) or len(dim.free_symbols) == 1:
+                symbol, size = _solve(dim, size, name, d)
                 if symbol in values and values[symbol] != size:
                     raise InputError(
                         f"input '{name}' dim {d} is {size} but '{symbol}' is "

@@ -86,3 +86,20 @@ def test_runs_on_cuda(example):
     assert out.device.type == "cuda"
     with torch.no_grad():
         assert max_rel_diff(out.cpu(), model(*inputs)) <= 1e-4  # TF32/kernel differences
+
+
+def test_a_derived_dim_is_named_after_its_root_and_checked_at_call_time():
+    from torch.export import Dim
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))
+    k = Dim("k", min=1, max=64)
+    compiled = plait.compile(model, (torch.randn(8, 16),), dynamic_shapes=((2 * k, None),))
+    assert "!plait.tensor<[2*k, 16], f32>" in compiled.ir
+    for rows in (4, 10, 128):  # k read back from the input as rows // 2
+        x = torch.randn(rows, 16)
+        assert torch.allclose(compiled(x), model(x), atol=1e-6)
+    with pytest.raises(plait.PlaitError, match=r"dim 0 is 9, which is not 2\*k for any integer k"):
+        compiled(torch.randn(9, 16))
+    with pytest.raises(plait.PlaitError, match=r"outside the compiled range"):
+        compiled(torch.randn(130, 16))

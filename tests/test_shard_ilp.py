@@ -189,3 +189,48 @@ def test_prefill_and_decode_are_solved_together_and_generate_like_transformers()
         assert torch.equal(compiled.generate(ids, 24), expected)
     finally:
         compiled.close()
+
+
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(64, 256), torch.nn.Linear(256, 64)
+        self.norm = torch.nn.RMSNorm(64)
+
+    def forward(self, x):
+        return self.norm(x + self.down(torch.relu(self.up(x))))
+
+
+@pytest.mark.parametrize("multiple", [True, False], ids=["seq=2k", "seq"])
+def test_a_symbolic_dim_is_split_only_where_z3_proves_it_divides(multiple, tmp_path):
+    from torch.export import Dim
+
+    torch.manual_seed(0)
+    block = _Block()
+    k = Dim("k", min=1, max=512)
+    seq = 2 * k if multiple else Dim("seq", min=2, max=1024)
+    hardware = tmp_path / "free-links.toml"
+    hardware.write_text(FREE_LINKS)
+    program = plait.compile(block, (torch.randn(1, 8, 64),), dynamic_shapes={"x": {1: seq}},
+                            pipeline=f"shard{{mesh=tp:2,solve=ilp,hardware={hardware}}}")  # fmt: skip
+    # with communication free, the solver splits the sequence wherever it may
+    assert ("!plait.tensor<[1, k, 64], f32>" in program.ir) == multiple
+    assert "floordiv" not in program.ir
+    program.save(tmp_path / "artifact")
+    for length in (6, 10):
+        x = torch.randn(1, length, 64)
+        for out, _ in run_ranks(2, artifact_rank, str(tmp_path / "artifact"), [x]):
+            assert max_rel_diff(out, block(x).detach()) <= 1e-5
+
+
+def test_divisibility_is_proved_over_the_declared_range():
+    from plait.ir import symbolic
+    from plait.passes.bounds import prove_divisible
+
+    k, seq = symbolic.symbol("k"), symbolic.symbol("seq")
+    assert prove_divisible(4 * k, 2, {"k": (1, 512)}).proved
+    assert prove_divisible(6 * k + 2, 2, {}).proved
+    odd = prove_divisible(2 * k + 1, 2, {"k": (1, 512)})
+    assert not odd.proved and 1 <= odd.counterexample["k"] <= 512
+    assert prove_divisible(seq, 4, {"seq": (8, 8)}).proved  # one value in range
+    assert not prove_divisible(seq, 4, {"seq": (8, 9)}).proved
