@@ -148,6 +148,7 @@ def _group_keys(ops: list[CallOp]) -> dict[CallOp, tuple]:
     path with layer indices wildcarded, the op's target, arguments and types,
     and which of the alike ops in that module it is (counting only alike ops,
     so an op that CSE moved into the first layer does not shift the rest)."""
+    kinds: dict[tuple, int] = {}  # alike ops -> a small number, so keys hash fast
     seen: dict[tuple, int] = defaultdict(int)
     keys = {}
     for op in ops:
@@ -155,10 +156,11 @@ def _group_keys(ops: list[CallOp]) -> dict[CallOp, tuple]:
         if not path:
             keys[op] = (id(op),)
             continue
-        alike = (_LAYER.sub(".*", path), op.target_name, str(op.args),
-                 tuple(str(v.type) for v in op.operands), tuple(str(r.type) for r in op.results))  # fmt: skip
-        keys[op] = (*alike, seen[(path, alike)])
-        seen[(path, alike)] += 1
+        alike = (_LAYER.sub(".*", path), op.target_name, op.args,
+                 tuple(v.type for v in op.operands), tuple(r.type for r in op.results))  # fmt: skip
+        kind = kinds.setdefault(alike, len(kinds))
+        keys[op] = (kind, seen[(path, kind)])
+        seen[(path, kind)] += 1
     return keys
 
 
@@ -278,7 +280,10 @@ def _slice_alike(ops, keys, options, params, pairs) -> None:
 
 def solve(blocks, n: int, hw: Hardware, link: Link, values: dict[str, int],
           memory: float | None = None, timeout_s: float = 10.0) -> Solution:  # fmt: skip
-    problem = formulate(blocks, n, hw, link, values)
+    return optimize(formulate(blocks, n, hw, link, values), n, memory, timeout_s)
+
+
+def optimize(problem: Problem, n: int, memory: float | None = None, timeout_s: float = 10.0):
     limits = []
     if memory is not None:
         least = sum(min(m) for m in problem.memory.values())
