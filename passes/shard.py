@@ -55,6 +55,7 @@ from ..ir.attrs import (
     Placement,
     PlacementsAttr,
     mesh_from_text,
+    shard,
 )
 from ..ir.errors import PlaitError
 from ..ir.ops import (
@@ -69,15 +70,18 @@ from ..ir.ops import (
     call_op_class,
 )
 from ..ir.text import module_path, where
+from ..ir.types import TensorType
 from .base import Pass, function_blocks
 from .op_cost import COMPRESSED_LINEARS
 from .shard_ilp import Solution, solve
 from .shard_rules import (
+    DATA_AXES,
     SIZE_ARGS,
     STYLES,
     SYMBOL_RANGES,
     Decision,
     decide,
+    decide_data,
     divides,
     local_type,
     sizes_that_split,
@@ -91,11 +95,18 @@ class ShardError(PlaitError):
 
 
 class _Sharder:
+    """Shards one mesh axis. Along a tensor axis weights split (Megatron);
+    along a data axis (`data`) the inputs split on their batch dim and
+    weights stay whole; the other axis's collectives pass the batch through."""
+
     def __init__(self, block, axis: str, n: int, plan: list[tuple[str, str]] = (),
-                 chosen: dict[Operation, Decision] | None = None):  # fmt: skip
+                 chosen: dict[Operation, Decision] | None = None,
+                 axes: tuple[str, ...] = (), data: bool = False):  # fmt: skip
         self.block, self.axis, self.n = block, axis, n
         self.plan = plan  # (module-path glob, style), first match wins
         self.chosen = chosen or {}  # op -> decision made by the solver
+        self.axes = axes or (axis,)  # the mesh's axes, outermost first
+        self.data = data
         self.placement: dict[SSAValue, Placement] = {}
         self.params: set[SSAValue] = set()
         self.resharded: dict[tuple[SSAValue, Placement], SSAValue] = {}
@@ -164,7 +175,10 @@ class _Sharder:
         """A copy of the weight that each rank loads only its slice of."""
         local = local_type(param.result.type, want, self.n)
         op = ParamOp(param.weight_name, local, param.kind.data)
-        op.attributes[PLACEMENTS_ATTR] = PlacementsAttr((want,))
+        placed = param.attributes.get(PLACEMENTS_ATTR)
+        placements = list(placed.data) if placed else [REPLICATE] * len(self.axes)
+        placements[self.axes.index(self.axis)] = want
+        op.attributes[PLACEMENTS_ATTR] = PlacementsAttr(tuple(placements))
         op.location = param.location
         op.result.name_hint = param.result.name_hint
         Rewriter.insert_op(op, InsertPoint.after(param))
@@ -174,7 +188,10 @@ class _Sharder:
     # ---- ops --------------------------------------------------------------------
 
     def run(self) -> None:
-        for op in list(self.block.ops):
+        ops = list(self.block.ops)
+        if self.data:
+            self.split_batch()
+        for op in ops:
             if isinstance(op, ParamOp):
                 self.params.add(op.result)
             elif isinstance(op, func.ReturnOp):
@@ -183,7 +200,9 @@ class _Sharder:
             elif isinstance(op, CallOp):
                 self.call(op)
             elif isinstance(op, (CollectiveOp, LocalShardOp)):
-                raise ShardError(f"{where(op)}: the program is already sharded")
+                if op.axis.data == self.axis:
+                    raise ShardError(f"{where(op)}: the program is already sharded")
+                self.other_axis(op)
         for param in [v for v in self.params if not v.uses]:
             Rewriter.erase_op(param.owner)
         if self.replicated_attention:
@@ -192,6 +211,40 @@ class _Sharder:
                 f"e.g. {self.replicated_attention[0]}; its inputs are all-gathered first",
                 stacklevel=2,
             )
+
+    def split_batch(self) -> None:
+        """Each rank of the data axis takes its slice of every input's batch (dim 0)."""
+        first = self.block.first_op
+        for arg in self.block.args:
+            if (
+                isinstance(arg.type, TensorType)
+                and arg.type.rank
+                and divides(arg.type.shape[0], self.n)
+            ):
+                local = local_type(arg.type, shard(0), self.n)
+                sliced = self._insert(LocalShardOp(arg, local, self.axis, 0), first, shard(0))
+                for use in list(arg.uses):
+                    if use.operation is not sliced.owner:
+                        use.operation.operands[use.index] = sliced
+
+    def other_axis(self, op: Operation) -> None:
+        """A collective over another mesh axis: a split on another dim passes through."""
+        have = self.place(op.operands[0])
+        dim = op.dim.value.data if hasattr(op, "dim") else None
+        if have.kind != "shard" or have.dim == dim:
+            op.operands[0] = self.reshard(op.operands[0], REPLICATE, op)
+            return
+        local = local_type(op.results[0].type, have, self.n)
+        value, axis = op.operands[0], op.axis.data
+        if isinstance(op, AllReduceOp):
+            new = AllReduceOp(value, axis, op.reduce.data, op.is_async is not None)
+        elif isinstance(op, AllGatherOp):
+            new = AllGatherOp(value, local, axis, dim, op.is_async is not None)
+        elif isinstance(op, ReduceScatterOp):
+            new = ReduceScatterOp(value, local, axis, dim, op.reduce.data, op.is_async is not None)
+        else:
+            new = LocalShardOp(value, local, axis, dim)
+        self._replace(op, new, [have])
 
     def call(self, op: CallOp) -> None:
         if op.target_name in COMPRESSED_LINEARS:
@@ -203,7 +256,9 @@ class _Sharder:
         types = [self._full_type(v) for v in op.inputs]  # rules reason on global shapes
         style = self.style(op)
         decision = self.chosen.get(op) if style is None else None
-        if decision is None:
+        if self.data:
+            decision = decide_data(op, arriving, types, self.n, self.params)
+        elif decision is None:
             decision = decide(op, arriving, types, self.n, self.params, style)
         if isinstance(op, AttentionOp) and decision.outputs == [REPLICATE]:
             heads = [t.shape[1] for t in types[:3]]  # query, key, value: [batch, heads, ...]
@@ -310,26 +365,31 @@ class Shard(Pass):
     def apply(self, ctx: Context, op: ModuleOp) -> None:
         plan = self._plan()
         axes = mesh_from_text(self.mesh)
-        if len(axes) != 1:
+        data = [a for a in axes if a in DATA_AXES]
+        tensor = [a for a in axes if a not in DATA_AXES]
+        if len(data) > 1 or len(tensor) > 1:
             raise ShardError(
-                f"mesh '{self.mesh}': the rule-based sharding handles one mesh axis; "
-                "use a 1-D mesh such as tp:8"
+                f"mesh '{self.mesh}': give at most one tensor-parallel axis and one data-parallel "
+                f"axis ({', '.join(DATA_AXES)}), e.g. tp:8 or dp:2,tp:4"
             )
         if MESH_ATTR in op.attributes:
             raise ShardError("the program is already sharded (it has a plait.mesh)")
-        ((axis, n),) = axes.items()
         if self.solve not in ("rules", "ilp"):
             raise ShardError(f"shard solve={self.solve}: use rules or ilp")
-        if n > 1:
-            symbols = op.attributes.get(SYMBOLS_ATTR)  # ranges, for divisibility proofs
-            token = SYMBOL_RANGES.set(symbols.data if symbols is not None else ())
-            try:
-                self._shard(op, plan, axis, n)
-            finally:
-                SYMBOL_RANGES.reset(token)
+        symbols = op.attributes.get(SYMBOLS_ATTR)  # ranges, for divisibility proofs
+        token = SYMBOL_RANGES.set(symbols.data if symbols is not None else ())
+        try:
+            if tensor and axes[tensor[0]] > 1:  # weights first, on the global batch
+                self._shard(op, plan, tuple(axes), tensor[0], axes[tensor[0]])
+            if data and axes[data[0]] > 1:
+                for block in function_blocks(op):
+                    _Sharder(block, data[0], axes[data[0]], axes=tuple(axes), data=True).run()
+                _check_alike(op)
+        finally:
+            SYMBOL_RANGES.reset(token)
         op.attributes[MESH_ATTR] = MeshAttr(tuple(axes.items()))
 
-    def _shard(self, op: ModuleOp, plan, axis: str, n: int) -> None:
+    def _shard(self, op: ModuleOp, plan, axes: tuple[str, ...], axis: str, n: int) -> None:
         blocks = list(function_blocks(op))
         chosen = None
         if self.solve == "ilp":
@@ -341,7 +401,7 @@ class Shard(Pass):
                 f"B/device, {solution.groups} choices for {solution.ops} ops"
             )
         for block in blocks:
-            _Sharder(block, axis, n, plan, chosen).run()
+            _Sharder(block, axis, n, plan, chosen, axes).run()
         _check_alike(op)
 
     def _solve(self, module: ModuleOp, blocks, axis: str, n: int) -> Solution:

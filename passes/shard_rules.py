@@ -405,7 +405,18 @@ def index_copy_rule(op: CallOp, arriving, types, n: int) -> Decision:
     return Decision(inputs, [arrives])
 
 
-_TARGET_RULES = {"aten::index_copy_": index_copy_rule, "aten::index_copy": index_copy_rule}
+def embedding_rule(op: CallOp, arriving, types, n: int) -> Decision:
+    """Looking up indices split on any dim gives rows split on that dim."""
+    weight, indices = _operand_index(op, "weight"), _operand_index(op, "indices")
+    if weight is None or indices is None or arriving[indices].kind != "shard":
+        return replicated(op)
+    inputs = [R] * len(op.inputs)
+    inputs[indices] = arriving[indices]
+    return Decision(inputs, [arriving[indices]])
+
+
+_TARGET_RULES = {"aten::index_copy_": index_copy_rule, "aten::index_copy": index_copy_rule,
+                 "aten::embedding": embedding_rule}  # fmt: skip
 
 _RULES = {  # linear and matmul: see `decide`
     AttentionOp: attention_rule,
@@ -439,3 +450,50 @@ def _splits_evenly(decision: Decision, types: list[TensorType], op: CallOp, n: i
         (p, r.type) for p, r in zip(decision.outputs, op.results)
     ]
     return all(p.kind != "shard" or divides(t.shape[p.dim], n) for p, t in placed)
+
+
+# ---- data parallelism: the batch split, weights whole ------------------------------
+
+
+DATA_AXES = ("dp",)  # mesh axes that split the batch (the rest split tensors)
+
+
+def decide_data(op: CallOp, arriving: list[Placement], types: list[TensorType], n: int,
+                params: set[SSAValue]) -> Decision:  # fmt: skip
+    """Along a data-parallel axis: what the rules decide when no weight is split,
+    else the batch (or any leading dim) carried through the op."""
+    decision = decide(op, arriving, types, n, params)
+    splits_weight = any(
+        p.kind == "shard" and v in params for p, v in zip(decision.inputs, op.inputs)
+    )
+    if splits_weight or decision.outputs == [R] * len(op.results):
+        carried = _carried(op, arriving, types, params)
+        if carried is not None and _splits_evenly(carried, types, op, n):
+            return carried
+    return replicated(op) if splits_weight else decision
+
+
+def _carried(op: CallOp, arriving, types, params) -> Decision | None:
+    """An activation split on a dim the op does not compute across passes through:
+    a linear (or x @ W) on a leading dim, attention on the batch."""
+    if isinstance(op, AttentionOp):
+        q, k, v = (_operand_index(op, name) for name in ("query", "key", "value"))
+        mask = _operand_index(op, "attn_mask")
+        if arriving[q] != shard(0):
+            return None
+        inputs = [R] * len(op.inputs)
+        for i in (q, k, v):
+            inputs[i] = shard(0)
+        if mask is not None and types[mask].rank == 4 and types[mask].shape[0] != 1:
+            inputs[mask] = shard(0)
+        return Decision(inputs, [shard(0)])
+    if isinstance(op, (LinearOp, MatmulOp)):
+        x = next((i for i, v in enumerate(op.inputs) if v not in params), None)
+        if x is None or arriving[x].kind != "shard":
+            return None
+        if arriving[x].dim >= types[x].rank - 1 or types[x].rank != op.results[0].type.rank:
+            return None  # the features, or a dim that moves
+        inputs = [R] * len(op.inputs)
+        inputs[x] = arriving[x]
+        return Decision(inputs, [arriving[x]])
+    return None

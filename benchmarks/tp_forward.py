@@ -1,0 +1,194 @@
+"""Tensor-parallel forward latency: plait vs DTensor vs hand-written Megatron TP.
+
+    python benchmarks/tp_forward.py                 # TP=2, 1x128 and 1x1 tokens
+    python benchmarks/tp_forward.py --repeats 31 --tp 2
+
+A Llama-like `transformers` model (hidden 1024, 8 layers, 16 heads, 8 kv
+heads, vocab 8192: 117M parameters), fp32, one thread per rank, gloo ranks on
+this machine, under torch.no_grad. Variants, each a full forward to logits:
+
+    DTensor       `parallelize_module` on the `transformers` model with the
+                  standard plan (q/k/v/gate/up colwise, o/down rowwise)
+    hand-written  Megatron-style TP written directly in torch: each rank's
+                  slices of the weights, F.linear, SDPA, two all-reduces a layer
+    plait         plait.compile with shard{mesh=tp:2} (Megatron's rules)
+    plait ilp     shard{mesh=tp:2,solve=ilp,hardware=cpu} (the solver's plan for
+                  this machine's measured costs, if `plait calibrate` wrote one)
+
+Each round runs every variant once, in turn, after a barrier, so that machine
+noise hits them alike; reported are medians over rounds and the median of
+the per-round ratios to DTensor and to hand-written. Every variant's logits
+must be within 1e-5 (relative to their scale) of the unsharded model's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+CONFIG = dict(vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+              num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=512)  # fmt: skip
+
+
+def build():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**CONFIG)).eval()
+
+
+class HandWrittenTP(torch.nn.Module):
+    """Megatron-LM's layout by hand: q/k/v/gate/up split by output features,
+    o/down by input features, an all-reduce after each of o and down."""
+
+    def __init__(self, model, rank: int, world: int):
+        super().__init__()
+        config = model.config
+        self.world = world
+        self.heads = config.num_attention_heads // world
+        self.kv_heads = config.num_key_value_heads // world
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.eps = config.rms_norm_eps
+        self.embed = model.model.embed_tokens.weight
+        self.rotary = model.model.rotary_emb
+        self.norm = model.model.norm.weight
+        self.lm_head = model.lm_head.weight
+
+        def rows(w):  # this rank's output features
+            return w.chunk(world, 0)[rank].contiguous()
+
+        def cols(w):  # this rank's input features
+            return w.chunk(world, 1)[rank].contiguous()
+
+        self.layers = []
+        for layer in model.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            self.layers.append(dict(
+                ln1=layer.input_layernorm.weight, ln2=layer.post_attention_layernorm.weight,
+                q=rows(a.q_proj.weight), k=rows(a.k_proj.weight), v=rows(a.v_proj.weight),
+                o=cols(a.o_proj.weight), gate=rows(m.gate_proj.weight), up=rows(m.up_proj.weight),
+                down=cols(m.down_proj.weight),
+            ))  # fmt: skip
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        batch, seq = ids.shape
+        x = F.embedding(ids, self.embed)
+        positions = torch.arange(seq).unsqueeze(0)
+        cos, sin = self.rotary(x, positions)
+        for w in self.layers:
+            h = F.rms_norm(x, (x.shape[-1],), w["ln1"], self.eps)
+            q = F.linear(h, w["q"]).view(batch, seq, self.heads, self.head_dim).transpose(1, 2)
+            k = F.linear(h, w["k"]).view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = F.linear(h, w["v"]).view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=seq > 1, enable_gqa=True)
+            a = F.linear(a.transpose(1, 2).reshape(batch, seq, -1), w["o"])
+            dist.all_reduce(a)
+            x = x + a
+            h = F.rms_norm(x, (x.shape[-1],), w["ln2"], self.eps)
+            m = F.linear(F.silu(F.linear(h, w["gate"])) * F.linear(h, w["up"]), w["down"])
+            dist.all_reduce(m)
+            x = x + m
+        return F.linear(F.rms_norm(x, (x.shape[-1],), self.norm, self.eps), self.lm_head)
+
+
+def _rank(rank: int, world: int, port: int, seqs: list[int], repeats: int, with_ilp: bool):
+    import copy
+
+    import plait
+    import torch.distributed as dist
+    from plait.frontend import hf
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)  # fmt: skip
+    model = build()
+    dtensor = copy.deepcopy(model)
+    plan = {}
+    for i in range(CONFIG["num_hidden_layers"]):
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                     "mlp.gate_proj", "mlp.up_proj"):  # fmt: skip
+            plan[f"model.layers.{i}.{name}"] = ColwiseParallel()
+        for name in ("self_attn.o_proj", "mlp.down_proj"):
+            plan[f"model.layers.{i}.{name}"] = RowwiseParallel()
+    parallelize_module(dtensor, init_device_mesh("cpu", (world,)), plan)
+    hand = HandWrittenTP(model, rank, world)
+    wrapped = hf.wrap(model)
+    pipelines = {"plait": f"canonicalize,cse,dce,shard{{mesh=tp:{world}}},dce"}
+    if with_ilp:
+        pipelines["plait ilp"] = (
+            f"canonicalize,cse,dce,shard{{mesh=tp:{world},solve=ilp,hardware=cpu}},dce"
+        )
+    for seq in seqs:
+        ids = torch.randint(0, CONFIG["vocab_size"], (1, seq),
+                            generator=torch.Generator().manual_seed(seq))  # fmt: skip
+        mask = torch.ones_like(ids)
+        compiled = {
+            name: plait.compile(wrapped, (ids, mask), pipeline=p) for name, p in pipelines.items()
+        }
+        variants = {
+            "DTensor": lambda: dtensor(ids, use_cache=False).logits,
+            "hand-written": lambda: hand(ids),
+            **{name: (lambda c=c: c(ids, mask)) for name, c in compiled.items()},
+        }
+        times = {name: [] for name in variants}
+        with torch.no_grad():
+            reference = model(ids, use_cache=False).logits
+            for name, fn in variants.items():  # warm up and check the logits
+                out = fn()
+                error = ((out - reference).abs().max() / reference.abs().max()).item()
+                if error > 1e-5:
+                    raise SystemExit(f"{name}: logits differ from one rank's by {error:.2e}")
+            for _ in range(repeats):
+                for name, fn in variants.items():
+                    dist.barrier()
+                    start = time.perf_counter()
+                    fn()
+                    times[name].append(time.perf_counter() - start)
+        if rank == 0:
+            report(seq, times, repeats, world)
+    dist.destroy_process_group()
+
+
+def report(seq: int, times: dict, repeats: int, world: int) -> None:
+    print(f"\nTP={world} forward, 1x{seq} tokens, medians over {repeats} rounds")
+    print(f"{'variant':<14}{'ms':>9}{'vs DTensor':>12}{'vs hand-written':>17}")
+    for name, runs in times.items():
+        to_dtensor = statistics.median(r / d for r, d in zip(runs, times["DTensor"]))
+        to_hand = statistics.median(r / h for r, h in zip(runs, times["hand-written"]))
+        print(f"{name:<14}{statistics.median(runs) * 1e3:>9.2f}{to_dtensor:>11.2f}x"
+              f"{to_hand:>16.2f}x")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--tp", type=int, default=2)
+    parser.add_argument("--seqs", default="128,1")
+    parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--no-ilp", action="store_true", help="leave out the ILP plan")
+    args = parser.parse_args()
+    import torch.multiprocessing as mp
+    from plait.runtime.workers import free_port
+
+    seqs = [int(s) for s in args.seqs.split(",")]
+    print(f"Llama-like, {sum(p.numel() for p in build().parameters()) / 1e6:.0f}M parameters")
+    mp.spawn(_rank, (args.tp, free_port(), seqs, args.repeats, not args.no_ilp), nprocs=args.tp)
+
+
+if __name__ == "__main__":
+    main()
