@@ -227,15 +227,12 @@ def gloo_all_reduce(sizes=(4096, 65536, 1 << 20, 4 << 20, 16 << 20)) -> tuple[fl
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
-    # least squares: t = 2 alpha + n / beta  (ring all-reduce, p = 2)
-    n = [float(a) for a, _ in results]
-    t = [b for _, b in results]
-    mean_n, mean_t = statistics.fmean(n), statistics.fmean(t)
-    slope = sum((x - mean_n) * (y - mean_t) for x, y in zip(n, t)) / sum(
-        (x - mean_n) ** 2 for x in n
-    )
-    intercept = mean_t - slope * mean_n
-    return max(intercept / 2, 1e-7), 1.0 / max(slope, 1e-15)
+    # t = 2 alpha + n / beta (ring all-reduce, p = 2): the smallest message gives the
+    # latency, the spread to the largest the bandwidth (a least-squares line over all
+    # sizes is ruled by the large ones and its intercept lost ~100 us here)
+    (n_small, t_small), (n_large, t_large) = min(results), max(results)
+    alpha = max((t_small - n_small * (t_large - t_small) / (n_large - n_small)) / 2, 1e-7)
+    return alpha, (n_large - n_small) / max(t_large - t_small, 1e-12)
 
 
 def _memory_capacity() -> float:
