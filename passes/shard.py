@@ -215,17 +215,23 @@ class _Sharder:
     def split_batch(self) -> None:
         """Each rank of the data axis takes its slice of every input's batch (dim 0)."""
         first = self.block.first_op
-        for arg in self.block.args:
-            if (
-                isinstance(arg.type, TensorType)
-                and arg.type.rank
-                and divides(arg.type.shape[0], self.n)
-            ):
-                local = local_type(arg.type, shard(0), self.n)
-                sliced = self._insert(LocalShardOp(arg, local, self.axis, 0), first, shard(0))
-                for use in list(arg.uses):
-                    if use.operation is not sliced.owner:
-                        use.operation.operands[use.index] = sliced
+        inputs = [a for a in self.block.args if isinstance(a.type, TensorType) and a.type.rank]
+        split = [a for a in inputs if divides(a.type.shape[0], self.n)]
+        if inputs and not split:
+            arg = inputs[0]
+            raise ShardError(
+                f"mesh axis '{self.axis}' splits the batch (dim 0 of the inputs), but "
+                f"'{arg.name_hint}' has dim 0 of {arg.type.shape[0]}, which does not split "
+                f"evenly over {self.n} ranks for every size in range; compile with a batch "
+                f"that {self.n} divides, or declare it a multiple: "
+                f"dynamic_shapes={{'{arg.name_hint}': {{0: {self.n} * Dim('b')}}}}"
+            )
+        for arg in split:
+            local = local_type(arg.type, shard(0), self.n)
+            sliced = self._insert(LocalShardOp(arg, local, self.axis, 0), first, shard(0))
+            for use in list(arg.uses):
+                if use.operation is not sliced.owner:
+                    use.operation.operands[use.index] = sliced
 
     def other_axis(self, op: Operation) -> None:
         """A collective over another mesh axis: a split on another dim passes through."""

@@ -70,6 +70,8 @@ def test_two_tensor_axes_and_sharding_twice_are_refused():
         _shard(MLP, "tp:2,ep:2")
     with pytest.raises(ShardError, match="already sharded"):
         _shard(_shard(MLP))
+    with pytest.raises(ShardError, match=r"'x' has dim 0 of b, which does not split evenly"):
+        _shard(MLP, "dp:2")  # b in [1, 64]
 
 
 @pytest.mark.parametrize("name", ["llama-tiny", "qwen2-tiny"])
