@@ -114,12 +114,7 @@ def single_rank(size: str, prompt: int, new: int, repeats: int, quantized: bool)
 def _tp_rank(rank: int, world: int, port: int, size: str, prompt: int, new: int, repeats: int):
     import plait
     import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor.parallel import (
-        ColwiseParallel,
-        RowwiseParallel,
-        parallelize_module,
-    )
+    from dtensor_llama import parallelize_llama
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -131,15 +126,7 @@ def _tp_rank(rank: int, world: int, port: int, size: str, prompt: int, new: int,
         model, max_length=prompt + new, pipeline=f"shard{{mesh=tp:{world}}}"
     )
     dtensor = copy.deepcopy(model)
-    mesh = init_device_mesh("cpu", (world,))
-    plan = {}
-    for i in range(model.config.num_hidden_layers):
-        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                     "mlp.gate_proj", "mlp.up_proj"):  # fmt: skip
-            plan[f"model.layers.{i}.{name}"] = ColwiseParallel()
-        for name in ("self_attn.o_proj", "mlp.down_proj"):
-            plan[f"model.layers.{i}.{name}"] = RowwiseParallel()
-    parallelize_module(dtensor, mesh, plan)
+    parallelize_llama(dtensor, world)
     variants = {
         "DTensor transformers": lambda x, n: hf_generate(dtensor, x, n),
         "plait": lambda x, n: plait_generate(compiled, x, n),

@@ -104,27 +104,15 @@ def _rank(rank: int, world: int, port: int, seqs: list[int], repeats: int, with_
 
     import plait
     import torch.distributed as dist
+    from dtensor_llama import parallelize_llama
     from plait.frontend import hf
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor.parallel import (
-        ColwiseParallel,
-        RowwiseParallel,
-        parallelize_module,
-    )
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)  # fmt: skip
     model = build()
     dtensor = copy.deepcopy(model)
-    plan = {}
-    for i in range(CONFIG["num_hidden_layers"]):
-        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                     "mlp.gate_proj", "mlp.up_proj"):  # fmt: skip
-            plan[f"model.layers.{i}.{name}"] = ColwiseParallel()
-        for name in ("self_attn.o_proj", "mlp.down_proj"):
-            plan[f"model.layers.{i}.{name}"] = RowwiseParallel()
-    parallelize_module(dtensor, init_device_mesh("cpu", (world,)), plan)
+    parallelize_llama(dtensor, world)
     hand = HandWrittenTP(model, rank, world)
     wrapped = hf.wrap(model)
     pipelines = {"plait": f"canonicalize,cse,dce,shard{{mesh=tp:{world}}},dce"}

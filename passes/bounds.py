@@ -56,13 +56,9 @@ def to_z3(expr: sympy.Expr, variables: dict[str, z3.ArithRef]) -> z3.ArithRef:
     raise ValueError(f"cannot express {expr} for z3")
 
 
-def prove_at_most(
-    expr: sympy.Expr,
-    limit: float,
-    ranges: dict[str, tuple[int, int | None]],
-    timeout_ms: int = 5000,
-) -> BoundResult:
-    """Does expr <= limit hold for every value of the symbols in their ranges?"""
+def _refute(expr: sympy.Expr, claim_fails, ranges, timeout_ms: int) -> BoundResult:
+    """Search the symbols' ranges for values where `claim_fails(term)` holds:
+    none means the claim is proved; some are its counterexample."""
     expr = sympy.sympify(expr)
     variables = {s.name: z3.Int(s.name) for s in expr.free_symbols}
     solver = z3.Solver()
@@ -72,33 +68,10 @@ def prove_at_most(
         solver.add(var >= lo)
         if hi is not None:
             solver.add(var <= hi)
-    solver.add(to_z3(expr, variables) > z3.RealVal(str(sympy.Rational(limit))))
-    verdict = solver.check()
-    if verdict == z3.unsat:
-        return BoundResult(proved=True)
-    if verdict == z3.sat:
-        model = solver.model()
-        return BoundResult(False, {n: model.eval(v).as_long() for n, v in variables.items()})
-    return BoundResult(False, unknown=True)
-
-
-def prove_divisible(
-    expr: sympy.Expr, n: int, ranges: dict[str, tuple[int, int | None]], timeout_ms: int = 2000
-) -> BoundResult:
-    """Is expr a multiple of n for every value of the symbols in their ranges?"""
-    expr = sympy.sympify(expr)
-    variables = {s.name: z3.Int(s.name) for s in expr.free_symbols}
-    solver = z3.Solver()
-    solver.set("timeout", timeout_ms)
-    for name, var in variables.items():
-        lo, hi = ranges.get(name, (1, None))
-        solver.add(var >= lo)
-        if hi is not None:
-            solver.add(var <= hi)
-    term = to_z3(expr, variables)
-    if not term.is_int():
+    failure = claim_fails(to_z3(expr, variables))
+    if failure is None:
         return BoundResult(False, unknown=True)
-    solver.add(term % n != 0)
+    solver.add(failure)
     verdict = solver.check()
     if verdict == z3.unsat:
         return BoundResult(proved=True)
@@ -106,3 +79,21 @@ def prove_divisible(
         model = solver.model()
         return BoundResult(False, {k: model.eval(v).as_long() for k, v in variables.items()})
     return BoundResult(False, unknown=True)
+
+
+def prove_at_most(
+    expr: sympy.Expr,
+    limit: float,
+    ranges: dict[str, tuple[int, int | None]],
+    timeout_ms: int = 5000,
+) -> BoundResult:
+    """Does expr <= limit hold for every value of the symbols in their ranges?"""
+    bound = z3.RealVal(str(sympy.Rational(limit)))
+    return _refute(expr, lambda term: term > bound, ranges, timeout_ms)
+
+
+def prove_divisible(
+    expr: sympy.Expr, n: int, ranges: dict[str, tuple[int, int | None]], timeout_ms: int = 2000
+) -> BoundResult:
+    """Is expr a multiple of n for every value of the symbols in their ranges?"""
+    return _refute(expr, lambda term: term % n != 0 if term.is_int() else None, ranges, timeout_ms)
