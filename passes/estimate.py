@@ -176,7 +176,7 @@ def estimate(module: ModuleOp, target: Target, function: str | None = None) -> E
             elif cost.kind == "compute":
                 target_name = getattr(op, "target_name", None)
                 formula = hw.roofline(
-                    cost.flops, cost.bytes, _dtype(op), cost.rate, target_name, cost.weight_bytes
+                    cost.flops, cost.bytes, op_dtype(op), cost.rate, target_name, cost.weight_bytes
                 )
             elif cost.kind == "view":
                 formula = sympy.Float(hw.overhead(getattr(op, "target_name", None), view=True))
@@ -220,7 +220,8 @@ def estimate(module: ModuleOp, target: Target, function: str | None = None) -> E
     return Estimate(target, rows, schedule, formulas)
 
 
-def _dtype(op: Operation) -> str:
+def op_dtype(op: Operation) -> str:
+    """The floating dtype an op computes in (its first float result or operand), else f32."""
     for value in list(op.results) + list(op.operands):
         t = value.type
         if isinstance(t, TensorType) and t.dtype.startswith(("f", "bf")):

@@ -1,4 +1,4 @@
-"""shard{mesh=tp:N}: tensor parallelism by Megatron-style rules.
+"""shard{mesh=tp:N | dp:M,tp:N}: tensor (and data) parallelism.
 
 Walks the program once, deciding each op's placements from those its inputs
 arrive with (`shard_rules`), and rewrites it into the per-rank (SPMD) program:
@@ -31,6 +31,11 @@ hardware file at the given sizes, weights within `memory` bytes per device:
 
 The module records the outcome (optimal or feasible, the objective) in
 `plait.sharding`. A manual plan still decides the layers it names.
+
+A `dp` axis (`mesh=dp:2,tp:4`) splits the batch: after the tensor axis is
+sharded, each rank of `dp` takes its slice of every input's dim 0, weights
+stay whole along it, and the outputs are gathered. Symbolic dims split only
+where z3 proves them divisible over their declared range.
 """
 
 from __future__ import annotations
@@ -347,7 +352,7 @@ def _with_sizes(op: CallOp, decision: Decision) -> ArgsAttr:
 @dataclass(frozen=True)
 class Shard(Pass):
     name = "shard"
-    summary = "tensor parallelism on a 1-D mesh by Megatron rules, with collectives"
+    summary = "tensor (Megatron rules or an ILP) and data parallelism, with collectives"
 
     mesh: str = "tp:2"
     plan: str = ""  # e.g. *.mlp.down_proj:rowwise,lm_head:replicate

@@ -14,9 +14,9 @@ and state (a KV cache) within the `memory` budget per device:
     solution = solve(blocks, n, hardware, link, values, memory=80e9)
     solution.decisions[op], solution.status, solution.objective
 
-Ops of repeated transformer blocks (same module path but for the layer index,
-same position and types) share one choice, so the program's size does not
-grow with depth.
+Alike ops of repeated transformer blocks (module path alike but for the layer
+index; same target, arguments and types) share one choice, so the program's
+size does not grow with depth.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from ..ir.ops import CallOp, ParamOp
 from ..ir.text import module_path
 from ..ir.types import TensorType
 from .comm_cost import all_reduce_time, ring_steps
-from .estimate import _dtype
+from .estimate import op_dtype
 from .milp import choose_one_each
 from .op_cost import op_cost
 from .shard_rules import Decision, decide, replicated
@@ -106,11 +106,11 @@ class _Costs:
         inside = 0.0
         if d.style == "row" and d.outputs == [REPLICATE]:
             inside = self.reshard(op.results[0].type, partial("sum"), REPLICATE)
-        split = any(p.kind != "replicate" for p in d.outputs)
+        split = d.style != "" or any(p.kind != "replicate" for p in d.outputs)
         k = self.n if split else 1
         flops, moved, weights = (_evaluate(e, self.subs) / k for e in (cost.flops, cost.bytes,
                                                                         cost.weight_bytes))  # fmt: skip
-        time = self.hw.roofline(flops, moved, _dtype(op), cost.rate, op.target_name, weights)
+        time = self.hw.roofline(flops, moved, op_dtype(op), cost.rate, op.target_name, weights)
         return float(time) + inside
 
     def weights(self, op: CallOp, d: Decision, held: set[SSAValue]) -> float:
