@@ -68,7 +68,10 @@ def _refute(expr: sympy.Expr, claim_fails, ranges, timeout_ms: int) -> BoundResu
         solver.add(var >= lo)
         if hi is not None:
             solver.add(var <= hi)
-    failure = claim_fails(to_z3(expr, variables))
+    try:
+        failure = claim_fails(to_z3(expr, variables))
+    except ValueError:  # a formula z3 cannot express: not proved
+        return BoundResult(False, unknown=True)
     if failure is None:
         return BoundResult(False, unknown=True)
     solver.add(failure)

@@ -33,6 +33,8 @@ def choose_one_each(
     limits: Sequence[tuple[Costs, float]] = (),
     timeout_s: float = 10.0,
 ) -> tuple[dict | None, str]:
+    if not costs:
+        return {}, "optimal"
     column: dict[tuple[Hashable, Hashable], int] = {}
     for group, options in costs.items():
         for choice in options:

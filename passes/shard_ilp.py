@@ -121,6 +121,10 @@ class _Costs:
                 total += self.nbytes(value.type) / (self.n if p.kind == "shard" else 1)
         return total
 
+    def load(self, t: TensorType, have: Placement, want: Placement) -> float:
+        """A weight is loaded whole or as this rank's slice, never as a partial sum."""
+        return _IMPOSSIBLE if want.kind == "partial" else 0.0
+
     def reshard(self, t: TensorType, have: Placement, want: Placement) -> float:
         """Seconds to turn a value placed `have` into `want` (global type `t`):
         the collective's alpha-beta time plus a kernel launch (at least
@@ -221,14 +225,18 @@ def formulate(blocks, n: int, hw: Hardware, link: Link, values: dict[str, int]) 
     edges: dict[tuple, int] = defaultdict(int)
     for op in ops:
         for index, value in enumerate(op.inputs):
-            if value not in params:  # each rank loads its slice of a weight
-                edges[(producer.get(value, value.type), (keys[op], index))] += 1
+            source = ("weight", value.type) if value in params else producer.get(value, value.type)
+            edges[(source, (keys[op], index))] += 1
     for ret in (o for b in blocks for o in b.ops if isinstance(o, func.ReturnOp)):
         for value in ret.operands:
             edges[(producer.get(value, value.type), None)] += 1
     pairs: dict[tuple, dict[tuple, float]] = defaultdict(lambda: defaultdict(float))
     for (source, consumer), count in edges.items():
-        if isinstance(source, tuple):
+        reshard = costs.reshard
+        if isinstance(source, tuple) and source[0] == "weight":  # each rank loads its slice
+            group, t, haves = None, source[1], [REPLICATE]
+            reshard = costs.load
+        elif isinstance(source, tuple):
             group, result = source
             t = representative[group].results[result].type
             haves = [d.outputs[result] for d in options[group]]
@@ -239,7 +247,9 @@ def formulate(blocks, n: int, hw: Hardware, link: Link, values: dict[str, int]) 
         else:
             target, index = consumer
             wants = [d.inputs[index] for d in options[target]]
-        table = [[count * costs.reshard(t, have, want) for want in wants] for have in haves]
+        if group is None and target is None:
+            continue  # a program input or weight returned as it is
+        table = [[count * reshard(t, have, want) for want in wants] for have in haves]
         if group is None:
             for j, cost in enumerate(table[0]):
                 group_cost[target][j] += cost
@@ -253,24 +263,29 @@ def formulate(blocks, n: int, hw: Hardware, link: Link, values: dict[str, int]) 
             for i, row in enumerate(table):
                 for j, cost in enumerate(row):
                     pairs[(group, target)][(i, j)] += cost
-    _slice_alike(ops, keys, options, params, pairs)
+    _slice_alike(ops, keys, options, params, group_cost, pairs)
     return Problem(keys, options, group_cost, group_memory, {k: dict(t) for k, t in pairs.items()})
 
 
-def _slice_alike(ops, keys, options, params, pairs) -> None:
-    """Forbid pairs of choices that slice one weight differently in two functions
-    (each rank holds one copy of its part): every use of a weight is tied to
-    its first use."""
-    first: dict[str, tuple[tuple, int]] = {}
+def _slice_alike(ops, keys, options, params, costs, pairs) -> None:
+    """A weight or state that several functions read (@prefill and @decode) is
+    held once per rank, so every use of it takes one slicing: each use is
+    tied to the first, by forbidding pairs of choices that differ."""
+    uses: dict[str, list[tuple[tuple, int]]] = defaultdict(list)
     for op in ops:
         for index, value in enumerate(op.inputs):
-            if value not in params:
+            if value in params:
+                uses[value.owner.weight_name].append((keys[op], index))
+    for found in uses.values():
+        if len({g[0] for g, _ in found}) < 2:
+            continue  # one function: the pass keeps a copy per slicing
+        (g, a), rest = found[0], found[1:]
+        for h, b in rest:
+            if h == g:  # one choice for both uses: forbid the choices that differ
+                for i, d in enumerate(options[g]):
+                    if d.inputs[a] != d.inputs[b]:
+                        costs[g][i] = _IMPOSSIBLE
                 continue
-            use = (keys[op], index)
-            anchor = first.setdefault(value.owner.weight_name, use)
-            (g, a), (h, b) = anchor, use
-            if g[0] == h[0]:
-                continue  # the same function: the pass keeps a copy per slicing
             table = pairs[(g, h)]
             for i, d in enumerate(options[g]):
                 for j, e in enumerate(options[h]):

@@ -488,8 +488,11 @@ def _carried(op: CallOp, arriving, types, params) -> Decision | None:
             inputs[mask] = shard(0)
         return Decision(inputs, [shard(0)])
     if isinstance(op, (LinearOp, MatmulOp)):
-        x = next((i for i, v in enumerate(op.inputs) if v not in params), None)
-        if x is None or arriving[x].kind != "shard":
+        activations = [i for i, v in enumerate(op.inputs) if v not in params]
+        if len(activations) != 1:  # x @ W only: another activation would need the split too
+            return None
+        x = activations[0]
+        if arriving[x].kind != "shard":
             return None
         if arriving[x].dim >= types[x].rank - 1 or types[x].rank != op.results[0].type.rank:
             return None  # the features, or a dim that moves

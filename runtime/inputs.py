@@ -55,7 +55,10 @@ def _recompile_hint(symbol: str | None, name: str, dim: int) -> str:
 def _solve(dim: sympy.Expr, size: int, name: str, index: int) -> tuple[str, int]:
     """The value of the one symbol in `dim` that makes it `size` (k for 2*k = 10)."""
     (symbol,) = dim.free_symbols
-    roots = [r for r in sympy.solve(sympy.Eq(dim, size), symbol) if r.is_integer]
+    try:
+        roots = [r for r in sympy.solve(sympy.Eq(dim, size), symbol) if r.is_integer]
+    except NotImplementedError:  # floor/mod of the symbol: no closed form
+        roots = []
     if not roots:
         raise InputError(
             f"input '{name}' dim {index} is {size}, which is not {symbolic.to_text(dim)} "
@@ -95,20 +98,24 @@ def check_inputs(
                         f"{dim}; {_recompile_hint(None, name, d)}"
                     )
             elif isinstance(dim, sympy.Symbol) or len(dim.free_symbols) == 1:
-                symbol, size = _solve(dim, size, name, d)
-                if symbol in values and values[symbol] != size:
+                symbol, value = (
+                    (dim.name, int(size)) if dim.is_Symbol else _solve(dim, size, name, d)
+                )
+                # for a derived dim (2*k), the symbol's value is not the dim's size
+                shown = f"{size}" if dim.is_Symbol else f"{size} (so {symbol} = {value})"
+                if symbol in values and values[symbol] != value:
                     raise InputError(
-                        f"input '{name}' dim {d} is {size} but '{symbol}' is "
+                        f"input '{name}' dim {d} is {shown} but '{symbol}' is "
                         f"{values[symbol]} in another input; they must be equal"
                     )
                 lo, hi = symbols.get(symbol, (1, None))
-                if size < lo or (hi is not None and size > hi):
+                if value < lo or (hi is not None and value > hi):
                     bound = f"[{lo}, {hi if hi is not None else 'inf'}]"
                     raise InputError(
-                        f"input '{name}' dim {d} ({symbol}) is {size}, outside the compiled "
-                        f"range {bound}; {_recompile_hint(symbol, name, d)}"
+                        f"input '{name}' dim {d} ({symbolic.to_text(dim)}) is {shown}, outside "
+                        f"the compiled range {bound}; {_recompile_hint(symbol, name, d)}"
                     )
-                values[symbol] = int(size)
+                values[symbol] = value
     # dims that are expressions of the symbols must agree too
     for name, type_, value in zip(names, types, inputs):
         for d, (size, dim) in enumerate(zip(value.shape, type_.shape)):

@@ -234,3 +234,30 @@ def test_divisibility_is_proved_over_the_declared_range():
     assert not odd.proved and 1 <= odd.counterexample["k"] <= 512
     assert prove_divisible(seq, 4, {"seq": (8, 8)}).proved  # one value in range
     assert not prove_divisible(seq, 4, {"seq": (8, 9)}).proved
+
+
+def test_a_bias_added_after_a_matmul_is_added_once(tmp_path):
+    """x @ W + b: the solver may not hand the bias add a partial sum to add b to on
+    every rank (a weight is never partial), nor make the weight partial."""
+
+    class MatmulBias(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1 = torch.nn.Parameter(torch.randn(64, 256))
+            self.w2 = torch.nn.Parameter(torch.randn(256, 64))
+            self.b = torch.nn.Parameter(torch.randn(8, 64))  # the shape of the sum
+
+        def forward(self, x):
+            return torch.relu(x @ self.w1) @ self.w2 + self.b
+
+    torch.manual_seed(0)
+    model = MatmulBias()
+    hardware = tmp_path / "free-links.toml"
+    hardware.write_text(FREE_LINKS)
+    x = torch.randn(8, 64)
+    program = plait.compile(
+        model, (x,), pipeline=f"shard{{mesh=tp:2,solve=ilp,hardware={hardware}}}"
+    )
+    program.save(tmp_path / "artifact")
+    for out, _ in run_ranks(2, artifact_rank, str(tmp_path / "artifact"), [x]):
+        assert max_rel_diff(out, model(x).detach()) <= 1e-5
