@@ -69,7 +69,9 @@ from ..ir.ops import (
     AttentionOp,
     CallOp,
     CollectiveOp,
+    LinearOp,
     LocalShardOp,
+    MatmulOp,
     ParamOp,
     ReduceScatterOp,
     call_op_class,
@@ -118,8 +120,7 @@ class _Sharder:
         self.replicated_attention: list[str] = []  # where heads did not split n ways
 
     def style(self, op: CallOp) -> str | None:
-        path = module_path(op)
-        return next((style for glob, style in self.plan if fnmatch.fnmatchcase(path, glob)), None)
+        return _style(self.plan, op)
 
     def place(self, value: SSAValue) -> Placement:
         return self.placement.get(value, REPLICATE)
@@ -329,6 +330,14 @@ class _Sharder:
         Rewriter.erase_op(op)
 
 
+def _style(plan: list[tuple[str, str]], op: CallOp) -> str | None:
+    """The manual plan's style for a linear layer (first matching glob), or None."""
+    if not isinstance(op, (LinearOp, MatmulOp)):
+        return None
+    path = module_path(op)
+    return next((style for glob, style in plan if fnmatch.fnmatchcase(path, glob)), None)
+
+
 def _with_sizes(op: CallOp, decision: Decision) -> ArgsAttr:
     """Size arguments of a view/reshape/expand rewritten to local sizes (the
     rules shard only reshapes whose sizes this can rewrite)."""
@@ -404,7 +413,7 @@ class Shard(Pass):
         blocks = list(function_blocks(op))
         chosen = None
         if self.solve == "ilp":
-            solution = self._solve(op, blocks, axis, n)
+            solution = self._solve(op, blocks, axis, n, plan)
             chosen = solution.decisions
             op.attributes[SHARDING_ATTR] = StringAttr(
                 f"ilp on {self.hardware}: {solution.status}, predicted "
@@ -415,7 +424,7 @@ class Shard(Pass):
             _Sharder(block, axis, n, plan, chosen, axes).run()
         _check_alike(op)
 
-    def _solve(self, module: ModuleOp, blocks, axis: str, n: int) -> Solution:
+    def _solve(self, module: ModuleOp, blocks, axis: str, n: int, plan) -> Solution:
         from ..hardware import load
         from .comm_cost import axis_links
         from .memplan import symbol_values
@@ -423,7 +432,8 @@ class Shard(Pass):
         hw = load(self.hardware)
         values = symbol_values(module, self.values, "shard")
         _, link = axis_links({axis: n}, hw)[axis]
-        return solve(blocks, n, hw, link, values, self.memory or None)
+        return solve(blocks, n, hw, link, values, self.memory or None,
+                     style_of=lambda op: _style(plan, op))  # fmt: skip
 
 
 def _check_alike(module: ModuleOp) -> None:

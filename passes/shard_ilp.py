@@ -93,6 +93,7 @@ def _evaluate(expr, subs) -> float:
 class _Costs:
     def __init__(self, hw: Hardware, n: int, link: Link, subs: dict):
         self.hw, self.n, self.link, self.subs = hw, n, link, subs
+        self._sizes: dict[TensorType, float] = {}
 
     def nbytes(self, t: TensorType) -> float:
         return _evaluate(t.nbytes, self.subs)
@@ -113,13 +114,11 @@ class _Costs:
         time = self.hw.roofline(flops, moved, op_dtype(op), cost.rate, op.target_name, weights)
         return float(time) + inside
 
-    def weights(self, op: CallOp, d: Decision, held: set[SSAValue]) -> float:
-        """Bytes of the weights and state `op` reads that this function holds."""
-        total = 0.0
-        for value, p in zip(op.inputs, d.inputs):
-            if value in held:
-                total += self.nbytes(value.type) / (self.n if p.kind == "shard" else 1)
-        return total
+    def weight(self, t: TensorType, p: Placement) -> float:
+        """Bytes a rank holds of a weight (or state) of type `t` placed `p`."""
+        if t not in self._sizes:
+            self._sizes[t] = self.nbytes(t)
+        return self._sizes[t] / (self.n if p.kind == "shard" else 1)
 
     def load(self, t: TensorType, have: Placement, want: Placement) -> float:
         """A weight is loaded whole or as this rank's slice, never as a partial sum."""
@@ -186,39 +185,47 @@ class Problem:
         )
 
 
-def formulate(blocks, n: int, hw: Hardware, link: Link, values: dict[str, int]) -> Problem:
+def formulate(blocks, n: int, hw: Hardware, link: Link, values: dict[str, int],
+              style_of=lambda op: None) -> Problem:  # fmt: skip
     """The program for the functions' `blocks` together: functions that share
-    a weight or state (@prefill and @decode) must slice it alike."""
+    a weight or state (@prefill and @decode) must slice it alike. `style_of(op)`
+    is a manual plan's style for a layer, which then has that one option."""
     subs = {symbolic.symbol(k): sympy.Integer(v) for k, v in values.items()}
     costs = _Costs(hw, n, link, subs)
     params = {o.result for b in blocks for o in b.ops if isinstance(o, ParamOp)}
-    first: dict[str, int] = {}  # weight -> the first function that uses it, which holds it
-    for index, block in enumerate(blocks):
-        for o in block.ops:
-            if isinstance(o, ParamOp):
-                first.setdefault(o.weight_name, index)
-    held = {v for v in params if first[v.owner.weight_name] == blocks.index(v.owner.parent)}
     ops, keys = [], {}
     for index, block in enumerate(blocks):
         calls = [o for o in block.ops if isinstance(o, CallOp)]
         ops += calls
         keys.update({op: (index, *key) for op, key in _group_keys(calls).items()})
     options: dict[tuple, list[Decision]] = {}
-    group_cost: dict[tuple, list[float]] = {}
+    members: dict[tuple, list[CallOp]] = defaultdict(list)
     group_memory: dict[tuple, list[float]] = {}
-    members: dict[tuple, int] = defaultdict(int)
     representative: dict[tuple, CallOp] = {}
-    for op in ops:  # ops of one group have the same types, so the same costs
+    held: set[str] = set()  # weights counted: each once, at its first use in any function
+    for op in ops:
         key = keys[op]
-        members[key] += 1
         if key not in options:
             representative[key] = op
-            options[key] = strategies(op, n, params)
-            group_cost[key] = [costs.compute(op, d) for d in options[key]]
-            group_memory[key] = [costs.weights(op, d, held) for d in options[key]]
-    for key, count in members.items():
-        group_cost[key] = [c * count for c in group_cost[key]]
-        group_memory[key] = [m * count for m in group_memory[key]]
+            style = style_of(op)
+            types = [v.type for v in op.inputs]
+            options[key] = (
+                [decide(op, [REPLICATE] * len(types), types, n, params, style)]
+                if style
+                else strategies(op, n, params)
+            )
+            group_memory[key] = [0.0] * len(options[key])
+        members[key].append(op)
+        owned = [
+            i for i, v in enumerate(op.inputs) if v in params and v.owner.weight_name not in held
+        ]
+        held.update(op.inputs[i].owner.weight_name for i in owned)
+        for j, d in enumerate(options[key]):
+            group_memory[key][j] += sum(costs.weight(op.inputs[i].type, d.inputs[i]) for i in owned)
+    group_cost = {  # ops of one group have the same types, so the same compute costs
+        key: [costs.compute(alike[0], d) * len(alike) for d in options[key]]
+        for key, alike in members.items()
+    }
     producer = {r: (keys[o], k) for o in ops for k, r in enumerate(o.results)}
     # (source, consumer) -> how often; a source is (group, result index) or a
     # program input's type, a consumer (group, input index) or None for a result
@@ -294,8 +301,9 @@ def _slice_alike(ops, keys, options, params, costs, pairs) -> None:
 
 
 def solve(blocks, n: int, hw: Hardware, link: Link, values: dict[str, int],
-          memory: float | None = None, timeout_s: float = 10.0) -> Solution:  # fmt: skip
-    return optimize(formulate(blocks, n, hw, link, values), n, memory, timeout_s)
+          memory: float | None = None, timeout_s: float = 10.0,
+          style_of=lambda op: None) -> Solution:  # fmt: skip
+    return optimize(formulate(blocks, n, hw, link, values, style_of), n, memory, timeout_s)
 
 
 def optimize(problem: Problem, n: int, memory: float | None = None, timeout_s: float = 10.0):
@@ -315,7 +323,12 @@ def optimize(problem: Problem, n: int, memory: float | None = None, timeout_s: f
         timeout_s,
     )
     if picks is None:
-        raise SolveError(f"the sharding program has no solution ({status})")
+        budget = f" within memory={memory:.4g} B per device" if memory is not None else ""
+        raise SolveError(
+            f"no sharding plan fits{budget} ({status}): a weight read by several functions "
+            "must be sliced alike everywhere, which can need more than each op's smallest "
+            "choice; raise memory or use a larger mesh"
+        )
     return Solution(
         decisions={op: problem.options[key][picks[key]] for op, key in problem.keys.items()},
         status=status,

@@ -263,3 +263,18 @@ def test_a_bias_added_after_a_matmul_is_added_once(tmp_path):
     program.save(tmp_path / "artifact")
     for out, _ in run_ranks(2, artifact_rank, str(tmp_path / "artifact"), [x]):
         assert max_rel_diff(out, model(x).detach()) <= 1e-5
+
+
+def test_a_manual_plan_fixes_its_layers_and_the_solver_plans_around_them(example):
+    model, inputs, _ = example("llama-tiny")
+    pipeline = ("canonicalize,cse,dce,shard{mesh=tp:2,solve=ilp,hardware=cpu,memory=340000,"
+                "plan=*.mlp.down_proj:replicate},dce")  # fmt: skip
+    ir = plait.compile(model, inputs, pipeline=pipeline).ir
+    down = [
+        line
+        for line in ir.splitlines()
+        if 'plait.param "model.layers.' in line and "down_proj" in line
+    ]
+    assert down and all("placements" not in line for line in down)  # kept whole, as planned
+    weights = float(re.search(r"weights (\S+) B/device", ir).group(1))
+    assert weights <= 340000  # the rest fits the budget with down_proj whole (min 328 kB)
