@@ -16,12 +16,16 @@ by heads, O and down row-parallel, and one all-reduce after each of O and down.
 Every program output is replicated.
 
 A manual plan, like PyTorch's `parallelize_module` plans, overrides the rules
-for the linear layers whose module path matches a glob (first match wins):
+for the linear layers and embeddings whose module path matches a glob (first
+match wins):
 
     shard{mesh=tp:4,plan=*.mlp.*:replicate,lm_head:colwise}
 
 with `colwise` (weight split by output features), `rowwise` (by input
 features; partial sums reduced) or `replicate`; the rest follow the rules.
+For an embedding, as in PyTorch's plans, `rowwise` splits the vocabulary
+(Megatron's vocab-parallel embedding: each rank looks up the ids it holds,
+zeros for the rest, and the rows are summed) and `colwise` the embedding dim.
 
 With `solve=ilp` an integer program picks every op's strategy instead of the
 rules' greedy walk (`shard_ilp`): the least predicted step time on a
@@ -50,7 +54,7 @@ from xdsl.dialects.builtin import ModuleOp, StringAttr
 from xdsl.ir import Operation, SSAValue
 from xdsl.rewriter import InsertPoint, Rewriter
 
-from ..ir.args import ArgsAttr, Operand
+from ..ir.args import ArgsAttr, Operand, Tag
 from ..ir.attrs import (
     MESH_ATTR,
     PLACEMENTS_ATTR,
@@ -69,6 +73,7 @@ from ..ir.ops import (
     AttentionOp,
     CallOp,
     CollectiveOp,
+    EmbeddingOp,
     LinearOp,
     LocalShardOp,
     MatmulOp,
@@ -264,7 +269,11 @@ class _Sharder:
                 f"{where(op)}: {op.target_name} is already compressed; put shard before quantize "
                 "and sparsify in the pipeline, which then slice the compressed weights per rank"
             )
-        arriving = [self.place(v) for v in op.inputs]
+        # a partial sum already reduced for another use arrives replicated: reusing
+        # that costs nothing, while carrying the partial on would need a second reduction
+        arriving = [
+            REPLICATE if (v, REPLICATE) in self.resharded else self.place(v) for v in op.inputs
+        ]
         types = [self._full_type(v) for v in op.inputs]  # rules reason on global shapes
         style = self.style(op)
         decision = self.chosen.get(op) if style is None else None
@@ -282,6 +291,9 @@ class _Sharder:
                     f"{', '.join(map(str, fits)) or 'none'})"
                 )
         inputs = [self.reshard(v, p, op) for v, p in zip(op.inputs, decision.inputs)]
+        if decision.style == "vocab":
+            self.vocab_parallel_lookup(op, inputs)
+            return
         args = _with_sizes(op, decision) if decision.sizes else op.args
         bias = op.arg("bias") if op.target_name == "aten::linear" else op.arg("self")
         row_with_bias = decision.style == "row" and op.target_name in (
@@ -294,6 +306,52 @@ class _Sharder:
         types = [local_type(r.type, p, self.n) for r, p in zip(op.results, decision.outputs)]
         new = type(op)(op.target_name, inputs, args, types, dict(op.attributes))
         self._replace(op, new, decision.outputs)
+
+    def vocab_parallel_lookup(self, op: CallOp, inputs: list[SSAValue]) -> None:
+        """Megatron's vocab-parallel embedding: this rank holds rows
+        [start, start + V/n); it looks up the ids in that range and gives zeros
+        for the rest, so the ranks' results sum to the lookup. `start` is the
+        first of this rank's slice of arange(V), which keeps the program SPMD."""
+        weight, indices = (op.arg(k).index for k in ("weight", "indices"))
+        table, ids = inputs[weight], inputs[indices]
+        vocab = self._full_type(table).shape[0]
+        per_rank = table.type.shape[0]
+        i64, flags = ids.type, TensorType(ids.type.shape, "i1")
+
+        def call(name, target, values, args, result_type, kwargs=()):
+            new = call_op_class(target)(
+                target, values, ArgsAttr(tuple(args), tuple(kwargs)), [result_type]
+            )
+            new.location = op.location
+            new.results[0].name_hint = name
+            Rewriter.insert_op(new, InsertPoint.before(op))
+            return new.results[0]
+
+        every = call("vocab", "aten::arange", [], [vocab], TensorType([vocab], "i64"),
+                     [("device", Tag("device", "cpu"))])  # fmt: skip
+        mine = self._insert(
+            LocalShardOp(every, TensorType([per_rank], "i64"), self.axis, 0), op, REPLICATE
+        )
+        first = [Operand(0), 0, 0]
+        start = call("vocab_start", "aten::select.int", [mine], first, TensorType([], "i64"))
+        local = call("ids_here", "aten::sub.Tensor", [ids, start], [Operand(0), Operand(1)], i64)
+        low = call("ids_from", "aten::ge.Scalar", [local], [Operand(0), 0], flags)
+        high = call("ids_below", "aten::lt.Scalar", [local], [Operand(0), per_rank], flags)
+        inside = call("held", "aten::logical_and", [low, high], [Operand(0), Operand(1)], flags)
+        safe = call("ids_held", "aten::where.ScalarOther", [inside, local],
+                    [Operand(0), Operand(1), 0], i64)  # fmt: skip
+        values = [
+            table if i == weight else safe if i == indices else v for i, v in enumerate(inputs)
+        ]
+        rows = call("rows", op.target_name, values, op.args.args, op.results[0].type,
+                    op.args.kwargs)  # fmt: skip
+        keep_type = TensorType([*flags.shape, 1], "i1")
+        keep = call("held_rows", "aten::unsqueeze", [inside], [Operand(0), -1], keep_type)
+        masked = call_op_class("aten::mul.Tensor")(
+            "aten::mul.Tensor", [rows, keep], ArgsAttr((Operand(0), Operand(1)), ()),
+            [op.results[0].type],
+        )  # fmt: skip
+        self._replace(op, masked, [Placement("partial", reduce="sum")])
 
     def row_parallel_with_bias(self, op: CallOp, inputs: list[SSAValue], bias: int) -> None:
         """x @ W_shard sums partials; the bias is added once, after the all-reduce."""
@@ -332,7 +390,7 @@ class _Sharder:
 
 def _style(plan: list[tuple[str, str]], op: CallOp) -> str | None:
     """The manual plan's style for a linear layer (first matching glob), or None."""
-    if not isinstance(op, (LinearOp, MatmulOp)):
+    if not isinstance(op, (LinearOp, MatmulOp, EmbeddingOp)):
         return None
     path = module_path(op)
     return next((style for glob, style in plan if fnmatch.fnmatchcase(path, glob)), None)

@@ -34,14 +34,14 @@ from ..hardware import Hardware, Link
 from ..ir import symbolic
 from ..ir.attrs import REPLICATE, Placement, partial, shard
 from ..ir.errors import PlaitError
-from ..ir.ops import CallOp, ParamOp
+from ..ir.ops import CallOp, EmbeddingOp, ParamOp
 from ..ir.text import module_path
 from ..ir.types import TensorType
 from .comm_cost import all_reduce_time, ring_steps
 from .estimate import op_dtype
 from .milp import choose_one_each
 from .op_cost import op_cost
-from .shard_rules import Decision, decide, replicated
+from .shard_rules import Decision, PlanError, decide, replicated
 
 _IMPOSSIBLE = math.inf  # no collective makes a value partial
 _PER_COLLECTIVE = 1e-7  # seconds: breaks ties between plans equal in the alpha-beta model
@@ -83,6 +83,13 @@ def strategies(op: CallOp, n: int, params: set[SSAValue]) -> list[Decision]:
     for arriving in arrivals:
         d = decide(op, arriving, types, n, params)
         found.setdefault(_key(d), d)
+    if isinstance(op, EmbeddingOp):  # its splits are styles (vocabulary, embedding dim)
+        for style in ("rowwise", "colwise"):
+            try:
+                d = decide(op, arrivals[0], types, n, params, style)
+            except PlanError:  # that dim does not split
+                continue
+            found.setdefault(_key(d), d)
     return list(found.values())
 
 

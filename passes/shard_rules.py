@@ -30,6 +30,7 @@ from ..ir.ops import (
     AttentionOp,
     CallOp,
     ElementwiseOp,
+    EmbeddingOp,
     LinearOp,
     MatmulOp,
     NormOp,
@@ -405,18 +406,36 @@ def index_copy_rule(op: CallOp, arriving, types, n: int) -> Decision:
     return Decision(inputs, [arrives])
 
 
-def embedding_rule(op: CallOp, arriving, types, n: int) -> Decision:
-    """Looking up indices split on any dim gives rows split on that dim."""
+def embedding_rule(op: CallOp, arriving, types, n: int, style: str | None = None) -> Decision:
+    """Looking up indices split on any dim gives rows split on that dim. As
+    PyTorch's plans do for nn.Embedding, `rowwise` splits the vocabulary
+    (each rank looks up the ids it holds, zeros elsewhere: partial sums;
+    the pass writes that lookup) and `colwise` the embedding dim."""
     weight, indices = _operand_index(op, "weight"), _operand_index(op, "indices")
-    if weight is None or indices is None or arriving[indices].kind != "shard":
+    if weight is None or indices is None:
         return replicated(op)
     inputs = [R] * len(op.inputs)
+    if style == "replicate":
+        return replicated(op)
+    if style in ("rowwise", "colwise"):
+        dim = 0 if style == "rowwise" else 1
+        if not divides(types[weight].shape[dim], n):
+            raise PlanError(
+                f"{where(op)}: the plan makes this embedding {style}, but its "
+                f"{'vocabulary' if dim == 0 else 'embedding dim'} ({types[weight].shape[dim]}) "
+                f"does not split over {n} ranks; use another style for it or a mesh size that "
+                f"divides it ({', '.join(map(str, sizes_that_split(types[weight].shape[dim]))) or 'none'})"
+            )
+        inputs[weight] = shard(dim)
+        out = SUM if dim == 0 else shard(op.results[0].type.rank - 1)
+        return Decision(inputs, [out], "vocab" if dim == 0 else "column")
+    if arriving[indices].kind != "shard":
+        return replicated(op)
     inputs[indices] = arriving[indices]
     return Decision(inputs, [arriving[indices]])
 
 
-_TARGET_RULES = {"aten::index_copy_": index_copy_rule, "aten::index_copy": index_copy_rule,
-                 "aten::embedding": embedding_rule}  # fmt: skip
+_TARGET_RULES = {"aten::index_copy_": index_copy_rule, "aten::index_copy": index_copy_rule}
 
 _RULES = {  # linear and matmul: see `decide`
     AttentionOp: attention_rule,
@@ -437,6 +456,8 @@ def decide(op: CallOp, arriving: list[Placement], types: list[TensorType], n: in
         decision = matmul_rule(op, arriving, types, n, params, style)
     elif isinstance(op, LinearOp):
         decision = linear_rule(op, arriving, types, n, style)
+    elif isinstance(op, EmbeddingOp):
+        decision = embedding_rule(op, arriving, types, n, style)
     else:
         rule = _TARGET_RULES.get(op.target_name) or _RULES.get(type(op))
         decision = rule(op, arriving, types, n) if rule else replicated(op)

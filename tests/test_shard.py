@@ -235,3 +235,23 @@ def test_heads_that_do_not_split_run_replicated_with_a_warning():
             assert max_rel_diff(program(*inputs), hf.wrap(model)(*inputs)) <= 1e-5
     finally:
         program.close()
+
+
+@pytest.mark.parametrize("style,placement", [("rowwise", "shard(0)"), ("colwise", "shard(1)")])
+def test_an_embedding_splits_by_vocabulary_or_by_dim(style, placement, example, tmp_path):
+    model, example_inputs, shapes = example("llama-tiny")
+    program = plait.compile(model, example_inputs, dynamic_shapes=shapes,
+        pipeline=f"canonicalize,cse,dce,shard{{mesh=tp:2,plan=model.embed_tokens:{style}}},dce")  # fmt: skip
+    ir = program.ir
+    assert (
+        f'"model.embed_tokens.weight" {{plait.placements = #plait.placements<[{placement}]>}}' in ir
+    )
+    if style == "rowwise":  # each rank looks up the ids it holds; the partial rows are summed
+        assert '"aten::embedding"(%model.embed_tokens.weight, %ids_held)' in ir
+        assert ir.count("plait.all_reduce") == 5  # one more than Megatron's 4
+    inputs = hf.example_inputs(model.model, 3, 11)
+    with torch.no_grad():
+        ref = model(*inputs)
+    program.save(tmp_path)
+    for out, _ in run_ranks(2, artifact_rank, str(tmp_path), list(inputs)):
+        assert max_rel_diff(out, ref) <= 1e-5
