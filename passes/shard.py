@@ -271,8 +271,10 @@ class _Sharder:
             )
         # a partial sum already reduced for another use arrives replicated: reusing
         # that costs nothing, while carrying the partial on would need a second reduction
+        arriving = [self.place(v) for v in op.inputs]
         arriving = [
-            REPLICATE if (v, REPLICATE) in self.resharded else self.place(v) for v in op.inputs
+            REPLICATE if p.kind == "partial" and (v, REPLICATE) in self.resharded else p
+            for v, p in zip(op.inputs, arriving)
         ]
         types = [self._full_type(v) for v in op.inputs]  # rules reason on global shapes
         style = self.style(op)
