@@ -45,6 +45,7 @@ where z3 proves them divisible over their declared range.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import warnings
 from dataclasses import dataclass
 
@@ -309,6 +310,15 @@ class _Sharder:
         new = type(op)(op.target_name, inputs, args, types, dict(op.attributes))
         self._replace(op, new, decision.outputs)
 
+    def _call(self, before: CallOp, name, target, values, args, result_type, kwargs=()):
+        """A new call of `target`, inserted before `before` (and at its location)."""
+        new = call_op_class(target)(target, values, ArgsAttr(tuple(args), tuple(kwargs)),
+                                    [result_type])  # fmt: skip
+        new.location = before.location
+        new.results[0].name_hint = name
+        Rewriter.insert_op(new, InsertPoint.before(before))
+        return new.results[0]
+
     def vocab_parallel_lookup(self, op: CallOp, inputs: list[SSAValue]) -> None:
         """Megatron's vocab-parallel embedding: this rank holds rows
         [start, start + V/n); it looks up the ids in that range and gives zeros
@@ -320,15 +330,7 @@ class _Sharder:
         per_rank = table.type.shape[0]
         i64, flags = ids.type, TensorType(ids.type.shape, "i1")
 
-        def call(name, target, values, args, result_type, kwargs=()):
-            new = call_op_class(target)(
-                target, values, ArgsAttr(tuple(args), tuple(kwargs)), [result_type]
-            )
-            new.location = op.location
-            new.results[0].name_hint = name
-            Rewriter.insert_op(new, InsertPoint.before(op))
-            return new.results[0]
-
+        call = functools.partial(self._call, op)
         every = call("vocab", "aten::arange", [], [vocab], TensorType([vocab], "i64"),
                      [("device", Tag("device", "cpu"))])  # fmt: skip
         mine = self._insert(
@@ -365,14 +367,10 @@ class _Sharder:
             target = "aten::mm"
             values = [v for i, v in enumerate(inputs) if i != bias]
             args = [Operand(0), Operand(1)]
-        partial_sum = call_op_class(target)(
-            target, values, ArgsAttr(tuple(args), ()), [op.results[0].type]
-        )
-        partial_sum.location = op.location
-        partial_sum.results[0].name_hint = op.results[0].name_hint
-        Rewriter.insert_op(partial_sum, InsertPoint.before(op))
-        self.placement[partial_sum.results[0]] = Placement("partial", reduce="sum")
-        reduced = self.reshard(partial_sum.results[0], REPLICATE, op)
+        result = op.results[0]
+        partial_sum = self._call(op, result.name_hint, target, values, args, result.type)
+        self.placement[partial_sum] = Placement("partial", reduce="sum")
+        reduced = self.reshard(partial_sum, REPLICATE, op)
         add = call_op_class("aten::add.Tensor")(
             "aten::add.Tensor", [reduced, inputs[bias]],
             ArgsAttr((Operand(0), Operand(1)), ()), [op.results[0].type],
