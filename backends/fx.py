@@ -510,7 +510,7 @@ class _Lowering:
         for only_exact in (True, False):
             for arg, type_ in zip(block.args, types):
                 for d, dim in enumerate(type_.shape):
-                    linear = _linear_in_one_symbol(dim)
+                    linear = symbolic.linear_in_one_symbol(dim)
                     if not linear or linear[0] in self.syms.nodes:
                         continue
                     symbol, scale, offset = linear
@@ -607,15 +607,3 @@ def build_program(
         input_names=[a.name_hint or f"input_{i}" for i, a in enumerate(fn.body.blocks.first.args)],
         symbols=symbols.ranges if symbols is not None else {},
     )
-
-
-def _linear_in_one_symbol(dim) -> tuple[sympy.Symbol, int, int] | None:
-    """(k, a, b) when dim is a*k + b with integers a > 0 and b, else None."""
-    if isinstance(dim, int) or len(dim.free_symbols) != 1:
-        return None
-    (k,) = dim.free_symbols
-    poly = sympy.Poly(dim, k) if dim.is_polynomial(k) else None
-    if poly is None or poly.degree() != 1 or not all(c.is_integer for c in poly.all_coeffs()):
-        return None
-    a, b = (int(c) for c in poly.all_coeffs())
-    return (k, a, b) if a > 0 else None

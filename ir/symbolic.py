@@ -123,6 +123,19 @@ def evaluate(expr: Expr | int, values: dict[str, int]) -> int:
     return int(expr.subs(subs))
 
 
+def linear_in_one_symbol(dim: Expr | int) -> tuple[sympy.Symbol, int, int] | None:
+    """(k, a, b) when dim is a*k + b with integers a > 0 and b (a size a symbol
+    can be read back from), else None."""
+    if isinstance(dim, int) or len(dim.free_symbols) != 1:
+        return None
+    (k,) = dim.free_symbols
+    poly = sympy.Poly(dim, k) if dim.is_polynomial(k) else None
+    if poly is None or poly.degree() != 1 or not all(c.is_integer for c in poly.all_coeffs()):
+        return None
+    a, b = (int(c) for c in poly.all_coeffs())
+    return (k, a, b) if a > 0 else None
+
+
 def free_names(expr: Expr | int) -> set[str]:
     return {s.name for s in sympy.sympify(expr).free_symbols}
 

@@ -100,10 +100,12 @@ def _evaluate(expr, subs) -> float:
 class _Costs:
     def __init__(self, hw: Hardware, n: int, link: Link, subs: dict):
         self.hw, self.n, self.link, self.subs = hw, n, link, subs
-        self._sizes: dict[TensorType, float] = {}
+        self._sizes: dict[TensorType, float] = {}  # bytes of each type, evaluated once
 
     def nbytes(self, t: TensorType) -> float:
-        return _evaluate(t.nbytes, self.subs)
+        if t not in self._sizes:
+            self._sizes[t] = _evaluate(t.nbytes, self.subs)
+        return self._sizes[t]
 
     def compute(self, op: CallOp, d: Decision) -> float:
         """Per-rank seconds of `op`, and of the all-reduce inside a row-parallel
@@ -123,9 +125,7 @@ class _Costs:
 
     def weight(self, t: TensorType, p: Placement) -> float:
         """Bytes a rank holds of a weight (or state) of type `t` placed `p`."""
-        if t not in self._sizes:
-            self._sizes[t] = self.nbytes(t)
-        return self._sizes[t] / (self.n if p.kind == "shard" else 1)
+        return self.nbytes(t) / (self.n if p.kind == "shard" else 1)
 
     def load(self, t: TensorType, have: Placement, want: Placement) -> float:
         """A weight is loaded whole or as this rank's slice, never as a partial sum."""

@@ -124,14 +124,10 @@ def _weight_sharded(op: CallOp, x: int, w: int, bias: int | None, arriving, type
     if style == "replicate":
         return replicated(op)
     if style is not None:
-        dim = weight.shape[w_in if style == "rowwise" else w_out]
-        if not divides(dim, n):
-            raise PlanError(
-                f"{where(op)}: the plan makes this layer {style}, but its "
-                f"{'input' if style == 'rowwise' else 'output'} features ({dim}) do not split "
-                f"over {n} ranks; use another style for it or a mesh size that divides {dim} "
-                f"({', '.join(map(str, sizes_that_split(dim))) or 'none'})"
-            )
+        what = "input features" if style == "rowwise" else "output features"
+        _check_plan_split(
+            op, "layer", style, what, weight.shape[w_in if style == "rowwise" else w_out], n
+        )
     rowwise = style == "rowwise" or (style is None and arriving[x] == shard(x_rank - 1))
     if rowwise and divides(weight.shape[w_in], n):
         inputs[x], inputs[w] = shard(x_rank - 1), shard(w_in)  # row-parallel
@@ -143,6 +139,16 @@ def _weight_sharded(op: CallOp, x: int, w: int, bias: int | None, arriving, type
             inputs[bias] = shard(0)
         return Decision(inputs, [shard(out_rank - 1)], "column")
     return replicated(op)
+
+
+def _check_plan_split(op: CallOp, kind: str, style: str, what: str, size, n: int) -> None:
+    """A manual plan's style must split the dim it names evenly."""
+    if not divides(size, n):
+        raise PlanError(
+            f"{where(op)}: the plan makes this {kind} {style}, but its {what} ({size}) do not "
+            f"split over {n} ranks; use another style for it or a mesh size that divides "
+            f"{size} ({', '.join(map(str, sizes_that_split(size))) or 'none'})"
+        )
 
 
 def linear_rule(op: CallOp, arriving, types, n: int, style: str | None = None) -> Decision:
@@ -419,13 +425,8 @@ def embedding_rule(op: CallOp, arriving, types, n: int, style: str | None = None
         return replicated(op)
     if style in ("rowwise", "colwise"):
         dim = 0 if style == "rowwise" else 1
-        if not divides(types[weight].shape[dim], n):
-            raise PlanError(
-                f"{where(op)}: the plan makes this embedding {style}, but its "
-                f"{'vocabulary' if dim == 0 else 'embedding dim'} ({types[weight].shape[dim]}) "
-                f"does not split over {n} ranks; use another style for it or a mesh size that "
-                f"divides it ({', '.join(map(str, sizes_that_split(types[weight].shape[dim]))) or 'none'})"
-            )
+        what = "vocabulary rows" if dim == 0 else "embedding columns"
+        _check_plan_split(op, "embedding", style, what, types[weight].shape[dim], n)
         inputs[weight] = shard(dim)
         out = SUM if dim == 0 else shard(op.results[0].type.rank - 1)
         return Decision(inputs, [out], "vocab" if dim == 0 else "column")

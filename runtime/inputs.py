@@ -52,21 +52,6 @@ def _recompile_hint(symbol: str | None, name: str, dim: int) -> str:
     return f"recompile with a wider range for '{symbol}' (Dim('{symbol}', min=..., max=...))"
 
 
-def _solve(dim: sympy.Expr, size: int, name: str, index: int) -> tuple[str, int]:
-    """The value of the one symbol in `dim` that makes it `size` (k for 2*k = 10)."""
-    (symbol,) = dim.free_symbols
-    try:
-        roots = [r for r in sympy.solve(sympy.Eq(dim, size), symbol) if r.is_integer]
-    except NotImplementedError:  # floor/mod of the symbol: no closed form
-        roots = []
-    if not roots:
-        raise InputError(
-            f"input '{name}' dim {index} is {size}, which is not {symbolic.to_text(dim)} "
-            f"for any integer {symbol.name}; pad it to such a size"
-        )
-    return symbol.name, int(roots[0])
-
-
 def check_inputs(
     names: Sequence[str],
     types: Sequence[TensorType],
@@ -97,25 +82,29 @@ def check_inputs(
                         f"input '{name}' dim {d} is {size} but the model was compiled for "
                         f"{dim}; {_recompile_hint(None, name, d)}"
                     )
-            elif isinstance(dim, sympy.Symbol) or len(dim.free_symbols) == 1:
-                symbol, value = (
-                    (dim.name, int(size)) if dim.is_Symbol else _solve(dim, size, name, d)
-                )
+            elif linear := symbolic.linear_in_one_symbol(dim):  # k, or a derived dim a*k + b
+                k, a, b = linear
+                symbol, (bound, rest) = k.name, divmod(int(size) - b, a)
+                if rest:
+                    raise InputError(
+                        f"input '{name}' dim {d} is {size}, which is not "
+                        f"{symbolic.to_text(dim)} for any integer {symbol}; pad it to such a size"
+                    )
                 # for a derived dim (2*k), the symbol's value is not the dim's size
-                shown = f"{size}" if dim.is_Symbol else f"{size} (so {symbol} = {value})"
-                if symbol in values and values[symbol] != value:
+                shown = f"{size}" if (a, b) == (1, 0) else f"{size} (so {symbol} = {bound})"
+                if symbol in values and values[symbol] != bound:
                     raise InputError(
                         f"input '{name}' dim {d} is {shown} but '{symbol}' is "
                         f"{values[symbol]} in another input; they must be equal"
                     )
                 lo, hi = symbols.get(symbol, (1, None))
-                if value < lo or (hi is not None and value > hi):
-                    bound = f"[{lo}, {hi if hi is not None else 'inf'}]"
+                if bound < lo or (hi is not None and bound > hi):
+                    range_ = f"[{lo}, {hi if hi is not None else 'inf'}]"
                     raise InputError(
                         f"input '{name}' dim {d} ({symbolic.to_text(dim)}) is {shown}, outside "
-                        f"the compiled range {bound}; {_recompile_hint(symbol, name, d)}"
+                        f"the compiled range {range_}; {_recompile_hint(symbol, name, d)}"
                     )
-                values[symbol] = value
+                values[symbol] = bound
     # dims that are expressions of the symbols must agree too
     for name, type_, value in zip(names, types, inputs):
         for d, (size, dim) in enumerate(zip(value.shape, type_.shape)):
