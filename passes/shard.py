@@ -84,7 +84,11 @@ from ..ir.ops import (
 )
 from ..ir.text import module_path, where
 from ..ir.types import TensorType
+from ..kernels import experts as expert_kernel
 from .base import Pass, function_blocks
+from .experts import ExpertMLP, find_expert_mlps
+from .experts import operands as grouped_operands
+from .linear_rewrite import require_library
 from .op_cost import COMPRESSED_LINEARS
 from .shard_ilp import Solution, solve
 from .shard_rules import (
@@ -124,6 +128,8 @@ class _Sharder:
         self.params: set[SSAValue] = set()
         self.resharded: dict[tuple[SSAValue, Placement], SSAValue] = {}
         self.replicated_attention: list[str] = []  # where heads did not split n ways
+        self.expert_roles: dict[Operation, tuple[str, ExpertMLP]] = {}
+        self.expert_ids: dict[int, SSAValue] = {}  # experts -> the ids this rank holds
 
     def style(self, op: CallOp) -> str | None:
         return _style(self.plan, op)
@@ -203,6 +209,8 @@ class _Sharder:
         ops = list(self.block.ops)
         if self.data:
             self.split_batch()
+        else:
+            self.find_experts()
         for op in ops:
             if isinstance(op, ParamOp):
                 self.params.add(op.result)
@@ -277,13 +285,21 @@ class _Sharder:
             REPLICATE if p.kind == "partial" and (v, REPLICATE) in self.resharded else p
             for v, p in zip(op.inputs, arriving)
         ]
+        role, mlp = self.expert_roles.get(op, (None, None))
+        if role == "between":  # rows stay whole: the op runs as it is
+            return
+        if role in ("first", "last"):
+            self.expert_mm(op, mlp, last=role == "last")
+            return
         types = [self._full_type(v) for v in op.inputs]  # rules reason on global shapes
-        style = self.style(op)
+        style = "replicate" if role == "router" else self.style(op)
         decision = self.chosen.get(op) if style is None else None
         if self.data:
             decision = decide_data(op, arriving, types, self.n, self.params)
         elif decision is None:
             decision = decide(op, arriving, types, self.n, self.params, style)
+        if role == "view":  # of an expert weight, split by expert
+            decision = Decision([shard(0)], [shard(0)])
         if isinstance(op, AttentionOp) and decision.outputs == [REPLICATE]:
             heads = [t.shape[1] for t in types[:3]]  # query, key, value: [batch, heads, ...]
             if any(not divides(h, self.n) for h in heads):
@@ -309,6 +325,38 @@ class _Sharder:
         types = [local_type(r.type, p, self.n) for r, p in zip(op.results, decision.outputs)]
         new = type(op)(op.target_name, inputs, args, types, dict(op.attributes))
         self._replace(op, new, decision.outputs)
+
+    def find_experts(self) -> None:
+        """Expert MLPs split by expert when the axis divides their count."""
+        for mlp in find_expert_mlps(self.block):
+            if not divides(mlp.experts, self.n):
+                warnings.warn(
+                    f"shard: the {mlp.experts} experts of {module_path(mlp.first) or where(mlp.first)} "
+                    f"do not split over {self.n} ranks and run replicated (sizes that do: "
+                    f"{', '.join(map(str, sizes_that_split(mlp.experts))) or 'none'})",
+                    stacklevel=3,
+                )
+                continue
+            roles = [("first", [mlp.first]), ("last", [mlp.last]), ("between", mlp.between),
+                     ("view", mlp.views), ("router", [mlp.router] if mlp.router else [])]  # fmt: skip
+            for role, ops in roles:
+                self.expert_roles.update((op, (role, mlp)) for op in ops)
+
+    def expert_mm(self, op: CallOp, mlp: ExpertMLP, last: bool) -> None:
+        """A grouped product over the experts this rank holds (`plait::expert_mm`):
+        rows of other experts are zero, so the last product's results are partial sums."""
+        rows, weight, offsets = (self.reshard(v, p, op) for v, p in
+                                 zip(grouped_operands(op), (REPLICATE, shard(0), REPLICATE)))  # fmt: skip
+        if mlp.experts not in self.expert_ids:  # this rank's slice of arange(E), as SPMD as vocab
+            every = self._call(op, "experts", "aten::arange", [], [mlp.experts],
+                               TensorType([mlp.experts], "i64"), [("device", Tag("device", "cpu"))])  # fmt: skip
+            local = TensorType([mlp.experts // self.n], "i64")
+            mine = LocalShardOp(every, local, self.axis, 0)
+            self.expert_ids[mlp.experts] = self._insert(mine, op, REPLICATE)
+        values = [rows, weight, offsets, self.expert_ids[mlp.experts]]
+        new = call_op_class(expert_kernel.TARGET)(expert_kernel.TARGET, values, ArgsAttr(tuple(map(Operand, range(4))), ()),
+                                       [op.results[0].type])  # fmt: skip
+        self._replace(op, new, [Placement("partial", reduce="sum") if last else REPLICATE])
 
     def _call(self, before: CallOp, name, target, values, args, result_type, kwargs=()):
         """A new call of `target`, inserted before `before` (and at its location)."""
@@ -479,7 +527,10 @@ class Shard(Pass):
                 f"B/device, {solution.groups} choices for {solution.ops} ops"
             )
         for block in blocks:
-            _Sharder(block, axis, n, plan, chosen, axes).run()
+            sharder = _Sharder(block, axis, n, plan, chosen, axes)
+            sharder.run()
+            if sharder.expert_ids:
+                require_library(op, expert_kernel.__name__)
         _check_alike(op)
 
     def _solve(self, module: ModuleOp, blocks, axis: str, n: int, plan) -> Solution:

@@ -222,10 +222,15 @@ def softmax_rule(op: CallOp, arriving, types, n: int) -> Decision:
     return _keeps_unless(op, arriving, types, {_dim(op.arg("dim", -1), rank)})
 
 
+_SUMS = {"aten::sum.dim_IntList", "aten::mean.dim", "aten::sum"}  # linear: partials stay partial
+
+
 def reduce_rule(op: CallOp, arriving, types, n: int) -> Decision:
     rank = types[0].rank
     dims = op.arg("dim")
     first = arriving[0]
+    if first.kind == "partial" and op.target_name in _SUMS and len(op.results) == 1:
+        return Decision([SUM] + [R] * (len(op.inputs) - 1), [SUM])
     if dims is None or first.kind != "shard" or len(op.results) != 1:
         return replicated(op)
     dims = {_dim(d, rank) for d in (dims if isinstance(dims, tuple) else (dims,))}
@@ -357,11 +362,19 @@ SIZE_ARGS = {"aten::view": "size", "aten::_unsafe_view": "size", "aten::reshape"
              "aten::expand": "size"}  # fmt: skip
 
 
+# views that keep every element once: a partial sum stays partial through them
+_KEEPS_PARTIALS = {"aten::view", "aten::_unsafe_view", "aten::reshape", "aten::unsqueeze",
+                   "aten::squeeze.dim", "aten::squeeze.dims", "aten::transpose.int",
+                   "aten::permute", "aten::flatten.using_ints"}  # fmt: skip
+
+
 def reshape_rule(op: CallOp, arriving, types, n: int) -> Decision:
     first = arriving[0]
     name = op.target_name
     if name in ("aten::cat", "aten::stack"):
         return _concat_rule(op, arriving, n)
+    if first.kind == "partial" and name in _KEEPS_PARTIALS:
+        return Decision([SUM] + [R] * (len(op.inputs) - 1), [SUM])
     if first.kind != "shard":
         return replicated(op)
     if name in ("aten::split.Tensor", "aten::split_with_sizes", "aten::chunk", "aten::unbind.int"):
@@ -436,7 +449,15 @@ def embedding_rule(op: CallOp, arriving, types, n: int, style: str | None = None
     return Decision(inputs, [arriving[indices]])
 
 
-_TARGET_RULES = {"aten::index_copy_": index_copy_rule, "aten::index_copy": index_copy_rule}
+def index_rule(op: CallOp, arriving, types, n: int) -> Decision:
+    """Picking elements of a partial sum at replicated indices sums the picks."""
+    if arriving[0].kind == "partial" and all(p == R for p in arriving[1:]):
+        return Decision([SUM] + [R] * (len(op.inputs) - 1), [SUM])
+    return replicated(op)
+
+
+_TARGET_RULES = {"aten::index_copy_": index_copy_rule, "aten::index_copy": index_copy_rule,
+                 "aten::index.Tensor": index_rule}  # fmt: skip
 
 _RULES = {  # linear and matmul: see `decide`
     AttentionOp: attention_rule,

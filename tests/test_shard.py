@@ -139,6 +139,7 @@ def _tp_outputs(model, example_inputs, shapes, n: int, tmp_path, inputs):
         ("llama-tiny", 4),
         ("gpt2-tiny", 2),
         ("mixtral-tiny", 2),
+        ("mixtral-tiny", 4),
         ("qwen2-tiny", 2),
         ("qwen2-tiny", 4),
     ],  # fmt: skip
