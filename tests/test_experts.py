@@ -1,0 +1,142 @@
+"""Expert parallelism: MoE experts split over the tensor axis (passes/experts.py,
+kernels/experts.py), checked against transformers' grouped product and eager."""
+
+from __future__ import annotations
+
+import plait
+import pytest
+import torch
+import transformers
+from helpers import max_rel_diff
+from plait.frontend import hf
+from plait.ir.text import parse_module, print_module
+from plait.kernels.experts import expert_mm
+from plait.passes.experts import find_expert_mlps
+from plait.passes.manager import PassManager
+from transformers.integrations.moe import _grouped_mm_fallback as grouped_mm  # noqa: E402
+
+
+def test_the_ranks_expert_products_sum_to_the_grouped_product():
+    g = torch.Generator().manual_seed(0)
+    experts, rows, n = 6, 40, 3
+    counts = torch.tensor([9, 0, 13, 7, 0, 11])  # two experts get no rows
+    offsets = counts.cumsum(0).to(torch.int32)
+    x = torch.randn(rows, 16, generator=g)
+    w = torch.randn(experts, 16, 24, generator=g)
+    whole = grouped_mm(x, w, offsets)
+    held = torch.arange(experts).chunk(n)
+    parts = [expert_mm(x, w[ids], offsets, ids) for ids in held]
+    assert torch.equal(sum(parts), whole)
+    # a rank's rows of other experts are zero; its own are the grouped product's, bit for bit
+    mine = slice(int(offsets[1]), int(offsets[3]))  # experts 2 and 3
+    assert torch.equal(parts[1][mine], whole[mine])
+    assert (
+        parts[1][: int(offsets[1])].abs().sum() == 0
+        and parts[1][int(offsets[3]) :].abs().sum() == 0
+    )
+
+
+def _mixtral(experts: int = 4):
+    config = transformers.MixtralConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=experts,
+        num_experts_per_tok=2, max_position_embeddings=256,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.MixtralForCausalLM(config).eval()
+
+
+def test_mixtral_experts_split_with_one_all_reduce_per_moe_layer(compiled):
+    module = parse_module(compiled("mixtral-tiny").ir)
+    assert [m.experts for m in find_expert_mlps(module.body.block.ops.first.body.block)] == [4, 4]
+    PassManager.parse("shard{mesh=tp:2},dce").run(module)
+    text = print_module(module)
+    for layer in (0, 1):
+        for weight, shape in (("gate_up_proj", "[2, 256, 64]"), ("down_proj", "[2, 64, 128]")):
+            assert (
+                f'"model.layers.{layer}.mlp.experts.{weight}" {{plait.placements = '
+                f"#plait.placements<[shard(0)]>}} : !plait.tensor<{shape}, f32>"
+            ) in text
+    assert text.count('"plait::expert_mm"') == 4
+    # attention's and the experts' partial sums: 2 all-reduces per layer, none inside the MoE
+    assert text.count("plait.all_reduce") == 4
+    assert text.count("plait.all_gather") == 1  # the vocab-split logits; the router stays whole
+    assert '"model.layers.0.mlp.gate.weight" :' in text  # not sliced
+
+
+def test_experts_that_do_not_split_run_replicated_with_a_warning():
+    model = _mixtral(experts=3)
+    inputs = hf.example_inputs(model, 2, 8)
+    with pytest.warns(UserWarning, match=r"the 3 experts of model.layers.0.mlp.experts do not "
+                                         r"split over 2 ranks and run replicated \(sizes that do: 3\)"):  # fmt: skip
+        program = plait.compile(hf.wrap(model), inputs, pipeline="shard{mesh=tp:2}")
+    try:
+        assert "plait::expert_mm" not in program.ir
+        with torch.no_grad():
+            assert max_rel_diff(program(*inputs), hf.wrap(model)(*inputs)) <= 1e-5
+    finally:
+        program.close()
+
+
+def _qwen3_moe():
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        num_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.Qwen3MoeForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("build,n", [(_mixtral, 4), (_qwen3_moe, 2)])
+def test_expert_parallel_programs_match_eager(build, n):
+    model = build()
+    inputs = hf.example_inputs(model, 3, 11)
+    program = plait.compile(hf.wrap(model), hf.example_inputs(model, 2, 16),
+                            dynamic_shapes=hf.dynamic_shapes(max_seq=256),
+                            pipeline=f"canonicalize,cse,dce,shard{{mesh=tp:{n}}},dce")  # fmt: skip
+    try:
+        assert program.ir.count('"plait::expert_mm"') == 4
+        with torch.no_grad():
+            assert max_rel_diff(program(*inputs), hf.wrap(model)(*inputs)) <= 1e-5
+    finally:
+        program.close()
+
+
+MOE_IR = """\
+builtin.module {
+  func.func @forward(%rows : !plait.tensor<[12, 8], f32>, %offs : !plait.tensor<[4], i32>) -> !plait.tensor<[12, 8], f32> {
+    %w1 = plait.param "experts.up" : !plait.tensor<[4, 32, 8], f32> loc("moe.experts")
+    %w2 = plait.param "experts.down" : !plait.tensor<[4, 8, 16], f32> loc("moe.experts")
+    %t1 = plait.reshape "aten::transpose.int"(%w1, -2, -1) : !plait.tensor<[4, 8, 32], f32>
+    %h = plait.call "transformers::grouped_mm_fallback"(%rows, %t1, %offs) : !plait.tensor<[12, 32], f32>
+    %a, %b = plait.reshape "aten::chunk"(%h, 2, -1) : (!plait.tensor<[12, 16], f32>, !plait.tensor<[12, 16], f32>)
+    %s = plait.elementwise "aten::silu"(%a) : !plait.tensor<[12, 16], f32>
+    %g = plait.elementwise "aten::mul.Tensor"(%s, %b) : !plait.tensor<[12, 16], f32>
+    %t2 = plait.reshape "aten::transpose.int"(%w2, -2, -1) : !plait.tensor<[4, 16, 8], f32>
+    %y = plait.call "transformers::grouped_mm_fallback"(%g, %t2, %offs) : !plait.tensor<[12, 8], f32>
+    func.return %y : !plait.tensor<[12, 8], f32>
+  }
+}
+"""
+
+
+def _found(text: str):
+    return find_expert_mlps(parse_module(text).body.block.ops.first.body.block)
+
+
+def test_only_row_wise_zero_preserving_ops_may_sit_between_the_products():
+    (mlp,) = _found(MOE_IR)
+    assert [op.target_name for op in mlp.between] == [
+        "aten::chunk",
+        "aten::silu",
+        "aten::mul.Tensor",
+    ]
+    assert (mlp.experts, len(mlp.views), mlp.router) == (4, 2, None)
+    # 1 + silu(a) is not 0 on the rows of other experts: they would leak into the sum
+    shifted = MOE_IR.replace('"aten::silu"(%a)', '"aten::add.Scalar"(%a, 1.0)')
+    assert _found(shifted) == []
+    # a chunk across rows would mix the experts' rows
+    across = MOE_IR.replace('"aten::chunk"(%h, 2, -1) : (!plait.tensor<[12, 16], f32>, !plait.tensor<[12, 16], f32>)',
+                            '"aten::chunk"(%h, 2, 0) : (!plait.tensor<[6, 32], f32>, !plait.tensor<[6, 32], f32>)')  # fmt: skip
+    assert _found(across) == []
