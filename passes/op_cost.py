@@ -173,7 +173,25 @@ def _index_copy(op: CallOp) -> OpCost:
     return OpCost(ZERO, 2 * _bytes([source]) + _bytes([index]), "compute")
 
 
-_BY_TARGET = {"aten::index_copy_": _index_copy, "aten::index_copy": _index_copy}
+def _grouped_mm(op: CallOp) -> OpCost:
+    """Experts' products over routed rows [N, in] (transformers' grouped_mm, or
+    plait::expert_mm over the E_here of E experts a rank holds): each row goes
+    through one expert; with balanced routing a rank computes E_here/E of the
+    rows, and reads the weights of the experts that got rows (all, once the
+    rows outnumber the experts)."""
+    rows, weight, offsets = (_type(v) for v in op.inputs[:3])
+    here, experts = weight.shape[0], offsets.shape[0]
+    share = sympy.sympify(here) / experts
+    n = rows.shape[0]
+    flops = 2 * n * weight.shape[1] * weight.shape[2] * share
+    touched = sympy.Min(1, n / sympy.sympify(experts))
+    moved = _bytes([rows]) * share + _bytes([_type(op.results[0])]) + _bytes([weight]) * touched
+    return OpCost(flops, moved, "compute")
+
+
+_BY_TARGET = {"aten::index_copy_": _index_copy, "aten::index_copy": _index_copy,
+              "transformers::grouped_mm_fallback": _grouped_mm, "aten::_grouped_mm": _grouped_mm,
+              "plait::expert_mm": _grouped_mm}  # fmt: skip
 
 
 def _generic(op: CallOp) -> OpCost:

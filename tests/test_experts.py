@@ -140,3 +140,20 @@ def test_only_row_wise_zero_preserving_ops_may_sit_between_the_products():
     across = MOE_IR.replace('"aten::chunk"(%h, 2, -1) : (!plait.tensor<[12, 16], f32>, !plait.tensor<[12, 16], f32>)',
                             '"aten::chunk"(%h, 2, 0) : (!plait.tensor<[6, 32], f32>, !plait.tensor<[6, 32], f32>)')  # fmt: skip
     assert _found(across) == []
+
+
+def test_a_rank_is_charged_its_share_of_the_experts_work():
+    from plait.passes.op_cost import op_cost
+
+    module = parse_module(MOE_IR)
+    whole = [op_cost(op) for op in module.walk() if "grouped_mm" in getattr(op, "target_name", "")]
+    # 12 rows, each through one expert: 2 * rows * in * out
+    assert [c.flops for c in whole] == [2 * 12 * 8 * 32, 2 * 12 * 16 * 8]
+    # 12 rows outnumber the 4 experts: every expert's weight is read once
+    assert whole[0].bytes == 4 * (12 * 8 + 12 * 32 + 4 * 8 * 32)
+    PassManager.parse("shard{mesh=tp:2}").run(module)
+    split = [
+        op_cost(op) for op in module.walk() if getattr(op, "target_name", "") == "plait::expert_mm"
+    ]
+    assert [c.flops for c in split] == [c.flops / 2 for c in whole]
+    assert split[0].bytes == 4 * (12 * 8 // 2 + 12 * 32 + 2 * 8 * 32)
