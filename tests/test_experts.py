@@ -157,3 +157,19 @@ def test_a_rank_is_charged_its_share_of_the_experts_work():
     ]
     assert [c.flops for c in split] == [c.flops / 2 for c in whole]
     assert split[0].bytes == 4 * (12 * 8 // 2 + 12 * 32 + 2 * 8 * 32)
+
+
+def test_generation_with_split_experts_is_transformers_generate():
+    from plait.examples.models import causal_lm
+
+    model = causal_lm("mixtral")[0].model
+    ids = torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
+                                  do_sample=False)  # fmt: skip
+    two = plait.compile_generation(model, batch=2, max_length=40, pipeline="shard{mesh=tp:2}")
+    try:
+        assert two.ir.count('"plait::expert_mm"') == 8  # 2 layers, @prefill and @decode
+        assert torch.equal(two.generate(ids, 24), expected)
+    finally:
+        two.close()
