@@ -268,6 +268,13 @@ class _Lowering:
                 return torch_dtype(value.value)
             if value.kind == "device":
                 return self.device
+            if value.kind == "group":
+                if self.groups is None or value.value not in self.groups.names:
+                    raise LoweringError(
+                        f"{where(op)}: {op.target_name} communicates over mesh axis "
+                        f"'{value.value}'; run the program on its mesh (plait run --nproc N)"
+                    )
+                return self.groups.names[value.value]
             return getattr(torch, value.value)
         return value
 

@@ -44,7 +44,8 @@ class Sym:
 
 @dataclass(frozen=True)
 class Tag:
-    """A torch enum-like value: a dtype, device, layout or memory format."""
+    """A torch enum-like value: a dtype, device, layout or memory format; or
+    the process group along a mesh axis (for kernels that communicate)."""
 
     kind: str
     value: str
@@ -56,6 +57,7 @@ TAG_KINDS: dict[str, bool] = {
     "device": True,
     "layout": False,
     "memory_format": False,
+    "group": True,  # a mesh axis: the process group of this rank along it
 }
 
 Value = object  # int | float | bool | str | None | tuple | Operand | Sym | Tag

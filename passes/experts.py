@@ -50,6 +50,16 @@ class ExpertMLP:
     views: list[CallOp]  # ops from an expert weight to a product (a transpose)
     router: LinearOp | None  # the linear whose scores choose the experts
     experts: int
+    # tokens[token_of_row]: the routed rows picked from the tokens [T, dim], if so made
+    gather: CallOp | None = None
+
+    @property
+    def tokens(self) -> SSAValue | None:
+        return self.gather.inputs[0] if self.gather else None
+
+    @property
+    def token_of_row(self) -> SSAValue | None:
+        return self.gather.inputs[1] if self.gather else None
 
 
 def operands(op: CallOp) -> tuple[SSAValue, SSAValue, SSAValue] | None:
@@ -133,7 +143,19 @@ def _mlp_from(first: CallOp, grouped) -> ExpertMLP | None:
     order = {op: i for i, op in enumerate(first.parent.ops)}
     between.sort(key=order.__getitem__)
     router = _router(offsets, experts)
-    return ExpertMLP(first, last, between, views + last_held[0], router, experts)
+    gather = _gather(operands(first)[0], first)
+    return ExpertMLP(first, last, between, views + last_held[0], router, experts, gather)
+
+
+def _gather(rows: SSAValue, first: CallOp) -> CallOp | None:
+    """The op picking the routed rows from the tokens, tokens[token_of_row], if
+    nothing else reads its result."""
+    op = rows.owner
+    if not isinstance(op, CallOp) or op.target_name != "aten::index.Tensor":
+        return None
+    if len(op.inputs) != 2 or op.inputs[0].type.rank != 2 or op.inputs[1].type.rank != 1:
+        return None
+    return op if all(use.operation is first for use in rows.uses) else None
 
 
 def _row_wise(op: Operation, index: int) -> bool:

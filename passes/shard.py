@@ -93,6 +93,7 @@ from .op_cost import COMPRESSED_LINEARS
 from .shard_ilp import Solution, solve
 from .shard_rules import (
     DATA_AXES,
+    EXPERT_AXIS,
     SIZE_ARGS,
     STYLES,
     SYMBOL_RANGES,
@@ -209,8 +210,9 @@ class _Sharder:
         ops = list(self.block.ops)
         if self.data:
             self.split_batch()
-        else:
-            self.find_experts()
+        # experts split over `ep` when the mesh has one, else over the tensor axis
+        if self.axis == EXPERT_AXIS or not self.data:
+            self.find_experts(split=self.data or EXPERT_AXIS not in self.axes)
         for op in ops:
             if isinstance(op, ParamOp):
                 self.params.add(op.result)
@@ -288,6 +290,8 @@ class _Sharder:
         role, mlp = self.expert_roles.get(op, (None, None))
         if role == "between":  # rows stay whole: the op runs as it is
             return
+        if role == "gather":  # the dispatch picks the rows instead (see expert_mm)
+            return
         if role in ("first", "last"):
             self.expert_mm(op, mlp, last=role == "last")
             return
@@ -326,9 +330,14 @@ class _Sharder:
         new = type(op)(op.target_name, inputs, args, types, dict(op.attributes))
         self._replace(op, new, decision.outputs)
 
-    def find_experts(self) -> None:
-        """Expert MLPs split by expert when the axis divides their count."""
+    def find_experts(self, split: bool) -> None:
+        """Expert MLPs split by expert when the axis divides their count (and
+        `split`: no other axis takes them); their routers run replicated."""
         for mlp in find_expert_mlps(self.block):
+            if mlp.router:
+                self.expert_roles[mlp.router] = ("router", mlp)
+            if not split:
+                continue
             if not divides(mlp.experts, self.n):
                 warnings.warn(
                     f"shard: the {mlp.experts} experts of {module_path(mlp.first) or where(mlp.first)} "
@@ -338,15 +347,23 @@ class _Sharder:
                 )
                 continue
             roles = [("first", [mlp.first]), ("last", [mlp.last]), ("between", mlp.between),
-                     ("view", mlp.views), ("router", [mlp.router] if mlp.router else [])]  # fmt: skip
+                     ("view", mlp.views), ("gather", [mlp.gather] if self.data and mlp.gather else [])]  # fmt: skip
             for role, ops in roles:
                 self.expert_roles.update((op, (role, mlp)) for op in ops)
 
     def expert_mm(self, op: CallOp, mlp: ExpertMLP, last: bool) -> None:
         """A grouped product over the experts this rank holds (`plait::expert_mm`):
-        rows of other experts are zero, so the last product's results are partial sums."""
+        rows of other experts are zero, so the last product's results are partial sums.
+        With tokens split over the axis, an all-to-all brings each rank the rows
+        of its experts first (`plait::expert_dispatch`)."""
         rows, weight, offsets = (self.reshard(v, p, op) for v, p in
                                  zip(grouped_operands(op), (REPLICATE, shard(0), REPLICATE)))  # fmt: skip
+        if op is mlp.first and mlp.gather in self.expert_roles:
+            tokens = self.reshard(mlp.tokens, shard(0), op)
+            token_of_row = self.reshard(mlp.token_of_row, REPLICATE, op)
+            args = [*map(Operand, range(3)), Tag("group", self.axis)]
+            rows = self._call(op, "routed_rows", expert_kernel.DISPATCH,
+                              [tokens, token_of_row, offsets], args, mlp.gather.results[0].type)  # fmt: skip
         if mlp.experts not in self.expert_ids:  # this rank's slice of arange(E), as SPMD as vocab
             every = self._call(op, "experts", "aten::arange", [], [mlp.experts],
                                TensorType([mlp.experts], "i64"), [("device", Tag("device", "cpu"))])  # fmt: skip
@@ -357,6 +374,8 @@ class _Sharder:
         new = call_op_class(expert_kernel.TARGET)(expert_kernel.TARGET, values, ArgsAttr(tuple(map(Operand, range(4))), ()),
                                        [op.results[0].type])  # fmt: skip
         self._replace(op, new, [Placement("partial", reduce="sum") if last else REPLICATE])
+        if op is mlp.first and mlp.gather in self.expert_roles:
+            Rewriter.erase_op(mlp.gather)
 
     def _call(self, before: CallOp, name, target, values, args, result_type, kwargs=()):
         """A new call of `target`, inserted before `before` (and at its location)."""
@@ -509,7 +528,7 @@ class Shard(Pass):
                 self._shard(op, plan, tuple(axes), tensor[0], axes[tensor[0]])
             if data and axes[data[0]] > 1:
                 for block in function_blocks(op):
-                    _Sharder(block, data[0], axes[data[0]], axes=tuple(axes), data=True).run()
+                    _run(_Sharder(block, data[0], axes[data[0]], axes=tuple(axes), data=True), op)
                 _check_alike(op)
         finally:
             SYMBOL_RANGES.reset(token)
@@ -527,10 +546,7 @@ class Shard(Pass):
                 f"B/device, {solution.groups} choices for {solution.ops} ops"
             )
         for block in blocks:
-            sharder = _Sharder(block, axis, n, plan, chosen, axes)
-            sharder.run()
-            if sharder.expert_ids:
-                require_library(op, expert_kernel.__name__)
+            _run(_Sharder(block, axis, n, plan, chosen, axes), op)
         _check_alike(op)
 
     def _solve(self, module: ModuleOp, blocks, axis: str, n: int, plan) -> Solution:
@@ -543,6 +559,12 @@ class Shard(Pass):
         _, link = axis_links({axis: n}, hw)[axis]
         return solve(blocks, n, hw, link, values, self.memory or None,
                      style_of=lambda op: _style(plan, op))  # fmt: skip
+
+
+def _run(sharder: _Sharder, module: ModuleOp) -> None:
+    sharder.run()
+    if sharder.expert_ids:  # it wrote calls of plait's expert kernels
+        require_library(module, expert_kernel.__name__)
 
 
 def _check_alike(module: ModuleOp) -> None:

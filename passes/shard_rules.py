@@ -253,9 +253,13 @@ def elementwise_rule(op: CallOp, arriving, types, n: int) -> Decision:
     # partial sums stay partial through sums of partials and scaling by replicated values
     partials = [i for i, p in enumerate(arriving) if p.kind == "partial"]
     if partials:
-        if op.target_name in _LINEAR_IN_PARTIALS and len(partials) == len(op.inputs) == 2:
-            if all(t == op.results[0].type for t in types):
+        alike = all(t == op.results[0].type for t in types)
+        if op.target_name in _LINEAR_IN_PARTIALS and len(op.inputs) == 2 and alike:
+            other = arriving[1 - partials[0]]
+            if len(partials) == 2:
                 return Decision([SUM, SUM], [SUM])
+            if other.kind == "shard":  # e.g. a sharded residual: reduce-scatter the sum
+                return Decision([other, other], [other])
         numerator_only = op.target_name.startswith("aten::div") and partials[0] != 0
         if op.target_name in _SCALES_PARTIALS and len(partials) == 1 and not numerator_only:
             inputs = [R] * len(op.inputs)
@@ -498,7 +502,8 @@ def _splits_evenly(decision: Decision, types: list[TensorType], op: CallOp, n: i
 # ---- data parallelism: the batch split, weights whole ------------------------------
 
 
-DATA_AXES = ("dp",)  # mesh axes that split the batch (the rest split tensors)
+DATA_AXES = ("dp", "ep")  # mesh axes that split the batch (the rest split tensors)
+EXPERT_AXIS = "ep"  # a data axis that also splits the experts of MoE layers
 
 
 def decide_data(op: CallOp, arriving: list[Placement], types: list[TensorType], n: int,

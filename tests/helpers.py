@@ -91,3 +91,13 @@ def artifact_rank(rank: int, world_size: int, directory: str, inputs: list):
     with torch.inference_mode():
         out = model(*inputs)
     return out.clone(), model.code if rank == 0 else ""
+
+
+def dispatch_rank(rank: int, world_size: int, tokens, token_of_row, offsets):
+    """plait::expert_dispatch on this rank's block of `tokens` (the whole routing known)."""
+    import torch.distributed as dist
+    from plait.kernels.experts import expert_dispatch
+
+    held = tokens.shape[0] // world_size
+    mine = tokens[rank * held : (rank + 1) * held]
+    return expert_dispatch(mine, token_of_row, offsets, dist.group.WORLD.group_name)
