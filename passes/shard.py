@@ -65,6 +65,7 @@ from ..ir.attrs import (
     Placement,
     PlacementsAttr,
     mesh_from_text,
+    partial,
     shard,
 )
 from ..ir.errors import PlaitError
@@ -102,6 +103,7 @@ from .shard_rules import (
     decide_data,
     divides,
     local_type,
+    replicated,
     sizes_that_split,
 )
 
@@ -331,25 +333,10 @@ class _Sharder:
         self._replace(op, new, decision.outputs)
 
     def find_experts(self, split: bool) -> None:
-        """Expert MLPs split by expert when the axis divides their count (and
-        `split`: no other axis takes them); their routers run replicated."""
-        for mlp in find_expert_mlps(self.block):
-            if mlp.router:
-                self.expert_roles[mlp.router] = ("router", mlp)
-            if not split:
-                continue
-            if not divides(mlp.experts, self.n):
-                warnings.warn(
-                    f"shard: the {mlp.experts} experts of {module_path(mlp.first) or where(mlp.first)} "
-                    f"do not split over {self.n} ranks and run replicated (sizes that do: "
-                    f"{', '.join(map(str, sizes_that_split(mlp.experts))) or 'none'})",
-                    stacklevel=3,
-                )
-                continue
-            roles = [("first", [mlp.first]), ("last", [mlp.last]), ("between", mlp.between),
-                     ("view", mlp.views), ("gather", [mlp.gather] if self.data and mlp.gather else [])]  # fmt: skip
-            for role, ops in roles:
-                self.expert_roles.update((op, (role, mlp)) for op in ops)
+        roles, unsplit = expert_roles(self.block, self.n, split, self.data)
+        self.expert_roles.update(roles)
+        for message in unsplit:
+            warnings.warn(f"shard: {message}", stacklevel=3)
 
     def expert_mm(self, op: CallOp, mlp: ExpertMLP, last: bool) -> None:
         """A grouped product over the experts this rank holds (`plait::expert_mm`):
@@ -373,7 +360,7 @@ class _Sharder:
         values = [rows, weight, offsets, self.expert_ids[mlp.experts]]
         new = call_op_class(expert_kernel.TARGET)(expert_kernel.TARGET, values, ArgsAttr(tuple(map(Operand, range(4))), ()),
                                        [op.results[0].type])  # fmt: skip
-        self._replace(op, new, [Placement("partial", reduce="sum") if last else REPLICATE])
+        self._replace(op, new, [partial("sum") if last else REPLICATE])
         if op is mlp.first and mlp.gather in self.expert_roles:
             Rewriter.erase_op(mlp.gather)
 
@@ -453,6 +440,40 @@ class _Sharder:
         for old, fresh in zip(op.results, new.results):
             old.replace_all_uses_with(fresh)
         Rewriter.erase_op(op)
+
+
+def expert_roles(block, n: int, split: bool, data: bool = False):
+    """Each op of the block's expert MLPs -> (its role, the MLP): split by
+    expert when `n` divides their count (and `split`: no other axis takes
+    them); their routers run replicated. Also why some did not split."""
+    roles: dict[Operation, tuple[str, ExpertMLP]] = {}
+    unsplit = []
+    for mlp in find_expert_mlps(block):
+        if mlp.router:
+            roles[mlp.router] = ("router", mlp)
+        if not split:
+            continue
+        if not divides(mlp.experts, n):
+            unsplit.append(
+                f"the {mlp.experts} experts of {module_path(mlp.first) or where(mlp.first)} do "
+                f"not split over {n} ranks and run replicated (sizes that do: "
+                f"{', '.join(map(str, sizes_that_split(mlp.experts))) or 'none'})"
+            )
+            continue
+        for role, ops in [("first", [mlp.first]), ("last", [mlp.last]), ("between", mlp.between),
+                          ("view", mlp.views), ("gather", [mlp.gather] if data and mlp.gather else [])]:  # fmt: skip
+            roles.update((op, (role, mlp)) for op in ops)
+    return roles, unsplit
+
+
+# what the solver is told each expert role decides (the pass writes it; see _Sharder)
+_ROLE_DECISIONS = {
+    "first": lambda op: Decision([REPLICATE, shard(0), REPLICATE], [REPLICATE], "expert"),
+    "last": lambda op: Decision([REPLICATE, shard(0), REPLICATE], [partial("sum")], "expert"),
+    "view": lambda op: Decision([shard(0)], [shard(0)]),
+    "between": replicated,
+    "router": replicated,
+}
 
 
 def _style(plan: list[tuple[str, str]], op: CallOp) -> str | None:
@@ -557,8 +578,11 @@ class Shard(Pass):
         hw = load(self.hardware)
         values = symbol_values(module, self.values, "shard")
         _, link = axis_links({axis: n}, hw)[axis]
+        split = EXPERT_AXIS not in mesh_from_text(self.mesh)
+        roles = {op: role for b in blocks for op, (role, _) in expert_roles(b, n, split)[0].items()}
+        fixed = {op: _ROLE_DECISIONS[role](op) for op, role in roles.items()}
         return solve(blocks, n, hw, link, values, self.memory or None,
-                     style_of=lambda op: _style(plan, op))  # fmt: skip
+                     style_of=lambda op: _style(plan, op), fixed=fixed)  # fmt: skip
 
 
 def _run(sharder: _Sharder, module: ModuleOp) -> None:

@@ -193,10 +193,12 @@ class Problem:
 
 
 def formulate(blocks, n: int, hw: Hardware, link: Link, values: dict[str, int],
-              style_of=lambda op: None) -> Problem:  # fmt: skip
+              style_of=lambda op: None, fixed: dict | None = None) -> Problem:  # fmt: skip
     """The program for the functions' `blocks` together: functions that share
     a weight or state (@prefill and @decode) must slice it alike. `style_of(op)`
-    is a manual plan's style for a layer, which then has that one option."""
+    is a manual plan's style for a layer, which then has that one option;
+    `fixed[op]` a decision the pass makes regardless (expert parallelism)."""
+    fixed = fixed or {}
     subs = {symbolic.symbol(k): sympy.Integer(v) for k, v in values.items()}
     costs = _Costs(hw, n, link, subs)
     params = {o.result for b in blocks for o in b.ops if isinstance(o, ParamOp)}
@@ -216,11 +218,12 @@ def formulate(blocks, n: int, hw: Hardware, link: Link, values: dict[str, int],
             representative[key] = op
             style = style_of(op)
             types = [v.type for v in op.inputs]
-            options[key] = (
-                [decide(op, [REPLICATE] * len(types), types, n, params, style)]
-                if style
-                else strategies(op, n, params)
-            )
+            if op in fixed:
+                options[key] = [fixed[op]]
+            elif style:
+                options[key] = [decide(op, [REPLICATE] * len(types), types, n, params, style)]
+            else:
+                options[key] = strategies(op, n, params)
             group_memory[key] = [0.0] * len(options[key])
         members[key].append(op)
         owned = [
@@ -309,8 +312,9 @@ def _slice_alike(ops, keys, options, params, costs, pairs) -> None:
 
 def solve(blocks, n: int, hw: Hardware, link: Link, values: dict[str, int],
           memory: float | None = None, timeout_s: float = 10.0,
-          style_of=lambda op: None) -> Solution:  # fmt: skip
-    return optimize(formulate(blocks, n, hw, link, values, style_of), n, memory, timeout_s)
+          style_of=lambda op: None, fixed: dict | None = None) -> Solution:  # fmt: skip
+    problem = formulate(blocks, n, hw, link, values, style_of, fixed)
+    return optimize(problem, n, memory, timeout_s)
 
 
 def optimize(problem: Problem, n: int, memory: float | None = None, timeout_s: float = 10.0):

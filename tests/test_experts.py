@@ -232,3 +232,19 @@ def test_experts_over_ep_and_dense_layers_over_tp():
             assert max_rel_diff(program(*inputs), model(*inputs)) <= 1e-5
     finally:
         program.close()
+
+
+def test_the_ilp_counts_each_rank_its_share_of_the_experts(example):
+    model, inputs, shapes = example("mixtral-tiny")
+    weights = sum(p.numel() * 4 for p in model.parameters())  # 1.02 MB, 0.79 MB of experts
+    # half the weights and a little: reachable only with the experts split
+    budget = weights // 2 + 16_000
+    program = plait.compile(model, inputs, dynamic_shapes=shapes,
+                            pipeline=f"canonicalize,cse,dce,shard{{mesh=tp:2,solve=ilp,hardware=cpu,"
+                                     f"values=batch:1,seq:16,memory={budget}}},dce")  # fmt: skip
+    try:
+        assert program.ir.count('"plait::expert_mm"') == 4
+        with torch.no_grad():
+            assert max_rel_diff(program(*inputs), model(*inputs)) <= 1e-5
+    finally:
+        program.close()
