@@ -1,4 +1,4 @@
-"""shard{mesh=tp:N | dp:M,tp:N}: tensor (and data) parallelism.
+"""shard{mesh=tp:N | dp:M,tp:N | ep:M,tp:N}: tensor, data and expert parallelism.
 
 Walks the program once, deciding each op's placements from those its inputs
 arrive with (`shard_rules`), and rewrites it into the per-rank (SPMD) program:
@@ -40,6 +40,13 @@ A `dp` axis (`mesh=dp:2,tp:4`) splits the batch: after the tensor axis is
 sharded, each rank of `dp` takes its slice of every input's dim 0, weights
 stay whole along it, and the outputs are gathered. Symbolic dims split only
 where z3 proves them divisible over their declared range.
+
+Mixture-of-experts layers (`experts.find_expert_mlps`) split by expert: over
+the tensor axis each rank computes the routed rows of its E/n experts and the
+partial sums are all-reduced once; an `ep` axis (`mesh=ep:2` or `ep:2,tp:2`)
+splits the batch as `dp` does and the experts over it, with one all-to-all
+bringing each rank the rows of its experts and a reduce-scatter returning the
+tokens' sums.
 """
 
 from __future__ import annotations

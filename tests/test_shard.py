@@ -67,7 +67,9 @@ def test_dims_that_do_not_divide_stay_replicated():
 
 def test_two_tensor_axes_and_sharding_twice_are_refused():
     with pytest.raises(ShardError, match="at most one tensor-parallel axis and one data"):
-        _shard(MLP, "tp:2,ep:2")
+        _shard(MLP, "tp:2,cp:2")
+    with pytest.raises(ShardError, match="at most one tensor-parallel axis and one data"):
+        _shard(MLP, "dp:2,ep:2")
     with pytest.raises(ShardError, match="already sharded"):
         _shard(_shard(MLP))
     with pytest.raises(ShardError, match=r"'x' has dim 0 of b, which does not split evenly"):
