@@ -34,11 +34,19 @@ from ..ir.errors import PlaitError
 from ..ir.ops import (
     AllGatherOp,
     AllReduceOp,
+    AttentionOp,
     CallOp,
     CollectiveOp,
+    ElementwiseOp,
+    EmbeddingOp,
+    LinearOp,
     LocalShardOp,
+    MatmulOp,
+    NormOp,
     ParamOp,
+    ReduceOp,
     ReduceScatterOp,
+    SoftmaxOp,
     WaitOp,
 )
 from ..ir.schema import out_variant
@@ -106,6 +114,22 @@ def _check_weight(op: ParamOp, tensor: torch.Tensor) -> None:
             f"{str(tensor.dtype).removeprefix('torch.')} but the program expects {expected}; "
             "the weights do not belong to this program (check the checkpoint)"
         )
+
+
+# op families whose results are new tensors, never views of an input (casts can be)
+_FRESH = (LinearOp, MatmulOp, AttentionOp, NormOp, SoftmaxOp, ReduceOp, EmbeddingOp, ElementwiseOp)
+_MAY_ALIAS = ("aten::to", "aten::type_as")
+
+
+def _dies_here(op: CollectiveOp) -> bool:
+    """May the collective write into its input: nothing else reads it, and it is
+    a fresh tensor (no view, weight, program input or arena slot)."""
+    producer = op.input.owner
+    if sum(1 for _ in op.input.uses) != 1 or not isinstance(producer, _FRESH):
+        return False
+    if producer.target_name.startswith(_MAY_ALIAS):
+        return False
+    return planned_offset(producer) is None
 
 
 def _attr_key(name: str, shard: tuple[int, int, int] | None) -> str:
@@ -467,25 +491,32 @@ class _Lowering:
             return node
 
         if isinstance(op, AllReduceOp):
-            return call(c10d.all_reduce.default, x, op.reduce.data, group), lambda y: y
+            # into the input itself when nothing else reads it (no copy)
+            reduce = c10d.all_reduce_ if _dies_here(op) else c10d.all_reduce
+            return call(reduce.default, x, op.reduce.data, group), lambda y: y
         if isinstance(op, (AllGatherOp, ReduceScatterOp)):
-            # functional collectives gather and scatter along dim 0: move `dim` there and back
+            # functional collectives gather and scatter along dim 0; along another
+            # dim the n pieces are put in a leading dim and back, one copy each way
             dim = op.dim.value.data
-            if dim != 0:
-                moved = self.graph.call_function(aten.movedim.int, (x, dim, 0))
-                x = self.graph.call_function(aten.contiguous.default, (moved,))
             if isinstance(op, AllGatherOp):
+                x = self.graph.call_function(aten.contiguous.default, (x,))
                 pending = call(c10d.all_gather_into_tensor.default, x, size, group)
-            else:
-                pending = call(c10d.reduce_scatter_tensor.default, x, op.reduce.data, size, group)
-            if dim == 0:
-                return pending, lambda y: y
+                if dim == 0:
+                    return pending, lambda y: y
 
-            def finish(y):  # back to `dim`, contiguous as the plan's later views expect
-                moved = self.graph.call_function(aten.movedim.int, (y, 0, dim))
-                return self._node(aten.contiguous.default, (moved,), {}, op)
+                def finish(y):  # [n * d0, ...] -> [n, d0, ...] -> [..., n * d_dim, ...]
+                    pieces = self.graph.call_function(aten.unflatten.int, (y, 0, [size, -1]))
+                    moved = self.graph.call_function(aten.movedim.int, (pieces, 0, dim))
+                    return self._node(aten.flatten.using_ints, (moved, dim, dim + 1), {}, op)
 
-            return pending, finish
+                return pending, finish
+            if dim != 0:  # [..., d_dim, ...] -> [n * d0, ..., d_dim / n, ...]
+                pieces = self.graph.call_function(aten.unflatten.int, (x, dim, [size, -1]))
+                moved = self.graph.call_function(aten.movedim.int, (pieces, dim, 0))
+                packed = self.graph.call_function(aten.contiguous.default, (moved,))
+                x = self.graph.call_function(aten.flatten.using_ints, (packed, 0, 1))
+            pending = call(c10d.reduce_scatter_tensor.default, x, op.reduce.data, size, group)
+            return pending, lambda y: y
         raise LoweringError(
             f"{where(op)}: {op.name} has no lowering yet (it comes with expert parallelism)"
         )
