@@ -21,7 +21,8 @@ import math
 import sympy
 
 from ..hardware import Hardware, Link
-from ..ir.ops import AllGatherOp, AllReduceOp, AllToAllOp, CollectiveOp, ReduceScatterOp
+from ..ir.args import Tag
+from ..ir.ops import AllGatherOp, AllReduceOp, AllToAllOp, CallOp, CollectiveOp, ReduceScatterOp
 from .op_cost import Expr, _type
 
 
@@ -46,8 +47,22 @@ def all_reduce_time(p: int, n: Expr, link: Link) -> Expr:
     return sympy.Min(ring, tree)
 
 
-def collective_time(op: CollectiveOp, links: dict[str, tuple[int, Link]]) -> Expr:
-    p, link = links[op.axis.data]
+def comm_axis(op) -> str | None:
+    """The mesh axis an op communicates over: a collective's, or that of a
+    kernel taking a process group (`group("ep")`, as plait::expert_dispatch)."""
+    if isinstance(op, CollectiveOp):
+        return op.axis.data
+    if isinstance(op, CallOp):
+        return next(
+            (a.value for a in op.args.args if isinstance(a, Tag) and a.kind == "group"), None
+        )
+    return None
+
+
+def collective_time(op, links: dict[str, tuple[int, Link]]) -> Expr:
+    p, link = links[comm_axis(op)]
+    if isinstance(op, CallOp):  # a routed all-to-all: each rank sends its 1/p of the rows
+        return ring_steps(p, sympy.sympify(_type(op.results[0]).nbytes) / p, link)
     n_in = sympy.sympify(_type(op.input).nbytes)
     if isinstance(op, AllReduceOp):
         return all_reduce_time(p, n_in, link)

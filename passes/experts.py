@@ -12,8 +12,11 @@ Every row is computed by one expert. A rank holding some of the experts
 computes their rows and leaves the others zero; zero rows stay zero through
 the row-wise ops between (each maps 0 to 0: `ZERO_PRESERVING`), so the
 ranks' `y` sum to the whole product: partial sums, reduced once after the
-routing weights are applied and each token's rows are summed. The rows
-themselves stay whole on every rank, so no token moves.
+routing weights are applied and each token's rows are summed. With the
+tokens replicated (tensor parallelism) no token moves; with the tokens split
+(an `ep` axis) the rows are picked by `gather` = tokens[token_of_row], which
+the shard pass replaces by an all-to-all that brings each rank the rows of
+its own experts.
 
 An MLP is recognized only when every value between the two products feeds
 only ops of that table or the second product; anything else (a bias added

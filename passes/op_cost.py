@@ -189,9 +189,14 @@ def _grouped_mm(op: CallOp) -> OpCost:
     return OpCost(flops, moved, "compute")
 
 
+def _dispatch(op: CallOp) -> OpCost:
+    """The routed rows an expert-parallel all-to-all delivers (see comm_cost)."""
+    return OpCost(ZERO, _bytes([_type(op.results[0])]), "collective")
+
+
 _BY_TARGET = {"aten::index_copy_": _index_copy, "aten::index_copy": _index_copy,
               "transformers::grouped_mm_fallback": _grouped_mm, "aten::_grouped_mm": _grouped_mm,
-              "plait::expert_mm": _grouped_mm}  # fmt: skip
+              "plait::expert_mm": _grouped_mm, "plait::expert_dispatch": _dispatch}  # fmt: skip
 
 
 def _generic(op: CallOp) -> OpCost:

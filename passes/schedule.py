@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from xdsl.dialects import func
 from xdsl.ir import Operation, SSAValue
 
-from ..ir.ops import CollectiveOp, ParamOp, WaitOp
+from ..ir.ops import ParamOp, WaitOp
+from .comm_cost import comm_axis
 
 
 @dataclass
@@ -64,15 +65,16 @@ def simulate(
     for op in block.ops:
         inputs_ready = max((ready.get(v, 0.0) for v in op.operands), default=0.0)
         duration = times.get(op, 0.0)
-        if isinstance(op, CollectiveOp):
+        if comm_axis(op) is not None:  # a collective, or a kernel that communicates
             start = max(comm_free, inputs_ready, compute_free)
             comm_free = start + duration
             out.events.append(Event(op, "comm", start, duration))
             out.comm_busy += duration
-            if op.is_async is None:  # blocking: compute waits for it
+            if getattr(op, "is_async", None) is None:  # blocking: compute waits for it
                 out.exposed_comm += comm_free - max(compute_free, inputs_ready)
                 compute_free = comm_free
-            ready[op.result] = comm_free
+            for result in op.results:
+                ready[result] = comm_free
         elif isinstance(op, WaitOp):
             done = ready[op.input]
             out.exposed_comm += max(0.0, done - compute_free)

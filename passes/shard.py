@@ -289,6 +289,12 @@ class _Sharder:
                 f"{where(op)}: {op.target_name} is already compressed; put shard before quantize "
                 "and sparsify in the pipeline, which then slice the compressed weights per rank"
             )
+        role, mlp = self.expert_roles.get(op, (None, None))
+        if role in ("between", "gather"):  # runs as it is; a gather is replaced by the dispatch
+            return
+        if role in ("first", "last"):
+            self.expert_mm(op, mlp, last=role == "last")
+            return
         # a partial sum already reduced for another use arrives replicated: reusing
         # that costs nothing, while carrying the partial on would need a second reduction
         arriving = [self.place(v) for v in op.inputs]
@@ -296,14 +302,6 @@ class _Sharder:
             REPLICATE if p.kind == "partial" and (v, REPLICATE) in self.resharded else p
             for v, p in zip(op.inputs, arriving)
         ]
-        role, mlp = self.expert_roles.get(op, (None, None))
-        if role == "between":  # rows stay whole: the op runs as it is
-            return
-        if role == "gather":  # the dispatch picks the rows instead (see expert_mm)
-            return
-        if role in ("first", "last"):
-            self.expert_mm(op, mlp, last=role == "last")
-            return
         types = [self._full_type(v) for v in op.inputs]  # rules reason on global shapes
         style = "replicate" if role == "router" else self.style(op)
         decision = self.chosen.get(op) if style is None else None
@@ -365,8 +363,8 @@ class _Sharder:
             mine = LocalShardOp(every, local, self.axis, 0)
             self.expert_ids[mlp.experts] = self._insert(mine, op, REPLICATE)
         values = [rows, weight, offsets, self.expert_ids[mlp.experts]]
-        new = call_op_class(expert_kernel.TARGET)(expert_kernel.TARGET, values, ArgsAttr(tuple(map(Operand, range(4))), ()),
-                                       [op.results[0].type])  # fmt: skip
+        target, args = expert_kernel.TARGET, ArgsAttr(tuple(map(Operand, range(4))), ())
+        new = call_op_class(target)(target, values, args, [op.results[0].type])
         self._replace(op, new, [partial("sum") if last else REPLICATE])
         if op is mlp.first and mlp.gather in self.expert_roles:
             Rewriter.erase_op(mlp.gather)

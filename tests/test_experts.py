@@ -248,3 +248,22 @@ def test_the_ilp_counts_each_rank_its_share_of_the_experts(example):
             assert max_rel_diff(program(*inputs), model(*inputs)) <= 1e-5
     finally:
         program.close()
+
+
+def test_the_estimate_charges_the_dispatch_to_the_link():
+    from plait.examples.models import mixtral_tiny
+    from plait.hardware import load
+    from plait.passes.comm_cost import ring_steps
+
+    model, inputs, _ = mixtral_tiny(batch=4, seq=8)
+    program = plait.compile(model, inputs, pipeline="canonicalize,cse,dce,shard{mesh=ep:2},dce")
+    estimate = program.estimate(hardware="h100-sxm")
+    sent = [
+        e
+        for e in estimate.schedule.events
+        if getattr(e.op, "target_name", "") == "plait::expert_dispatch"
+    ]
+    # each rank sends its half of the 64 routed rows of 64 floats, over NVLink
+    link = load("h100-sxm").link_for(2)
+    assert [e.lane for e in sent] == ["comm", "comm"]
+    assert sent[0].duration == pytest.approx(float(ring_steps(2, 64 * 64 * 4 / 2, link)))
