@@ -159,7 +159,8 @@ def test_a_rank_is_charged_its_share_of_the_experts_work():
     assert split[0].bytes == 4 * (12 * 8 // 2 + 12 * 32 + 2 * 8 * 32)
 
 
-def test_generation_with_split_experts_is_transformers_generate():
+@pytest.mark.parametrize("mesh,split", [("tp:2", 8), ("ep:2", 8), ("dp:2", 0)])
+def test_generation_with_split_experts_is_transformers_generate(mesh, split):
     from plait.examples.models import causal_lm
 
     model = causal_lm("mixtral")[0].model
@@ -167,9 +168,9 @@ def test_generation_with_split_experts_is_transformers_generate():
     with torch.no_grad():
         expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
                                   do_sample=False)  # fmt: skip
-    two = plait.compile_generation(model, batch=2, max_length=40, pipeline="shard{mesh=tp:2}")
-    try:
-        assert two.ir.count('"plait::expert_mm"') == 8  # 2 layers, @prefill and @decode
+    two = plait.compile_generation(model, batch=2, max_length=40, pipeline=f"shard{{mesh={mesh}}}")
+    try:  # 2 layers in @prefill and @decode; dp keeps the experts whole
+        assert two.ir.count('"plait::expert_mm"') == split
         assert torch.equal(two.generate(ids, 24), expected)
     finally:
         two.close()
