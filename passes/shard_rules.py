@@ -509,10 +509,12 @@ EXPERT_AXIS = "ep"  # a data axis that also splits the experts of MoE layers
 def decide_data(op: CallOp, arriving: list[Placement], types: list[TensorType], n: int,
                 params: set[SSAValue]) -> Decision:  # fmt: skip
     """Along a data-parallel axis: what the rules decide when no weight is split,
-    else the batch (or any leading dim) carried through the op."""
+    else the batch (or any leading dim) carried through the op. Program state
+    (a KV cache) may split with the batch: each rank holds its sequences' rows."""
     decision = decide(op, arriving, types, n, params)
     splits_weight = any(
-        p.kind == "shard" and v in params for p, v in zip(decision.inputs, op.inputs)
+        p.kind == "shard" and v in params and not v.owner.is_state
+        for p, v in zip(decision.inputs, op.inputs)
     )
     if splits_weight or decision.outputs == [R] * len(op.results):
         carried = _carried(op, arriving, types, params)

@@ -159,8 +159,10 @@ def test_a_rank_is_charged_its_share_of_the_experts_work():
     assert split[0].bytes == 4 * (12 * 8 // 2 + 12 * 32 + 2 * 8 * 32)
 
 
-@pytest.mark.parametrize("mesh,split", [("tp:2", 8), ("ep:2", 8), ("dp:2", 0)])
-def test_generation_with_split_experts_is_transformers_generate(mesh, split):
+@pytest.mark.parametrize("mesh,split,cache", [("tp:2", 8, "[2, 1, 41, 16]"),
+                                               ("ep:2", 8, "[1, 2, 41, 16]"),
+                                               ("dp:2", 0, "[1, 2, 41, 16]")])  # fmt: skip
+def test_generation_with_split_experts_is_transformers_generate(mesh, split, cache):
     from plait.examples.models import causal_lm
 
     model = causal_lm("mixtral")[0].model
@@ -171,6 +173,8 @@ def test_generation_with_split_experts_is_transformers_generate(mesh, split):
     two = plait.compile_generation(model, batch=2, max_length=40, pipeline=f"shard{{mesh={mesh}}}")
     try:  # 2 layers in @prefill and @decode; dp keeps the experts whole
         assert two.ir.count('"plait::expert_mm"') == split
+        # the KV cache is split by kv heads over tp and by sequences over a data axis
+        assert f"!plait.tensor<{cache}, f32>" in two.ir
         assert torch.equal(two.generate(ids, 24), expected)
     finally:
         two.close()
