@@ -34,6 +34,7 @@ from ..ir.errors import PlaitError
 from ..ir.ops import (
     AllGatherOp,
     AllReduceOp,
+    AllToAllOp,
     AttentionOp,
     CallOp,
     CollectiveOp,
@@ -517,9 +518,22 @@ class _Lowering:
                 x = self.graph.call_function(aten.flatten.using_ints, (packed, 0, 1))
             pending = call(c10d.reduce_scatter_tensor.default, x, op.reduce.data, size, group)
             return pending, lambda y: y
-        raise LoweringError(
-            f"{where(op)}: {op.name} has no lowering yet (it comes with expert parallelism)"
-        )
+        if isinstance(op, AllToAllOp):  # piece i of split_dim to rank i, received pieces
+            split, concat = op.split_dim.value.data, op.concat_dim.value.data  # joined on concat
+            pieces = self.graph.call_function(aten.unflatten.int, (x, split, [size, -1]))
+            moved = self.graph.call_function(aten.movedim.int, (pieces, split, 0))
+            packed = self.graph.call_function(aten.contiguous.default, (moved,))
+            piece = self.graph.call_function(aten.sym_size.int, (packed, 1))
+            x = self.graph.call_function(aten.flatten.using_ints, (packed, 0, 1))
+            pending = call(c10d.all_to_all_single.default, x, [piece] * size, [piece] * size, group)
+
+            def joined(y):
+                pieces = self.graph.call_function(aten.unflatten.int, (y, 0, [size, -1]))
+                moved = self.graph.call_function(aten.movedim.int, (pieces, 0, concat))
+                return self._node(aten.flatten.using_ints, (moved, concat, concat + 1), {}, op)
+
+            return pending, joined
+        raise LoweringError(f"{where(op)}: {op.name} has no lowering")
 
     def _node(
         self,
