@@ -162,9 +162,11 @@ def _reshape(op: CallOp, copies: bool = False) -> OpCost:
 
 
 def _embedding(op: CallOp) -> OpCost:
+    """A lookup reads only the rows it returns from the table."""
     out = _type(op.results[0])
     indices = _arg_type(op, "indices")
-    return OpCost(ZERO, 2 * sympy.sympify(out.nbytes) + _bytes([indices]), "compute")
+    rows = sympy.sympify(out.nbytes)
+    return OpCost(ZERO, 2 * rows + _bytes([indices]), "compute", weight_bytes=rows)
 
 
 def _index_copy(op: CallOp) -> OpCost:
@@ -185,8 +187,9 @@ def _grouped_mm(op: CallOp) -> OpCost:
     n = rows.shape[0]
     flops = 2 * n * weight.shape[1] * weight.shape[2] * share
     touched = sympy.Min(1, n / sympy.sympify(experts))
-    moved = _bytes([rows]) * share + _bytes([_type(op.results[0])]) + _bytes([weight]) * touched
-    return OpCost(flops, moved, "compute")
+    read = _bytes([weight]) * touched
+    moved = _bytes([rows]) * share + _bytes([_type(op.results[0])]) + read
+    return OpCost(flops, moved, "compute", weight_bytes=read)
 
 
 def _dispatch(op: CallOp) -> OpCost:
@@ -248,7 +251,7 @@ def op_cost(op: Operation, context: Expr | int | None = None, copies: bool = Fal
     """FLOPs and bytes of one op; `context` is the KV length attention reads in
     decode; `copies` says a reshape must copy a strided input (see `layout`)."""
     cost = _op_cost(op, context, copies)
-    if cost.kind == "compute":
+    if cost.kind == "compute" and cost.weight_bytes == 0:  # unless the op says what it reads
         weights = _bytes([_type(v) for v in op.operands if isinstance(v.owner, ParamOp)])
         cost = dataclasses.replace(cost, weight_bytes=weights)
     return cost

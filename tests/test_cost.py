@@ -77,6 +77,19 @@ def test_norm_elementwise_embedding_and_views():
     assert sympy.simplify(op_cost(cat).bytes - 4 * (B * 64 * 2 + B * 128)) == 0
 
 
+def test_a_lookup_reads_its_rows_of_the_table_not_the_table():
+    _, (_, emb) = _ops(
+        '    %t = plait.param "embed" : !plait.tensor<[128256, 8192], bf16>\n'
+        '    %e = plait.embedding "aten::embedding"(%t, %i) : !plait.tensor<[b, 8192], bf16>\n',
+        "%i : !plait.tensor<[b], i64>",
+    )
+    # the rows it returns stream from memory; the 2.1 GB table does not
+    assert sympy.simplify(op_cost(emb).weight_bytes - 2 * B * 8192) == 0
+    time = load("h100-sxm").roofline(op_cost(emb).flops, op_cost(emb).bytes, "bf16",
+                                     weights=op_cost(emb).weight_bytes)  # fmt: skip
+    assert float(time.subs(B, 1)) < 1e-6
+
+
 LINK = Link("test", 8, bandwidth=100e9, latency=2e-6)
 
 
