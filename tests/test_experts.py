@@ -1,5 +1,6 @@
-"""Expert parallelism: MoE experts split over the tensor axis (passes/experts.py,
-kernels/experts.py), checked against transformers' grouped product and eager."""
+"""Expert parallelism: MoE experts split over the tensor axis or an `ep` axis
+(passes/experts.py, kernels/experts.py), checked against transformers' grouped
+product, eager and transformers' generate."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from plait.ir.text import parse_module, print_module
 from plait.kernels.experts import expert_mm
 from plait.passes.experts import find_expert_mlps
 from plait.passes.manager import PassManager
-from transformers.integrations.moe import _grouped_mm_fallback as grouped_mm  # noqa: E402
+from transformers.integrations.moe import _grouped_mm_fallback as grouped_mm
 
 
 def test_the_ranks_expert_products_sum_to_the_grouped_product():
