@@ -303,7 +303,7 @@ class _Sharder:
             for v, p in zip(op.inputs, arriving)
         ]
         types = [self._full_type(v) for v in op.inputs]  # rules reason on global shapes
-        style = "replicate" if role == "router" else self.style(op)
+        style = self.style(op) or ("replicate" if role == "router" else None)  # a plan first
         decision = self.chosen.get(op) if style is None else None
         if self.data:
             decision = decide_data(op, arriving, types, self.n, self.params)
@@ -585,7 +585,8 @@ class Shard(Pass):
         _, link = axis_links({axis: n}, hw)[axis]
         split = EXPERT_AXIS not in mesh_from_text(self.mesh)
         roles = {op: role for b in blocks for op, (role, _) in expert_roles(b, n, split)[0].items()}
-        fixed = {op: _ROLE_DECISIONS[role](op) for op, role in roles.items()}
+        fixed = {op: _ROLE_DECISIONS[role](op) for op, role in roles.items()
+                 if role != "router" or _style(plan, op) is None}  # fmt: skip
         return solve(blocks, n, hw, link, values, self.memory or None,
                      style_of=lambda op: _style(plan, op), fixed=fixed)  # fmt: skip
 

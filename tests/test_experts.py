@@ -273,3 +273,15 @@ def test_the_estimate_charges_the_dispatch_to_the_link():
     link = load("h100-sxm").link_for(2)
     assert [e.lane for e in sent] == ["comm", "comm"]
     assert sent[0].duration == pytest.approx(float(ring_steps(2, 64 * 64 * 4 / 2, link)))
+
+
+def test_a_manual_plan_decides_the_router():
+    model = _mixtral()
+    inputs = hf.example_inputs(model, 2, 8)
+    ir = plait.compile(
+        hf.wrap(model), inputs, pipeline="shard{mesh=tp:2,plan=*.mlp.gate:colwise}"
+    ).ir
+    assert (
+        '"model.layers.0.mlp.gate.weight" {plait.placements = #plait.placements<[shard(0)]>}' in ir
+    )
+    assert ir.count('"plait::expert_mm"') == 4  # the experts still split
