@@ -133,6 +133,43 @@ def _dies_here(op: CollectiveOp) -> bool:
     return planned_offset(producer) is None
 
 
+def _grouped_kv(block) -> tuple[dict[Operation, list[tuple]], set[Operation]]:
+    """Keys and values that transformers' repeat_kv copies for grouped-query
+    attention (unsqueeze(x, 2), expand to [b, kv, rep, s, d], reshape to
+    [b, kv * rep, s, d]) and only attention reads: SDPA takes them unrepeated
+    with enable_gqa, so the copies (a whole KV cache per decode step) are not
+    made. Returns attention op -> [(repeated, source)], and the ops skipped."""
+    grouped, skipped = {}, set()
+    for op in block.ops:
+        if not isinstance(op, AttentionOp) or op.arg("enable_gqa", False):
+            continue
+        chains = [_repeat_chain(op.input_of(op.arg(name)), op) for name in ("key", "value")]
+        if all(chains):
+            grouped[op] = [(chain[-1].results[0], chain[0].inputs[0]) for chain in chains]
+            skipped.update(o for chain in chains for o in chain)
+    return grouped, skipped
+
+
+def _repeat_chain(value: SSAValue | None, reader: Operation) -> list[Operation] | None:
+    """[unsqueeze, expand, reshape] making `value`, each read only by the next."""
+    chain = []
+    for target in ("reshape", "expand", "unsqueeze"):
+        op = value.owner if value is not None else None
+        if not isinstance(op, CallOp) or op.target_name != f"aten::{target}":
+            return None
+        if any(use.operation is not reader for use in value.uses):
+            return None
+        chain.insert(0, op)
+        value, reader = op.inputs[0], op
+    source, expanded = value.type.shape, chain[1].results[0].type.shape
+    repeated = chain[2].results[0].type.shape
+    b, kv, s, d = source if len(source) == 4 else (None,) * 4
+    if chain[0].arg("dim") != 2 or expanded[:2] != (b, kv) or expanded[3:] != (s, d):
+        return None  # not [b, kv, rep, s, d] from the kv heads
+    rep = expanded[2]
+    return chain if rep != 1 and repeated == (b, kv * rep, s, d) else None
+
+
 def _attr_key(name: str, shard: tuple[int, int, int] | None) -> str:
     """A weight's or state's name in the program, marked by the dim it is sliced on."""
     return name if shard is None else f"{name}_shard{shard[0]}"
@@ -274,6 +311,7 @@ class _Lowering:
         self.arena_views: dict[str, torch.dtype] = {}  # attr name -> dtype viewing the arena
         self.arena_nodes: dict[str, torch.fx.Node] = {}
         self.streamed: list[tuple[ParamOp, tuple[int, int, int] | None]] = []
+        self.grouped: dict[Operation, list[tuple]] = {}  # attention reading unrepeated k, v
 
     @functools.cached_property
     def on_meta(self) -> bool:
@@ -308,6 +346,8 @@ class _Lowering:
         args = tuple(self.arg(a, op) for a in op.args.args)
         kwargs = {k: self.arg(v, op) for k, v in op.args.kwargs}
         kwargs.update(self.prepared(op, args))
+        if op in self.grouped:  # reads keys and values unrepeated (see _grouped_kv)
+            kwargs["enable_gqa"] = True
         kind, callee = "call_function", target
         offset = planned_offset(op)
         if offset is not None:  # write the result into its place in the arena
@@ -580,13 +620,16 @@ class _Lowering:
                         "from an input dim that is that symbol or linear in it (2*k + 1)"
                     )
         ops = list(block.ops)
+        self.grouped, skipped = _grouped_kv(block)
         for op in ops:
             if isinstance(op, ParamOp):
                 self.lower_param(op)
         takes, starts = self.stream(ops)
         for index, op in enumerate(ops):
-            if isinstance(op, ParamOp):
-                continue  # bound above
+            if isinstance(op, ParamOp) or op in skipped:
+                continue  # bound above, or a copy grouped-query attention does without
+            for repeated, source in self.grouped.get(op, ()):
+                self.values[repeated] = self.values[source]
             for value in op.operands:
                 if value in takes:  # a streamed weight, first used here
                     node = self.graph.call_module("prefetch", ("take", takes.pop(value)))

@@ -243,3 +243,11 @@ def test_state_persists_across_calls_and_must_start_at_zero():
     assert torch.equal(compiled(x), 2 * x)  # updated in place, kept between calls
     with pytest.raises(plait.PlaitError, match="initialize it with zeros"):
         plait.compile(_Accumulates(1.0), (x,))
+
+
+def test_grouped_query_attention_reads_the_cache_unrepeated(lms):
+    # 4 query heads over 2 kv heads: SDPA reads each kv head for its 2 query heads,
+    # instead of a copy of the cache with every kv head repeated, every step
+    compiled = plait.compile_generation(lms("llama"), batch=1, max_length=16)
+    code = compiled.program_of("decode").code
+    assert code.count("enable_gqa = True") == 2 and ".expand(" not in code
