@@ -1,11 +1,16 @@
-"""The baseline the TP benchmarks compare with: a `transformers` Llama
+"""The baseline the TP benchmarks compare with: a `transformers` model
 parallelized by PyTorch DTensor's `parallelize_module` with the standard plan
 (q/k/v/gate/up colwise, o/down rowwise) over a 1-D CPU device mesh."""
 
 from __future__ import annotations
 
+COLWISE = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj",
+           "mlp.up_proj")  # fmt: skip
+ROWWISE = ("self_attn.o_proj", "mlp.down_proj")
 
-def parallelize_llama(model, world: int):
+
+def parallelize_llama(model, world: int, colwise=COLWISE, rowwise=ROWWISE):
+    """The plan on every decoder layer's linears named in `colwise` and `rowwise`."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
@@ -15,9 +20,6 @@ def parallelize_llama(model, world: int):
 
     plan = {}
     for i in range(model.config.num_hidden_layers):
-        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                     "mlp.gate_proj", "mlp.up_proj"):  # fmt: skip
-            plan[f"model.layers.{i}.{name}"] = ColwiseParallel()
-        for name in ("self_attn.o_proj", "mlp.down_proj"):
-            plan[f"model.layers.{i}.{name}"] = RowwiseParallel()
+        plan.update({f"model.layers.{i}.{name}": ColwiseParallel() for name in colwise})
+        plan.update({f"model.layers.{i}.{name}": RowwiseParallel() for name in rowwise})
     return parallelize_module(model, init_device_mesh("cpu", (world,)), plan)

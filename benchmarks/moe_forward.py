@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
@@ -43,22 +42,6 @@ def build():
     return MixtralForCausalLM(MixtralConfig(**CONFIG)).eval()
 
 
-def parallelize_attention(model, world: int):
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor.parallel import (
-        ColwiseParallel,
-        RowwiseParallel,
-        parallelize_module,
-    )
-
-    plan = {}
-    for i in range(model.config.num_hidden_layers):
-        for name in ("q_proj", "k_proj", "v_proj"):
-            plan[f"model.layers.{i}.self_attn.{name}"] = ColwiseParallel()
-        plan[f"model.layers.{i}.self_attn.o_proj"] = RowwiseParallel()
-    return parallelize_module(model, init_device_mesh("cpu", (world,)), plan)
-
-
 def _expert_bytes(program) -> int:
     weights = program.program.graph_module
     return sum(t.numel() * t.element_size() for n, t in vars(weights).items()
@@ -70,13 +53,16 @@ def _rank(rank: int, world: int, port: int, shapes: list[tuple[int, int]], repea
 
     import plait
     import torch.distributed as dist
+    from dtensor_llama import parallelize_llama
     from plait.frontend import hf
+    from rounds import checked_rounds
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)  # fmt: skip
     model = build()
-    dtensor = parallelize_attention(copy.deepcopy(model), world)
+    attention = tuple(f"self_attn.{p}_proj" for p in "qkv")
+    dtensor = parallelize_llama(copy.deepcopy(model), world, attention, ("self_attn.o_proj",))
     wrapped = hf.wrap(model)
     for batch, seq in shapes:
         ids = torch.randint(0, CONFIG["vocab_size"], (batch, seq),
@@ -94,20 +80,9 @@ def _rank(rank: int, world: int, port: int, shapes: list[tuple[int, int]], repea
             "DTensor": lambda: dtensor(ids, use_cache=False).logits,
             **{name: (lambda c=c: c(ids, mask)) for name, c in compiled.items()},
         }
-        times = {name: [] for name in variants}
         with torch.no_grad():
             reference = model(ids, use_cache=False).logits
-            for name, fn in variants.items():
-                out = fn()
-                error = ((out - reference).abs().max() / reference.abs().max()).item()
-                if error > 1e-5:
-                    raise SystemExit(f"{name}: logits differ from one rank's by {error:.2e}")
-            for _ in range(repeats):
-                for name, fn in variants.items():
-                    dist.barrier()
-                    start = time.perf_counter()
-                    fn()
-                    times[name].append(time.perf_counter() - start)
+            times = checked_rounds(variants, reference, repeats, dist.barrier)
         if rank == 0:
             experts = {name: _expert_bytes(c) for name, c in compiled.items()}
             whole = sum(p.numel() * 4 for n, p in model.named_parameters() if "experts" in n)

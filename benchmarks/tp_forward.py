@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -106,6 +105,7 @@ def _rank(rank: int, world: int, port: int, seqs: list[int], repeats: int, with_
     import torch.distributed as dist
     from dtensor_llama import parallelize_llama
     from plait.frontend import hf
+    from rounds import checked_rounds
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -132,20 +132,9 @@ def _rank(rank: int, world: int, port: int, seqs: list[int], repeats: int, with_
             "hand-written": lambda: hand(ids),
             **{name: (lambda c=c: c(ids, mask)) for name, c in compiled.items()},
         }
-        times = {name: [] for name in variants}
         with torch.no_grad():
             reference = model(ids, use_cache=False).logits
-            for name, fn in variants.items():  # warm up and check the logits
-                out = fn()
-                error = ((out - reference).abs().max() / reference.abs().max()).item()
-                if error > 1e-5:
-                    raise SystemExit(f"{name}: logits differ from one rank's by {error:.2e}")
-            for _ in range(repeats):
-                for name, fn in variants.items():
-                    dist.barrier()
-                    start = time.perf_counter()
-                    fn()
-                    times[name].append(time.perf_counter() - start)
+            times = checked_rounds(variants, reference, repeats, dist.barrier)
         if rank == 0:
             report(seq, times, repeats, world)
     dist.destroy_process_group()
