@@ -356,18 +356,22 @@ class _Sharder:
             args = [*map(Operand, range(3)), Tag("group", self.axis)]
             rows = self._call(op, "routed_rows", expert_kernel.DISPATCH,
                               [tokens, token_of_row, offsets], args, mlp.gather.results[0].type)  # fmt: skip
-        if mlp.experts not in self.expert_ids:  # this rank's slice of arange(E), as SPMD as vocab
-            every = self._call(op, "experts", "aten::arange", [], [mlp.experts],
-                               TensorType([mlp.experts], "i64"), [("device", Tag("device", "cpu"))])  # fmt: skip
-            local = TensorType([mlp.experts // self.n], "i64")
-            mine = LocalShardOp(every, local, self.axis, 0)
-            self.expert_ids[mlp.experts] = self._insert(mine, op, REPLICATE)
+        if mlp.experts not in self.expert_ids:
+            self.expert_ids[mlp.experts] = self._indices_here(op, "experts", mlp.experts)
         values = [rows, weight, offsets, self.expert_ids[mlp.experts]]
         target, args = expert_kernel.TARGET, ArgsAttr(tuple(map(Operand, range(4))), ())
         new = call_op_class(target)(target, values, args, [op.results[0].type])
         self._replace(op, new, [partial("sum") if last else REPLICATE])
         if op is mlp.first and mlp.gather in self.expert_roles:
             Rewriter.erase_op(mlp.gather)
+
+    def _indices_here(self, before: CallOp, name: str, size: int) -> SSAValue:
+        """This rank's slice of arange(size): which rows (vocabulary, experts) it
+        holds, computed in the program so that it stays SPMD."""
+        every = self._call(before, name, "aten::arange", [], [size], TensorType([size], "i64"),
+                           [("device", Tag("device", "cpu"))])  # fmt: skip
+        local = TensorType([size // self.n], "i64")
+        return self._insert(LocalShardOp(every, local, self.axis, 0), before, REPLICATE)
 
     def _call(self, before: CallOp, name, target, values, args, result_type, kwargs=()):
         """A new call of `target`, inserted before `before` (and at its location)."""
@@ -390,11 +394,7 @@ class _Sharder:
         i64, flags = ids.type, TensorType(ids.type.shape, "i1")
 
         call = functools.partial(self._call, op)
-        every = call("vocab", "aten::arange", [], [vocab], TensorType([vocab], "i64"),
-                     [("device", Tag("device", "cpu"))])  # fmt: skip
-        mine = self._insert(
-            LocalShardOp(every, TensorType([per_rank], "i64"), self.axis, 0), op, REPLICATE
-        )
+        mine = self._indices_here(op, "vocab", vocab)
         first = [Operand(0), 0, 0]
         start = call("vocab_start", "aten::select.int", [mine], first, TensorType([], "i64"))
         local = call("ids_here", "aten::sub.Tensor", [ids, start], [Operand(0), Operand(1)], i64)

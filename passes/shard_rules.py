@@ -92,6 +92,11 @@ def replicated(op: CallOp) -> Decision:
     return Decision([R] * len(op.inputs), [R] * len(op.results))
 
 
+def _partial_through(op: CallOp) -> Decision:
+    """A partial sum in the first input gives a partial result (a linear op)."""
+    return Decision([SUM] + [R] * (len(op.inputs) - 1), [SUM])
+
+
 def _operand_index(op: CallOp, name: str) -> int | None:
     value = op.arg(name)
     return value.index if isinstance(value, Operand) else None
@@ -230,7 +235,7 @@ def reduce_rule(op: CallOp, arriving, types, n: int) -> Decision:
     dims = op.arg("dim")
     first = arriving[0]
     if first.kind == "partial" and op.target_name in _SUMS and len(op.results) == 1:
-        return Decision([SUM] + [R] * (len(op.inputs) - 1), [SUM])
+        return _partial_through(op)
     if dims is None or first.kind != "shard" or len(op.results) != 1:
         return replicated(op)
     dims = {_dim(d, rank) for d in (dims if isinstance(dims, tuple) else (dims,))}
@@ -378,7 +383,7 @@ def reshape_rule(op: CallOp, arriving, types, n: int) -> Decision:
     if name in ("aten::cat", "aten::stack"):
         return _concat_rule(op, arriving, n)
     if first.kind == "partial" and name in _KEEPS_PARTIALS:
-        return Decision([SUM] + [R] * (len(op.inputs) - 1), [SUM])
+        return _partial_through(op)
     if first.kind != "shard":
         return replicated(op)
     if name in ("aten::split.Tensor", "aten::split_with_sizes", "aten::chunk", "aten::unbind.int"):
@@ -456,7 +461,7 @@ def embedding_rule(op: CallOp, arriving, types, n: int, style: str | None = None
 def index_rule(op: CallOp, arriving, types, n: int) -> Decision:
     """Picking elements of a partial sum at replicated indices sums the picks."""
     if arriving[0].kind == "partial" and all(p == R for p in arriving[1:]):
-        return Decision([SUM] + [R] * (len(op.inputs) - 1), [SUM])
+        return _partial_through(op)
     return replicated(op)
 
 
