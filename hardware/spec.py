@@ -20,6 +20,9 @@ with its public source:
     sequence = 0.0       # extra seconds per kernel when kernels run back to back
     [overhead.targets]   # optional: ops with their own fixed cost
     "aten::index.Tensor" = 12e-6
+    [threads]            # optional (CPUs): element-wise kernels of at most
+    count = 2            # `grain` elements run on one of `count` threads
+    grain = 32768
     [[links]]            # innermost first: the devices a link joins
     name = "NVLink 4 via NVSwitch"
     devices = 8
@@ -73,6 +76,8 @@ class Hardware:
     links: tuple[Link, ...] = ()
     sources: dict[str, str] = field(default_factory=dict)
     host_bandwidth: float | None = None  # bytes/s from the host tier to this device
+    threads: int = 1  # threads a kernel may split over (CPUs) ...
+    grain: int = 0  # ... once it has more than this many elements
 
     def peak_flops(self, dtype: str, family: str | None = None) -> float:
         """FLOP/s for an element type (integer types use i8 or f32), for a kernel
@@ -80,6 +85,8 @@ class Hardware:
         table = self.family_flops.get(family, {}) if family else {}
         if dtype in table:
             return table[dtype]
+        if dtype.startswith(("i", "u")) and "f32" in table:
+            return table["f32"]  # integer kernels of a class the file rates for floats
         if dtype in self.flops:
             return self.flops[dtype]
         fallback = "i8" if dtype.startswith(("i", "u")) and "i8" in self.flops else "f32"
@@ -91,11 +98,15 @@ class Hardware:
             return self.target_overhead[target]
         return self.view_overhead if view else self.op_overhead
 
-    def roofline(self, flops, moved, dtype: str, family: str | None = None, target=None, weights=0):
+    def roofline(
+        self, flops, moved, dtype: str, family=None, target=None, weights=0, elements=None
+    ):
         """Seconds of a kernel: max(compute, memory) plus its fixed cost. Weights
         (`weights` of the `moved` bytes) stream from memory, as a forward pass
         touches each once; activations that fit in a cache (where the file
-        describes one) stream at that cache's bandwidth."""
+        describes one) stream at that cache's bandwidth. A kernel that splits
+        its `elements` over threads in chunks of `grain` runs on one thread
+        when it has no more than that."""
         activations = moved - weights
         bandwidth = self.memory_bandwidth
         if self.caches:
@@ -106,7 +117,10 @@ class Hardware:
         memory = activations / bandwidth + weights / self.memory_bandwidth
         compute = flops / self.peak_flops(dtype, family)
         fixed = self.overhead(target, view=False) + self.sequence_overhead
-        return sympy.Max(compute, memory) + fixed
+        work = sympy.Max(compute, memory)
+        if elements is not None and self.threads > 1 and self.grain:
+            work = sympy.Piecewise((self.threads * work, elements <= self.grain), (work, True))
+        return work + fixed
 
     def link_for(self, devices: int) -> Link:
         """The innermost link that joins `devices` devices."""
@@ -185,4 +199,6 @@ def load(name_or_path: str | Path) -> Hardware:
         links=links,
         sources=data.get("sources", {}),
         host_bandwidth=float(data["host"]["bandwidth"]) if "host" in data else None,
+        threads=int(data.get("threads", {}).get("count", 1)),
+        grain=int(data.get("threads", {}).get("grain", 0)),
     )

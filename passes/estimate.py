@@ -31,7 +31,7 @@ from ..ir.text import module_path
 from ..ir.types import AsyncType, TensorType
 from .comm_cost import axis_links, collective_time
 from .effects import updates_state
-from .layout import copies, memory_orders
+from .layout import memory_orders, strided
 from .op_cost import OpCost, op_cost
 from .schedule import Schedule, simulate
 
@@ -167,17 +167,18 @@ def estimate(module: ModuleOp, target: Target, function: str | None = None) -> E
     views: set[Operation] = set()
     orders = memory_orders(fn.body.blocks.first)
     for op in fn.body.blocks.first.ops:
-        copying = copies(op, orders)
-        key = (_signature(op, context), copying)
+        walks_strided = strided(op, orders)
+        key = (_signature(op, context), walks_strided)
         if key not in cache:
-            cost = op_cost(op, context, copying)
+            cost = op_cost(op, context, walks_strided)
             if cost.kind == "collective":
                 formula = collective_time(op, links)
             elif cost.kind == "compute":
                 target_name = getattr(op, "target_name", None)
                 formula = hw.roofline(
-                    cost.flops, cost.bytes, op_dtype(op), cost.rate, target_name, cost.weight_bytes
-                )
+                    cost.flops, cost.bytes, op_dtype(op), cost.rate, target_name,
+                    cost.weight_bytes, cost.elements,
+                )  # fmt: skip
             elif cost.kind == "view":
                 formula = sympy.Float(hw.overhead(getattr(op, "target_name", None), view=True))
             else:
@@ -221,9 +222,12 @@ def estimate(module: ModuleOp, target: Target, function: str | None = None) -> E
 
 
 def op_dtype(op: Operation) -> str:
-    """The floating dtype an op computes in (its first float result or operand), else f32."""
-    for value in list(op.results) + list(op.operands):
-        t = value.type
-        if isinstance(t, TensorType) and t.dtype.startswith(("f", "bf")):
+    """The floating dtype an op computes in (its first float result or operand),
+    else its result's type (a mask, indices), else f32."""
+    types = [v.type for v in list(op.results) + list(op.operands)]
+    tensors = [t for t in types if isinstance(t, TensorType)]
+    for t in tensors:
+        if t.dtype.startswith(("f", "bf")):
             return t.dtype
-    return "f32"
+    results = [r.type for r in op.results if isinstance(r.type, TensorType)]
+    return results[0].dtype if results else "f32"

@@ -46,7 +46,7 @@ def is_contiguous(order: Order, shape) -> bool:
     """Contiguous when the non-trivial dims appear in logical order."""
     if order is None:
         return False
-    significant = [d for d in order if shape[d] != 1]
+    significant = _significant(order, shape)
     return significant == sorted(significant)
 
 
@@ -124,8 +124,28 @@ def memory_orders(block: Block) -> dict[SSAValue, Order]:
     return orders
 
 
-def copies(op: Operation, orders: dict[SSAValue, Order]) -> bool:
-    """Does this reshape-family op copy its input?"""
+def _significant(order: Order, shape) -> list[int]:
+    return [d for d in order if shape[d] != 1]
+
+
+def _agree(first: list[int], second: list[int]) -> bool:
+    """Do two memory orders list the dims they share in the same order?"""
+    shared = set(first) & set(second)
+    return [d for d in first if d in shared] == [d for d in second if d in shared]
+
+
+def strided(op: Operation, orders: dict[SSAValue, Order]) -> bool:
+    """Does this op's kernel walk memory out of order: a reshape-family op that
+    must copy its input, or an element-wise op whose operands are laid out
+    differently (one read along its rows, another across them)?"""
+    if isinstance(op, ElementwiseOp) and op.results:
+        rank = op.results[0].type.rank
+        laid_out = [
+            _significant(orders[v], _shape(v))
+            for v in op.inputs
+            if _rank(v) == rank and orders.get(v) is not None
+        ]
+        return any(not _agree(laid_out[0], other) for other in laid_out[1:])
     if not isinstance(op, CallOp) or op.target_name not in COPY_IF_STRIDED or not op.inputs:
         return False
     source = op.inputs[0]

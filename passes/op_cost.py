@@ -47,9 +47,12 @@ class OpCost:
     kind: str  # "compute", "view" (no kernel), "collective", "none"
     # which throughput the FLOPs run at: None for the machine's matmul peak, or a
     # kernel class a hardware file may rate on its own ("attention",
-    # "transcendental", "broadcast")
+    # "transcendental", "broadcast", "strided", "reduce")
     rate: str | None = None
     weight_bytes: Expr = sympy.Integer(0)  # of `bytes`, those read from parameters
+    # elements of a loop ATen splits over threads in fixed-size chunks (element-wise,
+    # reductions, copies); None for kernels that thread otherwise (BLAS, attention)
+    elements: Expr | None = None
 
 
 def _type(value: SSAValue) -> TensorType:
@@ -129,19 +132,25 @@ def _norm(op: CallOp) -> OpCost:
     return OpCost(5 * _numel(_type(op.results[0])), _io_bytes(op), "compute")
 
 
-def _elementwise(op: CallOp) -> OpCost:
+def _inner_broadcast(operand: TensorType, out: TensorType) -> bool:
+    """Is `operand` repeated along the output's innermost dim? Then the kernel
+    cannot run a vectorized inner loop over it (a 0-d tensor counts: unlike a
+    Python number it is not a loop constant); repeats along outer dims cost
+    nothing extra."""
+    return operand.rank == 0 or (operand.shape[-1] == 1 and out.shape[-1] != 1)
+
+
+def _elementwise(op: CallOp, strided: bool = False) -> OpCost:
     name = op.target_name.split("::", 1)[1].split(".")[0]
-    numel = _numel(_type(op.results[0]))
+    out = _type(op.results[0])
+    numel = _numel(out)
     if name in _TRANSCENDENTAL:
-        return OpCost(4 * numel, _io_bytes(op), "compute", "transcendental")
-    out_rank = _type(op.results[0]).rank
-    if any(
-        _type(v).rank == out_rank and _type(v).shape != _type(op.results[0]).shape
-        for v in op.inputs
-    ):
-        # a broadcasting kernel walks every output element with strided inputs
-        return OpCost(numel, _io_bytes(op), "compute", "broadcast")
-    return OpCost(numel, _io_bytes(op), "compute")
+        return OpCost(4 * numel, _io_bytes(op), "compute", "transcendental", elements=numel)
+    if strided:  # operands laid out differently: no contiguous inner loop
+        return OpCost(numel, _io_bytes(op), "compute", "strided", elements=numel)
+    if out.rank and any(_inner_broadcast(_type(v), out) for v in op.inputs):
+        return OpCost(numel, _io_bytes(op), "compute", "broadcast", elements=numel)
+    return OpCost(numel, _io_bytes(op), "compute", elements=numel)
 
 
 def _softmax(op: CallOp) -> OpCost:
@@ -149,7 +158,8 @@ def _softmax(op: CallOp) -> OpCost:
 
 
 def _reduce(op: CallOp) -> OpCost:
-    return OpCost(_numel(_type(op.inputs[0])), _io_bytes(op), "compute")
+    numel = _numel(_type(op.inputs[0]))
+    return OpCost(numel, _io_bytes(op), "compute", "reduce", elements=numel)
 
 
 _COPYING_RESHAPES = {"aten::clone", "aten::cat", "aten::stack"}
@@ -157,7 +167,7 @@ _COPYING_RESHAPES = {"aten::clone", "aten::cat", "aten::stack"}
 
 def _reshape(op: CallOp, copies: bool = False) -> OpCost:
     if copies or op.target_name in _COPYING_RESHAPES:
-        return OpCost(ZERO, _io_bytes(op), "compute")
+        return OpCost(ZERO, _io_bytes(op), "compute", elements=_numel(_type(op.results[0])))
     return OpCost(ZERO, ZERO, "view")
 
 
@@ -240,28 +250,30 @@ _BY_FAMILY = {
     LinearOp: _linear,
     MatmulOp: _matmul,
     NormOp: _norm,
-    ElementwiseOp: _elementwise,
     SoftmaxOp: _softmax,
     ReduceOp: _reduce,
     EmbeddingOp: _embedding,
 }
 
 
-def op_cost(op: Operation, context: Expr | int | None = None, copies: bool = False) -> OpCost:
+def op_cost(op: Operation, context: Expr | int | None = None, strided: bool = False) -> OpCost:
     """FLOPs and bytes of one op; `context` is the KV length attention reads in
-    decode; `copies` says a reshape must copy a strided input (see `layout`)."""
-    cost = _op_cost(op, context, copies)
+    decode; `strided` says the kernel walks memory out of order (a reshape that
+    must copy, element-wise operands laid out differently; see `layout`)."""
+    cost = _op_cost(op, context, strided)
     if cost.kind == "compute" and cost.weight_bytes == 0:  # unless the op says what it reads
         weights = _bytes([_type(v) for v in op.operands if isinstance(v.owner, ParamOp)])
         cost = dataclasses.replace(cost, weight_bytes=weights)
     return cost
 
 
-def _op_cost(op: Operation, context, copies: bool) -> OpCost:
+def _op_cost(op: Operation, context, strided: bool) -> OpCost:
     if isinstance(op, AttentionOp):
         return _attention(op, context)
     if isinstance(op, ReshapeOp):
-        return _reshape(op, copies)
+        return _reshape(op, strided)
+    if isinstance(op, ElementwiseOp):
+        return _elementwise(op, strided)
     for family, fn in _BY_FAMILY.items():
         if isinstance(op, family):
             return fn(op)

@@ -120,7 +120,10 @@ class _Costs:
         k = self.n if split else 1
         flops, moved, weights = (_evaluate(e, self.subs) / k for e in (cost.flops, cost.bytes,
                                                                         cost.weight_bytes))  # fmt: skip
-        time = self.hw.roofline(flops, moved, op_dtype(op), cost.rate, op.target_name, weights)
+        elements = None if cost.elements is None else _evaluate(cost.elements, self.subs) / k
+        time = self.hw.roofline(
+            flops, moved, op_dtype(op), cost.rate, op.target_name, weights, elements
+        )
         return float(time) + inside
 
     def weight(self, t: TensorType, p: Placement) -> float:

@@ -47,12 +47,16 @@ def _best_time(fn, repeats: int) -> float:
 LINEAR_SHAPES = ((128, 512, 512), (128, 512, 2048), (128, 2048, 512), (512, 1024, 1024))
 
 
-def matmul_flops(dtype: torch.dtype, repeats: int = 7) -> float:
-    """Median FLOP/s of F.linear over transformer-like shapes."""
+def matmul_flops(dtype: torch.dtype, repeats: int = 7, weights_bytes: int = 256 << 20) -> float:
+    """Median FLOP/s of F.linear over transformer-like shapes, each call with
+    another weight, so weights come from memory as in a forward pass (which
+    touches each once) rather than from a cache the previous call warmed."""
     rates = []
     for rows, k, n in LINEAR_SHAPES:
-        x, w = torch.randn(rows, k).to(dtype), torch.randn(n, k).to(dtype)
-        seconds = _median_time(lambda: torch.nn.functional.linear(x, w), repeats)
+        x = torch.randn(rows, k).to(dtype)
+        ws = [torch.randn(n, k).to(dtype) for _ in range(max(2, weights_bytes // (n * k * 4)))]
+        calls = iter(ws * (repeats + 3))
+        seconds = _median_time(lambda: torch.nn.functional.linear(x, next(calls)), repeats)
         rates.append(2 * rows * k * n / seconds)
     return statistics.median(rates)
 
@@ -79,14 +83,29 @@ def transcendental_flops(repeats: int = 7) -> float:
     return 4 * x.numel() / seconds
 
 
-def broadcast_rate(repeats: int = 21) -> float:
-    """Elements/s of a broadcasting element-wise kernel (1 FLOP per element)."""
+def broadcast_rates(repeats: int = 21) -> dict[str, float]:
+    """Elements/s of broadcasting element-wise kernels (1 FLOP per element), by
+    result type: f32 arithmetic, and comparisons making a mask (much slower)."""
     col, row = torch.randn(1, 1, 256, 1), torch.randn(1, 1, 1, 256)
-    seconds = _median_time(lambda: torch.add(col, row), repeats)
-    return 256 * 256 / seconds
+    icol, irow = torch.arange(256).view(1, 1, 256, 1), torch.arange(256).view(1, 1, 1, 256)
+    kernels = {"f32": lambda: torch.add(col, row), "i1": lambda: torch.le(irow, icol)}
+    return {name: 256 * 256 / _median_time(fn, repeats) for name, fn in kernels.items()}
 
 
-def sequence_overhead(repeats: int = 20) -> float:
+def strided_rate(repeats: int = 21) -> float:
+    """Elements/s of an element-wise kernel whose operands are laid out
+    differently (a transposed view added to a contiguous tensor)."""
+    a, b = torch.randn(1, 256, 8, 64).transpose(1, 2), torch.randn(1, 8, 256, 64)
+    return a.numel() / _median_time(lambda: torch.add(a, b), repeats)
+
+
+def reduce_rate(repeats: int = 21) -> float:
+    """Input elements/s of a mean over the last dim, as norms reduce."""
+    x = torch.randn(512, 512)
+    return x.numel() / _median_time(lambda: torch.mean(x, [-1], True), repeats)
+
+
+def sequence_overhead(rounds: int = 60) -> float:
     """Seconds each kernel costs beyond its own warm time when kernels follow
     each other as in a transformer block (threads waking, caches refilling)."""
     torch.manual_seed(0)
@@ -108,39 +127,60 @@ def sequence_overhead(repeats: int = 20) -> float:
     for step in steps:  # each step's input, for timing it alone
         inputs.append(value)
         value = step(value)
-    alone = sum(_median_time(lambda s=step, v=v: s(v), repeats) for step, v in zip(steps, inputs))
 
     def block():
         v = x
         for step in steps:
             v = step(v)
 
-    together = _median_time(block, repeats)
     kernels = 12  # the steps above launch this many kernels
-    return max(0.0, (together - alone) / kernels)
+    extra = []  # paired in each round, so a slow stretch of time slows both sides
+    for _ in range(rounds):
+        block()
+        start = time.perf_counter()
+        block()
+        together = time.perf_counter() - start
+        alone = 0.0
+        for step, v in zip(steps, inputs):
+            step(v)  # warm: the same kernel just ran
+            start = time.perf_counter()
+            step(v)
+            alone += time.perf_counter() - start
+        extra.append((together - alone) / kernels)
+    return max(0.0, statistics.median(extra))
 
 
-def copy_bandwidth(nbytes: int, repeats: int = 7) -> float:
-    """Bytes/s of a copy whose source and destination total `nbytes`."""
+def copy_bandwidth(nbytes: int, repeats: int = 7, best: bool = False) -> float:
+    """Bytes/s of a copy whose source and destination total `nbytes`: typical,
+    or the fastest of the runs."""
     x = torch.empty(nbytes // 8)
     y = torch.empty_like(x)
-    seconds = _median_time(lambda: y.copy_(x), max(repeats, 2_000_000 // max(nbytes, 1)))
+    timer = _best_time if best else _median_time
+    seconds = timer(lambda: y.copy_(x), max(repeats, 2_000_000 // max(nbytes, 1)))
     return nbytes / seconds
 
 
-def cache_sizes() -> list[int]:
-    """Sizes of the unified (level 2 and up) caches, smallest first, from sysfs."""
-    sizes = []
-    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
-        try:
-            if (index / "type").read_text().strip() != "Unified":
-                continue
-            text = (index / "size").read_text().strip()
-        except OSError:
-            continue
-        scale = {"K": 1024, "M": 1024**2}.get(text[-1], 1)
-        sizes.append(int(text.rstrip("KM")) * scale)
-    return sorted(sizes)
+def cache_levels(memory_bandwidth: float) -> list[tuple[int, float]]:
+    """(working-set bytes, bytes/s) where copies run faster than from memory.
+
+    Swept rather than read from sysfs: private caches add up over the threads a
+    kernel uses, and a VM reports its host's shared cache, of which a guest
+    gets only part. Each size keeps its fastest copy (noise from other
+    tenants only slows copies down), and no working set is slower than a
+    larger one."""
+    sizes = [1 << k for k in range(20, 28)]  # 1 MiB to 128 MiB
+    speeds = [copy_bandwidth(size, max(15, (1 << 30) // size), best=True) for size in sizes]
+    for i in reversed(range(len(speeds) - 1)):
+        speeds[i] = max(speeds[i], speeds[i + 1])
+    levels: list[tuple[int, float]] = []
+    for size, bandwidth in zip(sizes, speeds):
+        if bandwidth < 1.2 * memory_bandwidth:
+            break
+        if levels and bandwidth >= 0.9 * levels[-1][1]:
+            levels[-1] = (size, levels[-1][1])  # the same level, larger
+        else:
+            levels.append((size, bandwidth))
+    return levels
 
 
 def _tiny_calls() -> dict[str, tuple]:
@@ -255,11 +295,12 @@ def calibrate(progress=print) -> str:
     flops = {name[d]: matmul_flops(d) for d in dtypes}
     attention = {name[d]: attention_flops(d) for d in dtypes}
     transcendental = transcendental_flops()
-    broadcast = broadcast_rate()
+    broadcast = broadcast_rates()
+    strided = strided_rate()
+    reduce = reduce_rate()
     progress("memory and cache bandwidth")
     bandwidth = copy_bandwidth(512 << 20)
-    # a copy of half a cache's size, as an op's inputs and outputs together
-    caches = [(size, copy_bandwidth(size // 2)) for size in cache_sizes() if size < 256 << 20]
+    caches = cache_levels(bandwidth)
     progress("per-op overheads")
     overheads = op_overheads()
     in_sequence = sequence_overhead()
@@ -284,15 +325,21 @@ def calibrate(progress=print) -> str:
         "[compute.transcendental]  # silu on 1M floats, 4 FLOPs per element",
         f"f32 = {transcendental:.4g}",
         "",
-        "[compute.broadcast]  # [256, 1] + [1, 256], 1 FLOP per output element",
-        f"f32 = {broadcast:.4g}",
+        "[compute.broadcast]  # [256, 1] + [1, 256] (f32), <= on integers (i1), per element",
+        *(f"{k} = {v:.4g}" for k, v in broadcast.items()),
+        "",
+        "[compute.strided]  # a transposed [8, 256, 64] view + a contiguous one, per element",
+        f"f32 = {strided:.4g}",
+        "",
+        "[compute.reduce]  # mean over the last dim of [512, 512], per input element",
+        f"f32 = {reduce:.4g}",
         "",
         "[memory]",
         f"bandwidth = {bandwidth:.4g}  # bytes/s, a 512 MiB copy (read + write)",
         f"capacity = {_memory_capacity():.4g}  # bytes, MemTotal",
         "",
         *(
-            f"[[memory.caches]]\nbytes = {size}\nbandwidth = {bw:.4g}  # a copy of half of it\n"
+            f"[[memory.caches]]\nbytes = {size}\nbandwidth = {bw:.4g}  # a copy this size in all\n"
             for size, bw in caches
         ),
         "[host]  # the host tier: a safetensors file in the page cache, read like a copy",
@@ -305,6 +352,10 @@ def calibrate(progress=print) -> str:
         "",
         "[overhead.targets]",
         *(f'"{k}" = {v:.4g}' for k, v in overheads.items()),
+        "",
+        "[threads]  # element-wise kernels of at most `grain` elements run on one thread",
+        f"count = {threads}",
+        "grain = 32768  # ATen's at::internal::GRAIN_SIZE",
         "",
         "[[links]]",
         'name = "gloo over loopback (2 processes)"',

@@ -58,12 +58,25 @@ class _TimingInterpreter(torch.fx.Interpreter):
     def run_node(self, node: torch.fx.Node):
         if node.op not in ("call_function", "call_method"):
             return super().run_node(node)
-        args, kwargs = self.fetch_args_kwargs_from_env(node)
+        args, kwargs = _plain(self.fetch_args_kwargs_from_env(node))
         result, start, seconds = self._timed(node, args, kwargs)
         if self.repeats:
             seconds = min(self._timed(node, args, kwargs)[2] for _ in range(self.repeats))
         self.spans.append((node, start, seconds))
         return result
+
+
+def _plain(value):
+    """fx hands arguments over as its immutable list and dict subclasses, which
+    ATen's argument parser takes a slower path for (a view's size list costs
+    ~2 us more); the generated program passes plain ones."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    return value
 
 
 def _spans(program: Program, inputs, repeats: int = 0) -> list[tuple[torch.fx.Node, float, float]]:

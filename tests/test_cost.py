@@ -9,6 +9,7 @@ import math
 
 import pytest
 import sympy
+import torch
 from plait.hardware import HardwareError, Link, load
 from plait.ir import symbolic
 from plait.ir.text import parse_module
@@ -88,6 +89,59 @@ def test_a_lookup_reads_its_rows_of_the_table_not_the_table():
     time = load("h100-sxm").roofline(op_cost(emb).flops, op_cost(emb).bytes, "bf16",
                                      weights=op_cost(emb).weight_bytes)  # fmt: skip
     assert float(time.subs(B, 1)) < 1e-6
+
+
+def test_element_wise_kernel_classes_from_shapes_and_layouts():
+    from plait.passes.layout import memory_orders, strided
+
+    module, ops = _ops(
+        '    %t = plait.reshape "aten::transpose.int"(%x, 1, 2) : !plait.tensor<[b, 8, s, 64], f32>\n'
+        '    %mixed = plait.elementwise "aten::add.Tensor"(%t, %y) : !plait.tensor<[b, 8, s, 64], f32>\n'
+        '    %inner = plait.elementwise "aten::mul.Tensor"(%y, %col) : !plait.tensor<[b, 8, s, 64], f32>\n'
+        '    %outer = plait.elementwise "aten::mul.Tensor"(%y, %row) : !plait.tensor<[b, 8, s, 64], f32>\n'
+        '    %mask = plait.elementwise "aten::__and__.Tensor"(%one, %m) : !plait.tensor<[s, s], i1>\n'
+        '    %mean = plait.reduce "aten::mean.dim"(%y, [-1], true) : !plait.tensor<[b, 8, s, 1], f32>\n',
+        "%x : !plait.tensor<[b, s, 8, 64], f32>, %y : !plait.tensor<[b, 8, s, 64], f32>, "
+        "%col : !plait.tensor<[b, 8, s, 1], f32>, %row : !plait.tensor<[64], f32>, "
+        "%one : !plait.tensor<[], i1>, %m : !plait.tensor<[s, s], i1>",
+    )
+    _, mixed, inner, outer, mask, mean = ops
+    orders = memory_orders(module.ops.first.body.blocks.first)
+    walks = {op: strided(op, orders) for op in ops}
+    # a transposed operand with a contiguous one: no contiguous inner loop
+    assert walks[mixed] and op_cost(mixed, strided=True).rate == "strided"
+    assert not any(walks[op] for op in (inner, outer, mask))
+    # repeated along the innermost dim (or a 0-d tensor): the broadcast kernel
+    assert op_cost(inner).rate == "broadcast" and op_cost(mask).rate == "broadcast"
+    assert op_cost(outer).rate is None  # repeated along outer dims only
+    assert op_cost(mean).rate == "reduce"
+    assert all(sympy.simplify(op_cost(op).elements - op_cost(op).flops) == 0
+               for op in (inner, outer, mask, mean))  # fmt: skip
+
+
+def test_small_element_wise_kernels_run_on_one_thread(tmp_path):
+    path = tmp_path / "cpu.toml"
+    path.write_text(
+        "[compute]\nf32 = 1e11\n[compute.broadcast]\nf32 = 1e9\ni1 = 1e8\n"
+        "[memory]\nbandwidth = 1e10\ncapacity = 1e9\n[threads]\ncount = 2\ngrain = 32768\n"
+    )
+    hw = load(path)
+    one, two = (float(hw.roofline(n, 0, "f32", "broadcast", elements=n)) for n in (32768, 65536))
+    assert one == pytest.approx(2 * 32768 / 1e9) and two == pytest.approx(65536 / 1e9)
+    # a kernel that threads otherwise (BLAS) is not held to the grain
+    assert float(hw.roofline(32768, 0, "f32", "broadcast")) == pytest.approx(32768 / 1e9)
+    # masks at their own rate; integer kernels of a rated class at its float rate
+    assert hw.peak_flops("i1", "broadcast") == 1e8 and hw.peak_flops("i64", "broadcast") == 1e9
+
+
+def test_mask_ops_are_costed_in_their_own_type():
+    from plait.passes.estimate import op_dtype
+
+    _, (le,) = _ops(
+        '    %le = plait.elementwise "aten::le.Tensor"(%r, %c) : !plait.tensor<[1, 1, s, s], i1>\n',
+        "%r : !plait.tensor<[1, 1, 1, s], i64>, %c : !plait.tensor<[1, 1, s, 1], i64>",
+    )
+    assert op_dtype(le) == "i1" and op_cost(le).rate == "broadcast"
 
 
 LINK = Link("test", 8, bandwidth=100e9, latency=2e-6)
@@ -255,6 +309,14 @@ def test_calibrate_writes_a_hardware_file_the_cost_model_reads(tmp_path, compile
     assert hardware.peak_flops("f32") > 1e9 and hardware.memory_bandwidth > 1e9
     assert hardware.links[0].devices is None and hardware.links[0].latency > 0
     assert "aten::index.Tensor" in hardware.target_overhead
+    for family in ("transcendental", "strided", "reduce"):
+        assert hardware.family_flops[family]["f32"] > 1e6
+    assert set(hardware.family_flops["broadcast"]) == {"f32", "i1"}
+    assert hardware.threads == torch.get_num_threads() and hardware.grain == 32768
+    sizes = [size for size, _ in hardware.caches]
+    assert sizes == sorted(sizes) and all(
+        bw > hardware.memory_bandwidth for _, bw in hardware.caches
+    )
     result = compiled("llama-tiny").estimate(hardware, values={"batch": 1, "seq": 32})
     assert result.schedule.step_time > 0
 
@@ -265,6 +327,12 @@ def test_measured_trace_and_per_op_profile(compiled, example, tmp_path):
     _, inputs, _ = example("cnn-tiny")
     program = compiled("cnn-tiny").program
     times = profile_ops(program, list(inputs), repeats=3)
+    # arguments reach the op as the generated program passes them: plain lists
+    from plait.runtime.profile import _plain
+    from torch.fx.immutable_collections import immutable_dict, immutable_list
+
+    plain = _plain((immutable_list([1, immutable_list([2])]), immutable_dict(a=immutable_list())))
+    assert type(plain[0]) is list and type(plain[0][1]) is list and type(plain[1]["a"]) is list
     convs = [op for op in times if getattr(op, "target_name", "") == "aten::conv2d"]
     assert len(convs) == 2 and all(times[op] > 0 for op in convs)
     write_trace(tmp_path / "m.json", measured_events(program, list(inputs)))
