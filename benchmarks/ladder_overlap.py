@@ -1,12 +1,19 @@
-"""Measured overlap: ladder vs standard tensor parallelism on a link-bound network.
+"""Measured overlap: ladder vs standard tensor parallelism on a slow network.
 
-    sudo python benchmarks/ladder_overlap.py [--rate 200mbit] [--repeats 15]
+    sudo python benchmarks/ladder_overlap.py [--delay 0.5ms] [--seq 32] [--repeats 21]
+    sudo python benchmarks/ladder_overlap.py --link tbf --rate 200mbit
 
 On 2 cores, gloo all-reduces over loopback are CPU-bound and barely overlap
-with compute. Here the two ranks live in two network namespaces joined by a
-veth pair rate-limited with `tc ... tbf`, so a collective waits on the link
-and leaves the CPU free. The namespaces (plait-a/plait-b, 10.200.0.1/2) are
-created for the run and removed after it.
+with compute. Here the two ranks live in two network namespaces (plait-a,
+plait-b), created for the run and removed after it, joined by one of:
+
+    delay   two TUN devices and a delay line between them (delay_line.c,
+            compiled for the run, at real-time priority): every packet
+            arrives `--delay` after it was sent, at no bandwidth limit. A
+            collective then waits on latency, as across nodes, and leaves
+            the CPU free.
+    tbf     a veth pair rate-limited with `tc ... tbf` (this kernel has no
+            netem): a collective waits on bandwidth.
 
 Three programs of the same Llama-like model (TP=2), timed alternately step by
 step in one run (median over repeats, 1 thread per rank):
@@ -23,9 +30,11 @@ no comm) (goal >= 60%).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -34,7 +43,7 @@ from pathlib import Path
 
 NAMESPACES = ("plait-a", "plait-b")
 ADDRESSES = ("10.200.0.1", "10.200.0.2")
-DEVICES = ("veth-plait-a", "veth-plait-b")
+DEVICES = ("plait-link-a", "plait-link-b")
 PROGRAMS = ("standard", "ladder", "no comm")
 
 
@@ -42,7 +51,7 @@ def sh(command: str, check: bool = True) -> None:
     subprocess.run(command, shell=True, check=check, capture_output=True)
 
 
-def network_up(rate: str) -> None:
+def veth_up(rate: str) -> None:
     network_down()
     sh(f"ip netns add {NAMESPACES[0]} && ip netns add {NAMESPACES[1]}")
     sh(f"ip link add {DEVICES[0]} type veth peer name {DEVICES[1]}")
@@ -53,6 +62,41 @@ def network_up(rate: str) -> None:
         sh(
             f"ip netns exec {ns} tc qdisc add dev {dev} root tbf rate {rate} burst 64kb latency 100ms"
         )
+
+
+class DelayLine:
+    """The network between two TUN devices: benchmarks/delay_line.c, compiled
+    for the run, writes each packet read from one device to the other
+    `delay` seconds later."""
+
+    def __init__(self, delay: float, build_dir: Path):
+        binary = build_dir / "delay_line"
+        sh(f"cc -O2 -o {binary} {Path(__file__).with_name('delay_line.c')}")
+        self.fds = []
+        for dev, ns in zip(DEVICES, NAMESPACES):
+            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
+            tunsetiff, tun_no_pi = 0x400454CA, 0x0001 | 0x1000  # IFF_TUN | IFF_NO_PI
+            fcntl.ioctl(fd, tunsetiff, struct.pack("16sH", dev.encode(), tun_no_pi))
+            sh(f"ip link set {dev} netns {ns}")  # the open device moves with its fd
+            self.fds.append(fd)
+        command = [str(binary), *map(str, self.fds), str(round(delay * 1e6))]
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, pass_fds=self.fds)
+
+    def close(self) -> None:
+        self.process.stdin.close()  # the line stops when its stdin closes
+        self.process.wait(timeout=10)
+        for fd in self.fds:
+            os.close(fd)
+
+
+def delay_up(delay: float, build_dir: Path) -> DelayLine:
+    network_down()
+    sh(f"ip netns add {NAMESPACES[0]} && ip netns add {NAMESPACES[1]}")
+    line = DelayLine(delay, build_dir)
+    for ns, dev, addr, peer in zip(NAMESPACES, DEVICES, ADDRESSES, reversed(ADDRESSES)):
+        sh(f"ip -n {ns} addr add {addr} peer {peer} dev {dev}")
+        sh(f"ip -n {ns} link set {dev} mtu 65000 up && ip -n {ns} link set lo up")
+    return line
 
 
 def network_down() -> None:
@@ -111,7 +155,7 @@ def worker(args) -> None:
                 if i >= 2:
                     times[name].append(time.perf_counter() - start)
     if args.rank == 0:
-        print(json.dumps({n: statistics.median(t) for n, t in times.items()}))
+        print(json.dumps(times))
     dist.destroy_process_group()
 
 
@@ -119,11 +163,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rate", default="200mbit")
+    parser.add_argument("--link", choices=("delay", "tbf"), default="delay")
+    parser.add_argument("--delay", default="0.5ms", help="one-way delay (--link delay)")
+    parser.add_argument("--rate", default="200mbit", help="bandwidth (--link tbf)")
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--seq", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -134,7 +180,13 @@ def main() -> None:
     directory = Path(tempfile.mkdtemp(prefix="plait-ladder-"))
     print(f"building programs (hidden {args.hidden}, {args.layers} layers, TP=2) in {directory}")
     build(directory, args.hidden, args.layers)
-    network_up(args.rate)
+    line = None
+    if args.link == "delay":
+        line = delay_up(float(args.delay.removesuffix("ms")) / 1e3, directory)
+        link = f"2 TUN devices, {args.delay} one-way delay, no bandwidth limit"
+    else:
+        veth_up(args.rate)
+        link = f"veth, tbf {args.rate}"
     try:
         procs = []
         for rank, (ns, dev) in enumerate(zip(NAMESPACES, DEVICES)):
@@ -144,17 +196,21 @@ def main() -> None:
             procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True))
         out = [p.communicate(timeout=1800)[0] for p in procs]
     finally:
+        if line is not None:
+            line.close()
         network_down()
-    medians = json.loads(out[0].strip().splitlines()[-1])
-    standard, ladder, free = (medians[n] for n in PROGRAMS)
-    print(
-        f"link: veth in 2 namespaces, tbf {args.rate}; batch 1, {args.seq} tokens, 1 thread per rank"
-    )
+    times = json.loads(out[0].strip().splitlines()[-1])
+    print(f"link: {link}, between 2 namespaces; batch 1, {args.seq} tokens, 1 thread per rank")
     for name in PROGRAMS:
-        print(f"  {name:<9} {medians[name] * 1e3:8.2f} ms per step (median of {args.repeats})")
-    print(f"ladder speedup over standard: {standard / ladder:.2f}x (goal >= 1.2x)")
-    recovered = (standard - ladder) / (standard - free) if standard > free else float("nan")
+        median = statistics.median(times[name])
+        print(f"  {name:<9} {median * 1e3:8.2f} ms per step (median of {args.repeats})")
+    # paired within each round, where the three ran back to back under the same noise
+    rounds = list(zip(*(times[n] for n in PROGRAMS)))
+    speedup = statistics.median(s / lad for s, lad, _ in rounds)
+    recovered = statistics.median((s - lad) / (s - free) for s, lad, free in rounds if s > free)
+    print(f"ladder speedup over standard: {speedup:.2f}x (goal >= 1.2x)")
     print(f"share of the communication-free bound recovered: {recovered:.0%} (goal >= 60%)")
+    print("(medians of the per-round ratios)")
 
 
 if __name__ == "__main__":
