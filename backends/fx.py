@@ -537,8 +537,24 @@ class _Lowering:
             return call(reduce.default, x, op.reduce.data, group), lambda y: y
         if isinstance(op, (AllGatherOp, ReduceScatterOp)):
             # functional collectives gather and scatter along dim 0; along another
-            # dim the n pieces are put in a leading dim and back, one copy each way
+            # dim the n pieces are put in a leading dim and back, one copy each way,
+            # unless every dim before it has size 1 (batch 1 split by sequence):
+            # then the pieces lie in memory as dim 0's would, and views suffice
             dim = op.dim.value.data
+            if dim and all(d == 1 for d in op.input.type.shape[:dim]):
+                flat = self.graph.call_function(aten.contiguous.default, (x,))
+                flat = self.graph.call_function(aten.flatten.using_ints, (flat, 0, dim))
+                target = (
+                    c10d.all_gather_into_tensor.default
+                    if isinstance(op, AllGatherOp)
+                    else c10d.reduce_scatter_tensor.default
+                )
+                reduce = () if isinstance(op, AllGatherOp) else (op.reduce.data,)
+                pending = call(target, flat, *reduce, size, group)
+                ones = [1] * dim
+                return pending, lambda y: self._node(
+                    aten.unflatten.int, (y, 0, [*ones, -1]), {}, op
+                )
             if isinstance(op, AllGatherOp):
                 x = self.graph.call_function(aten.contiguous.default, (x,))
                 pending = call(c10d.all_gather_into_tensor.default, x, size, group)

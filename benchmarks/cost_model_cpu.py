@@ -6,7 +6,7 @@
 Measures each op of the compiled forward (the fastest of repeated runs of the
 op on its own inputs, median over several passes of the forward, since this
 VM's neighbours slow whole stretches of time down) and the whole forward
-(median of plain runs), predicts both with the cost model, and prints Kendall's tau between predicted and measured per-op times
+(median of plain runs, a few after each pass), predicts both with the cost model, and prints Kendall's tau between predicted and measured per-op times
 (goal >= 0.8) and the total's error (goal within +-25%).
 """
 
@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--passes", type=int, default=5)
+    parser.add_argument("--forwards", type=int, default=3, help="timed forwards after each pass")
     args = parser.parse_args()
 
     import plait
@@ -74,19 +75,18 @@ def main() -> None:
     hardware = load(args.hardware)
     predicted = compiled.estimate(hardware, values={"batch": 1, "seq": args.seq})
 
-    passes = [
-        profile_ops(compiled.program, list(inputs), repeats=args.repeats)
-        for _ in range(args.passes)
-    ]
-    measured = {op: statistics.median(p[op] for p in passes) for op in passes[0]}
+    passes, runs = [], []
     with torch.inference_mode():
         for _ in range(3):
             compiled(*inputs)
-        runs = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            compiled(*inputs)
-            runs.append(time.perf_counter() - start)
+    for _ in range(args.passes):  # forwards spread between the passes, like the op timings
+        passes.append(profile_ops(compiled.program, list(inputs), repeats=args.repeats))
+        with torch.inference_mode():
+            for _ in range(args.forwards):
+                start = time.perf_counter()
+                compiled(*inputs)
+                runs.append(time.perf_counter() - start)
+    measured = {op: statistics.median(p[op] for p in passes) for op in passes[0]}
     total_measured = statistics.median(runs)
 
     pairs = [(row.time, measured[row.op]) for row in predicted.ops if row.op in measured]

@@ -57,7 +57,7 @@ def _rank_main(rank, world_size, port, queue, fn, args):
 
 COLLECTIVES_IR = """\
 builtin.module {
-  func.func @forward(%x : !plait.tensor<[4, 6], f32>) -> (!plait.tensor<[4, 6], f32>, !plait.tensor<[4, 6], f32>, !plait.tensor<[4, 12], f32>, !plait.tensor<[2, 6], f32>, !plait.tensor<[4, 3], f32>, !plait.tensor<[4, 6], f32>, !plait.tensor<[8, 3], f32>) {
+  func.func @forward(%x : !plait.tensor<[4, 6], f32>) -> (!plait.tensor<[4, 6], f32>, !plait.tensor<[4, 6], f32>, !plait.tensor<[4, 12], f32>, !plait.tensor<[2, 6], f32>, !plait.tensor<[4, 3], f32>, !plait.tensor<[4, 6], f32>, !plait.tensor<[8, 3], f32>, !plait.tensor<[1, 8, 6], f32>, !plait.tensor<[1, 2, 6], f32>) {
     %s = plait.all_reduce %x {axis = "tp", reduce = "sum"} : !plait.tensor<[4, 6], f32> -> !plait.tensor<[4, 6], f32>
     %h = plait.all_reduce %x {axis = "tp", reduce = "max", async} : !plait.tensor<[4, 6], f32> -> !plait.async<!plait.tensor<[4, 6], f32>>
     %e = plait.elementwise "aten::exp"(%x) : !plait.tensor<[4, 6], f32>
@@ -68,7 +68,10 @@ builtin.module {
     %n = plait.elementwise "aten::neg"(%x) : !plait.tensor<[4, 6], f32>
     %i = plait.all_reduce %n {axis = "tp", reduce = "sum"} : !plait.tensor<[4, 6], f32> -> !plait.tensor<[4, 6], f32>
     %a = plait.all_to_all %x {axis = "tp", split_dim = 1 : i64, concat_dim = 0 : i64} : !plait.tensor<[4, 6], f32> -> !plait.tensor<[8, 3], f32>
-    func.return %s, %m, %g, %r, %c, %i, %a : !plait.tensor<[4, 6], f32>, !plait.tensor<[4, 6], f32>, !plait.tensor<[4, 12], f32>, !plait.tensor<[2, 6], f32>, !plait.tensor<[4, 3], f32>, !plait.tensor<[4, 6], f32>, !plait.tensor<[8, 3], f32>
+    %x1 = plait.reshape "aten::unsqueeze"(%x, 0) : !plait.tensor<[1, 4, 6], f32>
+    %gs = plait.all_gather %x1 {axis = "tp", dim = 1 : i64} : !plait.tensor<[1, 4, 6], f32> -> !plait.tensor<[1, 8, 6], f32>
+    %rs = plait.reduce_scatter %x1 {axis = "tp", dim = 1 : i64, reduce = "sum"} : !plait.tensor<[1, 4, 6], f32> -> !plait.tensor<[1, 2, 6], f32>
+    func.return %s, %m, %g, %r, %c, %i, %a, %gs, %rs : !plait.tensor<[4, 6], f32>, !plait.tensor<[4, 6], f32>, !plait.tensor<[4, 12], f32>, !plait.tensor<[2, 6], f32>, !plait.tensor<[4, 3], f32>, !plait.tensor<[4, 6], f32>, !plait.tensor<[8, 3], f32>, !plait.tensor<[1, 8, 6], f32>, !plait.tensor<[1, 2, 6], f32>
   }
 }
 """

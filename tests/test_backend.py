@@ -57,9 +57,8 @@ def test_collectives_on_two_gloo_ranks():
     results = run_ranks(2, collectives_rank)
     base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
     inputs = [base, base + 100]
-    for rank, ((total, maximum, gathered, scattered, columns, negated, swapped), code) in enumerate(
-        results
-    ):
+    for rank, (outputs, code) in enumerate(results):
+        total, maximum, gathered, scattered, columns, negated, swapped, rows, row_sums = outputs
         assert torch.equal(total, inputs[0] + inputs[1])
         assert torch.equal(maximum, inputs[1])
         assert torch.allclose(gathered, torch.cat([inputs[0].exp(), inputs[1].exp()], dim=1))
@@ -69,6 +68,10 @@ def test_collectives_on_two_gloo_ranks():
         # all-to-all: this rank's columns of every rank's x, stacked by rank
         mine = slice(3 * rank, 3 * rank + 3)
         assert torch.equal(swapped, torch.cat([inputs[0][:, mine], inputs[1][:, mine]], dim=0))
+        # along dim 1 after a size-1 dim: the pieces lie as dim 0's would, views suffice
+        assert torch.equal(rows, torch.cat(inputs)[None])
+        assert torch.equal(row_sums, (inputs[0] + inputs[1])[None, 2 * rank : 2 * rank + 2])
+        assert code.count("aten.movedim") == 4  # the [4, 6] gather and scatter, the all-to-all
         # a fresh input nothing else reads is reduced in place; the program input is not
         assert "all_reduce_.default(n," in code and "all_reduce.default(x," in code
         # the async all-reduce's wait comes after the independent exp
