@@ -224,10 +224,9 @@ def estimate(module: ModuleOp, target: Target, function: str | None = None) -> E
 def op_dtype(op: Operation) -> str:
     """The floating dtype an op computes in (its first float result or operand),
     else its result's type (a mask, indices), else f32."""
-    types = [v.type for v in list(op.results) + list(op.operands)]
-    tensors = [t for t in types if isinstance(t, TensorType)]
-    for t in tensors:
-        if t.dtype.startswith(("f", "bf")):
+    for value in list(op.results) + list(op.operands):
+        t = value.type
+        if isinstance(t, TensorType) and t.dtype.startswith(("f", "bf")):
             return t.dtype
     results = [r.type for r in op.results if isinstance(r.type, TensorType)]
     return results[0].dtype if results else "f32"

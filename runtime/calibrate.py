@@ -9,6 +9,7 @@ per-op fixed costs) and all-reduces between two gloo processes over loopback
 from __future__ import annotations
 
 import datetime
+import itertools
 import multiprocessing as mp
 import os
 import platform
@@ -55,8 +56,8 @@ def matmul_flops(dtype: torch.dtype, repeats: int = 7, weights_bytes: int = 256 
     for rows, k, n in LINEAR_SHAPES:
         x = torch.randn(rows, k).to(dtype)
         ws = [torch.randn(n, k).to(dtype) for _ in range(max(2, weights_bytes // (n * k * 4)))]
-        calls = iter(ws * (repeats + 3))
-        seconds = _median_time(lambda: torch.nn.functional.linear(x, next(calls)), repeats)
+        weights = itertools.cycle(ws)
+        seconds = _median_time(lambda: torch.nn.functional.linear(x, next(weights)), repeats)
         rates.append(2 * rows * k * n / seconds)
     return statistics.median(rates)
 
@@ -235,8 +236,8 @@ def _allreduce_worker(rank: int, port: int, sizes: list[int], queue) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     # each all-reduce after a module's worth of compute on both ranks, as programs
     # issue them: the ranks arrive at different times and gloo's threads have gone
-    # to sleep (here that costs ~1.5 ms more than all-reduces back to back)
-    # (sizes interleaved in rounds, so that a noisy stretch of time hits them alike)
+    # to sleep (here ~1.5 ms more than all-reduces back to back); the sizes take
+    # turns in each round, so that a noisy stretch of time hits them alike
     a, w = torch.randn(128, 1024), torch.randn(1024, 1024)
     buffers = {n: torch.ones(n // 4) for n in sizes}
     times: dict[int, list[float]] = {n: [] for n in sizes}
