@@ -129,8 +129,17 @@ def render(estimate: Estimate, by: str = "family") -> str:
     lines.append("")
     lines.append("formulas (seconds and bytes, in the size symbols):")
     for key, expr in estimate.formulas.items():
-        lines.append(f"  {key} = {_round(sympy.sympify(expr))}")
+        text = str(_round(sympy.sympify(expr)))
+        if len(text) > _LONGEST_FORMULA:  # piecewise in cache levels and thread counts
+            text = (
+                f"{text[: _LONGEST_FORMULA // 2]} ... ({len(text)} characters; "
+                f"in full: Estimate.formulas[{key!r}] from plait's Python API)"
+            )
+        lines.append(f"  {key} = {text}")
     return "\n".join(lines)
+
+
+_LONGEST_FORMULA = 400  # characters a report prints of one formula
 
 
 def render_compare(first: Estimate, second: Estimate, names: tuple[str, str]) -> str:

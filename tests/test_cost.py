@@ -290,6 +290,7 @@ def test_cli_estimate_compare_and_trace(tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert "model.layers.*.mlp.down_proj" in out and "step time:" in out and "flops = " in out
+    assert max(len(line) for line in out.splitlines()) < 500  # long formulas are cut
     events = json.loads(trace.read_text())["traceEvents"]
     assert any(e.get("ph") == "X" and e["tid"] == 0 for e in events)
     assert (
