@@ -33,6 +33,7 @@ import argparse
 import fcntl
 import json
 import os
+import shutil
 import statistics
 import struct
 import subprocess
@@ -199,6 +200,7 @@ def main() -> None:
         if line is not None:
             line.close()
         network_down()
+        shutil.rmtree(directory)  # three saved programs, ~0.6 GB
     times = json.loads(out[0].strip().splitlines()[-1])
     print(f"link: {link}, between 2 namespaces; batch 1, {args.seq} tokens, 1 thread per rank")
     for name in PROGRAMS:
