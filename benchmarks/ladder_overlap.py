@@ -52,9 +52,13 @@ def sh(command: str, check: bool = True) -> None:
     subprocess.run(command, shell=True, check=check, capture_output=True)
 
 
-def veth_up(rate: str) -> None:
+def namespaces_up() -> None:
     network_down()
     sh(f"ip netns add {NAMESPACES[0]} && ip netns add {NAMESPACES[1]}")
+
+
+def veth_up(rate: str) -> None:
+    namespaces_up()
     sh(f"ip link add {DEVICES[0]} type veth peer name {DEVICES[1]}")
     for ns, dev, addr in zip(NAMESPACES, DEVICES, ADDRESSES):
         sh(f"ip link set {dev} netns {ns}")
@@ -91,8 +95,7 @@ class DelayLine:
 
 
 def delay_up(delay: float, build_dir: Path) -> DelayLine:
-    network_down()
-    sh(f"ip netns add {NAMESPACES[0]} && ip netns add {NAMESPACES[1]}")
+    namespaces_up()
     line = DelayLine(delay, build_dir)
     for ns, dev, addr, peer in zip(NAMESPACES, DEVICES, ADDRESSES, reversed(ADDRESSES)):
         sh(f"ip -n {ns} addr add {addr} peer {peer} dev {dev}")
