@@ -541,55 +541,49 @@ class _Lowering:
             # unless every dim before it has size 1 (batch 1 split by sequence):
             # then the pieces lie in memory as dim 0's would, and views suffice
             dim = op.dim.value.data
+            gather = isinstance(op, AllGatherOp)
+            target = c10d.all_gather_into_tensor if gather else c10d.reduce_scatter_tensor
+            reduce = () if gather else (op.reduce.data,)
             if dim and all(d == 1 for d in op.input.type.shape[:dim]):
                 flat = self.graph.call_function(aten.contiguous.default, (x,))
                 flat = self.graph.call_function(aten.flatten.using_ints, (flat, 0, dim))
-                target = (
-                    c10d.all_gather_into_tensor.default
-                    if isinstance(op, AllGatherOp)
-                    else c10d.reduce_scatter_tensor.default
-                )
-                reduce = () if isinstance(op, AllGatherOp) else (op.reduce.data,)
-                pending = call(target, flat, *reduce, size, group)
+                pending = call(target.default, flat, *reduce, size, group)
                 ones = [1] * dim
                 return pending, lambda y: self._node(
                     aten.unflatten.int, (y, 0, [*ones, -1]), {}, op
                 )
-            if isinstance(op, AllGatherOp):
+            if gather:
                 x = self.graph.call_function(aten.contiguous.default, (x,))
-                pending = call(c10d.all_gather_into_tensor.default, x, size, group)
+                pending = call(target.default, x, size, group)
                 if dim == 0:
                     return pending, lambda y: y
-
-                def finish(y):  # [n * d0, ...] -> [n, d0, ...] -> [..., n * d_dim, ...]
-                    pieces = self.graph.call_function(aten.unflatten.int, (y, 0, [size, -1]))
-                    moved = self.graph.call_function(aten.movedim.int, (pieces, 0, dim))
-                    return self._node(aten.flatten.using_ints, (moved, dim, dim + 1), {}, op)
-
-                return pending, finish
-            if dim != 0:  # [..., d_dim, ...] -> [n * d0, ..., d_dim / n, ...]
-                pieces = self.graph.call_function(aten.unflatten.int, (x, dim, [size, -1]))
-                moved = self.graph.call_function(aten.movedim.int, (pieces, dim, 0))
-                packed = self.graph.call_function(aten.contiguous.default, (moved,))
-                x = self.graph.call_function(aten.flatten.using_ints, (packed, 0, 1))
-            pending = call(c10d.reduce_scatter_tensor.default, x, op.reduce.data, size, group)
-            return pending, lambda y: y
+                return pending, lambda y: self._pieces_back(y, dim, size, op)
+            if dim != 0:
+                x = self._pieces_first(x, dim, size)
+            return call(target.default, x, *reduce, size, group), lambda y: y
         if isinstance(op, AllToAllOp):  # piece i of split_dim to rank i, received pieces
             split, concat = op.split_dim.value.data, op.concat_dim.value.data  # joined on concat
-            pieces = self.graph.call_function(aten.unflatten.int, (x, split, [size, -1]))
-            moved = self.graph.call_function(aten.movedim.int, (pieces, split, 0))
-            packed = self.graph.call_function(aten.contiguous.default, (moved,))
-            piece = self.graph.call_function(aten.sym_size.int, (packed, 1))
-            x = self.graph.call_function(aten.flatten.using_ints, (packed, 0, 1))
+            x = self._pieces_first(x, split, size)
+            piece = self.graph.call_function(aten.sym_size.int, (x, 0))
+            piece = self.graph.call_function(operator.floordiv, (piece, size))
             pending = call(c10d.all_to_all_single.default, x, [piece] * size, [piece] * size, group)
-
-            def joined(y):
-                pieces = self.graph.call_function(aten.unflatten.int, (y, 0, [size, -1]))
-                moved = self.graph.call_function(aten.movedim.int, (pieces, 0, concat))
-                return self._node(aten.flatten.using_ints, (moved, concat, concat + 1), {}, op)
-
-            return pending, joined
+            return pending, lambda y: self._pieces_back(y, concat, size, op)
         raise LoweringError(f"{where(op)}: {op.name} has no lowering")
+
+    def _pieces_first(self, x: torch.fx.Node, dim: int, size: int) -> torch.fx.Node:
+        """[..., d_dim, ...] -> [n * d0, ..., d_dim / n, ...]: piece i of `dim` leads."""
+        aten = torch.ops.aten
+        pieces = self.graph.call_function(aten.unflatten.int, (x, dim, [size, -1]))
+        moved = self.graph.call_function(aten.movedim.int, (pieces, dim, 0))
+        packed = self.graph.call_function(aten.contiguous.default, (moved,))
+        return self.graph.call_function(aten.flatten.using_ints, (packed, 0, 1))
+
+    def _pieces_back(self, y: torch.fx.Node, dim: int, size: int, op: Operation):
+        """[n * d0, ...] -> [..., n * d_dim, ...]: the n leading pieces joined along `dim`."""
+        aten = torch.ops.aten
+        pieces = self.graph.call_function(aten.unflatten.int, (y, 0, [size, -1]))
+        moved = self.graph.call_function(aten.movedim.int, (pieces, 0, dim))
+        return self._node(aten.flatten.using_ints, (moved, dim, dim + 1), {}, op)
 
     def _node(
         self,
