@@ -71,16 +71,21 @@ def main() -> None:
     print(f"capture+import {captured:.1f} s; pipelines + estimates {planned:.1f} s")
     print("predicted / authors' measurements (ms per token; the 'no all-reduce' run is theirs")
     print("with NVLink, the same compute for both):")
-    print(f"{'hardware':<16} {'standard':>13} {'ladder':>13} {'no all-reduce':>14} {'all-reduce':>10}")
+    print(
+        f"{'hardware':<16} {'standard':>13} {'ladder':>13} {'no all-reduce':>14} {'all-reduce':>10}"
+    )
     for name, comm, _, _, predicted, measured in rows:
         cells = " ".join(f"{p * 1e3:>6.2f}/{m:<6.2f}" for p, m in zip(predicted, measured))
         print(f"{name:<16} {cells} {comm * 1e3:>10.2f}")
-    print(f"\n{'hardware':<16} {'share':>6} {'paper':>6} {'authors':>8} {'speedup':>8} {'paper':>6} {'authors':>8}")
+    print(
+        f"\n{'hardware':<16} {'share':>6} {'paper':>6} {'authors':>8} {'speedup':>8} {'paper':>6} {'authors':>8}"
+    )
     for name, _, paper_share, paper_speedup, predicted, measured in rows:
         share = 1 - predicted[2] / predicted[0]
         line = f"{name:<16} {share:>6.1%} {paper_share:>6} {1 - measured[2] / measured[0]:>8.1%}"
         speedups = f"{predicted[0] / predicted[1]:>7.2f}x {paper_speedup:>5.2f}x"
         print(f"{line} {speedups} {measured[0] / measured[1]:>7.2f}x")
+
 
 if __name__ == "__main__":
     main()
