@@ -170,7 +170,7 @@ def _repeat_chain(value: SSAValue | None, reader: Operation) -> list[Operation] 
     return chain if rep != 1 and repeated == (b, kv * rep, s, d) else None
 
 
-def _attr_key(name: str, shard: tuple[int, int, int] | None) -> str:
+def _attr_key(name: str, shard: tuple | None) -> str:
     """A weight's or state's name in the program, marked by the dim it is sliced on."""
     return name if shard is None else f"{name}_shard{shard[0]}"
 
@@ -310,7 +310,7 @@ class _Lowering:
         self.arena_size = arena_size
         self.arena_views: dict[str, torch.dtype] = {}  # attr name -> dtype viewing the arena
         self.arena_nodes: dict[str, torch.fx.Node] = {}
-        self.streamed: list[tuple[ParamOp, tuple[int, int, int] | None]] = []
+        self.streamed: list[tuple[ParamOp, tuple | None]] = []
         self.grouped: dict[Operation, list[tuple]] = {}  # attention reading unrepeated k, v
 
     @functools.cached_property
@@ -423,8 +423,8 @@ class _Lowering:
             nodes[name] = self.bind(f"{weights[0]}_{name}", tensor)  # after its first weight
         return nodes
 
-    def _slice(self, op: ParamOp) -> tuple[int, int, int] | None:
-        """(dim, index, parts) of this rank's slice of a sharded weight, or None."""
+    def _slice(self, op: ParamOp) -> tuple | None:
+        """(dim, index, parts, blocks) of this rank's slice of a sharded weight, or None."""
         placements = op.attributes.get(PLACEMENTS_ATTR)
         for axis, placement in zip(self.mesh, placements.data if placements else ()):
             if placement.kind == "shard":
@@ -432,7 +432,8 @@ class _Lowering:
                     raise LoweringError(
                         f"{where(op)}: a sharded weight needs the rank's mesh position"
                     )
-                return placement.dim, self.groups.coords[axis], self.groups.sizes[axis]
+                coords, sizes = self.groups.coords[axis], self.groups.sizes[axis]
+                return placement.dim, coords, sizes, placement.blocks
         return None
 
     def lower_param(self, op: ParamOp) -> None:

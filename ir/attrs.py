@@ -149,20 +149,35 @@ class Placement:
     kind: str  # "shard" | "replicate" | "partial"
     dim: int | None = None  # for shard
     reduce: str | None = None  # for partial: "sum", "max", ...
+    # for shard: the dim holds these blocks one after another (a fused projection's
+    # q, k and v), each split over the ranks; a rank holds its piece of every block
+    blocks: tuple[int, ...] | None = None
 
     def __str__(self) -> str:
+        if self.kind == "shard" and self.blocks:
+            return f"shard({self.dim}, blocks = [{', '.join(map(str, self.blocks))}])"
         if self.kind == "shard":
             return f"shard({self.dim})"
         if self.kind == "partial":
             return f"partial({self.reduce})"
         return "replicate"
 
+    def ranges(self, size: int, parts: int, index: int) -> list[tuple[int, int]]:
+        """(start, length) along `dim` of the pieces rank `index` of `parts`
+        holds, in the order it holds them."""
+        starts, offset = [], 0
+        for block in self.blocks or (size,):
+            piece = block // parts
+            starts.append((offset + index * piece, piece))
+            offset += block
+        return starts
+
 
 REPLICATE = Placement("replicate")
 
 
-def shard(dim: int) -> Placement:
-    return Placement("shard", dim=dim)
+def shard(dim: int, blocks: tuple[int, ...] | None = None) -> Placement:
+    return Placement("shard", dim=dim, blocks=tuple(blocks) if blocks else None)
 
 
 def partial(reduce: str = "sum") -> Placement:
@@ -182,8 +197,15 @@ class PlacementsAttr(Data[tuple[Placement, ...]]):
             if kind == "shard":
                 parser.parse_punctuation("(")
                 dim = parser.parse_integer(allow_boolean=False)
+                blocks = None
+                if parser.parse_optional_punctuation(","):
+                    parser.parse_keyword("blocks")
+                    parser.parse_punctuation("=")
+                    blocks = parser.parse_comma_separated_list(
+                        parser.Delimiter.SQUARE, lambda: parser.parse_integer(allow_boolean=False)
+                    )
                 parser.parse_punctuation(")")
-                return shard(dim)
+                return shard(dim, blocks)
             if kind == "partial":
                 parser.parse_punctuation("(")
                 reduce = parser.parse_keyword_in(REDUCE_OPS, " (a reduction)")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .attrs import shard
 from .errors import PlaitError
 
 
@@ -36,7 +37,16 @@ _SAFETENSORS_DTYPES = {
 }  # fmt: skip
 
 
-def _check_parts(name: str, shape: list[int], dim: int, parts: int) -> None:
+def _check_parts(
+    name: str, shape: list[int], dim: int, parts: int, blocks: tuple[int, ...] | None = None
+) -> None:
+    if blocks and (
+        dim >= len(shape) or sum(blocks) != shape[dim] or any(b % parts for b in blocks)
+    ):
+        raise WeightError(
+            f"weight '{name}' of shape {tuple(shape)} cannot be split in {parts} along dim "
+            f"{dim} as blocks {list(blocks)}; the checkpoint does not match the plan"
+        )
     if dim >= len(shape) or shape[dim] % parts:
         raise WeightError(
             f"weight '{name}' of shape {tuple(shape)} cannot be split in {parts} along dim "
@@ -103,9 +113,12 @@ class WeightStore:
             self._entries[name] = entry
         return entry
 
-    def get_shard(self, name: str, dim: int, index: int, parts: int) -> torch.Tensor:
-        """Slice `index` of `parts` equal slices along `dim`, reading only that
-        slice from a safetensors file."""
+    def get_shard(
+        self, name: str, dim: int, index: int, parts: int, blocks: tuple[int, ...] | None = None
+    ) -> torch.Tensor:
+        """Slice `index` of `parts` equal slices along `dim` (with `blocks`, that
+        slice of each block, joined), reading only those slices from a
+        safetensors file."""
         entry = self._entries.get(name)
         if isinstance(entry, _FileEntry):
             from safetensors import safe_open
@@ -113,30 +126,33 @@ class WeightStore:
             with safe_open(str(entry.path), framework="pt") as f:
                 view = f.get_slice(entry.key)
                 shape = view.get_shape()
-                _check_parts(name, shape, dim, parts)
-                size = shape[dim] // parts
-                index_expr = [slice(None)] * len(shape)
-                index_expr[dim] = slice(index * size, (index + 1) * size)
-                return view[tuple(index_expr)]
+                _check_parts(name, shape, dim, parts, blocks)
+                pieces = []
+                for start, length in shard(dim, blocks).ranges(shape[dim], parts, index):
+                    index_expr = [slice(None)] * len(shape)
+                    index_expr[dim] = slice(start, start + length)
+                    pieces.append(view[tuple(index_expr)])
+                return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
         full = self.get(name)
-        _check_parts(name, list(full.shape), dim, parts)
-        size = full.shape[dim] // parts
-        if full.is_meta:
-            return full.narrow(dim, index * size, size)
-        return full.narrow(dim, index * size, size).contiguous()
+        _check_parts(name, list(full.shape), dim, parts, blocks)
+        pieces = [full.narrow(dim, start, length)
+                  for start, length in shard(dim, blocks).ranges(full.shape[dim], parts, index)]  # fmt: skip
+        if len(pieces) > 1:
+            return torch.cat(pieces, dim)
+        return pieces[0] if full.is_meta else pieces[0].contiguous()
 
-    def read(self, name: str, shard: tuple[int, int, int] | None = None) -> torch.Tensor:
-        """A fresh copy of the weight (or of its `(dim, index, parts)` slice),
+    def read(self, name: str, piece: tuple | None = None) -> torch.Tensor:
+        """A fresh copy of the weight (or of its `(dim, index, parts[, blocks])` slice),
         not kept by the store: what streaming from the host tier reads."""
         entry = self._entries.get(name)
         if isinstance(entry, _FileEntry):  # get_shard and a whole-file read do not cache
-            if shard is not None:
-                return self.get_shard(name, *shard)
+            if piece is not None:
+                return self.get_shard(name, *piece)
             from safetensors import safe_open
 
             with safe_open(str(entry.path), framework="pt") as f:
                 return f.get_tensor(entry.key)
-        tensor = self.get_shard(name, *shard) if shard is not None else self.get(name)
+        tensor = self.get_shard(name, *piece) if piece is not None else self.get(name)
         return tensor if tensor.is_meta else tensor.clone()
 
     def as_meta(self) -> WeightStore:

@@ -13,9 +13,10 @@ an async start with a `plait.wait`, and moves each wait and residual add down
 to where their results are first needed. `layers=K` converts only the last K
 decoder layers (2K modules); `layers=0`, the default, converts all.
 
-After `shard` it needs a replicated stream (Megatron: Llama, Qwen, Mixtral);
-where sharding leaves the stream split (GPT-2's fused QKV), run it before:
-`ladder,shard{mesh=tp:2},overlap`, the result is the same model.
+After `shard` it needs a replicated stream (Megatron's layout: Llama, Qwen,
+Mixtral, GPT-2, Phi-3); where a plan leaves the stream split (GPT-2 with
+`plan=*.c_attn:replicate`), run it before: `ladder,shard{mesh=tp:2},overlap`,
+the same model.
 
 It changes the model's function: the reference for a ladder program is the
 same pass on one device (no collectives), not the original model.
@@ -27,11 +28,12 @@ from dataclasses import dataclass
 
 from xdsl.context import Context
 from xdsl.dialects.builtin import ModuleOp
-from xdsl.ir import Block, Operation
+from xdsl.ir import Block, Operation, SSAValue
 from xdsl.rewriter import InsertPoint, Rewriter
 
+from ..ir.attrs import PLACEMENTS_ATTR
 from ..ir.errors import PlaitError
-from ..ir.ops import AllReduceOp, CollectiveOp, LocalShardOp, WaitOp
+from ..ir.ops import AllGatherOp, AllReduceOp, CollectiveOp, LocalShardOp, ParamOp, WaitOp
 from ..ir.text import where
 from .base import Pass, function_blocks
 from .residual import ResidualModule, residual_chain
@@ -73,16 +75,39 @@ def make_async(blocking: AllReduceOp) -> WaitOp:
     return wait
 
 
-def _check_replicated(chain: list[ResidualModule]) -> None:
+def _whole_values(block: Block) -> set[SSAValue]:
+    """Values every rank holds whole: program inputs, weights not split, the
+    results of all-reduces and all-gathers, and what ops compute from whole
+    values only (a split weight, a local slice or a partial sum is not)."""
+    whole: set[SSAValue] = set(block.args)
+    for op in block.ops:
+        if isinstance(op, ParamOp):
+            placements = op.attributes.get(PLACEMENTS_ATTR)
+            split = placements is not None and any(p.kind != "replicate" for p in placements.data)
+            ok = not split
+        elif isinstance(op, WaitOp):
+            ok = isinstance(op.input.owner, (AllReduceOp, AllGatherOp))
+        elif isinstance(op, (AllReduceOp, AllGatherOp)):
+            ok = op.is_async is None  # else whole once waited for
+        elif isinstance(op, (CollectiveOp, LocalShardOp)):
+            ok = False
+        else:
+            ok = all(v in whole for v in op.operands)
+        if ok:
+            whole.update(op.results)
+    return whole
+
+
+def _check_replicated(block: Block, chain: list[ResidualModule]) -> None:
     """In a sharded program the stream must be whole on every rank."""
+    whole = _whole_values(block)
     for module in chain:
-        for op, _ in module.readers:
-            if isinstance(op, (CollectiveOp, LocalShardOp)):
-                raise LadderError(
-                    f"{where(module.add)}: the residual stream is sharded here (read by "
-                    f"{op.name}), so ladder cannot rewire it after sharding; run ladder "
-                    "before shard and overlap after it: ladder,shard{mesh=...},overlap"
-                )
+        if module.stream not in whole or module.result not in whole:
+            raise LadderError(
+                f"{where(module.add)}: the residual stream is sharded here, so ladder cannot "
+                "rewire it after sharding; run ladder before shard and overlap after it: "
+                "ladder,shard{mesh=...},overlap"
+            )
 
 
 def convert(block: Block, layers: int) -> int:
@@ -94,7 +119,7 @@ def convert(block: Block, layers: int) -> int:
             "r_i = r_{i-1} + f_i(r_{i-1}) (each branch f_i computed from the stream, in TP "
             "programs ending in an all-reduce); this model's blocks are not residual"
         )
-    _check_replicated(chain)
+    _check_replicated(block, chain)
     first = 0 if layers <= 0 else max(0, len(chain) - 2 * layers)
     converted = chain[first:]
     for i, module in enumerate(chain):

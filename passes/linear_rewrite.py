@@ -74,7 +74,7 @@ def _placement(param: ParamOp, transposed: bool) -> Placement:
     attr = param.attributes.get(PLACEMENTS_ATTR)
     placement = attr.data[0] if attr is not None and attr.data else REPLICATE
     if transposed and placement.kind == "shard":
-        return shard(1 - placement.dim)
+        return shard(1 - placement.dim, placement.blocks)
     return placement
 
 

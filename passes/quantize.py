@@ -65,10 +65,18 @@ def _bucket_outliers(q: Quantized, placement: Placement, parts: int, shape):
     bucket per rank's slice, padded with zeros (which add nothing)."""
     index, value = q.outlier_index, q.outlier_value
     if placement.kind == "shard":
-        size = shape[placement.dim] // parts
-        owner = index[placement.dim] // size
+        size = shape[placement.dim]
+        owner_of = torch.empty(size, dtype=torch.long)  # rank and local position of each
+        local_of = torch.empty(size, dtype=index.dtype)  # row (or column) along the split
+        for rank in range(parts):
+            at = 0
+            for start, length in placement.ranges(size, parts, rank):
+                owner_of[start : start + length] = rank
+                local_of[start : start + length] = torch.arange(at, at + length)
+                at += length
+        owner = owner_of[index[placement.dim].long()]
         local = index.clone()
-        local[placement.dim] -= owner * size
+        local[placement.dim] = local_of[index[placement.dim].long()]
     else:
         owner, local = torch.zeros(index.shape[1], dtype=torch.long), index
         parts = 1
@@ -130,7 +138,7 @@ class Quantize(Pass):
     def _rewrite(self, layer: Layer, q: Quantized, weight: torch.Tensor, store) -> None:
         p = layer.placement
         stored = kernel.pack_int4(q.q) if q.bits == 4 else q.q
-        scales_placement = p if p == shard(0) or q.scales.shape[1] > 1 else REPLICATE
+        scales_placement = p if p.dim == 0 or q.scales.shape[1] > 1 else REPLICATE
         buckets = shard(0) if p.kind == "shard" else REPLICATE  # one bucket per rank
         index, value = _bucket_outliers(q, p, layer.parts, weight.shape)
         attrs = {

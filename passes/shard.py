@@ -90,6 +90,7 @@ from ..ir.ops import (
     ReduceScatterOp,
     call_op_class,
 )
+from ..ir.schema import argument_names
 from ..ir.text import module_path, where
 from ..ir.types import TensorType
 from ..kernels import experts as expert_kernel
@@ -181,6 +182,10 @@ class _Sharder:
 
     def _reshard(self, value: SSAValue, have: Placement, want: Placement, before) -> SSAValue:
         axis, n = self.axis, self.n
+        if (have.blocks or want.blocks) and value not in self.params:
+            raise ShardError(  # the rules never ask for it (see shard_rules.fused_blocks)
+                f"{where(before)}: cannot turn a value placed {have} into {want}"
+            )
         if want == REPLICATE:
             if have.kind == "partial":
                 return self._insert(AllReduceOp(value, axis, have.reduce), before, REPLICATE)
@@ -325,6 +330,8 @@ class _Sharder:
             self.vocab_parallel_lookup(op, inputs)
             return
         args = _with_sizes(op, decision) if decision.sizes else op.args
+        if decision.style == "blocks":
+            args = _local_cuts(op, self.n, decision.inputs[0].blocks)
         bias = op.arg("bias") if op.target_name == "aten::linear" else op.arg("self")
         row_with_bias = decision.style == "row" and op.target_name in (
             "aten::linear",
@@ -500,13 +507,36 @@ def _with_sizes(op: CallOp, decision: Decision) -> ArgsAttr:
         decision.sizes[i] if i in decision.sizes and size != -1 else size
         for i, size in enumerate(sizes)
     )
-    args = list(op.args.args)
-    kwargs = dict(op.args.kwargs)
-    if name in kwargs:
-        kwargs[name] = local
-    else:
-        args[1] = local
+    return _with_args(op, **{name: local})
+
+
+def _with_args(op: CallOp, **values) -> ArgsAttr:
+    """The op's arguments with the named ones replaced, where they were given."""
+    names = argument_names(op.target_name)
+    args, kwargs = list(op.args.args), dict(op.args.kwargs)
+    for name, value in values.items():
+        position = names.index(name)
+        if name in kwargs or position >= len(args):
+            kwargs[name] = value
+        else:
+            args[position] = value
     return ArgsAttr(tuple(args), tuple(kwargs.items()))
+
+
+def _local_cuts(op: CallOp, n: int, blocks: tuple[int, ...]) -> ArgsAttr:
+    """A split, chunk or slice of a fused projection's `blocks`, cutting this
+    rank's 1/n of each (which lie one after another)."""
+    if op.target_name == "aten::slice.Tensor":
+        start = op.arg("start", 0)
+        start = min(start % sum(blocks) if start < 0 else start, sum(blocks))
+        offsets = [sum(blocks[:i]) for i in range(len(blocks))]
+        i = offsets.index(start)
+        return _with_args(op, start=offsets[i] // n, end=(offsets[i] + blocks[i]) // n)
+    if op.target_name == "aten::split.Tensor":
+        return _with_args(op, split_size=op.arg("split_size") // n)
+    if op.target_name == "aten::split_with_sizes":
+        return _with_args(op, split_sizes=tuple(s // n for s in op.arg("split_sizes")))
+    return op.args  # chunk: the count of pieces stays
 
 
 @dataclass(frozen=True)

@@ -65,8 +65,10 @@ def _key(d: Decision) -> tuple:
     return (tuple(d.inputs), tuple(d.outputs), d.style, tuple(sorted(d.sizes.items())))
 
 
-def strategies(op: CallOp, n: int, params: set[SSAValue]) -> list[Decision]:
-    """Every distinct decision the rules make for `op`, whatever its inputs arrive as."""
+def strategies(op: CallOp, n: int, params: set[SSAValue], blocked=()) -> list[Decision]:
+    """Every distinct decision the rules make for `op`, whatever its inputs arrive
+    as; `blocked[i]`: the blocked placements (a fused projection's output) that
+    input i's producer may give it."""
     types = [v.type for v in op.inputs]
     options: list[list[Placement]] = []
     for t in types:
@@ -79,6 +81,9 @@ def strategies(op: CallOp, n: int, params: set[SSAValue]) -> list[Decision]:
     for p in {p for choices in options for p in choices}:  # all alike (bmm, add of partials)
         if all(p in choices for choices in options):
             arrivals.append([p] * len(types))
+    for i, choices in enumerate(blocked):
+        for p in choices:
+            arrivals.append([p if j == i else REPLICATE for j in range(len(types))])
     found = {_key(replicated(op)): replicated(op)}
     for arriving in arrivals:
         d = decide(op, arriving, types, n, params)
@@ -141,8 +146,8 @@ class _Costs:
         an all-reduce and two all-gathers, the one with fewer collectives wins)."""
         if have == want:
             return 0.0
-        if want.kind == "partial":
-            return _IMPOSSIBLE
+        if want.kind == "partial" or have.blocks or want.blocks:
+            return _IMPOSSIBLE  # blocks: only views and cuts of them carry them (see shard_rules)
         size = sympy.Float(self.nbytes(t))
         launch = max(self.hw.overhead(None, view=False), _PER_COLLECTIVE)
         if want.kind == "replicate" and have.kind == "partial":
@@ -226,7 +231,12 @@ def formulate(blocks, n: int, hw: Hardware, link: Link, values: dict[str, int],
             elif style:
                 options[key] = [decide(op, [REPLICATE] * len(types), types, n, params, style)]
             else:
-                options[key] = strategies(op, n, params)
+                produced = [options.get(keys.get(v.owner), ()) for v in op.inputs]
+                blocked = [  # a fused projection's blocked output may arrive
+                    sorted({d.outputs[v.index] for d in ds if d.outputs[v.index].blocks}, key=str)
+                    for v, ds in zip(op.inputs, produced)
+                ]
+                options[key] = strategies(op, n, params, blocked)
             group_memory[key] = [0.0] * len(options[key])
         members[key].append(op)
         owned = [

@@ -17,6 +17,7 @@ the sharded dim along, and everything else runs replicated.
 from __future__ import annotations
 
 import functools
+import itertools
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
@@ -139,10 +140,87 @@ def _weight_sharded(op: CallOp, x: int, w: int, bias: int | None, arriving, type
         # with a bias, the partial sums are all-reduced inside the op, then it is added once
         return Decision(inputs, [SUM if bias is None else R], "row")
     if divides(weight.shape[w_out], n):
-        inputs[w] = shard(w_out)  # column-parallel
+        blocks = fused_blocks(op, n)  # q, k, v of one product: each split on its own
+        inputs[w] = shard(w_out, blocks)  # column-parallel
         if bias is not None:
-            inputs[bias] = shard(0)
-        return Decision(inputs, [shard(out_rank - 1)], "column")
+            inputs[bias] = shard(0, blocks)
+        return Decision(inputs, [shard(out_rank - 1, blocks)], "column")
+    return replicated(op)
+
+
+_FUSED_VIEWS = ("aten::view", "aten::_unsafe_view", "aten::reshape")
+_FUSED_SPLITS = ("aten::split.Tensor", "aten::split_with_sizes", "aten::chunk")
+
+
+def fused_blocks(op: CallOp, n: int) -> tuple[int, ...] | None:
+    """The pieces a fused projection's output is cut into along its features
+    (GPT-2's q, k and v by a split, Phi-3's by slices; Phi-3's gate and up by
+    a chunk), when the output only flows, through views that keep its last
+    dim, into such cuts of that dim, every piece of which n divides. Split
+    plainly, a rank would hold the first pieces whole and none of the last;
+    split by blocks, it holds 1/n of each."""
+    value = op.results[0]
+    size = value.type.shape[-1]
+    while True:
+        users = [use.operation for use in value.uses]
+        if not users or any(not isinstance(u, CallOp) or u.inputs[0] is not value for u in users):
+            return None
+        last = value.type.rank - 1
+        if len(users) == 1 and users[0].target_name in _FUSED_VIEWS:
+            if users[0].results[0].type.shape[-1:] != (size,):
+                return None
+            value = users[0].results[0]
+            continue
+        if len(users) == 1 and users[0].target_name in _FUSED_SPLITS:
+            if _dim(users[0].arg("dim", 0), last + 1) != last:
+                return None
+            pieces = tuple(r.type.shape[-1] for r in users[0].results)
+        else:
+            cuts = sorted(_slice_range(u, last, size) or (-1, -1) for u in users)
+            ends = [0] + [end for _, end in cuts]
+            if any(start != end for (start, _), end in zip(cuts, ends)) or ends[-1] != size:
+                return None  # not slices that tile the dim
+            pieces = tuple(end - start for start, end in cuts)
+        if len(pieces) > 1 and all(isinstance(s, int) and s > 0 and s % n == 0 for s in pieces):
+            return pieces
+        return None
+
+
+def _slice_range(op: CallOp, dim: int, size: int) -> tuple[int, int] | None:
+    """[start, end) of a step-1 `aten::slice.Tensor` along `dim`, else None."""
+    if op.target_name != "aten::slice.Tensor" or _dim(op.arg("dim", 0), dim + 1) != dim:
+        return None
+    start, end = op.arg("start", 0), op.arg("end", size)
+    if op.arg("step", 1) != 1 or not isinstance(start, int) or not isinstance(end, int):
+        return None
+    return (min(start % size if start < 0 else start, size),
+            min(end % size if end < 0 else end, size))  # fmt: skip
+
+
+def _blocked_rule(op: CallOp, arriving, types, n: int) -> Decision:
+    """A fused projection's output split by blocks (see `fused_blocks`): views
+    that keep its last dim carry it; the split into its blocks leaves each
+    piece split plainly, with local sizes."""
+    first = arriving[0]
+    rest = [R] * (len(op.inputs) - 1)
+    if any(p.blocks for p in arriving[1:]) or first.dim != types[0].rank - 1:
+        return replicated(op)
+    blocks = first.blocks
+    if op.target_name == "aten::slice.Tensor":
+        at = _slice_range(op, first.dim, sum(blocks))
+        starts = dict(zip(itertools.accumulate((0,) + blocks[:-1]), blocks))
+        cuts_a_block = at is not None and starts.get(at[0]) == at[1] - at[0]
+    else:
+        cuts_a_block = tuple(r.type.shape[-1] for r in op.results) == blocks
+    if op.target_name in (*_FUSED_SPLITS, "aten::slice.Tensor") and cuts_a_block:
+        return Decision([first] + rest, [shard(r.type.rank - 1) for r in op.results], "blocks")
+    result = op.results[0].type
+    if op.target_name in _FUSED_VIEWS and result.shape[-1:] == types[0].shape[-1:]:
+        if not isinstance(op.arg(SIZE_ARGS[op.target_name]), tuple):
+            return replicated(op)  # a size we cannot rewrite
+        last = result.rank - 1
+        sizes = {last: result.shape[-1] // n}
+        return Decision([first] + rest, [shard(last, first.blocks)], sizes=sizes)
     return replicated(op)
 
 
@@ -483,7 +561,9 @@ def decide(op: CallOp, arriving: list[Placement], types: list[TensorType], n: in
     """The placements `op` needs and produces, given those its inputs arrive with
     and their global (unsharded) types; `style` is a manual plan's choice for a
     linear layer."""
-    if isinstance(op, MatmulOp):
+    if any(p.blocks for p in arriving):
+        decision = _blocked_rule(op, arriving, types, n)
+    elif isinstance(op, MatmulOp):
         decision = matmul_rule(op, arriving, types, n, params, style)
     elif isinstance(op, LinearOp):
         decision = linear_rule(op, arriving, types, n, style)

@@ -100,6 +100,19 @@ def artifact_rank(rank: int, world_size: int, directory: str, inputs: list):
     return out.clone(), model.code if rank == 0 else ""
 
 
+def assert_ranks_match_eager(program, model, directory, ranks: int = 2) -> None:
+    """Save `program`, run it on gloo ranks on inputs of new sizes (batch 3, 11
+    tokens), and compare every rank's output with the eager model's."""
+    from plait.frontend import hf
+
+    inputs = hf.example_inputs(model.model, 3, 11)
+    with torch.no_grad():
+        ref = model(*inputs)
+    program.save(directory)
+    for out, _ in run_ranks(ranks, artifact_rank, str(directory), list(inputs)):
+        assert max_rel_diff(out, ref) <= 1e-5
+
+
 def dispatch_rank(rank: int, world_size: int, tokens, token_of_row, offsets):
     """plait::expert_dispatch on this rank's block of `tokens` (the whole routing known)."""
     import torch.distributed as dist

@@ -68,6 +68,22 @@ def test_tied_weights_are_stored_once(tmp_path):
     )
 
 
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_a_rank_reads_its_piece_of_every_block(tmp_path, on_disk):
+    # a fused q/k/v weight [8 + 4 + 4, 3] over 2 ranks: rank 1 holds q[4:8], k[2:4], v[2:4]
+    weight = torch.arange(16 * 3, dtype=torch.float32).reshape(16, 3)
+    store = WeightStore()
+    store.add("qkv.weight", weight)
+    if on_disk:  # read slice by slice from the file
+        store.save(tmp_path / "w.safetensors")
+        store = WeightStore()
+        store.add_safetensors(tmp_path / "w.safetensors")
+    piece = store.get_shard("qkv.weight", 0, 1, 2, (8, 4, 4))
+    assert torch.equal(piece, torch.cat([weight[4:8], weight[10:12], weight[14:16]]))
+    with pytest.raises(WeightError, match=r"as blocks \[8, 4, 3\]"):
+        store.get_shard("qkv.weight", 0, 1, 2, (8, 4, 3))
+
+
 def test_missing_directory_and_missing_manifest(tmp_path):
     with pytest.raises(ArtifactError, match="no such artifact directory"):
         plait.load(tmp_path / "nope")

@@ -89,10 +89,13 @@ def test_not_residual_is_refused(compiled):
 
 def test_a_sharded_stream_is_refused_with_the_pipeline_that_works(compiled):
     module = parse_module(compiled("gpt2-tiny").ir)
-    with pytest.raises(
-        LadderError, match="stream is sharded here .* ladder,shard\\{mesh=...\\},overlap"
+    with pytest.raises(  # attention replicated: c_proj column-parallel splits the stream
+        LadderError, match="stream is sharded here.* ladder,shard\\{mesh=...\\},overlap"
     ):
-        PassManager.parse("shard{mesh=tp:2},ladder").run(module)
+        PassManager.parse("shard{mesh=tp:2,plan=*.c_attn:replicate},ladder").run(module)
+    module = parse_module(compiled("llama-tiny").ir)
+    with pytest.raises(LadderError, match="stream is sharded here"):  # split norms read it
+        PassManager.parse("shard{mesh=tp:2,plan=*.o_proj:colwise},ladder").run(module)
 
 
 @pytest.mark.parametrize(
@@ -100,7 +103,8 @@ def test_a_sharded_stream_is_refused_with_the_pipeline_that_works(compiled):
     [
         ("llama-tiny", 2, "shard{mesh=tp:2},ladder,dce"),
         ("llama-tiny", 4, "shard{mesh=tp:4},ladder,dce"),
-        ("gpt2-tiny", 2, "ladder,shard{mesh=tp:2},overlap,dce"),  # stream split by sharding
+        ("gpt2-tiny", 2, "shard{mesh=tp:2},ladder,dce"),  # q, k, v split by blocks
+        ("gpt2-tiny", 2, "ladder,shard{mesh=tp:2,plan=*.c_attn:replicate},overlap,dce"),
     ],
 )
 def test_tp_ladder_matches_the_one_device_ladder(name, n, pipeline, example, tmp_path):

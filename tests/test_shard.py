@@ -3,10 +3,12 @@ TP programs on real gloo ranks against eager."""
 
 from __future__ import annotations
 
+import re
+
 import plait
 import pytest
 import torch
-from helpers import artifact_rank, max_rel_diff, run_ranks
+from helpers import artifact_rank, assert_ranks_match_eager, max_rel_diff, run_ranks
 from plait.frontend import hf
 from plait.ir.text import parse_module, print_module
 from plait.passes.manager import PassManager
@@ -160,6 +162,40 @@ def test_tp_programs_match_eager_on_gloo_ranks(name, n, example, tmp_path):
     assert (tmp_path / f"rank{n - 1}.py").is_file()
 
 
+def _phi3():
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    config = Phi3Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
+                        bos_token_id=1, eos_token_id=1)  # fmt: skip
+    return hf.wrap(Phi3ForCausalLM(config).eval()), None, hf.dynamic_shapes(max_seq=128)
+
+
+@pytest.mark.parametrize("name", ["gpt2-tiny", "phi3"])
+def test_fused_projections_split_by_blocks_match_eager(name, example, tmp_path):
+    # GPT-2's c_attn is cut into q, k and v by a split; Phi-3's qkv_proj by three
+    # slices of unequal size (grouped-query heads) and its gate_up_proj by a chunk.
+    # Each rank holds half of every piece, so attention splits by heads and the MLP
+    # by columns: Megatron's two all-reduces a layer and nothing else in a layer.
+    model, _, shapes = _phi3() if name == "phi3" else example(name)
+    inputs = hf.example_inputs(model.model, 3, 11)
+    with torch.no_grad():
+        ref = model(*inputs)
+    example_inputs = hf.example_inputs(model.model, 2, 16)
+    program, outputs = _tp_outputs(model, example_inputs, shapes, 2, tmp_path, inputs)
+    for out, _ in outputs:
+        assert max_rel_diff(out, ref) <= 1e-5
+    collectives = re.findall(
+        r"plait\.(all_reduce|all_gather|reduce_scatter|local_shard) .*"
+        r'loc\("(?:transformer\.h|model\.layers)\.(\d+)[."]',
+        program.ir,
+    )
+    assert sorted(collectives) == [("all_reduce", "0")] * 2 + [("all_reduce", "1")] * 2
+    assert "blocks = [" in program.ir
+    assert print_module(parse_module(program.ir)) == program.ir  # the placements round-trip
+
+
 def test_a_sharded_plan_called_in_one_process_runs_on_worker_ranks(example):
     import time
 
@@ -214,12 +250,7 @@ def test_a_manual_plan_matches_eager_on_gloo_ranks(example, tmp_path):
     program = plait.compile(model, example_inputs, dynamic_shapes=shapes,
                             pipeline=f"canonicalize,cse,dce,shard{{mesh=tp:2,plan={plan}}},dce")  # fmt: skip
     assert program.ir.count("plait.all_reduce") == 0  # no row-parallel layer is left
-    program.save(tmp_path)
-    inputs = hf.example_inputs(model.model, 3, 11)
-    with torch.no_grad():
-        ref = model(*inputs)
-    for out, _ in run_ranks(2, artifact_rank, str(tmp_path), list(inputs)):
-        assert max_rel_diff(out, ref) <= 1e-5
+    assert_ranks_match_eager(program, model, tmp_path)
 
 
 def test_heads_that_do_not_split_run_replicated_with_a_warning():
@@ -252,9 +283,4 @@ def test_an_embedding_splits_by_vocabulary_or_by_dim(style, placement, example, 
     if style == "rowwise":  # each rank looks up the ids it holds; the partial rows are summed
         assert '"aten::embedding"(%model.embed_tokens.weight, %ids_held)' in ir
         assert ir.count("plait.all_reduce") == 5  # one more than Megatron's 4
-    inputs = hf.example_inputs(model.model, 3, 11)
-    with torch.no_grad():
-        ref = model(*inputs)
-    program.save(tmp_path)
-    for out, _ in run_ranks(2, artifact_rank, str(tmp_path), list(inputs)):
-        assert max_rel_diff(out, ref) <= 1e-5
+    assert_ranks_match_eager(program, model, tmp_path)

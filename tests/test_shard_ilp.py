@@ -10,7 +10,7 @@ import re
 import plait
 import pytest
 import torch
-from helpers import artifact_rank, max_rel_diff, run_ranks
+from helpers import artifact_rank, assert_ranks_match_eager, max_rel_diff, run_ranks
 from plait.frontend import hf
 from plait.frontend.capture import capture
 from plait.frontend.importer import import_program
@@ -178,6 +178,15 @@ def test_ilp_plans_match_eager_on_gloo_ranks(hardware, dynamic, memory, example,
     program.save(tmp_path / "artifact")
     for out, _ in run_ranks(2, artifact_rank, str(tmp_path / "artifact"), list(inputs)):
         assert max_rel_diff(out, ref) <= 1e-5
+
+
+def test_the_solver_splits_a_fused_projection_by_blocks(example, tmp_path):
+    model, example_inputs, shapes = example("gpt2-tiny")
+    pipeline = "canonicalize,cse,dce,shard{mesh=tp:2,solve=ilp,hardware=cpu},dce"
+    program = plait.compile(model, example_inputs, dynamic_shapes=shapes, pipeline=pipeline)
+    # c_attn's q, k and v halves on each rank; attention split by heads
+    assert program.ir.count("shard(1, blocks = [64, 64, 64])") == 2
+    assert_ranks_match_eager(program, model, tmp_path)
 
 
 # budgets below the replicated weights and cache, so the solver shards; GPT-2 ties

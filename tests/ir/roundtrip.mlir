@@ -12,7 +12,7 @@ builtin.module attributes {plait.symbols = #plait.symbols<batch = [1, 64], seq =
     %h = plait.all_reduce %r {axis = "tp", reduce = "sum", async} : !plait.tensor<[batch, seq, 16], f32> -> !plait.async<!plait.tensor<[batch, seq, 16], f32>>
     %w2 = plait.wait %h : !plait.async<!plait.tensor<[batch, seq, 16], f32>> -> !plait.tensor<[batch, seq, 16], f32>
     %g = plait.all_gather %w2 {axis = "tp", dim = 2 : i64} : !plait.tensor<[batch, seq, 16], f32> -> !plait.tensor<[batch, seq, 32], f32>
-    %f = plait.reshape "aten::slice.Tensor"(%g, 2, 0, sym(floordiv(seq, 2))) {plait.placements = #plait.placements<[shard(0), replicate, partial(sum)]>} : !plait.tensor<[batch, seq, 16], f32>
+    %f = plait.reshape "aten::slice.Tensor"(%g, 2, 0, sym(floordiv(seq, 2))) {plait.placements = #plait.placements<[shard(0), replicate, partial(sum), shard(2, blocks = [8, 4, 4])]>} : !plait.tensor<[batch, seq, 16], f32>
     func.return %f : !plait.tensor<[batch, seq, 16], f32>
   }
 }
