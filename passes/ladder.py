@@ -31,12 +31,13 @@ from xdsl.dialects.builtin import ModuleOp
 from xdsl.ir import Block, Operation, SSAValue
 from xdsl.rewriter import InsertPoint, Rewriter
 
-from ..ir.attrs import PLACEMENTS_ATTR
+from ..ir.attrs import MESH_ATTR, PLACEMENTS_ATTR
 from ..ir.errors import PlaitError
 from ..ir.ops import AllGatherOp, AllReduceOp, CollectiveOp, LocalShardOp, ParamOp, WaitOp
 from ..ir.text import where
 from .base import Pass, function_blocks
 from .residual import ResidualModule, residual_chain
+from .shard_rules import DATA_AXES
 
 
 class LadderError(PlaitError):
@@ -75,20 +76,23 @@ def make_async(blocking: AllReduceOp) -> WaitOp:
     return wait
 
 
-def _whole_values(block: Block) -> set[SSAValue]:
-    """Values every rank holds whole: program inputs, weights not split, the
-    results of all-reduces and all-gathers, and what ops compute from whole
+def _whole_values(block: Block, axes: tuple[str, ...]) -> set[SSAValue]:
+    """Values every rank holds whole along the tensor axes (a batch split over a
+    data axis keeps each sequence whole): program inputs, weights not split,
+    the results of all-reduces and all-gathers, and what ops compute from whole
     values only (a split weight, a local slice or a partial sum is not)."""
     whole: set[SSAValue] = set(block.args)
     for op in block.ops:
         if isinstance(op, ParamOp):
             placements = op.attributes.get(PLACEMENTS_ATTR)
-            split = placements is not None and any(p.kind != "replicate" for p in placements.data)
-            ok = not split
+            placed = zip(axes, placements.data) if placements is not None else ()
+            ok = all(p.kind == "replicate" or axis in DATA_AXES for axis, p in placed)
         elif isinstance(op, WaitOp):
-            ok = isinstance(op.input.owner, (AllReduceOp, AllGatherOp))
+            ok = op.input in whole
+        elif isinstance(op, (CollectiveOp, LocalShardOp)) and op.axis.data in DATA_AXES:
+            ok = all(v in whole for v in op.operands)
         elif isinstance(op, (AllReduceOp, AllGatherOp)):
-            ok = op.is_async is None  # else whole once waited for
+            ok = True  # whole once waited for, if async
         elif isinstance(op, (CollectiveOp, LocalShardOp)):
             ok = False
         else:
@@ -98,9 +102,9 @@ def _whole_values(block: Block) -> set[SSAValue]:
     return whole
 
 
-def _check_replicated(block: Block, chain: list[ResidualModule]) -> None:
+def _check_replicated(block: Block, chain: list[ResidualModule], axes) -> None:
     """In a sharded program the stream must be whole on every rank."""
-    whole = _whole_values(block)
+    whole = _whole_values(block, axes)
     for module in chain:
         if module.stream not in whole or module.result not in whole:
             raise LadderError(
@@ -110,7 +114,7 @@ def _check_replicated(block: Block, chain: list[ResidualModule]) -> None:
             )
 
 
-def convert(block: Block, layers: int) -> int:
+def convert(block: Block, layers: int, axes: tuple[str, ...] = ()) -> int:
     """Rewrite the block's residual stream; returns the number of modules converted."""
     chain = residual_chain(block)
     if len(chain) < 2:
@@ -119,7 +123,7 @@ def convert(block: Block, layers: int) -> int:
             "r_i = r_{i-1} + f_i(r_{i-1}) (each branch f_i computed from the stream, in TP "
             "programs ending in an all-reduce); this model's blocks are not residual"
         )
-    _check_replicated(block, chain)
+    _check_replicated(block, chain, axes)
     first = 0 if layers <= 0 else max(0, len(chain) - 2 * layers)
     converted = chain[first:]
     for i, module in enumerate(chain):
@@ -151,5 +155,7 @@ class Ladder(Pass):
     layers: int = 0
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
+        mesh = op.attributes.get(MESH_ATTR)
+        axes = tuple(mesh.axes) if mesh is not None else ()
         for block in function_blocks(op):
-            convert(block, self.layers)
+            convert(block, self.layers, axes)
