@@ -33,7 +33,15 @@ from xdsl.rewriter import InsertPoint, Rewriter
 
 from ..ir.attrs import MESH_ATTR, PLACEMENTS_ATTR
 from ..ir.errors import PlaitError
-from ..ir.ops import AllGatherOp, AllReduceOp, CollectiveOp, LocalShardOp, ParamOp, WaitOp
+from ..ir.ops import (
+    AllGatherOp,
+    AllReduceOp,
+    CallOp,
+    CollectiveOp,
+    LocalShardOp,
+    ParamOp,
+    WaitOp,
+)
 from ..ir.text import where
 from .base import Pass, function_blocks
 from .residual import ResidualModule, residual_chain
@@ -133,16 +141,30 @@ def convert(block: Block, layers: int, axes: tuple[str, ...] = ()) -> int:
         for op, index in module.readers:
             op.operands[index] = two_back
     for module in converted:
-        blocking = module.branch.owner
-        wait = (
-            make_async(blocking)
-            if isinstance(blocking, AllReduceOp) and blocking.is_async is None
-            else None
-        )
+        blocking, epilogue = _ending_all_reduce(module.branch)
+        wait = make_async(blocking) if blocking is not None else None
         sink(module.add, block)
+        for op in reversed(epilogue):  # a bias added after the all-reduce, views
+            sink(op, block)
         if wait is not None:
             sink(wait, block)
     return len(converted)
+
+
+def _ending_all_reduce(branch: SSAValue) -> tuple[AllReduceOp | None, list[Operation]]:
+    """The blocking all-reduce a branch ends in, and the ops after it that only
+    add weights or reshape (GPT-2's row-parallel bias, views), in order."""
+    epilogue: list[Operation] = []
+    value = branch
+    while isinstance(op := value.owner, Operation):
+        if isinstance(op, AllReduceOp):
+            return (op if op.is_async is None else None), epilogue[::-1]
+        computed = [v for v in op.operands if not isinstance(v.owner, ParamOp)]
+        if not isinstance(op, CallOp) or len(computed) != 1:
+            break
+        epilogue.append(op)
+        value = computed[0]
+    return None, []
 
 
 @dataclass(frozen=True)
