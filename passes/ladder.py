@@ -31,21 +31,13 @@ from xdsl.dialects.builtin import ModuleOp
 from xdsl.ir import Block, Operation, SSAValue
 from xdsl.rewriter import InsertPoint, Rewriter
 
-from ..ir.attrs import MESH_ATTR, PLACEMENTS_ATTR
+from ..ir.attrs import MESH_ATTR
 from ..ir.errors import PlaitError
-from ..ir.ops import (
-    AllGatherOp,
-    AllReduceOp,
-    CallOp,
-    CollectiveOp,
-    LocalShardOp,
-    ParamOp,
-    WaitOp,
-)
+from ..ir.ops import AllReduceOp, CallOp, ParamOp, WaitOp
 from ..ir.text import where
 from .base import Pass, function_blocks
 from .residual import ResidualModule, residual_chain
-from .shard_rules import DATA_AXES
+from .whole import whole_values
 
 
 class LadderError(PlaitError):
@@ -84,35 +76,9 @@ def make_async(blocking: AllReduceOp) -> WaitOp:
     return wait
 
 
-def _whole_values(block: Block, axes: tuple[str, ...]) -> set[SSAValue]:
-    """Values every rank holds whole along the tensor axes (a batch split over a
-    data axis keeps each sequence whole): program inputs, weights not split,
-    the results of all-reduces and all-gathers, and what ops compute from whole
-    values only (a split weight, a local slice or a partial sum is not)."""
-    whole: set[SSAValue] = set(block.args)
-    for op in block.ops:
-        if isinstance(op, ParamOp):
-            placements = op.attributes.get(PLACEMENTS_ATTR)
-            placed = zip(axes, placements.data) if placements is not None else ()
-            ok = all(p.kind == "replicate" or axis in DATA_AXES for axis, p in placed)
-        elif isinstance(op, WaitOp):
-            ok = op.input in whole
-        elif isinstance(op, (CollectiveOp, LocalShardOp)) and op.axis.data in DATA_AXES:
-            ok = all(v in whole for v in op.operands)
-        elif isinstance(op, (AllReduceOp, AllGatherOp)):
-            ok = True  # whole once waited for, if async
-        elif isinstance(op, (CollectiveOp, LocalShardOp)):
-            ok = False
-        else:
-            ok = all(v in whole for v in op.operands)
-        if ok:
-            whole.update(op.results)
-    return whole
-
-
 def _check_replicated(block: Block, chain: list[ResidualModule], axes) -> None:
     """In a sharded program the stream must be whole on every rank."""
-    whole = _whole_values(block, axes)
+    whole = whole_values(block, axes)
     for module in chain:
         if module.stream not in whole or module.result not in whole:
             raise LadderError(
