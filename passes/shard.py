@@ -107,12 +107,14 @@ from .shard_rules import (
     STYLES,
     SYMBOL_RANGES,
     Decision,
+    block_at,
     decide,
     decide_data,
     divides,
     local_type,
     replicated,
     sizes_that_split,
+    slice_range,
 )
 
 SHARDING_ATTR = "plait.sharding"  # module: how the solver chose (status, objective)
@@ -331,7 +333,7 @@ class _Sharder:
             return
         args = _with_sizes(op, decision) if decision.sizes else op.args
         if decision.style == "blocks":
-            args = _local_cuts(op, self.n, decision.inputs[0].blocks)
+            args = _local_cuts(op, self.n, decision.inputs[0])
         bias = op.arg("bias") if op.target_name == "aten::linear" else op.arg("self")
         row_with_bias = decision.style == "row" and op.target_name in (
             "aten::linear",
@@ -523,15 +525,14 @@ def _with_args(op: CallOp, **values) -> ArgsAttr:
     return ArgsAttr(tuple(args), tuple(kwargs.items()))
 
 
-def _local_cuts(op: CallOp, n: int, blocks: tuple[int, ...]) -> ArgsAttr:
-    """A split, chunk or slice of a fused projection's `blocks`, cutting this
-    rank's 1/n of each (which lie one after another)."""
+def _local_cuts(op: CallOp, n: int, placed: Placement) -> ArgsAttr:
+    """A split, chunk or slice of a fused projection's blocks (`placed`), cutting
+    this rank's 1/n of each (which lie one after another)."""
+    blocks = placed.blocks
     if op.target_name == "aten::slice.Tensor":
-        start = op.arg("start", 0)
-        start = min(start % sum(blocks) if start < 0 else start, sum(blocks))
-        offsets = [sum(blocks[:i]) for i in range(len(blocks))]
-        i = offsets.index(start)
-        return _with_args(op, start=offsets[i] // n, end=(offsets[i] + blocks[i]) // n)
+        i = block_at(blocks, slice_range(op, placed.dim, sum(blocks))[0])
+        start = sum(blocks[:i]) // n
+        return _with_args(op, start=start, end=start + blocks[i] // n)
     if op.target_name == "aten::split.Tensor":
         return _with_args(op, split_size=op.arg("split_size") // n)
     if op.target_name == "aten::split_with_sizes":

@@ -176,7 +176,7 @@ def fused_blocks(op: CallOp, n: int) -> tuple[int, ...] | None:
                 return None
             pieces = tuple(r.type.shape[-1] for r in users[0].results)
         else:
-            cuts = sorted(_slice_range(u, last, size) or (-1, -1) for u in users)
+            cuts = sorted(slice_range(u, last, size) or (-1, -1) for u in users)
             ends = [0] + [end for _, end in cuts]
             if any(start != end for (start, _), end in zip(cuts, ends)) or ends[-1] != size:
                 return None  # not slices that tile the dim
@@ -186,7 +186,7 @@ def fused_blocks(op: CallOp, n: int) -> tuple[int, ...] | None:
         return None
 
 
-def _slice_range(op: CallOp, dim: int, size: int) -> tuple[int, int] | None:
+def slice_range(op: CallOp, dim: int, size: int) -> tuple[int, int] | None:
     """[start, end) of a step-1 `aten::slice.Tensor` along `dim`, else None."""
     if op.target_name != "aten::slice.Tensor" or _dim(op.arg("dim", 0), dim + 1) != dim:
         return None
@@ -195,6 +195,12 @@ def _slice_range(op: CallOp, dim: int, size: int) -> tuple[int, int] | None:
         return None
     return (min(start % size if start < 0 else start, size),
             min(end % size if end < 0 else end, size))  # fmt: skip
+
+
+def block_at(blocks: tuple[int, ...], start: int) -> int | None:
+    """Which of the blocks begins at `start` along their dim, if one does."""
+    starts = list(itertools.accumulate((0,) + blocks[:-1]))
+    return starts.index(start) if start in starts else None
 
 
 def _blocked_rule(op: CallOp, arriving, types, n: int) -> Decision:
@@ -207,9 +213,9 @@ def _blocked_rule(op: CallOp, arriving, types, n: int) -> Decision:
         return replicated(op)
     blocks = first.blocks
     if op.target_name == "aten::slice.Tensor":
-        at = _slice_range(op, first.dim, sum(blocks))
-        starts = dict(zip(itertools.accumulate((0,) + blocks[:-1]), blocks))
-        cuts_a_block = at is not None and starts.get(at[0]) == at[1] - at[0]
+        at = slice_range(op, first.dim, sum(blocks))
+        block = None if at is None else block_at(blocks, at[0])
+        cuts_a_block = block is not None and blocks[block] == at[1] - at[0]
     else:
         cuts_a_block = tuple(r.type.shape[-1] for r in op.results) == blocks
     if op.target_name in (*_FUSED_SPLITS, "aten::slice.Tensor") and cuts_a_block:
