@@ -40,17 +40,12 @@ _SAFETENSORS_DTYPES = {
 def _check_parts(
     name: str, shape: list[int], dim: int, parts: int, blocks: tuple[int, ...] | None = None
 ) -> None:
-    if blocks and (
-        dim >= len(shape) or sum(blocks) != shape[dim] or any(b % parts for b in blocks)
-    ):
+    sizes = (blocks or (shape[dim],)) if dim < len(shape) else ()
+    if not sizes or sum(sizes) != shape[dim] or any(s % parts for s in sizes):
+        as_blocks = f" as blocks {list(blocks)}" if blocks else ""
         raise WeightError(
             f"weight '{name}' of shape {tuple(shape)} cannot be split in {parts} along dim "
-            f"{dim} as blocks {list(blocks)}; the checkpoint does not match the plan"
-        )
-    if dim >= len(shape) or shape[dim] % parts:
-        raise WeightError(
-            f"weight '{name}' of shape {tuple(shape)} cannot be split in {parts} along dim "
-            f"{dim}; the checkpoint does not match the plan"
+            f"{dim}{as_blocks}; the checkpoint does not match the plan"
         )
 
 
