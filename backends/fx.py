@@ -25,7 +25,7 @@ from xdsl.dialects import func
 from xdsl.dialects.builtin import ModuleOp
 from xdsl.ir import Operation, SSAValue
 
-from .. import kernels
+from .. import customops
 from ..ir import args as irargs
 from ..ir import symbolic
 from ..ir.attrs import ARENA_ATTR, LIBRARIES_ATTR, MESH_ATTR, PLACEMENTS_ATTR, SYMBOLS_ATTR
@@ -406,8 +406,8 @@ class _Lowering:
         return node
 
     def prepared(self, op: CallOp, args: tuple) -> dict[str, torch.fx.Node]:
-        """Weights in a kernel's own layout, computed now (see `kernels.preparer`)."""
-        prepare = kernels.preparer(op.target_name)
+        """Weights in a kernel's own layout, computed now (see `customops.preparer`)."""
+        prepare = customops.preparer(op.target_name)
         if prepare is None:
             return {}
         weights = [a.target for a in args if isinstance(a, torch.fx.Node) and a.op == "get_attr"]

@@ -34,8 +34,8 @@ def timed(fn, repeats: int) -> list[float]:
 
 def layers(out: int, cols: int):
     """(label, op, args, prepared kwargs, module whose threshold forces the path)."""
-    from plait.kernels import gqsa as gqsa_kernel
-    from plait.kernels import quant_linear as q
+    from plait.customops import gqsa as gqsa_kernel
+    from plait.customops import quant_linear as q
     from plait.passes.easyquant import rtn
     from plait.passes.gqsa import gqsa
 

@@ -2,7 +2,7 @@
 
 Weight-only quantization of linear layers (the math is in `easyquant`): each
 selected `aten::linear` becomes `plait::quant_linear` (see
-`kernels.quant_linear`) reading new weights the pass adds to the program's
+`customops.quant_linear`) reading new weights the pass adds to the program's
 WeightStore, and carries a `quant` attribute with the scheme, the outlier
 fraction and the relative reconstruction error:
 
@@ -33,7 +33,7 @@ from xdsl.dialects.builtin import ModuleOp
 from ..ir.attrs import REPLICATE, Placement, QuantAttr, shard
 from ..ir.errors import PlaitError
 from ..ir.text import where
-from ..kernels import quant_linear as kernel
+from ..customops import quant_linear as kernel
 from .base import Pass, PassContext
 from .bit_allocation import allocate
 from .easyquant import DEFAULT_SIGMA, Quantized, easyquant, rtn

@@ -93,7 +93,7 @@ from ..ir.ops import (
 from ..ir.schema import argument_names
 from ..ir.text import module_path, where
 from ..ir.types import TensorType
-from ..kernels import experts as expert_kernel
+from ..customops import experts as expert_kernel
 from .base import Pass, function_blocks
 from .experts import ExpertMLP, find_expert_mlps
 from .experts import operands as grouped_operands

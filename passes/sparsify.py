@@ -1,7 +1,7 @@
 """sparsify{method=gqsa,group=16,sparsity=0.5,bits=4,layers=GLOBS,importance=magnitude}
 
 GQSA group sparsity (the math is in `gqsa`): each selected `aten::linear`
-becomes `plait::gqsa_linear` (see `kernels.gqsa`) reading the block-sparse
+becomes `plait::gqsa_linear` (see `customops.gqsa`) reading the block-sparse
 int4 weight the pass adds to the WeightStore, with a `sparsity` attribute:
 
     %y = plait.call "plait::gqsa_linear"(%x, %values, %scales, %blocks, none, 16)
@@ -27,7 +27,7 @@ from xdsl.dialects.builtin import ModuleOp
 from ..ir.attrs import SparsityAttr, shard
 from ..ir.errors import PlaitError
 from ..ir.text import where
-from ..kernels import gqsa as kernel
+from ..customops import gqsa as kernel
 from .base import Pass, PassContext
 from .calibration import input_norms
 from .gqsa import gqsa

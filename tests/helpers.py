@@ -116,7 +116,7 @@ def assert_ranks_match_eager(program, model, directory, ranks: int = 2) -> None:
 def dispatch_rank(rank: int, world_size: int, tokens, token_of_row, offsets):
     """plait::expert_dispatch on this rank's block of `tokens` (the whole routing known)."""
     import torch.distributed as dist
-    from plait.kernels.experts import expert_dispatch
+    from plait.customops.experts import expert_dispatch
 
     held = tokens.shape[0] // world_size
     mine = tokens[rank * held : (rank + 1) * held]

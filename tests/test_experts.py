@@ -1,5 +1,5 @@
 """Expert parallelism: MoE experts split over the tensor axis or an `ep` axis
-(passes/experts.py, kernels/experts.py), checked against transformers' grouped
+(passes/experts.py, customops/experts.py), checked against transformers' grouped
 product, eager and transformers' generate."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import transformers
 from helpers import max_rel_diff
 from plait.frontend import hf
 from plait.ir.text import parse_module, print_module
-from plait.kernels.experts import expert_mm
+from plait.customops.experts import expert_mm
 from plait.passes.experts import find_expert_mlps
 from plait.passes.manager import PassManager
 from transformers.integrations.moe import _grouped_mm_fallback as grouped_mm

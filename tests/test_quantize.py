@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import artifact_rank, max_rel_diff, run_ranks
 from plait.frontend import hf
-from plait.kernels import quant_linear as kernel
+from plait.customops import quant_linear as kernel
 from plait.passes.bit_allocation import BudgetError, allocate
 from plait.passes.easyquant import easyquant
 from plait.passes.quantize import QuantizeError

@@ -13,7 +13,7 @@ from helpers import artifact_rank, max_rel_diff, run_ranks
 from plait.frontend import hf
 from plait.ir.attrs import PLACEMENTS_ATTR, shard
 from plait.ir.ops import ParamOp
-from plait.kernels import gqsa as kernel
+from plait.customops import gqsa as kernel
 from plait.passes.gqsa import gqsa
 
 
