@@ -27,7 +27,7 @@ def run(layers: int, dynamic: bool) -> dict[str, float]:
     from plait.passes.base import function_blocks
     from plait.passes.comm_cost import axis_links
     from plait.passes.manager import PassManager
-    from plait.passes.memplan import symbol_values
+    from plait.passes.options import SizeValues
     from plait.passes.shard_ilp import formulate, optimize
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -46,7 +46,7 @@ def run(layers: int, dynamic: bool) -> dict[str, float]:
 
     hw = load("h100-sxm")
     _, link = axis_links({"tp": 8}, hw)["tp"]
-    values = symbol_values(module, "batch:1,seq:2048" if dynamic else "", "shard")
+    values = SizeValues.parse("batch:1,seq:2048" if dynamic else "").at(module, "shard")
     blocks = list(function_blocks(module))
     t = time.perf_counter()
     problem = formulate(blocks, 8, hw, link, values)

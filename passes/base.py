@@ -7,6 +7,9 @@ needs the program's weights (quantization, sharding) finds them on the
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -50,6 +53,23 @@ class Pass(ModulePass):
 
     name: ClassVar[str]
     summary: ClassVar[str] = ""
+    # passes whose output this one expects; the pass manager runs any of them
+    # the pipeline does not run before it
+    requires: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self):
+        """Typed options given as text (`Shard(mesh="tp:2")`) are parsed here too."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, str):
+                continue
+            hint = hints[f.name]
+            for kind in typing.get_args(hint) or (hint,):
+                if isinstance(kind, type) and issubclass(kind, enum.Enum):
+                    object.__setattr__(self, f.name, kind(value))
+                elif hasattr(kind, "parse"):
+                    object.__setattr__(self, f.name, kind.parse(value))
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -36,6 +36,7 @@ from ..ir.errors import PlaitError
 from ..ir.ops import AllReduceOp, CallOp, ParamOp, WaitOp
 from ..ir.text import where
 from .base import Pass, function_blocks
+from .options import OptionError
 from .residual import ResidualModule, residual_chain
 from .whole import whole_values
 
@@ -140,7 +141,14 @@ class Ladder(Pass):
         "Ladder Residual: each module reads the stream from two modules back; async all-reduces"
     )
 
-    layers: int = 0
+    requires = ("canonicalize", "cse", "dce")  # the residual stream is found in canonical form
+    layers: int = 0  # ladder only the last K modules (0: all)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.layers < 0:
+            message = f"layers counts the last modules to convert, >= 0, not {self.layers}"
+            raise OptionError(message, "layers")
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
         mesh = op.attributes.get(MESH_ATTR)

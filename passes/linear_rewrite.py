@@ -9,7 +9,6 @@ after `shard` split off their bias); the passes see every weight as [out, in].
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +34,7 @@ from ..ir.text import where
 from ..ir.types import TensorType
 from ..ir.weights import WeightStore
 from .base import function_blocks
+from .options import Globs, check_all_match
 from .shard_rules import local_type
 
 
@@ -83,13 +83,13 @@ def _plain(op: CallOp) -> bool:
     return op.arg("beta", 1) == 1 and op.arg("alpha", 1) == 1
 
 
-def find_linears(module: ModuleOp, layers: str) -> list[Layer]:
+def find_linears(module: ModuleOp, layers: Globs, pass_name: str) -> list[Layer]:
     """Linear-like calls (`FORMS`) whose weight is a 2-D param of a module
-    matching one of the comma-separated globs in `layers`."""
+    matching one of the patterns in `layers`; a pattern matching no such layer
+    is an error (a typo would otherwise compress nothing)."""
     mesh = module.attributes.get(MESH_ATTR)
     parts = mesh.size if mesh is not None else 1
-    globs = [g.strip() for g in layers.split(",") if g.strip()]
-    found = []
+    found, paths = [], set()
     for block in function_blocks(module):
         for op in block.ops:
             form = FORMS.get(op.target_name) if isinstance(op, CallOp) else None
@@ -100,9 +100,11 @@ def find_linears(module: ModuleOp, layers: str) -> list[Layer]:
             if not isinstance(param, ParamOp) or param.result.type.rank != 2:
                 continue
             path = param.weight_name.removesuffix(".weight")
-            if any(fnmatch.fnmatchcase(path, g) for g in globs):
+            paths.add(path)
+            if layers.match(path):
                 placement = _placement(param, form.transposed)
                 found.append(Layer(op, param, path, placement, parts, form))
+    check_all_match(layers, paths, "linear layer", f"{pass_name}{{layers={layers}}}")
     return found
 
 

@@ -22,7 +22,7 @@ from ..ir.errors import IRVerifyError, PlaitError
 from ..ir.text import print_module, verify_module
 from ..ir.weights import WeightStore
 from .base import Pass, PassContext
-from .pipeline import parse_pipeline
+from .pipeline import parse_pipeline, with_prerequisites
 
 
 class PassFailedError(PlaitError):
@@ -35,6 +35,7 @@ class PassRecord:
     seconds: float
     ops_before: int
     ops_after: int
+    needed_by: str | None = None  # added to the pipeline because this pass requires it
 
 
 def count_ops(module: ModuleOp) -> int:
@@ -43,7 +44,7 @@ def count_ops(module: ModuleOp) -> int:
 
 @dataclass
 class PassManager:
-    passes: list[Pass]
+    passes: list[Pass]  # with their prerequisites (`Pass.requires`) in place
     verify_each: bool = True
     print_ir_after_all: bool = False
     print_ir_before: set[str] = field(default_factory=set)
@@ -53,9 +54,13 @@ class PassManager:
     stream: TextIO | None = None
     records: list[PassRecord] = field(default_factory=list)
 
+    needed_by: dict[int, str] = field(default_factory=dict)  # pass index -> who added it
+
     @staticmethod
     def parse(pipeline: str, **options) -> PassManager:
-        return PassManager(parse_pipeline(pipeline), **options)
+        steps = with_prerequisites(parse_pipeline(pipeline))
+        needed_by = {i: by for i, (_, by) in enumerate(steps) if by is not None}
+        return PassManager([p for p, _ in steps], needed_by=needed_by, **options)
 
     def _emit(self, module: ModuleOp, header: str) -> None:
         out = self.stream or sys.stderr
@@ -73,7 +78,7 @@ class PassManager:
         ctx = PassContext.create(weights, calibration)
         self._dump(module, 0, "input")
         step = 0
-        for p in self.passes:
+        for index, p in enumerate(self.passes):
             if p.name in self.disabled:
                 continue
             step += 1
@@ -88,7 +93,9 @@ class PassManager:
                     verify_module(module)
                 except IRVerifyError as exc:
                     raise PassFailedError(f"pass '{p.name}' produced invalid IR: {exc}") from exc
-            self.records.append(PassRecord(p.name, seconds, before, count_ops(module)))
+            self.records.append(
+                PassRecord(p.name, seconds, before, count_ops(module), self.needed_by.get(index))
+            )
             if self.print_ir_after_all or p.name in self.print_ir_after:
                 self._emit(module, f"After {p.name}")
             self._dump(module, step, p.name)
@@ -98,7 +105,10 @@ class PassManager:
         """A table of pass times and op counts, as --time-passes prints it."""
         lines = [f"{'pass':<20} {'seconds':>9} {'ops before':>11} {'ops after':>10}"]
         for r in self.records:
-            lines.append(f"{r.name:<20} {r.seconds:>9.4f} {r.ops_before:>11} {r.ops_after:>10}")
+            added = f"  (added: {r.needed_by} needs it)" if r.needed_by else ""
+            lines.append(
+                f"{r.name:<20} {r.seconds:>9.4f} {r.ops_before:>11} {r.ops_after:>10}{added}"
+            )
         total = sum(r.seconds for r in self.records)
         lines.append(f"{'total':<20} {total:>9.4f}")
         return "\n".join(lines)

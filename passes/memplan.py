@@ -24,19 +24,15 @@ from dataclasses import dataclass
 from xdsl.context import Context
 from xdsl.dialects.builtin import IntegerAttr, ModuleOp, i64
 
-from ..ir.attrs import ARENA_ATTR, SYMBOLS_ATTR, MemAttr
-from ..ir.errors import PlaitError
+from ..ir.attrs import ARENA_ATTR, MemAttr
 from ..ir.ops import CallOp
 from ..ir.schema import out_variant
 from .arena import plan_arena
 from .base import Pass, function_blocks
 from .liveness import liveness, value_sizes
+from .options import SizeValues
 
 MEM = "mem"  # the op attribute holding a planned offset
-
-
-class MemPlanError(PlaitError):
-    pass
 
 
 def planned_offset(op) -> int | None:
@@ -44,35 +40,15 @@ def planned_offset(op) -> int | None:
     return None if attr is None else attr["offset"]
 
 
-def symbol_values(module: ModuleOp, text: str, pass_name: str) -> dict[str, int]:
-    """`batch:8,seq:2048` -> values, the other size symbols at their upper bounds."""
-    given = {}
-    for item in filter(None, (p.strip() for p in text.split(","))):
-        name, _, value = item.partition(":")
-        if not value.strip().isdigit():
-            raise MemPlanError(f"{pass_name} values: '{item}' is not NAME:INT (e.g. seq:2048)")
-        given[name.strip()] = int(value)
-    symbols = module.attributes.get(SYMBOLS_ATTR)
-    for name, (_, high) in symbols.ranges.items() if symbols is not None else ():
-        if name not in given:
-            if high is None:
-                raise MemPlanError(
-                    f"size symbol '{name}' has no upper bound; give {pass_name}{{values={name}:N}} "
-                    "for the largest size to plan for"
-                )
-            given[name] = high
-    return given
-
-
 @dataclass(frozen=True)
 class MemPlan(Pass):
     name = "memplan"
     summary = "activation arena: liveness, best-of greedy + exact offsets, checked"
 
-    values: str = ""  # e.g. batch:8,seq:2048; default: the symbols' upper bounds
+    values: SizeValues = SizeValues()  # e.g. batch:8,seq:2048; others at their upper bounds
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
-        values = symbol_values(op, self.values, "memplan")
+        values = self.values.at(op, "memplan")
         total = 0
         for block in function_blocks(op):
             fn = block.parent.parent

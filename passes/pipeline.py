@@ -12,12 +12,14 @@ without `=` continues the previous value.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import types
 import typing
 
 from ..ir.errors import PlaitError
 from . import registry
 from .base import Pass
+from .options import OptionError
 
 
 class PipelineError(PlaitError):
@@ -49,8 +51,9 @@ def _convert(value: str, annotation, field_name: str, full: str, column: int):
     kinds = (
         typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
     )
-    if value == "" and type(None) in kinds:
+    if value == "" and type(None) in kinds and not any(hasattr(k, "parse") for k in kinds):
         return None
+    option = field_name.replace("_", "-")
     for kind in kinds:
         try:
             if kind is bool:
@@ -59,12 +62,25 @@ def _convert(value: str, annotation, field_name: str, full: str, column: int):
                 if value.lower() in ("false", "0", "no"):
                     return False
                 continue
+            if isinstance(kind, type) and issubclass(kind, enum.Enum):
+                choices = [str(m.value) for m in kind]
+                if value not in choices:
+                    raise PipelineError(
+                        f"option '{option}' is one of {', '.join(choices)}, not '{value}'",
+                        full,
+                        column,
+                    )
+                return kind(value)
+            if hasattr(kind, "parse"):  # a typed option (passes/options.py)
+                return kind.parse(value)
             if kind in (int, float, str):
                 return kind(value)
+        except OptionError as exc:
+            raise PipelineError(f"option '{option}': {exc}", full, column) from None
         except ValueError:
             continue
     names = " or ".join(getattr(k, "__name__", str(k)) for k in kinds)
-    raise PipelineError(f"option '{field_name}' expects {names}, got '{value}'", full, column)
+    raise PipelineError(f"option '{option}' expects {names}, got '{value}'", full, column)
 
 
 def parse_pipeline(text: str) -> list[Pass]:
@@ -109,14 +125,30 @@ def parse_pipeline(text: str) -> list[Pass]:
             if key not in fields:
                 known = ", ".join(k.replace("_", "-") for k in fields) or "none"
                 raise PipelineError(
-                    f"pass '{name}' has no option '{key}' (options: {known})", text, column
+                    f"pass '{name}' has no option '{key.replace('_', '-')}' (options: {known})",
+                    text,
+                    column,
                 )
             kwargs[key] = _convert(value, hints[key], key, text, column)
         try:
             passes.append(cls(**kwargs))
+        except OptionError as exc:  # a check across options, at the option it names
+            column = options[exc.option][1] if exc.option in options else lead
+            raise PipelineError(f"pass '{name}': {exc}", text, column) from None
         except (TypeError, ValueError) as exc:
             raise PipelineError(f"pass '{name}': {exc}", text, lead) from None
     return passes
+
+
+def with_prerequisites(passes: list[Pass]) -> list[tuple[Pass, str | None]]:
+    """The passes, each preceded by those it `requires` that did not run before
+    it: (pass, the name of the pass that needed it, or None if asked for)."""
+    out: list[tuple[Pass, str | None]] = []
+    for p in passes:
+        ran = {q.name for q, _ in out}
+        out += [(registry.get(n)(), p.name) for n in p.requires if n not in ran]
+        out.append((p, None))
+    return out
 
 
 def pipeline_text(passes: list[Pass]) -> str:
@@ -124,9 +156,15 @@ def pipeline_text(passes: list[Pass]) -> str:
     out = []
     for p in passes:
         opts = [
-            f"{f.name.replace('_', '-')}={getattr(p, f.name)}"
+            f"{f.name.replace('_', '-')}={_text(getattr(p, f.name))}"
             for f in dataclasses.fields(p)
             if getattr(p, f.name) != f.default
         ]
         out.append(p.name + ("{" + ",".join(opts) + "}" if opts else ""))
     return ",".join(out)
+
+
+def _text(value) -> str:
+    if isinstance(value, enum.Enum):
+        return str(value.value)
+    return "" if value is None else str(value)

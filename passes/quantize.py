@@ -30,10 +30,10 @@ import torch
 from xdsl.context import Context
 from xdsl.dialects.builtin import ModuleOp
 
+from ..customops import quant_linear as kernel
 from ..ir.attrs import REPLICATE, Placement, QuantAttr, shard
 from ..ir.errors import PlaitError
 from ..ir.text import where
-from ..customops import quant_linear as kernel
 from .base import Pass, PassContext
 from .bit_allocation import allocate
 from .easyquant import DEFAULT_SIGMA, Quantized, easyquant, rtn
@@ -45,6 +45,7 @@ from .linear_rewrite import (
     replace_linear,
     require_library,
 )
+from .options import Globs, OptionError
 
 TARGET = "plait::quant_linear"
 
@@ -101,16 +102,25 @@ class Quantize(Pass):
     bits: int = 8
     group: int = 0
     outlier_sigma: float = DEFAULT_SIGMA
-    layers: str = "*"
-    size_budget: float = 0.0
+    layers: Globs = Globs()
+    size_budget: float | None = None  # share of the layers' bytes to keep, bits chosen by an ILP
 
     def __post_init__(self):
+        super().__post_init__()
         if self.method not in ("easyquant", "rtn"):
-            raise ValueError(f"method must be easyquant or rtn, not '{self.method}'")
+            raise OptionError(f"method must be easyquant or rtn, not '{self.method}'", "method")
         if self.bits not in (4, 8):
-            raise ValueError(f"bits must be 4 or 8, not {self.bits}")
+            raise OptionError(f"bits must be 4 or 8, not {self.bits}", "bits")
         if self.group < 0 or self.group % 2:
-            raise ValueError(f"group must be 0 (per output channel) or even, not {self.group}")
+            raise OptionError(
+                f"group must be 0 (per output channel) or even, not {self.group}", "group"
+            )
+        if self.size_budget is not None and not 0 < self.size_budget <= 1:
+            raise OptionError(
+                f"size-budget is the share of the layers' bytes to keep, in (0, 1], "
+                f"not {self.size_budget:g}",
+                "size_budget",
+            )
 
     def _quantize(self, weight: torch.Tensor, bits: int) -> Quantized:
         if self.method == "rtn":
@@ -168,7 +178,7 @@ class Quantize(Pass):
 
     def _bits(self, layers, weights, results) -> dict[str, int]:
         """Per layer: the bits to use (the original dtype's bits: keep it)."""
-        if not self.size_budget:
+        if self.size_budget is None:
             return {layer.module: self.bits for layer in layers}
         candidates, original = {}, 0
         for module in dict.fromkeys(layer.module for layer in layers):  # once per weight
@@ -184,7 +194,7 @@ class Quantize(Pass):
         return allocate(candidates, int(self.size_budget * original)).bits
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
-        layers = find_linears(op, self.layers)
+        layers = find_linears(op, self.layers, "quantize")
         store = ctx.weights if isinstance(ctx, PassContext) else None
         weights = full_weights(store, layers, "quantize")
         for layer in layers:

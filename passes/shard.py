@@ -51,6 +51,7 @@ tokens' sums.
 
 from __future__ import annotations
 
+import enum
 import fnmatch
 import functools
 import warnings
@@ -62,6 +63,7 @@ from xdsl.dialects.builtin import ModuleOp, StringAttr
 from xdsl.ir import Operation, SSAValue
 from xdsl.rewriter import InsertPoint, Rewriter
 
+from ..customops import experts as expert_kernel
 from ..ir.args import ArgsAttr, Operand, Tag
 from ..ir.attrs import (
     MESH_ATTR,
@@ -71,7 +73,6 @@ from ..ir.attrs import (
     MeshAttr,
     Placement,
     PlacementsAttr,
-    mesh_from_text,
     partial,
     shard,
 )
@@ -93,18 +94,17 @@ from ..ir.ops import (
 from ..ir.schema import argument_names
 from ..ir.text import module_path, where
 from ..ir.types import TensorType
-from ..customops import experts as expert_kernel
 from .base import Pass, function_blocks
 from .experts import ExpertMLP, find_expert_mlps
 from .experts import operands as grouped_operands
 from .linear_rewrite import require_library
 from .op_cost import COMPRESSED_LINEARS
+from .options import Mesh, OptionError, Plan, SizeValues, check_all_match
 from .shard_ilp import Solution, solve
 from .shard_rules import (
     DATA_AXES,
     EXPERT_AXIS,
     SIZE_ARGS,
-    STYLES,
     SYMBOL_RANGES,
     Decision,
     block_at,
@@ -540,44 +540,61 @@ def _local_cuts(op: CallOp, n: int, placed: Placement) -> ArgsAttr:
     return op.args  # chunk: the count of pieces stays
 
 
+class Solver(enum.Enum):
+    RULES = "rules"  # Megatron's rules (and a manual plan)
+    ILP = "ilp"  # an integer program over the cost model
+
+
 @dataclass(frozen=True)
 class Shard(Pass):
     name = "shard"
     summary = "tensor (Megatron rules or an ILP) and data parallelism, with collectives"
 
-    mesh: str = "tp:2"
-    plan: str = ""  # e.g. *.mlp.down_proj:rowwise,lm_head:replicate
-    solve: str = "rules"  # or "ilp"
-    hardware: str = "h100-sxm"  # ilp: the costs' hardware file
-    values: str = ""  # ilp: sizes to optimize for, e.g. batch:1,seq:2048 (default: upper bounds)
-    memory: float = 0.0  # ilp: weight bytes per device at most (0: no limit)
+    mesh: Mesh = Mesh((("tp", 2),))
+    plan: Plan | None = None  # e.g. *.mlp.down_proj:rowwise,lm_head:replicate
+    solve: Solver = Solver.RULES
+    hardware: str | None = None  # ilp: the costs' hardware file (default h100-sxm)
+    values: SizeValues | None = None  # ilp: sizes to optimize for (default: upper bounds)
+    memory: float | None = None  # ilp: weight bytes per device at most (default: no limit)
 
-    def _plan(self) -> list[tuple[str, str]]:
-        entries = []
-        for item in filter(None, (p.strip() for p in self.plan.split(","))):
-            glob, _, style = item.rpartition(":")
-            if not glob or style not in STYLES:
-                raise ShardError(
-                    f"shard plan entry '{item}': write MODULE-GLOB:STYLE with STYLE one of "
-                    f"{', '.join(STYLES)} (e.g. *.mlp.down_proj:rowwise)"
-                )
-            entries.append((glob, style))
-        return entries
+    def __post_init__(self):
+        super().__post_init__()
+        axes = self.mesh.as_dict()
+        data = [a for a in axes if a in DATA_AXES]
+        if len(data) > 1 or len(axes) - len(data) > 1:
+            raise OptionError(
+                f"'{self.mesh}': give at most one tensor-parallel axis and one data-parallel "
+                f"axis ({', '.join(DATA_AXES)}), e.g. tp:8 or dp:2,tp:4",
+                "mesh",
+            )
+        for option in ("hardware", "values", "memory"):
+            if self.solve is Solver.RULES and getattr(self, option) is not None:
+                raise OptionError(f"{option} is used only by solve=ilp", option)
+        if self.memory is not None and self.memory <= 0:
+            raise OptionError(f"memory is bytes per device, > 0, not {self.memory:g}", "memory")
+        if self.hardware is not None:
+            from ..hardware import load
+
+            try:
+                load(self.hardware)
+            except PlaitError as exc:
+                raise OptionError(str(exc), "hardware") from None
+
+    @property
+    def _entries(self) -> list[tuple[str, str]]:
+        return list(self.plan.entries) if self.plan is not None else []
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
-        plan = self._plan()
-        axes = mesh_from_text(self.mesh)
-        data = [a for a in axes if a in DATA_AXES]
-        tensor = [a for a in axes if a not in DATA_AXES]
-        if len(data) > 1 or len(tensor) > 1:
-            raise ShardError(
-                f"mesh '{self.mesh}': give at most one tensor-parallel axis and one data-parallel "
-                f"axis ({', '.join(DATA_AXES)}), e.g. tp:8 or dp:2,tp:4"
-            )
         if MESH_ATTR in op.attributes:
             raise ShardError("the program is already sharded (it has a plait.mesh)")
-        if self.solve not in ("rules", "ilp"):
-            raise ShardError(f"shard solve={self.solve}: use rules or ilp")
+        if self.plan is not None:
+            paths = [module_path(o) for b in function_blocks(op) for o in b.ops
+                     if isinstance(o, (LinearOp, MatmulOp, EmbeddingOp))]  # fmt: skip
+            check_all_match(self.plan.globs, paths, "linear or embedding layer", "shard{plan}")
+        plan = self._entries
+        axes = self.mesh.as_dict()
+        data = [a for a in axes if a in DATA_AXES]
+        tensor = [a for a in axes if a not in DATA_AXES]
         symbols = op.attributes.get(SYMBOLS_ATTR)  # ranges, for divisibility proofs
         token = SYMBOL_RANGES.set(symbols.data if symbols is not None else ())
         try:
@@ -594,11 +611,11 @@ class Shard(Pass):
     def _shard(self, op: ModuleOp, plan, axes: tuple[str, ...], axis: str, n: int) -> None:
         blocks = list(function_blocks(op))
         chosen = None
-        if self.solve == "ilp":
+        if self.solve is Solver.ILP:
             solution = self._solve(op, blocks, axis, n, plan)
             chosen = solution.decisions
             op.attributes[SHARDING_ATTR] = StringAttr(
-                f"ilp on {self.hardware}: {solution.status}, predicted "
+                f"ilp on {self._hardware}: {solution.status}, predicted "
                 f"{solution.objective:.6g} s/step, weights {solution.weight_bytes:.6g} "
                 f"B/device, {solution.groups} choices for {solution.ops} ops"
             )
@@ -606,15 +623,18 @@ class Shard(Pass):
             _run(_Sharder(block, axis, n, plan, chosen, axes), op)
         _check_alike(op)
 
+    @property
+    def _hardware(self) -> str:
+        return self.hardware or "h100-sxm"
+
     def _solve(self, module: ModuleOp, blocks, axis: str, n: int, plan) -> Solution:
         from ..hardware import load
         from .comm_cost import axis_links
-        from .memplan import symbol_values
 
-        hw = load(self.hardware)
-        values = symbol_values(module, self.values, "shard")
+        hw = load(self._hardware)
+        values = (self.values or SizeValues()).at(module, "shard")
         _, link = axis_links({axis: n}, hw)[axis]
-        split = EXPERT_AXIS not in mesh_from_text(self.mesh)
+        split = EXPERT_AXIS not in self.mesh.as_dict()
         roles = {op: role for b in blocks for op, (role, _) in expert_roles(b, n, split)[0].items()}
         fixed = {op: _ROLE_DECISIONS[role](op) for op, role in roles.items()
                  if role != "router" or _style(plan, op) is None}  # fmt: skip

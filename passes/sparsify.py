@@ -24,14 +24,15 @@ from dataclasses import dataclass
 from xdsl.context import Context
 from xdsl.dialects.builtin import ModuleOp
 
+from ..customops import gqsa as kernel
 from ..ir.attrs import SparsityAttr, shard
 from ..ir.errors import PlaitError
 from ..ir.text import where
-from ..customops import gqsa as kernel
 from .base import Pass, PassContext
 from .calibration import input_norms
 from .gqsa import gqsa
 from .linear_rewrite import add_param, find_linears, full_weights, replace_linear, require_library
+from .options import Globs, OptionError
 
 TARGET = "plait::gqsa_linear"
 
@@ -49,23 +50,28 @@ class Sparsify(Pass):
     group: int = 16
     sparsity: float = 0.5
     bits: int = 4
-    layers: str = "*"
+    layers: Globs = Globs()
     importance: str = "magnitude"
 
     def __post_init__(self):
-        if self.importance not in ("magnitude", "activation"):
-            raise ValueError(f"importance must be magnitude or activation, not '{self.importance}'")
-        if self.method != "gqsa":
-            raise ValueError(f"method must be gqsa, not '{self.method}'")
-        if self.bits != 4:
-            raise ValueError(f"GQSA stores 4-bit groups; bits must be 4, not {self.bits}")
-        if self.group not in (8, 16, 32, 64):
-            raise ValueError(f"group must be 8, 16, 32 or 64, not {self.group}")
-        if not 0.0 <= self.sparsity < 1.0:
-            raise ValueError(f"sparsity is the pruned fraction, in [0, 1), not {self.sparsity}")
+        super().__post_init__()
+        checks = [
+            (
+                "importance",
+                self.importance in ("magnitude", "activation"),
+                "importance must be magnitude or activation",
+            ),
+            ("method", self.method == "gqsa", "method must be gqsa"),
+            ("bits", self.bits == 4, "GQSA stores 4-bit groups; bits must be 4"),
+            ("group", self.group in (8, 16, 32, 64), "group must be 8, 16, 32 or 64"),
+            ("sparsity", 0.0 <= self.sparsity < 1.0, "sparsity is the pruned fraction, in [0, 1)"),
+        ]
+        for option, ok, rule in checks:
+            if not ok:
+                raise OptionError(f"{rule}, not {getattr(self, option)!r}", option)
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
-        layers = find_linears(op, self.layers)
+        layers = find_linears(op, self.layers, "sparsify")
         store = ctx.weights if isinstance(ctx, PassContext) else None
         weights = full_weights(store, layers, "sparsify")
         norms = {}

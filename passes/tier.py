@@ -22,10 +22,12 @@ from xdsl.context import Context
 from xdsl.dialects.builtin import ModuleOp, StringAttr
 
 from ..ir.attrs import MemAttr
+from ..ir.errors import PlaitError
 from ..ir.ops import ParamOp
 from .base import Pass, function_blocks
 from .liveness import value_sizes
-from .memplan import MEM, symbol_values
+from .memplan import MEM
+from .options import OptionError, SizeValues
 from .tiering import TierError, Weight, plan_tiers
 
 TIERING_ATTR = "plait.tiering"
@@ -43,7 +45,21 @@ class Tier(Pass):
 
     budget: float = 0.5
     hardware: str = "cpu"
-    values: str = ""
+    values: SizeValues = SizeValues()  # sizes to plan for; others at their upper bounds
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.budget <= 0:
+            raise OptionError(
+                f"budget is a share of the weight bytes (<= 1) or bytes, > 0, not {self.budget:g}",
+                "budget",
+            )
+        from ..hardware import load
+
+        try:
+            load(self.hardware)
+        except PlaitError as exc:
+            raise OptionError(str(exc), "hardware") from None
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
         from ..hardware import load
@@ -52,7 +68,7 @@ class Tier(Pass):
         hw = load(self.hardware)
         if hw.host_bandwidth is None:
             raise TierError(f"hardware '{hw.name}' has no [host] bandwidth to stream weights with")
-        values = symbol_values(op, self.values, "tier")
+        values = self.values.at(op, "tier")
         for block in function_blocks(op):
             fn = block.parent.parent
             report = estimate(op, Target(hw, values=values), fn.sym_name.data)

@@ -13,11 +13,11 @@ import pytest
 import torch
 from helpers import artifact_rank, max_rel_diff, run_ranks
 from plait.frontend import hf
+from plait.ir.errors import PlaitError
 from plait.ir.text import parse_module
 from plait.passes.arena import ALIGN, PlanError, _best_fit, check, lower_bound, plan_arena
 from plait.passes.liveness import Buffer, liveness, value_sizes
 from plait.passes.manager import PassManager
-from plait.passes.memplan import MemPlanError
 
 
 def _buffers(spec):
@@ -130,7 +130,7 @@ def test_unbounded_sizes_need_values():
     model = torch.nn.Linear(8, 8)
     shapes = {"input": {0: Dim("rows", min=2)}}
     with pytest.raises(
-        MemPlanError, match=r"'rows' has no upper bound; give memplan\{values=rows:N\}"
+        PlaitError, match=r"'rows' has no upper bound; give memplan\{values=rows:N\}"
     ):
         plait.compile(model, (torch.randn(4, 8),), dynamic_shapes=shapes, pipeline="memplan")
     with warnings.catch_warnings():

@@ -12,6 +12,7 @@ from helpers import artifact_rank, assert_ranks_match_eager, max_rel_diff, run_r
 from plait.frontend import hf
 from plait.ir.text import parse_module, print_module
 from plait.passes.manager import PassManager
+from plait.passes.pipeline import PipelineError
 from plait.passes.shard import ShardError
 
 MLP = """\
@@ -68,9 +69,10 @@ def test_dims_that_do_not_divide_stay_replicated():
 
 
 def test_two_tensor_axes_and_sharding_twice_are_refused():
-    with pytest.raises(ShardError, match="at most one tensor-parallel axis and one data"):
+    # refused when the pipeline is parsed, before any IR is touched
+    with pytest.raises(PipelineError, match="at most one tensor-parallel axis and one data"):
         _shard(MLP, "tp:2,cp:2")
-    with pytest.raises(ShardError, match="at most one tensor-parallel axis and one data"):
+    with pytest.raises(PipelineError, match="at most one tensor-parallel axis and one data"):
         _shard(MLP, "dp:2,ep:2")
     with pytest.raises(ShardError, match="already sharded"):
         _shard(_shard(MLP))

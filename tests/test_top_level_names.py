@@ -65,7 +65,9 @@ def test_no_top_level_name_shadows_an_imported_module():
         spec = importlib.machinery.PathFinder.find_spec(name, _other_paths())
         if spec is None and name not in distributions:
             continue
-        origin = spec.submodule_search_locations[0] if spec and spec.submodule_search_locations else None
+        origin = (
+            spec.submodule_search_locations[0] if spec and spec.submodule_search_locations else None
+        )
         provider = Path(origin) if origin else None
         importers = _importers(name, provider)
         # a package installed only as a packaging accident (xdsl ships its own
