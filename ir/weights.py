@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,7 @@ def _check_parts(
 
 
 _CHUNK = 1 << 24  # bytes hashed at a time: memory stays bounded for any tensor size
+_RECOPY = "copy the artifact again or recompile it"
 
 
 def _extents(path: Path) -> dict[str, tuple[int, int]]:
@@ -63,7 +65,7 @@ def _extents(path: Path) -> dict[str, tuple[int, int]]:
         base = 8 + length
         return {key: (base + info["data_offsets"][0], base + info["data_offsets"][1])
                 for key, info in header.items() if key != "__metadata__"}  # fmt: skip
-    except (ValueError, TypeError, KeyError, IndexError) as exc:
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
         raise WeightError(f"{path}: cannot read the safetensors header: {exc}") from None
 
 
@@ -99,15 +101,12 @@ def check_digests(path: str | Path, expected: Mapping[str, str]) -> None:
         if digest != expected[key]:
             raise WeightError(
                 f"{path}: tensor '{key}' does not match the sha256 recorded when it was saved; "
-                f"the file is corrupted. {_RECOPY}"
+                f"the file is corrupted: {_RECOPY}"
             )
         found.add(key)
     missing = sorted(set(expected) - found)
     if missing:
         raise WeightError(f"{path}: tensor '{missing[0]}' is missing from the file; {_RECOPY}")
-
-
-_RECOPY = "copy the artifact again or recompile it"
 
 
 class WeightStore:
@@ -217,14 +216,19 @@ class WeightStore:
         from safetensors import safe_open
 
         out = WeightStore()
-        for name, entry in self._entries.items():
-            if isinstance(entry, _FileEntry):
-                with safe_open(str(entry.path), framework="pt") as f:
-                    view = f.get_slice(entry.key)
+        with ExitStack() as stack:
+            files = {}  # path -> the file, opened once (its header is parsed on opening)
+            for name, entry in self._entries.items():
+                if isinstance(entry, _FileEntry):
+                    if entry.path not in files:
+                        files[entry.path] = stack.enter_context(
+                            safe_open(str(entry.path), framework="pt")
+                        )
+                    view = files[entry.path].get_slice(entry.key)
                     dtype = _SAFETENSORS_DTYPES[view.get_dtype()]
                     out._entries[name] = torch.empty(view.get_shape(), dtype=dtype, device="meta")
-            else:
-                out._entries[name] = entry.to("meta")
+                else:
+                    out._entries[name] = entry.to("meta")
         return out
 
     def is_meta(self, name: str) -> bool:
