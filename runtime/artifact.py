@@ -107,6 +107,7 @@ def write(directory: str | Path, artifact: Artifact, weights: WeightStore, weigh
         }
         text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
         (staging / MANIFEST).write_text(text)
+        _sync(staging)
         _move_into_place(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -133,6 +134,17 @@ def _manifest_format(path: Path) -> object:
     except (OSError, ValueError):
         return None
     return manifest.get("format") if isinstance(manifest, dict) else None
+
+
+def _sync(directory: Path) -> None:
+    """Flush the files and the directory to disk, so that the renamed artifact
+    is complete even after a power loss."""
+    for path in [*directory.iterdir(), directory]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _move_into_place(staging: Path, target: Path) -> None:
