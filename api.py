@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+import warnings
 import weakref
 from collections.abc import Iterable, Sequence
 from functools import cached_property
@@ -126,14 +127,15 @@ class CompiledModel:
             )
         return self._programs[function]
 
-    def rank_code(self, rank: int) -> str:
-        """The program source of `rank`, with groups named after mesh axes
-        (built on meta weights: no weight is read); one section per function
-        when there are several."""
+    def rank_code(self, rank: int, device: str | torch.device | None = None) -> str:
+        """The program source of `rank` on `device` (default the model's), with
+        groups named after mesh axes (built on meta weights: no weight is
+        read); one section per function when there are several."""
         groups = CollectiveGroups.placeholder(self.mesh, rank) if self.mesh else None
         weights = self.weights.as_meta()
+        device = self.device if device is None else device
         return _joined(
-            {f: build_program(self.module, weights, self.device, groups, f).code
+            {f: build_program(self.module, weights, device, groups, f).code
              for f in self.functions}
         )  # fmt: skip
 
@@ -287,7 +289,8 @@ class CompiledModel:
         return attr.ranges if attr is not None else {}
 
     def save(self, directory: str | Path) -> Path:
-        """Write an artifact directory (see `plait.runtime.artifact`)."""
+        """Write an artifact directory (see `plait.runtime.artifact`), atomically:
+        an artifact already there is replaced only once the new one is complete."""
         function = self.function
         manifest = {
             "pipeline": self.pipeline,
@@ -301,9 +304,8 @@ class CompiledModel:
             "device": str(self.device.type),
             "generation": self.generation,
         }
-        programs = (
-            {r: self.rank_code(r) for r in range(self.world_size)} if self.mesh else {0: self.code}
-        )
+        # for the device type, not index: one artifact serves every cuda:N
+        programs = {r: self.rank_code(r, self.device.type) for r in range(self.world_size)}
         contents = artifact.Artifact(plan=self.ir, programs=programs, manifest=manifest)
         return artifact.write(directory, contents, self.weights, self.weight_names)
 
@@ -393,29 +395,54 @@ def compile_ir(
     return CompiledModel(module, weights, pipeline, None, device, manager.report())
 
 
-def load(directory: str | Path, device: str | torch.device = "cpu") -> CompiledModel:
-    """Load an artifact written by `CompiledModel.save` or `plait compile`."""
-    contents, module, weights = artifact.read(directory)
+def load(
+    directory: str | Path,
+    device: str | torch.device = "cpu",
+    *,
+    trusted_ops: Iterable[str] = (),
+    verify: bool = True,
+) -> CompiledModel:
+    """Load an artifact written by `CompiledModel.save` or `plait compile`.
+
+    Loading imports no code from the artifact: custom ops its plan calls must
+    be plait's own or come from the modules named in `trusted_ops` (imported
+    here). `verify=False` skips checking the weights against their hashes.
+    """
+    contents, module, weights = artifact.read(directory, trusted_ops, verify)
     manifest = contents.manifest
     compiled = CompiledModel(
         module,
         weights,
-        manifest.get("pipeline", ""),
-        manifest.get("outputs", {}).get("treespec"),
+        manifest["pipeline"],
+        manifest["outputs"]["treespec"],
         device,
-        generation=manifest.get("generation"),
+        generation=manifest["generation"],
     )
     compiled._directory = Path(directory)
-    if manifest.get("torch_version") == torch.__version__ and compiled.device.type == manifest.get(
-        "device"
-    ):
-        saved = contents.programs.get(0)
-        if saved is not None and saved != compiled.rank_code(0):
+    _check_programs(compiled, contents, Path(directory))
+    return compiled
+
+
+def _check_programs(compiled: CompiledModel, contents: artifact.Artifact, directory: Path) -> None:
+    """Each rank file must be the program rebuilt from the plan for the
+    artifact's own device type: the files are for reading, the plan is what runs."""
+    saved_torch = contents.manifest["torch_version"]
+    if saved_torch != torch.__version__:  # torch.fx's generated source differs by version
+        warnings.warn(
+            f"{directory} was saved with torch {saved_torch}, this is torch "
+            f"{torch.__version__}: its rank*.py files are not checked against plan.mlir "
+            "(their generated source may differ between torch versions); plait runs the "
+            "programs it rebuilds from the plan",
+            stacklevel=3,
+        )
+        return
+    device = contents.manifest["device"]
+    for rank, saved in sorted(contents.programs.items()):
+        if saved != compiled.rank_code(rank, device):
             raise artifact.ArtifactError(
-                f"{directory}/{artifact.program_file(0)} does not match the program rebuilt "
+                f"{directory / artifact.program_file(rank)} does not match the program rebuilt "
                 "from plan.mlir; the artifact was edited. Recompile it with `plait compile`"
             )
-    return compiled
 
 
 def _common_seed(in_group: bool) -> int:

@@ -66,6 +66,12 @@ def _add_ir_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_trust_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trust-ops", dest="trusted_ops", action="append", default=[],
+                        metavar="MODULE", help="import this Python module to register the "
+                        "custom ops a plan calls (repeatable); nothing else is imported")  # fmt: skip
+
+
 def _pm_options(args) -> dict:
     return dict(
         verify_each=not args.no_verify_each,
@@ -79,10 +85,12 @@ def _pm_options(args) -> dict:
 def cmd_compile(args) -> int:
     import plait
     from plait.frontend.model_spec import load_model
+    from plait.runtime.artifact import import_trusted
 
     console = _console()
     pipeline = args.pipeline or plait.DEFAULT_PIPELINE
     start = time.perf_counter()
+    import_trusted(args.trusted_ops)
     if args.model is not None and args.model.endswith(".mlir"):
         if args.generate:
             console.print("error: --generate captures a Hugging Face causal LM (a checkpoint "
@@ -341,7 +349,9 @@ def cmd_run(args) -> int:
     if rank != 0:
         console.quiet = True  # rank 0 reports for all
     with _status(console, f"loading {args.artifact}"):
-        compiled = plait.load(args.artifact, device=device)
+        compiled = plait.load(
+            args.artifact, device=device, trusted_ops=args.trusted_ops, verify=args.verify
+        )
     if args.generate:
         return _run_generate(args, compiled, console)
     if args.inputs:
@@ -429,9 +439,11 @@ def cmd_estimate(args) -> int:
     from plait.passes.estimate import Target, estimate
     from plait.passes.estimate_report import render, render_compare
     from plait.passes.manager import PassManager
+    from plait.runtime.artifact import import_trusted
 
     console = _console()
     hardware = load(args.hardware)  # fail fast on an unknown name
+    import_trusted(args.trusted_ops)
     mesh = mesh_from_text(args.mesh) if args.mesh else {}
     values = {"batch": args.batch, "seq": 1 if args.decode else args.seq}
     for item in args.dim:
@@ -536,6 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--weights", help="safetensors weights for an IR-file MODEL")
     p.add_argument("--device", help="device to run on (default: the weights' device)")
+    _add_trust_option(p)
     group = p.add_argument_group("generation (a Hugging Face causal LM)")
     group.add_argument("--generate", action="store_true",
                        help="compile @prefill and @decode programs with a KV cache of --batch "
@@ -566,6 +579,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=1, help="run N times and report the median time")
     p.add_argument("--device", help="device to run on (default cpu)")
     p.add_argument("--trace", help="write a measured per-op trace (Chrome trace JSON)")
+    _add_trust_option(p)
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip checking the weights against their recorded sha256")  # fmt: skip
     group = p.add_argument_group("generation (an artifact compiled with --generate)")
     group.add_argument("--generate", action="store_true", help="decode new tokens")
     group.add_argument("--prompt-ids", dest="prompt_ids",
@@ -622,6 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", metavar="PIPELINE", help="a second pipeline to put side by side")
     p.add_argument("--group", choices=["family", "module"], default="family")
     p.add_argument("--trace", help="write the simulated schedule (Chrome trace JSON)")
+    _add_trust_option(p)
     _add_ir_options(p)
     p.set_defaults(func=cmd_estimate)
 

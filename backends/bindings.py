@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import pkgutil
 
 import torch
 
@@ -64,20 +65,37 @@ def fast_call(target: torch._ops.OpOverload, schema_name: str) -> tuple[str, obj
     return "call_function", target
 
 
-def resolve(target: str, libraries: tuple[str, ...] = ()) -> torch._ops.OpOverload | None:
-    """Schema name -> OpOverload. A custom op is found after importing the module
-    the program says defines it (`libraries`, only modules of the op's own
-    package), or the package named like its namespace."""
+# the torch.library namespace of plait's own custom ops (defined in plait.customops)
+OWN_NAMESPACE = "plait"
+
+
+def resolve(target: str) -> torch._ops.OpOverload | None:
+    """Schema name -> OpOverload of an operator registered with torch, or None.
+
+    Nothing a program names is imported: an artifact is data. Operators come
+    from torch (aten, prims, _c10d_functional), from plait's own customops
+    (registered here on first use), or from libraries the user imported
+    (`plait.load(..., trusted_ops=[...])`)."""
     namespace, name, overload = split_name(target)
-    candidates = [m for m in libraries if m.split(".")[0] == namespace] + [namespace]
-    for module in [None, *candidates]:
-        if module is not None:
-            try:
-                importlib.import_module(module)
-            except ImportError:
-                continue
-        try:
-            return getattr(getattr(getattr(torch.ops, namespace), name), overload)
-        except (AttributeError, RuntimeError):
-            continue
-    return None
+    found = _registered(namespace, name, overload)
+    if found is None and namespace == OWN_NAMESPACE:
+        _register_own_ops()
+        found = _registered(namespace, name, overload)
+    return found
+
+
+def _registered(namespace: str, name: str, overload: str) -> torch._ops.OpOverload | None:
+    try:
+        return getattr(getattr(getattr(torch.ops, namespace), name), overload)
+    except (AttributeError, RuntimeError):
+        return None
+
+
+@functools.cache
+def _register_own_ops() -> None:
+    """Import every module of plait's customops package (its files, not names
+    from a program): each registers its `plait::` ops with torch."""
+    from .. import customops
+
+    for info in pkgutil.iter_modules(customops.__path__):
+        importlib.import_module(f"{customops.__name__}.{info.name}")

@@ -28,7 +28,7 @@ from xdsl.ir import Operation, SSAValue
 from .. import customops
 from ..ir import args as irargs
 from ..ir import symbolic
-from ..ir.attrs import ARENA_ATTR, LIBRARIES_ATTR, MESH_ATTR, PLACEMENTS_ATTR, SYMBOLS_ATTR
+from ..ir.attrs import ARENA_ATTR, MESH_ATTR, PLACEMENTS_ATTR, SYMBOLS_ATTR
 from ..ir.dtypes import TORCH_NAMES
 from ..ir.errors import PlaitError
 from ..ir.ops import (
@@ -64,11 +64,9 @@ class LoweringError(PlaitError):
     """An op the torch backend cannot lower."""
 
 
-def resolve_target(
-    target: str, op: Operation | None = None, libraries: tuple[str, ...] = ()
-) -> torch._ops.OpOverload:
+def resolve_target(target: str, op: Operation | None = None) -> torch._ops.OpOverload:
     """Schema name -> the torch OpOverload, or a LoweringError that says what to do."""
-    overload = bindings.resolve(target, libraries)
+    overload = bindings.resolve(target)
     if overload is None:
         location = f"{where(op)}: " if op is not None else ""
         raise LoweringError(
@@ -289,7 +287,6 @@ class _Lowering:
         groups: CollectiveGroups | None,
         fast: bool,
         mesh: dict[str, int],
-        libraries: tuple[str, ...],
         arena_size: int = 0,
         shared: dict | None = None,
     ):
@@ -298,7 +295,6 @@ class _Lowering:
         self.shared = {} if shared is None else shared
         self.fast = fast
         self.mesh = mesh
-        self.libraries = libraries  # modules that define the custom ops called
         self.device = device
         self.groups = groups
         self.graph = torch.fx.Graph()
@@ -342,7 +338,7 @@ class _Lowering:
         return value
 
     def lower_call(self, op: CallOp) -> None:
-        target = resolve_target(op.target_name, op, self.libraries)
+        target = resolve_target(op.target_name, op)
         args = tuple(self.arg(a, op) for a in op.args.args)
         kwargs = {k: self.arg(v, op) for k, v in op.args.kwargs}
         kwargs.update(self.prepared(op, args))
@@ -698,13 +694,9 @@ def build_program(
         raise LoweringError(f"the module has no function @{function}")
     mesh_attr = module.attributes.get(MESH_ATTR)
     mesh = mesh_attr.axes if mesh_attr is not None else {}
-    libraries = module.attributes.get(LIBRARIES_ATTR)
-    libraries = tuple(a.data for a in libraries.data) if libraries is not None else ()
     arena = module.attributes.get(ARENA_ATTR)
     arena_size = arena.value.data if arena is not None else 0
-    lowering = _Lowering(
-        weights, torch.device(device), groups, fast, mesh, libraries, arena_size, shared
-    )
+    lowering = _Lowering(weights, torch.device(device), groups, fast, mesh, arena_size, shared)
     gm = lowering.run(fn)
     symbols = module.attributes.get(SYMBOLS_ATTR)
     return Program(

@@ -8,8 +8,10 @@ needs), or only a shape on `meta`.
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +49,64 @@ def _check_parts(
             f"weight '{name}' of shape {tuple(shape)} cannot be split in {parts} along dim "
             f"{dim}{as_blocks}; the checkpoint does not match the plan"
         )
+
+
+_CHUNK = 1 << 24  # bytes hashed at a time: memory stays bounded for any tensor size
+_RECOPY = "copy the artifact again or recompile it"
+
+
+def _extents(path: Path) -> dict[str, tuple[int, int]]:
+    """Each tensor's byte range in a safetensors file, from its header: an
+    8-byte little-endian length, then JSON with offsets relative to the data."""
+    try:
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(length))
+        base = 8 + length
+        return {key: (base + info["data_offsets"][0], base + info["data_offsets"][1])
+                for key, info in header.items() if key != "__metadata__"}  # fmt: skip
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        raise WeightError(f"{path}: cannot read the safetensors header: {exc}") from None
+
+
+def _digests(path: Path):
+    """(key, hex digest of its bytes) for each tensor, in file order."""
+    extents = _extents(path)
+    with open(path, "rb") as f:
+        for key, (start, end) in sorted(extents.items(), key=lambda item: item[1]):
+            digest = hashlib.sha256()
+            f.seek(start)
+            while start < end:
+                chunk = f.read(min(_CHUNK, end - start))
+                if not chunk:
+                    break  # a truncated file: the digest will not match
+                digest.update(chunk)
+                start += len(chunk)
+            yield key, digest.hexdigest()
+
+
+def tensor_digests(path: str | Path) -> dict[str, str]:
+    """The sha256 of every tensor's bytes in a safetensors file."""
+    return dict(_digests(Path(path)))
+
+
+def check_digests(path: str | Path, expected: Mapping[str, str]) -> None:
+    """Raise unless each tensor's bytes in the file hash to `expected[key]`
+    (recorded when the file was written), tensor by tensor."""
+    path = Path(path)
+    found = set()
+    for key, digest in _digests(path):
+        if key not in expected:
+            raise WeightError(f"{path}: tensor '{key}' has no recorded sha256; {_RECOPY}")
+        if digest != expected[key]:
+            raise WeightError(
+                f"{path}: tensor '{key}' does not match the sha256 recorded when it was saved; "
+                f"the file is corrupted: {_RECOPY}"
+            )
+        found.add(key)
+    missing = sorted(set(expected) - found)
+    if missing:
+        raise WeightError(f"{path}: tensor '{missing[0]}' is missing from the file; {_RECOPY}")
 
 
 class WeightStore:
@@ -156,14 +216,19 @@ class WeightStore:
         from safetensors import safe_open
 
         out = WeightStore()
-        for name, entry in self._entries.items():
-            if isinstance(entry, _FileEntry):
-                with safe_open(str(entry.path), framework="pt") as f:
-                    view = f.get_slice(entry.key)
+        with ExitStack() as stack:
+            files = {}  # path -> the file, opened once (its header is parsed on opening)
+            for name, entry in self._entries.items():
+                if isinstance(entry, _FileEntry):
+                    if entry.path not in files:
+                        files[entry.path] = stack.enter_context(
+                            safe_open(str(entry.path), framework="pt")
+                        )
+                    view = files[entry.path].get_slice(entry.key)
                     dtype = _SAFETENSORS_DTYPES[view.get_dtype()]
                     out._entries[name] = torch.empty(view.get_shape(), dtype=dtype, device="meta")
-            else:
-                out._entries[name] = entry.to("meta")
+                else:
+                    out._entries[name] = entry.to("meta")
         return out
 
     def is_meta(self, name: str) -> bool:

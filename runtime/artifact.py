@@ -1,38 +1,60 @@
 """The artifact directory a compiled model is saved as.
 
-    DIR/manifest.json        versions, pipeline, mesh, inputs, outputs, file names
+    DIR/manifest.json        versions, pipeline, mesh, inputs, outputs, file names,
+                             the sha256 of every weight tensor's bytes
     DIR/plan.mlir            the compiled IR (text; parses back with `plait opt`)
     DIR/rank0.py, ...        each rank's program, as readable Python
     DIR/weights.safetensors  the weights the plan uses (tied weights stored once)
 
-Reading never executes anything from the directory: programs are rebuilt
-from the plan and checked against the saved source, and weights are
-safetensors.
+An artifact is data. Reading one parses JSON and IR text and reads
+safetensors; it never unpickles and never imports a module the artifact
+names: a plan's operators must be torch's, plait's own, or those of the
+libraries the user names as trusted (`trusted_ops`). Programs are rebuilt
+from the plan (the rank files are for reading), and weights are checked
+against their recorded hashes, which catches corruption but not tampering:
+the hashes live in the same directory.
+
+A save is atomic: everything is written to a sibling directory that is
+renamed into place when complete, so an interrupted save leaves the
+previous artifact as it was.
 """
 
 from __future__ import annotations
 
+import errno
+import importlib
+import importlib.util
 import json
+import os
+import re
+import secrets
+import shutil
+import stat
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from xdsl.dialects.builtin import ModuleOp
 
+from ..backends.bindings import resolve
+from ..ir.attrs import LIBRARIES_ATTR, MESH_ATTR
 from ..ir.errors import PlaitError
-from ..ir.ops import stored_weight_names
-from ..ir.text import parse_module
-from ..ir.weights import WeightStore
+from ..ir.ops import CallOp, stored_weight_names
+from ..ir.targets import split_name
+from ..ir.text import parse_module, where
+from ..ir.weights import WeightStore, check_digests, tensor_digests
+from .manifest import HASHES, problem
 
 FORMAT = "plait-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-tensor sha256 of the weights
 MANIFEST = "manifest.json"
 PLAN = "plan.mlir"
 WEIGHTS = "weights.safetensors"
 
 
 class ArtifactError(PlaitError):
-    """An artifact directory that is missing, incomplete or from another plait."""
+    """An artifact directory that is missing, incomplete, malformed or from another plait."""
 
 
 def program_file(rank: int) -> str:
@@ -48,61 +70,154 @@ class Artifact:
     manifest: dict = field(default_factory=dict)
 
 
-def _plain_name(name: object) -> bool:
-    """A file name inside the artifact: no directories, no '..'."""
-    return isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name
-
-
 def _plait_version() -> str:
     from .. import __version__
 
     return __version__
 
 
+# ---- writing -----------------------------------------------------------
+
+
 def write(directory: str | Path, artifact: Artifact, weights: WeightStore, weight_names) -> Path:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    # a manifest marks a complete artifact: remove an old one before rewriting files
-    (directory / MANIFEST).unlink(missing_ok=True)
-    manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "plait_version": _plait_version(),
-        "torch_version": torch.__version__,
-        **artifact.manifest,
-        "plan": PLAN,
-        "programs": {str(rank): program_file(rank) for rank in sorted(artifact.programs)},
-        "weights": WEIGHTS,
-    }
-    (directory / PLAN).write_text(artifact.plan)
-    for rank, source in artifact.programs.items():
-        (directory / program_file(rank)).write_text(source)
-    weights.save(directory / WEIGHTS, weight_names)
-    # the manifest goes last: a directory without one is an interrupted save
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    return directory
+    """Save atomically: `directory` becomes the new artifact only once it is
+    complete, replacing an artifact (or an empty directory) there."""
+    target = Path(os.path.realpath(directory))
+    _check_replaceable(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.saving-{secrets.token_hex(4)}")
+    staging.mkdir()  # the process umask applies, as to every file written below
+    try:
+        (staging / PLAN).write_text(artifact.plan)
+        for rank, source in artifact.programs.items():
+            (staging / program_file(rank)).write_text(source)
+        weights.save(staging / WEIGHTS, weight_names)
+        # safetensors creates its file 0600; give it the mode of the files written above
+        os.chmod(staging / WEIGHTS, stat.S_IMODE((staging / PLAN).stat().st_mode))
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "plait_version": _plait_version(),
+            "torch_version": torch.__version__,
+            **artifact.manifest,
+            "plan": PLAN,
+            "programs": {str(rank): program_file(rank) for rank in sorted(artifact.programs)},
+            "weights": WEIGHTS,
+            HASHES: {WEIGHTS: tensor_digests(staging / WEIGHTS)},
+        }
+        text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+        (staging / MANIFEST).write_text(text)
+        _sync(staging)
+        _move_into_place(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return Path(directory)
 
 
-def read(directory: str | Path) -> tuple[Artifact, ModuleOp, WeightStore]:
+def _check_replaceable(target: Path) -> None:
+    """Saving replaces the whole directory: only an artifact or nothing may be there."""
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise ArtifactError(f"{target} exists and is not a directory; choose another output")
+    if any(target.iterdir()) and _manifest_format(target / MANIFEST) != FORMAT:
+        raise ArtifactError(
+            f"{target} is not empty and holds no plait artifact; saving replaces the whole "
+            "directory, so choose a new or empty one"
+        )
+
+
+def _manifest_format(path: Path) -> object:
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest.get("format") if isinstance(manifest, dict) else None
+
+
+def _sync(directory: Path) -> None:
+    """Flush the files and the directory to disk, so that the renamed artifact
+    is complete even after a power loss."""
+    for path in [*directory.iterdir(), directory]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _move_into_place(staging: Path, target: Path) -> None:
+    try:
+        staging.rename(target)  # no directory there, or an empty one
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+    previous = target.with_name(f".{target.name}.previous-{secrets.token_hex(4)}")
+    target.rename(previous)
+    try:
+        staging.rename(target)
+    except BaseException:
+        previous.rename(target)
+        raise
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+# ---- reading -----------------------------------------------------------
+
+
+def read(
+    directory: str | Path, trusted_ops: Iterable[str] = (), verify: bool = True
+) -> tuple[Artifact, ModuleOp, WeightStore]:
+    """Parse an artifact. `trusted_ops` names the Python modules that may be
+    imported to register the custom ops its plan calls; `verify` checks every
+    weight tensor against its recorded sha256 (reading the whole file once)."""
     directory = Path(directory)
+    manifest, manifest_path = _read_manifest(directory)
+    files = [manifest["plan"], manifest["weights"], *manifest["programs"].values()]
+    missing = [f for f in [*files, *manifest[HASHES]] if not (directory / f).is_file()]
+    if missing:
+        raise ArtifactError(
+            f"{directory}: incomplete artifact, missing {', '.join(sorted(set(missing)))}; "
+            "recompile it"
+        )
+    if manifest["weights"] not in manifest[HASHES]:
+        raise ArtifactError(
+            f"{manifest_path}: field '{HASHES}' has no hashes for {manifest['weights']}; "
+            "recompile the artifact"
+        )
+    plan_path = directory / manifest["plan"]
+    plan = plan_path.read_text()
+    programs = {int(r): (directory / f).read_text() for r, f in manifest["programs"].items()}
+    module = parse_module(plan, str(plan_path))
+    _check_ranks(module, programs, manifest_path)
+    _check_operators(module, trusted_ops, directory)
+    weights = WeightStore()
+    weights.add_safetensors(directory / manifest["weights"], stored_weight_names(module))
+    if verify:  # all of it, now: every rank fails alike, before any computes
+        for name, digests in manifest[HASHES].items():
+            check_digests(directory / name, digests)
+    return Artifact(plan=plan, programs=programs, manifest=manifest), module, weights
+
+
+def _read_manifest(directory: Path) -> tuple[dict, Path]:
     if not directory.is_dir():
         raise ArtifactError(
             f"{directory}: no such artifact directory; create one with `plait compile`"
         )
-    manifest_path = directory / MANIFEST
-    if not manifest_path.is_file():
+    path = directory / MANIFEST
+    if not path.is_file():
         raise ArtifactError(
             f"{directory}: not a plait artifact (no {MANIFEST}); the save may have been "
             "interrupted. Recompile it with `plait compile ... -o DIR`"
         )
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ArtifactError(
-            f"{manifest_path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}"
-        ) from None
+        raise ArtifactError(f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{manifest_path}: not a plait artifact manifest")
+        raise ArtifactError(f"{path}: not a plait artifact manifest")
     version = str(manifest.get("plait_version", "?"))
     if (
         manifest.get("format_version") != FORMAT_VERSION
@@ -113,24 +228,71 @@ def read(directory: str | Path) -> tuple[Artifact, ModuleOp, WeightStore]:
             f"{manifest.get('format_version')}); this is plait {_plait_version()} (format "
             f"{FORMAT_VERSION}). Recompile the model with this plait: `plait compile ... -o {directory}`"
         )
-    programs_entry = manifest.get("programs", {})
-    files = [manifest.get("plan", PLAN), manifest.get("weights", WEIGHTS)]
-    files += list(programs_entry.values()) if isinstance(programs_entry, dict) else [None]
-    if not all(_plain_name(f) for f in files) or not all(str(r).isdigit() for r in programs_entry):
+    malformed = problem(manifest)
+    if malformed is not None:
+        raise ArtifactError(f"{path}: {malformed}; recompile the artifact with `plait compile`")
+    return manifest, path
+
+
+def _check_ranks(module: ModuleOp, programs: dict[int, str], manifest_path: Path) -> None:
+    """One program file per rank of the plan's mesh."""
+    mesh = module.attributes.get(MESH_ATTR)
+    ranks = list(range(mesh.size if mesh is not None else 1))
+    if sorted(programs) != ranks:
         raise ArtifactError(
-            f"{manifest_path}: file entries must be plain file names inside the artifact "
-            "and program keys rank numbers; recompile the artifact"
+            f"{manifest_path}: field 'programs' lists ranks {sorted(programs)}, but the plan "
+            f"runs on ranks {ranks}; recompile the artifact"
         )
-    missing = [f for f in files if not (directory / f).is_file()]
-    if missing:
+
+
+# ---- operators and trusted libraries ------------------------------------
+
+_MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def import_trusted(modules: Iterable[str], directory: str | Path | None = None) -> None:
+    """Import the Python modules the user trusts to register custom ops. One
+    that would be imported from inside the artifact `directory` is refused:
+    an artifact is data, and it may not ship the code that runs it."""
+    for name in modules:
+        if not _MODULE_NAME.fullmatch(name):
+            raise ArtifactError(f"trusted_ops: '{name}' is not a Python module name")
+        spec = importlib.util.find_spec(name.split(".")[0])  # finds it, runs nothing
+        if spec is None:
+            raise ArtifactError(
+                f"trusted library '{name}' is not importable; install it or add its folder "
+                "to PYTHONPATH"
+            )
+        if directory is not None:
+            inside = Path(directory).resolve()
+            places = [spec.origin, *(spec.submodule_search_locations or [])]
+            if any(p and Path(p).resolve().is_relative_to(inside) for p in places):
+                raise ArtifactError(
+                    f"trusted library '{name}' would be imported from inside the artifact "
+                    f"{directory}; an artifact is data and may not ship code. Install the "
+                    "library, or run from another directory"
+                )
+        importlib.import_module(name)
+
+
+def _check_operators(module: ModuleOp, trusted: Iterable[str], directory: Path) -> None:
+    """Every operator the plan calls must be registered with torch, after
+    importing only plait's own ops and the trusted libraries."""
+    import_trusted(trusted, directory)
+    calls: dict[str, CallOp] = {}  # target -> its first call
+    for op in module.walk():
+        if isinstance(op, CallOp):
+            calls.setdefault(op.target_name, op)
+    recorded = module.attributes.get(LIBRARIES_ATTR)
+    recorded = [a.data for a in recorded.data] if recorded is not None else []
+    for target, op in calls.items():
+        if resolve(target) is not None:
+            continue
+        namespace = split_name(target)[0]
+        library = next((m for m in recorded if m.split(".")[0] == namespace), namespace)
         raise ArtifactError(
-            f"{directory}: incomplete artifact, missing {', '.join(missing)}; recompile it"
+            f"{where(op)}: this plan calls '{target}', which is not registered with torch; "
+            "loading an artifact never imports the modules it names. If you trust the "
+            f"library that defines it, pass trusted_ops=['{library}'] to plait.load "
+            f"(plait run --trust-ops {library})"
         )
-    plan_path = directory / manifest["plan"]
-    plan = plan_path.read_text()
-    programs = {int(r): (directory / f).read_text() for r, f in manifest["programs"].items()}
-    weights = WeightStore()
-    module = parse_module(plan, str(plan_path))
-    names = stored_weight_names(module)
-    weights.add_safetensors(directory / manifest["weights"], names)
-    return Artifact(plan=plan, programs=programs, manifest=manifest), module, weights
