@@ -53,10 +53,10 @@ def _commands(block: str) -> list[str]:
     out = []
     for line in block.splitlines():
         words = shlex.split(line, comments=True)
-        if not words:
-            continue
-        text = shlex.join(words)
-        out += [c.strip() for c in text.split(" && ")]
+        while words:
+            end = words.index("&&") if "&&" in words else len(words)
+            out.append(shlex.join(words[:end]))
+            words = words[end + 1 :]
     return out
 
 
@@ -161,7 +161,7 @@ def test_setup_commands_are_what_ci_runs(tmp_path):
     ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert ci == tests.strip(), "the README's test command must be exactly what .ci/run runs"
     steps = _commands(install)
-    assert steps[:2] == ["pip install torch==2.13.0", "pip install '.[hf]'"]
+    assert steps[:2] == ["pip install torch==2.13.0", "pip install '.[hf]'"], steps
     for command in steps[2:]:  # the installs ran when this environment was made
         argv = shlex.split(command)
         script = Path(sys.executable).parent / argv[0]
