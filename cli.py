@@ -315,9 +315,9 @@ def cmd_opt(args) -> int:
         return 0
     if args.file is None:
         raise UsageError("plait opt needs an IR FILE (or - for stdin)")
+    manager = PassManager.parse(args.pipeline or "", **_pm_options(args))
     text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
     module = parse_module(text, "<stdin>" if args.file == "-" else args.file)
-    manager = PassManager.parse(args.pipeline or "", **_pm_options(args))
     manager.run(module)
     if args.time_passes:
         print(manager.report(), file=sys.stderr)

@@ -95,6 +95,12 @@ def _from_hf_dir(
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:
         raise ModelSpecError(f"{path}: cannot read a Hugging Face config: {exc}") from exc
+    max_seq = getattr(config, "max_position_embeddings", 4096)
+    if seq > max_seq:
+        raise ModelSpecError(
+            f"{path}: an example of {seq} tokens is longer than the {max_seq} positions the "
+            "model has (max_position_embeddings); give a shorter --seq"
+        )
     task, why = (task, "--task") if task is not None else _task_of_config(config, path)
     auto = getattr(transformers, hf.TASKS[task].auto_class)
     safetensors = any(path.glob("*.safetensors"))
@@ -117,7 +123,6 @@ def _from_hf_dir(
                 _load_torch_checkpoint(model, pickled)
     model.eval()
     inputs = hf.example_inputs(model, batch, seq)  # on the model's device (meta or cpu)
-    max_seq = getattr(config, "max_position_embeddings", 4096)
     shapes = hf.dynamic_shapes(max(64, batch), max_seq) if dynamic else None
     source = "meta" if meta else "weights" if safetensors or pickled else "random weights"
     output = hf.TASKS[task].output

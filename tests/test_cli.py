@@ -534,3 +534,30 @@ def test_estimate_counts_the_kv_cache_prints_the_mesh_and_refuses_sizes_out_of_r
     assert code == 1 and "'seq' = 2048 (from --seq) is outside the range [2, 256]" in err
     code, out, err = _run(capsys, "estimate", str(tmp_path / "llama"))  # --seq: 2048 at most
     assert code == 0 and "mesh none (one device), prefill, batch=1, seq=256" in out
+
+
+def _run_under_torchrun(rank, world_size, argv):
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size))  # as torchrun sets them
+    return main(argv)
+
+
+def test_a_sharded_run_traces_every_rank_into_one_file(tmp_path):
+    import json
+
+    import plait
+    from helpers import run_ranks
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+    program = plait.compile(model, (torch.randn(4, 8),), pipeline="shard{mesh=tp:2}")
+    program.save(tmp_path / "tp2")
+    trace = tmp_path / "measured.json"
+    argv = ["run", str(tmp_path / "tp2"), "--trace", str(trace)]
+    assert run_ranks(2, _run_under_torchrun, argv) == [0, 0]
+    events = [e for e in json.loads(trace.read_text())["traceEvents"] if e["ph"] == "X"]
+    for rank in (0, 1):  # a process per rank; the all-reduce on its comm lane (tid 1)
+        mine = [e for e in events if e["pid"] == rank]
+        assert [e["name"] for e in mine if e["tid"] == 1] == ["all_reduce 2"]
+        assert any(e["name"] == "linear 0" for e in mine)
