@@ -334,7 +334,7 @@ class _Sharder:
             heads = [t.shape[1] for t in types[:3]]  # query, key, value: [batch, heads, ...]
             if any(not divides(h, self.n) for h in heads):
                 fits = sizes_that_split(*heads)
-                kv_heads = self._full_type(_unrepeated(op.input_of(op.arg("key")))).shape[1]
+                kv_heads = self._full_type(_unrepeated(op.inputs[1])).shape[1]  # key
                 self.replicated_attention.append(
                     f"{module_path(op) or where(op)}: {heads[0]} query and {kv_heads} kv heads "
                     f"do not split over {self.n} ranks (sizes that do: "

@@ -321,6 +321,8 @@ def test_compile_and_run_generation(tmp_path, capsys):
     assert "tokens/s" in out
     code, _, err = _run(capsys, "run", str(artifact), "--generate", "--prompt", "hello")
     assert code != 0 and "needs a tokenizer" in err
+    code, _, err = _run(capsys, "run", str(artifact), "--generate", "--prompt-ids", "5,300")
+    assert code == 1 and "input 'input_ids' holds token id 300, outside [0, 255]" in err
     sharded = tmp_path / "gen-tp2"  # every rank runs its own decoding loop under torchrun
     code, _, err = _run(capsys, "compile", "--example", "llama-tiny", "--generate", "--max-length",
                         "32", "--pipeline", "shard{mesh=tp:2}", "-o", str(sharded))  # fmt: skip
