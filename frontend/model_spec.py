@@ -156,14 +156,22 @@ def _from_pretrained(auto, path: Path, config, task: str):
     error, never a random initialisation."""
     from . import hf
 
-    try:
+    try:  # mismatched shapes are reported below, by name (transformers points to its log)
         model, info = auto.from_pretrained(
             str(path), config=config, local_files_only=True, use_safetensors=True,
-            dtype=torch.float32, output_loading_info=True,
+            dtype=torch.float32, output_loading_info=True, ignore_mismatched_sizes=True,
         )  # fmt: skip
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelSpecError(f"{path}: loading the checkpoint failed: {exc}") from exc
-    missing = sorted(info["missing_keys"]) + [str(k) for k in info["mismatched_keys"]]
+    mismatched = sorted(info["mismatched_keys"])
+    if mismatched:
+        name, stored, expected = mismatched[0]
+        raise ModelSpecError(
+            f"{path}: the checkpoint's {name} has shape {list(stored)}, but "
+            f"{type(model).__name__} built from config.json needs {list(expected)}; the "
+            "config and the weights disagree"
+        )
+    missing = sorted(info["missing_keys"])
     if missing:
         shown = ", ".join(missing[:5]) + (
             f" and {len(missing) - 5} more" if len(missing) > 5 else ""

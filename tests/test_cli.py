@@ -416,6 +416,10 @@ def test_weights_a_checkpoint_lacks_are_refused_never_made_up(tmp_path, capsys):
     assert "lacks 6 weight(s) that BertForMaskedLM (masked-lm) needs: cls.predictions.bias" in err
     assert "it holds a BertModel: compile it with --task feature-extraction" in err
     state = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    state["encoder.layer.0.output.dense.weight"] = torch.zeros(3, 3)
+    save_file(state, str(tmp_path / "ckpt" / "model.safetensors"), metadata={"format": "pt"})
+    code, _, err = _run(capsys, "compile", str(tmp_path / "ckpt"), "--emit", "ir")
+    assert code == 1 and "encoder.layer.0.output.dense.weight has shape [3, 3], but" in err
     del state["encoder.layer.0.output.dense.weight"]
     save_file(state, str(tmp_path / "ckpt" / "model.safetensors"), metadata={"format": "pt"})
     code, _, err = _run(capsys, "compile", str(tmp_path / "ckpt"), "--emit", "ir")
