@@ -387,6 +387,8 @@ def cmd_run(args) -> int:
     with _status(console, f"loading {args.artifact}"):
         compiled = plait.load(args.artifact, device=device)
     if args.generate:
+        if args.trace:
+            raise UsageError("--trace times one call of the model's program, not --generate")
         return _run_generate(args, compiled, out)
     if args.inputs:
         from plait.ir.weights import WeightStore
