@@ -210,8 +210,9 @@ class CompiledModel:
         sampling = Sampling(do_sample, temperature, top_k, top_p, seed)
         # checked here, so a bad request never reaches (and stops) the worker ranks
         check_request(batch, max_length, input_ids, max_new_tokens, attention_mask, sampling)
-        ids_limit = {0: v for i, v in self._token_limits("prefill").items() if i == 0}
-        check_token_ids(["input_ids"], ids_limit, [input_ids])  # the prompt's (positions: ours)
+        limits = self._token_limits("prefill")
+        prompt_limit = {0: limits[0]} if 0 in limits else {}  # positions are the loop's own
+        check_token_ids(["input_ids"], prompt_limit, [input_ids])
         in_group = _in_process_group()
         if do_sample and seed is None and self.world_size > 1:
             seed = _common_seed(in_group)  # every rank must draw the same tokens
