@@ -26,6 +26,7 @@ from xdsl.dialects import func
 from xdsl.dialects.builtin import ModuleOp
 
 from .backends.fx import CollectiveGroups, Program, build_program
+from .frontend import hf
 from .frontend.capture import capture
 from .frontend.importer import import_program
 from .ir.attrs import MESH_ATTR, SYMBOLS_ATTR
@@ -35,7 +36,7 @@ from .ir.text import print_module
 from .ir.weights import WeightStore
 from .passes.manager import PassManager
 from .runtime import artifact
-from .runtime.inputs import bind_inputs, check_inputs
+from .runtime.inputs import bind_inputs, check_inputs, check_token_ids, token_id_limits
 
 DEFAULT_PIPELINE = "canonicalize,cse,dce"
 
@@ -65,6 +66,7 @@ class CompiledModel:
         self._pool = None  # worker processes, for a sharded plan called in one process
         self._programs: dict[str, Program] = {}
         self._shared: dict = {}  # what its programs share: weights, state (KV cache), arena
+        self._limits: dict[str, dict] = {}  # function -> its token-id inputs' table sizes
 
     @property
     def functions(self) -> list[str]:
@@ -156,6 +158,7 @@ class CompiledModel:
         names = self.input_names
         inputs = bind_inputs(names, args, kwargs)
         check_inputs(names, list(self.function.function_type.inputs), self.symbols, inputs)
+        check_token_ids(names, self._token_limits(self.function.sym_name.data), inputs)
         self._check_weights()
         if self.world_size > 1 and not _in_process_group():
             return self._workers().call("__call__", inputs)  # one local process per rank
@@ -209,6 +212,9 @@ class CompiledModel:
         sampling = Sampling(do_sample, temperature, top_k, top_p, seed)
         # checked here, so a bad request never reaches (and stops) the worker ranks
         check_request(batch, max_length, input_ids, max_new_tokens, attention_mask, sampling)
+        limits = self._token_limits("prefill")
+        prompt_limit = {0: limits[0]} if 0 in limits else {}  # positions are the loop's own
+        check_token_ids(["input_ids"], prompt_limit, [input_ids])
         in_group = _in_process_group()
         if do_sample and seed is None and self.world_size > 1:
             seed = _common_seed(in_group)  # every rank must draw the same tokens
@@ -237,6 +243,7 @@ class CompiledModel:
             raise PlaitError(f"the model has no @{function}; it has {', '.join(self.functions)}")
         names = [a.name_hint or f"input_{i}" for i, a in enumerate(fn.body.blocks.first.args)]
         check_inputs(names, list(fn.function_type.inputs), self.symbols, list(inputs))
+        check_token_ids(names, self._token_limits(function), list(inputs))
         self._check_weights()
         if self.world_size > 1 and not _in_process_group():
             return self._workers().call("run", (function, *inputs))
@@ -257,6 +264,12 @@ class CompiledModel:
             )
         ids = decode.function_type.inputs.data[0]
         return ids.shape[0], self.symbols["context"][1]  # the most slots attention reads
+
+    def _token_limits(self, function: str) -> dict[int, tuple[int, str]]:
+        """Inputs of `function` that index an embedding: position -> (rows, where)."""
+        if function not in self._limits:
+            self._limits[function] = token_id_limits(self._function_named(function), self.mesh)
+        return self._limits[function]
 
     def _function_named(self, name: str) -> func.FuncOp | None:
         return next((op for op in self.module.ops
@@ -334,12 +347,19 @@ def compile(
 
         compiled = plait.compile(model, (ids,), dynamic_shapes={"ids": {0: Dim("batch", max=64)}})
 
+    A `transformers` model may be given as it is, called on (input_ids[,
+    attention_mask]): it is wrapped for its task as `frontend.hf.wrap` does
+    (the compiled model returns logits, or a base model's last_hidden_state;
+    the mask defaults to ones).
+
     `calibration` is a list of input tuples that calibrating passes run the
     program on (`sparsify{importance=activation}`). `options` go to the pass
     manager: dump_ir=DIR, print_ir_after_all, print_ir_before={...},
     print_ir_after={...}, verify_each.
     """
     manager = PassManager.parse(pipeline, **options)  # a typo should not wait for the export
+    if hf.is_transformers_model(model):
+        model, example_inputs, dynamic_shapes = hf.prepare(model, example_inputs, dynamic_shapes)
     captured = capture(model, example_inputs, dynamic_shapes)
     module, weights = import_program(captured)
     manager.run(module, weights, calibration)

@@ -1,4 +1,4 @@
-"""The `plait` command line: compile, opt, run.
+"""The `plait` command line: compile, opt, run, estimate.
 
 plait compile --example llama-tiny -o out/           # capture, run passes, save an artifact
 plait compile model.py:build -o out/ --time-passes
@@ -7,23 +7,51 @@ plait compile --example llama-tiny --emit mlir --mlir-dialect stablehlo
 plait opt dump.mlir --pipeline canonicalize -o clean.mlir
 plait run out/                                      # run on generated inputs
 plait run out/ --inputs inputs.safetensors --output outputs.safetensors
+plait run out/ --repeat 10 > results.txt            # results on stdout, logs on stderr
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
+from plait import DEFAULT_PIPELINE, PlaitError, __version__
+
 EXAMPLES_TEXT = __doc__.split("\n\n", 1)[1]
 
 
-def _console():
+class UsageError(PlaitError):
+    """Flags that do not go together: exit code 2, as for argparse's own errors."""
+
+
+def _console(stderr: bool = True):
+    """stderr for logs and progress, stdout for results."""
     from rich.console import Console
 
-    return Console(stderr=True, soft_wrap=True)
+    return Console(stderr=stderr, soft_wrap=True, highlight=False)
+
+
+def _check_device(device: str | None) -> None:
+    import torch
+
+    if device is None:
+        return
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise UsageError(
+            f"--device {device}: not a torch device (e.g. cpu, cuda, cuda:1)"
+        ) from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise PlaitError(
+            f"--device {device}: CUDA is not available in this torch build ({torch.__version__})"
+            if torch.version.cuda is None
+            else f"--device {device}: this machine has no CUDA device that torch can see"
+        )
 
 
 def _status(console, text: str):
@@ -31,10 +59,10 @@ def _status(console, text: str):
     return console.status(text) if console.is_terminal else nullcontext()
 
 
-def _add_ir_options(parser: argparse.ArgumentParser) -> None:
+def _add_ir_options(parser: argparse.ArgumentParser, default: str) -> None:
     group = parser.add_argument_group("pass pipeline")
     group.add_argument(
-        "--pipeline", default=None, help="passes to run, e.g. 'canonicalize,cse,dce'"
+        "--pipeline", default=None, help=f"passes to run, e.g. 'canonicalize,cse,dce' ({default})"
     )
     group.add_argument(
         "--print-ir-after-all", action="store_true", help="print the IR after each pass (stderr)"
@@ -88,24 +116,24 @@ def cmd_compile(args) -> int:
     from plait.runtime.artifact import import_trusted
 
     console = _console()
-    pipeline = args.pipeline or plait.DEFAULT_PIPELINE
+    pipeline = args.pipeline if args.pipeline is not None else DEFAULT_PIPELINE
+    _check_device(args.device)
     start = time.perf_counter()
     import_trusted(args.trusted_ops)
     if args.model is not None and args.model.endswith(".mlir"):
         if args.generate:
-            console.print("error: --generate captures a Hugging Face causal LM (a checkpoint "
-                          "directory or --example), not IR text", style="red")  # fmt: skip
-            return 2
+            raise UsageError("--generate captures a Hugging Face causal LM (a checkpoint "
+                             "directory or --example), not IR text")  # fmt: skip
         compiled = _compile_ir_file(args, pipeline, console)
     else:
         with _status(console, "loading the model"):
-            loaded = load_model(
-                args.model, args.example, args.batch, args.seq, not args.static, args.meta
-            )
+            loaded = load_model(args.model, args.example, args.batch, args.seq, not args.static,
+                                args.meta, args.task, args.random_weights)  # fmt: skip
+        console.print(f"loaded {loaded.description}", markup=False)
         with _status(console, f"capturing and compiling {loaded.description}"):
             if args.generate:
                 compiled = plait.compile_generation(
-                    _causal_lm(loaded.model),
+                    _causal_lm(loaded.model, "--generate"),
                     batch=args.batch,
                     max_length=args.max_length,
                     pipeline=pipeline,
@@ -138,8 +166,7 @@ def cmd_compile(args) -> int:
         _write(args.output, text)
     else:
         if args.output is None:
-            console.print("error: --emit artifact needs -o DIR", style="red")
-            return 2
+            raise UsageError("--emit artifact needs -o DIR")
         with _status(console, f"saving {args.output}"):
             compiled.save(args.output)
             if args.generate and args.model is not None:
@@ -155,11 +182,18 @@ def cmd_compile(args) -> int:
     return 0
 
 
-def _causal_lm(model):
-    """The `transformers` model inside plait's forward wrapper."""
+def _causal_lm(model, flag: str):
+    """The `transformers` causal LM inside plait's task wrapper."""
     from plait.frontend import hf
 
-    return model.model if isinstance(model, hf.CausalLM) else model
+    if not isinstance(model, hf.TaskModel):
+        return model
+    if model.task != "causal-lm":
+        raise UsageError(
+            f"{flag} decodes a causal LM, and this model is a {type(model.model).__name__} "
+            f"({model.task}), not a causal LM"
+        )
+    return model.model
 
 
 # files of a Hugging Face tokenizer, copied next to a generation artifact
@@ -216,31 +250,31 @@ def _prompts(args, compiled):
     return ids, mask, tokenizer
 
 
-def _run_generate(args, compiled, console) -> int:
+def _run_generate(args, compiled, out) -> int:
     import statistics
 
     if not args.prompt and not args.prompt_ids:
-        console.print("error: --generate needs --prompt-ids IDS or --prompt TEXT", style="red")
-        return 2
+        raise UsageError("--generate needs --prompt-ids IDS or --prompt TEXT")
     ids, mask, tokenizer = _prompts(args, compiled)
     options = dict(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed)  # fmt: skip
+    # a warm-up (prefill and one decode step) first: the timed runs are warm
+    compiled.generate(ids, min(2, args.max_new_tokens), mask, **options)
     times = []
     for _ in range(max(1, args.repeat)):
         start = time.perf_counter()
-        out = compiled.generate(ids, args.max_new_tokens, mask, **options)
+        tokens = compiled.generate(ids, args.max_new_tokens, mask, **options)
         times.append(time.perf_counter() - start)
-    new = out[:, ids.shape[1] :]
+    new = tokens[:, ids.shape[1] :]
     for row in range(len(ids)):
-        tokens = new[row].tolist()
-        console.print(f"sequence {row}: {','.join(map(str, tokens))}", highlight=False)
+        sequence = new[row].tolist()
+        out.print(f"sequence {row}: {','.join(map(str, sequence))}")
         if tokenizer is not None:
-            console.print(f"  {tokenizer.decode(tokens, skip_special_tokens=True)}", markup=False)
+            out.print(f"  {tokenizer.decode(sequence, skip_special_tokens=True)}", markup=False)
     seconds = statistics.median(times)
-    console.print(
-        f"generated {new.numel()} tokens in {seconds * 1e3:.1f} ms (median of {len(times)}): "
-        f"{new.numel() / seconds:.1f} tokens/s",
-        highlight=False,
+    out.print(
+        f"generated {new.numel()} tokens in {seconds * 1e3:.1f} ms (median of {len(times)} "
+        f"after a warm-up): {new.numel() / seconds:.1f} tokens/s"
     )
     return 0
 
@@ -281,19 +315,28 @@ def cmd_opt(args) -> int:
 
     if args.list_passes:
         for name in registry.names():
-            print(f"{name:<16} {registry.get(name).summary}")
+            cls = registry.get(name)
+            print(f"{name:<16} {cls.summary}")
+            options = ", ".join(_option_text(f) for f in dataclasses.fields(cls))
+            if options:
+                print(f"{'':<16} options: {options}")
         return 0
     if args.file is None:
-        print("error: plait opt needs an IR FILE (or - for stdin)", file=sys.stderr)
-        return 2
+        raise UsageError("plait opt needs an IR FILE (or - for stdin)")
+    manager = PassManager.parse(args.pipeline or "", **_pm_options(args))
     text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
     module = parse_module(text, "<stdin>" if args.file == "-" else args.file)
-    manager = PassManager.parse(args.pipeline or "", **_pm_options(args))
     manager.run(module)
     if args.time_passes:
         print(manager.report(), file=sys.stderr)
     _write(args.output, print_module(module))
     return 0
+
+
+def _option_text(field) -> str:
+    """A pass option as the pipeline text spells it, with its default: group=0."""
+    default = field.default
+    return f"{field.name.replace('_', '-')}={default if default != '' else repr(default)}"
 
 
 def _generated_inputs(compiled, dims: dict[str, int]):
@@ -334,7 +377,8 @@ def cmd_run(args) -> int:
     import torch
     from plait.runtime import launch
 
-    console = _console()
+    console, out = _console(), _console(stderr=False)
+    _check_device(args.device)
     device = args.device or "cpu"
     if args.nproc > 1 and not launch.under_launcher():
         argv = [a for a in sys.argv[1:] if not a.startswith("--nproc")]
@@ -347,13 +391,15 @@ def cmd_run(args) -> int:
         device = launch.join(device)
         rank = torch.distributed.get_rank()
     if rank != 0:
-        console.quiet = True  # rank 0 reports for all
+        console.quiet = out.quiet = True  # rank 0 reports for all
     with _status(console, f"loading {args.artifact}"):
         compiled = plait.load(
             args.artifact, device=device, trusted_ops=args.trusted_ops, verify=args.verify
         )
     if args.generate:
-        return _run_generate(args, compiled, console)
+        if args.trace:
+            raise UsageError("--trace times one call of the model's program, not --generate")
+        return _run_generate(args, compiled, out)
     if args.inputs:
         from plait.ir.weights import WeightStore
 
@@ -381,27 +427,32 @@ def cmd_run(args) -> int:
                 )
             dims[name] = int(value)
         inputs = _generated_inputs(compiled, dims)
+    if args.trace and compiled.world_size > 1 and not launch.under_launcher():
+        raise UsageError(
+            f"--trace times each rank's program; run the {compiled.world_size} ranks of this "
+            f"plan under torchrun: add --nproc {compiled.world_size}"
+        )
     times = []
     with torch.inference_mode():
+        compiled(*inputs)  # a warm-up: the timed runs are warm
         for _ in range(max(1, args.repeat)):
             start = time.perf_counter()
             outputs = compiled(*inputs)
             times.append(time.perf_counter() - start)
     flat = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
     for name, x in zip(compiled.input_names, inputs):
-        console.print(
-            f"input  {name}: {tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}",
-            highlight=False,
-        )
+        out.print(f"input  {name}: {tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}")
     for i, y in enumerate(flat):
         summary = f"output {i}: {tuple(y.shape)} {str(y.dtype).removeprefix('torch.')}"
         if y.is_floating_point():
             summary += f" mean={y.float().mean().item():.6g} std={y.float().std().item():.6g}"
-        console.print(summary, highlight=False)
-    console.print(
-        f"time: median {statistics.median(times) * 1e3:.3f} ms over {len(times)} run(s)",
-        highlight=False,
+        out.print(summary)
+    out.print(
+        f"time: median {statistics.median(times) * 1e3:.3f} ms over {len(times)} run(s) "
+        "after a warm-up"
     )
+    if args.trace:
+        _write_measured_trace(args.trace, compiled, inputs, rank, console)
     if args.output and rank == 0:
         from safetensors.torch import save_file
 
@@ -409,9 +460,28 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _write_measured_trace(path: str, compiled, inputs, rank: int, console) -> None:
+    """One more run, timed op by op, as a Chrome trace: every rank's under torchrun."""
+    import torch
+
+    from plait.runtime.profile import op_events, write_trace
+
+    events = op_events(compiled.program, [x.to(compiled.device) for x in inputs], rank)
+    if torch.distributed.is_initialized():
+        gathered = [None] * torch.distributed.get_world_size() if rank == 0 else None
+        torch.distributed.gather_object(events, gathered, dst=0)
+        events = [e for part in gathered or [] for e in part]
+    if rank == 0:
+        write_trace(path, events)
+        console.print(f"wrote the measured per-op trace to {path} (open it in ui.perfetto.dev)")
+
+
 def _estimate_module(args, console):
-    """The IR to estimate: from an artifact, an IR file, or a captured model (on meta)."""
+    """The IR to estimate: from an artifact, an IR file, or a captured model (on
+    meta); with --decode, a causal LM's @prefill and @decode programs, so that
+    its KV cache is counted."""
     from plait.frontend.capture import capture
+    from plait.frontend.decoding import capture_generation
     from plait.frontend.importer import import_program
     from plait.frontend.model_spec import load_model
     from plait.ir.text import parse_module
@@ -423,17 +493,51 @@ def _estimate_module(args, console):
         if path.suffix == ".mlir":
             return parse_module(path.read_text(), str(path)), None
     with _status(console, "capturing the model"):
-        loaded = load_model(
-            args.model, args.example, max(args.batch, 2), max(args.seq, 2), True, meta=True
-        )
-        module, weights = import_program(
-            capture(loaded.model, loaded.example_inputs, loaded.dynamic_shapes)
-        )
-    return module, weights
+        # the sizes of the example only; the plan's symbols span the model's ranges
+        loaded = load_model(args.model, args.example, max(args.batch, 2), 16, True, meta=True,
+                            task=args.task)  # fmt: skip
+        if args.decode:
+            model = _causal_lm(loaded.model, "--decode")
+            longest = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+            context = args.context or args.seq or min(DEFAULT_SEQ, longest or DEFAULT_SEQ)
+            return capture_generation(model, args.batch, context)
+        return import_program(capture(loaded.model, loaded.example_inputs, loaded.dynamic_shapes))
+
+
+DEFAULT_SEQ = 2048  # estimate's --seq, where the plan reaches it
+
+
+def _functions(plan) -> list[str]:
+    return [op.sym_name.data for op in plan.ops if getattr(op, "sym_name", None)]
+
+
+def _estimate_values(args, plan, dims: dict[str, int]) -> dict[str, int]:
+    """The size symbols' values, from the flags; refused outside the plan's ranges."""
+    from plait.passes.estimate import check_ranges
+
+    symbols = plan.attributes.get("plait.symbols")
+    ranges = symbols.ranges if symbols is not None else {}
+    # the sequence symbol: a forward's seq, a generation plan's prompt and context
+    longest = next((ranges[n][1] for n in ("seq", "prompt", "context") if n in ranges), None)
+    seq = args.seq if args.seq is not None else min(DEFAULT_SEQ, longest or DEFAULT_SEQ)
+    given = {"batch": (args.batch, "--batch"), "seq": (seq, "--seq"), "prompt": (seq, "--seq"),
+             "context": (args.context, "--context") if args.context else (seq, "--seq")}  # fmt: skip
+    values = {k: v for k, (v, _) in given.items() if k in ranges}
+    flags = {k: flag for k, (_, flag) in given.items()}
+    values.update(dims)
+    flags.update({name: "--dim" for name in dims})
+    check_ranges(plan, values, flags)
+    return values
+
+
+def _mesh_text(plan) -> str:
+    from plait.ir.attrs import MESH_ATTR
+
+    attr = plan.attributes.get(MESH_ATTR)
+    return ",".join(f"{a}:{n}" for a, n in attr.axes.items()) if attr else "none (one device)"
 
 
 def cmd_estimate(args) -> int:
-    from plait import DEFAULT_PIPELINE, PlaitError
     from plait.hardware import load
     from plait.ir.attrs import mesh_from_text
     from plait.passes.estimate import Target, estimate
@@ -445,34 +549,37 @@ def cmd_estimate(args) -> int:
     hardware = load(args.hardware)  # fail fast on an unknown name
     import_trusted(args.trusted_ops)
     mesh = mesh_from_text(args.mesh) if args.mesh else {}
-    values = {"batch": args.batch, "seq": 1 if args.decode else args.seq}
+    dims = {}
     for item in args.dim:
         name, _, value = item.partition("=")
         if not value.isdigit():
-            raise PlaitError(f"--dim expects NAME=SIZE, got '{item}'")
-        values[name] = int(value)
-    context = (args.context or args.seq) if args.decode else None
+            raise UsageError(f"--dim expects NAME=SIZE, got '{item}'")
+        dims[name] = int(value)
     pipelines = [args.pipeline if args.pipeline is not None else DEFAULT_PIPELINE]
     if args.compare is not None:
         pipelines.append(args.compare)
     managers = [PassManager.parse(p, **_pm_options(args)) for p in pipelines]
     module, weights = _estimate_module(args, console)
-    results = []
+    results, meshes = [], []
     for manager in managers:
         plan = module.clone() if len(managers) > 1 else module
         manager.run(plan, weights)
-        symbols = plan.attributes.get("plait.symbols")
-        known = {k: v for k, v in values.items() if symbols is not None and k in symbols.ranges}
         # a generation plan: @decode for --decode, else @prefill of a --seq prompt
-        has_decode = any(getattr(op, "sym_name", None) and op.sym_name.data == "decode"
-                         for op in plan.ops)  # fmt: skip
-        function = "decode" if args.decode and has_decode else None
-        if symbols is not None and "prompt" in symbols.ranges:  # cache slots read: context
-            known.update(prompt=args.seq, context=context or args.seq)
-        results.append(estimate(plan, Target(hardware, mesh, known, context), function))
+        if args.decode and "decode" not in _functions(plan):
+            raise PlaitError(
+                f"--decode estimates a @decode program, whose KV cache it counts, and "
+                f"{args.model} has only @{', @'.join(_functions(plan))}; compile it with "
+                "--generate, or estimate the Hugging Face model (directory or --example) itself"
+            )
+        values = _estimate_values(args, plan, dims)
+        context = values.get("context", args.context or values.get("seq")) if args.decode else None
+        function = "decode" if args.decode else None
+        results.append(estimate(plan, Target(hardware, mesh, values, context), function))
+        meshes.append(_mesh_text(plan))
     mode = f"decode, context {context}" if args.decode else "prefill"
+    mesh_text = meshes[0] if len(set(meshes)) == 1 else " vs ".join(meshes)
     print(f"{hardware.name}: {hardware.description}")
-    print(f"mesh {mesh or {}}, {mode}, " + ", ".join(f"{k}={v}" for k, v in values.items()))
+    print(f"mesh {mesh_text}, {mode}, " + ", ".join(f"{k}={v}" for k, v in values.items()))
     print()
     if len(results) == 1:
         print(render(results[0], args.group))
@@ -506,20 +613,35 @@ def cmd_calibrate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from plait.frontend.hf import TASKS
+
     parser = argparse.ArgumentParser(
         prog="plait",
-        description="plait: compile PyTorch models into per-rank programs.",
+        description="plait: compile PyTorch models into per-rank programs. Results go to "
+        "stdout; logs, progress and errors to stderr.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n" + EXAMPLES_TEXT,
     )
+    parser.add_argument("--version", action="version", version=f"plait {__version__}")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    # --debug after the command too; SUPPRESS keeps the value given before it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help=DEBUG_HELP)  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
+    default = f"default: {DEFAULT_PIPELINE}"
 
     p = sub.add_parser(
         "compile",
+        parents=[common],
         help="capture a model, run passes, write an artifact",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="MODEL is path/to/file.py:factory (returning (model, example_inputs[, dynamic_shapes])),\n"
-        "a Hugging Face config/checkpoint directory, or an IR file (.mlir, with --weights).",
+        "a Hugging Face checkpoint directory, or an IR file (.mlir, with --weights).\n"
+        f"The default pipeline is {DEFAULT_PIPELINE}.\n\n"
+        "A Hugging Face directory compiles the model class of its task, from config.json's\n"
+        "architectures or --task; the compiled model takes (input_ids, attention_mask) and returns:\n"
+        + "".join(f"  {task:<24} {t.output} ({t.auto_class})\n" for task, t in TASKS.items()),
     )
     p.add_argument("model", nargs="?", metavar="MODEL")
     p.add_argument(
@@ -547,6 +669,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--meta", action="store_true", help="build a Hugging Face MODEL on meta (IR only)"
     )
     p.add_argument("--weights", help="safetensors weights for an IR-file MODEL")
+    p.add_argument("--task", choices=list(TASKS),
+                   help="the model class of a Hugging Face MODEL (default: from config.json's "
+                        "architectures)")  # fmt: skip
+    p.add_argument("--random-weights", dest="random_weights", action="store_true",
+                   help="compile a Hugging Face config that has no weights with random ones")  # fmt: skip
     p.add_argument("--device", help="device to run on (default: the weights' device)")
     _add_trust_option(p)
     group = p.add_argument_group("generation (a Hugging Face causal LM)")
@@ -555,17 +682,18 @@ def build_parser() -> argparse.ArgumentParser:
                             "sequences")  # fmt: skip
     group.add_argument("--max-length", dest="max_length", type=int, default=256,
                        help="KV cache length: prompt plus new tokens")  # fmt: skip
-    _add_ir_options(p)
+    _add_ir_options(p, default)
     p.set_defaults(func=cmd_compile)
 
-    p = sub.add_parser("opt", help="run passes on IR text, like mlir-opt")
+    p = sub.add_parser("opt", parents=[common], help="run passes on IR text, like mlir-opt")
     p.add_argument("file", nargs="?", metavar="FILE", help="IR file, or - for stdin")
     p.add_argument("-o", "--output", help="output file (default stdout)")
-    p.add_argument("--list-passes", action="store_true", help="list the registered passes")
-    _add_ir_options(p)
+    p.add_argument("--list-passes", action="store_true",
+                   help="list the registered passes with their options and defaults")  # fmt: skip
+    _add_ir_options(p, f"default: none; compile and estimate run {DEFAULT_PIPELINE}")
     p.set_defaults(func=cmd_opt)
 
-    p = sub.add_parser("run", help="run an artifact on given or generated inputs")
+    p = sub.add_parser("run", parents=[common], help="run an artifact on given or generated inputs")
     p.add_argument("artifact", metavar="DIR")
     p.add_argument("--inputs", help="safetensors file with one tensor per input name")
     p.add_argument(
@@ -576,7 +704,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="size symbol for generated inputs, e.g. seq=32",
     )
     p.add_argument("--output", help="write outputs to this safetensors file")
-    p.add_argument("--repeat", type=int, default=1, help="run N times and report the median time")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="after a warm-up run, time N runs and report the median")  # fmt: skip
     p.add_argument("--device", help="device to run on (default cpu)")
     p.add_argument("--trace", help="write a measured per-op trace (Chrome trace JSON)")
     _add_trust_option(p)
@@ -610,6 +739,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "estimate",
+        parents=[common],
         help="predict time, memory and communication on target hardware",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
@@ -622,12 +752,13 @@ def build_parser() -> argparse.ArgumentParser:
         "model", nargs="?", metavar="MODEL", help="model spec, artifact directory or .mlir"
     )
     p.add_argument("--example", help="a bundled example")
+    p.add_argument("--task", choices=list(TASKS), help="as for compile")
     p.add_argument("--hardware", default="h100-sxm", help="hardware name or .toml file")
     p.add_argument("--mesh", help="check the plan's device mesh, e.g. tp:8 (shard with --pipeline)")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument(
-        "--seq", type=int, default=2048, help="prompt length (prefill) or default context"
-    )
+    p.add_argument("--seq", type=int,
+                   help="prompt length (prefill) or default context (default: 2048, or the "
+                        "plan's largest if smaller)")  # fmt: skip
     p.add_argument(
         "--dim", action="append", default=[], metavar="NAME=SIZE", help="other size symbols"
     )
@@ -639,23 +770,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group", choices=["family", "module"], default="family")
     p.add_argument("--trace", help="write the simulated schedule (Chrome trace JSON)")
     _add_trust_option(p)
-    _add_ir_options(p)
+    _add_ir_options(p, default)
     p.set_defaults(func=cmd_estimate)
 
-    p = sub.add_parser("calibrate", help="measure this machine and write a hardware file")
+    p = sub.add_parser("calibrate", parents=[common],
+                       help="measure this machine and write a hardware file")  # fmt: skip
     p.add_argument("-o", "--output", default="plait-cpu.toml")
     p.set_defaults(func=cmd_calibrate)
     return parser
 
 
+DEBUG_HELP = "show the Python traceback of an error"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from plait.ir.errors import PlaitError
-
     try:
         return args.func(args)
     except (PlaitError, OSError) as exc:  # OSError: a file named on the command line
+        if args.debug:
+            raise
         print(f"plait: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, UsageError) else 1
+    except Exception as exc:  # a bug in plait (or a library) that no check caught
+        if args.debug:
+            raise
+        print(f"plait: internal error: {type(exc).__name__}: {exc} (rerun with --debug for "
+              "the traceback)", file=sys.stderr)  # fmt: skip
         return 1
 
 

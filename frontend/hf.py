@@ -1,10 +1,19 @@
 """Hugging Face `transformers` models, captured unchanged.
 
 `wrap(model)` bakes the keyword arguments export needs into a small module:
-`use_cache=False` (a DynamicCache output cannot be exported), an explicit
-`attention_mask` (which keeps packed-sequence detection ops out of the graph)
-and logits as the only output. State-dict names and module paths stay those of
-the Hugging Face model ("model.layers.0.mlp.up_proj.weight").
+`use_cache=False` where the model has a cache (a DynamicCache output cannot be
+exported), an explicit `attention_mask` (all ones when only `input_ids` are
+given; it keeps packed-sequence detection ops out of the graph) and one tensor
+as the output, chosen by the model's task:
+
+    causal-lm                logits             [batch, seq, vocab]
+    masked-lm                logits             [batch, seq, vocab]
+    sequence-classification  logits             [batch, labels]
+    token-classification     logits             [batch, seq, labels]
+    feature-extraction       last_hidden_state  [batch, seq, hidden]  (the base model)
+
+State-dict names and module paths stay those of the Hugging Face model
+("model.layers.0.mlp.up_proj.weight").
 
     model = LlamaForCausalLM(config)
     compiled = plait.compile(hf.wrap(model), hf.example_inputs(model, batch=2, seq=16),
@@ -13,27 +22,99 @@ the Hugging Face model ("model.layers.0.mlp.up_proj.weight").
 
 from __future__ import annotations
 
+import inspect
+import sys
+from typing import NamedTuple
+
 import torch
 from torch.export import Dim
 
+from ..ir.errors import PlaitError
 
-class CausalLM(torch.nn.Module):
-    """(input_ids, attention_mask) -> logits of a `*ForCausalLM` model."""
+
+class Task(NamedTuple):
+    auto_class: str  # the transformers Auto class that builds the model
+    mapping: str  # transformers' table of its class names, per model type
+    output: str  # the field of the model's output the compiled model returns
+
+
+TASKS = {
+    "causal-lm": Task("AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "logits"),
+    "masked-lm": Task("AutoModelForMaskedLM", "MODEL_FOR_MASKED_LM_MAPPING_NAMES", "logits"),
+    "sequence-classification": Task("AutoModelForSequenceClassification",
+                                    "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "logits"),
+    "token-classification": Task("AutoModelForTokenClassification",
+                                 "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", "logits"),
+    "feature-extraction": Task("AutoModel", "MODEL_MAPPING_NAMES", "last_hidden_state"),
+}  # fmt: skip
+
+
+class HFModelError(PlaitError):
+    pass
+
+
+def _class_names(task: str) -> dict[str, str]:
+    """model type -> class names of `task` ("bert" -> "BertModel")."""
+    from transformers.models.auto import modeling_auto
+
+    table = getattr(modeling_auto, TASKS[task].mapping)
+    return {kind: names if isinstance(names, str) else " ".join(names)
+            for kind, names in table.items()}  # fmt: skip
+
+
+def task_of(class_name: str) -> str | None:
+    """The task of a transformers model class ("BertModel" -> "feature-extraction"),
+    None if it is none of TASKS."""
+    for task in TASKS:
+        if any(class_name in names.split() for names in _class_names(task).values()):
+            return task
+    return None
+
+
+def has_task(model_type: str, task: str) -> bool:
+    """Whether transformers has a `task` class for `model_type` ("bert", "llama")."""
+    return model_type in _class_names(task)
+
+
+def is_transformers_model(model) -> bool:
+    transformers = sys.modules.get("transformers")  # never imported just to ask
+    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
+
+
+class TaskModel(torch.nn.Module):
+    """(input_ids[, attention_mask]) -> the task's output tensor (see TASKS)."""
 
     # the wrapper's own prefix, stripped from names and locations on import
     plait_prefix = "model."
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, task: str):
         super().__init__()
         self.model = model
+        self.task = task
+        self.output = TASKS[task].output
+        # encoders have no cache to turn off
+        parameters = inspect.signature(model.forward).parameters
+        self.options = {"use_cache": False} if "use_cache" in parameters else {}
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return out.logits if hasattr(out, "logits") else out[0]
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **self.options)
+        return getattr(out, self.output)
 
 
-def wrap(model: torch.nn.Module) -> CausalLM:
-    return CausalLM(model)
+def wrap(model: torch.nn.Module, task: str | None = None) -> TaskModel:
+    """`model` in the wrapper of `task`, by default the task of its class."""
+    name = type(model).__name__
+    if task is None:
+        task = task_of(name)
+    if task not in TASKS:
+        raise HFModelError(
+            f"{name} is not a transformers model of a task plait compiles ("
+            f"{', '.join(TASKS)}); name one with hf.wrap(model, task=...), or wrap the model "
+            "in a module whose forward returns tensors"
+        )
+    return TaskModel(model, task)
 
 
 def example_inputs(model: torch.nn.Module, batch: int = 2, seq: int = 16, device=None):
@@ -54,3 +135,22 @@ def dynamic_shapes(max_batch: int = 64, max_seq: int = 4096, batch: bool = True,
     if seq:
         dims[1] = Dim("seq", min=2, max=max_seq)
     return {"input_ids": dims, "attention_mask": dims}
+
+
+def prepare(model, example_inputs, dynamic_shapes):
+    """A transformers model given to `plait.compile` as it is: wrapped for its
+    task (what `wrap` does), called on (input_ids[, attention_mask])."""
+    example_inputs = tuple(example_inputs)
+    if not 1 <= len(example_inputs) <= 2:
+        raise HFModelError(
+            f"plait.compile calls a transformers model on (input_ids[, attention_mask]), got "
+            f"{len(example_inputs)} inputs; for others, wrap the model in a module that takes "
+            "them and returns tensors"
+        )
+    if isinstance(dynamic_shapes, dict) and "input_ids" in dynamic_shapes:
+        given = len(example_inputs) == 2
+        if given and "attention_mask" not in dynamic_shapes:  # the mask has the ids' dims
+            dynamic_shapes = {**dynamic_shapes, "attention_mask": dynamic_shapes["input_ids"]}
+        if not given:
+            dynamic_shapes = {"input_ids": dynamic_shapes["input_ids"]}
+    return wrap(model), example_inputs, dynamic_shapes

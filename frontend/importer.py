@@ -403,12 +403,15 @@ class _Importer:
             elif node.op == "call_function":
                 self.import_call(node)
             elif node.op == "output":
-                for out in node.args[0]:
+                for position, out in enumerate(node.args[0]):
                     value = self.lookup(out)
                     if not isinstance(value, SSAValue):
+                        node_value = out.meta.get("val") if hasattr(out, "meta") else out
+                        shown = getattr(out, "name", None) or repr(out)
                         raise GraphImportError(
-                            f"output {getattr(out, 'name', out)!r} is not a tensor; plait "
-                            "programs return tensors"
+                            f"output {position} of the model is {shown} "
+                            f"({type(node_value).__name__}), not a tensor; plait programs "
+                            "return tensors only"
                         )
                     outputs.append(value)
             else:

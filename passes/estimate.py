@@ -221,6 +221,23 @@ def estimate(module: ModuleOp, target: Target, function: str | None = None) -> E
     return Estimate(target, rows, schedule, formulas)
 
 
+def check_ranges(module: ModuleOp, values: dict[str, int], sources: dict[str, str] | None = None):
+    """Refuse sizes outside the ranges the plan was compiled for: its programs
+    never run at them (the call-time checks refuse such inputs), so a cost there
+    would describe no run. `sources` says where each value came from (a flag)."""
+    symbols = module.attributes.get(SYMBOLS_ATTR)
+    ranges = symbols.ranges if symbols is not None else {}
+    for name, value in values.items():
+        lo, hi = ranges.get(name, (None, None))
+        if lo is not None and (value < lo or (hi is not None and value > hi)):
+            source = f" (from {sources[name]})" if sources and name in sources else ""
+            raise EstimateError(
+                f"size symbol '{name}' = {value}{source} is outside the range "
+                f"[{lo}, {hi if hi is not None else 'inf'}] the plan was compiled for; estimate "
+                "a size in that range, or recompile the model for a wider one"
+            )
+
+
 def op_dtype(op: Operation) -> str:
     """The floating dtype an op computes in (its first float result or operand),
     else its result's type (a mask, indices), else f32."""

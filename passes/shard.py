@@ -124,6 +124,18 @@ class ShardError(PlaitError):
     pass
 
 
+def _unrepeated(value: SSAValue) -> SSAValue:
+    """Keys or values before transformers' repeat_kv (unsqueeze(x, 2), expand,
+    reshape), which copies each kv head for its query heads; else `value`."""
+    source = value
+    for target in ("aten::reshape", "aten::expand", "aten::unsqueeze"):
+        op = source.owner
+        if not isinstance(op, CallOp) or op.target_name != target:
+            return value
+        source = op.inputs[0]
+    return source
+
+
 class _Sharder:
     """Shards one mesh axis. Along a tensor axis weights split (Megatron);
     along a data axis (`data`) the inputs split on their batch dim and
@@ -322,8 +334,9 @@ class _Sharder:
             heads = [t.shape[1] for t in types[:3]]  # query, key, value: [batch, heads, ...]
             if any(not divides(h, self.n) for h in heads):
                 fits = sizes_that_split(*heads)
+                kv_heads = self._full_type(_unrepeated(op.inputs[1])).shape[1]  # key
                 self.replicated_attention.append(
-                    f"{module_path(op) or where(op)}: {heads[0]} query and {heads[1]} kv heads "
+                    f"{module_path(op) or where(op)}: {heads[0]} query and {kv_heads} kv heads "
                     f"do not split over {self.n} ranks (sizes that do: "
                     f"{', '.join(map(str, fits)) or 'none'})"
                 )

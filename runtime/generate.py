@@ -77,8 +77,10 @@ def check_request(
         )
     if max_new_tokens < 1:
         raise GenerateError(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
+    if prompt < 1:
+        raise GenerateError("the prompt is empty; give each sequence at least one token")
     needed = prompt + max_new_tokens - 1  # the last new token is never fed back
-    if prompt < 1 or needed > max_length:
+    if needed > max_length:
         raise GenerateError(
             f"a prompt of {prompt} tokens plus {max_new_tokens} new tokens needs {needed} cache "
             f"slots, but the cache holds {max_length}; compile with max_length >= {needed}, or "

@@ -2,19 +2,26 @@
 
 A program is compiled for input dtypes, ranks, static sizes and ranges of its
 size symbols. Anything else is rejected before running, with a message that
-names the input and dim and says how to recompile.
+names the input and dim and says how to recompile; so are meta tensors (no
+data) and token ids outside the embedding table they index.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import sympy
 import torch
+from xdsl.dialects import func
+from xdsl.ir import BlockArgument, OpResult, SSAValue
 
 from ..ir import symbolic
+from ..ir.attrs import PLACEMENTS_ATTR
 from ..ir.dtypes import TORCH_NAMES
 from ..ir.errors import PlaitError
+from ..ir.ops import EmbeddingOp, LocalShardOp, ParamOp, ReshapeOp
+from ..ir.text import module_path
 from ..ir.types import TensorType
 
 
@@ -63,6 +70,11 @@ def check_inputs(
     for name, type_, value in zip(names, types, inputs):
         if not isinstance(value, torch.Tensor):
             raise InputError(f"input '{name}' must be a tensor, got {type(value).__name__}")
+        if value.is_meta:
+            raise InputError(
+                f"input '{name}' is a meta tensor, which holds no data; call the model on real "
+                "tensors (meta tensors serve to compile without allocating)"
+            )
         expected = TORCH_NAMES[type_.dtype]
         actual = str(value.dtype).removeprefix("torch.")
         if actual != expected:
@@ -116,3 +128,71 @@ def check_inputs(
                         f"{symbolic.to_text(dim)} = {expected}"
                     )
     return values
+
+
+# a vocab-parallel lookup (shard's `vocab_parallel_lookup`) shifts the ids into
+# this rank's rows, where(held, ids - start, 0): the operand that carries the ids
+_VOCAB_SHIFT = {"aten::where.ScalarOther": 1, "aten::sub.Tensor": 0}
+
+
+def token_id_limits(fn: func.FuncOp, mesh: Mapping[str, int]) -> dict[int, tuple[int, str]]:
+    """Inputs whose values index an embedding table (directly, or through views
+    and a data axis's batch slice): input position -> (the table's rows, the
+    embedding's module path)."""
+    block = fn.body.blocks.first
+    limits: dict[int, tuple[int, str]] = {}
+    for op in block.ops:
+        if not isinstance(op, EmbeddingOp):
+            continue
+        table, ids = op.input_of(op.arg("weight")), op.input_of(op.arg("indices"))
+        if table is None or ids is None or not isinstance(table.owner, ParamOp):
+            continue
+        rows, sharded = _table_rows(table.owner, mesh)
+        source = _input_of(ids, sharded)
+        if source is not None and source.block is block and isinstance(rows, int):
+            if source.index not in limits or rows < limits[source.index][0]:
+                limits[source.index] = (rows, module_path(op) or "the embedding")
+    return limits
+
+
+def _table_rows(param: ParamOp, mesh: Mapping[str, int]) -> tuple[int, bool]:
+    """The whole table's rows, and whether the ranks hold slices of them."""
+    rows = param.result.type.shape[0]
+    placements = param.attributes.get(PLACEMENTS_ATTR)
+    if placements is None:
+        return rows, False
+    parts = math.prod(n for n, p in zip(mesh.values(), placements.data)
+                      if p.kind == "shard" and p.dim == 0)  # fmt: skip
+    return rows * parts, parts > 1
+
+
+def _input_of(value: SSAValue, vocab_parallel: bool) -> BlockArgument | None:
+    """The function input whose values `value` holds, else None."""
+    while isinstance(value, OpResult):
+        op = value.owner
+        target = getattr(op, "target_name", None)
+        if isinstance(op, (ReshapeOp, LocalShardOp)):
+            value = op.operands[0]
+        elif vocab_parallel and target in _VOCAB_SHIFT:
+            value = op.operands[_VOCAB_SHIFT[target]]
+        else:
+            return None
+    return value if isinstance(value, BlockArgument) else None
+
+
+def check_token_ids(
+    names: Sequence[str], limits: Mapping[int, tuple[int, str]], inputs: Sequence
+) -> None:
+    """Raise InputError if an input indexes an embedding table outside its rows
+    (the lookup would fail inside the program, or, split over ranks, read zeros)."""
+    for index, (rows, where) in limits.items():
+        ids = inputs[index]
+        if ids.numel() == 0 or ids.is_floating_point():
+            continue
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= rows:
+            raise InputError(
+                f"input '{names[index]}' holds token id {low if low < 0 else high}, outside "
+                f"[0, {rows - 1}]: it indexes the embedding table of {where}, which has {rows} "
+                "rows (the model's vocabulary); give ids in that range"
+            )

@@ -1,7 +1,8 @@
 """Measured per-op times of a program, and traces in Chrome's event format.
 
     times = profile_ops(program, inputs, repeats=10)   # IR op -> median seconds
-    write_trace("measured.json", measured_events(program, inputs))
+    write_trace("measured.json", measured_events(program, inputs))   # one event per fx node
+    write_trace("ops.json", op_events(program, inputs))   # one per IR op (`plait run --trace`)
 
 Traces open in Perfetto (ui.perfetto.dev) or chrome://tracing; `plait
 estimate --trace` writes the simulated schedule in the same format, one
@@ -115,6 +116,37 @@ def measured_events(program: Program, inputs, rank: int = 0) -> list[TraceEvent]
             node.name, "compute", start - origin, seconds, rank, {"target": str(node.target)}
         )
         for node, start, seconds in spans
+    ]
+
+
+def op_events(program: Program, inputs, rank: int = 0) -> list[TraceEvent]:
+    """One timed run, as one trace event per IR op (the fx nodes it lowers to,
+    summed), named as `plait estimate --trace` names them: family and module
+    path; collectives on the comm lane."""
+    from ..ir.ops import CollectiveOp, WaitOp
+    from ..ir.text import module_path
+    from ..passes.estimate import family
+
+    spans = _spans(program, inputs)
+    origin = spans[0][1] if spans else 0.0
+    per_op: dict[object, list] = {}  # op -> [start, seconds, nodes], in the order ops ran
+    for node, start, seconds in spans:
+        op = node.meta.get(OP_META)
+        if op is None:
+            continue
+        entry = per_op.setdefault(op, [start, 0.0, 0])
+        entry[1] += seconds
+        entry[2] += 1
+    return [
+        TraceEvent(
+            f"{family(op)} {module_path(op)}".strip(),
+            "comm" if isinstance(op, (CollectiveOp, WaitOp)) else "compute",
+            start - origin,
+            seconds,
+            rank,
+            {"op": op.name, "target": getattr(op, "target_name", op.name), "nodes": nodes},
+        )
+        for op, (start, seconds, nodes) in per_op.items()
     ]
 
 

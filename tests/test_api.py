@@ -103,3 +103,72 @@ def test_a_derived_dim_is_named_after_its_root_and_checked_at_call_time():
         compiled(torch.randn(9, 16))
     with pytest.raises(plait.PlaitError, match=r"outside the compiled range"):
         compiled(torch.randn(130, 16))
+
+
+def test_meta_and_out_of_vocabulary_inputs_are_refused_naming_the_input(llama):
+    _, (ids, mask), program = llama
+    with pytest.raises(InputError, match="input 'input_ids' is a meta tensor"):
+        program(ids.to("meta"), mask)
+    bad = ids.clone()
+    bad[1, 3] = 256
+    with pytest.raises(InputError) as info:
+        program(bad, mask)
+    assert str(info.value) == (
+        "input 'input_ids' holds token id 256, outside [0, 255]: it indexes the embedding "
+        "table of model.embed_tokens, which has 256 rows (the model's vocabulary); give ids "
+        "in that range"
+    )
+    with pytest.raises(InputError, match="holds token id -1, outside"):
+        program(ids - 1 - ids, mask)
+
+
+def test_out_of_vocabulary_ids_are_refused_when_ranks_split_the_vocabulary(example):
+    model, inputs, shapes = example("llama-tiny")
+    program = plait.compile(model, inputs, dynamic_shapes=shapes,
+        pipeline="canonicalize,cse,dce,shard{mesh=tp:2,plan=model.embed_tokens:rowwise},dce")  # fmt: skip
+    assert "ids_held" in program.ir  # each rank looks up its half: 300 would read zeros
+    bad = inputs[0].clone()
+    bad[0, 0] = 300
+    with pytest.raises(InputError, match=r"token id 300, outside \[0, 255\]"):
+        program(bad, inputs[1])  # refused before any rank starts
+
+
+@pytest.fixture(scope="module")
+def transformers_models():
+    from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                         num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=1)).eval()  # fmt: skip
+    bert = BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                num_attention_heads=2, intermediate_size=48)).eval()  # fmt: skip
+    return {"llama": (llama, "logits"), "bert": (bert, "last_hidden_state")}
+
+
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_a_transformers_model_compiles_as_it_is(name, transformers_models):
+    from torch.export import Dim
+
+    model, output = transformers_models[name]
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    with torch.no_grad():
+        plain, masked = (getattr(model(input_ids=ids, attention_mask=m), output)
+                         for m in (torch.ones_like(ids), mask))  # fmt: skip
+    only_ids = plait.compile(model, (ids,))  # the mask defaults to ones
+    assert only_ids.input_names == ["input_ids"]
+    assert max_rel_diff(only_ids(ids), plain) <= 1e-5
+    seq = Dim("seq", min=2, max=32)
+    both = plait.compile(model, (ids, mask), dynamic_shapes={"input_ids": {1: seq}})
+    assert max_rel_diff(both(ids, mask), masked) <= 1e-5
+    assert both(ids[:, :5], mask[:, :5]).shape[1] == 5
+
+
+def test_an_empty_prompt_is_one_clear_sentence():
+    from plait.runtime.generate import GenerateError, Sampling, check_request
+
+    with pytest.raises(GenerateError) as info:
+        check_request(2, 16, torch.zeros(2, 0, dtype=torch.long), 4, None, Sampling())
+    assert str(info.value) == "the prompt is empty; give each sequence at least one token"

@@ -165,3 +165,12 @@ def test_in_place_ops_keep_the_updated_tensors_dtype():
     program = plait.compile(model, (x,))
     out, ref = program(x), model(x).detach()
     assert out.dtype == torch.float16 and torch.equal(out, ref)
+
+
+def test_an_output_that_is_not_a_tensor_is_named_by_its_position():
+    class Pair(torch.nn.Module):
+        def forward(self, x):
+            return x * 2, 3
+
+    with pytest.raises(GraphImportError, match=r"output 1 of the model is 3 \(int\), not a tensor"):
+        import_program(capture(Pair(), (torch.randn(2),)))

@@ -286,3 +286,15 @@ def test_an_embedding_splits_by_vocabulary_or_by_dim(style, placement, example, 
         assert '"aten::embedding"(%model.embed_tokens.weight, %ids_held)' in ir
         assert ir.count("plait.all_reduce") == 5  # one more than Megatron's 4
     assert_ranks_match_eager(program, model, tmp_path)
+
+
+def test_the_heads_warning_counts_the_kv_heads_before_transformers_repeats_them():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    with pytest.warns(UserWarning, match=r"4 query and 2 kv heads do not split over 3 ranks "
+                                         r"\(sizes that do: 2, 4\)"):  # fmt: skip
+        plait.compile(hf.wrap(model), hf.example_inputs(model, 2, 8), pipeline="shard{mesh=tp:3}")
