@@ -463,7 +463,6 @@ def cmd_run(args) -> int:
 def _write_measured_trace(path: str, compiled, inputs, rank: int, console) -> None:
     """One more run, timed op by op, as a Chrome trace: every rank's under torchrun."""
     import torch
-
     from plait.runtime.profile import op_events, write_trace
 
     events = op_events(compiled.program, [x.to(compiled.device) for x in inputs], rank)
