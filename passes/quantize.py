@@ -20,20 +20,27 @@ the quantized model is the same at every tensor-parallel degree. A
 row-parallel layer's scale groups must not straddle the shard boundaries:
 its per-rank input width must be a multiple of `group` (checked, with the
 groups that would work in the error).
+
+A layer whose (per-rank) shape PyTorch's weight-only kernels cannot take
+(`quant_linear.kernel_misfit`: int4 wants output features divisible by 16 and
+scale groups of 32-256 features, int8 input features divisible by 16) runs
+dequantize + GEMM on the same quantized weights; the pass warns, naming the
+layers and their sizes.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 from xdsl.context import Context
 from xdsl.dialects.builtin import ModuleOp
 
+from ..customops import quant_linear as kernel
 from ..ir.attrs import REPLICATE, Placement, QuantAttr, shard
 from ..ir.errors import PlaitError
 from ..ir.text import where
-from ..customops import quant_linear as kernel
 from .base import Pass, PassContext
 from .bit_allocation import allocate
 from .easyquant import DEFAULT_SIGMA, Quantized, easyquant, rtn
@@ -90,6 +97,14 @@ def _bucket_outliers(q: Quantized, placement: Placement, parts: int, shape):
         idx[rank, :, :n] = local[:, mine].to(torch.int32)
         val[rank, :n] = value[mine]
     return idx, val
+
+
+def _rank_shape(layer: Layer, shape) -> tuple[int, int]:
+    """The [out, in] part of a layer's weight that each rank holds."""
+    dims = list(shape)
+    if layer.placement.kind == "shard":
+        dims[layer.placement.dim] //= layer.parts
+    return tuple(dims)
 
 
 @dataclass(frozen=True)
@@ -166,6 +181,26 @@ class Quantize(Pass):
             attrs,
         )
 
+    def _warn_misfits(self, layers, weights, chosen) -> None:
+        """One warning naming the layers the weight-only kernels cannot take."""
+        misfits = {}
+        for layer in layers:
+            bits = chosen[layer.module]
+            if bits not in (4, 8) or layer.module in misfits:
+                continue
+            out, cols = _rank_shape(layer, weights[layer.module].shape)
+            reason = kernel.kernel_misfit(bits, out, cols, cols // self.group if self.group else 1)
+            if reason is not None:
+                rank = " per rank" if layer.placement.kind == "shard" else ""
+                misfits[layer.module] = f"{layer.module} ({out} x {cols}{rank}: {reason})"
+        if misfits:
+            warnings.warn(
+                f"quantize: {len(misfits)} layer(s) run dequantize + GEMM on their quantized "
+                f"weights, as the weight-only kernels cannot take their shapes: "
+                f"{'; '.join(misfits.values())}",
+                stacklevel=3,
+            )
+
     def _bits(self, layers, weights, results) -> dict[str, int]:
         """Per layer: the bits to use (the original dtype's bits: keep it)."""
         if not self.size_budget:
@@ -191,6 +226,7 @@ class Quantize(Pass):
             self._check(layer, weights[layer.module])
         results: dict[tuple[str, int], Quantized] = {}
         chosen = self._bits(layers, weights, results)
+        self._warn_misfits(layers, weights, chosen)
         for layer in layers:
             bits = chosen[layer.module]
             if bits not in (4, 8):
