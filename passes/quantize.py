@@ -182,22 +182,25 @@ class Quantize(Pass):
         )
 
     def _warn_misfits(self, layers, weights, chosen) -> None:
-        """One warning naming the layers the weight-only kernels cannot take."""
-        misfits = {}
+        """One warning naming the layers the weight-only kernels cannot take, by reason."""
+        misfits: dict[str, dict[str, str]] = {}  # reason -> module -> its sizes
         for layer in layers:
             bits = chosen[layer.module]
-            if bits not in (4, 8) or layer.module in misfits:
+            if bits not in (4, 8):
                 continue
             out, cols = _rank_shape(layer, weights[layer.module].shape)
             reason = kernel.kernel_misfit(bits, out, cols, cols // self.group if self.group else 1)
             if reason is not None:
                 rank = " per rank" if layer.placement.kind == "shard" else ""
-                misfits[layer.module] = f"{layer.module} ({out} x {cols}{rank}: {reason})"
+                misfits.setdefault(reason, {})[layer.module] = (
+                    f"{layer.module} ({out} x {cols}{rank})"
+                )
         if misfits:
+            count = sum(len(m) for m in misfits.values())
+            details = "; ".join(f"{r}: {', '.join(m.values())}" for r, m in misfits.items())
             warnings.warn(
-                f"quantize: {len(misfits)} layer(s) run dequantize + GEMM on their quantized "
-                f"weights, as the weight-only kernels cannot take their shapes: "
-                f"{'; '.join(misfits.values())}",
+                f"quantize: {count} layer(s) run dequantize + GEMM on their quantized weights, "
+                f"as the weight-only kernels cannot take their shapes ({details})",
                 stacklevel=3,
             )
 
