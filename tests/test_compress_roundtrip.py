@@ -8,6 +8,7 @@ reloaded in one pair of fresh rank processes, to keep this cheap."""
 from __future__ import annotations
 
 import copy
+import re
 import subprocess
 import sys
 import warnings
@@ -211,7 +212,7 @@ def test_value_names_from_any_module_path_are_valid_ssa_names():
         ("quantize{size-budget=0.3,method=rtn}", 3, True),
         ("sparsify{group=16}", 3, True),
         ("memplan,tier{budget=0.6}", 3, True),  # a weight and its bias share their first use
-        ("quantize{method=rtn,bits=8},tier{budget=0.3}", 6, False),  # all of a layer streamed
+        ("quantize{method=rtn,bits=8},tier{budget=0.6}", 6, False),
     ],
 )  # fmt: skip
 def test_sequential_module_paths_work_in_every_pass(pipeline, layers, bias):
@@ -221,6 +222,20 @@ def test_sequential_module_paths_work_in_every_pass(pipeline, layers, bias):
     assert "%p0" in program.ir  # the value names of module "0"'s weights
     with torch.no_grad():
         assert max_rel_diff(program(x), _compressed_twin(model, program)(x)) <= 1e-5
+
+
+def test_compressed_layers_with_every_weight_streamed_run():
+    """No weight of the kernel call is known when the program is built, so
+    there is nothing to prepare: the layers run dequantize + GEMM."""
+    model = _sequential()
+    x = torch.randn(SEQUENTIAL_TOKENS, 256)
+    program = plait.compile(model, (x,), pipeline="quantize{method=rtn,bits=8}")
+    host = '{mem = #plait.mem<tier = "host", prefetch = true>}'
+    text = re.sub(r'(plait\.param "[^"]*") :', rf"\1 {host} :", program.ir)
+    streamed = plait.compile_ir(parse_module(text), program.weights, pipeline="dce")
+    assert streamed.ir.count('tier = "host"') == len(program.weight_names)
+    with torch.no_grad():
+        assert torch.equal(streamed(x), program(x))
 
 
 @pytest.mark.parametrize("key", SEQUENTIAL_SHARDED)
