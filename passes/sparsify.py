@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from xdsl.context import Context
 from xdsl.dialects.builtin import ModuleOp
 
+from ..customops import gqsa as kernel
 from ..ir.attrs import SparsityAttr, shard
 from ..ir.errors import PlaitError
 from ..ir.text import where
-from ..customops import gqsa as kernel
 from .base import Pass, PassContext
 from .calibration import input_norms
 from .gqsa import gqsa
