@@ -18,14 +18,14 @@ are vectorized for bf16/fp16 activations only, so fp32 activations are cast to
 bf16 for them. More tokens (long prefills) dequantize and run a dense GEMM, in
 the activations' dtype.
 
-The kernels run only on layouts `prepare` made: it computes them once when a
-program is built (the backend calls it on the weights), so the IR and the
-artifact stay device-independent. The int4 kernels want their own weight
-layout, which depends on the device; the int8 kernel reads the stored weight,
-but only if it is contiguous and aligned (a weight read back from a
-safetensors file is mapped at the file's 8-byte-aligned offset, which crashed
-it). Shapes the kernels cannot take (`kernel_misfit`) run dequantize + GEMM,
-and the quantize pass warns about them when it compiles.
+The int4 kernels want their own weight layout, which depends on the device;
+`prepare` computes it once when a program is built (the backend calls it on
+the weights), so the IR and the artifact stay device-independent. It also
+gives the int8 kernel, which reads with aligned loads, a contiguous 64-byte
+aligned weight (one read back from safetensors is mapped at its 8-byte
+aligned offset in the file, which crashed it). Layers whose shapes the
+kernels cannot take (`kernel_misfit`) run dequantize + GEMM; the quantize
+pass warns about them when it compiles.
 """
 
 from __future__ import annotations
@@ -184,11 +184,13 @@ def _outlier_rows(index: torch.Tensor, value: torch.Tensor, rows: int) -> dict[s
 def _int8_layout(qweight: torch.Tensor, scales: torch.Tensor) -> dict:
     """The int8 kernel's weight: the stored one, contiguous and aligned, or {}
     where no kernel applies."""
-    if kernel_misfit(8, *qweight.shape, scales.shape[1]) is not None:
-        return {}
-    if not qweight.is_meta and not _has_kernel("_weight_int8pack_mm", qweight.device):
-        return {}
-    return {"packed": conforming(qweight)}
+    return {"packed": conforming(qweight)} if _int8_kernel_takes(qweight, scales) else {}
+
+
+def _int8_kernel_takes(qweight: torch.Tensor, scales: torch.Tensor) -> bool:
+    return kernel_misfit(8, *qweight.shape, scales.shape[1]) is None and (
+        qweight.is_meta or _has_kernel("_weight_int8pack_mm", qweight.device)
+    )
 
 
 def _int4_layout(qweight: torch.Tensor, scales: torch.Tensor) -> dict:
@@ -263,6 +265,10 @@ def quant_linear(
     out = scales.shape[0]
     x2 = x.reshape(-1, x.shape[-1])
     outlier_index, outlier_value = outlier_index.reshape(2, -1), outlier_value.reshape(-1)
+    if packed is None and bits == 8 and _int8_kernel_takes(qweight, scales):
+        # a weight streamed in for this call (tier) had no layout prepared; a
+        # fresh copy conforms, one that does not runs dequantize + GEMM
+        packed = qweight if conforming(qweight) is qweight else None
     kernel = packed is not None and _tokens(x) <= DECODE_MAX_TOKENS[bits]
     compute = x.dtype if x.dtype in _KERNEL_DTYPES else torch.bfloat16
     if kernel and bits == 8:

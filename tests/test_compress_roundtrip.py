@@ -225,17 +225,22 @@ def test_sequential_module_paths_work_in_every_pass(pipeline, layers, bias):
 
 
 def test_compressed_layers_with_every_weight_streamed_run():
-    """No weight of the kernel call is known when the program is built, so
-    there is nothing to prepare: the layers run dequantize + GEMM."""
+    """No weight of the kernel calls is known when the program is built, so
+    nothing is prepared; the int8 kernel reads each streamed-in copy."""
     model = _sequential()
     x = torch.randn(SEQUENTIAL_TOKENS, 256)
-    program = plait.compile(model, (x,), pipeline="quantize{method=rtn,bits=8}")
+    tokens = {"input": {0: torch.export.Dim("tokens", max=512)}}
+    program = plait.compile(model, (x,), pipeline="quantize{method=rtn,bits=8}",
+                            dynamic_shapes=tokens)  # fmt: skip
     host = '{mem = #plait.mem<tier = "host", prefetch = true>}'
     text = re.sub(r'(plait\.param "[^"]*") :', rf"\1 {host} :", program.ir)
     streamed = plait.compile_ir(parse_module(text), program.weights, pipeline="dce")
     assert streamed.ir.count('tier = "host"') == len(program.weight_names)
+    decode = x[:4]  # the kernel (bf16), as in the program with prepared weights
     with torch.no_grad():
-        assert torch.equal(streamed(x), program(x))
+        assert torch.equal(streamed(x), program(x)) and torch.equal(
+            streamed(decode), program(decode)
+        )
 
 
 @pytest.mark.parametrize("key", SEQUENTIAL_SHARDED)
