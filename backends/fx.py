@@ -412,8 +412,13 @@ class _Lowering:
             for a in args
         ]
         known = [None if isinstance(a, torch.fx.Node) else a for a in known]
+        if not weights:  # every weight streamed (tier): nothing known now
+            return {}
         if ("prepared", weights[0]) not in self.shared:
-            self.shared["prepared", weights[0]] = prepare(known)
+            try:
+                self.shared["prepared", weights[0]] = prepare(known)
+            except customops.KernelArgumentError as exc:
+                raise LoweringError(f"{where(op)}: {exc}") from None
         nodes = {}
         for name, tensor in self.shared["prepared", weights[0]].items():
             nodes[name] = self.bind(f"{weights[0]}_{name}", tensor)  # after its first weight

@@ -16,9 +16,12 @@ from pathlib import Path
 
 import torch
 
+from . import KernelArgumentError
+
 # at most this many tokens use the sparse kernel; above, densify + GEMM
 # (benchmarks/quant_kernels.py: the dense path is faster from 128 tokens)
 SPARSE_MAX_TOKENS = 64
+KERNEL_GROUPS = (8, 16, 32, 64)  # the C++ kernel's
 
 
 def unpack_groups(values: torch.Tensor) -> torch.Tensor:
@@ -72,11 +75,32 @@ def extension():
 
 
 def prepare_args(args: list) -> dict[str, torch.Tensor]:
-    """float32 scales and int32 blocks, as the C++ kernel reads them."""
-    scales, blocks = args[2], args[3]
+    """float32 scales and int32 blocks, contiguous, as the C++ kernel reads them
+    (after checking the layout in passes/gqsa.py)."""
+    values, scales, blocks, group = args[1], args[2], args[3], args[5]
     if not isinstance(scales, torch.Tensor) or not isinstance(blocks, torch.Tensor):
         return {}
-    return {"scales32": scales.float(), "blocks32": blocks.int()}
+    if isinstance(values, torch.Tensor):
+        _check_layout(values, scales, blocks, group)
+    return {"scales32": scales.float().contiguous(), "blocks32": blocks.int().contiguous()}
+
+
+def _check_layout(values, scales, blocks, group) -> None:
+    out_kept = tuple(values.shape[:2])
+    if (
+        values.dtype != torch.uint8
+        or values.dim() != 3
+        or values.shape[2] * 2 != group
+        or tuple(scales.shape) != out_kept
+        or tuple(blocks.shape) != out_kept
+        or blocks.dtype.is_floating_point
+    ):
+        raise KernelArgumentError(
+            f"plait::gqsa_linear needs uint8 values [out, kept, {group // 2}] and scales and "
+            f"integer blocks [out, kept], not {values.dtype} {tuple(values.shape)}, "
+            f"{tuple(scales.shape)} and {blocks.dtype} {tuple(blocks.shape)}; recompile the "
+            "model with sparsify"
+        )
 
 
 @torch.library.custom_op("plait::gqsa_linear", mutates_args=())
@@ -92,9 +116,7 @@ def gqsa_linear(
 ) -> torch.Tensor:
     out, cols = scales.shape[0], x.shape[-1]
     x2 = x.reshape(-1, cols)
-    sparse = (
-        x2.shape[0] <= SPARSE_MAX_TOKENS and x.device.type == "cpu" and group in (8, 16, 32, 64)
-    )
+    sparse = x2.shape[0] <= SPARSE_MAX_TOKENS and x.device.type == "cpu" and group in KERNEL_GROUPS
     ext = extension() if sparse else None
     if ext is not None:
         y = ext.gqsa_linear(

@@ -20,7 +20,12 @@ the activations' dtype.
 
 The int4 kernels want their own weight layout, which depends on the device;
 `prepare` computes it once when a program is built (the backend calls it on
-the weights), so the IR and the artifact stay device-independent.
+the weights), so the IR and the artifact stay device-independent. It also
+gives the int8 kernel, which reads with aligned loads, a contiguous 64-byte
+aligned weight (one read back from safetensors is mapped at its 8-byte
+aligned offset in the file, which crashed it). Layers whose shapes the
+kernels cannot take (`kernel_misfit`) run dequantize + GEMM; the quantize
+pass warns about them when it compiles.
 """
 
 from __future__ import annotations
@@ -30,12 +35,21 @@ import warnings
 
 import torch
 
+from . import KernelArgumentError
+
 # bits -> at most this many tokens use the weight-only kernel; above, dequantize
 # + GEMM. benchmarks/quant_kernels.py, 4096 x 4096, 1 thread on the CI CPU: the
 # dense path is faster from 256 tokens at int8 and from 512 at int4.
 DECODE_MAX_TOKENS = {8: 128, 4: 256}
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+# What PyTorch's weight-only kernels take (probed on torch 2.13's CPU kernels,
+# see tests/test_quantize.py): other shapes raise, or, with int8, read past
+# the rows and return garbage or crash; the int8 kernel also reads its
+# operands with aligned loads, so it gets them at ATen's allocation alignment.
 _INT4_GROUPS = (256, 128, 64, 32)  # group sizes the int4 kernels take
+_INT4_OUT_MULTIPLE = 16  # CPU: "expect N to be dividable by 16" (CUDA's tinygemm: 8)
+_INT8_COLS_MULTIPLE = 16
+_ALIGNMENT = 64  # bytes
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -86,6 +100,31 @@ def _kernel_group(cols: int, groups: int) -> int | None:
     return None
 
 
+def kernel_misfit(bits: int, out: int, cols: int, groups: int) -> str | None:
+    """Why PyTorch's weight-only kernel cannot take an [out, cols] layer with
+    `groups` scale groups per row (None if it can); such a layer runs
+    dequantize + GEMM, on the same quantized weights."""
+    if bits == 8:
+        if groups != 1:
+            return "the int8 kernel takes one scale per output channel (group=0)"
+        if cols % _INT8_COLS_MULTIPLE:
+            return f"the int8 kernel needs input features divisible by {_INT8_COLS_MULTIPLE}"
+        return None
+    if cols % groups or _kernel_group(cols, groups) is None:
+        multiple = min(_INT4_GROUPS)
+        return f"the int4 kernel needs scale groups of a multiple of {multiple} input features"
+    if out % _INT4_OUT_MULTIPLE:
+        return f"the int4 kernel needs output features divisible by {_INT4_OUT_MULTIPLE}"
+    return None
+
+
+def conforming(t: torch.Tensor) -> torch.Tensor:
+    """`t`, or a copy of it, contiguous and at ATen's allocation alignment."""
+    if t.is_meta or (t.is_contiguous() and t.data_ptr() % _ALIGNMENT == 0):
+        return t
+    return torch.empty_like(t, memory_format=torch.contiguous_format).copy_(t)
+
+
 def prepare(
     qweight: torch.Tensor,
     scales: torch.Tensor,
@@ -94,13 +133,33 @@ def prepare(
     outlier_value: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor | None]:
     """Layouts computed once at load: the outliers as CSR rows (sorted by row,
-    for a sparse product on several tokens) and the int4 kernel's weight
-    layout for this device (none for 8 bits: the storage is the kernel's)."""
+    for a sparse product on several tokens) and the weight-only kernel's weight
+    (`packed`) for this device, where the kernel takes the layer."""
+    _check_storage(qweight, scales, bits)
     prepared = {}
     if outlier_value is not None and outlier_value.numel():
         prepared |= _outlier_rows(outlier_index.reshape(2, -1), outlier_value.reshape(-1),
                                   scales.shape[0])  # fmt: skip
-    return prepared | _int4_layout(qweight, scales, bits)
+    layout = _int4_layout if bits == 4 else _int8_layout
+    return prepared | layout(qweight, scales)
+
+
+def _check_storage(qweight: torch.Tensor, scales: torch.Tensor, bits: int) -> None:
+    """The storage layout in the module docstring, or an error saying what differs."""
+    want = torch.uint8 if bits == 4 else torch.int8
+    if bits not in (4, 8) or qweight.dtype != want or qweight.dim() != 2:
+        raise KernelArgumentError(
+            f"plait::quant_linear with bits={bits} needs a 2-D {want} qweight, not "
+            f"{qweight.dtype} {tuple(qweight.shape)}; recompile the model with quantize"
+        )
+    cols = qweight.shape[1] * (2 if bits == 4 else 1)
+    groups = scales.shape[1] if scales.dim() == 2 else 0
+    if scales.dim() != 2 or scales.shape[0] != qweight.shape[0] or not groups or cols % groups:
+        raise KernelArgumentError(
+            f"plait::quant_linear scales {tuple(scales.shape)} do not fit a weight of "
+            f"{qweight.shape[0]} x {cols}: they must be [out, groups] with groups dividing "
+            f"{cols}; recompile the model with quantize"
+        )
 
 
 # PyTorch's one-time notice; the CSR product is all plait uses of it
@@ -122,15 +181,25 @@ def _outlier_rows(index: torch.Tensor, value: torch.Tensor, rows: int) -> dict[s
     return {"csr_rows": pointers, "csr_cols": col, "csr_values": value[order].float().contiguous()}
 
 
-def _int4_layout(qweight: torch.Tensor, scales: torch.Tensor, bits: int) -> dict:
+def _int8_layout(qweight: torch.Tensor, scales: torch.Tensor) -> dict:
+    """The int8 kernel's weight: the stored one, contiguous and aligned, or {}
+    where no kernel applies."""
+    return {"packed": conforming(qweight)} if _int8_kernel_takes(qweight, scales) else {}
+
+
+def _int8_kernel_takes(qweight: torch.Tensor, scales: torch.Tensor) -> bool:
+    return kernel_misfit(8, *qweight.shape, scales.shape[1]) is None and (
+        qweight.is_meta or _has_kernel("_weight_int8pack_mm", qweight.device)
+    )
+
+
+def _int4_layout(qweight: torch.Tensor, scales: torch.Tensor) -> dict:
     """The int4 kernel's weight layout, or {} where no kernel applies."""
-    if bits != 4:
-        return {}
     out, cols = qweight.shape[0], qweight.shape[1] * 2
     groups = scales.shape[1]
-    group = _kernel_group(cols, groups)
-    if group is None:
+    if kernel_misfit(4, out, cols, groups) is not None:
         return {}
+    group = _kernel_group(cols, groups)
     cuda = qweight.device.type == "cuda"
     if not qweight.is_meta and not _has_kernel("_weight_int4pack_mm", qweight.device):
         return {}
@@ -196,23 +265,22 @@ def quant_linear(
     out = scales.shape[0]
     x2 = x.reshape(-1, x.shape[-1])
     outlier_index, outlier_value = outlier_index.reshape(2, -1), outlier_value.reshape(-1)
-    kernel = _tokens(x) <= DECODE_MAX_TOKENS[bits]
+    if packed is None and bits == 8 and _int8_kernel_takes(qweight, scales):
+        # a weight streamed in for this call (tier) had no layout prepared; a
+        # fresh copy conforms, one that does not runs dequantize + GEMM
+        packed = qweight if conforming(qweight) is qweight else None
+    kernel = packed is not None and _tokens(x) <= DECODE_MAX_TOKENS[bits]
     compute = x.dtype if x.dtype in _KERNEL_DTYPES else torch.bfloat16
-    if (
-        kernel
-        and bits == 8
-        and scales.shape[1] == 1
-        and _has_kernel("_weight_int8pack_mm", x.device)
-    ):
-        y = torch._weight_int8pack_mm(x2.to(compute), qweight, scales[:, 0].to(compute))
-    elif kernel and bits == 4 and packed is not None:
+    if kernel and bits == 8:
+        xc = conforming(x2.to(compute))  # a view of a bf16 input may be unaligned
+        y = torch._weight_int8pack_mm(xc, packed, conforming(scales[:, 0].to(compute)))
+    elif kernel and bits == 4:
         group = x.shape[-1] // scale_zero.shape[0]
+        xc = conforming(x2.to(compute))
         if x.device.type == "cuda":
-            y = torch._weight_int4pack_mm(x2.to(compute), packed, group, scale_zero.to(compute))
+            y = torch._weight_int4pack_mm(xc, packed, group, scale_zero.to(compute))
         else:
-            y = torch._weight_int4pack_mm_for_cpu(
-                x2.to(compute), packed, group, scale_zero.to(compute)
-            )
+            y = torch._weight_int4pack_mm_for_cpu(xc, packed, group, scale_zero.to(compute))
     else:  # dequantize + GEMM; outliers are part of the dense weight
         w = dequantize(qweight, scales, outlier_index, outlier_value, bits, x.dtype)
         y = torch.nn.functional.linear(x2, w)

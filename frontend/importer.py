@@ -31,6 +31,7 @@ from ..ir import args as irargs
 from ..ir.attrs import LIBRARIES_ATTR, SYMBOLS_ATTR, SymbolsAttr
 from ..ir.dtypes import IR_NAMES
 from ..ir.errors import PlaitError
+from ..ir.names import value_name
 from ..ir.ops import ParamOp, call_op_class
 from ..ir.targets import join_name
 from ..ir.types import TensorType
@@ -222,8 +223,7 @@ class _Importer:
         owner = plait_name.rpartition(".")[0]
         if owner:
             op.location = location(owner)
-        # SSA names may not start with a digit (nn.Sequential's "0.weight")
-        op.result.name_hint = plait_name if not plait_name[0].isdigit() else f"p{plait_name}"
+        op.result.name_hint = value_name(plait_name)  # nn.Sequential's "0.weight" too
         if kind != "state":
             self.weights.add(plait_name, tensor)
         self.block.add_op(op)

@@ -28,6 +28,7 @@ from ..ir.attrs import (
 )
 from ..ir.dtypes import IR_NAMES
 from ..ir.errors import PlaitError
+from ..ir.names import value_name
 from ..ir.ops import CallOp, GenericCallOp, ParamOp
 from ..ir.schema import argument_names
 from ..ir.text import where
@@ -134,7 +135,7 @@ def add_param(
     if placement.kind == "shard":
         op.attributes[PLACEMENTS_ATTR] = PlacementsAttr((placement,))
     op.location = layer.param.location
-    op.result.name_hint = name.replace(".", "_")
+    op.result.name_hint = value_name(name.replace(".", "_"))
     Rewriter.insert_op(op, InsertPoint.before(layer.op))
     return op.result
 

@@ -20,10 +20,17 @@ the quantized model is the same at every tensor-parallel degree. A
 row-parallel layer's scale groups must not straddle the shard boundaries:
 its per-rank input width must be a multiple of `group` (checked, with the
 groups that would work in the error).
+
+A layer whose (per-rank) shape PyTorch's weight-only kernels cannot take
+(`quant_linear.kernel_misfit`: int4 wants output features divisible by 16 and
+scale groups of 32-256 features, int8 input features divisible by 16) runs
+dequantize + GEMM on the same quantized weights; the pass warns, naming the
+layers and their sizes.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -91,6 +98,14 @@ def _bucket_outliers(q: Quantized, placement: Placement, parts: int, shape):
         idx[rank, :, :n] = local[:, mine].to(torch.int32)
         val[rank, :n] = value[mine]
     return idx, val
+
+
+def _rank_shape(layer: Layer, shape) -> tuple[int, int]:
+    """The [out, in] part of a layer's weight that each rank holds."""
+    dims = list(shape)
+    if layer.placement.kind == "shard":
+        dims[layer.placement.dim] //= layer.parts
+    return tuple(dims)
 
 
 @dataclass(frozen=True)
@@ -176,6 +191,29 @@ class Quantize(Pass):
             attrs,
         )
 
+    def _warn_misfits(self, layers, weights, chosen) -> None:
+        """One warning naming the layers the weight-only kernels cannot take, by reason."""
+        misfits: dict[str, dict[str, str]] = {}  # reason -> module -> its sizes
+        for layer in layers:
+            bits = chosen[layer.module]
+            if bits not in (4, 8):
+                continue
+            out, cols = _rank_shape(layer, weights[layer.module].shape)
+            reason = kernel.kernel_misfit(bits, out, cols, cols // self.group if self.group else 1)
+            if reason is not None:
+                rank = " per rank" if layer.placement.kind == "shard" else ""
+                misfits.setdefault(reason, {})[layer.module] = (
+                    f"{layer.module} ({out} x {cols}{rank})"
+                )
+        if misfits:
+            count = sum(len(m) for m in misfits.values())
+            details = "; ".join(f"{r}: {', '.join(m.values())}" for r, m in misfits.items())
+            warnings.warn(
+                f"quantize: {count} layer(s) run dequantize + GEMM on their quantized weights, "
+                f"as the weight-only kernels cannot take their shapes ({details})",
+                stacklevel=3,
+            )
+
     def _bits(self, layers, weights, results) -> dict[str, int]:
         """Per layer: the bits to use (the original dtype's bits: keep it)."""
         if self.size_budget is None:
@@ -201,6 +239,7 @@ class Quantize(Pass):
             self._check(layer, weights[layer.module])
         results: dict[tuple[str, int], Quantized] = {}
         chosen = self._bits(layers, weights, results)
+        self._warn_misfits(layers, weights, chosen)
         for layer in layers:
             bits = chosen[layer.module]
             if bits not in (4, 8):

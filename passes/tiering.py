@@ -81,7 +81,14 @@ def plan_tiers(
 ) -> TierPlan:
     single = [w for w in weights if w.first == w.last]  # streamable
     fixed = sum(w.size for w in weights if w.first != w.last)
-    everything = sorted(single, key=lambda w: w.first)
+    # copy order: first use, then program order (a weight and its bias share an op),
+    # as the backend orders them; staging bytes depend on it
+    position = {w: i for i, w in enumerate(weights)}
+
+    def in_order(ws: list[Weight]) -> list[Weight]:
+        return sorted(ws, key=lambda w: (w.first, position[w]))
+
+    everything = in_order(single)
     minimum = fixed + staging_bytes(everything)
     if budget < minimum:
         raise TierError(
@@ -99,7 +106,7 @@ def plan_tiers(
     while device_bytes(streamed) > budget:
         best = None
         for w in sorted(resident, key=lambda w: (-w.size, w.first))[:candidates]:
-            trial = sorted([*streamed, w], key=lambda v: v.first)
+            trial = in_order([*streamed, w])
             resident.discard(w)
             fits = device_bytes(trial) <= budget
             resident.add(w)

@@ -10,10 +10,10 @@ import plait
 import pytest
 import torch
 from helpers import artifact_rank, max_rel_diff, run_ranks
+from plait.customops import gqsa as kernel
 from plait.frontend import hf
 from plait.ir.attrs import PLACEMENTS_ATTR, shard
 from plait.ir.ops import ParamOp
-from plait.customops import gqsa as kernel
 from plait.passes.gqsa import gqsa
 
 
@@ -49,6 +49,15 @@ def test_kernel_matches_the_dense_reference(group, tokens):
     assert max_rel_diff(y.double(), kernel.reference(x, *args)) <= 1e-5
     if tokens <= kernel.SPARSE_MAX_TOKENS:  # the C++ kernel ran, unless it could not build
         assert kernel.extension() is not None, "the GQSA C++ kernel did not build"
+
+
+def test_a_layout_the_kernel_cannot_read_is_refused_when_prepared():
+    s = gqsa(torch.randn(48, 256), group=16, sparsity=0.5)
+    args = [None, s.values, s.scales, s.blocks, None, 16]
+    prepared = kernel.prepare_args(args)
+    assert prepared["scales32"].dtype == torch.float32 and prepared["blocks32"].is_contiguous()
+    with pytest.raises(plait.PlaitError, match=r"needs uint8 values \[out, kept, 8\]"):
+        kernel.prepare_args([None, s.values.reshape(48, -1, 4), *args[2:]])  # groups of 8
 
 
 def _dense_twin(model, compiled, group: int = 16):
