@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -782,8 +783,15 @@ def build_parser() -> argparse.ArgumentParser:
 DEBUG_HELP = "show the Python traceback of an error"
 
 
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    """Warnings are messages to the user, not pointers into plait's source."""
+    return f"plait: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.debug:
+        warnings.formatwarning = _warning_line
     try:
         return args.func(args)
     except (PlaitError, OSError) as exc:  # OSError: a file named on the command line
