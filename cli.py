@@ -336,12 +336,13 @@ def cmd_run(args) -> int:
         return launch.relaunch(argv, args.nproc, _launcher_args(args))
     rank = 0
     if launch.under_launcher():
-        device = launch.join(device)
+        device = launch.join(device, args.timeout)
         rank = torch.distributed.get_rank()
     if rank != 0:
         console.quiet = True  # rank 0 reports for all
     with _status(console, f"loading {args.artifact}"):
         compiled = plait.load(args.artifact, device=device)
+    compiled.call_timeout = args.timeout  # (a sharded plan run here runs on worker ranks)
     if args.generate:
         return _run_generate(args, compiled, console)
     if args.inputs:
@@ -580,6 +581,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--seed", type=int)
     group = p.add_argument_group("several ranks (through torchrun)")
     group.add_argument("--nproc", type=int, default=1, help="ranks per node")
+    group.add_argument("--timeout", type=float, metavar="S",
+                       help="seconds a rank may stay silent (stopped, hung) before the run "
+                            "stops, naming it (default $PLAIT_TIMEOUT or 60)")  # fmt: skip
     group.add_argument("--nnodes", help="nodes, or MIN:MAX")
     group.add_argument(
         "--node-rank", dest="node_rank", help="this node's index (static rendezvous)"
