@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import traceback
 import weakref
 from collections.abc import Callable
 
@@ -68,31 +69,44 @@ class Heartbeat:
 def current_op(thread_id: int | None) -> str | None:
     """The IR op a thread runs inside a compiled program ("plan.mlir:12:5
     (model.layers.0.mlp) plait.all_reduce"), or None outside one."""
+    frame, frames = sys._current_frames().get(thread_id), []
+    while frame is not None:
+        frames.append((frame, frame.f_lineno))
+        frame = frame.f_back
+    return _op_in(frames)
+
+
+def failed_op(error: BaseException) -> str | None:
+    """The IR op that raised `error`, if a compiled program raised it."""
+    return _op_in(list(traceback.walk_tb(error.__traceback__))[::-1])
+
+
+def _op_in(frames: list) -> str | None:
+    """The op at the innermost frame of fx-generated code in `frames`
+    ((frame, line) pairs, innermost first) run by a Program."""
     from ..backends.fx import Program
 
-    frame = sys._current_frames().get(thread_id)
-    generated = None  # the innermost frame of fx-generated code
-    while frame is not None:
+    generated = None
+    for frame, line in frames:
         if generated is None and frame.f_code.co_filename.startswith("<eval_with_key>"):
-            generated = frame
+            generated = (frame, line)
         if generated is not None and frame.f_code is Program.__call__.__code__:
             program = frame.f_locals.get("self")  # only `self` and the inputs: no copy kept
-            return _op_at(program.graph_module, generated) if program is not None else None
-        frame = frame.f_back
+            return _op_at(program.graph_module, *generated) if program is not None else None
     return None
 
 
 _nodes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _op_at(graph_module, frame) -> str | None:
+def _op_at(graph_module, frame, line: int) -> str | None:
     from ..backends.fx import OP_META
     from ..ir.text import where
 
     lines = getattr(graph_module, "_lineno_map", None)  # generated line -> node index
     if frame.f_code is not type(graph_module).forward.__code__ or not lines:
         return None
-    index = lines.get(frame.f_lineno - frame.f_code.co_firstlineno)
+    index = lines.get(line - frame.f_code.co_firstlineno)
     if graph_module not in _nodes:
         _nodes[graph_module] = list(graph_module.graph.nodes)
     nodes = _nodes[graph_module]

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import functools
 import os
+import re
 import signal
 import socket
 import sys
@@ -31,7 +33,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from .heartbeat import Heartbeat, timeout_seconds
+from .heartbeat import Heartbeat, failed_op, timeout_seconds
 
 
 def under_launcher() -> bool:
@@ -74,7 +76,21 @@ def join(device: str, timeout: float | None = None) -> str:
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=2 * seconds))
     watch = PeerWatch(seconds) if "MASTER_ADDR" in os.environ else None
     atexit.register(_leave, watch)
+    sys.excepthook = functools.partial(_collective_error, sys.excepthook, 2 * seconds)
     return device
+
+
+def _collective_error(previous, seconds: float, kind, error, trace) -> None:
+    """A collective that failed (timed out, lost its peer) is one line: the
+    rank, the op, why; any other error keeps its traceback."""
+    if not isinstance(error, RuntimeError) or not (
+        isinstance(error, dist.DistError) or "gloo" in str(error)
+    ):
+        return previous(kind, error, trace)
+    why = re.sub(r"^\[[^]]*\]\s*", "", str(error).strip().splitlines()[0])  # "[file.cc:78] "
+    print(f"plait: error: rank {dist.get_rank()}: a collective failed at "
+          f"{failed_op(error) or 'an unknown op'}: {why} (collectives wait at most {seconds:g} "
+          "s: plait run --timeout or PLAIT_TIMEOUT)", file=sys.stderr)  # fmt: skip
 
 
 def _leave(watch: PeerWatch | None) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 import plait
 import pytest
 import torch
+from plait.runtime.heartbeat import INTERVAL
 from plait.runtime.workers import WorkerError
 from safetensors.torch import load_file, save_file
 
@@ -173,6 +175,7 @@ def _stop_when_napping(folder: Path, rank: int, ranks: int = 2) -> threading.Thr
         while time.monotonic() < deadline:
             names = [folder / f"rank{r}" for r in range(ranks)]
             if all(n.exists() and n.read_text() for n in names):
+                time.sleep(3 * INTERVAL)  # a beat from inside the op: where it was last seen
                 os.kill(int(names[rank].read_text()), signal.SIGSTOP)
                 (folder / "stopped").write_text(str(time.monotonic()))
                 return
@@ -269,3 +272,20 @@ def test_ranks_import_nothing_from_the_working_directory_and_exit_cleanly(tmp_pa
         outputs.append(load_file(tmp_path / f"out{i}.st")["output_0"])
     assert not (tmp_path / "IMPORTED").exists()
     assert torch.equal(outputs[0], outputs[1])
+
+
+def test_a_collective_that_waits_too_long_under_plait_run_is_one_located_line(napper, tmp_path):
+    """Every rank beats, but rank 1 naps past the collective limit (twice the
+    timeout): rank 0's all-gather fails, in one line naming it."""
+    compiled, x, _ = napper
+    compiled.save(tmp_path / "nap")
+    save_file({"x": x, "seconds": torch.tensor(60.0)}, tmp_path / "inputs.st")
+    env = _env(tmp_path, PLAIT_TEST_LATE_RANK="1",
+               PYTHONPATH=f"{SLOW_OP}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")  # fmt: skip
+    result = subprocess.run([str(PLAIT), "run", "nap", "--nproc", "2", "--timeout", "3",
+                             "--inputs", "inputs.st"], cwd=tmp_path, env=env, text=True,
+                            capture_output=True, timeout=300)  # fmt: skip
+    assert result.returncode != 0
+    assert re.search(r"plait: error: rank 0: a collective failed at nap/plan.mlir:\d+:\d+ "
+                     r"plait.all_gather: Timed out waiting 6000ms", result.stderr), result.stderr  # fmt: skip
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
