@@ -1,5 +1,5 @@
-"""One rank of a worker pool (see workers.py), run as
-`python -P -m plait.runtime.rank_worker SETUP_JSON`.
+"""One rank of a worker pool (see workers.py): `main(SETUP_JSON)` in a fresh
+`python -P`, which imported the caller's plait.
 
 A process of its own, so it never imports the caller's script (a script
 without a main guard, a notebook, stdin all work), and with -P, so no module
@@ -19,6 +19,7 @@ import sys
 import threading
 import traceback
 from multiprocessing.connection import Connection
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -38,7 +39,16 @@ CALLS = {
 }
 
 
-def main(setup: dict) -> int:
+def main(setup: str) -> NoReturn:
+    code = _serve(json.loads(setup))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # no interpreter teardown: the process group's threads need no orderly
+    # destruction, and nothing else here has state to save
+    os._exit(code)
+
+
+def _serve(setup: dict) -> int:
     from ..api import load  # the pool's entry point sits above the runtime, like the CLI
 
     requests = Connection(setup["requests"], writable=False)
@@ -91,12 +101,3 @@ def main(setup: dict) -> int:
             send("failed", traceback.format_exc())
             return 1
         heartbeat.call = "waiting for a call"
-
-
-if __name__ == "__main__":
-    code = main(json.loads(sys.argv[1]))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # no interpreter teardown: the process group's threads need no orderly
-    # destruction, and nothing else here has state to save
-    os._exit(code)

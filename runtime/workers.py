@@ -6,8 +6,8 @@ worker process per rank (gloo on CPU), started on the first call and reused.
     compiled.generate(ids)   # the whole decoding loop runs on every rank
     compiled.close()         # stops them (also when the model is dropped, and at exit)
 
-Each worker is a fresh `python -P -m plait.runtime.rank_worker` (never a
-re-import of the caller's script) that loads the plan from an artifact
+Each worker is a fresh Python running plait.runtime.rank_worker, with -P
+(never a re-import of the caller's script), that loads the plan from an artifact
 directory: the one the model was loaded from, else a temporary save that
 the pool removes when it stops. The pool's TCPStore (in this process) joins
 them into a process group. Calls and results go through pipes as
@@ -187,6 +187,18 @@ def _shut_down(ranks: list[_Rank], scratch: Path | None, store) -> None:
     del store  # (held until now: the workers' process group lives in it)
 
 
+# a worker imports this plait (the caller's, wherever it lies) and adds no
+# directory to sys.path; -P keeps the working directory off it too
+_START = """\
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("plait", sys.argv[1])
+sys.modules["plait"] = plait = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(plait)
+from plait.runtime.rank_worker import main
+main(sys.argv[2])
+"""
+
+
 class _Rank:
     """One worker process, the pipes to it, and what its heartbeats said."""
 
@@ -207,16 +219,12 @@ class _Rank:
         requests_r, requests_w = os.pipe()
         replies_r, replies_w = os.pipe()
         setup = {**setup, "rank": rank, "requests": requests_r, "replies": replies_w}
-        env = dict(os.environ)
-        # with -P only PYTHONPATH and site-packages are searched: put this plait first
-        here = str(Path(__file__).resolve().parents[2])
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+        plait = Path(__file__).resolve().parents[1] / "__init__.py"
         try:
             process = subprocess.Popen(
-                [sys.executable, "-P", "-m", "plait.runtime.rank_worker", json.dumps(setup)],
+                [sys.executable, "-P", "-c", _START, str(plait), json.dumps(setup)],
                 pass_fds=(requests_r, replies_w),
                 stdin=subprocess.DEVNULL,
-                env=env,
             )
         finally:
             os.close(requests_r)
