@@ -226,7 +226,11 @@ class _Rank:
                 pass_fds=(requests_r, replies_w),
                 stdin=subprocess.DEVNULL,
             )
-        finally:
+        except BaseException:
+            os.close(requests_w)
+            os.close(replies_r)
+            raise
+        finally:  # the worker's ends
             os.close(requests_r)
             os.close(replies_w)
         self = cls(rank, process, Connection(requests_w, readable=False))
