@@ -378,7 +378,7 @@ def cmd_run(args) -> int:
             start = time.perf_counter()
             outputs = compiled(*inputs)
             times.append(time.perf_counter() - start)
-    flat = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
+    flat = torch.utils._pytree.tree_leaves(outputs)  # a tuple, a dict, a ModelOutput, ...
     for name, x in zip(compiled.input_names, inputs):
         console.print(
             f"input  {name}: {tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}",

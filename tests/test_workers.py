@@ -99,18 +99,21 @@ def test_model_outputs_keep_their_structure_on_workers_and_from_artifacts(tmp_pa
     finally:
         compiled.close()
     assert _copies(tmp_path) == []  # close() removed the workers' copy
-    save_file({"ids": ids}, tmp_path / "ids.st")
+    save_file({"input_ids": ids}, tmp_path / "ids.st")
     # a fresh process has not imported transformers' output classes
     check = (
         "import sys, plait\n"
         "from safetensors.torch import load_file, save_file\n"
         "assert 'transformers.modeling_outputs' not in sys.modules\n"
-        "out = plait.load(sys.argv[1])(load_file(sys.argv[2])['ids'])\n"
+        "out = plait.load(sys.argv[1])(load_file(sys.argv[2])['input_ids'])\n"
         "print(type(out).__module__ + '.' + type(out).__name__)\n"
         "save_file({'logits': out.logits, 'h1': out.hidden_states[1]}, sys.argv[3])\n"
+        "from plait.cli import main\n"  # which prints and saves the outputs' leaves
+        "assert main(['run', sys.argv[1], '--inputs', sys.argv[2], '--output', sys.argv[4]]) == 0\n"
     )
     result = subprocess.run([sys.executable, "-c", check, str(tmp_path / "artifact"),
-                             str(tmp_path / "ids.st"), str(tmp_path / "out.st")],
+                             str(tmp_path / "ids.st"), str(tmp_path / "out.st"),
+                             str(tmp_path / "cli.st")],
                             capture_output=True, text=True, timeout=300,
                             env=_env(tmp_path))  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -118,6 +121,10 @@ def test_model_outputs_keep_their_structure_on_workers_and_from_artifacts(tmp_pa
     loaded = load_file(tmp_path / "out.st")
     assert torch.allclose(loaded["logits"], expected.logits, atol=1e-5)
     assert torch.allclose(loaded["h1"], expected.hidden_states[1], atol=1e-5)
+    leaves = load_file(tmp_path / "cli.st")
+    assert list(leaves) == ["output_0", "output_1", "output_2"]
+    assert torch.allclose(leaves["output_0"], expected.logits, atol=1e-5)
+    assert torch.allclose(leaves["output_2"], expected.hidden_states[1], atol=1e-5)
     assert _copies(tmp_path) == []
 
 
