@@ -179,7 +179,7 @@ class CompiledModel:
 
         timeout = timeout_seconds(self.call_timeout)
         if self._pool is None or not self._pool.alive or self._pool.timeout != timeout:
-            self.close()  # a pool that lost a rank: stop the rest, start afresh
+            self.close()  # a pool that lost a rank (or has another timeout): start afresh
             # the workers read the artifact the model was loaded from, else a
             # temporary save that the pool removes when it stops
             self._pool = WorkerPool(self._directory or self.save, self.world_size, timeout)
