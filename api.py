@@ -13,9 +13,7 @@ again = plait.load("out/")
 from __future__ import annotations
 
 import math
-import tempfile
 import warnings
-import weakref
 from collections.abc import Iterable, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -64,6 +62,9 @@ class CompiledModel:
         self.generation = dict(generation or {})
         self._directory: Path | None = None  # the artifact it was loaded from
         self._pool = None  # worker processes, for a sharded plan called in one process
+        # seconds a worker rank may stay silent (stopped, hung) before a call
+        # fails; None: $PLAIT_TIMEOUT, else 60. A busy rank is never silent.
+        self.call_timeout: float | None = None
         self._programs: dict[str, Program] = {}
         self._shared: dict = {}  # what its programs share: weights, state (KV cache), arena
         self._limits: dict[str, dict] = {}  # function -> its token-id inputs' table sizes
@@ -87,7 +88,9 @@ class CompiledModel:
 
     @cached_property
     def _output_spec(self):
-        return pytree.treespec_loads(self.out_spec) if self.out_spec is not None else None
+        from .runtime.outputs import load_spec
+
+        return load_spec(self.out_spec, self._directory) if self.out_spec is not None else None
 
     @cached_property
     def _has_meta_weights(self) -> bool:
@@ -160,9 +163,10 @@ class CompiledModel:
         check_inputs(names, list(self.function.function_type.inputs), self.symbols, inputs)
         check_token_ids(names, self._token_limits(self.function.sym_name.data), inputs)
         self._check_weights()
-        if self.world_size > 1 and not _in_process_group():
-            return self._workers().call("__call__", inputs)  # one local process per rank
-        outputs = self._call(self.function.sym_name.data, inputs)
+        if self.world_size > 1 and not _in_process_group():  # one local process per rank
+            outputs = self._workers().call("__call__", inputs)
+        else:
+            outputs = self._call(self.function.sym_name.data, inputs)
         if self._output_spec is not None:
             return pytree.tree_unflatten(list(outputs), self._output_spec)
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
@@ -175,13 +179,15 @@ class CompiledModel:
             )
 
     def _workers(self):
+        from .runtime.heartbeat import timeout_seconds
         from .runtime.workers import WorkerPool
 
-        if self._pool is None or not self._pool.alive:
-            self.close()  # a pool that lost a rank: stop the rest, start afresh
-            directory = self._directory or self.save(tempfile.mkdtemp(prefix="plait-ranks-"))
-            self._pool = WorkerPool(directory, self.world_size)
-            weakref.finalize(self, self._pool.close)
+        timeout = timeout_seconds(self.call_timeout)
+        if self._pool is None or not self._pool.alive or self._pool.timeout != timeout:
+            self.close()  # a pool that lost a rank (or has another timeout): start afresh
+            # the workers read the artifact the model was loaded from, else a
+            # temporary save that the pool removes when it stops
+            self._pool = WorkerPool(self._directory or self.save, self.world_size, timeout)
         return self._pool
 
     def generate(

@@ -389,7 +389,7 @@ def cmd_run(args) -> int:
         return launch.relaunch(argv, args.nproc, _launcher_args(args))
     rank = 0
     if launch.under_launcher():
-        device = launch.join(device)
+        device = launch.join(device, args.timeout)
         rank = torch.distributed.get_rank()
     if rank != 0:
         console.quiet = out.quiet = True  # rank 0 reports for all
@@ -397,6 +397,7 @@ def cmd_run(args) -> int:
         compiled = plait.load(
             args.artifact, device=device, trusted_ops=args.trusted_ops, verify=args.verify
         )
+    compiled.call_timeout = args.timeout  # (a sharded plan run here runs on worker ranks)
     if args.generate:
         if args.trace:
             raise UsageError("--trace times one call of the model's program, not --generate")
@@ -440,7 +441,7 @@ def cmd_run(args) -> int:
             start = time.perf_counter()
             outputs = compiled(*inputs)
             times.append(time.perf_counter() - start)
-    flat = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
+    flat = torch.utils._pytree.tree_leaves(outputs)  # a tuple, a dict, a ModelOutput, ...
     for name, x in zip(compiled.input_names, inputs):
         out.print(f"input  {name}: {tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}")
     for i, y in enumerate(flat):
@@ -725,6 +726,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--seed", type=int)
     group = p.add_argument_group("several ranks (through torchrun)")
     group.add_argument("--nproc", type=int, default=1, help="ranks per node")
+    group.add_argument("--timeout", type=float, metavar="S",
+                       help="seconds a rank may stay silent (stopped, hung) before the run "
+                            "stops, naming it (default $PLAIT_TIMEOUT or 60)")  # fmt: skip
     group.add_argument("--nnodes", help="nodes, or MIN:MAX")
     group.add_argument(
         "--node-rank", dest="node_rank", help="this node's index (static rendezvous)"

@@ -4,28 +4,47 @@ worker process per rank (gloo on CPU), started on the first call and reused.
     compiled = plait.compile(model, inputs, pipeline="shard{mesh=tp:2}")
     compiled(*inputs)        # runs on 2 worker processes, returns rank 0's output
     compiled.generate(ids)   # the whole decoding loop runs on every rank
-    compiled.close()         # stops them (also at exit)
+    compiled.close()         # stops them (also when the model is dropped, and at exit)
 
-Each worker loads the plan from an artifact directory (the one it was loaded
-from, or a temporary save), joins a process group, and runs every call it is
-sent: a method of its own CompiledModel, whose programs and state (the KV
-cache) live as long as the pool. A worker that raises or dies ends the pool: the call raises a
-PlaitError naming the rank, and the other workers are stopped.
+Each worker is a fresh Python running plait.runtime.rank_worker, with -P
+(never a re-import of the caller's script), that loads the plan from an artifact
+directory: the one the model was loaded from, else a temporary save that
+the pool removes when it stops. The pool's TCPStore (in this process) joins
+them into a process group. Calls and results go through pipes as
+torch.save bytes read with weights_only=True; results are tensors or flat
+lists of them, and the caller rebuilds the model's output structure.
+
+Every wait is bounded. Each worker beats every heartbeat.INTERVAL seconds
+from a thread, also while busy with a long call; a worker silent for
+`timeout` seconds (stopped, hung) or one that exits or raises ends the pool:
+every worker is killed and the call raises a WorkerError naming the rank and
+where it was last seen (its call and IR op).
 """
 
 from __future__ import annotations
 
+import datetime
 import io
-import multiprocessing as mp
+import json
+import os
 import queue
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
 import time
-import traceback
+import weakref
+from collections.abc import Callable
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import torch
-from torch.utils import _pytree as pytree
 
 from ..ir.errors import PlaitError
+from .heartbeat import INTERVAL
+
+STARTUP = 120.0  # seconds a worker may take to start beating (Python, torch, plait imports)
 
 
 class WorkerError(PlaitError):
@@ -53,108 +72,212 @@ def free_port() -> int:
 
 
 class WorkerPool:
-    def __init__(self, directory: str | Path, world_size: int, threads: int | None = None):
-        ctx = mp.get_context("spawn")
-        port = free_port()
-        self.world_size = world_size
-        self.inboxes = [ctx.Queue() for _ in range(world_size)]
-        self.results = ctx.Queue()
-        threads = threads or max(1, (torch.get_num_threads() or 1) // world_size)
-        self.procs = [
-            ctx.Process(
-                target=_worker,
-                args=(
-                    rank,
-                    world_size,
-                    port,
-                    str(directory),
-                    threads,
-                    self.inboxes[rank],
-                    self.results,
-                ),
-                daemon=True,
-                name=f"plait-rank{rank}",
-            )
-            for rank in range(world_size)
-        ]
-        for p in self.procs:
-            p.start()
+    """`world_size` worker processes running the artifact at `artifact`, or
+    the one `artifact(directory)` saves into a temporary directory."""
 
-    def call(self, method: str, args=(), kwargs=None, timeout: float = 600.0):
-        """`compiled.<method>(*args, **kwargs)` on every rank; rank 0's result."""
-        if not self.alive:
+    def __init__(
+        self,
+        artifact: str | Path | Callable[[Path], object],
+        world_size: int,
+        timeout: float,
+        threads: int | None = None,
+    ):
+        import torch.distributed as dist
+
+        self.world_size = world_size
+        self.timeout = timeout
+        self.procs: list[_Rank] = []
+        self._events: queue.Queue = queue.Queue()  # (rank, "done" | "failed" | "exited", value)
+        scratch = Path(tempfile.mkdtemp(prefix="plait-ranks-")) if callable(artifact) else None
+        store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                              timeout=datetime.timedelta(seconds=2 * timeout))  # fmt: skip
+        # stops the workers and removes the scratch copy on close(), when the
+        # pool is dropped, and at interpreter exit
+        self._finalizer = weakref.finalize(self, _shut_down, self.procs, scratch, store)
+        if scratch is not None:
+            artifact(scratch)
+        setup = {
+            "world_size": world_size,
+            "port": store.port,
+            "directory": str(scratch or artifact),
+            "threads": threads or max(1, (torch.get_num_threads() or 1) // world_size),
+            "timeout": timeout,
+        }
+        for rank in range(world_size):
+            self.procs.append(_Rank.start(rank, setup, self._events))
+
+    def call(self, method: str, args=(), kwargs=None):
+        """`compiled.<method>(*args, **kwargs)` on every rank (see
+        rank_worker.CALLS); rank 0's result."""
+        if not self._finalizer.alive:
             raise WorkerError("the worker pool was stopped; call the model again to restart it")
-        payload = pack((method, tuple(args), dict(kwargs or {})))
-        for inbox in self.inboxes:
-            inbox.put(payload)
-        outputs, done, deadline = None, set(), time.monotonic() + timeout
+        request = pack((method, tuple(args), dict(kwargs or {})))
+        try:
+            for rank in self.procs:
+                rank.send(request)
+            return self._results()
+        except BaseException:  # a failure, or Ctrl-C: the ranks are mid-call, stop them
+            self._kill()
+            raise
+
+    def _results(self):
+        output, done = None, set()
         while len(done) < self.world_size:
             try:
-                rank, ok, data = self.results.get(timeout=0.5)
+                rank, kind, value = self._events.get(timeout=INTERVAL)
             except queue.Empty:
-                dead = [r for r, p in enumerate(self.procs) if not p.is_alive() and r not in done]
-                if dead or time.monotonic() > deadline:
-                    self.close()
-                    if dead:
-                        code = self.procs[dead[0]].exitcode
-                        why = (f"rank {dead[0]} exited (code {code}); workers are spawned, so a "
-                               "script that calls a sharded model must do it under "
-                               "`if __name__ == '__main__':`")  # fmt: skip
-                    else:
-                        why = f"no answer in {timeout:.0f} s"
-                    raise WorkerError(f"the call failed on the worker pool: {why}") from None
+                now = time.monotonic()
+                silent = [r for r in self.procs if now - r.last_beat > r.allowed(self.timeout)]
+                if silent:
+                    raise WorkerError(self._silence(silent, now)) from None
                 continue
-            if not ok:
-                time.sleep(0.2)  # a rank that died is the cause; its peers fail after it
-                dead = [r for r, p in enumerate(self.procs) if not p.is_alive()]
-                self.close()
-                cause = "".join(f"rank {r} exited (code {self.procs[r].exitcode}); " for r in dead)
-                raise WorkerError(f"{cause}rank {rank} failed:\n{data}")
-            done.add(rank)
-            if rank == 0:
-                outputs = unpack(data)
-        return outputs
+            if kind == "done":
+                done.add(rank)
+                output = value if rank == 0 else output
+                continue
+            time.sleep(0.2)  # a rank that died is the cause; its peers fail after it
+            dead = [r for r in self.procs if r.exitcode is not None and r.rank != rank]
+            cause = "".join(f"rank {r.rank} exited (code {r.exitcode}); " for r in dead)
+            if kind == "exited":
+                code = self.procs[rank].wait()
+                raise WorkerError(f"{cause}rank {rank} exited (code {code}; last seen in "
+                                  f"{self.procs[rank].place})")  # fmt: skip
+            raise WorkerError(f"{cause}rank {rank} failed:\n{value}")
+        return output
+
+    def _silence(self, silent: list[_Rank], now: float) -> str:
+        which = "; ".join(
+            f"rank {r.rank} sent no heartbeat for {now - r.last_beat:.0f} s "
+            f"(last seen in {r.place})"
+            for r in silent
+        )
+        return (
+            f"{which}: stopped or hung, so all {self.world_size} worker ranks were stopped "
+            f"(the limit is {self.timeout:g} s: compiled.call_timeout or PLAIT_TIMEOUT)"
+        )
 
     @property
     def alive(self) -> bool:
-        return all(p.is_alive() for p in self.procs)
+        return self._finalizer.alive and all(r.exitcode is None for r in self.procs)
+
+    def _kill(self) -> None:
+        for rank in self.procs:
+            rank.kill()  # SIGKILL: SIGTERM does not reach a stopped process
+        self.close()
 
     def close(self) -> None:
-        for inbox, p in zip(self.inboxes, self.procs):
-            if p.is_alive():
-                inbox.put(None)
-        for p in self.procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
+        self._finalizer()
 
 
-def _worker(rank, world_size, port, directory, threads, inbox, results) -> None:
-    import torch.distributed as dist
+def _shut_down(ranks: list[_Rank], scratch: Path | None, store) -> None:
+    stop = pack(None)
+    for rank in ranks:
+        if rank.exitcode is None:
+            rank.send(stop)
+    deadline = time.monotonic() + 5
+    for rank in ranks:
+        try:
+            rank.process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            rank.kill()
+            rank.process.wait()
+        rank.requests.close()
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
+    del store  # (held until now: the workers' process group lives in it)
 
-    from ..api import load
 
-    try:
-        torch.set_num_threads(threads)
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
-        )
-        compiled = load(directory)
-        _ = compiled.program  # build it (read this rank's weights) before the first call
-    except Exception:
-        results.put((rank, False, traceback.format_exc()))
-        return
-    try:
-        while (payload := inbox.get()) is not None:
+# a worker imports this plait (the caller's, wherever it lies) and adds no
+# directory to sys.path; -P keeps the working directory off it too
+_START = """\
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("plait", sys.argv[1])
+sys.modules["plait"] = plait = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(plait)
+from plait.runtime.rank_worker import main
+main(sys.argv[2])
+"""
+
+
+class _Rank:
+    """One worker process, the pipes to it, and what its heartbeats said."""
+
+    def __init__(self, rank: int, process: subprocess.Popen, requests: Connection):
+        self.rank = rank
+        self.process = process
+        self.requests = requests
+        self.last_beat = time.monotonic()  # (or its start)
+        self.place = "starting"
+        self.beating = False
+
+    def allowed(self, timeout: float) -> float:
+        """How long it may be silent: importing torch may take longer than a call's timeout."""
+        return timeout if self.beating else max(timeout, STARTUP)
+
+    @classmethod
+    def start(cls, rank: int, setup: dict, events: queue.Queue) -> _Rank:
+        requests_r, requests_w = os.pipe()
+        replies_r, replies_w = os.pipe()
+        setup = {**setup, "rank": rank, "requests": requests_r, "replies": replies_w}
+        plait = Path(__file__).resolve().parents[1] / "__init__.py"
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-P", "-c", _START, str(plait), json.dumps(setup)],
+                pass_fds=(requests_r, replies_w),
+                stdin=subprocess.DEVNULL,
+            )
+        except BaseException:
+            os.close(requests_w)
+            os.close(replies_r)
+            raise
+        finally:  # the worker's ends
+            os.close(requests_r)
+            os.close(replies_w)
+        self = cls(rank, process, Connection(requests_w, readable=False))
+        replies = Connection(replies_r, writable=False)
+        threading.Thread(target=self._read, args=(replies, events), daemon=True,
+                         name=f"plait-rank{rank}-replies").start()  # fmt: skip
+        return self
+
+    def _read(self, replies: Connection, events: queue.Queue) -> None:
+        """Reads replies as they come, so that no wait on a rank is unbounded."""
+        with replies:
+            while True:
+                try:
+                    kind, *value = unpack(replies.recv_bytes())
+                except (EOFError, OSError):
+                    events.put((self.rank, "exited", None))
+                    return
+                self.last_beat, self.beating = time.monotonic(), True
+                if kind == "beat":
+                    self.place = value[0]
+                else:
+                    events.put((self.rank, kind, value[0]))
+
+    def send(self, data: bytes) -> None:
+        """Writes from a thread: a stopped rank does not read, and a full pipe would block."""
+
+        def write() -> None:
             try:
-                method, args, kwargs = unpack(payload)
-                with torch.inference_mode():
-                    result = getattr(compiled, method)(*args, **kwargs)
-                    result = pytree.tree_map_only(torch.Tensor, torch.Tensor.clone, result)
-                results.put((rank, True, pack(result) if rank == 0 else b""))
-            except Exception:
-                results.put((rank, False, traceback.format_exc()))
-                return
-    finally:
-        dist.destroy_process_group()
+                self.requests.send_bytes(data)
+            except OSError:  # it exited; its reader reports that
+                pass
+
+        threading.Thread(target=write, daemon=True, name=f"plait-rank{self.rank}-send").start()
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.process.poll()
+
+    def is_alive(self) -> bool:
+        return self.exitcode is None
+
+    def kill(self) -> None:
+        if self.exitcode is None:
+            self.process.kill()
+
+    def wait(self) -> int:
+        try:
+            return self.process.wait(5)
+        except subprocess.TimeoutExpired:
+            return self.process.poll()

@@ -1,0 +1,103 @@
+"""One rank of a worker pool (see workers.py): `main(SETUP_JSON)` in a fresh
+`python -P`, which imported the caller's plait.
+
+A process of its own, so it never imports the caller's script (a script
+without a main guard, a notebook, stdin all work), and with -P, so no module
+in the working directory shadows one it imports. It joins the pool's
+process group, loads the artifact, and runs the calls the caller sends down
+a pipe, while a thread beats (heartbeat.py) the whole time. Messages both
+ways are torch.save bytes read with weights_only=True: tensors, numbers,
+strings, and lists, tuples and dicts of them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import threading
+import traceback
+from multiprocessing.connection import Connection
+from typing import NoReturn
+
+import torch
+import torch.distributed as dist
+from torch.utils import _pytree as pytree
+
+from .heartbeat import Heartbeat
+from .workers import pack, unpack
+
+# what the caller may ask for: the model's flat outputs (the caller rebuilds
+# their structure), a whole decoding loop, or one program
+CALLS = {
+    "__call__": lambda compiled, *inputs: list(
+        compiled._call(compiled.function.sym_name.data, inputs)
+    ),
+    "generate": lambda compiled, *args, **options: compiled.generate(*args, **options),
+    "run": lambda compiled, function, *inputs: compiled.run(function, *inputs),
+}
+
+
+def main(setup: str) -> NoReturn:
+    code = _serve(json.loads(setup))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # no interpreter teardown: the process group's threads need no orderly
+    # destruction, and nothing else here has state to save
+    os._exit(code)
+
+
+def _serve(setup: dict) -> int:
+    from ..api import load  # the pool's entry point sits above the runtime, like the CLI
+
+    requests = Connection(setup["requests"], writable=False)
+    replies = Connection(setup["replies"], readable=False)
+    lock = threading.Lock()  # the heartbeat thread and the main thread share the pipe
+
+    def send(*message) -> None:
+        data = pack(message)
+        with lock:
+            replies.send_bytes(data)
+
+    def beat(place: str) -> None:
+        try:
+            send("beat", place)
+        except OSError:  # the caller is gone: nobody will send more calls
+            os._exit(1)
+
+    rank, timeout = setup["rank"], setup["timeout"]
+    heartbeat = Heartbeat(beat).start()
+    try:
+        torch.set_num_threads(setup["threads"])
+        heartbeat.call = "joining the process group"
+        wait = datetime.timedelta(seconds=2 * timeout)  # a silent peer is caught first, by beats
+        store = dist.TCPStore("127.0.0.1", setup["port"], is_master=False, timeout=wait)
+        dist.init_process_group(
+            "gloo", store=store, rank=rank, world_size=setup["world_size"], timeout=wait
+        )
+        heartbeat.call = "loading the artifact"
+        compiled = load(setup["directory"])
+        _ = compiled.program  # build it (read this rank's weights) before the first call
+    except Exception:
+        send("failed", traceback.format_exc())
+        return 1
+    heartbeat.call = "waiting for a call"
+    while True:
+        try:
+            request = unpack(requests.recv_bytes())
+        except EOFError:  # the caller closed the pool
+            return 0
+        if request is None:
+            return 0
+        method, args, kwargs = request
+        heartbeat.call = method
+        try:
+            with torch.inference_mode():
+                result = CALLS[method](compiled, *args, **kwargs)
+                result = pytree.tree_map_only(torch.Tensor, torch.Tensor.clone, result)
+            send("done", result if rank == 0 else None)
+        except Exception:
+            send("failed", traceback.format_exc())
+            return 1
+        heartbeat.call = "waiting for a call"
