@@ -13,6 +13,7 @@ again = plait.load("out/")
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Iterable, Sequence
 from functools import cached_property
@@ -27,7 +28,7 @@ from .backends.fx import CollectiveGroups, Program, build_program
 from .frontend import hf
 from .frontend.capture import capture
 from .frontend.importer import import_program
-from .ir.attrs import MESH_ATTR, SYMBOLS_ATTR
+from .ir.attrs import LIBRARIES_ATTR, MESH_ATTR, SYMBOLS_ATTR
 from .ir.errors import PlaitError
 from .ir.ops import stored_weight_names
 from .ir.text import print_module
@@ -61,6 +62,10 @@ class CompiledModel:
         # for generation: default token ids ({"eos_token_id": 2, "pad_token_id": 0})
         self.generation = dict(generation or {})
         self._directory: Path | None = None  # the artifact it was loaded from
+        # modules that register the custom ops the plan calls, which worker ranks
+        # import: those named to plait.load, or, for a model compiled here, the
+        # libraries capture recorded that this process has imported
+        self.trusted_ops: tuple[str, ...] = _imported_libraries(module)
         self._pool = None  # worker processes, for a sharded plan called in one process
         # seconds a worker rank may stay silent (stopped, hung) before a call
         # fails; None: $PLAIT_TIMEOUT, else 60. A busy rank is never silent.
@@ -187,7 +192,9 @@ class CompiledModel:
             self.close()  # a pool that lost a rank (or has another timeout): start afresh
             # the workers read the artifact the model was loaded from, else a
             # temporary save that the pool removes when it stops
-            self._pool = WorkerPool(self._directory or self.save, self.world_size, timeout)
+            self._pool = WorkerPool(
+                self._directory or self.save, self.world_size, timeout, self.trusted_ops
+            )
         return self._pool
 
     def generate(
@@ -445,6 +452,7 @@ def load(
         generation=manifest["generation"],
     )
     compiled._directory = Path(directory)
+    compiled.trusted_ops = tuple(trusted_ops)
     _check_programs(compiled, contents, Path(directory))
     return compiled
 
@@ -469,6 +477,13 @@ def _check_programs(compiled: CompiledModel, contents: artifact.Artifact, direct
                 f"{directory / artifact.program_file(rank)} does not match the program rebuilt "
                 "from plan.mlir; the artifact was edited. Recompile it with `plait compile`"
             )
+
+
+def _imported_libraries(module: ModuleOp) -> tuple[str, ...]:
+    """The recorded custom-op libraries this process has imported (and so trusts)."""
+    recorded = module.attributes.get(LIBRARIES_ATTR)
+    names = [a.data for a in recorded.data] if recorded is not None else []
+    return tuple(n for n in names if n in sys.modules and n != "__main__")
 
 
 def _common_seed(in_group: bool) -> int:

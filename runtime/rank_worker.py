@@ -77,7 +77,10 @@ def _serve(setup: dict) -> int:
             "gloo", store=store, rank=rank, world_size=setup["world_size"], timeout=wait
         )
         heartbeat.call = "loading the artifact"
-        compiled = load(setup["directory"])
+        # the custom-op libraries the caller imported, from where it imported them
+        sys.path.extend(p for p in setup["paths"] if p not in sys.path)
+        # the caller verified the weights (or just wrote them): not again per rank
+        compiled = load(setup["directory"], trusted_ops=setup["trusted_ops"], verify=False)
         _ = compiled.program  # build it (read this rank's weights) before the first call
     except Exception:
         send("failed", traceback.format_exc())

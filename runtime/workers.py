@@ -80,6 +80,7 @@ class WorkerPool:
         artifact: str | Path | Callable[[Path], object],
         world_size: int,
         timeout: float,
+        trusted_ops: tuple[str, ...] = (),
         threads: int | None = None,
     ):
         import torch.distributed as dist
@@ -102,6 +103,8 @@ class WorkerPool:
             "directory": str(scratch or artifact),
             "threads": threads or max(1, (torch.get_num_threads() or 1) // world_size),
             "timeout": timeout,
+            "trusted_ops": list(trusted_ops),  # what the caller imported for the plan's ops
+            "paths": _import_roots(trusted_ops),  # where the caller imported them from
         }
         for rank in range(world_size):
             self.procs.append(_Rank.start(rank, setup, self._events))
@@ -281,3 +284,16 @@ class _Rank:
             return self.process.wait(5)
         except subprocess.TimeoutExpired:
             return self.process.poll()
+
+
+def _import_roots(modules) -> list[str]:
+    """The sys.path entries the caller imported `modules` from: worker ranks
+    start without the caller's working directory on their path (-P)."""
+    roots = []
+    for name in modules:
+        file = getattr(sys.modules.get(name), "__file__", None)
+        if file is not None:
+            path = Path(file).resolve()
+            levels = name.count(".") + (path.name == "__init__.py")
+            roots.append(str(path.parents[levels]))
+    return list(dict.fromkeys(roots))

@@ -294,3 +294,42 @@ def test_a_collective_that_waits_too_long_under_plait_run_is_one_located_line(na
     assert re.search(r"plait: error: rank 0: a collective failed at nap/plan.mlir:\d+:\d+ "
                      r"plait.all_gather: Timed out waiting 6000ms", result.stderr), result.stderr  # fmt: skip
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
+USER_LIBRARY = """\
+import torch
+
+
+@torch.library.custom_op("userops::double", mutates_args=())
+def double(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@double.register_fake
+def _(x):
+    return torch.empty_like(x)
+"""
+
+
+class _WithUserOp(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(16, 32), torch.nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.down(torch.ops.userops.double(torch.relu(self.up(x))))
+
+
+def test_worker_ranks_import_the_callers_custom_op_library(tmp_path, monkeypatch):
+    """A library the caller imported from its own folder (not on the workers'
+    path: they start with -P) registers its ops on every rank too."""
+    (tmp_path / "userops.py").write_text(USER_LIBRARY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.import_module("userops")
+    torch.manual_seed(0)
+    model, x = _WithUserOp(), torch.randn(4, 16)
+    compiled = plait.compile(model, (x,), pipeline="shard{mesh=tp:2}")
+    try:
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+    finally:
+        compiled.close()
