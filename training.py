@@ -35,9 +35,11 @@ from .ir.text import print_module
 from .ir.training import (
     ACCUMULATE,
     ACCUMULATOR,
+    GRADIENTS,
     STEP_STATE,
     TRAIN_STEP,
     check_state_order,
+    gradient_module,
     gradients,
 )
 from .ir.weights import WeightStore
@@ -86,6 +88,10 @@ def _micro_batches(batch: Sequence, count: int) -> list[tuple]:
                 f"0; with accumulation={count}, every input's dim 0 must be a multiple of {count}"
             )
     return list(zip(*(value.chunk(count) for value in batch)))
+
+
+def _function(module: ModuleOp, name: str) -> func.FuncOp:
+    return next(op for op in module.ops if isinstance(op, func.FuncOp) and op.sym_name.data == name)
 
 
 class Trainer:
@@ -183,8 +189,7 @@ class Trainer:
         return batch
 
     def _check(self, function: str, names, inputs) -> None:
-        fn = next(op for op in self.module.ops
-                  if isinstance(op, func.FuncOp) and op.sym_name.data == function)  # fmt: skip
+        fn = _function(self.module, function)
         if len(inputs) != len(names):
             raise TrainingError(
                 f"step takes {len(names)} inputs ({', '.join(names)}), got {len(inputs)}"
@@ -195,6 +200,27 @@ class Trainer:
 
     def _run(self, function: str, inputs) -> tuple[torch.Tensor, ...]:
         return self._program(function)(*[x.to(self.device) for x in inputs])
+
+    def gradients(self, *batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The gradients a step on `batch` would update with (before clipping),
+        by the model's parameter names (each name of a tied weight); nothing is
+        updated. Needs accumulation=1."""
+        if self.spec.accumulation != 1:
+            raise TrainingError("gradients() runs one batch; it needs accumulation=1")
+        batch = self._with_mask(batch)
+        self._check(TRAIN_STEP, self.input_names[:-1], batch)
+        if GRADIENTS not in self._programs:
+            module = gradient_module(self.module)
+            self._programs[GRADIENTS] = build_program(
+                module, self.weights, self.device, None, GRADIENTS, shared=self._shared
+            )
+            self._gradient_names = sorted(gradients(_function(self.module, TRAIN_STEP)))
+        lr = torch.zeros((), dtype=torch.float64)
+        with torch.no_grad():
+            values = self._run(GRADIENTS, (*batch, lr))
+        found = dict(zip(self._gradient_names, values))
+        return {name: found[program] for name, program in self.state_dict_names.items()
+                if program in found}  # fmt: skip
 
     # ---- state -----------------------------------------------------------
 
@@ -225,8 +251,7 @@ class Trainer:
         store = WeightStore()
         for name in self._saved_names():
             store.add(name, self._tensor(name))
-        fn = next(op for op in self.module.ops
-                  if isinstance(op, func.FuncOp) and op.sym_name.data == TRAIN_STEP)  # fmt: skip
+        fn = _function(self.module, TRAIN_STEP)
         symbols = self.module.attributes.get(SYMBOLS_ATTR)
         manifest = {
             "pipeline": self.pipeline,
@@ -312,9 +337,7 @@ def _check_program(module: ModuleOp, pipeline: str, trained: list[str]) -> None:
     """What the training IR promises, after the passes: state read before it
     is overwritten, and every trained parameter's gradient marked."""
     check_state_order(module)
-    step = next(op for op in module.ops
-                if isinstance(op, func.FuncOp) and op.sym_name.data == TRAIN_STEP)  # fmt: skip
-    lost = sorted(set(trained) - set(gradients(step)))
+    lost = sorted(set(trained) - set(gradients(_function(module, TRAIN_STEP))))
     if lost:
         raise TrainingError(
             f"after the pipeline '{pipeline}', the gradient of '{lost[0]}' is no longer "

@@ -50,6 +50,7 @@ from ..ir.types import TensorType
 from ..ir.weights import WeightStore
 from .capture import Captured
 from .emit import Emitter
+from .fused_backward import fuse_backward
 from .importer import import_program
 from .optimizers import clip_gradients, resolve
 from .symbols import dim_names
@@ -132,11 +133,21 @@ class LossModule(torch.nn.Module):
             if self.hf:
                 ids, mask, labels = args
                 out = self.model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
-            else:
-                out = self.model(*args)
+            else:  # with loss_fn, the model takes the leading arguments its forward accepts
+                out = self.model(*args[: self.model_arity(len(args))])
             loss = self.loss_fn(out, *args) if self.loss_fn is not None else _loss_of(out)
         loss = self._check(loss)
         return loss / self.micro_batches if self.micro_batches > 1 else loss
+
+    def model_arity(self, count: int) -> int:
+        """How many of `count` arguments the model takes: all, without loss_fn."""
+        if self.loss_fn is None:
+            return count
+        parameters = inspect.signature(self.model.forward).parameters.values()
+        if any(p.kind == p.VAR_POSITIONAL for p in parameters):
+            return count
+        return min(count, sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                              for p in parameters))  # fmt: skip
 
     def _check(self, loss):
         name = type(self.model).__name__
@@ -223,6 +234,7 @@ def _joint(wrapper: LossModule, args: tuple, dynamic_shapes) -> torch.export.Exp
     try:
         with _quiet():
             program = torch.export.export(wrapper, args, dynamic_shapes=dynamic_shapes, strict=False)
+            _no_grad_for_unused(program)
             return _decompose_exported_program(
                 program, cia_to_decomp={}, python_decomp_table={}, joint_loss_index=0,
                 decompose_custom_triton_ops=False,
@@ -234,6 +246,11 @@ def _joint(wrapper: LossModule, args: tuple, dynamic_shapes) -> torch.export.Exp
         hint = ""
         if "does not require gradients" in str(exc):
             hint = "\nhint: no parameter the loss depends on requires grad; nothing would train"
+        if "did not receive a gradient" in str(exc):
+            hint = (
+                "\nhint: a parameter that requires grad is used, but the loss does not depend "
+                "on it differentiably (.detach(), integer ops); set requires_grad=False on it"
+            )
         raise TrainingError(
             f"torch could not capture the training step of {name}: {type(exc).__name__}: "
             f"{exc}{hint}"
@@ -241,6 +258,42 @@ def _joint(wrapper: LossModule, args: tuple, dynamic_shapes) -> torch.export.Exp
     finally:
         for m, training in modes.items():
             m.training = training
+
+
+def _no_grad_for_unused(program: torch.export.ExportedProgram) -> None:
+    """Parameters the graph never reads (the second name of a tied weight) get
+    no gradient; the joint trace requires gradients of all that require grad."""
+    kinds = {s.arg.name: s.kind for s in program.graph_signature.input_specs}
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and not node.users and kinds[node.name] == InputKind.PARAMETER:
+            node.meta["val"].requires_grad_(False)
+
+
+def _compute_masked_outputs(program: torch.export.ExportedProgram) -> None:
+    """Backward ops with an `output_mask` (convolution_backward, the norms')
+    return None for the gradients nobody needs, such as the first layer's
+    input gradient; the IR has no None values, so those are computed too."""
+    from torch._guards import detect_fake_mode
+    from torch.utils import _pytree as pytree
+
+    for node in program.graph.nodes:
+        fake = node.meta.get("val")
+        if node.op != "call_function" or not isinstance(fake, (list, tuple)) or all(
+            f is not None for f in fake
+        ):
+            continue
+        names = [a.name for a in node.target._schema.arguments]
+        if "output_mask" not in names:
+            continue
+        index = names.index("output_mask")
+        args = list(node.args)
+        args[index] = [True] * len(args[index])
+        node.args = tuple(args)
+        values = pytree.tree_map(
+            lambda v: v.meta["val"] if isinstance(v, torch.fx.Node) else v, node.args
+        )
+        with detect_fake_mode(pytree.tree_leaves(values)):
+            node.meta["val"] = node.target(*values)
 
 
 def capture_training(
@@ -259,7 +312,10 @@ def capture_training(
         )
     shapes = _positional(dynamic_shapes, names)
     program = _joint(wrapper, args, shapes)
+    fuse_backward(program)
+    _compute_masked_outputs(program)
     trained = _trained(model, program)
+    names_of = _state_dict_names(model, trained)
     signature = program.graph_signature
     mutated = [s.target for s in signature.output_specs if s.kind == OutputKind.BUFFER_MUTATION]
     captured = Captured(program, dim_names(wrapper, args, shapes), PREFIX, names)
@@ -270,17 +326,20 @@ def capture_training(
     if ACCUMULATE in _functions(module):
         for arg, name in zip(_function(module, ACCUMULATE).body.blocks.first.args, names):
             arg.name_hint = name
-    return CapturedTraining(module, weights, [*names, LR_INPUT], _state_dict_names(model, program),
+    return CapturedTraining(module, weights, [*names, LR_INPUT], names_of,
                             [name.removeprefix(PREFIX) for name in trained])  # fmt: skip
 
 
 def _trained(model, program) -> list[str]:
-    """Export's names of the parameters that get a gradient; warns about those that do not."""
+    """Export's names of the parameters that get a gradient, in the graph's
+    order; warns about those that require grad and get none."""
     signature = program.graph_signature
     graded = {s.target for s in signature.output_specs if s.kind == OutputKind.GRADIENT_TO_PARAMETER}
-    wanted = [s.target for s in signature.input_specs
-              if s.kind == InputKind.PARAMETER and _requires_grad(model, s.target)]  # fmt: skip
-    missing = [name.removeprefix(PREFIX) for name in wanted if name not in graded]
+    missing = []
+    for names in _aliases(model, model.named_parameters(remove_duplicate=False)).values():
+        wanted = model.get_parameter(names[0]).requires_grad
+        if wanted and not any(PREFIX + name in graded for name in names):
+            missing.append(names[0])
     if missing:
         warnings.warn(
             f"{len(missing)} parameter(s) of {type(model).__name__} get no gradient from the "
@@ -288,25 +347,25 @@ def _trained(model, program) -> list[str]:
             "(or use them in the loss) to silence this",
             stacklevel=3,
         )
-    return [name for name in wanted if name in graded]
+    return [s.target for s in signature.input_specs if s.target in graded]
 
 
-def _requires_grad(model, name: str) -> bool:
-    return model.get_parameter(name.removeprefix(PREFIX)).requires_grad
+def _aliases(model, named) -> dict[int, list[str]]:
+    """Names of each tensor (tied weights have several), by tensor identity."""
+    groups: dict[int, list[str]] = {}
+    for name, tensor in named:
+        groups.setdefault(id(tensor), []).append(name)
+    return groups
 
 
-def _state_dict_names(model, program) -> dict[str, str]:
-    """The model's state-dict names -> the program's (tied weights: the one export kept)."""
-    kept = {s.target.removeprefix(PREFIX) for s in program.graph_signature.input_specs
-            if s.target is not None}  # fmt: skip
-    by_tensor: dict[int, str] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if name in kept:
-            by_tensor.setdefault(id(tensor), name)
+def _state_dict_names(model, trained: list[str]) -> dict[str, str]:
+    """The model's state-dict names -> the program's name of that tensor: for
+    tied weights, the one that is trained (the program's state)."""
     out = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        out[name] = name if name in kept else by_tensor.get(id(tensor), name)
-    return out
+    for names in _aliases(model, model.state_dict(keep_vars=True).items()).values():
+        kept = next((n for n in names if PREFIX + n in trained), names[0])
+        out.update({name: kept for name in names})
+    return {name: out[name] for name in model.state_dict(keep_vars=True)}
 
 
 # ---- assembly -----------------------------------------------------------------

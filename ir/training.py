@@ -141,3 +141,37 @@ def check_state_order(module: ModuleOp) -> None:
                             "before its update"
                         )
                     value = update.results[0]
+
+
+GRADIENTS = "gradients"
+
+
+def gradient_module(module: ModuleOp) -> ModuleOp:
+    """A module whose one function @gradients is @train_step returning its
+    marked gradients (by parameter name, sorted) with every in-place write of
+    state removed: what a step would update with, updating nothing."""
+    fn = next(op for op in module.ops
+              if isinstance(op, func.FuncOp) and op.sym_name.data == TRAIN_STEP).clone()  # fmt: skip
+    block = fn.body.blocks.first
+    marked = gradients(fn)
+    names = sorted(marked)
+    old = block.last_op
+    block.insert_op_before(func.ReturnOp(*[marked[n] for n in names]), old)
+    old.detach()
+    old.erase()
+    for op in reversed(list(block.ops)):
+        if isinstance(op, CallOp) and writes_input(op.target_name):
+            op.results[0].replace_all_uses_with(op.operands[0])
+            op.detach()
+            op.erase()
+    for op in reversed(list(block.ops)):
+        if op is not block.last_op and all(not r.uses for r in op.results):
+            op.detach()
+            op.erase()
+    fn.sym_name = StringAttr(GRADIENTS)
+    fn.function_type = func.FunctionType.from_lists(
+        [a.type for a in block.args], [marked[n].type for n in names]
+    )
+    out = ModuleOp([fn])
+    out.attributes.update(module.attributes)
+    return out
