@@ -70,8 +70,12 @@ def _schedule(lr) -> tuple[Schedule, float | None]:
 def _checked_lr(value, where: str) -> float:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
-            or value < 0:  # fmt: skip
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or value < 0
+    ):
         raise TrainingError(f"{where} is {value!r}; a learning rate is a finite number >= 0")
     return float(value)
 
@@ -219,8 +223,11 @@ class Trainer:
         with torch.no_grad():
             values = self._run(GRADIENTS, (*batch, lr))
         found = dict(zip(self._gradient_names, values))
-        return {name: found[program] for name, program in self.state_dict_names.items()
-                if program in found}  # fmt: skip
+        return {
+            name: found[program]
+            for name, program in self.state_dict_names.items()
+            if program in found
+        }
 
     # ---- state -----------------------------------------------------------
 
@@ -256,8 +263,10 @@ class Trainer:
         manifest = {
             "pipeline": self.pipeline,
             "mesh": {"world_size": 1, "axes": {}},
-            "inputs": [{"name": n, "type": str(t)}
-                       for n, t in zip(self.input_names, fn.function_type.inputs)],  # fmt: skip
+            "inputs": [
+                {"name": n, "type": str(t)}
+                for n, t in zip(self.input_names, fn.function_type.inputs)
+            ],
             "symbols": {n: list(r) for n, r in (symbols.ranges if symbols else {}).items()},
             "outputs": {"count": 1, "treespec": None},
             "device": self.device.type,
@@ -271,8 +280,10 @@ class Trainer:
             },
         }
         meta = store.as_meta()
-        code = "\n".join(f"# ---- @{f} ----{build_program(self.module, meta, 'cpu', None, f).code}"
-                         for f in self.functions)  # fmt: skip
+        code = "\n".join(
+            f"# ---- @{f} ----{build_program(self.module, meta, 'cpu', None, f).code}"
+            for f in self.functions
+        )
         contents = artifact.Artifact(plan=self.ir, programs={0: code}, manifest=manifest)
         return artifact.write(directory, contents, store, store.names())
 
@@ -313,7 +324,7 @@ def compile_training(
     gradients and optimizer state. `dynamic_shapes` is torch.export's, for one
     micro-batch, by input name or position.
     """
-    schedule = _schedule(lr)[0]  # a bad lr should not wait for the export
+    _schedule(lr)  # a bad lr should not wait for the export
     spec = TrainingSpec(optimizer, dict(optimizer_options), accumulation, clip_grad_norm, precision)
     manager = PassManager.parse(pipeline)
     hf = is_hf_model(model)
@@ -328,9 +339,17 @@ def compile_training(
     _check_program(captured.module, pipeline, captured.trained)
     if device is None:
         device = next(model.parameters()).device
-    return Trainer(captured.module, captured.weights, spec, schedule, pipeline=pipeline,
-                   input_names=captured.input_names, state_dict_names=captured.state_dict,
-                   fills_mask=fills_mask, device=device)  # fmt: skip
+    return Trainer(
+        captured.module,
+        captured.weights,
+        spec,
+        lr,
+        pipeline=pipeline,
+        input_names=captured.input_names,
+        state_dict_names=captured.state_dict,
+        fills_mask=fills_mask,
+        device=device,
+    )
 
 
 def _check_program(module: ModuleOp, pipeline: str, trained: list[str]) -> None:
@@ -364,8 +383,10 @@ def _training_fields(manifest: dict, path: Path) -> dict:
         "precision": lambda v: isinstance(v, str),
         "lr": lambda v: v is None or isinstance(v, (int, float)),
         "fills_mask": lambda v: isinstance(v, bool),
-        "state_dict": lambda v: isinstance(v, dict)
-        and all(isinstance(k, str) and isinstance(x, str) for k, x in v.items()),
+        "state_dict": lambda v: (
+            isinstance(v, dict)
+            and all(isinstance(k, str) and isinstance(x, str) for k, x in v.items())
+        ),
         "saved": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
     }
     for key, ok in checks.items():
@@ -399,15 +420,28 @@ def load_training(
                 "a checkpoint cannot hold; pass it again: plait.load_training(dir, lr=schedule)"
             )
         lr = fields["lr"]
-    spec = TrainingSpec(fields["optimizer"], fields["options"], fields["accumulation"],
-                        fields["clip_grad_norm"], fields["precision"])  # fmt: skip
+    spec = TrainingSpec(
+        fields["optimizer"],
+        fields["options"],
+        fields["accumulation"],
+        fields["clip_grad_norm"],
+        fields["precision"],
+    )
     weights = WeightStore()
     weights.add_safetensors(Path(directory) / contents.manifest["weights"], fields["saved"])
     check_state_order(module)
     names = [entry["name"] for entry in contents.manifest["inputs"]]
-    return Trainer(module, weights, spec, lr, pipeline=contents.manifest["pipeline"],
-                   input_names=names, state_dict_names=fields["state_dict"],
-                   fills_mask=fields["fills_mask"], device=device)  # fmt: skip
+    return Trainer(
+        module,
+        weights,
+        spec,
+        lr,
+        pipeline=contents.manifest["pipeline"],
+        input_names=names,
+        state_dict_names=fields["state_dict"],
+        fills_mask=fields["fills_mask"],
+        device=device,
+    )
 
 
 __all__ = ["NonFiniteLossError", "Trainer", "compile_training", "load_training"]

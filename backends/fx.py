@@ -475,7 +475,9 @@ class _Lowering:
             with torch.inference_mode(False):  # updated in place in and out of inference mode
                 if op.weight_name in self.weights:  # a copy: the program updates it in place
                     name = op.weight_name
-                    initial = self.weights.get_shard(name, *shard) if shard else self.weights.get(name)
+                    initial = (
+                        self.weights.get_shard(name, *shard) if shard else self.weights.get(name)
+                    )
                     _check_weight(op, initial)
                     tensor = initial.to(device, copy=True)
                 else:

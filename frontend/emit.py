@@ -71,8 +71,9 @@ class Emitter:
                 return _meta(value.type)
             return [meta(v) for v in value] if isinstance(value, (list, tuple)) else value
 
-        ir_args = irargs.ArgsAttr(tuple(convert(a) for a in args),
-                                  tuple((k, convert(v)) for k, v in kwargs))  # fmt: skip
+        ir_args = irargs.ArgsAttr(
+            tuple(convert(a) for a in args), tuple((k, convert(v)) for k, v in kwargs)
+        )
         namespace, _, rest = target.partition("::")
         base, _, overload = rest.partition(".")
         callee = getattr(getattr(getattr(torch.ops, namespace), base), overload or "default")

@@ -19,7 +19,9 @@ aten = torch.ops.aten
 
 def _silu_decomposed(grad, x):  # infinitely_differentiable_silu_backward, as traced
     sigmoid = aten.sigmoid.default(x)
-    ones = aten.fill.Scalar(aten.empty_like.default(sigmoid, memory_format=torch.preserve_format), 1)
+    ones = aten.fill.Scalar(
+        aten.empty_like.default(sigmoid, memory_format=torch.preserve_format), 1
+    )
     inner = aten.add.Scalar(aten.mul.Tensor(x, aten.sub.Tensor(ones, sigmoid)), 1)
     return aten.mul.Tensor(grad, aten.mul.Tensor(sigmoid, inner))
 

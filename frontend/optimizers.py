@@ -79,14 +79,19 @@ def _adam_update(decoupled: bool) -> Callable[[dict], list[Row]]:
             rows.append(
                 Row("param", "aten::mul_.Tensor", ("%param", "%decay"))
                 if decoupled
-                else Row("grad", "aten::add.Tensor", ("%grad", "%param"),
-                         _kw(alpha=o["weight_decay"]))  # fmt: skip
+                else Row(
+                    "grad", "aten::add.Tensor", ("%grad", "%param"), _kw(alpha=o["weight_decay"])
+                )
             )
         return rows + [
             Row("exp_avg", "aten::lerp_.Scalar", ("%exp_avg", "%grad", 1 - beta1)),
             Row("exp_avg_sq", "aten::mul_.Scalar", ("%exp_avg_sq", beta2)),
-            Row("exp_avg_sq", "aten::addcmul_", ("%exp_avg_sq", "%grad", "%grad"),
-                _kw(value=1 - beta2)),  # fmt: skip
+            Row(
+                "exp_avg_sq",
+                "aten::addcmul_",
+                ("%exp_avg_sq", "%grad", "%grad"),
+                _kw(value=1 - beta2),
+            ),
             Row("denom", "aten::sqrt", ("%exp_avg_sq",)),
             Row("denom", "aten::div.Tensor", ("%denom", "%bias_correction2_sqrt")),
             Row("denom", "aten::add.Tensor", ("%denom", o["eps"])),
@@ -114,7 +119,9 @@ def _sgd_update(o: dict) -> list[Row]:
     momentum, dampening = o["momentum"], o["dampening"]
     rows = []
     if o["weight_decay"]:
-        rows.append(Row("grad", "aten::add.Tensor", ("%grad", "%param"), _kw(alpha=o["weight_decay"])))
+        rows.append(
+            Row("grad", "aten::add.Tensor", ("%grad", "%param"), _kw(alpha=o["weight_decay"]))
+        )
     if momentum:
         if dampening:  # the first step's buffer is the gradient itself
             rows += [
@@ -126,8 +133,12 @@ def _sgd_update(o: dict) -> list[Row]:
         else:  # from a zero buffer, momentum * 0 + grad is the gradient exactly
             rows += [
                 Row("momentum_buffer", "aten::mul_.Scalar", ("%momentum_buffer", momentum)),
-                Row("momentum_buffer", "aten::add_.Tensor", ("%momentum_buffer", "%grad"),
-                    _kw(alpha=1 - dampening)),  # fmt: skip
+                Row(
+                    "momentum_buffer",
+                    "aten::add_.Tensor",
+                    ("%momentum_buffer", "%grad"),
+                    _kw(alpha=1 - dampening),
+                ),
             ]
         rows.append(
             Row("grad", "aten::add.Tensor", ("%grad", "%momentum_buffer"), _kw(alpha=momentum))
@@ -140,21 +151,30 @@ def _sgd_update(o: dict) -> list[Row]:
 
 OPTIMIZERS: dict[str, Optimizer] = {
     "adamw": Optimizer(
-        "adamw", "torch.optim.AdamW",
+        "adamw",
+        "torch.optim.AdamW",
         {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2},
-        lambda o: ("exp_avg", "exp_avg_sq"), _adam_scalars(True), _adam_update(True),
+        lambda o: ("exp_avg", "exp_avg_sq"),
+        _adam_scalars(True),
+        _adam_update(True),
     ),
     "adam": Optimizer(
-        "adam", "torch.optim.Adam",
+        "adam",
+        "torch.optim.Adam",
         {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0},
-        lambda o: ("exp_avg", "exp_avg_sq"), _adam_scalars(False), _adam_update(False),
+        lambda o: ("exp_avg", "exp_avg_sq"),
+        _adam_scalars(False),
+        _adam_update(False),
     ),
     "sgd": Optimizer(
-        "sgd", "torch.optim.SGD",
+        "sgd",
+        "torch.optim.SGD",
         {"momentum": 0.0, "dampening": 0.0, "nesterov": False, "weight_decay": 0.0},
-        lambda o: ("momentum_buffer",) if o["momentum"] else (), _sgd_scalars, _sgd_update,
+        lambda o: ("momentum_buffer",) if o["momentum"] else (),
+        _sgd_scalars,
+        _sgd_update,
     ),
-}  # fmt: skip
+}
 
 
 def _number(name: str, value, low: float = 0.0, below: float | None = None) -> float:
@@ -191,7 +211,9 @@ def resolve(name: str, options: dict) -> tuple[Optimizer, dict]:
             o[key] = _number(key, o[key])
     if "nesterov" in o:
         if not isinstance(o["nesterov"], bool):
-            raise OptimizerError(f"optimizer option nesterov={o['nesterov']!r} must be True or False")
+            raise OptimizerError(
+                f"optimizer option nesterov={o['nesterov']!r} must be True or False"
+            )
         if o["nesterov"] and (o["momentum"] <= 0 or o["dampening"] != 0):
             raise OptimizerError("nesterov momentum needs momentum > 0 and dampening=0")
     return optimizer, o
@@ -207,5 +229,7 @@ def clip_gradients(emitter: Emitter, grads: dict[str, SSAValue], max_norm: float
     coef = emitter.call("aten::reciprocal", (coef,))  # max_norm / x is x.reciprocal() * max_norm
     coef = emitter.call("aten::mul.Tensor", (coef, float(max_norm)))
     coef = emitter.call("aten::clamp", (coef, None, 1.0), name="clip_coef")
-    return {name: emitter.call("aten::mul.Tensor", (g, coef), name=f"clipped.{name}")
-            for name, g in grads.items()}  # fmt: skip
+    return {
+        name: emitter.call("aten::mul.Tensor", (g, coef), name=f"clipped.{name}")
+        for name, g in grads.items()
+    }

@@ -80,8 +80,9 @@ class TrainingSpec:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise TrainingError(f"accumulation={k!r} must be an integer >= 1 (micro-batches)")
         clip = self.clip_grad_norm
-        if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))
-                                 or not clip > 0):  # fmt: skip
+        if clip is not None and (
+            isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0
+        ):
             raise TrainingError(f"clip_grad_norm={clip!r} must be a number > 0, or None")
         if self.precision not in PRECISIONS:
             raise TrainingError(
@@ -89,9 +90,13 @@ class TrainingSpec:
             )
 
     def as_json(self) -> dict:
-        return {"optimizer": self.optimizer, "options": self.options,
-                "accumulation": self.accumulation, "clip_grad_norm": self.clip_grad_norm,
-                "precision": self.precision}  # fmt: skip
+        return {
+            "optimizer": self.optimizer,
+            "options": self.options,
+            "accumulation": self.accumulation,
+            "clip_grad_norm": self.clip_grad_norm,
+            "precision": self.precision,
+        }
 
 
 @dataclass
@@ -146,8 +151,9 @@ class LossModule(torch.nn.Module):
         parameters = inspect.signature(self.model.forward).parameters.values()
         if any(p.kind == p.VAR_POSITIONAL for p in parameters):
             return count
-        return min(count, sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-                              for p in parameters))  # fmt: skip
+        return min(
+            count, sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in parameters)
+        )
 
     def _check(self, loss):
         name = type(self.model).__name__
@@ -194,8 +200,11 @@ def _positional(dynamic_shapes, names: list[str]):
 def input_names(model: torch.nn.Module, count: int) -> list[str]:
     if is_hf_model(model):
         return list(HF_INPUTS)
-    parameters = [p.name for p in inspect.signature(model.forward).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]  # fmt: skip
+    parameters = [
+        p.name
+        for p in inspect.signature(model.forward).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
     return [parameters[i] if i < len(parameters) else f"input_{i}" for i in range(count)]
 
 
@@ -233,12 +242,17 @@ def _joint(wrapper: LossModule, args: tuple, dynamic_shapes) -> torch.export.Exp
     wrapper.train()
     try:
         with _quiet():
-            program = torch.export.export(wrapper, args, dynamic_shapes=dynamic_shapes, strict=False)
+            program = torch.export.export(
+                wrapper, args, dynamic_shapes=dynamic_shapes, strict=False
+            )
             _no_grad_for_unused(program)
             return _decompose_exported_program(
-                program, cia_to_decomp={}, python_decomp_table={}, joint_loss_index=0,
+                program,
+                cia_to_decomp={},
+                python_decomp_table={},
+                joint_loss_index=0,
                 decompose_custom_triton_ops=False,
-            )  # fmt: skip
+            )
     except Exception as exc:  # torch raises many types; all are capture failures
         own = _plait_error(exc)
         if own is not None:
@@ -278,8 +292,10 @@ def _compute_masked_outputs(program: torch.export.ExportedProgram) -> None:
 
     for node in program.graph.nodes:
         fake = node.meta.get("val")
-        if node.op != "call_function" or not isinstance(fake, (list, tuple)) or all(
-            f is not None for f in fake
+        if (
+            node.op != "call_function"
+            or not isinstance(fake, (list, tuple))
+            or all(f is not None for f in fake)
         ):
             continue
         names = [a.name for a in node.target._schema.arguments]
@@ -326,15 +342,22 @@ def capture_training(
     if ACCUMULATE in _functions(module):
         for arg, name in zip(_function(module, ACCUMULATE).body.blocks.first.args, names):
             arg.name_hint = name
-    return CapturedTraining(module, weights, [*names, LR_INPUT], names_of,
-                            [name.removeprefix(PREFIX) for name in trained])  # fmt: skip
+    return CapturedTraining(
+        module,
+        weights,
+        [*names, LR_INPUT],
+        names_of,
+        [name.removeprefix(PREFIX) for name in trained],
+    )
 
 
 def _trained(model, program) -> list[str]:
     """Export's names of the parameters that get a gradient, in the graph's
     order; warns about those that require grad and get none."""
     signature = program.graph_signature
-    graded = {s.target for s in signature.output_specs if s.kind == OutputKind.GRADIENT_TO_PARAMETER}
+    graded = {
+        s.target for s in signature.output_specs if s.kind == OutputKind.GRADIENT_TO_PARAMETER
+    }
     missing = []
     for names in _aliases(model, model.named_parameters(remove_duplicate=False)).values():
         wanted = model.get_parameter(names[0]).requires_grad
@@ -408,8 +431,9 @@ def _roles(fn: func.FuncOp, program) -> _Joint:
 
 
 def _state_values(block: Block) -> dict[str, SSAValue]:
-    return {op.weight_name: op.result for op in block.ops
-            if isinstance(op, ParamOp) and op.is_state}  # fmt: skip
+    return {
+        op.weight_name: op.result for op in block.ops if isinstance(op, ParamOp) and op.is_state
+    }
 
 
 def _add_state(block: Block, name: str, type_: TensorType, owner: str | None = None) -> SSAValue:

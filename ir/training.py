@@ -132,8 +132,11 @@ def check_state_order(module: ModuleOp) -> None:
                     continue
                 value = param.result
                 while (update := _update_of(value)) is not None:
-                    late = [u.operation for u in value.uses
-                            if position.get(u.operation, -1) > position[update]]  # fmt: skip
+                    late = [
+                        u.operation
+                        for u in value.uses
+                        if position.get(u.operation, -1) > position[update]
+                    ]
                     if late:
                         raise StateOrderError(
                             f"{where(late[0])}: reads state '{param.weight_name}' after "
@@ -150,8 +153,9 @@ def gradient_module(module: ModuleOp) -> ModuleOp:
     """A module whose one function @gradients is @train_step returning its
     marked gradients (by parameter name, sorted) with every in-place write of
     state removed: what a step would update with, updating nothing."""
-    fn = next(op for op in module.ops
-              if isinstance(op, func.FuncOp) and op.sym_name.data == TRAIN_STEP).clone()  # fmt: skip
+    fn = next(
+        op for op in module.ops if isinstance(op, func.FuncOp) and op.sym_name.data == TRAIN_STEP
+    ).clone()
     block = fn.body.blocks.first
     marked = gradients(fn)
     names = sorted(marked)
