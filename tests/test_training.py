@@ -16,6 +16,7 @@ from plait.frontend.optimizers import OptimizerError
 from plait.frontend.training import TrainingError
 from plait.ir.text import parse_module, print_module
 from plait.ir.training import TRAIN_STEP, StateOrderError, check_state_order, gradients
+from plait.passes.manager import PassManager
 from plait.training import NonFiniteLossError, Trainer
 
 STEPS = 10
@@ -422,3 +423,18 @@ def test_bad_schedules_and_batches_are_rejected_at_the_step(mlp_trainer):
     accumulating, _ = mlp_trainer
     with pytest.raises(TrainingError, match="cannot be split in 2 micro-batches"):
         accumulating.step(torch.randn(3, 8), torch.randn(3, 4))
+
+
+def test_canonicalize_keeps_the_gradient_mark_of_a_folded_op():
+    text = """builtin.module {
+  func.func @train_step(%a : !plait.tensor<[4], f32>) -> !plait.tensor<[4], f32> {
+    %s = plait.elementwise "aten::mul.Tensor"(%a, 2.0) : !plait.tensor<[4], f32>
+    %v = plait.reshape "aten::view"(%s, [4]) {plait.grad_of = ["w"]} : !plait.tensor<[4], f32>
+    func.return %v : !plait.tensor<[4], f32>
+  }
+}"""
+    module = parse_module(text)
+    PassManager.parse("canonicalize").run(module)
+    (step,) = module.ops
+    assert "aten::view" not in print_module(module)
+    assert gradients(step)["w"].owner.target_name == "aten::mul.Tensor"
