@@ -69,6 +69,8 @@ class Emitter:
         def meta(value):
             if isinstance(value, SSAValue):
                 return _meta(value.type)
+            if isinstance(value, irargs.Tag):  # dtypes; the IR's other tags name no data
+                return getattr(torch, TORCH_NAMES[value.value])
             return [meta(v) for v in value] if isinstance(value, (list, tuple)) else value
 
         ir_args = irargs.ArgsAttr(

@@ -12,7 +12,10 @@ ATen call takes such a scalar only as a number (`addcdiv_`'s `value`,
 tensor (see the comments).
 
 Rows read: `lr` (the step's learning rate, f64), `step` (the count of steps,
-state), `param`, `grad` and the optimizer's slots.
+state), `param`, `grad` and the optimizer's slots. The scalar rows' results
+reach the parameter rows cast to the parameters' compute type (f32 for f32,
+bf16 and f16), as a Python float is when an ATen call takes it: the same
+rounding, and kernels that stay vectorized (mixed dtypes are not).
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ def _adam_scalars(decoupled: bool) -> Callable[[dict], list[Row]]:
             Row("neg_step_size", "aten::div.Tensor", ("%lr", "%bias_correction1")),
             Row("neg_step_size", "aten::neg", ("%neg_step_size",)),
             Row("bias_correction2_sqrt", "aten::sqrt", ("%bias_correction2",)),
+            Row("eps", "aten::full_like", ("%lr", o["eps"])),
         ]
         if decoupled and o["weight_decay"]:  # 1 - lr * weight_decay
             rows += [
@@ -92,14 +96,13 @@ def _adam_update(decoupled: bool) -> Callable[[dict], list[Row]]:
                 ("%exp_avg_sq", "%grad", "%grad"),
                 _kw(value=1 - beta2),
             ),
+            # (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps), in one pass
             Row("denom", "aten::sqrt", ("%exp_avg_sq",)),
-            Row("denom", "aten::div.Tensor", ("%denom", "%bias_correction2_sqrt")),
-            Row("denom", "aten::add.Tensor", ("%denom", o["eps"])),
-            # param.addcdiv_(exp_avg, denom, value=-step_size), as its kernel
-            # computes it: param + (value * exp_avg) / denom
+            Row("denom", "aten::addcdiv", ("%eps", "%denom", "%bias_correction2_sqrt")),
+            # param.addcdiv_(exp_avg, denom, value=-step_size): its kernel computes
+            # param + (value * exp_avg) / denom, which value=1 and a scaled exp_avg equal
             Row("delta", "aten::mul.Tensor", ("%exp_avg", "%neg_step_size")),
-            Row("delta", "aten::div.Tensor", ("%delta", "%denom")),
-            Row("param", "aten::add_.Tensor", ("%param", "%delta")),
+            Row("param", "aten::addcdiv_", ("%param", "%delta", "%denom")),
         ]
 
     return update

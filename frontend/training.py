@@ -34,6 +34,7 @@ from xdsl.dialects import func
 from xdsl.dialects.builtin import ModuleOp, StringAttr
 from xdsl.ir import Block, SSAValue
 
+from ..ir.args import Tag
 from ..ir.errors import PlaitError
 from ..ir.ops import ParamOp
 from ..ir.training import (
@@ -500,9 +501,20 @@ def _train_step(fn: func.FuncOp, program, spec: TrainingSpec) -> None:
     scalar = TensorType([], "f64")
     emitter.bind("lr", _lr_placeholder(block, scalar))
     emitter.bind("step", _add_state(block, STEP_STATE, scalar))
-    emitter.rows(optimizer.scalars(options))
+    scalar_rows = optimizer.scalars(options)
+    emitter.rows(scalar_rows)
+    scalars = {row.out: emitter.value(row.out) for row in scalar_rows}
+    casts: dict[tuple[str, str], SSAValue] = {}
     slots = optimizer.slots(options)
     for name, grad in grads.items():
+        compute = "f64" if state[name].type.dtype == "f64" else "f32"
+        for scalar, value in scalars.items():
+            if value.type.dtype != compute and value.type.dtype == "f64" and scalar != "step":
+                if (scalar, compute) not in casts:
+                    casts[scalar, compute] = emitter.call(
+                        "aten::_to_copy", (value,), (("dtype", Tag("dtype", compute)),), scalar
+                    )
+                emitter.bind(scalar, casts[scalar, compute])
         emitter.bind("param", state[name])
         emitter.bind("grad", grad)
         for slot in slots:
