@@ -188,7 +188,7 @@ def _loss_of(out):
 def _positional(dynamic_shapes, names: list[str]):
     """torch.export's spec for the loss module's *args, from a dict by name or a sequence."""
     if dynamic_shapes is None or not isinstance(dynamic_shapes, dict):
-        return dynamic_shapes
+        return tuple(dynamic_shapes) if dynamic_shapes is not None else None
     unknown = sorted(set(dynamic_shapes) - set(names))
     if unknown:
         raise TrainingError(
@@ -244,7 +244,10 @@ def _joint(wrapper: LossModule, args: tuple, dynamic_shapes) -> torch.export.Exp
     try:
         with _quiet():
             program = torch.export.export(
-                wrapper, args, dynamic_shapes=dynamic_shapes, strict=False
+                wrapper,
+                args,
+                strict=False,
+                dynamic_shapes=None if dynamic_shapes is None else (dynamic_shapes,),  # *args
             )
             _no_grad_for_unused(program)
             return _decompose_exported_program(

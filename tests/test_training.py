@@ -18,6 +18,7 @@ from plait.ir.text import parse_module, print_module
 from plait.ir.training import TRAIN_STEP, StateOrderError, check_state_order, gradients
 from plait.passes.manager import PassManager
 from plait.training import NonFiniteLossError, Trainer
+from torch.export import Dim
 
 STEPS = 10
 RTOL = 1e-5
@@ -38,11 +39,11 @@ def _hf_model(name: str, **overrides):
     return getattr(transformers, model_cls)(config)
 
 
-def _lm_batches(count: int, pad: bool = False, seed: int = 1):
+def _lm_batches(count: int, pad: bool = False, seed: int = 1, lengths=(16,)):
     generator = torch.Generator().manual_seed(seed)
     batches = []
-    for _ in range(count):
-        ids = torch.randint(0, 256, (2, 16), generator=generator)
+    for step in range(count):
+        ids = torch.randint(0, 256, (2, lengths[step % len(lengths)]), generator=generator)
         mask = torch.ones_like(ids)
         if pad:
             mask[1, -3:] = 0
@@ -145,7 +146,8 @@ def _adamw(parameters):
 
 MODELS = {
     # name -> (model, batches, eager loss, loss_fn for plait)
-    "llama": lambda: (_hf_model("llama"), _lm_batches(STEPS), _lm_loss, None),
+    # sequences of two lengths, one program (a dynamic dim)
+    "llama": lambda: (_hf_model("llama"), _lm_batches(STEPS, lengths=(16, 11)), _lm_loss, None),
     "gpt2": lambda: (
         _hf_model("gpt2", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
         _lm_batches(STEPS),
@@ -167,7 +169,15 @@ MODELS = {
 def test_adamw_steps_match_eager(name):
     model, batches, loss, loss_fn = MODELS[name]()
     losses, first_grads, reference = _eager(model, batches, loss, _adamw)
-    trainer = plait.compile_training(model, batches[0], loss_fn=loss_fn, lr=1e-3)
+    seq = {1: Dim("seq", min=2, max=64)}
+    shapes = dict.fromkeys(["input_ids", "attention_mask", "labels"], seq)
+    trainer = plait.compile_training(
+        model,
+        batches[0],
+        loss_fn=loss_fn,
+        lr=1e-3,
+        dynamic_shapes=shapes if name == "llama" else None,
+    )
     grads = trainer.gradients(*batches[0])  # updates nothing
     assert grads.keys() == first_grads.keys()
     for param, grad in first_grads.items():
