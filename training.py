@@ -31,6 +31,7 @@ from .frontend.training import (
 )
 from .ir.attrs import SYMBOLS_ATTR
 from .ir.errors import PlaitError
+from .ir.ops import stored_weight_names
 from .ir.text import print_module
 from .ir.training import (
     ACCUMULATE,
@@ -41,6 +42,7 @@ from .ir.training import (
     check_state_order,
     gradient_module,
     gradients,
+    state_params,
 )
 from .ir.weights import WeightStore
 from .passes.manager import PassManager
@@ -154,6 +156,9 @@ class Trainer:
             self._programs[function] = build_program(
                 self.module, self.weights, self.device, None, function, shared=self._shared
             )
+            # state now lives in the program's copies: let go of the initial values
+            live = {key[1] for key in self._shared if key[0] == "state"}
+            self.weights = self.weights.subset(n for n in self.weights.names() if n not in live)
         return self._programs[function]
 
     # ---- running ---------------------------------------------------------
@@ -243,11 +248,13 @@ class Trainer:
         return {name: self._tensor(program) for name, program in self.state_dict_names.items()}
 
     def _saved_names(self) -> list[str]:
-        """Everything a checkpoint holds: all weights and state, except the
-        gradient accumulators (zero between steps)."""
-        names = set(self.weights.names()) | {k[1] for k in self._shared if k[0] == "state"}
-        names |= set(self.state_dict_names.values())
-        return sorted(n for n in names if not n.startswith(ACCUMULATOR + "."))
+        """Everything a checkpoint holds: the weights the plan reads, its state
+        (not the gradient accumulators: zero between steps) and the model's
+        tensors the plan does not read (a tied weight's other name is not one)."""
+        names = set(stored_weight_names(self.module)) | set(self.state_dict_names.values())
+        live = {key[1] for key in self._shared if key[0] == "state"}
+        state = (set(state_params(self.module)) & set(self.weights.names())) | live
+        return sorted(n for n in names | state if not n.startswith(ACCUMULATOR + "."))
 
     def save(self, directory: str | Path) -> Path:
         """Write a checkpoint: the plan, every parameter, buffer and optimizer

@@ -18,6 +18,7 @@ from plait.ir.text import parse_module, print_module
 from plait.ir.training import TRAIN_STEP, StateOrderError, check_state_order, gradients
 from plait.passes.manager import PassManager
 from plait.training import NonFiniteLossError, Trainer
+from safetensors import safe_open
 from torch.export import Dim
 
 STEPS = 10
@@ -166,7 +167,7 @@ MODELS = {
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_adamw_steps_match_eager(name):
+def test_adamw_steps_match_eager(name, tmp_path):
     model, batches, loss, loss_fn = MODELS[name]()
     losses, first_grads, reference = _eager(model, batches, loss, _adamw)
     seq = {1: Dim("seq", min=2, max=64)}
@@ -186,6 +187,14 @@ def test_adamw_steps_match_eager(name):
     assert trainer.steps == STEPS
     if name == "mixtral":
         assert "transformers::grouped_mm_fallback_backward" in trainer.ir
+    if name == "gpt2":  # tied embedding and head: one tensor, trained once, saved once
+        state = trainer.state_dict()
+        assert state["lm_head.weight"] is state["transformer.wte.weight"]
+        trainer.save(tmp_path / "gpt2")
+        with safe_open(str(tmp_path / "gpt2" / "weights.safetensors"), "pt") as f:
+            assert "transformer.wte.weight" not in f.keys()
+        loaded = plait.load_training(tmp_path / "gpt2").state_dict()
+        assert all(torch.equal(loaded[n], t) for n, t in state.items())
 
 
 # ---- optimizer options, accumulation, clipping, schedules -------------------------
