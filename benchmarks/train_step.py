@@ -66,7 +66,9 @@ def main() -> None:
     eager_ms = statistics.median(times["eager"][1:]) * 1e3  # the first step builds state
     plait_ms = statistics.median(times["plait"][1:]) * 1e3
     print(f"Llama {params / 1e6:.1f}M params, batch {args.batch} x {args.seq}, 1 thread")
-    print(f"capture (compile_training): {capture:.1f} s; first plait step {times['plait'][0]:.2f} s")
+    print(
+        f"capture (compile_training): {capture:.1f} s; first plait step {times['plait'][0]:.2f} s"
+    )
     print(f"step, median of {args.steps - 1}: eager {eager_ms:.1f} ms, plait {plait_ms:.1f} ms, "
           f"plait / eager {plait_ms / eager_ms:.3f}")  # fmt: skip
 
