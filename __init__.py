@@ -23,14 +23,18 @@ from .api import (  # noqa: E402
     load,
 )
 from .ir.errors import PlaitError  # noqa: E402
+from .training import Trainer, compile_training, load_training  # noqa: E402
 
 __all__ = [
     "CompiledModel",
     "DEFAULT_PIPELINE",
     "PlaitError",
+    "Trainer",
     "compile",
     "compile_generation",
     "compile_ir",
+    "compile_training",
     "load",
+    "load_training",
     "__version__",
 ]

@@ -468,7 +468,8 @@ class _Lowering:
         return self.graph.get_attr(flat)
 
     def lower_state(self, op: ParamOp, shard) -> None:
-        """Program state: allocated zero-filled on first use, this rank's part only."""
+        """Program state: allocated on first use, this rank's part only, from
+        its initial value in the weights (training state), else zero-filled."""
         type_ = op.result.type
         if not all(isinstance(d, int) for d in type_.shape):
             raise LoweringError(f"{where(op)}: state '{op.weight_name}' needs a static shape")
@@ -477,7 +478,15 @@ class _Lowering:
         if tensor is None:
             device = torch.device("meta") if self.on_meta else self.device
             with torch.inference_mode(False):  # updated in place in and out of inference mode
-                tensor = torch.zeros(type_.shape, dtype=torch_dtype(type_.dtype), device=device)
+                if op.weight_name in self.weights:  # a copy: the program updates it in place
+                    name = op.weight_name
+                    initial = (
+                        self.weights.get_shard(name, *shard) if shard else self.weights.get(name)
+                    )
+                    _check_weight(op, initial)
+                    tensor = initial.to(device, copy=True)
+                else:
+                    tensor = torch.zeros(type_.shape, dtype=torch_dtype(type_.dtype), device=device)
             self.shared["state", key] = tensor
         elif tuple(tensor.shape) != tuple(type_.shape):
             raise LoweringError(

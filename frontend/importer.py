@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
+from collections.abc import Collection
 
 import torch
 from torch.export.graph_signature import InputKind
@@ -105,8 +106,11 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 class _Importer:
-    def __init__(self, captured: Captured):
+    def __init__(self, captured: Captured, initial_state: Collection[str] = ()):
         self.captured = captured
+        # parameters and buffers (export's names) that are program state starting
+        # from the model's values (training: trained parameters, running statistics)
+        self.initial_state = frozenset(initial_state)
         self.program = captured.program
         self.prefix = captured.prefix
         self.symbols = SymbolMap()
@@ -212,9 +216,10 @@ class _Importer:
         if isinstance(tensor, torch.nn.Parameter):
             tensor = tensor.data
         plait_name = _strip(name, self.prefix)
-        if node in self.state:
+        initialized = name in self.initial_state
+        if node in self.state or initialized:
             kind = "state"
-            if not tensor.is_meta and bool(tensor.any()):
+            if not initialized and not tensor.is_meta and bool(tensor.any()):
                 raise GraphImportError(
                     f"buffer '{name}' is updated in place, so it is program state, which "
                     "starts zero-filled on every rank; initialize it with zeros in the model"
@@ -224,7 +229,7 @@ class _Importer:
         if owner:
             op.location = location(owner)
         op.result.name_hint = value_name(plait_name)  # nn.Sequential's "0.weight" too
-        if kind != "state":
+        if kind != "state" or initialized:
             self.weights.add(plait_name, tensor)
         self.block.add_op(op)
         self.values[node] = op.result
@@ -452,6 +457,10 @@ def _updated_buffers(graph: torch.fx.Graph, specs) -> set[torch.fx.Node]:
     return updated
 
 
-def import_program(captured: Captured) -> tuple[ModuleOp, WeightStore]:
-    """The plait IR module and weights of a captured program."""
-    return _Importer(captured).run()
+def import_program(
+    captured: Captured, initial_state: Collection[str] = ()
+) -> tuple[ModuleOp, WeightStore]:
+    """The plait IR module and weights of a captured program; `initial_state`
+    names parameters and buffers that become program state whose initial
+    values (the model's) are in the WeightStore."""
+    return _Importer(captured, initial_state).run()

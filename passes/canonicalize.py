@@ -29,6 +29,7 @@ from ..ir.args import Operand
 from ..ir.dtypes import is_floating
 from ..ir.ops import CallOp
 from ..ir.schema import returns_alias
+from ..ir.training import carry_gradient_mark
 from .base import Pass, function_blocks
 
 Fold = Callable[[CallOp], SSAValue | None]
@@ -143,6 +144,7 @@ def canonicalize_block(block) -> int:
         fold, copies = FOLDS[op.target_name]
         replacement = None if copies and _escapes(op.results[0]) else fold(op)
         if replacement is not None:
+            carry_gradient_mark(op, replacement)
             op.results[0].replace_all_uses_with(replacement)
             Rewriter.erase_op(op)
             changed += 1

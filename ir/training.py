@@ -1,0 +1,181 @@
+"""What a training program is, in the IR.
+
+A training step is a function `@train_step(batch..., %lr) -> loss`: the
+model's forward and backward (captured by torch), then the optimizer's update
+as ATen calls. Everything that outlives a step is program state
+(`plait.param state`), updated in place:
+
+- trainable parameters and buffers the model updates (BatchNorm's running
+  statistics), named as in the model's state dict; their initial values are
+  the model's, in the WeightStore;
+- optimizer state, zero-filled: `optimizer.step` (a f64 count of steps) and
+  per parameter `optimizer.<slot>.<parameter>` (slot `exp_avg`,
+  `exp_avg_sq`, `momentum_buffer`), marked `{plait.state_of = "<parameter>"}`;
+- with gradient accumulation over K micro-batches, `grad_accumulator.<parameter>`
+  (state_of too), summed by an `@accumulate(batch...) -> loss` function that
+  runs on the first K-1 micro-batches.
+
+Gradients are ordinary values. The one the optimizer uses for a parameter is
+the result of the op marked `{plait.grad_of = ["", "<parameter>", ...]}`
+(one entry per result; "" for results that are no gradient): where a data-
+parallel plan reduces it.
+
+    %w = plait.param state "model.fc.weight" : !plait.tensor<[8, 4], f32>
+    %m = plait.param state "optimizer.exp_avg.model.fc.weight" {plait.state_of = "model.fc.weight"} : ...
+    %g = plait.matmul "aten::mm"(%t, %x) {plait.grad_of = ["model.fc.weight"]} : ...
+    %m_1 = plait.call "aten::lerp_.Scalar"(%m, %g, 0.09999999999999998) : ...
+
+State is updated in place, so block order matters: every read of a state's
+value must come before the update that overwrites it (`check_state_order`).
+"""
+
+from __future__ import annotations
+
+from xdsl.dialects import func
+from xdsl.dialects.builtin import ArrayAttr, ModuleOp, StringAttr
+from xdsl.ir import Operation, SSAValue
+
+from .errors import PlaitError
+from .ops import CallOp, ParamOp
+from .schema import writes_input
+from .text import where
+
+TRAIN_STEP = "train_step"
+ACCUMULATE = "accumulate"
+LR_INPUT = "lr"
+
+GRAD_OF = "plait.grad_of"
+STATE_OF = "plait.state_of"
+
+STEP_STATE = "optimizer.step"
+ACCUMULATOR = "grad_accumulator"
+
+
+class StateOrderError(PlaitError):
+    """A program that reads program state after overwriting it."""
+
+
+def slot_name(slot: str, parameter: str) -> str:
+    """The state holding an optimizer's `slot` for `parameter`."""
+    return f"optimizer.{slot}.{parameter}"
+
+
+def accumulator_name(parameter: str) -> str:
+    return f"{ACCUMULATOR}.{parameter}"
+
+
+def mark_gradient(value: SSAValue, parameter: str) -> None:
+    """Record that `value` (an op's result) is the gradient of `parameter`."""
+    op = value.owner
+    names = [a.data for a in op.attributes[GRAD_OF].data] if GRAD_OF in op.attributes else None
+    names = names or [""] * len(op.results)
+    names[list(op.results).index(value)] = parameter
+    op.attributes[GRAD_OF] = ArrayAttr([StringAttr(n) for n in names])
+
+
+def gradients(fn: func.FuncOp) -> dict[str, SSAValue]:
+    """Parameter name -> its gradient in `fn`, from the `plait.grad_of` marks."""
+    found = {}
+    for op in fn.walk():
+        if GRAD_OF in op.attributes:
+            for result, name in zip(op.results, op.attributes[GRAD_OF].data):
+                if name.data:
+                    found[name.data] = result
+    return found
+
+
+def carry_gradient_mark(old: Operation, replacement: SSAValue) -> None:
+    """A pass replaces `old` by `replacement` (the same tensor): keep its mark."""
+    if GRAD_OF not in old.attributes or not isinstance(replacement.owner, Operation):
+        return
+    for result, name in zip(old.results, old.attributes[GRAD_OF].data):
+        if name.data and result.type == replacement.type:
+            mark_gradient(replacement, name.data)
+
+
+def state_params(module: ModuleOp) -> dict[str, ParamOp]:
+    """State name -> its first param op (every function reads the same state)."""
+    found: dict[str, ParamOp] = {}
+    for op in module.walk():
+        if isinstance(op, ParamOp) and op.is_state:
+            found.setdefault(op.weight_name, op)
+    return found
+
+
+def _update_of(value: SSAValue) -> Operation | None:
+    """The in-place call that overwrites `value` (its first argument), if any."""
+    updates = [
+        use.operation
+        for use in value.uses
+        if isinstance(use.operation, CallOp)
+        and use.index == 0
+        and writes_input(use.operation.target_name)
+    ]
+    if len(updates) > 1:
+        raise StateOrderError(
+            f"{where(updates[1])}: a second in-place update of the same state value "
+            f"(the first is at {where(updates[0])}); chain updates on each other's results"
+        )
+    return updates[0] if updates else None
+
+
+def check_state_order(module: ModuleOp) -> None:
+    """Raise unless each state value is read only before the update that
+    overwrites it: passes that move ops must keep this order."""
+    for fn in module.ops:
+        if not isinstance(fn, func.FuncOp):
+            continue
+        for block in fn.body.blocks:
+            position = {op: i for i, op in enumerate(block.ops)}
+            for param in block.ops:
+                if not (isinstance(param, ParamOp) and param.is_state):
+                    continue
+                value = param.result
+                while (update := _update_of(value)) is not None:
+                    late = [
+                        u.operation
+                        for u in value.uses
+                        if position.get(u.operation, -1) > position[update]
+                    ]
+                    if late:
+                        raise StateOrderError(
+                            f"{where(late[0])}: reads state '{param.weight_name}' after "
+                            f"{where(update)} overwrote it in place; keep reads of a state "
+                            "before its update"
+                        )
+                    value = update.results[0]
+
+
+GRADIENTS = "gradients"
+
+
+def gradient_module(module: ModuleOp) -> ModuleOp:
+    """A module whose one function @gradients is @train_step returning its
+    marked gradients (by parameter name, sorted) with every in-place write of
+    state removed: what a step would update with, updating nothing."""
+    fn = next(
+        op for op in module.ops if isinstance(op, func.FuncOp) and op.sym_name.data == TRAIN_STEP
+    ).clone()
+    block = fn.body.blocks.first
+    marked = gradients(fn)
+    names = sorted(marked)
+    old = block.last_op
+    block.insert_op_before(func.ReturnOp(*[marked[n] for n in names]), old)
+    old.detach()
+    old.erase()
+    for op in reversed(list(block.ops)):
+        if isinstance(op, CallOp) and writes_input(op.target_name):
+            op.results[0].replace_all_uses_with(op.operands[0])
+            op.detach()
+            op.erase()
+    for op in reversed(list(block.ops)):
+        if op is not block.last_op and all(not r.uses for r in op.results):
+            op.detach()
+            op.erase()
+    fn.sym_name = StringAttr(GRADIENTS)
+    fn.function_type = func.FunctionType.from_lists(
+        [a.type for a in block.args], [marked[n].type for n in names]
+    )
+    out = ModuleOp([fn])
+    out.attributes.update(module.attributes)
+    return out

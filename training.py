@@ -1,0 +1,454 @@
+"""Training: compile a model's whole training step, run it, checkpoint it.
+
+    trainer = plait.compile_training(model, (ids, mask, labels), optimizer="adamw", lr=1e-3)
+    loss = trainer.step(ids, mask, labels)      # forward, backward and update: one program
+    trainer.state_dict()                        # the trained tensors, by the model's names
+    trainer.save("ckpt/")                       # and plait.load_training("ckpt/") to resume
+
+The step is the IR function @train_step (see `plait.ir.training`); the
+model's own tensors are not changed (the program updates copies).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import torch
+from xdsl.dialects import func
+from xdsl.dialects.builtin import ModuleOp
+
+from .api import DEFAULT_PIPELINE
+from .backends.fx import Program, build_program
+from .frontend.training import (
+    TrainingError,
+    TrainingSpec,
+    capture_training,
+    is_hf_model,
+)
+from .ir.attrs import SYMBOLS_ATTR
+from .ir.errors import PlaitError
+from .ir.ops import stored_weight_names
+from .ir.text import print_module
+from .ir.training import (
+    ACCUMULATE,
+    ACCUMULATOR,
+    GRADIENTS,
+    STEP_STATE,
+    TRAIN_STEP,
+    check_state_order,
+    gradient_module,
+    gradients,
+    state_params,
+)
+from .ir.weights import WeightStore
+from .passes.manager import PassManager
+from .runtime import artifact
+from .runtime.inputs import check_inputs
+
+Schedule = Callable[[int], float]
+
+
+class NonFiniteLossError(PlaitError):
+    """A step whose loss is nan or infinite: training stops there."""
+
+
+def _schedule(lr) -> tuple[Schedule, float | None]:
+    """A learning rate or schedule -> (step -> lr, the constant lr or None)."""
+    if isinstance(lr, numbers.Real) and not isinstance(lr, bool):
+        value = _checked_lr(lr, "lr")
+        return (lambda step: value), value
+    if callable(lr):
+        return lr, None
+    raise TrainingError(
+        f"lr={lr!r} must be a number or a schedule, a callable of the step count "
+        "(lr=lambda step: 1e-3 * min(1.0, (step + 1) / 100))"
+    )
+
+
+def _checked_lr(value, where: str) -> float:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise TrainingError(f"{where} is {value!r}; a learning rate is a finite number >= 0")
+    return float(value)
+
+
+def _micro_batches(batch: Sequence, count: int) -> list[tuple]:
+    """Each tensor split in `count` equal parts along dim 0."""
+    if count == 1:
+        return [tuple(batch)]
+    for i, value in enumerate(batch):
+        if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] % count:
+            size = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise TrainingError(
+                f"batch input #{i} ({size}) cannot be split in {count} micro-batches along dim "
+                f"0; with accumulation={count}, every input's dim 0 must be a multiple of {count}"
+            )
+    return list(zip(*(value.chunk(count) for value in batch)))
+
+
+def _function(module: ModuleOp, name: str) -> func.FuncOp:
+    return next(op for op in module.ops if isinstance(op, func.FuncOp) and op.sym_name.data == name)
+
+
+class Trainer:
+    """A compiled training step with its state: parameters, buffers, optimizer state."""
+
+    def __init__(
+        self,
+        module: ModuleOp,
+        weights: WeightStore,
+        spec: TrainingSpec,
+        lr,
+        *,
+        pipeline: str,
+        input_names: list[str],
+        state_dict_names: dict[str, str],
+        fills_mask: bool,
+        device: str | torch.device = "cpu",
+    ):
+        self.module = module
+        self.weights = weights
+        self.spec = spec
+        self.schedule, self.constant_lr = _schedule(lr)
+        self.pipeline = pipeline
+        self.input_names = input_names
+        self.state_dict_names = state_dict_names
+        self.fills_mask = fills_mask  # a transformers model called without attention_mask
+        self.device = torch.device(device)
+        self._shared: dict = {}  # the programs' state tensors, weights and arena
+        self._programs: dict[str, Program] = {}
+        self._failed: str | None = None
+
+    # ---- inspecting ------------------------------------------------------
+
+    @property
+    def ir(self) -> str:
+        return print_module(self.module)
+
+    @property
+    def functions(self) -> list[str]:
+        return [op.sym_name.data for op in self.module.ops if isinstance(op, func.FuncOp)]
+
+    @property
+    def code(self) -> str:
+        return "\n".join(f"# ---- @{f} ----{self._program(f).code}" for f in self.functions)
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps taken so far (the program's step count)."""
+        tensor = self._shared.get(("state", STEP_STATE))
+        if tensor is None:
+            tensor = self.weights.get(STEP_STATE) if STEP_STATE in self.weights else None
+        return int(tensor.item()) if tensor is not None else 0
+
+    def _program(self, function: str) -> Program:
+        if function not in self._programs:
+            self._programs[function] = build_program(
+                self.module, self.weights, self.device, None, function, shared=self._shared
+            )
+            # state now lives in the program's copies: let go of the initial values
+            live = {key[1] for key in self._shared if key[0] == "state"}
+            self.weights = self.weights.subset(n for n in self.weights.names() if n not in live)
+        return self._programs[function]
+
+    # ---- running ---------------------------------------------------------
+
+    def step(self, *batch: torch.Tensor) -> torch.Tensor:
+        """One optimizer step on `batch` (split in `accumulation` micro-batches
+        along dim 0); returns the loss (the micro-batches' mean)."""
+        if self._failed is not None:
+            raise NonFiniteLossError(f"{self._failed}; this trainer stopped")
+        batch = self._with_mask(batch)
+        step = self.steps
+        lr = _checked_lr(self.schedule(step), f"the learning rate of step {step} (lr({step}))")
+        names = self.input_names[:-1]
+        micro = _micro_batches(batch, self.spec.accumulation)
+        for inputs in micro:
+            self._check(TRAIN_STEP, names, inputs)
+        lr_input = torch.tensor(lr, dtype=torch.float64, device=self.device)
+        with torch.no_grad():
+            losses = [self._run(ACCUMULATE, inputs)[0] for inputs in micro[:-1]]
+            losses.append(self._run(TRAIN_STEP, (*micro[-1], lr_input))[0])
+            loss = losses[0]
+            for more in losses[1:]:
+                loss = loss + more
+        if not bool(torch.isfinite(loss)):
+            self._failed = (
+                f"step {step} (counting from 0) had a non-finite loss ({loss.item()}); the "
+                "parameters it updated are not saved. Resume from the last checkpoint with "
+                "plait.load_training(directory)"
+            )
+            raise NonFiniteLossError(self._failed)
+        return loss
+
+    def _with_mask(self, batch: tuple) -> tuple:
+        if self.fills_mask and len(batch) == 2:  # (input_ids, labels)
+            ids, labels = batch
+            return ids, torch.ones_like(ids), labels
+        return batch
+
+    def _check(self, function: str, names, inputs) -> None:
+        fn = _function(self.module, function)
+        if len(inputs) != len(names):
+            raise TrainingError(
+                f"step takes {len(names)} inputs ({', '.join(names)}), got {len(inputs)}"
+            )
+        symbols = self.module.attributes.get(SYMBOLS_ATTR)
+        types = list(fn.function_type.inputs)[: len(names)]
+        check_inputs(names, types, symbols.ranges if symbols is not None else {}, inputs)
+
+    def _run(self, function: str, inputs) -> tuple[torch.Tensor, ...]:
+        return self._program(function)(*[x.to(self.device) for x in inputs])
+
+    def gradients(self, *batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The gradients a step on `batch` would update with (before clipping),
+        by the model's parameter names (each name of a tied weight); nothing is
+        updated. Needs accumulation=1."""
+        if self.spec.accumulation != 1:
+            raise TrainingError("gradients() runs one batch; it needs accumulation=1")
+        batch = self._with_mask(batch)
+        self._check(TRAIN_STEP, self.input_names[:-1], batch)
+        if GRADIENTS not in self._programs:
+            module = gradient_module(self.module)
+            self._programs[GRADIENTS] = build_program(
+                module, self.weights, self.device, None, GRADIENTS, shared=self._shared
+            )
+            self._gradient_names = sorted(gradients(_function(self.module, TRAIN_STEP)))
+        lr = torch.zeros((), dtype=torch.float64)
+        with torch.no_grad():
+            values = self._run(GRADIENTS, (*batch, lr))
+        found = dict(zip(self._gradient_names, values))
+        return {
+            name: found[program]
+            for name, program in self.state_dict_names.items()
+            if program in found
+        }
+
+    # ---- state -----------------------------------------------------------
+
+    def _tensor(self, name: str) -> torch.Tensor:
+        """The current value of a program name: live state, else its stored value."""
+        live = self._shared.get(("state", name))
+        return live if live is not None else self.weights.get(name)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's parameters and buffers after training, by the model's
+        state-dict names (`model.load_state_dict(trainer.state_dict())`).
+        The trainer's own tensors, not copies."""
+        return {name: self._tensor(program) for name, program in self.state_dict_names.items()}
+
+    def _saved_names(self) -> list[str]:
+        """Everything a checkpoint holds: the weights the plan reads, its state
+        (not the gradient accumulators: zero between steps) and the model's
+        tensors the plan does not read (a tied weight's other name is not one)."""
+        names = set(stored_weight_names(self.module)) | set(self.state_dict_names.values())
+        live = {key[1] for key in self._shared if key[0] == "state"}
+        state = (set(state_params(self.module)) & set(self.weights.names())) | live
+        return sorted(n for n in names | state if not n.startswith(ACCUMULATOR + "."))
+
+    def save(self, directory: str | Path) -> Path:
+        """Write a checkpoint: the plan, every parameter, buffer and optimizer
+        state as full tensors by name (safetensors), the step count and the
+        options; atomically, so an interrupted save keeps the previous one."""
+        if self._failed is not None:
+            raise NonFiniteLossError(f"{self._failed}; nothing was saved")
+        store = WeightStore()
+        for name in self._saved_names():
+            store.add(name, self._tensor(name))
+        fn = _function(self.module, TRAIN_STEP)
+        symbols = self.module.attributes.get(SYMBOLS_ATTR)
+        manifest = {
+            "pipeline": self.pipeline,
+            "mesh": {"world_size": 1, "axes": {}},
+            "inputs": [
+                {"name": n, "type": str(t)}
+                for n, t in zip(self.input_names, fn.function_type.inputs)
+            ],
+            "symbols": {n: list(r) for n, r in (symbols.ranges if symbols else {}).items()},
+            "outputs": {"count": 1, "treespec": None},
+            "device": self.device.type,
+            "generation": {},
+            TRAINING: {
+                **self.spec.as_json(),
+                "lr": self.constant_lr,
+                "fills_mask": self.fills_mask,
+                "state_dict": self.state_dict_names,
+                "saved": store.names(),
+            },
+        }
+        meta = store.as_meta()
+        code = "\n".join(
+            f"# ---- @{f} ----{build_program(self.module, meta, 'cpu', None, f).code}"
+            for f in self.functions
+        )
+        contents = artifact.Artifact(plan=self.ir, programs={0: code}, manifest=manifest)
+        return artifact.write(directory, contents, store, store.names())
+
+
+TRAINING = "training"  # the manifest's field for a training checkpoint
+
+
+def compile_training(
+    model: torch.nn.Module,
+    example_args: Sequence,
+    *,
+    loss_fn: Callable | None = None,
+    optimizer: str = "adamw",
+    lr: float | Schedule = 1e-3,
+    accumulation: int = 1,
+    clip_grad_norm: float | None = None,
+    precision: str = "fp32",
+    pipeline: str = DEFAULT_PIPELINE,
+    dynamic_shapes=None,
+    device: str | torch.device | None = None,
+    **optimizer_options,
+) -> Trainer:
+    """Compile one training step of `model`: forward, backward and optimizer
+    update, as one program whose state is the model's parameters and the
+    optimizer's moments.
+
+    `model(*example_args)` returns the loss (a scalar tensor, or an output
+    with `.loss`), or `loss_fn(output, *args)` computes it. A transformers
+    model takes (input_ids, attention_mask, labels), or (input_ids, labels).
+    `optimizer` is "adamw", "adam" or "sgd", with torch.optim's options and
+    defaults as keywords (betas, eps, weight_decay; momentum, dampening,
+    nesterov). `lr` is a number or a schedule `lr(step)` (step counts from 0),
+    fed to the program each step. `accumulation=K` splits each batch in K
+    micro-batches along dim 0 and sums their gradients as `(loss / K).backward()`
+    per micro-batch would; `example_args` is a whole batch. `clip_grad_norm`
+    clips as torch.nn.utils.clip_grad_norm_. `precision="bf16-mixed"` runs the
+    forward and backward under torch.autocast(bfloat16), with fp32 parameters,
+    gradients and optimizer state. `dynamic_shapes` is torch.export's, for one
+    micro-batch, by input name or position.
+    """
+    _schedule(lr)  # a bad lr should not wait for the export
+    spec = TrainingSpec(optimizer, dict(optimizer_options), accumulation, clip_grad_norm, precision)
+    manager = PassManager.parse(pipeline)
+    hf = is_hf_model(model)
+    args = tuple(example_args)
+    fills_mask = hf and len(args) == 2
+    if fills_mask:
+        args = (args[0], torch.ones_like(args[0]), args[1])
+    captured = capture_training(
+        model, _micro_batches(args, accumulation)[0], spec, loss_fn, dynamic_shapes
+    )
+    manager.run(captured.module, captured.weights)
+    _check_program(captured.module, pipeline, captured.trained)
+    if device is None:
+        device = next(model.parameters()).device
+    return Trainer(
+        captured.module,
+        captured.weights,
+        spec,
+        lr,
+        pipeline=pipeline,
+        input_names=captured.input_names,
+        state_dict_names=captured.state_dict,
+        fills_mask=fills_mask,
+        device=device,
+    )
+
+
+def _check_program(module: ModuleOp, pipeline: str, trained: list[str]) -> None:
+    """What the training IR promises, after the passes: state read before it
+    is overwritten, and every trained parameter's gradient marked."""
+    check_state_order(module)
+    lost = sorted(set(trained) - set(gradients(_function(module, TRAIN_STEP))))
+    if lost:
+        raise TrainingError(
+            f"after the pipeline '{pipeline}', the gradient of '{lost[0]}' is no longer "
+            "marked (plait.grad_of); a pass replaced it without keeping the mark"
+        )
+
+
+# ---- loading ------------------------------------------------------------------
+
+
+def _training_fields(manifest: dict, path: Path) -> dict:
+    """The manifest's training field, checked (a checkpoint is data a stranger may write)."""
+    fields = manifest.get(TRAINING)
+    if not isinstance(fields, dict):
+        raise TrainingError(
+            f"{path}: not a training checkpoint (its manifest has no '{TRAINING}' field); "
+            "load a compiled model with plait.load"
+        )
+    checks = {
+        "optimizer": lambda v: isinstance(v, str),
+        "options": lambda v: isinstance(v, dict),
+        "accumulation": lambda v: isinstance(v, int),
+        "clip_grad_norm": lambda v: v is None or isinstance(v, (int, float)),
+        "precision": lambda v: isinstance(v, str),
+        "lr": lambda v: v is None or isinstance(v, (int, float)),
+        "fills_mask": lambda v: isinstance(v, bool),
+        "state_dict": lambda v: (
+            isinstance(v, dict)
+            and all(isinstance(k, str) and isinstance(x, str) for k, x in v.items())
+        ),
+        "saved": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    }
+    for key, ok in checks.items():
+        if key not in fields or not ok(fields[key]):
+            raise TrainingError(
+                f"{path}: field '{TRAINING}.{key}' is missing or malformed "
+                f"({json.dumps(fields.get(key))[:60]}); save the checkpoint again"
+            )
+    return fields
+
+
+def load_training(
+    directory: str | Path,
+    *,
+    lr: float | Schedule | None = None,
+    device: str | torch.device = "cpu",
+    trusted_ops: Iterable[str] = (),
+    verify: bool = True,
+) -> Trainer:
+    """Resume from a checkpoint written by `Trainer.save`: parameters, buffers,
+    optimizer state and step count as saved. A learning-rate schedule is code,
+    which a checkpoint never holds: pass it again as `lr` (a constant lr was
+    saved; `lr` replaces it). `trusted_ops` as for plait.load."""
+    contents, module, _ = artifact.read(directory, trusted_ops, verify)
+    path = Path(directory) / artifact.MANIFEST
+    fields = _training_fields(contents.manifest, path)
+    if lr is None:
+        if fields["lr"] is None:
+            raise TrainingError(
+                f"{directory} was trained with a learning-rate schedule, a Python callable that "
+                "a checkpoint cannot hold; pass it again: plait.load_training(dir, lr=schedule)"
+            )
+        lr = fields["lr"]
+    spec = TrainingSpec(
+        fields["optimizer"],
+        fields["options"],
+        fields["accumulation"],
+        fields["clip_grad_norm"],
+        fields["precision"],
+    )
+    weights = WeightStore()
+    weights.add_safetensors(Path(directory) / contents.manifest["weights"], fields["saved"])
+    check_state_order(module)
+    names = [entry["name"] for entry in contents.manifest["inputs"]]
+    return Trainer(
+        module,
+        weights,
+        spec,
+        lr,
+        pipeline=contents.manifest["pipeline"],
+        input_names=names,
+        state_dict_names=fields["state_dict"],
+        fills_mask=fields["fills_mask"],
+        device=device,
+    )
+
+
+__all__ = ["NonFiniteLossError", "Trainer", "compile_training", "load_training"]
