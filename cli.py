@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import sys
 import time
+import typing
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
@@ -318,7 +319,8 @@ def cmd_opt(args) -> int:
         for name in registry.names():
             cls = registry.get(name)
             print(f"{name:<16} {cls.summary}")
-            options = ", ".join(_option_text(f) for f in dataclasses.fields(cls))
+            hints = typing.get_type_hints(cls)
+            options = ", ".join(_option_text(f, hints[f.name]) for f in dataclasses.fields(cls))
             if options:
                 print(f"{'':<16} options: {options}")
         return 0
@@ -334,10 +336,20 @@ def cmd_opt(args) -> int:
     return 0
 
 
-def _option_text(field) -> str:
-    """A pass option as the pipeline text spells it, with its default: group=0."""
-    default = field.default
-    return f"{field.name.replace('_', '-')}={default if default != '' else repr(default)}"
+def _option_text(field, hint) -> str:
+    """A pass option as the pipeline text spells it, with its default (`group=0`,
+    `plan=(none)`) and, for a closed vocabulary, the choices (`solve=rules|ilp`)."""
+    import enum
+
+    from plait.passes.pipeline import option_text
+
+    name, default = field.name.replace("_", "-"), field.default
+    kinds = typing.get_args(hint) or (hint,)
+    choices = next((k for k in kinds if isinstance(k, type) and issubclass(k, enum.Enum)), None)
+    if choices is not None:
+        rest = [str(m.value) for m in choices if m is not default]
+        return f"{name}={'|'.join([option_text(default), *rest])}"
+    return f"{name}={option_text(default) or '(none)'}"
 
 
 def _generated_inputs(compiled, dims: dict[str, int]):

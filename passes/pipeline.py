@@ -156,7 +156,7 @@ def pipeline_text(passes: list[Pass]) -> str:
     out = []
     for p in passes:
         opts = [
-            f"{f.name.replace('_', '-')}={_text(getattr(p, f.name))}"
+            f"{f.name.replace('_', '-')}={option_text(getattr(p, f.name))}"
             for f in dataclasses.fields(p)
             if getattr(p, f.name) != f.default
         ]
@@ -164,7 +164,8 @@ def pipeline_text(passes: list[Pass]) -> str:
     return ",".join(out)
 
 
-def _text(value) -> str:
+def option_text(value) -> str:
+    """An option's value as pipeline text."""
     if isinstance(value, enum.Enum):
         return str(value.value)
     return "" if value is None else str(value)

@@ -491,7 +491,7 @@ def test_version_help_and_pass_options(capsys):
     code, out, _ = _run(capsys, "opt", "--list-passes")
     lines = out.splitlines()
     shard = lines.index(next(line for line in lines if line.startswith("shard ")))
-    assert "options: mesh=tp:2, plan='', solve=rules" in lines[shard + 1]
+    assert "options: mesh=tp:2, plan=(none), solve=rules|ilp" in lines[shard + 1]
     assert any("bits=8" in line for line in lines)  # quantize's
 
 
