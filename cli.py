@@ -394,10 +394,10 @@ def cmd_run(args) -> int:
     _check_device(args.device)
     device = args.device or "cpu"
     if args.nproc > 1 and not launch.under_launcher():
-        argv = [a for a in sys.argv[1:] if not a.startswith("--nproc")]
-        if "--nproc" in sys.argv:  # the value followed the flag
-            i = sys.argv.index("--nproc")
-            argv = sys.argv[1:i] + sys.argv[i + 2 :]
+        argv = [a for a in args.argv if not a.startswith("--nproc")]
+        if "--nproc" in args.argv:  # the value followed the flag
+            i = args.argv.index("--nproc")
+            argv = args.argv[:i] + args.argv[i + 2 :]
         return launch.relaunch(argv, args.nproc, _launcher_args(args))
     rank = 0
     if launch.under_launcher():
@@ -805,7 +805,9 @@ def _warning_line(message, category, filename, lineno, line=None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # what the ranks of `plait run --nproc` are started with
     if not args.debug:
         warnings.formatwarning = _warning_line
     try:
@@ -818,6 +820,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug in plait (or a library) that no check caught
         if args.debug:
             raise
+        from plait.runtime.launch import collective_failure
+
+        failed = collective_failure(exc)  # a rank whose peer failed or went silent
+        if failed is not None:
+            print(f"plait: error: {failed}", file=sys.stderr)
+            return 1
         print(f"plait: internal error: {type(exc).__name__}: {exc} (rerun with --debug for "
               "the traceback)", file=sys.stderr)  # fmt: skip
         return 1

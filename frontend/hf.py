@@ -87,11 +87,13 @@ class TaskModel(torch.nn.Module):
     # the wrapper's own prefix, stripped from names and locations on import
     plait_prefix = "model."
 
-    def __init__(self, model: torch.nn.Module, task: str):
+    def __init__(self, model: torch.nn.Module, task: str, whole_output: bool = False):
         super().__init__()
         self.model = model
         self.task = task
-        self.output = TASKS[task].output
+        # the task's tensor, or (a model given to plait.compile as it is) what the
+        # model returns: its ModelOutput, without a cache
+        self.output = None if whole_output else TASKS[task].output
         # encoders have no cache to turn off
         parameters = inspect.signature(model.forward).parameters
         self.options = {"use_cache": False} if "use_cache" in parameters else {}
@@ -100,11 +102,12 @@ class TaskModel(torch.nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, **self.options)
-        return getattr(out, self.output)
+        return out if self.output is None else getattr(out, self.output)
 
 
-def wrap(model: torch.nn.Module, task: str | None = None) -> TaskModel:
-    """`model` in the wrapper of `task`, by default the task of its class."""
+def wrap(model: torch.nn.Module, task: str | None = None, whole_output: bool = False) -> TaskModel:
+    """`model` in the wrapper of `task`, by default the task of its class;
+    it returns the task's tensor, or with `whole_output` the model's ModelOutput."""
     name = type(model).__name__
     if task is None:
         task = task_of(name)
@@ -114,7 +117,7 @@ def wrap(model: torch.nn.Module, task: str | None = None) -> TaskModel:
             f"{', '.join(TASKS)}); name one with hf.wrap(model, task=...), or wrap the model "
             "in a module whose forward returns tensors"
         )
-    return TaskModel(model, task)
+    return TaskModel(model, task, whole_output)
 
 
 def example_inputs(model: torch.nn.Module, batch: int = 2, seq: int = 16, device=None):
@@ -138,8 +141,9 @@ def dynamic_shapes(max_batch: int = 64, max_seq: int = 4096, batch: bool = True,
 
 
 def prepare(model, example_inputs, dynamic_shapes):
-    """A transformers model given to `plait.compile` as it is: wrapped for its
-    task (what `wrap` does), called on (input_ids[, attention_mask])."""
+    """A transformers model given to `plait.compile` as it is: called on
+    (input_ids[, attention_mask]) without a cache, returning its ModelOutput,
+    as the model itself (and torch.compile's) would."""
     example_inputs = tuple(example_inputs)
     if not 1 <= len(example_inputs) <= 2:
         raise HFModelError(
@@ -153,4 +157,4 @@ def prepare(model, example_inputs, dynamic_shapes):
             dynamic_shapes = {**dynamic_shapes, "attention_mask": dynamic_shapes["input_ids"]}
         if not given:
             dynamic_shapes = {"input_ids": dynamic_shapes["input_ids"]}
-    return wrap(model), example_inputs, dynamic_shapes
+    return wrap(model, whole_output=True), example_inputs, dynamic_shapes

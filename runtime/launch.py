@@ -40,6 +40,10 @@ def under_launcher() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
 
 
+# seconds a collective waits, once this rank joined a launcher's process group
+_COLLECTIVE_WAIT: float | None = None
+
+
 def relaunch(argv: list[str], nproc: int, launcher_args: list[str]) -> int:
     """Run `plait <argv>` on `nproc` local ranks (per node) through torchrun,
     in this process; a failure is summed up in one line (the failed rank
@@ -76,21 +80,33 @@ def join(device: str, timeout: float | None = None) -> str:
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=2 * seconds))
     watch = PeerWatch(seconds) if "MASTER_ADDR" in os.environ else None
     atexit.register(_leave, watch)
-    sys.excepthook = functools.partial(_collective_error, sys.excepthook, 2 * seconds)
+    global _COLLECTIVE_WAIT
+    _COLLECTIVE_WAIT = 2 * seconds
+    sys.excepthook = functools.partial(_collective_error, sys.excepthook)
     return device
 
 
-def _collective_error(previous, seconds: float, kind, error, trace) -> None:
-    """A collective that failed (timed out, lost its peer) is one line: the
-    rank, the op, why; any other error keeps its traceback."""
-    if not isinstance(error, RuntimeError) or not (
-        isinstance(error, dist.DistError) or "gloo" in str(error)
-    ):
-        return previous(kind, error, trace)
+def collective_failure(error: BaseException) -> str | None:
+    """A collective that failed under the launcher (timed out, lost its peer)
+    as one line: the rank, the op, why; None for any other error."""
+    if _COLLECTIVE_WAIT is None or not isinstance(error, RuntimeError):
+        return None
+    if not (isinstance(error, dist.DistError) or "gloo" in str(error)):
+        return None
     why = re.sub(r"^\[[^]]*\]\s*", "", str(error).strip().splitlines()[0])  # "[file.cc:78] "
-    print(f"plait: error: rank {dist.get_rank()}: a collective failed at "
-          f"{failed_op(error) or 'an unknown op'}: {why} (collectives wait at most {seconds:g} "
-          "s: plait run --timeout or PLAIT_TIMEOUT)", file=sys.stderr)  # fmt: skip
+    return (
+        f"rank {dist.get_rank()}: a collective failed at {failed_op(error) or 'an unknown op'}: "
+        f"{why} (collectives wait at most {_COLLECTIVE_WAIT:g} s: plait run --timeout or "
+        "PLAIT_TIMEOUT)"
+    )
+
+
+def _collective_error(previous, kind, error, trace) -> None:
+    """sys.excepthook: a failed collective is one line; other errors keep their traceback."""
+    line = collective_failure(error)
+    if line is None:
+        return previous(kind, error, trace)
+    print(f"plait: error: {line}", file=sys.stderr)
 
 
 def _leave(watch: PeerWatch | None) -> None:

@@ -7,6 +7,7 @@ so that a malformed one is reported by name (an ArtifactError, see
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,13 +36,24 @@ def _plain_name(v) -> bool:
 
 
 def _treespec(v) -> bool:
-    from torch.utils import _pytree as pytree
+    """JSON of torch's pytree spec, [protocol, node], each node {type, context,
+    children_spec}. Its types are not looked up here: a container this process
+    has not registered loads later as a dict (runtime/outputs.py)."""
+
+    def node(n) -> bool:
+        return (
+            isinstance(n, dict)
+            and set(n) == {"type", "context", "children_spec"}
+            and (n["type"] is None or isinstance(n["type"], str))
+            and isinstance(n["children_spec"], list)
+            and all(node(c) for c in n["children_spec"])
+        )
 
     try:
-        pytree.treespec_loads(v)  # looks up registered types only; imports nothing
-    except Exception:  # any malformed spec: torch raises several kinds
+        protocol, root = json.loads(v)
+    except (ValueError, TypeError):
         return False
-    return True
+    return isinstance(protocol, int) and node(root)
 
 
 def _device_type(v) -> bool:
