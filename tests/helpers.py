@@ -121,3 +121,23 @@ def dispatch_rank(rank: int, world_size: int, tokens, token_of_row, offsets):
     held = tokens.shape[0] // world_size
     mine = tokens[rank * held : (rank + 1) * held]
     return expert_dispatch(mine, token_of_row, offsets, dist.group.WORLD.group_name)
+
+
+def check_calibrated_hardware(path, compiled_model) -> None:
+    """A file `plait calibrate` wrote describes this machine and the cost model reads it."""
+    from plait.hardware import load
+
+    hardware = load(path)
+    assert hardware.peak_flops("f32") > 1e9 and hardware.memory_bandwidth > 1e9
+    assert hardware.links[0].devices is None and hardware.links[0].latency > 0
+    assert "aten::index.Tensor" in hardware.target_overhead
+    for family in ("transcendental", "strided", "reduce"):
+        assert hardware.family_flops[family]["f32"] > 1e6
+    assert set(hardware.family_flops["broadcast"]) == {"f32", "i1"}
+    assert hardware.threads == torch.get_num_threads() and hardware.grain == 32768
+    sizes = [size for size, _ in hardware.caches]
+    assert sizes == sorted(sizes) and all(
+        bw > hardware.memory_bandwidth for _, bw in hardware.caches
+    )
+    result = compiled_model.estimate(hardware, values={"batch": 1, "seq": 32})
+    assert result.schedule.step_time > 0

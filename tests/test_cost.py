@@ -9,7 +9,6 @@ import math
 
 import pytest
 import sympy
-import torch
 from plait.hardware import HardwareError, Link, load
 from plait.ir import symbolic
 from plait.ir.text import parse_module
@@ -300,26 +299,6 @@ def test_cli_estimate_compare_and_trace(tmp_path, capsys):
     assert "speedup of the second:" in capsys.readouterr().out
     assert main(["estimate", "--example", "llama-tiny", "--hardware", "tpu-v9"]) == 1
     assert "known: a100-80gb" in capsys.readouterr().err
-
-
-def test_calibrate_writes_a_hardware_file_the_cost_model_reads(tmp_path, compiled):
-    from plait.runtime.calibrate import write
-
-    path = write(tmp_path / "cpu.toml", progress=lambda _: None)
-    hardware = load(path)
-    assert hardware.peak_flops("f32") > 1e9 and hardware.memory_bandwidth > 1e9
-    assert hardware.links[0].devices is None and hardware.links[0].latency > 0
-    assert "aten::index.Tensor" in hardware.target_overhead
-    for family in ("transcendental", "strided", "reduce"):
-        assert hardware.family_flops[family]["f32"] > 1e6
-    assert set(hardware.family_flops["broadcast"]) == {"f32", "i1"}
-    assert hardware.threads == torch.get_num_threads() and hardware.grain == 32768
-    sizes = [size for size, _ in hardware.caches]
-    assert sizes == sorted(sizes) and all(
-        bw > hardware.memory_bandwidth for _, bw in hardware.caches
-    )
-    result = compiled("llama-tiny").estimate(hardware, values={"batch": 1, "seq": 32})
-    assert result.schedule.step_time > 0
 
 
 def test_measured_trace_and_per_op_profile(compiled, example, tmp_path):
