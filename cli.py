@@ -239,13 +239,13 @@ def _run_generate(args, compiled, console) -> int:
 
 def _compile_ir_file(args, pipeline: str, console):
     import plait
-    from plait.ir.text import parse_module
+    from plait.ir.text import parse_module, read_ir_text
     from plait.ir.weights import WeightStore
 
     path = Path(args.model)
     if not path.is_file():
         raise plait.PlaitError(f"{path}: no such IR file")
-    module = parse_module(path.read_text(), str(path))
+    module = parse_module(read_ir_text(path), str(path))
     weights = WeightStore()
     if args.weights:
         weights.add_safetensors(args.weights)
@@ -267,7 +267,7 @@ def _write(path: str | None, text: str) -> None:
 
 
 def cmd_opt(args) -> int:
-    from plait.ir.text import parse_module, print_module
+    from plait.ir.text import decode_ir_text, parse_module, print_module, read_ir_text
     from plait.passes import registry
     from plait.passes.manager import PassManager
 
@@ -278,7 +278,11 @@ def cmd_opt(args) -> int:
     if args.file is None:
         print("error: plait opt needs an IR FILE (or - for stdin)", file=sys.stderr)
         return 2
-    text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+    text = (
+        decode_ir_text(sys.stdin.buffer.read(), "<stdin>")
+        if args.file == "-"
+        else read_ir_text(args.file)
+    )
     module = parse_module(text, "<stdin>" if args.file == "-" else args.file)
     manager = PassManager.parse(args.pipeline or "", **_pm_options(args))
     manager.run(module)
@@ -404,14 +408,14 @@ def _estimate_module(args, console):
     from plait.frontend.capture import capture
     from plait.frontend.importer import import_program
     from plait.frontend.model_spec import load_model
-    from plait.ir.text import parse_module
+    from plait.ir.text import parse_module, read_ir_text
 
     if args.model is not None:
         path = Path(args.model)
         if (path / "manifest.json").is_file():
-            return parse_module((path / "plan.mlir").read_text(), str(path / "plan.mlir")), None
+            return parse_module(read_ir_text(path / "plan.mlir"), str(path / "plan.mlir")), None
         if path.suffix == ".mlir":
-            return parse_module(path.read_text(), str(path)), None
+            return parse_module(read_ir_text(path), str(path)), None
     with _status(console, "capturing the model"):
         loaded = load_model(
             args.model, args.example, max(args.batch, 2), max(args.seq, 2), True, meta=True

@@ -21,7 +21,7 @@ from xdsl.dialects.builtin import ModuleOp
 
 from ..ir.errors import PlaitError
 from ..ir.ops import stored_weight_names
-from ..ir.text import parse_module
+from ..ir.text import parse_module, read_ir_text
 from ..ir.weights import WeightStore
 
 FORMAT = "plait-artifact"
@@ -127,8 +127,8 @@ def read(directory: str | Path) -> tuple[Artifact, ModuleOp, WeightStore]:
             f"{directory}: incomplete artifact, missing {', '.join(missing)}; recompile it"
         )
     plan_path = directory / manifest["plan"]
-    plan = plan_path.read_text()
-    programs = {int(r): (directory / f).read_text() for r, f in manifest["programs"].items()}
+    plan = read_ir_text(plan_path)
+    programs = {int(r): read_ir_text(directory / f) for r, f in manifest["programs"].items()}
     weights = WeightStore()
     module = parse_module(plan, str(plan_path))
     names = stored_weight_names(module)
