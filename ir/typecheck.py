@@ -199,7 +199,21 @@ def _is_meta_limit(exc: Exception) -> bool:
 
 
 @functools.lru_cache(maxsize=65536)
-def _infer_call(target: str, args: ArgsAttr, metas: tuple[Meta, ...], point: Point):
+def _infer_call(
+    target: str, args: ArgsAttr, operands: tuple[tuple[Meta, ...], ...], points: tuple[Point, ...]
+):
+    """Per point, the metas of a call's results (given its operands' metas
+    there); UNKNOWN; or (message, point) of the first point where it fails."""
+    results = []
+    for metas, point in zip(operands, points):
+        out = _infer_at(target, args, metas, point)
+        if out is UNKNOWN or isinstance(out, str):
+            return out if out is UNKNOWN else (out, point)
+        results.append(out)
+    return tuple(results)
+
+
+def _infer_at(target: str, args: ArgsAttr, metas: tuple[Meta, ...], point: Point):
     """The metas of a call's results, UNKNOWN, or the error message (a str)."""
     overload = _overload(target)
     if overload is None:
@@ -243,8 +257,12 @@ def _first_line(exc: Exception) -> str:
 # ---- collectives -----------------------------------------------------------------
 
 
-def _axis_size(op: Operation, mesh: dict[str, int]) -> int:
+def _axis_size(op: Operation, mesh: dict[str, int] | None) -> int | None:
+    """The size of the op's mesh axis; None in a module without a mesh (its
+    collectives cannot run, and only the dims they keep are checked)."""
     axis = op.axis.data
+    if mesh is None:
+        return None
     if axis not in mesh:
         declared = ", ".join(mesh) or "none"
         raise _Mismatch(
@@ -260,30 +278,40 @@ def _dim_of(op: Operation, name: str, rank: int) -> int:
     return dim
 
 
-def _scaled(sizes: tuple[int, ...], dim: int, by: int, what: str) -> tuple[int, ...]:
-    """`sizes` with dim `dim` multiplied by `by`, or divided by `-by`."""
+def _scaled(sizes: tuple[int, ...], dim: int, by: int, unknown: int) -> tuple[int, ...]:
+    """`sizes` with dim `dim` multiplied by `by`, or divided by `-by`; `unknown`
+    when `by` is 0 (the axis size is not known)."""
     out = list(sizes)
-    if by > 0:
+    if by == 0:
+        out[dim] = unknown
+    elif by > 0:
         out[dim] *= by
     elif sizes[dim] % -by:
-        raise _Mismatch(f"{what}: dim {dim} of size {sizes[dim]} does not split over {-by} ranks")
+        raise _Mismatch(f"dim {dim} of size {sizes[dim]} does not split over {-by} ranks")
     else:
         out[dim] //= -by
     return tuple(out)
 
 
-def _collective_sizes(op: Operation, sizes: tuple[int, ...], mesh: dict[str, int]):
-    n = _axis_size(op, mesh)
+def _collective_sizes(
+    op: Operation, sizes: tuple[int, ...], declared: tuple[int, ...], mesh: dict[str, int] | None
+) -> tuple[int, ...]:
+    n = _axis_size(op, mesh) or 0
     rank = len(sizes)
     if isinstance(op, AllReduceOp):
         return sizes
+    if len(declared) != rank:
+        raise _Mismatch(f"the result must have the rank of the input ({rank})")
     if isinstance(op, AllGatherOp):
-        return _scaled(sizes, _dim_of(op, "dim", rank), n, op.name)
+        dim = _dim_of(op, "dim", rank)
+        return _scaled(sizes, dim, n, declared[dim])
     if isinstance(op, (ReduceScatterOp, LocalShardOp)):
-        return _scaled(sizes, _dim_of(op, "dim", rank), -n, op.name)
+        dim = _dim_of(op, "dim", rank)
+        return _scaled(sizes, dim, -n, declared[dim])
     if isinstance(op, AllToAllOp):
         split, concat = _dim_of(op, "split_dim", rank), _dim_of(op, "concat_dim", rank)
-        return _scaled(_scaled(sizes, split, -n, op.name), concat, n, op.name)
+        out = _scaled(sizes, split, -n, declared[split])
+        return _scaled(out, concat, n, declared[concat])
     raise _Mismatch(f"{op.name} has no shape rule")
 
 
@@ -300,14 +328,14 @@ def check_types(module: ModuleOp) -> None:
     """Raise OpTypeError at the first op whose results are not what it computes."""
     points = sample_points(module)
     mesh_attr = module.attributes.get(MESH_ATTR)
-    mesh = mesh_attr.axes if mesh_attr is not None else {}
+    mesh = mesh_attr.axes if mesh_attr is not None else None
     for fn in module.ops:
         if isinstance(fn, func.FuncOp) and len(fn.body.blocks) == 1:
             _Checker(points, mesh).run(fn)
 
 
 class _Checker:
-    def __init__(self, points: tuple[Point, ...], mesh: dict[str, int]):
+    def __init__(self, points: tuple[Point, ...], mesh: dict[str, int] | None):
         self.points, self.mesh = points, mesh
         self.values: dict[SSAValue, list[Meta]] = {}  # per point
 
@@ -341,17 +369,15 @@ class _Checker:
 
     def call(self, op: CallOp) -> None:
         operands = [self.metas(v) for v in op.inputs]
-        inferred = []
-        for i, point in enumerate(self.points):
-            metas = tuple(m[i] for m in operands)
-            out = _infer_call(op.target_name, op.args, metas, point)
-            if isinstance(out, str):
-                raise _Mismatch(self._at(out, point, op))
-            inferred.append(out)
-        if inferred[0] is UNKNOWN:
+        per_point = tuple(tuple(m[i] for m in operands) for i in range(len(self.points)))
+        inferred = _infer_call(op.target_name, op.args, per_point, self.points)
+        if inferred is UNKNOWN:
             for result in op.results:
                 self.values[result] = self.declared(result)
             return
+        if isinstance(inferred[0], str):
+            message, point = inferred
+            raise _Mismatch(self._at(message, point, op))
         count = len(inferred[0])
         if count != len(op.results):
             raise _Mismatch(
@@ -365,9 +391,10 @@ class _Checker:
 
     def collective(self, op: Operation) -> None:
         computed = []
+        declared = _tensor_type(op.results[0])
         for i, point in enumerate(self.points):
             sizes, strides, dtype = self.metas(op.input)[i]
-            out = _collective_sizes(op, sizes, self.mesh)
+            out = _collective_sizes(op, sizes, _sizes_at(declared, point), self.mesh)
             if isinstance(op, LocalShardOp):  # a narrow: a view with the input's strides
                 computed.append((out, strides, dtype))
             else:  # collectives write fresh, contiguous tensors
@@ -377,7 +404,7 @@ class _Checker:
         self.values[op.results[0]] = computed
 
     def _axis_text(self, op: Operation) -> str:
-        return f"{self.mesh[op.axis.data]} ranks"
+        return f"{self.mesh[op.axis.data]} ranks" if self.mesh is not None else "no plait.mesh"
 
     def _expect(self, op: Operation, result: SSAValue, computed: list[Meta], what: str) -> None:
         declared = _tensor_type(result)
