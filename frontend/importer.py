@@ -113,7 +113,9 @@ _HIGHER_ORDER: dict[str, tuple[str, str]] = {
 _HIGHER_ORDER_DEFAULT = "rewrite this part of the model without it"
 
 # `File "model.py", line 12, in forward\n    code` in fx's node.meta["stack_trace"]
-_FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in [^\n]*\n[ \t]*(?P<code>[^\n]*)')
+_FRAME = re.compile(
+    r'File "(?P<file>[^"]+)", line (?P<line>\d+), in [^\n]*\n[ \t]*(?P<code>[^\n]*)'
+)
 
 
 def source_line(node: torch.fx.Node) -> str:

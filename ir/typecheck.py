@@ -37,7 +37,7 @@ from xdsl.ir import Operation, SSAValue
 
 from . import symbolic
 from .args import ArgsAttr, Operand, Sym, Tag
-from .attrs import MESH_ATTR, SYMBOLS_ATTR
+from .attrs import MESH_ATTR, PLACEMENTS_ATTR, SYMBOLS_ATTR
 from .dtypes import IR_NAMES, TORCH_NAMES
 from .ops import (
     AllGatherOp,
@@ -127,7 +127,8 @@ def _dim_at(dim, point: Point) -> int:
     try:
         return symbolic.evaluate(dim, dict(point))
     except (TypeError, ValueError, ZeroDivisionError, KeyError) as exc:
-        raise _Mismatch(f"dim {symbolic.to_text(dim)} has no value at {_point_text(point)}: {exc}")
+        where = _point_text(point)
+        raise _Mismatch(f"dim {symbolic.to_text(dim)} has no value at {where}: {exc}") from None
 
 
 @functools.lru_cache(maxsize=65536)
@@ -183,13 +184,17 @@ def _torch_value(value, inputs: list[torch.Tensor], point: Point):
         return _dim_at(value.expr, point)
     if isinstance(value, Tag):
         if value.kind == "dtype":
-            return getattr(torch, TORCH_NAMES[value.value])
+            return _torch_dtype(value.value)
         if value.kind == "device":
             return torch.device("meta")  # never allocate
         if value.kind == "group":
             return value.value  # a kernel's fake implementation does not resolve it
         return getattr(torch, value.value)
     return value
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return getattr(torch, TORCH_NAMES[name])
 
 
 def _is_meta_limit(exc: Exception) -> bool:
@@ -220,8 +225,7 @@ def _infer_at(target: str, args: ArgsAttr, metas: tuple[Meta, ...], point: Point
         return UNKNOWN
     try:
         inputs = [
-            torch.empty_strided(sizes, strides, dtype=getattr(torch, TORCH_NAMES[dtype]),
-                                device="meta")  # fmt: skip
+            torch.empty_strided(sizes, strides, dtype=_torch_dtype(dtype), device="meta")
             for sizes, strides, dtype in metas
         ]
         call_args = [_torch_value(v, inputs, point) for v in args.args]
@@ -361,7 +365,9 @@ class _Checker:
                     self.collective(op)
                 elif isinstance(op, WaitOp):
                     self.values[op.result] = self.metas(op.input)
-                else:  # params, returns and other dialects' ops: as declared
+                elif isinstance(op, ParamOp):
+                    self.param(op)
+                else:  # returns and other dialects' ops: as declared
                     for result in op.results:
                         self.values[result] = self.declared(result)
             except _Mismatch as exc:
@@ -388,6 +394,32 @@ class _Checker:
             computed = [out[r] for out in inferred]
             self._expect(op, result, computed, f"{op.target_name} computes")
             self.values[result] = computed
+
+    def param(self, op: ParamOp) -> None:
+        """A sharded weight's type is this rank's slice: its placements must
+        name dims it has, and blocks that add up to the whole dim."""
+        self.values[op.result] = self.declared(op.result)
+        placements = op.attributes.get(PLACEMENTS_ATTR)
+        if placements is None or self.mesh is None:
+            return
+        shape = op.result.type.shape
+        for n, placement in zip(self.mesh.values(), placements.data):
+            if placement.kind != "shard":
+                continue
+            if not 0 <= placement.dim < len(shape):
+                raise _Mismatch(
+                    f"placement {placement} names dim {placement.dim} of a rank-{len(shape)} weight"
+                )
+            local, blocks = shape[placement.dim], placement.blocks
+            if (
+                blocks
+                and isinstance(local, int)
+                and (sum(blocks) != local * n or any(b % n for b in blocks))
+            ):
+                raise _Mismatch(
+                    f"placement {placement}: the blocks must each split over {n} ranks and add "
+                    f"up to the whole dim, {n} x {local}"
+                )
 
     def collective(self, op: Operation) -> None:
         computed = []

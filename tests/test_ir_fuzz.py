@@ -118,7 +118,9 @@ def test_mutated_ir_is_accepted_or_rejected_with_a_position(text):
 
 FILENAME = "fuzz.mlir"
 # string literals, SSA names, words, numbers, the arrow, then any other character
-_TOKEN = re.compile(r'"(?:[^"\\\n]|\\.)*"|%[\w.$-]+|[A-Za-z_][\w.$]*|\d+(?:\.\d+)?(?:e[-+]?\d+)?|->|\s+|.')
+_TOKEN = re.compile(
+    r'"(?:[^"\\\n]|\\.)*"|%[\w.$-]+|[A-Za-z_][\w.$]*|\d+(?:\.\d+)?(?:e[-+]?\d+)?|->|\s+|.'
+)
 
 
 def _token_classes(tokens: list[str]) -> list[str]:
@@ -310,7 +312,9 @@ def computed_type_mismatch(module) -> str | None:
                 and node.name == op.results[0].name_hint
                 and actual(out) != declared(op.results[0].type)
             ):
-                mismatches.append(f"{where(op)}: computes {actual(out)}, declares {op.results[0].type}")
+                mismatches.append(
+                    f"{where(op)}: computes {actual(out)}, declares {op.results[0].type}"
+                )
             return out
 
     with torch.no_grad():
@@ -353,7 +357,7 @@ def classify(data: bytes | str) -> tuple[str, str]:
 
 
 @settings(
-    max_examples=60,
+    max_examples=30,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )

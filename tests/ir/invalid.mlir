@@ -271,3 +271,19 @@ builtin.module attributes {plait.mesh = #plait.mesh<tp = 2>} {
     func.return
   }
 }
+// -----
+// error: placement shard(3) names dim 3 of a rank-2 weight
+builtin.module attributes {plait.mesh = #plait.mesh<tp = 2>} {
+  func.func @f() {
+    %w = plait.param "w" {plait.placements = #plait.placements<[shard(3)]>} : !plait.tensor<[64, 32], f32>
+    func.return
+  }
+}
+// -----
+// error: the blocks must each split over 2 ranks and add up to the whole dim, 2 x 32
+builtin.module attributes {plait.mesh = #plait.mesh<tp = 2>} {
+  func.func @f() {
+    %w = plait.param "w" {plait.placements = #plait.placements<[shard(0, blocks = [32, 16, 8])]>} : !plait.tensor<[32, 64], f32>
+    func.return
+  }
+}
