@@ -5,7 +5,7 @@ computes, op by op, the types the IR declares.
 
 CI runs a few hundred cases. The full run (2,000 byte-level and 2,000
 token-level mutations of llama-tiny's IR, unsharded and tp:2-sharded) prints
-its counts; it takes about half an hour on 2 cores:
+its counts; it takes 3-12 minutes on 2 cores:
 
     PYTHONPATH=... python tests/test_ir_fuzz.py --cases 2000
 """
