@@ -35,7 +35,7 @@ from xdsl.dialects import func
 from xdsl.dialects.builtin import ModuleOp
 from xdsl.ir import Operation, SSAValue
 
-from . import symbolic
+from . import schema, symbolic
 from .args import ArgsAttr, Operand, Sym, Tag
 from .attrs import MESH_ATTR, PLACEMENTS_ATTR, SYMBOLS_ATTR
 from .dtypes import IR_NAMES, TORCH_NAMES
@@ -50,8 +50,6 @@ from .ops import (
     ReduceScatterOp,
     WaitOp,
 )
-from .schema import argument_names
-from .targets import split_name
 from .types import AsyncType, TensorType
 
 # A value at one point: (sizes, strides, element type)
@@ -166,15 +164,6 @@ class _Unknown:
 UNKNOWN = _Unknown()
 
 
-@functools.lru_cache(maxsize=None)
-def _overload(target: str):
-    namespace, name, overload = split_name(target)
-    try:
-        return getattr(getattr(getattr(torch.ops, namespace), name), overload)
-    except (AttributeError, RuntimeError):
-        return None
-
-
 def _torch_value(value, inputs: list[torch.Tensor], point: Point):
     if isinstance(value, Operand):
         return inputs[value.index]
@@ -220,9 +209,7 @@ def _infer_call(
 
 def _infer_at(target: str, args: ArgsAttr, metas: tuple[Meta, ...], point: Point):
     """The metas of a call's results, UNKNOWN, or the error message (a str)."""
-    overload = _overload(target)
-    if overload is None:
-        return UNKNOWN
+    overload = schema.find_overload(target)
     try:
         inputs = [
             torch.empty_strided(sizes, strides, dtype=_torch_dtype(dtype), device="meta")
@@ -230,8 +217,8 @@ def _infer_at(target: str, args: ArgsAttr, metas: tuple[Meta, ...], point: Point
         ]
         call_args = [_torch_value(v, inputs, point) for v in args.args]
         kwargs = {k: _torch_value(v, inputs, point) for k, v in args.kwargs}
-        if "device" in (argument_names(target) or ()) and "device" not in kwargs:
-            names = argument_names(target)
+        names = schema.argument_names(target) or ()
+        if "device" in names and "device" not in kwargs:
             if names.index("device") >= len(call_args):  # a factory: on meta too
                 kwargs["device"] = torch.device("meta")
         out = overload(*call_args, **kwargs)
@@ -376,7 +363,9 @@ class _Checker:
     def call(self, op: CallOp) -> None:
         operands = [self.metas(v) for v in op.inputs]
         per_point = tuple(tuple(m[i] for m in operands) for i in range(len(self.points)))
-        inferred = _infer_call(op.target_name, op.args, per_point, self.points)
+        inferred = UNKNOWN  # looked up each time: a library may register the target later
+        if schema.find_overload(op.target_name) is not None:
+            inferred = _infer_call(op.target_name, op.args, per_point, self.points)
         if inferred is UNKNOWN:
             for result in op.results:
                 self.values[result] = self.declared(result)
