@@ -192,6 +192,17 @@ def _is_meta_limit(exc: Exception) -> bool:
     return isinstance(exc, NotImplementedError) or "meta" in str(exc).lower()
 
 
+_REGISTERED: set[str] = set()
+
+
+def _registered(target: str) -> bool:
+    """Does torch know the target? Only a yes is kept: a library may register
+    a custom op after a verify that did not find it."""
+    if target not in _REGISTERED and schema.find_overload(target) is not None:
+        _REGISTERED.add(target)
+    return target in _REGISTERED
+
+
 @functools.lru_cache(maxsize=65536)
 def _infer_call(
     target: str, args: ArgsAttr, operands: tuple[tuple[Meta, ...], ...], points: tuple[Point, ...]
@@ -363,8 +374,8 @@ class _Checker:
     def call(self, op: CallOp) -> None:
         operands = [self.metas(v) for v in op.inputs]
         per_point = tuple(tuple(m[i] for m in operands) for i in range(len(self.points)))
-        inferred = UNKNOWN  # looked up each time: a library may register the target later
-        if schema.find_overload(op.target_name) is not None:
+        inferred = UNKNOWN
+        if _registered(op.target_name):
             inferred = _infer_call(op.target_name, op.args, per_point, self.points)
         if inferred is UNKNOWN:
             for result in op.results:
