@@ -36,7 +36,7 @@ from xdsl.dialects.builtin import ModuleOp
 from xdsl.ir import Operation, SSAValue
 
 from . import schema, symbolic
-from .args import ArgsAttr, Operand, Sym, Tag
+from .args import ArgsAttr, Operand, Sym, Tag, operands_in
 from .attrs import MESH_ATTR, PLACEMENTS_ATTR, SYMBOLS_ATTR
 from .dtypes import IR_NAMES, TORCH_NAMES
 from .ops import (
@@ -50,6 +50,7 @@ from .ops import (
     ReduceScatterOp,
     WaitOp,
 )
+from .targets import TARGETS_BY_KIND
 from .types import AsyncType, TensorType
 
 # A value at one point: (sizes, strides, element type)
@@ -182,6 +183,11 @@ def _torch_value(value, inputs: list[torch.Tensor], point: Point):
     return value
 
 
+# targets whose CPU and CUDA kernels take operands of one element type, though
+# their meta kernels take any (mm's meta accepts f32 @ i64)
+_SAME_DTYPE = TARGETS_BY_KIND["linear"] | TARGETS_BY_KIND["matmul"]
+
+
 def _torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, TORCH_NAMES[name])
 
@@ -189,7 +195,7 @@ def _torch_dtype(name: str) -> torch.dtype:
 def _is_meta_limit(exc: Exception) -> bool:
     """Did the meta kernel give up (data-dependent output, no meta kernel)
     rather than reject the arguments?"""
-    return isinstance(exc, NotImplementedError) or "meta" in str(exc).lower()
+    return isinstance(exc, NotImplementedError) or "meta tensor" in str(exc)
 
 
 _REGISTERED: set[str] = set()
@@ -220,7 +226,13 @@ def _infer_call(
 
 def _infer_at(target: str, args: ArgsAttr, metas: tuple[Meta, ...], point: Point):
     """The metas of a call's results, UNKNOWN, or the error message (a str)."""
+    dtypes = sorted({dtype for _, _, dtype in metas})
+    if target in _SAME_DTYPE and len(dtypes) > 1:
+        return f"{target} needs operands of one element type; they are {', '.join(dtypes)}"
     overload = schema.find_overload(target)
+    misplaced = _tensor_where_not_taken(overload, args)
+    if misplaced:
+        return misplaced
     try:
         inputs = [
             torch.empty_strided(sizes, strides, dtype=_torch_dtype(dtype), device="meta")
@@ -249,6 +261,22 @@ def _infer_at(target: str, args: ArgsAttr, metas: tuple[Meta, ...], point: Point
             return f"{target} returns element type {value.dtype}, which plait has no name for"
         metas_out.append((tuple(value.shape), tuple(value.stride()), dtype))
     return tuple(metas_out)
+
+
+def _tensor_where_not_taken(overload, args: ArgsAttr) -> str:
+    """A message if an operand is passed as an argument whose schema type holds
+    no tensor (a meta tensor there fails as "data-dependent", not as wrong)."""
+    arguments = overload._schema.arguments
+    by_name = {a.name: a for a in arguments}
+    given = [(arguments[i] if i < len(arguments) else None, v) for i, v in enumerate(args.args)]
+    given += [(by_name.get(k), v) for k, v in args.kwargs]
+    for argument, value in given:
+        if argument is not None and operands_in(value) and "Tensor" not in str(argument.type):
+            return (
+                f"argument '{argument.name}' of {overload._schema.name} is {argument.type}, "
+                "not a tensor"
+            )
+    return ""
 
 
 def _first_line(exc: Exception) -> str:

@@ -287,6 +287,7 @@ def computed_type_mismatch(module) -> str | None:
     from plait.ir.dtypes import IR_NAMES
     from plait.ir.ops import CallOp
     from plait.ir.text import where
+    from xdsl.dialects import func
 
     values = _run_values(module)
 
@@ -296,8 +297,12 @@ def computed_type_mismatch(module) -> str | None:
     def actual(t: torch.Tensor) -> tuple:
         return tuple(t.shape), IR_NAMES[str(t.dtype).removeprefix("torch.")]
 
-    program = build_program(module, _random_weights(module, values), "cpu", _fake_groups(module))
-    fn = next(op for op in module.ops if op.sym_name.data == "forward")
+    functions = {op.sym_name.data: op for op in module.ops if isinstance(op, func.FuncOp)}
+    if not functions:
+        return None  # nothing to run
+    fn = functions.get("forward", next(iter(functions.values())))  # as plait.load runs it
+    weights, groups = _random_weights(module, values), _fake_groups(module)
+    program = build_program(module, weights, "cpu", groups, fn.sym_name.data)
     inputs = [_random(list(declared(t)[0]), t.dtype) for t in fn.function_type.inputs]
     mismatches: list[str] = []
 

@@ -287,3 +287,20 @@ builtin.module attributes {plait.mesh = #plait.mesh<tp = 2>} {
     func.return
   }
 }
+// -----
+// error: aten::linear needs operands of one element type; they are f32, i64
+builtin.module {
+  func.func @f(%x : !plait.tensor<[2, 64], f32>) {
+    %w = plait.param "fc.weight" : !plait.tensor<[176, 64], i64>
+    %y = plait.linear "aten::linear"(%x, %w, none) : !plait.tensor<[2, 176], f32>
+    func.return
+  }
+}
+// -----
+// error: argument 'size' of aten::view is List[int], not a tensor
+builtin.module {
+  func.func @f(%x : !plait.tensor<[2, 64], f32>, %i : !plait.tensor<[1], i64>) {
+    %y = plait.call "aten::view"(%x, [%i, %i]) : !plait.tensor<[2, 64], f32>
+    func.return
+  }
+}
