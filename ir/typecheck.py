@@ -38,7 +38,7 @@ from xdsl.ir import Operation, SSAValue
 from . import schema, symbolic
 from .args import ArgsAttr, Operand, Sym, Tag, operands_in
 from .attrs import MESH_ATTR, PLACEMENTS_ATTR, SYMBOLS_ATTR
-from .dtypes import IR_NAMES, TORCH_NAMES
+from .dtypes import IR_NAMES, TORCH_NAMES, is_floating
 from .ops import (
     AllGatherOp,
     AllReduceOp,
@@ -183,9 +183,23 @@ def _torch_value(value, inputs: list[torch.Tensor], point: Point):
     return value
 
 
-# targets whose CPU and CUDA kernels take operands of one element type, though
-# their meta kernels take any (mm's meta accepts f32 @ i64)
+# element-type rules that every backend's kernels enforce but the meta kernels
+# do not (mm's meta takes f32 @ i64, bitwise_and's takes floats)
 _SAME_DTYPE = TARGETS_BY_KIND["linear"] | TARGETS_BY_KIND["matmul"]
+_INTEGRAL = frozenset(
+    f"aten::{name}.{overload}"
+    for name in ("__and__", "__or__", "__xor__", "bitwise_and", "bitwise_or", "bitwise_xor")
+    for overload in ("Tensor", "Scalar")
+) | {"aten::bitwise_not"}
+
+
+def _dtype_rule(target: str, dtypes: list[str]) -> str:
+    """What is wrong with the operands' element types for `target`, or ""."""
+    if target in _SAME_DTYPE and len(dtypes) > 1:
+        return f"{target} needs operands of one element type; they are {', '.join(dtypes)}"
+    if target in _INTEGRAL and any(is_floating(d) or d.startswith("c") for d in dtypes):
+        return f"{target} takes integer or i1 tensors, not {', '.join(dtypes)}"
+    return ""
 
 
 def _torch_dtype(name: str) -> torch.dtype:
@@ -226,9 +240,9 @@ def _infer_call(
 
 def _infer_at(target: str, args: ArgsAttr, metas: tuple[Meta, ...], point: Point):
     """The metas of a call's results, UNKNOWN, or the error message (a str)."""
-    dtypes = sorted({dtype for _, _, dtype in metas})
-    if target in _SAME_DTYPE and len(dtypes) > 1:
-        return f"{target} needs operands of one element type; they are {', '.join(dtypes)}"
+    wrong = _dtype_rule(target, sorted({dtype for _, _, dtype in metas}))
+    if wrong:
+        return wrong
     overload = schema.find_overload(target)
     misplaced = _tensor_where_not_taken(overload, args)
     if misplaced:

@@ -304,3 +304,11 @@ builtin.module {
     func.return
   }
 }
+// -----
+// error: aten::__and__.Tensor takes integer or i1 tensors, not f32, i1
+builtin.module {
+  func.func @f(%x : !plait.tensor<[2, 64], f32>, %m : !plait.tensor<[2, 64], i1>) {
+    %y = plait.elementwise "aten::__and__.Tensor"(%m, %x) : !plait.tensor<[2, 64], f32>
+    func.return
+  }
+}
