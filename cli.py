@@ -283,13 +283,13 @@ def _run_generate(args, compiled, out) -> int:
 
 def _compile_ir_file(args, pipeline: str, console):
     import plait
-    from plait.ir.text import parse_module
+    from plait.ir.text import parse_module, read_ir_text
     from plait.ir.weights import WeightStore
 
     path = Path(args.model)
     if not path.is_file():
         raise plait.PlaitError(f"{path}: no such IR file")
-    module = parse_module(path.read_text(), str(path))
+    module = parse_module(read_ir_text(path), str(path))
     weights = WeightStore()
     if args.weights:
         weights.add_safetensors(args.weights)
@@ -311,7 +311,7 @@ def _write(path: str | None, text: str) -> None:
 
 
 def cmd_opt(args) -> int:
-    from plait.ir.text import parse_module, print_module
+    from plait.ir.text import decode_ir_text, parse_module, print_module, read_ir_text
     from plait.passes import registry
     from plait.passes.manager import PassManager
 
@@ -327,7 +327,11 @@ def cmd_opt(args) -> int:
     if args.file is None:
         raise UsageError("plait opt needs an IR FILE (or - for stdin)")
     manager = PassManager.parse(args.pipeline or "", **_pm_options(args))
-    text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+    text = (
+        decode_ir_text(sys.stdin.buffer.read(), "<stdin>")
+        if args.file == "-"
+        else read_ir_text(args.file)
+    )
     module = parse_module(text, "<stdin>" if args.file == "-" else args.file)
     manager.run(module)
     if args.time_passes:
@@ -497,14 +501,14 @@ def _estimate_module(args, console):
     from plait.frontend.decoding import capture_generation
     from plait.frontend.importer import import_program
     from plait.frontend.model_spec import load_model
-    from plait.ir.text import parse_module
+    from plait.ir.text import parse_module, read_ir_text
 
     if args.model is not None:
         path = Path(args.model)
         if (path / "manifest.json").is_file():
-            return parse_module((path / "plan.mlir").read_text(), str(path / "plan.mlir")), None
+            return parse_module(read_ir_text(path / "plan.mlir"), str(path / "plan.mlir")), None
         if path.suffix == ".mlir":
-            return parse_module(path.read_text(), str(path)), None
+            return parse_module(read_ir_text(path), str(path)), None
     with _status(console, "capturing the model"):
         # the sizes of the example only; the plan's symbols span the model's ranges
         loaded = load_model(args.model, args.example, max(args.batch, 2), 16, True, meta=True,

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import os
+import re
 from collections.abc import Collection
 
 import torch
@@ -99,6 +101,38 @@ def _mutates_self(node: torch.fx.Node) -> bool:
     arguments = node.target._schema.arguments
     first = arguments[0] if arguments else None
     return bool(first is not None and first.alias_info is not None and first.alias_info.is_write)
+
+
+# higher-order ops (torch.ops.higher_order.*): the construct a user wrote, and what to do
+_HIGHER_ORDER: dict[str, tuple[str, str]] = {
+    "cond": ("torch.cond", "compute both branches and select with torch.where"),
+    "while_loop": ("while_loop", "unroll the loop in Python with a static trip count"),
+    "map_impl": ("control_flow.map", "loop over the leading dim in Python"),
+    "scan": ("scan", "unroll the scan in Python with a static length"),
+    "associative_scan": ("associative_scan", "use cumsum/cumprod or unroll it"),
+    "invoke_subgraph": ("a nested compiled region", "call the submodule directly"),
+}
+_HIGHER_ORDER_DEFAULT = "rewrite this part of the model without it"
+
+# `File "model.py", line 12, in forward\n    code` in fx's node.meta["stack_trace"]
+_FRAME = re.compile(
+    r'File "(?P<file>[^"]+)", line (?P<line>\d+), in [^\n]*\n[ \t]*(?P<code>[^\n]*)'
+)
+
+
+def source_line(node: torch.fx.Node) -> str:
+    """The user's file:line (and code) that made a node, from its stack trace:
+    the innermost frame outside torch and generated code; or ""."""
+    torch_dir = os.path.dirname(torch.__file__) + os.sep
+    frames = [
+        m
+        for m in _FRAME.finditer(node.meta.get("stack_trace") or "")
+        if not m["file"].startswith(("<", torch_dir))
+    ]
+    if not frames:
+        return ""
+    frame = frames[-1]
+    return f"{frame['file']}:{frame['line']}: {frame['code'].strip()}"
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -243,6 +277,8 @@ class _Importer:
                 raise GraphImportError(f"{self.where(node)}: getitem on a non-tuple value")
             self.values[node] = results[index]
             return
+        if isinstance(target, torch._ops.HigherOrderOperator):
+            self.reject_higher_order(node)
         if not isinstance(target, torch._ops.OpOverload):
             fake = node.meta.get("val")
             if isinstance(fake, (torch.SymInt, int)):
@@ -292,6 +328,17 @@ class _Importer:
         self.values[node] = list(op.results) if multi else (op.results[0] if op.results else [])
         if self_node is not None:
             self.mutated[self_node] = op.results[0]
+
+    def reject_higher_order(self, node: torch.fx.Node) -> None:
+        name = node.target.name()
+        construct, fix = _HIGHER_ORDER.get(name, (name, _HIGHER_ORDER_DEFAULT))
+        source = source_line(node)
+        raise GraphImportError(
+            f"{self.where(node)}: {construct} (torch.ops.higher_order.{name}: control flow or "
+            "a subgraph) is not supported; plait programs are straight-line operator graphs. "
+            + (f"It is called at {source}. " if source else "")
+            + f"To compile the model, {fix}"
+        )
 
     def _add(self, op, path: str, name: str) -> None:
         if path:
@@ -420,9 +467,14 @@ class _Importer:
                         )
                     outputs.append(value)
             else:
+                for user in node.users:  # a subgraph, e.g. a torch.cond branch
+                    if isinstance(user.target, torch._ops.HigherOrderOperator):
+                        self.reject_higher_order(user)
+                source = source_line(node)
                 raise GraphImportError(
                     f"{self.where(node)}: graph node kind '{node.op}' (e.g. control flow or "
                     "a submodule call) is not supported yet"
+                    + (f"; it comes from {source}" if source else "")
                 )
         self.block.add_op(func.ReturnOp(*outputs))
         fn = func.FuncOp(

@@ -13,7 +13,9 @@ from .targets import split_name
 _MISSING = object()
 
 
-def _overload(target: str):
+def find_overload(target: str):
+    """The target's torch OpOverload, or None if torch does not know it (yet:
+    a custom op is known once its library is imported)."""
     import torch
 
     namespace, name, overload = split_name(target)
@@ -26,14 +28,14 @@ def _overload(target: str):
 @lru_cache(maxsize=None)
 def argument_names(target: str) -> tuple[str, ...] | None:
     """Names of the target's arguments in order, or None if torch does not know it."""
-    overload = _overload(target)
+    overload = find_overload(target)
     return None if overload is None else tuple(a.name for a in overload._schema.arguments)
 
 
 @lru_cache(maxsize=None)
 def tags(target: str) -> frozenset[str] | None:
     """The operator's torch tags ('nondeterministic_seeded', ...), or None if unknown."""
-    overload = _overload(target)
+    overload = find_overload(target)
     return None if overload is None else frozenset(t.name for t in overload.tags)
 
 
@@ -53,14 +55,14 @@ def get_argument(target: str, args: tuple, kwargs: tuple, name: str, default=Non
 @lru_cache(maxsize=None)
 def returns_alias(target: str) -> bool:
     """Does the op return a view of an input (e.g. view, transpose, to)?"""
-    overload = _overload(target)
+    overload = find_overload(target)
     return overload is not None and any(r.alias_info is not None for r in overload._schema.returns)
 
 
 @lru_cache(maxsize=None)
 def writes_input(target: str) -> bool | None:
     """Does the op write one of its arguments (in-place, out=)? None if torch does not know it."""
-    overload = _overload(target)
+    overload = find_overload(target)
     if overload is None:
         return None
     return any(
@@ -74,7 +76,7 @@ def out_variant(target: str) -> str | None:
     `out`), or None: `aten::add.Tensor` -> `aten::add.out`."""
     import torch
 
-    functional = _overload(target)
+    functional = find_overload(target)
     if functional is None:
         return None
     namespace, name, overload = split_name(target)

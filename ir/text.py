@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import re
 import weakref
+from pathlib import Path
 
 from xdsl.dialects import func
 from xdsl.dialects.builtin import ModuleOp, NameLoc, UnknownLoc
@@ -74,6 +75,34 @@ def print_module(module: ModuleOp) -> str:
     return out.getvalue()
 
 
+def decode_ir_text(data: bytes, filename: str) -> str:
+    """Text of an IR (or program) file from its bytes, with newlines as
+    `read_text` gives them; a byte that is not UTF-8 is an IRParseError at its
+    line and column."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        before = _universal_newlines(data[: exc.start].decode("utf-8"))
+        line = before.count("\n") + 1
+        column = len(before) - before.rfind("\n")
+        raise IRParseError(
+            f"byte 0x{data[exc.start]:02x} is not valid UTF-8; the file must be UTF-8 text",
+            filename,
+            line,
+            column,
+        ) from None
+    return _universal_newlines(text)
+
+
+def _universal_newlines(text: str) -> str:
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def read_ir_text(path: str | Path) -> str:
+    """Read an IR (or program) text file; see `decode_ir_text`."""
+    return decode_ir_text(Path(path).read_bytes(), str(path))
+
+
 def parse_module(text: str, filename: str = "<ir>", verify: bool = True) -> ModuleOp:
     """Parse IR text; every rejection is an IRParseError with a line and column."""
     parser = None
@@ -114,7 +143,8 @@ def where(op: Operation) -> str:
 
 
 def verify_module(module: ModuleOp) -> None:
-    """Check every op, dominance in straight-line bodies, and declared symbols."""
+    """Check every op, dominance in straight-line bodies, declared symbols, and
+    that every op's result types are what it computes (see `typecheck`)."""
     symbols = module.attributes.get(SYMBOLS_ATTR)
     if symbols is not None and not isinstance(symbols, SymbolsAttr):
         raise IRVerifyError(f"'{SYMBOLS_ATTR}' must be a #plait.symbols attribute", "module")
@@ -131,6 +161,12 @@ def verify_module(module: ModuleOp) -> None:
             for arg_type in fn.function_type.inputs:
                 _check_symbols(arg_type, declared, fn)
             _check_dominance(fn)
+    from .typecheck import OpTypeError, check_types  # torch, loaded when first verifying
+
+    try:
+        check_types(module)
+    except OpTypeError as exc:
+        raise IRVerifyError(f"{exc.op.name}: {exc.message}", where(exc.op)) from None
 
 
 def _check_symbols(type_, declared: set[str], op: Operation) -> None:

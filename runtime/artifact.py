@@ -42,7 +42,7 @@ from ..ir.attrs import LIBRARIES_ATTR, MESH_ATTR
 from ..ir.errors import PlaitError
 from ..ir.ops import CallOp, stored_weight_names
 from ..ir.targets import split_name
-from ..ir.text import parse_module, where
+from ..ir.text import parse_module, read_ir_text, where
 from ..ir.weights import WeightStore, check_digests, tensor_digests
 from .manifest import HASHES, problem
 
@@ -188,8 +188,8 @@ def read(
             "recompile the artifact"
         )
     plan_path = directory / manifest["plan"]
-    plan = plan_path.read_text()
-    programs = {int(r): (directory / f).read_text() for r, f in manifest["programs"].items()}
+    plan = read_ir_text(plan_path)
+    programs = {int(r): read_ir_text(directory / f) for r, f in manifest["programs"].items()}
     module = parse_module(plan, str(plan_path))
     _check_ranks(module, programs, manifest_path)
     _check_operators(module, trusted_ops, directory)
@@ -213,7 +213,7 @@ def _read_manifest(directory: Path) -> tuple[dict, Path]:
             "interrupted. Recompile it with `plait compile ... -o DIR`"
         )
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(read_ir_text(path))  # a bad byte: its line:column
     except json.JSONDecodeError as exc:
         raise ArtifactError(f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:

@@ -45,7 +45,7 @@ def test_linear_flops_and_bytes():
 
 def test_attention_flops_and_bytes_prefill_and_decode():
     _, ops = _ops(
-        '    %o = plait.attention "aten::scaled_dot_product_attention"(%q, %k, %v, is_causal = true) : !plait.tensor<[b, 8, s, 64], f32>\n',
+        '    %o = plait.attention "aten::scaled_dot_product_attention"(%q, %k, %v, is_causal = true, enable_gqa = true) : !plait.tensor<[b, 8, s, 64], f32>\n',
         "%q : !plait.tensor<[b, 8, s, 64], f32>, %k : !plait.tensor<[b, 2, s, 64], f32>, %v : !plait.tensor<[b, 2, s, 64], f32>",
     )
     (attention,) = ops

@@ -122,8 +122,8 @@ builtin.module {
 """
 
 
-def _found(text: str):
-    return find_expert_mlps(parse_module(text).body.block.ops.first.body.block)
+def _found(text: str, verify: bool = True):
+    return find_expert_mlps(parse_module(text, verify=verify).body.block.ops.first.body.block)
 
 
 def test_only_row_wise_zero_preserving_ops_may_sit_between_the_products():
@@ -140,7 +140,7 @@ def test_only_row_wise_zero_preserving_ops_may_sit_between_the_products():
     # a chunk across rows would mix the experts' rows
     across = MOE_IR.replace('"aten::chunk"(%h, 2, -1) : (!plait.tensor<[12, 16], f32>, !plait.tensor<[12, 16], f32>)',
                             '"aten::chunk"(%h, 2, 0) : (!plait.tensor<[6, 32], f32>, !plait.tensor<[6, 32], f32>)')  # fmt: skip
-    assert _found(across) == []
+    assert _found(across, verify=False) == []  # ill-typed after the chunk: only its dim matters
 
 
 def test_a_rank_is_charged_its_share_of_the_experts_work():

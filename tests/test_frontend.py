@@ -112,6 +112,24 @@ def test_data_dependent_shapes_name_the_op():
         import_program(capture(Nonzero(), (torch.randn(8),)))
 
 
+def test_torch_cond_is_refused_naming_the_construct_and_the_source_line():
+    class Gate(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.cond(x.sum() > 0, lambda x: self.proj(x), lambda x: x - 1, (x,))
+
+    line = Gate.forward.__code__.co_firstlineno + 1
+    with pytest.raises(GraphImportError) as info:
+        import_program(capture(Gate(), (torch.randn(2, 4),)))
+    message = str(info.value)
+    assert "torch.cond (torch.ops.higher_order.cond" in message and "not supported" in message
+    assert f"{__file__}:{line}: return torch.cond(" in message
+    assert "select with torch.where" in message
+
+
 def test_in_place_write_into_a_view_is_rejected_with_its_location():
     class Scatter(torch.nn.Module):
         def __init__(self):

@@ -145,3 +145,125 @@ def test_op_families_come_from_the_target_table():
 
 def test_errors_are_plait_errors():
     assert issubclass(IRParseError, PlaitError) and issubclass(IRVerifyError, PlaitError)
+
+
+LINEAR_IR = """\
+builtin.module attributes {plait.symbols = #plait.symbols<batch = [1, 64], seq = [2, 256]>} {
+  func.func @forward(%x : !plait.tensor<[batch, seq, 64], f32>) {
+    %w = plait.param "model.fc.weight" : !plait.tensor<[176, 64], f32> loc("model.fc")
+    %y = plait.linear "aten::linear"(%x, %w) : !plait.tensor<[batch, seq, 176], f32> loc("model.fc")
+    func.return
+  }
+}
+"""
+
+
+@pytest.mark.parametrize(
+    "declared,computed",
+    [
+        ("[batch, seq, 177], f32", "[batch, seq, 176], f32"),
+        ("[batch, seq, 176], f16", "[batch, seq, 176], f32"),
+        ("[seq, batch, 176], f32", "[batch, seq, 176], f32"),
+    ],
+)
+def test_a_wrong_result_type_is_refused_at_its_op(declared, computed):
+    text = LINEAR_IR.replace(
+        "%w) : !plait.tensor<[batch, seq, 176], f32>", f"%w) : !plait.tensor<{declared}>"
+    )
+    with pytest.raises(IRVerifyError) as info:
+        parse_module(text, "x.mlir")
+    assert str(info.value) == (
+        f"x.mlir:4:5 (model.fc): error: plait.linear: result is declared tensor<{declared}>, "
+        f"but aten::linear computes tensor<{computed}>; declare that type"
+    )
+
+
+def test_every_pass_output_is_type_checked():
+    from plait.passes.base import Pass
+    from plait.passes.manager import PassFailedError, PassManager
+
+    module = parse_module(LINEAR_IR)
+
+    class Widen(Pass):  # a broken pass: declares a linear's result one wider
+        name = "widen-for-test"
+
+        def apply(self, ctx, module):
+            from xdsl.rewriter import Rewriter
+
+            old = list(module.ops.first.body.blocks.first.ops)[1]
+            wide = TensorType([symbolic.symbol("batch"), symbolic.symbol("seq"), 177], "f32")
+            Rewriter.replace_op(old, LinearOp(old.target_name, old.inputs, old.args, [wide]))
+
+    with pytest.raises(
+        PassFailedError,
+        match=r"pass 'widen-for-test' produced invalid IR: .*"
+        r"declared tensor<\[batch, seq, 177\], f32>, but aten::linear computes",
+    ):
+        PassManager([Widen()]).run(module)
+
+
+def test_a_view_of_the_wrong_size_is_refused_before_it_runs():
+    text = LINEAR_IR.replace(
+        "    func.return\n",
+        '    %v = plait.reshape "aten::view"(%y, [sym(batch), sym(seq), 3, -1]) : '
+        "!plait.tensor<[batch, seq, 3, 58], f32>\n    func.return\n",
+    )
+    with pytest.raises(IRVerifyError, match=r"x\.mlir:5:5: error: plait\.reshape: aten::view rejects "
+                       r"its arguments: shape '\[\d+, \d+, 3, -1\]' is invalid"):  # fmt: skip
+        parse_module(text, "x.mlir")
+
+
+def test_unregistered_operators_are_taken_as_declared():
+    text = LINEAR_IR.replace('"aten::linear"(%x, %w)', '"no_such_lib::fancy_linear"(%x, %w)')
+    text = text.replace("plait.linear", "plait.call")
+    assert "no_such_lib" in print_module(parse_module(text))
+
+
+# ---- reading IR files --------------------------------------------------------------
+
+BAD_BYTES = LINEAR_IR.encode().replace(b'"model.fc.weight"', b'"model.\xc3\xa9\xff.weight"')
+
+
+def test_a_byte_that_is_not_utf8_is_located():
+    from plait.ir.text import decode_ir_text
+
+    with pytest.raises(IRParseError) as info:
+        decode_ir_text(BAD_BYTES, "x.mlir")
+    # line 3; column 30: 29 characters before it, é counting as one
+    assert (info.value.line, info.value.column) == (3, 30)
+    assert str(info.value) == (
+        "x.mlir:3:30: error: byte 0xff is not valid UTF-8; the file must be UTF-8 text"
+    )
+    assert decode_ir_text(b"a\r\nb\rc", "x.mlir") == "a\nb\nc"  # newlines as read_text gives
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["opt", "{}"], ["compile", "{}", "--emit", "ir"], ["estimate", "{}", "--hardware", "cpu"]],
+)
+def test_the_cli_reports_a_bad_byte_without_a_traceback(tmp_path, capsys, argv):
+    from plait.cli import main
+
+    path = tmp_path / "bad.mlir"
+    path.write_bytes(BAD_BYTES)
+    code = main([a.format(path) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 1 and f"{path}:3:30: error: byte 0xff is not valid UTF-8" in err, err
+    assert "Traceback" not in err
+
+
+def test_loading_an_artifact_with_a_bad_byte_names_the_file(tmp_path):
+    import shutil
+
+    import plait
+    import torch
+
+    saved = tmp_path / "saved"
+    plait.compile(torch.nn.Linear(4, 4), (torch.randn(2, 4),)).save(saved)
+    for name in ("plan.mlir", "rank0.py"):
+        copy = tmp_path / name
+        shutil.copytree(saved, copy)
+        data = (copy / name).read_bytes()
+        (copy / name).write_bytes(data[:10] + b"\x80" + data[10:])
+        with pytest.raises(IRParseError, match=rf"{name}:\d+:\d+: error: byte 0x80 is not valid"):
+            plait.load(copy)

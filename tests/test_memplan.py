@@ -117,7 +117,10 @@ def test_ladder_in_the_arena_with_streamed_weights_on_gloo_ranks(example, tmp_pa
 
 
 def test_unprovable_aliasing_is_left_to_pytorch():
-    text = ASYNC.replace('plait.elementwise "aten::sin"(%x)', 'plait.call "aten::sin_"(%b)')
+    text = ASYNC.replace(
+        'plait.elementwise "aten::sin"(%x) : !plait.tensor<[4, 8], f32>',
+        'plait.call "aten::sin_"(%b) : !plait.tensor<[8, 4], f32>',
+    )
     module = parse_module(text)
     with pytest.warns(UserWarning, match=r"not planning @forward.*aten::sin_ writes an input"):
         PassManager.parse("memplan").run(module)

@@ -171,3 +171,144 @@ builtin.module attributes {m = #plait.mesh<tp = 0>} {
 // error: Expected one of 'avg', 'max', 'min', 'product', 'sum' (a reduction)
 builtin.module attributes {p = #plait.placements<[partial(median)]>} {
 }
+// -----
+// error: plait.linear: result is declared tensor<[n, 177], f32>, but aten::linear computes tensor<[n, 176], f32>
+builtin.module attributes {plait.symbols = #plait.symbols<n = [1, 64]>} {
+  func.func @f(%x : !plait.tensor<[n, 64], f32>) {
+    %w = plait.param "fc.weight" : !plait.tensor<[176, 64], f32>
+    %y = plait.linear "aten::linear"(%x, %w, none) : !plait.tensor<[n, 177], f32> loc("model.fc")
+    func.return
+  }
+}
+// -----
+// error: result is declared tensor<[n, 176], f16>, but aten::linear computes tensor<[n, 176], f32>
+builtin.module attributes {plait.symbols = #plait.symbols<n = [1, 64]>} {
+  func.func @f(%x : !plait.tensor<[n, 64], f32>) {
+    %w = plait.param "fc.weight" : !plait.tensor<[176, 64], f32>
+    %y = plait.linear "aten::linear"(%x, %w, none) : !plait.tensor<[n, 176], f16>
+    func.return
+  }
+}
+// -----
+// error: aten::linear rejects its arguments
+builtin.module attributes {plait.symbols = #plait.symbols<n = [1, 64]>} {
+  func.func @f(%x : !plait.tensor<[n, 63], f32>) {
+    %w = plait.param "fc.weight" : !plait.tensor<[176, 64], f32>
+    %y = plait.linear "aten::linear"(%x, %w, none) : !plait.tensor<[n, 176], f32>
+    func.return
+  }
+}
+// -----
+// error: aten::view rejects its arguments: shape
+builtin.module attributes {plait.symbols = #plait.symbols<n = [1, 64]>} {
+  func.func @f(%x : !plait.tensor<[n, 64], f32>) {
+    %y = plait.reshape "aten::view"(%x, [sym(n), 3, -1]) : !plait.tensor<[n, 3, 21], f32>
+    func.return
+  }
+}
+// -----
+// error: view size is not compatible with input tensor's size and stride
+builtin.module attributes {plait.symbols = #plait.symbols<n = [1, 64]>} {
+  func.func @f(%x : !plait.tensor<[n, 64], f32>) {
+    %t = plait.reshape "aten::transpose.int"(%x, 0, 1) : !plait.tensor<[64, n], f32>
+    %y = plait.reshape "aten::view"(%t, [-1]) : !plait.tensor<[64*n], f32>
+    func.return
+  }
+}
+// -----
+// error: result is declared tensor<[a, b], f32>, but aten::transpose.int computes tensor<[b, a], f32>
+builtin.module attributes {plait.symbols = #plait.symbols<a = [1, 64], b = [1, 64]>} {
+  func.func @f(%x : !plait.tensor<[a, b], f32>) {
+    %y = plait.reshape "aten::transpose.int"(%x, 0, 1) : !plait.tensor<[a, b], f32>
+    func.return
+  }
+}
+// -----
+// error: aten::topk returns 2 tensor(s) but the op declares 1 result(s)
+builtin.module {
+  func.func @f(%x : !plait.tensor<[4, 8], f32>) {
+    %y = plait.call "aten::topk"(%x, 2) : !plait.tensor<[4, 2], f32>
+    func.return
+  }
+}
+// -----
+// error: result is declared tensor<[n, 16], f32>, but plait.all_gather over 'tp' (2 ranks) gives tensor<[n, 32], f32>
+builtin.module attributes {plait.symbols = #plait.symbols<n = [1, 64]>, plait.mesh = #plait.mesh<tp = 2>} {
+  func.func @f(%x : !plait.tensor<[n, 16], f32>) {
+    %y = plait.all_gather %x {axis = "tp", dim = 1 : i64} : !plait.tensor<[n, 16], f32> -> !plait.tensor<[n, 16], f32>
+    func.return
+  }
+}
+// -----
+// error: plait.reduce_scatter: dim 1 of size 15 does not split over 2 ranks
+builtin.module attributes {plait.mesh = #plait.mesh<tp = 2>} {
+  func.func @f(%x : !plait.tensor<[4, 15], f32>) {
+    %y = plait.reduce_scatter %x {axis = "tp", dim = 1 : i64, reduce = "sum"} : !plait.tensor<[4, 15], f32> -> !plait.tensor<[4, 7], f32>
+    func.return
+  }
+}
+// -----
+// error: mesh axis 'dp' is not an axis of the module's plait.mesh (axes: tp)
+builtin.module attributes {plait.mesh = #plait.mesh<tp = 2>} {
+  func.func @f(%x : !plait.tensor<[4, 16], f32>) {
+    %y = plait.all_reduce %x {axis = "dp", reduce = "sum"} : !plait.tensor<[4, 16], f32> -> !plait.tensor<[4, 16], f32>
+    func.return
+  }
+}
+// -----
+// error: result is declared tensor<[4, 16], f32>, but plait.local_shard over 'tp' (4 ranks) gives tensor<[4, 4], f32>
+builtin.module attributes {plait.mesh = #plait.mesh<tp = 4>} {
+  func.func @f(%x : !plait.tensor<[4, 16], f32>) {
+    %y = plait.local_shard %x {axis = "tp", dim = 1 : i64} : !plait.tensor<[4, 16], f32> -> !plait.tensor<[4, 16], f32>
+    func.return
+  }
+}
+// -----
+// error: split_dim = 2 is not a dim of a rank-2 tensor
+builtin.module attributes {plait.mesh = #plait.mesh<tp = 2>} {
+  func.func @f(%x : !plait.tensor<[4, 16], f32>) {
+    %y = plait.all_to_all %x {axis = "tp", split_dim = 2 : i64, concat_dim = 0 : i64} : !plait.tensor<[4, 16], f32> -> !plait.tensor<[8, 8], f32>
+    func.return
+  }
+}
+// -----
+// error: placement shard(3) names dim 3 of a rank-2 weight
+builtin.module attributes {plait.mesh = #plait.mesh<tp = 2>} {
+  func.func @f() {
+    %w = plait.param "w" {plait.placements = #plait.placements<[shard(3)]>} : !plait.tensor<[64, 32], f32>
+    func.return
+  }
+}
+// -----
+// error: the blocks must each split over 2 ranks and add up to the whole dim, 2 x 32
+builtin.module attributes {plait.mesh = #plait.mesh<tp = 2>} {
+  func.func @f() {
+    %w = plait.param "w" {plait.placements = #plait.placements<[shard(0, blocks = [32, 16, 8])]>} : !plait.tensor<[32, 64], f32>
+    func.return
+  }
+}
+// -----
+// error: aten::linear needs operands of one element type; they are f32, i64
+builtin.module {
+  func.func @f(%x : !plait.tensor<[2, 64], f32>) {
+    %w = plait.param "fc.weight" : !plait.tensor<[176, 64], i64>
+    %y = plait.linear "aten::linear"(%x, %w, none) : !plait.tensor<[2, 176], f32>
+    func.return
+  }
+}
+// -----
+// error: argument 'size' of aten::view is List[int], not a tensor
+builtin.module {
+  func.func @f(%x : !plait.tensor<[2, 64], f32>, %i : !plait.tensor<[1], i64>) {
+    %y = plait.call "aten::view"(%x, [%i, %i]) : !plait.tensor<[2, 64], f32>
+    func.return
+  }
+}
+// -----
+// error: aten::__and__.Tensor takes integer or i1 tensors, not f32, i1
+builtin.module {
+  func.func @f(%x : !plait.tensor<[2, 64], f32>, %m : !plait.tensor<[2, 64], i1>) {
+    %y = plait.elementwise "aten::__and__.Tensor"(%m, %x) : !plait.tensor<[2, 64], f32>
+    func.return
+  }
+}
