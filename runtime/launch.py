@@ -20,6 +20,7 @@ itself done and leaves the process group before the interpreter tears down.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import functools
 import os
@@ -56,7 +57,8 @@ def relaunch(argv: list[str], nproc: int, launcher_args: list[str]) -> int:
         "--no-python", sys.executable, "-u", "-P", "-m", "plait.cli", *argv,
     ])  # fmt: skip
     try:
-        run(args)
+        with _process_state_kept():
+            run(args)
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
         how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
@@ -65,6 +67,23 @@ def relaunch(argv: list[str], nproc: int, launcher_args: list[str]) -> int:
               file=sys.stderr)  # fmt: skip
         return 1
     return 0
+
+
+@contextlib.contextmanager
+def _process_state_kept():
+    """torchrun's agent, run in this process, installs its own signal handlers
+    and sets environment variables (OMP_NUM_THREADS) for its children: give
+    the caller (a notebook, a test, `plait.cli.main`) its own back."""
+    signals = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT]
+    handlers = {s: signal.getsignal(s) for s in signals}
+    environment = dict(os.environ)
+    try:
+        yield
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        os.environ.clear()
+        os.environ.update(environment)
 
 
 def join(device: str, timeout: float | None = None) -> str:

@@ -36,3 +36,13 @@ def compiled(example):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(autouse=True)
+def no_process_group_left_behind():
+    """A test that made a process group in this process must destroy it: later
+    tests would take the process for a rank (and skip the worker pool)."""
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+        pytest.fail("the test left a process group initialized in the test process")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import math
 import random
 import re
@@ -257,9 +258,11 @@ def _random_weights(module, values: dict[str, int]):
     return weights
 
 
+@contextlib.contextmanager
 def _fake_groups(module):
     """Process groups of a fake backend in this process (collectives do nothing
-    but give results of the right shapes), or None for an unsharded module."""
+    but give results of the right shapes), or None for an unsharded module;
+    the group is destroyed after, so later tests see no process group."""
     import torch.distributed as dist
     from plait.backends.fx import CollectiveGroups, mesh_coords
     from plait.ir.attrs import MESH_ATTR
@@ -267,15 +270,17 @@ def _fake_groups(module):
 
     mesh = module.attributes.get(MESH_ATTR)
     if mesh is None:
-        return None
-    size = math.prod(mesh.axes.values())
-    if dist.is_initialized() and dist.get_world_size() != size:
+        yield None
+        return
+    dist.init_process_group(
+        "fake", store=FakeStore(), rank=0, world_size=math.prod(mesh.axes.values())
+    )
+    try:
+        name = dist.group.WORLD.group_name
+        axes = mesh.axes
+        yield CollectiveGroups({a: name for a in axes}, dict(axes), mesh_coords(axes, 0))
+    finally:
         dist.destroy_process_group()
-    if not dist.is_initialized():
-        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=size)
-    name = dist.group.WORLD.group_name
-    axes = mesh.axes
-    return CollectiveGroups({a: name for a in axes}, dict(axes), mesh_coords(axes, 0))
 
 
 def computed_type_mismatch(module) -> str | None:
@@ -301,8 +306,7 @@ def computed_type_mismatch(module) -> str | None:
     if not functions:
         return None  # nothing to run
     fn = functions.get("forward", next(iter(functions.values())))  # as plait.load runs it
-    weights, groups = _random_weights(module, values), _fake_groups(module)
-    program = build_program(module, weights, "cpu", groups, fn.sym_name.data)
+    weights = _random_weights(module, values)
     inputs = [_random(list(declared(t)[0]), t.dtype) for t in fn.function_type.inputs]
     mismatches: list[str] = []
 
@@ -322,7 +326,8 @@ def computed_type_mismatch(module) -> str | None:
                 )
             return out
 
-    with torch.no_grad():
+    with _fake_groups(module) as groups, torch.no_grad():
+        program = build_program(module, weights, "cpu", groups, fn.sym_name.data)
         outputs = Checker(program.graph_module).run(*inputs)
     for out, type_ in zip(outputs, fn.function_type.outputs):
         if actual(out) != declared(type_):
