@@ -302,7 +302,7 @@ class CompiledModel:
         est.schedule.step_time, est.comm_share, est.formulas["flops"]
         """
         from .hardware import Hardware, load
-        from .passes.estimate import Target, estimate
+        from .cost.estimate import Target, estimate
 
         hw = hardware if isinstance(hardware, Hardware) else load(hardware)
         target = Target(hw, dict(mesh or {}), dict(values or {}), context)

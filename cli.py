@@ -530,7 +530,7 @@ def _functions(plan) -> list[str]:
 
 def _estimate_values(args, plan, dims: dict[str, int]) -> dict[str, int]:
     """The size symbols' values, from the flags; refused outside the plan's ranges."""
-    from plait.passes.estimate import check_ranges
+    from plait.cost.estimate import check_ranges
 
     symbols = plan.attributes.get("plait.symbols")
     ranges = symbols.ranges if symbols is not None else {}
@@ -557,8 +557,8 @@ def _mesh_text(plan) -> str:
 def cmd_estimate(args) -> int:
     from plait.hardware import load
     from plait.ir.attrs import mesh_from_text
-    from plait.passes.estimate import Target, estimate
-    from plait.passes.estimate_report import render, render_compare
+    from plait.cost.estimate import Target, estimate
+    from plait.cost.estimate_report import render, render_compare
     from plait.passes.manager import PassManager
     from plait.runtime.artifact import import_trusted
 
@@ -608,7 +608,7 @@ def cmd_estimate(args) -> int:
         )
     if args.trace:
         from plait.ir.text import module_path
-        from plait.passes.estimate import family
+        from plait.cost.estimate import family
         from plait.runtime.profile import TraceEvent, write_trace
 
         events = [

@@ -33,7 +33,7 @@ def main() -> None:
     from plait.frontend.capture import capture
     from plait.frontend.importer import import_program
     from plait.hardware import load
-    from plait.passes.estimate import Target, estimate
+    from plait.cost.estimate import Target, estimate
     from plait.passes.manager import PassManager
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -25,7 +25,7 @@ def run(layers: int, dynamic: bool) -> dict[str, float]:
     from plait.frontend.importer import import_program
     from plait.hardware import load
     from plait.passes.base import function_blocks
-    from plait.passes.comm_cost import axis_links
+    from plait.cost.comm_cost import axis_links
     from plait.passes.manager import PassManager
     from plait.passes.options import SizeValues
     from plait.passes.shard_ilp import formulate, optimize

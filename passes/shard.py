@@ -98,7 +98,7 @@ from .base import Pass, function_blocks
 from .experts import ExpertMLP, find_expert_mlps
 from .experts import operands as grouped_operands
 from .linear_rewrite import require_library
-from .op_cost import COMPRESSED_LINEARS
+from ..cost.op_cost import COMPRESSED_LINEARS
 from .options import Mesh, OptionError, Plan, SizeValues, check_all_match
 from .shard_ilp import Solution, solve
 from .shard_rules import (
@@ -642,7 +642,7 @@ class Shard(Pass):
 
     def _solve(self, module: ModuleOp, blocks, axis: str, n: int, plan) -> Solution:
         from ..hardware import load
-        from .comm_cost import axis_links
+        from ..cost.comm_cost import axis_links
 
         hw = load(self._hardware)
         values = (self.values or SizeValues()).at(module, "shard")

@@ -37,10 +37,10 @@ from ..ir.errors import PlaitError
 from ..ir.ops import CallOp, EmbeddingOp, ParamOp
 from ..ir.text import module_path
 from ..ir.types import TensorType
-from .comm_cost import all_reduce_time, ring_steps
-from .estimate import op_dtype
+from ..cost.comm_cost import all_reduce_time, ring_steps
+from ..cost.estimate import op_dtype
 from .milp import choose_one_each
-from .op_cost import op_cost
+from ..cost.op_cost import op_cost
 from .shard_rules import Decision, PlanError, decide, replicated
 
 _IMPOSSIBLE = math.inf  # no collective makes a value partial

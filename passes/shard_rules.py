@@ -76,7 +76,7 @@ def sizes_that_split(*dims) -> list[int]:
 
 @functools.lru_cache(maxsize=4096)
 def _proved_divisible(dim, n: int, ranges: tuple) -> bool:
-    from .bounds import prove_divisible
+    from ..cost.bounds import prove_divisible
 
     return prove_divisible(dim, n, {name: (lo, hi) for name, lo, hi in ranges}).proved
 

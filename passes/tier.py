@@ -63,7 +63,7 @@ class Tier(Pass):
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
         from ..hardware import load
-        from .estimate import Target, estimate
+        from ..cost.estimate import Target, estimate
 
         hw = load(self.hardware)
         if hw.host_bandwidth is None:

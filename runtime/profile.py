@@ -125,7 +125,7 @@ def op_events(program: Program, inputs, rank: int = 0) -> list[TraceEvent]:
     path; collectives on the comm lane."""
     from ..ir.ops import CollectiveOp, WaitOp
     from ..ir.text import module_path
-    from ..passes.estimate import family
+    from ..cost.estimate import family
 
     spans = _spans(program, inputs)
     origin = spans[0][1] if spans else 0.0

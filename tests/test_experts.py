@@ -144,7 +144,7 @@ def test_only_row_wise_zero_preserving_ops_may_sit_between_the_products():
 
 
 def test_a_rank_is_charged_its_share_of_the_experts_work():
-    from plait.passes.op_cost import op_cost
+    from plait.cost.op_cost import op_cost
 
     module = parse_module(MOE_IR)
     whole = [op_cost(op) for op in module.walk() if "grouped_mm" in getattr(op, "target_name", "")]
@@ -259,7 +259,7 @@ def test_the_ilp_counts_each_rank_its_share_of_the_experts(example):
 def test_the_estimate_charges_the_dispatch_to_the_link():
     from plait.examples.models import mixtral_tiny
     from plait.hardware import load
-    from plait.passes.comm_cost import ring_steps
+    from plait.cost.comm_cost import ring_steps
 
     model, inputs, _ = mixtral_tiny(batch=4, seq=8)
     program = plait.compile(model, inputs, pipeline="canonicalize,cse,dce,shard{mesh=ep:2},dce")

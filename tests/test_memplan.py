@@ -160,7 +160,7 @@ def test_tiered_weights_give_identical_outputs(example, tmp_path):
     model, example_inputs, shapes = example("llama-tiny")
     compiled = plait.compile(model, example_inputs, dynamic_shapes=shapes,
                              pipeline="canonicalize,cse,dce,memplan,tier{budget=0.5,values=batch:2,seq:16}")  # fmt: skip
-    from plait.passes.estimate_report import memory_plan
+    from plait.cost.estimate_report import memory_plan
 
     rows = dict(memory_plan(compiled.estimate("cpu", values={"batch": 2, "seq": 16})))
     assert "MB" in rows["activation arena"] and "streamed" in rows["weight tiering"]

@@ -273,7 +273,7 @@ def test_bad_options_name_what_to_change():
 
 
 def test_estimate_reports_bits_per_weight_with_metadata(example):
-    from plait.passes.estimate_report import compression
+    from plait.cost.estimate_report import compression
 
     model, example_inputs, _ = example("llama-tiny")
     compiled = plait.compile(model, example_inputs,

@@ -17,8 +17,8 @@ from plait.frontend.importer import import_program
 from plait.hardware import load
 from plait.ir.text import parse_module, print_module
 from plait.passes.base import function_blocks
-from plait.passes.comm_cost import axis_links
-from plait.passes.estimate import Target, estimate
+from plait.cost.comm_cost import axis_links
+from plait.cost.estimate import Target, estimate
 from plait.passes.manager import PassManager
 from plait.passes.shard_ilp import SolveError, formulate, solve
 from test_shard import MLP
@@ -247,7 +247,7 @@ def test_a_symbolic_dim_is_split_only_where_z3_proves_it_divides(multiple, tmp_p
 
 def test_divisibility_is_proved_over_the_declared_range():
     from plait.ir import symbolic
-    from plait.passes.bounds import prove_divisible
+    from plait.cost.bounds import prove_divisible
 
     k, seq = symbolic.symbol("k"), symbolic.symbol("seq")
     assert prove_divisible(4 * k, 2, {"k": (1, 512)}).proved

@@ -30,7 +30,7 @@ from ..ir.ops import CallOp, CollectiveOp, LocalShardOp, ReshapeOp, WaitOp
 from ..ir.text import module_path
 from ..ir.types import AsyncType, TensorType
 from .comm_cost import axis_links, collective_time
-from .effects import updates_state
+from ..passes.effects import updates_state
 from .layout import memory_orders, strided
 from .op_cost import OpCost, op_cost
 from .schedule import Schedule, simulate
