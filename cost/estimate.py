@@ -25,12 +25,12 @@ from xdsl.ir import Operation, SSAValue
 
 from ..hardware import Hardware
 from ..ir.attrs import MESH_ATTR, SYMBOLS_ATTR, MeshAttr
+from ..ir.effects import updates_state
 from ..ir.errors import PlaitError
 from ..ir.ops import CallOp, CollectiveOp, LocalShardOp, ReshapeOp, WaitOp
 from ..ir.text import module_path
 from ..ir.types import AsyncType, TensorType
 from .comm_cost import axis_links, collective_time
-from ..passes.effects import updates_state
 from .layout import memory_orders, strided
 from .op_cost import OpCost, op_cost
 from .schedule import Schedule, simulate

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from xdsl.dialects import func
 from xdsl.ir import SSAValue
 
+from ..ir.effects import updates_state
 from ..ir.ops import CallOp, CollectiveOp, LocalShardOp, ParamOp, WaitOp
 from ..ir.schema import returns_alias, writes_input
 from ..ir.text import where
-from .effects import updates_state
 
 
 @dataclass
