@@ -301,8 +301,8 @@ class CompiledModel:
         est = compiled.estimate("h100-sxm", values={"batch": 1, "seq": 2048})
         est.schedule.step_time, est.comm_share, est.formulas["flops"]
         """
-        from .hardware import Hardware, load
         from .cost.estimate import Target, estimate
+        from .hardware import Hardware, load
 
         hw = hardware if isinstance(hardware, Hardware) else load(hardware)
         target = Target(hw, dict(mesh or {}), dict(values or {}), context)

@@ -216,8 +216,9 @@ def _copy_tokenizer(model_dir: Path, artifact: Path) -> None:
 def _prompts(args, compiled):
     """(input_ids, attention_mask, tokenizer or None) from --prompt-ids or --prompt,
     left padded to the longest."""
-    import plait
     import torch
+
+    import plait
 
     tokenizer = None
     if args.prompt:
@@ -358,6 +359,7 @@ def _option_text(field, hint) -> str:
 
 def _generated_inputs(compiled, dims: dict[str, int]):
     import torch
+
     from plait.backends.fx import torch_dtype
     from plait.ir import symbolic
 
@@ -390,8 +392,9 @@ def _launcher_args(args) -> list[str]:
 def cmd_run(args) -> int:
     import statistics
 
-    import plait
     import torch
+
+    import plait
     from plait.runtime import launch
 
     console, out = _console(), _console(stderr=False)
@@ -481,6 +484,7 @@ def cmd_run(args) -> int:
 def _write_measured_trace(path: str, compiled, inputs, rank: int, console) -> None:
     """One more run, timed op by op, as a Chrome trace: every rank's under torchrun."""
     import torch
+
     from plait.runtime.profile import op_events, write_trace
 
     events = op_events(compiled.program, [x.to(compiled.device) for x in inputs], rank)
@@ -555,10 +559,10 @@ def _mesh_text(plan) -> str:
 
 
 def cmd_estimate(args) -> int:
-    from plait.hardware import load
-    from plait.ir.attrs import mesh_from_text
     from plait.cost.estimate import Target, estimate
     from plait.cost.estimate_report import render, render_compare
+    from plait.hardware import load
+    from plait.ir.attrs import mesh_from_text
     from plait.passes.manager import PassManager
     from plait.runtime.artifact import import_trusted
 
@@ -607,8 +611,8 @@ def cmd_estimate(args) -> int:
             )
         )
     if args.trace:
-        from plait.ir.text import module_path
         from plait.cost.estimate import family
+        from plait.ir.text import module_path
         from plait.runtime.profile import TraceEvent, write_trace
 
         events = [

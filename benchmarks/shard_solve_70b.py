@@ -20,15 +20,15 @@ import torch
 
 
 def run(layers: int, dynamic: bool) -> dict[str, float]:
+    from plait.cost.comm_cost import axis_links
     from plait.frontend import hf
     from plait.frontend.capture import capture
     from plait.frontend.importer import import_program
     from plait.hardware import load
     from plait.passes.base import function_blocks
-    from plait.cost.comm_cost import axis_links
     from plait.passes.manager import PassManager
     from plait.passes.options import SizeValues
-    from plait.passes.shard_ilp import formulate, optimize
+    from plait.passes.shard.ilp import formulate, optimize
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=128256, hidden_size=8192, intermediate_size=28672,

@@ -36,7 +36,7 @@ from ..ir.types import TensorType
 from ..ir.weights import WeightStore
 from .base import function_blocks
 from .options import Globs, check_all_match
-from .shard_rules import local_type
+from .shard.rules import local_type
 
 
 @dataclass(frozen=True)

@@ -160,7 +160,7 @@ class Plan:
 
     @classmethod
     def parse(cls, text: str) -> Plan:
-        from .shard_rules import STYLES
+        from .shard.rules import STYLES
 
         entries = []
         for item in _items(text):

@@ -16,7 +16,7 @@ _PASSES: dict[str, str] = {
     "overlap": "overlap:Overlap",
     "quantize": "quantize:Quantize",
     "sparsify": "sparsify:Sparsify",
-    "shard": "shard:Shard",
+    "shard": "shard.shard:Shard",
     "tier": "tier:Tier",
 }
 

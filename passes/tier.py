@@ -62,8 +62,8 @@ class Tier(Pass):
             raise OptionError(str(exc), "hardware") from None
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
-        from ..hardware import load
         from ..cost.estimate import Target, estimate
+        from ..hardware import load
 
         hw = load(self.hardware)
         if hw.host_bandwidth is None:

@@ -9,13 +9,13 @@ import math
 
 import pytest
 import sympy
-from plait.hardware import HardwareError, Link, load
-from plait.ir import symbolic
-from plait.ir.text import parse_module
 from plait.cost.bounds import prove_at_most
 from plait.cost.comm_cost import all_reduce_time, axis_links, collective_time
 from plait.cost.estimate import Target, estimate
 from plait.cost.op_cost import op_cost
+from plait.hardware import HardwareError, Link, load
+from plait.ir import symbolic
+from plait.ir.text import parse_module
 
 B, S = symbolic.symbol("b"), symbolic.symbol("s")
 

@@ -1,5 +1,5 @@
 """Expert parallelism: MoE experts split over the tensor axis or an `ep` axis
-(passes/experts.py, customops/experts.py), checked against transformers' grouped
+(passes/shard/experts.py, customops/experts.py), checked against transformers' grouped
 product, eager and transformers' generate."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import pytest
 import torch
 import transformers
 from helpers import max_rel_diff
+from plait.customops.experts import expert_mm
 from plait.frontend import hf
 from plait.ir.text import parse_module, print_module
-from plait.customops.experts import expert_mm
-from plait.passes.experts import find_expert_mlps
 from plait.passes.manager import PassManager
+from plait.passes.shard.experts import find_expert_mlps
 from transformers.integrations.moe import _grouped_mm_fallback as grouped_mm
 
 
@@ -257,9 +257,9 @@ def test_the_ilp_counts_each_rank_its_share_of_the_experts(example):
 
 
 def test_the_estimate_charges_the_dispatch_to_the_link():
+    from plait.cost.comm_cost import ring_steps
     from plait.examples.models import mixtral_tiny
     from plait.hardware import load
-    from plait.cost.comm_cost import ring_steps
 
     model, inputs, _ = mixtral_tiny(batch=4, seq=8)
     program = plait.compile(model, inputs, pipeline="canonicalize,cse,dce,shard{mesh=ep:2},dce")

@@ -13,7 +13,7 @@ from plait.frontend import hf
 from plait.ir.text import parse_module, print_module
 from plait.passes.manager import PassManager
 from plait.passes.pipeline import PipelineError
-from plait.passes.shard import ShardError
+from plait.passes.shard.shard import ShardError
 
 MLP = """\
 builtin.module attributes {plait.symbols = #plait.symbols<b = [1, 64]>} {

@@ -11,16 +11,16 @@ import plait
 import pytest
 import torch
 from helpers import artifact_rank, assert_ranks_match_eager, max_rel_diff, run_ranks
+from plait.cost.comm_cost import axis_links
+from plait.cost.estimate import Target, estimate
 from plait.frontend import hf
 from plait.frontend.capture import capture
 from plait.frontend.importer import import_program
 from plait.hardware import load
 from plait.ir.text import parse_module, print_module
 from plait.passes.base import function_blocks
-from plait.cost.comm_cost import axis_links
-from plait.cost.estimate import Target, estimate
 from plait.passes.manager import PassManager
-from plait.passes.shard_ilp import SolveError, formulate, solve
+from plait.passes.shard.ilp import SolveError, formulate, solve
 from test_shard import MLP
 
 # communication almost free and memory slow: sharding anything that splits pays
@@ -246,8 +246,8 @@ def test_a_symbolic_dim_is_split_only_where_z3_proves_it_divides(multiple, tmp_p
 
 
 def test_divisibility_is_proved_over_the_declared_range():
-    from plait.ir import symbolic
     from plait.cost.bounds import prove_divisible
+    from plait.ir import symbolic
 
     k, seq = symbolic.symbol("k"), symbolic.symbol("seq")
     assert prove_divisible(4 * k, 2, {"k": (1, 512)}).proved

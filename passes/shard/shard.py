@@ -63,9 +63,10 @@ from xdsl.dialects.builtin import ModuleOp, StringAttr
 from xdsl.ir import Operation, SSAValue
 from xdsl.rewriter import InsertPoint, Rewriter
 
-from ..customops import experts as expert_kernel
-from ..ir.args import ArgsAttr, Operand, Tag
-from ..ir.attrs import (
+from ...cost.op_cost import COMPRESSED_LINEARS
+from ...customops import experts as expert_kernel
+from ...ir.args import ArgsAttr, Operand, Tag
+from ...ir.attrs import (
     MESH_ATTR,
     PLACEMENTS_ATTR,
     REPLICATE,
@@ -76,8 +77,8 @@ from ..ir.attrs import (
     partial,
     shard,
 )
-from ..ir.errors import PlaitError
-from ..ir.ops import (
+from ...ir.errors import PlaitError
+from ...ir.ops import (
     AllGatherOp,
     AllReduceOp,
     AttentionOp,
@@ -91,17 +92,16 @@ from ..ir.ops import (
     ReduceScatterOp,
     call_op_class,
 )
-from ..ir.schema import argument_names
-from ..ir.text import module_path, where
-from ..ir.types import TensorType
-from .base import Pass, function_blocks
+from ...ir.schema import argument_names
+from ...ir.text import module_path, where
+from ...ir.types import TensorType
+from ..base import Pass, function_blocks
+from ..linear_rewrite import require_library
+from ..options import Mesh, OptionError, Plan, SizeValues, check_all_match
 from .experts import ExpertMLP, find_expert_mlps
 from .experts import operands as grouped_operands
-from .linear_rewrite import require_library
-from ..cost.op_cost import COMPRESSED_LINEARS
-from .options import Mesh, OptionError, Plan, SizeValues, check_all_match
-from .shard_ilp import Solution, solve
-from .shard_rules import (
+from .ilp import Solution, solve
+from .rules import (
     DATA_AXES,
     EXPERT_AXIS,
     SIZE_ARGS,
@@ -586,7 +586,7 @@ class Shard(Pass):
         if self.memory is not None and self.memory <= 0:
             raise OptionError(f"memory is bytes per device, > 0, not {self.memory:g}", "memory")
         if self.hardware is not None:
-            from ..hardware import load
+            from ...hardware import load
 
             try:
                 load(self.hardware)
@@ -641,8 +641,8 @@ class Shard(Pass):
         return self.hardware or "h100-sxm"
 
     def _solve(self, module: ModuleOp, blocks, axis: str, n: int, plan) -> Solution:
-        from ..hardware import load
-        from ..cost.comm_cost import axis_links
+        from ...cost.comm_cost import axis_links
+        from ...hardware import load
 
         hw = load(self._hardware)
         values = (self.values or SizeValues()).at(module, "shard")

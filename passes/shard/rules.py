@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 import sympy
 from xdsl.ir import SSAValue
 
-from ..ir.args import Operand
-from ..ir.attrs import REPLICATE, Placement, partial, shard
-from ..ir.errors import PlaitError
-from ..ir.ops import (
+from ...ir.args import Operand
+from ...ir.attrs import REPLICATE, Placement, partial, shard
+from ...ir.errors import PlaitError
+from ...ir.ops import (
     AttentionOp,
     CallOp,
     ElementwiseOp,
@@ -39,8 +39,8 @@ from ..ir.ops import (
     ReshapeOp,
     SoftmaxOp,
 )
-from ..ir.text import where
-from ..ir.types import TensorType
+from ...ir.text import where
+from ...ir.types import TensorType
 
 R = REPLICATE
 SUM = partial("sum")
@@ -76,7 +76,7 @@ def sizes_that_split(*dims) -> list[int]:
 
 @functools.lru_cache(maxsize=4096)
 def _proved_divisible(dim, n: int, ranges: tuple) -> bool:
-    from ..cost.bounds import prove_divisible
+    from ...cost.bounds import prove_divisible
 
     return prove_divisible(dim, n, {name: (lo, hi) for name, lo, hi in ranges}).proved
 

@@ -30,18 +30,18 @@ import sympy
 from xdsl.dialects import func
 from xdsl.ir import Operation, SSAValue
 
-from ..hardware import Hardware, Link
-from ..ir import symbolic
-from ..ir.attrs import REPLICATE, Placement, partial, shard
-from ..ir.errors import PlaitError
-from ..ir.ops import CallOp, EmbeddingOp, ParamOp
-from ..ir.text import module_path
-from ..ir.types import TensorType
-from ..cost.comm_cost import all_reduce_time, ring_steps
-from ..cost.estimate import op_dtype
-from .milp import choose_one_each
-from ..cost.op_cost import op_cost
-from .shard_rules import Decision, PlanError, decide, replicated
+from ...cost.comm_cost import all_reduce_time, ring_steps
+from ...cost.estimate import op_dtype
+from ...cost.op_cost import op_cost
+from ...hardware import Hardware, Link
+from ...ir import symbolic
+from ...ir.attrs import REPLICATE, Placement, partial, shard
+from ...ir.errors import PlaitError
+from ...ir.ops import CallOp, EmbeddingOp, ParamOp
+from ...ir.text import module_path
+from ...ir.types import TensorType
+from ..milp import choose_one_each
+from .rules import Decision, PlanError, decide, replicated
 
 _IMPOSSIBLE = math.inf  # no collective makes a value partial
 _PER_COLLECTIVE = 1e-7  # seconds: breaks ties between plans equal in the alpha-beta model
