@@ -36,8 +36,8 @@ def layers(out: int, cols: int):
     """(label, op, args, prepared kwargs, module whose threshold forces the path)."""
     from plait.customops import gqsa as gqsa_kernel
     from plait.customops import quant_linear as q
-    from plait.passes.easyquant import rtn
-    from plait.passes.gqsa import gqsa
+    from plait.passes.compress.easyquant import rtn
+    from plait.passes.compress.gqsa import gqsa
 
     torch.manual_seed(0)
     w = torch.randn(out, cols) * 0.02

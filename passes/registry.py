@@ -14,8 +14,8 @@ _PASSES: dict[str, str] = {
     "ladder": "ladder:Ladder",
     "memplan": "memplan:MemPlan",
     "overlap": "overlap:Overlap",
-    "quantize": "quantize:Quantize",
-    "sparsify": "sparsify:Sparsify",
+    "quantize": "compress.quantize:Quantize",
+    "sparsify": "compress.sparsify:Sparsify",
     "shard": "shard.shard:Shard",
     "tier": "tier:Tier",
 }

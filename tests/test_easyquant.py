@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from plait.passes.easyquant import easyquant, rtn
+from plait.passes.compress.easyquant import easyquant, rtn
 
 
 @pytest.fixture(scope="module")

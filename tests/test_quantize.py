@@ -12,9 +12,9 @@ import torch
 from helpers import artifact_rank, max_rel_diff, run_ranks
 from plait.customops import quant_linear as kernel
 from plait.frontend import hf
-from plait.passes.bit_allocation import BudgetError, allocate
-from plait.passes.easyquant import easyquant
-from plait.passes.quantize import QuantizeError
+from plait.passes.compress.bit_allocation import BudgetError, allocate
+from plait.passes.compress.easyquant import easyquant
+from plait.passes.compress.quantize import QuantizeError
 
 PREFILL = (3, 100)  # 300 tokens: above DECODE_MAX_TOKENS, dequantize + GEMM in fp32
 

@@ -14,7 +14,7 @@ from plait.customops import gqsa as kernel
 from plait.frontend import hf
 from plait.ir.attrs import PLACEMENTS_ATTR, shard
 from plait.ir.ops import ParamOp
-from plait.passes.gqsa import gqsa
+from plait.passes.compress.gqsa import gqsa
 
 
 @pytest.mark.parametrize("segments", [1, 2])

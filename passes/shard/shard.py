@@ -96,7 +96,7 @@ from ...ir.schema import argument_names
 from ...ir.text import module_path, where
 from ...ir.types import TensorType
 from ..base import Pass, function_blocks
-from ..linear_rewrite import require_library
+from ..compress.linear_rewrite import require_library
 from ..options import Mesh, OptionError, Plan, SizeValues, check_all_match
 from .experts import ExpertMLP, find_expert_mlps
 from .experts import operands as grouped_operands

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..customops.gqsa import dense_weight, pack_groups
+from ...customops.gqsa import dense_weight, pack_groups
 from .easyquant import _search_scales
 
 

@@ -16,8 +16,8 @@ from xdsl.dialects.builtin import ArrayAttr, ModuleOp, StringAttr
 from xdsl.ir import Attribute, SSAValue
 from xdsl.rewriter import InsertPoint, Rewriter
 
-from ..ir.args import ArgsAttr, Operand
-from ..ir.attrs import (
+from ...ir.args import ArgsAttr, Operand
+from ...ir.attrs import (
     LIBRARIES_ATTR,
     MESH_ATTR,
     PLACEMENTS_ATTR,
@@ -26,17 +26,17 @@ from ..ir.attrs import (
     PlacementsAttr,
     shard,
 )
-from ..ir.dtypes import IR_NAMES
-from ..ir.errors import PlaitError
-from ..ir.names import value_name
-from ..ir.ops import CallOp, GenericCallOp, ParamOp
-from ..ir.schema import argument_names
-from ..ir.text import where
-from ..ir.types import TensorType
-from ..ir.weights import WeightStore
-from .base import function_blocks
-from .options import Globs, check_all_match
-from .shard.rules import local_type
+from ...ir.dtypes import IR_NAMES
+from ...ir.errors import PlaitError
+from ...ir.names import value_name
+from ...ir.ops import CallOp, GenericCallOp, ParamOp
+from ...ir.schema import argument_names
+from ...ir.text import where
+from ...ir.types import TensorType
+from ...ir.weights import WeightStore
+from ..base import function_blocks
+from ..options import Globs, check_all_match
+from ..shard.rules import local_type
 
 
 @dataclass(frozen=True)

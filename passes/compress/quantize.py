@@ -37,11 +37,12 @@ import torch
 from xdsl.context import Context
 from xdsl.dialects.builtin import ModuleOp
 
-from ..customops import quant_linear as kernel
-from ..ir.attrs import REPLICATE, Placement, QuantAttr, shard
-from ..ir.errors import PlaitError
-from ..ir.text import where
-from .base import Pass, PassContext
+from ...customops import quant_linear as kernel
+from ...ir.attrs import REPLICATE, Placement, QuantAttr, shard
+from ...ir.errors import PlaitError
+from ...ir.text import where
+from ..base import Pass, PassContext
+from ..options import Globs, OptionError
 from .bit_allocation import allocate
 from .easyquant import DEFAULT_SIGMA, Quantized, easyquant, rtn
 from .linear_rewrite import (
@@ -52,7 +53,6 @@ from .linear_rewrite import (
     replace_linear,
     require_library,
 )
-from .options import Globs, OptionError
 
 TARGET = "plait::quant_linear"
 

@@ -18,9 +18,9 @@ import torch.fx
 from xdsl.dialects.builtin import ModuleOp
 from xdsl.ir import Operation
 
-from ..ir.attrs import MESH_ATTR
-from ..ir.errors import PlaitError
-from ..ir.weights import WeightStore
+from ...ir.attrs import MESH_ATTR
+from ...ir.errors import PlaitError
+from ...ir.weights import WeightStore
 
 
 class CalibrationError(PlaitError):
@@ -30,7 +30,7 @@ class CalibrationError(PlaitError):
 def input_norms(
     module: ModuleOp, weights: WeightStore, batches: list[tuple], ops: dict[Operation, int]
 ) -> dict[Operation, torch.Tensor]:
-    from ..backends.fx import OP_META, build_program
+    from ...backends.fx import OP_META, build_program
 
     if MESH_ATTR in module.attributes:
         raise CalibrationError(
