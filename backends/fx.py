@@ -54,8 +54,8 @@ from ..ir.schema import out_variant
 from ..ir.text import where
 from ..ir.types import TensorType
 from ..ir.weights import WeightStore
-from ..passes.memplan import planned_offset
-from ..passes.tier import host_tier
+from ..passes.memory.memplan import planned_offset
+from ..passes.memory.tier import host_tier
 from ..runtime.prefetch import Prefetcher
 from . import bindings
 

@@ -105,8 +105,8 @@ def llama_70b():
 
 
 def main() -> None:
-    from plait.passes.arena import plan_arena
-    from plait.passes.liveness import Buffer, liveness, value_sizes
+    from plait.passes.memory.arena import plan_arena
+    from plait.passes.memory.liveness import Buffer, liveness, value_sizes
     from rich.console import Console
     from rich.table import Table
 

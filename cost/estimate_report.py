@@ -67,7 +67,7 @@ def memory_plan(estimate: Estimate) -> list[tuple[str, str]]:
     tiering (tier), where the plan has them."""
     from ..ir.attrs import ARENA_ATTR
     from ..ir.ops import ParamOp
-    from ..passes.tier import TIERING_ATTR
+    from ..passes.memory.tier import TIERING_ATTR
 
     if not estimate.ops:
         return []

@@ -12,12 +12,12 @@ _PASSES: dict[str, str] = {
     "cse": "cse:CommonSubexpressionElimination",
     "dce": "dce:DeadCodeElimination",
     "ladder": "ladder:Ladder",
-    "memplan": "memplan:MemPlan",
+    "memplan": "memory.memplan:MemPlan",
     "overlap": "overlap:Overlap",
     "quantize": "compress.quantize:Quantize",
     "sparsify": "compress.sparsify:Sparsify",
     "shard": "shard.shard:Shard",
-    "tier": "tier:Tier",
+    "tier": "memory.tier:Tier",
 }
 
 

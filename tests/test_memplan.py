@@ -15,9 +15,9 @@ from helpers import artifact_rank, max_rel_diff, run_ranks
 from plait.frontend import hf
 from plait.ir.errors import PlaitError
 from plait.ir.text import parse_module
-from plait.passes.arena import ALIGN, PlanError, _best_fit, check, lower_bound, plan_arena
-from plait.passes.liveness import Buffer, liveness, value_sizes
 from plait.passes.manager import PassManager
+from plait.passes.memory.arena import ALIGN, PlanError, _best_fit, check, lower_bound, plan_arena
+from plait.passes.memory.liveness import Buffer, liveness, value_sizes
 
 
 def _buffers(spec):
@@ -145,7 +145,7 @@ def test_unbounded_sizes_need_values():
 
 
 def test_streaming_schedule_by_hand():
-    from plait.passes.tiering import Weight, simulate, staging_bytes
+    from plait.passes.memory.tiering import Weight, simulate, staging_bytes
 
     times = [1.0, 1.0, 1.0, 1.0]
     a, b, c = Weight("a", 10, 0, 0), Weight("b", 10, 1, 1), Weight("c", 30, 3, 3)

@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from xdsl.context import Context
 from xdsl.dialects.builtin import ModuleOp, StringAttr
 
-from ..ir.attrs import MemAttr
-from ..ir.errors import PlaitError
-from ..ir.ops import ParamOp
-from .base import Pass, function_blocks
+from ...ir.attrs import MemAttr
+from ...ir.errors import PlaitError
+from ...ir.ops import ParamOp
+from ..base import Pass, function_blocks
+from ..options import OptionError, SizeValues
 from .liveness import value_sizes
 from .memplan import MEM
-from .options import OptionError, SizeValues
 from .tiering import TierError, Weight, plan_tiers
 
 TIERING_ATTR = "plait.tiering"
@@ -54,7 +54,7 @@ class Tier(Pass):
                 f"budget is a share of the weight bytes (<= 1) or bytes, > 0, not {self.budget:g}",
                 "budget",
             )
-        from ..hardware import load
+        from ...hardware import load
 
         try:
             load(self.hardware)
@@ -62,8 +62,8 @@ class Tier(Pass):
             raise OptionError(str(exc), "hardware") from None
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
-        from ..cost.estimate import Target, estimate
-        from ..hardware import load
+        from ...cost.estimate import Target, estimate
+        from ...hardware import load
 
         hw = load(self.hardware)
         if hw.host_bandwidth is None:

@@ -24,13 +24,13 @@ from dataclasses import dataclass
 from xdsl.context import Context
 from xdsl.dialects.builtin import IntegerAttr, ModuleOp, i64
 
-from ..ir.attrs import ARENA_ATTR, MemAttr
-from ..ir.ops import CallOp
-from ..ir.schema import out_variant
+from ...ir.attrs import ARENA_ATTR, MemAttr
+from ...ir.ops import CallOp
+from ...ir.schema import out_variant
+from ..base import Pass, function_blocks
+from ..options import SizeValues
 from .arena import plan_arena
-from .base import Pass, function_blocks
 from .liveness import liveness, value_sizes
-from .options import SizeValues
 
 MEM = "mem"  # the op attribute holding a planned offset
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ..ir.errors import PlaitError
+from ...ir.errors import PlaitError
 from .liveness import Buffer
 
 ALIGN = 64
