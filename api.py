@@ -28,8 +28,9 @@ from .backends.fx import CollectiveGroups, Program, build_program
 from .frontend import hf
 from .frontend.capture import capture
 from .frontend.importer import import_program
-from .ir.attrs import LIBRARIES_ATTR, MESH_ATTR, SYMBOLS_ATTR
+from .ir.attrs import MESH_ATTR, SYMBOLS_ATTR
 from .ir.errors import PlaitError
+from .ir.libraries import libraries
 from .ir.ops import stored_weight_names
 from .ir.text import print_module
 from .ir.weights import WeightStore
@@ -481,9 +482,7 @@ def _check_programs(compiled: CompiledModel, contents: artifact.Artifact, direct
 
 def _imported_libraries(module: ModuleOp) -> tuple[str, ...]:
     """The recorded custom-op libraries this process has imported (and so trusts)."""
-    recorded = module.attributes.get(LIBRARIES_ATTR)
-    names = [a.data for a in recorded.data] if recorded is not None else []
-    return tuple(n for n in names if n in sys.modules and n != "__main__")
+    return tuple(n for n in libraries(module) if n in sys.modules and n != "__main__")
 
 
 def _common_seed(in_group: bool) -> int:

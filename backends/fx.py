@@ -31,6 +31,7 @@ from ..ir import symbolic
 from ..ir.attrs import ARENA_ATTR, MESH_ATTR, PLACEMENTS_ATTR, SYMBOLS_ATTR
 from ..ir.dtypes import TORCH_NAMES
 from ..ir.errors import PlaitError
+from ..ir.memory import host_tier, planned_offset
 from ..ir.ops import (
     AllGatherOp,
     AllReduceOp,
@@ -54,8 +55,6 @@ from ..ir.schema import out_variant
 from ..ir.text import where
 from ..ir.types import TensorType
 from ..ir.weights import WeightStore
-from ..passes.memory.memplan import planned_offset
-from ..passes.memory.tier import host_tier
 from ..runtime.prefetch import Prefetcher
 from . import bindings
 

@@ -65,9 +65,8 @@ def summary(estimate: Estimate) -> list[tuple[str, str]]:
 def memory_plan(estimate: Estimate) -> list[tuple[str, str]]:
     """Program state (a KV cache), the planned arena (memplan) and the weight
     tiering (tier), where the plan has them."""
-    from ..ir.attrs import ARENA_ATTR
+    from ..ir.attrs import ARENA_ATTR, TIERING_ATTR
     from ..ir.ops import ParamOp
-    from ..passes.memory.tier import TIERING_ATTR
 
     if not estimate.ops:
         return []

@@ -25,10 +25,11 @@ import inspect
 import torch
 from torch.export import Dim
 from xdsl.dialects import func
-from xdsl.dialects.builtin import ArrayAttr, ModuleOp, StringAttr
+from xdsl.dialects.builtin import ModuleOp, StringAttr
 
-from ..ir.attrs import LIBRARIES_ATTR, SYMBOLS_ATTR, SymbolsAttr
+from ..ir.attrs import SYMBOLS_ATTR, SymbolsAttr
 from ..ir.errors import PlaitError
+from ..ir.libraries import libraries, require_library
 from ..ir.weights import WeightStore
 from .capture import capture
 from .importer import import_program
@@ -151,23 +152,21 @@ def capture_generation(
 
 def merge_functions(parts: dict[str, tuple[ModuleOp, WeightStore]]):
     """Modules of one @forward each -> one module with a function per name."""
-    functions, libraries, symbols = [], set(), {}
+    functions, library_names, symbols = [], set(), {}
     weights = WeightStore()
     for name, (module, store) in parts.items():
         fn = next(op for op in module.ops if isinstance(op, func.FuncOp))
         fn.sym_name = StringAttr(name)
         fn.detach()
         functions.append(fn)
-        if LIBRARIES_ATTR in module.attributes:
-            libraries.update(a.data for a in module.attributes[LIBRARIES_ATTR].data)
+        library_names.update(libraries(module))
         if SYMBOLS_ATTR in module.attributes:
             symbols.update(module.attributes[SYMBOLS_ATTR].ranges)
         for weight in store.names():
             if weight not in weights:  # both programs read the same model's weights
                 weights.add(weight, store.get(weight))
     merged = ModuleOp(functions)
-    if libraries:
-        merged.attributes[LIBRARIES_ATTR] = ArrayAttr([StringAttr(m) for m in sorted(libraries)])
+    require_library(merged, *library_names)
     if symbols:
         merged.attributes[SYMBOLS_ATTR] = SymbolsAttr(
             tuple((n, lo, hi) for n, (lo, hi) in symbols.items())

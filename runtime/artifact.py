@@ -38,8 +38,9 @@ import torch
 from xdsl.dialects.builtin import ModuleOp
 
 from ..backends.bindings import resolve
-from ..ir.attrs import LIBRARIES_ATTR, MESH_ATTR
+from ..ir.attrs import MESH_ATTR
 from ..ir.errors import PlaitError
+from ..ir.libraries import libraries
 from ..ir.ops import CallOp, stored_weight_names
 from ..ir.targets import split_name
 from ..ir.text import parse_module, read_ir_text, where
@@ -283,8 +284,7 @@ def _check_operators(module: ModuleOp, trusted: Iterable[str], directory: Path) 
     for op in module.walk():
         if isinstance(op, CallOp):
             calls.setdefault(op.target_name, op)
-    recorded = module.attributes.get(LIBRARIES_ATTR)
-    recorded = [a.data for a in recorded.data] if recorded is not None else []
+    recorded = libraries(module)
     for target, op in calls.items():
         if resolve(target) is not None:
             continue

@@ -12,13 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from xdsl.dialects.builtin import ArrayAttr, ModuleOp, StringAttr
+from xdsl.dialects.builtin import ModuleOp
 from xdsl.ir import Attribute, SSAValue
 from xdsl.rewriter import InsertPoint, Rewriter
 
 from ...ir.args import ArgsAttr, Operand
 from ...ir.attrs import (
-    LIBRARIES_ATTR,
     MESH_ATTR,
     PLACEMENTS_ATTR,
     REPLICATE,
@@ -167,10 +166,3 @@ def replace_linear(
     Rewriter.replace_op(op, new)
     if not layer.param.result.uses:
         Rewriter.erase_op(layer.param)
-
-
-def require_library(module: ModuleOp, name: str) -> None:
-    """Record that the program calls custom ops defined in Python module `name`."""
-    libraries = module.attributes.get(LIBRARIES_ATTR)
-    names = {a.data for a in libraries.data} if libraries is not None else set()
-    module.attributes[LIBRARIES_ATTR] = ArrayAttr([StringAttr(m) for m in sorted(names | {name})])

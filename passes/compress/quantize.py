@@ -40,6 +40,7 @@ from xdsl.dialects.builtin import ModuleOp
 from ...customops import quant_linear as kernel
 from ...ir.attrs import REPLICATE, Placement, QuantAttr, shard
 from ...ir.errors import PlaitError
+from ...ir.libraries import require_library
 from ...ir.text import where
 from ..base import Pass, PassContext
 from ..options import Globs, OptionError
@@ -51,7 +52,6 @@ from .linear_rewrite import (
     find_linears,
     full_weights,
     replace_linear,
-    require_library,
 )
 
 TARGET = "plait::quant_linear"

@@ -27,12 +27,13 @@ from xdsl.dialects.builtin import ModuleOp
 from ...customops import gqsa as kernel
 from ...ir.attrs import SparsityAttr, shard
 from ...ir.errors import PlaitError
+from ...ir.libraries import require_library
 from ...ir.text import where
 from ..base import Pass, PassContext
 from ..options import Globs, OptionError
 from .activation_stats import input_norms
 from .gqsa import gqsa
-from .linear_rewrite import add_param, find_linears, full_weights, replace_linear, require_library
+from .linear_rewrite import add_param, find_linears, full_weights, replace_linear
 
 TARGET = "plait::gqsa_linear"
 

@@ -21,21 +21,14 @@ from dataclasses import dataclass
 from xdsl.context import Context
 from xdsl.dialects.builtin import ModuleOp, StringAttr
 
-from ...ir.attrs import MemAttr
+from ...ir.attrs import TIERING_ATTR
 from ...ir.errors import PlaitError
+from ...ir.memory import stream_from_host
 from ...ir.ops import ParamOp
 from ..base import Pass, function_blocks
 from ..options import OptionError, SizeValues
 from .liveness import value_sizes
-from .memplan import MEM
 from .tiering import TierError, Weight, plan_tiers
-
-TIERING_ATTR = "plait.tiering"
-
-
-def host_tier(param: ParamOp) -> bool:
-    attr = param.attributes.get(MEM)
-    return attr is not None and attr["tier"] == "host"
 
 
 @dataclass(frozen=True)
@@ -86,7 +79,7 @@ class Tier(Pass):
             budget = int(self.budget * total) if self.budget <= 1 else int(self.budget)
             plan = plan_tiers([times.get(o, 0.0) for o in ops], weights, budget, hw.host_bandwidth)
             for name in plan.streamed:
-                params[name].attributes[MEM] = MemAttr.make(tier="host", prefetch=True)
+                stream_from_host(params[name])
             op.attributes[TIERING_ATTR] = StringAttr(
                 f"weights {total} B, on device {plan.device_bytes} B, streamed "
                 f"{len(plan.streamed)}; predicted step {plan.all_device:.6g} s all on device, "

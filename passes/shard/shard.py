@@ -63,13 +63,13 @@ from xdsl.dialects.builtin import ModuleOp, StringAttr
 from xdsl.ir import Operation, SSAValue
 from xdsl.rewriter import InsertPoint, Rewriter
 
-from ...cost.op_cost import COMPRESSED_LINEARS
 from ...customops import experts as expert_kernel
 from ...ir.args import ArgsAttr, Operand, Tag
 from ...ir.attrs import (
     MESH_ATTR,
     PLACEMENTS_ATTR,
     REPLICATE,
+    SHARDING_ATTR,
     SYMBOLS_ATTR,
     MeshAttr,
     Placement,
@@ -78,6 +78,7 @@ from ...ir.attrs import (
     shard,
 )
 from ...ir.errors import PlaitError
+from ...ir.libraries import require_library
 from ...ir.ops import (
     AllGatherOp,
     AllReduceOp,
@@ -93,10 +94,10 @@ from ...ir.ops import (
     call_op_class,
 )
 from ...ir.schema import argument_names
+from ...ir.targets import COMPRESSED_LINEARS
 from ...ir.text import module_path, where
 from ...ir.types import TensorType
 from ..base import Pass, function_blocks
-from ..compress.linear_rewrite import require_library
 from ..options import Mesh, OptionError, Plan, SizeValues, check_all_match
 from .experts import ExpertMLP, find_expert_mlps
 from .experts import operands as grouped_operands
@@ -116,8 +117,6 @@ from .rules import (
     sizes_that_split,
     slice_range,
 )
-
-SHARDING_ATTR = "plait.sharding"  # module: how the solver chose (status, objective)
 
 
 class ShardError(PlaitError):
