@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 from xdsl.dialects.builtin import ModuleOp
 
+from .._version import __version__
 from ..backends.bindings import resolve
 from ..ir.attrs import MESH_ATTR
 from ..ir.errors import PlaitError
@@ -71,12 +72,6 @@ class Artifact:
     manifest: dict = field(default_factory=dict)
 
 
-def _plait_version() -> str:
-    from .. import __version__
-
-    return __version__
-
-
 # ---- writing -----------------------------------------------------------
 
 
@@ -98,7 +93,7 @@ def write(directory: str | Path, artifact: Artifact, weights: WeightStore, weigh
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "plait_version": _plait_version(),
+            "plait_version": __version__,
             "torch_version": torch.__version__,
             **artifact.manifest,
             "plan": PLAN,
@@ -222,11 +217,11 @@ def _read_manifest(directory: Path) -> tuple[dict, Path]:
     version = str(manifest.get("plait_version", "?"))
     if (
         manifest.get("format_version") != FORMAT_VERSION
-        or version.split(".")[:2] != _plait_version().split(".")[:2]
+        or version.split(".")[:2] != __version__.split(".")[:2]
     ):
         raise ArtifactError(
             f"{directory} was written by plait {version} (artifact format "
-            f"{manifest.get('format_version')}); this is plait {_plait_version()} (format "
+            f"{manifest.get('format_version')}); this is plait {__version__} (format "
             f"{FORMAT_VERSION}). Recompile the model with this plait: `plait compile ... -o {directory}`"
         )
     malformed = problem(manifest)
