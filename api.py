@@ -37,6 +37,7 @@ from .ir.weights import WeightStore
 from .passes.manager import PassManager
 from .runtime import artifact
 from .runtime.inputs import bind_inputs, check_inputs, check_token_ids, token_id_limits
+from .runtime.prefetch import Prefetcher
 
 DEFAULT_PIPELINE = "canonicalize,cse,dce"
 
@@ -133,8 +134,8 @@ class CompiledModel:
                 from .runtime.distributed import mesh_groups
 
                 groups = mesh_groups(self.mesh)
-            self._programs[function] = build_program(
-                self.module, self.weights, self.device, groups, function, shared=self._shared
+            self._programs[function] = self._build(
+                self.weights, self.device, groups, function, self._shared
             )
         return self._programs[function]
 
@@ -145,10 +146,13 @@ class CompiledModel:
         groups = CollectiveGroups.placeholder(self.mesh, rank) if self.mesh else None
         weights = self.weights.as_meta()
         device = self.device if device is None else device
-        return _joined(
-            {f: build_program(self.module, weights, device, groups, f).code
-             for f in self.functions}
-        )  # fmt: skip
+        return _joined({f: self._build(weights, device, groups, f).code for f in self.functions})
+
+    def _build(self, weights, device, groups, function: str, shared=None) -> Program:
+        """The program of `function`; streamed weights come through a Prefetcher."""
+        return build_program(
+            self.module, weights, device, groups, function, shared=shared, prefetching=Prefetcher
+        )
 
     @property
     def code(self) -> str:
