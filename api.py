@@ -24,7 +24,7 @@ from torch.utils import _pytree as pytree
 from xdsl.dialects import func
 from xdsl.dialects.builtin import ModuleOp
 
-from .backends.fx import CollectiveGroups, Program, build_program
+from .backends.fx import CollectiveGroups, Program, build_program, run_observed
 from .frontend import hf
 from .frontend.capture import capture
 from .frontend.importer import import_program
@@ -370,17 +370,17 @@ def compile(
     (the compiled model returns logits, or a base model's last_hidden_state;
     the mask defaults to ones).
 
-    `calibration` is a list of input tuples that calibrating passes run the
-    program on (`sparsify{importance=activation}`). `options` go to the pass
-    manager: dump_ir=DIR, print_ir_after_all, print_ir_before={...},
-    print_ir_after={...}, verify_each.
+    `calibration` is a list of input tuples that passes gathering activation
+    statistics run the program on (`sparsify{importance=activation}`).
+    `options` go to the pass manager: dump_ir=DIR, print_ir_after_all,
+    print_ir_before={...}, print_ir_after={...}, verify_each.
     """
     manager = PassManager.parse(pipeline, **options)  # a typo should not wait for the export
     if hf.is_transformers_model(model):
         model, example_inputs, dynamic_shapes = hf.prepare(model, example_inputs, dynamic_shapes)
     captured = capture(model, example_inputs, dynamic_shapes)
     module, weights = import_program(captured)
-    manager.run(module, weights, calibration)
+    manager.run(module, weights, calibration, run_observed)
     if device is None:
         device = _weights_device(weights)
     return CompiledModel(

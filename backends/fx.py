@@ -696,6 +696,29 @@ class _Lowering:
         return gm
 
 
+def run_observed(
+    module: ModuleOp,
+    weights: WeightStore,
+    batches: list[tuple],
+    observers: dict[Operation, Callable[[tuple], None]],
+) -> None:
+    """Build the program of `module` (operators through their OpOverloads) and
+    run it on each batch; before an op of `observers` runs, call its observer
+    with the op's arguments (torch.fx's Interpreter)."""
+    program = build_program(module, weights, fast=False)
+
+    class Observed(torch.fx.Interpreter):
+        def run_node(self, node):
+            observe = observers.get(node.meta.get(OP_META))
+            if observe and node.op == "call_function" and node.target is not operator.getitem:
+                observe(self.fetch_args_kwargs_from_env(node)[0])
+            return super().run_node(node)
+
+    with torch.inference_mode():
+        for batch in batches:
+            Observed(program.graph_module).run(*batch)
+
+
 def build_program(
     module: ModuleOp,
     weights: WeightStore,

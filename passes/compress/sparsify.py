@@ -8,8 +8,9 @@ int4 weight the pass adds to the WeightStore, with a `sparsity` attribute:
            {sparsity = #plait.sparsity<group = 16, sparsity = 0.5, error = 0.43>}
 
 `importance=activation` weighs each weight by the norm of its input feature
-over the calibration inputs given to `plait.compile(..., calibration=[...])`
-(it runs the program, so it goes before `shard`).
+(`activation_stats`) over the sample inputs given to
+`plait.compile(..., calibration=[...])` (it runs the program, so it goes
+before `shard`).
 
 After `shard`, a column-parallel layer's rows split across ranks as they are;
 a row-parallel layer keeps the same number of groups in each rank's columns
@@ -77,14 +78,14 @@ class Sparsify(Pass):
         weights = full_weights(store, layers, "sparsify")
         norms = {}
         if self.importance == "activation" and layers:
-            calibration = ctx.calibration if isinstance(ctx, PassContext) else []
-            if not calibration:
+            samples = ctx.sample_inputs if isinstance(ctx, PassContext) else []
+            if not samples or ctx.run_program is None:
                 raise SparsifyError(
                     "sparsify{importance=activation} needs calibration inputs: "
                     "plait.compile(..., calibration=[inputs, ...])"
                 )
             inputs = {layer.op: layer.input_position for layer in layers}
-            norms = input_norms(op, store, calibration, inputs)
+            norms = input_norms(op, store, samples, inputs, ctx.run_program)
         pruned = {}
         for layer in layers:
             weight = weights[layer.module]
