@@ -198,7 +198,7 @@ class CompiledModel:
             # the workers read the artifact the model was loaded from, else a
             # temporary save that the pool removes when it stops
             self._pool = WorkerPool(
-                self._directory or self.save, self.world_size, timeout, self.trusted_ops
+                self._directory or self.save, load, self.world_size, timeout, self.trusted_ops
             )
         return self._pool
 
