@@ -117,6 +117,17 @@ def test_data_parallel_batches_of_a_declared_multiple(tmp_path):
             assert max_rel_diff(out, model(x).detach()) <= 1e-6
 
 
+def test_a_symbolic_batch_splits_by_the_ranges_of_its_own_module():
+    # b in [2, 6]: not provably even; b in [4, 4]: one even value. The ranges
+    # the rules prove divisibility over are those of the module being sharded
+    with pytest.raises(ShardError, match="does not split evenly over 2 ranks"):
+        _shard(MLP.replace("b = [1, 64]", "b = [2, 6]"), "dp:2")
+    module = parse_module(MLP.replace("b = [1, 64]", "b = [4, 4]"))
+    shard = next(iter(PassManager.parse("shard{mesh=dp:2}").passes))
+    shard.apply(None, module)  # (the gathered result's type, 2*floordiv(b, 2), does not verify)
+    assert "!plait.tensor<[floordiv(b, 2), 256], f32>" in print_module(module)
+
+
 def test_llama_is_sharded_like_megatron(compiled):
     module = parse_module(compiled("llama-tiny").ir)
     PassManager.parse("shard{mesh=tp:2},dce").run(module)

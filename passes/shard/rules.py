@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import functools
 import itertools
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import sympy
-from xdsl.ir import SSAValue
+from xdsl.dialects.builtin import ModuleOp
+from xdsl.ir import Operation, SSAValue
 
 from ...ir.args import Operand
-from ...ir.attrs import REPLICATE, Placement, partial, shard
+from ...ir.attrs import REPLICATE, SYMBOLS_ATTR, Placement, partial, shard
 from ...ir.errors import PlaitError
 from ...ir.ops import (
     AttentionOp,
@@ -55,23 +55,24 @@ class Decision:
     sizes: dict[int, object] = field(default_factory=dict)
 
 
-# the size symbols' ranges of the module being sharded (the shard pass sets them)
-SYMBOL_RANGES: ContextVar[tuple[tuple[str, int, int | None], ...]] = ContextVar(
-    "SYMBOL_RANGES", default=()
-)
-
-
-def divides(dim, n: int) -> bool:
-    """Is a dim split evenly n ways, for every size in range? A symbolic dim
-    only when z3 proves it (2*k over 2 ranks, not seq)."""
+def divides(dim, n: int, at: Operation) -> bool:
+    """Is a dim split evenly n ways, for every size in the ranges of the module
+    `at` (the op the dim belongs to) is in? A symbolic dim only when z3 proves
+    it (2*k over 2 ranks, not seq)."""
     if isinstance(dim, int):
         return dim % n == 0
-    return _proved_divisible(dim, n, SYMBOL_RANGES.get())
+    return _proved_divisible(dim, n, _symbol_ranges(at))
 
 
-def sizes_that_split(*dims) -> list[int]:
-    """Mesh sizes up to 64 that split every one of `dims` evenly."""
-    return [n for n in range(2, 65) if all(divides(d, n) for d in dims)]
+def sizes_that_split(*dims, at: Operation) -> list[int]:
+    """Mesh sizes up to 64 that split every one of `dims` evenly (see `divides`)."""
+    return [n for n in range(2, 65) if all(divides(d, n, at) for d in dims)]
+
+
+def _symbol_ranges(at: Operation) -> tuple[tuple[str, int, int | None], ...]:
+    module = at.get_toplevel_object()
+    symbols = module.attributes.get(SYMBOLS_ATTR) if isinstance(module, ModuleOp) else None
+    return symbols.data if symbols is not None else ()
 
 
 @functools.lru_cache(maxsize=4096)
@@ -135,11 +136,11 @@ def _weight_sharded(op: CallOp, x: int, w: int, bias: int | None, arriving, type
             op, "layer", style, what, weight.shape[w_in if style == "rowwise" else w_out], n
         )
     rowwise = style == "rowwise" or (style is None and arriving[x] == shard(x_rank - 1))
-    if rowwise and divides(weight.shape[w_in], n):
+    if rowwise and divides(weight.shape[w_in], n, op):
         inputs[x], inputs[w] = shard(x_rank - 1), shard(w_in)  # row-parallel
         # with a bias, the partial sums are all-reduced inside the op, then it is added once
         return Decision(inputs, [SUM if bias is None else R], "row")
-    if divides(weight.shape[w_out], n):
+    if divides(weight.shape[w_out], n, op):
         blocks = fused_blocks(op, n)  # q, k, v of one product: each split on its own
         inputs[w] = shard(w_out, blocks)  # column-parallel
         if bias is not None:
@@ -232,11 +233,11 @@ def _blocked_rule(op: CallOp, arriving, types, n: int) -> Decision:
 
 def _check_plan_split(op: CallOp, kind: str, style: str, what: str, size, n: int) -> None:
     """A manual plan's style must split the dim it names evenly."""
-    if not divides(size, n):
+    if not divides(size, n, op):
         raise PlanError(
             f"{where(op)}: the plan makes this {kind} {style}, but its {what} ({size}) do not "
             f"split over {n} ranks; use another style for it or a mesh size that divides "
-            f"{size} ({', '.join(map(str, sizes_that_split(size))) or 'none'})"
+            f"{size} ({', '.join(map(str, sizes_that_split(size, at=op))) or 'none'})"
         )
 
 
@@ -274,7 +275,7 @@ def attention_rule(op: CallOp, arriving, types, n: int) -> Decision:
     q, k, v = (_operand_index(op, name) for name in ("query", "key", "value"))
     mask = _operand_index(op, "attn_mask")
     heads = [types[i].shape[1] for i in (q, k, v)]
-    if types[q].rank != 4 or not all(divides(h, n) for h in heads):
+    if types[q].rank != 4 or not all(divides(h, n, op) for h in heads):
         return replicated(op)
     if arriving[q] != shard(1):
         return replicated(op)
@@ -361,7 +362,7 @@ def elementwise_rule(op: CallOp, arriving, types, n: int) -> Decision:
         if p.kind == "shard":
             out_dim = p.dim + out_rank - t.rank
             break
-    if out_dim is None or out_dim < 0 or not divides(out_shape[out_dim], n):
+    if out_dim is None or out_dim < 0 or not divides(out_shape[out_dim], n, op):
         return replicated(op)
     inputs = []
     for t in types:
@@ -479,7 +480,7 @@ def reshape_rule(op: CallOp, arriving, types, n: int) -> Decision:
     if len(op.results) != 1:
         return replicated(op)
     out_dim = _moved_dim(op, first.dim, types[0])
-    if out_dim is None or not divides(op.results[0].type.shape[out_dim], n):
+    if out_dim is None or not divides(op.results[0].type.shape[out_dim], n, op):
         return replicated(op)
     if name in SIZE_ARGS and not isinstance(op.arg(SIZE_ARGS[name]), tuple):
         return replicated(op)  # a size we cannot rewrite
@@ -511,7 +512,7 @@ def index_copy_rule(op: CallOp, arriving, types, n: int) -> Decision:
     arrives = arriving[source]
     if arrives.kind != "shard" or arrives.dim == along:
         return replicated(op)
-    if not divides(types[target].shape[arrives.dim], n):
+    if not divides(types[target].shape[arrives.dim], n, op):
         return replicated(op)
     inputs = [R] * len(op.inputs)
     inputs[target] = inputs[source] = arrives
@@ -587,7 +588,7 @@ def _splits_evenly(decision: Decision, types: list[TensorType], op: CallOp, n: i
     placed = list(zip(decision.inputs, types)) + [
         (p, r.type) for p, r in zip(decision.outputs, op.results)
     ]
-    return all(p.kind != "shard" or divides(t.shape[p.dim], n) for p, t in placed)
+    return all(p.kind != "shard" or divides(t.shape[p.dim], n, op) for p, t in placed)
 
 
 # ---- data parallelism: the batch split, weights whole ------------------------------

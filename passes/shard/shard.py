@@ -70,7 +70,6 @@ from ...ir.attrs import (
     PLACEMENTS_ATTR,
     REPLICATE,
     SHARDING_ATTR,
-    SYMBOLS_ATTR,
     MeshAttr,
     Placement,
     PlacementsAttr,
@@ -106,7 +105,6 @@ from .rules import (
     DATA_AXES,
     EXPERT_AXIS,
     SIZE_ARGS,
-    SYMBOL_RANGES,
     Decision,
     block_at,
     decide,
@@ -265,7 +263,7 @@ class _Sharder:
         """Each rank of the data axis takes its slice of every input's batch (dim 0)."""
         first = self.block.first_op
         inputs = [a for a in self.block.args if isinstance(a.type, TensorType) and a.type.rank]
-        split = [a for a in inputs if divides(a.type.shape[0], self.n)]
+        split = [a for a in inputs if divides(a.type.shape[0], self.n, self.block.parent_op())]
         if inputs and not split:
             arg = inputs[0]
             raise ShardError(
@@ -331,8 +329,8 @@ class _Sharder:
             decision = Decision([shard(0)], [shard(0)])
         if isinstance(op, AttentionOp) and decision.outputs == [REPLICATE]:
             heads = [t.shape[1] for t in types[:3]]  # query, key, value: [batch, heads, ...]
-            if any(not divides(h, self.n) for h in heads):
-                fits = sizes_that_split(*heads)
+            if any(not divides(h, self.n, op) for h in heads):
+                fits = sizes_that_split(*heads, at=op)
                 kv_heads = self._full_type(_unrepeated(op.inputs[1])).shape[1]  # key
                 self.replicated_attention.append(
                     f"{module_path(op) or where(op)}: {heads[0]} query and {kv_heads} kv heads "
@@ -479,11 +477,11 @@ def expert_roles(block, n: int, split: bool, data: bool = False):
             roles[mlp.router] = ("router", mlp)
         if not split:
             continue
-        if not divides(mlp.experts, n):
+        if not divides(mlp.experts, n, mlp.first):
             unsplit.append(
                 f"the {mlp.experts} experts of {module_path(mlp.first) or where(mlp.first)} do "
                 f"not split over {n} ranks and run replicated (sizes that do: "
-                f"{', '.join(map(str, sizes_that_split(mlp.experts))) or 'none'})"
+                f"{', '.join(map(str, sizes_that_split(mlp.experts, at=mlp.first))) or 'none'})"
             )
             continue
         for role, ops in [("first", [mlp.first]), ("last", [mlp.last]), ("between", mlp.between),
@@ -607,17 +605,12 @@ class Shard(Pass):
         axes = self.mesh.as_dict()
         data = [a for a in axes if a in DATA_AXES]
         tensor = [a for a in axes if a not in DATA_AXES]
-        symbols = op.attributes.get(SYMBOLS_ATTR)  # ranges, for divisibility proofs
-        token = SYMBOL_RANGES.set(symbols.data if symbols is not None else ())
-        try:
-            if tensor and axes[tensor[0]] > 1:  # weights first, on the global batch
-                self._shard(op, plan, tuple(axes), tensor[0], axes[tensor[0]])
-            if data and axes[data[0]] > 1:
-                for block in function_blocks(op):
-                    _run(_Sharder(block, data[0], axes[data[0]], axes=tuple(axes), data=True), op)
-                _check_alike(op)
-        finally:
-            SYMBOL_RANGES.reset(token)
+        if tensor and axes[tensor[0]] > 1:  # weights first, on the global batch
+            self._shard(op, plan, tuple(axes), tensor[0], axes[tensor[0]])
+        if data and axes[data[0]] > 1:
+            for block in function_blocks(op):
+                _run(_Sharder(block, data[0], axes[data[0]], axes=tuple(axes), data=True), op)
+            _check_alike(op)
         op.attributes[MESH_ATTR] = MeshAttr(tuple(axes.items()))
 
     def _shard(self, op: ModuleOp, plan, axes: tuple[str, ...], axis: str, n: int) -> None:
