@@ -41,7 +41,7 @@ from ...ir.ops import CallOp, EmbeddingOp, ParamOp
 from ...ir.text import module_path
 from ...ir.types import TensorType
 from ..milp import choose_one_each
-from .rules import Decision, PlanError, decide, replicated
+from .rules import Decision, Parallel, PlanError, PlanStyle, decide, replicated
 
 _IMPOSSIBLE = math.inf  # no collective makes a value partial
 _PER_COLLECTIVE = 1e-7  # seconds: breaks ties between plans equal in the alpha-beta model
@@ -62,7 +62,7 @@ class Solution:
 
 
 def _key(d: Decision) -> tuple:
-    return (tuple(d.inputs), tuple(d.outputs), d.style, tuple(sorted(d.sizes.items())))
+    return (tuple(d.inputs), tuple(d.outputs), d.parallel, tuple(sorted(d.sizes.items())))
 
 
 def strategies(op: CallOp, n: int, params: set[SSAValue], blocked=()) -> list[Decision]:
@@ -89,7 +89,7 @@ def strategies(op: CallOp, n: int, params: set[SSAValue], blocked=()) -> list[De
         d = decide(op, arriving, types, n, params)
         found.setdefault(_key(d), d)
     if isinstance(op, EmbeddingOp):  # its splits are styles (vocabulary, embedding dim)
-        for style in ("rowwise", "colwise"):
+        for style in (PlanStyle.ROWWISE, PlanStyle.COLWISE):
             try:
                 d = decide(op, arrivals[0], types, n, params, style)
             except PlanError:  # that dim does not split
@@ -119,9 +119,9 @@ class _Costs:
         if cost.kind != "compute":
             return 0.0
         inside = 0.0
-        if d.style == "row" and d.outputs == [REPLICATE]:
+        if d.parallel is Parallel.ROW and d.outputs == [REPLICATE]:
             inside = self.reshard(op.results[0].type, partial("sum"), REPLICATE)
-        split = d.style != "" or any(p.kind != "replicate" for p in d.outputs)
+        split = d.parallel is not None or any(p.kind != "replicate" for p in d.outputs)
         k = self.n if split else 1
         flops, moved, weights = (_evaluate(e, self.subs) / k for e in (cost.flops, cost.bytes,
                                                                         cost.weight_bytes))  # fmt: skip

@@ -16,6 +16,7 @@ the sharded dim along, and everything else runs replicated.
 
 from __future__ import annotations
 
+import enum
 import functools
 import itertools
 from dataclasses import dataclass, field
@@ -41,16 +42,28 @@ from ...ir.ops import (
 )
 from ...ir.text import where
 from ...ir.types import TensorType
+from ..options import PlanStyle
 
 R = REPLICATE
 SUM = partial("sum")
+
+
+class Parallel(enum.Enum):
+    """How a decision splits the work of an op whose rewrite needs more than
+    its placements (a row-parallel bias, a vocabulary lookup, cut sizes)."""
+
+    COLUMN = "column"  # a weight's output features
+    ROW = "row"  # a weight's input features: partial sums
+    VOCAB = "vocab"  # an embedding's vocabulary rows
+    BLOCKS = "blocks"  # a fused projection's output cut into its blocks
+    EXPERT = "expert"  # the experts of an MoE layer
 
 
 @dataclass
 class Decision:
     inputs: list[Placement]  # what each tensor operand must be, in op.inputs order
     outputs: list[Placement]
-    style: str = ""  # "column" / "row" for weight-sharded matmuls
+    parallel: Parallel | None = None
     # reshape family: output dim -> local size to write into size arguments
     sizes: dict[int, object] = field(default_factory=dict)
 
@@ -111,15 +124,12 @@ def _dim(value, rank: int) -> int | None:
 # ---- matrix products ------------------------------------------------------------
 
 
-STYLES = ("colwise", "rowwise", "replicate")  # a manual plan's choices for a linear layer
-
-
 class PlanError(PlaitError):
     pass
 
 
 def _weight_sharded(op: CallOp, x: int, w: int, bias: int | None, arriving, types, n: int,
-                    w_out: int, w_in: int, style: str | None = None) -> Decision:  # fmt: skip
+                    w_out: int, w_in: int, style: PlanStyle | None = None) -> Decision:  # fmt: skip
     """x @ W with W's output features on dim `w_out`, input features on `w_in`.
 
     Without a `style`, Megatron's pairing: row-parallel when x arrives split on
@@ -128,24 +138,24 @@ def _weight_sharded(op: CallOp, x: int, w: int, bias: int | None, arriving, type
     x_rank = types[x].rank
     out_rank = op.results[0].type.rank
     inputs = [R] * len(op.inputs)
-    if style == "replicate":
+    if style is PlanStyle.REPLICATE:
         return replicated(op)
     if style is not None:
-        what = "input features" if style == "rowwise" else "output features"
+        what = "input features" if style is PlanStyle.ROWWISE else "output features"
         _check_plan_split(
-            op, "layer", style, what, weight.shape[w_in if style == "rowwise" else w_out], n
+            op, "layer", style, what, weight.shape[w_in if style is PlanStyle.ROWWISE else w_out], n
         )
-    rowwise = style == "rowwise" or (style is None and arriving[x] == shard(x_rank - 1))
+    rowwise = style is PlanStyle.ROWWISE or (style is None and arriving[x] == shard(x_rank - 1))
     if rowwise and divides(weight.shape[w_in], n, op):
         inputs[x], inputs[w] = shard(x_rank - 1), shard(w_in)  # row-parallel
         # with a bias, the partial sums are all-reduced inside the op, then it is added once
-        return Decision(inputs, [SUM if bias is None else R], "row")
+        return Decision(inputs, [SUM if bias is None else R], Parallel.ROW)
     if divides(weight.shape[w_out], n, op):
         blocks = fused_blocks(op, n)  # q, k, v of one product: each split on its own
         inputs[w] = shard(w_out, blocks)  # column-parallel
         if bias is not None:
             inputs[bias] = shard(0, blocks)
-        return Decision(inputs, [shard(out_rank - 1, blocks)], "column")
+        return Decision(inputs, [shard(out_rank - 1, blocks)], Parallel.COLUMN)
     return replicated(op)
 
 
@@ -220,7 +230,9 @@ def _blocked_rule(op: CallOp, arriving, types, n: int) -> Decision:
     else:
         cuts_a_block = tuple(r.type.shape[-1] for r in op.results) == blocks
     if op.target_name in (*_FUSED_SPLITS, "aten::slice.Tensor") and cuts_a_block:
-        return Decision([first] + rest, [shard(r.type.rank - 1) for r in op.results], "blocks")
+        return Decision(
+            [first] + rest, [shard(r.type.rank - 1) for r in op.results], Parallel.BLOCKS
+        )
     result = op.results[0].type
     if op.target_name in _FUSED_VIEWS and result.shape[-1:] == types[0].shape[-1:]:
         if not isinstance(op.arg(SIZE_ARGS[op.target_name]), tuple):
@@ -231,17 +243,17 @@ def _blocked_rule(op: CallOp, arriving, types, n: int) -> Decision:
     return replicated(op)
 
 
-def _check_plan_split(op: CallOp, kind: str, style: str, what: str, size, n: int) -> None:
+def _check_plan_split(op: CallOp, kind: str, style: PlanStyle, what: str, size, n: int) -> None:
     """A manual plan's style must split the dim it names evenly."""
     if not divides(size, n, op):
         raise PlanError(
-            f"{where(op)}: the plan makes this {kind} {style}, but its {what} ({size}) do not "
+            f"{where(op)}: the plan makes this {kind} {style.value}, but its {what} ({size}) do not "
             f"split over {n} ranks; use another style for it or a mesh size that divides "
             f"{size} ({', '.join(map(str, sizes_that_split(size, at=op))) or 'none'})"
         )
 
 
-def linear_rule(op: CallOp, arriving, types, n: int, style: str | None = None) -> Decision:
+def linear_rule(op: CallOp, arriving, types, n: int, style: PlanStyle | None = None) -> Decision:
     x, w, b = (_operand_index(op, k) for k in ("input", "weight", "bias"))
     return _weight_sharded(op, x, w, b, arriving, types, n, w_out=0, w_in=1, style=style)
 
@@ -251,7 +263,7 @@ _PARAM_MATMULS = {"aten::mm": ("self", "mat2", None), "aten::addmm": ("mat1", "m
 
 
 def matmul_rule(op: CallOp, arriving, types, n: int, params: set[SSAValue],
-                style: str | None = None) -> Decision:  # fmt: skip
+                style: PlanStyle | None = None) -> Decision:  # fmt: skip
     names = _PARAM_MATMULS.get(op.target_name)
     scaled = op.arg("alpha", 1) != 1 or op.arg("beta", 1) != 1
     if names is not None and not scaled:
@@ -519,7 +531,7 @@ def index_copy_rule(op: CallOp, arriving, types, n: int) -> Decision:
     return Decision(inputs, [arrives])
 
 
-def embedding_rule(op: CallOp, arriving, types, n: int, style: str | None = None) -> Decision:
+def embedding_rule(op: CallOp, arriving, types, n: int, style: PlanStyle | None = None) -> Decision:
     """Looking up indices split on any dim gives rows split on that dim. As
     PyTorch's plans do for nn.Embedding, `rowwise` splits the vocabulary
     (each rank looks up the ids it holds, zeros elsewhere: partial sums;
@@ -528,15 +540,15 @@ def embedding_rule(op: CallOp, arriving, types, n: int, style: str | None = None
     if weight is None or indices is None:
         return replicated(op)
     inputs = [R] * len(op.inputs)
-    if style == "replicate":
+    if style is PlanStyle.REPLICATE:
         return replicated(op)
-    if style in ("rowwise", "colwise"):
-        dim = 0 if style == "rowwise" else 1
+    if style is not None:
+        dim = 0 if style is PlanStyle.ROWWISE else 1
         what = "vocabulary rows" if dim == 0 else "embedding columns"
         _check_plan_split(op, "embedding", style, what, types[weight].shape[dim], n)
         inputs[weight] = shard(dim)
         out = SUM if dim == 0 else shard(op.results[0].type.rank - 1)
-        return Decision(inputs, [out], "vocab" if dim == 0 else "column")
+        return Decision(inputs, [out], Parallel.VOCAB if dim == 0 else Parallel.COLUMN)
     if arriving[indices].kind != "shard":
         return replicated(op)
     inputs[indices] = arriving[indices]
@@ -564,7 +576,7 @@ _RULES = {  # linear and matmul: see `decide`
 
 
 def decide(op: CallOp, arriving: list[Placement], types: list[TensorType], n: int,
-           params: set[SSAValue], style: str | None = None) -> Decision:  # fmt: skip
+           params: set[SSAValue], style: PlanStyle | None = None) -> Decision:  # fmt: skip
     """The placements `op` needs and produces, given those its inputs arrive with
     and their global (unsharded) types; `style` is a manual plan's choice for a
     linear layer."""

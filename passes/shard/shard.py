@@ -106,6 +106,8 @@ from .rules import (
     EXPERT_AXIS,
     SIZE_ARGS,
     Decision,
+    Parallel,
+    PlanStyle,
     block_at,
     decide,
     decide_data,
@@ -153,7 +155,7 @@ class _Sharder:
         self.expert_roles: dict[Operation, tuple[str, ExpertMLP]] = {}
         self.expert_ids: dict[int, SSAValue] = {}  # experts -> the ids this rank holds
 
-    def style(self, op: CallOp) -> str | None:
+    def style(self, op: CallOp) -> PlanStyle | None:
         return _style(self.plan, op)
 
     def place(self, value: SSAValue) -> Placement:
@@ -319,7 +321,8 @@ class _Sharder:
             for v, p in zip(op.inputs, arriving)
         ]
         types = [self._full_type(v) for v in op.inputs]  # rules reason on global shapes
-        style = self.style(op) or ("replicate" if role == "router" else None)  # a plan first
+        # a plan first
+        style = self.style(op) or (PlanStyle.REPLICATE if role == "router" else None)
         decision = self.chosen.get(op) if style is None else None
         if self.data:
             decision = decide_data(op, arriving, types, self.n, self.params)
@@ -338,14 +341,14 @@ class _Sharder:
                     f"{', '.join(map(str, fits)) or 'none'})"
                 )
         inputs = [self.reshard(v, p, op) for v, p in zip(op.inputs, decision.inputs)]
-        if decision.style == "vocab":
+        if decision.parallel is Parallel.VOCAB:
             self.vocab_parallel_lookup(op, inputs)
             return
         args = _with_sizes(op, decision) if decision.sizes else op.args
-        if decision.style == "blocks":
+        if decision.parallel is Parallel.BLOCKS:
             args = _local_cuts(op, self.n, decision.inputs[0])
         bias = op.arg("bias") if op.target_name == "aten::linear" else op.arg("self")
-        row_with_bias = decision.style == "row" and op.target_name in (
+        row_with_bias = decision.parallel is Parallel.ROW and op.target_name in (
             "aten::linear",
             "aten::addmm",
         )
@@ -492,15 +495,17 @@ def expert_roles(block, n: int, split: bool, data: bool = False):
 
 # what the solver is told each expert role decides (the pass writes it; see _Sharder)
 _ROLE_DECISIONS = {
-    "first": lambda op: Decision([REPLICATE, shard(0), REPLICATE], [REPLICATE], "expert"),
-    "last": lambda op: Decision([REPLICATE, shard(0), REPLICATE], [partial("sum")], "expert"),
+    "first": lambda op: Decision([REPLICATE, shard(0), REPLICATE], [REPLICATE], Parallel.EXPERT),
+    "last": lambda op: Decision(
+        [REPLICATE, shard(0), REPLICATE], [partial("sum")], Parallel.EXPERT
+    ),
     "view": lambda op: Decision([shard(0)], [shard(0)]),
     "between": replicated,
     "router": replicated,
 }
 
 
-def _style(plan: list[tuple[str, str]], op: CallOp) -> str | None:
+def _style(plan: list[tuple[str, PlanStyle]], op: CallOp) -> PlanStyle | None:
     """The manual plan's style for a linear layer (first matching glob), or None."""
     if not isinstance(op, (LinearOp, MatmulOp, EmbeddingOp)):
         return None
@@ -609,7 +614,8 @@ class Shard(Pass):
             self._shard(op, plan, tuple(axes), tensor[0], axes[tensor[0]])
         if data and axes[data[0]] > 1:
             for block in function_blocks(op):
-                _run(_Sharder(block, data[0], axes[data[0]], axes=tuple(axes), data=True), op)
+                sharder = _Sharder(block, data[0], axes[data[0]], axes=tuple(axes), data=True)
+                _run(sharder, op)
             _check_alike(op)
         op.attributes[MESH_ATTR] = MeshAttr(tuple(axes.items()))
 
