@@ -4,10 +4,11 @@ GQSA ("Group Quantization and Sparsity for Accelerating LLM Inference", 2024)
 prunes whole 1 x G groups of consecutive input features and quantizes the
 groups that survive to int4, one scale per group. Importance is data-free, a
 group's L2 norm, or, given the norms of the layer's input features over
-calibration data, the L2 norm of |W_ij| * ||x_j|| over the group (the
-activation-aware score of Wanda, per group). Every output row keeps the same number of groups (in each
-of `segments` equal column ranges, so a row-parallel shard holds whole rows of
-work), which makes the storage a fixed-width block-sparse (ELL) layout:
+sample inputs (activation statistics), the L2 norm of |W_ij| * ||x_j|| over
+the group (the activation-aware score of Wanda, per group). Every output row
+keeps the same number of groups (in each of `segments` equal column ranges,
+so a row-parallel shard holds whole rows of work), which makes the storage a
+fixed-width block-sparse (ELL) layout:
 
     values  uint8 [out, kept, G/2]  4-bit values + 8; byte i of a group holds
                                     feature i (low nibble) and i + G/2 (high)

@@ -206,52 +206,85 @@ def formulate(blocks, n: int, hw: Hardware, link: Link, values: dict[str, int],
     a weight or state (@prefill and @decode) must slice it alike. `style_of(op)`
     is a manual plan's style for a layer, which then has that one option;
     `fixed[op]` a decision the pass makes regardless (expert parallelism)."""
-    fixed = fixed or {}
     subs = {symbolic.symbol(k): sympy.Integer(v) for k, v in values.items()}
     costs = _Costs(hw, n, link, subs)
     params = {o.result for b in blocks for o in b.ops if isinstance(o, ParamOp)}
+    ops, keys = _grouped_calls(blocks)
+    groups = _Groups.choose(ops, keys, n, params, costs, style_of, fixed or {})
+    group_cost = {  # ops of one group have the same types, so the same compute costs
+        key: [costs.compute(alike[0], d) * len(alike) for d in groups.options[key]]
+        for key, alike in groups.members.items()
+    }
+    pairs = _resharding(_edges(blocks, ops, keys, params), groups, costs, group_cost)
+    _slice_alike(ops, keys, groups.options, params, group_cost, pairs)
+    return Problem(
+        keys, groups.options, group_cost, groups.memory, {k: dict(t) for k, t in pairs.items()}
+    )
+
+
+def _grouped_calls(blocks) -> tuple[list[CallOp], dict[CallOp, tuple]]:
+    """The calls of all blocks, and each one's group key (its block's index first)."""
     ops, keys = [], {}
     for index, block in enumerate(blocks):
         calls = [o for o in block.ops if isinstance(o, CallOp)]
         ops += calls
         keys.update({op: (index, *key) for op, key in _group_keys(calls).items()})
-    options: dict[tuple, list[Decision]] = {}
-    members: dict[tuple, list[CallOp]] = defaultdict(list)
-    group_memory: dict[tuple, list[float]] = {}
-    representative: dict[tuple, CallOp] = {}
-    held: set[str] = set()  # weights counted: each once, at its first use in any function
-    for op in ops:
-        key = keys[op]
-        if key not in options:
-            representative[key] = op
-            style = style_of(op)
-            types = [v.type for v in op.inputs]
-            if op in fixed:
-                options[key] = [fixed[op]]
-            elif style:
-                options[key] = [decide(op, [REPLICATE] * len(types), types, n, params, style)]
-            else:
-                produced = [options.get(keys.get(v.owner), ()) for v in op.inputs]
-                blocked = [  # a fused projection's blocked output may arrive
-                    sorted({d.outputs[v.index] for d in ds if d.outputs[v.index].blocks}, key=str)
-                    for v, ds in zip(op.inputs, produced)
-                ]
-                options[key] = strategies(op, n, params, blocked)
-            group_memory[key] = [0.0] * len(options[key])
-        members[key].append(op)
-        owned = [
-            i for i, v in enumerate(op.inputs) if v in params and v.owner.weight_name not in held
+    return ops, keys
+
+
+@dataclass
+class _Groups:
+    """Each group's options, its ops (`members`, the first is `representative`)
+    and the weight bytes each option holds."""
+
+    options: dict[tuple, list[Decision]]
+    members: dict[tuple, list[CallOp]]
+    memory: dict[tuple, list[float]]
+    representative: dict[tuple, CallOp]
+
+    @classmethod
+    def choose(cls, ops, keys, n: int, params, costs: _Costs, style_of, fixed) -> _Groups:
+        groups = cls({}, defaultdict(list), {}, {})
+        held: set[str] = set()  # weights counted: each once, at its first use in any function
+        for op in ops:
+            key = keys[op]
+            if key not in groups.options:
+                groups.representative[key] = op
+                groups.options[key] = groups._options_of(op, keys, n, params, style_of, fixed)
+                groups.memory[key] = [0.0] * len(groups.options[key])
+            groups.members[key].append(op)
+            owned = [
+                i
+                for i, v in enumerate(op.inputs)
+                if v in params and v.owner.weight_name not in held
+            ]
+            held.update(op.inputs[i].owner.weight_name for i in owned)
+            for j, d in enumerate(groups.options[key]):
+                groups.memory[key][j] += sum(
+                    costs.weight(op.inputs[i].type, d.inputs[i]) for i in owned
+                )
+        return groups
+
+    def _options_of(self, op: CallOp, keys, n: int, params, style_of, fixed) -> list[Decision]:
+        style = style_of(op)
+        types = [v.type for v in op.inputs]
+        if op in fixed:
+            return [fixed[op]]
+        if style:
+            return [decide(op, [REPLICATE] * len(types), types, n, params, style)]
+        produced = [self.options.get(keys.get(v.owner), ()) for v in op.inputs]
+        blocked = [  # a fused projection's blocked output may arrive
+            sorted({d.outputs[v.index] for d in ds if d.outputs[v.index].blocks}, key=str)
+            for v, ds in zip(op.inputs, produced)
         ]
-        held.update(op.inputs[i].owner.weight_name for i in owned)
-        for j, d in enumerate(options[key]):
-            group_memory[key][j] += sum(costs.weight(op.inputs[i].type, d.inputs[i]) for i in owned)
-    group_cost = {  # ops of one group have the same types, so the same compute costs
-        key: [costs.compute(alike[0], d) * len(alike) for d in options[key]]
-        for key, alike in members.items()
-    }
+        return strategies(op, n, params, blocked)
+
+
+def _edges(blocks, ops, keys, params) -> dict[tuple, int]:
+    """(source, consumer) -> how often; a source is (group, result index), a
+    weight ("weight", type) or a program input's type, a consumer (group,
+    input index) or None for a program result."""
     producer = {r: (keys[o], k) for o in ops for k, r in enumerate(o.results)}
-    # (source, consumer) -> how often; a source is (group, result index) or a
-    # program input's type, a consumer (group, input index) or None for a result
     edges: dict[tuple, int] = defaultdict(int)
     for op in ops:
         for index, value in enumerate(op.inputs):
@@ -260,6 +293,13 @@ def formulate(blocks, n: int, hw: Hardware, link: Link, values: dict[str, int],
     for ret in (o for b in blocks for o in b.ops if isinstance(o, func.ReturnOp)):
         for value in ret.operands:
             edges[(producer.get(value, value.type), None)] += 1
+    return edges
+
+
+def _resharding(edges, groups: _Groups, costs: _Costs, group_cost) -> dict[tuple, dict]:
+    """The cost of moving each edge's tensor from the placement its source
+    gives to the one its consumer wants: into `group_cost` where one side is
+    fixed (or both are one group), else per pair of choices (returned)."""
     pairs: dict[tuple, dict[tuple, float]] = defaultdict(lambda: defaultdict(float))
     for (source, consumer), count in edges.items():
         reshard = costs.reshard
@@ -268,15 +308,15 @@ def formulate(blocks, n: int, hw: Hardware, link: Link, values: dict[str, int],
             reshard = costs.load
         elif isinstance(source, tuple):
             group, result = source
-            t = representative[group].results[result].type
-            haves = [d.outputs[result] for d in options[group]]
+            t = groups.representative[group].results[result].type
+            haves = [d.outputs[result] for d in groups.options[group]]
         else:  # a program input: replicated
             group, t, haves = None, source, [REPLICATE]
         if consumer is None:  # a program result: must be replicated
             target, wants = None, [REPLICATE]
         else:
             target, index = consumer
-            wants = [d.inputs[index] for d in options[target]]
+            wants = [d.inputs[index] for d in groups.options[target]]
         if group is None and target is None:
             continue  # a program input or weight returned as it is
         table = [[count * reshard(t, have, want) for want in wants] for have in haves]
@@ -293,8 +333,7 @@ def formulate(blocks, n: int, hw: Hardware, link: Link, values: dict[str, int],
             for i, row in enumerate(table):
                 for j, cost in enumerate(row):
                     pairs[(group, target)][(i, j)] += cost
-    _slice_alike(ops, keys, options, params, group_cost, pairs)
-    return Problem(keys, options, group_cost, group_memory, {k: dict(t) for k, t in pairs.items()})
+    return pairs
 
 
 def _slice_alike(ops, keys, options, params, costs, pairs) -> None:

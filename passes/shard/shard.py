@@ -247,7 +247,7 @@ class _Sharder:
                 for i, value in enumerate(op.operands):
                     op.operands[i] = self.reshard(value, REPLICATE, op)
             elif isinstance(op, CallOp):
-                self.call(op)
+                self.shard_call(op)
             elif isinstance(op, (CollectiveOp, LocalShardOp)):
                 if op.axis.data == self.axis:
                     raise ShardError(f"{where(op)}: the program is already sharded")
@@ -301,7 +301,7 @@ class _Sharder:
             new = LocalShardOp(value, local, axis, dim)
         self._replace(op, new, [have])
 
-    def call(self, op: CallOp) -> None:
+    def shard_call(self, op: CallOp) -> None:
         if op.target_name in COMPRESSED_LINEARS:
             raise ShardError(
                 f"{where(op)}: {op.target_name} is already compressed; put shard before quantize "
@@ -376,7 +376,7 @@ class _Sharder:
             tokens = self.reshard(mlp.tokens, shard(0), op)
             token_of_row = self.reshard(mlp.token_of_row, REPLICATE, op)
             args = [*map(Operand, range(3)), Tag("group", self.axis)]
-            rows = self._call(op, "routed_rows", expert_kernel.DISPATCH,
+            rows = self._insert_call(op, "routed_rows", expert_kernel.DISPATCH,
                               [tokens, token_of_row, offsets], args, mlp.gather.results[0].type)  # fmt: skip
         if mlp.experts not in self.expert_ids:
             self.expert_ids[mlp.experts] = self._indices_here(op, "experts", mlp.experts)
@@ -390,12 +390,12 @@ class _Sharder:
     def _indices_here(self, before: CallOp, name: str, size: int) -> SSAValue:
         """This rank's slice of arange(size): which rows (vocabulary, experts) it
         holds, computed in the program so that it stays SPMD."""
-        every = self._call(before, name, "aten::arange", [], [size], TensorType([size], "i64"),
+        every = self._insert_call(before, name, "aten::arange", [], [size], TensorType([size], "i64"),
                            [("device", Tag("device", "cpu"))])  # fmt: skip
         local = TensorType([size // self.n], "i64")
         return self._insert(LocalShardOp(every, local, self.axis, 0), before, REPLICATE)
 
-    def _call(self, before: CallOp, name, target, values, args, result_type, kwargs=()):
+    def _insert_call(self, before: CallOp, name, target, values, args, result_type, kwargs=()):
         """A new call of `target`, inserted before `before` (and at its location)."""
         new = call_op_class(target)(target, values, ArgsAttr(tuple(args), tuple(kwargs)),
                                     [result_type])  # fmt: skip
@@ -415,7 +415,7 @@ class _Sharder:
         per_rank = table.type.shape[0]
         i64, flags = ids.type, TensorType(ids.type.shape, "i1")
 
-        call = functools.partial(self._call, op)
+        call = functools.partial(self._insert_call, op)
         mine = self._indices_here(op, "vocab", vocab)
         first = [Operand(0), 0, 0]
         start = call("vocab_start", "aten::select.int", [mine], first, TensorType([], "i64"))
@@ -449,7 +449,7 @@ class _Sharder:
             values = [v for i, v in enumerate(inputs) if i != bias]
             args = [Operand(0), Operand(1)]
         result = op.results[0]
-        partial_sum = self._call(op, result.name_hint, target, values, args, result.type)
+        partial_sum = self._insert_call(op, result.name_hint, target, values, args, result.type)
         self.placement[partial_sum] = Placement("partial", reduce="sum")
         reduced = self.reshard(partial_sum, REPLICATE, op)
         add = call_op_class("aten::add.Tensor")(
@@ -615,7 +615,7 @@ class Shard(Pass):
         if data and axes[data[0]] > 1:
             for block in function_blocks(op):
                 sharder = _Sharder(block, data[0], axes[data[0]], axes=tuple(axes), data=True)
-                _run(sharder, op)
+                _shard_block(sharder, op)
             _check_alike(op)
         op.attributes[MESH_ATTR] = MeshAttr(tuple(axes.items()))
 
@@ -623,7 +623,7 @@ class Shard(Pass):
         blocks = list(function_blocks(op))
         chosen = None
         if self.solve is Solver.ILP:
-            solution = self._solve(op, blocks, axis, n, plan)
+            solution = self._ilp_solution(op, blocks, axis, n, plan)
             chosen = solution.decisions
             op.attributes[SHARDING_ATTR] = StringAttr(
                 f"ilp on {self._hardware}: {solution.status}, predicted "
@@ -631,14 +631,14 @@ class Shard(Pass):
                 f"B/device, {solution.groups} choices for {solution.ops} ops"
             )
         for block in blocks:
-            _run(_Sharder(block, axis, n, plan, chosen, axes), op)
+            _shard_block(_Sharder(block, axis, n, plan, chosen, axes), op)
         _check_alike(op)
 
     @property
     def _hardware(self) -> str:
         return self.hardware or "h100-sxm"
 
-    def _solve(self, module: ModuleOp, blocks, axis: str, n: int, plan) -> Solution:
+    def _ilp_solution(self, module: ModuleOp, blocks, axis: str, n: int, plan) -> Solution:
         from ...cost.comm_cost import axis_links
         from ...hardware import load
 
@@ -653,7 +653,7 @@ class Shard(Pass):
                      style_of=lambda op: _style(plan, op), fixed=fixed)  # fmt: skip
 
 
-def _run(sharder: _Sharder, module: ModuleOp) -> None:
+def _shard_block(sharder: _Sharder, module: ModuleOp) -> None:
     sharder.run()
     if sharder.expert_ids:  # it wrote calls of plait's expert kernels
         require_library(module, expert_kernel.__name__)
