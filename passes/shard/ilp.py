@@ -1,7 +1,7 @@
 """Analysis: each op's sharding strategy chosen by one integer program (Alpa's
 formulation, on one mesh axis).
 
-Strategies come from the rules (`shard_rules.decide`) asked with every
+Strategies come from the rules (`rules.decide`) asked with every
 placement an input could arrive in (replicated, sharded on each dim, partial),
 plus running replicated; each costs its per-rank compute time (roofline on the
 hardware file, work split n ways when the op's result is sharded or partial)
@@ -147,7 +147,7 @@ class _Costs:
         if have == want:
             return 0.0
         if want.kind == "partial" or have.blocks or want.blocks:
-            return _IMPOSSIBLE  # blocks: only views and cuts of them carry them (see shard_rules)
+            return _IMPOSSIBLE  # blocks: only views and cuts of them carry them (see rules)
         size = sympy.Float(self.nbytes(t))
         launch = max(self.hw.overhead(None, view=False), _PER_COLLECTIVE)
         if want.kind == "replicate" and have.kind == "partial":
