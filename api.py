@@ -238,9 +238,16 @@ class CompiledModel:
             seed = _common_seed(in_group)  # every rank must draw the same tokens
             sampling = Sampling(do_sample, temperature, top_k, top_p, seed)
         if self.world_size > 1 and not in_group:
-            options = dict(attention_mask=attention_mask, do_sample=do_sample,
-                           temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                           eos_token_id=eos_token_id, pad_token_id=pad_token_id)  # fmt: skip
+            options = dict(
+                attention_mask=attention_mask,
+                do_sample=do_sample,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                seed=seed,
+                eos_token_id=eos_token_id,
+                pad_token_id=pad_token_id,
+            )
             return self._workers().call("generate", (input_ids, max_new_tokens), options)
         ids = {"eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
         ids = {k: v if v is not None else self.generation.get(k) for k, v in ids.items()}
@@ -250,8 +257,9 @@ class CompiledModel:
             return logits
 
         with torch.inference_mode():
-            return generate(run, batch, max_length, input_ids, max_new_tokens,
-                            attention_mask, sampling, **ids)  # fmt: skip
+            return generate(
+                run, batch, max_length, input_ids, max_new_tokens, attention_mask, sampling, **ids
+            )
 
     def run(self, function: str, *inputs: torch.Tensor) -> list[torch.Tensor]:
         """Run one program of the module on tensor inputs and return its outputs,
@@ -290,8 +298,14 @@ class CompiledModel:
         return self._limits[function]
 
     def _function_named(self, name: str) -> func.FuncOp | None:
-        return next((op for op in self.module.ops
-                     if isinstance(op, func.FuncOp) and op.sym_name.data == name), None)  # fmt: skip
+        return next(
+            (
+                op
+                for op in self.module.ops
+                if isinstance(op, func.FuncOp) and op.sym_name.data == name
+            ),
+            None,
+        )
 
     def close(self) -> None:
         """Stop the worker processes a sharded plan called from one process runs on."""
@@ -414,9 +428,14 @@ def compile_generation(
     config = getattr(model, "generation_config", None)
     ids = {k: getattr(config, k, None) for k in ("eos_token_id", "pad_token_id")}
     return CompiledModel(
-        module, weights, pipeline, None, device or _weights_device(weights), manager.report(),
+        module,
+        weights,
+        pipeline,
+        None,
+        device or _weights_device(weights),
+        manager.report(),
         generation={k: v for k, v in ids.items() if v is not None},
-    )  # fmt: skip
+    )
 
 
 def compile_ir(

@@ -685,8 +685,9 @@ class _Lowering:
         if self.arena_views:  # allocated once; planned results are views of it
             if ("arena",) not in self.shared:  # the module's functions never run at once
                 device = "meta" if self.on_meta else self.device
-                self.shared["arena",] = torch.empty(self.arena_size, dtype=torch.uint8,
-                                                    device=device)  # fmt: skip
+                self.shared["arena",] = torch.empty(
+                    self.arena_size, dtype=torch.uint8, device=device
+                )
             arena = self.shared["arena",]
             for key, dtype in self.arena_views.items():
                 self.attrs[key] = arena.view(dtype)

@@ -11,8 +11,9 @@ from .common import (
 
 
 def add_parser(sub, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("calibrate", parents=[common],
-                       help="measure this machine and write a hardware file")  # fmt: skip
+    p = sub.add_parser(
+        "calibrate", parents=[common], help="measure this machine and write a hardware file"
+    )
     p.add_argument("-o", "--output", default="plait-cpu.toml")
     p.set_defaults(func=run)
 

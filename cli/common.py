@@ -83,9 +83,15 @@ def add_ir_options(parser: argparse.ArgumentParser, default: str) -> None:
 
 
 def add_trust_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--trust-ops", dest="trusted_ops", action="append", default=[],
-                        metavar="MODULE", help="import this Python module to register the "
-                        "custom ops a plan calls (repeatable); nothing else is imported")  # fmt: skip
+    parser.add_argument(
+        "--trust-ops",
+        dest="trusted_ops",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import this Python module to register the "
+        "custom ops a plan calls (repeatable); nothing else is imported",
+    )
 
 
 def pass_manager_options(args) -> dict:

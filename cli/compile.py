@@ -53,9 +53,13 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--keep-weights", action="store_true", help="with --emit mlir: print weight data"
     )
-    p.add_argument("--batch", type=int, default=2,
-                   help="example batch for a Hugging Face MODEL (with --generate: the most "
-                        "sequences generated at once)")  # fmt: skip
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=2,
+        help="example batch for a Hugging Face MODEL (with --generate: the most "
+        "sequences generated at once)",
+    )
     p.add_argument(
         "--seq", type=int, default=16, help="example sequence length for a Hugging Face MODEL"
     )
@@ -64,19 +68,32 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
         "--meta", action="store_true", help="build a Hugging Face MODEL on meta (IR only)"
     )
     p.add_argument("--weights", help="safetensors weights for an IR-file MODEL")
-    p.add_argument("--task", choices=list(TASKS),
-                   help="the model class of a Hugging Face MODEL (default: from config.json's "
-                        "architectures)")  # fmt: skip
-    p.add_argument("--random-weights", dest="random_weights", action="store_true",
-                   help="compile a Hugging Face config that has no weights with random ones")  # fmt: skip
+    p.add_argument(
+        "--task",
+        choices=list(TASKS),
+        help="the model class of a Hugging Face MODEL (default: from config.json's architectures)",
+    )
+    p.add_argument(
+        "--random-weights",
+        dest="random_weights",
+        action="store_true",
+        help="compile a Hugging Face config that has no weights with random ones",
+    )
     p.add_argument("--device", help="device to run on (default: the weights' device)")
     add_trust_option(p)
     group = p.add_argument_group("generation (a Hugging Face causal LM)")
-    group.add_argument("--generate", action="store_true",
-                       help="compile @prefill and @decode programs with a KV cache of --batch "
-                            "sequences")  # fmt: skip
-    group.add_argument("--max-length", dest="max_length", type=int, default=256,
-                       help="KV cache length: prompt plus new tokens")  # fmt: skip
+    group.add_argument(
+        "--generate",
+        action="store_true",
+        help="compile @prefill and @decode programs with a KV cache of --batch sequences",
+    )
+    group.add_argument(
+        "--max-length",
+        dest="max_length",
+        type=int,
+        default=256,
+        help="KV cache length: prompt plus new tokens",
+    )
     add_ir_options(p, f"default: {DEFAULT_PIPELINE}")
     p.set_defaults(func=run)
 
@@ -94,13 +111,23 @@ def run(args) -> int:
     import_trusted(args.trusted_ops)
     if args.model is not None and args.model.endswith(".mlir"):
         if args.generate:
-            raise UsageError("--generate captures a Hugging Face causal LM (a checkpoint "
-                             "directory or --example), not IR text")  # fmt: skip
+            raise UsageError(
+                "--generate captures a Hugging Face causal LM (a checkpoint "
+                "directory or --example), not IR text"
+            )
         compiled = _compile_ir_file(args, pipeline, console)
     else:
         with status(console, "loading the model"):
-            loaded = models.load(args.model, args.example, args.batch, args.seq, not args.static,
-                                args.meta, args.task, args.random_weights)  # fmt: skip
+            loaded = models.load(
+                args.model,
+                args.example,
+                args.batch,
+                args.seq,
+                not args.static,
+                args.meta,
+                args.task,
+                args.random_weights,
+            )
         console.print(f"loaded {loaded.description}", markup=False)
         with status(console, f"capturing and compiling {loaded.description}"):
             if args.generate:

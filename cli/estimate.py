@@ -41,9 +41,12 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--hardware", default="h100-sxm", help="hardware name or .toml file")
     p.add_argument("--mesh", help="check the plan's device mesh, e.g. tp:8 (shard with --pipeline)")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seq", type=int,
-                   help="prompt length (prefill) or default context (default: 2048, or the "
-                        "plan's largest if smaller)")  # fmt: skip
+    p.add_argument(
+        "--seq",
+        type=int,
+        help="prompt length (prefill) or default context (default: 2048, or the "
+        "plan's largest if smaller)",
+    )
     p.add_argument(
         "--dim", action="append", default=[], metavar="NAME=SIZE", help="other size symbols"
     )
@@ -78,8 +81,9 @@ def _estimate_module(args, console):
             return parse_module(read_ir_text(path), str(path)), None
     with status(console, "capturing the model"):
         # the sizes of the example only; the plan's symbols span the model's ranges
-        loaded = models.load(args.model, args.example, max(args.batch, 2), 16, True, meta=True,
-                            task=args.task)  # fmt: skip
+        loaded = models.load(
+            args.model, args.example, max(args.batch, 2), 16, True, meta=True, task=args.task
+        )
         if args.decode:
             model = causal_lm(loaded.model, "--decode")
             longest = getattr(getattr(model, "config", None), "max_position_embeddings", None)
@@ -104,8 +108,12 @@ def _estimate_values(args, plan, dims: dict[str, int]) -> dict[str, int]:
     # the sequence symbol: a forward's seq, a generation plan's prompt and context
     longest = next((ranges[n][1] for n in ("seq", "prompt", "context") if n in ranges), None)
     seq = args.seq if args.seq is not None else min(DEFAULT_SEQ, longest or DEFAULT_SEQ)
-    given = {"batch": (args.batch, "--batch"), "seq": (seq, "--seq"), "prompt": (seq, "--seq"),
-             "context": (args.context, "--context") if args.context else (seq, "--seq")}  # fmt: skip
+    given = {
+        "batch": (args.batch, "--batch"),
+        "seq": (seq, "--seq"),
+        "prompt": (seq, "--seq"),
+        "context": (args.context, "--context") if args.context else (seq, "--seq"),
+    }
     values = {k: v for k, (v, _) in given.items() if k in ranges}
     flags = {k: flag for k, (_, flag) in given.items()}
     values.update(dims)

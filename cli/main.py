@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         if failed is not None:
             print(f"plait: error: {failed}", file=sys.stderr)
             return 1
-        print(f"plait: internal error: {type(exc).__name__}: {exc} (rerun with --debug for "
-              "the traceback)", file=sys.stderr)  # fmt: skip
+        print(
+            f"plait: internal error: {type(exc).__name__}: {exc} (rerun with --debug for "
+            "the traceback)",
+            file=sys.stderr,
+        )
         return 1

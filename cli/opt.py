@@ -21,8 +21,11 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("opt", parents=[common], help="run passes on IR text, like mlir-opt")
     p.add_argument("file", nargs="?", metavar="FILE", help="IR file, or - for stdin")
     p.add_argument("-o", "--output", help="output file (default stdout)")
-    p.add_argument("--list-passes", action="store_true",
-                   help="list the registered passes with their options and defaults")  # fmt: skip
+    p.add_argument(
+        "--list-passes",
+        action="store_true",
+        help="list the registered passes with their options and defaults",
+    )
     add_ir_options(p, f"default: none; compile and estimate run {DEFAULT_PIPELINE}")
     p.set_defaults(func=run)
 

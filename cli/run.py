@@ -28,19 +28,32 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
         help="size symbol for generated inputs, e.g. seq=32",
     )
     p.add_argument("--output", help="write outputs to this safetensors file")
-    p.add_argument("--repeat", type=int, default=1,
-                   help="after a warm-up run, time N runs and report the median")  # fmt: skip
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="after a warm-up run, time N runs and report the median",
+    )
     p.add_argument("--device", help="device to run on (default cpu)")
     p.add_argument("--trace", help="write a measured per-op trace (Chrome trace JSON)")
     add_trust_option(p)
-    p.add_argument("--no-verify", dest="verify", action="store_false",
-                   help="skip checking the weights against their recorded sha256")  # fmt: skip
+    p.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="skip checking the weights against their recorded sha256",
+    )
     group = p.add_argument_group("generation (an artifact compiled with --generate)")
     group.add_argument("--generate", action="store_true", help="decode new tokens")
-    group.add_argument("--prompt-ids", dest="prompt_ids",
-                       help="token ids, comma-separated; ';' between sequences")  # fmt: skip
-    group.add_argument("--prompt", action="append", default=[],
-                       help="prompt text (needs the artifact's tokenizer); repeatable")  # fmt: skip
+    group.add_argument(
+        "--prompt-ids", dest="prompt_ids", help="token ids, comma-separated; ';' between sequences"
+    )
+    group.add_argument(
+        "--prompt",
+        action="append",
+        default=[],
+        help="prompt text (needs the artifact's tokenizer); repeatable",
+    )
     group.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=32)
     group.add_argument("--do-sample", dest="do_sample", action="store_true")
     group.add_argument("--temperature", type=float, default=1.0)
@@ -49,9 +62,13 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int)
     group = p.add_argument_group("several ranks (through torchrun)")
     group.add_argument("--nproc", type=int, default=1, help="ranks per node")
-    group.add_argument("--timeout", type=float, metavar="S",
-                       help="seconds a rank may stay silent (stopped, hung) before the run "
-                            "stops, naming it (default $PLAIT_TIMEOUT or 60)")  # fmt: skip
+    group.add_argument(
+        "--timeout",
+        type=float,
+        metavar="S",
+        help="seconds a rank may stay silent (stopped, hung) before the run "
+        "stops, naming it (default $PLAIT_TIMEOUT or 60)",
+    )
     group.add_argument("--nnodes", help="nodes, or MIN:MAX")
     group.add_argument(
         "--node-rank", dest="node_rank", help="this node's index (static rendezvous)"
@@ -86,8 +103,10 @@ def _prompts(args, compiled):
         sequences = [tokenizer(p)["input_ids"] for p in args.prompt]
     else:
         try:
-            sequences = [[int(t) for t in part.split(",") if t.strip()]
-                         for part in args.prompt_ids.split(";")]  # fmt: skip
+            sequences = [
+                [int(t) for t in part.split(",") if t.strip()]
+                for part in args.prompt_ids.split(";")
+            ]
         except ValueError:
             raise plait.PlaitError(
                 f"--prompt-ids '{args.prompt_ids}': write comma-separated token ids, and ';' "
@@ -111,8 +130,13 @@ def _run_generate(args, compiled, out) -> int:
     if not args.prompt and not args.prompt_ids:
         raise UsageError("--generate needs --prompt-ids IDS or --prompt TEXT")
     ids, mask, tokenizer = _prompts(args, compiled)
-    options = dict(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, seed=args.seed)  # fmt: skip
+    options = dict(
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
     # a warm-up (prefill and one decode step) first: the timed runs are warm
     compiled.generate(ids, min(2, args.max_new_tokens), mask, **options)
     times = []

@@ -69,8 +69,10 @@ def extension():
             verbose=False,
         )
     except Exception as exc:  # no compiler, no headers: the dense path still works
-        warnings.warn(f"plait: the GQSA C++ kernel could not be built ({exc}); "
-                      "GQSA layers run densified", stacklevel=2)  # fmt: skip
+        warnings.warn(
+            f"plait: the GQSA C++ kernel could not be built ({exc}); GQSA layers run densified",
+            stacklevel=2,
+        )
         return None
 
 

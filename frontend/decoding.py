@@ -111,8 +111,14 @@ class CachedCausalLM(torch.nn.Module):
         visible = cache_mask[:, None, :].bool() | (k[None, :] == slots[:, None])[None]
         mask = (causal[None] & visible)[:, None]
         extra = {"logits_to_keep": 1} if self.keep_last else {}
-        out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
-                         cache=self.cache, use_cache=True, **extra)  # fmt: skip
+        out = self.model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=mask,
+            cache=self.cache,
+            use_cache=True,
+            **extra,
+        )
         logits = out.logits if hasattr(out, "logits") else out[0]
         return logits[:, -1:]
 
@@ -137,8 +143,12 @@ def capture_generation(
     device = wrapper.kv_cache[0].keys.device
     prompt = Dim("prompt", min=1, max=max_length)
     context = {0: None, 1: Dim("context", min=1, max=max_length)}
-    prefill_dims = {"input_ids": {1: prompt}, "position_ids": {1: prompt}, "slots": {0: prompt},
-                    "cache_mask": context}  # fmt: skip
+    prefill_dims = {
+        "input_ids": {1: prompt},
+        "position_ids": {1: prompt},
+        "slots": {0: prompt},
+        "cache_mask": context,
+    }
     decode_dims = {"input_ids": None, "position_ids": None, "slots": None, "cache_mask": context}
     # example sizes differ, or export would take prompt and context for one symbol
     prefill = example_inputs(batch, 2, 3, device)

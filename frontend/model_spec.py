@@ -126,9 +126,11 @@ def _from_hf_dir(
     source = "meta" if meta else "weights" if safetensors or pickled else "random weights"
     output = hf.TASKS[task].output
     return LoadedModel(
-        hf.wrap(model, task), inputs, shapes,
+        hf.wrap(model, task),
+        inputs,
+        shapes,
         f"{path} ({type(model).__name__}: {task} from {why}, returns {output}; {source})",
-    )  # fmt: skip
+    )
 
 
 def _task_of_config(config, path: Path) -> tuple[str, str]:
@@ -157,9 +159,14 @@ def _from_pretrained(auto, path: Path, config, task: str):
 
     try:  # mismatched shapes are reported below, by name (transformers points to its log)
         model, info = auto.from_pretrained(
-            str(path), config=config, local_files_only=True, use_safetensors=True,
-            dtype=torch.float32, output_loading_info=True, ignore_mismatched_sizes=True,
-        )  # fmt: skip
+            str(path),
+            config=config,
+            local_files_only=True,
+            use_safetensors=True,
+            dtype=torch.float32,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
+        )
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelSpecError(f"{path}: loading the checkpoint failed: {exc}") from exc
     mismatched = sorted(info["mismatched_keys"])

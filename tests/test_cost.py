@@ -85,8 +85,9 @@ def test_a_lookup_reads_its_rows_of_the_table_not_the_table():
     )
     # the rows it returns stream from memory; the 2.1 GB table does not
     assert sympy.simplify(op_cost(emb).weight_bytes - 2 * B * 8192) == 0
-    time = load("h100-sxm").roofline(op_cost(emb).flops, op_cost(emb).bytes, "bf16",
-                                     weights=op_cost(emb).weight_bytes)  # fmt: skip
+    time = load("h100-sxm").roofline(
+        op_cost(emb).flops, op_cost(emb).bytes, "bf16", weights=op_cost(emb).weight_bytes
+    )
     assert float(time.subs(B, 1)) < 1e-6
 
 
@@ -114,8 +115,10 @@ def test_element_wise_kernel_classes_from_shapes_and_layouts():
     assert op_cost(inner).rate == "broadcast" and op_cost(mask).rate == "broadcast"
     assert op_cost(outer).rate is None  # repeated along outer dims only
     assert op_cost(mean).rate == "reduce"
-    assert all(sympy.simplify(op_cost(op).elements - op_cost(op).flops) == 0
-               for op in (inner, outer, mask, mean))  # fmt: skip
+    assert all(
+        sympy.simplify(op_cost(op).elements - op_cost(op).flops) == 0
+        for op in (inner, outer, mask, mean)
+    )
 
 
 def test_small_element_wise_kernels_run_on_one_thread(tmp_path):

@@ -57,7 +57,7 @@ def allocate(
                 },
                 budget,
             )
-        ],  # fmt: skip
+        ],
         timeout_s=timeout_s,
     )
     if picks is None:

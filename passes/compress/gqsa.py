@@ -39,8 +39,9 @@ class GroupSparse:
     segments: int = 1
 
     def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dense_weight(self.values, self.scales, self.blocks, self.group,
-                            self.in_features, self.segments).to(dtype)  # fmt: skip
+        return dense_weight(
+            self.values, self.scales, self.blocks, self.group, self.in_features, self.segments
+        ).to(dtype)
 
     def relative_error(self, weight: torch.Tensor) -> float:
         w = weight.float()

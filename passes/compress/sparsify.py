@@ -99,8 +99,9 @@ class Sparsify(Pass):
                 )
             if layer.module not in pruned:  # a weight several functions read is pruned once
                 importance = norms.get(layer.op)
-                pruned[layer.module] = gqsa(weight, self.group, self.sparsity, self.bits, segments,
-                                            importance)  # fmt: skip
+                pruned[layer.module] = gqsa(
+                    weight, self.group, self.sparsity, self.bits, segments, importance
+                )
             s = pruned[layer.module]
             placement = layer.placement  # rows, or each rank's kept groups
             attrs = {

@@ -123,8 +123,9 @@ class _Costs:
             inside = self.reshard(op.results[0].type, partial("sum"), REPLICATE)
         split = d.parallel is not None or any(p.kind != "replicate" for p in d.outputs)
         k = self.n if split else 1
-        flops, moved, weights = (_evaluate(e, self.subs) / k for e in (cost.flops, cost.bytes,
-                                                                        cost.weight_bytes))  # fmt: skip
+        flops, moved, weights = (
+            _evaluate(e, self.subs) / k for e in (cost.flops, cost.bytes, cost.weight_bytes)
+        )
         elements = None if cost.elements is None else _evaluate(cost.elements, self.subs) / k
         time = self.hw.roofline(
             flops, moved, op_dtype(op), cost.rate, op.target_name, weights, elements
@@ -174,8 +175,13 @@ def _group_keys(ops: list[CallOp]) -> dict[CallOp, tuple]:
         if not path:
             keys[op] = (id(op),)
             continue
-        alike = (_LAYER.sub(".*", path), op.target_name, op.args,
-                 tuple(v.type for v in op.operands), tuple(r.type for r in op.results))  # fmt: skip
+        alike = (
+            _LAYER.sub(".*", path),
+            op.target_name,
+            op.args,
+            tuple(v.type for v in op.operands),
+            tuple(r.type for r in op.results),
+        )
         kind = kinds.setdefault(alike, len(kinds))
         keys[op] = (kind, seen[(path, kind)])
         seen[(path, kind)] += 1
@@ -200,8 +206,15 @@ class Problem:
         )
 
 
-def formulate(blocks, n: int, hw: Hardware, link: Link, values: dict[str, int],
-              style_of=lambda op: None, fixed: dict | None = None) -> Problem:  # fmt: skip
+def formulate(
+    blocks,
+    n: int,
+    hw: Hardware,
+    link: Link,
+    values: dict[str, int],
+    style_of=lambda op: None,
+    fixed: dict | None = None,
+) -> Problem:
     """The program for the functions' `blocks` together: functions that share
     a weight or state (@prefill and @decode) must slice it alike. `style_of(op)`
     is a manual plan's style for a layer, which then has that one option;
@@ -362,9 +375,17 @@ def _slice_alike(ops, keys, options, params, costs, pairs) -> None:
                         table[(i, j)] = _IMPOSSIBLE
 
 
-def solve(blocks, n: int, hw: Hardware, link: Link, values: dict[str, int],
-          memory: float | None = None, timeout_s: float = 10.0,
-          style_of=lambda op: None, fixed: dict | None = None) -> Solution:  # fmt: skip
+def solve(
+    blocks,
+    n: int,
+    hw: Hardware,
+    link: Link,
+    values: dict[str, int],
+    memory: float | None = None,
+    timeout_s: float = 10.0,
+    style_of=lambda op: None,
+    fixed: dict | None = None,
+) -> Solution:
     problem = formulate(blocks, n, hw, link, values, style_of, fixed)
     return optimize(problem, n, memory, timeout_s)
 
