@@ -12,9 +12,8 @@
 See README.md for the CLI (`plait compile`, `plait opt`, `plait run`).
 """
 
-__version__ = "0.1.0"
-
-from .api import (  # noqa: E402
+from ._version import __version__
+from .api import (
     DEFAULT_PIPELINE,
     CompiledModel,
     compile,
@@ -22,8 +21,8 @@ from .api import (  # noqa: E402
     compile_ir,
     load,
 )
-from .ir.errors import PlaitError  # noqa: E402
-from .training import Trainer, compile_training, load_training  # noqa: E402
+from .ir.errors import PlaitError
+from .training import Trainer, compile_training, load_training
 
 __all__ = [
     "CompiledModel",

@@ -24,18 +24,20 @@ from torch.utils import _pytree as pytree
 from xdsl.dialects import func
 from xdsl.dialects.builtin import ModuleOp
 
-from .backends.fx import CollectiveGroups, Program, build_program
+from .backends.fx import CollectiveGroups, Program, build_program, run_observed
 from .frontend import hf
 from .frontend.capture import capture
 from .frontend.importer import import_program
-from .ir.attrs import LIBRARIES_ATTR, MESH_ATTR, SYMBOLS_ATTR
+from .ir.attrs import MESH_ATTR, SYMBOLS_ATTR
 from .ir.errors import PlaitError
+from .ir.libraries import libraries
 from .ir.ops import stored_weight_names
 from .ir.text import print_module
 from .ir.weights import WeightStore
 from .passes.manager import PassManager
 from .runtime import artifact
 from .runtime.inputs import bind_inputs, check_inputs, check_token_ids, token_id_limits
+from .runtime.prefetch import Prefetcher
 
 DEFAULT_PIPELINE = "canonicalize,cse,dce"
 
@@ -132,8 +134,8 @@ class CompiledModel:
                 from .runtime.distributed import mesh_groups
 
                 groups = mesh_groups(self.mesh)
-            self._programs[function] = build_program(
-                self.module, self.weights, self.device, groups, function, shared=self._shared
+            self._programs[function] = self._build(
+                self.weights, self.device, groups, function, self._shared
             )
         return self._programs[function]
 
@@ -144,10 +146,13 @@ class CompiledModel:
         groups = CollectiveGroups.placeholder(self.mesh, rank) if self.mesh else None
         weights = self.weights.as_meta()
         device = self.device if device is None else device
-        return _joined(
-            {f: build_program(self.module, weights, device, groups, f).code
-             for f in self.functions}
-        )  # fmt: skip
+        return _joined({f: self._build(weights, device, groups, f).code for f in self.functions})
+
+    def _build(self, weights, device, groups, function: str, shared=None) -> Program:
+        """The program of `function`; streamed weights come through a Prefetcher."""
+        return build_program(
+            self.module, weights, device, groups, function, shared=shared, prefetching=Prefetcher
+        )
 
     @property
     def code(self) -> str:
@@ -193,7 +198,7 @@ class CompiledModel:
             # the workers read the artifact the model was loaded from, else a
             # temporary save that the pool removes when it stops
             self._pool = WorkerPool(
-                self._directory or self.save, self.world_size, timeout, self.trusted_ops
+                self._directory or self.save, load, self.world_size, timeout, self.trusted_ops
             )
         return self._pool
 
@@ -233,9 +238,16 @@ class CompiledModel:
             seed = _common_seed(in_group)  # every rank must draw the same tokens
             sampling = Sampling(do_sample, temperature, top_k, top_p, seed)
         if self.world_size > 1 and not in_group:
-            options = dict(attention_mask=attention_mask, do_sample=do_sample,
-                           temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                           eos_token_id=eos_token_id, pad_token_id=pad_token_id)  # fmt: skip
+            options = dict(
+                attention_mask=attention_mask,
+                do_sample=do_sample,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                seed=seed,
+                eos_token_id=eos_token_id,
+                pad_token_id=pad_token_id,
+            )
             return self._workers().call("generate", (input_ids, max_new_tokens), options)
         ids = {"eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
         ids = {k: v if v is not None else self.generation.get(k) for k, v in ids.items()}
@@ -245,8 +257,9 @@ class CompiledModel:
             return logits
 
         with torch.inference_mode():
-            return generate(run, batch, max_length, input_ids, max_new_tokens,
-                            attention_mask, sampling, **ids)  # fmt: skip
+            return generate(
+                run, batch, max_length, input_ids, max_new_tokens, attention_mask, sampling, **ids
+            )
 
     def run(self, function: str, *inputs: torch.Tensor) -> list[torch.Tensor]:
         """Run one program of the module on tensor inputs and return its outputs,
@@ -285,8 +298,14 @@ class CompiledModel:
         return self._limits[function]
 
     def _function_named(self, name: str) -> func.FuncOp | None:
-        return next((op for op in self.module.ops
-                     if isinstance(op, func.FuncOp) and op.sym_name.data == name), None)  # fmt: skip
+        return next(
+            (
+                op
+                for op in self.module.ops
+                if isinstance(op, func.FuncOp) and op.sym_name.data == name
+            ),
+            None,
+        )
 
     def close(self) -> None:
         """Stop the worker processes a sharded plan called from one process runs on."""
@@ -301,8 +320,8 @@ class CompiledModel:
         est = compiled.estimate("h100-sxm", values={"batch": 1, "seq": 2048})
         est.schedule.step_time, est.comm_share, est.formulas["flops"]
         """
+        from .cost.estimate import Target, estimate
         from .hardware import Hardware, load
-        from .passes.estimate import Target, estimate
 
         hw = hardware if isinstance(hardware, Hardware) else load(hardware)
         target = Target(hw, dict(mesh or {}), dict(values or {}), context)
@@ -365,17 +384,17 @@ def compile(
     (the compiled model returns logits, or a base model's last_hidden_state;
     the mask defaults to ones).
 
-    `calibration` is a list of input tuples that calibrating passes run the
-    program on (`sparsify{importance=activation}`). `options` go to the pass
-    manager: dump_ir=DIR, print_ir_after_all, print_ir_before={...},
-    print_ir_after={...}, verify_each.
+    `calibration` is a list of input tuples that passes gathering activation
+    statistics run the program on (`sparsify{importance=activation}`).
+    `options` go to the pass manager: dump_ir=DIR, print_ir_after_all,
+    print_ir_before={...}, print_ir_after={...}, verify_each.
     """
     manager = PassManager.parse(pipeline, **options)  # a typo should not wait for the export
     if hf.is_transformers_model(model):
         model, example_inputs, dynamic_shapes = hf.prepare(model, example_inputs, dynamic_shapes)
     captured = capture(model, example_inputs, dynamic_shapes)
     module, weights = import_program(captured)
-    manager.run(module, weights, calibration)
+    manager.run(module, weights, calibration, run_observed)
     if device is None:
         device = _weights_device(weights)
     return CompiledModel(
@@ -409,9 +428,14 @@ def compile_generation(
     config = getattr(model, "generation_config", None)
     ids = {k: getattr(config, k, None) for k in ("eos_token_id", "pad_token_id")}
     return CompiledModel(
-        module, weights, pipeline, None, device or _weights_device(weights), manager.report(),
+        module,
+        weights,
+        pipeline,
+        None,
+        device or _weights_device(weights),
+        manager.report(),
         generation={k: v for k, v in ids.items() if v is not None},
-    )  # fmt: skip
+    )
 
 
 def compile_ir(
@@ -481,9 +505,7 @@ def _check_programs(compiled: CompiledModel, contents: artifact.Artifact, direct
 
 def _imported_libraries(module: ModuleOp) -> tuple[str, ...]:
     """The recorded custom-op libraries this process has imported (and so trusts)."""
-    recorded = module.attributes.get(LIBRARIES_ATTR)
-    names = [a.data for a in recorded.data] if recorded is not None else []
-    return tuple(n for n in names if n in sys.modules and n != "__main__")
+    return tuple(n for n in libraries(module) if n in sys.modules and n != "__main__")
 
 
 def _common_seed(in_group: bool) -> int:

@@ -48,6 +48,7 @@ from .ir.weights import WeightStore
 from .passes.manager import PassManager
 from .runtime import artifact
 from .runtime.inputs import check_inputs
+from .runtime.prefetch import Prefetcher
 
 Schedule = Callable[[int], float]
 
@@ -154,7 +155,13 @@ class Trainer:
     def _program(self, function: str) -> Program:
         if function not in self._programs:
             self._programs[function] = build_program(
-                self.module, self.weights, self.device, None, function, shared=self._shared
+                self.module,
+                self.weights,
+                self.device,
+                None,
+                function,
+                shared=self._shared,
+                prefetching=Prefetcher,
             )
             # state now lives in the program's copies: let go of the initial values
             live = {key[1] for key in self._shared if key[0] == "state"}
@@ -221,7 +228,13 @@ class Trainer:
         if GRADIENTS not in self._programs:
             module = gradient_module(self.module)
             self._programs[GRADIENTS] = build_program(
-                module, self.weights, self.device, None, GRADIENTS, shared=self._shared
+                module,
+                self.weights,
+                self.device,
+                None,
+                GRADIENTS,
+                shared=self._shared,
+                prefetching=Prefetcher,
             )
             self._gradient_names = sorted(gradients(_function(self.module, TRAIN_STEP)))
         lr = torch.zeros((), dtype=torch.float64)
@@ -288,7 +301,8 @@ class Trainer:
         }
         meta = store.as_meta()
         code = "\n".join(
-            f"# ---- @{f} ----{build_program(self.module, meta, 'cpu', None, f).code}"
+            f"# ---- @{f} ----"
+            f"{build_program(self.module, meta, 'cpu', None, f, prefetching=Prefetcher).code}"
             for f in self.functions
         )
         contents = artifact.Artifact(plan=self.ir, programs={0: code}, manifest=manifest)

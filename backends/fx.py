@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import inspect
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import sympy
@@ -31,6 +32,7 @@ from ..ir import symbolic
 from ..ir.attrs import ARENA_ATTR, MESH_ATTR, PLACEMENTS_ATTR, SYMBOLS_ATTR
 from ..ir.dtypes import TORCH_NAMES
 from ..ir.errors import PlaitError
+from ..ir.memory import host_tier, planned_offset
 from ..ir.ops import (
     AllGatherOp,
     AllReduceOp,
@@ -54,9 +56,6 @@ from ..ir.schema import out_variant
 from ..ir.text import where
 from ..ir.types import TensorType
 from ..ir.weights import WeightStore
-from ..passes.memplan import planned_offset
-from ..passes.tier import host_tier
-from ..runtime.prefetch import Prefetcher
 from . import bindings
 
 
@@ -180,6 +179,12 @@ def torch_dtype(name: str) -> torch.dtype:
 # fx node meta key: the IR op a node lowers (for per-op profiles)
 OP_META = "plait_op"
 
+# Makes the module through which a program streams its host-tier weights, from
+# each streamed weight's loader and name in the order of first use; the program
+# calls it ("start", j) to begin reading weight j and ("take", j) for the tensor
+# (runtime/prefetch.py's Prefetcher, given by the caller of build_program).
+Prefetching = Callable[[list[Callable[[], torch.Tensor]], list[str]], torch.nn.Module]
+
 
 @dataclass
 class Program:
@@ -289,8 +294,10 @@ class _Lowering:
         mesh: dict[str, int],
         arena_size: int = 0,
         shared: dict | None = None,
+        prefetching: Prefetching | None = None,
     ):
         self.weights = weights
+        self.prefetching = prefetching
         # what the programs of one module share: state, weights, layouts, arena
         self.shared = {} if shared is None else shared
         self.fast = fast
@@ -370,8 +377,13 @@ class _Lowering:
             return [position[u.operation] for u in param.result.uses]
 
         order = sorted(self.streamed, key=lambda s: min(uses(s[0])))
+        if self.prefetching is None:
+            raise LoweringError(
+                f"{where(order[0][0])}: the program streams weights from the host tier; give "
+                "build_program a prefetching (plait.runtime.prefetch.Prefetcher)"
+            )
         loaders = [functools.partial(self._load, p, shard) for p, shard in order]
-        self.attrs["prefetch"] = Prefetcher(loaders, [p.weight_name for p, _ in order])
+        self.attrs["prefetch"] = self.prefetching(loaders, [p.weight_name for p, _ in order])
         starts: dict[int, list[int]] = {-1: [0, 1][: len(order)]}
         for j in range(2, len(order)):
             starts.setdefault(max(uses(order[j - 2][0])), []).append(j)
@@ -673,8 +685,9 @@ class _Lowering:
         if self.arena_views:  # allocated once; planned results are views of it
             if ("arena",) not in self.shared:  # the module's functions never run at once
                 device = "meta" if self.on_meta else self.device
-                self.shared["arena",] = torch.empty(self.arena_size, dtype=torch.uint8,
-                                                    device=device)  # fmt: skip
+                self.shared["arena",] = torch.empty(
+                    self.arena_size, dtype=torch.uint8, device=device
+                )
             arena = self.shared["arena",]
             for key, dtype in self.arena_views.items():
                 self.attrs[key] = arena.view(dtype)
@@ -682,6 +695,29 @@ class _Lowering:
         for name in list(gm._buffers):  # plain attributes: read without Module.__getattr__
             gm.__dict__[name] = gm._buffers.pop(name)
         return gm
+
+
+def run_observed(
+    module: ModuleOp,
+    weights: WeightStore,
+    batches: list[tuple],
+    observers: dict[Operation, Callable[[tuple], None]],
+) -> None:
+    """Build the program of `module` (operators through their OpOverloads) and
+    run it on each batch; before an op of `observers` runs, call its observer
+    with the op's arguments (torch.fx's Interpreter)."""
+    program = build_program(module, weights, fast=False)
+
+    class Observed(torch.fx.Interpreter):
+        def run_node(self, node):
+            observe = observers.get(node.meta.get(OP_META))
+            if observe and node.op == "call_function" and node.target is not operator.getitem:
+                observe(self.fetch_args_kwargs_from_env(node)[0])
+            return super().run_node(node)
+
+    with torch.inference_mode():
+        for batch in batches:
+            Observed(program.graph_module).run(*batch)
 
 
 def build_program(
@@ -692,13 +728,15 @@ def build_program(
     function: str = "forward",
     fast: bool = True,
     shared: dict | None = None,
+    prefetching: Prefetching | None = None,
 ) -> Program:
     """Lower the function `function` of `module` to a runnable torch program.
 
     `fast=False` calls every operator through its OpOverload (for re-export).
     Programs of one module built with the same `shared` dict share this rank's
     weights, kernel layouts, arena and state (a KV cache: they update the same
-    tensors).
+    tensors). A program that streams weights from the host tier (`tier`)
+    streams them through the module `prefetching` makes.
     """
     fn = next(
         (op for op in module.ops if isinstance(op, func.FuncOp) and op.sym_name.data == function),
@@ -710,7 +748,9 @@ def build_program(
     mesh = mesh_attr.axes if mesh_attr is not None else {}
     arena = module.attributes.get(ARENA_ATTR)
     arena_size = arena.value.data if arena is not None else 0
-    lowering = _Lowering(weights, torch.device(device), groups, fast, mesh, arena_size, shared)
+    lowering = _Lowering(
+        weights, torch.device(device), groups, fast, mesh, arena_size, shared, prefetching
+    )
     gm = lowering.run(fn)
     symbols = module.attributes.get(SYMBOLS_ATTR)
     return Program(

@@ -29,11 +29,11 @@ import torch
 
 
 def main() -> None:
+    from plait.cost.estimate import Target, estimate
     from plait.frontend import hf
     from plait.frontend.capture import capture
     from plait.frontend.importer import import_program
     from plait.hardware import load
-    from plait.passes.estimate import Target, estimate
     from plait.passes.manager import PassManager
     from transformers import LlamaConfig, LlamaForCausalLM
 

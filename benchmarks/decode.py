@@ -44,16 +44,20 @@ def build(size: str):
 
 
 def hf_generate(model, ids, new: int) -> torch.Tensor:
-    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                          min_new_tokens=new, do_sample=False)  # fmt: skip
+    return model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new,
+        min_new_tokens=new,
+        do_sample=False,
+    )
 
 
 def plait_generate(compiled, ids, new: int) -> torch.Tensor:
     return compiled.generate(ids, new, eos_token_id=-1)
 
 
-def rounds(variants: dict, ids, new: int, repeats: int, barrier=lambda: None,
-           unchecked=()) -> dict:  # fmt: skip
+def rounds(variants: dict, ids, new: int, repeats: int, barrier=lambda: None, unchecked=()) -> dict:
     """Per variant: list of (seconds for `new` tokens, seconds for 1 token) per round."""
     out = {name: [] for name in variants}
     with torch.inference_mode():
@@ -90,8 +94,9 @@ def single_rank(size: str, prompt: int, new: int, repeats: int, quantized: bool)
     import plait
 
     model = build(size)
-    ids = torch.randint(3, model.config.vocab_size, (1, prompt),
-                        generator=torch.Generator().manual_seed(0))  # fmt: skip
+    ids = torch.randint(
+        3, model.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0)
+    )
     compiled = plait.compile_generation(model, max_length=prompt + new)
     variants = {
         "transformers eager": lambda x, n: hf_generate(model, x, n),
@@ -117,11 +122,13 @@ def _tp_rank(rank: int, world: int, port: int, size: str, prompt: int, new: int,
     from dtensor_llama import parallelize_llama
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)  # fmt: skip
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
     model = build(size)
-    ids = torch.randint(3, model.config.vocab_size, (1, prompt),
-                        generator=torch.Generator().manual_seed(0))  # fmt: skip
+    ids = torch.randint(
+        3, model.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0)
+    )
     compiled = plait.compile_generation(
         model, max_length=prompt + new, pipeline=f"shard{{mesh=tp:{world}}}"
     )
@@ -157,8 +164,11 @@ def main() -> None:
         from plait.runtime.workers import free_port
 
         for size in sizes:
-            mp.spawn(_tp_rank, (args.tp, free_port(), size, args.prompt, args.new, args.repeats),
-                     nprocs=args.tp)  # fmt: skip
+            mp.spawn(
+                _tp_rank,
+                (args.tp, free_port(), size, args.prompt, args.new, args.repeats),
+                nprocs=args.tp,
+            )
 
 
 if __name__ == "__main__":

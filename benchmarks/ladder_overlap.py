@@ -118,10 +118,14 @@ def build(directory: Path, hidden: int, layers: int) -> None:
     from xdsl.rewriter import Rewriter
 
     config = LlamaConfig(
-        vocab_size=4096, hidden_size=hidden, intermediate_size=int(hidden * 2.75) // 64 * 64,
-        num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 128,
+        vocab_size=4096,
+        hidden_size=hidden,
+        intermediate_size=int(hidden * 2.75) // 64 * 64,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 128,
         max_position_embeddings=512,
-    )  # fmt: skip
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
     inputs = hf.example_inputs(model, 2, 16)
@@ -144,8 +148,9 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://{ADDRESSES[0]}:29531",
-                            rank=args.rank, world_size=2)  # fmt: skip
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://{ADDRESSES[0]}:29531", rank=args.rank, world_size=2
+    )
     programs = {n: plait.load(Path(args.dir) / n.replace(" ", "_")) for n in PROGRAMS}
     ids = torch.ones(1, args.seq, dtype=torch.long)
     mask = torch.ones(1, args.seq, dtype=torch.long)
@@ -195,8 +200,22 @@ def main() -> None:
         procs = []
         for rank, (ns, dev) in enumerate(zip(NAMESPACES, DEVICES)):
             env = dict(os.environ, GLOO_SOCKET_IFNAME=dev, OMP_NUM_THREADS="1")
-            command = ["ip", "netns", "exec", ns, sys.executable, __file__, "--rank", str(rank),
-                       "--dir", str(directory), "--seq", str(args.seq), "--repeats", str(args.repeats)]  # fmt: skip
+            command = [
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                sys.executable,
+                __file__,
+                "--rank",
+                str(rank),
+                "--dir",
+                str(directory),
+                "--seq",
+                str(args.seq),
+                "--repeats",
+                str(args.repeats),
+            ]
             procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True))
         out = [p.communicate(timeout=1800)[0] for p in procs]
     finally:

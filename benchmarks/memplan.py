@@ -69,8 +69,10 @@ def graphs(include_70b: bool):
 
     for name, build in EXAMPLES.items():
         model, inputs, shapes = build()
-        for pipeline, label in (("canonicalize,cse,dce", name),
-                                ("canonicalize,cse,dce,shard{mesh=tp:2},overlap", f"{name} TP=2 rank")):  # fmt: skip
+        for pipeline, label in (
+            ("canonicalize,cse,dce", name),
+            ("canonicalize,cse,dce,shard{mesh=tp:2},overlap", f"{name} TP=2 rank"),
+        ):
             if name == "cnn-tiny" and "shard" in pipeline:
                 continue
             compiled = plait.compile(model, inputs, dynamic_shapes=shapes, pipeline=pipeline)
@@ -88,9 +90,16 @@ def llama_70b():
     from transformers import LlamaConfig, LlamaForCausalLM
     from xdsl.dialects import func
 
-    config = LlamaConfig(vocab_size=128256, hidden_size=8192, intermediate_size=28672,
-                         num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
-                         max_position_embeddings=8192, rope_theta=500000.0)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=128256,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+    )
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     module, _ = import_program(capture(hf.wrap(model), hf.example_inputs(model, 1, 2048)))
@@ -105,8 +114,8 @@ def llama_70b():
 
 
 def main() -> None:
-    from plait.passes.arena import plan_arena
-    from plait.passes.liveness import Buffer, liveness, value_sizes
+    from plait.passes.memory.arena import plan_arena
+    from plait.passes.memory.liveness import Buffer, liveness, value_sizes
     from rich.console import Console
     from rich.table import Table
 
@@ -126,18 +135,29 @@ def main() -> None:
         ratios.append(plan.ratio)
         if len(buffers) > len(largest):
             largest = buffers
-        table.add_row(label, str(len(buffers)), f"{plan.lower_bound / 2**20:.2f} MiB",
-                      f"{plan.size / 2**20:.2f} MiB", f"{plan.ratio:.4f}", plan.method,
-                      f"{seconds:.3f}")  # fmt: skip
+        table.add_row(
+            label,
+            str(len(buffers)),
+            f"{plan.lower_bound / 2**20:.2f} MiB",
+            f"{plan.size / 2**20:.2f} MiB",
+            f"{plan.ratio:.4f}",
+            plan.method,
+            f"{seconds:.3f}",
+        )
     console = Console(width=150)
     console.print(table)
-    print(f"ratio arena / lower bound: mean {statistics.mean(ratios):.4f}, worst {max(ratios):.4f} "
-          f"over {len(ratios)} graphs (goal <= 1.01 mean, <= 1.035 worst)")  # fmt: skip
+    print(
+        f"ratio arena / lower bound: mean {statistics.mean(ratios):.4f}, worst {max(ratios):.4f} "
+        f"over {len(ratios)} graphs (goal <= 1.01 mean, <= 1.035 worst)"
+    )
 
     copies = -(-10_000 // max(1, len(largest)))
     horizon = max(b.end for b in largest) + 1
-    trace = [Buffer(b.value, b.size, b.start + k * horizon, b.end + k * horizon)
-             for k in range(copies) for b in largest]  # fmt: skip
+    trace = [
+        Buffer(b.value, b.size, b.start + k * horizon, b.end + k * horizon)
+        for k in range(copies)
+        for b in largest
+    ]
     times = []
     for _ in range(3):
         start = time.perf_counter()
@@ -159,12 +179,16 @@ def main() -> None:
     for name, build in EXAMPLES.items():
         model, inputs, shapes = build(8, 128) if name != "cnn-tiny" else build(32, 64)
         compiled = plait.compile(model, inputs, pipeline="canonicalize,cse,dce,memplan")
-        arenas = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                  for k, t in vars(compiled.program.graph_module).items() if k.startswith("arena_")}  # fmt: skip
+        arenas = {
+            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for k, t in vars(compiled.program.graph_module).items()
+            if k.startswith("arena_")
+        }
         eager = peak_bytes(model, *inputs)
         planned = peak_bytes(compiled, *inputs, ignore=frozenset(arenas)) + sum(arenas.values())
-        peaks.add_row(name, f"{eager / 2**20:.2f} MiB", f"{planned / 2**20:.2f} MiB",
-                      f"{planned / eager:.3f}")  # fmt: skip
+        peaks.add_row(
+            name, f"{eager / 2**20:.2f} MiB", f"{planned / 2**20:.2f} MiB", f"{planned / eager:.3f}"
+        )
     console.print(peaks)
 
 

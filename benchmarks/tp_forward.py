@@ -29,8 +29,15 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-CONFIG = dict(vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
-              num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=512)  # fmt: skip
+CONFIG = dict(
+    vocab_size=8192,
+    hidden_size=1024,
+    intermediate_size=2816,
+    num_hidden_layers=8,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    max_position_embeddings=512,
+)
 
 
 def build():
@@ -66,12 +73,19 @@ class HandWrittenTP(torch.nn.Module):
         self.layers = []
         for layer in model.model.layers:
             a, m = layer.self_attn, layer.mlp
-            self.layers.append(dict(
-                ln1=layer.input_layernorm.weight, ln2=layer.post_attention_layernorm.weight,
-                q=rows(a.q_proj.weight), k=rows(a.k_proj.weight), v=rows(a.v_proj.weight),
-                o=cols(a.o_proj.weight), gate=rows(m.gate_proj.weight), up=rows(m.up_proj.weight),
-                down=cols(m.down_proj.weight),
-            ))  # fmt: skip
+            self.layers.append(
+                dict(
+                    ln1=layer.input_layernorm.weight,
+                    ln2=layer.post_attention_layernorm.weight,
+                    q=rows(a.q_proj.weight),
+                    k=rows(a.k_proj.weight),
+                    v=rows(a.v_proj.weight),
+                    o=cols(a.o_proj.weight),
+                    gate=rows(m.gate_proj.weight),
+                    up=rows(m.up_proj.weight),
+                    down=cols(m.down_proj.weight),
+                )
+            )
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
@@ -108,8 +122,9 @@ def _rank(rank: int, world: int, port: int, seqs: list[int], repeats: int, with_
     from rounds import checked_rounds
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)  # fmt: skip
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
     model = build()
     dtensor = copy.deepcopy(model)
     parallelize_llama(dtensor, world)
@@ -121,8 +136,9 @@ def _rank(rank: int, world: int, port: int, seqs: list[int], repeats: int, with_
             f"canonicalize,cse,dce,shard{{mesh=tp:{world},solve=ilp,hardware=cpu}},dce"
         )
     for seq in seqs:
-        ids = torch.randint(0, CONFIG["vocab_size"], (1, seq),
-                            generator=torch.Generator().manual_seed(seq))  # fmt: skip
+        ids = torch.randint(
+            0, CONFIG["vocab_size"], (1, seq), generator=torch.Generator().manual_seed(seq)
+        )
         mask = torch.ones_like(ids)
         compiled = {
             name: plait.compile(wrapped, (ids, mask), pipeline=p) for name, p in pipelines.items()
@@ -146,8 +162,9 @@ def report(seq: int, times: dict, repeats: int, world: int) -> None:
     for name, runs in times.items():
         to_dtensor = statistics.median(r / d for r, d in zip(runs, times["DTensor"]))
         to_hand = statistics.median(r / h for r, h in zip(runs, times["hand-written"]))
-        print(f"{name:<14}{statistics.median(runs) * 1e3:>9.2f}{to_dtensor:>11.2f}x"
-              f"{to_hand:>16.2f}x")  # fmt: skip
+        print(
+            f"{name:<14}{statistics.median(runs) * 1e3:>9.2f}{to_dtensor:>11.2f}x{to_hand:>16.2f}x"
+        )
 
 
 def main() -> None:

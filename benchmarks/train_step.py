@@ -18,8 +18,15 @@ import time
 
 import torch
 
-SMALL = dict(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-             num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512)  # fmt: skip
+SMALL = dict(
+    vocab_size=32000,
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    max_position_embeddings=512,
+)
 
 
 def main() -> None:
@@ -69,8 +76,10 @@ def main() -> None:
     print(
         f"capture (compile_training): {capture:.1f} s; first plait step {times['plait'][0]:.2f} s"
     )
-    print(f"step, median of {args.steps - 1}: eager {eager_ms:.1f} ms, plait {plait_ms:.1f} ms, "
-          f"plait / eager {plait_ms / eager_ms:.3f}")  # fmt: skip
+    print(
+        f"step, median of {args.steps - 1}: eager {eager_ms:.1f} ms, plait {plait_ms:.1f} ms, "
+        f"plait / eager {plait_ms / eager_ms:.3f}"
+    )
 
 
 if __name__ == "__main__":

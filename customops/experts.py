@@ -1,4 +1,4 @@
-"""Kernels of expert parallelism (see passes/experts.py).
+"""Kernels of expert parallelism (see passes/shard/experts.py).
 
 `plait::expert_mm`: the grouped matrix product of the experts one rank holds.
 

@@ -1,4 +1,4 @@
-"""`plait::gqsa_linear`: a linear layer with a GQSA weight (see passes/gqsa.py
+"""`plait::gqsa_linear`: a linear layer with a GQSA weight (see passes/compress/gqsa.py
 for the layout): 4-bit groups of G input features, most pruned away.
 
 PyTorch has no kernel for this layout, so plait ships one in C++
@@ -69,14 +69,16 @@ def extension():
             verbose=False,
         )
     except Exception as exc:  # no compiler, no headers: the dense path still works
-        warnings.warn(f"plait: the GQSA C++ kernel could not be built ({exc}); "
-                      "GQSA layers run densified", stacklevel=2)  # fmt: skip
+        warnings.warn(
+            f"plait: the GQSA C++ kernel could not be built ({exc}); GQSA layers run densified",
+            stacklevel=2,
+        )
         return None
 
 
 def prepare_args(args: list) -> dict[str, torch.Tensor]:
     """float32 scales and int32 blocks, contiguous, as the C++ kernel reads them
-    (after checking the layout in passes/gqsa.py)."""
+    (after checking the layout in passes/compress/gqsa.py)."""
     values, scales, blocks, group = args[1], args[2], args[3], args[5]
     if not isinstance(scales, torch.Tensor) or not isinstance(blocks, torch.Tensor):
         return {}

@@ -138,8 +138,9 @@ def prepare(
     _check_storage(qweight, scales, bits)
     prepared = {}
     if outlier_value is not None and outlier_value.numel():
-        prepared |= _outlier_rows(outlier_index.reshape(2, -1), outlier_value.reshape(-1),
-                                  scales.shape[0])  # fmt: skip
+        prepared |= _outlier_rows(
+            outlier_index.reshape(2, -1), outlier_value.reshape(-1), scales.shape[0]
+        )
     layout = _int4_layout if bits == 4 else _int8_layout
     return prepared | layout(qweight, scales)
 
@@ -170,9 +171,11 @@ def _outlier_rows(index: torch.Tensor, value: torch.Tensor, rows: int) -> dict[s
     """CSR arrays (row pointers, columns, values) of the outliers."""
     if value.is_meta:  # program source only
         meta = {"device": "meta"}
-        return {"csr_rows": torch.empty(rows + 1, dtype=torch.int64, **meta),
-                "csr_cols": torch.empty(value.numel(), dtype=torch.int64, **meta),
-                "csr_values": torch.empty(value.numel(), dtype=torch.float32, **meta)}  # fmt: skip
+        return {
+            "csr_rows": torch.empty(rows + 1, dtype=torch.int64, **meta),
+            "csr_cols": torch.empty(value.numel(), dtype=torch.int64, **meta),
+            "csr_values": torch.empty(value.numel(), dtype=torch.float32, **meta),
+        }
     order = torch.argsort(index[0].long() * (int(index[1].max()) + 1) + index[1].long())
     row, col = index[0].long()[order], index[1].long()[order]
     pointers = torch.zeros(rows + 1, dtype=torch.int64, device=value.device)
@@ -289,8 +292,9 @@ def quant_linear(
     if outlier_value.numel() and csr_rows is not None:
         # a CSR product: ~0.3 ms at 1 token for 1% outliers of a 4096x4096 layer,
         # where index_add along dim 1 took ~12 ms (kept for calls without `prepare`)
-        sparse = torch.sparse_csr_tensor(csr_rows, csr_cols, csr_values, (out, x.shape[-1]),
-                                         check_invariants=False)  # built by `prepare`  # fmt: skip
+        sparse = torch.sparse_csr_tensor(
+            csr_rows, csr_cols, csr_values, (out, x.shape[-1]), check_invariants=False
+        )  # built by `prepare`
         y = y + (sparse @ x2.t().to(csr_values.dtype)).t().to(x.dtype)
     elif outlier_value.numel():  # y[:, row] += x[:, col] * value, a sparse product
         y = y.index_add(1, outlier_index[0], x2[:, outlier_index[1]] * outlier_value.to(x.dtype))

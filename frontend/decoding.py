@@ -25,10 +25,11 @@ import inspect
 import torch
 from torch.export import Dim
 from xdsl.dialects import func
-from xdsl.dialects.builtin import ArrayAttr, ModuleOp, StringAttr
+from xdsl.dialects.builtin import ModuleOp, StringAttr
 
-from ..ir.attrs import LIBRARIES_ATTR, SYMBOLS_ATTR, SymbolsAttr
+from ..ir.attrs import SYMBOLS_ATTR, SymbolsAttr
 from ..ir.errors import PlaitError
+from ..ir.libraries import libraries, require_library
 from ..ir.weights import WeightStore
 from .capture import capture
 from .importer import import_program
@@ -110,8 +111,14 @@ class CachedCausalLM(torch.nn.Module):
         visible = cache_mask[:, None, :].bool() | (k[None, :] == slots[:, None])[None]
         mask = (causal[None] & visible)[:, None]
         extra = {"logits_to_keep": 1} if self.keep_last else {}
-        out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
-                         cache=self.cache, use_cache=True, **extra)  # fmt: skip
+        out = self.model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=mask,
+            cache=self.cache,
+            use_cache=True,
+            **extra,
+        )
         logits = out.logits if hasattr(out, "logits") else out[0]
         return logits[:, -1:]
 
@@ -136,8 +143,12 @@ def capture_generation(
     device = wrapper.kv_cache[0].keys.device
     prompt = Dim("prompt", min=1, max=max_length)
     context = {0: None, 1: Dim("context", min=1, max=max_length)}
-    prefill_dims = {"input_ids": {1: prompt}, "position_ids": {1: prompt}, "slots": {0: prompt},
-                    "cache_mask": context}  # fmt: skip
+    prefill_dims = {
+        "input_ids": {1: prompt},
+        "position_ids": {1: prompt},
+        "slots": {0: prompt},
+        "cache_mask": context,
+    }
     decode_dims = {"input_ids": None, "position_ids": None, "slots": None, "cache_mask": context}
     # example sizes differ, or export would take prompt and context for one symbol
     prefill = example_inputs(batch, 2, 3, device)
@@ -151,23 +162,21 @@ def capture_generation(
 
 def merge_functions(parts: dict[str, tuple[ModuleOp, WeightStore]]):
     """Modules of one @forward each -> one module with a function per name."""
-    functions, libraries, symbols = [], set(), {}
+    functions, library_names, symbols = [], set(), {}
     weights = WeightStore()
     for name, (module, store) in parts.items():
         fn = next(op for op in module.ops if isinstance(op, func.FuncOp))
         fn.sym_name = StringAttr(name)
         fn.detach()
         functions.append(fn)
-        if LIBRARIES_ATTR in module.attributes:
-            libraries.update(a.data for a in module.attributes[LIBRARIES_ATTR].data)
+        library_names.update(libraries(module))
         if SYMBOLS_ATTR in module.attributes:
             symbols.update(module.attributes[SYMBOLS_ATTR].ranges)
         for weight in store.names():
             if weight not in weights:  # both programs read the same model's weights
                 weights.add(weight, store.get(weight))
     merged = ModuleOp(functions)
-    if libraries:
-        merged.attributes[LIBRARIES_ATTR] = ArrayAttr([StringAttr(m) for m in sorted(libraries)])
+    require_library(merged, *library_names)
     if symbols:
         merged.attributes[SYMBOLS_ATTR] = SymbolsAttr(
             tuple((n, lo, hi) for n, (lo, hi) in symbols.items())

@@ -58,8 +58,9 @@ def _class_names(task: str) -> dict[str, str]:
     from transformers.models.auto import modeling_auto
 
     table = getattr(modeling_auto, TASKS[task].mapping)
-    return {kind: names if isinstance(names, str) else " ".join(names)
-            for kind, names in table.items()}  # fmt: skip
+    return {
+        kind: names if isinstance(names, str) else " ".join(names) for kind, names in table.items()
+    }
 
 
 def task_of(class_name: str) -> str | None:

@@ -27,13 +27,14 @@ from collections.abc import Collection
 import torch
 from torch.export.graph_signature import InputKind
 from xdsl.dialects import func
-from xdsl.dialects.builtin import ArrayAttr, ModuleOp, NameLoc, NoneAttr, StringAttr
+from xdsl.dialects.builtin import ModuleOp, NameLoc, NoneAttr, StringAttr
 from xdsl.ir import Block, Region, SSAValue
 
 from ..ir import args as irargs
-from ..ir.attrs import LIBRARIES_ATTR, SYMBOLS_ATTR, SymbolsAttr
+from ..ir.attrs import SYMBOLS_ATTR, SymbolsAttr
 from ..ir.dtypes import IR_NAMES
 from ..ir.errors import PlaitError
+from ..ir.libraries import require_library
 from ..ir.names import value_name
 from ..ir.ops import ParamOp, call_op_class
 from ..ir.targets import join_name
@@ -483,10 +484,7 @@ class _Importer:
             Region(self.block),
         )
         module = ModuleOp([fn])
-        if self.libraries:
-            module.attributes[LIBRARIES_ATTR] = ArrayAttr(
-                [StringAttr(m) for m in sorted(self.libraries)]
-            )
+        require_library(module, *self.libraries)
         if self.symbols.ranges:
             module.attributes[SYMBOLS_ATTR] = SymbolsAttr(
                 tuple((n, lo, hi) for n, (lo, hi) in self.symbols.ranges.items())

@@ -4,7 +4,6 @@
     path/to/hf_dir            a Hugging Face checkpoint directory (config.json and
                               *.safetensors weights); the model class of its task, from
                               config.json's `architectures` or `task` (see hf.TASKS)
-    --example NAME            a bundled example (llama-tiny, gpt2-tiny, mixtral-tiny, cnn-tiny)
 
 Checkpoints load through safetensors (or torch.load with weights_only=True),
 never through pickle. A weight the checkpoint lacks is an error, never a random
@@ -127,9 +126,11 @@ def _from_hf_dir(
     source = "meta" if meta else "weights" if safetensors or pickled else "random weights"
     output = hf.TASKS[task].output
     return LoadedModel(
-        hf.wrap(model, task), inputs, shapes,
+        hf.wrap(model, task),
+        inputs,
+        shapes,
         f"{path} ({type(model).__name__}: {task} from {why}, returns {output}; {source})",
-    )  # fmt: skip
+    )
 
 
 def _task_of_config(config, path: Path) -> tuple[str, str]:
@@ -158,9 +159,14 @@ def _from_pretrained(auto, path: Path, config, task: str):
 
     try:  # mismatched shapes are reported below, by name (transformers points to its log)
         model, info = auto.from_pretrained(
-            str(path), config=config, local_files_only=True, use_safetensors=True,
-            dtype=torch.float32, output_loading_info=True, ignore_mismatched_sizes=True,
-        )  # fmt: skip
+            str(path),
+            config=config,
+            local_files_only=True,
+            use_safetensors=True,
+            dtype=torch.float32,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
+        )
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelSpecError(f"{path}: loading the checkpoint failed: {exc}") from exc
     mismatched = sorted(info["mismatched_keys"])
@@ -225,7 +231,6 @@ def _load_torch_checkpoint(model: torch.nn.Module, files: list[Path]) -> None:
 
 def load_model(
     spec: str | None,
-    example: str | None = None,
     batch: int = 2,
     seq: int = 16,
     dynamic: bool = True,
@@ -233,20 +238,11 @@ def load_model(
     task: str | None = None,
     random_weights: bool = False,
 ) -> LoadedModel:
-    """Resolve a MODEL spec (or an example name) into a model and inputs. `task`
-    and `random_weights` apply to a Hugging Face directory (see `_from_hf_dir`)."""
+    """Resolve a MODEL spec into a model and inputs. `task` and `random_weights`
+    apply to a Hugging Face directory (see `_from_hf_dir`)."""
     path = Path(spec) if spec is not None else None
-    if task is not None and not (example is None and path.is_dir()):
+    if task is not None and not (path is not None and path.is_dir()):
         raise ModelSpecError("--task chooses the model class of a Hugging Face directory MODEL")
-    if example is not None:
-        from ..examples.models import EXAMPLES
-
-        if example not in EXAMPLES:
-            raise ModelSpecError(
-                f"unknown example '{example}'; examples: {', '.join(sorted(EXAMPLES))}"
-            )
-        model, inputs, shapes = EXAMPLES[example]()
-        return LoadedModel(model, tuple(inputs), shapes if dynamic else None, f"example {example}")
     if spec is None:
         raise ModelSpecError(
             "give a MODEL (file.py:factory or a Hugging Face directory) or --example NAME"

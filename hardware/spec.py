@@ -191,7 +191,7 @@ def load(name_or_path: str | Path) -> Hardware:
                 float(_require(c, "bandwidth", f"{where} [[memory.caches]]")),
             )
             for c in memory.get("caches", [])
-        ),  # fmt: skip
+        ),
         op_overhead=float(overhead.get("op", 0.0)),
         view_overhead=float(overhead.get("view", 0.0)),
         sequence_overhead=float(overhead.get("sequence", 0.0)),

@@ -14,6 +14,7 @@ The last three are records: a fixed schema of typed fields, written as
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -30,6 +31,8 @@ SYMBOLS_ATTR = "plait.symbols"  # module: size symbols and their ranges
 MESH_ATTR = "plait.mesh"  # module: the device mesh a sharded plan runs on
 PLACEMENTS_ATTR = "plait.placements"  # param: the slice of the weight each rank loads
 ARENA_ATTR = "plait.arena"  # module: bytes of the planned activation arena (see memplan)
+SHARDING_ATTR = "plait.sharding"  # module: how the shard solver chose (status, objective)
+TIERING_ATTR = "plait.tiering"  # module: what tier streams and its predicted step times
 LIBRARIES_ATTR = "plait.libraries"  # module: Python modules that define custom ops
 
 REDUCE_OPS = ("sum", "avg", "max", "min", "product")
@@ -316,13 +319,21 @@ class SparsityAttr(RecordAttr):
     )
 
 
+class MemorySpace(enum.Enum):
+    """The memory tiers a tensor may live in (MemAttr's `tier`)."""
+
+    DEVICE = "device"  # the accelerator's memory (on CPU: RAM)
+    HOST = "host"  # host memory, streamed to the device (on CPU: the weights file)
+
+
 @irdl_attr_definition
 class MemAttr(RecordAttr):
-    """Where a tensor lives: memory tier and its offset in that tier's arena."""
+    """Where a tensor lives: memory tier and its offset in that tier's arena
+    (readers and writers: plait.ir.memory)."""
 
     name = "plait.mem"
     FIELDS = (
-        ("tier", str, "device"),
+        ("tier", str, MemorySpace.DEVICE.value),
         ("offset", int, -1),  # -1: not planned
         ("prefetch", bool, False),
     )

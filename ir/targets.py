@@ -15,6 +15,10 @@ import re
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*::[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
 
+# plait's own compressed linear kernels (customops): a linear layer whose
+# weight is already quantized or sparse
+COMPRESSED_LINEARS = {"plait::quant_linear", "plait::gqsa_linear"}
+
 _KINDS: dict[str, str] = {
     "linear": "linear",
     "matmul": "matmul mm bmm addmm baddbmm",

@@ -502,10 +502,13 @@ class _Checker:
         for d in range(len(computed[0][0])):
             values = [sizes[d] for sizes, _, _ in computed]
             match = next(
-                (c for c in candidates
-                 if all(_dim_at(c, p) == v for p, v in zip(self.points, values))),
+                (
+                    c
+                    for c in candidates
+                    if all(_dim_at(c, p) == v for p, v in zip(self.points, values))
+                ),
                 None,
-            )  # fmt: skip
+            )
             numbers |= match is None and len(set(values)) > 1
             dims.append(values[0] if match is None else match)
         text = str(TensorType(dims, computed[0][2]))

@@ -63,8 +63,11 @@ def _extents(path: Path) -> dict[str, tuple[int, int]]:
             length = int.from_bytes(f.read(8), "little")
             header = json.loads(f.read(length))
         base = 8 + length
-        return {key: (base + info["data_offsets"][0], base + info["data_offsets"][1])
-                for key, info in header.items() if key != "__metadata__"}  # fmt: skip
+        return {
+            key: (base + info["data_offsets"][0], base + info["data_offsets"][1])
+            for key, info in header.items()
+            if key != "__metadata__"
+        }
     except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
         raise WeightError(f"{path}: cannot read the safetensors header: {exc}") from None
 
@@ -190,8 +193,10 @@ class WeightStore:
                 return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
         full = self.get(name)
         _check_parts(name, list(full.shape), dim, parts, blocks)
-        pieces = [full.narrow(dim, start, length)
-                  for start, length in shard(dim, blocks).ranges(full.shape[dim], parts, index)]  # fmt: skip
+        pieces = [
+            full.narrow(dim, start, length)
+            for start, length in shard(dim, blocks).ranges(full.shape[dim], parts, index)
+        ]
         if len(pieces) > 1:
             return torch.cat(pieces, dim)
         return pieces[0] if full.is_meta else pieces[0].contiguous()

@@ -9,8 +9,8 @@ from xdsl.dialects.builtin import ModuleOp
 from xdsl.ir import Operation
 from xdsl.rewriter import Rewriter
 
+from ..ir.effects import is_mergeable
 from .base import Pass, function_blocks
-from .effects import is_mergeable
 
 
 def _key(op: Operation):

@@ -8,8 +8,8 @@ from xdsl.context import Context
 from xdsl.dialects.builtin import ModuleOp
 from xdsl.rewriter import Rewriter
 
+from ..ir.effects import is_removable
 from .base import Pass, function_blocks
-from .effects import is_removable
 
 
 @dataclass(frozen=True)

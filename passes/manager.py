@@ -21,7 +21,7 @@ from xdsl.dialects.builtin import ModuleOp
 from ..ir.errors import IRVerifyError, PlaitError
 from ..ir.text import print_module, verify_module
 from ..ir.weights import WeightStore
-from .base import Pass, PassContext
+from .base import Pass, PassContext, ProgramRunner
 from .pipeline import parse_pipeline, with_prerequisites
 
 
@@ -74,8 +74,16 @@ class PassManager:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / f"{index:02d}-{name}.mlir").write_text(print_module(module))
 
-    def run(self, module: ModuleOp, weights: WeightStore | None = None, calibration=()) -> ModuleOp:
-        ctx = PassContext.create(weights, calibration)
+    def run(
+        self,
+        module: ModuleOp,
+        weights: WeightStore | None = None,
+        sample_inputs=(),
+        run_program: ProgramRunner | None = None,
+    ) -> ModuleOp:
+        """Run the passes on `module` in place; `sample_inputs` and `run_program`
+        are for passes that run the program (see PassContext)."""
+        ctx = PassContext.create(weights, sample_inputs, run_program)
         self._dump(module, 0, "input")
         step = 0
         for index, p in enumerate(self.passes):

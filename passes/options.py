@@ -12,6 +12,7 @@ torch.export). Each prints back as the text it was parsed from.
 
 from __future__ import annotations
 
+import enum
 import fnmatch
 import re
 from dataclasses import dataclass
@@ -152,25 +153,32 @@ def check_all_match(globs: Globs, paths, what: str, where: str) -> None:
         )
 
 
+class PlanStyle(enum.Enum):
+    """A manual plan's choice for a linear or embedding layer (PyTorch's words)."""
+
+    COLWISE = "colwise"
+    ROWWISE = "rowwise"
+    REPLICATE = "replicate"
+
+
 @dataclass(frozen=True)
 class Plan:
     """A manual sharding plan, first match wins: `*.mlp.down_proj:rowwise,lm_head:replicate`."""
 
-    entries: tuple[tuple[str, str], ...] = ()
+    entries: tuple[tuple[str, PlanStyle], ...] = ()
 
     @classmethod
     def parse(cls, text: str) -> Plan:
-        from .shard_rules import STYLES
-
+        styles = [s.value for s in PlanStyle]
         entries = []
         for item in _items(text):
             glob, _, style = item.rpartition(":")
-            if not glob or style not in STYLES:
+            if not glob or style not in styles:
                 raise OptionError(
                     f"plan entry '{item}': write MODULE-GLOB:STYLE with STYLE one of "
-                    f"{', '.join(STYLES)} (e.g. *.mlp.down_proj:rowwise)"
+                    f"{', '.join(styles)} (e.g. *.mlp.down_proj:rowwise)"
                 )
-            entries.append((glob, style))
+            entries.append((glob, PlanStyle(style)))
         if not entries:
             raise OptionError("give at least one MODULE-GLOB:STYLE entry")
         return cls(tuple(entries))
@@ -180,4 +188,4 @@ class Plan:
         return Globs(tuple(glob for glob, _ in self.entries))
 
     def __str__(self) -> str:
-        return ",".join(f"{glob}:{style}" for glob, style in self.entries)
+        return ",".join(f"{glob}:{style.value}" for glob, style in self.entries)

@@ -12,12 +12,12 @@ _PASSES: dict[str, str] = {
     "cse": "cse:CommonSubexpressionElimination",
     "dce": "dce:DeadCodeElimination",
     "ladder": "ladder:Ladder",
-    "memplan": "memplan:MemPlan",
+    "memplan": "memory.memplan:MemPlan",
     "overlap": "overlap:Overlap",
-    "quantize": "quantize:Quantize",
-    "sparsify": "sparsify:Sparsify",
-    "shard": "shard:Shard",
-    "tier": "tier:Tier",
+    "quantize": "compress.quantize:Quantize",
+    "sparsify": "compress.sparsify:Sparsify",
+    "shard": "shard.shard:Shard",
+    "tier": "memory.tier:Tier",
 }
 
 

@@ -12,7 +12,7 @@ from xdsl.ir import Block, SSAValue
 
 from ..ir.attrs import PLACEMENTS_ATTR
 from ..ir.ops import AllGatherOp, AllReduceOp, CollectiveOp, LocalShardOp, ParamOp, WaitOp
-from .shard_rules import DATA_AXES
+from .shard.rules import DATA_AXES
 
 
 def whole_values(block: Block, axes: tuple[str, ...]) -> set[SSAValue]:

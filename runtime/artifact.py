@@ -37,9 +37,11 @@ from pathlib import Path
 import torch
 from xdsl.dialects.builtin import ModuleOp
 
+from .._version import __version__
 from ..backends.bindings import resolve
-from ..ir.attrs import LIBRARIES_ATTR, MESH_ATTR
+from ..ir.attrs import MESH_ATTR
 from ..ir.errors import PlaitError
+from ..ir.libraries import libraries
 from ..ir.ops import CallOp, stored_weight_names
 from ..ir.targets import split_name
 from ..ir.text import parse_module, read_ir_text, where
@@ -70,12 +72,6 @@ class Artifact:
     manifest: dict = field(default_factory=dict)
 
 
-def _plait_version() -> str:
-    from .. import __version__
-
-    return __version__
-
-
 # ---- writing -----------------------------------------------------------
 
 
@@ -97,7 +93,7 @@ def write(directory: str | Path, artifact: Artifact, weights: WeightStore, weigh
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "plait_version": _plait_version(),
+            "plait_version": __version__,
             "torch_version": torch.__version__,
             **artifact.manifest,
             "plan": PLAN,
@@ -221,11 +217,11 @@ def _read_manifest(directory: Path) -> tuple[dict, Path]:
     version = str(manifest.get("plait_version", "?"))
     if (
         manifest.get("format_version") != FORMAT_VERSION
-        or version.split(".")[:2] != _plait_version().split(".")[:2]
+        or version.split(".")[:2] != __version__.split(".")[:2]
     ):
         raise ArtifactError(
             f"{directory} was written by plait {version} (artifact format "
-            f"{manifest.get('format_version')}); this is plait {_plait_version()} (format "
+            f"{manifest.get('format_version')}); this is plait {__version__} (format "
             f"{FORMAT_VERSION}). Recompile the model with this plait: `plait compile ... -o {directory}`"
         )
     malformed = problem(manifest)
@@ -283,8 +279,7 @@ def _check_operators(module: ModuleOp, trusted: Iterable[str], directory: Path) 
     for op in module.walk():
         if isinstance(op, CallOp):
             calls.setdefault(op.target_name, op)
-    recorded = module.attributes.get(LIBRARIES_ATTR)
-    recorded = [a.data for a in recorded.data] if recorded is not None else []
+    recorded = libraries(module)
     for target, op in calls.items():
         if resolve(target) is not None:
             continue

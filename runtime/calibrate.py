@@ -16,6 +16,7 @@ import platform
 import socket
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -298,8 +299,34 @@ def _memory_capacity() -> float:
     return 16e9
 
 
+@dataclass
+class Measurements:
+    """What `measure` found on this machine (rates in FLOP/s, bytes/s; times in s)."""
+
+    threads: int
+    flops: dict[str, float]  # per IR dtype name
+    attention: dict[str, float]
+    transcendental: float
+    broadcast: dict[str, float]
+    strided: float
+    reduce: float
+    bandwidth: float
+    caches: list[tuple[int, float]]
+    capacity: float
+    overheads: dict[str, float]
+    in_sequence: float
+    link: tuple[float, float]  # gloo all-reduce (alpha, beta)
+    where: str  # the machine, in words
+    when: str
+
+
 def calibrate(progress=print) -> str:
     """Measure this machine; return the hardware file's text."""
+    return hardware_text(measure(progress))
+
+
+def measure(progress=print) -> Measurements:
+    """Time the kernels, copies and all-reduces the hardware file describes."""
     threads = torch.get_num_threads()
     dtypes = (torch.float32, torch.bfloat16)
     name = {d: IR_NAMES[str(d).removeprefix("torch.")] for d in dtypes}
@@ -317,56 +344,76 @@ def calibrate(progress=print) -> str:
     overheads = op_overheads()
     in_sequence = sequence_overhead()
     progress("gloo all-reduce between 2 processes")
-    alpha, beta = gloo_all_reduce()
-    stamp = datetime.date.today().isoformat()
+    link = gloo_all_reduce()
     cpu = platform.processor() or platform.machine()
-    where = f"{platform.node() or 'this machine'} ({cpu}, {os.cpu_count()} cores)"
-    how = f"measured by `plait calibrate` on {stamp}, {where}, torch {torch.__version__}"
-    default_op, default_view = overheads["aten::add.Tensor"], overheads["aten::view"]
+    return Measurements(
+        threads=threads,
+        flops=flops,
+        attention=attention,
+        transcendental=transcendental,
+        broadcast=broadcast,
+        strided=strided,
+        reduce=reduce,
+        bandwidth=bandwidth,
+        caches=caches,
+        capacity=_memory_capacity(),
+        overheads=overheads,
+        in_sequence=in_sequence,
+        link=link,
+        where=f"{platform.node() or 'this machine'} ({cpu}, {os.cpu_count()} cores)",
+        when=datetime.date.today().isoformat(),
+    )
+
+
+def hardware_text(m: Measurements) -> str:
+    """The hardware file (TOML, as hardware/spec.py reads it) of the measurements."""
+    how = f"measured by `plait calibrate` on {m.when}, {m.where}, torch {torch.__version__}"
+    default_op, default_view = m.overheads["aten::add.Tensor"], m.overheads["aten::view"]
+    alpha, beta = m.link
     lines = [
         "# This CPU, as measured by `plait calibrate` (re-run it to refresh).",
         'name = "cpu"',
-        f'description = "{where}, {threads} torch threads"',
+        f'description = "{m.where}, {m.threads} torch threads"',
         "",
         "[compute]  # FLOP/s of F.linear, median over transformer-like shapes",
-        *(f"{k} = {v:.4g}" for k, v in flops.items()),
+        *(f"{k} = {v:.4g}" for k, v in m.flops.items()),
         "",
         "[compute.attention]  # causal SDPA, 8 heads x 64-512 positions x 64, median",
-        *(f"{k} = {v:.4g}" for k, v in attention.items()),
+        *(f"{k} = {v:.4g}" for k, v in m.attention.items()),
         "",
         "[compute.transcendental]  # silu on 1M floats, 4 FLOPs per element",
-        f"f32 = {transcendental:.4g}",
+        f"f32 = {m.transcendental:.4g}",
         "",
         "[compute.broadcast]  # [256, 1] + [1, 256] (f32), <= on integers (i1), per element",
-        *(f"{k} = {v:.4g}" for k, v in broadcast.items()),
+        *(f"{k} = {v:.4g}" for k, v in m.broadcast.items()),
         "",
         "[compute.strided]  # a transposed [8, 256, 64] view + a contiguous one, per element",
-        f"f32 = {strided:.4g}",
+        f"f32 = {m.strided:.4g}",
         "",
         "[compute.reduce]  # mean over the last dim of [512, 512], per input element",
-        f"f32 = {reduce:.4g}",
+        f"f32 = {m.reduce:.4g}",
         "",
         "[memory]",
-        f"bandwidth = {bandwidth:.4g}  # bytes/s, a 512 MiB copy (read + write)",
-        f"capacity = {_memory_capacity():.4g}  # bytes, MemTotal",
+        f"bandwidth = {m.bandwidth:.4g}  # bytes/s, a 512 MiB copy (read + write)",
+        f"capacity = {m.capacity:.4g}  # bytes, MemTotal",
         "",
         *(
             f"[[memory.caches]]\nbytes = {size}\nbandwidth = {bw:.4g}  # a copy this size in all\n"
-            for size, bw in caches
+            for size, bw in m.caches
         ),
         "[host]  # the host tier: a safetensors file in the page cache, read like a copy",
-        f"bandwidth = {bandwidth:.4g}",
+        f"bandwidth = {m.bandwidth:.4g}",
         "",
         "[overhead]  # seconds of fixed cost per op, called as plait programs call them",
         f"op = {default_op:.4g}  # aten::add.Tensor on 8 elements",
         f"view = {default_view:.4g}  # aten::view",
-        f"sequence = {in_sequence:.4g}  # extra per kernel when kernels run back to back",
+        f"sequence = {m.in_sequence:.4g}  # extra per kernel when kernels run back to back",
         "",
         "[overhead.targets]",
-        *(f'"{k}" = {v:.4g}' for k, v in overheads.items()),
+        *(f'"{k}" = {v:.4g}' for k, v in m.overheads.items()),
         "",
         "[threads]  # element-wise kernels of at most `grain` elements run on one thread",
-        f"count = {threads}",
+        f"count = {m.threads}",
         "grain = 32768  # ATen's at::internal::GRAIN_SIZE",
         "",
         "[[links]]",

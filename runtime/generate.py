@@ -32,8 +32,10 @@ class Sampling:
 
     def check(self) -> None:
         if self.temperature <= 0:
-            raise GenerateError(f"temperature must be > 0 (got {self.temperature}); "
-                                "for deterministic decoding use do_sample=False")  # fmt: skip
+            raise GenerateError(
+                f"temperature must be > 0 (got {self.temperature}); "
+                "for deterministic decoding use do_sample=False"
+            )
         if self.top_k is not None and self.top_k < 1:
             raise GenerateError(f"top_k must be >= 1 (got {self.top_k})")
         if self.top_p is not None and not 0 < self.top_p <= 1:

@@ -161,8 +161,9 @@ def _table_rows(param: ParamOp, mesh: Mapping[str, int]) -> tuple[int, bool]:
     placements = param.attributes.get(PLACEMENTS_ATTR)
     if placements is None:
         return rows, False
-    parts = math.prod(n for n, p in zip(mesh.values(), placements.data)
-                      if p.kind == "shard" and p.dim == 0)  # fmt: skip
+    parts = math.prod(
+        n for n, p in zip(mesh.values(), placements.data) if p.kind == "shard" and p.dim == 0
+    )
     return rows * parts, parts > 1
 
 

@@ -52,19 +52,34 @@ def relaunch(argv: list[str], nproc: int, launcher_args: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    args = parse_args([
-        f"--nproc-per-node={nproc}", "--max-restarts=0", *launcher_args,
-        "--no-python", sys.executable, "-u", "-P", "-m", "plait.cli", *argv,
-    ])  # fmt: skip
+    args = parse_args(
+        [
+            f"--nproc-per-node={nproc}",
+            "--max-restarts=0",
+            *launcher_args,
+            "--no-python",
+            sys.executable,
+            "-u",
+            "-P",
+            "-m",
+            "plait.cli",
+            *argv,
+        ]
+    )
     try:
         with _process_state_kept():
             run(args)
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
-        how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
-               else f"exited with code {failure.exitcode}")  # fmt: skip
-        print(f"plait: error: rank {rank} {how} first; torchrun stopped the other ranks",
-              file=sys.stderr)  # fmt: skip
+        how = (
+            f"was killed by {failure.signal_name()}"
+            if failure.exitcode < 0
+            else f"exited with code {failure.exitcode}"
+        )
+        print(
+            f"plait: error: rank {rank} {how} first; torchrun stopped the other ranks",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -147,8 +162,9 @@ class PeerWatch:
         host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
         self.where = f"{host}:{port}"
         self.host = socket.gethostname()
-        self.store = dist.TCPStore(host, port, is_master=False,
-                                   timeout=datetime.timedelta(seconds=timeout))  # fmt: skip
+        self.store = dist.TCPStore(
+            host, port, is_master=False, timeout=datetime.timedelta(seconds=timeout)
+        )
         run = f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}.{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
         self.keys = [f"plait/heartbeat/{run}/{r}" for r in range(self.world_size)]
         self.beats = 0
@@ -185,8 +201,10 @@ class PeerWatch:
             self.store_ok = now
         except Exception:  # the store is slow or gone: only a long silence counts
             if now - self.store_ok > self.timeout:
-                _stop(f"rank {self.rank}: the rendezvous store at {self.where} sent no answer "
-                      f"for {now - self.store_ok:.0f} s; stopping this rank")  # fmt: skip
+                _stop(
+                    f"rank {self.rank}: the rendezvous store at {self.where} sent no answer "
+                    f"for {now - self.store_ok:.0f} s; stopping this rank"
+                )
             return
         for rank, value in zip(peers, values):
             value = value.decode()
@@ -200,12 +218,16 @@ class PeerWatch:
         which = []
         for rank, value, age in silent:
             _, pid, host, place = (value.split("|", 3) + ["", "", "", ""])[:4]
-            which.append(f"rank {rank} sent no heartbeat for {age:.0f} s (last seen in "
-                         f"{place or 'starting'})")  # fmt: skip
+            which.append(
+                f"rank {rank} sent no heartbeat for {age:.0f} s (last seen in "
+                f"{place or 'starting'})"
+            )
             if host == self.host and pid.isdigit():
                 _kill_sibling(int(pid))
-        _stop(f"rank {self.rank}: {'; '.join(which)}: stopped or hung, so the run stops (the "
-              f"limit is {self.timeout:g} s: plait run --timeout or PLAIT_TIMEOUT)")  # fmt: skip
+        _stop(
+            f"rank {self.rank}: {'; '.join(which)}: stopped or hung, so the run stops (the "
+            f"limit is {self.timeout:g} s: plait run --timeout or PLAIT_TIMEOUT)"
+        )
 
 
 def _kill_sibling(pid: int) -> None:

@@ -50,8 +50,11 @@ def _loadable(node: dict, directory: Path | None) -> dict:
     if _import_model_output(name, directory):
         return {**node, "children_spec": children}
     keys = json.loads(node["context"]) if isinstance(node["context"], str) else None
-    if not (isinstance(keys, list) and len(keys) == len(children)
-            and all(isinstance(k, str) for k in keys)):  # fmt: skip
+    if not (
+        isinstance(keys, list)
+        and len(keys) == len(children)
+        and all(isinstance(k, str) for k in keys)
+    ):
         keys = None
     warnings.warn(
         f"the model's outputs were a {name}, which plait does not import from an artifact; "

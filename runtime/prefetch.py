@@ -1,9 +1,10 @@
 """Streams host-tier weights into a program ahead of their use.
 
-The backend calls `self.prefetch("start", j)` where the j-th streamed weight's
-staging slot frees (two ahead, see passes/tiering.py) and
-`self.prefetch("take", j)` just before its first use; the program drops the
-tensor after its last use. On CPU the copy is a read on a background thread
+A program that streams is given one by whoever builds it (api.py hands the
+backend's `build_program` this class). The program calls
+`self.prefetch("start", j)` where the j-th streamed weight's staging slot
+frees (two ahead, see passes/memory/tiering.py) and `self.prefetch("take", j)`
+just before its first use; it drops the tensor after its last use. On CPU the copy is a read on a background thread
 (from the safetensors file when the weights come from one); CUDA streaming
 is not built yet.
 """

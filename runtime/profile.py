@@ -123,9 +123,9 @@ def op_events(program: Program, inputs, rank: int = 0) -> list[TraceEvent]:
     """One timed run, as one trace event per IR op (the fx nodes it lowers to,
     summed), named as `plait estimate --trace` names them: family and module
     path; collectives on the comm lane."""
+    from ..cost.estimate import family
     from ..ir.ops import CollectiveOp, WaitOp
     from ..ir.text import module_path
-    from ..passes.estimate import family
 
     spans = _spans(program, inputs)
     origin = spans[0][1] if spans else 0.0

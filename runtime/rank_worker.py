@@ -4,8 +4,9 @@
 A process of its own, so it never imports the caller's script (a script
 without a main guard, a notebook, stdin all work), and with -P, so no module
 in the working directory shadows one it imports. It joins the pool's
-process group, loads the artifact, and runs the calls the caller sends down
-a pipe, while a thread beats (heartbeat.py) the whole time. Messages both
+process group, loads the artifact with the function the setup names (the
+pool's caller's `load`: the runtime imports nothing above it), and runs the
+calls the caller sends down a pipe, while a thread beats (heartbeat.py) the whole time. Messages both
 ways are torch.save bytes read with weights_only=True: tensors, numbers,
 strings, and lists, tuples and dicts of them.
 """
@@ -13,6 +14,7 @@ strings, and lists, tuples and dicts of them.
 from __future__ import annotations
 
 import datetime
+import importlib
 import json
 import os
 import sys
@@ -49,8 +51,6 @@ def main(setup: str) -> NoReturn:
 
 
 def _serve(setup: dict) -> int:
-    from ..api import load  # the pool's entry point sits above the runtime, like the CLI
-
     requests = Connection(setup["requests"], writable=False)
     replies = Connection(setup["replies"], readable=False)
     lock = threading.Lock()  # the heartbeat thread and the main thread share the pipe
@@ -80,6 +80,7 @@ def _serve(setup: dict) -> int:
         # the custom-op libraries the caller imported, from where it imported them
         sys.path.extend(p for p in setup["paths"] if p not in sys.path)
         # the caller verified the weights (or just wrote them): not again per rank
+        load = _imported(setup["load"])  # what the pool's caller loads artifacts with
         compiled = load(setup["directory"], trusted_ops=setup["trusted_ops"], verify=False)
         _ = compiled.program  # build it (read this rank's weights) before the first call
     except Exception:
@@ -104,3 +105,9 @@ def _serve(setup: dict) -> int:
             send("failed", traceback.format_exc())
             return 1
         heartbeat.call = "waiting for a call"
+
+
+def _imported(entry_point: str):
+    """The function 'module:name' names."""
+    module, _, name = entry_point.partition(":")
+    return getattr(importlib.import_module(module), name)

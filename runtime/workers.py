@@ -73,11 +73,15 @@ def free_port() -> int:
 
 class WorkerPool:
     """`world_size` worker processes running the artifact at `artifact`, or
-    the one `artifact(directory)` saves into a temporary directory."""
+    the one `artifact(directory)` saves into a temporary directory. Each rank
+    loads it with `load(directory, trusted_ops=..., verify=False)`, a
+    module-level function it imports by name (the pool's caller knows how its
+    artifacts load; the runtime sits below it)."""
 
     def __init__(
         self,
         artifact: str | Path | Callable[[Path], object],
+        load: Callable[..., object],
         world_size: int,
         timeout: float,
         trusted_ops: tuple[str, ...] = (),
@@ -98,6 +102,7 @@ class WorkerPool:
         if scratch is not None:
             artifact(scratch)
         setup = {
+            "load": _entry_point(load),
             "world_size": world_size,
             "port": store.port,
             "directory": str(scratch or artifact),
@@ -284,6 +289,14 @@ class _Rank:
             return self.process.wait(5)
         except subprocess.TimeoutExpired:
             return self.process.poll()
+
+
+def _entry_point(function: Callable) -> str:
+    """'module:name' of a module-level function, for a worker to import."""
+    where = f"{function.__module__}:{function.__qualname__}"
+    if "." in function.__qualname__ or function.__module__ in (None, "__main__"):
+        raise WorkerError(f"worker ranks can only import a module-level function, not {where}")
+    return where
 
 
 def _import_roots(modules) -> list[str]:

@@ -124,8 +124,12 @@ def test_meta_and_out_of_vocabulary_inputs_are_refused_naming_the_input(llama):
 
 def test_out_of_vocabulary_ids_are_refused_when_ranks_split_the_vocabulary(example):
     model, inputs, shapes = example("llama-tiny")
-    program = plait.compile(model, inputs, dynamic_shapes=shapes,
-        pipeline="canonicalize,cse,dce,shard{mesh=tp:2,plan=model.embed_tokens:rowwise},dce")  # fmt: skip
+    program = plait.compile(
+        model,
+        inputs,
+        dynamic_shapes=shapes,
+        pipeline="canonicalize,cse,dce,shard{mesh=tp:2,plan=model.embed_tokens:rowwise},dce",
+    )
     assert "ids_held" in program.ir  # each rank looks up its half: 300 would read zeros
     bad = inputs[0].clone()
     bad[0, 0] = 300
@@ -138,11 +142,25 @@ def transformers_models():
     from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
-                                         num_hidden_layers=1, num_attention_heads=2,
-                                         num_key_value_heads=1)).eval()  # fmt: skip
-    bert = BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
-                                num_attention_heads=2, intermediate_size=48)).eval()  # fmt: skip
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    ).eval()
+    bert = BertModel(
+        BertConfig(
+            vocab_size=64,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=48,
+        )
+    ).eval()
     return {"llama": (llama, "logits"), "bert": (bert, "last_hidden_state")}
 
 
@@ -155,8 +173,10 @@ def test_a_transformers_model_compiles_as_it_is(name, transformers_models):
     mask = torch.ones_like(ids)
     mask[0, :2] = 0
     with torch.no_grad():
-        plain, masked = (getattr(model(input_ids=ids, attention_mask=m), output)
-                         for m in (torch.ones_like(ids), mask))  # fmt: skip
+        plain, masked = (
+            getattr(model(input_ids=ids, attention_mask=m), output)
+            for m in (torch.ones_like(ids), mask)
+        )
     only_ids = plait.compile(model, (ids,))  # the mask defaults to ones
     assert only_ids.input_names == ["input_ids"]
     out = only_ids(ids)  # what the model returns: its ModelOutput (without a cache)

@@ -171,8 +171,10 @@ def _extents(path) -> dict[str, tuple[int, int]]:
     length = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + length])
     header.pop("__metadata__", None)
-    return {k: (8 + length + v["data_offsets"][0], 8 + length + v["data_offsets"][1])
-            for k, v in header.items()}  # fmt: skip
+    return {
+        k: (8 + length + v["data_offsets"][0], 8 + length + v["data_offsets"][1])
+        for k, v in header.items()
+    }
 
 
 def _flip_bytes(path, start: int, count: int) -> None:

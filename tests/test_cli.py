@@ -302,12 +302,29 @@ def test_compile_and_run_generation(tmp_path, capsys):
     from plait.examples.models import causal_lm
 
     artifact = tmp_path / "gen"
-    code, _, err = _run(capsys, "compile", "--example", "llama-tiny", "--generate",
-                        "--max-length", "32", "-o", str(artifact))  # fmt: skip
+    code, _, err = _run(
+        capsys,
+        "compile",
+        "--example",
+        "llama-tiny",
+        "--generate",
+        "--max-length",
+        "32",
+        "-o",
+        str(artifact),
+    )
     assert code == 0, err
     assert "--generate" in err  # the printed run command
-    code, out, err = _run(capsys, "run", str(artifact), "--generate", "--prompt-ids",
-                          "5,6,7,8;9,10", "--max-new-tokens", "8")  # fmt: skip
+    code, out, err = _run(
+        capsys,
+        "run",
+        str(artifact),
+        "--generate",
+        "--prompt-ids",
+        "5,6,7,8;9,10",
+        "--max-new-tokens",
+        "8",
+    )
     assert code == 0, err
     model = causal_lm("llama")[0].model
     eos = model.generation_config.eos_token_id
@@ -324,13 +341,38 @@ def test_compile_and_run_generation(tmp_path, capsys):
     code, _, err = _run(capsys, "run", str(artifact), "--generate", "--prompt-ids", "5,300")
     assert code == 1 and "input 'input_ids' holds token id 300, outside [0, 255]" in err
     sharded = tmp_path / "gen-tp2"  # every rank runs its own decoding loop under torchrun
-    code, _, err = _run(capsys, "compile", "--example", "llama-tiny", "--generate", "--max-length",
-                        "32", "--pipeline", "shard{mesh=tp:2}", "-o", str(sharded))  # fmt: skip
+    code, _, err = _run(
+        capsys,
+        "compile",
+        "--example",
+        "llama-tiny",
+        "--generate",
+        "--max-length",
+        "32",
+        "--pipeline",
+        "shard{mesh=tp:2}",
+        "-o",
+        str(sharded),
+    )
     assert code == 0, err
     script = Path(sys.executable).parent / "plait"
-    result = subprocess.run([str(script), "run", str(sharded), "--nproc", "2", "--generate",
-                             "--prompt-ids", "5,6,7,8;9,10", "--max-new-tokens", "8"],
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [
+            str(script),
+            "run",
+            str(sharded),
+            "--nproc",
+            "2",
+            "--generate",
+            "--prompt-ids",
+            "5,6,7,8;9,10",
+            "--max-new-tokens",
+            "8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     for row in range(2):
         tokens = ",".join(map(str, expected[row, 4:].tolist()))
@@ -350,26 +392,53 @@ def test_generation_from_a_checkpoint_with_a_tokenizer(tmp_path, capsys):
     }
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]",
-                                        bos_token="<s>", eos_token="</s>")  # fmt: skip
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="[UNK]", bos_token="<s>", eos_token="</s>"
+    )
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                         bos_token_id=1, eos_token_id=2)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     model = LlamaForCausalLM(config).eval()
     model.save_pretrained(tmp_path / "ckpt")
     tokenizer.save_pretrained(tmp_path / "ckpt")
-    code, _, err = _run(capsys, "compile", str(tmp_path / "ckpt"), "--generate", "--batch", "1",
-                        "--max-length", "24", "-o", str(tmp_path / "gen"))  # fmt: skip
+    code, _, err = _run(
+        capsys,
+        "compile",
+        str(tmp_path / "ckpt"),
+        "--generate",
+        "--batch",
+        "1",
+        "--max-length",
+        "24",
+        "-o",
+        str(tmp_path / "gen"),
+    )
     assert code == 0, err
     assert (tmp_path / "gen" / "tokenizer" / "tokenizer.json").is_file()
-    code, out, err = _run(capsys, "run", str(tmp_path / "gen"), "--generate", "--prompt",
-                          "once upon a time", "--max-new-tokens", "6")  # fmt: skip
+    code, out, err = _run(
+        capsys,
+        "run",
+        str(tmp_path / "gen"),
+        "--generate",
+        "--prompt",
+        "once upon a time",
+        "--max-new-tokens",
+        "6",
+    )
     assert code == 0, err
     ids = torch.tensor([tokenizer("once upon a time")["input_ids"]])
     with torch.no_grad():
-        expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
-                                  do_sample=False)[0, ids.shape[1]:].tolist()  # fmt: skip
+        expected = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False
+        )[0, ids.shape[1] :].tolist()
     assert f"sequence 0: {','.join(map(str, expected))}" in out
     assert tokenizer.decode(expected, skip_special_tokens=True).strip() in out
 
@@ -378,9 +447,15 @@ def _tiny_bert(cls_name: str):
     import transformers
 
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
-                                     num_attention_heads=2, intermediate_size=48,
-                                     max_position_embeddings=32, num_labels=3)  # fmt: skip
+    config = transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=32,
+        num_labels=3,
+    )
     return getattr(transformers, cls_name)(config).eval()
 
 
@@ -399,8 +474,15 @@ def test_a_checkpoint_compiles_as_the_class_its_config_names(cls_name, output, t
     ids, mask = hf.example_inputs(model, 2, 7)
     mask[1, :3] = 0  # a padded sequence
     save_file({"input_ids": ids, "attention_mask": mask}, str(tmp_path / "in.safetensors"))
-    code, _, err = _run(capsys, "run", str(tmp_path / "out"), "--inputs",
-                        str(tmp_path / "in.safetensors"), "--output", str(tmp_path / "o.st"))  # fmt: skip
+    code, _, err = _run(
+        capsys,
+        "run",
+        str(tmp_path / "out"),
+        "--inputs",
+        str(tmp_path / "in.safetensors"),
+        "--output",
+        str(tmp_path / "o.st"),
+    )
     assert code == 0, err
     with torch.no_grad():
         expected = getattr(model(input_ids=ids, attention_mask=mask), output)
@@ -410,8 +492,9 @@ def test_a_checkpoint_compiles_as_the_class_its_config_names(cls_name, output, t
 def test_weights_a_checkpoint_lacks_are_refused_never_made_up(tmp_path, capsys):
     model = _tiny_bert("BertModel")
     model.save_pretrained(tmp_path / "ckpt")
-    code, _, err = _run(capsys, "compile", str(tmp_path / "ckpt"), "--task", "masked-lm",
-                        "--emit", "ir")  # fmt: skip
+    code, _, err = _run(
+        capsys, "compile", str(tmp_path / "ckpt"), "--task", "masked-lm", "--emit", "ir"
+    )
     assert code == 1
     assert "lacks 6 weight(s) that BertForMaskedLM (masked-lm) needs: cls.predictions.bias" in err
     assert "it holds a BertModel: compile it with --task feature-extraction" in err
@@ -429,8 +512,9 @@ def test_weights_a_checkpoint_lacks_are_refused_never_made_up(tmp_path, capsys):
     model.config.save_pretrained(tmp_path / "config-only")
     code, _, err = _run(capsys, "compile", str(tmp_path / "config-only"), "--emit", "ir")
     assert code == 1 and "holds a config but no weights" in err and "--random-weights" in err
-    code, out, err = _run(capsys, "compile", str(tmp_path / "config-only"), "--random-weights",
-                          "--emit", "ir")  # fmt: skip
+    code, out, err = _run(
+        capsys, "compile", str(tmp_path / "config-only"), "--random-weights", "--emit", "ir"
+    )
     assert code == 0 and "random weights)" in err and "encoder.layer.0.output.dense.weight" in out
     code, _, err = _run(capsys, "compile", str(tmp_path / "config-only"), "--generate", "--meta")
     assert code == 2 and "--generate decodes a causal LM" in err and "BertModel" in err
@@ -445,10 +529,22 @@ def test_the_real_minilm_checkpoint_compiles_as_its_base_model(tmp_path, capsys)
     from transformers import AutoModel
 
     directory = Path(spec.submodule_search_locations[0]) / "model"
-    code, _, err = _run(capsys, "compile", str(directory), "--static", "--batch", "2", "--seq",
-                        "8", "-o", str(tmp_path / "out"))  # fmt: skip
+    code, _, err = _run(
+        capsys,
+        "compile",
+        str(directory),
+        "--static",
+        "--batch",
+        "2",
+        "--seq",
+        "8",
+        "-o",
+        str(tmp_path / "out"),
+    )
     assert code == 0, err
-    ids = torch.tensor([[101, 7592, 2088, 102, 0, 0, 0, 0], [101, 2023, 2003, 1037, 3231, 1012, 2204, 102]])  # fmt: skip
+    ids = torch.tensor(
+        [[101, 7592, 2088, 102, 0, 0, 0, 0], [101, 2023, 2003, 1037, 3231, 1012, 2204, 102]]
+    )
     mask = (ids != 0).long()
     compiled = __import__("plait").load(tmp_path / "out")
     reference = AutoModel.from_pretrained(str(directory), local_files_only=True).eval()
@@ -470,11 +566,15 @@ def test_run_writes_a_measured_per_op_trace(compiled, tmp_path, capsys):
     assert "time: median" in out and "output 0" in out and "output 0" not in err
     assert f"wrote the measured per-op trace to {trace}" in err  # a log
     events = [e for e in json.loads(trace.read_text())["traceEvents"] if e["ph"] == "X"]
-    lowered = {n.meta[OP_META] for n in program.program.graph_module.graph.nodes
-               if OP_META in n.meta}  # fmt: skip
+    lowered = {
+        n.meta[OP_META] for n in program.program.graph_module.graph.nodes if OP_META in n.meta
+    }
     assert len(events) == len(lowered)
     names = {e["name"] for e in events}
-    assert "linear model.layers.1.mlp.down_proj" in names and "attention model.layers.0.self_attn" in names  # fmt: skip
+    assert (
+        "linear model.layers.1.mlp.down_proj" in names
+        and "attention model.layers.0.self_attn" in names
+    )
     assert all(e["dur"] >= 0 and e["pid"] == 0 for e in events)
 
 
@@ -516,8 +616,11 @@ def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
 def test_device_cuda_without_cuda_says_so(capsys):
     code, _, err = _run(capsys, "compile", "--example", "cnn-tiny", "--device", "cuda")
-    expected = ("CUDA is not available in this torch build" if torch.version.cuda is None
-                else "no CUDA device")  # fmt: skip
+    expected = (
+        "CUDA is not available in this torch build"
+        if torch.version.cuda is None
+        else "no CUDA device"
+    )
     assert code == 1 and f"--device cuda: {expected}" in err
 
 
@@ -526,11 +629,25 @@ def test_estimate_counts_the_kv_cache_prints_the_mesh_and_refuses_sizes_out_of_r
 ):
     from transformers import LlamaConfig
 
-    LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                num_attention_heads=4, num_key_value_heads=2,
-                max_position_embeddings=512).save_pretrained(tmp_path / "config")  # fmt: skip
-    code, out, err = _run(capsys, "estimate", str(tmp_path / "config"), "--decode", "--context",
-                          "256", "--pipeline", "canonicalize,cse,dce,shard{mesh=tp:2}")  # fmt: skip
+    LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    ).save_pretrained(tmp_path / "config")
+    code, out, err = _run(
+        capsys,
+        "estimate",
+        str(tmp_path / "config"),
+        "--decode",
+        "--context",
+        "256",
+        "--pipeline",
+        "canonicalize,cse,dce,shard{mesh=tp:2}",
+    )
     assert code == 0, err
     assert out.splitlines()[1].startswith("mesh tp:2, decode, context 256")
     # keys and values of 1 layer, 1 of 2 kv heads per rank, 257 slots of 16 floats

@@ -67,11 +67,18 @@ def _compressed_twin(model, program):
         get = lambda suffix: program.weights.get(f"{path}.{suffix}")  # noqa: E731
         if f"{path}.qweight" in names:
             bits = 4 if get("qweight").dtype == torch.uint8 else 8
-            w = quant_linear.dequantize(get("qweight"), get("scales"), get("outlier_index"),
-                                        get("outlier_value"), bits, torch.float32)  # fmt: skip
+            w = quant_linear.dequantize(
+                get("qweight"),
+                get("scales"),
+                get("outlier_index"),
+                get("outlier_value"),
+                bits,
+                torch.float32,
+            )
         elif f"{path}.values" in names:
-            w = gqsa.dense_weight(get("values"), get("scales"), get("blocks"), 16,
-                                  module.in_features)  # fmt: skip
+            w = gqsa.dense_weight(
+                get("values"), get("scales"), get("blocks"), 16, module.in_features
+            )
         else:
             continue
         with torch.no_grad():
@@ -108,8 +115,10 @@ class Roundtrip(NamedTuple):
 
 @pytest.fixture(scope="module")
 def roundtrip(compiled, example, tmp_path_factory) -> Roundtrip:
-    inputs = {name: hf.example_inputs(example(name)[0].model, *TOKENS)
-              for name in {e for e, _ in VARIANTS.values()}}  # fmt: skip
+    inputs = {
+        name: hf.example_inputs(example(name)[0].model, *TOKENS)
+        for name in {e for e, _ in VARIANTS.values()}
+    }
     artifacts, refs = [], {}
 
     def save(key, program, model, sharded):
@@ -122,9 +131,11 @@ def roundtrip(compiled, example, tmp_path_factory) -> Roundtrip:
         for mesh, prefix in MESHES.items():
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the kernels' shape fallbacks (tested below)
-                programs[mesh] = plait.compile_ir(parse_module(base.ir),
-                                                  base.weights.subset(base.weight_names),
-                                                  pipeline=prefix + pipeline)  # fmt: skip
+                programs[mesh] = plait.compile_ir(
+                    parse_module(base.ir),
+                    base.weights.subset(base.weight_names),
+                    pipeline=prefix + pipeline,
+                )
             save(f"{name}-{mesh}", programs[mesh], model_name, bool(prefix))
         with torch.inference_mode():
             refs[f"{name}-1"] = programs["1"](*inputs[model_name])
@@ -167,9 +178,19 @@ def test_readme_tensor_parallel_int4_runs_under_torchrun(roundtrip, tmp_path):
 
     ids, mask = roundtrip.inputs["llama-tiny"]
     save_file({"input_ids": ids, "attention_mask": mask}, str(tmp_path / "in.st"))
-    command = [sys.executable, "-m", "plait.cli", "run", roundtrip.directories["int4-tp2"],
-               "--nproc", "2", "--inputs", str(tmp_path / "in.st"),
-               "--output", str(tmp_path / "out.st")]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "plait.cli",
+        "run",
+        roundtrip.directories["int4-tp2"],
+        "--nproc",
+        "2",
+        "--inputs",
+        str(tmp_path / "in.st"),
+        "--output",
+        str(tmp_path / "out.st"),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     out = load_file(str(tmp_path / "out.st"))["output_0"]
@@ -180,8 +201,9 @@ def test_kernel_shape_fallbacks_are_warned_at_compile_time(compiled):
     base = compiled("llama-tiny")
     pipeline = "shard{mesh=tp:2},quantize{method=rtn,bits=4}"
     with pytest.warns(UserWarning, match=r"run dequantize \+ GEMM") as record:
-        plait.compile_ir(parse_module(base.ir), base.weights.subset(base.weight_names),
-                         pipeline=pipeline)  # fmt: skip
+        plait.compile_ir(
+            parse_module(base.ir), base.weights.subset(base.weight_names), pipeline=pipeline
+        )
     (message,) = [str(w.message) for w in record if "dequantize" in str(w.message)]
     assert (
         "the int4 kernel needs output features divisible by 16: model.layers.0.mlp.gate_proj "
@@ -230,8 +252,9 @@ def test_compressed_layers_with_every_weight_streamed_run():
     model = _sequential()
     x = torch.randn(SEQUENTIAL_TOKENS, 256)
     tokens = {"input": {0: torch.export.Dim("tokens", max=512)}}
-    program = plait.compile(model, (x,), pipeline="quantize{method=rtn,bits=8}",
-                            dynamic_shapes=tokens)  # fmt: skip
+    program = plait.compile(
+        model, (x,), pipeline="quantize{method=rtn,bits=8}", dynamic_shapes=tokens
+    )
     host = '{mem = #plait.mem<tier = "host", prefetch = true>}'
     text = re.sub(r'(plait\.param "[^"]*") :', rf"\1 {host} :", program.ir)
     streamed = plait.compile_ir(parse_module(text), program.weights, pipeline="dce")

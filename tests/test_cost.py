@@ -9,13 +9,13 @@ import math
 
 import pytest
 import sympy
+from plait.cost.bounds import prove_at_most
+from plait.cost.comm_cost import all_reduce_time, axis_links, collective_time
+from plait.cost.estimate import Target, estimate
+from plait.cost.op_cost import op_cost
 from plait.hardware import HardwareError, Link, load
 from plait.ir import symbolic
 from plait.ir.text import parse_module
-from plait.passes.bounds import prove_at_most
-from plait.passes.comm_cost import all_reduce_time, axis_links, collective_time
-from plait.passes.estimate import Target, estimate
-from plait.passes.op_cost import op_cost
 
 B, S = symbolic.symbol("b"), symbolic.symbol("s")
 
@@ -85,13 +85,14 @@ def test_a_lookup_reads_its_rows_of_the_table_not_the_table():
     )
     # the rows it returns stream from memory; the 2.1 GB table does not
     assert sympy.simplify(op_cost(emb).weight_bytes - 2 * B * 8192) == 0
-    time = load("h100-sxm").roofline(op_cost(emb).flops, op_cost(emb).bytes, "bf16",
-                                     weights=op_cost(emb).weight_bytes)  # fmt: skip
+    time = load("h100-sxm").roofline(
+        op_cost(emb).flops, op_cost(emb).bytes, "bf16", weights=op_cost(emb).weight_bytes
+    )
     assert float(time.subs(B, 1)) < 1e-6
 
 
 def test_element_wise_kernel_classes_from_shapes_and_layouts():
-    from plait.passes.layout import memory_orders, strided
+    from plait.cost.layout import memory_orders, strided
 
     module, ops = _ops(
         '    %t = plait.reshape "aten::transpose.int"(%x, 1, 2) : !plait.tensor<[b, 8, s, 64], f32>\n'
@@ -114,8 +115,10 @@ def test_element_wise_kernel_classes_from_shapes_and_layouts():
     assert op_cost(inner).rate == "broadcast" and op_cost(mask).rate == "broadcast"
     assert op_cost(outer).rate is None  # repeated along outer dims only
     assert op_cost(mean).rate == "reduce"
-    assert all(sympy.simplify(op_cost(op).elements - op_cost(op).flops) == 0
-               for op in (inner, outer, mask, mean))  # fmt: skip
+    assert all(
+        sympy.simplify(op_cost(op).elements - op_cost(op).flops) == 0
+        for op in (inner, outer, mask, mean)
+    )
 
 
 def test_small_element_wise_kernels_run_on_one_thread(tmp_path):
@@ -134,7 +137,7 @@ def test_small_element_wise_kernels_run_on_one_thread(tmp_path):
 
 
 def test_mask_ops_are_costed_in_their_own_type():
-    from plait.passes.estimate import op_dtype
+    from plait.cost.estimate import op_dtype
 
     _, (le,) = _ops(
         '    %le = plait.elementwise "aten::le.Tensor"(%r, %c) : !plait.tensor<[1, 1, s, s], i1>\n',

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from plait.passes.easyquant import easyquant, rtn
+from plait.passes.compress.easyquant import easyquant, rtn
 
 
 @pytest.fixture(scope="module")
@@ -13,8 +13,15 @@ def weights():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512,
-                                         num_hidden_layers=1, num_attention_heads=4))  # fmt: skip
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=256,
+            hidden_size=256,
+            intermediate_size=512,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+        )
+    )
     return [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
 
 

@@ -1,5 +1,5 @@
 """Expert parallelism: MoE experts split over the tensor axis or an `ep` axis
-(passes/experts.py, customops/experts.py), checked against transformers' grouped
+(passes/shard/experts.py, customops/experts.py), checked against transformers' grouped
 product, eager and transformers' generate."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import pytest
 import torch
 import transformers
 from helpers import max_rel_diff
+from plait.customops.experts import expert_mm
 from plait.frontend import hf
 from plait.ir.text import parse_module, print_module
-from plait.customops.experts import expert_mm
-from plait.passes.experts import find_expert_mlps
 from plait.passes.manager import PassManager
+from plait.passes.shard.experts import find_expert_mlps
 from transformers.integrations.moe import _grouped_mm_fallback as grouped_mm
 
 
@@ -39,10 +39,16 @@ def test_the_ranks_expert_products_sum_to_the_grouped_product():
 
 def _mixtral(experts: int = 4):
     config = transformers.MixtralConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, num_local_experts=experts,
-        num_experts_per_tok=2, max_position_embeddings=256,
-    )  # fmt: skip
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=experts,
+        num_experts_per_tok=2,
+        max_position_embeddings=256,
+    )
     torch.manual_seed(0)
     return transformers.MixtralForCausalLM(config).eval()
 
@@ -68,8 +74,11 @@ def test_mixtral_experts_split_with_one_all_reduce_per_moe_layer(compiled):
 def test_experts_that_do_not_split_run_replicated_with_a_warning():
     model = _mixtral(experts=3)
     inputs = hf.example_inputs(model, 2, 8)
-    with pytest.warns(UserWarning, match=r"the 3 experts of model.layers.0.mlp.experts do not "
-                                         r"split over 2 ranks and run replicated \(sizes that do: 3\)"):  # fmt: skip
+    with pytest.warns(
+        UserWarning,
+        match=r"the 3 experts of model.layers.0.mlp.experts do not "
+        r"split over 2 ranks and run replicated \(sizes that do: 3\)",
+    ):
         program = plait.compile(hf.wrap(model), inputs, pipeline="shard{mesh=tp:2}")
     try:
         assert "plait::expert_mm" not in program.ir
@@ -81,10 +90,18 @@ def test_experts_that_do_not_split_run_replicated_with_a_warning():
 
 def _qwen3_moe():
     config = transformers.Qwen3MoeConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        num_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
-    )  # fmt: skip
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=256,
+    )
     torch.manual_seed(0)
     return transformers.Qwen3MoeForCausalLM(config).eval()
 
@@ -93,9 +110,12 @@ def _qwen3_moe():
 def test_expert_parallel_programs_match_eager(build, n):
     model = build()
     inputs = hf.example_inputs(model, 3, 11)
-    program = plait.compile(hf.wrap(model), hf.example_inputs(model, 2, 16),
-                            dynamic_shapes=hf.dynamic_shapes(max_seq=256),
-                            pipeline=f"canonicalize,cse,dce,shard{{mesh=tp:{n}}},dce")  # fmt: skip
+    program = plait.compile(
+        hf.wrap(model),
+        hf.example_inputs(model, 2, 16),
+        dynamic_shapes=hf.dynamic_shapes(max_seq=256),
+        pipeline=f"canonicalize,cse,dce,shard{{mesh=tp:{n}}},dce",
+    )
     try:
         assert program.ir.count('"plait::expert_mm"') == 4
         with torch.no_grad():
@@ -138,13 +158,15 @@ def test_only_row_wise_zero_preserving_ops_may_sit_between_the_products():
     shifted = MOE_IR.replace('"aten::silu"(%a)', '"aten::add.Scalar"(%a, 1.0)')
     assert _found(shifted) == []
     # a chunk across rows would mix the experts' rows
-    across = MOE_IR.replace('"aten::chunk"(%h, 2, -1) : (!plait.tensor<[12, 16], f32>, !plait.tensor<[12, 16], f32>)',
-                            '"aten::chunk"(%h, 2, 0) : (!plait.tensor<[6, 32], f32>, !plait.tensor<[6, 32], f32>)')  # fmt: skip
+    across = MOE_IR.replace(
+        '"aten::chunk"(%h, 2, -1) : (!plait.tensor<[12, 16], f32>, !plait.tensor<[12, 16], f32>)',
+        '"aten::chunk"(%h, 2, 0) : (!plait.tensor<[6, 32], f32>, !plait.tensor<[6, 32], f32>)',
+    )
     assert _found(across, verify=False) == []  # ill-typed after the chunk: only its dim matters
 
 
 def test_a_rank_is_charged_its_share_of_the_experts_work():
-    from plait.passes.op_cost import op_cost
+    from plait.cost.op_cost import op_cost
 
     module = parse_module(MOE_IR)
     whole = [op_cost(op) for op in module.walk() if "grouped_mm" in getattr(op, "target_name", "")]
@@ -169,8 +191,9 @@ def test_generation_with_split_experts_is_transformers_generate(mesh, split, cac
     model = causal_lm("mixtral")[0].model
     ids = torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
-                                  do_sample=False)  # fmt: skip
+        expected = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False
+        )
     two = plait.compile_generation(model, batch=2, max_length=40, pipeline=f"shard{{mesh={mesh}}}")
     try:  # 2 layers in @prefill and @decode; dp keeps the experts whole
         assert two.ir.count('"plait::expert_mm"') == split
@@ -245,9 +268,13 @@ def test_the_ilp_counts_each_rank_its_share_of_the_experts(example):
     weights = sum(p.numel() * 4 for p in model.parameters())  # 1.02 MB, 0.79 MB of experts
     # half the weights and a little: reachable only with the experts split
     budget = weights // 2 + 16_000
-    program = plait.compile(model, inputs, dynamic_shapes=shapes,
-                            pipeline=f"canonicalize,cse,dce,shard{{mesh=tp:2,solve=ilp,hardware=cpu,"
-                                     f"values=batch:1,seq:16,memory={budget}}},dce")  # fmt: skip
+    program = plait.compile(
+        model,
+        inputs,
+        dynamic_shapes=shapes,
+        pipeline=f"canonicalize,cse,dce,shard{{mesh=tp:2,solve=ilp,hardware=cpu,"
+        f"values=batch:1,seq:16,memory={budget}}},dce",
+    )
     try:
         assert program.ir.count('"plait::expert_mm"') == 4
         with torch.no_grad():
@@ -257,9 +284,9 @@ def test_the_ilp_counts_each_rank_its_share_of_the_experts(example):
 
 
 def test_the_estimate_charges_the_dispatch_to_the_link():
+    from plait.cost.comm_cost import ring_steps
     from plait.examples.models import mixtral_tiny
     from plait.hardware import load
-    from plait.passes.comm_cost import ring_steps
 
     model, inputs, _ = mixtral_tiny(batch=4, seq=8)
     program = plait.compile(model, inputs, pipeline="canonicalize,cse,dce,shard{mesh=ep:2},dce")

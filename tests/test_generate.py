@@ -36,8 +36,9 @@ def _prompts(vocab: int, batch: int = 2, length: int = 7) -> torch.Tensor:
 def _reference(model, ids, mask=None, **options) -> torch.Tensor:
     mask = torch.ones_like(ids) if mask is None else mask
     with torch.no_grad():
-        return model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS,
-                              do_sample=False, **options)  # fmt: skip
+        return model.generate(
+            ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, **options
+        )
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "qwen2"])
@@ -172,8 +173,12 @@ def test_decode_steps_match_the_forward_compiled_with_the_same_passes(lms, pipel
     prompt = _prompts(model.config.vocab_size, 2, 6)
     continuation = _prompts(model.config.vocab_size, 2, 4)
     compiled = plait.compile_generation(model, batch=2, max_length=16, pipeline=pipeline)
-    forward = plait.compile(hf.wrap(model), hf.example_inputs(model, 2, 8),
-                            dynamic_shapes=hf.dynamic_shapes(max_seq=16), pipeline=pipeline)  # fmt: skip
+    forward = plait.compile(
+        hf.wrap(model),
+        hf.example_inputs(model, 2, 8),
+        dynamic_shapes=hf.dynamic_shapes(max_seq=16),
+        pipeline=pipeline,
+    )
     try:
         assert _forced_logits(compiled, forward, prompt, continuation) <= 1e-5
     finally:

@@ -208,8 +208,11 @@ def test_a_view_of_the_wrong_size_is_refused_before_it_runs():
         '    %v = plait.reshape "aten::view"(%y, [sym(batch), sym(seq), 3, -1]) : '
         "!plait.tensor<[batch, seq, 3, 58], f32>\n    func.return\n",
     )
-    with pytest.raises(IRVerifyError, match=r"x\.mlir:5:5: error: plait\.reshape: aten::view rejects "
-                       r"its arguments: shape '\[\d+, \d+, 3, -1\]' is invalid"):  # fmt: skip
+    with pytest.raises(
+        IRVerifyError,
+        match=r"x\.mlir:5:5: error: plait\.reshape: aten::view rejects "
+        r"its arguments: shape '\[\d+, \d+, 3, -1\]' is invalid",
+    ):
         parse_module(text, "x.mlir")
 
 

@@ -182,8 +182,11 @@ def mutate_tokens(text: str, rng: random.Random) -> str:
         members[cls].append(token)
     for _ in range(rng.randint(1, 2)):
         kind = rng.choice(["same-class", "same-class", "number", "delete", "duplicate", "swap"])
-        wanted = ("number",) if kind == "number" else ("use", "dtype", "word", "number", "string",
-                                                        "punct", "definition")  # fmt: skip
+        wanted = (
+            ("number",)
+            if kind == "number"
+            else ("use", "dtype", "word", "number", "string", "punct", "definition")
+        )
         i = rng.choice([i for i, c in enumerate(classes) if c in wanted])
         if kind == "same-class":
             tokens[i] = rng.choice(members[classes[i]])

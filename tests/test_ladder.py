@@ -27,8 +27,11 @@ def ladder_eager(model, ids, layers: int = 0):
     for i, (kind, layer) in enumerate(modules):
         x = stream[i] if i < first or i == 0 else stream[i - 1]
         if kind == "attn":
-            out = layer.self_attn(hidden_states=layer.input_layernorm(x), position_embeddings=cos_sin,
-                                  attention_mask=None)[0]  # fmt: skip
+            out = layer.self_attn(
+                hidden_states=layer.input_layernorm(x),
+                position_embeddings=cos_sin,
+                attention_mask=None,
+            )[0]
         else:
             out = layer.mlp(layer.post_attention_layernorm(x))
         stream.append(stream[i] + out)

@@ -15,9 +15,9 @@ from helpers import artifact_rank, max_rel_diff, run_ranks
 from plait.frontend import hf
 from plait.ir.errors import PlaitError
 from plait.ir.text import parse_module
-from plait.passes.arena import ALIGN, PlanError, _best_fit, check, lower_bound, plan_arena
-from plait.passes.liveness import Buffer, liveness, value_sizes
 from plait.passes.manager import PassManager
+from plait.passes.memory.arena import ALIGN, PlanError, _best_fit, check, lower_bound, plan_arena
+from plait.passes.memory.liveness import Buffer, liveness, value_sizes
 
 
 def _buffers(spec):
@@ -89,8 +89,9 @@ def test_liveness_follows_views_and_async_windows():
 @pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny", "mixtral-tiny"])
 def test_programs_in_the_arena_match_eager_exactly(example, name):
     model, example_inputs, shapes = example(name)
-    compiled = plait.compile(model, example_inputs, dynamic_shapes=shapes,
-                             pipeline="canonicalize,cse,dce,memplan")  # fmt: skip
+    compiled = plait.compile(
+        model, example_inputs, dynamic_shapes=shapes, pipeline="canonicalize,cse,dce,memplan"
+    )
     assert "plait.arena = " in compiled.ir and "as_strided" in compiled.code
     for batch, seq in ((3, 11), (64, 256)):  # any shape up to the planned maximum
         inputs = hf.example_inputs(model.model, batch, seq)
@@ -102,11 +103,16 @@ def test_programs_in_the_arena_match_eager_exactly(example, name):
 
 def test_ladder_in_the_arena_with_streamed_weights_on_gloo_ranks(example, tmp_path):
     model, example_inputs, shapes = example("llama-tiny")
-    reference = plait.compile(model, example_inputs, dynamic_shapes=shapes,
-                              pipeline="canonicalize,cse,dce,ladder")  # fmt: skip
-    planned = plait.compile(model, example_inputs, dynamic_shapes=shapes,
-                            pipeline="canonicalize,cse,dce,shard{mesh=tp:2},ladder,memplan{values=batch:4,seq:32},"
-                                     "tier{budget=0.5,values=batch:4,seq:32}")  # fmt: skip
+    reference = plait.compile(
+        model, example_inputs, dynamic_shapes=shapes, pipeline="canonicalize,cse,dce,ladder"
+    )
+    planned = plait.compile(
+        model,
+        example_inputs,
+        dynamic_shapes=shapes,
+        pipeline="canonicalize,cse,dce,shard{mesh=tp:2},ladder,memplan{values=batch:4,seq:32},"
+        "tier{budget=0.5,values=batch:4,seq:32}",
+    )
     assert "async" in planned.ir and "plait.arena" in planned.ir and 'tier = "host"' in planned.ir
     planned.save(tmp_path)
     inputs = hf.example_inputs(model.model, 3, 11)
@@ -138,14 +144,15 @@ def test_unbounded_sizes_need_values():
         plait.compile(model, (torch.randn(4, 8),), dynamic_shapes=shapes, pipeline="memplan")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        compiled = plait.compile(model, (torch.randn(4, 8),), dynamic_shapes=shapes,
-                                 pipeline="memplan{values=rows:16}")  # fmt: skip
+        compiled = plait.compile(
+            model, (torch.randn(4, 8),), dynamic_shapes=shapes, pipeline="memplan{values=rows:16}"
+        )
     x = torch.randn(16, 8)
     assert torch.equal(compiled(x), model(x))
 
 
 def test_streaming_schedule_by_hand():
-    from plait.passes.tiering import Weight, simulate, staging_bytes
+    from plait.passes.memory.tiering import Weight, simulate, staging_bytes
 
     times = [1.0, 1.0, 1.0, 1.0]
     a, b, c = Weight("a", 10, 0, 0), Weight("b", 10, 1, 1), Weight("c", 30, 3, 3)
@@ -158,9 +165,13 @@ def test_streaming_schedule_by_hand():
 
 def test_tiered_weights_give_identical_outputs(example, tmp_path):
     model, example_inputs, shapes = example("llama-tiny")
-    compiled = plait.compile(model, example_inputs, dynamic_shapes=shapes,
-                             pipeline="canonicalize,cse,dce,memplan,tier{budget=0.5,values=batch:2,seq:16}")  # fmt: skip
-    from plait.passes.estimate_report import memory_plan
+    compiled = plait.compile(
+        model,
+        example_inputs,
+        dynamic_shapes=shapes,
+        pipeline="canonicalize,cse,dce,memplan,tier{budget=0.5,values=batch:2,seq:16}",
+    )
+    from plait.cost.estimate_report import memory_plan
 
     rows = dict(memory_plan(compiled.estimate("cpu", values={"batch": 2, "seq": 16})))
     assert "MB" in rows["activation arena"] and "streamed" in rows["weight tiering"]

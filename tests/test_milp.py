@@ -10,14 +10,20 @@ from plait.passes.milp import choose_one_each
 
 
 def _random_problem(rng: random.Random):
-    groups = {f"g{i}": {c: rng.uniform(0, 10) for c in "abc"[: rng.randint(1, 3)]}
-              for i in range(rng.randint(2, 7))}  # fmt: skip
+    groups = {
+        f"g{i}": {c: rng.uniform(0, 10) for c in "abc"[: rng.randint(1, 3)]}
+        for i in range(rng.randint(2, 7))
+    }
     names = list(groups)
     pairs = {}
     for g1, g2 in itertools.combinations(names, 2):
         if rng.random() < 0.4:
-            pairs[(g1, g2)] = {(c1, c2): rng.uniform(0, 8)
-                               for c1 in groups[g1] for c2 in groups[g2] if rng.random() < 0.7}  # fmt: skip
+            pairs[(g1, g2)] = {
+                (c1, c2): rng.uniform(0, 8)
+                for c1 in groups[g1]
+                for c2 in groups[g2]
+                if rng.random() < 0.7
+            }
     memory = {g: {c: rng.randint(1, 5) for c in options} for g, options in groups.items()}
     bound = sum(min(m.values()) for m in memory.values()) + rng.randint(0, 6)
     return groups, pairs, [(memory, bound)]

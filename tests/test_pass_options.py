@@ -30,7 +30,7 @@ BAD_OPTIONS = [
     ("tier{budget=0}", "budget=0", "budget is a share"),
     ("tier{hardware=h900}", "hardware=h900", "unknown hardware 'h900'"),
     ("quantize{bits=3}", "bits=3", "bits must be 4 or 8"),
-    ("quantize{method=gptq}", "method=gptq", "easyquant or rtn"),
+    ("quantize{method=gptq}", "method=gptq", "one of easyquant, rtn"),
     ("quantize{size-budget=0}", "size-budget=0", "in (0, 1]"),
     ("quantize{layers=}", "layers=", "at least one module-path pattern"),
     ("sparsify{group=7}", "group=7", "group must be 8, 16, 32 or 64"),

@@ -12,9 +12,9 @@ import torch
 from helpers import artifact_rank, max_rel_diff, run_ranks
 from plait.customops import quant_linear as kernel
 from plait.frontend import hf
-from plait.passes.bit_allocation import BudgetError, allocate
-from plait.passes.easyquant import easyquant
-from plait.passes.quantize import QuantizeError
+from plait.passes.compress.bit_allocation import BudgetError, allocate
+from plait.passes.compress.easyquant import easyquant
+from plait.passes.compress.quantize import QuantizeError
 
 PREFILL = (3, 100)  # 300 tokens: above DECODE_MAX_TOKENS, dequantize + GEMM in fp32
 
@@ -136,8 +136,14 @@ def _dequantized_model(model, compiled):
             base = name.removesuffix(".qweight")
             get = lambda s: compiled.weights.get(f"{base}.{s}")  # noqa: E731
             bits = 4 if get("qweight").dtype == torch.uint8 else 8
-            w = kernel.dequantize(get("qweight"), get("scales"), get("outlier_index"),
-                                  get("outlier_value"), bits, torch.float32)  # fmt: skip
+            w = kernel.dequantize(
+                get("qweight"),
+                get("scales"),
+                get("outlier_index"),
+                get("outlier_value"),
+                bits,
+                torch.float32,
+            )
             conv1d = type(twin.model.get_submodule(base)).__name__ == "Conv1D"
             with torch.no_grad():  # GPT-2's Conv1D keeps its weight as [in, out]
                 params[f"{base}.weight"].copy_(w.t() if conv1d else w)
@@ -166,8 +172,12 @@ def test_llama_matches_eager_with_the_dequantized_weights(example, pipeline):
 
 def test_gpt2_conv1d_layers_are_quantized(example):
     model, example_inputs, shapes = example("gpt2-tiny")
-    compiled = plait.compile(model, example_inputs, dynamic_shapes=shapes,
-                             pipeline="canonicalize,cse,dce,quantize{bits=4,group=16,layers=transformer.*}")  # fmt: skip
+    compiled = plait.compile(
+        model,
+        example_inputs,
+        dynamic_shapes=shapes,
+        pipeline="canonicalize,cse,dce,quantize{bits=4,group=16,layers=transformer.*}",
+    )
     # (lm_head shares its weight with the embedding; it stays out of the eager twin)
     assert "aten::addmm" not in compiled.ir and compiled.ir.count('"plait::quant_linear"') == 8
     inputs = hf.example_inputs(model.model, *PREFILL)
@@ -179,10 +189,12 @@ def test_gpt2_conv1d_layers_are_quantized(example):
 def test_tensor_parallel_quantization_is_the_same_model(example, tmp_path, name):
     model, example_inputs, shapes = example(name)
     pipeline = "canonicalize,cse,dce,{}quantize{{bits=4,group=8}}"
-    single = plait.compile(model, example_inputs, dynamic_shapes=shapes,
-                           pipeline=pipeline.format(""))  # fmt: skip
-    sharded = plait.compile(model, example_inputs, dynamic_shapes=shapes,
-                            pipeline=pipeline.format("shard{mesh=tp:2},"))  # fmt: skip
+    single = plait.compile(
+        model, example_inputs, dynamic_shapes=shapes, pipeline=pipeline.format("")
+    )
+    sharded = plait.compile(
+        model, example_inputs, dynamic_shapes=shapes, pipeline=pipeline.format("shard{mesh=tp:2},")
+    )
     assert "plait::quant_linear" in sharded.ir and "shard(1)" in sharded.ir
     sharded.save(tmp_path)
     inputs = hf.example_inputs(model.model, *PREFILL)
@@ -212,8 +224,12 @@ def test_artifact_holds_packed_weights_and_runs_the_same(example, tmp_path):
     from safetensors import safe_open
 
     model, example_inputs, shapes = example("llama-tiny")
-    compiled = plait.compile(model, example_inputs, dynamic_shapes=shapes,
-                             pipeline="quantize{bits=4,group=32,layers=*.mlp.up_proj}")  # fmt: skip
+    compiled = plait.compile(
+        model,
+        example_inputs,
+        dynamic_shapes=shapes,
+        pipeline="quantize{bits=4,group=32,layers=*.mlp.up_proj}",
+    )
     compiled.save(tmp_path)
     with safe_open(str(tmp_path / "weights.safetensors"), framework="pt") as f:
         packed = f.get_tensor("model.layers.0.mlp.up_proj.qweight")
@@ -227,10 +243,14 @@ def test_artifact_holds_packed_weights_and_runs_the_same(example, tmp_path):
 def test_size_budget_is_met_with_the_least_error(example):
     model, example_inputs, _ = example("llama-tiny")
     dense = sum(p.numel() * 4 for n, p in model.named_parameters() if "proj" in n)
-    compiled = plait.compile(model, example_inputs,
-                             pipeline="quantize{size-budget=0.2,layers=*proj}")  # fmt: skip
-    used = sum(compiled.weights.get(n).numel() * compiled.weights.get(n).element_size()
-               for n in compiled.weight_names if "proj" in n)  # fmt: skip
+    compiled = plait.compile(
+        model, example_inputs, pipeline="quantize{size-budget=0.2,layers=*proj}"
+    )
+    used = sum(
+        compiled.weights.get(n).numel() * compiled.weights.get(n).element_size()
+        for n in compiled.weight_names
+        if "proj" in n
+    )
     assert used <= 0.2 * dense
     dtypes = {compiled.weights.get(n).dtype for n in compiled.weight_names if "qweight" in n}
     assert dtypes == {torch.uint8, torch.int8}  # a mix of 4 and 8 bits fits best
@@ -260,8 +280,17 @@ def test_quantize_needs_real_weights():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     with torch.device("meta"):
-        model = wrap(LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32,
-            intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)))  # fmt: skip
+        model = wrap(
+            LlamaForCausalLM(
+                LlamaConfig(
+                    vocab_size=64,
+                    hidden_size=32,
+                    intermediate_size=64,
+                    num_hidden_layers=1,
+                    num_attention_heads=2,
+                )
+            )
+        )
     inputs = hf.example_inputs(model.model, 1, 4)
     with pytest.raises(plait.PlaitError, match="quantize needs the weight of model.layers.0"):
         plait.compile(model, inputs, pipeline="quantize")
@@ -273,11 +302,12 @@ def test_bad_options_name_what_to_change():
 
 
 def test_estimate_reports_bits_per_weight_with_metadata(example):
-    from plait.passes.estimate_report import compression
+    from plait.cost.estimate_report import compression
 
     model, example_inputs, _ = example("llama-tiny")
-    compiled = plait.compile(model, example_inputs,
-                             pipeline="quantize{bits=8,method=rtn,layers=*.mlp.*}")  # fmt: skip
+    compiled = plait.compile(
+        model, example_inputs, pipeline="quantize{bits=8,method=rtn,layers=*.mlp.*}"
+    )
     # int8 values, one float32 scale per output channel, no outliers
     mlp = [m for n, m in model.model.named_modules() if ".mlp." in n and hasattr(m, "weight")]
     weights = sum(m.weight.numel() for m in mlp)

@@ -13,7 +13,7 @@ from plait.frontend import hf
 from plait.ir.text import parse_module, print_module
 from plait.passes.manager import PassManager
 from plait.passes.pipeline import PipelineError
-from plait.passes.shard import ShardError
+from plait.passes.shard.shard import ShardError
 
 MLP = """\
 builtin.module attributes {plait.symbols = #plait.symbols<b = [1, 64]>} {
@@ -107,14 +107,26 @@ def test_data_parallel_batches_of_a_declared_multiple(tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 16))
     b = Dim("b", min=1, max=32)
-    program = plait.compile(model, (torch.randn(4, 16),), dynamic_shapes=((2 * b, None),),
-                            pipeline="shard{mesh=dp:2}")  # fmt: skip
+    program = plait.compile(
+        model, (torch.randn(4, 16),), dynamic_shapes=((2 * b, None),), pipeline="shard{mesh=dp:2}"
+    )
     assert "!plait.tensor<[b, 32], f32>" in program.ir  # each rank computes half the batch
     program.save(tmp_path)
     for rows in (4, 10):
         x = torch.randn(rows, 16)
         for out, _ in run_ranks(2, artifact_rank, str(tmp_path), [x]):
             assert max_rel_diff(out, model(x).detach()) <= 1e-6
+
+
+def test_a_symbolic_batch_splits_by_the_ranges_of_its_own_module():
+    # b in [2, 6]: not provably even; b in [4, 4]: one even value. The ranges
+    # the rules prove divisibility over are those of the module being sharded
+    with pytest.raises(ShardError, match="does not split evenly over 2 ranks"):
+        _shard(MLP.replace("b = [1, 64]", "b = [2, 6]"), "dp:2")
+    module = parse_module(MLP.replace("b = [1, 64]", "b = [4, 4]"))
+    shard = next(iter(PassManager.parse("shard{mesh=dp:2}").passes))
+    shard.apply(None, module)  # (the gathered result's type, 2*floordiv(b, 2), does not verify)
+    assert "!plait.tensor<[floordiv(b, 2), 256], f32>" in print_module(module)
 
 
 def test_llama_is_sharded_like_megatron(compiled):
@@ -168,9 +180,17 @@ def _phi3():
     from transformers import Phi3Config, Phi3ForCausalLM
 
     torch.manual_seed(0)
-    config = Phi3Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
-                        bos_token_id=1, eos_token_id=1)  # fmt: skip
+    config = Phi3Config(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=1,
+    )
     return hf.wrap(Phi3ForCausalLM(config).eval()), None, hf.dynamic_shapes(max_seq=128)
 
 
@@ -241,16 +261,23 @@ def test_a_manual_plan_overrides_the_rules():
     assert "#plait.placements<[shard(1)]>} : !plait.tensor<[256, 32], f32>" in rowwise
     with pytest.raises(plait.PlaitError, match="write MODULE-GLOB:STYLE with STYLE one of"):
         _shard(MLP, "tp:2,plan=mlp.up:sideways")
-    with pytest.raises(plait.PlaitError, match=r"plan makes this layer rowwise, but its input "
-                                               r"features \(64\) do not split over 128 ranks"):  # fmt: skip
+    with pytest.raises(
+        plait.PlaitError,
+        match=r"plan makes this layer rowwise, but its input "
+        r"features \(64\) do not split over 128 ranks",
+    ):
         _shard(MLP, "tp:128,plan=mlp.up:rowwise")
 
 
 def test_a_manual_plan_matches_eager_on_gloo_ranks(example, tmp_path):
     model, example_inputs, shapes = example("llama-tiny")
     plan = "*.mlp.*:replicate,*.self_attn.o_proj:replicate,lm_head:colwise"
-    program = plait.compile(model, example_inputs, dynamic_shapes=shapes,
-                            pipeline=f"canonicalize,cse,dce,shard{{mesh=tp:2,plan={plan}}},dce")  # fmt: skip
+    program = plait.compile(
+        model,
+        example_inputs,
+        dynamic_shapes=shapes,
+        pipeline=f"canonicalize,cse,dce,shard{{mesh=tp:2,plan={plan}}},dce",
+    )
     assert program.ir.count("plait.all_reduce") == 0  # no row-parallel layer is left
     assert_ranks_match_eager(program, model, tmp_path)
 
@@ -259,12 +286,21 @@ def test_heads_that_do_not_split_run_replicated_with_a_warning():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=64,
-                         num_hidden_layers=1, num_attention_heads=3, num_key_value_heads=3)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=3,
+        num_key_value_heads=3,
+    )
     model = LlamaForCausalLM(config).eval()
     inputs = hf.example_inputs(model, 2, 8)
-    with pytest.warns(UserWarning, match=r"3 query and 3 kv heads do not split over 2 ranks "
-                                         r"\(sizes that do: 3\)"):  # fmt: skip
+    with pytest.warns(
+        UserWarning,
+        match=r"3 query and 3 kv heads do not split over 2 ranks "
+        r"\(sizes that do: 3\)",
+    ):
         program = plait.compile(hf.wrap(model), inputs, pipeline="shard{mesh=tp:2}")
     try:
         with torch.no_grad():
@@ -276,8 +312,12 @@ def test_heads_that_do_not_split_run_replicated_with_a_warning():
 @pytest.mark.parametrize("style,placement", [("rowwise", "shard(0)"), ("colwise", "shard(1)")])
 def test_an_embedding_splits_by_vocabulary_or_by_dim(style, placement, example, tmp_path):
     model, example_inputs, shapes = example("llama-tiny")
-    program = plait.compile(model, example_inputs, dynamic_shapes=shapes,
-        pipeline=f"canonicalize,cse,dce,shard{{mesh=tp:2,plan=model.embed_tokens:{style}}},dce")  # fmt: skip
+    program = plait.compile(
+        model,
+        example_inputs,
+        dynamic_shapes=shapes,
+        pipeline=f"canonicalize,cse,dce,shard{{mesh=tp:2,plan=model.embed_tokens:{style}}},dce",
+    )
     ir = program.ir
     assert (
         f'"model.embed_tokens.weight" {{plait.placements = #plait.placements<[{placement}]>}}' in ir
@@ -292,9 +332,18 @@ def test_the_heads_warning_counts_the_kv_heads_before_transformers_repeats_them(
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=64,
-                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     model = LlamaForCausalLM(config).eval()
-    with pytest.warns(UserWarning, match=r"4 query and 2 kv heads do not split over 3 ranks "
-                                         r"\(sizes that do: 2, 4\)"):  # fmt: skip
+    with pytest.warns(
+        UserWarning,
+        match=r"4 query and 2 kv heads do not split over 3 ranks "
+        r"\(sizes that do: 2, 4\)",
+    ):
         plait.compile(hf.wrap(model), hf.example_inputs(model, 2, 8), pipeline="shard{mesh=tp:3}")

@@ -11,16 +11,16 @@ import plait
 import pytest
 import torch
 from helpers import artifact_rank, assert_ranks_match_eager, max_rel_diff, run_ranks
+from plait.cost.comm_cost import axis_links
+from plait.cost.estimate import Target, estimate
 from plait.frontend import hf
 from plait.frontend.capture import capture
 from plait.frontend.importer import import_program
 from plait.hardware import load
 from plait.ir.text import parse_module, print_module
 from plait.passes.base import function_blocks
-from plait.passes.comm_cost import axis_links
-from plait.passes.estimate import Target, estimate
 from plait.passes.manager import PassManager
-from plait.passes.shard_ilp import SolveError, formulate, solve
+from plait.passes.shard.ilp import SolveError, formulate, solve
 from test_shard import MLP
 
 # communication almost free and memory slow: sharding anything that splits pays
@@ -41,8 +41,14 @@ latency = 0.0
 def _meta_llama(layers: int, dynamic: bool):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                         num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=8)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+    )
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     inputs = hf.example_inputs(model, 2 if dynamic else 1, 64)
@@ -62,8 +68,15 @@ def test_the_solver_finds_megatrons_layout_at_any_depth(layers):
     module = _meta_llama(layers, dynamic=True)  # batch and seq symbolic: seq cannot split
     PassManager.parse(pipeline % ",solve=ilp,values=batch:1,seq:2048").run(module)
     text = print_module(module)
-    for proj, dim in [("q_proj", 0), ("k_proj", 0), ("v_proj", 0), ("o_proj", 1),
-                      ("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)]:  # fmt: skip
+    for proj, dim in [
+        ("q_proj", 0),
+        ("k_proj", 0),
+        ("v_proj", 0),
+        ("o_proj", 1),
+        ("gate_proj", 0),
+        ("up_proj", 0),
+        ("down_proj", 1),
+    ]:
         assert (
             text.count(f'{proj}.weight" {{plait.placements = #plait.placements<[shard({dim})]>}}')
             == layers
@@ -90,8 +103,12 @@ def test_with_a_static_sequence_it_picks_sequence_parallelism():
     counts = _counts(print_module(module))
     # all-gather before each column-parallel pair, reduce-scatter after each row-parallel
     # layer; plus the gathers into lm_head and of its logits, and one slice of the embeddings
-    assert counts == {"all_reduce": 0, "all_gather": 2 * layers + 2,
-                      "reduce_scatter": 2 * layers, "local_shard": 1}  # fmt: skip
+    assert counts == {
+        "all_reduce": 0,
+        "all_gather": 2 * layers + 2,
+        "reduce_scatter": 2 * layers,
+        "local_shard": 1,
+    }
 
 
 ATTENTION = """\
@@ -201,10 +218,15 @@ def test_prefill_and_decode_are_solved_together_and_generate_like_transformers(n
         3, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1)
     )
     with torch.no_grad():
-        expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
-                                  do_sample=False)  # fmt: skip
-    compiled = plait.compile_generation(model, batch=2, max_length=40,
-        pipeline=f"shard{{mesh=tp:2,solve=ilp,hardware=cpu,memory={memory}}}")  # fmt: skip
+        expected = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False
+        )
+    compiled = plait.compile_generation(
+        model,
+        batch=2,
+        max_length=40,
+        pipeline=f"shard{{mesh=tp:2,solve=ilp,hardware=cpu,memory={memory}}}",
+    )
     try:
         weights = float(re.search(r"weights (\S+) B/device", compiled.ir).group(1))
         assert weights <= memory and "placements<[shard" in compiled.ir
@@ -233,8 +255,12 @@ def test_a_symbolic_dim_is_split_only_where_z3_proves_it_divides(multiple, tmp_p
     seq = 2 * k if multiple else Dim("seq", min=2, max=1024)
     hardware = tmp_path / "free-links.toml"
     hardware.write_text(FREE_LINKS)
-    program = plait.compile(block, (torch.randn(1, 8, 64),), dynamic_shapes={"x": {1: seq}},
-                            pipeline=f"shard{{mesh=tp:2,solve=ilp,hardware={hardware}}}")  # fmt: skip
+    program = plait.compile(
+        block,
+        (torch.randn(1, 8, 64),),
+        dynamic_shapes={"x": {1: seq}},
+        pipeline=f"shard{{mesh=tp:2,solve=ilp,hardware={hardware}}}",
+    )
     # with communication free, the solver splits the sequence wherever it may
     assert ("!plait.tensor<[1, k, 64], f32>" in program.ir) == multiple
     assert "floordiv" not in program.ir
@@ -246,8 +272,8 @@ def test_a_symbolic_dim_is_split_only_where_z3_proves_it_divides(multiple, tmp_p
 
 
 def test_divisibility_is_proved_over_the_declared_range():
+    from plait.cost.bounds import prove_divisible
     from plait.ir import symbolic
-    from plait.passes.bounds import prove_divisible
 
     k, seq = symbolic.symbol("k"), symbolic.symbol("seq")
     assert prove_divisible(4 * k, 2, {"k": (1, 512)}).proved
@@ -287,8 +313,10 @@ def test_a_bias_added_after_a_matmul_is_added_once(tmp_path):
 
 def test_a_manual_plan_fixes_its_layers_and_the_solver_plans_around_them(example):
     model, inputs, _ = example("llama-tiny")
-    pipeline = ("canonicalize,cse,dce,shard{mesh=tp:2,solve=ilp,hardware=cpu,memory=340000,"
-                "plan=*.mlp.down_proj:replicate},dce")  # fmt: skip
+    pipeline = (
+        "canonicalize,cse,dce,shard{mesh=tp:2,solve=ilp,hardware=cpu,memory=340000,"
+        "plan=*.mlp.down_proj:replicate},dce"
+    )
     ir = plait.compile(model, inputs, pipeline=pipeline).ir
     down = [
         line

@@ -14,7 +14,7 @@ from plait.customops import gqsa as kernel
 from plait.frontend import hf
 from plait.ir.attrs import PLACEMENTS_ATTR, shard
 from plait.ir.ops import ParamOp
-from plait.passes.gqsa import gqsa
+from plait.passes.compress.gqsa import gqsa
 
 
 @pytest.mark.parametrize("segments", [1, 2])
@@ -70,8 +70,12 @@ def _dense_twin(model, compiled, group: int = 16):
             placement = op.attributes.get(PLACEMENTS_ATTR)
             row_parallel = placement is not None and placement.data[0] == shard(1)
             weight = params[f"{base}.weight"]
-            w = kernel.dense_weight(*(compiled.weights.get(f"{base}.{n}") for n in ("values", "scales", "blocks")),
-                                    group, weight.shape[1], compiled.world_size if row_parallel else 1)  # fmt: skip
+            w = kernel.dense_weight(
+                *(compiled.weights.get(f"{base}.{n}") for n in ("values", "scales", "blocks")),
+                group,
+                weight.shape[1],
+                compiled.world_size if row_parallel else 1,
+            )
             with torch.no_grad():
                 weight.copy_(w)
     return twin
@@ -79,8 +83,12 @@ def _dense_twin(model, compiled, group: int = 16):
 
 def test_llama_matches_eager_with_the_dense_gqsa_weights(example):
     model, example_inputs, shapes = example("llama-tiny")
-    compiled = plait.compile(model, example_inputs, dynamic_shapes=shapes,
-                             pipeline="sparsify{group=16,sparsity=0.5,layers=*.layers.*}")  # fmt: skip
+    compiled = plait.compile(
+        model,
+        example_inputs,
+        dynamic_shapes=shapes,
+        pipeline="sparsify{group=16,sparsity=0.5,layers=*.layers.*}",
+    )
     assert compiled.ir.count('"plait::gqsa_linear"') == 14
     twin = _dense_twin(model, compiled)
     with torch.no_grad():
@@ -92,8 +100,12 @@ def test_llama_matches_eager_with_the_dense_gqsa_weights(example):
 def test_row_parallel_shards_keep_their_own_groups(example, tmp_path):
     model, example_inputs, shapes = example("llama-tiny")
     # down_proj reads 176 features, 88 per rank: groups of 8 fit each rank's slice
-    compiled = plait.compile(model, example_inputs, dynamic_shapes=shapes,
-                             pipeline="shard{mesh=tp:2},sparsify{group=8,layers=*.mlp.down_proj}")  # fmt: skip
+    compiled = plait.compile(
+        model,
+        example_inputs,
+        dynamic_shapes=shapes,
+        pipeline="shard{mesh=tp:2},sparsify{group=8,layers=*.mlp.down_proj}",
+    )
     assert "shard(1)" in compiled.ir and compiled.ir.count("plait::gqsa_linear") == 2
     compiled.save(tmp_path)
     twin = _dense_twin(model, compiled, group=8)
@@ -127,10 +139,12 @@ def test_activation_importance_needs_calibration_and_runs_it(example):
     ):
         plait.compile(model, example_inputs, pipeline=pipeline)
     calibration = [hf.example_inputs(model.model, 4, 32)]
-    compiled = plait.compile(model, example_inputs, dynamic_shapes=shapes, pipeline=pipeline,
-                             calibration=calibration)  # fmt: skip
-    magnitude = plait.compile(model, example_inputs, dynamic_shapes=shapes,
-                              pipeline="sparsify{layers=*.mlp.*}")  # fmt: skip
+    compiled = plait.compile(
+        model, example_inputs, dynamic_shapes=shapes, pipeline=pipeline, calibration=calibration
+    )
+    magnitude = plait.compile(
+        model, example_inputs, dynamic_shapes=shapes, pipeline="sparsify{layers=*.mlp.*}"
+    )
     blocks = "model.layers.0.mlp.down_proj.blocks"
     assert not torch.equal(compiled.weights.get(blocks), magnitude.weights.get(blocks))
     inputs = hf.example_inputs(model.model, 3, 30)
@@ -141,7 +155,11 @@ def test_activation_importance_needs_calibration_and_runs_it(example):
 def test_activation_importance_reads_conv1d_inputs(example):
     # GPT-2's addmm(bias, x, W): the activation is the second argument, not the bias
     model, example_inputs, shapes = example("gpt2-tiny")
-    compiled = plait.compile(model, example_inputs, dynamic_shapes=shapes,
-                             pipeline="sparsify{layers=transformer.*,importance=activation}",
-                             calibration=[hf.example_inputs(model.model, 4, 32)])  # fmt: skip
+    compiled = plait.compile(
+        model,
+        example_inputs,
+        dynamic_shapes=shapes,
+        pipeline="sparsify{layers=transformer.*,importance=activation}",
+        calibration=[hf.example_inputs(model.model, 4, 32)],
+    )
     assert compiled.ir.count('"plait::gqsa_linear"') == 8

@@ -61,13 +61,28 @@ def test_a_script_without_main_guard_and_stdin_call_a_sharded_model(tmp_path):
     script.write_text(SCRIPT)
     (tmp_path / "cwd" / "json.py").write_text(EVIL)  # workers must not import it
     env = _env(tmp_path / "tmp")
-    from_file = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path / "cwd", env=env,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    from_stdin = subprocess.run([sys.executable, "-"], input=SCRIPT, cwd=tmp_path, env=env,
-                                capture_output=True, text=True, timeout=300)  # fmt: skip
+    from_file = subprocess.Popen(
+        [sys.executable, str(script)],
+        cwd=tmp_path / "cwd",
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    from_stdin = subprocess.run(
+        [sys.executable, "-"],
+        input=SCRIPT,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     out, err = from_file.communicate(timeout=300)
-    for code, stdout, stderr in [(from_file.returncode, out, err), (from_stdin.returncode,
-                                  from_stdin.stdout, from_stdin.stderr)]:  # fmt: skip
+    for code, stdout, stderr in [
+        (from_file.returncode, out, err),
+        (from_stdin.returncode, from_stdin.stdout, from_stdin.stderr),
+    ]:
         assert code == 0, stderr[-3000:]
         assert float(stdout.split("max-diff")[1]) <= 1e-5
     assert not (tmp_path / "cwd" / "IMPORTED").exists()
@@ -80,9 +95,16 @@ def test_model_outputs_keep_their_structure_on_workers_and_from_artifacts(tmp_pa
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                         use_cache=False, output_hidden_states=True)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        use_cache=False,
+        output_hidden_states=True,
+    )
     model = LlamaForCausalLM(config).eval()
     ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -111,11 +133,21 @@ def test_model_outputs_keep_their_structure_on_workers_and_from_artifacts(tmp_pa
         "from plait.cli import main\n"  # which prints and saves the outputs' leaves
         "assert main(['run', sys.argv[1], '--inputs', sys.argv[2], '--output', sys.argv[4]]) == 0\n"
     )
-    result = subprocess.run([sys.executable, "-c", check, str(tmp_path / "artifact"),
-                             str(tmp_path / "ids.st"), str(tmp_path / "out.st"),
-                             str(tmp_path / "cli.st")],
-                            capture_output=True, text=True, timeout=300,
-                            env=_env(tmp_path))  # fmt: skip
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            check,
+            str(tmp_path / "artifact"),
+            str(tmp_path / "ids.st"),
+            str(tmp_path / "out.st"),
+            str(tmp_path / "cli.st"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(tmp_path),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     # (the first line; the CLI run below prints its results to stdout too)
     assert result.stdout.splitlines()[0] == "transformers.modeling_outputs.CausalLMOutputWithPast"
@@ -136,8 +168,11 @@ def test_an_output_structure_loads_without_importing_what_it_names(tmp_path, mon
     monkeypatch.syspath_prepend(str(tmp_path))
     leaf = {"type": None, "context": None, "children_spec": []}
     # a module off sys.path, one transformers lacks, a class that is no dataclass
-    for name in ["evil_outputs.Out", "transformers.modeling_nothing.Out",
-                 "transformers.modeling_outputs.ModelOutput"]:  # fmt: skip
+    for name in [
+        "evil_outputs.Out",
+        "transformers.modeling_nothing.Out",
+        "transformers.modeling_outputs.ModelOutput",
+    ]:
         node = {"type": name, "context": json.dumps(["a", "b"]), "children_spec": [leaf, leaf]}
         spec = json.dumps([1, node])
         with pytest.warns(UserWarning, match="come back as a dict with its keys"):
@@ -225,8 +260,11 @@ def test_a_busy_rank_is_kept_and_a_stopped_rank_is_named(napper, tmp_path, monke
         for marker in (tmp_path / "naps").iterdir():
             marker.unlink()
         _stop_when_napping(tmp_path / "naps", rank=1)
-        with pytest.raises(WorkerError, match=r"rank 1 sent no heartbeat for \d+ s \(last seen "
-                                              r"in __call__ at .*\(nap\) plait.call\)"):  # fmt: skip
+        with pytest.raises(
+            WorkerError,
+            match=r"rank 1 sent no heartbeat for \d+ s \(last seen "
+            r"in __call__ at .*\(nap\) plait.call\)",
+        ):
             compiled(x, torch.tensor(60.0))
         stopped = float((tmp_path / "naps" / "stopped").read_text())
         assert time.monotonic() - stopped < 30
@@ -243,11 +281,19 @@ def test_a_stopped_rank_under_plait_run_is_named_and_the_run_ends(napper, tmp_pa
     compiled.save(tmp_path / "nap")
     save_file({"x": x, "seconds": torch.tensor(60.0)}, tmp_path / "inputs.st")
     (tmp_path / "naps").mkdir()
-    env = _env(tmp_path, PLAIT_TEST_NAPS=str(tmp_path / "naps"),
-               PYTHONPATH=f"{SLOW_OP}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")  # fmt: skip
-    run = subprocess.Popen([str(PLAIT), "run", "nap", "--nproc", "2", "--timeout", "10",
-                            "--inputs", "inputs.st"], cwd=tmp_path, env=env, text=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    env = _env(
+        tmp_path,
+        PLAIT_TEST_NAPS=str(tmp_path / "naps"),
+        PYTHONPATH=f"{SLOW_OP}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    )
+    run = subprocess.Popen(
+        [str(PLAIT), "run", "nap", "--nproc", "2", "--timeout", "10", "--inputs", "inputs.st"],
+        cwd=tmp_path,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         _stop_when_napping(tmp_path / "naps", rank=1)
         out, _ = run.communicate(timeout=400)
@@ -270,9 +316,24 @@ def test_ranks_import_nothing_from_the_working_directory_and_exit_cleanly(exampl
     ladder.save(tmp_path / "ladder")
     save_file(dict(zip(ladder.input_names, inputs)), tmp_path / "inputs.st")
     (tmp_path / "json.py").write_text(EVIL)
-    result = subprocess.run([str(PLAIT), "run", "ladder", "--nproc", "2", "--inputs", "inputs.st",
-                             "--output", "out.st"], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=300, env=_env(tmp_path))  # fmt: skip
+    result = subprocess.run(
+        [
+            str(PLAIT),
+            "run",
+            "ladder",
+            "--nproc",
+            "2",
+            "--inputs",
+            "inputs.st",
+            "--output",
+            "out.st",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(tmp_path),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "terminate called" not in result.stderr and not (tmp_path / "IMPORTED").exists()
     with torch.no_grad():  # the same ladder model on one device
@@ -286,14 +347,25 @@ def test_a_collective_that_waits_too_long_under_plait_run_is_one_located_line(na
     compiled, x, _ = napper
     compiled.save(tmp_path / "nap")
     save_file({"x": x, "seconds": torch.tensor(60.0)}, tmp_path / "inputs.st")
-    env = _env(tmp_path, PLAIT_TEST_LATE_RANK="1",
-               PYTHONPATH=f"{SLOW_OP}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")  # fmt: skip
-    result = subprocess.run([str(PLAIT), "run", "nap", "--nproc", "2", "--timeout", "3",
-                             "--inputs", "inputs.st"], cwd=tmp_path, env=env, text=True,
-                            capture_output=True, timeout=300)  # fmt: skip
+    env = _env(
+        tmp_path,
+        PLAIT_TEST_LATE_RANK="1",
+        PYTHONPATH=f"{SLOW_OP}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    )
+    result = subprocess.run(
+        [str(PLAIT), "run", "nap", "--nproc", "2", "--timeout", "3", "--inputs", "inputs.st"],
+        cwd=tmp_path,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=300,
+    )
     assert result.returncode != 0
-    assert re.search(r"plait: error: rank 0: a collective failed at nap/plan.mlir:\d+:\d+ "
-                     r"plait.all_gather: Timed out waiting 6000ms", result.stderr), result.stderr  # fmt: skip
+    assert re.search(
+        r"plait: error: rank 0: a collective failed at nap/plan.mlir:\d+:\d+ "
+        r"plait.all_gather: Timed out waiting 6000ms",
+        result.stderr,
+    ), result.stderr
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
 
 

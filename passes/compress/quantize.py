@@ -30,6 +30,7 @@ layers and their sizes.
 
 from __future__ import annotations
 
+import enum
 import warnings
 from dataclasses import dataclass
 
@@ -37,11 +38,13 @@ import torch
 from xdsl.context import Context
 from xdsl.dialects.builtin import ModuleOp
 
-from ..customops import quant_linear as kernel
-from ..ir.attrs import REPLICATE, Placement, QuantAttr, shard
-from ..ir.errors import PlaitError
-from ..ir.text import where
-from .base import Pass, PassContext
+from ...customops import quant_linear as kernel
+from ...ir.attrs import REPLICATE, Placement, QuantAttr, shard
+from ...ir.errors import PlaitError
+from ...ir.libraries import require_library
+from ...ir.text import where
+from ..base import Pass, PassContext
+from ..options import Globs, OptionError
 from .bit_allocation import allocate
 from .easyquant import DEFAULT_SIGMA, Quantized, easyquant, rtn
 from .linear_rewrite import (
@@ -50,9 +53,7 @@ from .linear_rewrite import (
     find_linears,
     full_weights,
     replace_linear,
-    require_library,
 )
-from .options import Globs, OptionError
 
 TARGET = "plait::quant_linear"
 
@@ -108,12 +109,17 @@ def _rank_shape(layer: Layer, shape) -> tuple[int, int]:
     return tuple(dims)
 
 
+class QuantMethod(enum.Enum):
+    EASYQUANT = "easyquant"  # outliers kept aside, the rest scaled to fit (easyquant.py)
+    RTN = "rtn"  # round to nearest
+
+
 @dataclass(frozen=True)
 class Quantize(Pass):
     name = "quantize"
     summary = "weight-only int8/int4 quantization of linear layers (EasyQuant or RTN)"
 
-    method: str = "easyquant"
+    method: QuantMethod = QuantMethod.EASYQUANT
     bits: int = 8
     group: int = 0
     outlier_sigma: float = DEFAULT_SIGMA
@@ -122,8 +128,6 @@ class Quantize(Pass):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.method not in ("easyquant", "rtn"):
-            raise OptionError(f"method must be easyquant or rtn, not '{self.method}'", "method")
         if self.bits not in (4, 8):
             raise OptionError(f"bits must be 4 or 8, not {self.bits}", "bits")
         if self.group < 0 or self.group % 2:
@@ -138,7 +142,7 @@ class Quantize(Pass):
             )
 
     def _quantize(self, weight: torch.Tensor, bits: int) -> Quantized:
-        if self.method == "rtn":
+        if self.method is QuantMethod.RTN:
             return rtn(weight, bits, self.group)
         return easyquant(weight, bits, self.group, self.outlier_sigma)
 
@@ -168,10 +172,10 @@ class Quantize(Pass):
         index, value = _bucket_outliers(q, p, layer.parts, weight.shape)
         attrs = {
             "quant": QuantAttr.make(
-                method=self.method,
+                method=self.method.value,
                 bits=q.bits,
                 group=self.group,
-                outlier_sigma=self.outlier_sigma if self.method == "easyquant" else 0.0,
+                outlier_sigma=self.outlier_sigma if self.method is QuantMethod.EASYQUANT else 0.0,
                 outliers=round(q.outlier_fraction, 6),
                 error=round(q.relative_error(weight), 6),
             )

@@ -16,18 +16,19 @@ the sharded dim along, and everything else runs replicated.
 
 from __future__ import annotations
 
+import enum
 import functools
 import itertools
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import sympy
-from xdsl.ir import SSAValue
+from xdsl.dialects.builtin import ModuleOp
+from xdsl.ir import Operation, SSAValue
 
-from ..ir.args import Operand
-from ..ir.attrs import REPLICATE, Placement, partial, shard
-from ..ir.errors import PlaitError
-from ..ir.ops import (
+from ...ir.args import Operand
+from ...ir.attrs import REPLICATE, SYMBOLS_ATTR, Placement, partial, shard
+from ...ir.errors import PlaitError
+from ...ir.ops import (
     AttentionOp,
     CallOp,
     ElementwiseOp,
@@ -39,44 +40,57 @@ from ..ir.ops import (
     ReshapeOp,
     SoftmaxOp,
 )
-from ..ir.text import where
-from ..ir.types import TensorType
+from ...ir.text import where
+from ...ir.types import TensorType
+from ..options import PlanStyle
 
 R = REPLICATE
 SUM = partial("sum")
+
+
+class Parallel(enum.Enum):
+    """How a decision splits the work of an op whose rewrite needs more than
+    its placements (a row-parallel bias, a vocabulary lookup, cut sizes)."""
+
+    COLUMN = "column"  # a weight's output features
+    ROW = "row"  # a weight's input features: partial sums
+    VOCAB = "vocab"  # an embedding's vocabulary rows
+    BLOCKS = "blocks"  # a fused projection's output cut into its blocks
+    EXPERT = "expert"  # the experts of an MoE layer
 
 
 @dataclass
 class Decision:
     inputs: list[Placement]  # what each tensor operand must be, in op.inputs order
     outputs: list[Placement]
-    style: str = ""  # "column" / "row" for weight-sharded matmuls
+    parallel: Parallel | None = None
     # reshape family: output dim -> local size to write into size arguments
     sizes: dict[int, object] = field(default_factory=dict)
 
 
-# the size symbols' ranges of the module being sharded (the shard pass sets them)
-SYMBOL_RANGES: ContextVar[tuple[tuple[str, int, int | None], ...]] = ContextVar(
-    "SYMBOL_RANGES", default=()
-)
-
-
-def divides(dim, n: int) -> bool:
-    """Is a dim split evenly n ways, for every size in range? A symbolic dim
-    only when z3 proves it (2*k over 2 ranks, not seq)."""
+def divides(dim, n: int, at: Operation) -> bool:
+    """Is a dim split evenly n ways, for every size in the ranges of the module
+    `at` (the op the dim belongs to) is in? A symbolic dim only when z3 proves
+    it (2*k over 2 ranks, not seq)."""
     if isinstance(dim, int):
         return dim % n == 0
-    return _proved_divisible(dim, n, SYMBOL_RANGES.get())
+    return _proved_divisible(dim, n, _symbol_ranges(at))
 
 
-def sizes_that_split(*dims) -> list[int]:
-    """Mesh sizes up to 64 that split every one of `dims` evenly."""
-    return [n for n in range(2, 65) if all(divides(d, n) for d in dims)]
+def sizes_that_split(*dims, at: Operation) -> list[int]:
+    """Mesh sizes up to 64 that split every one of `dims` evenly (see `divides`)."""
+    return [n for n in range(2, 65) if all(divides(d, n, at) for d in dims)]
+
+
+def _symbol_ranges(at: Operation) -> tuple[tuple[str, int, int | None], ...]:
+    module = at.get_toplevel_object()
+    symbols = module.attributes.get(SYMBOLS_ATTR) if isinstance(module, ModuleOp) else None
+    return symbols.data if symbols is not None else ()
 
 
 @functools.lru_cache(maxsize=4096)
 def _proved_divisible(dim, n: int, ranges: tuple) -> bool:
-    from .bounds import prove_divisible
+    from ...cost.bounds import prove_divisible
 
     return prove_divisible(dim, n, {name: (lo, hi) for name, lo, hi in ranges}).proved
 
@@ -110,15 +124,12 @@ def _dim(value, rank: int) -> int | None:
 # ---- matrix products ------------------------------------------------------------
 
 
-STYLES = ("colwise", "rowwise", "replicate")  # a manual plan's choices for a linear layer
-
-
 class PlanError(PlaitError):
     pass
 
 
 def _weight_sharded(op: CallOp, x: int, w: int, bias: int | None, arriving, types, n: int,
-                    w_out: int, w_in: int, style: str | None = None) -> Decision:  # fmt: skip
+                    w_out: int, w_in: int, style: PlanStyle | None = None) -> Decision:  # fmt: skip
     """x @ W with W's output features on dim `w_out`, input features on `w_in`.
 
     Without a `style`, Megatron's pairing: row-parallel when x arrives split on
@@ -127,24 +138,24 @@ def _weight_sharded(op: CallOp, x: int, w: int, bias: int | None, arriving, type
     x_rank = types[x].rank
     out_rank = op.results[0].type.rank
     inputs = [R] * len(op.inputs)
-    if style == "replicate":
+    if style is PlanStyle.REPLICATE:
         return replicated(op)
     if style is not None:
-        what = "input features" if style == "rowwise" else "output features"
+        what = "input features" if style is PlanStyle.ROWWISE else "output features"
         _check_plan_split(
-            op, "layer", style, what, weight.shape[w_in if style == "rowwise" else w_out], n
+            op, "layer", style, what, weight.shape[w_in if style is PlanStyle.ROWWISE else w_out], n
         )
-    rowwise = style == "rowwise" or (style is None and arriving[x] == shard(x_rank - 1))
-    if rowwise and divides(weight.shape[w_in], n):
+    rowwise = style is PlanStyle.ROWWISE or (style is None and arriving[x] == shard(x_rank - 1))
+    if rowwise and divides(weight.shape[w_in], n, op):
         inputs[x], inputs[w] = shard(x_rank - 1), shard(w_in)  # row-parallel
         # with a bias, the partial sums are all-reduced inside the op, then it is added once
-        return Decision(inputs, [SUM if bias is None else R], "row")
-    if divides(weight.shape[w_out], n):
+        return Decision(inputs, [SUM if bias is None else R], Parallel.ROW)
+    if divides(weight.shape[w_out], n, op):
         blocks = fused_blocks(op, n)  # q, k, v of one product: each split on its own
         inputs[w] = shard(w_out, blocks)  # column-parallel
         if bias is not None:
             inputs[bias] = shard(0, blocks)
-        return Decision(inputs, [shard(out_rank - 1, blocks)], "column")
+        return Decision(inputs, [shard(out_rank - 1, blocks)], Parallel.COLUMN)
     return replicated(op)
 
 
@@ -219,7 +230,9 @@ def _blocked_rule(op: CallOp, arriving, types, n: int) -> Decision:
     else:
         cuts_a_block = tuple(r.type.shape[-1] for r in op.results) == blocks
     if op.target_name in (*_FUSED_SPLITS, "aten::slice.Tensor") and cuts_a_block:
-        return Decision([first] + rest, [shard(r.type.rank - 1) for r in op.results], "blocks")
+        return Decision(
+            [first] + rest, [shard(r.type.rank - 1) for r in op.results], Parallel.BLOCKS
+        )
     result = op.results[0].type
     if op.target_name in _FUSED_VIEWS and result.shape[-1:] == types[0].shape[-1:]:
         if not isinstance(op.arg(SIZE_ARGS[op.target_name]), tuple):
@@ -230,17 +243,17 @@ def _blocked_rule(op: CallOp, arriving, types, n: int) -> Decision:
     return replicated(op)
 
 
-def _check_plan_split(op: CallOp, kind: str, style: str, what: str, size, n: int) -> None:
+def _check_plan_split(op: CallOp, kind: str, style: PlanStyle, what: str, size, n: int) -> None:
     """A manual plan's style must split the dim it names evenly."""
-    if not divides(size, n):
+    if not divides(size, n, op):
         raise PlanError(
-            f"{where(op)}: the plan makes this {kind} {style}, but its {what} ({size}) do not "
+            f"{where(op)}: the plan makes this {kind} {style.value}, but its {what} ({size}) do not "
             f"split over {n} ranks; use another style for it or a mesh size that divides "
-            f"{size} ({', '.join(map(str, sizes_that_split(size))) or 'none'})"
+            f"{size} ({', '.join(map(str, sizes_that_split(size, at=op))) or 'none'})"
         )
 
 
-def linear_rule(op: CallOp, arriving, types, n: int, style: str | None = None) -> Decision:
+def linear_rule(op: CallOp, arriving, types, n: int, style: PlanStyle | None = None) -> Decision:
     x, w, b = (_operand_index(op, k) for k in ("input", "weight", "bias"))
     return _weight_sharded(op, x, w, b, arriving, types, n, w_out=0, w_in=1, style=style)
 
@@ -250,7 +263,7 @@ _PARAM_MATMULS = {"aten::mm": ("self", "mat2", None), "aten::addmm": ("mat1", "m
 
 
 def matmul_rule(op: CallOp, arriving, types, n: int, params: set[SSAValue],
-                style: str | None = None) -> Decision:  # fmt: skip
+                style: PlanStyle | None = None) -> Decision:  # fmt: skip
     names = _PARAM_MATMULS.get(op.target_name)
     scaled = op.arg("alpha", 1) != 1 or op.arg("beta", 1) != 1
     if names is not None and not scaled:
@@ -274,7 +287,7 @@ def attention_rule(op: CallOp, arriving, types, n: int) -> Decision:
     q, k, v = (_operand_index(op, name) for name in ("query", "key", "value"))
     mask = _operand_index(op, "attn_mask")
     heads = [types[i].shape[1] for i in (q, k, v)]
-    if types[q].rank != 4 or not all(divides(h, n) for h in heads):
+    if types[q].rank != 4 or not all(divides(h, n, op) for h in heads):
         return replicated(op)
     if arriving[q] != shard(1):
         return replicated(op)
@@ -361,7 +374,7 @@ def elementwise_rule(op: CallOp, arriving, types, n: int) -> Decision:
         if p.kind == "shard":
             out_dim = p.dim + out_rank - t.rank
             break
-    if out_dim is None or out_dim < 0 or not divides(out_shape[out_dim], n):
+    if out_dim is None or out_dim < 0 or not divides(out_shape[out_dim], n, op):
         return replicated(op)
     inputs = []
     for t in types:
@@ -479,7 +492,7 @@ def reshape_rule(op: CallOp, arriving, types, n: int) -> Decision:
     if len(op.results) != 1:
         return replicated(op)
     out_dim = _moved_dim(op, first.dim, types[0])
-    if out_dim is None or not divides(op.results[0].type.shape[out_dim], n):
+    if out_dim is None or not divides(op.results[0].type.shape[out_dim], n, op):
         return replicated(op)
     if name in SIZE_ARGS and not isinstance(op.arg(SIZE_ARGS[name]), tuple):
         return replicated(op)  # a size we cannot rewrite
@@ -511,14 +524,14 @@ def index_copy_rule(op: CallOp, arriving, types, n: int) -> Decision:
     arrives = arriving[source]
     if arrives.kind != "shard" or arrives.dim == along:
         return replicated(op)
-    if not divides(types[target].shape[arrives.dim], n):
+    if not divides(types[target].shape[arrives.dim], n, op):
         return replicated(op)
     inputs = [R] * len(op.inputs)
     inputs[target] = inputs[source] = arrives
     return Decision(inputs, [arrives])
 
 
-def embedding_rule(op: CallOp, arriving, types, n: int, style: str | None = None) -> Decision:
+def embedding_rule(op: CallOp, arriving, types, n: int, style: PlanStyle | None = None) -> Decision:
     """Looking up indices split on any dim gives rows split on that dim. As
     PyTorch's plans do for nn.Embedding, `rowwise` splits the vocabulary
     (each rank looks up the ids it holds, zeros elsewhere: partial sums;
@@ -527,15 +540,15 @@ def embedding_rule(op: CallOp, arriving, types, n: int, style: str | None = None
     if weight is None or indices is None:
         return replicated(op)
     inputs = [R] * len(op.inputs)
-    if style == "replicate":
+    if style is PlanStyle.REPLICATE:
         return replicated(op)
-    if style in ("rowwise", "colwise"):
-        dim = 0 if style == "rowwise" else 1
+    if style is not None:
+        dim = 0 if style is PlanStyle.ROWWISE else 1
         what = "vocabulary rows" if dim == 0 else "embedding columns"
         _check_plan_split(op, "embedding", style, what, types[weight].shape[dim], n)
         inputs[weight] = shard(dim)
         out = SUM if dim == 0 else shard(op.results[0].type.rank - 1)
-        return Decision(inputs, [out], "vocab" if dim == 0 else "column")
+        return Decision(inputs, [out], Parallel.VOCAB if dim == 0 else Parallel.COLUMN)
     if arriving[indices].kind != "shard":
         return replicated(op)
     inputs[indices] = arriving[indices]
@@ -563,7 +576,7 @@ _RULES = {  # linear and matmul: see `decide`
 
 
 def decide(op: CallOp, arriving: list[Placement], types: list[TensorType], n: int,
-           params: set[SSAValue], style: str | None = None) -> Decision:  # fmt: skip
+           params: set[SSAValue], style: PlanStyle | None = None) -> Decision:  # fmt: skip
     """The placements `op` needs and produces, given those its inputs arrive with
     and their global (unsharded) types; `style` is a manual plan's choice for a
     linear layer."""
@@ -587,7 +600,7 @@ def _splits_evenly(decision: Decision, types: list[TensorType], op: CallOp, n: i
     placed = list(zip(decision.inputs, types)) + [
         (p, r.type) for p, r in zip(decision.outputs, op.results)
     ]
-    return all(p.kind != "shard" or divides(t.shape[p.dim], n) for p, t in placed)
+    return all(p.kind != "shard" or divides(t.shape[p.dim], n, op) for p, t in placed)
 
 
 # ---- data parallelism: the batch split, weights whole ------------------------------

@@ -12,13 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from xdsl.dialects.builtin import ArrayAttr, ModuleOp, StringAttr
+from xdsl.dialects.builtin import ModuleOp
 from xdsl.ir import Attribute, SSAValue
 from xdsl.rewriter import InsertPoint, Rewriter
 
-from ..ir.args import ArgsAttr, Operand
-from ..ir.attrs import (
-    LIBRARIES_ATTR,
+from ...ir.args import ArgsAttr, Operand
+from ...ir.attrs import (
     MESH_ATTR,
     PLACEMENTS_ATTR,
     REPLICATE,
@@ -26,17 +25,17 @@ from ..ir.attrs import (
     PlacementsAttr,
     shard,
 )
-from ..ir.dtypes import IR_NAMES
-from ..ir.errors import PlaitError
-from ..ir.names import value_name
-from ..ir.ops import CallOp, GenericCallOp, ParamOp
-from ..ir.schema import argument_names
-from ..ir.text import where
-from ..ir.types import TensorType
-from ..ir.weights import WeightStore
-from .base import function_blocks
-from .options import Globs, check_all_match
-from .shard_rules import local_type
+from ...ir.dtypes import IR_NAMES
+from ...ir.errors import PlaitError
+from ...ir.names import value_name
+from ...ir.ops import CallOp, GenericCallOp, ParamOp
+from ...ir.schema import argument_names
+from ...ir.text import where
+from ...ir.types import TensorType
+from ...ir.weights import WeightStore
+from ..base import function_blocks
+from ..options import Globs, check_all_match
+from ..shard.rules import local_type
 
 
 @dataclass(frozen=True)
@@ -167,10 +166,3 @@ def replace_linear(
     Rewriter.replace_op(op, new)
     if not layer.param.result.uses:
         Rewriter.erase_op(layer.param)
-
-
-def require_library(module: ModuleOp, name: str) -> None:
-    """Record that the program calls custom ops defined in Python module `name`."""
-    libraries = module.attributes.get(LIBRARIES_ATTR)
-    names = {a.data for a in libraries.data} if libraries is not None else set()
-    module.attributes[LIBRARIES_ATTR] = ArrayAttr([StringAttr(m) for m in sorted(names | {name})])

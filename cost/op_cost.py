@@ -34,6 +34,7 @@ from ..ir.ops import (
     SoftmaxOp,
     WaitOp,
 )
+from ..ir.targets import COMPRESSED_LINEARS
 from ..ir.types import AsyncType, TensorType
 
 Expr = sympy.Expr
@@ -243,8 +244,6 @@ def _compressed_linear(op: CallOp) -> OpCost:
         kept = values[1] * values[2] * 2
     return OpCost(2 * _numel(out) * kept, _io_bytes(op), "compute")
 
-
-COMPRESSED_LINEARS = {"plait::quant_linear", "plait::gqsa_linear"}
 
 _BY_FAMILY = {
     LinearOp: _linear,

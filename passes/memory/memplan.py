@@ -24,20 +24,14 @@ from dataclasses import dataclass
 from xdsl.context import Context
 from xdsl.dialects.builtin import IntegerAttr, ModuleOp, i64
 
-from ..ir.attrs import ARENA_ATTR, MemAttr
-from ..ir.ops import CallOp
-from ..ir.schema import out_variant
+from ...ir.attrs import ARENA_ATTR
+from ...ir.memory import plan_offset
+from ...ir.ops import CallOp
+from ...ir.schema import out_variant
+from ..base import Pass, function_blocks
+from ..options import SizeValues
 from .arena import plan_arena
-from .base import Pass, function_blocks
 from .liveness import liveness, value_sizes
-from .options import SizeValues
-
-MEM = "mem"  # the op attribute holding a planned offset
-
-
-def planned_offset(op) -> int | None:
-    attr = op.attributes.get(MEM)
-    return None if attr is None else attr["offset"]
 
 
 @dataclass(frozen=True)
@@ -70,7 +64,7 @@ class MemPlan(Pass):
             ]
             plan = plan_arena(plannable)
             for buffer, offset in zip(plannable, plan.offsets):
-                buffer.value.owner.attributes[MEM] = MemAttr.make(offset=offset)
+                plan_offset(buffer.value.owner, offset)
             total = max(total, plan.size)
         if total:
             op.attributes[ARENA_ATTR] = IntegerAttr(total, i64)

@@ -8,8 +8,9 @@ int4 weight the pass adds to the WeightStore, with a `sparsity` attribute:
            {sparsity = #plait.sparsity<group = 16, sparsity = 0.5, error = 0.43>}
 
 `importance=activation` weighs each weight by the norm of its input feature
-over the calibration inputs given to `plait.compile(..., calibration=[...])`
-(it runs the program, so it goes before `shard`).
+(`activation_stats`) over the sample inputs given to
+`plait.compile(..., calibration=[...])` (it runs the program, so it goes
+before `shard`).
 
 After `shard`, a column-parallel layer's rows split across ranks as they are;
 a row-parallel layer keeps the same number of groups in each rank's columns
@@ -24,15 +25,16 @@ from dataclasses import dataclass
 from xdsl.context import Context
 from xdsl.dialects.builtin import ModuleOp
 
-from ..customops import gqsa as kernel
-from ..ir.attrs import SparsityAttr, shard
-from ..ir.errors import PlaitError
-from ..ir.text import where
-from .base import Pass, PassContext
-from .calibration import input_norms
+from ...customops import gqsa as kernel
+from ...ir.attrs import SparsityAttr, shard
+from ...ir.errors import PlaitError
+from ...ir.libraries import require_library
+from ...ir.text import where
+from ..base import Pass, PassContext
+from ..options import Globs, OptionError
+from .activation_stats import input_norms
 from .gqsa import gqsa
-from .linear_rewrite import add_param, find_linears, full_weights, replace_linear, require_library
-from .options import Globs, OptionError
+from .linear_rewrite import add_param, find_linears, full_weights, replace_linear
 
 TARGET = "plait::gqsa_linear"
 
@@ -76,14 +78,14 @@ class Sparsify(Pass):
         weights = full_weights(store, layers, "sparsify")
         norms = {}
         if self.importance == "activation" and layers:
-            calibration = ctx.calibration if isinstance(ctx, PassContext) else []
-            if not calibration:
+            samples = ctx.sample_inputs if isinstance(ctx, PassContext) else []
+            if not samples or ctx.run_program is None:
                 raise SparsifyError(
                     "sparsify{importance=activation} needs calibration inputs: "
                     "plait.compile(..., calibration=[inputs, ...])"
                 )
             inputs = {layer.op: layer.input_position for layer in layers}
-            norms = input_norms(op, store, calibration, inputs)
+            norms = input_norms(op, store, samples, inputs, ctx.run_program)
         pruned = {}
         for layer in layers:
             weight = weights[layer.module]
@@ -97,8 +99,9 @@ class Sparsify(Pass):
                 )
             if layer.module not in pruned:  # a weight several functions read is pruned once
                 importance = norms.get(layer.op)
-                pruned[layer.module] = gqsa(weight, self.group, self.sparsity, self.bits, segments,
-                                            importance)  # fmt: skip
+                pruned[layer.module] = gqsa(
+                    weight, self.group, self.sparsity, self.bits, segments, importance
+                )
             s = pruned[layer.module]
             placement = layer.placement  # rows, or each rank's kept groups
             attrs = {

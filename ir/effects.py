@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from xdsl.ir import Operation
 
-from ..ir.ops import CallOp, CollectiveOp, ParamOp, WaitOp
-from ..ir.schema import tags, writes_input
+from .ops import CallOp, CollectiveOp, ParamOp, WaitOp
+from .schema import tags, writes_input
 
 
 def _pure_call(op: CallOp) -> bool:

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from xdsl.dialects import func
 from xdsl.ir import SSAValue
 
-from ..ir.ops import CallOp, CollectiveOp, LocalShardOp, ParamOp, WaitOp
-from ..ir.schema import returns_alias, writes_input
-from ..ir.text import where
-from .effects import updates_state
+from ...ir.effects import updates_state
+from ...ir.ops import CallOp, CollectiveOp, LocalShardOp, ParamOp, WaitOp
+from ...ir.schema import returns_alias, writes_input
+from ...ir.text import where
 
 
 @dataclass
@@ -105,8 +105,8 @@ def value_sizes(fn: func.FuncOp, values: dict[str, int]) -> dict[SSAValue, int]:
     size symbols set to `values`."""
     import sympy
 
-    from ..ir import symbolic
-    from ..ir.types import AsyncType, TensorType
+    from ...ir import symbolic
+    from ...ir.types import AsyncType, TensorType
 
     subs = {symbolic.symbol(n): sympy.Integer(v) for n, v in values.items()}
     cache: dict[object, int] = {}

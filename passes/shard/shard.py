@@ -63,21 +63,22 @@ from xdsl.dialects.builtin import ModuleOp, StringAttr
 from xdsl.ir import Operation, SSAValue
 from xdsl.rewriter import InsertPoint, Rewriter
 
-from ..customops import experts as expert_kernel
-from ..ir.args import ArgsAttr, Operand, Tag
-from ..ir.attrs import (
+from ...customops import experts as expert_kernel
+from ...ir.args import ArgsAttr, Operand, Tag
+from ...ir.attrs import (
     MESH_ATTR,
     PLACEMENTS_ATTR,
     REPLICATE,
-    SYMBOLS_ATTR,
+    SHARDING_ATTR,
     MeshAttr,
     Placement,
     PlacementsAttr,
     partial,
     shard,
 )
-from ..ir.errors import PlaitError
-from ..ir.ops import (
+from ...ir.errors import PlaitError
+from ...ir.libraries import require_library
+from ...ir.ops import (
     AllGatherOp,
     AllReduceOp,
     AttentionOp,
@@ -91,22 +92,22 @@ from ..ir.ops import (
     ReduceScatterOp,
     call_op_class,
 )
-from ..ir.schema import argument_names
-from ..ir.text import module_path, where
-from ..ir.types import TensorType
-from .base import Pass, function_blocks
+from ...ir.schema import argument_names
+from ...ir.targets import COMPRESSED_LINEARS
+from ...ir.text import module_path, where
+from ...ir.types import TensorType
+from ..base import Pass, function_blocks
+from ..options import Mesh, OptionError, Plan, SizeValues, check_all_match
 from .experts import ExpertMLP, find_expert_mlps
 from .experts import operands as grouped_operands
-from .linear_rewrite import require_library
-from .op_cost import COMPRESSED_LINEARS
-from .options import Mesh, OptionError, Plan, SizeValues, check_all_match
-from .shard_ilp import Solution, solve
-from .shard_rules import (
+from .ilp import Solution, solve
+from .rules import (
     DATA_AXES,
     EXPERT_AXIS,
     SIZE_ARGS,
-    SYMBOL_RANGES,
     Decision,
+    Parallel,
+    PlanStyle,
     block_at,
     decide,
     decide_data,
@@ -116,8 +117,6 @@ from .shard_rules import (
     sizes_that_split,
     slice_range,
 )
-
-SHARDING_ATTR = "plait.sharding"  # module: how the solver chose (status, objective)
 
 
 class ShardError(PlaitError):
@@ -156,7 +155,7 @@ class _Sharder:
         self.expert_roles: dict[Operation, tuple[str, ExpertMLP]] = {}
         self.expert_ids: dict[int, SSAValue] = {}  # experts -> the ids this rank holds
 
-    def style(self, op: CallOp) -> str | None:
+    def style(self, op: CallOp) -> PlanStyle | None:
         return _style(self.plan, op)
 
     def place(self, value: SSAValue) -> Placement:
@@ -248,7 +247,7 @@ class _Sharder:
                 for i, value in enumerate(op.operands):
                     op.operands[i] = self.reshard(value, REPLICATE, op)
             elif isinstance(op, CallOp):
-                self.call(op)
+                self.shard_call(op)
             elif isinstance(op, (CollectiveOp, LocalShardOp)):
                 if op.axis.data == self.axis:
                     raise ShardError(f"{where(op)}: the program is already sharded")
@@ -266,7 +265,7 @@ class _Sharder:
         """Each rank of the data axis takes its slice of every input's batch (dim 0)."""
         first = self.block.first_op
         inputs = [a for a in self.block.args if isinstance(a.type, TensorType) and a.type.rank]
-        split = [a for a in inputs if divides(a.type.shape[0], self.n)]
+        split = [a for a in inputs if divides(a.type.shape[0], self.n, self.block.parent_op())]
         if inputs and not split:
             arg = inputs[0]
             raise ShardError(
@@ -302,7 +301,7 @@ class _Sharder:
             new = LocalShardOp(value, local, axis, dim)
         self._replace(op, new, [have])
 
-    def call(self, op: CallOp) -> None:
+    def shard_call(self, op: CallOp) -> None:
         if op.target_name in COMPRESSED_LINEARS:
             raise ShardError(
                 f"{where(op)}: {op.target_name} is already compressed; put shard before quantize "
@@ -322,7 +321,8 @@ class _Sharder:
             for v, p in zip(op.inputs, arriving)
         ]
         types = [self._full_type(v) for v in op.inputs]  # rules reason on global shapes
-        style = self.style(op) or ("replicate" if role == "router" else None)  # a plan first
+        # a plan first
+        style = self.style(op) or (PlanStyle.REPLICATE if role == "router" else None)
         decision = self.chosen.get(op) if style is None else None
         if self.data:
             decision = decide_data(op, arriving, types, self.n, self.params)
@@ -332,8 +332,8 @@ class _Sharder:
             decision = Decision([shard(0)], [shard(0)])
         if isinstance(op, AttentionOp) and decision.outputs == [REPLICATE]:
             heads = [t.shape[1] for t in types[:3]]  # query, key, value: [batch, heads, ...]
-            if any(not divides(h, self.n) for h in heads):
-                fits = sizes_that_split(*heads)
+            if any(not divides(h, self.n, op) for h in heads):
+                fits = sizes_that_split(*heads, at=op)
                 kv_heads = self._full_type(_unrepeated(op.inputs[1])).shape[1]  # key
                 self.replicated_attention.append(
                     f"{module_path(op) or where(op)}: {heads[0]} query and {kv_heads} kv heads "
@@ -341,14 +341,14 @@ class _Sharder:
                     f"{', '.join(map(str, fits)) or 'none'})"
                 )
         inputs = [self.reshard(v, p, op) for v, p in zip(op.inputs, decision.inputs)]
-        if decision.style == "vocab":
+        if decision.parallel is Parallel.VOCAB:
             self.vocab_parallel_lookup(op, inputs)
             return
         args = _with_sizes(op, decision) if decision.sizes else op.args
-        if decision.style == "blocks":
+        if decision.parallel is Parallel.BLOCKS:
             args = _local_cuts(op, self.n, decision.inputs[0])
         bias = op.arg("bias") if op.target_name == "aten::linear" else op.arg("self")
-        row_with_bias = decision.style == "row" and op.target_name in (
+        row_with_bias = decision.parallel is Parallel.ROW and op.target_name in (
             "aten::linear",
             "aten::addmm",
         )
@@ -376,7 +376,7 @@ class _Sharder:
             tokens = self.reshard(mlp.tokens, shard(0), op)
             token_of_row = self.reshard(mlp.token_of_row, REPLICATE, op)
             args = [*map(Operand, range(3)), Tag("group", self.axis)]
-            rows = self._call(op, "routed_rows", expert_kernel.DISPATCH,
+            rows = self._insert_call(op, "routed_rows", expert_kernel.DISPATCH,
                               [tokens, token_of_row, offsets], args, mlp.gather.results[0].type)  # fmt: skip
         if mlp.experts not in self.expert_ids:
             self.expert_ids[mlp.experts] = self._indices_here(op, "experts", mlp.experts)
@@ -390,12 +390,12 @@ class _Sharder:
     def _indices_here(self, before: CallOp, name: str, size: int) -> SSAValue:
         """This rank's slice of arange(size): which rows (vocabulary, experts) it
         holds, computed in the program so that it stays SPMD."""
-        every = self._call(before, name, "aten::arange", [], [size], TensorType([size], "i64"),
+        every = self._insert_call(before, name, "aten::arange", [], [size], TensorType([size], "i64"),
                            [("device", Tag("device", "cpu"))])  # fmt: skip
         local = TensorType([size // self.n], "i64")
         return self._insert(LocalShardOp(every, local, self.axis, 0), before, REPLICATE)
 
-    def _call(self, before: CallOp, name, target, values, args, result_type, kwargs=()):
+    def _insert_call(self, before: CallOp, name, target, values, args, result_type, kwargs=()):
         """A new call of `target`, inserted before `before` (and at its location)."""
         new = call_op_class(target)(target, values, ArgsAttr(tuple(args), tuple(kwargs)),
                                     [result_type])  # fmt: skip
@@ -415,7 +415,7 @@ class _Sharder:
         per_rank = table.type.shape[0]
         i64, flags = ids.type, TensorType(ids.type.shape, "i1")
 
-        call = functools.partial(self._call, op)
+        call = functools.partial(self._insert_call, op)
         mine = self._indices_here(op, "vocab", vocab)
         first = [Operand(0), 0, 0]
         start = call("vocab_start", "aten::select.int", [mine], first, TensorType([], "i64"))
@@ -449,7 +449,7 @@ class _Sharder:
             values = [v for i, v in enumerate(inputs) if i != bias]
             args = [Operand(0), Operand(1)]
         result = op.results[0]
-        partial_sum = self._call(op, result.name_hint, target, values, args, result.type)
+        partial_sum = self._insert_call(op, result.name_hint, target, values, args, result.type)
         self.placement[partial_sum] = Placement("partial", reduce="sum")
         reduced = self.reshard(partial_sum, REPLICATE, op)
         add = call_op_class("aten::add.Tensor")(
@@ -480,11 +480,11 @@ def expert_roles(block, n: int, split: bool, data: bool = False):
             roles[mlp.router] = ("router", mlp)
         if not split:
             continue
-        if not divides(mlp.experts, n):
+        if not divides(mlp.experts, n, mlp.first):
             unsplit.append(
                 f"the {mlp.experts} experts of {module_path(mlp.first) or where(mlp.first)} do "
                 f"not split over {n} ranks and run replicated (sizes that do: "
-                f"{', '.join(map(str, sizes_that_split(mlp.experts))) or 'none'})"
+                f"{', '.join(map(str, sizes_that_split(mlp.experts, at=mlp.first))) or 'none'})"
             )
             continue
         for role, ops in [("first", [mlp.first]), ("last", [mlp.last]), ("between", mlp.between),
@@ -495,15 +495,17 @@ def expert_roles(block, n: int, split: bool, data: bool = False):
 
 # what the solver is told each expert role decides (the pass writes it; see _Sharder)
 _ROLE_DECISIONS = {
-    "first": lambda op: Decision([REPLICATE, shard(0), REPLICATE], [REPLICATE], "expert"),
-    "last": lambda op: Decision([REPLICATE, shard(0), REPLICATE], [partial("sum")], "expert"),
+    "first": lambda op: Decision([REPLICATE, shard(0), REPLICATE], [REPLICATE], Parallel.EXPERT),
+    "last": lambda op: Decision(
+        [REPLICATE, shard(0), REPLICATE], [partial("sum")], Parallel.EXPERT
+    ),
     "view": lambda op: Decision([shard(0)], [shard(0)]),
     "between": replicated,
     "router": replicated,
 }
 
 
-def _style(plan: list[tuple[str, str]], op: CallOp) -> str | None:
+def _style(plan: list[tuple[str, PlanStyle]], op: CallOp) -> PlanStyle | None:
     """The manual plan's style for a linear layer (first matching glob), or None."""
     if not isinstance(op, (LinearOp, MatmulOp, EmbeddingOp)):
         return None
@@ -586,7 +588,7 @@ class Shard(Pass):
         if self.memory is not None and self.memory <= 0:
             raise OptionError(f"memory is bytes per device, > 0, not {self.memory:g}", "memory")
         if self.hardware is not None:
-            from ..hardware import load
+            from ...hardware import load
 
             try:
                 load(self.hardware)
@@ -608,24 +610,20 @@ class Shard(Pass):
         axes = self.mesh.as_dict()
         data = [a for a in axes if a in DATA_AXES]
         tensor = [a for a in axes if a not in DATA_AXES]
-        symbols = op.attributes.get(SYMBOLS_ATTR)  # ranges, for divisibility proofs
-        token = SYMBOL_RANGES.set(symbols.data if symbols is not None else ())
-        try:
-            if tensor and axes[tensor[0]] > 1:  # weights first, on the global batch
-                self._shard(op, plan, tuple(axes), tensor[0], axes[tensor[0]])
-            if data and axes[data[0]] > 1:
-                for block in function_blocks(op):
-                    _run(_Sharder(block, data[0], axes[data[0]], axes=tuple(axes), data=True), op)
-                _check_alike(op)
-        finally:
-            SYMBOL_RANGES.reset(token)
+        if tensor and axes[tensor[0]] > 1:  # weights first, on the global batch
+            self._shard(op, plan, tuple(axes), tensor[0], axes[tensor[0]])
+        if data and axes[data[0]] > 1:
+            for block in function_blocks(op):
+                sharder = _Sharder(block, data[0], axes[data[0]], axes=tuple(axes), data=True)
+                _shard_block(sharder, op)
+            _check_alike(op)
         op.attributes[MESH_ATTR] = MeshAttr(tuple(axes.items()))
 
     def _shard(self, op: ModuleOp, plan, axes: tuple[str, ...], axis: str, n: int) -> None:
         blocks = list(function_blocks(op))
         chosen = None
         if self.solve is Solver.ILP:
-            solution = self._solve(op, blocks, axis, n, plan)
+            solution = self._ilp_solution(op, blocks, axis, n, plan)
             chosen = solution.decisions
             op.attributes[SHARDING_ATTR] = StringAttr(
                 f"ilp on {self._hardware}: {solution.status}, predicted "
@@ -633,16 +631,16 @@ class Shard(Pass):
                 f"B/device, {solution.groups} choices for {solution.ops} ops"
             )
         for block in blocks:
-            _run(_Sharder(block, axis, n, plan, chosen, axes), op)
+            _shard_block(_Sharder(block, axis, n, plan, chosen, axes), op)
         _check_alike(op)
 
     @property
     def _hardware(self) -> str:
         return self.hardware or "h100-sxm"
 
-    def _solve(self, module: ModuleOp, blocks, axis: str, n: int, plan) -> Solution:
-        from ..hardware import load
-        from .comm_cost import axis_links
+    def _ilp_solution(self, module: ModuleOp, blocks, axis: str, n: int, plan) -> Solution:
+        from ...cost.comm_cost import axis_links
+        from ...hardware import load
 
         hw = load(self._hardware)
         values = (self.values or SizeValues()).at(module, "shard")
@@ -655,7 +653,7 @@ class Shard(Pass):
                      style_of=lambda op: _style(plan, op), fixed=fixed)  # fmt: skip
 
 
-def _run(sharder: _Sharder, module: ModuleOp) -> None:
+def _shard_block(sharder: _Sharder, module: ModuleOp) -> None:
     sharder.run()
     if sharder.expert_ids:  # it wrote calls of plait's expert kernels
         require_library(module, expert_kernel.__name__)

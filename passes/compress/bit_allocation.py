@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..ir.errors import PlaitError
-from .milp import choose_one_each
+from ...ir.errors import PlaitError
+from ..milp import choose_one_each
 
 
 class BudgetError(PlaitError):
@@ -57,7 +57,7 @@ def allocate(
                 },
                 budget,
             )
-        ],  # fmt: skip
+        ],
         timeout_s=timeout_s,
     )
     if picks is None:

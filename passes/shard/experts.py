@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from xdsl.ir import Operation, SSAValue
 
-from ..ir.ops import CallOp, LinearOp, ParamOp, ReshapeOp
+from ...ir.ops import CallOp, LinearOp, ParamOp, ReshapeOp
 
 # grouped products over expert-sorted rows: target -> (rows, weight, offsets) argument names
 GROUPED_MM = {

@@ -1,7 +1,7 @@
 """Analysis: each op's sharding strategy chosen by one integer program (Alpa's
 formulation, on one mesh axis).
 
-Strategies come from the rules (`shard_rules.decide`) asked with every
+Strategies come from the rules (`rules.decide`) asked with every
 placement an input could arrive in (replicated, sharded on each dim, partial),
 plus running replicated; each costs its per-rank compute time (roofline on the
 hardware file, work split n ways when the op's result is sharded or partial)
@@ -30,18 +30,18 @@ import sympy
 from xdsl.dialects import func
 from xdsl.ir import Operation, SSAValue
 
-from ..hardware import Hardware, Link
-from ..ir import symbolic
-from ..ir.attrs import REPLICATE, Placement, partial, shard
-from ..ir.errors import PlaitError
-from ..ir.ops import CallOp, EmbeddingOp, ParamOp
-from ..ir.text import module_path
-from ..ir.types import TensorType
-from .comm_cost import all_reduce_time, ring_steps
-from .estimate import op_dtype
-from .milp import choose_one_each
-from .op_cost import op_cost
-from .shard_rules import Decision, PlanError, decide, replicated
+from ...cost.comm_cost import all_reduce_time, ring_steps
+from ...cost.estimate import op_dtype
+from ...cost.op_cost import op_cost
+from ...hardware import Hardware, Link
+from ...ir import symbolic
+from ...ir.attrs import REPLICATE, Placement, partial, shard
+from ...ir.errors import PlaitError
+from ...ir.ops import CallOp, EmbeddingOp, ParamOp
+from ...ir.text import module_path
+from ...ir.types import TensorType
+from ..milp import choose_one_each
+from .rules import Decision, Parallel, PlanError, PlanStyle, decide, replicated
 
 _IMPOSSIBLE = math.inf  # no collective makes a value partial
 _PER_COLLECTIVE = 1e-7  # seconds: breaks ties between plans equal in the alpha-beta model
@@ -62,7 +62,7 @@ class Solution:
 
 
 def _key(d: Decision) -> tuple:
-    return (tuple(d.inputs), tuple(d.outputs), d.style, tuple(sorted(d.sizes.items())))
+    return (tuple(d.inputs), tuple(d.outputs), d.parallel, tuple(sorted(d.sizes.items())))
 
 
 def strategies(op: CallOp, n: int, params: set[SSAValue], blocked=()) -> list[Decision]:
@@ -89,7 +89,7 @@ def strategies(op: CallOp, n: int, params: set[SSAValue], blocked=()) -> list[De
         d = decide(op, arriving, types, n, params)
         found.setdefault(_key(d), d)
     if isinstance(op, EmbeddingOp):  # its splits are styles (vocabulary, embedding dim)
-        for style in ("rowwise", "colwise"):
+        for style in (PlanStyle.ROWWISE, PlanStyle.COLWISE):
             try:
                 d = decide(op, arrivals[0], types, n, params, style)
             except PlanError:  # that dim does not split
@@ -119,12 +119,13 @@ class _Costs:
         if cost.kind != "compute":
             return 0.0
         inside = 0.0
-        if d.style == "row" and d.outputs == [REPLICATE]:
+        if d.parallel is Parallel.ROW and d.outputs == [REPLICATE]:
             inside = self.reshard(op.results[0].type, partial("sum"), REPLICATE)
-        split = d.style != "" or any(p.kind != "replicate" for p in d.outputs)
+        split = d.parallel is not None or any(p.kind != "replicate" for p in d.outputs)
         k = self.n if split else 1
-        flops, moved, weights = (_evaluate(e, self.subs) / k for e in (cost.flops, cost.bytes,
-                                                                        cost.weight_bytes))  # fmt: skip
+        flops, moved, weights = (
+            _evaluate(e, self.subs) / k for e in (cost.flops, cost.bytes, cost.weight_bytes)
+        )
         elements = None if cost.elements is None else _evaluate(cost.elements, self.subs) / k
         time = self.hw.roofline(
             flops, moved, op_dtype(op), cost.rate, op.target_name, weights, elements
@@ -147,7 +148,7 @@ class _Costs:
         if have == want:
             return 0.0
         if want.kind == "partial" or have.blocks or want.blocks:
-            return _IMPOSSIBLE  # blocks: only views and cuts of them carry them (see shard_rules)
+            return _IMPOSSIBLE  # blocks: only views and cuts of them carry them (see rules)
         size = sympy.Float(self.nbytes(t))
         launch = max(self.hw.overhead(None, view=False), _PER_COLLECTIVE)
         if want.kind == "replicate" and have.kind == "partial":
@@ -174,8 +175,13 @@ def _group_keys(ops: list[CallOp]) -> dict[CallOp, tuple]:
         if not path:
             keys[op] = (id(op),)
             continue
-        alike = (_LAYER.sub(".*", path), op.target_name, op.args,
-                 tuple(v.type for v in op.operands), tuple(r.type for r in op.results))  # fmt: skip
+        alike = (
+            _LAYER.sub(".*", path),
+            op.target_name,
+            op.args,
+            tuple(v.type for v in op.operands),
+            tuple(r.type for r in op.results),
+        )
         kind = kinds.setdefault(alike, len(kinds))
         keys[op] = (kind, seen[(path, kind)])
         seen[(path, kind)] += 1
@@ -200,58 +206,98 @@ class Problem:
         )
 
 
-def formulate(blocks, n: int, hw: Hardware, link: Link, values: dict[str, int],
-              style_of=lambda op: None, fixed: dict | None = None) -> Problem:  # fmt: skip
+def formulate(
+    blocks,
+    n: int,
+    hw: Hardware,
+    link: Link,
+    values: dict[str, int],
+    style_of=lambda op: None,
+    fixed: dict | None = None,
+) -> Problem:
     """The program for the functions' `blocks` together: functions that share
     a weight or state (@prefill and @decode) must slice it alike. `style_of(op)`
     is a manual plan's style for a layer, which then has that one option;
     `fixed[op]` a decision the pass makes regardless (expert parallelism)."""
-    fixed = fixed or {}
     subs = {symbolic.symbol(k): sympy.Integer(v) for k, v in values.items()}
     costs = _Costs(hw, n, link, subs)
     params = {o.result for b in blocks for o in b.ops if isinstance(o, ParamOp)}
+    ops, keys = _grouped_calls(blocks)
+    groups = _Groups.choose(ops, keys, n, params, costs, style_of, fixed or {})
+    group_cost = {  # ops of one group have the same types, so the same compute costs
+        key: [costs.compute(alike[0], d) * len(alike) for d in groups.options[key]]
+        for key, alike in groups.members.items()
+    }
+    pairs = _resharding(_edges(blocks, ops, keys, params), groups, costs, group_cost)
+    _slice_alike(ops, keys, groups.options, params, group_cost, pairs)
+    return Problem(
+        keys, groups.options, group_cost, groups.memory, {k: dict(t) for k, t in pairs.items()}
+    )
+
+
+def _grouped_calls(blocks) -> tuple[list[CallOp], dict[CallOp, tuple]]:
+    """The calls of all blocks, and each one's group key (its block's index first)."""
     ops, keys = [], {}
     for index, block in enumerate(blocks):
         calls = [o for o in block.ops if isinstance(o, CallOp)]
         ops += calls
         keys.update({op: (index, *key) for op, key in _group_keys(calls).items()})
-    options: dict[tuple, list[Decision]] = {}
-    members: dict[tuple, list[CallOp]] = defaultdict(list)
-    group_memory: dict[tuple, list[float]] = {}
-    representative: dict[tuple, CallOp] = {}
-    held: set[str] = set()  # weights counted: each once, at its first use in any function
-    for op in ops:
-        key = keys[op]
-        if key not in options:
-            representative[key] = op
-            style = style_of(op)
-            types = [v.type for v in op.inputs]
-            if op in fixed:
-                options[key] = [fixed[op]]
-            elif style:
-                options[key] = [decide(op, [REPLICATE] * len(types), types, n, params, style)]
-            else:
-                produced = [options.get(keys.get(v.owner), ()) for v in op.inputs]
-                blocked = [  # a fused projection's blocked output may arrive
-                    sorted({d.outputs[v.index] for d in ds if d.outputs[v.index].blocks}, key=str)
-                    for v, ds in zip(op.inputs, produced)
-                ]
-                options[key] = strategies(op, n, params, blocked)
-            group_memory[key] = [0.0] * len(options[key])
-        members[key].append(op)
-        owned = [
-            i for i, v in enumerate(op.inputs) if v in params and v.owner.weight_name not in held
+    return ops, keys
+
+
+@dataclass
+class _Groups:
+    """Each group's options, its ops (`members`, the first is `representative`)
+    and the weight bytes each option holds."""
+
+    options: dict[tuple, list[Decision]]
+    members: dict[tuple, list[CallOp]]
+    memory: dict[tuple, list[float]]
+    representative: dict[tuple, CallOp]
+
+    @classmethod
+    def choose(cls, ops, keys, n: int, params, costs: _Costs, style_of, fixed) -> _Groups:
+        groups = cls({}, defaultdict(list), {}, {})
+        held: set[str] = set()  # weights counted: each once, at its first use in any function
+        for op in ops:
+            key = keys[op]
+            if key not in groups.options:
+                groups.representative[key] = op
+                groups.options[key] = groups._options_of(op, keys, n, params, style_of, fixed)
+                groups.memory[key] = [0.0] * len(groups.options[key])
+            groups.members[key].append(op)
+            owned = [
+                i
+                for i, v in enumerate(op.inputs)
+                if v in params and v.owner.weight_name not in held
+            ]
+            held.update(op.inputs[i].owner.weight_name for i in owned)
+            for j, d in enumerate(groups.options[key]):
+                groups.memory[key][j] += sum(
+                    costs.weight(op.inputs[i].type, d.inputs[i]) for i in owned
+                )
+        return groups
+
+    def _options_of(self, op: CallOp, keys, n: int, params, style_of, fixed) -> list[Decision]:
+        style = style_of(op)
+        types = [v.type for v in op.inputs]
+        if op in fixed:
+            return [fixed[op]]
+        if style:
+            return [decide(op, [REPLICATE] * len(types), types, n, params, style)]
+        produced = [self.options.get(keys.get(v.owner), ()) for v in op.inputs]
+        blocked = [  # a fused projection's blocked output may arrive
+            sorted({d.outputs[v.index] for d in ds if d.outputs[v.index].blocks}, key=str)
+            for v, ds in zip(op.inputs, produced)
         ]
-        held.update(op.inputs[i].owner.weight_name for i in owned)
-        for j, d in enumerate(options[key]):
-            group_memory[key][j] += sum(costs.weight(op.inputs[i].type, d.inputs[i]) for i in owned)
-    group_cost = {  # ops of one group have the same types, so the same compute costs
-        key: [costs.compute(alike[0], d) * len(alike) for d in options[key]]
-        for key, alike in members.items()
-    }
+        return strategies(op, n, params, blocked)
+
+
+def _edges(blocks, ops, keys, params) -> dict[tuple, int]:
+    """(source, consumer) -> how often; a source is (group, result index), a
+    weight ("weight", type) or a program input's type, a consumer (group,
+    input index) or None for a program result."""
     producer = {r: (keys[o], k) for o in ops for k, r in enumerate(o.results)}
-    # (source, consumer) -> how often; a source is (group, result index) or a
-    # program input's type, a consumer (group, input index) or None for a result
     edges: dict[tuple, int] = defaultdict(int)
     for op in ops:
         for index, value in enumerate(op.inputs):
@@ -260,6 +306,13 @@ def formulate(blocks, n: int, hw: Hardware, link: Link, values: dict[str, int],
     for ret in (o for b in blocks for o in b.ops if isinstance(o, func.ReturnOp)):
         for value in ret.operands:
             edges[(producer.get(value, value.type), None)] += 1
+    return edges
+
+
+def _resharding(edges, groups: _Groups, costs: _Costs, group_cost) -> dict[tuple, dict]:
+    """The cost of moving each edge's tensor from the placement its source
+    gives to the one its consumer wants: into `group_cost` where one side is
+    fixed (or both are one group), else per pair of choices (returned)."""
     pairs: dict[tuple, dict[tuple, float]] = defaultdict(lambda: defaultdict(float))
     for (source, consumer), count in edges.items():
         reshard = costs.reshard
@@ -268,15 +321,15 @@ def formulate(blocks, n: int, hw: Hardware, link: Link, values: dict[str, int],
             reshard = costs.load
         elif isinstance(source, tuple):
             group, result = source
-            t = representative[group].results[result].type
-            haves = [d.outputs[result] for d in options[group]]
+            t = groups.representative[group].results[result].type
+            haves = [d.outputs[result] for d in groups.options[group]]
         else:  # a program input: replicated
             group, t, haves = None, source, [REPLICATE]
         if consumer is None:  # a program result: must be replicated
             target, wants = None, [REPLICATE]
         else:
             target, index = consumer
-            wants = [d.inputs[index] for d in options[target]]
+            wants = [d.inputs[index] for d in groups.options[target]]
         if group is None and target is None:
             continue  # a program input or weight returned as it is
         table = [[count * reshard(t, have, want) for want in wants] for have in haves]
@@ -293,8 +346,7 @@ def formulate(blocks, n: int, hw: Hardware, link: Link, values: dict[str, int],
             for i, row in enumerate(table):
                 for j, cost in enumerate(row):
                     pairs[(group, target)][(i, j)] += cost
-    _slice_alike(ops, keys, options, params, group_cost, pairs)
-    return Problem(keys, options, group_cost, group_memory, {k: dict(t) for k, t in pairs.items()})
+    return pairs
 
 
 def _slice_alike(ops, keys, options, params, costs, pairs) -> None:
@@ -323,9 +375,17 @@ def _slice_alike(ops, keys, options, params, costs, pairs) -> None:
                         table[(i, j)] = _IMPOSSIBLE
 
 
-def solve(blocks, n: int, hw: Hardware, link: Link, values: dict[str, int],
-          memory: float | None = None, timeout_s: float = 10.0,
-          style_of=lambda op: None, fixed: dict | None = None) -> Solution:  # fmt: skip
+def solve(
+    blocks,
+    n: int,
+    hw: Hardware,
+    link: Link,
+    values: dict[str, int],
+    memory: float | None = None,
+    timeout_s: float = 10.0,
+    style_of=lambda op: None,
+    fixed: dict | None = None,
+) -> Solution:
     problem = formulate(blocks, n, hw, link, values, style_of, fixed)
     return optimize(problem, n, memory, timeout_s)
 

@@ -21,21 +21,14 @@ from dataclasses import dataclass
 from xdsl.context import Context
 from xdsl.dialects.builtin import ModuleOp, StringAttr
 
-from ..ir.attrs import MemAttr
-from ..ir.errors import PlaitError
-from ..ir.ops import ParamOp
-from .base import Pass, function_blocks
+from ...ir.attrs import TIERING_ATTR
+from ...ir.errors import PlaitError
+from ...ir.memory import stream_from_host
+from ...ir.ops import ParamOp
+from ..base import Pass, function_blocks
+from ..options import OptionError, SizeValues
 from .liveness import value_sizes
-from .memplan import MEM
-from .options import OptionError, SizeValues
 from .tiering import TierError, Weight, plan_tiers
-
-TIERING_ATTR = "plait.tiering"
-
-
-def host_tier(param: ParamOp) -> bool:
-    attr = param.attributes.get(MEM)
-    return attr is not None and attr["tier"] == "host"
 
 
 @dataclass(frozen=True)
@@ -54,7 +47,7 @@ class Tier(Pass):
                 f"budget is a share of the weight bytes (<= 1) or bytes, > 0, not {self.budget:g}",
                 "budget",
             )
-        from ..hardware import load
+        from ...hardware import load
 
         try:
             load(self.hardware)
@@ -62,8 +55,8 @@ class Tier(Pass):
             raise OptionError(str(exc), "hardware") from None
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
-        from ..hardware import load
-        from .estimate import Target, estimate
+        from ...cost.estimate import Target, estimate
+        from ...hardware import load
 
         hw = load(self.hardware)
         if hw.host_bandwidth is None:
@@ -86,7 +79,7 @@ class Tier(Pass):
             budget = int(self.budget * total) if self.budget <= 1 else int(self.budget)
             plan = plan_tiers([times.get(o, 0.0) for o in ops], weights, budget, hw.host_bandwidth)
             for name in plan.streamed:
-                params[name].attributes[MEM] = MemAttr.make(tier="host", prefetch=True)
+                stream_from_host(params[name])
             op.attributes[TIERING_ATTR] = StringAttr(
                 f"weights {total} B, on device {plan.device_bytes} B, streamed "
                 f"{len(plan.streamed)}; predicted step {plan.all_device:.6g} s all on device, "

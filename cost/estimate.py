@@ -25,12 +25,12 @@ from xdsl.ir import Operation, SSAValue
 
 from ..hardware import Hardware
 from ..ir.attrs import MESH_ATTR, SYMBOLS_ATTR, MeshAttr
+from ..ir.effects import updates_state
 from ..ir.errors import PlaitError
 from ..ir.ops import CallOp, CollectiveOp, LocalShardOp, ReshapeOp, WaitOp
 from ..ir.text import module_path
 from ..ir.types import AsyncType, TensorType
 from .comm_cost import axis_links, collective_time
-from .effects import updates_state
 from .layout import memory_orders, strided
 from .op_cost import OpCost, op_cost
 from .schedule import Schedule, simulate
@@ -128,12 +128,36 @@ def _value_bytes(value: SSAValue) -> sympy.Expr:
 
 def estimate(module: ModuleOp, target: Target, function: str | None = None) -> Estimate:
     """Estimate `function` (default: @forward, else the module's first function)."""
+    fn = _function(module, function)
+    links = axis_links(_mesh(module, target), target.hardware)
+    _check_values(module, target)
+    from ..ir import symbolic
+
+    subs = {symbolic.symbol(n): sympy.Integer(v) for n, v in target.values.items()}
+    rows, times, views = _op_estimates(fn, target, links, subs)
+    schedule = simulate(fn, times, _value_sizes(fn, subs), views)
+    formulas = {
+        "flops": sympy.Add(*(r.cost.flops for r in rows)),
+        "bytes": sympy.Add(*(r.cost.bytes for r in rows if r.cost.kind != "collective")),
+        "compute_time": sympy.Add(*(r.time_formula for r in rows if r.cost.kind != "collective")),
+        "comm_time": sympy.Add(*(r.time_formula for r in rows if r.cost.kind == "collective")),
+        "activation_peak": sympy.Add(*(_value_bytes(v) for v in schedule.peak_live)),
+    }
+    return Estimate(target, rows, schedule, formulas)
+
+
+def _function(module: ModuleOp, function: str | None) -> func.FuncOp:
     functions = {o.sym_name.data: o for o in module.ops if isinstance(o, func.FuncOp)}
     if function is None:
         function = "forward" if "forward" in functions else next(iter(functions), "forward")
     fn = functions.get(function)
     if fn is None:
         raise EstimateError(f"the module has no function @{function}")
+    return fn
+
+
+def _mesh(module: ModuleOp, target: Target) -> dict[str, int]:
+    """The mesh the plan runs on: the one it was sharded for, which the target must match."""
     mesh = dict(target.mesh)
     declared = module.attributes.get(MESH_ATTR)
     if isinstance(declared, MeshAttr):
@@ -141,13 +165,16 @@ def estimate(module: ModuleOp, target: Target, function: str | None = None) -> E
             raise EstimateError(
                 f"the plan was made for mesh {declared.axes}, not {mesh}; recompile for {mesh}"
             )
-        mesh = declared.axes
-    elif math.prod(mesh.values()) > 1:
+        return declared.axes
+    if math.prod(mesh.values()) > 1:
         raise EstimateError(
             f"the plan is not sharded, so it runs on one device, not mesh {mesh}; add "
             f"shard{{mesh={','.join(f'{a}:{n}' for a, n in mesh.items())}}} to the pipeline"
         )
-    links = axis_links(mesh, target.hardware)
+    return mesh
+
+
+def _check_values(module: ModuleOp, target: Target) -> None:
     symbols = module.attributes.get(SYMBOLS_ATTR)
     names = set(symbols.ranges) if symbols is not None else set()
     missing = names - set(target.values)
@@ -156,9 +183,11 @@ def estimate(module: ModuleOp, target: Target, function: str | None = None) -> E
             f"give a value for size symbol(s) {', '.join(sorted(missing))} "
             "(e.g. --batch, --seq or --dim NAME=VALUE)"
         )
-    from ..ir import symbolic
 
-    subs = {symbolic.symbol(n): sympy.Integer(v) for n, v in target.values.items()}
+
+def _op_estimates(fn: func.FuncOp, target: Target, links, subs):
+    """Each op's estimate (alike ops share one), its time, and the ops that
+    make no new memory (views, aliases, in-place state updates)."""
     hw = target.hardware
     context = sympy.Integer(target.context) if target.context is not None else None
     cache: dict[tuple, tuple[OpCost, sympy.Expr, float, float, float]] = {}
@@ -171,18 +200,7 @@ def estimate(module: ModuleOp, target: Target, function: str | None = None) -> E
         key = (_signature(op, context), walks_strided)
         if key not in cache:
             cost = op_cost(op, context, walks_strided)
-            if cost.kind == "collective":
-                formula = collective_time(op, links)
-            elif cost.kind == "compute":
-                target_name = getattr(op, "target_name", None)
-                formula = hw.roofline(
-                    cost.flops, cost.bytes, op_dtype(op), cost.rate, target_name,
-                    cost.weight_bytes, cost.elements,
-                )  # fmt: skip
-            elif cost.kind == "view":
-                formula = sympy.Float(hw.overhead(getattr(op, "target_name", None), view=True))
-            else:
-                formula = sympy.Integer(0)
+            formula = _time_formula(op, cost, hw, links)
             cache[key] = (
                 cost,
                 formula,
@@ -194,31 +212,42 @@ def estimate(module: ModuleOp, target: Target, function: str | None = None) -> E
         if (
             (cost.kind == "view" and isinstance(op, ReshapeOp))
             or isinstance(op, _ALIASING)
-            or (
-                updates_state(op)  # writes the KV cache in place: no new memory
-            )
+            or updates_state(op)  # writes the KV cache in place: no new memory
         ):
             views.add(op)
         times[op] = time
         rows.append(OpEstimate(op, family(op), module_path(op), cost, formula, time, flops, moved))
-    size_cache: dict[object, float] = {}
+    return rows, times, views
+
+
+def _time_formula(op: Operation, cost: OpCost, hw, links) -> sympy.Expr:
+    if cost.kind == "collective":
+        return collective_time(op, links)
+    if cost.kind == "compute":
+        return hw.roofline(
+            cost.flops,
+            cost.bytes,
+            op_dtype(op),
+            cost.rate,
+            getattr(op, "target_name", None),
+            cost.weight_bytes,
+            cost.elements,
+        )
+    if cost.kind == "view":
+        return sympy.Float(hw.overhead(getattr(op, "target_name", None), view=True))
+    return sympy.Integer(0)
+
+
+def _value_sizes(fn: func.FuncOp, subs) -> dict[SSAValue, float]:
+    """The bytes of every value of the function (evaluated once per type)."""
+    block = fn.body.blocks.first
+    by_type: dict[object, float] = {}
     sizes: dict[SSAValue, float] = {}
-    values = list(fn.body.blocks.first.args) + [
-        r for o in fn.body.blocks.first.ops for r in o.results
-    ]
-    for value in values:
-        if value.type not in size_cache:
-            size_cache[value.type] = _evaluate(_value_bytes(value), subs)
-        sizes[value] = size_cache[value.type]
-    schedule = simulate(fn, times, sizes, views)
-    formulas = {
-        "flops": sympy.Add(*(r.cost.flops for r in rows)),
-        "bytes": sympy.Add(*(r.cost.bytes for r in rows if r.cost.kind != "collective")),
-        "compute_time": sympy.Add(*(r.time_formula for r in rows if r.cost.kind != "collective")),
-        "comm_time": sympy.Add(*(r.time_formula for r in rows if r.cost.kind == "collective")),
-        "activation_peak": sympy.Add(*(_value_bytes(v) for v in schedule.peak_live)),
-    }
-    return Estimate(target, rows, schedule, formulas)
+    for value in [*block.args, *(r for o in block.ops for r in o.results)]:
+        if value.type not in by_type:
+            by_type[value.type] = _evaluate(_value_bytes(value), subs)
+        sizes[value] = by_type[value.type]
+    return sizes
 
 
 def check_ranges(module: ModuleOp, values: dict[str, int], sources: dict[str, str] | None = None):

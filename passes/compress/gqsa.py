@@ -4,10 +4,11 @@ GQSA ("Group Quantization and Sparsity for Accelerating LLM Inference", 2024)
 prunes whole 1 x G groups of consecutive input features and quantizes the
 groups that survive to int4, one scale per group. Importance is data-free, a
 group's L2 norm, or, given the norms of the layer's input features over
-calibration data, the L2 norm of |W_ij| * ||x_j|| over the group (the
-activation-aware score of Wanda, per group). Every output row keeps the same number of groups (in each
-of `segments` equal column ranges, so a row-parallel shard holds whole rows of
-work), which makes the storage a fixed-width block-sparse (ELL) layout:
+sample inputs (activation statistics), the L2 norm of |W_ij| * ||x_j|| over
+the group (the activation-aware score of Wanda, per group). Every output row
+keeps the same number of groups (in each of `segments` equal column ranges,
+so a row-parallel shard holds whole rows of work), which makes the storage a
+fixed-width block-sparse (ELL) layout:
 
     values  uint8 [out, kept, G/2]  4-bit values + 8; byte i of a group holds
                                     feature i (low nibble) and i + G/2 (high)
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..customops.gqsa import dense_weight, pack_groups
+from ...customops.gqsa import dense_weight, pack_groups
 from .easyquant import _search_scales
 
 
@@ -38,8 +39,9 @@ class GroupSparse:
     segments: int = 1
 
     def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dense_weight(self.values, self.scales, self.blocks, self.group,
-                            self.in_features, self.segments).to(dtype)  # fmt: skip
+        return dense_weight(
+            self.values, self.scales, self.blocks, self.group, self.in_features, self.segments
+        ).to(dtype)
 
     def relative_error(self, weight: torch.Tensor) -> float:
         w = weight.float()

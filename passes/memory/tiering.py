@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..ir.errors import PlaitError
+from ...ir.errors import PlaitError
 
 
 class TierError(PlaitError):

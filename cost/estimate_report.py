@@ -53,29 +53,35 @@ def summary(estimate: Estimate) -> list[tuple[str, str]]:
         ("step time", f"{s.step_time * 1e3:.3f} ms"),
         ("compute busy", f"{s.compute_busy * 1e3:.3f} ms"),
         ("communication busy", f"{s.comm_busy * 1e3:.3f} ms"),
-        ("exposed communication", f"{s.exposed_comm * 1e3:.3f} ms ({estimate.comm_share:.1%} of the step)"),
-        ("peak memory per rank", f"{_bytes(s.peak_memory)} (weights {_bytes(s.weight_bytes)}, "
-                                 f"activations {_bytes(s.activation_peak)}; device has {_bytes(hw.memory_capacity)})"),
+        (
+            "exposed communication",
+            f"{s.exposed_comm * 1e3:.3f} ms ({estimate.comm_share:.1%} of the step)",
+        ),
+        (
+            "peak memory per rank",
+            f"{_bytes(s.peak_memory)} (weights {_bytes(s.weight_bytes)}, "
+            f"activations {_bytes(s.activation_peak)}; device has {_bytes(hw.memory_capacity)})",
+        ),
         ("MFU", f"{estimate.mfu:.1%}"),
         *compression(estimate),
         *memory_plan(estimate),
-    ]  # fmt: skip
+    ]
 
 
 def memory_plan(estimate: Estimate) -> list[tuple[str, str]]:
     """Program state (a KV cache), the planned arena (memplan) and the weight
     tiering (tier), where the plan has them."""
-    from ..ir.attrs import ARENA_ATTR
+    from ..ir.attrs import ARENA_ATTR, TIERING_ATTR
     from ..ir.ops import ParamOp
-    from .tier import TIERING_ATTR
 
     if not estimate.ops:
         return []
     block = estimate.ops[0].op.parent_block()
     module = block.parent_op().get_toplevel_object()
     rows = []
-    state = sum(int(op.result.type.nbytes) for op in block.ops
-                if isinstance(op, ParamOp) and op.is_state)  # fmt: skip
+    state = sum(
+        int(op.result.type.nbytes) for op in block.ops if isinstance(op, ParamOp) and op.is_state
+    )
     if state:
         rows.append(("program state", f"{_bytes(state)} per rank (KV cache; in the weights above)"))
     if ARENA_ATTR in module.attributes:

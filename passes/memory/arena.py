@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ..ir.errors import PlaitError
+from ...ir.errors import PlaitError
 from .liveness import Buffer
 
 ALIGN = 64
@@ -85,8 +85,10 @@ def _best_fit(buffers: Sequence[Buffer], order: list[int]) -> list[int]:
     for i in order:
         b = buffers[i]
         size = _aligned(b.size)
-        taken = sorted((offsets[j], offsets[j] + _aligned(buffers[j].size))
-                       for j in index.overlapping(b, buffers))  # fmt: skip
+        taken = sorted(
+            (offsets[j], offsets[j] + _aligned(buffers[j].size))
+            for j in index.overlapping(b, buffers)
+        )
         best, best_gap, cursor = None, None, 0
         for lo, hi in taken:
             gap = lo - cursor
