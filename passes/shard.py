@@ -93,6 +93,7 @@ from ..ir.ops import (
 )
 from ..ir.schema import argument_names
 from ..ir.text import module_path, where
+from ..ir.training import ACCUMULATE, TRAIN_STEP
 from ..ir.types import TensorType
 from .base import Pass, function_blocks
 from .experts import ExpertMLP, find_expert_mlps
@@ -155,6 +156,11 @@ class _Sharder:
         self.replicated_attention: list[str] = []  # where heads did not split n ways
         self.expert_roles: dict[Operation, tuple[str, ExpertMLP]] = {}
         self.expert_ids: dict[int, SSAValue] = {}  # experts -> the ids this rank holds
+        self.step = None  # the walk over a training step's state and loss (shard_step)
+        if block.parent.parent.sym_name.data in (TRAIN_STEP, ACCUMULATE):
+            from .shard_step import StepSharding
+
+            self.step = StepSharding(self)
 
     def style(self, op: CallOp) -> str | None:
         return _style(self.plan, op)
@@ -196,6 +202,8 @@ class _Sharder:
 
     def _reshard(self, value: SSAValue, have: Placement, want: Placement, before) -> SSAValue:
         axis, n = self.axis, self.n
+        if self.step is not None and (done := self.step.reshard(value, have, want, before)):
+            return done
         if (have.blocks or want.blocks) and value not in self.params:
             raise ShardError(  # the rules never ask for it (see shard_rules.fused_blocks)
                 f"{where(before)}: cannot turn a value placed {have} into {want}"
@@ -239,7 +247,7 @@ class _Sharder:
         if self.data:
             self.split_batch()
         # experts split over `ep` when the mesh has one, else over the tensor axis
-        if self.axis == EXPERT_AXIS or not self.data:
+        if (self.axis == EXPERT_AXIS or not self.data) and self.step is None:
             self.find_experts(split=self.data or EXPERT_AXIS not in self.axes)
         for op in ops:
             if isinstance(op, ParamOp):
@@ -308,6 +316,9 @@ class _Sharder:
                 f"{where(op)}: {op.target_name} is already compressed; put shard before quantize "
                 "and sparsify in the pipeline, which then slice the compressed weights per rank"
             )
+        if self.step is not None:  # a training step: its own rules (shard_step)
+            self.step.call(op)
+            return
         role, mlp = self.expert_roles.get(op, (None, None))
         if role in ("between", "gather"):  # runs as it is; a gather is replaced by the dispatch
             return
@@ -341,6 +352,10 @@ class _Sharder:
                     f"{', '.join(map(str, fits)) or 'none'})"
                 )
         inputs = [self.reshard(v, p, op) for v, p in zip(op.inputs, decision.inputs)]
+        self.emit(op, inputs, decision)
+
+    def emit(self, op: CallOp, inputs: list[SSAValue], decision: Decision) -> None:
+        """Replace `op` by its per-rank form, on `inputs` placed as `decision` asks."""
         if decision.style == "vocab":
             self.vocab_parallel_lookup(op, inputs)
             return

@@ -452,7 +452,8 @@ def _moved_dim(op: CallOp, d: int, source: TensorType) -> int | None:
 
 # targets whose size argument must be rewritten to local sizes, by argument name
 SIZE_ARGS = {"aten::view": "size", "aten::_unsafe_view": "size", "aten::reshape": "shape",
-             "aten::expand": "size"}  # fmt: skip
+             "aten::expand": "size", "aten::slice_backward": "input_sizes",
+             "aten::select_backward": "input_sizes"}  # fmt: skip
 
 
 # views that keep every element once: a partial sum stays partial through them

@@ -36,7 +36,29 @@ CALLS = {
     ),
     "generate": lambda compiled, *args, **options: compiled.generate(*args, **options),
     "run": lambda compiled, function, *inputs: compiled.run(function, *inputs),
+    # a Trainer: one step at a learning rate (the caller's schedule), whole state
+    "train": lambda trainer, batch, lr: trainer.run_step(batch, lr),
+    "state": lambda trainer: trainer.saved_state(),
 }
+
+
+def _load_model(directory: str, trusted_ops, verify: bool):
+    from ..api import load  # the pool's entry point sits above the runtime, like the CLI
+
+    compiled = load(directory, trusted_ops=trusted_ops, verify=verify)
+    _ = compiled.program  # build it (read this rank's weights) before the first call
+    return compiled
+
+
+def _load_trainer(directory: str, trusted_ops, verify: bool):
+    from ..training import load_training
+
+    trainer = load_training(directory, lr=0.0, trusted_ops=trusted_ops, verify=verify)
+    trainer.prepare()  # (each call brings its learning rate)
+    return trainer
+
+
+LOADERS = {"model": _load_model, "training": _load_trainer}
 
 
 def main(setup: str) -> NoReturn:
@@ -49,8 +71,6 @@ def main(setup: str) -> NoReturn:
 
 
 def _serve(setup: dict) -> int:
-    from ..api import load  # the pool's entry point sits above the runtime, like the CLI
-
     requests = Connection(setup["requests"], writable=False)
     replies = Connection(setup["replies"], readable=False)
     lock = threading.Lock()  # the heartbeat thread and the main thread share the pipe
@@ -80,8 +100,8 @@ def _serve(setup: dict) -> int:
         # the custom-op libraries the caller imported, from where it imported them
         sys.path.extend(p for p in setup["paths"] if p not in sys.path)
         # the caller verified the weights (or just wrote them): not again per rank
-        compiled = load(setup["directory"], trusted_ops=setup["trusted_ops"], verify=False)
-        _ = compiled.program  # build it (read this rank's weights) before the first call
+        load = LOADERS[setup.get("kind", "model")]
+        compiled = load(setup["directory"], setup["trusted_ops"], False)
     except Exception:
         send("failed", traceback.format_exc())
         return 1

@@ -73,7 +73,8 @@ def free_port() -> int:
 
 class WorkerPool:
     """`world_size` worker processes running the artifact at `artifact`, or
-    the one `artifact(directory)` saves into a temporary directory."""
+    the one `artifact(directory)` saves into a temporary directory: a compiled
+    model, or (`kind="training"`) a training checkpoint they resume from."""
 
     def __init__(
         self,
@@ -82,6 +83,7 @@ class WorkerPool:
         timeout: float,
         trusted_ops: tuple[str, ...] = (),
         threads: int | None = None,
+        kind: str = "model",
     ):
         import torch.distributed as dist
 
@@ -105,6 +107,7 @@ class WorkerPool:
             "timeout": timeout,
             "trusted_ops": list(trusted_ops),  # what the caller imported for the plan's ops
             "paths": _import_roots(trusted_ops),  # where the caller imported them from
+            "kind": kind,  # what the artifact is: a compiled "model" or a "training" checkpoint
         }
         for rank in range(world_size):
             self.procs.append(_Rank.start(rank, setup, self._events))
