@@ -381,7 +381,10 @@ class Trainer:
         """Everything a checkpoint holds: the weights the plan reads, its state
         (not the gradient accumulators: zero between steps) and the model's
         tensors the plan does not read (a tied weight's other name is not one)."""
-        names = set(stored_weight_names(self.module)) | set(self.state_dict_names.values())
+        # the source's too: the checkpoint holds the step before the pipeline
+        # dropped unused weights (rotary's original_inv_freq), and any pipeline runs on it
+        read = set(stored_weight_names(self.module)) | set(stored_weight_names(self.source))
+        names = read | set(self.state_dict_names.values())
         state = (set(state_params(self.module)) & set(self.weights.names())) | self._live
         return sorted(n for n in names | state if not n.startswith(ACCUMULATOR + "."))
 

@@ -98,6 +98,7 @@ from ..ir.types import TensorType
 from .base import Pass, function_blocks
 from .experts import ExpertMLP, find_expert_mlps
 from .experts import operands as grouped_operands
+from .grad_buckets import BUCKET_MB, bucket_gradients
 from .linear_rewrite import require_library
 from .op_cost import COMPRESSED_LINEARS
 from .options import Mesh, OptionError, Plan, SizeValues, check_all_match
@@ -584,6 +585,7 @@ class Shard(Pass):
     hardware: str | None = None  # ilp: the costs' hardware file (default h100-sxm)
     values: SizeValues | None = None  # ilp: sizes to optimize for (default: upper bounds)
     memory: float | None = None  # ilp: weight bytes per device at most (default: no limit)
+    bucket_mb: float = BUCKET_MB  # a training step's gradients reduced over dp in buckets of this
 
     def __post_init__(self):
         super().__post_init__()
@@ -600,6 +602,9 @@ class Shard(Pass):
                 raise OptionError(f"{option} is used only by solve=ilp", option)
         if self.memory is not None and self.memory <= 0:
             raise OptionError(f"memory is bytes per device, > 0, not {self.memory:g}", "memory")
+        if not self.bucket_mb > 0:
+            raise OptionError(f"bucket_mb is MiB per gradient bucket, > 0, not {self.bucket_mb:g}",
+                              "bucket_mb")  # fmt: skip
         if self.hardware is not None:
             from ..hardware import load
 
@@ -631,6 +636,7 @@ class Shard(Pass):
             if data and axes[data[0]] > 1:
                 for block in function_blocks(op):
                     _run(_Sharder(block, data[0], axes[data[0]], axes=tuple(axes), data=True), op)
+                    bucket_gradients(block, data[0], self.bucket_mb * 2**20)
                 _check_alike(op)
         finally:
             SYMBOL_RANGES.reset(token)

@@ -28,6 +28,7 @@ from xdsl.rewriter import InsertPoint, Rewriter
 from ..ir.args import Operand
 from ..ir.attrs import PLACEMENTS_ATTR, REPLICATE, Placement, PlacementsAttr, partial, shard
 from ..ir.ops import CallOp, ParamOp, call_op_class
+from ..ir.schema import writes_input
 from ..ir.training import ACCUMULATOR, GRAD_OF, STATE_OF
 from ..ir.types import TensorType
 from .shard import _Sharder, _with_args
@@ -143,13 +144,17 @@ class StepSharding:
                 return
         roots = {root for v in op.inputs if (root := self._root(v)) is not None}
         s = self.s
-        # a partial sum with several readers is reduced once, at its first reader
+        # a partial sum with several readers is reduced once, at its first reader;
+        # state updated in place keeps its own placement (a partial accumulator
+        # is zeroed as it is, not its reduced copy)
+        in_place = writes_input(op.target_name)
         arriving = [
             R
             if p.kind == "partial"
-            and ((v, R) in s.resharded or len({u.operation for u in v.uses}) > 1)
+            and not (in_place and i == 0)
+            and ((v, R) in s.resharded or len(_readers(v)) > 1)
             else p
-            for v, p in ((v, s.place(v)) for v in op.inputs)
+            for i, (v, p) in enumerate((v, s.place(v)) for v in op.inputs)
         ]
         types = [s._full_type(v) for v in op.inputs]
         free = frozenset(i for i, v in enumerate(op.inputs) if self._root(v) in roots)
@@ -256,6 +261,16 @@ class StepSharding:
 _REWRITES = {SPLIT_MEAN: StepSharding.split_mean, NLL_SUM: StepSharding.nll_sum}
 
 
+def _readers(value: SSAValue) -> set[Operation]:
+    """The ops that read `value`, not counting the in-place update that overwrites it."""
+    return {
+        use.operation
+        for use in value.uses
+        if not (use.index == 0 and isinstance(use.operation, CallOp)
+                and writes_input(use.operation.target_name))
+    }  # fmt: skip
+
+
 def _l2_of_all(op: Operation) -> bool:
     return (
         isinstance(op, CallOp)
@@ -289,4 +304,3 @@ def _squares_for_global_norms(block, sharder: _Sharder) -> None:
         root = sharder._call(op, "grad_norm", "aten::sqrt", [summed], [Operand(0)], scalar)
         op.results[0].replace_all_uses_with(root)
         Rewriter.erase_op(op)
-
