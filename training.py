@@ -271,13 +271,15 @@ class Trainer:
         parts = ranks * self.spec.accumulation
         if ranks == 1:
             return
+        mesh = ",".join(f"{axis}:{n}" for axis, n in self.mesh.items())
         for name, value in zip(self.input_names, batch):
             rows = value.shape[0] if isinstance(value, torch.Tensor) and value.dim() else None
             if rows is not None and rows % parts:
                 over = f"{self.spec.accumulation} micro-batches x " if parts != ranks else ""
                 raise TrainingError(
                     f"batch input '{name}' has {rows} rows (dim 0), which do not split over "
-                    f"{over}{ranks} data-parallel ranks; give a multiple of {parts} rows "
+                    f"{over}{ranks} data-parallel ranks (mesh {mesh}); give a multiple of "
+                    f"{parts} rows "
                     f"(e.g. {max(parts, rows - rows % parts)} or {rows - rows % parts + parts})"
                 )
 
