@@ -383,8 +383,8 @@ class Trainer:
         """Everything a checkpoint holds: the weights the plan reads, its state
         (not the gradient accumulators: zero between steps) and the model's
         tensors the plan does not read (a tied weight's other name is not one)."""
-        # the source's too: the checkpoint holds the step before the pipeline
-        # dropped unused weights (rotary's original_inv_freq), and any pipeline runs on it
+        # and the captured step's (which the checkpoint holds, before the pipeline
+        # folded ops away: rotary's original_inv_freq)
         read = set(stored_weight_names(self.module)) | set(stored_weight_names(self.source))
         names = read | set(self.state_dict_names.values())
         state = (set(state_params(self.module)) & set(self.weights.names())) | self._live
@@ -492,7 +492,7 @@ def compile_training(
     captured = capture_training(
         model, _micro_batches(args, accumulation)[0], spec, loss_fn, dynamic_shapes
     )
-    source = captured.module.clone()
+    source = _without_unread_params(captured.module.clone())
     manager.run(captured.module, captured.weights)
     _check_program(captured.module, pipeline, captured.trained)
     if device is None:
@@ -509,6 +509,16 @@ def compile_training(
         device=device,
         source=source,
     )
+
+
+def _without_unread_params(module: ModuleOp) -> ModuleOp:
+    """`module` without the weights nothing reads (a tied weight's other name):
+    a checkpoint holds what its step reads."""
+    for op in list(module.walk()):
+        if isinstance(op, ParamOp) and not op.is_state and not op.result.uses:
+            op.detach()
+            op.erase()
+    return module
 
 
 def _check_program(module: ModuleOp, pipeline: str, trained: list[str]) -> None:
