@@ -45,6 +45,7 @@ from .ir.training import (
     gradients,
     state_module,
     state_params,
+    step_memory,
 )
 from .ir.weights import WeightStore
 from .passes.manager import PassManager
@@ -348,6 +349,11 @@ class Trainer:
             for name, program in self.state_dict_names.items()
             if program in found
         }
+
+    def memory(self) -> dict[str, int]:
+        """Bytes each rank holds for the step: parameters, gradients, optimizer
+        state and gradient accumulators (as `plait estimate` reports them)."""
+        return step_memory(_function(self.module, TRAIN_STEP))
 
     # ---- state -----------------------------------------------------------
 

@@ -214,3 +214,32 @@ def state_module(module: ModuleOp, names: list[str]) -> ModuleOp:
     out = ModuleOp([fn])
     out.attributes.update(module.attributes)
     return out
+
+
+# what a training step holds per rank, by kind (`step_memory`)
+PARAMETERS = "parameters"
+GRADIENT_BYTES = "gradients"
+OPTIMIZER_STATE = "optimizer state"
+ACCUMULATORS = "gradient accumulators"
+
+
+def step_memory(fn: func.FuncOp) -> dict[str, int]:
+    """Bytes one rank holds for a training step, from its (per-rank) types:
+    parameters (and the buffers the step updates), the gradients the
+    optimizer reads, the optimizer's state and the gradient accumulators."""
+    sizes = dict.fromkeys((PARAMETERS, GRADIENT_BYTES, OPTIMIZER_STATE, ACCUMULATORS), 0)
+    seen = set()
+    for op in fn.walk():
+        if not (isinstance(op, ParamOp) and op.is_state) or op.weight_name in seen:
+            continue
+        seen.add(op.weight_name)
+        name = op.weight_name
+        if name.startswith(ACCUMULATOR + "."):
+            kind = ACCUMULATORS
+        elif STATE_OF in op.attributes or name == STEP_STATE:
+            kind = OPTIMIZER_STATE
+        else:
+            kind = PARAMETERS
+        sizes[kind] += int(op.result.type.nbytes)
+    sizes[GRADIENT_BYTES] = sum(int(v.type.nbytes) for v in gradients(fn).values())
+    return sizes

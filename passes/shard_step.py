@@ -96,6 +96,8 @@ class StepSharding:
         if placement.kind != "shard":  # whole: the waiting views stand as they are
             return
         sharded = self.s._sharded_param(param, placement)
+        if STATE_OF in param.attributes:  # a moment or accumulator stays its parameter's
+            sharded.owner.attributes[STATE_OF] = param.attributes[STATE_OF]
         self.s.params.add(sharded)
         root.replace_all_uses_with(sharded)
         for view in views:

@@ -250,3 +250,68 @@ def test_a_sharded_checkpoint_continues_on_one_rank(run, request):
     for name, tensor in run.reference.state_dict().items():
         error = (state[name].double() - tensor.double()).abs().max().item()
         assert error <= PARAM_ATOL, f"{name} resumed on one rank: max error {error:.3g}"
+
+
+# ---- memory per rank ----------------------------------------------------------------
+
+_MEGATRON = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+             "lm_head")  # fmt: skip
+
+
+def _parameter_bytes(model, tp: int = 1) -> int:
+    """A rank's parameters: Megatron's linears and the head split tp ways."""
+    return sum(
+        p.numel() * 4 // (tp if any(k in name for k in _MEGATRON) else 1)
+        for name, p in model.named_parameters()
+    )
+
+
+STEP_COUNT = 8  # optimizer.step, an f64
+
+
+@pytest.mark.parametrize(
+    "run, tp, moments, accumulators",
+    [("tp_llama", 2, 2, False), ("dp_llama", 1, 2, True), ("dp_tp_llama", 2, 1, False)],
+)
+def test_step_memory_per_rank(run, tp, moments, accumulators, request):
+    """Parameters, optimizer state (AdamW: 2 moments, SGD: 1) and accumulators
+    per rank follow the mesh: halved by tp where Megatron splits, whole on dp."""
+    run = request.getfixturevalue(run)
+    memory = run.trainer.memory()
+    params = _parameter_bytes(run.model, tp)
+    assert memory["parameters"] == params
+    assert memory["optimizer state"] == moments * params + STEP_COUNT
+    assert memory["gradient accumulators"] == (params if accumulators else 0)
+    if tp == 1:
+        assert memory["gradients"] == params
+
+
+def test_step_memory_matches_the_tensors_a_rank_holds():
+    """On one device: predicted state bytes = the program's state tensors,
+    predicted gradient bytes = the gradients it computes."""
+    model, batch = _llama(1), _batches(1)[0]
+    trainer = plait.compile_training(model, batch, **ADAMW)
+    gradients = trainer.gradients(*batch)
+    trainer.step(*batch)
+    held = {"parameters": 0, "optimizer state": 0}
+    for (kind, name), tensor in trainer._shared.items():
+        if kind == "state":
+            held["optimizer state" if name.startswith("optimizer.") else "parameters"] += (
+                tensor.nbytes
+            )
+    memory = trainer.memory()
+    assert {k: memory[k] for k in held} == held
+    assert memory["gradients"] == sum(g.nbytes for g in gradients.values())
+
+
+def test_estimate_reports_a_training_steps_state(tp_llama, capsys):
+    from plait import cli
+
+    code = cli.main(["estimate", str(tp_llama.checkpoint), "--hardware", "h100-sxm",
+                     "--pipeline", _pipeline("mesh=tp:2")])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    memory = tp_llama.trainer.memory()
+    row = next(line for line in out.splitlines() if line.startswith("training state:"))
+    kb = f"{memory['parameters'] / 1e3:.2f} KB"
+    assert f"parameters {kb}" in row and "gradients" in row and "optimizer state" in row
