@@ -74,8 +74,9 @@ def _hoist(op: Operation, position: dict[Operation, int], block: Block) -> None:
     Rewriter.insert_op(op, InsertPoint.after(last))
 
 
-def _first_user(values, position) -> Operation:
-    return min((u.operation for v in values for u in v.uses), key=position.__getitem__)
+def _first_user(values, position) -> Operation | None:
+    users = (u.operation for v in values for u in v.uses)
+    return min(users, key=position.__getitem__, default=None)
 
 
 def bucket_gradients(block: Block, axis: str, bucket_bytes: float) -> int:
@@ -99,14 +100,22 @@ def bucket_gradients(block: Block, axis: str, bucket_bytes: float) -> int:
         position = {op: i for i, op in enumerate(block.ops)}
     reduces.sort(key=lambda op: position[op.input.owner])
     buckets: list[list[AllReduceOp]] = []
-    size = 0.0
+    size, needed = 0.0, 0  # the bucket's bytes; where its first reduced gradient is read
     for op in reduces:
         t = op.input.type
-        if not buckets or size >= bucket_bytes or buckets[-1][0].input.type.dtype != t.dtype:
+        reader = _first_user([op.result], position)
+        read = position[reader] if reader is not None else len(position)
+        if (
+            not buckets
+            or size >= bucket_bytes
+            or buckets[-1][0].input.type.dtype != t.dtype
+            or position[op.input.owner] >= needed  # the bucket is read before this is made
+        ):
             buckets.append([])
-            size = 0.0
+            size, needed = 0.0, read
         buckets[-1].append(op)
         size += t.nbytes
+        needed = min(needed, read)
     for bucket in buckets:
         _reduce_bucket(block, bucket, axis)
     return len(buckets)
@@ -132,7 +141,7 @@ def _reduce_bucket(block: Block, bucket: list[AllReduceOp], axis: str) -> None:
     Rewriter.insert_op(start, InsertPoint.before(start_at))
     # wait where the first reduced gradient is read
     position = {op: i for i, op in enumerate(block.ops)}
-    first = _first_user([op.result for op in bucket], position)
+    first = _first_user([op.result for op in bucket], position) or block.last_op
     wait = WaitOp(start.result)
     wait.location = first.location
     wait.result.name_hint = "grad_bucket_reduced"
