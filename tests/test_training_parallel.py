@@ -18,6 +18,7 @@ import plait
 import pytest
 import torch
 from plait.frontend.training import TrainingError
+from plait.ir.errors import PlaitError
 from plait.ir.ops import AllGatherOp, AllReduceOp, CallOp, WaitOp
 from plait.ir.text import parse_module
 from plait.ir.training import TRAIN_STEP
@@ -217,6 +218,12 @@ def test_a_batch_that_does_not_split_over_dp_is_an_error(dp_llama):
     with pytest.raises(TrainingError, match=r"6 rows.*2 micro-batches x 2 data-parallel ranks "
                        r"\(mesh dp:2\).*multiple of 4"):  # fmt: skip
         dp_llama.trainer.step(ids, torch.ones_like(ids), ids)
+
+
+def test_an_example_batch_that_does_not_split_over_dp_is_refused_at_compile():
+    model, batch = _llama(1), _batches(1, rows=3)[0]
+    with pytest.raises(PlaitError, match=r"'input_ids' has dim 0 of 3.*2 ranks"):
+        plait.compile_training(model, batch, pipeline=_pipeline("mesh=dp:2"), **ADAMW)
 
 
 # ---- checkpoints ----------------------------------------------------------------------
