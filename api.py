@@ -198,7 +198,11 @@ class CompiledModel:
             # the workers read the artifact the model was loaded from, else a
             # temporary save that the pool removes when it stops
             self._pool = WorkerPool(
-                self._directory or self.save, load, self.world_size, timeout, self.trusted_ops
+                self._directory or self.save,
+                load_on_rank,
+                self.world_size,
+                timeout,
+                self.trusted_ops,
             )
         return self._pool
 
@@ -481,6 +485,14 @@ def load(
     return compiled
 
 
+def load_on_rank(directory: str, *, trusted_ops: Iterable[str], verify: bool) -> CompiledModel:
+    """A worker rank's model: the artifact its caller wrote, its program built
+    (this rank's weights read) before the first call."""
+    compiled = load(directory, trusted_ops=trusted_ops, verify=verify)
+    _ = compiled.program
+    return compiled
+
+
 def _check_programs(compiled: CompiledModel, contents: artifact.Artifact, directory: Path) -> None:
     """Each rank file must be the program rebuilt from the plan for the
     artifact's own device type: the files are for reading, the plan is what runs."""
@@ -541,5 +553,11 @@ def _weights_device(weights: WeightStore) -> torch.device:
     return torch.device("cpu")
 
 
-__all__ = ["CompiledModel", "compile", "compile_generation", "compile_ir", "load",
-           "DEFAULT_PIPELINE"]  # fmt: skip
+__all__ = [
+    "CompiledModel",
+    "compile",
+    "compile_generation",
+    "compile_ir",
+    "load",
+    "DEFAULT_PIPELINE",
+]

@@ -21,31 +21,35 @@ import torch
 from xdsl.dialects import func
 from xdsl.dialects.builtin import ModuleOp
 
-from .api import DEFAULT_PIPELINE
-from .backends.fx import Program, build_program
+from .api import DEFAULT_PIPELINE, _imported_libraries, _in_process_group
+from .backends.fx import CollectiveGroups, Program, build_program
 from .frontend.training import (
     TrainingError,
     TrainingSpec,
     capture_training,
     is_hf_model,
 )
-from .ir.attrs import SYMBOLS_ATTR
+from .ir.attrs import MESH_ATTR, SYMBOLS_ATTR
 from .ir.errors import PlaitError
-from .ir.ops import stored_weight_names
+from .ir.ops import ParamOp, stored_weight_names
 from .ir.text import print_module
 from .ir.training import (
     ACCUMULATE,
     ACCUMULATOR,
     GRADIENTS,
+    STATE,
     STEP_STATE,
     TRAIN_STEP,
     check_state_order,
     gradient_module,
     gradients,
+    state_module,
     state_params,
+    step_memory,
 )
 from .ir.weights import WeightStore
 from .passes.manager import PassManager
+from .passes.shard.rules import DATA_AXES
 from .runtime import artifact
 from .runtime.inputs import check_inputs
 from .runtime.prefetch import Prefetcher
@@ -102,7 +106,12 @@ def _function(module: ModuleOp, name: str) -> func.FuncOp:
 
 
 class Trainer:
-    """A compiled training step with its state: parameters, buffers, optimizer state."""
+    """A compiled training step with its state: parameters, buffers, optimizer state.
+
+    A step sharded over several ranks (`pipeline="...,shard{mesh=dp:2}"`) runs
+    on one worker process per rank when called from one process, or on this
+    rank of an initialized process group (torchrun), where every rank calls
+    `step`, `state_dict` and `save` alike."""
 
     def __init__(
         self,
@@ -116,6 +125,7 @@ class Trainer:
         state_dict_names: dict[str, str],
         fills_mask: bool,
         device: str | torch.device = "cpu",
+        source: ModuleOp | None = None,
     ):
         self.module = module
         self.weights = weights
@@ -126,9 +136,18 @@ class Trainer:
         self.state_dict_names = state_dict_names
         self.fills_mask = fills_mask  # a transformers model called without attention_mask
         self.device = torch.device(device)
+        # the step before the pipeline ran: what a checkpoint holds, so that any
+        # pipeline (any mesh) can resume from it
+        self.source = source if source is not None else module
         self._shared: dict = {}  # the programs' state tensors, weights and arena
         self._programs: dict[str, Program] = {}
+        self._live: set[str] = set()  # state the programs hold (their initial values let go)
         self._failed: str | None = None
+        self._groups: CollectiveGroups | None = None
+        self._pool = None  # worker processes, for a sharded step called in one process
+        self._pool_steps: int | None = None  # steps taken on the worker ranks
+        self.trusted_ops: tuple[str, ...] = _imported_libraries(module)
+        self.call_timeout: float | None = None  # seconds a worker rank may stay silent
 
     # ---- inspecting ------------------------------------------------------
 
@@ -141,54 +160,94 @@ class Trainer:
         return [op.sym_name.data for op in self.module.ops if isinstance(op, func.FuncOp)]
 
     @property
+    def mesh(self) -> dict[str, int]:
+        """The device mesh the step is sharded over ({} for one device)."""
+        attr = self.module.attributes.get(MESH_ATTR)
+        return attr.axes if attr is not None else {}
+
+    @property
+    def world_size(self) -> int:
+        return math.prod(self.mesh.values())
+
+    @property
     def code(self) -> str:
+        """The step's Python source (rank 0's when sharded)."""
+        if self.world_size > 1:
+            groups = CollectiveGroups.placeholder(self.mesh, 0)
+            meta = self.weights.as_meta()
+            return "\n".join(
+                f"# ---- @{f} ----{build_program(self.module, meta, self.device, groups, f).code}"
+                for f in self.functions
+            )
         return "\n".join(f"# ---- @{f} ----{self._program(f).code}" for f in self.functions)
 
     @property
     def steps(self) -> int:
         """Optimizer steps taken so far (the program's step count)."""
+        if self._pool_steps is not None:
+            return self._pool_steps
         tensor = self._shared.get(("state", STEP_STATE))
         if tensor is None:
             tensor = self.weights.get(STEP_STATE) if STEP_STATE in self.weights else None
         return int(tensor.item()) if tensor is not None else 0
 
-    def _program(self, function: str) -> Program:
+    @property
+    def _pooled(self) -> bool:
+        return self.world_size > 1 and not _in_process_group()
+
+    def _mesh_groups(self) -> CollectiveGroups | None:
+        if self.world_size > 1 and self._groups is None:
+            from .runtime.distributed import mesh_groups
+
+            self._groups = mesh_groups(self.mesh)
+        return self._groups
+
+    def _program(self, function: str, module: ModuleOp | None = None) -> Program:
         if function not in self._programs:
+            module = module if module is not None else self.module
             self._programs[function] = build_program(
-                self.module,
+                module,
                 self.weights,
                 self.device,
-                None,
+                self._mesh_groups(),
                 function,
                 shared=self._shared,
                 prefetching=Prefetcher,
             )
-            # state now lives in the program's copies: let go of the initial values
-            live = {key[1] for key in self._shared if key[0] == "state"}
-            self.weights = self.weights.subset(n for n in self.weights.names() if n not in live)
+            # state now lives in the program's tensors: let go of the initial values
+            fn = _function(module, function)
+            self._live |= {
+                op.weight_name for op in fn.walk() if isinstance(op, ParamOp) and op.is_state
+            }
+            self.weights = self.weights.subset(
+                n for n in self.weights.names() if n not in self._live
+            )
         return self._programs[function]
+
+    def prepare(self) -> None:
+        """Build the step's programs now (on a rank: read its slices of the state)."""
+        for function in self.functions:
+            self._program(function)
 
     # ---- running ---------------------------------------------------------
 
     def step(self, *batch: torch.Tensor) -> torch.Tensor:
         """One optimizer step on `batch` (split in `accumulation` micro-batches
-        along dim 0); returns the loss (the micro-batches' mean)."""
+        along dim 0, each split over the data-parallel ranks); returns the
+        loss (the micro-batches' mean)."""
         if self._failed is not None:
             raise NonFiniteLossError(f"{self._failed}; this trainer stopped")
         batch = self._with_mask(batch)
         step = self.steps
         lr = _checked_lr(self.schedule(step), f"the learning rate of step {step} (lr({step}))")
-        names = self.input_names[:-1]
-        micro = _micro_batches(batch, self.spec.accumulation)
-        for inputs in micro:
-            self._check(TRAIN_STEP, names, inputs)
-        lr_input = torch.tensor(lr, dtype=torch.float64, device=self.device)
-        with torch.no_grad():
-            losses = [self._run(ACCUMULATE, inputs)[0] for inputs in micro[:-1]]
-            losses.append(self._run(TRAIN_STEP, (*micro[-1], lr_input))[0])
-            loss = losses[0]
-            for more in losses[1:]:
-                loss = loss + more
+        self._check_split(batch)
+        for inputs in _micro_batches(batch, self.spec.accumulation):
+            self._check(TRAIN_STEP, self.input_names[:-1], inputs)
+        if self._pooled:  # checked here, so a bad batch never reaches (and stops) the ranks
+            loss = self._workers().call("train", (list(batch), lr))
+            self._pool_steps = step + 1
+        else:
+            loss = self.run_step(batch, lr)
         if not bool(torch.isfinite(loss)):
             self._failed = (
                 f"step {step} (counting from 0) had a non-finite loss ({loss.item()}); the "
@@ -198,11 +257,41 @@ class Trainer:
             raise NonFiniteLossError(self._failed)
         return loss
 
+    def run_step(self, batch: Sequence[torch.Tensor], lr: float) -> torch.Tensor:
+        """The step on this rank: `batch` checked, `lr` the learning rate."""
+        micro = _micro_batches(batch, self.spec.accumulation)
+        lr_input = torch.tensor(lr, dtype=torch.float64, device=self.device)
+        with torch.no_grad():
+            losses = [self._run(ACCUMULATE, inputs)[0] for inputs in micro[:-1]]
+            losses.append(self._run(TRAIN_STEP, (*micro[-1], lr_input))[0])
+            loss = losses[0]
+            for more in losses[1:]:
+                loss = loss + more
+        return loss
+
     def _with_mask(self, batch: tuple) -> tuple:
         if self.fills_mask and len(batch) == 2:  # (input_ids, labels)
             ids, labels = batch
             return ids, torch.ones_like(ids), labels
         return batch
+
+    def _check_split(self, batch) -> None:
+        """Every input splits evenly into micro-batches over the data-parallel ranks."""
+        ranks = math.prod(n for axis, n in self.mesh.items() if axis in DATA_AXES)
+        parts = ranks * self.spec.accumulation
+        if ranks == 1:
+            return
+        mesh = ",".join(f"{axis}:{n}" for axis, n in self.mesh.items())
+        for name, value in zip(self.input_names, batch):
+            rows = value.shape[0] if isinstance(value, torch.Tensor) and value.dim() else None
+            if rows is not None and rows % parts:
+                over = f"{self.spec.accumulation} micro-batches x " if parts != ranks else ""
+                raise TrainingError(
+                    f"batch input '{name}' has {rows} rows (dim 0), which do not split over "
+                    f"{over}{ranks} data-parallel ranks (mesh {mesh}); give a multiple of "
+                    f"{parts} rows "
+                    f"(e.g. {max(parts, rows - rows % parts)} or {rows - rows % parts + parts})"
+                )
 
     def _check(self, function: str, names, inputs) -> None:
         fn = _function(self.module, function)
@@ -217,12 +306,42 @@ class Trainer:
     def _run(self, function: str, inputs) -> tuple[torch.Tensor, ...]:
         return self._program(function)(*[x.to(self.device) for x in inputs])
 
+    def _workers(self):
+        from .runtime.heartbeat import timeout_seconds
+        from .runtime.workers import WorkerPool
+
+        timeout = timeout_seconds(self.call_timeout)
+        if self._pool is None or not self._pool.alive or self._pool.timeout != timeout:
+            if self._pool is not None:  # a pool that lost a rank: its state is gone
+                raise TrainingError(
+                    "the worker ranks of this trainer stopped and their state with them; "
+                    "resume from the last checkpoint with plait.load_training(directory)"
+                )
+            # the workers resume from a checkpoint of this trainer, removed when they stop
+            self._pool = WorkerPool(
+                self.save, load_on_rank, self.world_size, timeout, self.trusted_ops
+            )
+        return self._pool
+
+    def close(self) -> None:
+        """Stop the worker processes a sharded step runs on from one process
+        (their state is lost: save first)."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+            self._pool_steps = None
+
     def gradients(self, *batch: torch.Tensor) -> dict[str, torch.Tensor]:
         """The gradients a step on `batch` would update with (before clipping),
         by the model's parameter names (each name of a tied weight); nothing is
-        updated. Needs accumulation=1."""
+        updated. Needs accumulation=1 and one device."""
         if self.spec.accumulation != 1:
             raise TrainingError("gradients() runs one batch; it needs accumulation=1")
+        if self.world_size > 1:
+            raise TrainingError(
+                "gradients() inspects the step on one device; compile it without shard{...} "
+                "to compare gradients"
+            )
         batch = self._with_mask(batch)
         self._check(TRAIN_STEP, self.input_names[:-1], batch)
         if GRADIENTS not in self._programs:
@@ -247,6 +366,11 @@ class Trainer:
             if program in found
         }
 
+    def memory(self) -> dict[str, int]:
+        """Bytes each rank holds for the step: parameters, gradients, optimizer
+        state and gradient accumulators (as `plait estimate` reports them)."""
+        return step_memory(_function(self.module, TRAIN_STEP))
+
     # ---- state -----------------------------------------------------------
 
     def _tensor(self, name: str) -> torch.Tensor:
@@ -254,35 +378,63 @@ class Trainer:
         live = self._shared.get(("state", name))
         return live if live is not None else self.weights.get(name)
 
+    def saved_state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint holds, by program name, as whole tensors: gathered
+        from the ranks when the step is sharded (a collective: under torchrun
+        every rank calls it)."""
+        if self._pooled and self._pool is not None:
+            return self._workers().call("state")
+        names = self._saved_names()
+        if self.world_size == 1 or self._pooled:  # (not yet started: the initial values)
+            return {name: self._tensor(name) for name in names}
+        state = sorted(n for n in state_params(self.module) if n in set(names))
+        if STATE not in self._programs:
+            self._program(STATE, state_module(self.module, state))
+        whole = dict(zip(state, self._programs[STATE]()))
+        return {name: whole[name] if name in whole else self.weights.get(name) for name in names}
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The model's parameters and buffers after training, by the model's
-        state-dict names (`model.load_state_dict(trainer.state_dict())`).
-        The trainer's own tensors, not copies."""
-        return {name: self._tensor(program) for name, program in self.state_dict_names.items()}
+        state-dict names (`model.load_state_dict(trainer.state_dict())`): on
+        one device the trainer's own tensors, not copies; whole tensors when
+        sharded."""
+        state = self.saved_state()
+        return {name: state[program] for name, program in self.state_dict_names.items()}
 
     def _saved_names(self) -> list[str]:
         """Everything a checkpoint holds: the weights the plan reads, its state
         (not the gradient accumulators: zero between steps) and the model's
         tensors the plan does not read (a tied weight's other name is not one)."""
-        names = set(stored_weight_names(self.module)) | set(self.state_dict_names.values())
-        live = {key[1] for key in self._shared if key[0] == "state"}
-        state = (set(state_params(self.module)) & set(self.weights.names())) | live
+        # and the captured step's (which the checkpoint holds, before the pipeline
+        # folded ops away: rotary's original_inv_freq)
+        read = set(stored_weight_names(self.module)) | set(stored_weight_names(self.source))
+        names = read | set(self.state_dict_names.values())
+        state = (set(state_params(self.module)) & set(self.weights.names())) | self._live
         return sorted(n for n in names | state if not n.startswith(ACCUMULATOR + "."))
 
     def save(self, directory: str | Path) -> Path:
-        """Write a checkpoint: the plan, every parameter, buffer and optimizer
-        state as full tensors by name (safetensors), the step count and the
-        options; atomically, so an interrupted save keeps the previous one."""
+        """Write a checkpoint: the step as captured (before the pipeline) and
+        every parameter, buffer and optimizer state as whole tensors by name
+        (safetensors), with the step count, the options and the mesh it was
+        trained on; atomically, so an interrupted save keeps the previous one.
+        Any mesh resumes from it (`plait.load_training(dir, pipeline=...)`)."""
         if self._failed is not None:
             raise NonFiniteLossError(f"{self._failed}; nothing was saved")
+        state = self.saved_state()
+        if self.world_size > 1 and not self._pooled:  # under torchrun: rank 0 writes
+            import torch.distributed as dist
+
+            if dist.get_rank() != 0:
+                dist.barrier()
+                return Path(directory)
         store = WeightStore()
-        for name in self._saved_names():
-            store.add(name, self._tensor(name))
-        fn = _function(self.module, TRAIN_STEP)
-        symbols = self.module.attributes.get(SYMBOLS_ATTR)
+        for name, tensor in state.items():
+            store.add(name, tensor)
+        fn = _function(self.source, TRAIN_STEP)
+        symbols = self.source.attributes.get(SYMBOLS_ATTR)
         manifest = {
             "pipeline": self.pipeline,
-            "mesh": {"world_size": 1, "axes": {}},
+            "mesh": {"world_size": 1, "axes": {}},  # the captured step's: one device
             "inputs": [
                 {"name": n, "type": str(t)}
                 for n, t in zip(self.input_names, fn.function_type.inputs)
@@ -297,16 +449,24 @@ class Trainer:
                 "fills_mask": self.fills_mask,
                 "state_dict": self.state_dict_names,
                 "saved": store.names(),
+                "trained_on": self.mesh,
             },
         }
         meta = store.as_meta()
         code = "\n".join(
             f"# ---- @{f} ----"
-            f"{build_program(self.module, meta, 'cpu', None, f, prefetching=Prefetcher).code}"
+            f"{build_program(self.source, meta, 'cpu', None, f, prefetching=Prefetcher).code}"
             for f in self.functions
         )
-        contents = artifact.Artifact(plan=self.ir, programs={0: code}, manifest=manifest)
-        return artifact.write(directory, contents, store, store.names())
+        contents = artifact.Artifact(
+            plan=print_module(self.source), programs={0: code}, manifest=manifest
+        )
+        path = artifact.write(directory, contents, store, store.names())
+        if self.world_size > 1 and not self._pooled:
+            import torch.distributed as dist
+
+            dist.barrier()
+        return path
 
 
 TRAINING = "training"  # the manifest's field for a training checkpoint
@@ -356,6 +516,7 @@ def compile_training(
     captured = capture_training(
         model, _micro_batches(args, accumulation)[0], spec, loss_fn, dynamic_shapes
     )
+    source = _without_unread_params(captured.module.clone())
     manager.run(captured.module, captured.weights)
     _check_program(captured.module, pipeline, captured.trained)
     if device is None:
@@ -370,7 +531,18 @@ def compile_training(
         state_dict_names=captured.state_dict,
         fills_mask=fills_mask,
         device=device,
+        source=source,
     )
+
+
+def _without_unread_params(module: ModuleOp) -> ModuleOp:
+    """`module` without the weights nothing reads (a tied weight's other name):
+    a checkpoint holds what its step reads."""
+    for op in list(module.walk()):
+        if isinstance(op, ParamOp) and not op.is_state and not op.result.uses:
+            op.detach()
+            op.erase()
+    return module
 
 
 def _check_program(module: ModuleOp, pipeline: str, trained: list[str]) -> None:
@@ -423,6 +595,7 @@ def load_training(
     directory: str | Path,
     *,
     lr: float | Schedule | None = None,
+    pipeline: str | None = None,
     device: str | torch.device = "cpu",
     trusted_ops: Iterable[str] = (),
     verify: bool = True,
@@ -430,8 +603,10 @@ def load_training(
     """Resume from a checkpoint written by `Trainer.save`: parameters, buffers,
     optimizer state and step count as saved. A learning-rate schedule is code,
     which a checkpoint never holds: pass it again as `lr` (a constant lr was
-    saved; `lr` replaces it). `trusted_ops` as for plait.load."""
-    contents, module, _ = artifact.read(directory, trusted_ops, verify)
+    saved; `lr` replaces it). The step runs the checkpoint's pipeline, or
+    `pipeline` (another mesh: `"canonicalize,cse,dce"` resumes a sharded run
+    on one device). `trusted_ops` as for plait.load."""
+    contents, source, _ = artifact.read(directory, trusted_ops, verify)
     path = Path(directory) / artifact.MANIFEST
     fields = _training_fields(contents.manifest, path)
     if lr is None:
@@ -450,6 +625,9 @@ def load_training(
     )
     weights = WeightStore()
     weights.add_safetensors(Path(directory) / contents.manifest["weights"], fields["saved"])
+    pipeline = contents.manifest["pipeline"] if pipeline is None else pipeline
+    module = source.clone()
+    PassManager.parse(pipeline).run(module, weights)
     check_state_order(module)
     names = [entry["name"] for entry in contents.manifest["inputs"]]
     return Trainer(
@@ -457,12 +635,22 @@ def load_training(
         weights,
         spec,
         lr,
-        pipeline=contents.manifest["pipeline"],
+        pipeline=pipeline,
         input_names=names,
         state_dict_names=fields["state_dict"],
         fills_mask=fields["fills_mask"],
         device=device,
+        source=source,
     )
 
 
 __all__ = ["NonFiniteLossError", "Trainer", "compile_training", "load_training"]
+
+
+def load_on_rank(directory: str, *, trusted_ops: Iterable[str], verify: bool) -> Trainer:
+    """A worker rank's trainer: the checkpoint its caller wrote, its step built
+    (its slices of the state read) before the first call, which brings its
+    learning rate."""
+    trainer = load_training(directory, lr=0.0, trusted_ops=trusted_ops, verify=verify)
+    trainer.prepare()
+    return trainer

@@ -73,6 +73,7 @@ def memory_plan(estimate: Estimate) -> list[tuple[str, str]]:
     tiering (tier), where the plan has them."""
     from ..ir.attrs import ARENA_ATTR, TIERING_ATTR
     from ..ir.ops import ParamOp
+    from ..ir.training import gradients, step_memory
 
     if not estimate.ops:
         return []
@@ -82,7 +83,11 @@ def memory_plan(estimate: Estimate) -> list[tuple[str, str]]:
     state = sum(
         int(op.result.type.nbytes) for op in block.ops if isinstance(op, ParamOp) and op.is_state
     )
-    if state:
+    training = step_memory(block.parent_op()) if gradients(block.parent_op()) else None
+    if training:  # a training step: its state by kind
+        parts = ", ".join(f"{kind} {_bytes(n)}" for kind, n in training.items() if n)
+        rows.append(("training state", f"{parts} per rank"))
+    elif state:
         rows.append(("program state", f"{_bytes(state)} per rank (KV cache; in the weights above)"))
     if ARENA_ATTR in module.attributes:
         arena = module.attributes[ARENA_ATTR].value.data

@@ -33,10 +33,11 @@ from __future__ import annotations
 
 from xdsl.dialects import func
 from xdsl.dialects.builtin import ArrayAttr, ModuleOp, StringAttr
-from xdsl.ir import Operation, SSAValue
+from xdsl.ir import Block, Operation, Region, SSAValue
 
+from .attrs import MESH_ATTR, PLACEMENTS_ATTR
 from .errors import PlaitError
-from .ops import CallOp, ParamOp
+from .ops import AllGatherOp, CallOp, ParamOp
 from .schema import writes_input
 from .text import where
 
@@ -179,3 +180,66 @@ def gradient_module(module: ModuleOp) -> ModuleOp:
     out = ModuleOp([fn])
     out.attributes.update(module.attributes)
     return out
+
+
+STATE = "state"
+
+
+def state_module(module: ModuleOp, names: list[str]) -> ModuleOp:
+    """A module whose one function @state returns the named program state
+    whole: each rank's slice all-gathered along every mesh axis that splits
+    it (what a checkpoint of a sharded step holds, by name)."""
+    mesh = module.attributes.get(MESH_ATTR)
+    sizes = mesh.axes if mesh is not None else {}
+    params = state_params(module)
+    block = Block()
+    outputs = []
+    for name in names:
+        param = params[name]
+        clone = param.clone()
+        block.add_op(clone)
+        value = clone.result
+        placed = param.attributes.get(PLACEMENTS_ATTR)
+        for (axis, n), placement in zip(sizes.items(), placed.data if placed else ()):
+            if placement.kind != "shard":
+                continue
+            shape = list(value.type.shape)
+            shape[placement.dim] *= n
+            gather = AllGatherOp(value, value.type.with_shape(shape), axis, placement.dim)
+            block.add_op(gather)
+            value = gather.results[0]
+        outputs.append(value)
+    block.add_op(func.ReturnOp(*outputs))
+    fn = func.FuncOp(STATE, ([], [v.type for v in outputs]), Region(block))
+    out = ModuleOp([fn])
+    out.attributes.update(module.attributes)
+    return out
+
+
+# what a training step holds per rank, by kind (`step_memory`)
+PARAMETERS = "parameters"
+GRADIENT_BYTES = "gradients"
+OPTIMIZER_STATE = "optimizer state"
+ACCUMULATORS = "gradient accumulators"
+
+
+def step_memory(fn: func.FuncOp) -> dict[str, int]:
+    """Bytes one rank holds for a training step, from its (per-rank) types:
+    parameters (and the buffers the step updates), the gradients the
+    optimizer reads, the optimizer's state and the gradient accumulators."""
+    sizes = dict.fromkeys((PARAMETERS, GRADIENT_BYTES, OPTIMIZER_STATE, ACCUMULATORS), 0)
+    seen = set()
+    for op in fn.walk():
+        if not (isinstance(op, ParamOp) and op.is_state) or op.weight_name in seen:
+            continue
+        seen.add(op.weight_name)
+        name = op.weight_name
+        if name.startswith(ACCUMULATOR + "."):
+            kind = ACCUMULATORS
+        elif STATE_OF in op.attributes or name == STEP_STATE:
+            kind = OPTIMIZER_STATE
+        else:
+            kind = PARAMETERS
+        sizes[kind] += int(op.result.type.nbytes)
+    sizes[GRADIENT_BYTES] = sum(int(v.type.nbytes) for v in gradients(fn).values())
+    return sizes

@@ -38,6 +38,9 @@ CALLS = {
     ),
     "generate": lambda compiled, *args, **options: compiled.generate(*args, **options),
     "run": lambda compiled, function, *inputs: compiled.run(function, *inputs),
+    # a Trainer: one step at a learning rate (the caller's schedule), whole state
+    "train": lambda trainer, batch, lr: trainer.run_step(batch, lr),
+    "state": lambda trainer: trainer.saved_state(),
 }
 
 
@@ -80,9 +83,8 @@ def _serve(setup: dict) -> int:
         # the custom-op libraries the caller imported, from where it imported them
         sys.path.extend(p for p in setup["paths"] if p not in sys.path)
         # the caller verified the weights (or just wrote them): not again per rank
-        load = _imported(setup["load"])  # what the pool's caller loads artifacts with
+        load = _imported(setup["load"])  # the pool's caller's: it knows its artifacts
         compiled = load(setup["directory"], trusted_ops=setup["trusted_ops"], verify=False)
-        _ = compiled.program  # build it (read this rank's weights) before the first call
     except Exception:
         send("failed", traceback.format_exc())
         return 1

@@ -73,10 +73,11 @@ def free_port() -> int:
 
 class WorkerPool:
     """`world_size` worker processes running the artifact at `artifact`, or
-    the one `artifact(directory)` saves into a temporary directory. Each rank
-    loads it with `load(directory, trusted_ops=..., verify=False)`, a
-    module-level function it imports by name (the pool's caller knows how its
-    artifacts load; the runtime sits below it)."""
+    the one `artifact(directory)` saves into a temporary directory (a compiled
+    model, a training checkpoint). Each rank loads it, ready for its first
+    call, with `load(directory, trusted_ops=..., verify=False)`, a module-level
+    function it imports by name (the pool's caller knows how its artifacts
+    load; the runtime sits below it)."""
 
     def __init__(
         self,
@@ -94,8 +95,13 @@ class WorkerPool:
         self.procs: list[_Rank] = []
         self._events: queue.Queue = queue.Queue()  # (rank, "done" | "failed" | "exited", value)
         scratch = Path(tempfile.mkdtemp(prefix="plait-ranks-")) if callable(artifact) else None
-        store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                              timeout=datetime.timedelta(seconds=2 * timeout))  # fmt: skip
+        store = dist.TCPStore(
+            "127.0.0.1",
+            0,
+            is_master=True,
+            wait_for_workers=False,
+            timeout=datetime.timedelta(seconds=2 * timeout),
+        )
         # stops the workers and removes the scratch copy on close(), when the
         # pool is dropped, and at interpreter exit
         self._finalizer = weakref.finalize(self, _shut_down, self.procs, scratch, store)
@@ -148,8 +154,10 @@ class WorkerPool:
             cause = "".join(f"rank {r.rank} exited (code {r.exitcode}); " for r in dead)
             if kind == "exited":
                 code = self.procs[rank].wait()
-                raise WorkerError(f"{cause}rank {rank} exited (code {code}; last seen in "
-                                  f"{self.procs[rank].place})")  # fmt: skip
+                raise WorkerError(
+                    f"{cause}rank {rank} exited (code {code}; last seen in "
+                    f"{self.procs[rank].place})"
+                )
             raise WorkerError(f"{cause}rank {rank} failed:\n{value}")
         return output
 
@@ -243,8 +251,9 @@ class _Rank:
             os.close(replies_w)
         self = cls(rank, process, Connection(requests_w, readable=False))
         replies = Connection(replies_r, writable=False)
-        threading.Thread(target=self._read, args=(replies, events), daemon=True,
-                         name=f"plait-rank{rank}-replies").start()  # fmt: skip
+        threading.Thread(
+            target=self._read, args=(replies, events), daemon=True, name=f"plait-rank{rank}-replies"
+        ).start()
         return self
 
     def _read(self, replies: Connection, events: queue.Queue) -> None:

@@ -57,6 +57,9 @@ class Parallel(enum.Enum):
     VOCAB = "vocab"  # an embedding's vocabulary rows
     BLOCKS = "blocks"  # a fused projection's output cut into its blocks
     EXPERT = "expert"  # the experts of an MoE layer
+    # a training step's losses over split rows (carried out by step.py)
+    SPLIT_MEAN = "split-mean"  # a mean over a split dim: the local mean / n, a partial sum
+    NLL_SUM = "nll-sum"  # nll_loss's mean over split rows: sums and weights, reduced once
 
 
 @dataclass
@@ -128,8 +131,18 @@ class PlanError(PlaitError):
     pass
 
 
-def _weight_sharded(op: CallOp, x: int, w: int, bias: int | None, arriving, types, n: int,
-                    w_out: int, w_in: int, style: PlanStyle | None = None) -> Decision:  # fmt: skip
+def _weight_sharded(
+    op: CallOp,
+    x: int,
+    w: int,
+    bias: int | None,
+    arriving,
+    types,
+    n: int,
+    w_out: int,
+    w_in: int,
+    style: PlanStyle | None = None,
+) -> Decision:
     """x @ W with W's output features on dim `w_out`, input features on `w_in`.
 
     Without a `style`, Megatron's pairing: row-parallel when x arrives split on
@@ -204,8 +217,10 @@ def slice_range(op: CallOp, dim: int, size: int) -> tuple[int, int] | None:
     start, end = op.arg("start", 0), op.arg("end", size)
     if op.arg("step", 1) != 1 or not isinstance(start, int) or not isinstance(end, int):
         return None
-    return (min(start % size if start < 0 else start, size),
-            min(end % size if end < 0 else end, size))  # fmt: skip
+    return (
+        min(start % size if start < 0 else start, size),
+        min(end % size if end < 0 else end, size),
+    )
 
 
 def block_at(blocks: tuple[int, ...], start: int) -> int | None:
@@ -258,12 +273,16 @@ def linear_rule(op: CallOp, arriving, types, n: int, style: PlanStyle | None = N
     return _weight_sharded(op, x, w, b, arriving, types, n, w_out=0, w_in=1, style=style)
 
 
-_PARAM_MATMULS = {"aten::mm": ("self", "mat2", None), "aten::addmm": ("mat1", "mat2", "self"),
-                  "aten::matmul": ("self", "other", None)}  # fmt: skip
+_PARAM_MATMULS = {
+    "aten::mm": ("self", "mat2", None),
+    "aten::addmm": ("mat1", "mat2", "self"),
+    "aten::matmul": ("self", "other", None),
+}
 
 
-def matmul_rule(op: CallOp, arriving, types, n: int, params: set[SSAValue],
-                style: PlanStyle | None = None) -> Decision:  # fmt: skip
+def matmul_rule(
+    op: CallOp, arriving, types, n: int, params: set[SSAValue], style: PlanStyle | None = None
+) -> Decision:
     names = _PARAM_MATMULS.get(op.target_name)
     scaled = op.arg("alpha", 1) != 1 or op.arg("beta", 1) != 1
     if names is not None and not scaled:
@@ -450,8 +469,15 @@ def _moved_dim(op: CallOp, d: int, source: TensorType) -> int | None:
         if cut == d:
             return None
         return d - 1 if name == "aten::select.int" and d > cut else d
-    if name in ("aten::view", "aten::_unsafe_view", "aten::reshape", "aten::flatten.using_ints",
-                "aten::squeeze", "aten::squeeze.dim", "aten::squeeze.dims"):  # fmt: skip
+    if name in (
+        "aten::view",
+        "aten::_unsafe_view",
+        "aten::reshape",
+        "aten::flatten.using_ints",
+        "aten::squeeze",
+        "aten::squeeze.dim",
+        "aten::squeeze.dims",
+    ):
         groups = _groups(src, dst)
         if groups is None:
             return None
@@ -464,14 +490,28 @@ def _moved_dim(op: CallOp, d: int, source: TensorType) -> int | None:
 
 
 # targets whose size argument must be rewritten to local sizes, by argument name
-SIZE_ARGS = {"aten::view": "size", "aten::_unsafe_view": "size", "aten::reshape": "shape",
-             "aten::expand": "size"}  # fmt: skip
+SIZE_ARGS = {
+    "aten::view": "size",
+    "aten::_unsafe_view": "size",
+    "aten::reshape": "shape",
+    "aten::expand": "size",
+    "aten::slice_backward": "input_sizes",
+    "aten::select_backward": "input_sizes",
+}
 
 
 # views that keep every element once: a partial sum stays partial through them
-_KEEPS_PARTIALS = {"aten::view", "aten::_unsafe_view", "aten::reshape", "aten::unsqueeze",
-                   "aten::squeeze.dim", "aten::squeeze.dims", "aten::transpose.int",
-                   "aten::permute", "aten::flatten.using_ints"}  # fmt: skip
+_KEEPS_PARTIALS = {
+    "aten::view",
+    "aten::_unsafe_view",
+    "aten::reshape",
+    "aten::unsqueeze",
+    "aten::squeeze.dim",
+    "aten::squeeze.dims",
+    "aten::transpose.int",
+    "aten::permute",
+    "aten::flatten.using_ints",
+}
 
 
 def reshape_rule(op: CallOp, arriving, types, n: int) -> Decision:
@@ -562,8 +602,11 @@ def index_rule(op: CallOp, arriving, types, n: int) -> Decision:
     return replicated(op)
 
 
-_TARGET_RULES = {"aten::index_copy_": index_copy_rule, "aten::index_copy": index_copy_rule,
-                 "aten::index.Tensor": index_rule}  # fmt: skip
+_TARGET_RULES = {
+    "aten::index_copy_": index_copy_rule,
+    "aten::index_copy": index_copy_rule,
+    "aten::index.Tensor": index_rule,
+}
 
 _RULES = {  # linear and matmul: see `decide`
     AttentionOp: attention_rule,
@@ -575,8 +618,14 @@ _RULES = {  # linear and matmul: see `decide`
 }
 
 
-def decide(op: CallOp, arriving: list[Placement], types: list[TensorType], n: int,
-           params: set[SSAValue], style: PlanStyle | None = None) -> Decision:  # fmt: skip
+def decide(
+    op: CallOp,
+    arriving: list[Placement],
+    types: list[TensorType],
+    n: int,
+    params: set[SSAValue],
+    style: PlanStyle | None = None,
+) -> Decision:
     """The placements `op` needs and produces, given those its inputs arrive with
     and their global (unsharded) types; `style` is a manual plan's choice for a
     linear layer."""
@@ -610,8 +659,9 @@ DATA_AXES = ("dp", "ep")  # mesh axes that split the batch (the rest split tenso
 EXPERT_AXIS = "ep"  # a data axis that also splits the experts of MoE layers
 
 
-def decide_data(op: CallOp, arriving: list[Placement], types: list[TensorType], n: int,
-                params: set[SSAValue]) -> Decision:  # fmt: skip
+def decide_data(
+    op: CallOp, arriving: list[Placement], types: list[TensorType], n: int, params: set[SSAValue]
+) -> Decision:
     """Along a data-parallel axis: what the rules decide when no weight is split,
     else the batch (or any leading dim) carried through the op. Program state
     (a KV cache) may split with the batch: each rank holds its sequences' rows."""

@@ -1,7 +1,7 @@
 """shard{mesh=tp:N | dp:M,tp:N | ep:M,tp:N}: tensor, data and expert parallelism.
 
 Walks the program once, deciding each op's placements from those its inputs
-arrive with (`shard_rules`), and rewrites it into the per-rank (SPMD) program:
+arrive with (`rules`; a training step's own in `step_rules`), and rewrites it into the per-rank (SPMD) program:
 local shapes, weights marked with the slice each rank loads, and the
 collectives where placements change:
 
@@ -28,7 +28,7 @@ For an embedding, as in PyTorch's plans, `rowwise` splits the vocabulary
 zeros for the rest, and the rows are summed) and `colwise` the embedding dim.
 
 With `solve=ilp` an integer program picks every op's strategy instead of the
-rules' greedy walk (`shard_ilp`): the least predicted step time on a
+rules' greedy walk (`ilp`): the least predicted step time on a
 hardware file at the given sizes, weights within `memory` bytes per device:
 
     shard{mesh=tp:8,solve=ilp,hardware=h100-sxm,values=batch:1,seq:2048,memory=40e9}
@@ -95,11 +95,13 @@ from ...ir.ops import (
 from ...ir.schema import argument_names
 from ...ir.targets import COMPRESSED_LINEARS
 from ...ir.text import module_path, where
+from ...ir.training import ACCUMULATE, TRAIN_STEP
 from ...ir.types import TensorType
 from ..base import Pass, function_blocks
 from ..options import Mesh, OptionError, Plan, SizeValues, check_all_match
 from .experts import ExpertMLP, find_expert_mlps
 from .experts import operands as grouped_operands
+from .grad_buckets import BUCKET_MB, bucket_gradients
 from .ilp import Solution, solve
 from .rules import (
     DATA_AXES,
@@ -140,9 +142,16 @@ class _Sharder:
     along a data axis (`data`) the inputs split on their batch dim and
     weights stay whole; the other axis's collectives pass the batch through."""
 
-    def __init__(self, block, axis: str, n: int, plan: list[tuple[str, str]] = (),
-                 chosen: dict[Operation, Decision] | None = None,
-                 axes: tuple[str, ...] = (), data: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        block,
+        axis: str,
+        n: int,
+        plan: list[tuple[str, str]] = (),
+        chosen: dict[Operation, Decision] | None = None,
+        axes: tuple[str, ...] = (),
+        data: bool = False,
+    ):
         self.block, self.axis, self.n = block, axis, n
         self.plan = plan  # (module-path glob, style), first match wins
         self.chosen = chosen or {}  # op -> decision made by the solver
@@ -154,6 +163,11 @@ class _Sharder:
         self.replicated_attention: list[str] = []  # where heads did not split n ways
         self.expert_roles: dict[Operation, tuple[str, ExpertMLP]] = {}
         self.expert_ids: dict[int, SSAValue] = {}  # experts -> the ids this rank holds
+        self.step = None  # the walk over a training step's state and loss (step.py)
+        if block.parent.parent.sym_name.data in (TRAIN_STEP, ACCUMULATE):
+            from .step import StepSharding
+
+            self.step = StepSharding(self)
 
     def style(self, op: CallOp) -> PlanStyle | None:
         return _style(self.plan, op)
@@ -172,8 +186,12 @@ class _Sharder:
             self.resharded[key] = self._reshard(value, have, want, before)
         return self.resharded[key]
 
-    _SUFFIX = {"AllReduceOp": "reduced", "AllGatherOp": "gathered", "ReduceScatterOp": "scattered",
-               "LocalShardOp": "local"}  # fmt: skip
+    _SUFFIX = {
+        "AllReduceOp": "reduced",
+        "AllGatherOp": "gathered",
+        "ReduceScatterOp": "scattered",
+        "LocalShardOp": "local",
+    }
 
     def _insert(self, op: Operation, before: Operation, placement: Placement) -> SSAValue:
         op.location = before.location
@@ -195,8 +213,10 @@ class _Sharder:
 
     def _reshard(self, value: SSAValue, have: Placement, want: Placement, before) -> SSAValue:
         axis, n = self.axis, self.n
+        if self.step is not None and (done := self.step.reshard(value, have, want, before)):
+            return done
         if (have.blocks or want.blocks) and value not in self.params:
-            raise ShardError(  # the rules never ask for it (see shard_rules.fused_blocks)
+            raise ShardError(  # the rules never ask for it (see rules.fused_blocks)
                 f"{where(before)}: cannot turn a value placed {have} into {want}"
             )
         if want == REPLICATE:
@@ -238,7 +258,7 @@ class _Sharder:
         if self.data:
             self.split_batch()
         # experts split over `ep` when the mesh has one, else over the tensor axis
-        if self.axis == EXPERT_AXIS or not self.data:
+        if (self.axis == EXPERT_AXIS or not self.data) and self.step is None:
             self.find_experts(split=self.data or EXPERT_AXIS not in self.axes)
         for op in ops:
             if isinstance(op, ParamOp):
@@ -307,6 +327,9 @@ class _Sharder:
                 f"{where(op)}: {op.target_name} is already compressed; put shard before quantize "
                 "and sparsify in the pipeline, which then slice the compressed weights per rank"
             )
+        if self.step is not None:  # a training step: its own rules (step.py)
+            self.step.call(op)
+            return
         role, mlp = self.expert_roles.get(op, (None, None))
         if role in ("between", "gather"):  # runs as it is; a gather is replaced by the dispatch
             return
@@ -341,6 +364,10 @@ class _Sharder:
                     f"{', '.join(map(str, fits)) or 'none'})"
                 )
         inputs = [self.reshard(v, p, op) for v, p in zip(op.inputs, decision.inputs)]
+        self.emit(op, inputs, decision)
+
+    def emit(self, op: CallOp, inputs: list[SSAValue], decision: Decision) -> None:
+        """Replace `op` by its per-rank form, on `inputs` placed as `decision` asks."""
         if decision.parallel is Parallel.VOCAB:
             self.vocab_parallel_lookup(op, inputs)
             return
@@ -370,14 +397,22 @@ class _Sharder:
         rows of other experts are zero, so the last product's results are partial sums.
         With tokens split over the axis, an all-to-all brings each rank the rows
         of its experts first (`plait::expert_dispatch`)."""
-        rows, weight, offsets = (self.reshard(v, p, op) for v, p in
-                                 zip(grouped_operands(op), (REPLICATE, shard(0), REPLICATE)))  # fmt: skip
+        rows, weight, offsets = (
+            self.reshard(v, p, op)
+            for v, p in zip(grouped_operands(op), (REPLICATE, shard(0), REPLICATE))
+        )
         if op is mlp.first and mlp.gather in self.expert_roles:
             tokens = self.reshard(mlp.tokens, shard(0), op)
             token_of_row = self.reshard(mlp.token_of_row, REPLICATE, op)
             args = [*map(Operand, range(3)), Tag("group", self.axis)]
-            rows = self._insert_call(op, "routed_rows", expert_kernel.DISPATCH,
-                              [tokens, token_of_row, offsets], args, mlp.gather.results[0].type)  # fmt: skip
+            rows = self._insert_call(
+                op,
+                "routed_rows",
+                expert_kernel.DISPATCH,
+                [tokens, token_of_row, offsets],
+                args,
+                mlp.gather.results[0].type,
+            )
         if mlp.experts not in self.expert_ids:
             self.expert_ids[mlp.experts] = self._indices_here(op, "experts", mlp.experts)
         values = [rows, weight, offsets, self.expert_ids[mlp.experts]]
@@ -390,15 +425,23 @@ class _Sharder:
     def _indices_here(self, before: CallOp, name: str, size: int) -> SSAValue:
         """This rank's slice of arange(size): which rows (vocabulary, experts) it
         holds, computed in the program so that it stays SPMD."""
-        every = self._insert_call(before, name, "aten::arange", [], [size], TensorType([size], "i64"),
-                           [("device", Tag("device", "cpu"))])  # fmt: skip
+        every = self._insert_call(
+            before,
+            name,
+            "aten::arange",
+            [],
+            [size],
+            TensorType([size], "i64"),
+            [("device", Tag("device", "cpu"))],
+        )
         local = TensorType([size // self.n], "i64")
         return self._insert(LocalShardOp(every, local, self.axis, 0), before, REPLICATE)
 
     def _insert_call(self, before: CallOp, name, target, values, args, result_type, kwargs=()):
         """A new call of `target`, inserted before `before` (and at its location)."""
-        new = call_op_class(target)(target, values, ArgsAttr(tuple(args), tuple(kwargs)),
-                                    [result_type])  # fmt: skip
+        new = call_op_class(target)(
+            target, values, ArgsAttr(tuple(args), tuple(kwargs)), [result_type]
+        )
         new.location = before.location
         new.results[0].name_hint = name
         Rewriter.insert_op(new, InsertPoint.before(before))
@@ -423,19 +466,23 @@ class _Sharder:
         low = call("ids_from", "aten::ge.Scalar", [local], [Operand(0), 0], flags)
         high = call("ids_below", "aten::lt.Scalar", [local], [Operand(0), per_rank], flags)
         inside = call("held", "aten::logical_and", [low, high], [Operand(0), Operand(1)], flags)
-        safe = call("ids_held", "aten::where.ScalarOther", [inside, local],
-                    [Operand(0), Operand(1), 0], i64)  # fmt: skip
+        safe = call(
+            "ids_held", "aten::where.ScalarOther", [inside, local], [Operand(0), Operand(1), 0], i64
+        )
         values = [
             table if i == weight else safe if i == indices else v for i, v in enumerate(inputs)
         ]
-        rows = call("rows", op.target_name, values, op.args.args, op.results[0].type,
-                    op.args.kwargs)  # fmt: skip
+        rows = call(
+            "rows", op.target_name, values, op.args.args, op.results[0].type, op.args.kwargs
+        )
         keep_type = TensorType([*flags.shape, 1], "i1")
         keep = call("held_rows", "aten::unsqueeze", [inside], [Operand(0), -1], keep_type)
         masked = call_op_class("aten::mul.Tensor")(
-            "aten::mul.Tensor", [rows, keep], ArgsAttr((Operand(0), Operand(1)), ()),
+            "aten::mul.Tensor",
+            [rows, keep],
+            ArgsAttr((Operand(0), Operand(1)), ()),
             [op.results[0].type],
-        )  # fmt: skip
+        )
         self._replace(op, masked, [Placement("partial", reduce="sum")])
 
     def row_parallel_with_bias(self, op: CallOp, inputs: list[SSAValue], bias: int) -> None:
@@ -453,9 +500,11 @@ class _Sharder:
         self.placement[partial_sum] = Placement("partial", reduce="sum")
         reduced = self.reshard(partial_sum, REPLICATE, op)
         add = call_op_class("aten::add.Tensor")(
-            "aten::add.Tensor", [reduced, inputs[bias]],
-            ArgsAttr((Operand(0), Operand(1)), ()), [op.results[0].type],
-        )  # fmt: skip
+            "aten::add.Tensor",
+            [reduced, inputs[bias]],
+            ArgsAttr((Operand(0), Operand(1)), ()),
+            [op.results[0].type],
+        )
         self._replace(op, add, [REPLICATE])
 
     def _replace(self, op: CallOp, new: Operation, placements: list[Placement]) -> None:
@@ -487,8 +536,13 @@ def expert_roles(block, n: int, split: bool, data: bool = False):
                 f"{', '.join(map(str, sizes_that_split(mlp.experts, at=mlp.first))) or 'none'})"
             )
             continue
-        for role, ops in [("first", [mlp.first]), ("last", [mlp.last]), ("between", mlp.between),
-                          ("view", mlp.views), ("gather", [mlp.gather] if data and mlp.gather else [])]:  # fmt: skip
+        for role, ops in [
+            ("first", [mlp.first]),
+            ("last", [mlp.last]),
+            ("between", mlp.between),
+            ("view", mlp.views),
+            ("gather", [mlp.gather] if data and mlp.gather else []),
+        ]:
             roles.update((op, (role, mlp)) for op in ops)
     return roles, unsplit
 
@@ -571,6 +625,7 @@ class Shard(Pass):
     hardware: str | None = None  # ilp: the costs' hardware file (default h100-sxm)
     values: SizeValues | None = None  # ilp: sizes to optimize for (default: upper bounds)
     memory: float | None = None  # ilp: weight bytes per device at most (default: no limit)
+    bucket_mb: float = BUCKET_MB  # a training step's gradients reduced over dp in buckets of this
 
     def __post_init__(self):
         super().__post_init__()
@@ -587,6 +642,10 @@ class Shard(Pass):
                 raise OptionError(f"{option} is used only by solve=ilp", option)
         if self.memory is not None and self.memory <= 0:
             raise OptionError(f"memory is bytes per device, > 0, not {self.memory:g}", "memory")
+        if not self.bucket_mb > 0:
+            raise OptionError(
+                f"bucket_mb is MiB per gradient bucket, > 0, not {self.bucket_mb:g}", "bucket_mb"
+            )
         if self.hardware is not None:
             from ...hardware import load
 
@@ -603,8 +662,12 @@ class Shard(Pass):
         if MESH_ATTR in op.attributes:
             raise ShardError("the program is already sharded (it has a plait.mesh)")
         if self.plan is not None:
-            paths = [module_path(o) for b in function_blocks(op) for o in b.ops
-                     if isinstance(o, (LinearOp, MatmulOp, EmbeddingOp))]  # fmt: skip
+            paths = [
+                module_path(o)
+                for b in function_blocks(op)
+                for o in b.ops
+                if isinstance(o, (LinearOp, MatmulOp, EmbeddingOp))
+            ]
             check_all_match(self.plan.globs, paths, "linear or embedding layer", "shard{plan}")
         plan = self._entries
         axes = self.mesh.as_dict()
@@ -616,6 +679,7 @@ class Shard(Pass):
             for block in function_blocks(op):
                 sharder = _Sharder(block, data[0], axes[data[0]], axes=tuple(axes), data=True)
                 _shard_block(sharder, op)
+                bucket_gradients(block, data[0], self.bucket_mb * 2**20)
             _check_alike(op)
         op.attributes[MESH_ATTR] = MeshAttr(tuple(axes.items()))
 
@@ -647,10 +711,21 @@ class Shard(Pass):
         _, link = axis_links({axis: n}, hw)[axis]
         split = EXPERT_AXIS not in self.mesh.as_dict()
         roles = {op: role for b in blocks for op, (role, _) in expert_roles(b, n, split)[0].items()}
-        fixed = {op: _ROLE_DECISIONS[role](op) for op, role in roles.items()
-                 if role != "router" or _style(plan, op) is None}  # fmt: skip
-        return solve(blocks, n, hw, link, values, self.memory or None,
-                     style_of=lambda op: _style(plan, op), fixed=fixed)  # fmt: skip
+        fixed = {
+            op: _ROLE_DECISIONS[role](op)
+            for op, role in roles.items()
+            if role != "router" or _style(plan, op) is None
+        }
+        return solve(
+            blocks,
+            n,
+            hw,
+            link,
+            values,
+            self.memory or None,
+            style_of=lambda op: _style(plan, op),
+            fixed=fixed,
+        )
 
 
 def _shard_block(sharder: _Sharder, module: ModuleOp) -> None:

@@ -1,0 +1,182 @@
+"""Data-parallel gradient reduction in buckets, overlapped with backward (DDP's).
+
+After the shard pass, a training step over a data axis reduces each
+parameter's gradient with its own blocking all-reduce just before the
+optimizer reads it. Here they are grouped, in the order backward finishes
+them, into buckets of about `bucket_bytes` (DDP's 25 MB), each one flat
+tensor (`cat` of the flattened gradients): its async all-reduce starts right
+after the bucket's last gradient is made, so it runs while backward goes on,
+and its `plait.wait` sits before the first op that reads a reduced gradient
+(the ladder/overlap passes' start-early, wait-late, with the same ops).
+"""
+
+from __future__ import annotations
+
+import math
+
+from xdsl.ir import Block, Operation, SSAValue
+from xdsl.rewriter import InsertPoint, Rewriter
+
+from ...ir.args import ArgsAttr, Operand
+from ...ir.ops import AllReduceOp, CallOp, LocalShardOp, WaitOp, call_op_class
+from ...ir.schema import writes_input
+from ...ir.training import GRAD_OF
+from ...ir.types import TensorType
+
+BUCKET_MB = 25.0  # DDP's default bucket_cap_mb
+
+# single-operand ops between a marked gradient and its reduction (views, a tp slice)
+_THROUGH = (CallOp, LocalShardOp)
+
+
+def _is_gradient(value: SSAValue, hops: int = 4) -> bool:
+    """`value` is a marked gradient, or a view of one."""
+    for _ in range(hops):
+        op = value.owner
+        if not isinstance(op, Operation):
+            return False
+        if GRAD_OF in op.attributes:
+            return True
+        if not isinstance(op, _THROUGH) or len(op.operands) != 1:
+            return False
+        value = op.operands[0]
+    return False
+
+
+def _static(t: TensorType) -> bool:
+    return all(isinstance(d, int) for d in t.shape)
+
+
+def _call(before: Operation, target: str, values, args, result: TensorType, name: str):
+    new = call_op_class(target)(target, values, ArgsAttr(tuple(args), ()), [result])
+    new.location = before.location
+    new.results[0].name_hint = name
+    Rewriter.insert_op(new, InsertPoint.before(before))
+    return new.results[0]
+
+
+def _hoist(op: Operation, position: dict[Operation, int], block: Block) -> None:
+    """Move a pure op up to just after its last operand (the sum of an
+    accumulator and the last micro-batch's gradient: ready in backward)."""
+    if not isinstance(op, CallOp) or writes_input(op.target_name) or op.parent is not block:
+        return
+    owners = [v.owner for v in op.operands if isinstance(v.owner, Operation)]
+    if any(o.parent is not block for o in owners):
+        return
+    last = max(owners, key=position.__getitem__, default=None)
+    if last is None or position[last] + 1 >= position[op]:
+        return
+    # reads of state must stay before its update: only hoist past ops that write nothing
+    between = list(block.ops)[position[last] + 1 : position[op]]
+    if any(isinstance(o, CallOp) and writes_input(o.target_name) for o in between):
+        return
+    op.detach()
+    Rewriter.insert_op(op, InsertPoint.after(last))
+
+
+def _first_user(values, position) -> Operation | None:
+    users = (u.operation for v in values for u in v.uses)
+    return min(users, key=position.__getitem__, default=None)
+
+
+def bucket_gradients(block: Block, axis: str, bucket_bytes: float) -> int:
+    """Reduce the gradients of `block` along `axis` in async buckets; returns
+    how many buckets."""
+    reduces = [
+        op
+        for op in block.ops
+        if isinstance(op, AllReduceOp)
+        and op.is_async is None
+        and op.axis.data == axis
+        and op.reduce.data == "sum"
+        and _static(op.input.type)
+        and _is_gradient(op.input)
+    ]
+    if not reduces:
+        return 0
+    position = {op: i for i, op in enumerate(block.ops)}
+    for op in reduces:
+        _hoist(op.input.owner, position, block)
+        position = {op: i for i, op in enumerate(block.ops)}
+    reduces.sort(key=lambda op: position[op.input.owner])
+    buckets: list[list[AllReduceOp]] = []
+    size, needed = 0.0, 0  # the bucket's bytes; where its first reduced gradient is read
+    for op in reduces:
+        t = op.input.type
+        reader = _first_user([op.result], position)
+        read = position[reader] if reader is not None else len(position)
+        if (
+            not buckets
+            or size >= bucket_bytes
+            or buckets[-1][0].input.type.dtype != t.dtype
+            or position[op.input.owner] >= needed  # the bucket is read before this is made
+        ):
+            buckets.append([])
+            size, needed = 0.0, read
+        buckets[-1].append(op)
+        size += t.nbytes
+        needed = min(needed, read)
+    for bucket in buckets:
+        _reduce_bucket(block, bucket, axis)
+    return len(buckets)
+
+
+def _reduce_bucket(block: Block, bucket: list[AllReduceOp], axis: str) -> None:
+    position = {op: i for i, op in enumerate(block.ops)}
+    ready = max((op.input.owner for op in bucket), key=position.__getitem__)
+    start_at = ready.next_op  # insert after the bucket's last gradient
+    dtype = bucket[0].input.type.dtype
+    counts = [math.prod(op.input.type.shape) for op in bucket]
+    flats = [
+        _call(
+            start_at,
+            "aten::reshape",
+            [op.input],
+            [Operand(0), (-1,)],
+            TensorType([count], dtype),
+            "grad_flat",
+        )
+        for op, count in zip(bucket, counts)
+    ]
+    total = sum(counts)
+    flat = _call(
+        start_at,
+        "aten::cat",
+        flats,
+        [tuple(Operand(i) for i in range(len(flats))), 0],
+        TensorType([total], dtype),
+        "grad_bucket",
+    )
+    start = AllReduceOp(flat, axis, "sum", is_async=True)
+    start.location = start_at.location
+    start.result.name_hint = "grad_bucket"
+    Rewriter.insert_op(start, InsertPoint.before(start_at))
+    # wait where the first reduced gradient is read
+    position = {op: i for i, op in enumerate(block.ops)}
+    first = _first_user([op.result for op in bucket], position) or block.last_op
+    wait = WaitOp(start.result)
+    wait.location = first.location
+    wait.result.name_hint = "grad_bucket_reduced"
+    Rewriter.insert_op(wait, InsertPoint.before(first))
+    offset = 0
+    for op, count in zip(bucket, counts):
+        t = op.result.type
+        piece = _call(
+            first,
+            "aten::slice.Tensor",
+            [wait.result],
+            [Operand(0), 0, offset, offset + count],
+            TensorType([count], dtype),
+            "grad_piece",
+        )
+        whole = _call(
+            first,
+            "aten::view",
+            [piece],
+            [Operand(0), tuple(t.shape)],
+            t,
+            op.result.name_hint or "grad_reduced",
+        )
+        op.result.replace_all_uses_with(whole)
+        Rewriter.erase_op(op)
+        offset += count

@@ -1,0 +1,361 @@
+"""Training over meshes (tp:2, dp:2, dp:2,tp:2) on real gloo ranks, driven
+from this one process through the worker pool: every step's loss and the
+final parameters equal eager torch + torch.optim on one process; the step's
+collectives are Megatron's (tp) and DDP's bucketed, overlapped all-reduces
+(dp); a sharded checkpoint resumes exactly, and on one rank.
+
+AdamW runs with eps=1e-6 here: the key projection's bias (GPT-2's c_attn)
+has a gradient that is zero in exact arithmetic (softmax ignores a shift of
+all scores), and with eps=1e-8 Adam turns its rounding noise into lr-sized
+steps, so eager fp32 and eager fp64 already differ by 2e-5 there."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import plait
+import pytest
+import torch
+from plait.frontend.training import TrainingError
+from plait.ir.errors import PlaitError
+from plait.ir.ops import AllGatherOp, AllReduceOp, CallOp, WaitOp
+from plait.ir.text import parse_module
+from plait.ir.training import TRAIN_STEP
+from test_training import _close, _eager, _hf_model, _lm_loss
+
+STEPS = 4
+SAVE_AFTER = 2  # each run saves a checkpoint after this many steps
+PARAM_ATOL = 1e-5  # final parameters: within 1e-5 (losses: 1e-5 relative)
+ADAMW = dict(optimizer="adamw", lr=1e-3, eps=1e-6)
+SGD = dict(optimizer="sgd", lr=0.1, momentum=0.9)
+
+
+def _optimizer(options: dict):
+    options = dict(options)
+    kind = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[options.pop("optimizer")]
+    return lambda parameters: kind(parameters, **options)
+
+
+def _batches(count: int, rows: int = 4, seq: int = 16, seed: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        ids = torch.randint(0, 256, (rows, seq), generator=generator)
+        batches.append((ids, torch.ones_like(ids), ids.clone()))
+    return batches
+
+
+def _llama(layers: int):
+    return _hf_model("llama", num_hidden_layers=layers)
+
+
+def _gpt2(layers: int):
+    return _hf_model("gpt2", n_layer=layers, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+def _pipeline(shard: str) -> str:
+    return f"canonicalize,cse,dce,shard{{{shard}}}"
+
+
+@dataclass
+class Run:
+    """A sharded trainer's run next to eager's on the same batches."""
+
+    model: torch.nn.Module
+    batches: list
+    options: dict
+    accumulation: int
+    clip: float | None
+    trainer: plait.Trainer
+    losses: list[torch.Tensor]  # plait's, step by step
+    state: dict[str, torch.Tensor]  # plait's final trainer.state_dict()
+    expected: list[torch.Tensor]  # eager's losses
+    reference: torch.nn.Module  # eager's trained model
+    checkpoint: object  # saved after SAVE_AFTER steps
+
+
+def _run(model, shard, options, tmp, *, accumulation=1, clip=None, rows=4) -> Run:
+    batches = _batches(STEPS, rows)
+    expected, _, reference = _eager(
+        model, batches, _lm_loss, _optimizer(options), accumulation=accumulation, clip=clip
+    )
+    trainer = plait.compile_training(
+        model,
+        batches[0],
+        accumulation=accumulation,
+        clip_grad_norm=clip,
+        pipeline=_pipeline(shard),
+        **options,
+    )
+    losses = []
+    try:
+        for step, batch in enumerate(batches):
+            if step == SAVE_AFTER:
+                trainer.save(tmp)
+            losses.append(trainer.step(*batch))
+        state = trainer.state_dict()
+    finally:
+        trainer.close()  # (the worker ranks: their state is in `state` and the checkpoint)
+    return Run(
+        model,
+        batches,
+        options,
+        accumulation,
+        clip,
+        trainer,
+        losses,
+        state,
+        expected,
+        reference,
+        tmp,
+    )
+
+
+def _check_parity(run: Run) -> None:
+    for step, (loss, expected) in enumerate(zip(run.losses, run.expected)):
+        _close(loss, expected, f"loss of step {step}")
+    reference = run.reference.state_dict()
+    assert run.state.keys() == reference.keys()
+    for name, tensor in reference.items():
+        error = (run.state[name].double() - tensor.double()).abs().max().item()
+        assert error <= PARAM_ATOL, f"{name} after {STEPS} steps: max error {error:.3g}"
+
+
+# ---- runs, shared by the tests (each starts its worker ranks once) -------------------
+
+
+@pytest.fixture(scope="module")
+def tp_llama(tmp_path_factory):
+    return _run(_llama(2), "mesh=tp:2", ADAMW, tmp_path_factory.mktemp("tp_llama"))
+
+
+@pytest.fixture(scope="module")
+def tp_gpt2(tmp_path_factory):
+    return _run(_gpt2(1), "mesh=tp:2", ADAMW, tmp_path_factory.mktemp("tp_gpt2"))
+
+
+DP_CLIP = 0.5
+SMALL_BUCKETS = 0.05  # MiB: the tiny Llama's gradients (0.3 MiB) fill several buckets
+
+
+@pytest.fixture(scope="module")
+def dp_llama(tmp_path_factory):
+    """dp:2 with gradient accumulation over 2 micro-batches and clipping."""
+    return _run(
+        _llama(1),
+        f"mesh=dp:2,bucket_mb={SMALL_BUCKETS}",
+        ADAMW,
+        tmp_path_factory.mktemp("dp_llama"),
+        accumulation=2,
+        clip=DP_CLIP,
+    )
+
+
+@pytest.fixture(scope="module")
+def dp_tp_llama(tmp_path_factory):
+    """4 ranks: SGD with momentum and clipping (the global norm over tp shards)."""
+    return _run(
+        _llama(1), "mesh=dp:2,tp:2", SGD, tmp_path_factory.mktemp("dp_tp_llama"), clip=DP_CLIP
+    )
+
+
+# ---- parity -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("run", ["tp_llama", "tp_gpt2", "dp_llama", "dp_tp_llama"])
+def test_sharded_steps_match_eager(run, request):
+    _check_parity(request.getfixturevalue(run))
+
+
+def test_clipping_is_active_in_the_clipped_runs():
+    """The clipped runs clip: the first step's gradients' norm exceeds DP_CLIP."""
+    model, batch = _llama(1), _batches(1)[0]
+    _lm_loss(model, *batch).backward()
+    norm = math.sqrt(sum(p.grad.pow(2).sum().item() for p in model.parameters()))
+    assert norm > 2 * DP_CLIP
+
+
+# ---- collectives --------------------------------------------------------------------
+
+
+def _step_ops(trainer) -> list:
+    module = parse_module(trainer.ir)
+    fn = next(
+        op for op in module.ops if getattr(op, "sym_name", None) and op.sym_name.data == TRAIN_STEP
+    )
+    return list(fn.body.blocks.first.ops)
+
+
+def _loss_position(ops) -> int:
+    return next(
+        i
+        for i, op in enumerate(ops)
+        if isinstance(op, CallOp) and op.target_name == "aten::nll_loss_forward"
+    )
+
+
+def test_tp_backward_has_megatron_all_reduces(tp_llama):
+    """Per layer, forward all-reduces after o_proj and down_proj (row-parallel)
+    and backward after the input gradients of q/k/v and gate/up (column-
+    parallel), where forward had none; plus lm_head's (column-parallel over
+    the vocabulary) input gradient. No weight is gathered: only the logits."""
+    ops = _step_ops(tp_llama.trainer)
+    loss = _loss_position(ops)
+    reduces = [
+        i for i, op in enumerate(ops) if isinstance(op, AllReduceOp) and op.axis.data == "tp"
+    ]
+    layers = 2
+    assert len([i for i in reduces if i < loss]) == 2 * layers
+    assert len([i for i in reduces if i > loss]) == 2 * layers + 1
+    gathers = [op for op in ops if isinstance(op, AllGatherOp)]
+    assert len(gathers) == 1 and list(gathers[0].result.type.shape)[-1] == 256  # the vocab
+
+
+def test_dp_gradients_reduce_in_async_buckets_that_overlap_backward(dp_llama):
+    ops = _step_ops(dp_llama.trainer)
+    position = {op: i for i, op in enumerate(ops)}
+    starts = [op for op in ops if isinstance(op, AllReduceOp) and op.is_async is not None]
+    assert len(starts) >= 3  # several buckets
+    total = sum(math.prod(op.input.type.shape) for op in starts)
+    params = sum(p.numel() for p in dp_llama.model.parameters())
+    assert total == params  # every gradient once, in some bucket
+    # nothing else reduces a gradient (only the loss's sum and weight, 2 numbers)
+    blocking = [op for op in ops if isinstance(op, AllReduceOp) and op.is_async is None]
+    assert all(math.prod(op.input.type.shape) <= 2 for op in blocking)
+    # the first bucket starts while backward still has matrix products to do,
+    # and is waited for only after them
+    first = min(starts, key=position.__getitem__)
+    wait = next(op for op in ops if isinstance(op, WaitOp) and op.input is first.result)
+    between = ops[position[first] : position[wait]]
+    assert sum(isinstance(op, CallOp) and op.target_name == "aten::mm" for op in between) >= 4
+
+
+def test_default_bucket_holds_a_small_models_gradients():
+    model, batch = _llama(1), _batches(1)[0]
+    trainer = plait.compile_training(model, batch, pipeline=_pipeline("mesh=dp:2"), **ADAMW)
+    ops = _step_ops(trainer)
+    starts = [op for op in ops if isinstance(op, AllReduceOp) and op.is_async is not None]
+    assert len(starts) == 1  # 25 MiB, like DDP's default
+    assert math.prod(starts[0].input.type.shape) == sum(p.numel() for p in model.parameters())
+
+
+def test_a_batch_that_does_not_split_over_dp_is_an_error(dp_llama):
+    ids = torch.zeros(6, 16, dtype=torch.long)  # 6 rows: not 2 ranks x 2 micro-batches
+    with pytest.raises(
+        TrainingError,
+        match=r"6 rows.*2 micro-batches x 2 data-parallel ranks "
+        r"\(mesh dp:2\).*multiple of 4",
+    ):
+        dp_llama.trainer.step(ids, torch.ones_like(ids), ids)
+
+
+def test_an_example_batch_that_does_not_split_over_dp_is_refused_at_compile():
+    model, batch = _llama(1), _batches(1, rows=3)[0]
+    with pytest.raises(PlaitError, match=r"'input_ids' has dim 0 of 3.*2 ranks"):
+        plait.compile_training(model, batch, pipeline=_pipeline("mesh=dp:2"), **ADAMW)
+
+
+# ---- checkpoints ----------------------------------------------------------------------
+
+
+def test_a_sharded_checkpoint_resumes_exactly(tp_llama):
+    """Saved after 2 steps on tp:2, loaded (the same mesh), 2 more steps:
+    bit for bit the run that went straight on."""
+    loaded = plait.load_training(tp_llama.checkpoint)
+    try:
+        assert loaded.mesh == {"tp": 2} and loaded.steps == SAVE_AFTER
+        losses = [loaded.step(*batch) for batch in tp_llama.batches[SAVE_AFTER:]]
+        state = loaded.state_dict()
+    finally:
+        loaded.close()
+    assert all(torch.equal(a, b) for a, b in zip(losses, tp_llama.losses[SAVE_AFTER:]))
+    assert state.keys() == tp_llama.state.keys()
+    assert all(torch.equal(state[n], t) for n, t in tp_llama.state.items())
+
+
+@pytest.mark.parametrize("run", ["tp_llama", "dp_llama"])
+def test_a_sharded_checkpoint_continues_on_one_rank(run, request):
+    """A tp:2 or dp:2 checkpoint holds whole tensors: one device resumes it
+    (parameters and optimizer state) and goes on as eager did."""
+    run = request.getfixturevalue(run)
+    loaded = plait.load_training(run.checkpoint, pipeline="canonicalize,cse,dce")
+    assert loaded.world_size == 1 and loaded.steps == SAVE_AFTER
+    for step, batch in enumerate(run.batches[SAVE_AFTER:], SAVE_AFTER):
+        _close(loaded.step(*batch), run.expected[step], f"loss of step {step} on one rank")
+    state = loaded.state_dict()
+    for name, tensor in run.reference.state_dict().items():
+        error = (state[name].double() - tensor.double()).abs().max().item()
+        assert error <= PARAM_ATOL, f"{name} resumed on one rank: max error {error:.3g}"
+
+
+# ---- memory per rank ----------------------------------------------------------------
+
+_MEGATRON = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+
+
+def _parameter_bytes(model, tp: int = 1) -> int:
+    """A rank's parameters: Megatron's linears and the head split tp ways."""
+    return sum(
+        p.numel() * 4 // (tp if any(k in name for k in _MEGATRON) else 1)
+        for name, p in model.named_parameters()
+    )
+
+
+STEP_COUNT = 8  # optimizer.step, an f64
+
+
+@pytest.mark.parametrize(
+    "run, tp, moments, accumulators",
+    [("tp_llama", 2, 2, False), ("dp_llama", 1, 2, True), ("dp_tp_llama", 2, 1, False)],
+)
+def test_step_memory_per_rank(run, tp, moments, accumulators, request):
+    """Parameters, optimizer state (AdamW: 2 moments, SGD: 1) and accumulators
+    per rank follow the mesh: halved by tp where Megatron splits, whole on dp."""
+    run = request.getfixturevalue(run)
+    memory = run.trainer.memory()
+    params = _parameter_bytes(run.model, tp)
+    assert memory["parameters"] == params
+    assert memory["optimizer state"] == moments * params + STEP_COUNT
+    assert memory["gradient accumulators"] == (params if accumulators else 0)
+    if tp == 1:
+        assert memory["gradients"] == params
+
+
+def test_step_memory_matches_the_tensors_a_rank_holds():
+    """On one device: predicted state bytes = the program's state tensors,
+    predicted gradient bytes = the gradients it computes."""
+    model, batch = _llama(1), _batches(1)[0]
+    trainer = plait.compile_training(model, batch, **ADAMW)
+    gradients = trainer.gradients(*batch)
+    trainer.step(*batch)
+    held = {"parameters": 0, "optimizer state": 0}
+    for (kind, name), tensor in trainer._shared.items():
+        if kind == "state":
+            held["optimizer state" if name.startswith("optimizer.") else "parameters"] += (
+                tensor.nbytes
+            )
+    memory = trainer.memory()
+    assert {k: memory[k] for k in held} == held
+    assert memory["gradients"] == sum(g.nbytes for g in gradients.values())
+
+
+def test_estimate_reports_a_training_steps_state(tp_llama, capsys):
+    from plait import cli
+
+    code = cli.main(
+        [
+            "estimate",
+            str(tp_llama.checkpoint),
+            "--hardware",
+            "h100-sxm",
+            "--pipeline",
+            _pipeline("mesh=tp:2"),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    memory = tp_llama.trainer.memory()
+    row = next(line for line in out.splitlines() if line.startswith("training state:"))
+    kb = f"{memory['parameters'] / 1e3:.2f} KB"
+    assert f"parameters {kb}" in row and "gradients" in row and "optimizer state" in row
