@@ -123,3 +123,14 @@ def causal_lm(model, flag: str):
             f"({model.task}), not a causal LM"
         )
     return model.model
+
+
+def relaunch_on_ranks(args, launcher_args: list[str]) -> int:
+    """This command again on --nproc ranks through torchrun, without --nproc."""
+    from plait.runtime import launch
+
+    argv = [a for a in args.argv if not a.startswith("--nproc")]
+    if "--nproc" in args.argv:  # the value followed the flag
+        i = args.argv.index("--nproc")
+        argv = args.argv[:i] + args.argv[i + 2 :]
+    return launch.relaunch(argv, args.nproc, launcher_args)

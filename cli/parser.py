@@ -8,9 +8,9 @@ import argparse
 
 from plait import __version__
 
-from . import calibrate, compile, estimate, opt, run
+from . import calibrate, compile, estimate, opt, run, train
 
-COMMANDS = (compile, opt, run, estimate, calibrate)
+COMMANDS = (compile, opt, run, train, estimate, calibrate)
 
 EXAMPLES = """\
 plait compile --example llama-tiny -o out/           # capture, run passes, save an artifact
@@ -21,6 +21,7 @@ plait opt dump.mlir --pipeline canonicalize -o clean.mlir
 plait run out/                                      # run on generated inputs
 plait run out/ --inputs inputs.safetensors --output outputs.safetensors
 plait run out/ --repeat 10 > results.txt            # results on stdout, logs on stderr
+plait train --example llama-tiny --steps 10 --save ckpt/   # compile a training step, run it
 """
 
 DEBUG_HELP = "show the Python traceback of an error"

@@ -12,6 +12,7 @@ from .common import (
     add_trust_option,
     check_device,
     make_console,
+    relaunch_on_ranks,
     status,
 )
 
@@ -202,11 +203,7 @@ def run(args) -> int:
     check_device(args.device)
     device = args.device or "cpu"
     if args.nproc > 1 and not launch.under_launcher():
-        argv = [a for a in args.argv if not a.startswith("--nproc")]
-        if "--nproc" in args.argv:  # the value followed the flag
-            i = args.argv.index("--nproc")
-            argv = args.argv[:i] + args.argv[i + 2 :]
-        return launch.relaunch(argv, args.nproc, _launcher_args(args))
+        return relaunch_on_ranks(args, _launcher_args(args))
     rank = 0
     if launch.under_launcher():
         device = launch.join(device, args.timeout)
