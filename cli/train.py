@@ -239,7 +239,9 @@ class Batches:
                     "make token ids for it; give --data FILE.safetensors"
                 )
         elif example is None:
-            raise PlaitError("this checkpoint's model is not a causal LM: give its batches with --data")
+            raise PlaitError(
+                "this checkpoint's model is not a causal LM: give its batches with --data"
+            )
 
     def __call__(self, step: int) -> tuple:
         import torch
