@@ -8,8 +8,9 @@ each planned op a `mem` attribute with its offset:
 
 The backend then allocates the arena once and runs each planned op into a
 view of it (its `out=` overload). Planned are the results of ops that have an
-`out=` overload and are not program results (those must outlive the call);
-the rest stay with PyTorch's allocator. Sizes are planned at `values` (default:
+`out=` overload, are not program results (those must outlive the call) and
+whose eager layout is contiguous, as an arena slot is (`layout`); the rest
+stay with PyTorch's allocator. Sizes are planned at `values` (default:
 the upper bounds of the size symbols); any smaller shape fits the same plan.
 
 A program whose aliasing cannot be proven safe (an op that writes an input,
@@ -31,6 +32,7 @@ from ...ir.schema import out_variant
 from ..base import Pass, function_blocks
 from ..options import SizeValues
 from .arena import plan_arena
+from .layout import strided_values
 from .liveness import liveness, value_sizes
 
 
@@ -54,10 +56,12 @@ class MemPlan(Pass):
                     stacklevel=2,
                 )
                 continue
+            strided = strided_values(fn)  # eager's layout, which an arena slot is not
             plannable = [
                 b
                 for b in live.buffers
                 if not b.returned
+                and b.value not in strided
                 and isinstance(b.value.owner, CallOp)
                 and len(b.value.owner.results) == 1
                 and out_variant(b.value.owner.target_name) is not None
