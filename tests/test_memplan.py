@@ -195,3 +195,21 @@ def test_a_budget_below_the_minimum_says_the_minimum(example):
         plait.PlaitError, match=r"below the minimum that fits, \d+ bytes .* at least"
     ):
         plait.compile(model, example_inputs, pipeline="tier{budget=0.05}")
+
+
+def test_a_training_step_in_the_arena_equals_one_without():
+    """A Llama training step planned by memplan: the joint graph calls `view`
+    on attention's transposed output, which is contiguous only in the layout
+    eager gives it (from the rotary's transposed `q * cos`), so ops whose
+    output follows a strided input's layout keep PyTorch's allocator."""
+    from plait.examples.models import llama_tiny
+
+    model = llama_tiny()[0].model
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    planned = plait.compile_training(model, (ids, ids), pipeline="canonicalize,cse,dce,memplan")
+    plain = plait.compile_training(model, (ids, ids), pipeline="canonicalize,cse,dce")
+    assert "arena" in planned.code and planned.code.count("out = ") > 100
+    for step in range(2):
+        assert torch.equal(planned.step(ids, ids), plain.step(ids, ids)), f"step {step}"
+    for name, tensor in plain.state_dict().items():
+        assert torch.equal(planned.state_dict()[name], tensor), name
