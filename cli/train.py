@@ -150,22 +150,34 @@ def _trainer(args, options: dict, data: dict | None, console):
     pipeline = args.pipeline if args.pipeline is not None else DEFAULT_PIPELINE
     with status(console, f"capturing the training step of {loaded.description}"):
         trainer = plait.compile_training(
-            model.to(device), inputs, lr=1e-3 if args.lr is None else args.lr,
-            pipeline=pipeline, **options,
-        )  # fmt: skip
+            model.to(device),
+            inputs,
+            lr=1e-3 if args.lr is None else args.lr,
+            pipeline=pipeline,
+            **options,
+        )
     return trainer, inputs
 
 
 # ---- the batches ------------------------------------------------------------------------
 
 
+def _step_function(trainer):
+    """The captured @train_step (before the pipeline: one device's shapes)."""
+    from plait.ir.training import TRAIN_STEP
+
+    return next(
+        op
+        for op in trainer.source.ops
+        if getattr(op, "sym_name", None) and op.sym_name.data == TRAIN_STEP
+    )
+
+
 def _vocab_size(trainer) -> int | None:
     """The rows of the embedding table the step's input ids index."""
     from plait.ir.ops import EmbeddingOp
-    from plait.ir.training import TRAIN_STEP
 
-    fn = next(op for op in trainer.source.ops if getattr(op, "sym_name", None) and
-              op.sym_name.data == TRAIN_STEP)  # fmt: skip
+    fn = _step_function(trainer)
     ids = fn.body.blocks.first.args[0]
     for use in ids.uses:
         if isinstance(use.operation, EmbeddingOp) and use.operation.operands[1] is ids:
@@ -217,8 +229,9 @@ class Batches:
     def __init__(self, args, trainer, data: dict | None, example):
         self.causal_lm = _is_causal_lm(trainer)
         self.seed = args.seed
-        self.rows, self.seq = _shape(args, data) if args.resume is None else _resumed_shape(
-            args, data, trainer)  # fmt: skip
+        self.rows, self.seq = (
+            _shape(args, data) if args.resume is None else _resumed_shape(args, data, trainer)
+        )
         self.example = example
         self.data = None
         if data is not None:
@@ -275,10 +288,7 @@ def _shape(args, data: dict | None) -> tuple[int, int]:
 
 def _resumed_shape(args, data: dict | None, trainer) -> tuple[int, int]:
     """A resumed step's (rows, seq): as given, else its input ids' static shape."""
-    from plait.ir.training import TRAIN_STEP
-
-    fn = next(op for op in trainer.source.ops if getattr(op, "sym_name", None) and
-              op.sym_name.data == TRAIN_STEP)  # fmt: skip
+    fn = _step_function(trainer)
     static = [d if isinstance(d, int) else None for d in fn.function_type.inputs.data[0].shape]
     rows, seq = _shape(args, data)
     return (
@@ -354,9 +364,13 @@ def _train(args, trainer, batches: Batches, console) -> tuple[list[float], list[
     first = trainer.steps
     times, losses = [], []
     progress = Progress(
-        TextColumn("step"), MofNCompleteColumn(), BarColumn(),
-        TextColumn("{task.fields[stats]}"), console=console, disable=not console.is_terminal,
-    )  # fmt: skip
+        TextColumn("step"),
+        MofNCompleteColumn(),
+        BarColumn(),
+        TextColumn("{task.fields[stats]}"),
+        console=console,
+        disable=not console.is_terminal,
+    )
     with progress:
         task = progress.add_task("train", total=args.steps, stats="")
         for i in range(args.steps):
