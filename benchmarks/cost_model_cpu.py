@@ -6,8 +6,11 @@
 Measures each op of the compiled forward (the fastest of repeated runs of the
 op on its own inputs, median over several passes of the forward, since this
 VM's neighbours slow whole stretches of time down) and the whole forward
-(median of plain runs, a few after each pass), predicts both with the cost model, and prints Kendall's tau between predicted and measured per-op times
-(goal >= 0.8) and the total's error (goal within +-25%).
+(median of plain runs, a few after each pass), predicts both with the cost
+model, and prints Kendall's tau between predicted and measured per-op times,
+pooled (goal >= 0.8) and within each op class (the IR op family: linear,
+elementwise, reshape = views, ...; goal >= 0.6 for elementwise and reshape),
+and the total's error (goal within +-25%).
 """
 
 from __future__ import annotations
@@ -36,6 +39,20 @@ def kendall_tau_b(x: list[float], y: list[float]) -> float:
                 discordant += 1
     denominator = ((concordant + discordant + ties_x) * (concordant + discordant + ties_y)) ** 0.5
     return (concordant - discordant) / denominator if denominator else 0.0
+
+
+def per_class_tau(rows, measured) -> dict[str, tuple[int, int, float]]:
+    """Op family -> (ops, distinct predicted times, Kendall tau within the family).
+    Ranks pooled over all ops mostly separate the families (a matmul against a
+    view); within one family the model has to order ops by their shapes."""
+    by_class: dict[str, list[tuple[float, float]]] = {}
+    for row in rows:
+        if row.op in measured:
+            by_class.setdefault(row.family, []).append((row.time, measured[row.op]))
+    return {
+        name: (len(pairs), len({p for p, _ in pairs}), kendall_tau_b(*map(list, zip(*pairs))))
+        for name, pairs in sorted(by_class.items(), key=lambda item: -len(item[1]))
+    }
 
 
 def main() -> None:
@@ -99,6 +116,11 @@ def main() -> None:
     )
     print(f"ops compared: {len(pairs)}")
     print(f"Kendall tau (predicted vs measured per-op time): {tau:.3f}  (goal >= 0.8)")
+    print(f"\n{'op class':<14} {'ops':>4} {'distinct predictions':>21} {'tau':>7}")
+    for name, (ops, distinct, class_tau) in per_class_tau(predicted.ops, measured).items():
+        goal = "  (goal >= 0.6)" if name in ("elementwise", "reshape") else ""
+        shown = f"{class_tau:.3f}" if distinct > 1 else "-"  # one prediction ranks nothing
+        print(f"{name:<14} {ops:>4} {distinct:>21} {shown:>7}{goal}")
     print(
         f"forward: predicted {total_predicted * 1e3:.3f} ms, measured {total_measured * 1e3:.3f} ms, "
         f"error {error:+.1%}  (goal within +-25%)"

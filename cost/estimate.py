@@ -5,6 +5,7 @@
     result = estimate(module, target)
     result.schedule.step_time, result.comm_share, result.mfu
     result.formulas["flops"]             # sympy, in the module's size symbols
+    memory_over_range(module, result)    # z3: does peak_memory fit the device for every size?
 
 Each op's time is its roofline, max(FLOPs / peak FLOP/s of its dtype, bytes /
 memory bandwidth), plus the machine's per-op overhead; collectives follow the
@@ -27,9 +28,10 @@ from ..hardware import Hardware
 from ..ir.attrs import MESH_ATTR, SYMBOLS_ATTR, MeshAttr
 from ..ir.effects import updates_state
 from ..ir.errors import PlaitError
-from ..ir.ops import CallOp, CollectiveOp, LocalShardOp, ReshapeOp, WaitOp
+from ..ir.ops import CallOp, CollectiveOp, LocalShardOp, ParamOp, ReshapeOp, WaitOp
 from ..ir.text import module_path
 from ..ir.types import AsyncType, TensorType
+from .bounds import BoundResult, prove_at_most
 from .comm_cost import axis_links, collective_time
 from .layout import memory_orders, strided
 from .op_cost import OpCost, op_cost
@@ -143,6 +145,8 @@ def estimate(module: ModuleOp, target: Target, function: str | None = None) -> E
         "comm_time": sympy.Add(*(r.time_formula for r in rows if r.cost.kind == "collective")),
         "activation_peak": sympy.Add(*(_value_bytes(v) for v in schedule.peak_live)),
     }
+    weights = (o.result for o in fn.body.blocks.first.ops if isinstance(o, ParamOp))
+    formulas["peak_memory"] = sympy.Add(*map(_value_bytes, weights), formulas["activation_peak"])
     return Estimate(target, rows, schedule, formulas)
 
 
@@ -265,6 +269,18 @@ def check_ranges(module: ModuleOp, values: dict[str, int], sources: dict[str, st
                 f"[{lo}, {hi if hi is not None else 'inf'}] the plan was compiled for; estimate "
                 "a size in that range, or recompile the model for a wider one"
             )
+
+
+def memory_over_range(module: ModuleOp, result: Estimate) -> BoundResult | None:
+    """Does the peak memory formula stay within the device's memory for every
+    value of the size symbols in the ranges the plan was compiled for? (The
+    buffers alive at the peak are those found at the estimated sizes.) None
+    where the formula has no size symbol."""
+    symbols = module.attributes.get(SYMBOLS_ATTR)
+    peak = sympy.sympify(result.formulas["peak_memory"])
+    if symbols is None or not peak.free_symbols:
+        return None
+    return prove_at_most(peak, result.target.hardware.memory_capacity, symbols.ranges)
 
 
 def op_dtype(op: Operation) -> str:

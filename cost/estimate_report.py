@@ -62,6 +62,7 @@ def summary(estimate: Estimate) -> list[tuple[str, str]]:
             f"{_bytes(s.peak_memory)} (weights {_bytes(s.weight_bytes)}, "
             f"activations {_bytes(s.activation_peak)}; device has {_bytes(hw.memory_capacity)})",
         ),
+        *memory_range(estimate),
         ("MFU", f"{estimate.mfu:.1%}"),
         *compression(estimate),
         *memory_plan(estimate),
@@ -95,6 +96,36 @@ def memory_plan(estimate: Estimate) -> list[tuple[str, str]]:
     if TIERING_ATTR in module.attributes:
         rows.append(("weight tiering", module.attributes[TIERING_ATTR].data))
     return rows
+
+
+def memory_range(estimate: Estimate) -> list[tuple[str, str]]:
+    """Whether the peak memory fits the device at every size the plan was
+    compiled for, proved by z3 (none where the plan has no size symbol)."""
+    from ..ir.attrs import SYMBOLS_ATTR
+    from ..ir.symbolic import symbol
+    from .estimate import memory_over_range
+
+    if not estimate.ops:
+        return []
+    module = estimate.ops[0].op.parent_block().parent_op().get_toplevel_object()
+    result = memory_over_range(module, estimate)
+    if result is None:
+        return []
+    ranges = module.attributes[SYMBOLS_ATTR].ranges
+    spans = ", ".join(
+        f"{n} in [{lo}, {hi if hi is not None else 'inf'}]" for n, (lo, hi) in ranges.items()
+    )
+    device = _bytes(estimate.target.hardware.memory_capacity)
+    if result.proved:
+        text = f"fits {device} for every {spans} (proved by z3)"
+    elif result.counterexample:
+        at = ", ".join(f"{n}={v}" for n, v in sorted(result.counterexample.items()))
+        subs = {symbol(n): v for n, v in result.counterexample.items()}
+        peak = float(sympy.sympify(estimate.formulas["peak_memory"]).xreplace(subs))
+        text = f"needs {_bytes(peak)} > {device} at {at} (z3, within {spans})"
+    else:
+        text = f"undecided by z3 within its time limit for {spans}"
+    return [("memory over the range", text)]
 
 
 def compression(estimate: Estimate) -> list[tuple[str, str]]:

@@ -247,6 +247,32 @@ def test_peak_memory_counts_live_activations_and_weights():
     assert sympy.simplify(result.formulas["activation_peak"] - 4 * (64 + 256 + 256) * B) == 0
 
 
+def test_estimate_proves_the_peak_fits_over_the_compiled_range_or_names_where_not():
+    import dataclasses
+
+    from plait.cost.estimate import memory_over_range
+    from plait.cost.estimate_report import summary
+
+    module, _ = _ops(
+        '    %w = plait.param "w" : !plait.tensor<[256, 64], f32>\n'
+        '    %a = plait.linear "aten::linear"(%x, %w) : !plait.tensor<[b, 256], f32>\n',
+        "%x : !plait.tensor<[b, 64], f32>",
+        symbols="b = [1, 64]",
+    )
+    h100 = load("h100-sxm")
+    result = estimate(module, Target(h100, values={"b": 1}))
+    # weights plus x and a alive together: 65536 + 1280 b bytes, 147456 at b = 64
+    assert sympy.simplify(result.formulas["peak_memory"] - (256 * 64 * 4 + 4 * 320 * B)) == 0
+    assert memory_over_range(module, result).proved
+    assert "fits 80.00 GB for every b in [1, 64] (proved by z3)" in dict(summary(result)).values()
+    small = dataclasses.replace(h100, memory_capacity=140000)
+    result = estimate(module, Target(small, values={"b": 1}))
+    where = memory_over_range(module, result).counterexample["b"]
+    assert 65536 + 1280 * where > 140000 and where <= 64  # b >= 58 needs more
+    row = dict(summary(result))["memory over the range"]
+    assert row.startswith("needs ") and f"b={where}" in row
+
+
 def test_z3_proves_bounds_for_the_whole_range_or_finds_a_counterexample():
     memory = 4 * B * S * S + 1000 * B * S
     assert prove_at_most(memory, 2e9, {"b": (1, 8), "s": (1, 8192)}).proved is False

@@ -10,10 +10,10 @@ fraction and the relative reconstruction error:
            {quant = #plait.quant<method = "easyquant", bits = 4, group = 128, ...>}
 
 `layers` are globs on module paths (`model.layers.*.mlp.*`; several separated
-by commas). `size-budget=F` lets z3 pick 4 or 8 bits, or the original
-precision, per layer so the layers' bytes are at most F times their original
-bytes with the least total squared error (`bit_allocation`); `bits` is then
-ignored.
+by commas). `size-budget=F` lets an integer program (HiGHS) pick 4 or 8 bits,
+or the original precision, per layer so the layers' bytes are at most F times
+their original bytes with the least total squared error (`bit_allocation`);
+`bits` is then ignored.
 
 After `shard` it quantizes the full weight and gives each rank its slice, so
 the quantized model is the same at every tensor-parallel degree. A
