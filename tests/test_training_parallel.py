@@ -19,10 +19,10 @@ import pytest
 import torch
 from plait.frontend.training import TrainingError
 from plait.ir.errors import PlaitError
-from plait.ir.ops import AllGatherOp, AllReduceOp, CallOp, WaitOp
+from plait.ir.ops import AllGatherOp, AllReduceOp, CallOp, CollectiveOp, WaitOp
 from plait.ir.text import parse_module
 from plait.ir.training import TRAIN_STEP
-from test_training import _close, _eager, _hf_model, _lm_loss
+from test_training import _check_run, _close, _eager, _hf_model, _lm_loss
 
 STEPS = 4
 SAVE_AFTER = 2  # each run saves a checkpoint after this many steps
@@ -229,6 +229,29 @@ def test_dp_gradients_reduce_in_async_buckets_that_overlap_backward(dp_llama):
     wait = next(op for op in ops if isinstance(op, WaitOp) and op.input is first.result)
     between = ops[position[first] : position[wait]]
     assert sum(isinstance(op, CallOp) and op.target_name == "aten::mm" for op in between) >= 4
+
+
+def test_dp_forward_has_no_collectives(dp_llama):
+    """Like DDP, forward runs on this rank's rows alone: the attention mask
+    (transformers picks each row's padding with mask[arange(batch), kv]) is
+    built for this rank's rows, not gathered over dp for the whole batch."""
+    ops = _step_ops(dp_llama.trainer)
+    forward = ops[: _loss_position(ops)]
+    assert [op.name for op in forward if isinstance(op, CollectiveOp)] == []
+
+
+def test_dp_rows_keep_their_own_padding():
+    """Rows padded differently on each rank: each rank's mask is its rows'."""
+    model, batches = _llama(1), _batches(2)
+    for ids, mask, _ in batches:
+        for row in range(len(ids)):
+            mask[row, ids.shape[1] - 3 * row :] = 0  # rows 2 and 3 (rank 1) padded most
+    expected, _, reference = _eager(model, batches, _lm_loss, _optimizer(ADAMW))
+    trainer = plait.compile_training(model, batches[0], pipeline=_pipeline("mesh=dp:2"), **ADAMW)
+    try:
+        _check_run(trainer, batches, expected, reference)
+    finally:
+        trainer.close()
 
 
 def test_default_bucket_holds_a_small_models_gradients():

@@ -60,6 +60,8 @@ class Parallel(enum.Enum):
     # a training step's losses over split rows (carried out by step.py)
     SPLIT_MEAN = "split-mean"  # a mean over a split dim: the local mean / n, a partial sum
     NLL_SUM = "nll-sum"  # nll_loss's mean over split rows: sums and weights, reduced once
+    # indexing a split dim by its positions (arange): this rank's, shifted to its rows
+    POSITIONS = "positions"
 
 
 @dataclass
@@ -596,10 +598,49 @@ def embedding_rule(op: CallOp, arriving, types, n: int, style: PlanStyle | None 
 
 
 def index_rule(op: CallOp, arriving, types, n: int) -> Decision:
-    """Picking elements of a partial sum at replicated indices sums the picks."""
+    """Picking elements of a partial sum at replicated indices sums the picks.
+    Indexing a split dim by its own positions (`x[arange(b)[:, None], j]`, as
+    transformers builds a padding mask) keeps the split: each rank picks its
+    rows, with the positions it holds shifted to its local rows."""
     if arriving[0].kind == "partial" and all(p == R for p in arriving[1:]):
         return _partial_through(op)
-    return replicated(op)
+    indices = op.arg("indices")
+    split = arriving[0].dim if arriving[0].kind == "shard" else None
+    if split is None or not isinstance(indices, tuple) or split >= len(indices):
+        return replicated(op)
+    if not all(isinstance(i, Operand) for i in indices[: split + 1]):
+        return replicated(op)  # a None (a whole dim) moves the picked dims
+    at = indices[split].index
+    along = _positions_dim(op.inputs[at], types[at], types[0].shape[split])
+    out_rank, out_shape = op.results[0].type.rank, op.results[0].type.shape
+    if along is None or not divides(out_shape[out_dim := along + out_rank - types[at].rank], n, op):
+        return replicated(op)
+    inputs = [R] * len(op.inputs)
+    for i in (i.index for i in indices if isinstance(i, Operand) and i.index != at):
+        d = out_dim - (out_rank - types[i].rank)
+        if d >= 0 and types[i].shape[d] != 1:
+            return replicated(op)  # another index varies along the picked rows
+    inputs[0], inputs[at] = arriving[0], shard(along)
+    return Decision(inputs, [shard(out_dim)], Parallel.POSITIONS)
+
+
+_ORDER_KEEPING = {"aten::unsqueeze", "aten::view", "aten::reshape", "aten::_unsafe_view"}
+_ORDER_KEEPING |= {"aten::alias", "aten::clone", "aten::contiguous"}
+
+
+def _positions_dim(value: SSAValue, t: TensorType, size) -> int | None:
+    """The dim along which `value` holds 0, 1, ..., size-1 (an arange, through
+    views that keep its order), size 1 everywhere else; else None."""
+    along = [d for d, s in enumerate(t.shape) if s != 1]
+    if len(along) != 1 or t.shape[along[0]] != size:
+        return None
+    op = value.owner
+    while isinstance(op, CallOp) and op.target_name in _ORDER_KEEPING:
+        op = op.inputs[0].owner
+    if not isinstance(op, CallOp) or not op.target_name.startswith("aten::arange"):
+        return None
+    from_zero = op.arg("start", 0) == 0 and op.arg("step", 1) == 1
+    return along[0] if from_zero and op.arg("end") == size else None
 
 
 _TARGET_RULES = {

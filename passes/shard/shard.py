@@ -371,6 +371,8 @@ class _Sharder:
         if decision.parallel is Parallel.VOCAB:
             self.vocab_parallel_lookup(op, inputs)
             return
+        if decision.parallel is Parallel.POSITIONS:
+            inputs = self.local_positions(op, inputs, decision)
         args = _with_sizes(op, decision) if decision.sizes else op.args
         if decision.parallel is Parallel.BLOCKS:
             args = _local_cuts(op, self.n, decision.inputs[0])
@@ -484,6 +486,23 @@ class _Sharder:
             [op.results[0].type],
         )
         self._replace(op, masked, [Placement("partial", reduce="sum")])
+
+    def local_positions(self, op: CallOp, inputs: list[SSAValue], decision: Decision):
+        """The positions this rank holds of a split dim, as its local rows: the
+        split index (a slice of arange(size)) less this rank's first row."""
+        at = next(i for i, p in enumerate(decision.inputs[1:], 1) if p.kind == "shard")
+        positions = inputs[at]
+        size = self._full_type(inputs[0]).shape[decision.inputs[0].dim]
+        mine = self._indices_here(op, "rows", size)
+        first = [Operand(0), 0, 0]
+        start = self._insert_call(
+            op, "row_start", "aten::select.int", [mine], first, TensorType([], "i64")
+        )
+        args = [Operand(0), Operand(1)]
+        local = self._insert_call(
+            op, "local_rows", "aten::sub.Tensor", [positions, start], args, positions.type
+        )
+        return [local if i == at else v for i, v in enumerate(inputs)]
 
     def row_parallel_with_bias(self, op: CallOp, inputs: list[SSAValue], bias: int) -> None:
         """x @ W_shard sums partials; the bias is added once, after the all-reduce."""
