@@ -195,6 +195,21 @@ def _loss_position(ops) -> int:
     )
 
 
+def _loss_backward(ops) -> CallOp:
+    return next(
+        op for op in ops if isinstance(op, CallOp) and op.target_name == "aten::nll_loss_backward"
+    )
+
+
+def _bucket_starts(ops) -> list:
+    """The async all-reduces of gradient buckets (flat; the loss's are scalars)."""
+    return [
+        op
+        for op in ops
+        if isinstance(op, AllReduceOp) and op.is_async is not None and op.input.type.rank == 1
+    ]
+
+
 def test_tp_backward_has_megatron_all_reduces(tp_llama):
     """Per layer, forward all-reduces after o_proj and down_proj (row-parallel)
     and backward after the input gradients of q/k/v and gate/up (column-
@@ -215,14 +230,14 @@ def test_tp_backward_has_megatron_all_reduces(tp_llama):
 def test_dp_gradients_reduce_in_async_buckets_that_overlap_backward(dp_llama):
     ops = _step_ops(dp_llama.trainer)
     position = {op: i for i, op in enumerate(ops)}
-    starts = [op for op in ops if isinstance(op, AllReduceOp) and op.is_async is not None]
+    starts = _bucket_starts(ops)
     assert len(starts) >= 3  # several buckets
     total = sum(math.prod(op.input.type.shape) for op in starts)
     params = sum(p.numel() for p in dp_llama.model.parameters())
     assert total == params  # every gradient once, in some bucket
-    # nothing else reduces a gradient (only the loss's sum and weight, 2 numbers)
-    blocking = [op for op in ops if isinstance(op, AllReduceOp) and op.is_async is None]
-    assert all(math.prod(op.input.type.shape) <= 2 for op in blocking)
+    # nothing else reduces a gradient (only the loss's sum and weight, scalars)
+    others = [op for op in ops if isinstance(op, AllReduceOp) and op not in starts]
+    assert all(op.input.type.rank == 0 for op in others)
     # the first bucket starts while backward still has matrix products to do,
     # and is waited for only after them
     first = min(starts, key=position.__getitem__)
@@ -234,10 +249,35 @@ def test_dp_gradients_reduce_in_async_buckets_that_overlap_backward(dp_llama):
 def test_dp_forward_has_no_collectives(dp_llama):
     """Like DDP, forward runs on this rank's rows alone: the attention mask
     (transformers picks each row's padding with mask[arange(batch), kv]) is
-    built for this rank's rows, not gathered over dp for the whole batch."""
+    built for this rank's rows, not gathered over dp for the whole batch.
+    The one collective is the loss's total weight starting, async, to sum the
+    ranks' counts of labels (test_dp_loss_reductions_do_not_block_backward)."""
     ops = _step_ops(dp_llama.trainer)
     forward = ops[: _loss_position(ops)]
-    assert [op.name for op in forward if isinstance(op, CollectiveOp)] == []
+    normalizer = _loss_backward(ops).operands[-1].owner.input.owner
+    assert [op for op in forward if isinstance(op, CollectiveOp)] == [normalizer]
+
+
+def test_dp_loss_reductions_do_not_block_backward(dp_llama):
+    """Like DDP, nothing waits on other ranks between the loss and backward:
+    the total weight (count of kept labels) is all-reduced async from before
+    the loss until backward reads it, and the loss's sum is waited for only
+    at the step's output."""
+    ops = _step_ops(dp_llama.trainer)
+    position = {op: i for i, op in enumerate(ops)}
+    loss = _loss_position(ops)
+    backward = _loss_backward(ops)
+    normalizer = backward.operands[-1].owner
+    assert isinstance(normalizer, WaitOp)
+    start = normalizer.input.owner
+    assert isinstance(start, AllReduceOp) and position[start] < loss
+    between = ops[loss : position[backward]]
+    assert [op for op in between if isinstance(op, AllReduceOp) and op.is_async is None] == []
+    assert [op for op in between if isinstance(op, WaitOp)] == [normalizer]
+    waits = [op for op in ops if isinstance(op, WaitOp)]
+    loss_wait = next(w for w in waits if w.input.owner.input.owner is ops[loss])
+    buckets = [w for w in waits if w not in (loss_wait, normalizer)]
+    assert position[loss_wait] > max(map(position.__getitem__, buckets))
 
 
 def test_dp_rows_keep_their_own_padding():
@@ -258,7 +298,7 @@ def test_default_bucket_holds_a_small_models_gradients():
     model, batch = _llama(1), _batches(1)[0]
     trainer = plait.compile_training(model, batch, pipeline=_pipeline("mesh=dp:2"), **ADAMW)
     ops = _step_ops(trainer)
-    starts = [op for op in ops if isinstance(op, AllReduceOp) and op.is_async is not None]
+    starts = _bucket_starts(ops)
     assert len(starts) == 1  # 25 MiB, like DDP's default
     assert math.prod(starts[0].input.type.shape) == sum(p.numel() for p in model.parameters())
 

@@ -272,6 +272,8 @@ class _Sharder:
                 if op.axis.data == self.axis:
                     raise ShardError(f"{where(op)}: the program is already sharded")
                 self.other_axis(op)
+        if self.step is not None:
+            self.step.finish()
         for param in [v for v in self.params if not v.uses]:
             Rewriter.erase_op(param.owner)
         if self.replicated_attention:

@@ -14,8 +14,13 @@ of `step_rules`, and these duties of its own:
 - A partial sum read by more than one op is reduced once, where it is made
   (Megatron's single all-reduce of an input gradient), not once per reader.
 - Losses averaged over split rows are rewritten to average over the whole
-  batch: nll_loss sums its terms and their weights, and one all-reduce of
-  both gives the global mean and the total weight its backward divides by.
+  batch: nll_loss sums its terms and their weights, and all-reduces give the
+  global mean and the total weight its backward divides by. Without class
+  weights the total weight is the count of kept labels: its async all-reduce
+  starts as soon as the labels are there and is waited for just before
+  backward reads it, and the loss's sum is waited for at the step's output,
+  so neither blocks between the loss and backward (DDP has no collective
+  there either).
 - Gradient clipping's global norm over split gradients becomes partial sums
   of squares with one all-reduce.
 """
@@ -25,9 +30,9 @@ from __future__ import annotations
 from xdsl.ir import Operation, SSAValue
 from xdsl.rewriter import InsertPoint, Rewriter
 
-from ...ir.args import Operand
+from ...ir.args import Operand, Tag
 from ...ir.attrs import PLACEMENTS_ATTR, REPLICATE, Placement, PlacementsAttr, partial, shard
-from ...ir.ops import CallOp, ParamOp, call_op_class
+from ...ir.ops import AllReduceOp, CallOp, ParamOp, WaitOp, call_op_class
 from ...ir.schema import writes_input
 from ...ir.training import ACCUMULATOR, GRAD_OF, STATE_OF
 from ...ir.types import TensorType
@@ -45,6 +50,8 @@ _VIEWS = frozenset(
     "detach alias".split()
 )
 _SAME = ("aten::detach", "aten::alias")
+# ops that read only their operand's shape and dtype
+_SHAPE_ONLY = frozenset("aten::" + n for n in ("ones_like", "zeros_like", "empty_like"))
 
 
 class StepSharding:
@@ -59,6 +66,7 @@ class StepSharding:
         self.deferred: dict[SSAValue, list[CallOp]] = {}  # unplaced root -> views of it
         self.root_of: dict[SSAValue, SSAValue] = {}  # a deferred view -> its root
         self._first_rank: SSAValue | None = None
+        self._late: list[tuple[list[Operation], SSAValue]] = []  # waits to sink, after the walk
         if sharder.data:
             for op in self.roots.values():
                 if op.weight_name.startswith(ACCUMULATOR + "."):
@@ -258,6 +266,8 @@ class StepSharding:
         )
         local.location = op.location
         Rewriter.insert_op(local, InsertPoint.before(op))
+        if op.arg("weight") is None:
+            return self._nll_sum_async(op, inputs, local, mean)
         both = self._call(
             op,
             "aten::stack",
@@ -279,6 +289,115 @@ class StepSharding:
                 op, "aten::div.Tensor", [total, weight], [Operand(0), Operand(1)], [], scalar.dtype
             )
         self._retire(op, [loss, weight], [R, R])
+
+    def _nll_sum_async(self, op: CallOp, inputs, local: CallOp, mean: bool) -> None:
+        """nll_loss without class weights: the total weight is the count of
+        labels that are not ignored, known before the loss; its all-reduce
+        starts there, the loss sum's after the loss, and both are waited for
+        where first read (`finish`)."""
+        scalar = op.results[0].type
+        target = inputs[op.arg("target").index]
+        start_at = self._after(target)
+        kept = self._call(
+            start_at,
+            "aten::ne.Scalar",
+            [target],
+            [Operand(0), op.arg("ignore_index", -100)],
+            target.type.shape,
+            "i1",
+            "labels_kept",
+        )
+        count = self.s._insert_call(
+            start_at,
+            "loss_weight",
+            "aten::sum",
+            [kept],
+            [Operand(0)],
+            scalar,
+            [("dtype", Tag("dtype", scalar.dtype))],
+        )
+        weight = self._wait_late(self._start_sum(count, start_at), op, [])
+        local.results[0].name_hint = "loss_sum"
+        total = self._start_sum(local.results[0], op)
+        chain = []
+        loss = self._wait_late(total, op, chain)
+        if mean:
+            loss = self._call(
+                op, "aten::div.Tensor", [loss, weight], [Operand(0), Operand(1)], [], scalar.dtype
+            )
+            chain.append(loss.owner)
+        self._retire(op, [loss, weight], [R, R])
+
+    def _after(self, value: SSAValue) -> Operation:
+        """The op before which `value` is first available in the step's block."""
+        owner = value.owner
+        if isinstance(owner, Operation) and owner.parent is self.s.block:
+            return owner.next_op
+        first = self.s.block.first_op
+        while isinstance(first, ParamOp):
+            first = first.next_op
+        return first
+
+    def _start_sum(self, value: SSAValue, before: Operation) -> AllReduceOp:
+        start = AllReduceOp(value, self.s.axis, "sum", is_async=True)
+        start.location = before.location
+        start.result.name_hint = (value.name_hint or "value") + "_reducing"
+        Rewriter.insert_op(start, InsertPoint.before(before))
+        return start
+
+    def _wait_late(self, start: AllReduceOp, before: Operation, chain: list) -> SSAValue:
+        """A wait for `start`, here for now; `finish` moves it (and the pure
+        ops in `chain` and after it) down to where its result is first read."""
+        wait = WaitOp(start.result)
+        wait.location = before.location
+        wait.result.name_hint = start.input.name_hint
+        Rewriter.insert_op(wait, InsertPoint.before(before))
+        self.s.placement[wait.result] = R
+        chain.insert(0, wait)
+        self._late.append((chain, start.input))
+        return wait.result
+
+    def finish(self) -> None:
+        """After the walk: each late wait, with the pure ops that only carry
+        its value on (the loss's scaling), sinks to just before its first reader."""
+        for chain, local in reversed(self._late):
+            _sink(_carried_on(chain, local), self.s.block)
+
+
+def _carried_on(chain: list[Operation], local: SSAValue) -> list[Operation]:
+    """`chain` and the pure calls after it that read nothing but its values
+    (or other late waits): moving them down changes no value they read. A
+    reader of only the shape (backward's seed, ones_like(loss)) reads the
+    rank's own `local` value of that type instead, and stays."""
+    ops = list(chain)
+    made = {r for o in ops for r in o.results}
+    for o in ops:
+        for r in o.results:
+            for use in list(r.uses):
+                user = use.operation
+                if getattr(user, "target_name", None) in _SHAPE_ONLY and r.type == local.type:
+                    user.operands[use.index] = local
+                elif (
+                    isinstance(user, CallOp)
+                    and not writes_input(user.target_name)
+                    and user not in ops
+                    and all(v in made or isinstance(v.owner, WaitOp) for v in user.operands)
+                ):
+                    ops.append(user)
+                    made.update(user.results)
+    return ops
+
+
+def _sink(ops: list[Operation], block) -> None:
+    """Move each op down to just before its first reader, the last ones first."""
+    position = {o: i for i, o in enumerate(block.ops)}
+    for o in sorted(ops, key=position.__getitem__, reverse=True):
+        readers = [u.operation for r in o.results for u in r.uses]
+        position = {x: i for i, x in enumerate(block.ops)}
+        first = min(readers, key=position.__getitem__, default=None)
+        if first is not None and position[first] > position[o] + 1:
+            o.detach()
+            Rewriter.insert_op(o, InsertPoint.before(first))
 
 
 _REWRITES = {
