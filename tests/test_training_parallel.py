@@ -260,8 +260,8 @@ def test_dp_forward_has_no_collectives(dp_llama):
 
 def test_dp_loss_reductions_do_not_block_backward(dp_llama):
     """Like DDP, nothing waits on other ranks between the loss and backward:
-    the total weight (count of kept labels) is all-reduced async from before
-    the loss until backward reads it, and the loss's sum is waited for only
+    the total weight (count of kept labels) is all-reduced async from the
+    step's start (the labels) until backward reads it, and the loss's sum is waited for only
     at the step's output."""
     ops = _step_ops(dp_llama.trainer)
     position = {op: i for i, op in enumerate(ops)}
@@ -270,7 +270,9 @@ def test_dp_loss_reductions_do_not_block_backward(dp_llama):
     normalizer = backward.operands[-1].owner
     assert isinstance(normalizer, WaitOp)
     start = normalizer.input.owner
-    assert isinstance(start, AllReduceOp) and position[start] < loss
+    assert isinstance(start, AllReduceOp) and start.is_async is not None
+    first_mm = next(op for op in ops if isinstance(op, CallOp) and op.target_name == "aten::mm")
+    assert position[start] < position[first_mm]  # it overlaps the whole forward
     between = ops[loss : position[backward]]
     assert [op for op in between if isinstance(op, AllReduceOp) and op.is_async is None] == []
     assert [op for op in between if isinstance(op, WaitOp)] == [normalizer]

@@ -36,6 +36,7 @@ from ...ir.ops import AllReduceOp, CallOp, ParamOp, WaitOp, call_op_class
 from ...ir.schema import writes_input
 from ...ir.training import ACCUMULATOR, GRAD_OF, STATE_OF
 from ...ir.types import TensorType
+from .grad_buckets import _hoist
 from .rules import Decision, Parallel, _moved_dim, divides, local_type
 from .shard import _Sharder, _with_args
 from .step_rules import decide_step
@@ -297,6 +298,7 @@ class StepSharding:
         where first read (`finish`)."""
         scalar = op.results[0].type
         target = inputs[op.arg("target").index]
+        _hoist_chain(target, self.s.block)  # export puts the labels' shift by the loss
         start_at = self._after(target)
         kept = self._call(
             start_at,
@@ -316,7 +318,10 @@ class StepSharding:
             scalar,
             [("dtype", Tag("dtype", scalar.dtype))],
         )
-        weight = self._wait_late(self._start_sum(count, start_at), op, [])
+        start = self._start_sum(count, start_at)
+        for made in (kept.owner, count.owner, start):  # the loss's work, though early
+            made.location = op.location
+        weight = self._wait_late(start, op, [])
         local.results[0].name_hint = "loss_sum"
         total = self._start_sum(local.results[0], op)
         chain = []
@@ -362,6 +367,21 @@ class StepSharding:
         its value on (the loss's scaling), sinks to just before its first reader."""
         for chain, local in reversed(self._late):
             _sink(_carried_on(chain, local), self.s.block)
+
+
+def _hoist_chain(value: SSAValue, block) -> None:
+    """Move the pure calls that make `value` up to just after their operands,
+    the first ones first, so `value` is ready as early as its inputs are."""
+    chain, todo = [], [value]
+    while todo:
+        owner = todo.pop().owner
+        if isinstance(owner, CallOp) and owner.parent is block and owner not in chain:
+            chain.append(owner)
+            todo.extend(owner.operands)
+    position = {o: i for i, o in enumerate(block.ops)}
+    for op in sorted(chain, key=position.__getitem__):
+        _hoist(op, position, block)
+        position = {o: i for i, o in enumerate(block.ops)}
 
 
 def _carried_on(chain: list[Operation], local: SSAValue) -> list[Operation]:
