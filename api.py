@@ -28,7 +28,7 @@ from .backends.fx import CollectiveGroups, Program, build_program, run_observed
 from .frontend import hf
 from .frontend.capture import capture
 from .frontend.importer import import_program
-from .ir.attrs import MESH_ATTR, SYMBOLS_ATTR
+from .ir.attrs import SYMBOLS_ATTR, mesh_axes
 from .ir.errors import PlaitError
 from .ir.libraries import libraries
 from .ir.ops import stored_weight_names
@@ -111,8 +111,7 @@ class CompiledModel:
     @property
     def mesh(self) -> dict[str, int]:
         """The device mesh the plan was sharded for ({} for one device)."""
-        attr = self.module.attributes.get(MESH_ATTR)
-        return attr.axes if attr is not None else {}
+        return mesh_axes(self.module)
 
     @property
     def world_size(self) -> int:

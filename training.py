@@ -29,7 +29,7 @@ from .frontend.training import (
     capture_training,
     is_hf_model,
 )
-from .ir.attrs import MESH_ATTR, SYMBOLS_ATTR
+from .ir.attrs import SYMBOLS_ATTR, mesh_axes
 from .ir.errors import PlaitError
 from .ir.ops import ParamOp, stored_weight_names
 from .ir.text import print_module
@@ -162,8 +162,7 @@ class Trainer:
     @property
     def mesh(self) -> dict[str, int]:
         """The device mesh the step is sharded over ({} for one device)."""
-        attr = self.module.attributes.get(MESH_ATTR)
-        return attr.axes if attr is not None else {}
+        return mesh_axes(self.module)
 
     @property
     def world_size(self) -> int:

@@ -29,7 +29,7 @@ from xdsl.ir import Operation, SSAValue
 from .. import customops
 from ..ir import args as irargs
 from ..ir import symbolic
-from ..ir.attrs import ARENA_ATTR, MESH_ATTR, PLACEMENTS_ATTR, SYMBOLS_ATTR
+from ..ir.attrs import ARENA_ATTR, PLACEMENTS_ATTR, SYMBOLS_ATTR, mesh_axes
 from ..ir.dtypes import TORCH_NAMES
 from ..ir.errors import PlaitError
 from ..ir.memory import host_tier, planned_offset
@@ -744,8 +744,7 @@ def build_program(
     )
     if fn is None:
         raise LoweringError(f"the module has no function @{function}")
-    mesh_attr = module.attributes.get(MESH_ATTR)
-    mesh = mesh_attr.axes if mesh_attr is not None else {}
+    mesh = mesh_axes(module)
     arena = module.attributes.get(ARENA_ATTR)
     arena_size = arena.value.data if arena is not None else 0
     lowering = _Lowering(

@@ -132,6 +132,12 @@ class MeshAttr(Data[tuple[tuple[str, int], ...]]):
         printer.print_string("<" + ", ".join(f"{n} = {s}" for n, s in self.data) + ">")
 
 
+def mesh_axes(module) -> dict[str, int]:
+    """The mesh a module was sharded for, axis -> size ({} for one device)."""
+    mesh = module.attributes.get(MESH_ATTR)
+    return mesh.axes if mesh is not None else {}
+
+
 def mesh_from_text(text: str) -> dict[str, int]:
     """'tp:8' or 'dp:2,tp:4' -> {"dp": 2, "tp": 4} (outermost axis first)."""
     axes: dict[str, int] = {}

@@ -35,7 +35,7 @@ from xdsl.dialects import func
 from xdsl.dialects.builtin import ArrayAttr, ModuleOp, StringAttr
 from xdsl.ir import Block, Operation, Region, SSAValue
 
-from .attrs import MESH_ATTR, PLACEMENTS_ATTR
+from .attrs import PLACEMENTS_ATTR, mesh_axes
 from .errors import PlaitError
 from .ops import AllGatherOp, CallOp, ParamOp
 from .schema import writes_input
@@ -189,8 +189,7 @@ def state_module(module: ModuleOp, names: list[str]) -> ModuleOp:
     """A module whose one function @state returns the named program state
     whole: each rank's slice all-gathered along every mesh axis that splits
     it (what a checkpoint of a sharded step holds, by name)."""
-    mesh = module.attributes.get(MESH_ATTR)
-    sizes = mesh.axes if mesh is not None else {}
+    sizes = mesh_axes(module)
     params = state_params(module)
     block = Block()
     outputs = []

@@ -37,7 +37,7 @@ from xdsl.ir import Operation, SSAValue
 
 from . import schema, symbolic
 from .args import ArgsAttr, Operand, Sym, Tag, operands_in
-from .attrs import MESH_ATTR, PLACEMENTS_ATTR, SYMBOLS_ATTR
+from .attrs import MESH_ATTR, PLACEMENTS_ATTR, SYMBOLS_ATTR, mesh_axes
 from .dtypes import IR_NAMES, TORCH_NAMES, is_floating
 from .ops import (
     AllGatherOp,
@@ -77,8 +77,7 @@ def sample_points(module: ModuleOp) -> tuple[Point, ...]:
     symbols = module.attributes.get(SYMBOLS_ATTR)
     if symbols is None:
         return ((),)
-    mesh = module.attributes.get(MESH_ATTR)
-    step = math.lcm(8, *(mesh.axes.values() if mesh is not None else ()))
+    step = math.lcm(8, *mesh_axes(module).values())
     taken = _static_dims(module)
     columns = []
     for name, lo, hi in sorted(symbols.data):
