@@ -37,25 +37,17 @@ import statistics
 import time
 
 import torch
+from tp_forward import CONFIG as FORWARD_CONFIG  # the TP forward benchmark's 111M Llama
 
 CONFIGS = {
-    "default": dict(
-        vocab_size=8192,
-        hidden_size=1024,
-        intermediate_size=2816,
-        num_hidden_layers=8,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        max_position_embeddings=512,
-    ),
+    "default": FORWARD_CONFIG,
     "small": dict(
-        vocab_size=8192,
+        FORWARD_CONFIG,
         hidden_size=256,
         intermediate_size=688,
         num_hidden_layers=2,
         num_attention_heads=8,
         num_key_value_heads=4,
-        max_position_embeddings=512,
     ),
 }
 LR = 1e-3
