@@ -181,7 +181,7 @@ def _rank(rank: int, world: int, port: int, config: dict, batches: list, section
 
 
 def _pipeline(mesh: str) -> str:
-    return f"canonicalize,cse,dce,shard{{{mesh}}},dce"
+    return f"canonicalize,cse,dce,shard{{{mesh}}},overlap,dce"
 
 
 def _global_losses(losses: dict, names, dist, world: int) -> None:

@@ -29,52 +29,20 @@ from dataclasses import dataclass
 from xdsl.context import Context
 from xdsl.dialects.builtin import ModuleOp
 from xdsl.ir import Block, Operation, SSAValue
-from xdsl.rewriter import InsertPoint, Rewriter
 
 from ..ir.attrs import MESH_ATTR
 from ..ir.errors import PlaitError
-from ..ir.ops import AllReduceOp, CallOp, ParamOp, WaitOp
+from ..ir.ops import AllReduceOp, CallOp, ParamOp
 from ..ir.text import where
 from .base import Pass, function_blocks
 from .options import OptionError
+from .reorder import make_async, sink
 from .residual import ResidualModule, residual_chain
 from .whole import whole_values
 
 
 class LadderError(PlaitError):
     pass
-
-
-def _first_user(value, block: Block, position: dict[Operation, int]) -> Operation | None:
-    users = [use.operation for use in value.uses if use.operation.parent is block]
-    return min(users, key=position.__getitem__, default=None)
-
-
-def sink(op: Operation, block: Block) -> None:
-    """Move `op` down to just before the first op that uses its results."""
-    position = {o: i for i, o in enumerate(block.ops)}
-    firsts = [u for r in op.results if (u := _first_user(r, block, position)) is not None]
-    if not firsts:
-        return
-    target = min(firsts, key=position.__getitem__)
-    if position[target] > position[op] + 1:
-        op.detach()
-        Rewriter.insert_op(op, InsertPoint.before(target))
-
-
-def make_async(blocking: AllReduceOp) -> WaitOp:
-    """A blocking all-reduce -> an async start where it was and a wait after it."""
-    start = AllReduceOp(blocking.input, blocking.axis.data, blocking.reduce.data, is_async=True)
-    start.location = blocking.location
-    start.result.name_hint = blocking.result.name_hint
-    wait = WaitOp(start.result)
-    wait.location = blocking.location
-    wait.result.name_hint = blocking.result.name_hint
-    Rewriter.insert_op(start, InsertPoint.before(blocking))
-    Rewriter.insert_op(wait, InsertPoint.before(blocking))
-    blocking.result.replace_all_uses_with(wait.result)
-    Rewriter.erase_op(blocking)
-    return wait
 
 
 def _check_replicated(block: Block, chain: list[ResidualModule], axes) -> None:

@@ -1,9 +1,12 @@
 """overlap: start every all-reduce early and wait for it late.
 
-Each blocking all-reduce becomes an async start where it was and a
-`plait.wait` just before its result is first used, so whatever compute lies
-in between runs while the collective is in flight. The program computes the
-same values.
+Each blocking all-reduce becomes an async start and a `plait.wait` just
+before its result is first used, so whatever compute lies in between runs
+while the collective is in flight. The start moves up, with the pure ops it
+needs, past the ops it does not need (back to the previous start): in a
+tensor-parallel training step an input gradient's all-reduce then runs
+while the layer's weight gradients compute, as in Megatron. The program
+computes the same values.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from xdsl.dialects.builtin import ModuleOp
 
 from ..ir.ops import AllReduceOp
 from .base import Pass, function_blocks
-from .ladder import make_async, sink
+from .reorder import make_async, sink, start_early
 
 
 @dataclass(frozen=True)
@@ -26,5 +29,7 @@ class Overlap(Pass):
     def apply(self, ctx: Context, op: ModuleOp) -> None:
         for block in function_blocks(op):
             blocking = [o for o in block.ops if isinstance(o, AllReduceOp) and o.is_async is None]
-            for collective in blocking:
-                sink(make_async(collective), block)
+            waits = [make_async(collective) for collective in blocking]
+            start_early(block, [wait.operands[0].owner for wait in waits])
+            for wait in waits:
+                sink(wait, block)

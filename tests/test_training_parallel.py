@@ -21,7 +21,7 @@ from plait.frontend.training import TrainingError
 from plait.ir.errors import PlaitError
 from plait.ir.ops import AllGatherOp, AllReduceOp, CallOp, CollectiveOp, WaitOp
 from plait.ir.text import parse_module
-from plait.ir.training import TRAIN_STEP
+from plait.ir.training import GRAD_OF, TRAIN_STEP
 from test_training import _check_run, _close, _eager, _hf_model, _lm_loss
 
 STEPS = 4
@@ -54,8 +54,8 @@ def _gpt2(layers: int):
     return _hf_model("gpt2", n_layer=layers, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 
 
-def _pipeline(shard: str) -> str:
-    return f"canonicalize,cse,dce,shard{{{shard}}}"
+def _pipeline(shard: str, then: str = "") -> str:
+    return f"canonicalize,cse,dce,shard{{{shard}}}{then}"
 
 
 @dataclass
@@ -75,7 +75,7 @@ class Run:
     checkpoint: object  # saved after SAVE_AFTER steps
 
 
-def _run(model, shard, options, tmp, *, accumulation=1, clip=None, rows=4) -> Run:
+def _run(model, shard, options, tmp, *, accumulation=1, clip=None, rows=4, then="") -> Run:
     batches = _batches(STEPS, rows)
     expected, _, reference = _eager(
         model, batches, _lm_loss, _optimizer(options), accumulation=accumulation, clip=clip
@@ -85,7 +85,7 @@ def _run(model, shard, options, tmp, *, accumulation=1, clip=None, rows=4) -> Ru
         batches[0],
         accumulation=accumulation,
         clip_grad_norm=clip,
-        pipeline=_pipeline(shard),
+        pipeline=_pipeline(shard, then),
         **options,
     )
     losses = []
@@ -127,7 +127,8 @@ def _check_parity(run: Run) -> None:
 
 @pytest.fixture(scope="module")
 def tp_llama(tmp_path_factory):
-    return _run(_llama(2), "mesh=tp:2", ADAMW, tmp_path_factory.mktemp("tp_llama"))
+    """With `overlap`: backward's input-gradient all-reduces start early."""
+    return _run(_llama(2), "mesh=tp:2", ADAMW, tmp_path_factory.mktemp("tp_llama"), then=",overlap")
 
 
 @pytest.fixture(scope="module")
@@ -225,6 +226,33 @@ def test_tp_backward_has_megatron_all_reduces(tp_llama):
     assert len([i for i in reduces if i > loss]) == 2 * layers + 1
     gathers = [op for op in ops if isinstance(op, AllGatherOp)]
     assert len(gathers) == 1 and list(gathers[0].result.type.shape)[-1] == 256  # the vocab
+
+
+def test_tp_input_gradients_reduce_while_weight_gradients_compute(tp_llama):
+    """overlap moves each backward all-reduce's start up past the weight
+    gradients its layer computes first (Megatron's async input-gradient
+    all-reduce): every weight gradient product runs between some start and
+    its wait."""
+    ops = _step_ops(tp_llama.trainer)
+    position = {op: i for i, op in enumerate(ops)}
+    loss = _loss_position(ops)
+
+    def product(op):  # the matrix product a weight's gradient is a view of
+        while isinstance(op, CallOp) and op.target_name in ("aten::t", "aten::view"):
+            op = op.operands[0].owner
+        return op if isinstance(op, CallOp) and op.target_name == "aten::mm" else None
+
+    products = {product(op) for op in ops[loss:] if GRAD_OF in op.attributes} - {None}
+    assert len(products) == 7 * 2 + 1  # q, k, v, o, gate, up, down per layer; lm_head
+    starts = [op for op in ops[loss:] if isinstance(op, AllReduceOp) and op.axis.data == "tp"]
+    assert len(starts) == 2 * 2 + 1 and all(op.is_async is not None for op in starts)
+    overlapped = set()
+    for start in starts:
+        wait = next(op for op in ops if isinstance(op, WaitOp) and op.input is start.result)
+        between = products.intersection(ops[position[start] : position[wait]])
+        assert between, f"no weight gradient overlaps {start.result.name_hint}"
+        overlapped |= between
+    assert overlapped == products
 
 
 def test_dp_gradients_reduce_in_async_buckets_that_overlap_backward(dp_llama):
