@@ -215,17 +215,38 @@ def test_tp_backward_has_megatron_all_reduces(tp_llama):
     """Per layer, forward all-reduces after o_proj and down_proj (row-parallel)
     and backward after the input gradients of q/k/v and gate/up (column-
     parallel), where forward had none; plus lm_head's (column-parallel over
-    the vocabulary) input gradient. No weight is gathered: only the logits."""
+    the vocabulary) input gradient. The loss is vocab-parallel: no weight and
+    no logits are gathered, only one log-sum-exp per row and rank, and the
+    softmax's backward sums one number per row."""
     ops = _step_ops(tp_llama.trainer)
     loss = _loss_position(ops)
-    reduces = [
-        i for i, op in enumerate(ops) if isinstance(op, AllReduceOp) and op.axis.data == "tp"
-    ]
+    rows, hidden = 4 * 16, 64
+
+    def reduced(shape):
+        return [
+            i
+            for i, op in enumerate(ops)
+            if isinstance(op, AllReduceOp)
+            and op.axis.data == "tp"
+            and math.prod(op.input.type.shape) == math.prod(shape)
+        ]
+
     layers = 2
-    assert len([i for i in reduces if i < loss]) == 2 * layers
-    assert len([i for i in reduces if i > loss]) == 2 * layers + 1
+    activations = reduced([rows, hidden])
+    assert len([i for i in activations if i < loss]) == 2 * layers
+    assert len([i for i in activations if i > loss]) == 2 * layers + 1
+    assert len(reduced([rows, 1])) == 1  # log_softmax's backward
+    collectives = [op for op in ops if isinstance(op, CollectiveOp)]
+    assert max(math.prod(op.input.type.shape) for op in collectives) == rows * hidden
     gathers = [op for op in ops if isinstance(op, AllGatherOp)]
-    assert len(gathers) == 1 and list(gathers[0].result.type.shape)[-1] == 256  # the vocab
+    assert len(gathers) == 1 and list(gathers[0].input.type.shape) == [rows, 1]
+    # lm_head's weight gradient is computed for this rank's half of the vocabulary
+    (grad,) = [
+        op
+        for op in ops
+        if op.attributes.get(GRAD_OF) and "lm_head.weight" in str(op.attributes[GRAD_OF])
+    ]
+    assert list(grad.results[0].type.shape) == [256 // 2, hidden]
 
 
 def test_tp_input_gradients_reduce_while_weight_gradients_compute(tp_llama):
@@ -244,7 +265,11 @@ def test_tp_input_gradients_reduce_while_weight_gradients_compute(tp_llama):
 
     products = {product(op) for op in ops[loss:] if GRAD_OF in op.attributes} - {None}
     assert len(products) == 7 * 2 + 1  # q, k, v, o, gate, up, down per layer; lm_head
-    starts = [op for op in ops[loss:] if isinstance(op, AllReduceOp) and op.axis.data == "tp"]
+    starts = [  # of the input gradients: [rows, hidden]
+        op
+        for op in ops[loss:]
+        if isinstance(op, AllReduceOp) and list(op.input.type.shape) == [4, 16, 64]
+    ]
     assert len(starts) == 2 * 2 + 1 and all(op.is_async is not None for op in starts)
     overlapped = set()
     for start in starts:

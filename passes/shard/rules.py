@@ -60,6 +60,7 @@ class Parallel(enum.Enum):
     # a training step's losses over split rows (carried out by step.py)
     SPLIT_MEAN = "split-mean"  # a mean over a split dim: the local mean / n, a partial sum
     NLL_SUM = "nll-sum"  # nll_loss's mean over split rows: sums and weights, reduced once
+    SPLIT_CLASSES = "split-classes"  # log_softmax / nll_loss over split classes (vocab-parallel)
     # indexing a split dim by its positions (arange): this rank's, shifted to its rows
     POSITIONS = "positions"
 

@@ -39,6 +39,7 @@ from ...ir.types import TensorType
 from .grad_buckets import _hoist
 from .rules import Decision, Parallel, _moved_dim, divides, local_type
 from .shard import _Sharder, _with_args
+from .split_classes import split_classes
 from .step_rules import decide_step
 
 R = REPLICATE
@@ -68,6 +69,7 @@ class StepSharding:
         self.root_of: dict[SSAValue, SSAValue] = {}  # a deferred view -> its root
         self._first_rank: SSAValue | None = None
         self._late: list[tuple[list[Operation], SSAValue]] = []  # waits to sink, after the walk
+        self.class_labels: dict = {}  # (labels, classes) -> labels into this rank's classes
         if sharder.data:
             for op in self.roots.values():
                 if op.weight_name.startswith(ACCUMULATOR + "."):
@@ -423,6 +425,7 @@ def _sink(ops: list[Operation], block) -> None:
 _REWRITES = {
     Parallel.SPLIT_MEAN: StepSharding.split_mean,
     Parallel.NLL_SUM: StepSharding.nll_sum,
+    Parallel.SPLIT_CLASSES: split_classes,
 }
 
 

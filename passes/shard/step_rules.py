@@ -49,6 +49,7 @@ from .rules import (
     replicated,
     softmax_rule,
 )
+from .split_classes import class_dim
 
 R = REPLICATE
 
@@ -203,6 +204,26 @@ def _softmax_backward(op: CallOp, arriving, types, n: int, free) -> Decision:
     return _off_dims(op, arriving, types, {op.arg("dim") % rank})
 
 
+def _log_softmax(op: CallOp, arriving, types, n: int, free) -> Decision:
+    """_log_softmax(x, dim, half_to_float) over split classes: each rank's
+    log-sum-exp, combined (`split_classes`); else as any softmax."""
+    split = shard(op.arg("dim") % types[0].rank)
+    if arriving[0] == split and not op.arg("half_to_float"):
+        return Decision([split], [split], Parallel.SPLIT_CLASSES)
+    return softmax_rule(op, arriving, types, n)
+
+
+def _log_softmax_backward(op: CallOp, arriving, types, n: int, free) -> Decision:
+    """_log_softmax_backward_data(grad, output, dim, input_dtype) over split
+    classes: grad - exp(output) * (grad's sum over the classes, all-reduced)."""
+    split = shard(op.arg("dim") % types[0].rank)
+    dtype = op.arg("input_dtype")
+    same_dtype = getattr(dtype, "value", None) == types[0].dtype == types[1].dtype
+    if split in arriving[:2] and same_dtype:
+        return Decision([split, split], [split], Parallel.SPLIT_CLASSES)
+    return _softmax_backward(op, arriving, types, n, free)
+
+
 def _padded(op: CallOp, arriving, types, n: int, free) -> Decision:
     """constant_pad_nd pads the last len(pad) / 2 dims; a split elsewhere passes."""
     rank = types[0].rank
@@ -300,11 +321,30 @@ def _embedding_backward(op: CallOp, arriving, types, n: int, free) -> Decision:
 _MEAN, _SUM_REDUCTION = 1, 2  # torch's Reduction enum
 
 
+def _split_classes(op: CallOp, arriving, types, outputs) -> Decision | None:
+    """nll_loss (or its backward) on log-probabilities split on their class
+    dim: each rank's labels in its slice (`split_classes`); class weights
+    split alike."""
+    logp, weight = _index(op, "self"), _index(op, "weight")
+    split = shard(class_dim(types[logp].rank))
+    if arriving[logp] != split or op.arg("reduction") not in (_MEAN, _SUM_REDUCTION):
+        return None
+    inputs = [R] * len(op.inputs)
+    inputs[logp] = split
+    if weight is not None:
+        inputs[weight] = S0
+    return Decision(inputs, [split if o == "split" else R for o in outputs], Parallel.SPLIT_CLASSES)
+
+
 def _nll_loss(op: CallOp, arriving, types, n: int, free) -> Decision:
     """nll_loss_forward(logp, target, weight, reduction, ignore) over split
     rows: the pass computes the sums and the weights' total over all rows."""
+    if (classes := _split_classes(op, arriving, types, ["whole", "whole"])) is not None:
+        return classes
     logp, target = _index(op, "self"), _index(op, "target")
-    if arriving[logp] != S0 or op.arg("reduction") not in (_MEAN, _SUM_REDUCTION):
+    if types[logp].rank == 1 or arriving[logp] != S0:
+        return replicated(op)
+    if op.arg("reduction") not in (_MEAN, _SUM_REDUCTION):
         return replicated(op)
     inputs = [R] * len(op.inputs)
     inputs[logp] = inputs[target] = S0
@@ -314,8 +354,12 @@ def _nll_loss(op: CallOp, arriving, types, n: int, free) -> Decision:
 def _nll_loss_backward(op: CallOp, arriving, types, n: int, free) -> Decision:
     """nll_loss_backward(grad, logp, target, weight, reduction, ignore, total):
     divided by the whole batch's total weight, the rows' gradient is local."""
+    if (classes := _split_classes(op, arriving, types, ["split"])) is not None:
+        return classes
     logp, target = _index(op, "self"), _index(op, "target")
-    if arriving[logp] != S0 or op.arg("reduction") not in (_MEAN, _SUM_REDUCTION):
+    if types[logp].rank == 1 or arriving[logp] != S0:
+        return replicated(op)
+    if op.arg("reduction") not in (_MEAN, _SUM_REDUCTION):
         return replicated(op)
     inputs = [R] * len(op.inputs)
     inputs[logp] = inputs[target] = S0
@@ -378,7 +422,8 @@ STEP_RULES = {
     "aten::mul.Scalar": _scaled,
     "aten::div.Scalar": _scaled,
     "aten::_softmax_backward_data": _softmax_backward,
-    "aten::_log_softmax_backward_data": _softmax_backward,
+    "aten::_log_softmax": _log_softmax,
+    "aten::_log_softmax_backward_data": _log_softmax_backward,
     "aten::_safe_softmax": lambda op, arriving, types, n, free: softmax_rule(
         op, arriving, types, n
     ),
