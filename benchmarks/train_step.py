@@ -14,7 +14,9 @@ update (lr 1e-3, weight decay 0.01) on a batch of `--rows` x `--seq` tokens
             torch.compile(model) (compiled forward and backward, same optimizer)
     dp      plait shard{mesh=dp:2} vs DistributedDataParallel, 2 processes
     tp      plait shard{mesh=tp:2} vs DTensor parallelize_module (q/k/v/gate/up
-            colwise, o/down rowwise) + torch.optim.AdamW, 2 processes
+            colwise, o/down rowwise) + torch.optim.AdamW, 2 processes; and
+            the same with torchtitan's ends (embedding split by vocabulary,
+            lm_head's logits left split, cross-entropy under loss_parallel())
     overlap the share of the dp gradient all-reduce hidden behind backward:
             dp:2 (25 MB buckets) vs dp:2 with one bucket (reduced after the
             whole backward: nothing to overlap) vs the same program with no
@@ -31,6 +33,7 @@ step time and the median, quartiles and range of the per-round ratios.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import statistics
@@ -69,17 +72,20 @@ def make_batches(config: dict, rows: int, seq: int, count: int) -> list[tuple]:
     return out
 
 
-def torch_step(model, forward=None):
-    """forward, backward, torch.optim.AdamW: a step function returning the loss."""
+def torch_step(model, forward=None, context=contextlib.nullcontext):
+    """forward, backward, torch.optim.AdamW: a step function returning the
+    loss; `context()` around forward and backward (DTensor's loss_parallel)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
     forward = model if forward is None else forward
 
     def step(ids, mask, labels):
         optimizer.zero_grad()
-        loss = forward(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
-        loss.backward()
+        with context():
+            loss = forward(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+            loss.backward()
         optimizer.step()
-        return loss.detach()
+        loss = loss.detach()
+        return loss.full_tensor() if hasattr(loss, "full_tensor") else loss
 
     return step
 
@@ -256,13 +262,20 @@ def _tp(rank, world, config, batches, plait, dist) -> None:
     trainer = plait.compile_training(
         model, batches[0], lr=LR, pipeline=_pipeline(f"mesh=tp:{world}")
     )
-    dtensor = copy.deepcopy(model)
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    dtensor = parallelize_llama(copy.deepcopy(model), world)
+    vocab = parallelize_llama(copy.deepcopy(model), world, vocab=True)
     del model
-    parallelize_llama(dtensor, world)
-    variants = {"plait tp": trainer.step, "DTensor": torch_step(dtensor)}
+    variants = {
+        "plait tp": trainer.step,
+        "DTensor": torch_step(dtensor),
+        "DTensor loss_parallel": torch_step(vocab, context=loss_parallel),
+    }
     times, losses, _ = timed_rounds(variants, batches, dist.barrier)
     if rank == 0:
-        report(f"tp:{world}", times, "plait tp", ["DTensor"], loss_differences(losses, ["DTensor"]))
+        baselines = ["DTensor", "DTensor loss_parallel"]
+        report(f"tp:{world}", times, "plait tp", baselines, loss_differences(losses, baselines))
 
 
 def main() -> None:
