@@ -170,3 +170,41 @@ def test_a_training_steps_estimate_prices_backward_and_the_optimizer(measured):
     rows = dict(summary(predicted))
     assert "saved activations" in rows["peak memory by kind"]
     assert "optimizer" in rows["step phases"]
+
+
+def test_solve_ilp_on_a_training_step_prices_the_step_it_emits():
+    """shard{solve=ilp} on a tp:2 step (compiled only): the plan is the step
+    rules' (Megatron's, state split with its parameter), and plait.sharding
+    gives the cost model's time for that plan, backward and optimizer
+    included; memory bounds the state a device holds."""
+    import re
+
+    from plait.frontend.training import TrainingSpec, capture_training
+    from plait.ir.attrs import SHARDING_ATTR
+    from plait.ir.training import TRAIN_STEP, step_memory
+    from plait.passes.manager import PassManager
+    from plait.passes.shard.ilp import SolveError
+    from plait.training import _function
+    from test_training_parallel import _parameter_bytes
+
+    model, batch = _hf_model("llama", num_hidden_layers=1), _batches(1)[0]
+    captured = capture_training(
+        model, batch, TrainingSpec("adamw", {}, 1, None, "fp32"), None, None
+    )
+    pipeline = "canonicalize,cse,dce,shard{mesh=tp:2,solve=ilp,hardware=h100-sxm%s}"
+    module = captured.module.clone()
+    with pytest.warns(UserWarning, match="sharded by the step rules"):
+        PassManager.parse(pipeline % "").run(module, captured.weights)
+    memory = step_memory(_function(module, TRAIN_STEP))
+    assert memory[PARAMETERS] == _parameter_bytes(model, tp=2)
+    assert memory[OPTIMIZER_STATE] == 2 * memory[PARAMETERS] + 8  # moments split alike
+    record = module.attributes[SHARDING_ATTR].data
+    predicted = float(re.search(r"predicted ([\d.e+-]+) s/step", record)[1])
+    step = estimate(module, Target(load("h100-sxm")))
+    assert predicted == pytest.approx(step.schedule.step_time, rel=1e-5)
+    forward = step.phase_times[FORWARD]
+    assert step.phase_times[BACKWARD] > forward and predicted > 2 * forward
+    held = float(re.search(r"weights and state ([\d.e+-]+) B/device", record)[1])
+    too_small = PassManager.parse(pipeline % f",memory={held / 2:g}")
+    with pytest.raises(SolveError, match="below what the training step's weights and state"):
+        too_small.run(captured.module.clone(), captured.weights)
