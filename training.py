@@ -4,6 +4,8 @@
     loss = trainer.step(ids, mask, labels)      # forward, backward and update: one program
     trainer.state_dict()                        # the trained tensors, by the model's names
     trainer.save("ckpt/")                       # and plait.load_training("ckpt/") to resume
+    trainer.measure_memory = True               # the next steps record what they allocate:
+    trainer.memory(measured=True)               # peak bytes, and by kind (saved activations...)
 
 The step is the IR function @train_step (see `plait.ir.training`); the
 model's own tensors are not changed (the program updates copies).
@@ -271,11 +273,18 @@ class Trainer:
         `measure`: record what it allocates (see `memory`)."""
         micro = _micro_batches(batch, self.spec.accumulation)
         lr_input = torch.tensor(lr, dtype=torch.float64, device=self.device)
-        run = self._run_measured if measure else self._run
-        records = []
+        records: list[dict[str, int]] = []
+
+        def run(function: str, inputs) -> tuple[torch.Tensor, ...]:
+            if not measure:
+                return self._run(function, inputs)
+            outputs, record = self._run_measured(function, inputs)
+            records.append(record)
+            return outputs
+
         with torch.no_grad():
-            losses = [run(ACCUMULATE, inputs, records)[0] for inputs in micro[:-1]]
-            losses.append(run(TRAIN_STEP, (*micro[-1], lr_input), records)[0])
+            losses = [run(ACCUMULATE, inputs)[0] for inputs in micro[:-1]]
+            losses.append(run(TRAIN_STEP, (*micro[-1], lr_input))[0])
             loss = losses[0]
             for more in losses[1:]:
                 loss = loss + more
@@ -317,16 +326,14 @@ class Trainer:
         types = list(fn.function_type.inputs)[: len(names)]
         check_inputs(names, types, symbols.ranges if symbols is not None else {}, inputs)
 
-    def _run(self, function: str, inputs, records=None) -> tuple[torch.Tensor, ...]:
+    def _run(self, function: str, inputs) -> tuple[torch.Tensor, ...]:
         return self._program(function)(*[x.to(self.device) for x in inputs])
 
-    def _run_measured(self, function: str, inputs, records: list) -> tuple[torch.Tensor, ...]:
+    def _run_measured(self, function: str, inputs) -> tuple[tuple, dict[str, int]]:
+        """(outputs, what the run allocated: plait.runtime.memory's record)"""
         program = self._program(function)
         kinds = value_kinds(_function(self.module, function))
-        inputs = [x.to(self.device) for x in inputs]
-        outputs, record = measure(program, inputs, kinds, self.device)
-        records.append(record)
-        return outputs
+        return measure(program, [x.to(self.device) for x in inputs], kinds, self.device)
 
     def _workers(self):
         from .runtime.heartbeat import timeout_seconds
