@@ -4,6 +4,8 @@
     loss = trainer.step(ids, mask, labels)      # forward, backward and update: one program
     trainer.state_dict()                        # the trained tensors, by the model's names
     trainer.save("ckpt/")                       # and plait.load_training("ckpt/") to resume
+    trainer.measure_memory = True               # the next steps record what they allocate:
+    trainer.memory(measured=True)               # peak bytes, and by kind (saved activations...)
 
 The step is the IR function @train_step (see `plait.ir.training`); the
 model's own tensors are not changed (the program updates copies).
@@ -46,12 +48,14 @@ from .ir.training import (
     state_module,
     state_params,
     step_memory,
+    value_kinds,
 )
 from .ir.weights import WeightStore
 from .passes.manager import PassManager
 from .passes.shard.rules import DATA_AXES
 from .runtime import artifact
 from .runtime.inputs import check_inputs
+from .runtime.memory import PEAK, measure
 from .runtime.prefetch import Prefetcher
 
 Schedule = Callable[[int], float]
@@ -148,6 +152,11 @@ class Trainer:
         self._pool_steps: int | None = None  # steps taken on the worker ranks
         self.trusted_ops: tuple[str, ...] = _imported_libraries(module)
         self.call_timeout: float | None = None  # seconds a worker rank may stay silent
+        # measure what each step allocates (trainer.memory(measured=True)); off:
+        # measuring runs the step through torch.fx's Interpreter, slower
+        self.measure_memory = False
+        self._measured: dict[str, int] | None = None  # this rank's last measured step
+        self._pool_measured = False  # a step measured on the worker ranks
 
     # ---- inspecting ------------------------------------------------------
 
@@ -243,10 +252,11 @@ class Trainer:
         for inputs in _micro_batches(batch, self.spec.accumulation):
             self._check(TRAIN_STEP, self.input_names[:-1], inputs)
         if self._pooled:  # checked here, so a bad batch never reaches (and stops) the ranks
-            loss = self._workers().call("train", (list(batch), lr))
+            loss = self._workers().call("train", (list(batch), lr, self.measure_memory))
             self._pool_steps = step + 1
+            self._pool_measured |= self.measure_memory
         else:
-            loss = self.run_step(batch, lr)
+            loss = self.run_step(batch, lr, self.measure_memory)
         if not bool(torch.isfinite(loss)):
             self._failed = (
                 f"step {step} (counting from 0) had a non-finite loss ({loss.item()}); the "
@@ -256,16 +266,30 @@ class Trainer:
             raise NonFiniteLossError(self._failed)
         return loss
 
-    def run_step(self, batch: Sequence[torch.Tensor], lr: float) -> torch.Tensor:
-        """The step on this rank: `batch` checked, `lr` the learning rate."""
+    def run_step(
+        self, batch: Sequence[torch.Tensor], lr: float, measure: bool = False
+    ) -> torch.Tensor:
+        """The step on this rank: `batch` checked, `lr` the learning rate;
+        `measure`: record what it allocates (see `memory`)."""
         micro = _micro_batches(batch, self.spec.accumulation)
         lr_input = torch.tensor(lr, dtype=torch.float64, device=self.device)
+        records: list[dict[str, int]] = []
+
+        def run(function: str, inputs) -> tuple[torch.Tensor, ...]:
+            if not measure:
+                return self._run(function, inputs)
+            outputs, record = self._run_measured(function, inputs)
+            records.append(record)
+            return outputs
+
         with torch.no_grad():
-            losses = [self._run(ACCUMULATE, inputs)[0] for inputs in micro[:-1]]
-            losses.append(self._run(TRAIN_STEP, (*micro[-1], lr_input))[0])
+            losses = [run(ACCUMULATE, inputs)[0] for inputs in micro[:-1]]
+            losses.append(run(TRAIN_STEP, (*micro[-1], lr_input))[0])
             loss = losses[0]
             for more in losses[1:]:
                 loss = loss + more
+        if measure:  # the step's peak: its program that needed the most
+            self._measured = max(records, key=lambda r: r[PEAK])
         return loss
 
     def _with_mask(self, batch: tuple) -> tuple:
@@ -305,6 +329,12 @@ class Trainer:
     def _run(self, function: str, inputs) -> tuple[torch.Tensor, ...]:
         return self._program(function)(*[x.to(self.device) for x in inputs])
 
+    def _run_measured(self, function: str, inputs) -> tuple[tuple, dict[str, int]]:
+        """(outputs, what the run allocated: plait.runtime.memory's record)"""
+        program = self._program(function)
+        kinds = value_kinds(_function(self.module, function))
+        return measure(program, [x.to(self.device) for x in inputs], kinds, self.device)
+
     def _workers(self):
         from .runtime.heartbeat import timeout_seconds
         from .runtime.workers import WorkerPool
@@ -329,6 +359,7 @@ class Trainer:
             self._pool.close()
             self._pool = None
             self._pool_steps = None
+            self._pool_measured = False
 
     def gradients(self, *batch: torch.Tensor) -> dict[str, torch.Tensor]:
         """The gradients a step on `batch` would update with (before clipping),
@@ -365,10 +396,32 @@ class Trainer:
             if program in found
         }
 
-    def memory(self) -> dict[str, int]:
+    def memory(self, measured: bool = False) -> dict[str, int] | list[dict[str, int]]:
         """Bytes each rank holds for the step: parameters, gradients, optimizer
-        state and gradient accumulators (as `plait estimate` reports them)."""
-        return step_memory(_function(self.module, TRAIN_STEP))
+        state and gradient accumulators, from the program's types (as `plait
+        estimate` reports them).
+
+        `measured=True`: what the last step run with `trainer.measure_memory =
+        True` allocated on this rank (see plait.runtime.memory): its "peak"
+        bytes of live tensor storage, and by kind those alive at the peak
+        (parameters, gradients, optimizer state, gradient accumulators, inputs,
+        saved activations, temporary; "unattributed": kernels' own, CUDA
+        only). A sharded step on worker processes gives a list, one per rank."""
+        if not measured:
+            return step_memory(_function(self.module, TRAIN_STEP))
+        if not (self._pool_measured if self._pooled else self._measured):
+            raise TrainingError(
+                "no step was measured yet: set trainer.measure_memory = True before a "
+                "step, then call trainer.memory(measured=True)"
+            )
+        if self._pooled:
+            if self._pool is None or not self._pool.alive:
+                raise TrainingError(
+                    "the worker ranks that measured the step were stopped (trainer.close()); "
+                    "ask for trainer.memory(measured=True) before closing them"
+                )
+            return self._workers().call("memory")
+        return dict(self._measured)
 
     # ---- state -----------------------------------------------------------
 

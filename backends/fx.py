@@ -178,6 +178,8 @@ def torch_dtype(name: str) -> torch.dtype:
 
 # fx node meta key: the IR op a node lowers (for per-op profiles)
 OP_META = "plait_op"
+# and on a get_attr node: the IR param op whose tensor it reads (for memory by kind)
+PARAM_META = "plait_param"
 
 # Makes the module through which a program streams its host-tier weights, from
 # each streamed weight's loader and name in the order of first use; the program
@@ -657,6 +659,8 @@ class _Lowering:
         for op in ops:
             if isinstance(op, ParamOp):
                 self.lower_param(op)
+                if op.result in self.values:  # (a streamed weight is bound at first use)
+                    self.values[op.result].meta[PARAM_META] = op
         takes, starts = self.stream(ops)
         for index, op in enumerate(ops):
             if isinstance(op, ParamOp) or op in skipped:

@@ -31,7 +31,9 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
         "  plait estimate --example llama-tiny --hardware h100-sxm --batch 8 --seq 2048\n"
         '  plait estimate path/to/hf_config_dir --pipeline "canonicalize,cse,dce,shard{mesh=tp:8}" '
         "--decode --context 8192\n"
-        "  plait estimate out/ --hardware cpu.toml --trace sim.json",
+        "  plait estimate out/ --hardware cpu.toml --trace sim.json\n"
+        "  plait estimate ckpt/          # a training checkpoint (plait train --save): its step\n"
+        "                                # on its pipeline's mesh, memory at the peak by kind",
     )
     p.add_argument(
         "model", nargs="?", metavar="MODEL", help="model spec, artifact directory or .mlir"
@@ -95,6 +97,23 @@ def _estimate_module(args, console):
 DEFAULT_SEQ = 2048  # estimate's --seq, where the plan reaches it
 
 
+def _default_pipeline(args) -> str:
+    """A training checkpoint holds its step as captured: estimate it on the
+    pipeline it was trained with; anything else on the default pipeline."""
+    import json
+
+    from plait.training import TRAINING
+
+    manifest = Path(args.model or "") / "manifest.json"
+    try:
+        fields = json.loads(manifest.read_text()) if args.model is not None else {}
+    except (OSError, ValueError):  # no manifest, or one that reading the plan reports
+        return DEFAULT_PIPELINE
+    if isinstance(fields.get(TRAINING), dict) and isinstance(fields.get("pipeline"), str):
+        return fields["pipeline"]
+    return DEFAULT_PIPELINE
+
+
 def _functions(plan) -> list[str]:
     return [op.sym_name.data for op in plan.ops if getattr(op, "sym_name", None)]
 
@@ -134,6 +153,7 @@ def run(args) -> int:
     from plait.cost.estimate_report import render, render_compare
     from plait.hardware import load
     from plait.ir.attrs import mesh_from_text
+    from plait.ir.training import TRAIN_STEP
     from plait.passes.manager import PassManager
     from plait.runtime.artifact import import_trusted
 
@@ -147,7 +167,7 @@ def run(args) -> int:
         if not value.isdigit():
             raise UsageError(f"--dim expects NAME=SIZE, got '{item}'")
         dims[name] = int(value)
-    pipelines = [args.pipeline if args.pipeline is not None else DEFAULT_PIPELINE]
+    pipelines = [args.pipeline if args.pipeline is not None else _default_pipeline(args)]
     if args.compare is not None:
         pipelines.append(args.compare)
     managers = [PassManager.parse(p, **pass_manager_options(args)) for p in pipelines]
@@ -169,9 +189,11 @@ def run(args) -> int:
         results.append(estimate(plan, Target(hardware, mesh, values, context), function))
         meshes.append(_mesh_text(plan))
     mode = f"decode, context {context}" if args.decode else "prefill"
+    if TRAIN_STEP in _functions(plan) and not args.decode:
+        mode = "training step"  # (@train_step: forward, backward and optimizer)
     mesh_text = meshes[0] if len(set(meshes)) == 1 else " vs ".join(meshes)
     print(f"{hardware.name}: {hardware.description}")
-    print(f"mesh {mesh_text}, {mode}, " + ", ".join(f"{k}={v}" for k, v in values.items()))
+    print(f"mesh {mesh_text}, {mode}" + "".join(f", {k}={v}" for k, v in values.items()))
     print()
     if len(results) == 1:
         print(render(results[0], args.group))

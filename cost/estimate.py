@@ -5,6 +5,8 @@
     result = estimate(module, target)
     result.schedule.step_time, result.comm_share, result.mfu
     result.formulas["flops"]             # sympy, in the module's size symbols
+    result.peak_kinds                    # bytes at the peak: parameters, saved activations, ...
+    result.phase_times                   # a training step's: forward, backward, optimizer
     memory_over_range(module, result)    # z3: does peak_memory fit the device for every size?
 
 Each op's time is its roofline, max(FLOPs / peak FLOP/s of its dtype, bytes /
@@ -29,7 +31,19 @@ from ..ir.attrs import MESH_ATTR, SYMBOLS_ATTR, MeshAttr
 from ..ir.effects import updates_state
 from ..ir.errors import PlaitError
 from ..ir.ops import CallOp, CollectiveOp, LocalShardOp, ParamOp, ReshapeOp, WaitOp
+from ..ir.schema import returns_alias
 from ..ir.text import module_path
+from ..ir.training import (
+    BACKWARD,
+    FORWARD,
+    MEMORY_KINDS,
+    OPTIMIZER,
+    TEMPORARY,
+    TRAIN_STEP,
+    gradients,
+    step_phases,
+    value_kinds,
+)
 from ..ir.types import AsyncType, TensorType
 from .bounds import BoundResult, prove_at_most
 from .comm_cost import axis_links, collective_time
@@ -64,6 +78,10 @@ class Estimate:
     ops: list[OpEstimate]
     schedule: Schedule
     formulas: dict[str, sympy.Expr]
+    # bytes alive at the peak by kind (plait.ir.training.MEMORY_KINDS), and seconds
+    # of the ops of each part of a training step (none for other programs)
+    peak_kinds: dict[str, float] = field(default_factory=dict)
+    phase_times: dict[str, float] = field(default_factory=dict)
 
     @property
     def total_flops(self) -> float:
@@ -129,7 +147,8 @@ def _value_bytes(value: SSAValue) -> sympy.Expr:
 
 
 def estimate(module: ModuleOp, target: Target, function: str | None = None) -> Estimate:
-    """Estimate `function` (default: @forward, else the module's first function)."""
+    """Estimate `function` (default: @forward, else @train_step, else the
+    module's first function)."""
     fn = _function(module, function)
     links = axis_links(_mesh(module, target), target.hardware)
     _check_values(module, target)
@@ -147,13 +166,38 @@ def estimate(module: ModuleOp, target: Target, function: str | None = None) -> E
     }
     weights = (o.result for o in fn.body.blocks.first.ops if isinstance(o, ParamOp))
     formulas["peak_memory"] = sympy.Add(*map(_value_bytes, weights), formulas["activation_peak"])
-    return Estimate(target, rows, schedule, formulas)
+    peak_kinds, phase_times = _by_kind(fn, schedule, rows, subs)
+    return Estimate(target, rows, schedule, formulas, peak_kinds, phase_times)
+
+
+def _by_kind(fn: func.FuncOp, schedule: Schedule, rows: list[OpEstimate], subs):
+    """The peak's bytes by kind of memory, as plait.runtime.memory measures them
+    (a view's kind is its base's, if the base is temporary), and a training
+    step's op seconds by phase."""
+    kinds = value_kinds(fn)
+    for view, base in schedule.bases.items():
+        if kinds[base] == TEMPORARY:
+            kinds[base] = kinds[view]
+    sizes = _value_sizes(fn, subs)
+    peak = dict.fromkeys(MEMORY_KINDS, 0.0)
+    held = [o.result for o in fn.body.blocks.first.ops if isinstance(o, ParamOp)]
+    for value in [*held, *schedule.peak_live]:
+        peak[kinds[value]] += sizes.get(value, 0.0)
+    if not gradients(fn):
+        return peak, {}
+    phases = step_phases(fn)
+    times = dict.fromkeys((FORWARD, BACKWARD, OPTIMIZER), 0.0)
+    for row in rows:
+        if row.op in phases:
+            times[phases[row.op]] += row.time
+    return peak, times
 
 
 def _function(module: ModuleOp, function: str | None) -> func.FuncOp:
     functions = {o.sym_name.data: o for o in module.ops if isinstance(o, func.FuncOp)}
     if function is None:
-        function = "forward" if "forward" in functions else next(iter(functions), "forward")
+        default = next((f for f in ("forward", TRAIN_STEP) if f in functions), None)
+        function = default or next(iter(functions), "forward")
     fn = functions.get(function)
     if fn is None:
         raise EstimateError(f"the module has no function @{function}")
@@ -217,6 +261,7 @@ def _op_estimates(fn: func.FuncOp, target: Target, links, subs):
             (cost.kind == "view" and isinstance(op, ReshapeOp))
             or isinstance(op, _ALIASING)
             or updates_state(op)  # writes the KV cache in place: no new memory
+            or (isinstance(op, CallOp) and returns_alias(op.target_name))  # detach, add_
         ):
             views.add(op)
         times[op] = time

@@ -85,9 +85,13 @@ def memory_plan(estimate: Estimate) -> list[tuple[str, str]]:
         int(op.result.type.nbytes) for op in block.ops if isinstance(op, ParamOp) and op.is_state
     )
     training = step_memory(block.parent_op()) if gradients(block.parent_op()) else None
-    if training:  # a training step: its state by kind
+    if training:  # a training step: its state by kind, the peak by kind, its phases
         parts = ", ".join(f"{kind} {_bytes(n)}" for kind, n in training.items() if n)
         rows.append(("training state", f"{parts} per rank"))
+        peak = ", ".join(f"{kind} {_bytes(n)}" for kind, n in estimate.peak_kinds.items() if n)
+        rows.append(("peak memory by kind", f"{peak} per rank"))
+        phases = ", ".join(f"{p} {t * 1e3:.3f} ms" for p, t in estimate.phase_times.items())
+        rows.append(("step phases", f"{phases} (op time, collectives included)"))
     elif state:
         rows.append(("program state", f"{_bytes(state)} per rank (KV cache; in the weights above)"))
     if ARENA_ATTR in module.attributes:

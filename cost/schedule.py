@@ -40,6 +40,7 @@ class Schedule:
     weight_bytes: float = 0.0
     activation_peak: float = 0.0
     peak_live: list[SSAValue] = field(default_factory=list)  # what is alive at the peak
+    bases: dict[SSAValue, SSAValue] = field(default_factory=dict)  # view -> whose memory
 
     @property
     def peak_memory(self) -> float:
@@ -124,4 +125,4 @@ def _memory(block, sizes: dict[SSAValue, float], views: set[Operation], out: Sch
         for value in list(live):
             if last_use.get(value, -1) <= index and not isinstance(op, func.ReturnOp):
                 current -= live.pop(value)
-    out.activation_peak, out.peak_live = peak, peak_live
+    out.activation_peak, out.peak_live, out.bases = peak, peak_live, base

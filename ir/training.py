@@ -215,11 +215,35 @@ def state_module(module: ModuleOp, names: list[str]) -> ModuleOp:
     return out
 
 
-# what a training step holds per rank, by kind (`step_memory`)
+# what a training step holds per rank, by kind (`step_memory`, `value_kinds`)
 PARAMETERS = "parameters"
 GRADIENT_BYTES = "gradients"
 OPTIMIZER_STATE = "optimizer state"
 ACCUMULATORS = "gradient accumulators"
+# and what it computes on the way (`value_kinds`)
+INPUTS = "inputs"
+SAVED = "saved activations"
+TEMPORARY = "temporary"
+MEMORY_KINDS = (
+    PARAMETERS,
+    GRADIENT_BYTES,
+    OPTIMIZER_STATE,
+    ACCUMULATORS,
+    INPUTS,
+    SAVED,
+    TEMPORARY,
+)
+
+
+def state_kind(op: ParamOp) -> str:
+    """What a parameter op holds: a gradient accumulator, optimizer state, or
+    parameters (weights and buffers, trained or not)."""
+    name = op.weight_name
+    if op.is_state and name.startswith(ACCUMULATOR + "."):
+        return ACCUMULATORS
+    if op.is_state and (STATE_OF in op.attributes or name == STEP_STATE):
+        return OPTIMIZER_STATE
+    return PARAMETERS
 
 
 def step_memory(fn: func.FuncOp) -> dict[str, int]:
@@ -232,13 +256,62 @@ def step_memory(fn: func.FuncOp) -> dict[str, int]:
         if not (isinstance(op, ParamOp) and op.is_state) or op.weight_name in seen:
             continue
         seen.add(op.weight_name)
-        name = op.weight_name
-        if name.startswith(ACCUMULATOR + "."):
-            kind = ACCUMULATORS
-        elif STATE_OF in op.attributes or name == STEP_STATE:
-            kind = OPTIMIZER_STATE
-        else:
-            kind = PARAMETERS
-        sizes[kind] += int(op.result.type.nbytes)
+        sizes[state_kind(op)] += int(op.result.type.nbytes)
     sizes[GRADIENT_BYTES] = sum(int(v.type.nbytes) for v in gradients(fn).values())
     return sizes
+
+
+FORWARD, BACKWARD, OPTIMIZER = "forward", "backward", "optimizer"
+
+
+def step_phases(fn: func.FuncOp) -> dict[Operation, str]:
+    """Which part of the step each op is: forward (the ops the returned loss
+    depends on), optimizer (the ops that read a marked gradient, the learning
+    rate or optimizer state, directly or through others: clipping, the
+    update, accumulating) or backward (the rest: from the loss to the
+    gradients, their reductions included)."""
+    block = fn.body.blocks.first
+    phases: dict[Operation, str] = {}
+    pending = [v.owner for v in block.last_op.operands if isinstance(v.owner, Operation)]
+    while pending:
+        op = pending.pop()
+        if op not in phases:
+            phases[op] = FORWARD
+            pending.extend(v.owner for v in op.operands if isinstance(v.owner, Operation))
+    updating = set(gradients(fn).values())
+    updating.update(a for a in block.args if a.name_hint == LR_INPUT)
+    for op in block.ops:
+        if op in phases or op is block.last_op:
+            continue
+        if (isinstance(op, ParamOp) and state_kind(op) != PARAMETERS) or any(
+            v in updating for v in op.operands
+        ):
+            phases[op] = OPTIMIZER
+            updating.update(op.results)
+        else:
+            phases[op] = BACKWARD
+    return phases
+
+
+def value_kinds(fn: func.FuncOp) -> dict[SSAValue, str]:
+    """The kind of memory each value of a step is (see MEMORY_KINDS): inputs,
+    parameter ops' by `state_kind`, the marked gradients, saved activations
+    (values of the forward that a later op reads: what backward keeps) and
+    temporary (the rest)."""
+    block = fn.body.blocks.first
+    phases = step_phases(fn)
+    marked = set(gradients(fn).values())
+    kinds: dict[SSAValue, str] = dict.fromkeys(block.args, INPUTS)
+    for op in block.ops:
+        for result in op.results:
+            if isinstance(op, ParamOp):
+                kinds[result] = state_kind(op)
+            elif result in marked:
+                kinds[result] = GRADIENT_BYTES
+            elif phases.get(op) == FORWARD and any(
+                phases.get(u.operation, FORWARD) != FORWARD for u in result.uses
+            ):
+                kinds[result] = SAVED
+            else:
+                kinds[result] = TEMPORARY
+    return kinds

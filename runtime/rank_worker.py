@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch.utils import _pytree as pytree
 
 from .heartbeat import Heartbeat
+from .memory import gather
 from .workers import pack, unpack
 
 # what the caller may ask for: the model's flat outputs (the caller rebuilds
@@ -38,9 +39,11 @@ CALLS = {
     ),
     "generate": lambda compiled, *args, **options: compiled.generate(*args, **options),
     "run": lambda compiled, function, *inputs: compiled.run(function, *inputs),
-    # a Trainer: one step at a learning rate (the caller's schedule), whole state
-    "train": lambda trainer, batch, lr: trainer.run_step(batch, lr),
+    # a Trainer: one step at a learning rate (the caller's schedule), measured
+    # or not; whole state; every rank's record of the last measured step
+    "train": lambda trainer, batch, lr, measure=False: trainer.run_step(batch, lr, measure),
     "state": lambda trainer: trainer.saved_state(),
+    "memory": lambda trainer: gather(trainer.memory(measured=True)),
 }
 
 

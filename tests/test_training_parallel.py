@@ -73,6 +73,7 @@ class Run:
     expected: list[torch.Tensor]  # eager's losses
     reference: torch.nn.Module  # eager's trained model
     checkpoint: object  # saved after SAVE_AFTER steps
+    measured: list[dict[str, int]]  # each rank's memory in the last step (measured)
 
 
 def _run(model, shard, options, tmp, *, accumulation=1, clip=None, rows=4, then="") -> Run:
@@ -93,8 +94,10 @@ def _run(model, shard, options, tmp, *, accumulation=1, clip=None, rows=4, then=
         for step, batch in enumerate(batches):
             if step == SAVE_AFTER:
                 trainer.save(tmp)
+            trainer.measure_memory = step == STEPS - 1  # (the results stay the same)
             losses.append(trainer.step(*batch))
         state = trainer.state_dict()
+        measured = trainer.memory(measured=True)
     finally:
         trainer.close()  # (the worker ranks: their state is in `state` and the checkpoint)
     return Run(
@@ -109,6 +112,7 @@ def _run(model, shard, options, tmp, *, accumulation=1, clip=None, rows=4, then=
         expected,
         reference,
         tmp,
+        measured,
     )
 
 
@@ -456,6 +460,29 @@ def test_step_memory_matches_the_tensors_a_rank_holds():
     memory = trainer.memory()
     assert {k: memory[k] for k in held} == held
     assert memory["gradients"] == sum(g.nbytes for g in gradients.values())
+
+
+@pytest.mark.parametrize("run", ["tp_llama", "dp_llama", "dp_tp_llama"])
+def test_predicted_peak_memory_is_each_ranks_measured_peak(run, request):
+    """Every rank's peak in a step, measured, is the estimate's (and so are
+    its kinds: state, saved activations, temporary)."""
+    from test_training_memory import check_prediction, predict
+
+    run = request.getfixturevalue(run)
+    assert len(run.measured) == run.trainer.world_size
+    predicted = predict(run.trainer)
+    for record in run.measured:
+        check_prediction(predicted, record)
+
+
+def test_estimate_of_a_checkpoint_runs_its_training_pipeline(tp_llama, capsys):
+    from plait import cli
+
+    assert cli.main(["estimate", str(tp_llama.checkpoint), "--hardware", "h100-sxm"]) == 0
+    rows = dict(line.split(":", 1) for line in capsys.readouterr().out.splitlines() if ":" in line)
+    assert rows["mesh tp"].startswith("2, training step")
+    assert "saved activations" in rows["peak memory by kind"]
+    assert all(f"{p} " in rows["step phases"] for p in ("forward", "backward", "optimizer"))
 
 
 def test_estimate_reports_a_training_steps_state(tp_llama, capsys):

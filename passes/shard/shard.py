@@ -34,7 +34,12 @@ hardware file at the given sizes, weights within `memory` bytes per device:
     shard{mesh=tp:8,solve=ilp,hardware=h100-sxm,values=batch:1,seq:2048,memory=40e9}
 
 The module records the outcome (optimal or feasible, the objective) in
-`plait.sharding`. A manual plan still decides the layers it names.
+`plait.sharding`. A manual plan still decides the layers it names. A
+training step is sharded by its own rules (`step`), which hold each piece of
+state in one placement for forward, backward and update, a constraint the
+integer program does not model yet: with `solve=ilp` the pass warns, records
+the cost model's time for the step it emits (forward, backward, optimizer
+and collectives) and checks its weights and state against `memory`.
 
 A `dp` axis (`mesh=dp:2,tp:4`) splits the batch: after the tensor axis is
 sharded, each rank of `dp` takes its slice of every input's dim 0, weights
@@ -102,7 +107,7 @@ from ..options import Mesh, OptionError, Plan, SizeValues, check_all_match
 from .experts import ExpertMLP, find_expert_mlps
 from .experts import operands as grouped_operands
 from .grad_buckets import BUCKET_MB, bucket_gradients
-from .ilp import Solution, solve
+from .ilp import Solution, SolveError, solve
 from .rules import (
     DATA_AXES,
     EXPERT_AXIS,
@@ -703,11 +708,13 @@ class Shard(Pass):
                 bucket_gradients(block, data[0], self.bucket_mb * 2**20)
             _check_alike(op)
         op.attributes[MESH_ATTR] = MeshAttr(tuple(axes.items()))
+        if self.solve is Solver.ILP and _is_step(op):
+            self._price_step(op)
 
     def _shard(self, op: ModuleOp, plan, axes: tuple[str, ...], axis: str, n: int) -> None:
         blocks = list(function_blocks(op))
         chosen = None
-        if self.solve is Solver.ILP:
+        if self.solve is Solver.ILP and not _is_step(op):
             solution = self._ilp_solution(op, blocks, axis, n, plan)
             chosen = solution.decisions
             op.attributes[SHARDING_ATTR] = StringAttr(
@@ -722,6 +729,33 @@ class Shard(Pass):
     @property
     def _hardware(self) -> str:
         return self.hardware or "h100-sxm"
+
+    def _price_step(self, module: ModuleOp) -> None:
+        """A training step sharded by its rules: its predicted time and what
+        each device holds, by the cost model (see the module's docstring)."""
+        from ...cost.estimate import Target, estimate
+        from ...hardware import load
+
+        warnings.warn(
+            "shard{solve=ilp}: a training step is sharded by the step rules (the integer "
+            "program does not model its state's one placement per step yet); plait.sharding "
+            "gives the cost model's time for it",
+            stacklevel=2,
+        )
+        values = (self.values or SizeValues()).at(module, "shard")
+        step = estimate(module, Target(load(self._hardware), values=values), TRAIN_STEP)
+        held = step.schedule.weight_bytes  # parameters, optimizer state, accumulators
+        if self.memory is not None and held > self.memory:
+            raise SolveError(
+                f"memory budget {self.memory:.4g} B per device is below what the training "
+                f"step's weights and state need on this mesh, {held:.4g} B; raise memory or "
+                "use a larger mesh"
+            )
+        module.attributes[SHARDING_ATTR] = StringAttr(
+            f"step rules on {self._hardware}: predicted {step.schedule.step_time:.6g} s/step "
+            "(forward, backward, optimizer and collectives), weights and state "
+            f"{held:.6g} B/device"
+        )
 
     def _ilp_solution(self, module: ModuleOp, blocks, axis: str, n: int, plan) -> Solution:
         from ...cost.comm_cost import axis_links
@@ -747,6 +781,10 @@ class Shard(Pass):
             style_of=lambda op: _style(plan, op),
             fixed=fixed,
         )
+
+
+def _is_step(module: ModuleOp) -> bool:
+    return any(b.parent.parent.sym_name.data == TRAIN_STEP for b in function_blocks(module))
 
 
 def _shard_block(sharder: _Sharder, module: ModuleOp) -> None:
