@@ -1,0 +1,652 @@
+"""zero{stage=1|2}: ZeRO over the data axis of a sharded training step.
+
+After `shard{mesh=dp:N[,tp:M]}` the N data-parallel ranks each hold the
+whole (tp-local) parameters, gradients and optimizer moments, and all run
+the same update. ZeRO (Rajbhandari et al., 2020) splits that over the ranks:
+
+- stage 1, optimizer state: each rank keeps 1/N of every moment and runs the
+  optimizer's element-wise update on its 1/N of each parameter; the updated
+  slices are all-gathered in async buckets (each started when its last slice
+  is made, waited for at the step's end) and copied into the whole parameter.
+- stage 2, and gradients: each gradient bucket's all-reduce becomes a
+  reduce-scatter, so a rank receives only its slice of the summed gradients;
+  gradient clipping's global norm sums the squares of the slices, over the
+  ranks with one all-reduce.
+
+A rank's slice of a tensor is of its flattened form, zero-padded to a
+multiple of N (a `flat` placement: `plait.placements<[flat([176, 64])]>`,
+ceil(numel / N) elements a rank), one per parameter, so a checkpoint still
+holds whole tensors by name: the state program gathers them
+(`ir.training.state_module`) and a rank reads its piece of a whole tensor
+when it starts (`ir.weights.flat_piece`).
+
+    canonicalize,cse,dce,shard{mesh=dp:2,tp:2},zero{stage=2}
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from xdsl.context import Context
+from xdsl.dialects import func
+from xdsl.dialects.builtin import ArrayAttr, ModuleOp, StringAttr
+from xdsl.ir import Block, Operation, SSAValue
+from xdsl.rewriter import InsertPoint, Rewriter
+
+from ...ir.args import ArgsAttr, Operand
+from ...ir.attrs import PLACEMENTS_ATTR, REPLICATE, PlacementsAttr, flat, mesh_axes
+from ...ir.errors import PlaitError
+from ...ir.ops import (
+    AllGatherOp,
+    AllReduceOp,
+    CallOp,
+    CollectiveOp,
+    ElementwiseOp,
+    LocalShardOp,
+    ParamOp,
+    ReduceScatterOp,
+    WaitOp,
+    call_op_class,
+)
+from ...ir.schema import writes_input
+from ...ir.text import where
+from ...ir.training import (
+    ACCUMULATE,
+    ACCUMULATOR,
+    GRAD_OF,
+    STATE_OF,
+    TRAIN_STEP,
+    gradients,
+    mark_gradient,
+)
+from ...ir.types import TensorType
+from ..base import Pass
+from ..options import OptionError
+from .grad_buckets import BUCKET_MB
+from .rules import DATA_AXES
+from .step import squares_for_global_norms
+
+STAGES = {1: "optimizer state", 2: "optimizer state and gradients"}
+
+
+class ZeroError(PlaitError):
+    """A program zero cannot shard, with what to change."""
+
+
+def _call(before: Operation, name: str, target: str, values, args, result: TensorType):
+    """A call of `target` on `values`, inserted before `before`, at its location."""
+    new = call_op_class(target)(target, values, ArgsAttr(tuple(args), ()), [result])
+    new.location = before.location
+    new.results[0].name_hint = name
+    Rewriter.insert_op(new, InsertPoint.before(before))
+    return new.results[0]
+
+
+def _insert(op: Operation, before: Operation, name: str) -> SSAValue:
+    op.location = before.location
+    op.results[0].name_hint = name
+    Rewriter.insert_op(op, InsertPoint.before(before))
+    return op.results[0]
+
+
+def _hint(value: SSAValue) -> str:
+    return value.name_hint or "value"
+
+
+@dataclass
+class _Updated:
+    """A parameter whose update ran on this rank's slice."""
+
+    root: SSAValue  # the parameter, whole
+    piece: SSAValue  # its updated flat slice
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.root.type.shape)
+
+
+class _StepZero:
+    """ZeRO's rewrite of one @train_step block along the data axis `axis`."""
+
+    def __init__(self, block: Block, axis: str, n: int, axes, stage: int, bucket_bytes: float):
+        self.block, self.axis, self.n, self.axes = block, axis, n, tuple(axes)
+        self.stage, self.bucket_bytes = stage, bucket_bytes
+        fn = block.parent_op()
+        self.grads = gradients(fn)
+        self.state = {
+            op.weight_name: op for op in block.ops if isinstance(op, ParamOp) and op.is_state
+        }
+        self.known: dict[SSAValue, SSAValue] = {}  # a whole gradient -> its slice (stage 2)
+        self.slices: dict[SSAValue, SSAValue] = {}  # a whole value -> its slice, made here
+        self.gone: list[Operation] = []  # replaced ops, erased with what only they read
+
+    def run(self) -> None:
+        if self.stage >= 2:
+            self.scatter_buckets()
+        updated = [self.slice_update(name) for name in self.trained()]
+        if self.stage >= 2:
+            self.norms_from_slices()
+        self.gather_buckets(updated)
+        self.erase_gone()
+
+    # ---- the layout -------------------------------------------------------------
+
+    def piece_size(self, shape) -> int:
+        return -(-math.prod(shape) // self.n)
+
+    def flat_piece(self, value: SSAValue, before: Operation) -> SSAValue:
+        """This rank's piece of `value` flattened and zero-padded (a view where no pad is needed)."""
+        t = value.type
+        numel, size = math.prod(t.shape), self.piece_size(t.shape)
+        x = _call(
+            before,
+            f"{_hint(value)}_flat",
+            "aten::reshape",
+            [value],
+            [Operand(0), (-1,)],
+            t.with_shape([numel]),
+        )
+        if size * self.n != numel:
+            x = _call(
+                before,
+                f"{_hint(value)}_padded",
+                "aten::constant_pad_nd",
+                [x],
+                [Operand(0), (0, size * self.n - numel), 0.0],
+                t.with_shape([size * self.n]),
+            )
+        piece = LocalShardOp(x, t.with_shape([size]), self.axis, 0)
+        return _insert(piece, before, f"{_hint(value)}_piece")
+
+    def trained(self) -> list[str]:
+        """The trained parameters, in the order of their updates."""
+        position = {op: i for i, op in enumerate(self.block.ops)}
+        names = [n for n in self.grads if n in self.state and _updates(self.state[n].result)]
+        return sorted(names, key=lambda n: position[_updates(self.state[n].result)[0]])
+
+    # ---- stage 1: the update on a slice -------------------------------------------
+
+    def slice_update(self, name: str) -> _Updated:
+        """Run the optimizer's update of `name` (its in-place writes, and every op
+        that reads its moments) on this rank's flat slices."""
+        param = self.state[name]
+        root, shape = param.result, tuple(param.result.type.shape)
+        if not all(isinstance(d, int) for d in shape):
+            raise ZeroError(f"{where(param)}: zero needs static shapes; '{name}' is {list(shape)}")
+        chain = _updates(root)
+        moments = [
+            op
+            for op in self.state.values()
+            if STATE_OF in op.attributes
+            and op.attributes[STATE_OF].data == name
+            and not op.weight_name.startswith(ACCUMULATOR + ".")
+        ]
+        region = _region(chain, [m.result for m in moments])
+        size = self.piece_size(shape)
+        mapped = {m.result: self.moment_piece(m, shape, size) for m in moments}
+        position = {op: i for i, op in enumerate(self.block.ops)}
+        ordered = sorted(region, key=position.__getitem__)
+        for op in ordered:
+            if not isinstance(op, CallOp) or any(r.type.shape != shape for r in op.results):
+                raise ZeroError(
+                    f"{where(op)}: the optimizer's update of '{name}' {list(shape)} has an op "
+                    f"that is not element-wise on it ({op.name}); zero slices element-wise "
+                    "updates only (torch.optim's AdamW, Adam, SGD)"
+                )
+            values = []
+            for i, v in enumerate(op.operands):
+                if v in mapped:
+                    values.append(mapped[v])
+                elif v is root and op is chain[0] and i == 0:  # the slice updated in place
+                    piece = self.flat_piece(root, op)
+                    values.append(
+                        _call(
+                            op,
+                            f"param_piece.{name}",
+                            "aten::clone",
+                            [piece],
+                            [Operand(0)],
+                            piece.type,
+                        )
+                    )
+                elif v.type.rank == 0:
+                    values.append(v)
+                elif tuple(v.type.shape) == shape:
+                    values.append(self.slice_of(v, op, shape, region))
+                else:
+                    raise ZeroError(
+                        f"{where(op)}: the optimizer's update of '{name}' reads a tensor of "
+                        f"shape {list(v.type.shape)}, neither a scalar nor shaped like the parameter"
+                    )
+            attributes = {k: a for k, a in op.attributes.items() if k != GRAD_OF}
+            new = type(op)(
+                op.target_name,
+                values,
+                op.args,
+                [r.type.with_shape([size]) for r in op.results],
+                attributes,
+            )
+            new.location = op.location
+            for old, fresh in zip(op.results, new.results):
+                fresh.name_hint = old.name_hint
+                mapped[old] = fresh
+            Rewriter.insert_op(new, InsertPoint.before(op))
+        for op in reversed(ordered):
+            Rewriter.erase_op(op)
+        for m in moments:
+            Rewriter.erase_op(m)
+        return _Updated(root, mapped[chain[-1].results[0]])
+
+    def moment_piece(self, moment: ParamOp, shape, size: int) -> SSAValue:
+        """The moment's state as this rank's flat piece (placed `flat` along the axis)."""
+        new = ParamOp(moment.weight_name, moment.result.type.with_shape([size]), moment.kind.data)
+        new.attributes.update(moment.attributes)
+        placed = moment.attributes.get(PLACEMENTS_ATTR)
+        placements = list(placed.data) if placed else [REPLICATE] * len(self.axes)
+        placements[self.axes.index(self.axis)] = flat(shape)
+        new.attributes[PLACEMENTS_ATTR] = PlacementsAttr(tuple(placements))
+        new.location = moment.location
+        new.result.name_hint = moment.result.name_hint
+        Rewriter.insert_op(new, InsertPoint.after(moment))
+        return new.result
+
+    def slice_of(self, value: SSAValue, before: Operation, shape, region) -> SSAValue:
+        """This rank's slice of `value`: known (a scattered gradient), computed on
+        slices where `value` is element-wise math read only by the update (the
+        clipped gradient), else cut from the whole value."""
+        if value in self.known:
+            return self.known[value]
+        if value in self.slices:
+            return self.slices[value]
+        owner = value.owner
+        if (
+            isinstance(owner, ElementwiseOp)
+            and len(owner.results) == 1
+            and all(u.operation in region for u in value.uses)
+            and all(v.type.rank == 0 or tuple(v.type.shape) == shape for v in owner.operands)
+        ):
+            values = [
+                v if v.type.rank == 0 else self.slice_of(v, before, shape, region)
+                for v in owner.operands
+            ]
+            result = value.type.with_shape([self.piece_size(shape)])
+            attributes = {k: a for k, a in owner.attributes.items() if k != GRAD_OF}
+            new = type(owner)(owner.target_name, values, owner.args, [result], attributes)
+            piece = _insert(new, before, f"{_hint(value)}_piece")
+            self.gone.append(owner)
+        else:
+            piece = self.flat_piece(value, before)
+        self.slices[value] = piece
+        return piece
+
+    # ---- stage 1: whole parameters again --------------------------------------------
+
+    def gather_buckets(self, updated: list[_Updated]) -> None:
+        """All-gather the updated slices in async buckets of about `bucket_bytes`,
+        each started after its last slice is made; wait at the step's end and
+        copy each parameter's pieces into it."""
+        position = {op: i for i, op in enumerate(self.block.ops)}
+        updated = sorted(updated, key=lambda u: position[u.piece.owner])
+        buckets: list[list[_Updated]] = []
+        size = 0.0
+        for u in updated:
+            if (
+                not buckets
+                or size >= self.bucket_bytes
+                or buckets[-1][0].piece.type.dtype != u.piece.type.dtype
+            ):
+                buckets.append([])
+                size = 0.0
+            buckets[-1].append(u)
+            size += u.piece.type.nbytes
+        end = self.block.last_op
+        for bucket in buckets:
+            self.gather_bucket(bucket, end)
+
+    def gather_bucket(self, bucket: list[_Updated], end: Operation) -> None:
+        position = {op: i for i, op in enumerate(self.block.ops)}
+        start_at = max((u.piece.owner for u in bucket), key=position.__getitem__).next_op
+        pieces = [u.piece for u in bucket]
+        t = pieces[0].type
+        total = sum(p.type.shape[0] for p in pieces)
+        cat = _call(
+            start_at,
+            "param_bucket",
+            "aten::cat",
+            pieces,
+            [tuple(Operand(i) for i in range(len(pieces))), 0],
+            t.with_shape([total]),
+        )
+        start = _insert(
+            AllGatherOp(cat, t.with_shape([self.n * total]), self.axis, 0, is_async=True),
+            start_at,
+            "param_bucket_gathering",
+        )
+        waited = _insert(WaitOp(start), end, "param_bucket_gathered")
+        rows = _call(
+            end,
+            "param_rows",
+            "aten::view",
+            [waited],
+            [Operand(0), (self.n, total)],
+            t.with_shape([self.n, total]),
+        )
+        offset = 0
+        for u in bucket:
+            size = u.piece.type.shape[0]
+            numel = math.prod(u.shape)
+            name = _hint(u.root)
+            cut = _call(
+                end,
+                f"{name}_pieces",
+                "aten::slice.Tensor",
+                [rows],
+                [Operand(0), 1, offset, offset + size],
+                t.with_shape([self.n, size]),
+            )
+            whole = _call(
+                end,
+                f"{name}_flat",
+                "aten::reshape",
+                [cut],
+                [Operand(0), (self.n * size,)],
+                t.with_shape([self.n * size]),
+            )
+            if self.n * size != numel:
+                whole = _call(
+                    end,
+                    f"{name}_unpadded",
+                    "aten::slice.Tensor",
+                    [whole],
+                    [Operand(0), 0, 0, numel],
+                    t.with_shape([numel]),
+                )
+            whole = _call(
+                end, f"{name}_whole", "aten::view", [whole], [Operand(0), u.shape], u.root.type
+            )
+            _call(
+                end,
+                f"param.{name}",
+                "aten::copy_",
+                [u.root, whole],
+                [Operand(0), Operand(1)],
+                u.root.type,
+            )
+            offset += size
+
+    # ---- stage 2: gradients ---------------------------------------------------------
+
+    def scatter_buckets(self) -> None:
+        """Each gradient bucket's all-reduce (`grad_buckets`) becomes a reduce-
+        scatter of the buckets' flat pieces: rank r receives piece r of every
+        gradient in the bucket, summed; the slices carry the gradients' marks."""
+        marked = {v: name for name, v in self.grads.items()}
+        for start in [op for op in self.block.ops if isinstance(op, AllReduceOp)]:
+            bucket = _bucket(start, self.axis)
+            if bucket is None:
+                continue
+            flats, wait, wholes = bucket
+            names = [_gradient_name(f.owner.operands[0], marked) for f in flats]
+            rows, offsets, total = [], [], 0
+            for f in flats:
+                numel, size = f.type.shape[0], self.piece_size(f.type.shape)
+                x = f
+                if size * self.n != numel:
+                    x = _call(
+                        start,
+                        f"{_hint(f)}_padded",
+                        "aten::constant_pad_nd",
+                        [x],
+                        [Operand(0), (0, size * self.n - numel), 0.0],
+                        f.type.with_shape([size * self.n]),
+                    )
+                rows.append(
+                    _call(
+                        start,
+                        f"{_hint(f)}_rows",
+                        "aten::view",
+                        [x],
+                        [Operand(0), (self.n, size)],
+                        f.type.with_shape([self.n, size]),
+                    )
+                )
+                offsets.append((total, size))
+                total += size
+            t = flats[0].type
+            cat = _call(
+                start,
+                "grad_bucket",
+                "aten::cat",
+                rows,
+                [tuple(Operand(i) for i in range(len(rows))), 1],
+                t.with_shape([self.n, total]),
+            )
+            flat_bucket = _call(
+                start,
+                "grad_bucket",
+                "aten::reshape",
+                [cat],
+                [Operand(0), (self.n * total,)],
+                t.with_shape([self.n * total]),
+            )
+            scatter = ReduceScatterOp(
+                flat_bucket, t.with_shape([total]), self.axis, 0, "sum", is_async=True
+            )
+            scattering = _insert(scatter, start, "grad_bucket_scattering")
+            waited = _insert(WaitOp(scattering), wait, "grad_bucket_scattered")
+            for whole, name, (offset, size) in zip(wholes, names, offsets):
+                piece = _call(
+                    wait,
+                    f"grad_piece.{name}",
+                    "aten::slice.Tensor",
+                    [waited],
+                    [Operand(0), 0, offset, offset + size],
+                    t.with_shape([size]),
+                )
+                self.known[whole] = piece
+                _move_mark(self.grads[name], piece, name)
+            self.gone.extend(w.owner for w in wholes)
+
+    def norms_from_slices(self) -> None:
+        """Clipping's global norm over scattered gradients: the sum of each
+        slice's squares, all-reduced over the axis (zeros pad: they add none)."""
+        squares_for_global_norms(self.block, _call)  # (already so under a tensor axis)
+        stacks = {}
+        for whole, piece in self.known.items():
+            for use in list(whole.uses):
+                op = use.operation
+                if op in self.gone:
+                    continue
+                total = _square_sum(op, whole)
+                if total is None:
+                    raise ZeroError(
+                        f"{where(op)}: reads the whole gradient '{_hint(whole)}', of which "
+                        "zero{stage=2} keeps only this rank's slice; use zero{stage=1}"
+                    )
+                squares = _call(
+                    op,
+                    "grad_squares",
+                    "aten::mul.Tensor",
+                    [piece, piece],
+                    [Operand(0), Operand(1)],
+                    piece.type,
+                )
+                part = _call(
+                    total,
+                    "grad_square_sum",
+                    "aten::sum",
+                    [squares],
+                    [Operand(0)],
+                    total.results[0].type,
+                )
+                for reader in {u.operation for u in total.results[0].uses}:
+                    stacks[reader] = stacks.get(reader, 0) + 1
+                total.results[0].replace_all_uses_with(part)
+                self.gone += [total, op]
+        for stack in stacks:
+            if not (isinstance(stack, CallOp) and stack.target_name == "aten::stack"):
+                raise ZeroError(
+                    f"{where(stack)}: a gradient's square sum is read here, not stacked for the global norm"
+                )
+            reduced = AllReduceOp(stack.results[0], self.axis, "sum")
+            reduced.location = stack.location
+            reduced.results[0].name_hint = "grad_square_sums"
+            Rewriter.insert_op(reduced, InsertPoint.after(stack))
+            stack.results[0].replace_all_uses_with(reduced.results[0])
+            reduced.operands[0] = stack.results[0]
+
+    # ---- cleaning up ------------------------------------------------------------------
+
+    def erase_gone(self) -> None:
+        """Erase the replaced ops and what only they read (the old buckets)."""
+        todo = list(self.gone)
+        while todo:
+            op = todo.pop()
+            if op.parent is not self.block or any(r.uses for r in op.results):
+                continue
+            if isinstance(op, CallOp) and writes_input(op.target_name):
+                continue
+            if not isinstance(op, (CallOp, CollectiveOp, WaitOp)):
+                continue
+            owners = [v.owner for v in op.operands if isinstance(v.owner, Operation)]
+            Rewriter.erase_op(op)
+            todo.extend(owners)
+
+
+def _updates(value: SSAValue) -> list[CallOp]:
+    """The in-place calls that overwrite the state `value`, one on another's result."""
+    chain = []
+    while True:
+        writes = [
+            u.operation
+            for u in value.uses
+            if u.index == 0
+            and isinstance(u.operation, CallOp)
+            and writes_input(u.operation.target_name)
+        ]
+        if not writes:
+            return chain
+        chain.append(writes[0])
+        value = writes[0].results[0]
+
+
+def _region(chain: list[CallOp], moments: list[SSAValue]) -> set[Operation]:
+    """A parameter's update: its in-place writes and every op that reads
+    (transitively) their results or the moments."""
+    region: set[Operation] = set(chain)
+    todo = [*moments, *(r for op in chain for r in op.results)]
+    while todo:
+        for use in todo.pop().uses:
+            if use.operation not in region:
+                region.add(use.operation)
+                todo.extend(use.operation.results)
+    return region
+
+
+def _bucket(start: AllReduceOp, axis: str):
+    """A gradient bucket's all-reduce (`grad_buckets._reduce_bucket`): (the flat
+    gradients it concatenates, its wait, the whole gradients cut from it in
+    order), or None for another all-reduce."""
+    cat = start.input.owner
+    if not (
+        start.is_async is not None
+        and start.axis.data == axis
+        and isinstance(cat, CallOp)
+        and cat.target_name == "aten::cat"
+        and len(list(start.result.uses)) == 1
+    ):
+        return None
+    wait = next(iter(start.result.uses)).operation
+    cuts = sorted((u.operation for u in wait.result.uses), key=lambda op: op.arg("start"))
+    wholes = [next(iter(c.results[0].uses)).operation.results[0] for c in cuts]
+    if len(wholes) != len(cat.operands):
+        return None
+    return list(cat.operands), wait, wholes
+
+
+def _gradient_name(value: SSAValue, marked: dict[SSAValue, str]) -> str:
+    """The parameter whose marked gradient `value` is (or is a view of)."""
+    for _ in range(4):
+        if value in marked:
+            return marked[value]
+        value = value.owner.operands[0]
+    raise ZeroError(
+        f"{where(value.owner)}: a gradient bucket holds a value that is no marked gradient"
+    )
+
+
+def _move_mark(old: SSAValue, new: SSAValue, name: str) -> None:
+    """The gradient of `name` the optimizer reads is now `new`."""
+    op = old.owner
+    mark = [a.data for a in op.attributes[GRAD_OF].data]
+    mark[mark.index(name)] = ""
+    if any(mark):
+        op.attributes[GRAD_OF] = ArrayAttr([StringAttr(m) for m in mark])
+    else:
+        del op.attributes[GRAD_OF]
+    mark_gradient(new, name)
+
+
+def _square_sum(op: Operation, g: SSAValue) -> CallOp | None:
+    """The full sum of `op` = g * g, if that is what `op` feeds."""
+    if not (
+        isinstance(op, CallOp)
+        and op.target_name == "aten::mul.Tensor"
+        and list(op.operands) == [g, g]
+    ):
+        return None
+    readers = [u.operation for u in op.results[0].uses]
+    if (
+        len(readers) != 1
+        or not isinstance(readers[0], CallOp)
+        or readers[0].target_name != "aten::sum"
+    ):
+        return None
+    return readers[0]
+
+
+@dataclass(frozen=True)
+class Zero(Pass):
+    name = "zero"
+    summary = "ZeRO: optimizer state (1) and gradients (2) sharded over the data axis"
+    requires = ("shard",)
+
+    stage: int = 1  # 1: optimizer state; 2: and gradients
+    bucket_mb: float = BUCKET_MB  # updated parameters all-gathered in buckets of this
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.stage not in STAGES:
+            choices = ", ".join(f"{s} ({what})" for s, what in STAGES.items())
+            raise OptionError(f"stage is one of {choices}, not {self.stage}", "stage")
+        if not self.bucket_mb > 0:
+            raise OptionError(
+                f"bucket_mb is MiB per parameter bucket, > 0, not {self.bucket_mb:g}", "bucket_mb"
+            )
+
+    def apply(self, ctx: Context, op: ModuleOp) -> None:
+        axes = mesh_axes(op)
+        data = [a for a, n in axes.items() if a in DATA_AXES and n > 1]
+        here = f"zero{{stage={self.stage}}}"
+        if not data:
+            mesh = ",".join(f"{a}:{n}" for a, n in axes.items()) or "none (not sharded)"
+            raise ZeroError(
+                f"{here} shards over a data-parallel axis ({', '.join(DATA_AXES)}), but the "
+                f"program's mesh is {mesh}; shard with one first: "
+                "shard{mesh=dp:N} or shard{mesh=dp:N,tp:M} before zero in the pipeline"
+            )
+        functions = {f.sym_name.data: f for f in op.ops if isinstance(f, func.FuncOp)}
+        if TRAIN_STEP not in functions:
+            raise ZeroError(
+                f"{here} shards a training step's state, and the program has no @{TRAIN_STEP}; "
+                "compile it with plait.compile_training"
+            )
+        if self.stage >= 2 and ACCUMULATE in functions:
+            raise ZeroError(
+                f"{here} does not shard gradient accumulators yet; with accumulation > 1 "
+                "use zero{stage=1}"
+            )
+        block = functions[TRAIN_STEP].body.blocks.first
+        axis = data[0]
+        _StepZero(block, axis, axes[axis], axes, self.stage, self.bucket_mb * 2**20).run()
