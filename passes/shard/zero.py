@@ -379,93 +379,149 @@ class _StepZero:
 
     def scatter_buckets(self) -> None:
         """Each gradient bucket's all-reduce (`grad_buckets`) becomes a reduce-
-        scatter of the buckets' flat pieces: rank r receives piece r of every
-        gradient in the bucket, summed; the slices carry the gradients' marks."""
+        scatter of the gradients' flat pieces: rank r receives piece r of every
+        gradient in the bucket, summed; the pieces carry the gradients' marks.
+        A gradient that is not shaped as its parameter (reduced before a tensor
+        axis slices it) stays whole, all-reduced in a bucket of its own."""
         marked = {v: name for name, v in self.grads.items()}
         for start in [op for op in self.block.ops if isinstance(op, AllReduceOp)]:
             bucket = _bucket(start, self.axis)
             if bucket is None:
                 continue
             flats, wait, wholes = bucket
-            names = [_gradient_name(f.owner.operands[0], marked) for f in flats]
-            rows, offsets, total = [], [], 0
-            for f in flats:
-                numel, size = f.type.shape[0], self.piece_size(f.type.shape)
-                x = f
-                if size * self.n != numel:
-                    x = _call(
-                        start,
-                        f"{_hint(f)}_padded",
-                        "aten::constant_pad_nd",
-                        [x],
-                        [Operand(0), (0, size * self.n - numel), 0.0],
-                        f.type.with_shape([size * self.n]),
-                    )
-                rows.append(
-                    _call(
-                        start,
-                        f"{_hint(f)}_rows",
-                        "aten::view",
-                        [x],
-                        [Operand(0), (self.n, size)],
-                        f.type.with_shape([self.n, size]),
-                    )
-                )
-                offsets.append((total, size))
-                total += size
-            t = flats[0].type
-            cat = _call(
-                start,
-                "grad_bucket",
-                "aten::cat",
-                rows,
-                [tuple(Operand(i) for i in range(len(rows))), 1],
-                t.with_shape([self.n, total]),
-            )
-            flat_bucket = _call(
-                start,
-                "grad_bucket",
-                "aten::reshape",
-                [cat],
-                [Operand(0), (self.n * total,)],
-                t.with_shape([self.n * total]),
-            )
-            scatter = ReduceScatterOp(
-                flat_bucket, t.with_shape([total]), self.axis, 0, "sum", is_async=True
-            )
-            scattering = _insert(scatter, start, "grad_bucket_scattering")
-            waited = _insert(WaitOp(scattering), wait, "grad_bucket_scattered")
-            for whole, name, (offset, size) in zip(wholes, names, offsets):
-                piece = _call(
-                    wait,
-                    f"grad_piece.{name}",
-                    "aten::slice.Tensor",
-                    [waited],
-                    [Operand(0), 0, offset, offset + size],
-                    t.with_shape([size]),
-                )
-                self.known[whole] = piece
-                _move_mark(self.grads[name], piece, name)
+            members = [
+                (f, whole, _gradient_name(f.owner.operands[0], marked))
+                for f, whole in zip(flats, wholes)
+            ]
+            shaped = [m for m in members if m[1].type == self.state[m[2]].result.type]
+            if not shaped:
+                continue
+            self.scatter(shaped, start, wait)
+            rest = [m for m in members if m not in shaped]
+            if rest:
+                self.reduce(rest, start, wait)
             self.gone.extend(w.owner for w in wholes)
 
+    def _cat(self, values, dim: int, before: Operation, shape) -> SSAValue:
+        return _call(
+            before,
+            "grad_bucket",
+            "aten::cat",
+            values,
+            [tuple(Operand(i) for i in range(len(values))), dim],
+            values[0].type.with_shape(shape),
+        )
+
+    def scatter(self, members, start: AllReduceOp, wait: WaitOp) -> None:
+        rows, offsets, total = [], [], 0
+        for f, _, _ in members:
+            numel, size = f.type.shape[0], self.piece_size(f.type.shape)
+            x = f
+            if size * self.n != numel:
+                x = _call(
+                    start,
+                    f"{_hint(f)}_padded",
+                    "aten::constant_pad_nd",
+                    [x],
+                    [Operand(0), (0, size * self.n - numel), 0.0],
+                    f.type.with_shape([size * self.n]),
+                )
+            rows.append(
+                _call(
+                    start,
+                    f"{_hint(f)}_rows",
+                    "aten::view",
+                    [x],
+                    [Operand(0), (self.n, size)],
+                    f.type.with_shape([self.n, size]),
+                )
+            )
+            offsets.append((total, size))
+            total += size
+        t = rows[0].type
+        cat = self._cat(rows, 1, start, [self.n, total])
+        flat_bucket = _call(
+            start,
+            "grad_bucket",
+            "aten::reshape",
+            [cat],
+            [Operand(0), (self.n * total,)],
+            t.with_shape([self.n * total]),
+        )
+        scatter = ReduceScatterOp(
+            flat_bucket, t.with_shape([total]), self.axis, 0, "sum", is_async=True
+        )
+        scattering = _insert(scatter, start, "grad_bucket_scattering")
+        waited = _insert(WaitOp(scattering), wait, "grad_bucket_scattered")
+        for (_, whole, name), (offset, size) in zip(members, offsets):
+            piece = _call(
+                wait,
+                f"grad_piece.{name}",
+                "aten::slice.Tensor",
+                [waited],
+                [Operand(0), 0, offset, offset + size],
+                t.with_shape([size]),
+            )
+            self.known[whole] = piece
+            _move_mark(self.grads[name], piece, name)
+
+    def reduce(self, members, start: AllReduceOp, wait: WaitOp) -> None:
+        """The bucket's other gradients all-reduced whole, as before."""
+        flats = [f for f, _, _ in members]
+        total = sum(f.type.shape[0] for f in flats)
+        cat = self._cat(flats, 0, start, [total])
+        reducing = _insert(AllReduceOp(cat, self.axis, "sum", True), start, "grad_bucket")
+        waited = _insert(WaitOp(reducing), wait, "grad_bucket_reduced")
+        offset = 0
+        for f, whole, _ in members:
+            size = f.type.shape[0]
+            piece = _call(
+                wait,
+                "grad_piece",
+                "aten::slice.Tensor",
+                [waited],
+                [Operand(0), 0, offset, offset + size],
+                f.type,
+            )
+            view = _call(
+                wait,
+                _hint(whole),
+                "aten::view",
+                [piece],
+                [Operand(0), whole.type.shape],
+                whole.type,
+            )
+            whole.replace_all_uses_with(view)
+            offset += size
+
     def norms_from_slices(self) -> None:
-        """Clipping's global norm over scattered gradients: the sum of each
-        slice's squares, all-reduced over the axis (zeros pad: they add none)."""
+        """Clipping's global norm over scattered gradients: each rank sums the
+        squares of its pieces (zeros pad: they add none), of every gradient
+        (those kept whole: a piece of them), and one all-reduce totals them."""
         squares_for_global_norms(self.block, _call)  # (already so under a tensor axis)
-        stacks = {}
-        for whole, piece in self.known.items():
-            for use in list(whole.uses):
-                op = use.operation
-                if op in self.gone:
-                    continue
-                total = _square_sum(op, whole)
-                if total is None:
+        stacks = {
+            _stacked(total)
+            for whole in self.known
+            for use in whole.uses
+            if (total := _square_sum(use.operation, whole)) is not None
+        }
+        for stack in stacks:
+            if stack is None:
+                raise ZeroError(
+                    "a gradient's sum of squares is read other than by clipping's global "
+                    "norm, which zero{stage=2} cannot compute from slices; use zero{stage=1}"
+                )
+            for total in map(_unscaled, stack.operands):
+                squares = total.operands[0].owner if isinstance(total, CallOp) else None
+                g = squares.operands[0] if isinstance(squares, CallOp) else None
+                if g is None or _square_sum(squares, g) is not total:
                     raise ZeroError(
-                        f"{where(op)}: reads the whole gradient '{_hint(whole)}', of which "
-                        "zero{stage=2} keeps only this rank's slice; use zero{stage=1}"
+                        f"{where(stack)}: clipping's global norm stacks a value that is "
+                        "no gradient's sum of squares; use zero{stage=1}"
                     )
-                squares = _call(
-                    op,
+                piece = self.known.get(g) or self.flat_piece(g, squares)
+                product = _call(
+                    squares,
                     "grad_squares",
                     "aten::mul.Tensor",
                     [piece, piece],
@@ -473,28 +529,28 @@ class _StepZero:
                     piece.type,
                 )
                 part = _call(
-                    total,
+                    squares,
                     "grad_square_sum",
                     "aten::sum",
-                    [squares],
+                    [product],
                     [Operand(0)],
                     total.results[0].type,
                 )
-                for reader in {u.operation for u in total.results[0].uses}:
-                    stacks[reader] = stacks.get(reader, 0) + 1
                 total.results[0].replace_all_uses_with(part)
-                self.gone += [total, op]
-        for stack in stacks:
-            if not (isinstance(stack, CallOp) and stack.target_name == "aten::stack"):
-                raise ZeroError(
-                    f"{where(stack)}: a gradient's square sum is read here, not stacked for the global norm"
-                )
+                self.gone.append(total)
             reduced = AllReduceOp(stack.results[0], self.axis, "sum")
             reduced.location = stack.location
             reduced.results[0].name_hint = "grad_square_sums"
             Rewriter.insert_op(reduced, InsertPoint.after(stack))
             stack.results[0].replace_all_uses_with(reduced.results[0])
             reduced.operands[0] = stack.results[0]
+        for whole in self.known:
+            for use in whole.uses:
+                if use.operation not in self.gone and _square_sum(use.operation, whole) is None:
+                    raise ZeroError(
+                        f"{where(use.operation)}: reads the whole gradient '{_hint(whole)}', of "
+                        "which zero{stage=2} keeps only this rank's slice; use zero{stage=1}"
+                    )
 
     # ---- cleaning up ------------------------------------------------------------------
 
@@ -586,6 +642,32 @@ def _move_mark(old: SSAValue, new: SSAValue, name: str) -> None:
     else:
         del op.attributes[GRAD_OF]
     mark_gradient(new, name)
+
+
+def _scaling(op: Operation) -> bool:
+    """A scalar's element-wise scaling (a tensor axis's partial-sum mask)."""
+    return isinstance(op, ElementwiseOp) and op.results[0].type.rank == 0
+
+
+def _stacked(total: CallOp) -> CallOp | None:
+    """The stack a square sum reaches through scalings, if it reaches one."""
+    value = total.results[0]
+    while True:
+        readers = [u.operation for u in value.uses]
+        if len(readers) != 1:
+            return None
+        if isinstance(readers[0], CallOp) and readers[0].target_name == "aten::stack":
+            return readers[0]
+        if not _scaling(readers[0]):
+            return None
+        value = readers[0].results[0]
+
+
+def _unscaled(value: SSAValue) -> Operation:
+    """The op that makes `value` before any scalings."""
+    while _scaling(value.owner):
+        value = value.owner.operands[0]
+    return value.owner
 
 
 def _square_sum(op: Operation, g: SSAValue) -> CallOp | None:
