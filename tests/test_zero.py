@@ -16,6 +16,7 @@ from plait.ir.errors import PlaitError
 from plait.ir.ops import AllGatherOp, AllReduceOp, ReduceScatterOp
 from plait.ir.text import parse_module, print_module
 from plait.ir.training import check_state_order
+from plait.passes.manager import PassManager
 from plait.passes.pipeline import PipelineError, parse_pipeline
 from plait.passes.shard.zero import Zero, ZeroError
 from safetensors import safe_open
@@ -154,6 +155,21 @@ def test_zero_ir_round_trips(run, request):
     assert print_module(module) == text
     check_state_order(module)
     assert "flat([176, 64])" in text or "flat([88, 64])" in text  # gate_proj's moments
+
+
+def test_a_dump_after_shard_replays_zero(zero2):
+    """`plait opt step.mlir --pipeline zero{...}` on the step as shard left it
+    gives the step the whole pipeline gives: a dump is a reproducible case."""
+    sharded = plait.compile_training(
+        zero2.model,
+        zero2.batches[0],
+        clip_grad_norm=DP_CLIP,
+        pipeline=_pipeline("dp:2", 2).rsplit(",zero", 1)[0],
+        **ADAMW,
+    )
+    module = parse_module(sharded.ir)
+    PassManager.parse(f"zero{{stage=2,bucket_mb={SMALL_BUCKETS}}}").run(module)
+    assert print_module(module) == zero2.trainer.ir
 
 
 def _dp(ops, kind) -> list:
