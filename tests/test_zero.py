@@ -1,8 +1,9 @@
-"""zero{stage=1|2} over the data axis of a sharded step, on real gloo ranks:
+"""zero{stage=1|2|3} over the data axis of a sharded step, on real gloo ranks:
 every step's loss and the final parameters equal eager torch + AdamW; each
-rank holds 1/N of the optimizer state (stage 1) and of the gradients (stage
-2); checkpoints hold whole tensors and resume on one rank; the step's IR
-prints and parses back."""
+rank holds 1/N of the optimizer state (stage 1), of the gradients (2) and of
+the parameters (3); checkpoints hold whole tensors and resume on one rank or
+another mesh; the step's IR prints and parses back, and a dump taken after
+shard replays zero."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import plait
 import pytest
 import torch
 from plait.ir.errors import PlaitError
-from plait.ir.ops import AllGatherOp, AllReduceOp, ReduceScatterOp
+from plait.ir.ops import AllGatherOp, AllReduceOp, ReduceScatterOp, ReshapeOp
 from plait.ir.text import parse_module, print_module
 from plait.ir.training import check_state_order
 from plait.passes.manager import PassManager
@@ -32,6 +33,7 @@ from test_training_parallel import (
     _batches,
     _check_parity,
     _llama,
+    _loss_position,
     _optimizer,
     _step_ops,
 )
@@ -94,11 +96,16 @@ def zero2(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def zero2_tp(zero2):
-    """4 ranks, the slices of tp-local tensors: zero2's checkpoint (dp:2, after
-    SAVE_AFTER steps) resumed on dp:2,tp:2, each rank reading its piece of the
-    whole moments, for the remaining steps."""
-    trainer = plait.load_training(zero2.checkpoint, pipeline=_pipeline("dp:2,tp:2", 2))
+def zero3(tmp_path_factory):
+    return _run("dp:2", 3, tmp_path_factory.mktemp("zero3"))
+
+
+@pytest.fixture(scope="module")
+def zero3_tp(zero2):
+    """4 ranks, the pieces of tp-local tensors: zero2's checkpoint (dp:2, after
+    SAVE_AFTER steps) resumed under zero{stage=3} on dp:2,tp:2, each rank
+    reading its piece of the whole parameters and moments, for the remaining steps."""
+    trainer = plait.load_training(zero2.checkpoint, pipeline=_pipeline("dp:2,tp:2", 3))
     try:
         losses = [trainer.step(*batch) for batch in zero2.batches[SAVE_AFTER:]]
         state = trainer.state_dict()
@@ -117,7 +124,7 @@ def zero2_tp(zero2):
 # ---- parity -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("run", ["zero1", "zero2", "zero2_tp"])
+@pytest.mark.parametrize("run", ["zero1", "zero2", "zero3", "zero3_tp"])
 def test_zero_steps_match_eager(run, request):
     _check_parity(request.getfixturevalue(run))
 
@@ -133,14 +140,14 @@ def _halves(model) -> int:
 STEP_COUNT = 8  # optimizer.step, an f64
 
 
-@pytest.mark.parametrize("run, stage", [("zero1", 1), ("zero2", 2)])
-def test_zero_halves_optimizer_state_and_gradients_per_rank(run, stage, request):
+@pytest.mark.parametrize("run, stage", [("zero1", 1), ("zero2", 2), ("zero3", 3)])
+def test_zero_halves_what_its_stage_shards_per_rank(run, stage, request):
     run = request.getfixturevalue(run)
     memory = run.trainer.memory()
     whole = sum(p.numel() * 4 for p in run.model.parameters())
-    assert memory["parameters"] == whole
+    assert memory["parameters"] == (_halves(run.model) if stage == 3 else whole)
     assert memory["optimizer state"] == 2 * _halves(run.model) + STEP_COUNT  # AdamW: 2 moments
-    assert memory["gradients"] == (_halves(run.model) if stage == 2 else whole)
+    assert memory["gradients"] == (_halves(run.model) if stage >= 2 else whole)
     # stage 1 keeps the accumulators whole (its run accumulates over 2 micro-batches)
     assert memory["gradient accumulators"] == (whole if stage == 1 else 0)
 
@@ -148,7 +155,7 @@ def test_zero_halves_optimizer_state_and_gradients_per_rank(run, stage, request)
 # ---- the step's collectives and IR ---------------------------------------------------
 
 
-@pytest.mark.parametrize("run", ["zero1", "zero2", "zero2_tp"])
+@pytest.mark.parametrize("run", ["zero1", "zero2", "zero3", "zero3_tp"])
 def test_zero_ir_round_trips(run, request):
     text = request.getfixturevalue(run).trainer.ir
     module = parse_module(text)
@@ -198,6 +205,42 @@ def test_zero2_reduce_scatters_gradients(zero2):
     ]
 
 
+def _leaves(value, ops) -> list:
+    """The ops that read `value`, through the reshape family (views, slices)."""
+    found = []
+    for use in value.uses:
+        op = use.operation
+        if isinstance(op, ReshapeOp):
+            found += _leaves(op.results[0], ops)
+        else:
+            found.append(op)
+    return found
+
+
+def test_zero3_gathers_parameters_for_forward_and_again_for_backward(zero3):
+    """Every gathered copy is read on one side of the loss only (forward's dies
+    before backward, which gathers again), and each bucket's gather starts
+    before the bucket ahead of it is first read (prefetch)."""
+    ops = _step_ops(zero3.trainer)
+    position = {op: i for i, op in enumerate(ops)}
+    loss = _loss_position(ops)
+    gathers = [op for op in _dp(ops, AllGatherOp) if op.is_async is not None]
+    waits = [next(iter(op.result.uses)).operation for op in gathers]
+    firsts = []
+    for wait in waits:
+        readers = [position[op] for op in _leaves(wait.results[0], ops)]
+        assert max(readers) < loss or min(readers) > loss
+        firsts.append(min(readers))
+    assert all(position[g] < firsts[i - 1] for i, g in enumerate(gathers) if i)
+    # forward reads every parameter; backward all but the embedding (a scatter-add)
+    pieces = [(first < loss, math.prod(g.input.type.shape)) for g, first in zip(gathers, firsts)]
+    model = zero3.model
+    params = sum(p.numel() for p in model.parameters())
+    embedding = model.get_input_embeddings().weight.numel()
+    assert sum(n for forward, n in pieces if forward) == params // 2
+    assert sum(n for forward, n in pieces if not forward) == (params - embedding) // 2
+
+
 # ---- checkpoints --------------------------------------------------------------------
 
 
@@ -228,7 +271,7 @@ def test_a_zero_checkpoint_continues_on_one_rank(run, request):
 
 
 def test_an_unknown_stage_is_an_option_error():
-    with pytest.raises(PipelineError, match=r"stage is one of 1 \(optimizer state\), 2 .*not 4"):
+    with pytest.raises(PipelineError, match=r"stage is one of 1 \(optimizer state\), .*3 .*not 4"):
         parse_pipeline("shard{mesh=dp:2},zero{stage=4}")
 
 
@@ -283,10 +326,11 @@ def test_pieces_of_odd_sizes_are_padded():
         model, batches, lambda m, x, y: m(x, y), _optimizer(ADAMW), clip=0.1
     )
     trainer = plait.compile_training(
-        model, batches[0], clip_grad_norm=0.1, pipeline=_pipeline("dp:2", 2), **ADAMW
+        model, batches[0], clip_grad_norm=0.1, pipeline=_pipeline("dp:2", 3), **ADAMW
     )
     assert "aten::constant_pad_nd" in trainer.ir
-    assert trainer.memory()["gradients"] == _halves(model)
+    memory = trainer.memory()
+    assert memory["gradients"] == memory["parameters"] == _halves(model)
     try:
         _check_run(trainer, batches, losses, reference)
     finally:

@@ -1,4 +1,4 @@
-"""zero{stage=1|2}: ZeRO over the data axis of a sharded training step.
+"""zero{stage=1|2|3}: ZeRO over the data axis of a sharded training step.
 
 After `shard{mesh=dp:N[,tp:M]}` the N data-parallel ranks each hold the
 whole (tp-local) parameters, gradients and optimizer moments, and all run
@@ -12,6 +12,10 @@ the same update. ZeRO (Rajbhandari et al., 2020) splits that over the ranks:
   reduce-scatter, so a rank receives only its slice of the summed gradients;
   gradient clipping's global norm sums the squares of the slices, over the
   ranks with one all-reduce.
+- stage 3, and parameters: each rank holds its piece of every parameter and
+  updates it in place; a parameter is all-gathered whole just before its
+  first use in forward and again in backward (each copy dies after its
+  phase), in async buckets, each started as the one before it is first used.
 
 A rank's slice of a tensor is of its flattened form, zero-padded to a
 multiple of N (a `flat` placement: `plait.placements<[flat([176, 64])]>`,
@@ -65,9 +69,9 @@ from ..base import Pass
 from ..options import OptionError
 from .grad_buckets import BUCKET_MB
 from .rules import DATA_AXES
-from .step import squares_for_global_norms
+from .step import _VIEWS, squares_for_global_norms
 
-STAGES = {1: "optimizer state", 2: "optimizer state and gradients"}
+STAGES = {1: "optimizer state", 2: "and gradients", 3: "and parameters"}
 
 
 class ZeroError(PlaitError):
@@ -120,6 +124,7 @@ class _StepZero:
         self.known: dict[SSAValue, SSAValue] = {}  # a whole gradient -> its slice (stage 2)
         self.slices: dict[SSAValue, SSAValue] = {}  # a whole value -> its slice, made here
         self.gone: list[Operation] = []  # replaced ops, erased with what only they read
+        self.held: list[ParamOp] = []  # stage 3: whole parameters now held as pieces
 
     def run(self) -> None:
         if self.stage >= 2:
@@ -127,7 +132,10 @@ class _StepZero:
         updated = [self.slice_update(name) for name in self.trained()]
         if self.stage >= 2:
             self.norms_from_slices()
-        self.gather_buckets(updated)
+        if self.stage >= 3:
+            self.gather_before_use(updated)
+        else:
+            self.gather_buckets(updated)
         self.erase_gone()
 
     # ---- the layout -------------------------------------------------------------
@@ -185,6 +193,9 @@ class _StepZero:
         region = _region(chain, [m.result for m in moments])
         size = self.piece_size(shape)
         mapped = {m.result: self.moment_piece(m, shape, size) for m in moments}
+        held = None  # stage 3: the parameter is state held as this rank's piece
+        if self.stage >= 3:
+            held = self.slices[root] = self.moment_piece(param, shape, size)
         position = {op: i for i, op in enumerate(self.block.ops)}
         ordered = sorted(region, key=position.__getitem__)
         for op in ordered:
@@ -198,6 +209,8 @@ class _StepZero:
             for i, v in enumerate(op.operands):
                 if v in mapped:
                     values.append(mapped[v])
+                elif v is root and op is chain[0] and i == 0 and held is not None:
+                    values.append(held)
                 elif v is root and op is chain[0] and i == 0:  # the slice updated in place
                     piece = self.flat_piece(root, op)
                     values.append(
@@ -236,7 +249,7 @@ class _StepZero:
             Rewriter.erase_op(op)
         for m in moments:
             Rewriter.erase_op(m)
-        return _Updated(root, mapped[chain[-1].results[0]])
+        return _Updated(root, held if held is not None else mapped[chain[-1].results[0]])
 
     def moment_piece(self, moment: ParamOp, shape, size: int) -> SSAValue:
         """The moment's state as this rank's flat piece (placed `flat` along the axis)."""
@@ -374,6 +387,134 @@ class _StepZero:
                 u.root.type,
             )
             offset += size
+
+    # ---- stage 3: parameters gathered before use -------------------------------------
+
+    def gather_before_use(self, updated: list[_Updated]) -> None:
+        """Each parameter held as a piece is gathered whole before its first use
+        in forward (what the loss is computed from) and again before its first
+        in backward, so that each whole copy dies after its phase (a view kept
+        from forward is made again from the backward copy). Gathers go in
+        buckets of about `bucket_bytes`, in the order of first use, each
+        started where the bucket before it is first used (prefetch, one ahead)."""
+        forward = _ancestors(self.block.last_op)
+        readers = {u.root: _readers(u.root) for u in updated}
+        phases = [
+            [(u, [r for r in readers[u.root] if (r[0] in forward) == in_forward]) for u in updated]
+            for in_forward in (True, False)
+        ]
+        position = {op: i for i, op in enumerate(self.block.ops)}
+        buckets = []
+        for phase in phases:
+            used = sorted(
+                ((u, leaves) for u, leaves in phase if leaves),
+                key=lambda item: min(position[r[0]] for r in item[1]),
+            )
+            size = self.bucket_bytes
+            for u, leaves in used:
+                if size >= self.bucket_bytes:
+                    buckets.append([])
+                    size = 0.0
+                buckets[-1].append((u, leaves))
+                size += u.piece.type.nbytes
+        firsts = [min((r[0] for _, ls in b for r in ls), key=position.__getitem__) for b in buckets]
+        for i, bucket in enumerate(buckets):
+            start_at = firsts[i - 1] if i else firsts[i]
+            self.gather_for(bucket, start_at, firsts[i])
+        for u in updated:
+            self.gone.extend(view for _, _, views in readers[u.root] for view in views)
+            self.held.append(u.root.owner)
+
+    def gather_for(self, bucket, start_at: Operation, first: Operation) -> None:
+        """One bucket's async all-gather of pieces into whole parameters, whose
+        views its readers read instead of the old whole parameters."""
+        pieces = [u.piece for u, _ in bucket]
+        wholes = self._gather(pieces, start_at, first, [u.root for u, _ in bucket])
+        position = {op: i for i, op in enumerate(self.block.ops)}
+        for (_, leaves), whole in zip(bucket, wholes):
+            made: dict[Operation, SSAValue] = {}  # an old view -> its copy on `whole`
+            for reader, index, views in sorted(leaves, key=lambda r: position[r[0]]):
+                value = whole
+                for view in views:
+                    if view not in made:
+                        again = type(view)(
+                            view.target_name, [value], view.args, [view.results[0].type]
+                        )
+                        made[view] = _insert(again, reader, _hint(view.results[0]))
+                    value = made[view]
+                reader.operands[index] = value
+
+    def _gather(self, pieces, start_at: Operation, first: Operation, roots) -> list[SSAValue]:
+        t = pieces[0].type
+        total = sum(p.type.shape[0] for p in pieces)
+        cat = _call(
+            start_at,
+            "param_bucket",
+            "aten::cat",
+            pieces,
+            [tuple(Operand(i) for i in range(len(pieces))), 0],
+            t.with_shape([total]),
+        )
+        start = _insert(
+            AllGatherOp(cat, t.with_shape([self.n * total]), self.axis, 0, is_async=True),
+            start_at,
+            "param_bucket_gathering",
+        )
+        waited = _insert(WaitOp(start), first, "param_bucket_gathered")
+        return self._unpack(waited, pieces, roots, first)
+
+    def _unpack(self, waited, pieces, roots, before: Operation) -> list[SSAValue]:
+        """The whole tensors in a gathered bucket: rank r's pieces lie in row r."""
+        t = pieces[0].type
+        total = sum(p.type.shape[0] for p in pieces)
+        rows = _call(
+            before,
+            "param_rows",
+            "aten::view",
+            [waited],
+            [Operand(0), (self.n, total)],
+            t.with_shape([self.n, total]),
+        )
+        wholes, offset = [], 0
+        for piece, root in zip(pieces, roots):
+            size, numel, name = piece.type.shape[0], math.prod(root.type.shape), _hint(root)
+            cut = _call(
+                before,
+                f"{name}_pieces",
+                "aten::slice.Tensor",
+                [rows],
+                [Operand(0), 1, offset, offset + size],
+                t.with_shape([self.n, size]),
+            )
+            whole = _call(
+                before,
+                f"{name}_flat",
+                "aten::reshape",
+                [cut],
+                [Operand(0), (self.n * size,)],
+                t.with_shape([self.n * size]),
+            )
+            if self.n * size != numel:
+                whole = _call(
+                    before,
+                    f"{name}_unpadded",
+                    "aten::slice.Tensor",
+                    [whole],
+                    [Operand(0), 0, 0, numel],
+                    t.with_shape([numel]),
+                )
+            wholes.append(
+                _call(
+                    before,
+                    f"{name}_whole",
+                    "aten::view",
+                    [whole],
+                    [Operand(0), tuple(root.type.shape)],
+                    root.type,
+                )
+            )
+            offset += size
+        return wholes
 
     # ---- stage 2: gradients ---------------------------------------------------------
 
@@ -568,6 +709,43 @@ class _StepZero:
             owners = [v.owner for v in op.operands if isinstance(v.owner, Operation)]
             Rewriter.erase_op(op)
             todo.extend(owners)
+        for param in self.held:
+            if param.result.uses:
+                reader = next(iter(param.result.uses)).operation
+                raise ZeroError(
+                    f"{where(reader)}: reads '{param.weight_name}' whole, which zero{{stage=3}} "
+                    "holds as this rank's piece and gathers only for forward and backward"
+                )
+            Rewriter.erase_op(param)
+
+
+def _ancestors(op: Operation) -> set[Operation]:
+    """The ops whose results `op` reads, transitively."""
+    found: set[Operation] = set()
+    todo = [op]
+    while todo:
+        for v in todo.pop().operands:
+            owner = v.owner
+            if isinstance(owner, Operation) and owner not in found:
+                found.add(owner)
+                todo.append(owner)
+    return found
+
+
+def _readers(root: SSAValue) -> list[tuple[Operation, int, list[CallOp]]]:
+    """The ops that read `root` other than through views: (op, operand index,
+    the views between, outermost first)."""
+    found = []
+    todo = [(root, [])]
+    while todo:
+        value, views = todo.pop()
+        for use in value.uses:
+            op = use.operation
+            if isinstance(op, CallOp) and op.target_name in _VIEWS and len(op.operands) == 1:
+                todo.append((op.results[0], [*views, op]))
+            else:
+                found.append((op, use.index, views))
+    return found
 
 
 def _updates(value: SSAValue) -> list[CallOp]:
@@ -691,12 +869,12 @@ def _square_sum(op: Operation, g: SSAValue) -> CallOp | None:
 @dataclass(frozen=True)
 class Zero(Pass):
     name = "zero"
-    summary = "ZeRO: optimizer state (1) and gradients (2) sharded over the data axis"
+    summary = "ZeRO: optimizer state (1), gradients (2), parameters (3) split over the data axis"
     # it needs shard's output, a step over a data axis, but does not `require` shard: the
     # pass manager would add shard{mesh=tp:2} where none ran before, and a dump taken
     # after shard (`plait opt step.mlir --pipeline zero`) could not be replayed
 
-    stage: int = 1  # 1: optimizer state; 2: and gradients
+    stage: int = 1  # 1: optimizer state; 2: and gradients; 3: and parameters
     bucket_mb: float = BUCKET_MB  # updated parameters all-gathered in buckets of this
 
     def __post_init__(self):
@@ -728,7 +906,8 @@ class Zero(Pass):
             )
         if self.stage >= 2 and ACCUMULATE in functions:
             raise ZeroError(
-                f"{here} does not shard gradient accumulators yet; with accumulation > 1 "
+                f"{here} does not shard gradient accumulators (nor gather parameters for "
+                "@accumulate) yet; with accumulation > 1 "
                 "use zero{stage=1}"
             )
         block = functions[TRAIN_STEP].body.blocks.first
