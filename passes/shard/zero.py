@@ -103,11 +103,7 @@ class _Updated:
     """A parameter whose update ran on this rank's slice."""
 
     root: SSAValue  # the parameter, whole
-    piece: SSAValue  # its updated flat slice
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.root.type.shape)
+    piece: SSAValue  # its updated flat slice (stage 3: the piece it is held as)
 
 
 class _StepZero:
@@ -301,92 +297,22 @@ class _StepZero:
         copy each parameter's pieces into it."""
         position = {op: i for i, op in enumerate(self.block.ops)}
         updated = sorted(updated, key=lambda u: position[u.piece.owner])
-        buckets: list[list[_Updated]] = []
-        size = 0.0
-        for u in updated:
-            if (
-                not buckets
-                or size >= self.bucket_bytes
-                or buckets[-1][0].piece.type.dtype != u.piece.type.dtype
-            ):
-                buckets.append([])
-                size = 0.0
-            buckets[-1].append(u)
-            size += u.piece.type.nbytes
         end = self.block.last_op
-        for bucket in buckets:
-            self.gather_bucket(bucket, end)
-
-    def gather_bucket(self, bucket: list[_Updated], end: Operation) -> None:
-        position = {op: i for i, op in enumerate(self.block.ops)}
-        start_at = max((u.piece.owner for u in bucket), key=position.__getitem__).next_op
-        pieces = [u.piece for u in bucket]
-        t = pieces[0].type
-        total = sum(p.type.shape[0] for p in pieces)
-        cat = _call(
-            start_at,
-            "param_bucket",
-            "aten::cat",
-            pieces,
-            [tuple(Operand(i) for i in range(len(pieces))), 0],
-            t.with_shape([total]),
-        )
-        start = _insert(
-            AllGatherOp(cat, t.with_shape([self.n * total]), self.axis, 0, is_async=True),
-            start_at,
-            "param_bucket_gathering",
-        )
-        waited = _insert(WaitOp(start), end, "param_bucket_gathered")
-        rows = _call(
-            end,
-            "param_rows",
-            "aten::view",
-            [waited],
-            [Operand(0), (self.n, total)],
-            t.with_shape([self.n, total]),
-        )
-        offset = 0
-        for u in bucket:
-            size = u.piece.type.shape[0]
-            numel = math.prod(u.shape)
-            name = _hint(u.root)
-            cut = _call(
-                end,
-                f"{name}_pieces",
-                "aten::slice.Tensor",
-                [rows],
-                [Operand(0), 1, offset, offset + size],
-                t.with_shape([self.n, size]),
+        for bucket in _buckets(updated, lambda u: u.piece, self.bucket_bytes):
+            position = {op: i for i, op in enumerate(self.block.ops)}
+            start_at = max((u.piece.owner for u in bucket), key=position.__getitem__).next_op
+            wholes = self._gather(
+                [u.piece for u in bucket], start_at, end, [u.root for u in bucket]
             )
-            whole = _call(
-                end,
-                f"{name}_flat",
-                "aten::reshape",
-                [cut],
-                [Operand(0), (self.n * size,)],
-                t.with_shape([self.n * size]),
-            )
-            if self.n * size != numel:
-                whole = _call(
+            for u, whole in zip(bucket, wholes):
+                _call(
                     end,
-                    f"{name}_unpadded",
-                    "aten::slice.Tensor",
-                    [whole],
-                    [Operand(0), 0, 0, numel],
-                    t.with_shape([numel]),
+                    f"param.{_hint(u.root)}",
+                    "aten::copy_",
+                    [u.root, whole],
+                    [Operand(0), Operand(1)],
+                    u.root.type,
                 )
-            whole = _call(
-                end, f"{name}_whole", "aten::view", [whole], [Operand(0), u.shape], u.root.type
-            )
-            _call(
-                end,
-                f"param.{name}",
-                "aten::copy_",
-                [u.root, whole],
-                [Operand(0), Operand(1)],
-                u.root.type,
-            )
-            offset += size
 
     # ---- stage 3: parameters gathered before use -------------------------------------
 
@@ -410,13 +336,7 @@ class _StepZero:
                 ((u, leaves) for u, leaves in phase if leaves),
                 key=lambda item: min(position[r[0]] for r in item[1]),
             )
-            size = self.bucket_bytes
-            for u, leaves in used:
-                if size >= self.bucket_bytes:
-                    buckets.append([])
-                    size = 0.0
-                buckets[-1].append((u, leaves))
-                size += u.piece.type.nbytes
+            buckets += _buckets(used, lambda item: item[0].piece, self.bucket_bytes)
         firsts = [min((r[0] for _, ls in b for r in ls), key=position.__getitem__) for b in buckets]
         for i, bucket in enumerate(buckets):
             start_at = firsts[i - 1] if i else firsts[i]
@@ -717,6 +637,20 @@ class _StepZero:
                     "holds as this rank's piece and gathers only for forward and backward"
                 )
             Rewriter.erase_op(param)
+
+
+def _buckets(items: list, piece, bucket_bytes: float) -> list[list]:
+    """`items` in order, in runs of about `bucket_bytes` of one dtype (of their `piece`)."""
+    buckets: list[list] = []
+    size = 0.0
+    for item in items:
+        t = piece(item).type
+        if not buckets or size >= bucket_bytes or piece(buckets[-1][0]).type.dtype != t.dtype:
+            buckets.append([])
+            size = 0.0
+        buckets[-1].append(item)
+        size += t.nbytes
+    return buckets
 
 
 def _ancestors(op: Operation) -> set[Operation]:
