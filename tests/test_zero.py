@@ -92,7 +92,8 @@ def zero1(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def zero2(tmp_path_factory):
-    return _run("dp:2", 2, tmp_path_factory.mktemp("zero2"))
+    """Stage 2 with accumulation: the accumulators hold pieces too."""
+    return _run("dp:2", 2, tmp_path_factory.mktemp("zero2"), accumulation=2)
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +104,9 @@ def zero3(tmp_path_factory):
 @pytest.fixture(scope="module")
 def zero3_tp(zero2):
     """4 ranks, the pieces of tp-local tensors: zero2's checkpoint (dp:2, after
-    SAVE_AFTER steps) resumed under zero{stage=3} on dp:2,tp:2, each rank
-    reading its piece of the whole parameters and moments, for the remaining steps."""
+    SAVE_AFTER steps, accumulating) resumed under zero{stage=3} on dp:2,tp:2,
+    each rank reading its piece of the whole parameters and moments, for the
+    remaining steps."""
     trainer = plait.load_training(zero2.checkpoint, pipeline=_pipeline("dp:2,tp:2", 3))
     try:
         losses = [trainer.step(*batch) for batch in zero2.batches[SAVE_AFTER:]]
@@ -148,8 +150,9 @@ def test_zero_halves_what_its_stage_shards_per_rank(run, stage, request):
     assert memory["parameters"] == (_halves(run.model) if stage == 3 else whole)
     assert memory["optimizer state"] == 2 * _halves(run.model) + STEP_COUNT  # AdamW: 2 moments
     assert memory["gradients"] == (_halves(run.model) if stage >= 2 else whole)
-    # stage 1 keeps the accumulators whole (its run accumulates over 2 micro-batches)
-    assert memory["gradient accumulators"] == (whole if stage == 1 else 0)
+    # the stage 1 and 2 runs accumulate over 2 micro-batches, stage 3's does not
+    accumulators = {1: whole, 2: _halves(run.model), 3: 0}[stage]
+    assert memory["gradient accumulators"] == accumulators
 
 
 # ---- the step's collectives and IR ---------------------------------------------------
@@ -170,6 +173,7 @@ def test_a_dump_after_shard_replays_zero(zero2):
     sharded = plait.compile_training(
         zero2.model,
         zero2.batches[0],
+        accumulation=zero2.accumulation,
         clip_grad_norm=DP_CLIP,
         pipeline=_pipeline("dp:2", 2).rsplit(",zero", 1)[0],
         **ADAMW,
@@ -193,10 +197,16 @@ def test_zero1_all_gathers_updated_parameters_in_async_buckets(zero1):
 
 
 def test_zero2_reduce_scatters_gradients(zero2):
+    """In @train_step and in @accumulate (each micro-batch's gradients into
+    the accumulators' pieces)."""
+    module = parse_module(zero2.trainer.ir)
+    accumulate = next(f for f in module.ops if f.sym_name.data == "accumulate")
+    scatters = _dp(list(accumulate.body.blocks.first.ops), ReduceScatterOp)
+    params = sum(p.numel() for p in zero2.model.parameters())
+    assert sum(math.prod(op.input.type.shape) for op in scatters) == params
     ops = _step_ops(zero2.trainer)
     scatters = _dp(ops, ReduceScatterOp)
     assert len(scatters) >= 3 and all(op.is_async is not None for op in scatters)
-    params = sum(p.numel() for p in zero2.model.parameters())
     assert sum(math.prod(op.input.type.shape) for op in scatters) == params
     # no gradient is all-reduced: the loss's two scalars and the norm's square sums
     reduces = _dp(ops, AllReduceOp)
@@ -291,17 +301,6 @@ def test_zero_on_a_program_that_is_no_training_step():
 }"""
     with pytest.raises(PlaitError, match=r"no @train_step; compile it with plait.compile_training"):
         Zero(stage=1).apply(None, parse_module(text))
-
-
-def test_zero2_with_accumulation_asks_for_stage_1():
-    model, batches = MLP(), _mlp_batches(1, batch=8)
-    with pytest.raises(ZeroError, match=r"gradient accumulators.*use zero\{stage=1\}"):
-        plait.compile_training(
-            model,
-            batches[0],
-            accumulation=2,
-            pipeline="canonicalize,shard{mesh=dp:2},zero{stage=2}",
-        )
 
 
 class Odd(torch.nn.Module):

@@ -109,9 +109,19 @@ class _Updated:
 class _StepZero:
     """ZeRO's rewrite of one @train_step block along the data axis `axis`."""
 
-    def __init__(self, block: Block, axis: str, n: int, axes, stage: int, bucket_bytes: float):
+    def __init__(
+        self,
+        block: Block,
+        axis: str,
+        n: int,
+        axes,
+        stage: int,
+        bucket_bytes: float,
+        split_accumulators: frozenset[str] = frozenset(),
+    ):
         self.block, self.axis, self.n, self.axes = block, axis, n, tuple(axes)
         self.stage, self.bucket_bytes = stage, bucket_bytes
+        self.split_accumulators = split_accumulators
         fn = block.parent_op()
         self.grads = gradients(fn)
         self.state = {
@@ -120,18 +130,29 @@ class _StepZero:
         self.known: dict[SSAValue, SSAValue] = {}  # a whole gradient -> its slice (stage 2)
         self.slices: dict[SSAValue, SSAValue] = {}  # a whole value -> its slice, made here
         self.gone: list[Operation] = []  # replaced ops, erased with what only they read
-        self.held: list[ParamOp] = []  # stage 3: whole parameters now held as pieces
+        self.held: list[ParamOp] = []  # whole state now held as pieces: erased at the end
+        self.accumulating = fn.sym_name.data == ACCUMULATE
+        self.accumulators: dict[SSAValue, SSAValue] = {}  # accumulator -> its piece (stage 2)
 
     def run(self) -> None:
         if self.stage >= 2:
-            self.scatter_buckets()
-        updated = [self.slice_update(name) for name in self.trained()]
-        if self.stage >= 2:
-            self.norms_from_slices()
+            self.accumulators = self.accumulator_pieces()
+        if self.accumulating:  # @accumulate: no update, the micro-batch's gradients added
+            self.scatter_into_accumulators()
+            held = self.accumulated() if self.stage >= 3 else []
+            updated = [self.held_piece(name) for name in held]
+        else:
+            if self.stage >= 2:
+                self.scatter_buckets()
+            updated = [self.slice_update(name) for name in self.trained()]
+            if self.stage >= 2:
+                self.norms_from_slices()
         if self.stage >= 3:
             self.gather_before_use(updated)
-        else:
+        elif not self.accumulating:
             self.gather_buckets(updated)
+        if self.stage >= 2:
+            self.update_accumulators()
         self.erase_gone()
 
     # ---- the layout -------------------------------------------------------------
@@ -168,6 +189,20 @@ class _StepZero:
         position = {op: i for i, op in enumerate(self.block.ops)}
         names = [n for n in self.grads if n in self.state and _updates(self.state[n].result)]
         return sorted(names, key=lambda n: position[_updates(self.state[n].result)[0]])
+
+    def accumulated(self) -> list[str]:
+        """The parameters whose gradients @accumulate adds up."""
+        return [
+            self.state[name].attributes[STATE_OF].data
+            for name in self.state
+            if name.startswith(ACCUMULATOR + ".")
+        ]
+
+    def held_piece(self, name: str) -> _Updated:
+        """Stage 3 in @accumulate: the parameter held as its piece (as @train_step holds it)."""
+        param = self.state[name]
+        shape = tuple(param.result.type.shape)
+        return _Updated(param.result, self.moment_piece(param, shape, self.piece_size(shape)))
 
     # ---- stage 1: the update on a slice -------------------------------------------
 
@@ -457,11 +492,87 @@ class _StepZero:
             shaped = [m for m in members if m[1].type == self.state[m[2]].result.type]
             if not shaped:
                 continue
-            self.scatter(shaped, start, wait)
+            self.scatter([self.after_accumulated(m, start) for m in shaped], start, wait)
             rest = [m for m in members if m not in shaped]
             if rest:
                 self.reduce(rest, start, wait)
             self.gone.extend(w.owner for w in wholes)
+
+    def after_accumulated(self, member, before: Operation):
+        """A bucket's member: (flat gradient, whole, name, piece of the accumulator
+        the reduced micro-batch's piece is added to, or None). The step's gradient
+        accumulator + last micro-batch's becomes the accumulator's piece + the
+        scattered piece of the last micro-batch's gradient."""
+        flat, whole, name = member
+        total = flat.owner.operands[0].owner
+        if not (
+            isinstance(total, CallOp)
+            and total.target_name == "aten::add.Tensor"
+            and total.operands[0] in self.accumulators
+        ):
+            return (*member, None)
+        g = total.operands[1]
+        flat = _call(
+            before, f"{_hint(g)}_flat", "aten::reshape", [g], [Operand(0), (-1,)], flat.type
+        )
+        return flat, whole, name, self.accumulators[total.operands[0]]
+
+    def scatter_into_accumulators(self) -> None:
+        """@accumulate: each micro-batch's gradients reduce-scattered in async
+        buckets (in the order backward makes them), each rank adding its pieces
+        into its pieces of the accumulators."""
+        adds = [op for a in self.accumulators for op in _updates(a)]
+        position = {op: i for i, op in enumerate(self.block.ops)}
+        adds.sort(key=lambda op: position[op.operands[1].owner])
+        for bucket in _buckets(adds, lambda op: op.operands[1], self.bucket_bytes):
+            position = {op: i for i, op in enumerate(self.block.ops)}
+            start_at = max((op.operands[1].owner for op in bucket), key=position.__getitem__)
+            start_at = start_at.next_op
+            members = []
+            for op in bucket:
+                g = op.operands[1]
+                flat = _call(
+                    start_at,
+                    f"{_hint(g)}_flat",
+                    "aten::reshape",
+                    [g],
+                    [Operand(0), (-1,)],
+                    g.type.with_shape([math.prod(g.type.shape)]),
+                )
+                name = op.operands[0].owner.attributes[STATE_OF].data
+                members.append((flat, g, name, None))
+            first = min(bucket, key=position.__getitem__)
+            self.scatter(members, start_at, first)
+
+    def accumulator_pieces(self) -> dict[SSAValue, SSAValue]:
+        """The gradient accumulators to split (`scattered_accumulators`), as this
+        rank's pieces."""
+        pieces = {}
+        for name, param in self.state.items():
+            if name not in self.split_accumulators:
+                continue
+            shape = tuple(param.result.type.shape)
+            pieces[param.result] = self.moment_piece(param, shape, self.piece_size(shape))
+            self.held.append(param)
+        return pieces
+
+    def update_accumulators(self) -> None:
+        """The accumulators' in-place updates (add a micro-batch's gradient, zero)
+        on their pieces."""
+        for whole, piece in self.accumulators.items():
+            for op in _updates(whole):
+                values = [piece]
+                for v in op.operands[1:]:
+                    if v not in self.known and v.type.rank:
+                        raise ZeroError(
+                            f"{where(op)}: updates a gradient accumulator with a whole tensor; "
+                            "zero{stage=2} holds accumulators as pieces"
+                        )
+                    values.append(self.known.get(v, v))
+                again = type(op)(op.target_name, values, op.args, [piece.type], {})
+                piece = _insert(again, op, _hint(op.results[0]))
+                op.results[0].replace_all_uses_with(piece)
+                Rewriter.erase_op(op)
 
     def _cat(self, values, dim: int, before: Operation, shape) -> SSAValue:
         return _call(
@@ -473,9 +584,11 @@ class _StepZero:
             values[0].type.with_shape(shape),
         )
 
-    def scatter(self, members, start: AllReduceOp, wait: WaitOp) -> None:
+    def scatter(self, members, start: Operation, wait: Operation) -> None:
+        """Reduce-scatter (flat, whole, name, accumulator piece or None) members
+        in one async bucket started before `start`, waited for before `wait`."""
         rows, offsets, total = [], [], 0
-        for f, _, _ in members:
+        for f, _, _, _ in members:
             numel, size = f.type.shape[0], self.piece_size(f.type.shape)
             x = f
             if size * self.n != numel:
@@ -514,7 +627,7 @@ class _StepZero:
         )
         scattering = _insert(scatter, start, "grad_bucket_scattering")
         waited = _insert(WaitOp(scattering), wait, "grad_bucket_scattered")
-        for (_, whole, name), (offset, size) in zip(members, offsets):
+        for (_, whole, name, accumulated), (offset, size) in zip(members, offsets):
             piece = _call(
                 wait,
                 f"grad_piece.{name}",
@@ -523,8 +636,18 @@ class _StepZero:
                 [Operand(0), 0, offset, offset + size],
                 t.with_shape([size]),
             )
+            if accumulated is not None:  # the accumulator's, then the last micro-batch's
+                piece = _call(
+                    wait,
+                    f"grad.{name}",
+                    "aten::add.Tensor",
+                    [accumulated, piece],
+                    [Operand(0), Operand(1)],
+                    piece.type,
+                )
             self.known[whole] = piece
-            _move_mark(self.grads[name], piece, name)
+            if name in self.grads:  # (@accumulate marks none)
+                _move_mark(self.grads[name], piece, name)
 
     def reduce(self, members, start: AllReduceOp, wait: WaitOp) -> None:
         """The bucket's other gradients all-reduced whole, as before."""
@@ -633,8 +756,8 @@ class _StepZero:
             if param.result.uses:
                 reader = next(iter(param.result.uses)).operation
                 raise ZeroError(
-                    f"{where(reader)}: reads '{param.weight_name}' whole, which zero{{stage=3}} "
-                    "holds as this rank's piece and gathers only for forward and backward"
+                    f"{where(reader)}: reads '{param.weight_name}' whole, which "
+                    f"zero{{stage={self.stage}}} holds as this rank's piece"
                 )
             Rewriter.erase_op(param)
 
@@ -651,6 +774,43 @@ def _buckets(items: list, piece, bucket_bytes: float) -> list[list]:
         buckets[-1].append(item)
         size += t.nbytes
     return buckets
+
+
+def scattered_accumulators(step: Block, axis: str) -> frozenset[str]:
+    """The gradient accumulators whose sum with the last micro-batch's gradient
+    @train_step reduces in a bucket (and only there), shaped as their parameter:
+    those stage 2 splits, in @train_step and @accumulate alike."""
+    params = {op.weight_name: op for op in step.ops if isinstance(op, ParamOp) and op.is_state}
+    names = set()
+    for name, param in params.items():
+        if not name.startswith(ACCUMULATOR + ".") or STATE_OF not in param.attributes:
+            continue
+        owner = params.get(param.attributes[STATE_OF].data)
+        reads = [
+            u.operation
+            for u in param.result.uses
+            if not (
+                u.index == 0
+                and isinstance(u.operation, CallOp)
+                and writes_input(u.operation.target_name)
+            )
+        ]
+        if owner is None or param.result.type != owner.result.type or len(reads) != 1:
+            continue
+        total = reads[0]
+        flats = [u.operation for u in total.results[0].uses] if total.results else []
+        if (
+            getattr(total, "target_name", None) == "aten::add.Tensor"
+            and total.operands[0] is param.result
+            and len(flats) == 1
+            and any(
+                isinstance(s, AllReduceOp) and _bucket(s, axis) is not None
+                for u in flats[0].results[0].uses
+                for s in (v.operation for v in u.operation.results[0].uses)
+            )
+        ):
+            names.add(name)
+    return frozenset(names)
 
 
 def _ancestors(op: Operation) -> set[Operation]:
@@ -838,12 +998,11 @@ class Zero(Pass):
                 f"{here} shards a training step's state, and the program has no @{TRAIN_STEP}; "
                 "compile it with plait.compile_training"
             )
-        if self.stage >= 2 and ACCUMULATE in functions:
-            raise ZeroError(
-                f"{here} does not shard gradient accumulators (nor gather parameters for "
-                "@accumulate) yet; with accumulation > 1 "
-                "use zero{stage=1}"
-            )
-        block = functions[TRAIN_STEP].body.blocks.first
         axis = data[0]
-        _StepZero(block, axis, axes[axis], axes, self.stage, self.bucket_mb * 2**20).run()
+        # stage 1 leaves @accumulate as it is: its accumulators stay whole
+        names = [TRAIN_STEP, ACCUMULATE] if self.stage >= 2 else [TRAIN_STEP]
+        split = scattered_accumulators(functions[TRAIN_STEP].body.blocks.first, axis)
+        for name in (n for n in names if n in functions):
+            block = functions[name].body.blocks.first
+            bucket_bytes = self.bucket_mb * 2**20
+            _StepZero(block, axis, axes[axis], axes, self.stage, bucket_bytes, split).run()
