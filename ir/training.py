@@ -234,7 +234,10 @@ def _unflattened(block: Block, piece: SSAValue, axis: str, n: int, shape) -> SSA
         [t.with_shape([numel])],
     )
     view = call_op_class("aten::view")(
-        "aten::view", [cut.results[0]], ArgsAttr((Operand(0), tuple(shape)), ()), [t.with_shape(shape)]
+        "aten::view",
+        [cut.results[0]],
+        ArgsAttr((Operand(0), tuple(shape)), ()),
+        [t.with_shape(shape)],
     )
     block.add_op(cut)
     block.add_op(view)

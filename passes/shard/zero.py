@@ -11,7 +11,9 @@ the same update. ZeRO (Rajbhandari et al., 2020) splits that over the ranks:
 - stage 2, and gradients: each gradient bucket's all-reduce becomes a
   reduce-scatter, so a rank receives only its slice of the summed gradients;
   gradient clipping's global norm sums the squares of the slices, over the
-  ranks with one all-reduce.
+  ranks with one all-reduce. With gradient accumulation the accumulators
+  hold pieces too, and @accumulate reduce-scatters each micro-batch's
+  gradients into them (DeepSpeed's stage 2 reduces every micro-batch too).
 - stage 3, and parameters: each rank holds its piece of every parameter and
   updates it in place; a parameter is all-gathered whole just before its
   first use in forward and again in backward (each copy dies after its
@@ -107,7 +109,7 @@ class _Updated:
 
 
 class _StepZero:
-    """ZeRO's rewrite of one @train_step block along the data axis `axis`."""
+    """ZeRO's rewrite of one @train_step or @accumulate block along the data axis `axis`."""
 
     def __init__(
         self,
