@@ -15,7 +15,7 @@ import pytest
 import torch
 from plait.ir.errors import PlaitError
 from plait.ir.ops import AllGatherOp, AllReduceOp, ReduceScatterOp, ReshapeOp
-from plait.ir.text import parse_module, print_module
+from plait.ir.text import parse_module, print_module, verify_module
 from plait.ir.training import check_state_order
 from plait.passes.manager import PassManager
 from plait.passes.pipeline import PipelineError, parse_pipeline
@@ -334,3 +334,18 @@ def test_pieces_of_odd_sizes_are_padded():
         _check_run(trainer, batches, losses, reference)
     finally:
         trainer.close()
+
+
+def test_a_flat_piece_of_the_wrong_size_is_invalid_ir():
+    """flat([5]) over 2 ranks holds ceil(5 / 2) = 3 elements a rank."""
+    text = """builtin.module attributes {plait.mesh = #plait.mesh<dp = 2>} {
+  func.func @train_step() -> !plait.tensor<[2], f32> {
+    %m = plait.param state "m" {plait.placements = #plait.placements<[flat([5])]>} : !plait.tensor<[2], f32>
+    func.return %m : !plait.tensor<[2], f32>
+  }
+}"""
+    with pytest.raises(PlaitError, match=r"flat\(\[5\]\) over 2 ranks holds \[3\] elements"):
+        verify_module(parse_module(text, "bad.mlir"))
+    fixed = text.replace("[2], f32", "[3], f32")
+    assert print_module(parse_module(fixed)).strip() == fixed
+    verify_module(parse_module(fixed))
