@@ -55,7 +55,7 @@ from ..ir.ops import (
 from ..ir.schema import out_variant
 from ..ir.text import where
 from ..ir.types import TensorType
-from ..ir.weights import WeightStore
+from ..ir.weights import WeightStore, flat_piece
 from . import bindings
 
 
@@ -451,6 +451,14 @@ class _Lowering:
                 return placement.dim, coords, sizes, placement.blocks
         return None
 
+    def _flat_piece(self, op: ParamOp) -> tuple[int, int] | None:
+        """(index, parts) of this rank's piece of a state flattened over an axis, or None."""
+        placements = op.attributes.get(PLACEMENTS_ATTR)
+        for axis, placement in zip(self.mesh, placements.data if placements else ()):
+            if placement.kind == "flat" and self.groups is not None:
+                return self.groups.coords[axis], self.groups.sizes[axis]
+        return None
+
     def lower_param(self, op: ParamOp) -> None:
         name = op.weight_name
         shard = self._slice(op)
@@ -497,6 +505,8 @@ class _Lowering:
                     initial = (
                         self.weights.get_shard(name, *shard) if shard else self.weights.get(name)
                     )
+                    if (piece := self._flat_piece(op)) is not None:  # ZeRO's slice
+                        initial = flat_piece(initial, *piece)
                     _check_weight(op, initial)
                     tensor = initial.to(device, copy=True)
                 else:

@@ -155,14 +155,20 @@ def mesh_from_text(text: str) -> dict[str, int]:
 class Placement:
     """How a tensor lies along one mesh axis, in DTensor's vocabulary."""
 
-    kind: str  # "shard" | "replicate" | "partial"
+    kind: str  # "shard" | "replicate" | "partial" | "flat"
     dim: int | None = None  # for shard
     reduce: str | None = None  # for partial: "sum", "max", ...
     # for shard: the dim holds these blocks one after another (a fused projection's
     # q, k and v), each split over the ranks; a rank holds its piece of every block
     blocks: tuple[int, ...] | None = None
+    # for flat (ZeRO's layout): the tensor of this shape (as the other axes leave
+    # it), flattened and zero-padded to a multiple of the ranks; a rank holds its
+    # contiguous piece, ceil(numel / ranks) elements
+    shape: tuple[int, ...] | None = None
 
     def __str__(self) -> str:
+        if self.kind == "flat":
+            return f"flat([{', '.join(map(str, self.shape))}])"
         if self.kind == "shard" and self.blocks:
             return f"shard({self.dim}, blocks = [{', '.join(map(str, self.blocks))}])"
         if self.kind == "shard":
@@ -193,6 +199,10 @@ def partial(reduce: str = "sum") -> Placement:
     return Placement("partial", reduce=reduce)
 
 
+def flat(shape) -> Placement:
+    return Placement("flat", shape=tuple(shape))
+
+
 @irdl_attr_definition
 class PlacementsAttr(Data[tuple[Placement, ...]]):
     """One placement per mesh axis."""
@@ -202,7 +212,9 @@ class PlacementsAttr(Data[tuple[Placement, ...]]):
     @classmethod
     def parse_parameter(cls, parser) -> tuple[Placement, ...]:
         def placement() -> Placement:
-            kind = parser.parse_keyword_in(("shard", "replicate", "partial"), " (a placement)")
+            kind = parser.parse_keyword_in(
+                ("shard", "replicate", "partial", "flat"), " (a placement)"
+            )
             if kind == "shard":
                 parser.parse_punctuation("(")
                 dim = parser.parse_integer(allow_boolean=False)
@@ -220,6 +232,13 @@ class PlacementsAttr(Data[tuple[Placement, ...]]):
                 reduce = parser.parse_keyword_in(REDUCE_OPS, " (a reduction)")
                 parser.parse_punctuation(")")
                 return partial(reduce)
+            if kind == "flat":
+                parser.parse_punctuation("(")
+                shape = parser.parse_comma_separated_list(
+                    parser.Delimiter.SQUARE, lambda: parser.parse_integer(allow_boolean=False)
+                )
+                parser.parse_punctuation(")")
+                return flat(shape)
             return REPLICATE
 
         with parser.in_angle_brackets():

@@ -31,13 +31,16 @@ value must come before the update that overwrites it (`check_state_order`).
 
 from __future__ import annotations
 
+import math
+
 from xdsl.dialects import func
 from xdsl.dialects.builtin import ArrayAttr, ModuleOp, StringAttr
 from xdsl.ir import Block, Operation, Region, SSAValue
 
+from .args import ArgsAttr, Operand
 from .attrs import PLACEMENTS_ATTR, mesh_axes
 from .errors import PlaitError
-from .ops import AllGatherOp, CallOp, ParamOp
+from .ops import AllGatherOp, CallOp, ParamOp, call_op_class
 from .schema import writes_input
 from .text import where
 
@@ -200,6 +203,9 @@ def state_module(module: ModuleOp, names: list[str]) -> ModuleOp:
         value = clone.result
         placed = param.attributes.get(PLACEMENTS_ATTR)
         for (axis, n), placement in zip(sizes.items(), placed.data if placed else ()):
+            if placement.kind == "flat":  # first: the tensor the other axes split
+                value = _unflattened(block, value, axis, n, placement.shape)
+        for (axis, n), placement in zip(sizes.items(), placed.data if placed else ()):
             if placement.kind != "shard":
                 continue
             shape = list(value.type.shape)
@@ -213,6 +219,29 @@ def state_module(module: ModuleOp, names: list[str]) -> ModuleOp:
     out = ModuleOp([fn])
     out.attributes.update(module.attributes)
     return out
+
+
+def _unflattened(block: Block, piece: SSAValue, axis: str, n: int, shape) -> SSAValue:
+    """A `flat` placement's pieces gathered over `axis`, unpadded and reshaped."""
+    t = piece.type
+    gather = AllGatherOp(piece, t.with_shape([n * t.shape[0]]), axis, 0)
+    block.add_op(gather)
+    numel = math.prod(shape)
+    cut = call_op_class("aten::slice.Tensor")(
+        "aten::slice.Tensor",
+        [gather.results[0]],
+        ArgsAttr((Operand(0), 0, 0, numel), ()),
+        [t.with_shape([numel])],
+    )
+    view = call_op_class("aten::view")(
+        "aten::view",
+        [cut.results[0]],
+        ArgsAttr((Operand(0), tuple(shape)), ()),
+        [t.with_shape(shape)],
+    )
+    block.add_op(cut)
+    block.add_op(view)
+    return view.results[0]
 
 
 # what a training step holds per rank, by kind (`step_memory`, `value_kinds`)

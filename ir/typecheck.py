@@ -445,6 +445,15 @@ class _Checker:
             return
         shape = op.result.type.shape
         for n, placement in zip(self.mesh.values(), placements.data):
+            if placement.kind == "flat":  # a piece of the flattened tensor of its shape
+                size = -(-math.prod(placement.shape) // n)
+                if list(shape) != [size]:
+                    raise _Mismatch(
+                        f"placement {placement} over {n} ranks holds [{size}] elements a rank, "
+                        f"not {list(shape)}"
+                    )
+                shape = placement.shape  # what the other axes' placements split
+        for n, placement in zip(self.mesh.values(), placements.data):
             if placement.kind != "shard":
                 continue
             if not 0 <= placement.dim < len(shape):

@@ -21,6 +21,15 @@ from .attrs import shard
 from .errors import PlaitError
 
 
+def flat_piece(tensor: torch.Tensor, index: int, parts: int) -> torch.Tensor:
+    """Piece `index` of `parts` of the tensor flattened and zero-padded to a
+    multiple of `parts` (a `flat` placement's slice), as a new tensor."""
+    whole = tensor.reshape(-1)
+    size = -(-whole.numel() // parts)
+    padded = torch.nn.functional.pad(whole, (0, size * parts - whole.numel()))
+    return padded.narrow(0, index * size, size).clone()
+
+
 class WeightError(PlaitError):
     """A weight that is missing, or cannot be materialized or saved."""
 

@@ -18,6 +18,7 @@ _PASSES: dict[str, str] = {
     "sparsify": "compress.sparsify:Sparsify",
     "shard": "shard.shard:Shard",
     "tier": "memory.tier:Tier",
+    "zero": "shard.zero:Zero",
 }
 
 

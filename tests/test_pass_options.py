@@ -46,6 +46,8 @@ BAD_OPTIONS = [
     ("shard{values=seq:8}", "values=seq:8", "used only by solve=ilp"),
     ("shard{solve=ilp,memory=0}", "memory=0", "memory is bytes per device"),
     ("shard{solve=ilp,hardware=h900}", "hardware=h900", "unknown hardware"),
+    ("zero{stage=4}", "stage=4", "stage is one of 1 (optimizer state)"),
+    ("zero{bucket-mb=0}", "bucket-mb=0", "bucket_mb is MiB per parameter bucket"),
     ("canonicalize,shard{mesh=tp:2},nosuchpass", "nosuchpass", "unknown pass"),
 ]
 

@@ -75,7 +75,7 @@ class StepSharding:
                 if op.weight_name.startswith(ACCUMULATOR + "."):
                     self._mark(op, SUM)
         else:
-            _squares_for_global_norms(block, sharder)
+            squares_for_global_norms(block, sharder._insert_call)
 
     # ---- state ------------------------------------------------------------------
 
@@ -451,9 +451,11 @@ def _l2_of_all(op: Operation) -> bool:
     )
 
 
-def _squares_for_global_norms(block, sharder: _Sharder) -> None:
+def squares_for_global_norms(block, insert_call) -> None:
     """‖stack(‖g_i‖)‖ (clip_grad_norm_'s total norm) as sqrt(Σ_i sum(g_i * g_i)):
-    over split gradients the sums are partial, and one all-reduce totals them."""
+    over split gradients the sums are partial, and one all-reduce totals them.
+    `insert_call(before, name, target, values, args, type)` makes the calls
+    (`_Sharder._insert_call`)."""
     for op in list(block.ops):
         stack = op.inputs[0].owner if _l2_of_all(op) else None
         if not (isinstance(stack, CallOp) and stack.target_name == "aten::stack"):
@@ -463,18 +465,18 @@ def _squares_for_global_norms(block, sharder: _Sharder) -> None:
             continue
         for norm in norms:
             g = norm.inputs[0]
-            squares = sharder._insert_call(
+            squares = insert_call(
                 norm, "grad_squares", "aten::mul.Tensor", [g, g], [Operand(0), Operand(1)], g.type
             )
-            total = sharder._insert_call(
+            total = insert_call(
                 norm, "grad_square_sum", "aten::sum", [squares], [Operand(0)], norm.results[0].type
             )
             norm.results[0].replace_all_uses_with(total)
             Rewriter.erase_op(norm)
         scalar = op.results[0].type
-        summed = sharder._insert_call(
+        summed = insert_call(
             op, "grad_square_sum", "aten::sum", [stack.results[0]], [Operand(0)], scalar
         )
-        root = sharder._insert_call(op, "grad_norm", "aten::sqrt", [summed], [Operand(0)], scalar)
+        root = insert_call(op, "grad_norm", "aten::sqrt", [summed], [Operand(0)], scalar)
         op.results[0].replace_all_uses_with(root)
         Rewriter.erase_op(op)

@@ -1,0 +1,351 @@
+"""zero{stage=1|2|3} over the data axis of a sharded step, on real gloo ranks:
+every step's loss and the final parameters equal eager torch + AdamW; each
+rank holds 1/N of the optimizer state (stage 1), of the gradients (2) and of
+the parameters (3); checkpoints hold whole tensors and resume on one rank or
+another mesh; the step's IR prints and parses back, and a dump taken after
+shard replays zero."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import plait
+import pytest
+import torch
+from plait.ir.errors import PlaitError
+from plait.ir.ops import AllGatherOp, AllReduceOp, ReduceScatterOp, ReshapeOp
+from plait.ir.text import parse_module, print_module, verify_module
+from plait.ir.training import check_state_order
+from plait.passes.manager import PassManager
+from plait.passes.pipeline import PipelineError, parse_pipeline
+from plait.passes.shard.zero import Zero, ZeroError
+from safetensors import safe_open
+from test_training import MLP, _check_run, _close, _eager, _lm_loss, _mlp_batches
+from test_training_parallel import (
+    ADAMW,
+    DP_CLIP,
+    PARAM_ATOL,
+    SAVE_AFTER,
+    SMALL_BUCKETS,
+    STEPS,
+    Run,
+    _batches,
+    _check_parity,
+    _llama,
+    _loss_position,
+    _optimizer,
+    _step_ops,
+)
+
+
+def _pipeline(mesh: str, stage: int) -> str:
+    return (
+        f"canonicalize,cse,dce,shard{{mesh={mesh},bucket_mb={SMALL_BUCKETS}}},"
+        f"zero{{stage={stage},bucket_mb={SMALL_BUCKETS}}}"
+    )
+
+
+def _run(mesh: str, stage: int, tmp, *, accumulation: int = 1) -> Run:
+    """A zero run next to eager's (AdamW, clipped), saving a checkpoint after SAVE_AFTER steps."""
+    model, batches = _llama(1), _batches(STEPS)
+    expected, _, reference = _eager(
+        model, batches, _lm_loss, _optimizer(ADAMW), accumulation=accumulation, clip=DP_CLIP
+    )
+    trainer = plait.compile_training(
+        model,
+        batches[0],
+        accumulation=accumulation,
+        clip_grad_norm=DP_CLIP,
+        pipeline=_pipeline(mesh, stage),
+        **ADAMW,
+    )
+    losses = []
+    try:
+        for step, batch in enumerate(batches):
+            if step == SAVE_AFTER:
+                trainer.save(tmp)
+            losses.append(trainer.step(*batch))
+        state = trainer.state_dict()
+    finally:
+        trainer.close()
+    return Run(
+        model,
+        batches,
+        ADAMW,
+        accumulation,
+        DP_CLIP,
+        trainer,
+        losses,
+        state,
+        expected,
+        reference,
+        tmp,
+    )
+
+
+@pytest.fixture(scope="module")
+def zero1(tmp_path_factory):
+    """Stage 1 with gradient accumulation over 2 micro-batches."""
+    return _run("dp:2", 1, tmp_path_factory.mktemp("zero1"), accumulation=2)
+
+
+@pytest.fixture(scope="module")
+def zero2(tmp_path_factory):
+    """Stage 2 with accumulation: the accumulators hold pieces too."""
+    return _run("dp:2", 2, tmp_path_factory.mktemp("zero2"), accumulation=2)
+
+
+@pytest.fixture(scope="module")
+def zero3(tmp_path_factory):
+    return _run("dp:2", 3, tmp_path_factory.mktemp("zero3"))
+
+
+@pytest.fixture(scope="module")
+def zero3_tp(zero2):
+    """4 ranks, the pieces of tp-local tensors: zero2's checkpoint (dp:2, after
+    SAVE_AFTER steps, accumulating) resumed under zero{stage=3} on dp:2,tp:2,
+    each rank reading its piece of the whole parameters and moments, for the
+    remaining steps."""
+    trainer = plait.load_training(zero2.checkpoint, pipeline=_pipeline("dp:2,tp:2", 3))
+    try:
+        losses = [trainer.step(*batch) for batch in zero2.batches[SAVE_AFTER:]]
+        state = trainer.state_dict()
+    finally:
+        trainer.close()
+    return replace(
+        zero2,
+        trainer=trainer,
+        losses=losses,
+        state=state,
+        expected=zero2.expected[SAVE_AFTER:],
+        checkpoint=None,
+    )
+
+
+# ---- parity -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("run", ["zero1", "zero2", "zero3", "zero3_tp"])
+def test_zero_steps_match_eager(run, request):
+    _check_parity(request.getfixturevalue(run))
+
+
+# ---- memory per rank --------------------------------------------------------------
+
+
+def _halves(model) -> int:
+    """Bytes of a rank's half of every parameter (flat, padded to an even count)."""
+    return sum(math.ceil(p.numel() / 2) * 4 for p in model.parameters())
+
+
+STEP_COUNT = 8  # optimizer.step, an f64
+
+
+@pytest.mark.parametrize("run, stage", [("zero1", 1), ("zero2", 2), ("zero3", 3)])
+def test_zero_halves_what_its_stage_shards_per_rank(run, stage, request):
+    run = request.getfixturevalue(run)
+    memory = run.trainer.memory()
+    whole = sum(p.numel() * 4 for p in run.model.parameters())
+    assert memory["parameters"] == (_halves(run.model) if stage == 3 else whole)
+    assert memory["optimizer state"] == 2 * _halves(run.model) + STEP_COUNT  # AdamW: 2 moments
+    assert memory["gradients"] == (_halves(run.model) if stage >= 2 else whole)
+    # the stage 1 and 2 runs accumulate over 2 micro-batches, stage 3's does not
+    accumulators = {1: whole, 2: _halves(run.model), 3: 0}[stage]
+    assert memory["gradient accumulators"] == accumulators
+
+
+# ---- the step's collectives and IR ---------------------------------------------------
+
+
+@pytest.mark.parametrize("run", ["zero1", "zero2", "zero3", "zero3_tp"])
+def test_zero_ir_round_trips(run, request):
+    text = request.getfixturevalue(run).trainer.ir
+    module = parse_module(text)
+    assert print_module(module) == text
+    check_state_order(module)
+    assert "flat([176, 64])" in text or "flat([88, 64])" in text  # gate_proj's moments
+
+
+def test_a_dump_after_shard_replays_zero(zero2):
+    """`plait opt step.mlir --pipeline zero{...}` on the step as shard left it
+    gives the step the whole pipeline gives: a dump is a reproducible case."""
+    sharded = plait.compile_training(
+        zero2.model,
+        zero2.batches[0],
+        accumulation=zero2.accumulation,
+        clip_grad_norm=DP_CLIP,
+        pipeline=_pipeline("dp:2", 2).rsplit(",zero", 1)[0],
+        **ADAMW,
+    )
+    module = parse_module(sharded.ir)
+    PassManager.parse(f"zero{{stage=2,bucket_mb={SMALL_BUCKETS}}}").run(module)
+    assert print_module(module) == zero2.trainer.ir
+
+
+def _dp(ops, kind) -> list:
+    return [op for op in ops if isinstance(op, kind) and op.axis.data == "dp"]
+
+
+def test_zero1_all_gathers_updated_parameters_in_async_buckets(zero1):
+    ops = _step_ops(zero1.trainer)
+    gathers = _dp(ops, AllGatherOp)
+    assert len(gathers) >= 2 and all(op.is_async is not None for op in gathers)
+    params = sum(p.numel() for p in zero1.model.parameters())
+    assert sum(math.prod(op.input.type.shape) for op in gathers) == params // 2
+    assert _dp(ops, ReduceScatterOp) == []  # stage 1: gradients all-reduced whole
+
+
+def test_zero2_reduce_scatters_gradients(zero2):
+    """In @train_step and in @accumulate (each micro-batch's gradients into
+    the accumulators' pieces)."""
+    module = parse_module(zero2.trainer.ir)
+    accumulate = next(f for f in module.ops if f.sym_name.data == "accumulate")
+    scatters = _dp(list(accumulate.body.blocks.first.ops), ReduceScatterOp)
+    params = sum(p.numel() for p in zero2.model.parameters())
+    assert sum(math.prod(op.input.type.shape) for op in scatters) == params
+    ops = _step_ops(zero2.trainer)
+    scatters = _dp(ops, ReduceScatterOp)
+    assert len(scatters) >= 3 and all(op.is_async is not None for op in scatters)
+    assert sum(math.prod(op.input.type.shape) for op in scatters) == params
+    # no gradient is all-reduced: the loss's two scalars and the norm's square sums
+    reduces = _dp(ops, AllReduceOp)
+    assert [list(op.input.type.shape) for op in reduces if op.input.type.rank] == [
+        [len(list(zero2.model.parameters()))]
+    ]
+
+
+def _leaves(value, ops) -> list:
+    """The ops that read `value`, through the reshape family (views, slices)."""
+    found = []
+    for use in value.uses:
+        op = use.operation
+        if isinstance(op, ReshapeOp):
+            found += _leaves(op.results[0], ops)
+        else:
+            found.append(op)
+    return found
+
+
+def test_zero3_gathers_parameters_for_forward_and_again_for_backward(zero3):
+    """Every gathered copy is read on one side of the loss only (forward's dies
+    before backward, which gathers again), and each bucket's gather starts
+    before the bucket ahead of it is first read (prefetch)."""
+    ops = _step_ops(zero3.trainer)
+    position = {op: i for i, op in enumerate(ops)}
+    loss = _loss_position(ops)
+    gathers = [op for op in _dp(ops, AllGatherOp) if op.is_async is not None]
+    waits = [next(iter(op.result.uses)).operation for op in gathers]
+    firsts = []
+    for wait in waits:
+        readers = [position[op] for op in _leaves(wait.results[0], ops)]
+        assert max(readers) < loss or min(readers) > loss
+        firsts.append(min(readers))
+    assert all(position[g] < firsts[i - 1] for i, g in enumerate(gathers) if i)
+    # forward reads every parameter; backward all but the embedding (a scatter-add)
+    pieces = [(first < loss, math.prod(g.input.type.shape)) for g, first in zip(gathers, firsts)]
+    model = zero3.model
+    params = sum(p.numel() for p in model.parameters())
+    embedding = model.get_input_embeddings().weight.numel()
+    assert sum(n for forward, n in pieces if forward) == params // 2
+    assert sum(n for forward, n in pieces if not forward) == (params - embedding) // 2
+
+
+# ---- checkpoints --------------------------------------------------------------------
+
+
+def test_a_zero_checkpoint_holds_whole_tensors(zero1):
+    model = zero1.model
+    with safe_open(str(zero1.checkpoint / "weights.safetensors"), "pt") as f:
+        for name, p in model.named_parameters():
+            for slot in ("exp_avg", "exp_avg_sq"):
+                assert f.get_slice(f"optimizer.{slot}.{name}").get_shape() == list(p.shape)
+
+
+@pytest.mark.parametrize("run", ["zero1", "zero2"])
+def test_a_zero_checkpoint_continues_on_one_rank(run, request):
+    """Saved after 2 steps under zero, resumed without zero on one device: the
+    moments were whole, so it goes on as eager did."""
+    run = request.getfixturevalue(run)
+    loaded = plait.load_training(run.checkpoint, pipeline="canonicalize,cse,dce")
+    assert loaded.world_size == 1 and loaded.steps == SAVE_AFTER
+    for step, batch in enumerate(run.batches[SAVE_AFTER:], SAVE_AFTER):
+        _close(loaded.step(*batch), run.expected[step], f"loss of step {step} on one rank")
+    state = loaded.state_dict()
+    for name, tensor in run.reference.state_dict().items():
+        error = (state[name].double() - tensor.double()).abs().max().item()
+        assert error <= PARAM_ATOL, f"{name} resumed on one rank: max error {error:.3g}"
+
+
+# ---- bad input ----------------------------------------------------------------------
+
+
+def test_an_unknown_stage_is_an_option_error():
+    with pytest.raises(PipelineError, match=r"stage is one of 1 \(optimizer state\), .*3 .*not 4"):
+        parse_pipeline("shard{mesh=dp:2},zero{stage=4}")
+
+
+def test_zero_without_a_data_axis_says_what_to_change():
+    model, batches = MLP(), _mlp_batches(1)
+    with pytest.raises(ZeroError, match=r"mesh is tp:2; shard with one first: shard\{mesh=dp:N\}"):
+        plait.compile_training(
+            model, batches[0], pipeline="canonicalize,shard{mesh=tp:2},zero{stage=1}"
+        )
+
+
+def test_zero_on_a_program_that_is_no_training_step():
+    text = """builtin.module attributes {plait.mesh = #plait.mesh<dp = 2>} {
+  func.func @forward(%x : !plait.tensor<[4], f32>) -> !plait.tensor<[4], f32> {
+    func.return %x : !plait.tensor<[4], f32>
+  }
+}"""
+    with pytest.raises(PlaitError, match=r"no @train_step; compile it with plait.compile_training"):
+        Zero(stage=1).apply(None, parse_module(text))
+
+
+class Odd(torch.nn.Module):
+    """Every parameter has an odd count of elements: each rank's last piece is padded."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = torch.nn.Linear(5, 7)
+        self.fc2 = torch.nn.Linear(7, 3)
+
+    def forward(self, x, y):
+        return torch.nn.functional.mse_loss(self.fc2(torch.tanh(self.fc1(x))), y)
+
+
+def test_pieces_of_odd_sizes_are_padded():
+    model = Odd()
+    generator = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 5, generator=generator), torch.randn(4, 3, generator=generator))]
+    batches *= 3
+    losses, _, reference = _eager(
+        model, batches, lambda m, x, y: m(x, y), _optimizer(ADAMW), clip=0.1
+    )
+    trainer = plait.compile_training(
+        model, batches[0], clip_grad_norm=0.1, pipeline=_pipeline("dp:2", 3), **ADAMW
+    )
+    assert "aten::constant_pad_nd" in trainer.ir
+    memory = trainer.memory()
+    assert memory["gradients"] == memory["parameters"] == _halves(model)
+    try:
+        _check_run(trainer, batches, losses, reference)
+    finally:
+        trainer.close()
+
+
+def test_a_flat_piece_of_the_wrong_size_is_invalid_ir():
+    """flat([5]) over 2 ranks holds ceil(5 / 2) = 3 elements a rank."""
+    text = """builtin.module attributes {plait.mesh = #plait.mesh<dp = 2>} {
+  func.func @train_step() -> !plait.tensor<[2], f32> {
+    %m = plait.param state "m" {plait.placements = #plait.placements<[flat([5])]>} : !plait.tensor<[2], f32>
+    func.return %m : !plait.tensor<[2], f32>
+  }
+}"""
+    with pytest.raises(PlaitError, match=r"flat\(\[5\]\) over 2 ranks holds \[3\] elements"):
+        verify_module(parse_module(text, "bad.mlir"))
+    fixed = text.replace("[2], f32", "[3], f32")
+    assert print_module(parse_module(fixed)).strip() == fixed
+    verify_module(parse_module(fixed))
