@@ -21,66 +21,42 @@ from plait.passes.manager import PassManager
 from plait.passes.pipeline import PipelineError, parse_pipeline
 from plait.passes.shard.zero import Zero, ZeroError
 from safetensors import safe_open
-from test_training import MLP, _check_run, _close, _eager, _lm_loss, _mlp_batches
+from test_training import MLP, _check_run, _close, _eager, _mlp_batches
 from test_training_parallel import (
     ADAMW,
     DP_CLIP,
     PARAM_ATOL,
     SAVE_AFTER,
     SMALL_BUCKETS,
-    STEPS,
     Run,
-    _batches,
     _check_parity,
     _llama,
     _loss_position,
     _optimizer,
     _step_ops,
 )
+from test_training_parallel import _run as _sharded_run
+
+
+def _zero(stage: int) -> str:
+    return f",zero{{stage={stage},bucket_mb={SMALL_BUCKETS}}}"
 
 
 def _pipeline(mesh: str, stage: int) -> str:
-    return (
-        f"canonicalize,cse,dce,shard{{mesh={mesh},bucket_mb={SMALL_BUCKETS}}},"
-        f"zero{{stage={stage},bucket_mb={SMALL_BUCKETS}}}"
-    )
+    return f"canonicalize,cse,dce,shard{{mesh={mesh},bucket_mb={SMALL_BUCKETS}}}{_zero(stage)}"
 
 
 def _run(mesh: str, stage: int, tmp, *, accumulation: int = 1) -> Run:
     """A zero run next to eager's (AdamW, clipped), saving a checkpoint after SAVE_AFTER steps."""
-    model, batches = _llama(1), _batches(STEPS)
-    expected, _, reference = _eager(
-        model, batches, _lm_loss, _optimizer(ADAMW), accumulation=accumulation, clip=DP_CLIP
-    )
-    trainer = plait.compile_training(
-        model,
-        batches[0],
-        accumulation=accumulation,
-        clip_grad_norm=DP_CLIP,
-        pipeline=_pipeline(mesh, stage),
-        **ADAMW,
-    )
-    losses = []
-    try:
-        for step, batch in enumerate(batches):
-            if step == SAVE_AFTER:
-                trainer.save(tmp)
-            losses.append(trainer.step(*batch))
-        state = trainer.state_dict()
-    finally:
-        trainer.close()
-    return Run(
-        model,
-        batches,
+    shard = f"mesh={mesh},bucket_mb={SMALL_BUCKETS}"
+    return _sharded_run(
+        _llama(1),
+        shard,
         ADAMW,
-        accumulation,
-        DP_CLIP,
-        trainer,
-        losses,
-        state,
-        expected,
-        reference,
         tmp,
+        accumulation=accumulation,
+        clip=DP_CLIP,
+        then=_zero(stage),
     )
 
 
