@@ -60,6 +60,9 @@ class Parallel(enum.Enum):
     # a training step's losses over split rows (carried out by step.py)
     SPLIT_MEAN = "split-mean"  # a mean over a split dim: the local mean / n, a partial sum
     NLL_SUM = "nll-sum"  # nll_loss's mean over split rows: sums and weights, reduced once
+    # batch norm over split rows: the whole batch's statistics (SyncBatchNorm's)
+    BATCH_STATS = "batch-stats"  # forward: each rank's mean and variance gathered
+    BATCH_STATS_BACKWARD = "batch-stats-backward"  # the gradient's sums all-reduced
     # indexing a split dim by its positions (arange): this rank's, shifted to its rows
     POSITIONS = "positions"
 

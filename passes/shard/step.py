@@ -39,6 +39,7 @@ from ...ir.types import TensorType
 from .grad_buckets import _hoist
 from .rules import Decision, Parallel, _moved_dim, divides, local_type
 from .shard import _Sharder, _with_args
+from .step_batch_norm import sync_batch_norm, sync_batch_norm_backward
 from .step_rules import decide_step
 
 R = REPLICATE
@@ -423,6 +424,8 @@ def _sink(ops: list[Operation], block) -> None:
 _REWRITES = {
     Parallel.SPLIT_MEAN: StepSharding.split_mean,
     Parallel.NLL_SUM: StepSharding.nll_sum,
+    Parallel.BATCH_STATS: sync_batch_norm,
+    Parallel.BATCH_STATS_BACKWARD: sync_batch_norm_backward,
 }
 
 
