@@ -134,8 +134,10 @@ def sync_batch_norm_backward(step, op: CallOp, inputs: list[SSAValue], decision)
     total, dot = at.pick(both, 0, 0, "bn_dy_sum"), at.pick(both, 0, 1, "bn_dy_centered_sum")
     grad_w = at.binary("aten::mul.Tensor", dot, invstd, "bn_grad_weight")
     # dx = (dy - total / N - centered * dot * invstd² / N) * invstd * w
-    k = at.binary("aten::mul.Tensor", invstd, invstd, "bn_k")
-    k = at.scaled("aten::div.Scalar", at.binary("aten::mul.Tensor", dot, k, "bn_k"), at.count, "bn_k")
+    k = at.binary(
+        "aten::mul.Tensor", dot, at.binary("aten::mul.Tensor", invstd, invstd, "bn_k"), "bn_k"
+    )
+    k = at.scaled("aten::div.Scalar", k, at.count, "bn_k")
     grad_mean = at.scaled("aten::div.Scalar", total, at.count, "bn_grad_mean")
     dx = at.binary("aten::sub.Tensor", dy, at.per_channel(grad_mean), "bn_grad_input")
     projected = at.binary("aten::mul.Tensor", centered, at.per_channel(k), "bn_projected")
@@ -148,4 +150,3 @@ def sync_batch_norm_backward(step, op: CallOp, inputs: list[SSAValue], decision)
     for value, name in zip(results, marks):
         if name:
             mark_gradient(value, name)
-

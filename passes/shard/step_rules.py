@@ -27,6 +27,10 @@ other op goes to the forward rules.
 - An in-place update of program state (optimizer moments, parameters) keeps
   the state's placement: the other operands come to it (a gradient's partial
   sums are all-reduced, or reduce-scattered onto a split parameter).
+- Per-sample ops (convolutions, pooling and their backward) carry a split
+  batch; batch norm in training over split rows normalizes with the whole
+  batch's statistics, as SyncBatchNorm does (`Parallel.BATCH_STATS`, carried
+  out by `step_batch_norm`).
 - Losses that average over split rows: the pass rewrites them so that the
   result is the mean over the whole batch (`Parallel.SPLIT_MEAN`, `Parallel.NLL_SUM`).
 """
