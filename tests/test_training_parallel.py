@@ -180,6 +180,13 @@ def dp_tp_llama(tmp_path_factory):
     )
 
 
+@pytest.fixture(scope="module")
+def dp_tp_mixtral(tmp_path_factory):
+    """4 ranks, AdamW: the router's top-k and the experts' grouped products
+    (and their backward) inside Megatron's tp layers, on dp's rows."""
+    return _run(_hf_model("mixtral"), "mesh=dp:2,tp:2", ADAMW, tmp_path_factory.mktemp("mixtral"))
+
+
 def _cnn_without_conv_biases():
     """test_training's CNN (batch norm in train mode) without its convolutions'
     biases: before batch norm a bias has a zero gradient in exact arithmetic
@@ -205,7 +212,9 @@ def dp_cnn(tmp_path_factory):
 # ---- parity -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("run", ["tp_llama", "tp_gpt2", "dp_llama", "dp_tp_llama", "dp_cnn"])
+@pytest.mark.parametrize(
+    "run", ["tp_llama", "tp_gpt2", "dp_llama", "dp_tp_llama", "dp_tp_mixtral", "dp_cnn"]
+)
 def test_sharded_steps_match_eager(run, request):
     _check_parity(request.getfixturevalue(run))
 

@@ -369,6 +369,24 @@ def _batch_norm_backward(op: CallOp, arriving, types, n: int, free) -> Decision:
     return Decision(inputs, [S0, SUM, SUM])
 
 
+def _new_filled(op: CallOp, arriving, types, n: int, free) -> Decision:
+    """new_zeros(x, size) and kin read only x's dtype and device: x as it
+    arrives (never gathered or reduced for that), the result whole."""
+    return Decision([arriving[0]] + [R] * (len(op.inputs) - 1), [R])
+
+
+def _index_put(op: CallOp, arriving, types, n: int, free) -> Decision:
+    """index_put(x, indices, values, accumulate=True) adds the values into x:
+    partial values at replicated indices make a partial result (x made partial
+    too: one rank keeps it)."""
+    values = _index(op, "values")
+    if not op.arg("accumulate") or values is None or arriving[values].kind != "partial":
+        return decide(op, arriving, types, n, set())
+    inputs = [R] * len(op.inputs)
+    inputs[0] = inputs[values] = SUM
+    return Decision(inputs, [SUM])
+
+
 # ---- losses ----------------------------------------------------------------------------
 
 _MEAN, _SUM_REDUCTION = 1, 2  # torch's Reduction enum
@@ -466,6 +484,8 @@ STEP_RULES = {
     "aten::nll_loss_backward": _nll_loss_backward,
     "aten::mse_loss": _elementwise_loss,
     "aten::mse_loss_backward": _elementwise_loss,
+    **dict.fromkeys(("aten::new_zeros", "aten::new_ones", "aten::new_empty"), _new_filled),
+    "aten::index_put": _index_put,
     "aten::_native_batch_norm_legit_functional": _batch_norm,
     "aten::_native_batch_norm_legit.no_stats": _batch_norm,
     "aten::native_batch_norm_backward": _batch_norm_backward,
