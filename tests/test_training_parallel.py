@@ -184,7 +184,8 @@ def dp_tp_llama(tmp_path_factory):
 def dp_tp_mixtral(tmp_path_factory):
     """4 ranks, AdamW: the router's top-k and the experts' grouped products
     (and their backward) inside Megatron's tp layers, on dp's rows."""
-    return _run(_hf_model("mixtral"), "mesh=dp:2,tp:2", ADAMW, tmp_path_factory.mktemp("mixtral"))
+    model = _hf_model("mixtral", num_hidden_layers=1)
+    return _run(model, "mesh=dp:2,tp:2", ADAMW, tmp_path_factory.mktemp("mixtral"))
 
 
 def _cnn_without_conv_biases():
@@ -331,6 +332,28 @@ def test_dp_loss_reductions_do_not_block_backward(dp_llama):
     loss_wait = next(w for w in waits if w.input.owner.input.owner is ops[loss])
     buckets = [w for w in waits if w not in (loss_wait, normalizer)]
     assert position[loss_wait] > max(map(position.__getitem__, buckets))
+
+
+_EXPERT_PRODUCTS = ("plait::expert_mm", "plait::expert_mm_backward")
+
+
+def test_tp_splits_the_experts_with_no_collective_inside_them(dp_tp_mixtral):
+    """As in inference, each tp rank holds half of each layer's 4 experts (and
+    their AdamW moments) and computes their rows alone, forward and backward;
+    between a layer's two products no collective runs."""
+    ops = _step_ops(dp_tp_mixtral.trainer)
+    experts = [op for op in ops if isinstance(op, ParamOp) and ".experts." in op.weight_name]
+    assert len(experts) == 2 * 3  # (gate_up, down) x (weight, 2 moments)
+    assert all(op.result.type.shape[0] == 2 for op in experts)
+    products = [
+        i
+        for i, op in enumerate(ops)
+        if isinstance(op, CallOp) and op.target_name in _EXPERT_PRODUCTS
+    ]
+    assert len(products) == 2 * 2  # 2 products x (forward, backward)
+    for first, last in zip(products[0::2], products[1::2]):
+        assert ops[first].target_name == ops[last].target_name
+        assert not [op for op in ops[first:last] if isinstance(op, CollectiveOp)]
 
 
 def _calls(ops, target: str) -> list:
