@@ -23,6 +23,10 @@ of `step_rules`, and these duties of its own:
   there either).
 - Gradient clipping's global norm over split gradients becomes partial sums
   of squares with one all-reduce.
+- Batch norm over split rows normalizes with the whole batch's statistics,
+  as SyncBatchNorm does (`step_batch_norm`).
+- Over a tensor axis, the experts of mixture-of-experts layers split by
+  expert, as in inference (`step_experts`).
 """
 
 from __future__ import annotations
@@ -444,8 +448,7 @@ def _readers(value: SSAValue) -> set[Operation]:
             use.index == 0
             and isinstance(use.operation, CallOp)
             and (
-                writes_input(use.operation.target_name)
-                or use.operation.target_name in _SHAPE_ONLY
+                writes_input(use.operation.target_name) or use.operation.target_name in _SHAPE_ONLY
             )
         )
     }

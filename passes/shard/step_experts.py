@@ -23,6 +23,7 @@ from ...customops import experts as kernel
 from ...ir.args import ArgsAttr, Operand
 from ...ir.attrs import REPLICATE, partial, shard
 from ...ir.ops import CallOp, call_op_class
+from ...ir.schema import argument_names
 from .experts import GROUPED_MM, ZERO_PRESERVING
 from .rules import divides
 
@@ -54,10 +55,11 @@ _REDUCING = ("aten::sum.dim_IntList", "aten::squeeze.dim")  # may drop a dim (no
 
 
 def _keeps_rows(op: CallOp, carried: list[SSAValue]) -> bool:
-    """Rows stay on dim 0: no dim argument names it, and no result moves it
-    (a broadcast to more dims)."""
+    """Rows stay on dim 0: no dim argument names it (an omitted one is dim 0,
+    as split's, cat's and slice's defaults are), and no result moves it (a
+    broadcast to more dims)."""
     rank = carried[0].type.rank
-    dims = op.arg("dim")
+    dims = op.arg("dim", 0 if "dim" in (argument_names(op.target_name) or ()) else None)
     if op.target_name == "aten::sum.dim_IntList" and dims in (None, ()):
         return False  # a sum of everything
     named = dims if isinstance(dims, (tuple, list)) else () if dims is None else (dims,)
@@ -124,8 +126,7 @@ class StepExperts:
         if not _keeps_rows(op, [op.inputs[i] for i in carried]):
             return False
         inputs = [
-            v if i in carried else self.s.reshard(v, REPLICATE, op)
-            for i, v in enumerate(op.inputs)
+            v if i in carried else self.s.reshard(v, REPLICATE, op) for i, v in enumerate(op.inputs)
         ]
         new = type(op)(
             op.target_name, inputs, op.args, [r.type for r in op.results], dict(op.attributes)
