@@ -1,18 +1,19 @@
 """Expert parallelism over the tensor axis of a training step.
 
 A mixture-of-experts layer runs its experts as grouped products over the
-routed rows, sorted by expert (`experts.GROUPED_MM`). As in inference, each
-rank of the tensor axis holds E/n of the experts (their slice of the stacked
-weights, and so of the weights' gradients and optimizer moments) and computes
-their rows alone, zeros elsewhere (`plait::expert_mm`): a partial sum whose
-rows are each one rank's, "rows of experts". The ops that map a zero row to
-a zero row keep them so (`ROW_WISE`: the activation, the gate times up
-product, and in backward the activation's backward and the cat of the
-gradients), so no collective runs between the products, forward or backward
+routed rows, sorted by expert (transformers' grouped_mm_fallback, whose
+backward is an op of its own). As in inference, each rank of the tensor
+axis holds E/n of the experts (its slice of the stacked weights, and so of
+their gradients and optimizer moments) and computes their rows alone, zeros
+elsewhere (`plait::expert_mm`): a partial sum whose rows are each one
+rank's, "rows of experts". The ops that map a zero row to a zero row keep
+them so (`ROW_WISE`: the activation, the gate times up product, and in
+backward the activation's backward and the cat of the gradients), so no
+collective runs between a layer's products, forward or backward
 (`plait::expert_mm_backward` gives the rows' gradients and this rank's
 experts' weight gradients). Any other reader sees an ordinary partial sum,
-reduced where the rules need it: the combine of a token's experts in
-forward, the scatter of the rows' gradients onto the tokens in backward.
+reduced where the rules need it: after the combine of a token's experts in
+forward, where the tokens' gradients meet in backward.
 """
 
 from __future__ import annotations
@@ -24,13 +25,18 @@ from ...ir.args import ArgsAttr, Operand
 from ...ir.attrs import REPLICATE, partial, shard
 from ...ir.ops import CallOp, call_op_class
 from ...ir.schema import argument_names
-from .experts import GROUPED_MM, ZERO_PRESERVING
+from .experts import ZERO_PRESERVING
 from .rules import divides
 
 SUM = partial("sum")
-# backward of a grouped product: target -> (rows, weight, offsets, grad) argument names
-_GROUPED_BACKWARD = {
-    "transformers::grouped_mm_fallback_backward": ("input", "weight", "offs", "grad_output")
+# grouped products whose backward is split too: target -> (argument names of
+# rows, weight, offsets[, grad]), the kernel of this rank's experts
+_GROUPED = {
+    "transformers::grouped_mm_fallback": (("input", "weight", "offs"), kernel.TARGET),
+    "transformers::grouped_mm_fallback_backward": (
+        ("input", "weight", "offs", "grad_output"),
+        kernel.BACKWARD,
+    ),
 }
 
 # row-wise ops that keep rows of experts -> which operands must carry them
@@ -77,10 +83,8 @@ class StepExperts:
 
     def call(self, op: CallOp) -> bool:
         """Shard `op` if it is a grouped product or keeps rows of experts; else False."""
-        if op.target_name in GROUPED_MM:
-            return self._product(op, GROUPED_MM[op.target_name], kernel.TARGET)
-        if op.target_name in _GROUPED_BACKWARD:
-            return self._product(op, _GROUPED_BACKWARD[op.target_name], kernel.BACKWARD)
+        if op.target_name in _GROUPED:
+            return self._product(op, *_GROUPED[op.target_name])
         return self._row_wise(op)
 
     def _product(self, op: CallOp, names, target: str) -> bool:
