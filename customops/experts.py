@@ -11,6 +11,13 @@
 ids are `experts`. With the experts split over ranks, the ranks' results
 sum to the product over all experts.
 
+`plait::expert_mm_backward`: its backward (a training step's), the same
+rows: the gradients of this rank's experts' rows (zero elsewhere) and of its
+slice of the weight.
+
+    grad_rows[rows of e] = grad[rows of e] @ weight[j].T
+    grad_weight[j] = rows[rows of e].T @ grad[rows of e]
+
 `plait::expert_dispatch`: the same routed rows built from tokens split over
 the ranks of a process group, by one all-to-all: every rank knows the whole
 routing (`token_of_row`, `offsets`), holds `tokens` [T / n, dim] (rank r
@@ -26,6 +33,7 @@ import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
 
 TARGET = "plait::expert_mm"
+BACKWARD = "plait::expert_mm_backward"
 DISPATCH = "plait::expert_dispatch"
 
 
@@ -45,6 +53,29 @@ def expert_mm(
 @expert_mm.register_fake
 def _(rows, weight, offsets, experts):
     return rows.new_empty(rows.shape[0], weight.shape[2])
+
+
+@torch.library.custom_op(BACKWARD, mutates_args=())
+def expert_mm_backward(
+    rows: torch.Tensor,
+    weight: torch.Tensor,
+    offsets: torch.Tensor,
+    grad: torch.Tensor,
+    experts: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    grad_rows, grad_weight = torch.zeros_like(rows), torch.zeros_like(weight)
+    ends = offsets.tolist()
+    for j, expert in enumerate(experts.tolist()):
+        start, end = (ends[expert - 1] if expert else 0), ends[expert]
+        if end > start:  # the products of transformers' grouped_mm_fallback_backward
+            torch.mm(grad[start:end], weight[j].T, out=grad_rows[start:end])
+            torch.mm(rows[start:end].T, grad[start:end], out=grad_weight[j])
+    return grad_rows, grad_weight
+
+
+@expert_mm_backward.register_fake
+def _(rows, weight, offsets, grad, experts):
+    return torch.empty_like(rows), torch.empty_like(weight)
 
 
 @torch.library.custom_op(DISPATCH, mutates_args=())

@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 from helpers import max_rel_diff
-from plait.customops.experts import expert_mm
+from plait.customops.experts import expert_mm, expert_mm_backward
 from plait.frontend import hf
 from plait.ir.text import parse_module, print_module
 from plait.passes.manager import PassManager
@@ -35,6 +35,24 @@ def test_the_ranks_expert_products_sum_to_the_grouped_product():
         parts[1][: int(offsets[1])].abs().sum() == 0
         and parts[1][int(offsets[3]) :].abs().sum() == 0
     )
+
+
+def test_the_ranks_expert_backward_sums_to_the_grouped_backward():
+    """expert_mm_backward (a training step's): the ranks' row gradients sum to
+    the grouped product's, and each rank's weight gradient is its experts'
+    slice of the whole one, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    counts = torch.tensor([9, 0, 13, 7, 0, 11])
+    offsets = counts.cumsum(0).to(torch.int32)
+    x, grad = torch.randn(40, 16, generator=g), torch.randn(40, 24, generator=g)
+    w = torch.randn(6, 16, 24, generator=g)
+    whole_rows, whole_weight = torch.ops.transformers.grouped_mm_fallback_backward(
+        x, w, offsets, grad
+    )
+    held = torch.arange(6).chunk(3)
+    parts = [expert_mm_backward(x, w[ids], offsets, grad, ids) for ids in held]
+    assert torch.equal(sum(rows for rows, _ in parts), whole_rows)
+    assert torch.equal(torch.cat([weight for _, weight in parts]), whole_weight)
 
 
 def _mixtral(experts: int = 4):

@@ -19,10 +19,28 @@ import pytest
 import torch
 from plait.frontend.training import TrainingError
 from plait.ir.errors import PlaitError
-from plait.ir.ops import AllGatherOp, AllReduceOp, CallOp, CollectiveOp, WaitOp
+from plait.ir.ops import (
+    AllGatherOp,
+    AllReduceOp,
+    CallOp,
+    CollectiveOp,
+    LocalShardOp,
+    ParamOp,
+    WaitOp,
+)
 from plait.ir.text import parse_module
 from plait.ir.training import GRAD_OF, TRAIN_STEP
-from test_training import _check_run, _close, _eager, _hf_model, _lm_loss
+from test_training import (
+    _check_run,
+    _close,
+    _cnn,
+    _cnn_batches,
+    _cross_entropy,
+    _eager,
+    _hf_model,
+    _lm_loss,
+)
+from xdsl.ir import Operation
 
 STEPS = 4
 SAVE_AFTER = 2  # each run saves a checkpoint after this many steps
@@ -76,14 +94,19 @@ class Run:
     measured: list[dict[str, int]]  # each rank's memory in the last step (measured)
 
 
-def _run(model, shard, options, tmp, *, accumulation=1, clip=None, rows=4, then="") -> Run:
-    batches = _batches(STEPS, rows)
+def _run(
+    model, shard, options, tmp, *, accumulation=1, clip=None, rows=4, task=None, then=""
+) -> Run:
+    """`task`: (batches, eager loss, plait's loss_fn); a causal LM's by default.
+    `then`: passes after shard."""
+    batches, loss, loss_fn = task or (_batches(STEPS, rows), _lm_loss, None)
     expected, _, reference = _eager(
-        model, batches, _lm_loss, _optimizer(options), accumulation=accumulation, clip=clip
+        model, batches, loss, _optimizer(options), accumulation=accumulation, clip=clip
     )
     trainer = plait.compile_training(
         model,
         batches[0],
+        loss_fn=loss_fn,
         accumulation=accumulation,
         clip_grad_norm=clip,
         pipeline=_pipeline(shard, then),
@@ -165,10 +188,42 @@ def dp_tp_llama(tmp_path_factory):
     )
 
 
+@pytest.fixture(scope="module")
+def dp_tp_mixtral(tmp_path_factory):
+    """4 ranks, AdamW: the router's top-k and the experts' grouped products
+    (and their backward) inside Megatron's tp layers, on dp's rows."""
+    model = _hf_model("mixtral", num_hidden_layers=1)
+    return _run(model, "mesh=dp:2,tp:2", ADAMW, tmp_path_factory.mktemp("mixtral"))
+
+
+def _cnn_without_conv_biases():
+    """test_training's CNN (batch norm in train mode) without its convolutions'
+    biases: before batch norm a bias has a zero gradient in exact arithmetic
+    (the norm subtracts the mean) and AdamW turns its rounding noise into
+    lr-sized steps, so eager's own summation order decides it (ResNets have
+    no bias there either)."""
+    model = _cnn()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.bias = None
+    return model
+
+
+@pytest.fixture(scope="module")
+def dp_cnn(tmp_path_factory):
+    """dp:2: batch norm's statistics over the whole batch (SyncBatchNorm's)."""
+    task = (_cnn_batches(STEPS), lambda m, x, y: _cross_entropy(m(x), x, y), _cross_entropy)
+    return _run(
+        _cnn_without_conv_biases(), "mesh=dp:2", ADAMW, tmp_path_factory.mktemp("dp_cnn"), task=task
+    )
+
+
 # ---- parity -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("run", ["tp_llama", "tp_gpt2", "dp_llama", "dp_tp_llama"])
+@pytest.mark.parametrize(
+    "run", ["tp_llama", "tp_gpt2", "dp_llama", "dp_tp_llama", "dp_tp_mixtral", "dp_cnn"]
+)
 def test_sharded_steps_match_eager(run, request):
     _check_parity(request.getfixturevalue(run))
 
@@ -337,6 +392,87 @@ def test_dp_loss_reductions_do_not_block_backward(dp_llama):
     loss_wait = next(w for w in waits if w.input.owner.input.owner is ops[loss])
     buckets = [w for w in waits if w not in (loss_wait, normalizer)]
     assert position[loss_wait] > max(map(position.__getitem__, buckets))
+
+
+_EXPERT_PRODUCTS = ("plait::expert_mm", "plait::expert_mm_backward")
+
+
+def test_tp_splits_the_experts_with_no_collective_inside_them(dp_tp_mixtral):
+    """As in inference, each tp rank holds half of each layer's 4 experts (and
+    their AdamW moments) and computes their rows alone, forward and backward;
+    between a layer's two products no collective runs."""
+    ops = _step_ops(dp_tp_mixtral.trainer)
+    experts = [op for op in ops if isinstance(op, ParamOp) and ".experts." in op.weight_name]
+    assert len(experts) == 2 * 3  # (gate_up, down) x (weight, 2 moments)
+    assert all(op.result.type.shape[0] == 2 for op in experts)
+    products = [
+        i
+        for i, op in enumerate(ops)
+        if isinstance(op, CallOp) and op.target_name in _EXPERT_PRODUCTS
+    ]
+    assert len(products) == 2 * 2  # 2 products x (forward, backward)
+    for first, last in zip(products[0::2], products[1::2]):
+        assert ops[first].target_name == ops[last].target_name
+        assert not [op for op in ops[first:last] if isinstance(op, CollectiveOp)]
+
+
+def _calls(ops, target: str) -> list:
+    return [op for op in ops if isinstance(op, CallOp) and op.target_name == target]
+
+
+def test_dp_cnn_runs_on_its_rows_with_the_whole_batchs_statistics(dp_cnn):
+    """DDP with SyncBatchNorm: the convolutions run on the rank's rows (the
+    images are not gathered); each batch norm all-gathers the ranks' mean and
+    variance [2, C] once in forward and all-reduces its gradient's two sums
+    [2, C] once in backward, which give its weight's and bias's gradients
+    whole; the rest of the gradients (convolutions, classifier) go in buckets."""
+    ops = _step_ops(dp_cnn.trainer)
+    convolutions = _calls(ops, "aten::convolution")
+    assert [op.operands[0].type.shape[0] for op in convolutions] == [2, 2]  # 4 rows, 2 ranks
+    loss = _loss_position(ops)
+    channels = [m.num_features for m in dp_cnn.model.modules() if hasattr(m, "running_mean")]
+    gathers = [op for op in ops if isinstance(op, AllGatherOp)]
+    assert all(position < loss for position in map(ops.index, gathers))
+    assert [tuple(op.result.type.shape) for op in gathers] == [(2, 2, c) for c in channels]
+    blocking = [op for op in ops[loss:] if isinstance(op, AllReduceOp) and op.is_async is None]
+    assert [tuple(op.input.type.shape) for op in blocking] == [(2, c) for c in reversed(channels)]
+    bucketed = sum(math.prod(op.input.type.shape) for op in _bucket_starts(ops))
+    norms = sum(
+        p.numel()
+        for name, p in dp_cnn.model.named_parameters()
+        if name.startswith("features.") and p.ndim == 1
+    )
+    assert bucketed == sum(p.numel() for p in dp_cnn.model.parameters()) - norms
+
+
+def _from_own_rows(value, seen=None) -> bool:
+    """Does `value` depend on this rank's rows other than through a collective
+    (whose result every rank of the axis shares)?"""
+    seen = set() if seen is None else seen
+    owner = value.owner
+    if not isinstance(owner, Operation) or isinstance(owner, LocalShardOp):
+        return True  # the step's inputs, or this rank's slice of them
+    if isinstance(owner, (CollectiveOp, WaitOp)) or owner in seen:
+        return False
+    seen.add(owner)
+    return any(_from_own_rows(v, seen) for v in owner.operands)
+
+
+def test_dp_running_statistics_are_the_same_on_every_rank(dp_cnn):
+    """Each rank writes running_mean and running_var from the gathered
+    statistics alone: the same values on every rank (eager's, by the parity)."""
+    ops = _step_ops(dp_cnn.trainer)
+    updates = [
+        op
+        for op in _calls(ops, "aten::copy_")
+        if isinstance(op.operands[0].owner, ParamOp)
+        and op.operands[0].owner.weight_name.rsplit(".", 1)[-1] in ("running_mean", "running_var")
+    ]
+    assert len(updates) == 4
+    assert not any(_from_own_rows(op.operands[1]) for op in updates)
+    # while the normalized activations are the rank's own
+    (first, _) = _calls(ops, "aten::convolution")
+    assert _from_own_rows(first.results[0])
 
 
 def test_dp_rows_keep_their_own_padding():

@@ -61,6 +61,9 @@ class Parallel(enum.Enum):
     SPLIT_MEAN = "split-mean"  # a mean over a split dim: the local mean / n, a partial sum
     NLL_SUM = "nll-sum"  # nll_loss's mean over split rows: sums and weights, reduced once
     SPLIT_CLASSES = "split-classes"  # log_softmax / nll_loss over split classes (vocab-parallel)
+    # batch norm over split rows: the whole batch's statistics (SyncBatchNorm's)
+    BATCH_STATS = "batch-stats"  # forward: each rank's mean and variance gathered
+    BATCH_STATS_BACKWARD = "batch-stats-backward"  # the gradient's sums all-reduced
     # indexing a split dim by its positions (arange): this rank's, shifted to its rows
     POSITIONS = "positions"
 

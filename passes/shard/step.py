@@ -23,6 +23,10 @@ of `step_rules`, and these duties of its own:
   there either).
 - Gradient clipping's global norm over split gradients becomes partial sums
   of squares with one all-reduce.
+- Batch norm over split rows normalizes with the whole batch's statistics,
+  as SyncBatchNorm does (`step_batch_norm`).
+- Over a tensor axis, the experts of mixture-of-experts layers split by
+  expert, as in inference (`step_experts`).
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ from .grad_buckets import _hoist
 from .rules import Decision, Parallel, _moved_dim, divides, local_type
 from .shard import _Sharder, _with_args
 from .split_classes import split_classes
+from .step_batch_norm import sync_batch_norm, sync_batch_norm_backward
+from .step_experts import StepExperts
 from .step_rules import decide_step
 
 R = REPLICATE
@@ -52,8 +58,11 @@ _VIEWS = frozenset(
     "detach alias".split()
 )
 _SAME = ("aten::detach", "aten::alias")
-# ops that read only their operand's shape and dtype
-_SHAPE_ONLY = frozenset("aten::" + n for n in ("ones_like", "zeros_like", "empty_like"))
+# ops that read only their (first) operand's shape and dtype
+_SHAPE_ONLY = frozenset(
+    "aten::" + n
+    for n in ("ones_like", "zeros_like", "empty_like", "new_zeros", "new_ones", "new_empty")
+)
 
 
 class StepSharding:
@@ -70,6 +79,7 @@ class StepSharding:
         self._first_rank: SSAValue | None = None
         self._late: list[tuple[list[Operation], SSAValue]] = []  # waits to sink, after the walk
         self.class_labels: dict = {}  # (labels, classes) -> labels into this rank's classes
+        self.experts = StepExperts(self)  # split over a tensor axis
         if sharder.data:
             for op in self.roots.values():
                 if op.weight_name.startswith(ACCUMULATOR + "."):
@@ -157,7 +167,7 @@ class StepSharding:
     def call(self, op: CallOp) -> None:
         if self.tensor:
             self._place_like_owner(op)
-            if self._defer(op):
+            if self._defer(op) or self.experts.call(op):
                 return
         roots = {root for v in op.inputs if (root := self._root(v)) is not None}
         s = self.s
@@ -426,18 +436,23 @@ _REWRITES = {
     Parallel.SPLIT_MEAN: StepSharding.split_mean,
     Parallel.NLL_SUM: StepSharding.nll_sum,
     Parallel.SPLIT_CLASSES: split_classes,
+    Parallel.BATCH_STATS: sync_batch_norm,
+    Parallel.BATCH_STATS_BACKWARD: sync_batch_norm_backward,
 }
 
 
 def _readers(value: SSAValue) -> set[Operation]:
-    """The ops that read `value`, not counting the in-place update that overwrites it."""
+    """The ops that read `value`, not counting the in-place update that
+    overwrites it, nor those that read only its shape."""
     return {
         use.operation
         for use in value.uses
         if not (
             use.index == 0
             and isinstance(use.operation, CallOp)
-            and writes_input(use.operation.target_name)
+            and (
+                writes_input(use.operation.target_name) or use.operation.target_name in _SHAPE_ONLY
+            )
         )
     }
 

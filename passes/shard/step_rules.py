@@ -27,6 +27,10 @@ other op goes to the forward rules.
 - An in-place update of program state (optimizer moments, parameters) keeps
   the state's placement: the other operands come to it (a gradient's partial
   sums are all-reduced, or reduce-scattered onto a split parameter).
+- Per-sample ops (convolutions, pooling and their backward) carry a split
+  batch; batch norm in training over split rows normalizes with the whole
+  batch's statistics, as SyncBatchNorm does (`Parallel.BATCH_STATS`, carried
+  out by `step_batch_norm`).
 - Losses that average over split rows: the pass rewrites them so that the
   result is the mean over the whole batch (`Parallel.SPLIT_MEAN`, `Parallel.NLL_SUM`).
 """
@@ -316,6 +320,94 @@ def _embedding_backward(op: CallOp, arriving, types, n: int, free) -> Decision:
     return replicated(op)
 
 
+# ---- per-sample ops and batch norm ------------------------------------------------------
+
+# ops that compute each sample of the batch (dim 0) alone: target -> (the
+# operands that carry the batch, each result's placement when they are split);
+# what backward sums over the batch (a weight's gradient) is a partial sum
+_PER_SAMPLE = {
+    "aten::convolution": (("input",), (S0,)),
+    "aten::convolution_backward": (("grad_output", "input"), (S0, SUM, SUM)),
+    "aten::max_pool2d_with_indices": (("self",), (S0, S0)),
+    "aten::max_pool2d_with_indices_backward": (("grad_output", "self", "indices"), (S0,)),
+    "aten::avg_pool2d": (("self",), (S0,)),
+    "aten::avg_pool2d_backward": (("grad_output", "self"), (S0,)),
+    "aten::_adaptive_avg_pool2d": (("self",), (S0,)),
+    "aten::_adaptive_avg_pool2d_backward": (("grad_output", "self"), (S0,)),
+    # batch norm with given statistics (eval mode)
+    "aten::_native_batch_norm_legit_no_training": (("input",), (S0, R, R)),
+}
+
+
+def _per_sample(op: CallOp, arriving, types, n: int, free) -> Decision:
+    """The batch split (dim 0 of the first operand that carries it) passes
+    through; a convolution only of a batched input (its weight's rank)."""
+    names, outputs = _PER_SAMPLE[op.target_name]
+    batched = [_index(op, name) for name in names]
+    weight = _index(op, "weight")
+    if arriving[batched[0]] != S0 or (
+        weight is not None and types[batched[-1]].rank != types[weight].rank
+    ):
+        return replicated(op)
+    inputs = [R] * len(op.inputs)
+    for i in batched:
+        inputs[i] = S0
+    return Decision(inputs, list(outputs))
+
+
+def _static(t) -> bool:
+    return all(isinstance(d, int) for d in t.shape)
+
+
+def _batch_norm(op: CallOp, arriving, types, n: int, free) -> Decision:
+    """_native_batch_norm_legit_functional(x, w, b, running_mean, running_var,
+    training, momentum, eps) -> (y, mean, invstd, running_mean, running_var)
+    and the .no_stats form (no running statistics): in training over split
+    rows, the statistics are the whole batch's, as SyncBatchNorm's (the pass
+    gathers each rank's, `Parallel.BATCH_STATS`); y is split like x, the rest
+    is the same on every rank."""
+    x = _index(op, "input")
+    if arriving[x] != S0 or not _static(types[x]) or not op.arg("training"):
+        return replicated(op)
+    inputs = [R] * len(op.inputs)
+    inputs[x] = S0
+    return Decision(inputs, [S0] + [R] * (len(op.results) - 1), Parallel.BATCH_STATS)
+
+
+def _batch_norm_backward(op: CallOp, arriving, types, n: int, free) -> Decision:
+    """native_batch_norm_backward(dy, x, w, running_mean, running_var, mean,
+    invstd, train, eps, mask) -> (dx, dw, db) over split rows: in training, the
+    whole batch's sums of dy and dy * (x - mean) are all-reduced (they make dw
+    and db, and dx needs them: `Parallel.BATCH_STATS_BACKWARD`); in eval, dx
+    is per sample and dw, db are partial sums."""
+    dy, x = _index(op, "grad_out"), _index(op, "input")
+    if arriving[dy] != S0 or not _static(types[x]):
+        return replicated(op)
+    inputs = [R] * len(op.inputs)
+    inputs[dy] = inputs[x] = S0
+    if op.arg("train"):
+        return Decision(inputs, [S0, R, R], Parallel.BATCH_STATS_BACKWARD)
+    return Decision(inputs, [S0, SUM, SUM])
+
+
+def _new_filled(op: CallOp, arriving, types, n: int, free) -> Decision:
+    """new_zeros(x, size) and kin read only x's dtype and device: x as it
+    arrives (never gathered or reduced for that), the result whole."""
+    return Decision([arriving[0]] + [R] * (len(op.inputs) - 1), [R])
+
+
+def _index_put(op: CallOp, arriving, types, n: int, free) -> Decision:
+    """index_put(x, indices, values, accumulate=True) adds the values into x:
+    partial values at replicated indices make a partial result (x made partial
+    too: one rank keeps it)."""
+    values = _index(op, "values")
+    if not op.arg("accumulate") or values is None or arriving[values].kind != "partial":
+        return decide(op, arriving, types, n, set())
+    inputs = [R] * len(op.inputs)
+    inputs[0] = inputs[values] = SUM
+    return Decision(inputs, [SUM])
+
+
 # ---- losses ----------------------------------------------------------------------------
 
 _MEAN, _SUM_REDUCTION = 1, 2  # torch's Reduction enum
@@ -437,6 +529,12 @@ STEP_RULES = {
     "aten::nll_loss_backward": _nll_loss_backward,
     "aten::mse_loss": _elementwise_loss,
     "aten::mse_loss_backward": _elementwise_loss,
+    **dict.fromkeys(("aten::new_zeros", "aten::new_ones", "aten::new_empty"), _new_filled),
+    "aten::index_put": _index_put,
+    "aten::_native_batch_norm_legit_functional": _batch_norm,
+    "aten::_native_batch_norm_legit.no_stats": _batch_norm,
+    "aten::native_batch_norm_backward": _batch_norm_backward,
+    **dict.fromkeys(_PER_SAMPLE, _per_sample),
     **{f"aten::{name}": _pointwise for name in _POINTWISE_BACKWARD.split()},
     **{f"aten::{name}": attention_step_rule for name in _ATTENTION_OPS.split()},
     **{f"aten::{name}_backward": attention_step_rule for name in _ATTENTION_OPS.split()},
