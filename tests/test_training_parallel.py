@@ -536,7 +536,10 @@ def test_a_sharded_checkpoint_resumes_exactly(tp_llama):
 def test_a_sharded_checkpoint_continues_on_one_rank(run, request):
     """A tp:2 or dp:2 checkpoint holds whole tensors: one device resumes it
     (parameters and optimizer state) and goes on as eager did."""
-    run = request.getfixturevalue(run)
+    _check_continues_on_one_rank(request.getfixturevalue(run))
+
+
+def _check_continues_on_one_rank(run: Run) -> None:
     loaded = plait.load_training(run.checkpoint, pipeline="canonicalize,cse,dce")
     assert loaded.world_size == 1 and loaded.steps == SAVE_AFTER
     for step, batch in enumerate(run.batches[SAVE_AFTER:], SAVE_AFTER):

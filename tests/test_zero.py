@@ -21,14 +21,14 @@ from plait.passes.manager import PassManager
 from plait.passes.pipeline import PipelineError, parse_pipeline
 from plait.passes.shard.zero import Zero, ZeroError
 from safetensors import safe_open
-from test_training import MLP, _check_run, _close, _eager, _mlp_batches
+from test_training import MLP, _check_run, _eager, _mlp_batches
 from test_training_parallel import (
     ADAMW,
     DP_CLIP,
-    PARAM_ATOL,
     SAVE_AFTER,
     SMALL_BUCKETS,
     Run,
+    _check_continues_on_one_rank,
     _check_parity,
     _llama,
     _loss_position,
@@ -242,15 +242,7 @@ def test_a_zero_checkpoint_holds_whole_tensors(zero1):
 def test_a_zero_checkpoint_continues_on_one_rank(run, request):
     """Saved after 2 steps under zero, resumed without zero on one device: the
     moments were whole, so it goes on as eager did."""
-    run = request.getfixturevalue(run)
-    loaded = plait.load_training(run.checkpoint, pipeline="canonicalize,cse,dce")
-    assert loaded.world_size == 1 and loaded.steps == SAVE_AFTER
-    for step, batch in enumerate(run.batches[SAVE_AFTER:], SAVE_AFTER):
-        _close(loaded.step(*batch), run.expected[step], f"loss of step {step} on one rank")
-    state = loaded.state_dict()
-    for name, tensor in run.reference.state_dict().items():
-        error = (state[name].double() - tensor.double()).abs().max().item()
-        assert error <= PARAM_ATOL, f"{name} resumed on one rank: max error {error:.3g}"
+    _check_continues_on_one_rank(request.getfixturevalue(run))
 
 
 # ---- bad input ----------------------------------------------------------------------

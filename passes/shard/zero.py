@@ -100,6 +100,21 @@ def _hint(value: SSAValue) -> str:
     return value.name_hint or "value"
 
 
+def _padded(flat: SSAValue, length: int, before: Operation) -> SSAValue:
+    """A flat value with zeros after it, up to `length` (n equal pieces)."""
+    numel = flat.type.shape[0]
+    if numel == length:
+        return flat
+    return _call(
+        before,
+        f"{_hint(flat)}_padded",
+        "aten::constant_pad_nd",
+        [flat],
+        [Operand(0), (0, length - numel), 0.0],
+        flat.type.with_shape([length]),
+    )
+
+
 @dataclass
 class _Updated:
     """A parameter whose update ran on this rank's slice."""
@@ -174,15 +189,7 @@ class _StepZero:
             [Operand(0), (-1,)],
             t.with_shape([numel]),
         )
-        if size * self.n != numel:
-            x = _call(
-                before,
-                f"{_hint(value)}_padded",
-                "aten::constant_pad_nd",
-                [x],
-                [Operand(0), (0, size * self.n - numel), 0.0],
-                t.with_shape([size * self.n]),
-            )
+        x = _padded(x, size * self.n, before)
         piece = LocalShardOp(x, t.with_shape([size]), self.axis, 0)
         return _insert(piece, before, f"{_hint(value)}_piece")
 
@@ -591,17 +598,8 @@ class _StepZero:
         in one async bucket started before `start`, waited for before `wait`."""
         rows, offsets, total = [], [], 0
         for f, _, _, _ in members:
-            numel, size = f.type.shape[0], self.piece_size(f.type.shape)
-            x = f
-            if size * self.n != numel:
-                x = _call(
-                    start,
-                    f"{_hint(f)}_padded",
-                    "aten::constant_pad_nd",
-                    [x],
-                    [Operand(0), (0, size * self.n - numel), 0.0],
-                    f.type.with_shape([size * self.n]),
-                )
+            size = self.piece_size(f.type.shape)
+            x = _padded(f, size * self.n, start)
             rows.append(
                 _call(
                     start,
