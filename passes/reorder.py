@@ -9,11 +9,12 @@ draws the same random numbers.
 
 from __future__ import annotations
 
-from xdsl.ir import Block, Operation
+from xdsl.ir import Block, Operation, SSAValue
 from xdsl.rewriter import InsertPoint, Rewriter
 
 from ..ir.effects import is_mergeable
-from ..ir.ops import AllReduceOp, CollectiveOp, LocalShardOp, WaitOp
+from ..ir.ops import AllReduceOp, CallOp, CollectiveOp, LocalShardOp, WaitOp
+from ..ir.schema import writes_input
 
 
 def _first_user(value, block: Block, position: dict[Operation, int]) -> Operation | None:
@@ -101,3 +102,49 @@ def start_early(block: Block, starts: list[CollectiveOp]) -> None:
         op.detach()
     for op in new_order:
         block.add_op(op)
+
+
+def hoist(op: Operation, position: dict[Operation, int], block: Block) -> None:
+    """Move a pure call up to just after its last operand (as soon as it can
+    run), but not past an update of state (its reads must stay before it)."""
+    if not isinstance(op, CallOp) or writes_input(op.target_name) or op.parent is not block:
+        return
+    owners = [v.owner for v in op.operands if isinstance(v.owner, Operation)]
+    if any(o.parent is not block for o in owners):
+        return
+    last = max(owners, key=position.__getitem__, default=None)
+    if last is None or position[last] + 1 >= position[op]:
+        return
+    # reads of state must stay before its update: only hoist past ops that write nothing
+    between = list(block.ops)[position[last] + 1 : position[op]]
+    if any(isinstance(o, CallOp) and writes_input(o.target_name) for o in between):
+        return
+    op.detach()
+    Rewriter.insert_op(op, InsertPoint.after(last))
+
+
+def hoist_chain(value: SSAValue, block) -> None:
+    """Move the pure calls that make `value` up to just after their operands,
+    the first ones first, so `value` is ready as early as its inputs are."""
+    chain, todo = [], [value]
+    while todo:
+        owner = todo.pop().owner
+        if isinstance(owner, CallOp) and owner.parent is block and owner not in chain:
+            chain.append(owner)
+            todo.extend(owner.operands)
+    position = {o: i for i, o in enumerate(block.ops)}
+    for op in sorted(chain, key=position.__getitem__):
+        hoist(op, position, block)
+        position = {o: i for i, o in enumerate(block.ops)}
+
+
+def sink_all(ops: list[Operation], block) -> None:
+    """Move each op down to just before its first reader, the last ones first."""
+    position = {o: i for i, o in enumerate(block.ops)}
+    for o in sorted(ops, key=position.__getitem__, reverse=True):
+        readers = [u.operation for r in o.results for u in r.uses]
+        position = {x: i for i, x in enumerate(block.ops)}
+        first = min(readers, key=position.__getitem__, default=None)
+        if first is not None and position[first] > position[o] + 1:
+            o.detach()
+            Rewriter.insert_op(o, InsertPoint.before(first))

@@ -19,9 +19,9 @@ from xdsl.rewriter import InsertPoint, Rewriter
 
 from ...ir.args import ArgsAttr, Operand
 from ...ir.ops import AllReduceOp, CallOp, LocalShardOp, WaitOp, call_op_class
-from ...ir.schema import writes_input
 from ...ir.training import GRAD_OF
 from ...ir.types import TensorType
+from ..reorder import hoist
 
 BUCKET_MB = 25.0  # DDP's default bucket_cap_mb
 
@@ -55,25 +55,6 @@ def _call(before: Operation, target: str, values, args, result: TensorType, name
     return new.results[0]
 
 
-def _hoist(op: Operation, position: dict[Operation, int], block: Block) -> None:
-    """Move a pure op up to just after its last operand (the sum of an
-    accumulator and the last micro-batch's gradient: ready in backward)."""
-    if not isinstance(op, CallOp) or writes_input(op.target_name) or op.parent is not block:
-        return
-    owners = [v.owner for v in op.operands if isinstance(v.owner, Operation)]
-    if any(o.parent is not block for o in owners):
-        return
-    last = max(owners, key=position.__getitem__, default=None)
-    if last is None or position[last] + 1 >= position[op]:
-        return
-    # reads of state must stay before its update: only hoist past ops that write nothing
-    between = list(block.ops)[position[last] + 1 : position[op]]
-    if any(isinstance(o, CallOp) and writes_input(o.target_name) for o in between):
-        return
-    op.detach()
-    Rewriter.insert_op(op, InsertPoint.after(last))
-
-
 def _first_user(values, position) -> Operation | None:
     users = (u.operation for v in values for u in v.uses)
     return min(users, key=position.__getitem__, default=None)
@@ -96,7 +77,7 @@ def bucket_gradients(block: Block, axis: str, bucket_bytes: float) -> int:
         return 0
     position = {op: i for i, op in enumerate(block.ops)}
     for op in reduces:
-        _hoist(op.input.owner, position, block)
+        hoist(op.input.owner, position, block)
         position = {op: i for i, op in enumerate(block.ops)}
     reduces.sort(key=lambda op: position[op.input.owner])
     buckets: list[list[AllReduceOp]] = []

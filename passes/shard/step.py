@@ -40,7 +40,7 @@ from ...ir.ops import AllReduceOp, CallOp, ParamOp, WaitOp, call_op_class
 from ...ir.schema import writes_input
 from ...ir.training import ACCUMULATOR, GRAD_OF, STATE_OF
 from ...ir.types import TensorType
-from .grad_buckets import _hoist
+from ..reorder import hoist_chain, sink_all
 from .rules import Decision, Parallel, _moved_dim, divides, local_type
 from .shard import _Sharder, _with_args
 from .split_classes import split_classes
@@ -310,7 +310,7 @@ class StepSharding:
         where first read (`finish`)."""
         scalar = op.results[0].type
         target = inputs[op.arg("target").index]
-        _hoist_chain(target, self.s.block)  # export puts the labels' shift by the loss
+        hoist_chain(target, self.s.block)  # export puts the labels' shift by the loss
         start_at = self._after(target)
         kept = self._call(
             start_at,
@@ -378,22 +378,7 @@ class StepSharding:
         """After the walk: each late wait, with the pure ops that only carry
         its value on (the loss's scaling), sinks to just before its first reader."""
         for chain, local in reversed(self._late):
-            _sink(_carried_on(chain, local), self.s.block)
-
-
-def _hoist_chain(value: SSAValue, block) -> None:
-    """Move the pure calls that make `value` up to just after their operands,
-    the first ones first, so `value` is ready as early as its inputs are."""
-    chain, todo = [], [value]
-    while todo:
-        owner = todo.pop().owner
-        if isinstance(owner, CallOp) and owner.parent is block and owner not in chain:
-            chain.append(owner)
-            todo.extend(owner.operands)
-    position = {o: i for i, o in enumerate(block.ops)}
-    for op in sorted(chain, key=position.__getitem__):
-        _hoist(op, position, block)
-        position = {o: i for i, o in enumerate(block.ops)}
+            sink_all(_carried_on(chain, local), self.s.block)
 
 
 def _carried_on(chain: list[Operation], local: SSAValue) -> list[Operation]:
@@ -418,18 +403,6 @@ def _carried_on(chain: list[Operation], local: SSAValue) -> list[Operation]:
                     ops.append(user)
                     made.update(user.results)
     return ops
-
-
-def _sink(ops: list[Operation], block) -> None:
-    """Move each op down to just before its first reader, the last ones first."""
-    position = {o: i for i, o in enumerate(block.ops)}
-    for o in sorted(ops, key=position.__getitem__, reverse=True):
-        readers = [u.operation for r in o.results for u in r.uses]
-        position = {x: i for i, x in enumerate(block.ops)}
-        first = min(readers, key=position.__getitem__, default=None)
-        if first is not None and position[first] > position[o] + 1:
-            o.detach()
-            Rewriter.insert_op(o, InsertPoint.before(first))
 
 
 _REWRITES = {
