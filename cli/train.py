@@ -112,9 +112,8 @@ def _options(args) -> dict:
 def _trainer(args, options: dict, data: dict | None, console):
     """A new trainer for MODEL (and its example inputs), or the checkpoint's
     (and None). A causal LM's example is a batch of token ids."""
-    import torch
-
     import plait
+    import torch
     from plait.frontend import hf
 
     from . import models
@@ -309,7 +308,6 @@ def _size(n: float) -> str:
 
 def run(args) -> int:
     import torch
-
     from plait.runtime import launch
 
     from .common import relaunch_on_ranks
@@ -338,6 +336,7 @@ def run(args) -> int:
                 trainer.save(args.save)
             console.print(f"saved step {trainer.steps} to {args.save}", highlight=False)
         steps, memory, ranks = trainer.steps, trainer.memory(), trainer.world_size
+        measured = trainer.memory(measured=True)
     finally:
         trainer.close()
     seconds = statistics.median(times)
@@ -350,6 +349,15 @@ def run(args) -> int:
     of = f" (each of {ranks})" if ranks > 1 else ""
     parts = ", ".join(f"{kind} {_size(n)}" for kind, n in memory.items())
     out.print(f"memory per rank{of}: {parts}", highlight=False)
+    peaks = measured if isinstance(measured, list) else [measured]
+    whose = (
+        "rank 0" if launch.under_launcher() else ", ".join(f"rank {r}" for r in range(len(peaks)))
+    )
+    out.print(
+        f"measured peak of step {steps - len(losses)} ({whose}): "
+        + ", ".join(_size(p["peak"]) for p in peaks),
+        highlight=False,
+    )
     return 0
 
 
@@ -357,9 +365,8 @@ def _train(args, trainer, batches: Batches, console) -> tuple[list[float], list[
     """Run --steps steps; each step's time and loss. A step's loss is printed
     exactly (9 digits: a float32 read back) on a log line when stderr is no
     terminal, else shown on the progress bar."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
     from plait.training import NonFiniteLossError
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     first = trainer.steps
     times, losses = [], []
@@ -376,6 +383,7 @@ def _train(args, trainer, batches: Batches, console) -> tuple[list[float], list[
         for i in range(args.steps):
             step = first + i
             batch = batches(step)
+            trainer.measure_memory = i == 0  # the first step's allocations, by kind
             start = time.perf_counter()
             try:
                 loss = trainer.step(*batch).item()

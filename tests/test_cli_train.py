@@ -76,6 +76,7 @@ def test_resume_continues_as_one_run(reference, from_data):
     assert _losses(err) == {2: reference[2]}  # step 2's synthetic batch, after the file's two
     assert "trained 1 steps (to step 3)" in out
     assert re.search(r"memory per rank: parameters [\d.]+ KB, gradients [\d.]+ KB, optimizer", out)
+    assert re.search(r"measured peak of step 2 \(rank 0\): [\d.]+ [KM]B", out)
     assert plait.load_training(checkpoint).steps == 2  # --resume without --save writes nothing
 
 
@@ -101,6 +102,7 @@ def test_dp2_under_torchrun_equals_the_worker_ranks(pooled, tmp_path, capfd):
     assert code == 0, err[-3000:]
     assert _losses(err) == pooled  # rank 0 reports; every rank ran the step
     assert "memory per rank (each of 2)" in out
+    assert re.search(r"measured peak of step 0 \(rank 0\): [\d.]+ [KM]B\n", out)
     assert plait.load_training(checkpoint).steps == 2  # rank 0 wrote it
 
 
