@@ -35,7 +35,6 @@ from test_training import (
     _close,
     _cnn,
     _cnn_batches,
-    _cross_entropy,
     _eager,
     _hf_model,
     _lm_loss,
@@ -209,10 +208,19 @@ def _cnn_without_conv_biases():
     return model
 
 
+CLASS_WEIGHTS = torch.linspace(0.5, 2.0, 10)
+
+
+def _weighted(output, images, labels):
+    """Cross-entropy with class weights: the mean divides by the labels' total weight."""
+    return torch.nn.functional.cross_entropy(output, labels, weight=CLASS_WEIGHTS)
+
+
 @pytest.fixture(scope="module")
 def dp_cnn(tmp_path_factory):
-    """dp:2: batch norm's statistics over the whole batch (SyncBatchNorm's)."""
-    task = (_cnn_batches(STEPS), lambda m, x, y: _cross_entropy(m(x), x, y), _cross_entropy)
+    """dp:2: batch norm's statistics over the whole batch (SyncBatchNorm's);
+    a class-weighted loss (each rank's weights' total summed over the ranks)."""
+    task = (_cnn_batches(STEPS), lambda m, x, y: _weighted(m(x), x, y), _weighted)
     return _run(
         _cnn_without_conv_biases(), "mesh=dp:2", ADAMW, tmp_path_factory.mktemp("dp_cnn"), task=task
     )

@@ -269,9 +269,14 @@ class StepSharding:
         self._retire(op, [scaled], decision.outputs)
 
     def nll_sum(self, op: CallOp, inputs: list[SSAValue], decision: Decision) -> None:
-        """nll_loss over split rows: each rank sums its terms and weights, one
-        all-reduce adds both, and the loss is their quotient; the backward
-        divides by that total weight, so each rank's row gradients are exact."""
+        """nll_loss over split rows (or classes): each rank sums its terms and
+        the weights of its labels, all-reduces add both, and the loss is their
+        quotient; the backward divides by that total weight, so each rank's
+        gradients are exact. The total weight (the count of kept labels, or
+        the sum of their class weights) is known from the labels before the
+        loss: its all-reduce starts there, the loss sum's after the loss, and
+        both are waited for where first read (`finish`), so no collective
+        blocks between the loss and backward."""
         mean = op.arg("reduction") == 1
         scalar = op.results[0].type
         local = call_op_class(op.target_name)(
@@ -279,60 +284,21 @@ class StepSharding:
         )
         local.location = op.location
         Rewriter.insert_op(local, InsertPoint.before(op))
-        if op.arg("weight") is None:
-            return self._nll_sum_async(op, inputs, local, mean)
-        both = self._call(
-            op,
-            "aten::stack",
-            list(local.results),
-            [(Operand(0), Operand(1))],
-            [2],
-            scalar.dtype,
-            "loss_terms",
-        )
-        self.s.placement[both] = SUM
-        both = self.s.reshard(both, R, op)
-        total, weight = (
-            self._call(op, "aten::select.int", [both], [Operand(0), 0, i], [], scalar.dtype, name)
-            for i, name in ((0, "loss_sum"), (1, "loss_weight"))
-        )
-        loss = total
-        if mean:
-            loss = self._call(
-                op, "aten::div.Tensor", [total, weight], [Operand(0), Operand(1)], [], scalar.dtype
-            )
-        self._retire(op, [loss, weight], [R, R])
-
-    def _nll_sum_async(self, op: CallOp, inputs, local: CallOp, mean: bool) -> None:
-        """nll_loss without class weights: the total weight is the count of
-        labels that are not ignored, known before the loss; its all-reduce
-        starts there, the loss sum's after the loss, and both are waited for
-        where first read (`finish`)."""
-        scalar = op.results[0].type
         target = inputs[op.arg("target").index]
+        weights = inputs[op.arg("weight").index] if op.arg("weight") is not None else None
         hoist_chain(target, self.s.block)  # export puts the labels' shift by the loss
         start_at = self._after(target)
-        kept = self._call(
-            start_at,
-            "aten::ne.Scalar",
-            [target],
-            [Operand(0), op.arg("ignore_index", -100)],
-            target.type.shape,
-            "i1",
-            "labels_kept",
+        if weights is not None:  # (a rank's slice of the class weights is cut by the loss)
+            position = {o: i for i, o in enumerate(self.s.block.ops)}
+            start_at = max(start_at, self._after(weights), key=position.__getitem__)
+        before_them = start_at.prev_op
+        start = self._start_sum(
+            self._label_weights(start_at, target, weights, op, scalar), start_at
         )
-        count = self.s._insert_call(
-            start_at,
-            "loss_weight",
-            "aten::sum",
-            [kept],
-            [Operand(0)],
-            scalar,
-            [("dtype", Tag("dtype", scalar.dtype))],
-        )
-        start = self._start_sum(count, start_at)
-        for made in (kept.owner, count.owner, start):  # the loss's work, though early
+        made = before_them.next_op if before_them is not None else self.s.block.first_op
+        while made is not start_at:  # the loss's work, though early
             made.location = op.location
+            made = made.next_op
         weight = self._wait_late(start, op, [])
         local.results[0].name_hint = "loss_sum"
         total = self._start_sum(local.results[0], op)
@@ -344,6 +310,57 @@ class StepSharding:
             )
             chain.append(loss.owner)
         self._retire(op, [loss, weight], [R, R])
+
+    def _label_weights(self, before, target, weights, op: CallOp, scalar) -> SSAValue:
+        """This rank's total weight of its kept labels: their count, or the
+        sum of their classes' weights."""
+        shape = target.type.shape
+        kept = self._call(
+            before,
+            "aten::ne.Scalar",
+            [target],
+            [Operand(0), op.arg("ignore_index", -100)],
+            shape,
+            "i1",
+            "labels_kept",
+        )
+        if weights is not None:
+            labels = self._call(
+                before,
+                "aten::where.ScalarOther",
+                [kept, target],
+                [Operand(0), Operand(1), 0],
+                shape,
+                target.type.dtype,
+                "labels_safe",
+            )
+            picked = self._call(
+                before,
+                "aten::take",
+                [weights, labels],
+                [Operand(0), Operand(1)],
+                shape,
+                weights.type.dtype,
+                "label_weights",
+            )
+            kept = self._call(
+                before,
+                "aten::mul.Tensor",
+                [picked, kept],
+                [Operand(0), Operand(1)],
+                shape,
+                weights.type.dtype,
+                "label_weights_kept",
+            )
+        return self.s._insert_call(
+            before,
+            "loss_weight",
+            "aten::sum",
+            [kept],
+            [Operand(0)],
+            scalar,
+            [("dtype", Tag("dtype", scalar.dtype))],
+        )
 
     def _after(self, value: SSAValue) -> Operation:
         """The op before which `value` is first available in the step's block."""
