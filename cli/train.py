@@ -6,6 +6,7 @@ write and continue checkpoints (`Trainer.save`, `plait.load_training`)."""
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from pathlib import Path
@@ -109,6 +110,24 @@ def _options(args) -> dict:
     return {**options, **optimizer}
 
 
+def _check_batch_splits(batch: int, pipeline: str, given: bool) -> None:
+    """Before the capture: the batch rows must split evenly over the
+    pipeline's data axes (dp, ep)."""
+    from plait.passes.manager import PassManager
+    from plait.passes.shard.rules import DATA_AXES
+
+    for p in PassManager.parse(pipeline).passes:
+        axes = p.mesh.as_dict() if getattr(p, "mesh", None) is not None else {}
+        split = math.prod(n for axis, n in axes.items() if axis in DATA_AXES)
+        if batch % split:
+            what = f"--batch {batch}" if given else f"the default --batch {batch}"
+            raise UsageError(
+                f"{what} does not split over the mesh's data axes "
+                f"({', '.join(f'{a}:{n}' for a, n in axes.items() if a in DATA_AXES)}): "
+                f"give --batch a multiple of {split}"
+            )
+
+
 def _trainer(args, options: dict, data: dict | None, console):
     """A new trainer for MODEL (and its example inputs), or the checkpoint's
     (and None). A causal LM's example is a batch of token ids."""
@@ -129,6 +148,8 @@ def _trainer(args, options: dict, data: dict | None, console):
                 trusted_ops=args.trusted_ops,
             ), None
     batch, seq = _shape(args, data)
+    pipeline = args.pipeline if args.pipeline is not None else DEFAULT_PIPELINE
+    _check_batch_splits(batch, pipeline, given=args.batch is not None)
     with status(console, "loading the model"):
         loaded = models.load(
             args.model, args.example, batch, seq, False, False, args.task, args.random_weights
@@ -146,7 +167,6 @@ def _trainer(args, options: dict, data: dict | None, console):
         ids = torch.zeros(batch, seq, dtype=torch.long)
         inputs = (ids, ids)  # (input_ids, labels): the mask is all ones
     console.print(f"loaded {loaded.description}", markup=False)
-    pipeline = args.pipeline if args.pipeline is not None else DEFAULT_PIPELINE
     with status(console, f"capturing the training step of {loaded.description}"):
         trainer = plait.compile_training(
             model.to(device),

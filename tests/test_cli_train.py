@@ -122,7 +122,10 @@ def test_a_non_finite_loss_names_its_step_and_keeps_the_checkpoint(from_data):
     [
         (["--optimizer", "lion"], "optimizer 'lion' does not exist; use one of adam, adamw, sgd"),
         (["--data", "{ids}"], "has no tensor 'input_ids' (it holds ids); it needs an `input_ids`"),
-        (["--batch", "3", "--pipeline", DP2], "does not split evenly over 2 ranks"),
+        (
+            ["--batch", "3", "--pipeline", DP2],
+            "--batch 3 does not split over the mesh's data axes (dp:2): give --batch a multiple of 2",
+        ),
         (["--resume", "{ids}"], "--resume continues the checkpoint's model and optimizer"),
     ],
 )
