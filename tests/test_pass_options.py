@@ -34,7 +34,7 @@ BAD_OPTIONS = [
     ("quantize{size-budget=0}", "size-budget=0", "in (0, 1]"),
     ("quantize{layers=}", "layers=", "at least one module-path pattern"),
     ("sparsify{group=7}", "group=7", "group must be 8, 16, 32 or 64"),
-    ("sparsify{importance=random}", "importance=random", "magnitude or activation"),
+    ("sparsify{importance=random}", "importance=random", "one of magnitude, activation"),
     ("shard{mesh=}", "mesh=", "at least one axis"),
     ("shard{mesh=tp:0}", "mesh=tp:0", "SIZE >= 1"),
     ("shard{mesh=tp:2,tp:4}", "mesh=tp:2,tp:4", "appears twice"),

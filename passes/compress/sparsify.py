@@ -20,6 +20,7 @@ same work. The rank's slice must hold whole groups (checked).
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 from xdsl.context import Context
@@ -43,27 +44,30 @@ class SparsifyError(PlaitError):
     pass
 
 
+class SparseMethod(enum.Enum):
+    GQSA = "gqsa"  # groups of G weights pruned whole, survivors int4 (gqsa.py)
+
+
+class Importance(enum.Enum):
+    MAGNITUDE = "magnitude"  # a group's weights' squared sum
+    ACTIVATION = "activation"  # each weight times its input feature's norm (calibration)
+
+
 @dataclass(frozen=True)
 class Sparsify(Pass):
     name = "sparsify"
     summary = "GQSA: prune 1xG weight groups, int4 survivors, block-sparse kernel"
 
-    method: str = "gqsa"
+    method: SparseMethod = SparseMethod.GQSA
     group: int = 16
     sparsity: float = 0.5
     bits: int = 4
     layers: Globs = Globs()
-    importance: str = "magnitude"
+    importance: Importance = Importance.MAGNITUDE
 
     def __post_init__(self):
         super().__post_init__()
         checks = [
-            (
-                "importance",
-                self.importance in ("magnitude", "activation"),
-                "importance must be magnitude or activation",
-            ),
-            ("method", self.method == "gqsa", "method must be gqsa"),
             ("bits", self.bits == 4, "GQSA stores 4-bit groups; bits must be 4"),
             ("group", self.group in (8, 16, 32, 64), "group must be 8, 16, 32 or 64"),
             ("sparsity", 0.0 <= self.sparsity < 1.0, "sparsity is the pruned fraction, in [0, 1)"),
@@ -77,7 +81,7 @@ class Sparsify(Pass):
         store = ctx.weights if isinstance(ctx, PassContext) else None
         weights = full_weights(store, layers, "sparsify")
         norms = {}
-        if self.importance == "activation" and layers:
+        if self.importance is Importance.ACTIVATION and layers:
             samples = ctx.sample_inputs if isinstance(ctx, PassContext) else []
             if not samples or ctx.run_program is None:
                 raise SparsifyError(
