@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import gc
 import statistics
 import time
@@ -146,7 +147,19 @@ def report(title: str, times: dict, plait: str, baselines, differences: dict) ->
         )
 
 
-def one_rank(config: dict, batches: list) -> None:
+def _with_extra(variants: dict, name: str, compile_step, pipeline: str, extra: str | None):
+    """With --extra: plait with those passes appended, as one more variant."""
+    if extra:
+        variants[f"{name} +{extra}"] = compile_step(f"{pipeline},{extra}").step
+    return variants
+
+
+def _report_extra(title, times, name, baselines, extra) -> None:
+    if extra:
+        report(f"{title} (+{extra})", times, f"{name} +{extra}", baselines, {})
+
+
+def one_rank(config: dict, batches: list, extra: str | None) -> None:
     import plait
 
     model = build(config)
@@ -155,9 +168,11 @@ def one_rank(config: dict, batches: list) -> None:
     capture = time.perf_counter() - start
     eager = copy.deepcopy(model)
     compiled_model = copy.deepcopy(model)
+    compile_step = functools.partial(plait.compile_training, model, batches[0], lr=LR)
+    variants = {"plait": trainer.step, "eager": torch_step(eager)}
+    _with_extra(variants, "plait", lambda p: compile_step(pipeline=p), DEFAULT, extra)
     del model
-    compiled = torch_step(compiled_model, torch.compile(compiled_model))
-    variants = {"plait": trainer.step, "eager": torch_step(eager), "torch.compile": compiled}
+    variants["torch.compile"] = torch_step(compiled_model, torch.compile(compiled_model))
     times, losses, warmup = timed_rounds(variants, batches)
     print(
         f"plait capture {capture:.1f} s; torch.compile's first step (its compile) "
@@ -165,9 +180,10 @@ def one_rank(config: dict, batches: list) -> None:
     )
     differences = loss_differences(losses, ["eager", "torch.compile"])
     report("1 rank", times, "plait", ["eager", "torch.compile"], differences)
+    _report_extra("1 rank", times, "plait", ["eager", "torch.compile"], extra)
 
 
-def _rank(rank: int, world: int, port: int, config: dict, batches: list, sections, bucket_mb):
+def _rank(rank, world, port, config, batches, sections, bucket_mb, extra):
     import plait
     import torch.distributed as dist
 
@@ -176,14 +192,17 @@ def _rank(rank: int, world: int, port: int, config: dict, batches: list, section
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
     if "dp" in sections:
-        _dp(rank, world, config, batches, plait, dist)
+        _dp(rank, world, config, batches, plait, dist, extra)
         gc.collect()  # (one section's models at a time)
     if "overlap" in sections:
         _overlap(rank, world, config, batches, plait, dist, bucket_mb)
         gc.collect()
     if "tp" in sections:
-        _tp(rank, world, config, batches, plait, dist)
+        _tp(rank, world, config, batches, plait, dist, extra)
     dist.destroy_process_group()
+
+
+DEFAULT = "canonicalize,cse,dce"  # plait's default pipeline
 
 
 def _pipeline(mesh: str) -> str:
@@ -198,24 +217,26 @@ def _global_losses(losses: dict, names, dist, world: int) -> None:
         losses[name] = (tensor / world).tolist()
 
 
-def _dp(rank, world, config, batches, plait, dist) -> None:
+def _dp(rank, world, config, batches, plait, dist, extra) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     model = build(config)
-    trainer = plait.compile_training(
-        model, batches[0], lr=LR, pipeline=_pipeline(f"mesh=dp:{world}")
-    )
+    compile_step = functools.partial(plait.compile_training, model, batches[0], lr=LR)
+    pipeline = _pipeline(f"mesh=dp:{world}")
+    trainer = compile_step(pipeline=pipeline)
     ddp = DistributedDataParallel(copy.deepcopy(model))
-    del model
     ddp_step = torch_step(ddp.module, ddp)
     variants = {
         "plait dp": trainer.step,
         "DDP": lambda *batch: ddp_step(*rows_of(batch, rank, world)),
     }
+    _with_extra(variants, "plait dp", lambda p: compile_step(pipeline=p), pipeline, extra)
+    del model
     times, losses, _ = timed_rounds(variants, batches, dist.barrier)
     _global_losses(losses, ["DDP"], dist, world)
     if rank == 0:
         report(f"dp:{world}", times, "plait dp", ["DDP"], loss_differences(losses, ["DDP"]))
+        _report_extra(f"dp:{world}", times, "plait dp", ["DDP"], extra)
 
 
 def _overlap(rank, world, config, batches, plait, dist, bucket_mb) -> None:
@@ -255,14 +276,14 @@ def _overlap(rank, world, config, batches, plait, dist, bucket_mb) -> None:
         )
 
 
-def _tp(rank, world, config, batches, plait, dist) -> None:
+def _tp(rank, world, config, batches, plait, dist, extra) -> None:
     from dtensor_llama import parallelize_llama
+    from torch.distributed.tensor.parallel import loss_parallel
 
     model = build(config)
-    trainer = plait.compile_training(
-        model, batches[0], lr=LR, pipeline=_pipeline(f"mesh=tp:{world}")
-    )
-    from torch.distributed.tensor.parallel import loss_parallel
+    compile_step = functools.partial(plait.compile_training, model, batches[0], lr=LR)
+    pipeline = _pipeline(f"mesh=tp:{world}")
+    trainer = compile_step(pipeline=pipeline)
 
     dtensor = parallelize_llama(copy.deepcopy(model), world)
     vocab = parallelize_llama(copy.deepcopy(model), world, vocab=True)
@@ -272,10 +293,12 @@ def _tp(rank, world, config, batches, plait, dist) -> None:
         "DTensor": torch_step(dtensor),
         "DTensor loss_parallel": torch_step(vocab, context=loss_parallel),
     }
+    _with_extra(variants, "plait tp", lambda p: compile_step(pipeline=p), pipeline, extra)
     times, losses, _ = timed_rounds(variants, batches, dist.barrier)
     if rank == 0:
         baselines = ["DTensor", "DTensor loss_parallel"]
         report(f"tp:{world}", times, "plait tp", baselines, loss_differences(losses, baselines))
+        _report_extra(f"tp:{world}", times, "plait tp", baselines, extra)
 
 
 def main() -> None:
@@ -288,6 +311,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--only", default="1,dp,overlap,tp", help="sections, comma-separated")
     parser.add_argument("--bucket-mb", type=float, default=1e6, help="overlap's one bucket")
+    parser.add_argument(
+        "--extra", help="passes appended to plait's pipeline in one more variant (e.g. memplan)"
+    )
     args = parser.parse_args()
     import torch.multiprocessing as mp
     from plait.runtime.workers import free_port
@@ -302,10 +328,11 @@ def main() -> None:
         f"fp32, 1 thread per rank, {args.rounds} rounds after a warm-up step"
     )
     if "1" in sections:
-        one_rank(config, batches)
+        one_rank(config, batches, args.extra)
         gc.collect()
     if sections & {"dp", "tp", "overlap"}:
-        mp.spawn(_rank, (2, free_port(), config, batches, sections, args.bucket_mb), nprocs=2)
+        spawned = (2, free_port(), config, batches, sections, args.bucket_mb, args.extra)
+        mp.spawn(_rank, spawned, nprocs=2)
 
 
 if __name__ == "__main__":
