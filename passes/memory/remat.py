@@ -30,6 +30,7 @@ from xdsl.dialects.builtin import ModuleOp, StringAttr
 from xdsl.ir import Operation, SSAValue
 
 from ...ir.attrs import REMAT_ATTR
+from ...ir.effects import is_removable
 from ...ir.errors import PlaitError
 from ...ir.training import check_state_order, gradients
 from ..base import Pass
@@ -57,6 +58,8 @@ class Remat(Pass):
                 f"not {self.budget:g}",
                 "budget",
             )
+        if not self.timeout > 0:
+            raise OptionError(f"timeout is seconds, > 0, not {self.timeout:g}", "timeout")
         from ...hardware import load
 
         try:
@@ -114,3 +117,7 @@ def rematerialize(fn: func.FuncOp, graph: StepGraph, plan: Plan) -> None:
     for reader in late:
         if any(value in clones for value in reader.operands):
             reader.operands = tuple(clones.get(value, value) for value in reader.operands)
+    for node in reversed(graph.nodes):  # forward ops only backward read (a `detach`)
+        if is_removable(node) and not any(r.uses for r in node.results):
+            node.detach()
+            node.erase()

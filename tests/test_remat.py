@@ -1,0 +1,173 @@
+"""remat{budget}: activation rematerialization on a training step.
+
+A plan trains as eager torch + AdamW does; the step's measured saved
+activations stay within the budget (and below the step without remat); the
+estimate predicts the measured peak; the integer program's plan is the
+brute-force optimum on a small graph; its size does not grow with depth."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import plait
+import pytest
+import torch
+from plait.cost.estimate import Target, estimate
+from plait.frontend.training import TrainingSpec, capture_training
+from plait.hardware import load
+from plait.ir.attrs import REMAT_ATTR
+from plait.ir.text import parse_module, print_module
+from plait.ir.training import SAVED, TRAIN_STEP
+from plait.passes.manager import PassManager
+from plait.passes.memory.liveness import value_sizes
+from plait.passes.memory.remat_graph import step_graph
+from plait.passes.memory.remat_solve import RematError, solve
+from plait.training import _function
+from test_training import _check_run, _eager, _hf_model, _lm_loss
+from test_training_memory import check_prediction, predict
+from test_training_parallel import _batches
+
+BASE = "canonicalize,cse,dce"
+STEPS = 3
+
+
+def _adamw(parameters):
+    return torch.optim.AdamW(parameters, lr=1e-3)
+
+
+def _measured(pipeline: str, batches):
+    """A 2-layer Llama's steps under `pipeline`: (trainer, the last step's record)."""
+    model = _hf_model("llama", num_hidden_layers=2)
+    trainer = plait.compile_training(model, batches[0], lr=1e-3, pipeline=pipeline)
+    trainer.measure_memory = True
+    losses, _, reference = _eager(model, batches, _lm_loss, _adamw)
+    _check_run(trainer, batches, losses, reference)  # losses and final parameters, 1e-5
+    return trainer, trainer.memory(measured=True)
+
+
+@pytest.fixture(scope="module")
+def without_remat():
+    return _measured(BASE, _batches(STEPS))[1]
+
+
+# bytes: about half of what the 2-layer step saves (812808 B), and about the
+# least any plan stores (what is not recomputable, the loss and the layers'
+# first inputs)
+@pytest.mark.parametrize("budget", [400_000, 150_000])
+def test_a_remat_plan_trains_as_eager_within_its_budget(budget, without_remat):
+    trainer, record = _measured(f"{BASE},remat{{budget={budget}}}", _batches(STEPS))
+    choice = trainer.module.attributes[REMAT_ATTR].data
+    assert f"budget {budget} B" in choice and "optimal" in choice
+    assert 0 < record[SAVED] <= budget < without_remat[SAVED]
+    check_prediction(predict(trainer), record)  # the peak and its kinds, within 1%
+    text = print_module(trainer.module)  # the plan prints and parses back
+    assert print_module(parse_module(text)) == text
+
+
+def _graph(module):
+    fn = _function(module, TRAIN_STEP)
+    report = estimate(module, Target(load("cpu")), TRAIN_STEP)
+    times = {row.op: row.time for row in report.ops}
+    return step_graph(fn, times, value_sizes(fn, {}), report.schedule.bases)
+
+
+def _captured(model, batch):
+    spec = TrainingSpec("adamw", {}, 1, None, "fp32")
+    captured = capture_training(model, batch, spec, None, None)
+    PassManager.parse(BASE).run(captured.module, captured.weights)
+    return captured.module
+
+
+class Branchy(torch.nn.Module):
+    """Values backward reads through several paths: a small graph to enumerate."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = torch.nn.Linear(8, 16)
+        self.fc2 = torch.nn.Linear(16, 4)
+
+    def forward(self, x, y):
+        h = self.fc1(x)
+        a = torch.sin(h)
+        b = a * torch.cos(h) + torch.exp(a)
+        return torch.nn.functional.mse_loss(self.fc2(b), y)
+
+
+def _brute_force(graph, budget):
+    """The least recompute time of any set of stored nodes within `budget`:
+    what is not stored but read after the loss is recomputed from stored
+    nodes, recursively; a view stored holds its base's memory."""
+    best = None
+    for bits in itertools.product((0, 1), repeat=len(graph.nodes)):
+        stored = {n for n, b in zip(graph.nodes, bits) if b}
+        if not graph.returned <= stored:
+            continue
+        recomputed, pending, ok = set(), [n for n in graph.saved if n not in stored], True
+        while pending and ok:
+            node = pending.pop()
+            if node not in recomputed:
+                ok = graph.recomputable[node]
+                recomputed.add(node)
+                pending.extend(s for s in graph.inputs[node] if s not in stored)
+        if not ok:
+            continue
+        read = {n for n in graph.saved if n in stored}
+        read |= {s for n in recomputed for s in graph.inputs[n] if s in stored}
+        held = {graph.view_of.get(n, n) for n in read}
+        if sum(graph.bytes[n] for n in held) <= budget:
+            cost = sum(graph.time[n] for n in recomputed)
+            best = cost if best is None else min(best, cost)
+    return best
+
+
+def test_the_plan_is_the_brute_force_optimum_on_a_small_graph():
+    x, y = torch.randn(4, 8), torch.randn(4, 4)
+    graph = _graph(_captured(Branchy(), (x, y)))
+    assert 8 <= len(graph.nodes) <= 16 and len(graph.saved) >= 4
+    everything = solve(graph, float("inf")).saved_bytes
+    costs = []
+    for share in (1.0, 0.8, 0.6, 0.4, 0.2, 0.05):
+        budget = share * everything
+        expected = _brute_force(graph, budget)
+        if expected is None:
+            with pytest.raises(RematError, match="the least any plan stores is"):
+                solve(graph, budget)
+            continue
+        plan = solve(graph, budget)
+        assert plan.saved_bytes <= budget and plan.status == "optimal"
+        assert plan.time == pytest.approx(expected, rel=1e-6, abs=1e-12), share
+        costs.append(plan.time)
+    assert costs[0] == 0 and len(set(costs)) >= 3  # the budgets ask for different plans
+
+
+def test_repeated_layers_share_one_choice_so_depth_does_not_grow_the_program():
+    batch = _batches(1)[0]
+    shallow = _graph(_captured(_hf_model("llama", num_hidden_layers=1), batch))
+    deep = _graph(_captured(_hf_model("llama", num_hidden_layers=4), batch))
+    assert len(deep.nodes) > 3 * len(shallow.nodes) // 2
+    everything = solve(deep, float("inf")).saved_bytes
+    start = time.perf_counter()
+    plan = solve(deep, everything / 3)
+    assert time.perf_counter() - start < 1.0
+    assert plan.groups == solve(shallow, float("inf")).groups
+    assert plan.status == "optimal" and plan.saved_bytes <= everything / 3
+    # every layer recomputes the same ops
+    layers = {}
+    for node in plan.recomputed:
+        layers.setdefault(deep.group[node], []).append(node)
+    shared = [nodes for key, nodes in layers.items() if key[0] == "layer" and len(nodes) > 1]
+    assert shared and all(len(nodes) >= 3 for nodes in shared)
+
+
+def test_a_budget_no_plan_meets_names_the_least_reachable():
+    model, batch = _hf_model("llama", num_hidden_layers=1), _batches(1)[0]
+    with pytest.raises(plait.PlaitError, match=r"the least any plan stores is \d+ B"):
+        plait.compile_training(model, batch, pipeline=f"{BASE},remat{{budget=1000}}")
+
+
+def test_remat_needs_a_training_step():
+    model = torch.nn.Linear(4, 4)
+    with pytest.raises(plait.PlaitError, match="remat applies to a training step"):
+        plait.compile(model, (torch.ones(2, 4),), pipeline="remat")
