@@ -14,6 +14,7 @@ import plait
 import pytest
 import torch
 from plait.cost.estimate import Target, estimate
+from plait.cost.estimate_report import summary
 from plait.frontend.training import TrainingSpec, capture_training
 from plait.hardware import load
 from plait.ir.attrs import REMAT_ATTR
@@ -60,7 +61,9 @@ def test_a_remat_plan_trains_as_eager_within_its_budget(budget, without_remat):
     choice = trainer.module.attributes[REMAT_ATTR].data
     assert f"budget {budget} B" in choice and "optimal" in choice
     assert 0 < record[SAVED] <= budget < without_remat[SAVED]
-    check_prediction(predict(trainer), record)  # the peak and its kinds, within 1%
+    predicted = predict(trainer)
+    check_prediction(predicted, record)  # the peak and its kinds, within 1%
+    assert dict(summary(predicted))["rematerialization"] == choice  # as `plait estimate` shows
     text = print_module(trainer.module)  # the plan prints and parses back
     assert print_module(parse_module(text)) == text
 
