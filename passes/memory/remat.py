@@ -32,12 +32,14 @@ from xdsl.ir import Operation, SSAValue
 from ...ir.attrs import REMAT_ATTR
 from ...ir.effects import is_removable
 from ...ir.errors import PlaitError
-from ...ir.training import check_state_order, gradients
+from ...ir.training import ACCUMULATE, TRAIN_STEP, check_state_order
 from ..base import Pass
 from ..options import OptionError, SizeValues
 from .liveness import value_sizes
 from .remat_graph import StepGraph, step_graph
 from .remat_solve import Plan, solve
+
+STEPS = (ACCUMULATE, TRAIN_STEP)  # the functions with a backward
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,7 @@ class Remat(Pass):
 
         hw = load(self.hardware)
         values = self.values.at(op, "remat")
-        steps = [f for f in op.ops if isinstance(f, func.FuncOp) and gradients(f)]
+        steps = [f for f in op.ops if isinstance(f, func.FuncOp) and f.sym_name.data in STEPS]
         if not steps:
             raise PlaitError("remat applies to a training step (plait.compile_training)")
         records = []

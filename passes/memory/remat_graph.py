@@ -6,8 +6,9 @@ rematerialization integer program sees it.
     graph.saved          # of them, those whose results an op after the loss reads
     graph.group[node]    # nodes in the same position of repeated layers share a group
 
-The step's block runs the forward up to the loss (`cut`, its last forward
-op), then backward and the optimizer. A node is an op up to the cut (the
+The step's block runs the forward up to the loss, then backward (from its
+seed, torch's `ones_like(loss)`) and the optimizer; `cut` is the last op
+before the seed (a sharded step may finish reducing the loss later). A node is an op up to the cut (the
 forward's, and the few of backward's torch places there, e.g. a `detach`
 of a forward value); each node may be stored (kept from the forward until
 its last reader) or recomputed (cloned into backward); see `remat_solve`.
@@ -32,6 +33,7 @@ from ...ir.ops import CallOp, ParamOp
 from ...ir.training import FORWARD, step_phases
 
 _LAYER = re.compile(r"(?:^|\.)(\d+)\.")
+_SEED = "aten::ones_like"  # AOTAutograd's tangent of a scalar loss
 
 
 @dataclass
@@ -65,7 +67,7 @@ def step_graph(
     block = fn.body.blocks.first
     ops = list(block.ops)
     phases = step_phases(fn)
-    cut = max(i for i, op in enumerate(ops) if phases.get(op) == FORWARD)
+    cut = _cut(ops, phases)
     nodes = [op for op in ops[: cut + 1] if not isinstance(op, ParamOp)]
     members = set(nodes)
     late = ops[cut + 1 :]
@@ -91,6 +93,20 @@ def step_graph(
                 graph.view_of[node] = base
     graph.group = _groups(nodes, graph.inputs)
     return graph
+
+
+def _cut(ops: list[Operation], phases) -> int:
+    """The index of the last op before backward's seed (else the last forward op)."""
+    forward = [i for i, op in enumerate(ops) if phases.get(op) == FORWARD]
+    for i, op in enumerate(ops):
+        if (
+            phases.get(op) != FORWARD
+            and isinstance(op, CallOp)
+            and op.target_name == _SEED
+            and phases.get(op.operands[0].owner) == FORWARD
+        ):
+            return i - 1
+    return forward[-1]
 
 
 def _unique(items) -> list:
