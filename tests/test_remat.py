@@ -225,3 +225,33 @@ def test_remat_needs_a_training_step():
     model = torch.nn.Linear(4, 4)
     with pytest.raises(plait.PlaitError, match="remat applies to a training step"):
         plait.compile(model, (torch.ones(2, 4),), pipeline="remat")
+
+
+class Dropped(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = torch.nn.Linear(8, 16)
+        self.fc2 = torch.nn.Linear(16, 4)
+
+    def forward(self, x, y):
+        h = torch.nn.functional.dropout(torch.tanh(self.fc1(x)), 0.5, training=True)
+        return torch.nn.functional.mse_loss(self.fc2(torch.sin(h)), y)
+
+
+def test_random_ops_are_stored_never_recomputed():
+    """A dropout's mask is drawn once: under a budget that recomputes what
+    reads it, the dropout's result is stored, and the step equals the one
+    without remat on the same random numbers."""
+    batch = (torch.randn(4, 8), torch.randn(4, 4))
+    results = []
+    for pipeline in (BASE, f"{BASE},remat{{budget=400}}"):
+        trainer = plait.compile_training(Dropped(), batch, pipeline=pipeline)
+        torch.manual_seed(1)
+        losses = [trainer.step(*batch) for _ in range(2)]
+        results.append((losses, trainer.state_dict(), print_module(trainer.module)))
+    (losses, state, _), (remat_losses, remat_state, text) = results
+    assert text.count('"aten::native_dropout"') == 1 and text.count('"aten::sin"') == 2
+    assert "recomputes 0 ops" not in text
+    torch.testing.assert_close(remat_losses, losses, rtol=0, atol=0)
+    torch.testing.assert_close(remat_state, state, rtol=0, atol=0)
