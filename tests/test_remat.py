@@ -149,13 +149,17 @@ def _cost(graph, stored):
     return sum(graph.bytes[n] for n in held), sum(graph.time[n] for n in recomputed)
 
 
+def _every_plan(graph):
+    """(saved bytes, recompute seconds) of every set of nodes one may store."""
+    for bits in itertools.product((0, 1), repeat=len(graph.nodes)):
+        cost = _cost(graph, {n for n, b in zip(graph.nodes, bits) if b})
+        if cost is not None:
+            yield cost
+
+
 def _brute_force(graph, budget):
-    """The least recompute time of any set of stored nodes within `budget`."""
-    costs = (
-        _cost(graph, {n for n, b in zip(graph.nodes, bits) if b})
-        for bits in itertools.product((0, 1), repeat=len(graph.nodes))
-    )
-    return min((t for c in costs if c is not None for b, t in [c] if b <= budget), default=None)
+    """The least recompute time of any plan within `budget`."""
+    return min((t for b, t in _every_plan(graph) if b <= budget), default=None)
 
 
 def test_the_plan_is_the_brute_force_optimum_on_a_small_graph():
@@ -163,19 +167,22 @@ def test_the_plan_is_the_brute_force_optimum_on_a_small_graph():
     graph = _graph(_captured(Branchy(), (x, y)))
     assert 8 <= len(graph.nodes) <= 16 and len(graph.saved) >= 4
     everything = solve(graph, float("inf")).saved_bytes
-    costs = []
-    for share in (1.0, 0.8, 0.6, 0.4, 0.2, 0.05):
+    costs, infeasible = [], 0
+    for share in (1.0, 0.8, 0.6, 0.4, 0.2, 0.05, 0.001):
         budget = share * everything
         expected = _brute_force(graph, budget)
-        if expected is None:
-            with pytest.raises(RematError, match="the least any plan stores is"):
+        if expected is None:  # the error states the least bytes of any plan
+            least = min(b for b, _ in _every_plan(graph))
+            with pytest.raises(RematError, match=f"the least any plan stores is {least} B"):
                 solve(graph, budget)
+            infeasible += 1
             continue
         plan = solve(graph, budget)
         assert plan.saved_bytes <= budget and plan.status == "optimal"
         assert plan.time == pytest.approx(expected, rel=1e-6, abs=1e-12), share
         costs.append(plan.time)
     assert costs[0] == 0 and len(set(costs)) >= 3  # the budgets ask for different plans
+    assert infeasible == 1
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ from ..base import Pass
 from ..options import OptionError, SizeValues
 from .liveness import value_sizes
 from .remat_graph import StepGraph, step_graph
-from .remat_solve import Plan, solve
+from .remat_solve import Plan, RematError, solve
 
 STEPS = (ACCUMULATE, TRAIN_STEP)  # the functions with a backward
 
@@ -86,7 +86,10 @@ class Remat(Pass):
             graph = step_graph(fn, times, value_sizes(fn, values), report.schedule.bases)
             everything = solve(graph, float("inf"), self.timeout).saved_bytes
             budget = self.budget * everything if self.budget <= 1 else self.budget
-            plan = solve(graph, budget, self.timeout)
+            try:
+                plan = solve(graph, budget, self.timeout)
+            except RematError as exc:
+                raise RematError(f"remat{{budget={self.budget:g}}} on @{name}: {exc}") from None
             rematerialize(fn, graph, plan)
             records.append(
                 f"@{name}: budget {budget:.0f} B, saved {everything} B -> {plan.saved_bytes} B, "

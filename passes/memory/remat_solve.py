@@ -116,6 +116,9 @@ def _bounds(rows):
 
 
 def solve(graph: StepGraph, budget: float, timeout_s: float = 10.0) -> Plan:
+    """The plan of least recompute time that stores at most `budget` bytes;
+    out of time with no plan found, the plan that stores everything (if it
+    fits). A RematError states the least bytes any plan stores."""
     program = _formulate(graph)
     n = len(program.groups)
     total_time = program.time.sum() or 1.0
@@ -123,21 +126,34 @@ def solve(graph: StepGraph, budget: float, timeout_s: float = 10.0) -> Plan:
     # seconds first; among plans as fast, the one storing fewest bytes
     objective = np.concatenate([1e-7 * program.bytes / total_bytes, program.time / total_time])
     result = _run(program, objective, budget, timeout_s)
-    if result.x is None and result.status != 2:  # out of time with no plan: store all
-        choice, status = {g: (1, 0) for g in program.groups}, "fallback (time limit)"
-    elif result.x is None:
-        least = _run(program, np.concatenate([program.bytes, np.zeros(n)]), None, timeout_s)
-        reachable = f"{least.fun:.0f} B" if least.x is not None else "unknown"
-        raise RematError(
-            f"remat{{budget={budget:.0f}}}: no plan keeps the saved activations within "
-            f"{budget:.0f} B; the least any plan stores is {reachable} (ops that are not "
-            "recomputable, such as random ones, and the loss must be stored); raise the budget"
-        )
-    else:
-        x = np.round(result.x).astype(int)
-        choice = {g: (x[k], x[n + k]) for k, g in enumerate(program.groups)}
+    if result.x is not None:
         status = "optimal" if result.status == 0 else "feasible (time limit)"
-    return _realize(graph, choice, status, n)
+        return _realize(graph, _choice(program, result.x), status, n)
+    if result.status != 2:  # out of time, no plan found
+        plan = _realize(graph, {g: (1, 0) for g in program.groups}, "fallback (time limit)", n)
+        if plan.saved_bytes <= budget:
+            return plan
+        raise RematError(
+            f"the solver found no plan within {timeout_s:g} s and storing everything takes "
+            f"{plan.saved_bytes} B, over the budget of {budget:.0f} B; give it a longer timeout"
+        )
+    least = _run(program, np.concatenate([program.bytes, np.zeros(n)]), None, timeout_s)
+    reachable = (
+        f"{_realize(graph, _choice(program, least.x), '', n).saved_bytes} B"
+        if least.x is not None
+        else "unknown (out of time)"
+    )
+    raise RematError(
+        f"no plan keeps the saved activations within {budget:.0f} B; the least any plan "
+        f"stores is {reachable} (what is not recomputable, such as random ops, and the loss "
+        "must be stored); raise the budget"
+    )
+
+
+def _choice(program: _Program, x: np.ndarray) -> dict[tuple, tuple[int, int]]:
+    x = np.round(x).astype(int)
+    n = len(program.groups)
+    return {g: (x[k], x[n + k]) for k, g in enumerate(program.groups)}
 
 
 def _realize(graph: StepGraph, choice: dict[tuple, tuple[int, int]], status: str, groups: int):
