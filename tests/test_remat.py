@@ -188,12 +188,12 @@ def test_the_plan_is_the_brute_force_optimum_on_a_small_graph():
 
 @pytest.fixture(scope="module")
 def deep():
-    return _graph(_captured(_hf_model("llama", num_hidden_layers=4), _batches(1)[0]))
+    return _graph(_captured(_hf_model("llama", num_hidden_layers=3), _batches(1)[0]))
 
 
 def test_repeated_layers_share_one_choice_so_depth_does_not_grow_the_program(deep):
     shallow = _graph(_captured(_hf_model("llama", num_hidden_layers=1), _batches(1)[0]))
-    assert len(deep.nodes) > 3 * len(shallow.nodes) // 2
+    assert len(deep.nodes) > 2 * len(shallow.nodes)
     everything = solve(deep, float("inf")).saved_bytes
     start = time.perf_counter()
     plan = solve(deep, everything / 3)
@@ -224,9 +224,9 @@ def test_the_plan_beats_selective_checkpointing_at_its_memory(deep):
 
 
 def test_a_budget_no_plan_meets_names_the_least_reachable():
-    model, batch = _hf_model("llama", num_hidden_layers=1), _batches(1)[0]
-    with pytest.raises(plait.PlaitError, match=r"the least any plan stores is \d+ B"):
-        plait.compile_training(model, batch, pipeline=f"{BASE},remat{{budget=1000}}")
+    batch = (torch.randn(4, 8), torch.randn(4, 4))
+    with pytest.raises(plait.PlaitError, match=r"remat\{budget=2\} on @train_step: .* is 4 B"):
+        plait.compile_training(Branchy(), batch, pipeline=f"{BASE},remat{{budget=2}}")
 
 
 def test_plait_opt_rematerializes_a_step_dump(tmp_path):
