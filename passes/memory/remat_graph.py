@@ -8,10 +8,11 @@ rematerialization integer program sees it.
 
 The step's block runs the forward up to the loss, then backward (from its
 seed, torch's `ones_like(loss)`) and the optimizer; `cut` is the last op
-before the seed (a sharded step may finish reducing the loss later). A node is an op up to the cut (the
-forward's, and the few of backward's torch places there, e.g. a `detach`
-of a forward value); each node may be stored (kept from the forward until
-its last reader) or recomputed (cloned into backward); see `remat_solve`.
+before the seed (a sharded step may finish reducing the loss later). A node
+is an op up to the cut (the forward's, and the few of backward's torch
+places there, e.g. a `detach` of a forward value); each node may be stored
+(kept from the forward until its last reader) or recomputed (cloned into
+backward); see `remat_solve`.
 
 Layers: a node belongs to the deepest layer (the first number in a parameter
 name, `model.layers.3.` -> 3) whose parameters it reads, directly or through
@@ -39,7 +40,7 @@ _SEED = "aten::ones_like"  # AOTAutograd's tangent of a scalar loss
 @dataclass
 class StepGraph:
     nodes: list[Operation]
-    cut: int  # index in the block of the last forward op
+    cut: int  # index in the block of the last op before backward's seed
     saved: set[Operation]  # nodes an op after the cut reads
     returned: set[Operation]  # nodes the function returns (the loss): always stored
     inputs: dict[Operation, list[Operation]]  # node -> the nodes it reads
