@@ -10,11 +10,11 @@ recompute at the least recompute time (an integer program; repeated layers
 share one choice). Each recomputed op is cloned just before its first reader
 in backward, reading stored values, parameters and inputs, or other clones:
 
-    %silu_1 = plait.elementwise "aten::silu"(%_unsafe_view_15) : ...      (forward)
-    ...                                                                    (backward:)
-    %mm_19 = plait.matmul "aten::mm"(%view_26, %t_11) : ...                (recomputed,
-    %_unsafe_view_21 = plait.reshape "aten::_unsafe_view"(%mm_19, ...) : ...  from the
-    %silu_2 = plait.elementwise "aten::silu"(%_unsafe_view_21) : ...      stored %add_5)
+    %silu_1 = plait.elementwise "aten::silu"(%_unsafe_view_15) : ...       (forward)
+    ...
+    %mm_19 = plait.matmul "aten::mm"(%view_26, %t_11) : ...                 (backward:
+    %_unsafe_view_21 = plait.reshape "aten::_unsafe_view"(%mm_19, ...) : ...  the same,
+    %silu_2 = plait.elementwise "aten::silu"(%_unsafe_view_21) : ...         recomputed)
 
 A budget no plan meets is an error that states the least reachable bytes.
 What was chosen is in the module's `plait.remat` attribute, per function:
