@@ -51,9 +51,25 @@ class StepGraph:
     group: dict[Operation, tuple] = field(default_factory=dict)
 
 
+# torch tags these random for their dropout; without it they are deterministic
+_ATTENTION = frozenset(
+    "aten::" + name
+    for name in (
+        "scaled_dot_product_attention",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+    )
+)
+
+
 def recomputable(op: Operation) -> bool:
-    """Pure and deterministic ATen calls only: never a random op (dropout),
-    an in-place write, a collective or another library's operator."""
+    """Pure and deterministic ATen calls only: never a random op (dropout,
+    attention with dropout), an in-place write, a collective or another
+    library's operator."""
+    if isinstance(op, CallOp) and op.target_name in _ATTENTION:
+        return op.arg("dropout_p", 0.0) == 0.0
     return isinstance(op, CallOp) and is_mergeable(op)
 
 
