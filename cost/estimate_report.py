@@ -70,9 +70,9 @@ def summary(estimate: Estimate) -> list[tuple[str, str]]:
 
 
 def memory_plan(estimate: Estimate) -> list[tuple[str, str]]:
-    """Program state (a KV cache), the planned arena (memplan) and the weight
-    tiering (tier), where the plan has them."""
-    from ..ir.attrs import ARENA_ATTR, TIERING_ATTR
+    """Program state (a KV cache), the planned arena (memplan), the weight
+    tiering (tier) and the rematerialization (remat), where the plan has them."""
+    from ..ir.attrs import ARENA_ATTR, REMAT_ATTR, TIERING_ATTR
     from ..ir.ops import ParamOp
     from ..ir.training import gradients, step_memory
 
@@ -99,6 +99,8 @@ def memory_plan(estimate: Estimate) -> list[tuple[str, str]]:
         rows.append(("activation arena", f"{_bytes(arena)} (memplan, at the planned sizes)"))
     if TIERING_ATTR in module.attributes:
         rows.append(("weight tiering", module.attributes[TIERING_ATTR].data))
+    if REMAT_ATTR in module.attributes:
+        rows.append(("rematerialization", module.attributes[REMAT_ATTR].data))
     return rows
 
 

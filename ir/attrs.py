@@ -33,6 +33,7 @@ PLACEMENTS_ATTR = "plait.placements"  # param: the slice of the weight each rank
 ARENA_ATTR = "plait.arena"  # module: bytes of the planned activation arena (see memplan)
 SHARDING_ATTR = "plait.sharding"  # module: how the shard solver chose (status, objective)
 TIERING_ATTR = "plait.tiering"  # module: what tier streams and its predicted step times
+REMAT_ATTR = "plait.remat"  # module: what remat recomputes, its budget and predicted cost
 LIBRARIES_ATTR = "plait.libraries"  # module: Python modules that define custom ops
 
 REDUCE_OPS = ("sum", "avg", "max", "min", "product")

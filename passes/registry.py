@@ -15,6 +15,7 @@ _PASSES: dict[str, str] = {
     "memplan": "memory.memplan:MemPlan",
     "overlap": "overlap:Overlap",
     "quantize": "compress.quantize:Quantize",
+    "remat": "memory.remat:Remat",
     "sparsify": "compress.sparsify:Sparsify",
     "shard": "shard.shard:Shard",
     "tier": "memory.tier:Tier",

@@ -29,6 +29,10 @@ BAD_OPTIONS = [
     ("memplan{values=seq}", "values=seq", "'seq' is not NAME:INT"),
     ("tier{budget=0}", "budget=0", "budget is a share"),
     ("tier{hardware=h900}", "hardware=h900", "unknown hardware 'h900'"),
+    ("remat{budget=0}", "budget=0", "budget is a share"),
+    ("remat{budget=-1e6}", "budget=-1e6", "budget is a share"),
+    ("remat{hardware=h900}", "hardware=h900", "unknown hardware 'h900'"),
+    ("remat{timeout=0}", "timeout=0", "timeout is seconds"),
     ("quantize{bits=3}", "bits=3", "bits must be 4 or 8"),
     ("quantize{method=gptq}", "method=gptq", "one of easyquant, rtn"),
     ("quantize{size-budget=0}", "size-budget=0", "in (0, 1]"),
@@ -74,6 +78,7 @@ def test_every_registered_pass_has_a_bad_option_case():
         "shard{mesh=tp:8,solve=ilp,hardware=cpu,values=batch:1,seq:2048,memory=1e9}",
         "quantize{method=rtn,bits=4,group=32,layers=model.layers.*,size-budget=0.3}",
         "memplan{values=batch:8,seq:128},tier{budget=0.5,hardware=cpu}",
+        "remat{budget=2e6,hardware=h100-sxm,values=batch:1,seq:128,timeout=5}",
         "sparsify{group=16,sparsity=0.25,layers=*.mlp.*},ladder{layers=2}",
     ],
 )
