@@ -29,7 +29,7 @@ from xdsl.ir import Operation, SSAValue
 from .. import customops
 from ..ir import args as irargs
 from ..ir import symbolic
-from ..ir.attrs import ARENA_ATTR, PLACEMENTS_ATTR, SYMBOLS_ATTR, mesh_axes
+from ..ir.attrs import ARENA_ATTR, FUSE_ATTR, PLACEMENTS_ATTR, SYMBOLS_ATTR, mesh_axes
 from ..ir.dtypes import TORCH_NAMES
 from ..ir.errors import PlaitError
 from ..ir.memory import host_tier, planned_offset
@@ -196,13 +196,15 @@ class Program:
     input_types: list[TensorType]
     input_names: list[str]
     symbols: dict[str, tuple[int, int | None]] = field(default_factory=dict)
+    compiled: Callable | None = None  # the graph module through Inductor (`fuse`)
 
     @property
     def code(self) -> str:
         return self.graph_module.code
 
     def __call__(self, *inputs: torch.Tensor):
-        return self.graph_module(*inputs)
+        run = self.graph_module if self.compiled is None else self.compiled
+        return run(*inputs)
 
 
 class _SymExprs:
@@ -297,8 +299,11 @@ class _Lowering:
         arena_size: int = 0,
         shared: dict | None = None,
         prefetching: Prefetching | None = None,
+        functional: bool = False,
     ):
         self.weights = weights
+        # only out-of-place collectives (Inductor functionalizes the program)
+        self.functional = functional
         self.prefetching = prefetching
         # what the programs of one module share: state, weights, layouts, arena
         self.shared = {} if shared is None else shared
@@ -568,7 +573,8 @@ class _Lowering:
 
         if isinstance(op, AllReduceOp):
             # into the input itself when nothing else reads it (no copy)
-            reduce = c10d.all_reduce_ if _dies_here(op) else c10d.all_reduce
+            in_place = _dies_here(op) and not self.functional
+            reduce = c10d.all_reduce_ if in_place else c10d.all_reduce
             return call(reduce.default, x, op.reduce.data, group), lambda y: y
         if isinstance(op, (AllGatherOp, ReduceScatterOp)):
             # functional collectives gather and scatter along dim 0; along another
@@ -761,8 +767,17 @@ def build_program(
     mesh = mesh_axes(module)
     arena = module.attributes.get(ARENA_ATTR)
     arena_size = arena.value.data if arena is not None else 0
+    fuse = module.attributes.get(FUSE_ATTR) if fast else None  # (re-export: plain ATen)
     lowering = _Lowering(
-        weights, torch.device(device), groups, fast, mesh, arena_size, shared, prefetching
+        weights,
+        torch.device(device),
+        groups,
+        fast,
+        mesh,
+        arena_size,
+        shared,
+        prefetching,
+        functional=fuse is not None,
     )
     gm = lowering.run(fn)
     symbols = module.attributes.get(SYMBOLS_ATTR)
@@ -771,4 +786,5 @@ def build_program(
         input_types=list(fn.function_type.inputs),
         input_names=[a.name_hint or f"input_{i}" for i, a in enumerate(fn.body.blocks.first.args)],
         symbols=symbols.ranges if symbols is not None else {},
+        compiled=torch.compile(gm, mode=fuse.data) if fuse is not None else None,  # (on first call)
     )

@@ -34,6 +34,7 @@ ARENA_ATTR = "plait.arena"  # module: bytes of the planned activation arena (see
 SHARDING_ATTR = "plait.sharding"  # module: how the shard solver chose (status, objective)
 TIERING_ATTR = "plait.tiering"  # module: what tier streams and its predicted step times
 REMAT_ATTR = "plait.remat"  # module: what remat recomputes, its budget and predicted cost
+FUSE_ATTR = "plait.fuse"  # module: its programs are compiled through Inductor, in this mode
 LIBRARIES_ATTR = "plait.libraries"  # module: Python modules that define custom ops
 
 REDUCE_OPS = ("sum", "avg", "max", "min", "product")

@@ -11,6 +11,7 @@ _PASSES: dict[str, str] = {
     "canonicalize": "canonicalize:Canonicalize",
     "cse": "cse:CommonSubexpressionElimination",
     "dce": "dce:DeadCodeElimination",
+    "fuse": "fuse:Fuse",
     "ladder": "ladder:Ladder",
     "memplan": "memory.memplan:MemPlan",
     "overlap": "overlap:Overlap",

@@ -29,6 +29,7 @@ BAD_OPTIONS = [
     ("memplan{values=seq}", "values=seq", "'seq' is not NAME:INT"),
     ("tier{budget=0}", "budget=0", "budget is a share"),
     ("tier{hardware=h900}", "hardware=h900", "unknown hardware 'h900'"),
+    ("fuse{mode=fast}", "mode=fast", "one of default, reduce-overhead, max-autotune"),
     ("remat{budget=0}", "budget=0", "budget is a share"),
     ("remat{budget=-1e6}", "budget=-1e6", "budget is a share"),
     ("remat{hardware=h900}", "hardware=h900", "unknown hardware 'h900'"),
@@ -79,6 +80,7 @@ def test_every_registered_pass_has_a_bad_option_case():
         "quantize{method=rtn,bits=4,group=32,layers=model.layers.*,size-budget=0.3}",
         "memplan{values=batch:8,seq:128},tier{budget=0.5,hardware=cpu}",
         "remat{budget=2e6,hardware=h100-sxm,values=batch:1,seq:128,timeout=5}",
+        "overlap,fuse{mode=reduce-overhead}",
         "sparsify{group=16,sparsity=0.25,layers=*.mlp.*},ladder{layers=2}",
     ],
 )
