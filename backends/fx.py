@@ -18,6 +18,7 @@ import inspect
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import sympy
 import torch
@@ -277,6 +278,18 @@ class CollectiveGroups:
         return CollectiveGroups({a: a for a in mesh}, dict(mesh), mesh_coords(mesh, rank))
 
 
+class StateLayout(NamedTuple):
+    """Where a rank's tensor of one program state sits in the whole tensor:
+    `shard` (dim, index, parts, blocks) then the `flat` (index, parts) piece
+    of that slice, each None when not split; `owner`: this rank is the lowest
+    that holds this piece (it writes it to a checkpoint)."""
+
+    key: str  # the tensor's key in the shared state
+    shard: tuple | None
+    flat: tuple[int, int] | None
+    owner: bool
+
+
 def mesh_coords(mesh: dict[str, int], rank: int) -> dict[str, int]:
     """A rank's coordinate on each axis; ranks are laid out row-major, last axis fastest."""
     coords = {}
@@ -459,6 +472,17 @@ class _Lowering:
                 return self.groups.coords[axis], self.groups.sizes[axis]
         return None
 
+    def _owns(self, op: ParamOp) -> bool:
+        """This rank is at coordinate 0 on every axis that does not split the state."""
+        placements = op.attributes.get(PLACEMENTS_ATTR)
+        split = {
+            axis
+            for axis, placement in zip(self.mesh, placements.data if placements else ())
+            if placement.kind in ("shard", "flat")
+        }
+        coords = self.groups.coords if self.groups is not None else {}
+        return all(c == 0 for axis, c in coords.items() if axis not in split)
+
     def lower_param(self, op: ParamOp) -> None:
         name = op.weight_name
         shard = self._slice(op)
@@ -512,6 +536,8 @@ class _Lowering:
                 else:
                     tensor = torch.zeros(type_.shape, dtype=torch_dtype(type_.dtype), device=device)
             self.shared["state", key] = tensor
+            layout = StateLayout(key, shard, self._flat_piece(op), self._owns(op))
+            self.shared["layout", op.weight_name] = layout
         elif tuple(tensor.shape) != tuple(type_.shape):
             raise LoweringError(
                 f"{where(op)}: state '{op.weight_name}' is {list(type_.shape)} here but "

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -38,6 +39,16 @@ class WeightError(PlaitError):
 class _FileEntry:
     path: Path
     key: str
+
+
+class TensorSource(Protocol):
+    """A tensor stored elsewhere, e.g. in pieces over several files (a
+    checkpoint the ranks wrote in parallel), that reads itself whole or a
+    `(dim, index, parts, blocks)` slice of it."""
+
+    def meta(self) -> torch.Tensor: ...
+
+    def read(self, piece: tuple | None = None) -> torch.Tensor: ...
 
 
 _SAFETENSORS_DTYPES = {
@@ -125,7 +136,7 @@ class WeightStore:
     """Parameter name -> tensor, resolved lazily."""
 
     def __init__(self) -> None:
-        self._entries: dict[str, torch.Tensor | _FileEntry] = {}
+        self._entries: dict[str, torch.Tensor | _FileEntry | TensorSource] = {}
 
     # ---- filling -------------------------------------------------------
 
@@ -157,6 +168,10 @@ class WeightStore:
                 )
             self._entries[name] = _FileEntry(path, key)
 
+    def add_source(self, name: str, source: TensorSource) -> None:
+        """Register a tensor that `source` reads when first used."""
+        self._entries[name] = source
+
     # ---- reading -------------------------------------------------------
 
     def __contains__(self, name: str) -> bool:
@@ -178,6 +193,8 @@ class WeightStore:
             with safe_open(str(entry.path), framework="pt") as f:
                 entry = f.get_tensor(entry.key)
             self._entries[name] = entry
+        elif not isinstance(entry, torch.Tensor):
+            entry = self._entries[name] = entry.read()
         return entry
 
     def get_shard(
@@ -187,6 +204,9 @@ class WeightStore:
         slice of each block, joined), reading only those slices from a
         safetensors file."""
         entry = self._entries.get(name)
+        if entry is not None and not isinstance(entry, (torch.Tensor, _FileEntry)):
+            _check_parts(name, list(entry.meta().shape), dim, parts, blocks)
+            return entry.read((dim, index, parts, blocks))
         if isinstance(entry, _FileEntry):
             from safetensors import safe_open
 
@@ -221,6 +241,8 @@ class WeightStore:
 
             with safe_open(str(entry.path), framework="pt") as f:
                 return f.get_tensor(entry.key)
+        if entry is not None and not isinstance(entry, torch.Tensor):
+            return self.get_shard(name, *piece) if piece is not None else entry.read()
         tensor = self.get_shard(name, *piece) if piece is not None else self.get(name)
         return tensor if tensor.is_meta else tensor.clone()
 
@@ -241,6 +263,8 @@ class WeightStore:
                     view = files[entry.path].get_slice(entry.key)
                     dtype = _SAFETENSORS_DTYPES[view.get_dtype()]
                     out._entries[name] = torch.empty(view.get_shape(), dtype=dtype, device="meta")
+                elif not isinstance(entry, torch.Tensor):
+                    out._entries[name] = entry.meta()
                 else:
                     out._entries[name] = entry.to("meta")
         return out
