@@ -226,11 +226,12 @@ class IndexedTensor:
                 raise CheckpointError(f"{where}: dim {dim} does not split in {parts} slices")
         for key, pieces in groups.items():
             flats = [p["flat"] for p in pieces]
-            whole = [f for f in flats if f is None]
-            if whole and len(flats) > 1 or not whole and (
-                sorted(f[0] for f in flats) != list(range(flats[0][1]))
-                or len({f[1] for f in flats}) != 1
-            ):
+            complete = flats == [None] or (
+                None not in flats
+                and len({f[1] for f in flats}) == 1
+                and sorted(f[0] for f in flats) == list(range(flats[0][1]))
+            )
+            if not complete:
                 raise CheckpointError(
                     f"{where}: its flat pieces of slice {key} are incomplete or repeated; "
                     "save the checkpoint again"

@@ -46,7 +46,11 @@ def pieces(tmp_path):
     blocks = (4, 4)
     for rank in range(2):
         held = [
-            checkpoint.Piece("w", torch.cat([w[rank * 2 : rank * 2 + 2], w[4 + rank * 2 :][:2]]), (0, rank, 2, blocks)),
+            checkpoint.Piece(
+                "w",
+                torch.cat([w[rank * 2 : rank * 2 + 2], w[4 + rank * 2 :][:2]]),
+                (0, rank, 2, blocks),
+            ),
             checkpoint.Piece("m", flat_piece(m, rank, 2), None, (rank, 2)),
         ]
         checkpoint.write_pieces(tmp_path, rank, held + [checkpoint.Piece("r", r)] * (rank == 0))
@@ -123,9 +127,7 @@ def test_a_save_killed_midway_keeps_the_previous_checkpoint(tmp_path):
 # ---- asynchronous saves ---------------------------------------------------------------
 
 
-def test_an_asynchronous_save_holds_its_steps_state_while_training_goes_on(
-    tmp_path, monkeypatch
-):
+def test_an_asynchronous_save_holds_its_steps_state_while_training_goes_on(tmp_path, monkeypatch):
     trainer, batches = _trainer()
     trainer.step(*batches[0])
     trainer.save(tmp_path / "sync")

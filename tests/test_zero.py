@@ -242,7 +242,10 @@ def test_a_zero_checkpoint_holds_whole_tensors_each_rank_wrote_its_piece_of(zero
             entry = index[f"optimizer.{slot}.{name}"]
             assert entry["shape"] == list(p.shape)
             held = sorted((piece["file"], piece["flat"]) for piece in entry["pieces"])
-            assert held == [("state-rank0.safetensors", [0, 2]), ("state-rank1.safetensors", [1, 2])]
+            assert held == [
+                ("state-rank0.safetensors", [0, 2]),
+                ("state-rank1.safetensors", [1, 2]),
+            ]
             assert saved.get(f"optimizer.{slot}.{name}").shape == p.shape
 
 
