@@ -665,6 +665,7 @@ def compile_training(
     pipeline: str = DEFAULT_PIPELINE,
     dynamic_shapes=None,
     device: str | torch.device | None = None,
+    initial_weights: str | Path | None = None,
     **optimizer_options,
 ) -> Trainer:
     """Compile one training step of `model`: forward, backward and optimizer
@@ -683,7 +684,10 @@ def compile_training(
     clips as torch.nn.utils.clip_grad_norm_. `precision="bf16-mixed"` runs the
     forward and backward under torch.autocast(bfloat16), with fp32 parameters,
     gradients and optimizer state. `dynamic_shapes` is torch.export's, for one
-    micro-batch, by input name or position.
+    micro-batch, by input name or position. `initial_weights`: a torch
+    Distributed Checkpoint directory (`torch.distributed.checkpoint.save` of
+    the model's state dict) whose tensors start the training instead of the
+    model's (which are not changed); see plait.runtime.dcp for how it is read.
     """
     _schedule(lr)  # a bad lr should not wait for the export
     spec = TrainingSpec(optimizer, dict(optimizer_options), accumulation, clip_grad_norm, precision)
@@ -696,6 +700,8 @@ def compile_training(
     captured = capture_training(
         model, _micro_batches(args, accumulation)[0], spec, loss_fn, dynamic_shapes
     )
+    if initial_weights is not None:
+        _start_from_dcp(captured, initial_weights)
     source = _without_unread_params(captured.module.clone())
     manager.run(captured.module, captured.weights)
     _check_program(captured.module, pipeline, captured.trained)
@@ -713,6 +719,16 @@ def compile_training(
         device=device,
         source=source,
     )
+
+
+def _start_from_dcp(captured, directory: str | Path) -> None:
+    """The captured step's initial parameters and buffers: the DCP checkpoint's."""
+    from .runtime.dcp import read_dcp
+
+    meta = captured.weights.as_meta()
+    wanted = {name: meta.get(program) for name, program in captured.state_dict.items()}
+    for name, tensor in read_dcp(directory, wanted).items():
+        captured.weights.add(captured.state_dict[name], tensor)
 
 
 def _without_unread_params(module: ModuleOp) -> ModuleOp:

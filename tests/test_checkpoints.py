@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -168,3 +169,44 @@ def test_an_asynchronous_saves_error_raises_when_waited_for(tmp_path, monkeypatc
         trainer.close()  # waits for the save
     assert not artifact.staging(tmp_path / "ckpt").exists()
     assert plait.load_training(tmp_path / "ckpt").steps == 1
+
+
+# ---- initial weights from a torch Distributed Checkpoint ------------------------------
+
+
+def test_training_starts_from_a_dcp_checkpoints_weights(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    other = MLP()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.normal_()
+    weights = other.state_dict()
+    dcp.save(weights, checkpoint_id=str(tmp_path / "dcp"), no_dist=True)
+    model, batches = MLP(), _mlp_batches(2)
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    trainer = plait.compile_training(model, batches[0], lr=1e-2, initial_weights=tmp_path / "dcp")
+    expected = MLP()
+    expected.load_state_dict(weights)
+    reference = plait.compile_training(expected, batches[0], lr=1e-2)
+    assert all(trainer.step(*b).equal(reference.step(*b)) for b in batches)
+    assert all(model.state_dict()[n].equal(t) for n, t in before.items())  # not changed
+
+
+class _Code:
+    def __reduce__(self):
+        return (os.getpid, ())  # harmless here; any callable would run on a plain unpickle
+
+
+def test_dcp_metadata_naming_other_objects_is_refused(tmp_path):
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(_Code()))
+    with pytest.raises(checkpoint.CheckpointError, match="'posix.getpid'.*does not unpickle"):
+        plait.compile_training(MLP(), _mlp_batches(1)[0], initial_weights=tmp_path)
+
+
+def test_a_dcp_checkpoint_missing_a_tensor_names_it(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"fc1.weight": torch.zeros(16, 8)}, checkpoint_id=str(tmp_path), no_dist=True)
+    with pytest.raises(checkpoint.CheckpointError, match="no tensor 'fc1.bias'"):
+        plait.compile_training(MLP(), _mlp_batches(1)[0], initial_weights=tmp_path)
