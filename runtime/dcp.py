@@ -12,6 +12,7 @@ arbitrary objects, are never read.
 from __future__ import annotations
 
 import pickle
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -91,5 +92,7 @@ def read_dcp(directory: str | Path, shapes: Mapping[str, torch.Tensor]) -> dict[
                 f"but the model's is {list(like.shape)} {like.dtype}"
             )
         tensors[name] = torch.empty(like.shape, dtype=like.dtype)
-    dcp.load(tensors, storage_reader=reader, no_dist=True)
+    with warnings.catch_warnings():  # that it reads in one process: what it is asked
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.load(tensors, storage_reader=reader, no_dist=True)
     return tensors

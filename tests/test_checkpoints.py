@@ -174,6 +174,7 @@ def test_an_asynchronous_saves_error_raises_when_waited_for(tmp_path, monkeypatc
 # ---- initial weights from a torch Distributed Checkpoint ------------------------------
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # dcp.save
 def test_training_starts_from_a_dcp_checkpoints_weights(tmp_path):
     import torch.distributed.checkpoint as dcp
 
@@ -204,9 +205,28 @@ def test_dcp_metadata_naming_other_objects_is_refused(tmp_path):
         plait.compile_training(MLP(), _mlp_batches(1)[0], initial_weights=tmp_path)
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # dcp.save
 def test_a_dcp_checkpoint_missing_a_tensor_names_it(tmp_path):
     import torch.distributed.checkpoint as dcp
 
     dcp.save({"fc1.weight": torch.zeros(16, 8)}, checkpoint_id=str(tmp_path), no_dist=True)
     with pytest.raises(checkpoint.CheckpointError, match="no tensor 'fc1.bias'"):
         plait.compile_training(MLP(), _mlp_batches(1)[0], initial_weights=tmp_path)
+
+
+def test_a_single_file_checkpoint_of_earlier_plaits_still_loads(tmp_path):
+    """Before the ranks wrote pieces, a checkpoint held its whole tensors in
+    weights.safetensors and its manifest no state index."""
+    trainer, batches = _trainer()
+    trainer.step(*batches[0])
+    trainer.save(tmp_path / "new")
+    contents, _, _ = artifact.read(tmp_path / "new")
+    manifest = {k: v for k, v in contents.manifest.items() if k != artifact.STATE}
+    old = WeightStore()
+    for name, tensor in _saved(tmp_path / "new").items():
+        old.add(name, tensor)
+    single = artifact.Artifact(contents.plan, contents.programs, manifest)
+    artifact.write(tmp_path / "old", single, old, old.names())
+    assert not (tmp_path / "old" / checkpoint.INDEX).exists()
+    loaded, expected = plait.load_training(tmp_path / "old"), trainer.step(*batches[1])
+    assert loaded.steps == 1 and loaded.step(*batches[1]).equal(expected)
