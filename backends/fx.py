@@ -56,7 +56,7 @@ from ..ir.ops import (
 from ..ir.schema import out_variant
 from ..ir.text import where
 from ..ir.types import TensorType
-from ..ir.weights import WeightStore, flat_piece
+from ..ir.weights import WeightStore
 from . import bindings
 
 
@@ -525,12 +525,8 @@ class _Lowering:
             device = torch.device("meta") if self.on_meta else self.device
             with torch.inference_mode(False):  # updated in place in and out of inference mode
                 if op.weight_name in self.weights:  # a copy: the program updates it in place
-                    name = op.weight_name
-                    initial = (
-                        self.weights.get_shard(name, *shard) if shard else self.weights.get(name)
-                    )
-                    if (piece := self._flat_piece(op)) is not None:  # ZeRO's slice
-                        initial = flat_piece(initial, *piece)
+                    # ZeRO's flat piece of it, too
+                    initial = self.weights.get_piece(op.weight_name, shard, self._flat_piece(op))
                     _check_weight(op, initial)
                     tensor = initial.to(device, copy=True)
                 else:

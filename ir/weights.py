@@ -48,7 +48,9 @@ class TensorSource(Protocol):
 
     def meta(self) -> torch.Tensor: ...
 
-    def read(self, piece: tuple | None = None) -> torch.Tensor: ...
+    def read(
+        self, piece: tuple | None = None, flat: tuple[int, int] | None = None
+    ) -> torch.Tensor: ...
 
 
 _SAFETENSORS_DTYPES = {
@@ -229,6 +231,22 @@ class WeightStore:
         if len(pieces) > 1:
             return torch.cat(pieces, dim)
         return pieces[0] if full.is_meta else pieces[0].contiguous()
+
+    def get_piece(
+        self, name: str, shard: tuple | None, flat: tuple[int, int] | None
+    ) -> torch.Tensor:
+        """The weight's `shard` slice (dim, index, parts, blocks), then that
+        slice's `flat` piece (index, parts; see `flat_piece`), each where given:
+        a source that holds that very piece reads only it."""
+        entry = self._entries.get(name)
+        if (
+            flat is not None
+            and entry is not None
+            and not isinstance(entry, (torch.Tensor, _FileEntry))
+        ):
+            return entry.read(shard, flat)
+        tensor = self.get_shard(name, *shard) if shard else self.get(name)
+        return flat_piece(tensor, *flat) if flat is not None else tensor
 
     def read(self, name: str, piece: tuple | None = None) -> torch.Tensor:
         """A fresh copy of the weight (or of its `(dim, index, parts[, blocks])` slice),

@@ -28,7 +28,7 @@ import torch
 
 from ..ir.attrs import shard as shard_placement
 from ..ir.errors import PlaitError
-from ..ir.weights import WeightStore, tensor_digests
+from ..ir.weights import WeightStore, flat_piece, tensor_digests
 
 INDEX = "state.json"
 FORMAT = "plait-checkpoint-state"
@@ -240,9 +240,16 @@ class IndexedTensor:
     def meta(self) -> torch.Tensor:
         return torch.empty(self.shape, dtype=self.dtype, device="meta")
 
-    def read(self, piece: tuple | None = None) -> torch.Tensor:
+    def read(self, piece: tuple | None = None, flat: tuple[int, int] | None = None) -> torch.Tensor:
+        if flat is not None:  # a file holds this very piece (ZeRO resuming on its mesh)
+            held = self._groups().get(_key(piece), [])
+            exact = [p for p in held if p["flat"] == list(flat)]
+            if not exact:
+                return flat_piece(self.read(piece), *flat)
+            numel = math.prod(self.shape) // (piece[2] if piece is not None else 1)
+            return self._checked(self._tensor(exact[0]), [-(-numel // flat[1])], exact[0])
         groups = self._groups()
-        key = None if piece is None else (piece[0], piece[1], piece[2], tuple(piece[3] or ()))
+        key = _key(piece)
         if key in groups and all(p["flat"] is None for p in groups[key]):
             return self._slice(key, groups[key])  # the file holds exactly this slice
         if None in groups and all(p["flat"] is None for p in groups[None]) and piece is not None:
@@ -322,3 +329,8 @@ class IndexedTensor:
 
 def _blocks(shard: list) -> tuple[int, ...]:
     return tuple(shard[3] or ())
+
+
+def _key(piece: tuple | None) -> tuple | None:
+    """A requested slice (dim, index, parts, blocks) as the index groups its pieces."""
+    return None if piece is None else (piece[0], piece[1], piece[2], tuple(piece[3] or ()))

@@ -72,6 +72,18 @@ def test_the_index_reads_whole_tensors_and_slices(pieces):
         assert weights.get(name).equal(tensor), name
 
 
+def test_a_rank_reads_only_the_file_that_holds_its_piece(pieces):
+    directory, files, expected = pieces
+    weights = WeightStore()
+    checkpoint.add_indexed(weights, directory, files)
+    (directory / "state-rank0.safetensors").unlink()
+    w = expected["w"]
+    assert weights.get_shard("w", 0, 1, 2, (4, 4)).equal(torch.cat([w[2:4], w[6:8]]))
+    assert weights.get_piece("m", None, (1, 2)).equal(flat_piece(expected["m"], 1, 2))
+    with pytest.raises(FileNotFoundError):  # where rank 0's pieces are needed
+        weights.get_piece("m", (1, 0, 3, None), (1, 2))
+
+
 def test_an_index_missing_a_piece_names_the_tensor(pieces):
     directory, files, _ = pieces
     index = json.loads((directory / checkpoint.INDEX).read_text())
