@@ -505,13 +505,9 @@ class Trainer:
             return None
         directory, staging = self._saving
         self._saving = None
-        if self._pooled and self._pool is not None:
-            written = lambda: self._workers().call("pieces_written")  # noqa: E731
-        else:
-            written = self.pieces_written
         first = self._coordinates()
         try:
-            self._agree(_caught(written))
+            self._agree(_caught(self._all_pieces_written))
             self._agree(_caught(lambda: self._finish_save(directory, staging)) if first else None)
         except BaseException:
             if first:
@@ -538,6 +534,13 @@ class Trainer:
         writing, self._writing = self._writing, None
         if writing is not None:
             writing.wait()
+
+    def _all_pieces_written(self) -> None:
+        """Wait for this process's ranks' pieces: its worker ranks', else its own."""
+        if self._pooled and self._pool is not None:
+            self._workers().call("pieces_written")
+        else:
+            self.pieces_written()
 
     def _pieces(self, first: bool) -> list[checkpoint.Piece]:
         """What this rank writes: the pieces of live state it is the lowest to
