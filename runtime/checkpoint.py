@@ -84,6 +84,7 @@ def write_pieces(directory: Path, rank: int, pieces: list[Piece]) -> None:
             {
                 "name": p.name,
                 "dtype": str(p.tensor.dtype).removeprefix("torch."),
+                "shape": list(p.tensor.shape),
                 "shard": _json_shard(p.shard),
                 "flat": list(p.flat) if p.flat is not None else None,
             }
@@ -103,7 +104,8 @@ def _json_shard(shard: tuple | None) -> list | None:
 
 def write_index(directory: Path, ranks: int, shapes: dict[str, list[int]]) -> dict:
     """Merge the ranks' listings into the index (`shapes`: each tensor's whole
-    shape); returns the sha256 of every rank file's tensors, for the manifest."""
+    shape, where a piece is not the whole tensor); returns the sha256 of every
+    rank file's tensors, for the manifest."""
     tensors: dict[str, dict] = {}
     hashes = {}
     for rank in range(ranks):
@@ -113,7 +115,7 @@ def write_index(directory: Path, ranks: int, shapes: dict[str, list[int]]) -> di
         for piece in listing["pieces"]:
             entry = tensors.setdefault(
                 piece["name"],
-                {"shape": shapes[piece["name"]], "dtype": piece["dtype"], "pieces": []},
+                {"shape": _whole_shape(piece, shapes), "dtype": piece["dtype"], "pieces": []},
             )
             entry["pieces"].append(
                 {"file": rank_file(rank), "shard": piece["shard"], "flat": piece["flat"]}
@@ -329,6 +331,17 @@ class IndexedTensor:
 
 def _blocks(shard: list) -> tuple[int, ...]:
     return tuple(shard[3] or ())
+
+
+def _whole_shape(piece: dict, shapes: dict[str, list[int]]) -> list[int]:
+    if piece["name"] in shapes:
+        return shapes[piece["name"]]
+    if piece["shard"] is None and piece["flat"] is None:
+        return piece["shape"]
+    raise CheckpointError(
+        f"state '{piece['name']}' is split over the ranks, but the captured step has no "
+        "tensor of that name to give its whole shape; a pass renamed it"
+    )
 
 
 def _key(piece: tuple | None) -> tuple | None:

@@ -55,7 +55,7 @@ def pieces(tmp_path):
             checkpoint.Piece("m", flat_piece(m, rank, 2), None, (rank, 2)),
         ]
         checkpoint.write_pieces(tmp_path, rank, held + [checkpoint.Piece("r", r)] * (rank == 0))
-    hashes = checkpoint.write_index(tmp_path, 2, {"w": [8, 6], "m": [5, 3], "r": [4, 2]})
+    hashes = checkpoint.write_index(tmp_path, 2, {"w": [8, 6], "m": [5, 3]})  # r: its own
     return tmp_path, set(hashes), {"w": w, "m": m, "r": r}
 
 
