@@ -16,7 +16,10 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import shutil
+import threading
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -53,7 +56,7 @@ from .ir.training import (
 from .ir.weights import WeightStore
 from .passes.manager import PassManager
 from .passes.shard.rules import DATA_AXES
-from .runtime import artifact
+from .runtime import artifact, checkpoint
 from .runtime.inputs import check_inputs
 from .runtime.memory import PEAK, measure
 from .runtime.prefetch import Prefetcher
@@ -157,6 +160,8 @@ class Trainer:
         self.measure_memory = False
         self._measured: dict[str, int] | None = None  # this rank's last measured step
         self._pool_measured = False  # a step measured on the worker ranks
+        self._saving: tuple[Path, Path] | None = None  # a save not finished: (directory, staging)
+        self._writing: _Background | None = None  # this rank's pieces, written by a thread
 
     # ---- inspecting ------------------------------------------------------
 
@@ -354,12 +359,15 @@ class Trainer:
 
     def close(self) -> None:
         """Stop the worker processes a sharded step runs on from one process
-        (their state is lost: save first)."""
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None
-            self._pool_steps = None
-            self._pool_measured = False
+        (their state is lost: save first), after finishing a save in progress."""
+        try:
+            self.wait_saved()
+        finally:
+            if self._pool is not None:
+                self._pool.close()
+                self._pool = None
+                self._pool_steps = None
+                self._pool_measured = False
 
     def gradients(self, *batch: torch.Tensor) -> dict[str, torch.Tensor]:
         """The gradients a step on `batch` would update with (before clipping),
@@ -464,24 +472,121 @@ class Trainer:
         state = (set(state_params(self.module)) & set(self.weights.names())) | self._live
         return sorted(n for n in names | state if not n.startswith(ACCUMULATOR + "."))
 
-    def save(self, directory: str | Path) -> Path:
+    def save(self, directory: str | Path, *, asynchronous: bool = False) -> Path:
         """Write a checkpoint: the step as captured (before the pipeline) and
-        every parameter, buffer and optimizer state as whole tensors by name
-        (safetensors), with the step count, the options and the mesh it was
-        trained on; atomically, so an interrupted save keeps the previous one.
-        Any mesh resumes from it (`plait.load_training(dir, pipeline=...)`)."""
+        every parameter, buffer and optimizer state as whole tensors by name,
+        with the step count, the options and the mesh it was trained on. Each
+        rank writes its own pieces at once (see plait.runtime.checkpoint); the
+        save is atomic, so an interrupted one keeps the previous checkpoint.
+        Any mesh resumes from it (`plait.load_training(dir, pipeline=...)`).
+
+        `asynchronous=True`: the state is copied to host memory now and
+        written by a background thread while training goes on; `wait_saved()`
+        (or the next save, or `close()`) finishes it and raises its errors."""
+        self.wait_saved()
         if self._failed is not None:
             raise NonFiniteLossError(f"{self._failed}; nothing was saved")
-        state = self.saved_state()
-        if self.world_size > 1 and not self._pooled:  # under torchrun: rank 0 writes
+        first = self._coordinates()
+        staging = artifact.staging(directory)
+        self._agree(_caught(lambda: artifact.start_staging(directory)) if first else None)
+        if self._pooled and self._pool is not None:
+            self._workers().call("write_pieces", (str(staging), asynchronous))
+        else:
+            self.write_pieces(str(staging), asynchronous)
+        self._saving = (Path(directory), staging)
+        if not asynchronous:
+            self.wait_saved()
+        return Path(directory)
+
+    def wait_saved(self) -> Path | None:
+        """Finish the asynchronous save in progress, if any (raising what went
+        wrong writing it): the checkpoint's directory, else None."""
+        if self._saving is None:
+            return None
+        directory, staging = self._saving
+        self._saving = None
+        first = self._coordinates()
+        try:
+            self._agree(_caught(self._all_pieces_written))
+            self._agree(_caught(lambda: self._finish_save(directory, staging)) if first else None)
+        except BaseException:
+            if first:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return directory
+
+    def write_pieces(self, staging: str, asynchronous: bool = False) -> None:
+        """This rank's part of a save: its pieces of the state into `staging`;
+        `asynchronous`: copied to host memory now and written by a thread
+        (`pieces_written` waits for it)."""
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if self.world_size > 1 and _in_process_group() else 0
+        pieces = self._pieces(first=rank == 0)
+        if asynchronous:  # a copy: the steps go on updating the state in place
+            pieces = [replace(p, tensor=p.tensor.detach().to("cpu", copy=True)) for p in pieces]
+            self._writing = _Background(checkpoint.write_pieces, Path(staging), rank, pieces)
+        else:
+            checkpoint.write_pieces(Path(staging), rank, pieces)
+
+    def pieces_written(self) -> None:
+        """Wait for this rank's asynchronous `write_pieces` (raising its error)."""
+        writing, self._writing = self._writing, None
+        if writing is not None:
+            writing.wait()
+
+    def _all_pieces_written(self) -> None:
+        """Wait for this process's ranks' pieces: its worker ranks', else its own."""
+        if self._pooled and self._pool is not None:
+            self._workers().call("pieces_written")
+        else:
+            self.pieces_written()
+
+    def _pieces(self, first: bool) -> list[checkpoint.Piece]:
+        """What this rank writes: the pieces of live state it is the lowest to
+        hold; the first rank also the tensors no program holds, whole."""
+        pieces = []
+        for name in self._saved_names():
+            layout = self._shared.get(("layout", name))
+            if layout is None:
+                if first:
+                    pieces.append(checkpoint.Piece(name, self._tensor(name)))
+            elif layout.owner:
+                tensor = self._shared["state", layout.key]
+                pieces.append(checkpoint.Piece(name, tensor, layout.shard, layout.flat))
+        return pieces
+
+    def _coordinates(self) -> bool:
+        """This process finishes a save (this trainer's only one, or rank 0 under torchrun)."""
+        import torch.distributed as dist
+
+        return self.world_size == 1 or self._pooled or dist.get_rank() == 0
+
+    def _agree(self, error: BaseException | None) -> None:
+        """Raise `error` here, and on every rank when one rank had one (no rank
+        waits for another that failed)."""
+        if self.world_size > 1 and not self._pooled:
             import torch.distributed as dist
 
-            if dist.get_rank() != 0:
-                dist.barrier()
-                return Path(directory)
-        store = WeightStore()
-        for name, tensor in state.items():
-            store.add(name, tensor)
+            ok = torch.tensor([0 if error is not None else 1], device=self.device)
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+            if error is None and not ok.item():
+                raise TrainingError("another rank failed to save the checkpoint; see its error")
+        if error is not None:
+            raise error
+
+    def _finish_save(self, directory: Path, staging: Path) -> None:
+        """Index the ranks' pieces, write the step and manifest, and move the
+        checkpoint into place."""
+        ranks = self.world_size if self._pool is not None or not self._pooled else 1
+        shapes = {
+            op.weight_name: [int(d) for d in op.result.type.shape]
+            for op in self.source.walk()
+            if isinstance(op, ParamOp)
+        }
+        hashes = checkpoint.write_index(staging, ranks, shapes)
+        saved = WeightStore()
+        checkpoint.add_indexed(saved, staging, set(hashes))
         fn = _function(self.source, TRAIN_STEP)
         symbols = self.source.attributes.get(SYMBOLS_ATTR)
         manifest = {
@@ -495,16 +600,17 @@ class Trainer:
             "outputs": {"count": 1, "treespec": None},
             "device": self.device.type,
             "generation": {},
+            artifact.STATE: checkpoint.INDEX,
             TRAINING: {
                 **self.spec.as_json(),
                 "lr": self.constant_lr,
                 "fills_mask": self.fills_mask,
                 "state_dict": self.state_dict_names,
-                "saved": store.names(),
+                "saved": sorted(saved.names()),
                 "trained_on": self.mesh,
             },
         }
-        meta = store.as_meta()
+        meta = saved.as_meta()
         code = "\n".join(
             f"# ---- @{f} ----"
             f"{build_program(self.source, meta, 'cpu', None, f, prefetching=Prefetcher).code}"
@@ -513,12 +619,37 @@ class Trainer:
         contents = artifact.Artifact(
             plan=print_module(self.source), programs={0: code}, manifest=manifest
         )
-        path = artifact.write(directory, contents, store, store.names())
-        if self.world_size > 1 and not self._pooled:
-            import torch.distributed as dist
+        artifact.write(directory, contents, WeightStore(), [], written=(staging, hashes))
 
-            dist.barrier()
-        return path
+
+class _Background:
+    """A function run by a thread; `wait` joins it and raises what it raised."""
+
+    def __init__(self, function: Callable, *args):
+        self._error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                function(*args)
+            except BaseException as exc:  # raised where the caller waits
+                self._error = exc
+
+        self._thread = threading.Thread(target=run, name="plait-save", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+def _caught(function: Callable) -> BaseException | None:
+    """What `function()` raised, else None."""
+    try:
+        function()
+    except Exception as exc:
+        return exc
+    return None
 
 
 TRAINING = "training"  # the manifest's field for a training checkpoint
@@ -537,6 +668,7 @@ def compile_training(
     pipeline: str = DEFAULT_PIPELINE,
     dynamic_shapes=None,
     device: str | torch.device | None = None,
+    initial_weights: str | Path | None = None,
     **optimizer_options,
 ) -> Trainer:
     """Compile one training step of `model`: forward, backward and optimizer
@@ -555,7 +687,10 @@ def compile_training(
     clips as torch.nn.utils.clip_grad_norm_. `precision="bf16-mixed"` runs the
     forward and backward under torch.autocast(bfloat16), with fp32 parameters,
     gradients and optimizer state. `dynamic_shapes` is torch.export's, for one
-    micro-batch, by input name or position.
+    micro-batch, by input name or position. `initial_weights`: a torch
+    Distributed Checkpoint directory (`torch.distributed.checkpoint.save` of
+    the model's state dict) whose tensors start the training instead of the
+    model's (which are not changed); see plait.runtime.dcp for how it is read.
     """
     _schedule(lr)  # a bad lr should not wait for the export
     spec = TrainingSpec(optimizer, dict(optimizer_options), accumulation, clip_grad_norm, precision)
@@ -568,6 +703,8 @@ def compile_training(
     captured = capture_training(
         model, _micro_batches(args, accumulation)[0], spec, loss_fn, dynamic_shapes
     )
+    if initial_weights is not None:
+        _start_from_dcp(captured, initial_weights)
     source = _without_unread_params(captured.module.clone())
     manager.run(captured.module, captured.weights)
     _check_program(captured.module, pipeline, captured.trained)
@@ -585,6 +722,16 @@ def compile_training(
         device=device,
         source=source,
     )
+
+
+def _start_from_dcp(captured, directory: str | Path) -> None:
+    """The captured step's initial parameters and buffers: the DCP checkpoint's."""
+    from .runtime.dcp import read_dcp
+
+    meta = captured.weights.as_meta()
+    wanted = {name: meta.get(program) for name, program in captured.state_dict.items()}
+    for name, tensor in read_dcp(directory, wanted).items():
+        captured.weights.add(captured.state_dict[name], tensor)
 
 
 def _without_unread_params(module: ModuleOp) -> ModuleOp:
@@ -675,8 +822,7 @@ def load_training(
         fields["clip_grad_norm"],
         fields["precision"],
     )
-    weights = WeightStore()
-    weights.add_safetensors(Path(directory) / contents.manifest["weights"], fields["saved"])
+    weights = artifact.read_weights(directory, contents.manifest, fields["saved"])
     pipeline = contents.manifest["pipeline"] if pipeline is None else pipeline
     module = source.clone()
     PassManager.parse(pipeline).run(module, weights)

@@ -18,6 +18,7 @@ import inspect
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import sympy
 import torch
@@ -55,7 +56,7 @@ from ..ir.ops import (
 from ..ir.schema import out_variant
 from ..ir.text import where
 from ..ir.types import TensorType
-from ..ir.weights import WeightStore, flat_piece
+from ..ir.weights import WeightStore
 from . import bindings
 
 
@@ -279,6 +280,18 @@ class CollectiveGroups:
         return CollectiveGroups({a: a for a in mesh}, dict(mesh), mesh_coords(mesh, rank))
 
 
+class StateLayout(NamedTuple):
+    """Where a rank's tensor of one program state sits in the whole tensor:
+    `shard` (dim, index, parts, blocks) then the `flat` (index, parts) piece
+    of that slice, each None when not split; `owner`: this rank is the lowest
+    that holds this piece (it writes it to a checkpoint)."""
+
+    key: str  # the tensor's key in the shared state
+    shard: tuple | None
+    flat: tuple[int, int] | None
+    owner: bool
+
+
 def mesh_coords(mesh: dict[str, int], rank: int) -> dict[str, int]:
     """A rank's coordinate on each axis; ranks are laid out row-major, last axis fastest."""
     coords = {}
@@ -464,6 +477,17 @@ class _Lowering:
                 return self.groups.coords[axis], self.groups.sizes[axis]
         return None
 
+    def _owns(self, op: ParamOp) -> bool:
+        """This rank is at coordinate 0 on every axis that does not split the state."""
+        placements = op.attributes.get(PLACEMENTS_ATTR)
+        split = {
+            axis
+            for axis, placement in zip(self.mesh, placements.data if placements else ())
+            if placement.kind in ("shard", "flat")
+        }
+        coords = self.groups.coords if self.groups is not None else {}
+        return all(c == 0 for axis, c in coords.items() if axis not in split)
+
     def lower_param(self, op: ParamOp) -> None:
         name = op.weight_name
         shard = self._slice(op)
@@ -506,17 +530,15 @@ class _Lowering:
             device = torch.device("meta") if self.on_meta else self.device
             with torch.inference_mode(False):  # updated in place in and out of inference mode
                 if op.weight_name in self.weights:  # a copy: the program updates it in place
-                    name = op.weight_name
-                    initial = (
-                        self.weights.get_shard(name, *shard) if shard else self.weights.get(name)
-                    )
-                    if (piece := self._flat_piece(op)) is not None:  # ZeRO's slice
-                        initial = flat_piece(initial, *piece)
+                    # ZeRO's flat piece of it, too
+                    initial = self.weights.get_piece(op.weight_name, shard, self._flat_piece(op))
                     _check_weight(op, initial)
                     tensor = initial.to(device, copy=True)
                 else:
                     tensor = torch.zeros(type_.shape, dtype=torch_dtype(type_.dtype), device=device)
             self.shared["state", key] = tensor
+            layout = StateLayout(key, shard, self._flat_piece(op), self._owns(op))
+            self.shared["layout", op.weight_name] = layout
         elif tuple(tensor.shape) != tuple(type_.shape):
             raise LoweringError(
                 f"{where(op)}: state '{op.weight_name}' is {list(type_.shape)} here but "

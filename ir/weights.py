@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -38,6 +39,18 @@ class WeightError(PlaitError):
 class _FileEntry:
     path: Path
     key: str
+
+
+class TensorSource(Protocol):
+    """A tensor stored elsewhere, e.g. in pieces over several files (a
+    checkpoint the ranks wrote in parallel), that reads itself whole or a
+    `(dim, index, parts, blocks)` slice of it."""
+
+    def meta(self) -> torch.Tensor: ...
+
+    def read(
+        self, piece: tuple | None = None, flat: tuple[int, int] | None = None
+    ) -> torch.Tensor: ...
 
 
 _SAFETENSORS_DTYPES = {
@@ -125,7 +138,7 @@ class WeightStore:
     """Parameter name -> tensor, resolved lazily."""
 
     def __init__(self) -> None:
-        self._entries: dict[str, torch.Tensor | _FileEntry] = {}
+        self._entries: dict[str, torch.Tensor | _FileEntry | TensorSource] = {}
 
     # ---- filling -------------------------------------------------------
 
@@ -157,6 +170,10 @@ class WeightStore:
                 )
             self._entries[name] = _FileEntry(path, key)
 
+    def add_source(self, name: str, source: TensorSource) -> None:
+        """Register a tensor that `source` reads when first used."""
+        self._entries[name] = source
+
     # ---- reading -------------------------------------------------------
 
     def __contains__(self, name: str) -> bool:
@@ -178,6 +195,8 @@ class WeightStore:
             with safe_open(str(entry.path), framework="pt") as f:
                 entry = f.get_tensor(entry.key)
             self._entries[name] = entry
+        elif not isinstance(entry, torch.Tensor):
+            entry = self._entries[name] = entry.read()
         return entry
 
     def get_shard(
@@ -187,6 +206,9 @@ class WeightStore:
         slice of each block, joined), reading only those slices from a
         safetensors file."""
         entry = self._entries.get(name)
+        if entry is not None and not isinstance(entry, (torch.Tensor, _FileEntry)):
+            _check_parts(name, list(entry.meta().shape), dim, parts, blocks)
+            return entry.read((dim, index, parts, blocks))
         if isinstance(entry, _FileEntry):
             from safetensors import safe_open
 
@@ -210,6 +232,22 @@ class WeightStore:
             return torch.cat(pieces, dim)
         return pieces[0] if full.is_meta else pieces[0].contiguous()
 
+    def get_piece(
+        self, name: str, shard: tuple | None, flat: tuple[int, int] | None
+    ) -> torch.Tensor:
+        """The weight's `shard` slice (dim, index, parts, blocks), then that
+        slice's `flat` piece (index, parts; see `flat_piece`), each where given:
+        a source that holds that very piece reads only it."""
+        entry = self._entries.get(name)
+        if (
+            flat is not None
+            and entry is not None
+            and not isinstance(entry, (torch.Tensor, _FileEntry))
+        ):
+            return entry.read(shard, flat)
+        tensor = self.get_shard(name, *shard) if shard else self.get(name)
+        return flat_piece(tensor, *flat) if flat is not None else tensor
+
     def read(self, name: str, piece: tuple | None = None) -> torch.Tensor:
         """A fresh copy of the weight (or of its `(dim, index, parts[, blocks])` slice),
         not kept by the store: what streaming from the host tier reads."""
@@ -221,6 +259,8 @@ class WeightStore:
 
             with safe_open(str(entry.path), framework="pt") as f:
                 return f.get_tensor(entry.key)
+        if entry is not None and not isinstance(entry, torch.Tensor):
+            return self.get_shard(name, *piece) if piece is not None else entry.read()
         tensor = self.get_shard(name, *piece) if piece is not None else self.get(name)
         return tensor if tensor.is_meta else tensor.clone()
 
@@ -241,6 +281,8 @@ class WeightStore:
                     view = files[entry.path].get_slice(entry.key)
                     dtype = _SAFETENSORS_DTYPES[view.get_dtype()]
                     out._entries[name] = torch.empty(view.get_shape(), dtype=dtype, device="meta")
+                elif not isinstance(entry, torch.Tensor):
+                    out._entries[name] = entry.meta()
                 else:
                     out._entries[name] = entry.to("meta")
         return out

@@ -46,6 +46,7 @@ from ..ir.ops import CallOp, stored_weight_names
 from ..ir.targets import split_name
 from ..ir.text import parse_module, read_ir_text, where
 from ..ir.weights import WeightStore, check_digests, tensor_digests
+from . import checkpoint
 from .manifest import HASHES, problem
 
 FORMAT = "plait-artifact"
@@ -53,6 +54,7 @@ FORMAT_VERSION = 2  # 2: per-tensor sha256 of the weights
 MANIFEST = "manifest.json"
 PLAN = "plan.mlir"
 WEIGHTS = "weights.safetensors"
+STATE = "state"  # a training checkpoint's field: its state index, written by the ranks
 
 
 class ArtifactError(PlaitError):
@@ -75,21 +77,52 @@ class Artifact:
 # ---- writing -----------------------------------------------------------
 
 
-def write(directory: str | Path, artifact: Artifact, weights: WeightStore, weight_names) -> Path:
-    """Save atomically: `directory` becomes the new artifact only once it is
-    complete, replacing an artifact (or an empty directory) there."""
+def staging(directory: str | Path) -> Path:
+    """The directory a save of several processes writes into before it
+    becomes `directory`: one name every rank knows."""
+    target = Path(os.path.realpath(directory))
+    return target.with_name(f".{target.name}.saving")
+
+
+def start_staging(directory: str | Path) -> Path:
+    """An empty `staging(directory)`: what an interrupted save left there is removed."""
     target = Path(os.path.realpath(directory))
     _check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.saving-{secrets.token_hex(4)}")
-    staging.mkdir()  # the process umask applies, as to every file written below
+    path = staging(directory)
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir()
+    return path
+
+
+def write(
+    directory: str | Path,
+    artifact: Artifact,
+    weights: WeightStore,
+    weight_names,
+    *,
+    written: tuple[Path, dict] | None = None,
+) -> Path:
+    """Save atomically: `directory` becomes the new artifact only once it is
+    complete, replacing an artifact (or an empty directory) there. `written`:
+    (a staging directory other files were written into, their files' tensor
+    hashes), which become part of the artifact."""
+    target = Path(os.path.realpath(directory))
+    _check_replaceable(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if written is None:
+        staging, hashes = target.with_name(f".{target.name}.saving-{secrets.token_hex(4)}"), {}
+        staging.mkdir()  # the process umask applies, as to every file written below
+    else:
+        staging, hashes = written
     try:
         (staging / PLAN).write_text(artifact.plan)
         for rank, source in artifact.programs.items():
             (staging / program_file(rank)).write_text(source)
         weights.save(staging / WEIGHTS, weight_names)
-        # safetensors creates its file 0600; give it the mode of the files written above
-        os.chmod(staging / WEIGHTS, stat.S_IMODE((staging / PLAN).stat().st_mode))
+        # safetensors creates its files 0600; give them the mode of the files written above
+        for name in [WEIGHTS, *hashes]:
+            os.chmod(staging / name, stat.S_IMODE((staging / PLAN).stat().st_mode))
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -99,7 +132,7 @@ def write(directory: str | Path, artifact: Artifact, weights: WeightStore, weigh
             "plan": PLAN,
             "programs": {str(rank): program_file(rank) for rank in sorted(artifact.programs)},
             "weights": WEIGHTS,
-            HASHES: {WEIGHTS: tensor_digests(staging / WEIGHTS)},
+            HASHES: {WEIGHTS: tensor_digests(staging / WEIGHTS), **hashes},
         }
         text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
         (staging / MANIFEST).write_text(text)
@@ -189,12 +222,23 @@ def read(
     module = parse_module(plan, str(plan_path))
     _check_ranks(module, programs, manifest_path)
     _check_operators(module, trusted_ops, directory)
-    weights = WeightStore()
-    weights.add_safetensors(directory / manifest["weights"], stored_weight_names(module))
+    weights = read_weights(directory, manifest, stored_weight_names(module))
     if verify:  # all of it, now: every rank fails alike, before any computes
         for name, digests in manifest[HASHES].items():
             check_digests(directory / name, digests)
     return Artifact(plan=plan, programs=programs, manifest=manifest), module, weights
+
+
+def read_weights(directory: str | Path, manifest: dict, names) -> WeightStore:
+    """The weights `names` of the artifact: from the state index a training
+    checkpoint's ranks wrote (`runtime.checkpoint`), else its weights file."""
+    directory = Path(directory)
+    weights = WeightStore()
+    indexed = set()
+    if manifest.get(STATE) == checkpoint.INDEX:
+        indexed = checkpoint.add_indexed(weights, directory, set(manifest[HASHES]))
+    weights.add_safetensors(directory / manifest["weights"], [n for n in names if n not in indexed])
+    return weights
 
 
 def _read_manifest(directory: Path) -> tuple[dict, Path]:

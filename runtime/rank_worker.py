@@ -43,6 +43,12 @@ CALLS = {
     # or not; whole state; every rank's record of the last measured step
     "train": lambda trainer, batch, lr, measure=False: trainer.run_step(batch, lr, measure),
     "state": lambda trainer: trainer.saved_state(),
+    # its pieces of a checkpoint into the staging directory (maybe by a
+    # thread), and waiting for them
+    "write_pieces": lambda trainer, staging, asynchronous: trainer.write_pieces(
+        staging, asynchronous
+    ),
+    "pieces_written": lambda trainer: trainer.pieces_written(),
     "memory": lambda trainer: gather(trainer.memory(measured=True)),
 }
 

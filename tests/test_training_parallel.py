@@ -11,6 +11,7 @@ steps, so eager fp32 and eager fp64 already differ by 2e-5 there."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -94,10 +95,21 @@ class Run:
 
 
 def _run(
-    model, shard, options, tmp, *, accumulation=1, clip=None, rows=4, task=None, then=""
+    model,
+    shard,
+    options,
+    tmp,
+    *,
+    accumulation=1,
+    clip=None,
+    rows=4,
+    task=None,
+    then="",
+    save_async=False,
 ) -> Run:
     """`task`: (batches, eager loss, plait's loss_fn); a causal LM's by default.
-    `then`: passes after shard."""
+    `then`: passes after shard. `save_async`: the checkpoint is written while
+    the steps after it run."""
     batches, loss, loss_fn = task or (_batches(STEPS, rows), _lm_loss, None)
     expected, _, reference = _eager(
         model, batches, loss, _optimizer(options), accumulation=accumulation, clip=clip
@@ -115,7 +127,7 @@ def _run(
     try:
         for step, batch in enumerate(batches):
             if step == SAVE_AFTER:
-                trainer.save(tmp)
+                trainer.save(tmp, asynchronous=save_async)
             trainer.measure_memory = step == STEPS - 1  # (the results stay the same)
             losses.append(trainer.step(*batch))
         state = trainer.state_dict()
@@ -168,7 +180,8 @@ SMALL_BUCKETS = 0.05  # MiB: the tiny Llama's gradients (0.3 MiB) fill several b
 
 @pytest.fixture(scope="module")
 def dp_llama(tmp_path_factory):
-    """dp:2 with gradient accumulation over 2 micro-batches and clipping."""
+    """dp:2 with gradient accumulation over 2 micro-batches and clipping; its
+    checkpoint saved asynchronously (the ranks write while stepping on)."""
     return _run(
         _llama(1),
         f"mesh=dp:2,bucket_mb={SMALL_BUCKETS}",
@@ -176,6 +189,7 @@ def dp_llama(tmp_path_factory):
         tmp_path_factory.mktemp("dp_llama"),
         accumulation=2,
         clip=DP_CLIP,
+        save_async=True,
     )
 
 
@@ -528,6 +542,12 @@ def test_an_example_batch_that_does_not_split_over_dp_is_refused_at_compile():
 def test_a_sharded_checkpoint_resumes_exactly(tp_llama):
     """Saved after 2 steps on tp:2, loaded (the same mesh), 2 more steps:
     bit for bit the run that went straight on."""
+    index = json.loads((tp_llama.checkpoint / "state.json").read_text())["tensors"]
+    files = {name: sorted(p["file"] for p in entry["pieces"]) for name, entry in index.items()}
+    both = ["state-rank0.safetensors", "state-rank1.safetensors"]
+    q = index["model.layers.0.self_attn.q_proj.weight"]["pieces"]
+    assert sorted((p["file"], p["shard"][:3]) for p in q) == list(zip(both, ([0, 0, 2], [0, 1, 2])))
+    assert all(f in ([both[0]], both) for f in files.values())  # replicated: written by rank 0
     loaded = plait.load_training(tp_llama.checkpoint)
     try:
         assert loaded.mesh == {"tp": 2} and loaded.steps == SAVE_AFTER
