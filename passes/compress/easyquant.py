@@ -77,6 +77,7 @@ GRID = torch.linspace(0.5, 1.0, 20)  # clipped ranges tried, as shares of the ab
 COARSE = torch.linspace(0.5, 1.0, 10)  # EasyQuant's first look over the same span
 ZOOM = 17  # then this many points within one coarse step of each group's best (odd: it is one)
 CHUNK = 1 << 22  # elements of the [rows, groups, points, size] search tensor at once
+BLOCK = 1 << 17  # weights EasyQuant searches at once
 
 
 def _errors(grouped: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
@@ -89,41 +90,46 @@ def _errors(grouped: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Ten
     return q.mul_(s).sub_(w).square_().sum(-1)
 
 
-def _best(grouped: torch.Tensor, candidates: torch.Tensor, bits: int) -> torch.Tensor:
-    """Each group's best of its [out, groups, points] candidate scales, all
-    points at once, a block of rows at a time (the first best on ties)."""
+def _best(grouped: torch.Tensor, candidates: torch.Tensor, bits: int):
+    """Each group's best of its [out, groups, points] candidate scales, and its
+    error there: all points at once, a block of rows at a time (the first
+    best on ties)."""
     rows = max(1, CHUNK // (grouped[0].numel() * candidates.shape[-1]))
     errors = torch.cat(
         [_errors(w, s, bits) for w, s in zip(grouped.split(rows), candidates.split(rows))]
     )
-    return candidates.gather(-1, errors.argmin(-1, keepdim=True)).squeeze(-1)
+    error, at = errors.min(-1, keepdim=True)
+    return candidates.gather(-1, at).squeeze(-1), error.squeeze(-1)
 
 
 def _search_scales(grouped: torch.Tensor, bits: int, grid: torch.Tensor = GRID) -> torch.Tensor:
     """Each group's best clipped range on the grid."""
-    return _best(grouped, _initial_scales(grouped, bits).unsqueeze(-1) * grid, bits)
+    return _best(grouped, _initial_scales(grouped, bits).unsqueeze(-1) * grid, bits)[0]
 
 
-def _zoom(grouped: torch.Tensor, scales: torch.Tensor, bits: int, width: float) -> torch.Tensor:
-    """Each group's best scale within `width` (relative) of its own, the scale included."""
-    return _best(grouped, scales.unsqueeze(-1) * (1 + width * torch.linspace(-1, 1, ZOOM)), bits)
+STRIDES = torch.tensor([1.0, 2.0, 4.0, 8.0])  # how far along each Lloyd step to look
 
 
-def _refine(grouped: torch.Tensor, scales: torch.Tensor, bits: int, rounds: int) -> torch.Tensor:
-    """Lloyd rounds: fix the codes, take the scale that fits them best in closed
-    form (<w, q> / <q, q>), re-round. Each group keeps its best scale, so the
-    error never grows; stops once no group improves."""
-    best, best_error = scales, _errors(grouped, scales, bits)
-    for _ in range(rounds):
+def _tune(grouped: torch.Tensor, bits: int, steps: int) -> torch.Tensor:
+    """Each group's scale: the best on a coarse grid of clipped ranges, then on
+    a fine grid around it (ZOOM points within one coarse step, the best among
+    them), then Lloyd steps: fix the codes, take the scale that fits them best
+    in closed form (<w, q> / <q, q>), and try 1, 2, 4 and 8 times that move
+    (plain Lloyd crawls at 8 bits), re-rounding. Each group keeps its best
+    scale, so the error never grows; stops once no group improves."""
+    best = _search_scales(grouped, bits, COARSE)
+    fine = 1 + float(COARSE[1] - COARSE[0]) * torch.linspace(-1, 1, ZOOM)
+    best, best_error = _best(grouped, best.unsqueeze(-1) * fine, bits)
+    for _ in range(steps):
         q = _quantize(grouped, best, bits)
         qq = q.square().sum(-1)
         fitted = torch.where(qq > 0, (q * grouped).sum(-1) / qq.clamp_min(1), best)
-        fitted = fitted.clamp_min(1e-12)
-        error = _errors(grouped, fitted, bits)
+        candidates = best.unsqueeze(-1) + (fitted - best).unsqueeze(-1) * STRIDES
+        scales, error = _best(grouped, candidates.clamp_min(1e-12), bits)
         better = error < best_error
         if not bool(better.any()):
             break
-        best = torch.where(better, fitted, best)
+        best = torch.where(better, scales, best)
         best_error = torch.where(better, error, best_error)
     return best
 
@@ -172,8 +178,7 @@ def easyquant(
 ) -> Quantized:
     w, index = split_outliers(weight.detach().float(), outlier_sigma, max_outliers)
     grouped = _grouped(w, group)
-    scales = _search_scales(grouped, bits, COARSE)
-    scales = _zoom(grouped, scales, bits, width=float(COARSE[1] - COARSE[0]))
-    scales = _refine(grouped, scales, bits, steps)
+    rows = max(1, BLOCK // grouped[0].numel())  # a block of rows at a time, in cache
+    scales = torch.cat([_tune(block, bits, steps) for block in grouped.split(rows)])
     value = weight.detach()[index[0], index[1]] if index.numel() else weight.new_zeros(0)
     return _result(grouped, scales, bits, group, index, value)
