@@ -104,7 +104,8 @@ def _best(grouped: torch.Tensor, candidates: torch.Tensor, bits: int):
 
 def _search_scales(grouped: torch.Tensor, bits: int, grid: torch.Tensor = GRID) -> torch.Tensor:
     """Each group's best clipped range on the grid."""
-    return _best(grouped, _initial_scales(grouped, bits).unsqueeze(-1) * grid, bits)[0]
+    ratios = grid.to(grouped.device)
+    return _best(grouped, _initial_scales(grouped, bits).unsqueeze(-1) * ratios, bits)[0]
 
 
 STRIDES = torch.tensor([1.0, 2.0, 4.0, 8.0])  # how far along each Lloyd step to look
@@ -118,13 +119,14 @@ def _tune(grouped: torch.Tensor, bits: int, steps: int) -> torch.Tensor:
     (plain Lloyd crawls at 8 bits), re-rounding. Each group keeps its best
     scale, so the error never grows; stops once no group improves."""
     best = _search_scales(grouped, bits, COARSE)
-    fine = 1 + float(COARSE[1] - COARSE[0]) * torch.linspace(-1, 1, ZOOM)
+    fine = 1 + float(COARSE[1] - COARSE[0]) * torch.linspace(-1, 1, ZOOM, device=best.device)
+    strides = STRIDES.to(best.device)
     best, best_error = _best(grouped, best.unsqueeze(-1) * fine, bits)
     for _ in range(steps):
         q = _quantize(grouped, best, bits)
         qq = q.square().sum(-1)
         fitted = torch.where(qq > 0, (q * grouped).sum(-1) / qq.clamp_min(1), best)
-        candidates = best.unsqueeze(-1) + (fitted - best).unsqueeze(-1) * STRIDES
+        candidates = best.unsqueeze(-1) + (fitted - best).unsqueeze(-1) * strides
         scales, error = _best(grouped, candidates.clamp_min(1e-12), bits)
         better = error < best_error
         if not bool(better.any()):
