@@ -5,7 +5,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from plait.passes.compress.easyquant import easyquant, rtn
+from plait.passes.compress.easyquant import (
+    COARSE,
+    DEFAULT_SIGMA,
+    MAX_OUTLIERS,
+    _errors,
+    _grouped,
+    _search_scales,
+    easyquant,
+    rtn,
+    split_outliers,
+)
+from plait.passes.compress.quantize import quantized_bytes
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +43,32 @@ def test_easyquant_beats_rtn_with_few_outliers(weights, bits, group, bound):
     eq_error = sum(q.relative_error(w) for q, w in zip(quantized, weights))
     assert eq_error <= bound * rtn_error  # int4: the issue's goal; int8: better than RTN
     assert max(q.outlier_fraction for q in quantized) <= 0.01
+
+
+@pytest.mark.parametrize("group", [128, 0])
+def test_int4_beats_rtn_with_more_storage(weights, group):
+    """EasyQuant's bytes (outliers included) buy less error than RTN's at
+    groups of 32, which take more bytes."""
+    quantized = [easyquant(w, 4, group) for w in weights]
+    baseline = [rtn(w, 4, 32) for w in weights]
+    assert sum(map(quantized_bytes, quantized)) <= sum(map(quantized_bytes, baseline))
+    error = sum(((q.dequantize() - w) ** 2).sum() for q, w in zip(quantized, weights))
+    assert error < sum(((q.dequantize() - w) ** 2).sum() for q, w in zip(baseline, weights))
+
+
+@pytest.mark.parametrize("bits,group", [(4, 16), (4, 128), (4, 0), (8, 0)])
+def test_search_never_ends_worse_than_its_first_grid_point(bits, group):
+    """Every group's error is at most its error at the best coarse grid point,
+    on heavy-tailed weights where descent from there is easy to get wrong."""
+    torch.manual_seed(bits + group)
+    weight = torch.distributions.StudentT(3.0).sample((96, 256)) * 0.02
+    q = easyquant(weight, bits, group)
+    w, _ = split_outliers(weight, DEFAULT_SIGMA, MAX_OUTLIERS)
+    grouped = _grouped(w, group)
+    start = _errors(grouped, _search_scales(grouped, bits, COARSE), bits)
+    final = _errors(grouped, q.scales, bits)
+    assert bool((final <= start * (1 + 1e-6)).all())
+    assert float(final.sum()) < float(start.sum())  # and it does improve on the grid
 
 
 def test_codes_scales_and_outliers():
