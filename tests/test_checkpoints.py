@@ -121,7 +121,8 @@ def _save_then_die(directory: str) -> None:
 
 def test_a_save_killed_midway_keeps_the_previous_checkpoint(tmp_path):
     directory = tmp_path / "ckpt"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ["PYTHONPATH"]])}
+    paths = [str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     code = f"import test_checkpoints as t; t._save_then_die({str(directory)!r})"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=300)
     assert done.returncode == -signal.SIGKILL, done.stderr.decode()[-2000:]
