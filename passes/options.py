@@ -32,6 +32,17 @@ class OptionError(ValueError):
         self.option = option
 
 
+def check_hardware(name: str) -> None:
+    """The `hardware` option names a hardware file plait has (else an OptionError)."""
+    from ..hardware import load
+    from ..ir.errors import PlaitError
+
+    try:
+        load(name)
+    except PlaitError as exc:
+        raise OptionError(str(exc), "hardware") from None
+
+
 def _items(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 

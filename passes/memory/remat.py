@@ -36,7 +36,7 @@ from ...ir.effects import is_removable
 from ...ir.errors import PlaitError
 from ...ir.training import ACCUMULATE, TRAIN_STEP, check_state_order
 from ..base import Pass
-from ..options import OptionError, SizeValues
+from ..options import OptionError, SizeValues, check_hardware
 from .liveness import value_sizes
 from .remat_graph import StepGraph, step_graph
 from .remat_solve import Plan, RematError, solve
@@ -64,12 +64,7 @@ class Remat(Pass):
             )
         if not self.timeout > 0:
             raise OptionError(f"timeout is seconds, > 0, not {self.timeout:g}", "timeout")
-        from ...hardware import load
-
-        try:
-            load(self.hardware)
-        except PlaitError as exc:
-            raise OptionError(str(exc), "hardware") from None
+        check_hardware(self.hardware)
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
         from ...cost.estimate import Target, estimate

@@ -22,11 +22,10 @@ from xdsl.context import Context
 from xdsl.dialects.builtin import ModuleOp, StringAttr
 
 from ...ir.attrs import TIERING_ATTR
-from ...ir.errors import PlaitError
 from ...ir.memory import stream_from_host
 from ...ir.ops import ParamOp
 from ..base import Pass, function_blocks
-from ..options import OptionError, SizeValues
+from ..options import OptionError, SizeValues, check_hardware
 from .liveness import value_sizes
 from .tiering import TierError, Weight, plan_tiers
 
@@ -47,12 +46,7 @@ class Tier(Pass):
                 f"budget is a share of the weight bytes (<= 1) or bytes, > 0, not {self.budget:g}",
                 "budget",
             )
-        from ...hardware import load
-
-        try:
-            load(self.hardware)
-        except PlaitError as exc:
-            raise OptionError(str(exc), "hardware") from None
+        check_hardware(self.hardware)
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
         from ...cost.estimate import Target, estimate

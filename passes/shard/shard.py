@@ -103,7 +103,7 @@ from ...ir.text import module_path, where
 from ...ir.training import ACCUMULATE, TRAIN_STEP
 from ...ir.types import TensorType
 from ..base import Pass, function_blocks
-from ..options import Mesh, OptionError, Plan, SizeValues, check_all_match
+from ..options import Mesh, OptionError, Plan, SizeValues, check_all_match, check_hardware
 from .experts import ExpertMLP, find_expert_mlps
 from .experts import operands as grouped_operands
 from .grad_buckets import BUCKET_MB, bucket_gradients
@@ -673,12 +673,7 @@ class Shard(Pass):
                 f"bucket_mb is MiB per gradient bucket, > 0, not {self.bucket_mb:g}", "bucket_mb"
             )
         if self.hardware is not None:
-            from ...hardware import load
-
-            try:
-                load(self.hardware)
-            except PlaitError as exc:
-                raise OptionError(str(exc), "hardware") from None
+            check_hardware(self.hardware)
 
     @property
     def _entries(self) -> list[tuple[str, str]]:
