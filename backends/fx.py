@@ -118,13 +118,18 @@ def _check_weight(op: ParamOp, tensor: torch.Tensor) -> None:
 # op families whose results are new tensors, never views of an input (casts can be)
 _FRESH = (LinearOp, MatmulOp, AttentionOp, NormOp, SoftmaxOp, ReduceOp, EmbeddingOp, ElementwiseOp)
 _MAY_ALIAS = ("aten::to", "aten::type_as")
+# reshape-family calls that always return a new tensor (a gradient bucket's cat)
+_FRESH_COPIES = ("aten::cat", "aten::stack", "aten::clone")
 
 
 def _dies_here(op: CollectiveOp) -> bool:
     """May the collective write into its input: nothing else reads it, and it is
     a fresh tensor (no view, weight, program input or arena slot)."""
     producer = op.input.owner
-    if sum(1 for _ in op.input.uses) != 1 or not isinstance(producer, _FRESH):
+    fresh = isinstance(producer, _FRESH) or (
+        isinstance(producer, CallOp) and producer.target_name in _FRESH_COPIES
+    )
+    if sum(1 for _ in op.input.uses) != 1 or not fresh:
         return False
     if producer.target_name.startswith(_MAY_ALIAS):
         return False
