@@ -85,30 +85,22 @@ def _with_local_labels(step: StepSharding, op: CallOp, inputs: list[SSAValue]) -
     return inputs
 
 
+def _over_classes(step: StepSharding, op: CallOp, name: str, target: str, x: SSAValue, dim: int):
+    """`target`(x, [dim], keepdim=True): one value per row, before `op`."""
+    one = list(x.type.shape)
+    one[dim] = 1
+    args = [Operand(0), (dim,), True]
+    return step.s._insert_call(op, name, target, [x], args, TensorType(one, x.type.dtype))
+
+
 def log_softmax(step: StepSharding, op: CallOp, inputs: list[SSAValue], decision: Decision):
     s = step.s
     x = inputs[0]
     dim = decision.outputs[0].dim
-    one = list(x.type.shape)
-    one[dim] = 1
-    here = s._insert_call(
-        op,
-        "logsumexp_here",
-        "aten::logsumexp",
-        [x],
-        [Operand(0), (dim,), True],
-        TensorType(one, x.type.dtype),
-    )
+    here = _over_classes(step, op, "logsumexp_here", "aten::logsumexp", x, dim)
     s.placement[here] = shard(dim)  # one column per rank
     every = s.reshard(here, R, op)
-    total = s._insert_call(
-        op,
-        "logsumexp",
-        "aten::logsumexp",
-        [every],
-        [Operand(0), (dim,), True],
-        TensorType(one, x.type.dtype),
-    )
+    total = _over_classes(step, op, "logsumexp", "aten::logsumexp", every, dim)
     out = s._insert_call(
         op, "log_softmax", "aten::sub.Tensor", [x, total], [Operand(0), Operand(1)], x.type
     )
@@ -119,16 +111,7 @@ def log_softmax_backward(step: StepSharding, op: CallOp, inputs: list[SSAValue],
     s = step.s
     grad, out = inputs[0], inputs[1]
     dim = decision.outputs[0].dim
-    one = list(grad.type.shape)
-    one[dim] = 1
-    here = s._insert_call(
-        op,
-        "grad_sum_here",
-        "aten::sum.dim_IntList",
-        [grad],
-        [Operand(0), (dim,), True],
-        TensorType(one, grad.type.dtype),
-    )
+    here = _over_classes(step, op, "grad_sum_here", "aten::sum.dim_IntList", grad, dim)
     s.placement[here] = partial("sum")
     summed = s.reshard(here, R, op)
     probs = s._insert_call(op, "probs", "aten::exp", [out], [Operand(0)], out.type)

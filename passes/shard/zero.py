@@ -100,6 +100,19 @@ def _hint(value: SSAValue) -> str:
     return value.name_hint or "value"
 
 
+def _flattened(value: SSAValue, before: Operation) -> SSAValue:
+    """`value` as one dim (a view when it is contiguous)."""
+    t = value.type
+    return _call(
+        before,
+        f"{_hint(value)}_flat",
+        "aten::reshape",
+        [value],
+        [Operand(0), (-1,)],
+        t.with_shape([math.prod(t.shape)]),
+    )
+
+
 def _padded(flat: SSAValue, length: int, before: Operation) -> SSAValue:
     """A flat value with zeros after it, up to `length` (n equal pieces)."""
     numel = flat.type.shape[0]
@@ -180,16 +193,8 @@ class _StepZero:
     def flat_piece(self, value: SSAValue, before: Operation) -> SSAValue:
         """This rank's piece of `value` flattened and zero-padded (a view where no pad is needed)."""
         t = value.type
-        numel, size = math.prod(t.shape), self.piece_size(t.shape)
-        x = _call(
-            before,
-            f"{_hint(value)}_flat",
-            "aten::reshape",
-            [value],
-            [Operand(0), (-1,)],
-            t.with_shape([numel]),
-        )
-        x = _padded(x, size * self.n, before)
+        size = self.piece_size(t.shape)
+        x = _padded(_flattened(value, before), size * self.n, before)
         piece = LocalShardOp(x, t.with_shape([size]), self.axis, 0)
         return _insert(piece, before, f"{_hint(value)}_piece")
 
@@ -521,9 +526,7 @@ class _StepZero:
         ):
             return (*member, None)
         g = total.operands[1]
-        flat = _call(
-            before, f"{_hint(g)}_flat", "aten::reshape", [g], [Operand(0), (-1,)], flat.type
-        )
+        flat = _flattened(g, before)
         return flat, whole, name, self.accumulators[total.operands[0]]
 
     def scatter_into_accumulators(self) -> None:
@@ -540,14 +543,7 @@ class _StepZero:
             members = []
             for op in bucket:
                 g = op.operands[1]
-                flat = _call(
-                    start_at,
-                    f"{_hint(g)}_flat",
-                    "aten::reshape",
-                    [g],
-                    [Operand(0), (-1,)],
-                    g.type.with_shape([math.prod(g.type.shape)]),
-                )
+                flat = _flattened(g, start_at)
                 name = op.operands[0].owner.attributes[STATE_OF].data
                 members.append((flat, g, name, None))
             first = min(bucket, key=position.__getitem__)
