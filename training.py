@@ -57,6 +57,7 @@ from .ir.weights import WeightStore
 from .passes.manager import PassManager
 from .passes.shard.rules import DATA_AXES
 from .runtime import artifact, checkpoint
+from .runtime.allocator import keep_freed_memory
 from .runtime.inputs import check_inputs
 from .runtime.memory import PEAK, measure
 from .runtime.prefetch import Prefetcher
@@ -217,6 +218,8 @@ class Trainer:
 
     def _program(self, function: str, module: ModuleOp | None = None) -> Program:
         if function not in self._programs:
+            if self.device.type == "cpu":  # steps reuse the last step's freed memory
+                keep_freed_memory()
             module = module if module is not None else self.module
             self._programs[function] = build_program(
                 module,
