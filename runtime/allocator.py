@@ -45,5 +45,7 @@ def keep_freed_memory() -> bool:
         return _done
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     # each returns 1 when glibc takes the value
-    _done = bool(libc.mallopt(_M_MMAP_THRESHOLD, _NEVER) and libc.mallopt(_M_TRIM_THRESHOLD, _NEVER))
+    _done = bool(
+        libc.mallopt(_M_MMAP_THRESHOLD, _NEVER) and libc.mallopt(_M_TRIM_THRESHOLD, _NEVER)
+    )
     return _done

@@ -21,11 +21,11 @@ SCRIPT = textwrap.dedent(
     )
     trainer.step(torch.randn(3, 4))
     faults = []
-    for _ in range(3):
+    for _ in range(12):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         torch.ones(16 << 20)  # 64 MiB, freed at once
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    print(faults[-1])
+    print(sorted(faults)[6])  # the median: a small block may split a freed one
     """
 )
 
