@@ -109,6 +109,10 @@ def _micro_batches(batch: Sequence, count: int) -> list[tuple]:
     return list(zip(*(value.chunk(count) for value in batch)))
 
 
+def _function_names(module: ModuleOp) -> list[str]:
+    return [op.sym_name.data for op in module.ops if isinstance(op, func.FuncOp)]
+
+
 def _function(module: ModuleOp, name: str) -> func.FuncOp:
     return next(op for op in module.ops if isinstance(op, func.FuncOp) and op.sym_name.data == name)
 
@@ -163,6 +167,7 @@ class Trainer:
         self._pool_measured = False  # a step measured on the worker ranks
         self._saving: tuple[Path, Path] | None = None  # a save not finished: (directory, staging)
         self._writing: _Background | None = None  # this rank's pieces, written by a thread
+        self._source_text_cache: tuple[str, str] | None = None  # (IR, code) a checkpoint holds
 
     # ---- inspecting ------------------------------------------------------
 
@@ -172,7 +177,7 @@ class Trainer:
 
     @property
     def functions(self) -> list[str]:
-        return [op.sym_name.data for op in self.module.ops if isinstance(op, func.FuncOp)]
+        return _function_names(self.module)
 
     @property
     def mesh(self) -> dict[str, int]:
@@ -613,16 +618,23 @@ class Trainer:
                 "trained_on": self.mesh,
             },
         }
-        meta = saved.as_meta()
-        code = "\n".join(
-            f"# ---- @{f} ----"
-            f"{build_program(self.source, meta, 'cpu', None, f, prefetching=Prefetcher).code}"
-            for f in self.functions
-        )
-        contents = artifact.Artifact(
-            plan=print_module(self.source), programs={0: code}, manifest=manifest
-        )
+        plan, code = self._source_text(saved)
+        contents = artifact.Artifact(plan=plan, programs={0: code}, manifest=manifest)
         artifact.write(directory, contents, WeightStore(), [], written=(staging, hashes))
+
+    def _source_text(self, saved: WeightStore) -> tuple[str, str]:
+        """The captured step's IR and program code, as a checkpoint shows them:
+        the same for every save, so made once (building the code takes longer
+        than writing a small model's tensors)."""
+        if self._source_text_cache is None:
+            meta = saved.as_meta()
+            code = "\n".join(
+                f"# ---- @{f} ----"
+                f"{build_program(self.source, meta, 'cpu', None, f, prefetching=Prefetcher).code}"
+                for f in _function_names(self.source)
+            )
+            self._source_text_cache = (print_module(self.source), code)
+        return self._source_text_cache
 
 
 class _Background:

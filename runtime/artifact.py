@@ -169,11 +169,7 @@ def _sync(directory: Path) -> None:
     """Flush the files and the directory to disk, so that the renamed artifact
     is complete even after a power loss."""
     for path in [*directory.iterdir(), directory]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        checkpoint.flush(path)
 
 
 def _move_into_place(staging: Path, target: Path) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +80,7 @@ def write_pieces(directory: Path, rank: int, pieces: list[Piece]) -> None:
     directory = Path(directory)
     path = directory / rank_file(rank)
     write_file(path, {p.name: p.tensor.detach().contiguous().cpu() for p in pieces})
+    flush(path)  # here, by the rank (its writer thread when asynchronous), not at the end
     listing = {
         "pieces": [
             {
@@ -93,6 +95,15 @@ def write_pieces(directory: Path, rank: int, pieces: list[Piece]) -> None:
         "sha256": tensor_digests(path),
     }
     (directory / _listing(rank)).write_text(json.dumps(listing))
+
+
+def flush(path: Path) -> None:
+    """Put a file's bytes on disk (fsync)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _json_shard(shard: tuple | None) -> list | None:
