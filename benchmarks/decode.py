@@ -1,4 +1,5 @@
-"""Decoding: plait's @prefill/@decode programs vs `transformers` eager generate.
+"""Decoding: plait's @prefill/@decode programs vs `transformers` generate,
+eager and compiled (static cache + torch.compile).
 
     python benchmarks/decode.py                   # one rank, three Llama sizes
     python benchmarks/decode.py --tp 2            # also TP=2 on gloo vs DTensor
@@ -53,6 +54,25 @@ def hf_generate(model, ids, new: int) -> torch.Tensor:
     )
 
 
+def compiled_hf_generate(model, ids, new: int) -> torch.Tensor:
+    """transformers' own fast path: a static cache and its decode step
+    compiled by torch.compile (what gpt-fast popularized). transformers
+    compiles only on accelerators unless told to (`_compile_all_devices`)."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(fullgraph=True, dynamic=False)
+    config._compile_all_devices = True
+    return model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new,
+        min_new_tokens=new,
+        do_sample=False,
+        cache_implementation="static",
+        compile_config=config,
+    )
+
+
 def plait_generate(compiled, ids, new: int) -> torch.Tensor:
     return compiled.generate(ids, new, eos_token_id=-1)
 
@@ -62,7 +82,8 @@ def rounds(variants: dict, ids, new: int, repeats: int, barrier=lambda: None, un
     out = {name: [] for name in variants}
     with torch.inference_mode():
         reference = None
-        for name, fn in variants.items():  # warm up; all but `unchecked` must agree
+        for name, fn in variants.items():  # warm up (compile both lengths); all but
+            fn(ids, 1)  # `unchecked` must agree
             tokens = fn(ids, new)
             reference = tokens if reference is None else reference
             if name not in unchecked and not torch.equal(tokens, reference):
@@ -100,6 +121,7 @@ def single_rank(size: str, prompt: int, new: int, repeats: int, quantized: bool)
     compiled = plait.compile_generation(model, max_length=prompt + new)
     variants = {
         "transformers eager": lambda x, n: hf_generate(model, x, n),
+        "transformers static+compile": lambda x, n: compiled_hf_generate(model, x, n),
         "plait": lambda x, n: plait_generate(compiled, x, n),
     }
     unchecked = ()
