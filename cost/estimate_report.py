@@ -102,7 +102,9 @@ def memory_plan(estimate: Estimate) -> list[tuple[str, str]]:
     if REMAT_ATTR in module.attributes:
         rows.append(("rematerialization", module.attributes[REMAT_ATTR].data))
     if MEMORY_PLAN_ATTR in module.attributes:  # shard{solve=ilp,memory}: why this stage and remat
-        rows.append(("memory plan", module.attributes[MEMORY_PLAN_ATTR].data))
+        chosen, _, considered = module.attributes[MEMORY_PLAN_ATTR].data.partition("; considered: ")
+        rows.append(("memory plan", chosen))
+        rows.append(("plans considered", considered))
     return rows
 
 

@@ -217,7 +217,9 @@ def stage_row(figures: StageFigures, limit: float, memory: float, timeout_s: flo
         least = figures.everything if least is None else least
         # (no remat where storing less would not lower the peak)
         helps = figures.peak(least) < figures.peak(figures.everything)
-        row = plan_row(figures, least, math.inf, memory, saved_limit=float(least) if helps else None)
+        row = plan_row(
+            figures, least, math.inf, memory, saved_limit=float(least) if helps else None
+        )
         return replace(row, fits=False)
     recomputed = len(plan.recomputed)
     return plan_row(
