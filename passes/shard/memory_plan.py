@@ -17,18 +17,22 @@ lifetime. A stage's peak with saved activations cut to S bytes is then
 the rest), so the most S within `memory` follows from the lifetimes, and the
 remat integer program (`remat_solve`) gives the least recompute time storing
 at most that. The plan is the (stage, remat) of least step time + recompute
-time that fits; ties go to the lower stage. It is applied by running `zero`
-and `remat` on the step, then priced again (`applied` in the record).
+time that fits; ties go to the lower stage (`decide`).
 
-`plait.memory_plan` records the budget, the chosen plan and every plan
-considered, each a row: its choices (stage, remat limit, offload) and its
-predicted bytes by kind and seconds. Offload is a column no plan sets yet:
-a host-memory choice joins as more rows. A budget no plan fits is an error
-naming the least peak any plan reaches, and that plan.
+peak(S) leaves out what recomputing holds in backward (a recomputed value
+lives from its clone to its last reader; remat bounds what the forward
+stores, not backward's peak), so the plan is applied to a copy and priced
+again: one over the budget asks its stage for fewer saved bytes by as much
+as it missed (a few times), and the next plan is tried. The plan that fits
+is applied by running `zero` and `remat` on the step.
 
-Simplifications: the figures are @train_step's (with gradient accumulation
-@accumulate gets the same remat limit); recomputed values' own transient
-bytes in backward are not in peak(S), which the priced result checks.
+`plait.memory_plan` records the budget, the chosen plan (its peak as priced
+after applying) and every plan considered, each a row: its choices (stage,
+remat limit, offload) and its predicted bytes by kind and seconds. Offload
+is a column no plan sets yet: a host-memory choice joins as more rows. A
+budget no plan fits is an error naming the least peak any plan reaches,
+and that plan. The figures are @train_step's (with gradient accumulation,
+@accumulate gets the same remat limit).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+from xdsl.dialects import func
 from xdsl.dialects.builtin import ModuleOp, StringAttr
 from xdsl.ir import SSAValue
 
@@ -170,9 +175,7 @@ def stage_figures(module: ModuleOp, stage: int, target, bucket_mb: float) -> Sta
     )
 
 
-def _step(module: ModuleOp):
-    from xdsl.dialects import func
-
+def _step(module: ModuleOp) -> func.FuncOp:
     return next(
         f for f in module.ops if isinstance(f, func.FuncOp) and f.sym_name.data == TRAIN_STEP
     )
@@ -267,13 +270,8 @@ def plan_memory(
     timeout_s: float = 10.0,
 ) -> PlanRow:
     """Decide the stage and remat of the sharded step `module` for `memory`
-    bytes per rank, apply them, and record the decision (`plait.memory_plan`).
-
-    The decision's peak(S) leaves out what recomputing costs in backward (a
-    recomputed value lives from its clone to its last reader), so a plan is
-    priced again after applying it to a copy; one over the budget asks its
-    stage for fewer saved bytes by as much as it missed, a few times, and
-    the next plan is tried."""
+    bytes per rank, check the plan by pricing it applied to a copy (see the
+    module's docstring), apply it, and record why (`plait.memory_plan`)."""
     from ...cost.estimate import estimate
 
     axes = mesh_axes(module)
