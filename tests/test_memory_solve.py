@@ -130,6 +130,34 @@ def test_a_budget_below_the_replicated_state_shards_and_trains_as_eager(tmp_path
         assert abs(record[PEAK] - priced) <= TOLERANCE * record[PEAK]
 
 
+def test_on_one_device_the_plan_recomputes_and_trains_as_eager_within_the_budget():
+    """mesh=dp:1 (one rank, no ZeRO stage to choose): under 3/4 of the step's
+    peak the plan recomputes; it trains as eager AdamW and the measured peak
+    is within the budget (the estimate is the measured peak to 1% on one rank)."""
+    from test_remat import _adamw
+    from test_training import _check_run, _eager, _lm_loss
+
+    model, batches = _hf_model("llama", num_hidden_layers=2), _batches(3, rows=8, seq=32)
+    whole = _step(model, batches[0]).module
+    PassManager.parse("shard{mesh=dp:1}").run(whole)
+    budget = 0.75 * estimate(whole, Target(load(HARDWARE))).schedule.peak_memory
+    pipeline = (
+        f"canonicalize,cse,dce,shard{{mesh=dp:1,solve=ilp,hardware={HARDWARE},memory={budget:.0f}}}"
+    )
+    with pytest.warns(UserWarning, match="sharded by the step rules"):
+        trainer = plait.compile_training(model, batches[0], lr=1e-3, pipeline=pipeline)
+    record = trainer.module.attributes[MEMORY_PLAN_ATTR].data
+    assert "chosen zero stage 0, remat saved <=" in record and "considered: nothing else" in record
+    assert "recomputes" in trainer.module.attributes[REMAT_ATTR].data
+    trainer.measure_memory = True
+    losses, _, reference = _eager(model, batches, _lm_loss, _adamw)
+    _check_run(trainer, batches, losses, reference)  # losses and final parameters, 1e-5
+    measured = trainer.memory(measured=True)[PEAK]
+    priced = float(re.search(r"chosen .*?: peak ([\d.e+]+) B", record)[1])
+    assert priced <= budget and measured <= budget * 1.01
+    assert abs(measured - priced) <= 0.01 * measured
+
+
 # ---- the decision against brute force ------------------------------------------------
 
 
