@@ -12,9 +12,11 @@ to price each ZeRO stage (`stage_figures`: zero on a copy, the cost model's
 estimate, the remat graph), and the decision itself (`decide`: the peak
 bound per stage and one remat integer program each); then the decision on
 the figures scaled to 80 layers (each array and graph of the deepest capture
-repeated layer by layer: the remat program shares one choice per layer
-position, so only the walk over the nodes grows). Goal (issue 19): the
-decision <= 1 s for 70B shapes on dp:8.
+repeated: the remat program shares one choice per layer position, so only
+the walks over nodes and ops grow; the time of that decision is all it
+measures). Goal (issue 19): the decision <= 1 s for 70B shapes on dp:8.
+Pricing the stages (the cost model's estimate of the whole step, four
+times) grows with depth like `plait estimate` does.
 """
 
 from __future__ import annotations
@@ -141,8 +143,11 @@ def main() -> None:
     from plait.passes.shard.memory_plan import MemoryPlanError, decide
 
     scaled = _scaled(stages, layers, 80)
-    seconds, text = _decide(decide, MemoryPlanError, scaled, args.memory)
-    print(f"  80 layers (the {layers}-layer figures repeated): decide {seconds:.3f} s ({text})")
+    seconds, _ = _decide(decide, MemoryPlanError, scaled, args.memory)
+    print(
+        f"  80 layers (the {layers}-layer figures repeated): decide {seconds:.3f} s "
+        "(its time only: repeated figures are no model of 80 layers' memory)"
+    )
     print("goal: decide <= 1 s")
 
 
