@@ -31,8 +31,9 @@ after applying) and every plan considered, each a row: its choices (stage,
 remat limit, offload) and its predicted bytes by kind and seconds. Offload
 is a column no plan sets yet: a host-memory choice joins as more rows. A
 budget no plan fits is an error naming the least peak any plan reaches,
-and that plan. The figures are @train_step's (with gradient accumulation,
-@accumulate gets the same remat limit).
+and that plan. The figures are @train_step's; with gradient accumulation
+@accumulate gets the same zero stage and remat limit, and the priced peak
+is the larger of the two functions'.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from xdsl.ir import SSAValue
 
 from ...ir.attrs import MEMORY_PLAN_ATTR, mesh_axes
 from ...ir.training import (
+    ACCUMULATE,
     ACCUMULATORS,
     GRADIENT_BYTES,
     OPTIMIZER_STATE,
@@ -272,7 +274,6 @@ def plan_memory(
     """Decide the stage and remat of the sharded step `module` for `memory`
     bytes per rank, check the plan by pricing it applied to a copy (see the
     module's docstring), apply it, and record why (`plait.memory_plan`)."""
-    from ...cost.estimate import estimate
 
     axes = mesh_axes(module)
     data = any(a in DATA_AXES and n > 1 for a, n in axes.items())
@@ -292,13 +293,11 @@ def plan_memory(
         row = pending.pop(0)
         trial = module.clone()
         apply_plan(trial, row, bucket_mb, hardware, values)
-        priced = estimate(trial, target, TRAIN_STEP).schedule
+        peak, seconds = _priced(trial, target)
         row = replace(
-            row,
-            memory={**row.memory, PEAK: priced.peak_memory},
-            seconds={**row.seconds, "priced": priced.step_time},
+            row, memory={**row.memory, PEAK: peak}, seconds={**row.seconds, "priced": seconds}
         )
-        if priced.peak_memory <= memory:
+        if peak <= memory:
             chosen = row
             break
         missed.append(replace(row, fits=False, note=_missed(row)))
@@ -306,7 +305,7 @@ def plan_memory(
         figures = by_stage[row.stage]
         stored = row.memory[SAVED]
         if tries[row.stage] < REFINEMENTS and stored > 0:
-            again = stage_row(figures, stored - (priced.peak_memory - memory), memory, timeout_s)
+            again = stage_row(figures, stored - (peak - memory), memory, timeout_s)
             if again.fits:
                 pending = sorted([*pending, again], key=_order)
     if chosen is None:
@@ -324,6 +323,18 @@ def plan_memory(
         f"considered: {' | '.join(others) or 'nothing else'}"
     )
     return chosen
+
+
+def _priced(module: ModuleOp, target) -> tuple[float, float]:
+    """The cost model's peak over the step's functions (with accumulation
+    @accumulate runs too), and @train_step's time."""
+    from ...cost.estimate import estimate
+
+    names = {f.sym_name.data for f in module.ops if isinstance(f, func.FuncOp)}
+    reports = {
+        n: estimate(module, target, n).schedule for n in (ACCUMULATE, TRAIN_STEP) if n in names
+    }
+    return max(r.peak_memory for r in reports.values()), reports[TRAIN_STEP].step_time
 
 
 def _missed(row: PlanRow) -> str:
