@@ -9,8 +9,10 @@ a parameter without a gradient there) and 80 layers of fake tensors take
 minutes to capture here, so the step is captured on fake tensors with few
 layers. For each depth it prints the time to capture, to shard over dp:8,
 to price each ZeRO stage (`stage_figures`: zero on a copy, the cost model's
-estimate, the remat graph), and the decision itself (`decide`: the peak
-bound per stage and one remat integer program each); then the decision on
+estimate, the remat graph), the decision itself (`decide`: the peak bound
+per stage and one remat integer program each) and the whole
+`shard{mesh=dp:8,solve=ilp,memory=...}` pass (the decision checked by
+pricing the plan applied, then applied); then the decision on
 the figures scaled to 80 layers (each array and graph of the deepest capture
 repeated: the remat program shares one choice per layer position, so only
 the walks over nodes and ops grow; the time of that decision is all it
@@ -62,8 +64,10 @@ def run(layers: int, batch: int, seq: int, memory: float) -> dict:
     spec = TrainingSpec("adamw", {}, 1, None, "fp32")
     captured = capture_training(model, (ids, torch.ones_like(ids), ids), spec, None, None)
     out["capture"] = time.perf_counter() - start
+    PassManager.parse("canonicalize,cse,dce").run(captured.module)
+    source = captured.module.clone()
     start = time.perf_counter()
-    PassManager.parse("canonicalize,cse,dce,shard{mesh=dp:8}").run(captured.module)
+    PassManager.parse("shard{mesh=dp:8}").run(captured.module)
     out["shard dp:8"] = time.perf_counter() - start
     target = Target(load("h100-sxm"))
     start = time.perf_counter()
@@ -71,6 +75,12 @@ def run(layers: int, batch: int, seq: int, memory: float) -> dict:
     out["price 4 stages"] = time.perf_counter() - start
     out["nodes"] = len(stages[0].graph.nodes)
     out["decide"], out["plan"] = _decide(decide, MemoryPlanError, stages, memory)
+    start = time.perf_counter()
+    try:  # the whole pass: shard, price, decide, check the plan priced, apply it
+        PassManager.parse(f"shard{{mesh=dp:8,solve=ilp,memory={memory:g}}}").run(source)
+    except MemoryPlanError:
+        pass
+    out["shard, memory"] = time.perf_counter() - start
     return out, stages
 
 
