@@ -41,6 +41,9 @@ class Schedule:
     activation_peak: float = 0.0
     peak_live: list[SSAValue] = field(default_factory=list)  # what is alive at the peak
     bases: dict[SSAValue, SSAValue] = field(default_factory=dict)  # view -> whose memory
+    # value -> (first, last) op index at which it is alive (the peak's view of it);
+    # inputs and weights, alive throughout, are not listed
+    lifetimes: dict[SSAValue, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def peak_memory(self) -> float:
@@ -112,6 +115,7 @@ def _memory(block, sizes: dict[SSAValue, float], views: set[Operation], out: Sch
     live: dict[SSAValue, float] = {a: sizes.get(a, 0.0) for a in block.args}
     current = sum(live.values())
     peak, peak_live = current, list(live)
+    born: dict[SSAValue, int] = {}
     for index, op in enumerate(ops):
         if isinstance(op, ParamOp):
             out.weight_bytes += sizes.get(op.result, 0.0)
@@ -120,9 +124,14 @@ def _memory(block, sizes: dict[SSAValue, float], views: set[Operation], out: Sch
             if result not in base:
                 live[result] = sizes.get(result, 0.0)
                 current += live[result]
+                born[result] = index
         if current > peak:
             peak, peak_live = current, list(live)
         for value in list(live):
             if last_use.get(value, -1) <= index and not isinstance(op, func.ReturnOp):
                 current -= live.pop(value)
+                out.lifetimes[value] = (born[value], index)
+    for value in live:
+        if value in born:
+            out.lifetimes[value] = (born[value], len(ops) - 1)
     out.activation_peak, out.peak_live, out.bases = peak, peak_live, base

@@ -34,6 +34,7 @@ ARENA_ATTR = "plait.arena"  # module: bytes of the planned activation arena (see
 SHARDING_ATTR = "plait.sharding"  # module: how the shard solver chose (status, objective)
 TIERING_ATTR = "plait.tiering"  # module: what tier streams and its predicted step times
 REMAT_ATTR = "plait.remat"  # module: what remat recomputes, its budget and predicted cost
+MEMORY_PLAN_ATTR = "plait.memory_plan"  # module: the ZeRO stage and remat chosen for a budget
 FUSE_ATTR = "plait.fuse"  # module: its programs are compiled through Inductor, in this mode
 LIBRARIES_ATTR = "plait.libraries"  # module: Python modules that define custom ops
 

@@ -67,7 +67,7 @@ class Remat(Pass):
         check_hardware(self.hardware)
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
-        from ...cost.estimate import Target, estimate
+        from ...cost.estimate import Target
         from ...hardware import load
 
         hw = load(self.hardware)
@@ -78,9 +78,7 @@ class Remat(Pass):
         records = []
         for fn in steps:
             name = fn.sym_name.data
-            report = estimate(op, Target(hw, values=values), name)
-            times = {row.op: row.time for row in report.ops}
-            graph = step_graph(fn, times, value_sizes(fn, values), report.schedule.bases)
+            _, graph = priced_graph(op, fn, Target(hw, values=values))
             everything = solve(graph, float("inf"), self.timeout).saved_bytes
             budget = self.budget * everything if self.budget <= 1 else self.budget
             try:
@@ -95,6 +93,17 @@ class Remat(Pass):
             )
         check_state_order(op)
         op.attributes[REMAT_ATTR] = StringAttr("; ".join(records))
+
+
+def priced_graph(module: ModuleOp, fn: func.FuncOp, target) -> tuple:
+    """The cost model's estimate of `fn` on `target` (a cost.estimate.Target),
+    and the step's graph for the integer program, each op priced by it."""
+    from ...cost.estimate import estimate
+
+    report = estimate(module, target, fn.sym_name.data)
+    times = {row.op: row.time for row in report.ops}
+    sizes = value_sizes(fn, target.values)
+    return report, step_graph(fn, times, sizes, report.schedule.bases)
 
 
 def rematerialize(fn: func.FuncOp, graph: StepGraph, plan: Plan) -> None:

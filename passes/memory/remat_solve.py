@@ -137,17 +137,23 @@ def solve(graph: StepGraph, budget: float, timeout_s: float = 10.0) -> Plan:
             f"the solver found no plan within {timeout_s:g} s and storing everything takes "
             f"{plan.saved_bytes} B, over the budget of {budget:.0f} B; give it a longer timeout"
         )
-    least = _run(program, np.concatenate([program.bytes, np.zeros(n)]), None, timeout_s)
-    reachable = (
-        f"{_realize(graph, _choice(program, least.x), '', n).saved_bytes} B"
-        if least.x is not None
-        else "unknown (out of time)"
-    )
+    least = least_saved(graph, timeout_s, program)
+    reachable = f"{least} B" if least is not None else "unknown (out of time)"
     raise RematError(
         f"no plan keeps the saved activations within {budget:.0f} B; the least any plan "
         f"stores is {reachable} (what is not recomputable, such as random ops, and the loss "
         "must be stored); raise the budget"
     )
+
+
+def least_saved(graph: StepGraph, timeout_s: float = 10.0, program=None) -> int | None:
+    """The least bytes any plan stores (None: out of time)."""
+    program = program or _formulate(graph)
+    n = len(program.groups)
+    least = _run(program, np.concatenate([program.bytes, np.zeros(n)]), None, timeout_s)
+    if least.x is None:
+        return None
+    return _realize(graph, _choice(program, least.x), "", n).saved_bytes
 
 
 def _choice(program: _Program, x: np.ndarray) -> dict[tuple, tuple[int, int]]:

@@ -39,7 +39,12 @@ training step is sharded by its own rules (`step`), which hold each piece of
 state in one placement for forward, backward and update, a constraint the
 integer program does not model yet: with `solve=ilp` the pass warns, records
 the cost model's time for the step it emits (forward, backward, optimizer
-and collectives) and checks its weights and state against `memory`.
+and collectives) and checks its weights and state against `memory`. Given
+`memory`, it first picks the step's ZeRO stage and what to rematerialize so
+that a rank's predicted peak fits it, at the least predicted step time
+(`memory_plan`; recorded in `plait.memory_plan`):
+
+    shard{mesh=dp:8,solve=ilp,hardware=h100-sxm,memory=60e9}
 
 A `dp` axis (`mesh=dp:2,tp:4`) splits the batch: after the tensor axis is
 sharded, each rank of `dp` takes its slice of every input's dim 0, weights
@@ -650,7 +655,9 @@ class Shard(Pass):
     solve: Solver = Solver.RULES
     hardware: str | None = None  # ilp: the costs' hardware file (default h100-sxm)
     values: SizeValues | None = None  # ilp: sizes to optimize for (default: upper bounds)
-    memory: float | None = None  # ilp: weight bytes per device at most (default: no limit)
+    # ilp: weight bytes per device at most (default: no limit); a training step's
+    # peak, which picks its ZeRO stage and remat (memory_plan)
+    memory: float | None = None
     bucket_mb: float = BUCKET_MB  # a training step's gradients reduced over dp in buckets of this
 
     def __post_init__(self):
@@ -704,6 +711,8 @@ class Shard(Pass):
             _check_alike(op)
         op.attributes[MESH_ATTR] = MeshAttr(tuple(axes.items()))
         if self.solve is Solver.ILP and _is_step(op):
+            if self.memory is not None:
+                self._plan_memory(op)
             self._price_step(op)
 
     def _shard(self, op: ModuleOp, plan, axes: tuple[str, ...], axis: str, n: int) -> None:
@@ -724,6 +733,16 @@ class Shard(Pass):
     @property
     def _hardware(self) -> str:
         return self.hardware or "h100-sxm"
+
+    def _plan_memory(self, module: ModuleOp) -> None:
+        """A training step within `memory`: the ZeRO stage and remat (memory_plan)."""
+        from ...cost.estimate import Target
+        from ...hardware import load
+        from .memory_plan import plan_memory
+
+        values = self.values or SizeValues()
+        target = Target(load(self._hardware), values=values.at(module, "shard"))
+        plan_memory(module, target, self.memory, self.bucket_mb, self._hardware, values)
 
     def _price_step(self, module: ModuleOp) -> None:
         """A training step sharded by its rules: its predicted time and what
