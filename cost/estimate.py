@@ -126,7 +126,7 @@ def family(op: Operation) -> str:
 
 def _signature(op: Operation, context) -> tuple:
     """Ops with equal signatures cost the same."""
-    props = tuple(sorted((k, str(v)) for k, v in op.properties.items()))
+    props = tuple(sorted(op.properties.items(), key=lambda item: item[0]))  # (attrs hash)
     return (
         op.name,
         props,
