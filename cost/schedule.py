@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from xdsl.dialects import func
 from xdsl.ir import Operation, SSAValue
 
-from ..ir.ops import ParamOp, WaitOp
+from ..ir.ops import AllGatherOp, ParamOp, WaitOp
 from .comm_cost import comm_axis
 
 
@@ -103,10 +103,19 @@ def _memory(block, sizes: dict[SSAValue, float], views: set[Operation], out: Sch
     ops = list(block.ops)
     base: dict[SSAValue, SSAValue] = {}
     last_use: dict[SSAValue, int] = {}
+    # async all-gather's result -> the buffer it sends: the process group holds
+    # that until the wait (measured on gloo; the functional all-reduce sends a
+    # copy it makes itself, the result, and reduce-scatter lets go at the start)
+    in_flight: dict[SSAValue, SSAValue] = {}
     for index, op in enumerate(ops):
         for value in op.operands:
             root = base.get(value, value)
             last_use[root] = index
+            if value in in_flight:  # the wait: the sent buffer was read until now
+                sent = in_flight.pop(value)
+                last_use[base.get(sent, sent)] = index
+        if isinstance(op, AllGatherOp) and op.is_async is not None:
+            in_flight[op.result] = op.input
         if op in views and op.operands:
             for result in op.results:
                 base[result] = base.get(op.operands[0], op.operands[0])

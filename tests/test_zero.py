@@ -85,9 +85,13 @@ def zero3_tp(zero2):
     each rank reading its piece of the whole parameters and moments, for the
     remaining steps."""
     trainer = plait.load_training(zero2.checkpoint, pipeline=_pipeline("dp:2,tp:2", 3))
+    batches = zero2.batches[SAVE_AFTER:]
     try:
-        losses = [trainer.step(*batch) for batch in zero2.batches[SAVE_AFTER:]]
+        losses = [trainer.step(*batch) for batch in batches[:-1]]
+        trainer.measure_memory = True  # the last step's
+        losses.append(trainer.step(*batches[-1]))
         state = trainer.state_dict()
+        measured = trainer.memory(measured=True)
     finally:
         trainer.close()
     return replace(
@@ -97,6 +101,7 @@ def zero3_tp(zero2):
         state=state,
         expected=zero2.expected[SAVE_AFTER:],
         checkpoint=None,
+        measured=measured,
     )
 
 
@@ -130,6 +135,28 @@ def test_zero_halves_what_its_stage_shards_per_rank(run, stage, request):
     # the stage 1 and 2 runs accumulate over 2 micro-batches, stage 3's does not
     accumulators = {1: whole, 2: _halves(run.model), 3: 0}[stage]
     assert memory["gradient accumulators"] == accumulators
+
+
+@pytest.mark.parametrize("run", ["zero1", "zero2", "zero3", "zero3_tp"])
+def test_zero_measured_memory_is_the_predicted_memory(run, request):
+    """What each rank allocated in a step holds the pieces the types say
+    (parameters, optimizer state, accumulators: the halving above is what the
+    ranks hold), and its peak is the estimate's within 10%."""
+    from test_training_memory import predict
+
+    run = request.getfixturevalue(run)
+    assert len(run.measured) == run.trainer.world_size
+    predicted = predict(run.trainer)
+    state = run.trainer.memory()
+    for record in run.measured:
+        peak = predicted.schedule.peak_memory
+        # the issue's bound; measured on gloo, stage 2's peak is 4% over the
+        # estimate (its reduce-scatters' inputs live longer in @train_step)
+        assert abs(peak - record["peak"]) <= 0.1 * record["peak"], (peak, record)
+        for kind in ("optimizer state", "gradient accumulators"):
+            assert record[kind] == state[kind], (kind, record, state)
+        buffers = sum(b.nbytes for b in run.model.buffers())  # rotary's: read, not state
+        assert 0 <= record["parameters"] - state["parameters"] <= buffers, (record, state)
 
 
 # ---- the step's collectives and IR ---------------------------------------------------
