@@ -6,6 +6,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <cstring>
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 // 16 features of one group: 8 bytes -> low and high nibbles -> floats, times x
@@ -94,4 +96,96 @@ torch::Tensor gqsa_linear(torch::Tensor x, torch::Tensor values, torch::Tensor s
   return y;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("gqsa_linear", &gqsa_linear); }
+// plait::quant_linear's prefill (quant_linear.py has the storage layout):
+// rows [begin, end) of an int8 or packed int4 weight, times their scales
+// [out, groups] rounded to T first (as q.to(T) * scales.to(T) computes), into
+// `out` [end - begin, in] of T; with T = int8 the values unscaled. One pass,
+// where whole-tensor torch ops take five.
+// How a float is stored as T: bf16 by the bits, rounded to nearest even
+// (c10::BFloat16's conversion checks for NaN per value, which keeps the loop
+// scalar; the products here are finite)
+template <typename T>
+struct Store {
+  using type = T;
+  static type of(float v) { return static_cast<T>(v); }
+};
+template <>
+struct Store<at::BFloat16> {
+  using type = uint16_t;
+  static uint16_t of(float v) {
+    uint32_t u;
+    std::memcpy(&u, &v, sizeof u);
+    return static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+  }
+};
+
+// __restrict__: int8 may alias anything, which would keep the loops scalar
+template <typename T, typename S = typename Store<T>::type>
+static inline void scale_int8(const int8_t* __restrict__ q, float s, int64_t n, S* __restrict__ o) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) o[i] = Store<T>::of(static_cast<float>(q[i]) * s);
+}
+
+// byte i holds columns 2i (low nibble) and 2i + 1, each + 8
+template <typename T, typename S = typename Store<T>::type>
+static inline void scale_int4(const uint8_t* __restrict__ q, float s, int64_t n, S* __restrict__ o) {
+#pragma omp simd
+  for (int64_t i = 0; i < n / 2; ++i) {
+    o[2 * i] = Store<T>::of(static_cast<float>((q[i] & 15) - 8) * s);
+    o[2 * i + 1] = Store<T>::of(static_cast<float>((q[i] >> 4) - 8) * s);
+  }
+}
+
+template <typename T>
+static void dequantize_block(const torch::Tensor& qweight, const float* scales, int64_t bits,
+                             int64_t groups, int64_t begin, int64_t end, T* out) {
+  const int64_t in = qweight.size(1) * (bits == 4 ? 2 : 1), size = in / groups;
+  const uint8_t* q4 = bits == 4 ? qweight.data_ptr<uint8_t>() : nullptr;
+  const int8_t* q8 = bits == 8 ? qweight.data_ptr<int8_t>() : nullptr;
+  at::parallel_for(begin, end, 16, [&](int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; ++r) {
+      for (int64_t g = 0; g < groups; ++g) {
+        const float s = scales ? static_cast<float>(static_cast<T>(scales[r * groups + g])) : 1.f;
+        const int64_t c = r * in + g * size;  // the group's first element
+        auto* o = reinterpret_cast<typename Store<T>::type*>(out + c - begin * in);
+        if (q8) {
+          scale_int8<T>(q8 + c, s, size, o);
+        } else {
+          scale_int4<T>(q4 + c / 2, s, size, o);
+        }
+      }
+    }
+  });
+}
+
+void dequantize_rows(torch::Tensor qweight, torch::Tensor scales, int64_t bits, int64_t begin,
+                     int64_t end, torch::Tensor out) {
+  TORCH_CHECK(qweight.dim() == 2 && qweight.is_contiguous() && out.is_contiguous(),
+              "qweight and out: contiguous");
+  TORCH_CHECK((bits == 8 && qweight.scalar_type() == torch::kChar) ||
+                  (bits == 4 && qweight.scalar_type() == torch::kByte),
+              "qweight: int8 (8 bits) or uint8 (4 bits)");
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat && scales.is_contiguous() &&
+                  scales.dim() == 2 && scales.size(0) == qweight.size(0),
+              "scales: float32 [out, groups]");
+  const int64_t in = qweight.size(1) * (bits == 4 ? 2 : 1), groups = scales.size(1);
+  TORCH_CHECK(in % groups == 0 && (bits == 8 || (in / groups) % 2 == 0),
+              "groups must divide the input features (int4: into even groups)");
+  TORCH_CHECK(0 <= begin && begin <= end && end <= qweight.size(0) &&
+                  out.numel() == (end - begin) * in, "rows outside the weight, or out's size");
+  const float* sp = scales.data_ptr<float>();
+  switch (out.scalar_type()) {
+    case torch::kFloat: return dequantize_block(qweight, sp, bits, groups, begin, end, out.data_ptr<float>());
+    case torch::kBFloat16:
+      return dequantize_block(qweight, sp, bits, groups, begin, end, out.data_ptr<at::BFloat16>());
+    case torch::kHalf: return dequantize_block(qweight, sp, bits, groups, begin, end, out.data_ptr<at::Half>());
+    case torch::kChar:
+      return dequantize_block<int8_t>(qweight, nullptr, bits, groups, begin, end, out.data_ptr<int8_t>());
+    default: TORCH_CHECK(false, "out: float32, bfloat16, float16 or int8");
+  }
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gqsa_linear", &gqsa_linear);
+  m.def("dequantize_rows", &dequantize_rows);
+}

@@ -6,6 +6,7 @@ PyTorch has no kernel for this layout, so plait ships one in C++
 torch.utils.cpp_extension into torch's extension cache. Up to
 `SPARSE_MAX_TOKENS` tokens run it; more tokens, or a machine without a C++ compiler, rebuild the dense
 weight and run a GEMM (the reference path the tests compare against).
+`gqsa.cpp` also dequantizes `plait::quant_linear`'s weights for its prefill.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def extension():
         )
     except Exception as exc:  # no compiler, no headers: the dense path still works
         warnings.warn(
-            f"plait: the GQSA C++ kernel could not be built ({exc}); GQSA layers run densified",
+            f"plait: the C++ kernels could not be built ({exc}); GQSA layers run densified "
+            "and quantized layers' prefill dequantizes with torch ops",
             stacklevel=2,
         )
         return None
