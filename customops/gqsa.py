@@ -62,6 +62,8 @@ def extension():
     cpu = cpuinfo.read_text() if cpuinfo.is_file() else ""
     if " avx2 " in cpu and " fma " in cpu:
         flags += ["-mavx2", "-mfma"]
+    if " avx512f " in cpu:
+        flags += ["-mavx512f"]
     try:
         return load(
             name="plait_gqsa",

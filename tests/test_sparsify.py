@@ -51,6 +51,18 @@ def test_kernel_matches_the_dense_reference(group, tokens):
         assert kernel.extension() is not None, "the GQSA C++ kernel did not build"
 
 
+@pytest.mark.parametrize("tokens", [2, 16, 17, 33])
+def test_token_tiles_of_the_kernel_match_the_dense_reference(tokens):
+    # groups of 16 at 2+ tokens run in tiles of up to 16 tokens (AVX-512):
+    # full tiles, a remainder, an odd kept count, on a strided input
+    torch.manual_seed(tokens)
+    s = gqsa(torch.randn(40, 272) * 0.05, group=16, sparsity=0.6)
+    args = (s.values, s.scales, s.blocks, None, 16)
+    x = torch.randn(272, tokens).t()
+    y = torch.ops.plait.gqsa_linear(x, *args, **kernel.prepare_args([x, *args]))
+    assert s.values.shape[1] % 2 and max_rel_diff(y.double(), kernel.reference(x, *args)) <= 1e-5
+
+
 def test_a_layout_the_kernel_cannot_read_is_refused_when_prepared():
     s = gqsa(torch.randn(48, 256), group=16, sparsity=0.5)
     args = [None, s.values, s.scales, s.blocks, None, 16]
