@@ -241,7 +241,63 @@ void dequantize_rows(torch::Tensor qweight, torch::Tensor scales, int64_t bits, 
   }
 }
 
+// Rows [begin, end) of a GQSA weight as the dense [end - begin, in] of T, zero
+// where pruned (the prefill's; gqsa.py's dense_weight in float32, cast to T).
+template <typename T>
+static void densify_block(const uint8_t* values, const float* scales, const int32_t* blocks,
+                          int64_t group, int64_t in, int64_t kept, int64_t begin, int64_t end,
+                          T* out) {
+  using S = typename Store<T>::type;
+  const int64_t half = group / 2;
+  at::parallel_for(begin, end, 16, [&](int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; ++r) {
+      S* row = reinterpret_cast<S*>(out) + (r - begin) * in;
+      std::memset(row, 0, in * sizeof(S));  // all-zero bits: 0.0 in every T
+      for (int64_t j = r * kept; j < (r + 1) * kept; ++j) {
+        const uint8_t* __restrict__ v = values + j * half;
+        S* __restrict__ o = row + static_cast<int64_t>(blocks[j]) * group;
+        const float s = scales[j];
+#pragma omp simd
+        for (int64_t i = 0; i < half; ++i) {
+          o[i] = Store<T>::of(static_cast<float>((v[i] & 15) - 8) * s);
+          o[i + half] = Store<T>::of(static_cast<float>((v[i] >> 4) - 8) * s);
+        }
+      }
+    }
+  });
+}
+
+void densify_rows(torch::Tensor values, torch::Tensor scales, torch::Tensor blocks, int64_t group,
+                  int64_t begin, int64_t end, torch::Tensor out) {
+  TORCH_CHECK(values.scalar_type() == torch::kUInt8 && values.dim() == 3 &&
+                  values.size(2) * 2 == group && values.is_contiguous(),
+              "values: contiguous uint8 [out, kept, group / 2]");
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat && blocks.scalar_type() == torch::kInt &&
+                  scales.is_contiguous() && blocks.is_contiguous() &&
+                  scales.sizes() == blocks.sizes() && scales.size(0) == values.size(0) &&
+                  scales.size(1) == values.size(1),
+              "scales: float32 [out, kept]; blocks: int32 [out, kept], contiguous");
+  TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.size(0) == end - begin &&
+                  0 <= begin && begin <= end && end <= values.size(0),
+              "out: contiguous [end - begin, in], rows inside the weight");
+  const int64_t in = out.size(1), kept = values.size(1);
+  TORCH_CHECK(blocks.numel() == 0 ||
+                  (blocks.min().item<int32_t>() >= 0 && (blocks.max().item<int32_t>() + 1) * group <= in),
+              "a block column is outside the input features");
+  const uint8_t* vp = values.data_ptr<uint8_t>();
+  const float* sp = scales.data_ptr<float>();
+  const int32_t* bp = blocks.data_ptr<int32_t>();
+  switch (out.scalar_type()) {
+    case torch::kFloat: return densify_block(vp, sp, bp, group, in, kept, begin, end, out.data_ptr<float>());
+    case torch::kBFloat16:
+      return densify_block(vp, sp, bp, group, in, kept, begin, end, out.data_ptr<at::BFloat16>());
+    case torch::kHalf: return densify_block(vp, sp, bp, group, in, kept, begin, end, out.data_ptr<at::Half>());
+    default: TORCH_CHECK(false, "out: float32, bfloat16 or float16");
+  }
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("densify_rows", &densify_rows);
   m.def("gqsa_linear", &gqsa_linear);
   m.def("dequantize_rows", &dequantize_rows);
 }

@@ -5,13 +5,17 @@ PyTorch has no kernel for this layout, so plait ships one in C++
 (`gqsa.cpp`, AVX2 where the CPU has it), compiled on first use with
 torch.utils.cpp_extension into torch's extension cache. Up to
 `SPARSE_MAX_TOKENS` tokens run it; more tokens, or a machine without a C++ compiler, rebuild the dense
-weight and run a GEMM (the reference path the tests compare against).
-`gqsa.cpp` also dequantizes `plait::quant_linear`'s weights for its prefill.
+weight and run a GEMM in the activations' dtype (the reference path the tests
+compare against). The C++ code rebuilds it block by block of output rows into
+`scratch`, one buffer per thread that every layer and call reuses (layers run
+one at a time), of at most `SCRATCH_BYTES`; `plait::quant_linear`'s prefill
+dequantizes into it too (`gqsa.cpp` has that loop as well).
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 import warnings
 from pathlib import Path
 
@@ -23,6 +27,18 @@ from . import KernelArgumentError
 # (benchmarks/quant_kernels.py: the dense path is faster from 128 tokens)
 SPARSE_MAX_TOKENS = 64
 KERNEL_GROUPS = (8, 16, 32, 64)  # the C++ kernel's
+NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the C++ dense rows'
+SCRATCH_BYTES = 16 << 20  # a prefill's dense weight block, per thread
+_scratch = threading.local()
+
+
+def scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """This thread's flat buffer of `dtype`, grown to the largest request and reused."""
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    buffer = buffers.get((dtype, device))
+    if buffer is None or buffer.numel() < numel:
+        buffer = buffers[dtype, device] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer[:numel]
 
 
 def unpack_groups(values: torch.Tensor) -> torch.Tensor:
@@ -133,12 +149,29 @@ def gqsa_linear(
             group,
         ).to(x.dtype)
     else:
-        y = torch.nn.functional.linear(
-            x2, dense_weight(values, scales, blocks, group, cols).to(x.dtype)
-        )
+        y = _dense_product(x2, values, scales, blocks, group, scales32, blocks32)
     if bias is not None:
         y = y + bias.to(x.dtype)
     return y.reshape(*x.shape[:-1], out)
+
+
+def _dense_product(x2, values, scales, blocks, group, scales32, blocks32) -> torch.Tensor:
+    """x2 @ W^T from the dense weight, rebuilt in scratch by C++ where it can."""
+    native = extension() if x2.device.type == "cpu" and x2.dtype in NATIVE_DTYPES else None
+    if native is None:
+        w = dense_weight(values, scales, blocks, group, x2.shape[1]).to(x2.dtype)
+        return torch.nn.functional.linear(x2, w)
+    scales32 = scales32 if scales32 is not None else scales.float().contiguous()
+    blocks32 = blocks32 if blocks32 is not None else blocks.int().contiguous()
+    out, cols = values.shape[0], x2.shape[1]
+    rows = max(1, SCRATCH_BYTES // (cols * x2.element_size()))
+    parts = []
+    for begin in range(0, out, rows):
+        end = min(out, begin + rows)
+        w = scratch((end - begin) * cols, x2.dtype, x2.device).view(-1, cols)
+        native.densify_rows(values.contiguous(), scales32, blocks32, group, begin, end, w)
+        parts.append(torch.nn.functional.linear(x2, w))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 @gqsa_linear.register_fake

@@ -18,9 +18,9 @@ are vectorized for bf16/fp16 activations only, so fp32 activations are cast to
 bf16 for them. More tokens (prefill) dequantize into a per-thread scratch
 buffer reused by every layer and call (layers run one at a time) and run a
 dense GEMM in the activations' dtype, so a bf16 model prefills at about bf16
-speed and an fp32 one keeps fp32 accuracy. The buffer holds at most
-`SCRATCH_BYTES` (plus half that in int16 temporaries for int4); a larger layer
-is dequantized and multiplied in blocks of output rows.
+speed and an fp32 one keeps fp32 accuracy. The buffer (`gqsa.scratch`, shared
+with GQSA's prefill) holds at most `gqsa.SCRATCH_BYTES`; a larger layer is
+dequantized and multiplied in blocks of output rows.
 
 `PREFILL_INT8_ACTIVATIONS` (environment `PLAIT_PREFILL=w8a8`) opts layers
 with one scale per output channel into W8A8 instead: activations quantized
@@ -42,19 +42,16 @@ from __future__ import annotations
 
 import functools
 import os
-import threading
 import warnings
 
 import torch
 
-from . import KernelArgumentError
-from .gqsa import extension
+from . import KernelArgumentError, gqsa
 
 # bits -> at most this many tokens use the weight-only kernel; above, dequantize
 # + GEMM. benchmarks/quant_kernels.py, 4096 x 4096, 1 thread on the CI CPU: the
 # dense path is faster from 256 tokens at int8 and from 512 at int4.
 DECODE_MAX_TOKENS = {8: 128, 4: 256}
-SCRATCH_BYTES = 16 << 20  # bytes of the prefill's dequantized weight block, per thread
 PREFILL_INT8_ACTIVATIONS = os.environ.get("PLAIT_PREFILL", "") == "w8a8"
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 # What PyTorch's weight-only kernels take (probed on torch 2.13's CPU kernels,
@@ -261,19 +258,6 @@ def _registered(name: str, device_type: str) -> bool:
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{name}", key)
 
 
-_scratch = threading.local()
-_NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)  # gqsa.cpp's
-
-
-def _workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """This thread's flat buffer of `dtype`, grown to the largest request and reused."""
-    buffers = _scratch.__dict__.setdefault("buffers", {})
-    buffer = buffers.get((dtype, device))
-    if buffer is None or buffer.numel() < numel:
-        buffer = buffers[dtype, device] = torch.empty(numel, dtype=dtype, device=device)
-    return buffer[:numel]
-
-
 def _dequantized_rows(
     qweight: torch.Tensor, scales: torch.Tensor, bits: int, begin: int, end: int, dtype
 ) -> torch.Tensor:
@@ -281,15 +265,15 @@ def _dequantized_rows(
     integer values), in this thread's scratch buffer: C++ (gqsa.cpp) does it in
     one pass; without a compiler, torch ops in fresh memory."""
     cols, groups = qweight.shape[1] * (2 if bits == 4 else 1), scales.shape[1]
-    fits = dtype in _NATIVE_DTYPES and (bits == 8 or (cols // groups) % 2 == 0)
-    native = extension() if fits else None
+    fits = dtype in (*gqsa.NATIVE_DTYPES, torch.int8) and (bits == 8 or (cols // groups) % 2 == 0)
+    native = gqsa.extension() if fits else None
     if native is None:
         rows = qweight[begin:end]
         if dtype == torch.int8:
             return int_values(rows, bits)
         none = torch.zeros(2, 0, dtype=torch.int32)
         return dequantize(rows, scales[begin:end], none, none[0].to(dtype), bits, dtype)
-    w = _workspace((end - begin) * cols, dtype, qweight.device).view(-1, cols)
+    w = gqsa.scratch((end - begin) * cols, dtype, qweight.device).view(-1, cols)
     native.dequantize_rows(qweight.contiguous(), scales.float().contiguous(), bits, begin, end, w)
     return w
 
@@ -313,7 +297,7 @@ def _prefill(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits
     int8 = PREFILL_INT8_ACTIVATIONS and scales.shape[1] == 1
     if int8:
         xq, x_scale = _quantized_tokens(x2)
-    rows = max(1, SCRATCH_BYTES // (cols * x2.element_size()))
+    rows = max(1, gqsa.SCRATCH_BYTES // (cols * x2.element_size()))
     parts = []
     for begin in range(0, out, rows):
         end = min(out, begin + rows)

@@ -73,15 +73,17 @@ def test_native_dequantize_is_the_dense_weight_exactly(bits, group, dtype):
 @pytest.mark.parametrize("bits,group", [(8, 0), (4, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prefill_dequantizes_into_one_bounded_reused_buffer(bits, group, dtype, monkeypatch):
-    monkeypatch.setattr(kernel, "SCRATCH_BYTES", 40 * 256 * 4)  # 96 rows in 3 blocks (fp32)
-    monkeypatch.setattr(kernel._scratch, "buffers", {}, raising=False)  # as a fresh thread's
+    from plait.customops import gqsa
+
+    monkeypatch.setattr(gqsa, "SCRATCH_BYTES", 40 * 256 * 4)  # 96 rows in 3 blocks (fp32)
+    monkeypatch.setattr(gqsa._scratch, "buffers", {}, raising=False)  # as a fresh thread's
     args, _ = _layer(bits, group)
     prepared = kernel.prepare(*args[:2], bits, *args[3:5])
     x = torch.randn(2, 150, 256, dtype=dtype)
     y = torch.ops.plait.quant_linear(x, *args, **prepared)
-    buffers = kernel._scratch.buffers
+    buffers = gqsa._scratch.buffers
     buffer = buffers[dtype, x.device]
-    assert buffer.numel() * buffer.element_size() <= kernel.SCRATCH_BYTES
+    assert buffer.numel() * buffer.element_size() <= gqsa.SCRATCH_BYTES
     # another layer reuses it (grown to the largest block, here the same size)
     other, _ = _layer(bits, group, out=48)
     torch.ops.plait.quant_linear(x, *other, **kernel.prepare(*other[:2], bits, *other[3:5]))

@@ -63,6 +63,26 @@ def test_token_tiles_of_the_kernel_match_the_dense_reference(tokens):
     assert s.values.shape[1] % 2 and max_rel_diff(y.double(), kernel.reference(x, *args)) <= 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_rebuilds_the_dense_weight_in_one_bounded_buffer(dtype, monkeypatch):
+    if kernel.extension() is None:
+        pytest.skip("no C++ compiler: the prefill densifies with torch ops")
+    monkeypatch.setattr(kernel, "SCRATCH_BYTES", 16 * 256 * 4)  # 48 rows in 3 blocks (fp32)
+    monkeypatch.setattr(kernel._scratch, "buffers", {}, raising=False)  # as a fresh thread's
+    s = gqsa(torch.randn(48, 256) * 0.05, group=16, sparsity=0.5)
+    args = (s.values, s.scales, s.blocks, None, 16)
+    prepared = kernel.prepare_args([None, *args])
+    rows = torch.empty(20, 256, dtype=dtype)
+    kernel.extension().densify_rows(s.values, *prepared.values(), 16, 10, 30, rows)
+    assert torch.equal(rows, s.dense(dtype)[10:30])
+    x = torch.randn(100, 256, dtype=dtype)
+    y = torch.ops.plait.gqsa_linear(x, *args, **prepared)
+    buffer = kernel._scratch.buffers[dtype, x.device]
+    assert buffer.numel() * buffer.element_size() <= kernel.SCRATCH_BYTES
+    want = torch.nn.functional.linear(x, s.dense(dtype))  # bf16: a bf16 model's layer
+    assert max_rel_diff(y.double(), want.double()) <= (1e-5 if dtype == torch.float32 else 1e-2)
+
+
 def test_a_layout_the_kernel_cannot_read_is_refused_when_prepared():
     s = gqsa(torch.randn(48, 256), group=16, sparsity=0.5)
     args = [None, s.values, s.scales, s.blocks, None, 16]
