@@ -3,6 +3,7 @@ replace: latency per call by token count, each path forced in turn.
 
     python benchmarks/quant_kernels.py                 # a 4096 x 4096 layer, 1 thread
     python benchmarks/quant_kernels.py --out 4096 --in 11008 --rounds 9 --tokens 1 16 128
+    python benchmarks/quant_kernels.py --dtype float32  # an fp32 model's activations
 
 Activations are bf16 (a bf16 model; GQSA's kernel computes in fp32). Every
 path runs once per round, rounds interleaved; the table gives each path's
@@ -15,8 +16,9 @@ the widest spread (max - min over median) of any cell. Paths:
     old       dequantize into fresh memory + GEMM (the prefill before)
     GQSA      the sparse C++ kernel; `densify` rebuilds the dense weight + GEMM
 
-`DECODE_MAX_TOKENS` (customops/quant_linear.py) and `SPARSE_MAX_TOKENS`
-(customops/gqsa.py) are set from the crossovers printed at the end.
+`DECODE_MAX_TOKENS` (fp32 activations), `DECODE_MAX_TOKENS_BF16`
+(customops/quant_linear.py) and `SPARSE_MAX_TOKENS` (customops/gqsa.py) are
+set from the crossovers printed at the end.
 """
 
 from __future__ import annotations
@@ -62,7 +64,12 @@ def paths(w: torch.Tensor):
         name = f"int{bits} " + (f"g{group}" if group else "pc")
 
         def op(x, limits, int8, args=args, prepared=prepared):
-            with forced(q, DECODE_MAX_TOKENS=limits, PREFILL_INT8_ACTIVATIONS=int8):
+            with forced(
+                q,
+                DECODE_MAX_TOKENS=limits,
+                DECODE_MAX_TOKENS_BF16=limits,
+                PREFILL_INT8_ACTIVATIONS=int8,
+            ):
                 return torch.ops.plait.quant_linear(x, *args, **prepared)
 
         def old(x, stored=stored, r=r, bits=bits):
@@ -85,7 +92,7 @@ def paths(w: torch.Tensor):
 
     yield "GQSA W4S50 kernel", lambda x: gqsa_op(x, 10**9)
     yield "GQSA densify", lambda x: gqsa_op(x, 0)
-    yield "bf16 dense", lambda x: torch.nn.functional.linear(x, wb)
+    yield "bf16 dense", lambda x: torch.nn.functional.linear(x.bfloat16(), wb)
 
 
 def measure(fns: dict, x: torch.Tensor, rounds: int) -> dict[str, list[float]]:
@@ -116,6 +123,7 @@ def main() -> None:
     parser.add_argument("--in", dest="cols", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -124,14 +132,14 @@ def main() -> None:
         fns = dict(paths(w))
         medians, spread = {}, 0.0
         for tokens in args.tokens:
-            x = torch.randn(tokens, args.cols, dtype=torch.bfloat16)
+            x = torch.randn(tokens, args.cols, dtype=getattr(torch, args.dtype))
             samples = measure(fns, x, args.rounds)
             medians[tokens] = {k: statistics.median(v) for k, v in samples.items()}
             spread = max(
                 spread, *((max(v) - min(v)) / statistics.median(v) for v in samples.values())
             )
     title = (
-        f"{args.out} x {args.cols} linear, 1 thread, bf16 activations: median of {args.rounds} "
+        f"{args.out} x {args.cols} linear, 1 thread, {args.dtype} activations: median of {args.rounds} "
         "interleaved rounds as a ratio to dense bf16 (< 1: faster)"
     )
     table = Table(title=title)

@@ -24,7 +24,8 @@ import torch
 from . import KernelArgumentError
 
 # at most this many tokens use the sparse kernel; above, densify + GEMM
-# (benchmarks/quant_kernels.py: the dense path is faster from 128 tokens)
+# (benchmarks/quant_kernels.py: the dense path is faster from 128 tokens with
+# bf16 activations, from 256 with fp32 ones)
 SPARSE_MAX_TOKENS = 64
 KERNEL_GROUPS = (8, 16, 32, 64)  # the C++ kernel's
 NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the C++ dense rows'

@@ -10,8 +10,8 @@ Storage (what the artifact holds, what sharding slices):
               values [1, nnz]: full-precision weights added back (zero
               padding adds nothing)
 
-Dispatch by token count (`DECODE_MAX_TOKENS`, measured by
-benchmarks/quant_kernels.py): a few tokens (decode) run PyTorch's weight-only
+Dispatch by token count (`DECODE_MAX_TOKENS`, `DECODE_MAX_TOKENS_BF16`, measured
+by benchmarks/quant_kernels.py): a few tokens (decode) run PyTorch's weight-only
 kernels, which read the low-bit weight directly (`_weight_int8pack_mm`,
 `_weight_int4pack_mm_for_cpu`, CUDA's tinygemm `_weight_int4pack_mm`); these
 are vectorized for bf16/fp16 activations only, so fp32 activations are cast to
@@ -49,9 +49,12 @@ import torch
 from . import KernelArgumentError, gqsa
 
 # bits -> at most this many tokens use the weight-only kernel; above, dequantize
-# + GEMM. benchmarks/quant_kernels.py, 4096 x 4096, 1 thread on the CI CPU: the
-# dense path is faster from 256 tokens at int8 and from 512 at int4.
+# + GEMM. benchmarks/quant_kernels.py, 4096 x 4096, 1 thread on the CI CPU: with
+# fp32 activations (the GEMM in fp32) the dense path is faster from 256 tokens
+# at int8 and from 512 at int4 (--dtype float32; again so with the scratch
+# buffer: from 128-256 and 256); with bf16 ones (a bf16 GEMM) from 16 and 32.
 DECODE_MAX_TOKENS = {8: 128, 4: 256}
+DECODE_MAX_TOKENS_BF16 = {8: 8, 4: 16}  # bf16 or fp16 activations
 PREFILL_INT8_ACTIVATIONS = os.environ.get("PLAIT_PREFILL", "") == "w8a8"
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 # What PyTorch's weight-only kernels take (probed on torch 2.13's CPU kernels,
@@ -338,7 +341,8 @@ def quant_linear(
         # a weight streamed in for this call (tier) had no layout prepared; a
         # fresh copy conforms, one that does not runs dequantize + GEMM
         packed = qweight if conforming(qweight) is qweight else None
-    kernel = packed is not None and _tokens(x) <= DECODE_MAX_TOKENS[bits]
+    limits = DECODE_MAX_TOKENS_BF16 if x.dtype in _KERNEL_DTYPES else DECODE_MAX_TOKENS
+    kernel = packed is not None and _tokens(x) <= limits[bits]
     compute = x.dtype if x.dtype in _KERNEL_DTYPES else torch.bfloat16
     if kernel and bits == 8:
         xc = conforming(x2.to(compute))  # a view of a bf16 input may be unaligned

@@ -126,7 +126,7 @@ def test_int8_kernel_gets_aligned_operands():
     assert weight.data_ptr() % 16 and torch.equal(weight, args[0])
     prepared = kernel.prepare(weight, args[1], 8, *args[3:5])
     assert prepared["packed"].data_ptr() % 64 == 0 and torch.equal(prepared["packed"], args[0])
-    x = torch.randn(64, 256, dtype=torch.bfloat16)
+    x = torch.randn(kernel.DECODE_MAX_TOKENS_BF16[8], 256, dtype=torch.bfloat16)  # the kernel's
     y = torch.ops.plait.quant_linear(_unaligned(x), weight, *args[1:], **prepared)
     aligned = torch.ops.plait.quant_linear(x, *args, **kernel.prepare(*args[:2], 8, *args[3:5]))
     assert torch.equal(y, aligned)
