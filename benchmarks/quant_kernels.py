@@ -17,8 +17,9 @@ the widest spread (max - min over median) of any cell. Paths:
     GQSA      the sparse C++ kernel; `densify` rebuilds the dense weight + GEMM
 
 `DECODE_MAX_TOKENS` (fp32 activations), `DECODE_MAX_TOKENS_BF16`
-(customops/quant_linear.py) and `SPARSE_MAX_TOKENS` (customops/gqsa.py) are
-set from the crossovers printed at the end.
+(customops/quant_linear.py), `SPARSE_MAX_TOKENS` and `SPARSE_MAX_TOKENS_BF16`
+(customops/gqsa.py) are set from the crossovers printed at the end, with
+--dtype float32 and without.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def paths(w: torch.Tensor):
     prepared = sparse.prepare_args([None, *args])
 
     def gqsa_op(x, limit):
-        with forced(sparse, SPARSE_MAX_TOKENS=limit):
+        with forced(sparse, SPARSE_MAX_TOKENS=limit, SPARSE_MAX_TOKENS_BF16=limit):
             return torch.ops.plait.gqsa_linear(x, *args, **prepared)
 
     yield "GQSA W4S50 kernel", lambda x: gqsa_op(x, 10**9)

@@ -2,9 +2,10 @@
 for the layout): 4-bit groups of G input features, most pruned away.
 
 PyTorch has no kernel for this layout, so plait ships one in C++
-(`gqsa.cpp`, AVX2 where the CPU has it), compiled on first use with
-torch.utils.cpp_extension into torch's extension cache. Up to
-`SPARSE_MAX_TOKENS` tokens run it; more tokens, or a machine without a C++ compiler, rebuild the dense
+(`gqsa.cpp`, AVX2 and AVX-512 where the CPU has them), compiled on first use
+with torch.utils.cpp_extension into torch's extension cache. Up to
+`SPARSE_MAX_TOKENS` tokens (`SPARSE_MAX_TOKENS_BF16` with bf16/fp16
+activations) run it; more tokens, or a machine without a C++ compiler, rebuild the dense
 weight and run a GEMM in the activations' dtype (the reference path the tests
 compare against). The C++ code rebuilds it block by block of output rows into
 `scratch`, one buffer per thread that every layer and call reuses (layers run
@@ -23,12 +24,14 @@ import torch
 
 from . import KernelArgumentError
 
-# at most this many tokens use the sparse kernel; above, densify + GEMM
-# (benchmarks/quant_kernels.py: the dense path is faster from 128 tokens with
-# bf16 activations, from 256 with fp32 ones)
+# at most this many tokens use the sparse kernel; above, densify + GEMM in the
+# activations' dtype (benchmarks/quant_kernels.py: the dense path is faster
+# from 128 tokens with fp32 activations, from 32 with bf16 ones)
 SPARSE_MAX_TOKENS = 64
+SPARSE_MAX_TOKENS_BF16 = 16  # bf16 or fp16 activations
 KERNEL_GROUPS = (8, 16, 32, 64)  # the C++ kernel's
 NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the C++ dense rows'
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
 SCRATCH_BYTES = 16 << 20  # a prefill's dense weight block, per thread
 _scratch = threading.local()
 
@@ -139,7 +142,8 @@ def gqsa_linear(
 ) -> torch.Tensor:
     out, cols = scales.shape[0], x.shape[-1]
     x2 = x.reshape(-1, cols)
-    sparse = x2.shape[0] <= SPARSE_MAX_TOKENS and x.device.type == "cpu" and group in KERNEL_GROUPS
+    limit = SPARSE_MAX_TOKENS_BF16 if x.dtype in _HALF_DTYPES else SPARSE_MAX_TOKENS
+    sparse = x2.shape[0] <= limit and x.device.type == "cpu" and group in KERNEL_GROUPS
     ext = extension() if sparse else None
     if ext is not None:
         y = ext.gqsa_linear(
