@@ -2,7 +2,8 @@
 // consecutive input features, stored as 4-bit values plus 8 (byte i of a group
 // holds feature i in its low nibble and feature i + G/2 in its high nibble, so
 // both halves read x contiguously and the loops vectorize), one scale per
-// group, and the group's block column.
+// group, and the group's block column. Also the dense rows prefills multiply
+// with: of a GQSA weight, and of plait::quant_linear's int8/int4 weights.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -153,11 +154,6 @@ torch::Tensor gqsa_linear(torch::Tensor x, torch::Tensor values, torch::Tensor s
   return y;
 }
 
-// plait::quant_linear's prefill (quant_linear.py has the storage layout):
-// rows [begin, end) of an int8 or packed int4 weight, times their scales
-// [out, groups] rounded to T first (as q.to(T) * scales.to(T) computes), into
-// `out` [end - begin, in] of T; with T = int8 the values unscaled. One pass,
-// where whole-tensor torch ops take five.
 // How a float is stored as T: bf16 by the bits, rounded to nearest even
 // (c10::BFloat16's conversion checks for NaN per value, which keeps the loop
 // scalar; the products here are finite)
@@ -193,6 +189,11 @@ static inline void scale_int4(const uint8_t* __restrict__ q, float s, int64_t n,
   }
 }
 
+// plait::quant_linear's prefill (quant_linear.py has the storage layout):
+// rows [begin, end) of an int8 or packed int4 weight, times their scales
+// [out, groups] rounded to T first (as q.to(T) * scales.to(T) computes), into
+// `out` [end - begin, in] of T; with T = int8 the values unscaled. One pass
+// where torch ops take several, each through memory.
 template <typename T>
 static void dequantize_block(const torch::Tensor& qweight, const float* scales, int64_t bits,
                              int64_t groups, int64_t begin, int64_t end, T* out) {
