@@ -15,8 +15,9 @@ by benchmarks/quant_kernels.py): a few tokens (decode) run PyTorch's weight-only
 kernels, which read the low-bit weight directly (`_weight_int8pack_mm`,
 `_weight_int4pack_mm_for_cpu`, CUDA's tinygemm `_weight_int4pack_mm`); these
 are vectorized for bf16/fp16 activations only, so fp32 activations are cast to
-bf16 for them. More tokens (prefill) dequantize into a per-thread scratch
-buffer reused by every layer and call (layers run one at a time) and run a
+bf16 for them. More tokens (prefill, on CPU; CUDA dequantizes into fresh
+memory) dequantize into a per-thread scratch buffer reused by every layer
+and call (layers run one at a time) and run a
 dense GEMM in the activations' dtype, so a bf16 model prefills at about bf16
 speed and an fp32 one keeps fp32 accuracy. The buffer (`gqsa.scratch`, shared
 with GQSA's prefill) holds at most `gqsa.SCRATCH_BYTES`; a larger layer is

@@ -110,6 +110,14 @@ def test_w8a8_prefill_multiplies_per_token_int8_activations(bits, monkeypatch):
     assert 1e-3 < max_rel_diff(y.double(), kernel.reference(x, *args)) <= 1e-2
 
 
+def test_w8a8_leaves_grouped_layers_to_the_dequantized_prefill(monkeypatch):
+    monkeypatch.setattr(kernel, "PREFILL_INT8_ACTIVATIONS", True)
+    args, _ = _layer(4, 64)  # one scale per 64 inputs: no per-channel int8 product
+    x = torch.randn(300, 256)
+    y = torch.ops.plait.quant_linear(x, *args, **kernel.prepare(*args[:2], 4, *args[3:5]))
+    assert max_rel_diff(y.double(), kernel.reference(x, *args)) <= 1e-5
+
+
 def _unaligned(t: torch.Tensor, offset: int = 8) -> torch.Tensor:
     """A copy of `t` at `offset` bytes past an allocation, as safetensors maps
     a tensor at its offset in the file (8-byte aligned)."""
