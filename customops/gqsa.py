@@ -84,6 +84,8 @@ def extension():
         flags += ["-mavx2", "-mfma"]
     if " avx512f " in cpu:
         flags += ["-mavx512f"]
+    if " f16c " in cpu:  # float16 scales to float in one instruction
+        flags += ["-mf16c"]
     try:
         return load(
             name="plait_gqsa",
@@ -101,14 +103,22 @@ def extension():
 
 
 def prepare_args(args: list) -> dict[str, torch.Tensor]:
-    """float32 scales and int32 blocks, contiguous, as the C++ kernel reads them
-    (after checking the layout in passes/compress/gqsa.py)."""
+    """Scales and blocks contiguous, as the C++ kernel reads them (after
+    checking the layout in passes/compress/gqsa.py)."""
     values, scales, blocks, group = args[1], args[2], args[3], args[5]
     if not isinstance(scales, torch.Tensor) or not isinstance(blocks, torch.Tensor):
         return {}
     if isinstance(values, torch.Tensor):
         _check_layout(values, scales, blocks, group)
-    return {"scales32": scales.float().contiguous(), "blocks32": blocks.int().contiguous()}
+    return dict(zip(("kernel_scales", "kernel_blocks"), _kernel_layout(scales, blocks)))
+
+
+def _kernel_layout(scales: torch.Tensor, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float16 scales and int16 blocks as stored (the pass's layout), or both
+    widened to float32 and int32: the pairs the C++ code reads."""
+    if scales.dtype == torch.float16 and blocks.dtype == torch.int16:
+        return scales.contiguous(), blocks.contiguous()
+    return scales.float().contiguous(), blocks.int().contiguous()
 
 
 def _check_layout(values, scales, blocks, group) -> None:
@@ -137,8 +147,8 @@ def gqsa_linear(
     blocks: torch.Tensor,
     bias: torch.Tensor | None,
     group: int,
-    scales32: torch.Tensor | None = None,
-    blocks32: torch.Tensor | None = None,
+    kernel_scales: torch.Tensor | None = None,
+    kernel_blocks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     out, cols = scales.shape[0], x.shape[-1]
     x2 = x.reshape(-1, cols)
@@ -146,41 +156,37 @@ def gqsa_linear(
     sparse = x2.shape[0] <= limit and x.device.type == "cpu" and group in KERNEL_GROUPS
     ext = extension() if sparse else None
     if ext is not None:
-        y = ext.gqsa_linear(
-            x2.float(),
-            values,
-            scales32 if scales32 is not None else scales.float(),
-            blocks32 if blocks32 is not None else blocks.int(),
-            group,
-        ).to(x.dtype)
+        if kernel_scales is None or kernel_blocks is None:  # not prepared
+            kernel_scales, kernel_blocks = _kernel_layout(scales, blocks)
+        y = ext.gqsa_linear(x2.float(), values, kernel_scales, kernel_blocks, group).to(x.dtype)
     else:
-        y = _dense_product(x2, values, scales, blocks, group, scales32, blocks32)
+        y = _dense_product(x2, values, scales, blocks, group, kernel_scales, kernel_blocks)
     if bias is not None:
         y = y + bias.to(x.dtype)
     return y.reshape(*x.shape[:-1], out)
 
 
-def _dense_product(x2, values, scales, blocks, group, scales32, blocks32) -> torch.Tensor:
+def _dense_product(x2, values, scales, blocks, group, kernel_scales, kernel_blocks) -> torch.Tensor:
     """x2 @ W^T from the dense weight, rebuilt in scratch by C++ where it can."""
     native = extension() if x2.device.type == "cpu" and x2.dtype in NATIVE_DTYPES else None
     if native is None:
         w = dense_weight(values, scales, blocks, group, x2.shape[1]).to(x2.dtype)
         return torch.nn.functional.linear(x2, w)
-    scales32 = scales32 if scales32 is not None else scales.float().contiguous()
-    blocks32 = blocks32 if blocks32 is not None else blocks.int().contiguous()
+    if kernel_scales is None or kernel_blocks is None:  # not prepared
+        kernel_scales, kernel_blocks = _kernel_layout(scales, blocks)
     out, cols = values.shape[0], x2.shape[1]
     rows = max(1, SCRATCH_BYTES // (cols * x2.element_size()))
     parts = []
     for begin in range(0, out, rows):
         end = min(out, begin + rows)
         w = scratch((end - begin) * cols, x2.dtype, x2.device).view(-1, cols)
-        native.densify_rows(values.contiguous(), scales32, blocks32, group, begin, end, w)
+        native.densify_rows(values.contiguous(), kernel_scales, kernel_blocks, group, begin, end, w)
         parts.append(torch.nn.functional.linear(x2, w))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 @gqsa_linear.register_fake
-def _(x, values, scales, blocks, bias, group, scales32=None, blocks32=None):
+def _(x, values, scales, blocks, bias, group, kernel_scales=None, kernel_blocks=None):
     return x.new_empty(*x.shape[:-1], scales.shape[0])
 
 
