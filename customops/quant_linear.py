@@ -10,13 +10,24 @@ Storage (what the artifact holds, what sharding slices):
               values [1, nnz]: full-precision weights added back (zero
               padding adds nothing)
 
-Dispatch by token count (`DECODE_MAX_TOKENS`, measured by
-benchmarks/quant_kernels.py): up to a few hundred tokens run PyTorch's weight-only
+Dispatch by token count (`DECODE_MAX_TOKENS`, `DECODE_MAX_TOKENS_BF16`, measured
+by benchmarks/quant_kernels.py): a few tokens (decode) run PyTorch's weight-only
 kernels, which read the low-bit weight directly (`_weight_int8pack_mm`,
 `_weight_int4pack_mm_for_cpu`, CUDA's tinygemm `_weight_int4pack_mm`); these
 are vectorized for bf16/fp16 activations only, so fp32 activations are cast to
-bf16 for them. More tokens (long prefills) dequantize and run a dense GEMM, in
-the activations' dtype.
+bf16 for them. More tokens (prefill, on CPU; CUDA dequantizes into fresh
+memory) dequantize into a per-thread scratch buffer reused by every layer
+and call (layers run one at a time) and run a
+dense GEMM in the activations' dtype, so a bf16 model prefills at about bf16
+speed and an fp32 one keeps fp32 accuracy. The buffer (`gqsa.scratch`, shared
+with GQSA's prefill) holds at most `gqsa.SCRATCH_BYTES`; a larger layer is
+dequantized and multiplied in blocks of output rows.
+
+`PREFILL_INT8_ACTIVATIONS` (environment `PLAIT_PREFILL=w8a8`) opts layers
+with one scale per output channel into W8A8 instead: activations quantized
+per token to int8 on the fly and `torch._int_mm` (int8 x int8 -> int32, VNNI
+on CPUs that have it), faster than a bf16 GEMM but with the activations'
+rounding error on top of the weights' (tests/test_quantize.py measures both).
 
 The int4 kernels want their own weight layout, which depends on the device;
 `prepare` computes it once when a program is built (the backend calls it on
@@ -31,16 +42,21 @@ pass warns about them when it compiles.
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 
 import torch
 
-from . import KernelArgumentError
+from . import KernelArgumentError, gqsa
 
 # bits -> at most this many tokens use the weight-only kernel; above, dequantize
-# + GEMM. benchmarks/quant_kernels.py, 4096 x 4096, 1 thread on the CI CPU: the
-# dense path is faster from 256 tokens at int8 and from 512 at int4.
+# + GEMM. benchmarks/quant_kernels.py, 4096 x 4096, 1 thread on the CI CPU: with
+# fp32 activations (the GEMM in fp32) the dense path is faster from 256 tokens
+# at int8 and from 512 at int4 (--dtype float32; again so with the scratch
+# buffer: from 128-256 and 256); with bf16 ones (a bf16 GEMM) from 16 and 32.
 DECODE_MAX_TOKENS = {8: 128, 4: 256}
+DECODE_MAX_TOKENS_BF16 = {8: 8, 4: 16}  # bf16 or fp16 activations
+PREFILL_INT8_ACTIVATIONS = os.environ.get("PLAIT_PREFILL", "") == "w8a8"
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 # What PyTorch's weight-only kernels take (probed on torch 2.13's CPU kernels,
 # see tests/test_quantize.py): other shapes raise, or, with int8, read past
@@ -246,6 +262,60 @@ def _registered(name: str, device_type: str) -> bool:
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{name}", key)
 
 
+def _dequantized_rows(
+    qweight: torch.Tensor, scales: torch.Tensor, bits: int, begin: int, end: int, dtype
+) -> torch.Tensor:
+    """Rows begin:end of the weight as `dequantize` computes them (int8: the
+    integer values), in this thread's scratch buffer: C++ (gqsa.cpp) does it in
+    one pass; without a compiler, torch ops in fresh memory."""
+    cols, groups = qweight.shape[1] * (2 if bits == 4 else 1), scales.shape[1]
+    fits = dtype in (*gqsa.NATIVE_DTYPES, torch.int8) and (bits == 8 or (cols // groups) % 2 == 0)
+    native = gqsa.extension() if fits else None
+    if native is None:
+        rows = qweight[begin:end]
+        if dtype == torch.int8:
+            return int_values(rows, bits)
+        none = torch.zeros(2, 0, dtype=torch.int32)
+        return dequantize(rows, scales[begin:end], none, none[0].to(dtype), bits, dtype)
+    w = gqsa.scratch((end - begin) * cols, dtype, qweight.device).view(-1, cols)
+    native.dequantize_rows(qweight.contiguous(), scales.float().contiguous(), bits, begin, end, w)
+    return w
+
+
+def _quantized_tokens(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token symmetric int8 activations and their float32 scales [tokens, 1]."""
+    x = x2.float()
+    scale = x.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127
+    return (x / scale).round_().clamp_(-127, 127).to(torch.int8), scale
+
+
+def _int8_product(xq, x_scale, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Per-token int8 activations times int8 weight rows, rescaled (float32)."""
+    return torch._int_mm(xq, q.t()).float().mul_(x_scale).mul_(scales[:, 0].float())
+
+
+def _prefill(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int):
+    """x2 @ W^T, W dequantized block by block of output rows into scratch
+    (or, for W8A8, multiplied as integers)."""
+    out, cols = scales.shape[0], x2.shape[1]
+    int8 = PREFILL_INT8_ACTIVATIONS and scales.shape[1] == 1
+    if int8:
+        xq, x_scale = _quantized_tokens(x2)
+    rows = max(1, gqsa.SCRATCH_BYTES // (cols * x2.element_size()))
+    parts = []
+    for begin in range(0, out, rows):
+        end = min(out, begin + rows)
+        if int8 and bits == 8:
+            parts.append(_int8_product(xq, x_scale, qweight[begin:end], scales[begin:end]))
+        elif int8:
+            q = _dequantized_rows(qweight, scales, bits, begin, end, torch.int8)
+            parts.append(_int8_product(xq, x_scale, q, scales[begin:end]))
+        else:
+            w = _dequantized_rows(qweight, scales, bits, begin, end, x2.dtype)
+            parts.append(torch.nn.functional.linear(x2, w))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
 def _tokens(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1] if x.shape[-1] else 0
 
@@ -272,7 +342,8 @@ def quant_linear(
         # a weight streamed in for this call (tier) had no layout prepared; a
         # fresh copy conforms, one that does not runs dequantize + GEMM
         packed = qweight if conforming(qweight) is qweight else None
-    kernel = packed is not None and _tokens(x) <= DECODE_MAX_TOKENS[bits]
+    limits = DECODE_MAX_TOKENS_BF16 if x.dtype in _KERNEL_DTYPES else DECODE_MAX_TOKENS
+    kernel = packed is not None and _tokens(x) <= limits[bits]
     compute = x.dtype if x.dtype in _KERNEL_DTYPES else torch.bfloat16
     if kernel and bits == 8:
         xc = conforming(x2.to(compute))  # a view of a bf16 input may be unaligned
@@ -284,6 +355,8 @@ def quant_linear(
             y = torch._weight_int4pack_mm(xc, packed, group, scale_zero.to(compute))
         else:
             y = torch._weight_int4pack_mm_for_cpu(xc, packed, group, scale_zero.to(compute))
+    elif x.device.type == "cpu":  # prefill; the outliers are added below
+        y = _prefill(x2, qweight, scales, bits)
     else:  # dequantize + GEMM; outliers are part of the dense weight
         w = dequantize(qweight, scales, outlier_index, outlier_value, bits, x.dtype)
         y = torch.nn.functional.linear(x2, w)

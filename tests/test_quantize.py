@@ -53,6 +53,71 @@ def test_kernel_on_bf16_activations_and_3d_inputs():
     assert max_rel_diff(y.double(), kernel.reference(x, *args)) <= 2e-2
 
 
+@pytest.mark.parametrize("bits,group", [(8, 0), (4, 0), (4, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+def test_native_dequantize_is_the_dense_weight_exactly(bits, group, dtype):
+    from plait.customops.gqsa import extension
+
+    if extension() is None:
+        pytest.skip("no C++ compiler: the prefill dequantizes with torch ops")
+    args, q = _layer(bits, group)
+    out = torch.empty(40, 256, dtype=dtype)
+    extension().dequantize_rows(args[0], args[1].float(), bits, 30, 70, out)
+    none = torch.zeros(2, 0, dtype=torch.int32)
+    want = q.q[30:70] if dtype == torch.int8 else kernel.dequantize(
+        args[0][30:70], args[1][30:70], none, none[0].to(dtype), bits, dtype
+    )  # fmt: skip
+    assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("bits,group", [(8, 0), (4, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_dequantizes_into_one_bounded_reused_buffer(bits, group, dtype, monkeypatch):
+    from plait.customops import gqsa
+
+    monkeypatch.setattr(gqsa, "SCRATCH_BYTES", 40 * 256 * 4)  # 96 rows in 3 blocks (fp32)
+    monkeypatch.setattr(gqsa._scratch, "buffers", {}, raising=False)  # as a fresh thread's
+    args, _ = _layer(bits, group)
+    prepared = kernel.prepare(*args[:2], bits, *args[3:5])
+    x = torch.randn(2, 150, 256, dtype=dtype)
+    y = torch.ops.plait.quant_linear(x, *args, **prepared)
+    buffers = gqsa._scratch.buffers
+    buffer = buffers[dtype, x.device]
+    assert buffer.numel() * buffer.element_size() <= gqsa.SCRATCH_BYTES
+    # another layer reuses it (grown to the largest block, here the same size)
+    other, _ = _layer(bits, group, out=48)
+    torch.ops.plait.quant_linear(x, *other, **kernel.prepare(*other[:2], bits, *other[3:5]))
+    assert buffers[dtype, x.device] is buffer
+    # fp32 keeps fp32 accuracy; bf16 is what a bf16 model's GEMM gives
+    assert max_rel_diff(y.double(), kernel.reference(x, *args)) <= (
+        1e-5 if dtype == torch.float32 else 2e-2
+    )
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_w8a8_prefill_multiplies_per_token_int8_activations(bits, monkeypatch):
+    monkeypatch.setattr(kernel, "PREFILL_INT8_ACTIVATIONS", True)
+    args, _ = _layer(bits, 0)
+    none = torch.zeros(1, 2, 0, dtype=torch.int32)
+    args = (*args[:3], none, none[0].float(), bits)  # the outliers see unrounded activations
+    x = torch.randn(300, 256)
+    y = torch.ops.plait.quant_linear(x, *args, **kernel.prepare(*args[:2], bits))
+    step = x.abs().amax(-1, keepdim=True) / 127
+    rounded = (x / step).round() * step
+    # int32 products, exact: the dense layer on the rounded activations
+    assert max_rel_diff(y.double(), kernel.reference(rounded, *args)) <= 1e-5
+    # what rounding the activations costs on top of the weights' error (measured 4e-3)
+    assert 1e-3 < max_rel_diff(y.double(), kernel.reference(x, *args)) <= 1e-2
+
+
+def test_w8a8_leaves_grouped_layers_to_the_dequantized_prefill(monkeypatch):
+    monkeypatch.setattr(kernel, "PREFILL_INT8_ACTIVATIONS", True)
+    args, _ = _layer(4, 64)  # one scale per 64 inputs: no per-channel int8 product
+    x = torch.randn(300, 256)
+    y = torch.ops.plait.quant_linear(x, *args, **kernel.prepare(*args[:2], 4, *args[3:5]))
+    assert max_rel_diff(y.double(), kernel.reference(x, *args)) <= 1e-5
+
+
 def _unaligned(t: torch.Tensor, offset: int = 8) -> torch.Tensor:
     """A copy of `t` at `offset` bytes past an allocation, as safetensors maps
     a tensor at its offset in the file (8-byte aligned)."""
@@ -69,7 +134,7 @@ def test_int8_kernel_gets_aligned_operands():
     assert weight.data_ptr() % 16 and torch.equal(weight, args[0])
     prepared = kernel.prepare(weight, args[1], 8, *args[3:5])
     assert prepared["packed"].data_ptr() % 64 == 0 and torch.equal(prepared["packed"], args[0])
-    x = torch.randn(64, 256, dtype=torch.bfloat16)
+    x = torch.randn(kernel.DECODE_MAX_TOKENS_BF16[8], 256, dtype=torch.bfloat16)  # the kernel's
     y = torch.ops.plait.quant_linear(_unaligned(x), weight, *args[1:], **prepared)
     aligned = torch.ops.plait.quant_linear(x, *args, **kernel.prepare(*args[:2], 8, *args[3:5]))
     assert torch.equal(y, aligned)

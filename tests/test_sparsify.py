@@ -51,11 +51,47 @@ def test_kernel_matches_the_dense_reference(group, tokens):
         assert kernel.extension() is not None, "the GQSA C++ kernel did not build"
 
 
+@pytest.mark.parametrize("widened", [False, True])  # float16/int16 as stored, or 32-bit
+@pytest.mark.parametrize("tokens", [1, 2, 16, 17, 33])
+def test_token_tiles_of_the_kernel_match_the_dense_reference(tokens, widened):
+    # groups of 16 at 2+ tokens run in tiles of up to 16 tokens (AVX-512):
+    # full tiles, a remainder, an odd kept count, on a strided input
+    torch.manual_seed(tokens)
+    s = gqsa(torch.randn(40, 272) * 0.05, group=16, sparsity=0.6)
+    scales, blocks = (s.scales.float(), s.blocks.int()) if widened else (s.scales, s.blocks)
+    args = (s.values, scales, blocks, None, 16)
+    x = torch.randn(272, tokens).t()
+    y = torch.ops.plait.gqsa_linear(x, *args, **kernel.prepare_args([x, *args]))
+    assert s.values.shape[1] % 2 and max_rel_diff(y.double(), kernel.reference(x, *args)) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_rebuilds_the_dense_weight_in_one_bounded_buffer(dtype, monkeypatch):
+    if kernel.extension() is None:
+        pytest.skip("no C++ compiler: the prefill densifies with torch ops")
+    monkeypatch.setattr(kernel, "SCRATCH_BYTES", 16 * 256 * 4)  # 48 rows in 3 blocks (fp32)
+    monkeypatch.setattr(kernel._scratch, "buffers", {}, raising=False)  # as a fresh thread's
+    s = gqsa(torch.randn(48, 256) * 0.05, group=16, sparsity=0.5)
+    args = (s.values, s.scales, s.blocks, None, 16)
+    prepared = kernel.prepare_args([None, *args])
+    rows = torch.empty(20, 256, dtype=dtype)
+    kernel.extension().densify_rows(s.values, *prepared.values(), 16, 10, 30, rows)
+    assert torch.equal(rows, s.dense(dtype)[10:30])
+    x = torch.randn(100, 256, dtype=dtype)
+    y = torch.ops.plait.gqsa_linear(x, *args, **prepared)
+    buffer = kernel._scratch.buffers[dtype, x.device]
+    assert buffer.numel() * buffer.element_size() <= kernel.SCRATCH_BYTES
+    want = torch.nn.functional.linear(x, s.dense(dtype))  # bf16: a bf16 model's layer
+    assert max_rel_diff(y.double(), want.double()) <= (1e-5 if dtype == torch.float32 else 1e-2)
+
+
 def test_a_layout_the_kernel_cannot_read_is_refused_when_prepared():
     s = gqsa(torch.randn(48, 256), group=16, sparsity=0.5)
     args = [None, s.values, s.scales, s.blocks, None, 16]
     prepared = kernel.prepare_args(args)
-    assert prepared["scales32"].dtype == torch.float32 and prepared["blocks32"].is_contiguous()
+    # the stored float16 scales and int16 blocks, read as they are
+    scales, blocks = prepared["kernel_scales"], prepared["kernel_blocks"]
+    assert scales.dtype == torch.float16 and blocks.dtype == torch.int16 and blocks.is_contiguous()
     with pytest.raises(plait.PlaitError, match=r"needs uint8 values \[out, kept, 8\]"):
         kernel.prepare_args([None, s.values.reshape(48, -1, 4), *args[2:]])  # groups of 8
 
