@@ -34,7 +34,7 @@ from .frontend.training import (
     capture_training,
     is_hf_model,
 )
-from .ir.attrs import SYMBOLS_ATTR, mesh_axes
+from .ir.attrs import PIPELINE_AXIS, SYMBOLS_ATTR, mesh_axes
 from .ir.errors import PlaitError
 from .ir.ops import ParamOp, stored_weight_names
 from .ir.text import print_module
@@ -55,6 +55,7 @@ from .ir.training import (
 )
 from .ir.weights import WeightStore
 from .passes.manager import PassManager
+from .passes.shard.pipeline_schedule import UPDATE, parse_action, pipeline_plan, stage_function
 from .passes.shard.rules import DATA_AXES
 from .runtime import artifact, checkpoint
 from .runtime.inputs import check_inputs
@@ -205,6 +206,17 @@ class Trainer:
         return int(tensor.item()) if tensor is not None else 0
 
     @property
+    def _entry(self) -> str:
+        """The function a micro-batch enters: @train_step, or the first stage's forward."""
+        return stage_function("F", 0) if pipeline_plan(self.module) else TRAIN_STEP
+
+    def _stage(self) -> int | None:
+        """This rank's pipeline stage (None when the step is not pipelined)."""
+        if pipeline_plan(self.module) is None:
+            return None
+        return self._mesh_groups().coords[PIPELINE_AXIS]
+
+    @property
     def _pooled(self) -> bool:
         return self.world_size > 1 and not _in_process_group()
 
@@ -238,9 +250,12 @@ class Trainer:
         return self._programs[function]
 
     def prepare(self) -> None:
-        """Build the step's programs now (on a rank: read its slices of the state)."""
+        """Build the step's programs now (on a rank: read its slices of the state;
+        of a pipelined step, its stage's)."""
+        stage = self._stage()
         for function in self.functions:
-            self._program(function)
+            if stage is None or function.endswith(f"_stage{stage}"):
+                self._program(function)
 
     # ---- running ---------------------------------------------------------
 
@@ -255,7 +270,7 @@ class Trainer:
         lr = _checked_lr(self.schedule(step), f"the learning rate of step {step} (lr({step}))")
         self._check_split(batch)
         for inputs in _micro_batches(batch, self.spec.accumulation):
-            self._check(TRAIN_STEP, self.input_names[:-1], inputs)
+            self._check(self._entry, self.input_names[:-1], inputs)
         if self._pooled:  # checked here, so a bad batch never reaches (and stops) the ranks
             loss = self._workers().call("train", (list(batch), lr, self.measure_memory))
             self._pool_steps = step + 1
@@ -279,6 +294,8 @@ class Trainer:
         micro = _micro_batches(batch, self.spec.accumulation)
         lr_input = torch.tensor(lr, dtype=torch.float64, device=self.device)
         records: list[dict[str, int]] = []
+        if pipeline_plan(self.module) is not None:
+            return self._run_stage(micro, lr_input)
 
         def run(function: str, inputs) -> tuple[torch.Tensor, ...]:
             if not measure:
@@ -296,6 +313,34 @@ class Trainer:
         if measure:  # the step's peak: its program that needed the most
             self._measured = max(records, key=lambda r: r[PEAK])
         return loss
+
+    def _run_stage(self, micro: list[tuple], lr_input: torch.Tensor) -> torch.Tensor:
+        """This rank's stage of a pipelined step: its actions of the schedule in
+        order, each micro-batch's kept values from its forward to its backward;
+        the loss (the last stage's, summed over micro-batches) on every rank."""
+        from .backends.fx import SENDS
+
+        plan = pipeline_plan(self.module)
+        stage = self._stage()
+        last = stage == plan.stages - 1
+        kept: dict[int, tuple] = {}
+        loss = torch.zeros((), device=self.device)
+        with torch.no_grad():
+            for action in plan.actions[stage]:
+                kind, index = parse_action(action)
+                function = stage_function(kind, stage)
+                if kind == UPDATE:
+                    self._run(function, (lr_input,))
+                elif kind == "F":
+                    outputs = self._run(function, micro[index])
+                    if last:
+                        loss = loss + outputs[0]
+                    kept[index] = tuple(outputs[1:] if last else outputs)
+                else:
+                    self._run(function, (*micro[index], *kept.pop(index)))
+            for send in self._shared.pop(SENDS, []):  # (the sends went out async)
+                send.wait()
+            return _from_last_stage(loss, self._groups)
 
     def _with_mask(self, batch: tuple) -> tuple:
         if self.fills_mask and len(batch) == 2:  # (input_ids, labels)
@@ -447,11 +492,52 @@ class Trainer:
         names = self._saved_names()
         if self.world_size == 1 or self._pooled:  # (not yet started: the initial values)
             return {name: self._tensor(name) for name in names}
+        if pipeline_plan(self.module) is not None:
+            return self._stages_state(names)
         state = sorted(n for n in state_params(self.module) if n in set(names))
         if STATE not in self._programs:
             self._program(STATE, state_module(self.module, state))
         whole = dict(zip(state, self._programs[STATE]()))
         return {name: whole[name] if name in whole else self.weights.get(name) for name in names}
+
+    def _stages_state(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The whole state of a pipelined step on every rank: each stage's
+        gathered whole (over its other axes), then broadcast from the stage."""
+        import torch.distributed as dist
+
+        from .backends.fx import _rank_at, torch_dtype
+
+        stage = self._stage()
+        held = {  # (every rank's same list: the broadcasts must match)
+            n: op for n, op in state_params(self.module).items() if not n.startswith(ACCUMULATOR)
+        }
+        owner = {n: _stage_of(op) for n, op in held.items()}
+        mine = sorted(n for n in held if owner[n] in (None, stage))
+        if STATE not in self._programs:
+            self._program(STATE, state_module(self.module, mine))
+        whole = dict(zip(mine, self._programs[STATE]()))
+        first = CollectiveGroups(
+            self._groups.names, self._groups.sizes, dict.fromkeys(self.mesh, 0)
+        )
+        types = {
+            op.weight_name: op.result.type for op in self.source.walk() if isinstance(op, ParamOp)
+        }
+        out = {}
+        for name in sorted(held):
+            if owner[name] is None:  # every stage holds it (the step count)
+                out[name] = whole[name]
+                continue
+            t = types[name]
+            tensor = (
+                whole[name].contiguous()
+                if name in whole
+                else torch.empty(
+                    [int(d) for d in t.shape], dtype=torch_dtype(t.dtype), device=self.device
+                )
+            )
+            dist.broadcast(tensor, _rank_at(first, PIPELINE_AXIS, owner[name]))
+            out[name] = tensor
+        return {**{name: self.weights.get(name) for name in names if name not in out}, **out}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The model's parameters and buffers after training, by the model's
@@ -546,15 +632,23 @@ class Trainer:
         """What this rank writes: the pieces of live state it is the lowest to
         hold; the first rank also the tensors no program holds, whole."""
         pieces = []
+        elsewhere = self._other_stages_state()
         for name in self._saved_names():
             layout = self._shared.get(("layout", name))
             if layout is None:
-                if first:
+                if first and name not in elsewhere:
                     pieces.append(checkpoint.Piece(name, self._tensor(name)))
             elif layout.owner:
                 tensor = self._shared["state", layout.key]
                 pieces.append(checkpoint.Piece(name, tensor, layout.shard, layout.flat))
         return pieces
+
+    def _other_stages_state(self) -> set[str]:
+        """The state other pipeline stages hold (their ranks write it), once
+        this rank's stage programs are built; else none."""
+        if pipeline_plan(self.module) is None or not self._programs:
+            return set()
+        return set(state_params(self.module)) - self._live
 
     def _coordinates(self) -> bool:
         """This process finishes a save (this trainer's only one, or rank 0 under torchrun)."""
@@ -614,12 +708,27 @@ class Trainer:
         code = "\n".join(
             f"# ---- @{f} ----"
             f"{build_program(self.source, meta, 'cpu', None, f, prefetching=Prefetcher).code}"
-            for f in self.functions
+            for f in (op.sym_name.data for op in self.source.ops if isinstance(op, func.FuncOp))
         )
         contents = artifact.Artifact(
             plan=print_module(self.source), programs={0: code}, manifest=manifest
         )
         artifact.write(directory, contents, WeightStore(), [], written=(staging, hashes))
+
+
+def _stage_of(op: ParamOp) -> int | None:
+    """The pipeline stage that holds a state (None: every stage, the step count)."""
+    from .ir.attrs import STAGE_ATTR
+
+    attr = op.attributes.get(STAGE_ATTR)
+    return attr.value.data if attr is not None else None
+
+
+def _from_last_stage(loss: torch.Tensor, groups: CollectiveGroups) -> torch.Tensor:
+    """The last stage's loss on every stage (the others give zeros): summed over `pp`."""
+    c10d = torch.ops._c10d_functional
+    total = c10d.all_reduce(loss, "sum", groups.names[PIPELINE_AXIS])
+    return c10d.wait_tensor(total)
 
 
 class _Background:
@@ -693,8 +802,9 @@ def compile_training(
     model's (which are not changed); see plait.runtime.dcp for how it is read.
     """
     _schedule(lr)  # a bad lr should not wait for the export
-    spec = TrainingSpec(optimizer, dict(optimizer_options), accumulation, clip_grad_norm, precision)
     manager = PassManager.parse(pipeline)
+    accumulation = _pipeline_micro_batches(manager, accumulation, clip_grad_norm)
+    spec = TrainingSpec(optimizer, dict(optimizer_options), accumulation, clip_grad_norm, precision)
     hf = is_hf_model(model)
     args = tuple(example_args)
     fills_mask = hf and len(args) == 2
@@ -724,6 +834,27 @@ def compile_training(
     )
 
 
+def _pipeline_micro_batches(manager: PassManager, accumulation: int, clip) -> int:
+    """The micro-batches a pipeline pass splits the batch in: the step is
+    captured for them (each one's loss divided by their number, as
+    accumulation divides it)."""
+    stages = [p for p in manager.passes if p.name == "pipeline"]
+    if not stages:
+        return accumulation
+    micro = stages[0].microbatches
+    if accumulation not in (1, micro):
+        raise TrainingError(
+            f"accumulation={accumulation} and pipeline{{microbatches={micro}}} both split the "
+            f"batch; give one of them (the pipeline's micro-batches accumulate gradients)"
+        )
+    if clip is not None:
+        raise TrainingError(
+            "clip_grad_norm with pipeline stages needs the gradients' norm over every stage, "
+            "which plait does not compute yet; train without clipping"
+        )
+    return micro
+
+
 def _start_from_dcp(captured, directory: str | Path) -> None:
     """The captured step's initial parameters and buffers: the DCP checkpoint's."""
     from .runtime.dcp import read_dcp
@@ -748,7 +879,12 @@ def _check_program(module: ModuleOp, pipeline: str, trained: list[str]) -> None:
     """What the training IR promises, after the passes: state read before it
     is overwritten, and every trained parameter's gradient marked."""
     check_state_order(module)
-    lost = sorted(set(trained) - set(gradients(_function(module, TRAIN_STEP))))
+    plan = pipeline_plan(module)
+    steps = (
+        [TRAIN_STEP] if plan is None else [stage_function(UPDATE, s) for s in range(plan.stages)]
+    )
+    marked = {name for f in steps for name in gradients(_function(module, f))}
+    lost = sorted(set(trained) - marked)
     if lost:
         raise TrainingError(
             f"after the pipeline '{pipeline}', the gradient of '{lost[0]}' is no longer "

@@ -30,7 +30,15 @@ from xdsl.ir import Operation, SSAValue
 from .. import customops
 from ..ir import args as irargs
 from ..ir import symbolic
-from ..ir.attrs import ARENA_ATTR, FUSE_ATTR, PLACEMENTS_ATTR, SYMBOLS_ATTR, mesh_axes
+from ..ir.attrs import (
+    ARENA_ATTR,
+    FUSE_ATTR,
+    PIPELINE_AXIS,
+    PLACEMENTS_ATTR,
+    STAGE_ATTR,
+    SYMBOLS_ATTR,
+    mesh_axes,
+)
 from ..ir.dtypes import TORCH_NAMES
 from ..ir.errors import PlaitError
 from ..ir.memory import host_tier, planned_offset
@@ -48,8 +56,10 @@ from ..ir.ops import (
     MatmulOp,
     NormOp,
     ParamOp,
+    RecvOp,
     ReduceOp,
     ReduceScatterOp,
+    SendOp,
     SoftmaxOp,
     WaitOp,
 )
@@ -306,6 +316,31 @@ def mesh_coords(mesh: dict[str, int], rank: int) -> dict[str, int]:
     return dict(reversed(list(coords.items())))
 
 
+SENDS = ("sends",)  # the shared dict's list of point-to-point sends not yet waited on
+
+
+def _rank_at(groups: CollectiveGroups, axis: str, coord: int) -> int:
+    """The global rank at `coord` on `axis`, at this rank's coordinates on the others."""
+    rank = 0
+    for name, size in groups.sizes.items():
+        rank = rank * size + (coord if name == axis else groups.coords[name])
+    return rank
+
+
+def _isend(sends: list, tensor: torch.Tensor, rank: int) -> None:
+    import torch.distributed as dist
+
+    sends.append(dist.isend(tensor.contiguous(), rank))
+
+
+def _recv(shape, dtype: torch.dtype, device: torch.device, rank: int) -> torch.Tensor:
+    import torch.distributed as dist
+
+    tensor = torch.empty(shape, dtype=dtype, device=device)
+    dist.recv(tensor, rank)
+    return tensor
+
+
 class _Lowering:
     def __init__(
         self,
@@ -490,6 +525,8 @@ class _Lowering:
             for axis, placement in zip(self.mesh, placements.data if placements else ())
             if placement.kind in ("shard", "flat")
         }
+        if STAGE_ATTR in op.attributes:  # held by one pipeline stage only
+            split.add(PIPELINE_AXIS)
         coords = self.groups.coords if self.groups is not None else {}
         return all(c == 0 for axis, c in coords.items() if axis not in split)
 
@@ -564,6 +601,21 @@ class _Lowering:
         )
         args = (self.values[op.input], dim, start, size)
         self.values[op.result] = self._node(torch.ops.aten.narrow.default, args, {}, op)
+
+    def lower_point_to_point(self, op: SendOp | RecvOp) -> None:
+        """torch.distributed's isend (its work kept in the shared `SENDS`, for
+        the runtime to wait on at the step's end) or a blocking recv."""
+        axis, peer = op.axis.data, op.peer.value.data
+        if self.groups is None or axis not in self.groups.coords:
+            raise LoweringError(f"{where(op)}: {op.name} over mesh axis '{axis}' needs its mesh")
+        rank = _rank_at(self.groups, axis, peer)
+        if isinstance(op, SendOp):
+            sends = self.bind("sends", self.shared.setdefault(SENDS, []))
+            self._node(_isend, (sends, self.values[op.input], rank), {}, op)
+            return
+        t = op.result.type
+        args = (tuple(t.shape), torch_dtype(t.dtype), self.device, rank)
+        self.values[op.result] = self._node(_recv, args, {}, op)
 
     def lower_collective(self, op: CollectiveOp) -> None:
         if self.groups is None or op.axis.data not in self.groups.names:
@@ -723,6 +775,8 @@ class _Lowering:
                 self.lower_wait(op)
             elif isinstance(op, LocalShardOp):
                 self.lower_local_shard(op)
+            elif isinstance(op, (SendOp, RecvOp)):
+                self.lower_point_to_point(op)
             elif isinstance(op, func.ReturnOp):
                 self.graph.output(tuple(self.values[v] for v in op.arguments))
             else:
