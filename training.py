@@ -803,7 +803,7 @@ def compile_training(
     """
     _schedule(lr)  # a bad lr should not wait for the export
     manager = PassManager.parse(pipeline)
-    accumulation = _pipeline_micro_batches(manager, accumulation, clip_grad_norm)
+    accumulation = _pipeline_micro_batches(manager, accumulation, clip_grad_norm, example_args)
     spec = TrainingSpec(optimizer, dict(optimizer_options), accumulation, clip_grad_norm, precision)
     hf = is_hf_model(model)
     args = tuple(example_args)
@@ -834,7 +834,7 @@ def compile_training(
     )
 
 
-def _pipeline_micro_batches(manager: PassManager, accumulation: int, clip) -> int:
+def _pipeline_micro_batches(manager: PassManager, accumulation: int, clip, batch) -> int:
     """The micro-batches a pipeline pass splits the batch in: the step is
     captured for them (each one's loss divided by their number, as
     accumulation divides it)."""
@@ -842,6 +842,14 @@ def _pipeline_micro_batches(manager: PassManager, accumulation: int, clip) -> in
     if not stages:
         return accumulation
     micro = stages[0].microbatches
+    for i, value in enumerate(batch):
+        rows = value.shape[0] if isinstance(value, torch.Tensor) and value.dim() else None
+        if rows is not None and rows % micro:
+            raise TrainingError(
+                f"pipeline{{microbatches={micro}}} splits the batch along dim 0, but batch "
+                f"input #{i} has {rows} rows; give microbatches that divide {rows}, or a batch "
+                f"of a multiple of {micro} rows"
+            )
     if accumulation not in (1, micro):
         raise TrainingError(
             f"accumulation={accumulation} and pipeline{{microbatches={micro}}} both split the "
@@ -961,7 +969,15 @@ def load_training(
     weights = artifact.read_weights(directory, contents.manifest, fields["saved"])
     pipeline = contents.manifest["pipeline"] if pipeline is None else pipeline
     module = source.clone()
-    PassManager.parse(pipeline).run(module, weights)
+    manager = PassManager.parse(pipeline)
+    stages = [p for p in manager.passes if p.name == "pipeline"]
+    if stages and stages[0].microbatches != spec.accumulation:
+        raise TrainingError(
+            f"{directory} holds a step captured for {spec.accumulation} micro-batch(es), but "
+            f"the pipeline asks for pipeline{{microbatches={stages[0].microbatches}}}; use "
+            f"microbatches={spec.accumulation}"
+        )
+    manager.run(module, weights)
     check_state_order(module)
     names = [entry["name"] for entry in contents.manifest["inputs"]]
     return Trainer(

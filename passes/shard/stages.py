@@ -74,7 +74,7 @@ from .pipeline_schedule import (
 KIND_OF_PHASE = {FORWARD: "F", BACKWARD: "B", OPTIMIZER: "U"}
 
 
-class PipelineError(PlaitError):
+class StageError(PlaitError):
     """A step the pipeline pass cannot cut, with what to change."""
 
 
@@ -91,9 +91,11 @@ class Pipeline(Pass):
     def __post_init__(self):
         super().__post_init__()
         if self.stages < 2:
-            raise OptionError(f"stages is the number of pipeline stages, >= 2, not {self.stages}")
+            raise OptionError(
+                f"stages is the number of pipeline stages, >= 2, not {self.stages}", "stages"
+            )
         if self.microbatches < 1:
-            raise OptionError(f"microbatches must be >= 1, not {self.microbatches}")
+            raise OptionError(f"microbatches must be >= 1, not {self.microbatches}", "microbatches")
         if self.schedule not in SCHEDULES:
             raise OptionError(
                 f"schedule '{self.schedule}' is not one of {', '.join(SCHEDULES)}", "schedule"
@@ -106,11 +108,11 @@ class Pipeline(Pass):
 
         functions = {f.sym_name.data: f for f in module.ops if isinstance(f, func.FuncOp)}
         if TRAIN_STEP not in functions:
-            raise PipelineError("pipeline applies to a training step (plait.compile_training)")
+            raise StageError("pipeline applies to a training step (plait.compile_training)")
         if PIPELINE_AXIS in mesh_axes(module):
-            raise PipelineError(f"the step is already pipelined (mesh axis '{PIPELINE_AXIS}')")
+            raise StageError(f"the step is already pipelined (mesh axis '{PIPELINE_AXIS}')")
         if self.microbatches > 1 and ACCUMULATE not in functions:
-            raise PipelineError(
+            raise StageError(
                 f"pipeline{{microbatches={self.microbatches}}} needs the step captured for "
                 f"{self.microbatches} micro-batches: plait.compile_training(..., accumulation="
                 f"{self.microbatches}) (it sets this itself from the pipeline string)"
@@ -118,7 +120,7 @@ class Pipeline(Pass):
         fn = functions[TRAIN_STEP]
         for arg in fn.body.blocks.first.args:
             if not all(isinstance(d, int) for d in arg.type.shape):
-                raise PipelineError(
+                raise StageError(
                     f"pipeline stages exchange tensors of fixed shapes, but input "
                     f"'{arg.name_hint}' is {arg.type}; compile without dynamic_shapes"
                 )
@@ -127,7 +129,7 @@ class Pipeline(Pass):
         step = StepSplit(fn)
         costs = step.segment_costs(times)
         if len(costs) < self.stages:
-            raise PipelineError(
+            raise StageError(
                 f"pipeline{{stages={self.stages}}}: the step has {len(costs) - 1} residual "
                 f"boundaries, so at most {len(costs)} non-empty stages; use stages <= "
                 f"{len(costs)} (or a model with more layers)"
@@ -231,7 +233,7 @@ class StepSplit:
             if isinstance(op, ParamOp):  # optimizer state: its parameter's stage
                 owner = op.attributes.get(STATE_OF)
                 if owner is None or params.get(owner.data) not in segment:
-                    raise PipelineError(
+                    raise StageError(
                         f"{where(op)}: state '{op.weight_name}' belongs to no parameter the "
                         "forward reads; pipeline cannot place it on a stage"
                     )
@@ -243,6 +245,21 @@ class StepSplit:
                 segment[op] = min(found)
             else:
                 self.free.add(op)
+        # a view of one gradient that only a lower segment reads moves there: the
+        # stage above sends the gradient once, not each view of it
+        for op in reversed(self.ops):
+            if self.phases.get(op) != BACKWARD or op not in segment:
+                continue
+            placed = [v for v in op.operands if v.owner in segment]
+            readers = {segment.get(u.operation) for r in op.results for u in r.uses}
+            if (
+                len(placed) == 1
+                and self.phases.get(placed[0].owner) == BACKWARD
+                and len(readers) == 1
+                and None not in readers
+                and min(readers) < segment[op]
+            ):
+                segment[op] = min(readers)
         return segment
 
     def _available(self, value: SSAValue, segment) -> int | None:
@@ -273,21 +290,6 @@ class StepSplit:
         count = len(self.chain) + 1
         stage_of_segment = [sum(1 for c in cuts[1:] if c <= j) for j in range(count)]
         stage = {op: stage_of_segment[j] for op, j in self.segment.items()}
-        # a view of one gradient that only a lower stage reads moves there:
-        # the stage above sends the gradient once, not each view of it
-        for op in reversed(self.ops):
-            if self.phases.get(op) != BACKWARD or op not in stage:
-                continue
-            placed = [v for v in op.operands if isinstance(v.owner, Operation) and v.owner in stage]
-            readers = {stage.get(u.operation) for r in op.results for u in r.uses}
-            if (
-                len(placed) == 1
-                and self.phases.get(placed[0].owner) == BACKWARD
-                and len(readers) == 1
-                and None not in readers
-                and min(readers) < stage[op]
-            ):
-                stage[op] = min(readers)
         return stage
 
     def kind(self, op: Operation) -> str:
@@ -345,7 +347,7 @@ class StepSplit:
             }
             if len(readers) > 1:
                 first, second = sorted(readers)[:2]
-                raise PipelineError(
+                raise StageError(
                     f"{where(op)}: '{op.weight_name}' is read on pipeline stages {first} and "
                     f"{second} (a tied weight?); untie it (tie_word_embeddings=False) or choose "
                     "a cut that keeps its readers on one stage"
@@ -399,7 +401,7 @@ def _accumulate_in_backward(fn: func.FuncOp, phases: dict[Operation, str]) -> No
             block.insert_op_before(zero, block.last_op)
             phases[zero] = OPTIMIZER
         else:
-            raise PipelineError(
+            raise StageError(
                 f"{where(op)}: the gradient of '{name}' is computed after the backward "
                 "(a pass before pipeline reduced it?); run pipeline before it"
             )
@@ -477,7 +479,7 @@ class _Messages:
         self.recvs.setdefault((kind, receiver), []).append((value, sender))
 
     def _refuse(self, value: SSAValue, what: str, producer: int, reader: int) -> None:
-        raise PipelineError(
+        raise StageError(
             f"{where(value.owner)}: this {what} value of stage {producer} is read on stage "
             f"{reader}, which runs before it; pipeline cannot order that (choose other stages)"
         )
@@ -508,7 +510,7 @@ class _Messages:
                 continue
             missing = [v for v in op.operands if v not in mapping]
             if missing:  # (a message plan that forgot a value: a bug here)
-                raise PipelineError(f"{where(op)}: stage {s} has no value for an operand")
+                raise StageError(f"{where(op)}: stage {s} has no value for an operand")
             clone = op.clone(value_mapper=mapping)
             block.add_op(clone)
             for result in op.results:

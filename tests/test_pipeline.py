@@ -1,0 +1,288 @@
+"""Pipeline parallelism for training steps: `pipeline{stages,microbatches,schedule}`.
+
+A 2-layer Llama on pp:2 (two real gloo ranks, from one process) with GPipe
+and 1F1B trains as eager torch with AdamW does on the whole batch; the cut
+is the best by brute force; the schedules are the textbook ones and cannot
+deadlock; bad options are clear errors.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import plait
+import pytest
+import torch
+from plait.cost.estimate import Target, estimate
+from plait.hardware import load
+from plait.ir.errors import PlaitError
+from plait.ir.ops import ParamOp, RecvOp, SendOp
+from plait.ir.text import parse_module, print_module
+from plait.ir.training import BACKWARD, FORWARD, TRAIN_STEP
+from plait.passes.manager import PassManager
+from plait.passes.shard.pipeline_schedule import (
+    DeadlockError,
+    gpipe,
+    one_f_one_b,
+    pipeline_plan,
+    simulate,
+)
+from plait.passes.shard.stages import StepSplit, best_cuts, function_messages, stage_sums
+from test_training import _close, _eager, _hf_model, _lm_loss
+from test_training_parallel import ADAMW, _batches, _optimizer
+from xdsl.dialects import func
+
+STEPS = 10
+SAVE_AFTER = 6
+MICRO = 4  # micro-batches of one row each
+CLEAN = "canonicalize,cse,dce"
+
+
+def _pipeline(schedule: str, stages: int = 2, micro: int = MICRO) -> str:
+    return f"{CLEAN},pipeline{{stages={stages},microbatches={micro},schedule={schedule}}}"
+
+
+@dataclass
+class Run:
+    trainer: plait.Trainer
+    losses: list[torch.Tensor]
+    state: dict[str, torch.Tensor]
+    checkpoint: object  # saved after SAVE_AFTER steps
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Both schedules' runs from one capture (1F1B resumes GPipe's initial
+    checkpoint with its own pipeline), and eager's on the same batches."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    model = _hf_model("llama", num_hidden_layers=2)
+    batches = _batches(STEPS, rows=4)
+    expected, _, reference = _eager(model, batches, _lm_loss, _optimizer(ADAMW))
+    first = plait.compile_training(model, batches[0], pipeline=_pipeline("gpipe"), **ADAMW)
+    start = first.save(tmp / "start")
+    trainers = {"gpipe": first, "1f1b": plait.load_training(start, pipeline=_pipeline("1f1b"))}
+    out = {}
+    for schedule, trainer in trainers.items():
+        losses = []
+        try:
+            for step, batch in enumerate(batches):
+                if step == SAVE_AFTER:
+                    trainer.save(tmp / schedule)
+                losses.append(trainer.step(*batch))
+            state = trainer.state_dict()
+        finally:
+            trainer.close()
+        out[schedule] = Run(trainer, losses, state, tmp / schedule)
+    return out, batches, expected, reference
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_pipelined_steps_match_eager_adamw_on_the_whole_batch(runs, schedule):
+    out, _, expected, reference = runs
+    run = out[schedule]
+    assert run.trainer.mesh == {"pp": 2}
+    for step, (loss, want) in enumerate(zip(run.losses, expected)):
+        _close(loss, want, f"{schedule}: loss of step {step}")
+    for name, tensor in reference.state_dict().items():
+        _close(run.state[name], tensor, f"{schedule}: {name} after {STEPS} steps")
+
+
+def test_a_pipelined_checkpoint_continues_on_one_rank(runs):
+    """The checkpoint gathers every stage's state whole, by the model's names."""
+    out, batches, _, _ = runs
+    run = out["1f1b"]
+    resumed = plait.load_training(run.checkpoint, pipeline=CLEAN)
+    assert resumed.steps == SAVE_AFTER
+    losses = [resumed.step(*batch) for batch in batches[SAVE_AFTER:]]
+    for step, (loss, want) in enumerate(zip(losses, run.losses[SAVE_AFTER:]), SAVE_AFTER):
+        _close(loss, want, f"resumed loss of step {step}")
+    state = resumed.state_dict()
+    for name, tensor in run.state.items():
+        _close(state[name], tensor, f"resumed {name}")
+
+
+def _functions(module) -> dict[str, func.FuncOp]:
+    return {f.sym_name.data: f for f in module.ops if isinstance(f, func.FuncOp)}
+
+
+def test_the_ir_shows_stages_messages_and_schedule(runs):
+    out, *_ = runs
+    module = out["1f1b"].trainer.module
+    plan = pipeline_plan(module)
+    assert (plan.stages, plan.microbatches, plan.schedule) == (2, MICRO, "1f1b")
+    assert plan.actions == one_f_one_b(2, MICRO)
+    names = _functions(module)
+    assert set(names) == {
+        f"{k}_stage{s}" for k in ("forward", "backward", "update") for s in (0, 1)
+    }
+    # the residual stream crosses once each way: the hidden state up, its gradient down
+    for function, op, peer in [
+        ("forward_stage0", SendOp, 1),
+        ("forward_stage1", RecvOp, 0),
+        ("backward_stage1", SendOp, 0),
+        ("backward_stage0", RecvOp, 1),
+    ]:
+        found = [o for o in names[function].walk() if isinstance(o, (SendOp, RecvOp))]
+        assert [(type(o), o.peer.value.data) for o in found] == [(op, peer)], function
+        assert list(found[0].operands or found[0].results)[0].type.shape == (1, 16, 64)
+    text = print_module(module)
+    assert '[["F0", "F1", "B0", "F2", "B1", "F3", "B2", "B3", "U"]' in text
+    assert print_module(parse_module(text)) == text
+
+
+def test_parameters_live_on_one_stage_each(runs):
+    out, *_ = runs
+    module = out["gpipe"].trainer.module
+    names = _functions(module)
+    held = [
+        {
+            o.weight_name
+            for f in (f"forward_stage{s}", f"update_stage{s}")
+            for o in names[f].walk()
+            if isinstance(o, ParamOp)
+        }
+        for s in (0, 1)
+    ]
+    assert "model.embed_tokens.weight" in held[0] - held[1]
+    assert "lm_head.weight" in held[1] - held[0]
+    assert "optimizer.exp_avg.lm_head.weight" in held[1] - held[0]
+    assert {"model.layers.0.mlp.up_proj.weight"} <= held[0] - held[1]
+    assert {"model.layers.1.mlp.up_proj.weight"} <= held[1] - held[0]
+
+
+# ---- schedules ------------------------------------------------------------------
+
+
+def test_gpipe_and_1f1b_have_the_textbook_order():
+    assert gpipe(2, 3) == [["F0", "F1", "F2", "B0", "B1", "B2", "U"]] * 2
+    assert one_f_one_b(4, 6) == [
+        ["F0", "F1", "F2", "F3", "B0", "F4", "B1", "F5", "B2", "B3", "B4", "B5", "U"],
+        ["F0", "F1", "F2", "B0", "F3", "B1", "F4", "B2", "F5", "B3", "B4", "B5", "U"],
+        ["F0", "F1", "B0", "F2", "B1", "F3", "B2", "F4", "B3", "F5", "B4", "B5", "U"],
+        ["F0", "B0", "F1", "B1", "F2", "B2", "F3", "B3", "F4", "B4", "F5", "B5", "U"],
+    ]
+    # fewer micro-batches than the warm-up: all forwards first
+    assert one_f_one_b(4, 2)[0] == ["F0", "F1", "B0", "B1", "U"]
+
+
+def _chain(stages: int) -> dict:
+    """A straight pipeline's messages: activations up in F, gradients down in B."""
+    messages = {}
+    for s in range(stages):
+        messages["F", s] = [("recv", s - 1)] * (s > 0) + [("send", s + 1)] * (s < stages - 1)
+        messages["B", s] = [("recv", s + 1)] * (s < stages - 1) + [("send", s - 1)] * (s > 0)
+    return messages
+
+
+@pytest.mark.parametrize("make", [gpipe, one_f_one_b])
+def test_schedules_run_to_the_end_and_1f1b_keeps_fewer_activations(make):
+    times = {(k, s): 1.0 for k in "FB" for s in range(4)}
+    timeline = simulate(make(4, 8), times, _chain(4))
+    assert timeline.time == pytest.approx(2 * (8 + 3))  # (M + S - 1) slots of F and B
+    assert timeline.bubble == pytest.approx(3 / 11)
+    alive = max(  # micro-batches forwarded and not yet backwarded, on stage 0
+        sum(a[0] == "F" for a in make(4, 8)[0][:i]) - sum(a[0] == "B" for a in make(4, 8)[0][:i])
+        for i in range(17)
+    )
+    assert alive == (8 if make is gpipe else 4)
+
+
+def test_a_schedule_that_waits_for_a_message_never_sent_deadlocks():
+    backward_first = [["B0", "F0", "U"], ["F0", "B0", "U"]]  # each waits for the other
+    with pytest.raises(DeadlockError, match="stage 0 waits in B0"):
+        simulate(backward_first, {}, _chain(2))
+
+
+def test_every_send_of_the_compiled_stages_has_its_recv(runs):
+    out, *_ = runs
+    for schedule, run in out.items():
+        module = run.trainer.module
+        messages = function_messages(module, 2)
+        plan = pipeline_plan(module)
+        counts: dict = {}
+        for s, actions in enumerate(plan.actions):
+            for action in actions:
+                for what, peer in messages.get((action[0], s), []):
+                    channel = (s, peer) if what == "send" else (peer, s)
+                    counts.setdefault(channel, [0, 0])[what == "recv"] += 1
+        assert counts == {(0, 1): [MICRO, MICRO], (1, 0): [MICRO, MICRO]}, schedule
+        simulate(plan.actions, {}, messages)  # (raises if it deadlocks)
+
+
+# ---- the cut --------------------------------------------------------------------
+
+
+def test_the_cut_is_the_best_by_brute_force(runs):
+    """Every way to cut the 2-layer Llama's 5 residual segments into 2 or 3
+    stages, priced op by op as the stages it makes: none is better balanced
+    than the dynamic program's."""
+    out, *_ = runs
+    module = PassManager.parse(CLEAN).run(out["gpipe"].trainer.source.clone())
+    times = {r.op: r.time for r in estimate(module, Target(load("cpu")), TRAIN_STEP).ops}
+    step = StepSplit(_functions(module)[TRAIN_STEP])
+    costs = step.segment_costs(times)
+    assert len(costs) == 5
+
+    def stage_times(cuts):
+        totals = [0.0] * len(cuts)
+        for op, s in step.stage_of(list(cuts)).items():
+            if step.phases.get(op) in (FORWARD, BACKWARD):
+                totals[s] += times.get(op, 0.0)
+        return totals
+
+    for stages in (2, 3):
+        every = [(0, *rest) for rest in itertools.combinations(range(1, 5), stages - 1)]
+        brute = min(max(stage_times(c)) for c in every)
+        chosen = best_cuts(costs, stages)
+        assert max(stage_times(chosen)) == pytest.approx(brute, rel=1e-9)
+        assert max(stage_sums(costs, chosen)) == pytest.approx(brute, rel=1e-9)
+    mean = sum(costs) / 2
+    best = min(max(stage_times(c)) for c in [(0, k) for k in range(1, 5)]) / mean
+    assert f"imbalance {best:.3f}" in print_module(out["gpipe"].trainer.module)
+
+
+def test_best_cuts_balances_uneven_segments():
+    assert best_cuts([1, 1, 1, 1], 2) == [0, 2]
+    assert best_cuts([5, 1, 1, 1, 1, 1], 2) == [0, 1]
+    assert best_cuts([1, 2, 3, 4, 5], 3) == [0, 3, 4]
+
+
+# ---- errors ---------------------------------------------------------------------
+
+
+def test_more_stages_than_residual_segments_is_an_error(runs):
+    with pytest.raises(PlaitError, match=r"at most 5 non-empty stages; use stages <= 5"):
+        plait.load_training(
+            runs[0]["1f1b"].checkpoint, pipeline=_pipeline("gpipe", stages=6, micro=MICRO)
+        )
+
+
+def test_microbatches_that_do_not_split_the_batch_are_an_error():
+    model = _hf_model("llama", num_hidden_layers=1)
+    batch = _batches(1, rows=4)[0]
+    with pytest.raises(PlaitError, match=r"microbatches=3.*4 rows; give microbatches that divide"):
+        plait.compile_training(model, batch, pipeline=_pipeline("1f1b", micro=3), **ADAMW)
+
+
+def test_a_checkpoint_resumed_with_other_microbatches_is_an_error(runs):
+    with pytest.raises(PlaitError, match=r"captured for 4 micro-batch\(es\).*use microbatches=4"):
+        plait.load_training(runs[0]["1f1b"].checkpoint, pipeline=_pipeline("gpipe", micro=2))
+
+
+def test_clipping_and_accumulation_beside_the_pipeline_are_errors():
+    model = _hf_model("llama", num_hidden_layers=1)
+    batch = _batches(1, rows=4)[0]
+    with pytest.raises(PlaitError, match="clip_grad_norm with pipeline stages"):
+        plait.compile_training(model, batch, pipeline=_pipeline("1f1b"), clip_grad_norm=1.0)
+    with pytest.raises(PlaitError, match="accumulation=2 and pipeline"):
+        plait.compile_training(model, batch, pipeline=_pipeline("1f1b"), accumulation=2)
+    with pytest.raises(PlaitError, match="schedule 'zb' is not one of gpipe, 1f1b"):
+        plait.compile_training(model, batch, pipeline=_pipeline("zb"))
+
+
+def test_a_weight_read_on_two_stages_is_an_error():
+    model = _hf_model("llama", num_hidden_layers=1, tie_word_embeddings=True)
+    batch = _batches(1, rows=4)[0]
+    with pytest.raises(PlaitError, match=r"read on pipeline stages 0 and 1.*untie it"):
+        plait.compile_training(model, batch, pipeline=_pipeline("gpipe", micro=2), **ADAMW)
