@@ -9,6 +9,7 @@ deadlock; bad options are clear errors.
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import dataclass
 
 import plait
@@ -286,3 +287,19 @@ def test_a_weight_read_on_two_stages_is_an_error():
     batch = _batches(1, rows=4)[0]
     with pytest.raises(PlaitError, match=r"read on pipeline stages 0 and 1.*untie it"):
         plait.compile_training(model, batch, pipeline=_pipeline("gpipe", micro=2), **ADAMW)
+
+
+def test_plait_estimate_shows_the_schedule_and_its_bubble(runs, tmp_path, capsys):
+    from plait.cli import main
+
+    trace = tmp_path / "pipeline.json"
+    checkpoint = str(runs[0]["1f1b"].checkpoint)
+    assert main(["estimate", checkpoint, "--hardware", "cpu", "--trace", str(trace)]) == 0
+    out = capsys.readouterr().out
+    assert "1f1b, 2 stages x 4 micro-batches; cut after model.layers.0.mlp.down_proj" in out
+    assert "stage 0 actions:         F0 F1 B0 F2 B1 F3 B2 B3 U" in out
+    assert "stage 1 actions:         F0 B0 F1 B1 F2 B2 F3 B3 U" in out
+    assert "pipelined step:" in out and "bubble" in out
+    events = json.loads(trace.read_text())["traceEvents"]
+    spans = [(e["pid"], e["name"]) for e in events if e.get("ph") == "X"]
+    assert len(spans) == 18 and (1, "B3") in spans

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from xdsl.context import Context
 from xdsl.dialects import func
-from xdsl.dialects.builtin import ArrayAttr, IntegerAttr, ModuleOp, StringAttr, i64
+from xdsl.dialects.builtin import ArrayAttr, IntegerAttr, ModuleOp, NameLoc, StringAttr, i64
 from xdsl.ir import Block, BlockArgument, Operation, Region, SSAValue
 
 from ...ir.args import ArgsAttr, Operand
@@ -66,6 +66,8 @@ from ..residual import residual_chain
 from .pipeline_schedule import (
     SCHEDULES,
     PipelinePlan,
+    Timeline,
+    pipeline_plan,
     record,
     simulate,
     stage_function,
@@ -149,7 +151,7 @@ class Pipeline(Pass):
         )
         mean = sum(stage_times) / len(stage_times)
         notes = {
-            "cut": ", ".join(f"after {where(step.chain[c - 1].branch.owner)}" for c in cuts[1:]),
+            "cut": ", ".join(f"after {_module_of(step.chain[c - 1].branch)}" for c in cuts[1:]),
             "predicted": (
                 "stage seconds per micro-batch "
                 + " ".join(f"{t:.3g}" for t in stage_times)
@@ -353,6 +355,21 @@ class StepSplit:
                     "a cut that keeps its readers on one stage"
                 )
             op.attributes[STAGE_ATTR] = IntegerAttr(stage[op], i64)
+
+
+def _module_of(value: SSAValue) -> str:
+    """The module path of the op computing `value`, or of the nearest op before it
+    that has one (a residual branch ends in an add or a collective, which has none)."""
+    stack, seen = [value.owner], set()
+    while stack:
+        op = stack.pop(0)
+        if not isinstance(op, Operation) or op in seen:
+            continue
+        seen.add(op)
+        if isinstance(op.location, NameLoc):
+            return op.location.desc.data
+        stack.extend(v.owner for v in op.operands)
+    return where(value.owner)
 
 
 def _free_ops(ops: list[Operation]) -> set[Operation]:
@@ -567,3 +584,20 @@ def _action_times(step: StepSplit, times) -> dict[tuple[str, int], float]:
         key = (step.kind(op), s)
         out[key] = out.get(key, 0.0) + times.get(op, 0.0)
     return out
+
+
+def pipeline_timeline(module: ModuleOp, target) -> Timeline | None:
+    """A pipelined step's simulated timeline on `target` (a cost.estimate
+    Target): each stage function's estimated time, run as the schedule's
+    action lists with the functions' messages; None when not pipelined."""
+    from ...cost.estimate import estimate
+
+    plan = pipeline_plan(module)
+    if plan is None:
+        return None
+    times = {
+        (kind, s): estimate(module, target, stage_function(kind, s)).schedule.step_time
+        for kind in ("F", "B", "U")
+        for s in range(plan.stages)
+    }
+    return simulate(plan.actions, times, function_messages(module, plan.stages))
