@@ -31,7 +31,7 @@ from plait.passes.shard.pipeline_schedule import (
 )
 from plait.passes.shard.stages import StepSplit, best_cuts, function_messages, stage_sums
 from test_training import _close, _eager, _hf_model, _lm_loss
-from test_training_parallel import ADAMW, _batches, _optimizer
+from test_training_parallel import ADAMW, PARAM_ATOL, _batches, _optimizer
 from xdsl.dialects import func
 
 STEPS = 10
@@ -75,12 +75,12 @@ def runs(tmp_path_factory):
         finally:
             trainer.close()
         out[schedule] = Run(trainer, losses, state, tmp / schedule)
-    return out, batches, expected, reference
+    return out, batches, expected, reference, start
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 def test_pipelined_steps_match_eager_adamw_on_the_whole_batch(runs, schedule):
-    out, _, expected, reference = runs
+    out, _, expected, reference, _ = runs
     run = out[schedule]
     assert run.trainer.mesh == {"pp": 2}
     for step, (loss, want) in enumerate(zip(run.losses, expected)):
@@ -91,7 +91,7 @@ def test_pipelined_steps_match_eager_adamw_on_the_whole_batch(runs, schedule):
 
 def test_a_pipelined_checkpoint_continues_on_one_rank(runs):
     """The checkpoint gathers every stage's state whole, by the model's names."""
-    out, batches, _, _ = runs
+    out, batches, *_ = runs
     run = out["1f1b"]
     resumed = plait.load_training(run.checkpoint, pipeline=CLEAN)
     assert resumed.steps == SAVE_AFTER
@@ -101,6 +101,29 @@ def test_a_pipelined_checkpoint_continues_on_one_rank(runs):
     state = resumed.state_dict()
     for name, tensor in run.state.items():
         _close(state[name], tensor, f"resumed {name}")
+
+
+TP_STEPS = 3
+
+
+def test_pipeline_stages_of_a_tensor_parallel_step_match_eager(runs):
+    """shard{mesh=tp:2} then pipeline: 4 ranks, each stage's tp:2 pair."""
+    _, batches, _, _, start = runs
+    model = _hf_model("llama", num_hidden_layers=2)
+    expected, _, reference = _eager(model, batches[:TP_STEPS], _lm_loss, _optimizer(ADAMW))
+    pipeline = f"{CLEAN},shard{{mesh=tp:2}},{_pipeline('1f1b').removeprefix(CLEAN + ',')}"
+    trainer = plait.load_training(start, pipeline=pipeline)
+    assert trainer.mesh == {"tp": 2, "pp": 2}
+    try:
+        losses = [trainer.step(*batch) for batch in batches[:TP_STEPS]]
+        state = trainer.state_dict()
+    finally:
+        trainer.close()
+    for step, (loss, want) in enumerate(zip(losses, expected)):
+        _close(loss, want, f"pp:2,tp:2: loss of step {step}")
+    for name, tensor in reference.state_dict().items():  # (tp's bound, as test_training_parallel)
+        error = (state[name].double() - tensor.double()).abs().max().item()
+        assert error <= PARAM_ATOL, f"pp:2,tp:2: {name}: max error {error:.3g}"
 
 
 def _functions(module) -> dict[str, func.FuncOp]:
