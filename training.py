@@ -294,8 +294,6 @@ class Trainer:
         micro = _micro_batches(batch, self.spec.accumulation)
         lr_input = torch.tensor(lr, dtype=torch.float64, device=self.device)
         records: list[dict[str, int]] = []
-        if pipeline_plan(self.module) is not None:
-            return self._run_stage(micro, lr_input)
 
         def run(function: str, inputs) -> tuple[torch.Tensor, ...]:
             if not measure:
@@ -304,17 +302,20 @@ class Trainer:
             records.append(record)
             return outputs
 
-        with torch.no_grad():
-            losses = [run(ACCUMULATE, inputs)[0] for inputs in micro[:-1]]
-            losses.append(run(TRAIN_STEP, (*micro[-1], lr_input))[0])
-            loss = losses[0]
-            for more in losses[1:]:
-                loss = loss + more
+        if pipeline_plan(self.module) is not None:
+            loss = self._run_stage(micro, lr_input, run)
+        else:
+            with torch.no_grad():
+                losses = [run(ACCUMULATE, inputs)[0] for inputs in micro[:-1]]
+                losses.append(run(TRAIN_STEP, (*micro[-1], lr_input))[0])
+                loss = losses[0]
+                for more in losses[1:]:
+                    loss = loss + more
         if measure:  # the step's peak: its program that needed the most
             self._measured = max(records, key=lambda r: r[PEAK])
         return loss
 
-    def _run_stage(self, micro: list[tuple], lr_input: torch.Tensor) -> torch.Tensor:
+    def _run_stage(self, micro: list[tuple], lr_input: torch.Tensor, run) -> torch.Tensor:
         """This rank's stage of a pipelined step: its actions of the schedule in
         order, each micro-batch's kept values from its forward to its backward;
         the loss (the last stage's, summed over micro-batches) on every rank."""
@@ -330,16 +331,18 @@ class Trainer:
                 kind, index = parse_action(action)
                 function = stage_function(kind, stage)
                 if kind == UPDATE:
-                    self._run(function, (lr_input,))
+                    run(function, (lr_input,))
                 elif kind == "F":
-                    outputs = self._run(function, micro[index])
+                    outputs = run(function, micro[index])
                     if last:
                         loss = loss + outputs[0]
                     kept[index] = tuple(outputs[1:] if last else outputs)
                 else:
-                    self._run(function, (*micro[index], *kept.pop(index)))
-            for send in self._shared.pop(SENDS, []):  # (the sends went out async)
+                    run(function, (*micro[index], *kept.pop(index)))
+            sends = self._shared.get(SENDS, [])  # (the programs' list: they went out async)
+            for send in sends:
                 send.wait()
+            sends.clear()
             return _from_last_stage(loss, self._groups)
 
     def _with_mask(self, batch: tuple) -> tuple:
@@ -461,6 +464,11 @@ class Trainer:
         saved activations, temporary; "unattributed": kernels' own, CUDA
         only). A sharded step on worker processes gives a list, one per rank."""
         if not measured:
+            if pipeline_plan(self.module) is not None:
+                raise TrainingError(
+                    "memory() predicts a @train_step's; a pipelined step's stages hold different "
+                    "state: measure it (trainer.measure_memory = True, then memory(measured=True))"
+                )
             return step_memory(_function(self.module, TRAIN_STEP))
         if not (self._pool_measured if self._pooled else self._measured):
             raise TrainingError(

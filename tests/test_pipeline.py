@@ -50,6 +50,7 @@ class Run:
     losses: list[torch.Tensor]
     state: dict[str, torch.Tensor]
     checkpoint: object  # saved after SAVE_AFTER steps
+    measured: list[dict[str, int]]  # each rank's memory in the last step
 
 
 @pytest.fixture(scope="module")
@@ -70,11 +71,13 @@ def runs(tmp_path_factory):
             for step, batch in enumerate(batches):
                 if step == SAVE_AFTER:
                     trainer.save(tmp / schedule)
+                trainer.measure_memory = step == STEPS - 1
                 losses.append(trainer.step(*batch))
             state = trainer.state_dict()
+            measured = trainer.memory(measured=True)
         finally:
             trainer.close()
-        out[schedule] = Run(trainer, losses, state, tmp / schedule)
+        out[schedule] = Run(trainer, losses, state, tmp / schedule, measured)
     return out, batches, expected, reference, start
 
 
@@ -173,6 +176,15 @@ def test_parameters_live_on_one_stage_each(runs):
     assert "optimizer.exp_avg.lm_head.weight" in held[1] - held[0]
     assert {"model.layers.0.mlp.up_proj.weight"} <= held[0] - held[1]
     assert {"model.layers.1.mlp.up_proj.weight"} <= held[1] - held[0]
+
+
+def test_a_pipelined_step_measures_each_ranks_memory(runs):
+    """trainer.memory(measured=True): each rank's costliest stage function."""
+    out, *_ = runs
+    for run in out.values():
+        assert len(run.measured) == 2
+        for record in run.measured:
+            assert record["peak"] > 0 and record["optimizer state"] > 0
 
 
 # ---- schedules ------------------------------------------------------------------
