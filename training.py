@@ -455,7 +455,7 @@ class Trainer:
     def memory(self, measured: bool = False) -> dict[str, int] | list[dict[str, int]]:
         """Bytes each rank holds for the step: parameters, gradients, optimizer
         state and gradient accumulators, from the program's types (as `plait
-        estimate` reports them).
+        estimate` reports them; a pipelined step's: the costliest stage's).
 
         `measured=True`: what the last step run with `trainer.measure_memory =
         True` allocated on this rank (see plait.runtime.memory): its "peak"
@@ -464,11 +464,13 @@ class Trainer:
         saved activations, temporary; "unattributed": kernels' own, CUDA
         only). A sharded step on worker processes gives a list, one per rank."""
         if not measured:
-            if pipeline_plan(self.module) is not None:
-                raise TrainingError(
-                    "memory() predicts a @train_step's; a pipelined step's stages hold different "
-                    "state: measure it (trainer.measure_memory = True, then memory(measured=True))"
-                )
+            plan = pipeline_plan(self.module)
+            if plan is not None:  # the stage that holds the most
+                stages = [
+                    step_memory(_function(self.module, stage_function(UPDATE, s)))
+                    for s in range(plan.stages)
+                ]
+                return max(stages, key=lambda m: sum(m.values()))
             return step_memory(_function(self.module, TRAIN_STEP))
         if not (self._pool_measured if self._pooled else self._measured):
             raise TrainingError(
