@@ -29,7 +29,8 @@ from plait.passes.shard.pipeline_schedule import (
     pipeline_plan,
     simulate,
 )
-from plait.passes.shard.stages import StepSplit, best_cuts, function_messages, stage_sums
+from plait.passes.shard.stage_split import StepSplit, function_messages
+from plait.passes.shard.stages import best_cuts, stage_sums
 from test_training import _close, _eager, _hf_model, _lm_loss
 from test_training_parallel import ADAMW, PARAM_ATOL, _batches, _optimizer
 from xdsl.dialects import func
