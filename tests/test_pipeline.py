@@ -336,6 +336,14 @@ def test_clipping_and_accumulation_beside_the_pipeline_are_errors():
         plait.compile_training(model, batch, pipeline=_pipeline("zb"))
 
 
+def test_pipeline_after_a_data_parallel_axis_is_an_error():
+    model = _hf_model("llama", num_hidden_layers=1)
+    batch = _batches(1, rows=4)[0]
+    stages = _pipeline("1f1b", micro=2).removeprefix(CLEAN + ",")
+    with pytest.raises(PlaitError, match=r"data-parallel axis \('dp'\) is not supported yet"):
+        plait.compile_training(model, batch, pipeline=f"{CLEAN},shard{{mesh=dp:2}},{stages}")
+
+
 def test_a_weight_read_on_two_stages_is_an_error():
     model = _hf_model("llama", num_hidden_layers=1, tie_word_embeddings=True)
     batch = _batches(1, rows=4)[0]

@@ -51,6 +51,7 @@ from .pipeline_schedule import (
     simulate,
     stage_function,
 )
+from .rules import DATA_AXES
 from .stage_split import StageError, StepSplit, function_messages, module_of
 
 
@@ -87,6 +88,12 @@ class Pipeline(Pass):
             raise StageError("pipeline applies to a training step (plait.compile_training)")
         if PIPELINE_AXIS in mesh_axes(module):
             raise StageError(f"the step is already pipelined (mesh axis '{PIPELINE_AXIS}')")
+        data = [axis for axis in mesh_axes(module) if axis in DATA_AXES]
+        if data:  # (its gradient buckets mix the stages' parameters)
+            raise StageError(
+                f"pipeline after a data-parallel axis ('{data[0]}') is not supported yet; "
+                "shard over tp only (shard{mesh=tp:N}), or drop the pipeline"
+            )
         if self.microbatches > 1 and ACCUMULATE not in functions:
             raise StageError(
                 f"pipeline{{microbatches={self.microbatches}}} needs the step captured for "
