@@ -252,9 +252,10 @@ class Trainer:
     def prepare(self) -> None:
         """Build the step's programs now (on a rank: read its slices of the state;
         of a pipelined step, its stage's)."""
-        stage = self._stage()
+        plan, rank = pipeline_plan(self.module), self._stage()
+        mine = None if plan is None else _rank_functions(plan, rank)
         for function in self.functions:
-            if stage is None or function.endswith(f"_stage{stage}"):
+            if mine is None or function in mine:
                 self._program(function)
 
     # ---- running ---------------------------------------------------------
@@ -319,26 +320,29 @@ class Trainer:
         """This rank's stage of a pipelined step: its actions of the schedule in
         order, each micro-batch's kept values from its forward to its backward;
         the loss (the last stage's, summed over micro-batches) on every rank."""
-        from .backends.fx import SENDS
+        from .backends.fx import MICRO_BATCH, SENDS
 
         plan = pipeline_plan(self.module)
-        stage = self._stage()
-        last = stage == plan.stages - 1
-        kept: dict[int, tuple] = {}
+        rank = self._stage()
+        last = plan.stages * plan.virtual - 1  # the stage with the loss
+        kept: dict[tuple[int, int], tuple] = {}  # (micro-batch, stage) -> its forward's kept
+        current = self._shared.setdefault(MICRO_BATCH, [0])  # (the programs' message tags)
         loss = torch.zeros((), device=self.device)
         with torch.no_grad():
-            for action in plan.actions[stage]:
-                kind, index = parse_action(action)
-                function = stage_function(kind, stage)
+            for action in plan.actions[rank]:
+                kind, index, chunk = parse_action(action)
                 if kind == UPDATE:
-                    run(function, (lr_input,))
-                elif kind == "F":
-                    outputs = run(function, micro[index])
-                    if last:
+                    run(stage_function(UPDATE, rank), (lr_input,))
+                    continue
+                stage = plan.stage_of(rank, chunk)
+                current[0] = index
+                if kind == "F":
+                    outputs = run(stage_function(kind, stage), micro[index])
+                    if stage == last:
                         loss = loss + outputs[0]
-                    kept[index] = tuple(outputs[1:] if last else outputs)
+                    kept[index, stage] = tuple(outputs[1:] if stage == last else outputs)
                 else:
-                    run(function, (*micro[index], *kept.pop(index)))
+                    run(stage_function(kind, stage), (*micro[index], *kept.pop((index, stage))))
             sends = self._shared.get(SENDS, [])  # (the programs' list: they went out async)
             for send in sends:
                 send.wait()
@@ -522,7 +526,8 @@ class Trainer:
             n: op for n, op in state_params(self.module).items() if not n.startswith(ACCUMULATOR)
         }
         owner = {n: _stage_of(op) for n, op in held.items()}
-        mine = sorted(n for n in held if owner[n] in (None, stage))
+        ranks = pipeline_plan(self.module).stages  # (stage k runs on rank k % ranks)
+        mine = sorted(n for n in held if owner[n] is None or owner[n] % ranks == stage)
         if STATE not in self._programs:
             self._program(STATE, state_module(self.module, mine))
         whole = dict(zip(mine, self._programs[STATE]()))
@@ -545,7 +550,7 @@ class Trainer:
                     [int(d) for d in t.shape], dtype=torch_dtype(t.dtype), device=self.device
                 )
             )
-            dist.broadcast(tensor, _rank_at(first, PIPELINE_AXIS, owner[name]))
+            dist.broadcast(tensor, _rank_at(first, PIPELINE_AXIS, owner[name] % ranks))
             out[name] = tensor
         return {**{name: self.weights.get(name) for name in names if name not in out}, **out}
 
@@ -724,6 +729,14 @@ class Trainer:
             plan=print_module(self.source), programs={0: code}, manifest=manifest
         )
         artifact.write(directory, contents, WeightStore(), [], written=(staging, hashes))
+
+
+def _rank_functions(plan, rank: int) -> set[str]:
+    """The functions a rank of a pipelined step runs: its stages' and its update."""
+    stages = plan.stages_of(rank)
+    return {stage_function(k, s) for k in ("F", "B") for s in stages} | {
+        stage_function(UPDATE, rank)
+    }
 
 
 def _stage_of(op: ParamOp) -> int | None:

@@ -317,6 +317,8 @@ def mesh_coords(mesh: dict[str, int], rank: int) -> dict[str, int]:
 
 
 SENDS = ("sends",)  # the shared dict's list of point-to-point sends not yet waited on
+MICRO_BATCH = ("micro_batch",)  # the shared dict's [index of the micro-batch running]
+TAGS_PER_MICRO_BATCH = 1 << 12  # a module's messages (tags) per micro-batch, at most
 
 
 def _rank_at(groups: CollectiveGroups, axis: str, coord: int) -> int:
@@ -327,17 +329,18 @@ def _rank_at(groups: CollectiveGroups, axis: str, coord: int) -> int:
     return rank
 
 
-def _isend(sends: list, tensor: torch.Tensor, rank: int) -> None:
+def _isend(sends: list, tensor: torch.Tensor, rank: int, tag: int, micro: list) -> None:
     import torch.distributed as dist
 
-    sends.append(dist.isend(tensor.contiguous(), rank))
+    tag += micro[0] * TAGS_PER_MICRO_BATCH
+    sends.append(dist.isend(tensor.contiguous(), rank, tag=tag))
 
 
-def _recv(shape, dtype: torch.dtype, device: torch.device, rank: int) -> torch.Tensor:
+def _recv(shape, dtype, device, rank: int, tag: int, micro: list) -> torch.Tensor:
     import torch.distributed as dist
 
     tensor = torch.empty(shape, dtype=dtype, device=device)
-    dist.recv(tensor, rank)
+    dist.recv(tensor, rank, tag=tag + micro[0] * TAGS_PER_MICRO_BATCH)
     return tensor
 
 
@@ -604,17 +607,19 @@ class _Lowering:
 
     def lower_point_to_point(self, op: SendOp | RecvOp) -> None:
         """torch.distributed's isend (its work kept in the shared `SENDS`, for
-        the runtime to wait on at the step's end) or a blocking recv."""
-        axis, peer = op.axis.data, op.peer.value.data
+        the runtime to wait on at the step's end) or a blocking recv; the tag
+        is the op's plus the micro-batch's (the runtime sets `MICRO_BATCH`)."""
+        axis, peer, tag = op.axis.data, op.peer.value.data, op.tag.value.data
         if self.groups is None or axis not in self.groups.coords:
             raise LoweringError(f"{where(op)}: {op.name} over mesh axis '{axis}' needs its mesh")
         rank = _rank_at(self.groups, axis, peer)
+        micro = self.bind("micro_batch", self.shared.setdefault(MICRO_BATCH, [0]))
         if isinstance(op, SendOp):
             sends = self.bind("sends", self.shared.setdefault(SENDS, []))
-            self._node(_isend, (sends, self.values[op.input], rank), {}, op)
+            self._node(_isend, (sends, self.values[op.input], rank, tag, micro), {}, op)
             return
         t = op.result.type
-        args = (tuple(t.shape), torch_dtype(t.dtype), self.device, rank)
+        args = (tuple(t.shape), torch_dtype(t.dtype), self.device, rank, tag, micro)
         self.values[op.result] = self._node(_recv, args, {}, op)
 
     def lower_collective(self, op: CollectiveOp) -> None:

@@ -474,10 +474,12 @@ class WaitOp(IRDLOperation):
 @irdl_op_definition
 class SendOp(IRDLOperation):
     """Send a tensor to the rank at coordinate `peer` of mesh axis `axis` (the
-    others the same). It returns at once: the runtime waits for a step's sends
-    at its end, so a stage never blocks on a peer that is still computing.
+    others the same); the `plait.recv` with the same `tag` receives it (the
+    runtime adds the micro-batch to the tag). It returns at once: the runtime
+    waits for a step's sends at its end, so a stage never blocks on a peer
+    that is still computing.
 
-        plait.send %h {axis = "pp", peer = 1 : i64} : !plait.tensor<[2, 16, 64], f32>
+        plait.send %h {axis = "pp", peer = 1 : i64, tag = 0 : i64} : !plait.tensor<[2, 16, 64], f32>
     """
 
     name = "plait.send"
@@ -485,22 +487,27 @@ class SendOp(IRDLOperation):
     input = operand_def(TensorType)
     axis = prop_def(StringAttr)
     peer = prop_def(IntegerAttr)
+    tag = prop_def(IntegerAttr)
 
     assembly_format = "$input attr-dict `:` type($input)"
     irdl_options = (ParsePropInAttrDict(),)
 
-    def __init__(self, input: SSAValue, axis: str, peer: int):
+    def __init__(self, input: SSAValue, axis: str, peer: int, tag: int):
         super().__init__(
-            operands=[input], properties={"axis": StringAttr(axis), "peer": IntegerAttr(peer, i64)}
+            operands=[input],
+            properties={
+                "axis": StringAttr(axis),
+                "peer": IntegerAttr(peer, i64),
+                "tag": IntegerAttr(tag, i64),
+            },
         )
 
 
 @irdl_op_definition
 class RecvOp(IRDLOperation):
-    """The tensor the rank at coordinate `peer` of `axis` sends (its sends to
-    this rank arrive in the order it made them).
+    """The tensor the rank at coordinate `peer` of `axis` sends with this `tag`.
 
-        %h = plait.recv {axis = "pp", peer = 0 : i64} : !plait.tensor<[2, 16, 64], f32>
+    %h = plait.recv {axis = "pp", peer = 0 : i64, tag = 0 : i64} : !plait.tensor<[2, 16, 64], f32>
     """
 
     name = "plait.recv"
@@ -508,14 +515,19 @@ class RecvOp(IRDLOperation):
     result = result_def(TensorType)
     axis = prop_def(StringAttr)
     peer = prop_def(IntegerAttr)
+    tag = prop_def(IntegerAttr)
 
     assembly_format = "attr-dict `:` type($result)"
     irdl_options = (ParsePropInAttrDict(),)
 
-    def __init__(self, result_type: TensorType, axis: str, peer: int):
+    def __init__(self, result_type: TensorType, axis: str, peer: int, tag: int):
         super().__init__(
             result_types=[result_type],
-            properties={"axis": StringAttr(axis), "peer": IntegerAttr(peer, i64)},
+            properties={
+                "axis": StringAttr(axis),
+                "peer": IntegerAttr(peer, i64),
+                "tag": IntegerAttr(tag, i64),
+            },
         )
 
 

@@ -25,7 +25,9 @@ from plait.passes.manager import PassManager
 from plait.passes.shard.pipeline_schedule import (
     DeadlockError,
     gpipe,
+    interleaved,
     one_f_one_b,
+    parse_action,
     pipeline_plan,
     simulate,
 )
@@ -219,14 +221,23 @@ def test_gpipe_and_1f1b_have_the_textbook_order():
     ]
     # fewer micro-batches than the warm-up: all forwards first
     assert one_f_one_b(4, 2)[0] == ["F0", "F1", "B0", "B1", "U"]
+    # Megatron's interleaved order: 2 ranks x 2 chunks, micro-batches in groups of 2
+    assert interleaved(2, 4, 2) == [
+        ["F0.0", "F1.0", "F0.1", "F1.1", "F2.0", "B0.1", "F3.0", "B1.1", "F2.1", "B0.0"]
+        + ["F3.1", "B1.0", "B2.1", "B3.1", "B2.0", "B3.0", "U"],
+        ["F0.0", "F1.0", "F0.1", "B0.1", "F1.1", "B1.1", "F2.0", "B0.0", "F3.0", "B1.0"]
+        + ["F2.1", "B2.1", "F3.1", "B3.1", "B2.0", "B3.0", "U"],
+    ]
 
 
 def _chain(stages: int) -> dict:
-    """A straight pipeline's messages: activations up in F, gradients down in B."""
+    """A straight pipeline's messages: activations up in F (tag s from stage s),
+    gradients down in B (tag 100 + s to stage s)."""
     messages = {}
     for s in range(stages):
-        messages["F", s] = [("recv", s - 1)] * (s > 0) + [("send", s + 1)] * (s < stages - 1)
-        messages["B", s] = [("recv", s + 1)] * (s < stages - 1) + [("send", s - 1)] * (s > 0)
+        up, down = s < stages - 1, s > 0
+        messages["F", s] = [("recv", s - 1)] * down + [("send", s)] * up
+        messages["B", s] = [("recv", 100 + s)] * up + [("send", 99 + s)] * down
     return messages
 
 
@@ -245,7 +256,7 @@ def test_schedules_run_to_the_end_and_1f1b_keeps_fewer_activations(make):
 
 def test_a_schedule_that_waits_for_a_message_never_sent_deadlocks():
     backward_first = [["B0", "F0", "U"], ["F0", "B0", "U"]]  # each waits for the other
-    with pytest.raises(DeadlockError, match="stage 0 waits in B0"):
+    with pytest.raises(DeadlockError, match="rank 0 waits in B0"):
         simulate(backward_first, {}, _chain(2))
 
 
@@ -253,15 +264,16 @@ def test_every_send_of_the_compiled_stages_has_its_recv(runs):
     out, *_ = runs
     for schedule, run in out.items():
         module = run.trainer.module
-        messages = function_messages(module, 2)
+        messages = function_messages(module)
         plan = pipeline_plan(module)
-        counts: dict = {}
+        counts: dict = {}  # (tag, micro-batch) -> [sends, recvs]
         for s, actions in enumerate(plan.actions):
             for action in actions:
-                for what, peer in messages.get((action[0], s), []):
-                    channel = (s, peer) if what == "send" else (peer, s)
-                    counts.setdefault(channel, [0, 0])[what == "recv"] += 1
-        assert counts == {(0, 1): [MICRO, MICRO], (1, 0): [MICRO, MICRO]}, schedule
+                kind, index, _ = parse_action(action)
+                for what, tag in messages.get((kind, s), []):
+                    counts.setdefault((tag, index), [0, 0])[what == "recv"] += 1
+        assert sorted(counts) == [(tag, i) for tag in (0, 1) for i in range(MICRO)], schedule
+        assert all(c == [1, 1] for c in counts.values()), schedule
         simulate(plan.actions, {}, messages)  # (raises if it deadlocks)
 
 

@@ -2,7 +2,9 @@
 
 An action is "F<i>" (the forward of micro-batch i), "B<i>" (its backward,
 adding into the gradient accumulators) or "U" (the optimizer's update, once
-per step). Each action runs one IR function of its stage (`stage_function`);
+per step); with V virtual stages per rank (interleaved), "F<i>.<v>" is the
+forward of micro-batch i on the rank's chunk v, virtual stage v * S + rank.
+Each action runs one IR function of its (virtual) stage (`stage_function`);
 the point-to-point sends and receives are ops inside those functions.
 
     gpipe(2, 3)      -> [[F0 F1 F2 B0 B1 B2 U], [F0 F1 F2 B0 B1 B2 U]]
@@ -11,9 +13,11 @@ the point-to-point sends and receives are ops inside those functions.
 1F1B (PipeDream-Flush, Megatron's default): stage s runs S-1-s warm-up
 forwards, then one forward and one backward in turn, then the cool-down's
 backwards; at most S-s micro-batches' activations are alive on stage s.
-`simulate` runs the action lists with the functions' messages (sends never
-block, a receive waits for its send), for the predicted timeline and to
-prove that a schedule cannot deadlock.
+Interleaved 1F1B (Narayanan et al. 2021, Megatron's order) gives each rank V
+chunks, shrinking the bubble V-fold. `simulate` runs the action lists with
+the functions' messages (sends never block, a receive waits for its send,
+matched by tag and micro-batch), for the predicted timeline and to prove
+that a schedule cannot deadlock.
 """
 
 from __future__ import annotations
@@ -34,13 +38,13 @@ def stage_function(kind: str, stage: int) -> str:
     return f"{KINDS[kind]}_stage{stage}"
 
 
-def gpipe(stages: int, micro: int) -> list[list[str]]:
+def gpipe(stages: int, micro: int, virtual: int = 1) -> list[list[str]]:
     """All forwards, then all backwards (GPipe, Huang et al. 2019)."""
     one = [f"F{i}" for i in range(micro)] + [f"B{i}" for i in range(micro)] + [UPDATE]
     return [list(one) for _ in range(stages)]
 
 
-def one_f_one_b(stages: int, micro: int) -> list[list[str]]:
+def one_f_one_b(stages: int, micro: int, virtual: int = 1) -> list[list[str]]:
     """Warm-up forwards, then one forward one backward, then the cool-down."""
     out = []
     for s in range(stages):
@@ -53,22 +57,57 @@ def one_f_one_b(stages: int, micro: int) -> list[list[str]]:
     return out
 
 
-SCHEDULES = {"gpipe": gpipe, "1f1b": one_f_one_b}
+def interleaved(stages: int, micro: int, virtual: int) -> list[list[str]]:
+    """Megatron's interleaved 1F1B: the k-th forward of a rank is micro-batch
+    (k // (S V)) S + k % S on chunk (k // S) % V, its k-th backward the same
+    micro-batch on chunk V - 1 - (k // S) % V; rank r warms up with
+    2 (S - r - 1) + (V - 1) S forwards. Needs micro-batches a multiple of S."""
+    total = micro * virtual
+
+    def micro_of(k: int) -> int:
+        return (k // (stages * virtual)) * stages + k % stages
+
+    out = []
+    for r in range(stages):
+        warm = min(2 * (stages - r - 1) + (virtual - 1) * stages, total)
+        forwards = [f"F{micro_of(k)}.{(k // stages) % virtual}" for k in range(total)]
+        backwards = [
+            f"B{micro_of(k)}.{virtual - 1 - (k // stages) % virtual}" for k in range(total)
+        ]
+        actions = forwards[:warm]
+        for k in range(total - warm):
+            actions += [forwards[warm + k], backwards[k]]
+        out.append([*actions, *backwards[total - warm :], UPDATE])
+    return out
 
 
-def parse_action(action: str) -> tuple[str, int | None]:
-    """'F3' -> ('F', 3); 'U' -> ('U', None)."""
-    return action[0], int(action[1:]) if len(action) > 1 else None
+SCHEDULES = {"gpipe": gpipe, "1f1b": one_f_one_b, "interleaved": interleaved}
+
+
+def parse_action(action: str) -> tuple[str, int | None, int]:
+    """'F3' -> ('F', 3, 0); 'B3.1' -> ('B', 3, 1) (chunk 1); 'U' -> ('U', None, 0)."""
+    if len(action) == 1:
+        return action, None, 0
+    index, _, chunk = action[1:].partition(".")
+    return action[0], int(index), int(chunk or 0)
 
 
 @dataclass(frozen=True)
 class PipelinePlan:
     """What the pipeline pass recorded on the module (`plait.pipeline`)."""
 
-    stages: int
+    stages: int  # ranks along pp
     microbatches: int
     schedule: str
-    actions: list[list[str]]
+    actions: list[list[str]]  # per rank
+    virtual: int = 1  # stages (chunks) per rank: stage v * stages + rank is the rank's chunk v
+
+    def stage_of(self, rank: int, chunk: int) -> int:
+        return chunk * self.stages + rank
+
+    def stages_of(self, rank: int) -> list[int]:
+        """The (virtual) stages a rank runs."""
+        return [self.stage_of(rank, v) for v in range(self.virtual)]
 
 
 def record(module: ModuleOp, plan: PipelinePlan, notes: dict[str, str]) -> None:
@@ -77,6 +116,7 @@ def record(module: ModuleOp, plan: PipelinePlan, notes: dict[str, str]) -> None:
         {
             "stages": IntegerAttr(plan.stages, i64),
             "microbatches": IntegerAttr(plan.microbatches, i64),
+            "virtual": IntegerAttr(plan.virtual, i64),
             "schedule": StringAttr(plan.schedule),
             "actions": ArrayAttr([ArrayAttr([StringAttr(a) for a in row]) for row in plan.actions]),
             **{k: StringAttr(v) for k, v in notes.items()},
@@ -96,6 +136,7 @@ def pipeline_plan(module: ModuleOp) -> PipelinePlan | None:
             fields["microbatches"].value.data,
             fields["schedule"].data,
             [[a.data for a in row.data] for row in fields["actions"].data],
+            fields["virtual"].value.data,
         )
     except (KeyError, AttributeError) as exc:
         raise PlaitError(
@@ -104,14 +145,15 @@ def pipeline_plan(module: ModuleOp) -> PipelinePlan | None:
         ) from None
 
 
-# a function's messages in order: ("send" | "recv", peer stage)
+# a (virtual) stage function's messages in order: ("send" | "recv", tag); a
+# send and its recv share a tag, unique in the module, and a micro-batch
 Messages = dict[tuple[str, int], list[tuple[str, int]]]
 
 
 @dataclass
 class Timeline:
-    """A simulated step: per stage, (action, start, end); the step's time and
-    its bubble (the share of stage time spent waiting)."""
+    """A simulated step: per rank, (action, start, end); the step's time and
+    its bubble (the share of rank time spent waiting)."""
 
     spans: list[list[tuple[str, float, float]]]
     time: float
@@ -125,56 +167,48 @@ class DeadlockError(PlaitError):
 def simulate(
     actions: list[list[str]], times: dict[tuple[str, int], float], messages: Messages
 ) -> Timeline:
-    """Run the stages' action lists: an action starts when its stage is free
+    """Run the ranks' action lists: an action starts when its rank is free
     and each message it receives was sent (by its sender's action's end);
-    sends never block. `times[(kind, stage)]` is an action's seconds.
-    Raises DeadlockError when no stage can go on."""
-    stages = len(actions)
-    sent: dict[tuple[int, int], list[float]] = {}  # (from, to) -> send times, in order
-    taken: dict[tuple[int, int], int] = {}  # (from, to) -> messages received
-    next_action = [0] * stages
-    clock = [0.0] * stages
-    spans: list[list[tuple[str, float, float]]] = [[] for _ in range(stages)]
+    sends never block. `times[(kind, stage)]` is an action's seconds (the
+    update's by rank). Raises DeadlockError when no rank can go on."""
+    ranks = len(actions)
+    sent: dict[tuple[int, int | None], float] = {}  # (tag, micro-batch) -> when
+    next_action = [0] * ranks
+    clock = [0.0] * ranks
+    spans: list[list[tuple[str, float, float]]] = [[] for _ in range(ranks)]
     progress = True
     while progress:
         progress = False
-        for s in range(stages):
-            while next_action[s] < len(actions[s]):
-                action = actions[s][next_action[s]]
-                kind, _ = parse_action(action)
-                talk = messages.get((kind, s), [])
-                counts: dict[int, int] = {}
-                ready = clock[s]
-                for what, peer in talk:
-                    if what != "recv":
-                        continue
-                    k = taken.get((peer, s), 0) + counts.get(peer, 0)
-                    arrived = sent.get((peer, s), [])
-                    if k >= len(arrived):
-                        break
-                    counts[peer] = counts.get(peer, 0) + 1
-                    ready = max(ready, arrived[k])
-                else:
-                    end = ready + times.get((kind, s), 0.0)
-                    for peer, n in counts.items():
-                        taken[peer, s] = taken.get((peer, s), 0) + n
-                    for what, peer in talk:
-                        if what == "send":
-                            sent.setdefault((s, peer), []).append(end)
-                    spans[s].append((action, ready, end))
-                    clock[s] = end
-                    next_action[s] += 1
-                    progress = True
-                    continue
-                break
-    stuck = [s for s in range(stages) if next_action[s] < len(actions[s])]
+        for r in range(ranks):
+            while next_action[r] < len(actions[r]):
+                action = actions[r][next_action[r]]
+                kind, index, chunk = parse_action(action)
+                stages = _action_stages(actions, r, kind, chunk)
+                talk = [m for stage in stages for m in messages.get((kind, stage), [])]
+                waits = [sent.get((tag, index)) for what, tag in talk if what == "recv"]
+                if None in waits:
+                    break
+                end = max([clock[r], *waits]) + sum(times.get((kind, s), 0.0) for s in stages)
+                for what, tag in talk:
+                    if what == "send":
+                        sent[tag, index] = end
+                spans[r].append((action, max([clock[r], *waits]), end))
+                clock[r] = end
+                next_action[r] += 1
+                progress = True
+    stuck = [r for r in range(ranks) if next_action[r] < len(actions[r])]
     if stuck:
-        s = stuck[0]
+        r = stuck[0]
         raise DeadlockError(
-            f"the schedule deadlocks: stage {s} waits in {actions[s][next_action[s]]} for a "
-            "message no stage sends"
+            f"the schedule deadlocks: rank {r} waits in {actions[r][next_action[r]]} for a "
+            "message no rank sends"
         )
     time = max(clock) if clock else 0.0
     busy = sum(end - start for row in spans for _, start, end in row)
-    bubble = 1 - busy / (stages * time) if time > 0 else 0.0
+    bubble = 1 - busy / (ranks * time) if time > 0 else 0.0
     return Timeline(spans, time, bubble)
+
+
+def _action_stages(actions: list[list[str]], rank: int, kind: str, chunk: int) -> list[int]:
+    """The stage function an action of `rank` runs: its chunk's, or the rank's update."""
+    return [rank] if kind == UPDATE else [chunk * len(actions) + rank]

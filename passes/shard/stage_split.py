@@ -36,7 +36,7 @@ from ...ir.training import (
     step_phases,
 )
 from ..residual import residual_chain
-from .pipeline_schedule import stage_function
+from .pipeline_schedule import KINDS, stage_function
 
 KIND_OF_PHASE = {FORWARD: "F", BACKWARD: "B", OPTIMIZER: "U"}
 
@@ -141,13 +141,17 @@ class StepSplit:
     def kind(self, op: Operation) -> str:
         return KIND_OF_PHASE[self.phases.get(op, BACKWARD)]
 
-    def build(self, cuts: list[int], stages: int) -> list[func.FuncOp]:
+    def build(self, cuts: list[int], stages: int, ranks: int) -> list[func.FuncOp]:
+        """Each stage's forward and backward, each rank's update (of its stages:
+        stage k runs on rank k % ranks)."""
         stage = self.placed = self.stage_of(cuts)
         self._check_parameters(stage)
         groups: dict[tuple[str, int], list[Operation]] = {}
         for op in self.ops:
             if op in stage and not isinstance(op, ParamOp):
-                groups.setdefault((self.kind(op), stage[op]), []).append(op)
+                kind = self.kind(op)
+                key = (kind, stage[op] % ranks if kind == "U" else stage[op])
+                groups.setdefault(key, []).append(op)
         side_effects = [  # free updates no op reads: the step count's, on every stage
             op
             for op in self.ops
@@ -156,13 +160,13 @@ class StepSplit:
             and writes_input(op.target_name)
             and not any(r.uses for r in op.results)
         ]
-        for s in range(stages):
-            groups.setdefault(("U", s), []).extend(side_effects)
+        for r in range(ranks):
+            groups.setdefault(("U", r), []).extend(side_effects)
         needs = {key: self._closure(ops) for key, ops in groups.items()}
-        plan = _Messages(self, stage, needs, stages)
+        plan = _Messages(self, stage, needs, stages, ranks)
         built = []
-        for kind in ("F", "B", "U"):
-            for s in range(stages):
+        for kind, count in (("F", stages), ("B", stages), ("U", ranks)):
+            for s in range(count):
                 built.append(plan.function(kind, s, needs.get((kind, s), set())))
         return built
 
@@ -292,8 +296,8 @@ def _unmark(value: SSAValue, name: str) -> None:
 class _Messages:
     """Which values each stage's functions receive, keep and send."""
 
-    def __init__(self, step: StepSplit, stage, needs, stages: int):
-        self.step, self.stage, self.stages = step, stage, stages
+    def __init__(self, step: StepSplit, stage, needs, stages: int, ranks: int):
+        self.step, self.stage, self.stages, self.ranks = step, stage, stages, ranks
         position = step.position
         self.inputs: dict[tuple[str, int], list[SSAValue]] = {}  # values from elsewhere
         for key, ops in needs.items():
@@ -305,8 +309,9 @@ class _Messages:
             }
             self.inputs[key] = sorted(found, key=lambda v: position[v.owner])
         self.kept: dict[int, list[SSAValue]] = {}  # forward values each backward reads
-        self.sends: dict[tuple[str, int], dict[SSAValue, list[int]]] = {}
-        self.recvs: dict[tuple[str, int], list[tuple[SSAValue, int]]] = {}
+        # (kind, stage) -> value -> [(peer rank, tag)]; (kind, stage) -> [(value, peer rank, tag)]
+        self.sends: dict[tuple[str, int], dict[SSAValue, list[tuple[int, int]]]] = {}
+        self.recvs: dict[tuple[str, int], list[tuple[SSAValue, int, int]]] = {}
         for s in range(stages):
             kept = []
             for v in self.inputs.get(("B", s), []):
@@ -336,8 +341,17 @@ class _Messages:
         return self.step.kind(value.owner), self.stage[value.owner]
 
     def _message(self, kind: str, sender: int, receiver: int, value: SSAValue) -> None:
-        self.sends.setdefault((kind, sender), {}).setdefault(value, []).append(receiver)
-        self.recvs.setdefault((kind, receiver), []).append((value, sender))
+        """A send and its recv, with the module's next tag."""
+        if sender % self.ranks == receiver % self.ranks:
+            raise StageError(
+                f"{where(value.owner)}: stages {sender} and {receiver} both run on rank "
+                f"{sender % self.ranks} and this value goes from one to the other; use fewer "
+                "virtual stages"
+            )
+        tag = sum(len(r) for r in self.recvs.values())
+        peers = self.sends.setdefault((kind, sender), {}).setdefault(value, [])
+        peers.append((receiver % self.ranks, tag))
+        self.recvs.setdefault((kind, receiver), []).append((value, sender % self.ranks, tag))
 
     def _refuse(self, value: SSAValue, what: str, producer: int, reader: int) -> None:
         raise StageError(
@@ -358,10 +372,10 @@ class _Messages:
         for new, old in zip(block.args, [*args, *kept]):
             new.name_hint = _unique(old.name_hint or "kept", names)
             mapping[old] = new
-        for value, peer in self.recvs.get((kind, s), []):
+        for value, peer, tag in self.recvs.get((kind, s), []):
             if value in mapping:
                 continue
-            recv = RecvOp(value.type, PIPELINE_AXIS, peer)
+            recv = RecvOp(value.type, PIPELINE_AXIS, peer, tag)
             recv.results[0].name_hint = value.name_hint
             block.add_op(recv)
             mapping[value] = recv.results[0]
@@ -375,8 +389,8 @@ class _Messages:
             clone = op.clone(value_mapper=mapping)
             block.add_op(clone)
             for result in op.results:
-                for peer in sends.get(result, []):
-                    block.add_op(SendOp(mapping[result], PIPELINE_AXIS, peer))
+                for peer, tag in sends.get(result, []):
+                    block.add_op(SendOp(mapping[result], PIPELINE_AXIS, peer, tag))
         outputs = []
         if kind == "F":
             if s == self.stages - 1:
@@ -406,16 +420,19 @@ def _unique(name: str, taken: set[str]) -> str:
     return out
 
 
-def function_messages(module: ModuleOp, stages: int) -> dict[tuple[str, int], list]:
-    """Each stage function's sends and receives in order: (("F"|"B"|"U", stage) ->
-    [("send" | "recv", peer stage)]), what `simulate` runs."""
-    functions = {f.sym_name.data: f for f in module.ops if isinstance(f, func.FuncOp)}
+def function_messages(module: ModuleOp) -> dict[tuple[str, int], list]:
+    """Each stage function's sends and receives in order: (("F"|"B", stage) ->
+    [("send" | "recv", tag)]), what `simulate` runs."""
     out = {}
-    for kind in ("F", "B", "U"):
-        for s in range(stages):
-            talk = []
-            for op in functions[stage_function(kind, s)].walk():
-                if isinstance(op, (SendOp, RecvOp)) and op.axis.data == PIPELINE_AXIS:
-                    talk.append(("send" if isinstance(op, SendOp) else "recv", op.peer.value.data))
-            out[kind, s] = talk
+    for fn in module.ops:
+        if not isinstance(fn, func.FuncOp):
+            continue
+        kind, _, stage = fn.sym_name.data.partition("_stage")
+        talk = [
+            ("send" if isinstance(op, SendOp) else "recv", op.tag.value.data)
+            for op in fn.walk()
+            if isinstance(op, (SendOp, RecvOp)) and op.axis.data == PIPELINE_AXIS
+        ]
+        if stage.isdigit() and kind != KINDS["U"]:
+            out[kind[0].upper(), int(stage)] = talk
     return out

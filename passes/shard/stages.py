@@ -63,6 +63,7 @@ class Pipeline(Pass):
     stages: int = 2
     microbatches: int = 1
     schedule: str = "1f1b"
+    virtual: int = 1  # stages per rank (interleaved)
     hardware: str = "cpu"
 
     def __post_init__(self):
@@ -76,6 +77,18 @@ class Pipeline(Pass):
         if self.schedule not in SCHEDULES:
             raise OptionError(
                 f"schedule '{self.schedule}' is not one of {', '.join(SCHEDULES)}", "schedule"
+            )
+        if (self.schedule == "interleaved") != (self.virtual > 1):
+            raise OptionError(
+                f"virtual={self.virtual}: schedule=interleaved runs virtual >= 2 stages per "
+                "rank, gpipe and 1f1b one (virtual=1)",
+                "virtual",
+            )
+        if self.virtual > 1 and self.microbatches % self.stages:
+            raise OptionError(
+                f"interleaved needs microbatches a multiple of stages ({self.stages}), not "
+                f"{self.microbatches}",
+                "microbatches",
             )
         check_hardware(self.hardware)
 
@@ -111,24 +124,26 @@ class Pipeline(Pass):
         times = {row.op: row.time for row in report.ops}
         step = StepSplit(fn)
         costs = step.segment_costs(times)
-        if len(costs) < self.stages:
+        count = self.stages * self.virtual
+        if len(costs) < count:
+            virtual = f" x virtual={self.virtual}" if self.virtual > 1 else ""
             raise StageError(
-                f"pipeline{{stages={self.stages}}}: the step has {len(costs) - 1} residual "
-                f"boundaries, so at most {len(costs)} non-empty stages; use stages <= "
-                f"{len(costs)} (or a model with more layers)"
+                f"pipeline{{stages={self.stages}}}{virtual}: the step has {len(costs) - 1} "
+                f"residual boundaries, so at most {len(costs)} non-empty stages; use stages "
+                f"<= {len(costs)} (or a model with more layers)"
             )
-        cuts = best_cuts(costs, self.stages)
+        cuts = best_cuts(costs, count)
         stage_times = stage_sums(costs, cuts)
-        built = step.build(cuts, self.stages)
+        built = step.build(cuts, count, self.stages)
         for f in functions.values():
             f.detach()
         for f in built:
             module.body.blocks.first.add_op(f)
         axes = {**mesh_axes(module), PIPELINE_AXIS: self.stages}
         module.attributes[MESH_ATTR] = MeshAttr(tuple(axes.items()))
-        actions = SCHEDULES[self.schedule](self.stages, self.microbatches)
+        actions = SCHEDULES[self.schedule](self.stages, self.microbatches, self.virtual)
         timeline = simulate(
-            actions, _action_times(step, times), function_messages(module, self.stages)
+            actions, _action_times(step, times, self.stages), function_messages(module)
         )
         mean = sum(stage_times) / len(stage_times)
         notes = {
@@ -140,7 +155,7 @@ class Pipeline(Pass):
                 f"bubble {timeline.bubble:.0%} on {self.hardware}"
             ),
         }
-        plan = PipelinePlan(self.stages, self.microbatches, self.schedule, actions)
+        plan = PipelinePlan(self.stages, self.microbatches, self.schedule, actions, self.virtual)
         record(module, plan, notes)
 
 
@@ -179,11 +194,13 @@ def stage_sums(costs: list[float], cuts: list[int]) -> list[float]:
     return [sum(costs[a:b]) for a, b in zip(cuts, ends)]
 
 
-def _action_times(step: StepSplit, times) -> dict[tuple[str, int], float]:
-    """Predicted seconds of each stage function: its original ops' times."""
+def _action_times(step: StepSplit, times, ranks: int) -> dict[tuple[str, int], float]:
+    """Predicted seconds of each stage function (a rank's, for the update): its
+    original ops' times."""
     out: dict[tuple[str, int], float] = {}
     for op, s in step.placed.items():
-        key = (step.kind(op), s)
+        kind = step.kind(op)
+        key = (kind, s % ranks if kind == "U" else s)
         out[key] = out.get(key, 0.0) + times.get(op, 0.0)
     return out
 
@@ -197,9 +214,10 @@ def pipeline_timeline(module: ModuleOp, target) -> Timeline | None:
     plan = pipeline_plan(module)
     if plan is None:
         return None
+    count = plan.stages * plan.virtual
     times = {
         (kind, s): estimate(module, target, stage_function(kind, s)).schedule.step_time
-        for kind in ("F", "B", "U")
-        for s in range(plan.stages)
+        for kind, n in (("F", count), ("B", count), ("U", plan.stages))
+        for s in range(n)
     }
-    return simulate(plan.actions, times, function_messages(module, plan.stages))
+    return simulate(plan.actions, times, function_messages(module))
