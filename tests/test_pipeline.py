@@ -43,8 +43,9 @@ MICRO = 4  # micro-batches of one row each
 CLEAN = "canonicalize,cse,dce"
 
 
-def _pipeline(schedule: str, stages: int = 2, micro: int = MICRO) -> str:
-    return f"{CLEAN},pipeline{{stages={stages},microbatches={micro},schedule={schedule}}}"
+def _pipeline(schedule: str, stages: int = 2, micro: int = MICRO, virtual: int = 1) -> str:
+    chunks = f",virtual={virtual}" if virtual > 1 else ""
+    return f"{CLEAN},pipeline{{stages={stages},microbatches={micro},schedule={schedule}{chunks}}}"
 
 
 @dataclass
@@ -66,7 +67,11 @@ def runs(tmp_path_factory):
     expected, _, reference = _eager(model, batches, _lm_loss, _optimizer(ADAMW))
     first = plait.compile_training(model, batches[0], pipeline=_pipeline("gpipe"), **ADAMW)
     start = first.save(tmp / "start")
-    trainers = {"gpipe": first, "1f1b": plait.load_training(start, pipeline=_pipeline("1f1b"))}
+    trainers = {
+        "gpipe": first,
+        "1f1b": plait.load_training(start, pipeline=_pipeline("1f1b")),
+        "interleaved": plait.load_training(start, pipeline=_pipeline("interleaved", virtual=2)),
+    }
     out = {}
     for schedule, trainer in trainers.items():
         losses = []
@@ -84,7 +89,7 @@ def runs(tmp_path_factory):
     return out, batches, expected, reference, start
 
 
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved"])
 def test_pipelined_steps_match_eager_adamw_on_the_whole_batch(runs, schedule):
     out, _, expected, reference, _ = runs
     run = out[schedule]
@@ -159,6 +164,31 @@ def test_the_ir_shows_stages_messages_and_schedule(runs):
     text = print_module(module)
     assert '[["F0", "F1", "B0", "F2", "B1", "F3", "B2", "B3", "U"]' in text
     assert print_module(parse_module(text)) == text
+
+
+def test_interleaved_ranks_run_two_stages_each_and_wrap_around(runs):
+    """Stages 0 and 2 on rank 0, 1 and 3 on rank 1: stage 1 sends its hidden
+    state to stage 2, back on rank 0; each rank has one update."""
+    out, *_ = runs
+    module = out["interleaved"].trainer.module
+    plan = pipeline_plan(module)
+    assert (plan.virtual, plan.stages_of(0), plan.stages_of(1)) == (2, [0, 2], [1, 3])
+    names = _functions(module)
+    assert {f"update_stage{r}" for r in (0, 1)} <= set(names) and "update_stage2" not in names
+    peers = {
+        function: [
+            (type(o).__name__, o.peer.value.data)
+            for o in names[function].walk()
+            if isinstance(o, (SendOp, RecvOp))
+        ]
+        for function in ("forward_stage1", "forward_stage2")
+    }
+    assert peers == {
+        "forward_stage1": [("RecvOp", 0), ("SendOp", 0)],
+        "forward_stage2": [("RecvOp", 1), ("SendOp", 1)],
+    }
+    cut = "after model.layers.0.self_attn.o_proj, after model.layers.0.mlp.down_proj, after "
+    assert f'cut = "{cut}model.layers.1.self_attn.o_proj"' in print_module(module)
 
 
 def test_parameters_live_on_one_stage_each(runs):
@@ -267,12 +297,14 @@ def test_every_send_of_the_compiled_stages_has_its_recv(runs):
         messages = function_messages(module)
         plan = pipeline_plan(module)
         counts: dict = {}  # (tag, micro-batch) -> [sends, recvs]
-        for s, actions in enumerate(plan.actions):
+        for rank, actions in enumerate(plan.actions):
             for action in actions:
-                kind, index, _ = parse_action(action)
-                for what, tag in messages.get((kind, s), []):
+                kind, index, chunk = parse_action(action)
+                for what, tag in messages.get((kind, plan.stage_of(rank, chunk)), []):
                     counts.setdefault((tag, index), [0, 0])[what == "recv"] += 1
-        assert sorted(counts) == [(tag, i) for tag in (0, 1) for i in range(MICRO)], schedule
+        # each boundary between stages: its hidden state up, its gradient down
+        tags = range(2 * (plan.stages * plan.virtual - 1))
+        assert sorted(counts) == [(tag, i) for tag in tags for i in range(MICRO)], schedule
         assert all(c == [1, 1] for c in counts.values()), schedule
         simulate(plan.actions, {}, messages)  # (raises if it deadlocks)
 
