@@ -57,6 +57,8 @@ BAD_OPTIONS = [
     ("pipeline{microbatches=0}", "microbatches=0", "microbatches must be >= 1"),
     ("pipeline{schedule=zb}", "schedule=zb", "not one of gpipe, 1f1b"),
     ("pipeline{hardware=h900}", "hardware=h900", "unknown hardware 'h900'"),
+    ("pipeline{schedule=interleaved}", "schedule=interleaved", "runs virtual >= 2 stages"),
+    ("pipeline{virtual=2}", "virtual=2", "gpipe and 1f1b one (virtual=1)"),
     ("canonicalize,shard{mesh=tp:2},nosuchpass", "nosuchpass", "unknown pass"),
 ]
 

@@ -1,4 +1,4 @@
-"""pipeline{stages=S,microbatches=M,schedule=gpipe|1f1b,hardware=cpu}:
+"""pipeline{stages=S,microbatches=M,schedule=gpipe|1f1b|interleaved,virtual=V,hardware=cpu}:
 pipeline parallelism for a training step.
 
 The step's forward is cut into S stages at residual-stream boundaries
@@ -14,18 +14,20 @@ dataflow:
 - ops that read only inputs, buffers and constants (masks, rotary tables,
   the learning-rate schedule's scalars) are recomputed where needed.
 
-Each stage s gets three functions on a new mesh axis `pp:S`:
+With `virtual=V` (schedule=interleaved) the cut makes S x V stages and
+stage k runs on rank k % S. Each stage k gets a forward and a backward
+function, each rank r one update, on a new mesh axis `pp:S`:
 
-    @forward_stage<s>(batch...) -> (loss on the last stage, values kept for backward...)
-    @backward_stage<s>(batch..., kept...)     the gradients added into the accumulators
-    @update_stage<s>(%lr)                     the optimizer, the accumulators zeroed
+    @forward_stage<k>(batch...) -> (loss on the last stage, values kept for backward...)
+    @backward_stage<k>(batch..., kept...)     the gradients added into the accumulators
+    @update_stage<r>(%lr)                     the optimizer on r's stages, accumulators zeroed
 
 Values crossing stages are `plait.send`/`plait.recv` ops (forward values up,
-their gradients down). The step must be captured for M micro-batches
-(`plait.compile_training` does it: the loss of each is divided by M as
-gradient accumulation divides it), so the M backwards sum to the whole
-batch's gradient. The schedule (`pipeline_schedule`) is recorded on the
-module as each stage's list of actions:
+their gradients down), each pair with its own tag. The step must be captured
+for M micro-batches (`plait.compile_training` does it: the loss of each is
+divided by M as gradient accumulation divides it), so the M backwards sum to
+the whole batch's gradient. The schedule (`pipeline_schedule`) is recorded
+on the module as each rank's list of actions:
 
     canonicalize,cse,dce,pipeline{stages=2,microbatches=4,schedule=1f1b}
 """
@@ -82,7 +84,7 @@ class Pipeline(Pass):
             raise OptionError(
                 f"virtual={self.virtual}: schedule=interleaved runs virtual >= 2 stages per "
                 "rank, gpipe and 1f1b one (virtual=1)",
-                "virtual",
+                "virtual" if self.virtual > 1 else "schedule",
             )
         if self.virtual > 1 and self.microbatches % self.stages:
             raise OptionError(
