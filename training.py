@@ -210,8 +210,8 @@ class Trainer:
         """The function a micro-batch enters: @train_step, or the first stage's forward."""
         return stage_function("F", 0) if pipeline_plan(self.module) else TRAIN_STEP
 
-    def _stage(self) -> int | None:
-        """This rank's pipeline stage (None when the step is not pipelined)."""
+    def _pp_rank(self) -> int | None:
+        """This rank's coordinate on the pipeline axis (None when not pipelined)."""
         if pipeline_plan(self.module) is None:
             return None
         return self._mesh_groups().coords[PIPELINE_AXIS]
@@ -252,7 +252,7 @@ class Trainer:
     def prepare(self) -> None:
         """Build the step's programs now (on a rank: read its slices of the state;
         of a pipelined step, its stage's)."""
-        plan, rank = pipeline_plan(self.module), self._stage()
+        plan, rank = pipeline_plan(self.module), self._pp_rank()
         mine = None if plan is None else _rank_functions(plan, rank)
         for function in self.functions:
             if mine is None or function in mine:
@@ -323,7 +323,7 @@ class Trainer:
         from .backends.fx import MICRO_BATCH, SENDS
 
         plan = pipeline_plan(self.module)
-        rank = self._stage()
+        rank = self._pp_rank()
         last = plan.stages * plan.virtual - 1  # the stage with the loss
         kept: dict[tuple[int, int], tuple] = {}  # (micro-batch, stage) -> its forward's kept
         current = self._shared.setdefault(MICRO_BATCH, [0])  # (the programs' message tags)
@@ -469,7 +469,7 @@ class Trainer:
         only). A sharded step on worker processes gives a list, one per rank."""
         if not measured:
             plan = pipeline_plan(self.module)
-            if plan is not None:  # the stage that holds the most
+            if plan is not None:  # the rank that holds the most
                 stages = [
                     step_memory(_function(self.module, stage_function(UPDATE, s)))
                     for s in range(plan.stages)
@@ -519,15 +519,15 @@ class Trainer:
         gathered whole (over its other axes), then broadcast from the stage."""
         import torch.distributed as dist
 
-        from .backends.fx import _rank_at, torch_dtype
+        from .backends.fx import rank_at, torch_dtype
 
-        stage = self._stage()
+        rank = self._pp_rank()
         held = {  # (every rank's same list: the broadcasts must match)
             n: op for n, op in state_params(self.module).items() if not n.startswith(ACCUMULATOR)
         }
         owner = {n: _stage_of(op) for n, op in held.items()}
         ranks = pipeline_plan(self.module).stages  # (stage k runs on rank k % ranks)
-        mine = sorted(n for n in held if owner[n] is None or owner[n] % ranks == stage)
+        mine = sorted(n for n in held if owner[n] is None or owner[n] % ranks == rank)
         if STATE not in self._programs:
             self._program(STATE, state_module(self.module, mine))
         whole = dict(zip(mine, self._programs[STATE]()))
@@ -550,7 +550,7 @@ class Trainer:
                     [int(d) for d in t.shape], dtype=torch_dtype(t.dtype), device=self.device
                 )
             )
-            dist.broadcast(tensor, _rank_at(first, PIPELINE_AXIS, owner[name] % ranks))
+            dist.broadcast(tensor, rank_at(first, PIPELINE_AXIS, owner[name] % ranks))
             out[name] = tensor
         return {**{name: self.weights.get(name) for name in names if name not in out}, **out}
 

@@ -321,7 +321,7 @@ MICRO_BATCH = ("micro_batch",)  # the shared dict's [index of the micro-batch ru
 TAGS_PER_MICRO_BATCH = 1 << 12  # a module's messages (tags) per micro-batch, at most
 
 
-def _rank_at(groups: CollectiveGroups, axis: str, coord: int) -> int:
+def rank_at(groups: CollectiveGroups, axis: str, coord: int) -> int:
     """The global rank at `coord` on `axis`, at this rank's coordinates on the others."""
     rank = 0
     for name, size in groups.sizes.items():
@@ -612,7 +612,7 @@ class _Lowering:
         axis, peer, tag = op.axis.data, op.peer.value.data, op.tag.value.data
         if self.groups is None or axis not in self.groups.coords:
             raise LoweringError(f"{where(op)}: {op.name} over mesh axis '{axis}' needs its mesh")
-        rank = _rank_at(self.groups, axis, peer)
+        rank = rank_at(self.groups, axis, peer)
         micro = self.bind("micro_batch", self.shared.setdefault(MICRO_BATCH, [0]))
         if isinstance(op, SendOp):
             sends = self.bind("sends", self.shared.setdefault(SENDS, []))
