@@ -43,6 +43,7 @@ from ..ir.dtypes import TORCH_NAMES
 from ..ir.errors import PlaitError
 from ..ir.memory import host_tier, planned_offset
 from ..ir.ops import (
+    TAGS_PER_MICRO_BATCH,
     AllGatherOp,
     AllReduceOp,
     AllToAllOp,
@@ -318,7 +319,6 @@ def mesh_coords(mesh: dict[str, int], rank: int) -> dict[str, int]:
 
 SENDS = ("sends",)  # the shared dict's list of point-to-point sends not yet waited on
 MICRO_BATCH = ("micro_batch",)  # the shared dict's [index of the micro-batch running]
-TAGS_PER_MICRO_BATCH = 1 << 12  # a module's messages (tags) per micro-batch, at most
 
 
 def rank_at(groups: CollectiveGroups, axis: str, coord: int) -> int:

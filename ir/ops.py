@@ -470,6 +470,10 @@ class WaitOp(IRDLOperation):
 
 # ---- point to point (pipeline stages) --------------------------------------
 
+# a message's tag on the wire: its op's tag + the micro-batch's index times this
+# (so a module has fewer tags than this)
+TAGS_PER_MICRO_BATCH = 1 << 12
+
 
 @irdl_op_definition
 class SendOp(IRDLOperation):

@@ -19,7 +19,7 @@ from xdsl.ir import Block, BlockArgument, Operation, Region, SSAValue
 from ...ir.args import ArgsAttr, Operand
 from ...ir.attrs import PIPELINE_AXIS, STAGE_ATTR
 from ...ir.errors import PlaitError
-from ...ir.ops import CallOp, ParamOp, RecvOp, SendOp, call_op_class
+from ...ir.ops import TAGS_PER_MICRO_BATCH, CallOp, ParamOp, RecvOp, SendOp, call_op_class
 from ...ir.schema import writes_input
 from ...ir.text import where
 from ...ir.training import (
@@ -349,6 +349,11 @@ class _Messages:
                 "virtual stages"
             )
         tag = sum(len(r) for r in self.recvs.values())
+        if tag >= TAGS_PER_MICRO_BATCH:
+            raise StageError(
+                f"{where(value.owner)}: the stages exchange more than {TAGS_PER_MICRO_BATCH} "
+                "values per micro-batch; use fewer stages"
+            )
         peers = self.sends.setdefault((kind, sender), {}).setdefault(value, [])
         peers.append((receiver % self.ranks, tag))
         self.recvs.setdefault((kind, receiver), []).append((value, sender % self.ranks, tag))
