@@ -289,6 +289,16 @@ def test_schedules_run_to_the_end_and_1f1b_keeps_fewer_activations(make):
     assert alive == (8 if make is gpipe else 4)
 
 
+def test_interleaving_shrinks_the_bubble_as_megatron_says():
+    """4 ranks x 2 chunks, 8 micro-batches, each chunk half a stage's work: the
+    bubble is (S - 1) / (V M + S - 1), against 1F1B's (S - 1) / (M + S - 1)."""
+    stages, virtual, micro = 4, 2, 8
+    times = {(k, s): 1 / virtual for k in "FB" for s in range(stages * virtual)}
+    timeline = simulate(interleaved(stages, micro, virtual), times, _chain(stages * virtual))
+    assert timeline.bubble == pytest.approx(3 / (virtual * micro + 3))
+    assert timeline.time == pytest.approx(2 * (micro + 3 / virtual))
+
+
 def test_a_schedule_that_waits_for_a_message_never_sent_deadlocks():
     backward_first = [["B0", "F0", "U"], ["F0", "B0", "U"]]  # each waits for the other
     with pytest.raises(DeadlockError, match="rank 0 waits in B0"):
