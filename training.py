@@ -328,13 +328,17 @@ class Trainer:
         kept: dict[tuple[int, int], tuple] = {}  # (micro-batch, stage) -> its forward's kept
         current = self._shared.setdefault(MICRO_BATCH, [0])  # (the programs' message tags)
         loss = torch.zeros((), device=self.device)
+        actions = plan.actions[rank]
+        receives: dict[str, list] = {}  # function -> its plait.recv ops
         with torch.no_grad():
-            for action in plan.actions[rank]:
+            for position, action in enumerate(actions):
                 kind, index, chunk = parse_action(action)
                 if kind == UPDATE:
                     run(stage_function(UPDATE, rank), (lr_input,))
                     continue
                 stage = plan.stage_of(rank, chunk)
+                if position + 1 < len(actions):  # the next action's messages arrive meanwhile
+                    self._post_receives(plan, rank, actions[position + 1], receives)
                 current[0] = index
                 if kind == "F":
                     outputs = run(stage_function(kind, stage), micro[index])
@@ -348,6 +352,20 @@ class Trainer:
                 send.wait()
             sends.clear()
             return _from_last_stage(loss, self._groups)
+
+    def _post_receives(self, plan, rank: int, action: str, receives: dict) -> None:
+        """Start receiving what `action` (this rank's next) receives: irecvs
+        its programs' recvs wait on. `receives` caches each function's recv ops."""
+        from .backends.fx import post_recv
+
+        kind, index, chunk = parse_action(action)
+        if kind == UPDATE:
+            return
+        function = stage_function(kind, plan.stage_of(rank, chunk))
+        if function not in receives:
+            receives[function] = _receives(self.module, function)
+        for recv in receives[function]:
+            post_recv(self._shared, recv, self._groups, index, self.device)
 
     def _with_mask(self, batch: tuple) -> tuple:
         if self.fills_mask and len(batch) == 2:  # (input_ids, labels)
@@ -729,6 +747,13 @@ class Trainer:
             plan=print_module(self.source), programs={0: code}, manifest=manifest
         )
         artifact.write(directory, contents, WeightStore(), [], written=(staging, hashes))
+
+
+def _receives(module: ModuleOp, function: str) -> list:
+    """The plait.recv ops of a function, in order."""
+    from .ir.ops import RecvOp
+
+    return [op for op in _function(module, function).walk() if isinstance(op, RecvOp)]
 
 
 def _rank_functions(plan, rank: int) -> set[str]:

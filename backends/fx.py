@@ -319,6 +319,7 @@ def mesh_coords(mesh: dict[str, int], rank: int) -> dict[str, int]:
 
 SENDS = ("sends",)  # the shared dict's list of point-to-point sends not yet waited on
 MICRO_BATCH = ("micro_batch",)  # the shared dict's [index of the micro-batch running]
+POSTED = ("posted_recvs",)  # the shared dict's {(rank, wire tag): (tensor, work)} (`post_recv`)
 
 
 def rank_at(groups: CollectiveGroups, axis: str, coord: int) -> int:
@@ -336,12 +337,33 @@ def _isend(sends: list, tensor: torch.Tensor, rank: int, tag: int, micro: list) 
     sends.append(dist.isend(tensor.contiguous(), rank, tag=tag))
 
 
-def _recv(shape, dtype, device, rank: int, tag: int, micro: list) -> torch.Tensor:
+def _recv(shape, dtype, device, rank: int, tag: int, micro: list, posted: dict):
+    """The message: received by the irecv posted ahead (`post_recv`), else now."""
     import torch.distributed as dist
 
+    tag += micro[0] * TAGS_PER_MICRO_BATCH
+    if (rank, tag) in posted:
+        tensor, work = posted.pop((rank, tag))
+        work.wait()
+        return tensor
     tensor = torch.empty(shape, dtype=dtype, device=device)
-    dist.recv(tensor, rank, tag=tag + micro[0] * TAGS_PER_MICRO_BATCH)
+    dist.recv(tensor, rank, tag=tag)
     return tensor
+
+
+def post_recv(shared: dict, op: RecvOp, groups: CollectiveGroups, micro: int, device) -> None:
+    """Start receiving `op`'s message of micro-batch `micro` now (an irecv),
+    for the program's recv to wait on: a runtime posts the next action's
+    receives before running this one, so the transfer overlaps its compute."""
+    import torch.distributed as dist
+
+    rank = rank_at(groups, op.axis.data, op.peer.value.data)
+    tag = op.tag.value.data + micro * TAGS_PER_MICRO_BATCH
+    posted = shared.setdefault(POSTED, {})
+    if (rank, tag) not in posted:
+        t = op.result.type
+        tensor = torch.empty(tuple(t.shape), dtype=torch_dtype(t.dtype), device=device)
+        posted[rank, tag] = (tensor, dist.irecv(tensor, rank, tag=tag))
 
 
 class _Lowering:
@@ -619,7 +641,8 @@ class _Lowering:
             self._node(_isend, (sends, self.values[op.input], rank, tag, micro), {}, op)
             return
         t = op.result.type
-        args = (tuple(t.shape), torch_dtype(t.dtype), self.device, rank, tag, micro)
+        posted = self.bind("posted_recvs", self.shared.setdefault(POSTED, {}))
+        args = (tuple(t.shape), torch_dtype(t.dtype), self.device, rank, tag, micro, posted)
         self.values[op.result] = self._node(_recv, args, {}, op)
 
     def lower_collective(self, op: CollectiveOp) -> None:
