@@ -34,7 +34,7 @@ from .frontend.training import (
     capture_training,
     is_hf_model,
 )
-from .ir.attrs import SYMBOLS_ATTR, mesh_axes
+from .ir.attrs import PIPELINE_AXIS, SYMBOLS_ATTR, mesh_axes
 from .ir.errors import PlaitError
 from .ir.ops import ParamOp, stored_weight_names
 from .ir.text import print_module
@@ -55,6 +55,7 @@ from .ir.training import (
 )
 from .ir.weights import WeightStore
 from .passes.manager import PassManager
+from .passes.shard.pipeline_schedule import UPDATE, parse_action, pipeline_plan, stage_function
 from .passes.shard.rules import DATA_AXES
 from .runtime import artifact, checkpoint
 from .runtime.allocator import keep_freed_memory
@@ -211,6 +212,17 @@ class Trainer:
         return int(tensor.item()) if tensor is not None else 0
 
     @property
+    def _entry(self) -> str:
+        """The function a micro-batch enters: @train_step, or the first stage's forward."""
+        return stage_function("F", 0) if pipeline_plan(self.module) else TRAIN_STEP
+
+    def _pp_rank(self) -> int | None:
+        """This rank's coordinate on the pipeline axis (None when not pipelined)."""
+        if pipeline_plan(self.module) is None:
+            return None
+        return self._mesh_groups().coords[PIPELINE_AXIS]
+
+    @property
     def _pooled(self) -> bool:
         return self.world_size > 1 and not _in_process_group()
 
@@ -246,9 +258,13 @@ class Trainer:
         return self._programs[function]
 
     def prepare(self) -> None:
-        """Build the step's programs now (on a rank: read its slices of the state)."""
+        """Build the step's programs now (on a rank: read its slices of the state;
+        of a pipelined step, its stage's)."""
+        plan, rank = pipeline_plan(self.module), self._pp_rank()
+        mine = None if plan is None else _rank_functions(plan, rank)
         for function in self.functions:
-            self._program(function)
+            if mine is None or function in mine:
+                self._program(function)
 
     # ---- running ---------------------------------------------------------
 
@@ -263,7 +279,7 @@ class Trainer:
         lr = _checked_lr(self.schedule(step), f"the learning rate of step {step} (lr({step}))")
         self._check_split(batch)
         for inputs in _micro_batches(batch, self.spec.accumulation):
-            self._check(TRAIN_STEP, self.input_names[:-1], inputs)
+            self._check(self._entry, self.input_names[:-1], inputs)
         if self._pooled:  # checked here, so a bad batch never reaches (and stops) the ranks
             loss = self._workers().call("train", (list(batch), lr, self.measure_memory))
             self._pool_steps = step + 1
@@ -295,15 +311,69 @@ class Trainer:
             records.append(record)
             return outputs
 
-        with torch.no_grad():
-            losses = [run(ACCUMULATE, inputs)[0] for inputs in micro[:-1]]
-            losses.append(run(TRAIN_STEP, (*micro[-1], lr_input))[0])
-            loss = losses[0]
-            for more in losses[1:]:
-                loss = loss + more
+        if pipeline_plan(self.module) is not None:
+            loss = self._run_stage(micro, lr_input, run)
+        else:
+            with torch.no_grad():
+                losses = [run(ACCUMULATE, inputs)[0] for inputs in micro[:-1]]
+                losses.append(run(TRAIN_STEP, (*micro[-1], lr_input))[0])
+                loss = losses[0]
+                for more in losses[1:]:
+                    loss = loss + more
         if measure:  # the step's peak: its program that needed the most
             self._measured = max(records, key=lambda r: r[PEAK])
         return loss
+
+    def _run_stage(self, micro: list[tuple], lr_input: torch.Tensor, run) -> torch.Tensor:
+        """This rank's stage of a pipelined step: its actions of the schedule in
+        order, each micro-batch's kept values from its forward to its backward;
+        the loss (the last stage's, summed over micro-batches) on every rank."""
+        from .backends.fx import MICRO_BATCH, SENDS
+
+        plan = pipeline_plan(self.module)
+        rank = self._pp_rank()
+        last = plan.stages * plan.virtual - 1  # the stage with the loss
+        kept: dict[tuple[int, int], tuple] = {}  # (micro-batch, stage) -> its forward's kept
+        current = self._shared.setdefault(MICRO_BATCH, [0])  # (the programs' message tags)
+        loss = torch.zeros((), device=self.device)
+        actions = plan.actions[rank]
+        receives: dict[str, list] = {}  # function -> its plait.recv ops
+        with torch.no_grad():
+            for position, action in enumerate(actions):
+                kind, index, chunk = parse_action(action)
+                if kind == UPDATE:
+                    run(stage_function(UPDATE, rank), (lr_input,))
+                    continue
+                stage = plan.stage_of(rank, chunk)
+                if position + 1 < len(actions):  # the next action's messages arrive meanwhile
+                    self._post_receives(plan, rank, actions[position + 1], receives)
+                current[0] = index
+                if kind == "F":
+                    outputs = run(stage_function(kind, stage), micro[index])
+                    if stage == last:
+                        loss = loss + outputs[0]
+                    kept[index, stage] = tuple(outputs[1:] if stage == last else outputs)
+                else:
+                    run(stage_function(kind, stage), (*micro[index], *kept.pop((index, stage))))
+            sends = self._shared.get(SENDS, [])  # (the programs' list: they went out async)
+            for send in sends:
+                send.wait()
+            sends.clear()
+            return _from_last_stage(loss, self._groups)
+
+    def _post_receives(self, plan, rank: int, action: str, receives: dict) -> None:
+        """Start receiving what `action` (this rank's next) receives: irecvs
+        its programs' recvs wait on. `receives` caches each function's recv ops."""
+        from .backends.fx import post_recv
+
+        kind, index, chunk = parse_action(action)
+        if kind == UPDATE:
+            return
+        function = stage_function(kind, plan.stage_of(rank, chunk))
+        if function not in receives:
+            receives[function] = _receives(self.module, function)
+        for recv in receives[function]:
+            post_recv(self._shared, recv, self._groups, index, self.device)
 
     def _with_mask(self, batch: tuple) -> tuple:
         if self.fills_mask and len(batch) == 2:  # (input_ids, labels)
@@ -415,7 +485,7 @@ class Trainer:
     def memory(self, measured: bool = False) -> dict[str, int] | list[dict[str, int]]:
         """Bytes each rank holds for the step: parameters, gradients, optimizer
         state and gradient accumulators, from the program's types (as `plait
-        estimate` reports them).
+        estimate` reports them; a pipelined step's: the costliest stage's).
 
         `measured=True`: what the last step run with `trainer.measure_memory =
         True` allocated on this rank (see plait.runtime.memory): its "peak"
@@ -424,6 +494,13 @@ class Trainer:
         saved activations, temporary; "unattributed": kernels' own, CUDA
         only). A sharded step on worker processes gives a list, one per rank."""
         if not measured:
+            plan = pipeline_plan(self.module)
+            if plan is not None:  # the rank that holds the most
+                stages = [
+                    step_memory(_function(self.module, stage_function(UPDATE, s)))
+                    for s in range(plan.stages)
+                ]
+                return max(stages, key=lambda m: sum(m.values()))
             return step_memory(_function(self.module, TRAIN_STEP))
         if not (self._pool_measured if self._pooled else self._measured):
             raise TrainingError(
@@ -455,11 +532,53 @@ class Trainer:
         names = self._saved_names()
         if self.world_size == 1 or self._pooled:  # (not yet started: the initial values)
             return {name: self._tensor(name) for name in names}
+        if pipeline_plan(self.module) is not None:
+            return self._stages_state(names)
         state = sorted(n for n in state_params(self.module) if n in set(names))
         if STATE not in self._programs:
             self._program(STATE, state_module(self.module, state))
         whole = dict(zip(state, self._programs[STATE]()))
         return {name: whole[name] if name in whole else self.weights.get(name) for name in names}
+
+    def _stages_state(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The whole state of a pipelined step on every rank: each stage's
+        gathered whole (over its other axes), then broadcast from the stage."""
+        import torch.distributed as dist
+
+        from .backends.fx import rank_at, torch_dtype
+
+        rank = self._pp_rank()
+        held = {  # (every rank's same list: the broadcasts must match)
+            n: op for n, op in state_params(self.module).items() if not n.startswith(ACCUMULATOR)
+        }
+        owner = {n: _stage_of(op) for n, op in held.items()}
+        ranks = pipeline_plan(self.module).stages  # (stage k runs on rank k % ranks)
+        mine = sorted(n for n in held if owner[n] is None or owner[n] % ranks == rank)
+        if STATE not in self._programs:
+            self._program(STATE, state_module(self.module, mine))
+        whole = dict(zip(mine, self._programs[STATE]()))
+        first = CollectiveGroups(
+            self._groups.names, self._groups.sizes, dict.fromkeys(self.mesh, 0)
+        )
+        types = {
+            op.weight_name: op.result.type for op in self.source.walk() if isinstance(op, ParamOp)
+        }
+        out = {}
+        for name in sorted(held):
+            if owner[name] is None:  # every stage holds it (the step count)
+                out[name] = whole[name]
+                continue
+            t = types[name]
+            tensor = (
+                whole[name].contiguous()
+                if name in whole
+                else torch.empty(
+                    [int(d) for d in t.shape], dtype=torch_dtype(t.dtype), device=self.device
+                )
+            )
+            dist.broadcast(tensor, rank_at(first, PIPELINE_AXIS, owner[name] % ranks))
+            out[name] = tensor
+        return {**{name: self.weights.get(name) for name in names if name not in out}, **out}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The model's parameters and buffers after training, by the model's
@@ -554,15 +673,23 @@ class Trainer:
         """What this rank writes: the pieces of live state it is the lowest to
         hold; the first rank also the tensors no program holds, whole."""
         pieces = []
+        elsewhere = self._other_stages_state()
         for name in self._saved_names():
             layout = self._shared.get(("layout", name))
             if layout is None:
-                if first:
+                if first and name not in elsewhere:
                     pieces.append(checkpoint.Piece(name, self._tensor(name)))
             elif layout.owner:
                 tensor = self._shared["state", layout.key]
                 pieces.append(checkpoint.Piece(name, tensor, layout.shard, layout.flat))
         return pieces
+
+    def _other_stages_state(self) -> set[str]:
+        """The state other pipeline stages hold (their ranks write it), once
+        this rank's stage programs are built; else none."""
+        if pipeline_plan(self.module) is None or not self._programs:
+            return set()
+        return set(state_params(self.module)) - self._live
 
     def _coordinates(self) -> bool:
         """This process finishes a save (this trainer's only one, or rank 0 under torchrun)."""
@@ -637,6 +764,36 @@ class Trainer:
         return self._source_text_cache
 
 
+def _receives(module: ModuleOp, function: str) -> list:
+    """The plait.recv ops of a function, in order."""
+    from .ir.ops import RecvOp
+
+    return [op for op in _function(module, function).walk() if isinstance(op, RecvOp)]
+
+
+def _rank_functions(plan, rank: int) -> set[str]:
+    """The functions a rank of a pipelined step runs: its stages' and its update."""
+    stages = plan.stages_of(rank)
+    return {stage_function(k, s) for k in ("F", "B") for s in stages} | {
+        stage_function(UPDATE, rank)
+    }
+
+
+def _stage_of(op: ParamOp) -> int | None:
+    """The pipeline stage that holds a state (None: every stage, the step count)."""
+    from .ir.attrs import STAGE_ATTR
+
+    attr = op.attributes.get(STAGE_ATTR)
+    return attr.value.data if attr is not None else None
+
+
+def _from_last_stage(loss: torch.Tensor, groups: CollectiveGroups) -> torch.Tensor:
+    """The last stage's loss on every stage (the others give zeros): summed over `pp`."""
+    c10d = torch.ops._c10d_functional
+    total = c10d.all_reduce(loss, "sum", groups.names[PIPELINE_AXIS])
+    return c10d.wait_tensor(total)
+
+
 class _Background:
     """A function run by a thread; `wait` joins it and raises what it raised."""
 
@@ -708,8 +865,9 @@ def compile_training(
     model's (which are not changed); see plait.runtime.dcp for how it is read.
     """
     _schedule(lr)  # a bad lr should not wait for the export
-    spec = TrainingSpec(optimizer, dict(optimizer_options), accumulation, clip_grad_norm, precision)
     manager = PassManager.parse(pipeline)
+    accumulation = _pipeline_micro_batches(manager, accumulation, clip_grad_norm, example_args)
+    spec = TrainingSpec(optimizer, dict(optimizer_options), accumulation, clip_grad_norm, precision)
     hf = is_hf_model(model)
     args = tuple(example_args)
     fills_mask = hf and len(args) == 2
@@ -739,6 +897,35 @@ def compile_training(
     )
 
 
+def _pipeline_micro_batches(manager: PassManager, accumulation: int, clip, batch) -> int:
+    """The micro-batches a pipeline pass splits the batch in: the step is
+    captured for them (each one's loss divided by their number, as
+    accumulation divides it)."""
+    stages = [p for p in manager.passes if p.name == "pipeline"]
+    if not stages:
+        return accumulation
+    micro = stages[0].microbatches
+    for i, value in enumerate(batch):
+        rows = value.shape[0] if isinstance(value, torch.Tensor) and value.dim() else None
+        if rows is not None and rows % micro:
+            raise TrainingError(
+                f"pipeline{{microbatches={micro}}} splits the batch along dim 0, but batch "
+                f"input #{i} has {rows} rows; give microbatches that divide {rows}, or a batch "
+                f"of a multiple of {micro} rows"
+            )
+    if accumulation not in (1, micro):
+        raise TrainingError(
+            f"accumulation={accumulation} and pipeline{{microbatches={micro}}} both split the "
+            f"batch; give one of them (the pipeline's micro-batches accumulate gradients)"
+        )
+    if clip is not None:
+        raise TrainingError(
+            "clip_grad_norm with pipeline stages needs the gradients' norm over every stage, "
+            "which plait does not compute yet; train without clipping"
+        )
+    return micro
+
+
 def _start_from_dcp(captured, directory: str | Path) -> None:
     """The captured step's initial parameters and buffers: the DCP checkpoint's."""
     from .runtime.dcp import read_dcp
@@ -763,7 +950,12 @@ def _check_program(module: ModuleOp, pipeline: str, trained: list[str]) -> None:
     """What the training IR promises, after the passes: state read before it
     is overwritten, and every trained parameter's gradient marked."""
     check_state_order(module)
-    lost = sorted(set(trained) - set(gradients(_function(module, TRAIN_STEP))))
+    plan = pipeline_plan(module)
+    steps = (
+        [TRAIN_STEP] if plan is None else [stage_function(UPDATE, s) for s in range(plan.stages)]
+    )
+    marked = {name for f in steps for name in gradients(_function(module, f))}
+    lost = sorted(set(trained) - marked)
     if lost:
         raise TrainingError(
             f"after the pipeline '{pipeline}', the gradient of '{lost[0]}' is no longer "
@@ -840,7 +1032,15 @@ def load_training(
     weights = artifact.read_weights(directory, contents.manifest, fields["saved"])
     pipeline = contents.manifest["pipeline"] if pipeline is None else pipeline
     module = source.clone()
-    PassManager.parse(pipeline).run(module, weights)
+    manager = PassManager.parse(pipeline)
+    stages = [p for p in manager.passes if p.name == "pipeline"]
+    if stages and stages[0].microbatches != spec.accumulation:
+        raise TrainingError(
+            f"{directory} holds a step captured for {spec.accumulation} micro-batch(es), but "
+            f"the pipeline asks for pipeline{{microbatches={stages[0].microbatches}}}; use "
+            f"microbatches={spec.accumulation}"
+        )
+    manager.run(module, weights)
     check_state_order(module)
     names = [entry["name"] for entry in contents.manifest["inputs"]]
     return Trainer(

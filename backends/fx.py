@@ -30,11 +30,20 @@ from xdsl.ir import Operation, SSAValue
 from .. import customops
 from ..ir import args as irargs
 from ..ir import symbolic
-from ..ir.attrs import ARENA_ATTR, FUSE_ATTR, PLACEMENTS_ATTR, SYMBOLS_ATTR, mesh_axes
+from ..ir.attrs import (
+    ARENA_ATTR,
+    FUSE_ATTR,
+    PIPELINE_AXIS,
+    PLACEMENTS_ATTR,
+    STAGE_ATTR,
+    SYMBOLS_ATTR,
+    mesh_axes,
+)
 from ..ir.dtypes import TORCH_NAMES
 from ..ir.errors import PlaitError
 from ..ir.memory import host_tier, planned_offset
 from ..ir.ops import (
+    TAGS_PER_MICRO_BATCH,
     AllGatherOp,
     AllReduceOp,
     AllToAllOp,
@@ -48,8 +57,10 @@ from ..ir.ops import (
     MatmulOp,
     NormOp,
     ParamOp,
+    RecvOp,
     ReduceOp,
     ReduceScatterOp,
+    SendOp,
     SoftmaxOp,
     WaitOp,
 )
@@ -306,6 +317,55 @@ def mesh_coords(mesh: dict[str, int], rank: int) -> dict[str, int]:
     return dict(reversed(list(coords.items())))
 
 
+SENDS = ("sends",)  # the shared dict's list of point-to-point sends not yet waited on
+MICRO_BATCH = ("micro_batch",)  # the shared dict's [index of the micro-batch running]
+POSTED = ("posted_recvs",)  # the shared dict's {(rank, wire tag): (tensor, work)} (`post_recv`)
+
+
+def rank_at(groups: CollectiveGroups, axis: str, coord: int) -> int:
+    """The global rank at `coord` on `axis`, at this rank's coordinates on the others."""
+    rank = 0
+    for name, size in groups.sizes.items():
+        rank = rank * size + (coord if name == axis else groups.coords[name])
+    return rank
+
+
+def _isend(sends: list, tensor: torch.Tensor, rank: int, tag: int, micro: list) -> None:
+    import torch.distributed as dist
+
+    tag += micro[0] * TAGS_PER_MICRO_BATCH
+    sends.append(dist.isend(tensor.contiguous(), rank, tag=tag))
+
+
+def _recv(shape, dtype, device, rank: int, tag: int, micro: list, posted: dict):
+    """The message: received by the irecv posted ahead (`post_recv`), else now."""
+    import torch.distributed as dist
+
+    tag += micro[0] * TAGS_PER_MICRO_BATCH
+    if (rank, tag) in posted:
+        tensor, work = posted.pop((rank, tag))
+        work.wait()
+        return tensor
+    tensor = torch.empty(shape, dtype=dtype, device=device)
+    dist.recv(tensor, rank, tag=tag)
+    return tensor
+
+
+def post_recv(shared: dict, op: RecvOp, groups: CollectiveGroups, micro: int, device) -> None:
+    """Start receiving `op`'s message of micro-batch `micro` now (an irecv),
+    for the program's recv to wait on: a runtime posts the next action's
+    receives before running this one, so the transfer overlaps its compute."""
+    import torch.distributed as dist
+
+    rank = rank_at(groups, op.axis.data, op.peer.value.data)
+    tag = op.tag.value.data + micro * TAGS_PER_MICRO_BATCH
+    posted = shared.setdefault(POSTED, {})
+    if (rank, tag) not in posted:
+        t = op.result.type
+        tensor = torch.empty(tuple(t.shape), dtype=torch_dtype(t.dtype), device=device)
+        posted[rank, tag] = (tensor, dist.irecv(tensor, rank, tag=tag))
+
+
 class _Lowering:
     def __init__(
         self,
@@ -490,6 +550,8 @@ class _Lowering:
             for axis, placement in zip(self.mesh, placements.data if placements else ())
             if placement.kind in ("shard", "flat")
         }
+        if STAGE_ATTR in op.attributes:  # held by one pipeline stage only
+            split.add(PIPELINE_AXIS)
         coords = self.groups.coords if self.groups is not None else {}
         return all(c == 0 for axis, c in coords.items() if axis not in split)
 
@@ -564,6 +626,24 @@ class _Lowering:
         )
         args = (self.values[op.input], dim, start, size)
         self.values[op.result] = self._node(torch.ops.aten.narrow.default, args, {}, op)
+
+    def lower_point_to_point(self, op: SendOp | RecvOp) -> None:
+        """torch.distributed's isend (its work kept in the shared `SENDS`, for
+        the runtime to wait on at the step's end) or a blocking recv; the tag
+        is the op's plus the micro-batch's (the runtime sets `MICRO_BATCH`)."""
+        axis, peer, tag = op.axis.data, op.peer.value.data, op.tag.value.data
+        if self.groups is None or axis not in self.groups.coords:
+            raise LoweringError(f"{where(op)}: {op.name} over mesh axis '{axis}' needs its mesh")
+        rank = rank_at(self.groups, axis, peer)
+        micro = self.bind("micro_batch", self.shared.setdefault(MICRO_BATCH, [0]))
+        if isinstance(op, SendOp):
+            sends = self.bind("sends", self.shared.setdefault(SENDS, []))
+            self._node(_isend, (sends, self.values[op.input], rank, tag, micro), {}, op)
+            return
+        t = op.result.type
+        posted = self.bind("posted_recvs", self.shared.setdefault(POSTED, {}))
+        args = (tuple(t.shape), torch_dtype(t.dtype), self.device, rank, tag, micro, posted)
+        self.values[op.result] = self._node(_recv, args, {}, op)
 
     def lower_collective(self, op: CollectiveOp) -> None:
         if self.groups is None or op.axis.data not in self.groups.names:
@@ -723,6 +803,8 @@ class _Lowering:
                 self.lower_wait(op)
             elif isinstance(op, LocalShardOp):
                 self.lower_local_shard(op)
+            elif isinstance(op, (SendOp, RecvOp)):
+                self.lower_point_to_point(op)
             elif isinstance(op, func.ReturnOp):
                 self.graph.output(tuple(self.values[v] for v in op.arguments))
             else:

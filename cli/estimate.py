@@ -189,8 +189,12 @@ def run(args) -> int:
         results.append(estimate(plan, Target(hardware, mesh, values, context), function))
         meshes.append(_mesh_text(plan))
     mode = f"decode, context {context}" if args.decode else "prefill"
-    if TRAIN_STEP in _functions(plan) and not args.decode:
-        mode = "training step"  # (@train_step: forward, backward and optimizer)
+    from plait.ir.attrs import PIPELINE_ATTR
+
+    pipelined = PIPELINE_ATTR in plan.attributes
+    if (TRAIN_STEP in _functions(plan) or pipelined) and not args.decode:
+        # (@train_step: forward, backward and optimizer; pipelined: the first stage's forward)
+        mode = "training step" + (", @forward_stage0 below" if pipelined else "")
     mesh_text = meshes[0] if len(set(meshes)) == 1 else " vs ".join(meshes)
     print(f"{hardware.name}: {hardware.description}")
     print(f"mesh {mesh_text}, {mode}" + "".join(f", {k}={v}" for k, v in values.items()))
@@ -203,7 +207,25 @@ def run(args) -> int:
                 results[0], results[1], (pipelines[0] or "(none)", pipelines[1] or "(none)")
             )
         )
-    if args.trace:
+    from plait.passes.shard.stages import pipeline_timeline
+
+    timeline = pipeline_timeline(plan, Target(hardware, mesh, values))
+    if timeline is not None:  # the step is every stage's actions, not one function
+        print(
+            f"pipelined step: {timeline.time * 1e3:.3f} ms, bubble {timeline.bubble:.1%} "
+            "(each stage function's estimate, run as the schedule)"
+        )
+    if args.trace and timeline is not None:
+        from plait.runtime.profile import TraceEvent, write_trace
+
+        events = [
+            TraceEvent(action, "compute", start, end - start, rank=s)
+            for s, spans in enumerate(timeline.spans)
+            for action, start, end in spans
+        ]
+        write_trace(args.trace, events)
+        console.print(f"wrote the simulated pipeline to {args.trace} (open it in ui.perfetto.dev)")
+    elif args.trace:
         from plait.cost.estimate import family
         from plait.ir.text import module_path
         from plait.runtime.profile import TraceEvent, write_trace

@@ -66,7 +66,32 @@ def summary(estimate: Estimate) -> list[tuple[str, str]]:
         ("MFU", f"{estimate.mfu:.1%}"),
         *compression(estimate),
         *memory_plan(estimate),
+        *pipeline(estimate),
     ]
+
+
+def pipeline(estimate: Estimate) -> list[tuple[str, str]]:
+    """A pipelined step's stages: the cut, the pass's prediction, each stage's actions."""
+    from ..ir.attrs import PIPELINE_ATTR
+
+    if not estimate.ops:
+        return []
+    module = estimate.ops[0].op.parent_block().parent_op().get_toplevel_object()
+    attr = module.attributes.get(PIPELINE_ATTR)
+    if attr is None:
+        return []
+    fields = attr.data
+    rows = [
+        (
+            "pipeline",
+            f"{fields['schedule'].data}, {fields['stages'].value.data} stages x "
+            f"{fields['microbatches'].value.data} micro-batches; cut {fields['cut'].data}",
+        ),
+        ("pipeline prediction", fields["predicted"].data),
+    ]
+    for s, row in enumerate(fields["actions"].data):
+        rows.append((f"stage {s} actions", " ".join(a.data for a in row.data)))
+    return rows
 
 
 def memory_plan(estimate: Estimate) -> list[tuple[str, str]]:

@@ -37,6 +37,9 @@ REMAT_ATTR = "plait.remat"  # module: what remat recomputes, its budget and pred
 MEMORY_PLAN_ATTR = "plait.memory_plan"  # module: the ZeRO stage and remat chosen for a budget
 FUSE_ATTR = "plait.fuse"  # module: its programs are compiled through Inductor, in this mode
 LIBRARIES_ATTR = "plait.libraries"  # module: Python modules that define custom ops
+PIPELINE_ATTR = "plait.pipeline"  # module: its stages' cut and schedule (see passes.shard.stages)
+STAGE_ATTR = "plait.stage"  # state param: the one pipeline stage that holds it
+PIPELINE_AXIS = "pp"  # the mesh axis of pipeline stages
 
 REDUCE_OPS = ("sum", "avg", "max", "min", "product")
 

@@ -7,12 +7,12 @@ from xdsl.ir import Dialect
 
 from .args import ArgsAttr
 from .attrs import MemAttr, MeshAttr, PlacementsAttr, QuantAttr, SparsityAttr, SymbolsAttr
-from .ops import CALL_OPS, COLLECTIVE_OPS, LocalShardOp, ParamOp, WaitOp
+from .ops import CALL_OPS, COLLECTIVE_OPS, LocalShardOp, ParamOp, RecvOp, SendOp, WaitOp
 from .types import AsyncType, TensorType
 
 Plait = Dialect(
     "plait",
-    [ParamOp, *CALL_OPS.values(), *COLLECTIVE_OPS, WaitOp, LocalShardOp],
+    [ParamOp, *CALL_OPS.values(), *COLLECTIVE_OPS, WaitOp, LocalShardOp, SendOp, RecvOp],
     [
         TensorType,
         AsyncType,

@@ -468,6 +468,73 @@ class WaitOp(IRDLOperation):
             raise VerifyException("an async value must be waited on exactly once")
 
 
+# ---- point to point (pipeline stages) --------------------------------------
+
+# a message's tag on the wire: its op's tag + the micro-batch's index times this
+# (so a module has fewer tags than this)
+TAGS_PER_MICRO_BATCH = 1 << 12
+
+
+@irdl_op_definition
+class SendOp(IRDLOperation):
+    """Send a tensor to the rank at coordinate `peer` of mesh axis `axis` (the
+    others the same); the `plait.recv` with the same `tag` receives it (the
+    runtime adds the micro-batch to the tag). It returns at once: the runtime
+    waits for a step's sends at its end, so a stage never blocks on a peer
+    that is still computing.
+
+        plait.send %h {axis = "pp", peer = 1 : i64, tag = 0 : i64} : !plait.tensor<[2, 16, 64], f32>
+    """
+
+    name = "plait.send"
+
+    input = operand_def(TensorType)
+    axis = prop_def(StringAttr)
+    peer = prop_def(IntegerAttr)
+    tag = prop_def(IntegerAttr)
+
+    assembly_format = "$input attr-dict `:` type($input)"
+    irdl_options = (ParsePropInAttrDict(),)
+
+    def __init__(self, input: SSAValue, axis: str, peer: int, tag: int):
+        super().__init__(
+            operands=[input],
+            properties={
+                "axis": StringAttr(axis),
+                "peer": IntegerAttr(peer, i64),
+                "tag": IntegerAttr(tag, i64),
+            },
+        )
+
+
+@irdl_op_definition
+class RecvOp(IRDLOperation):
+    """The tensor the rank at coordinate `peer` of `axis` sends with this `tag`.
+
+    %h = plait.recv {axis = "pp", peer = 0 : i64, tag = 0 : i64} : !plait.tensor<[2, 16, 64], f32>
+    """
+
+    name = "plait.recv"
+
+    result = result_def(TensorType)
+    axis = prop_def(StringAttr)
+    peer = prop_def(IntegerAttr)
+    tag = prop_def(IntegerAttr)
+
+    assembly_format = "attr-dict `:` type($result)"
+    irdl_options = (ParsePropInAttrDict(),)
+
+    def __init__(self, result_type: TensorType, axis: str, peer: int, tag: int):
+        super().__init__(
+            result_types=[result_type],
+            properties={
+                "axis": StringAttr(axis),
+                "peer": IntegerAttr(peer, i64),
+                "tag": IntegerAttr(tag, i64),
+            },
+        )
+
+
 @irdl_op_definition
 class LocalShardOp(IRDLOperation):
     """This rank's slice along `dim` of a tensor every rank of `axis` holds whole.

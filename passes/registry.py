@@ -15,6 +15,7 @@ _PASSES: dict[str, str] = {
     "ladder": "ladder:Ladder",
     "memplan": "memory.memplan:MemPlan",
     "overlap": "overlap:Overlap",
+    "pipeline": "shard.stages:Pipeline",
     "quantize": "compress.quantize:Quantize",
     "remat": "memory.remat:Remat",
     "sparsify": "compress.sparsify:Sparsify",

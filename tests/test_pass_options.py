@@ -53,6 +53,12 @@ BAD_OPTIONS = [
     ("shard{solve=ilp,hardware=h900}", "hardware=h900", "unknown hardware"),
     ("zero{stage=4}", "stage=4", "stage is one of 1 (optimizer state)"),
     ("zero{bucket-mb=0}", "bucket-mb=0", "bucket_mb is MiB per parameter bucket"),
+    ("pipeline{stages=1}", "stages=1", "stages is the number of pipeline stages, >= 2"),
+    ("pipeline{microbatches=0}", "microbatches=0", "microbatches must be >= 1"),
+    ("pipeline{schedule=zb}", "schedule=zb", "not one of gpipe, 1f1b"),
+    ("pipeline{hardware=h900}", "hardware=h900", "unknown hardware 'h900'"),
+    ("pipeline{schedule=interleaved}", "schedule=interleaved", "runs virtual >= 2 stages"),
+    ("pipeline{virtual=2}", "virtual=2", "gpipe and 1f1b one (virtual=1)"),
     ("canonicalize,shard{mesh=tp:2},nosuchpass", "nosuchpass", "unknown pass"),
 ]
 

@@ -1,0 +1,225 @@
+"""pipeline{stages=S,microbatches=M,schedule=gpipe|1f1b|interleaved,virtual=V,hardware=cpu}:
+pipeline parallelism for a training step.
+
+The step's forward is cut into S stages at residual-stream boundaries
+(`passes.residual`), the cut chosen by dynamic programming over the cost
+model's op times (`estimate` on `hardware`) so the stages' predicted
+forward + backward times balance. Every op then belongs to one stage, by
+dataflow:
+- a forward op to the first stage whose boundary value it computes;
+- a backward op to the lowest stage among its operands' (a forward value
+  counts at the last stage that reads it: the receiving stage keeps it);
+- a parameter to the stage of its forward uses (one stage: a weight used on
+  two, such as tied embeddings, is an error), its optimizer state with it;
+- ops that read only inputs, buffers and constants (masks, rotary tables,
+  the learning-rate schedule's scalars) are recomputed where needed.
+
+With `virtual=V` (schedule=interleaved) the cut makes S x V stages and
+stage k runs on rank k % S. Each stage k gets a forward and a backward
+function, each rank r one update, on a new mesh axis `pp:S`:
+
+    @forward_stage<k>(batch...) -> (loss on the last stage, values kept for backward...)
+    @backward_stage<k>(batch..., kept...)     the gradients added into the accumulators
+    @update_stage<r>(%lr)                     the optimizer on r's stages, accumulators zeroed
+
+Values crossing stages are `plait.send`/`plait.recv` ops (forward values up,
+their gradients down), each pair with its own tag. The step must be captured
+for M micro-batches (`plait.compile_training` does it: the loss of each is
+divided by M as gradient accumulation divides it), so the M backwards sum to
+the whole batch's gradient. The schedule (`pipeline_schedule`) is recorded
+on the module as each rank's list of actions:
+
+    canonicalize,cse,dce,pipeline{stages=2,microbatches=4,schedule=1f1b}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from xdsl.context import Context
+from xdsl.dialects import func
+from xdsl.dialects.builtin import ModuleOp
+
+from ...ir.attrs import MESH_ATTR, PIPELINE_AXIS, MeshAttr, mesh_axes
+from ...ir.training import ACCUMULATE, TRAIN_STEP
+from ..base import Pass
+from ..options import OptionError, check_hardware
+from .pipeline_schedule import (
+    SCHEDULES,
+    PipelinePlan,
+    Timeline,
+    pipeline_plan,
+    record,
+    simulate,
+    stage_function,
+)
+from .rules import DATA_AXES
+from .stage_split import StageError, StepSplit, function_messages, module_of
+
+
+@dataclass(frozen=True)
+class Pipeline(Pass):
+    name = "pipeline"
+    summary = "pipeline stages of a training step (GPipe, 1F1B) on a pp mesh axis"
+
+    stages: int = 2
+    microbatches: int = 1
+    schedule: str = "1f1b"
+    virtual: int = 1  # stages per rank (interleaved)
+    hardware: str = "cpu"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.stages < 2:
+            raise OptionError(
+                f"stages is the number of pipeline stages, >= 2, not {self.stages}", "stages"
+            )
+        if self.microbatches < 1:
+            raise OptionError(f"microbatches must be >= 1, not {self.microbatches}", "microbatches")
+        if self.schedule not in SCHEDULES:
+            raise OptionError(
+                f"schedule '{self.schedule}' is not one of {', '.join(SCHEDULES)}", "schedule"
+            )
+        if (self.schedule == "interleaved") != (self.virtual > 1):
+            raise OptionError(
+                f"virtual={self.virtual}: schedule=interleaved runs virtual >= 2 stages per "
+                "rank, gpipe and 1f1b one (virtual=1)",
+                "virtual" if self.virtual > 1 else "schedule",
+            )
+        if self.virtual > 1 and self.microbatches % self.stages:
+            raise OptionError(
+                f"interleaved needs microbatches a multiple of stages ({self.stages}), not "
+                f"{self.microbatches}",
+                "microbatches",
+            )
+        check_hardware(self.hardware)
+
+    def apply(self, ctx: Context, module: ModuleOp) -> None:
+        from ...cost.estimate import Target, estimate
+        from ...hardware import load
+
+        functions = {f.sym_name.data: f for f in module.ops if isinstance(f, func.FuncOp)}
+        if TRAIN_STEP not in functions:
+            raise StageError("pipeline applies to a training step (plait.compile_training)")
+        if PIPELINE_AXIS in mesh_axes(module):
+            raise StageError(f"the step is already pipelined (mesh axis '{PIPELINE_AXIS}')")
+        data = [axis for axis in mesh_axes(module) if axis in DATA_AXES]
+        if data:  # (its gradient buckets mix the stages' parameters)
+            raise StageError(
+                f"pipeline after a data-parallel axis ('{data[0]}') is not supported yet; "
+                "shard over tp only (shard{mesh=tp:N}), or drop the pipeline"
+            )
+        if self.microbatches > 1 and ACCUMULATE not in functions:
+            raise StageError(
+                f"pipeline{{microbatches={self.microbatches}}} needs the step captured for "
+                f"{self.microbatches} micro-batches: plait.compile_training(..., accumulation="
+                f"{self.microbatches}) (it sets this itself from the pipeline string)"
+            )
+        fn = functions[TRAIN_STEP]
+        for arg in fn.body.blocks.first.args:
+            if not all(isinstance(d, int) for d in arg.type.shape):
+                raise StageError(
+                    f"pipeline stages exchange tensors of fixed shapes, but input "
+                    f"'{arg.name_hint}' is {arg.type}; compile without dynamic_shapes"
+                )
+        report = estimate(module, Target(load(self.hardware)), TRAIN_STEP)
+        times = {row.op: row.time for row in report.ops}
+        step = StepSplit(fn)
+        costs = step.segment_costs(times)
+        count = self.stages * self.virtual
+        if len(costs) < count:
+            virtual = f" x virtual={self.virtual}" if self.virtual > 1 else ""
+            raise StageError(
+                f"pipeline{{stages={self.stages}}}{virtual}: the step has {len(costs) - 1} "
+                f"residual boundaries, so at most {len(costs)} non-empty stages; use stages "
+                f"<= {len(costs)} (or a model with more layers)"
+            )
+        cuts = best_cuts(costs, count)
+        stage_times = stage_sums(costs, cuts)
+        built = step.build(cuts, count, self.stages)
+        for f in functions.values():
+            f.detach()
+        for f in built:
+            module.body.blocks.first.add_op(f)
+        axes = {**mesh_axes(module), PIPELINE_AXIS: self.stages}
+        module.attributes[MESH_ATTR] = MeshAttr(tuple(axes.items()))
+        actions = SCHEDULES[self.schedule](self.stages, self.microbatches, self.virtual)
+        timeline = simulate(
+            actions, _action_times(step, times, self.stages), function_messages(module)
+        )
+        mean = sum(stage_times) / len(stage_times)
+        notes = {
+            "cut": ", ".join(f"after {module_of(step.chain[c - 1].branch)}" for c in cuts[1:]),
+            "predicted": (
+                "stage seconds per micro-batch "
+                + " ".join(f"{t:.3g}" for t in stage_times)
+                + f"; imbalance {max(stage_times) / mean:.3f}; step {timeline.time:.3g} s, "
+                f"bubble {timeline.bubble:.0%} on {self.hardware}"
+            ),
+        }
+        plan = PipelinePlan(self.stages, self.microbatches, self.schedule, actions, self.virtual)
+        record(module, plan, notes)
+
+
+# ---- the cut --------------------------------------------------------------------
+
+
+def best_cuts(costs: list[float], stages: int) -> list[int]:
+    """Where stages start (segment indices, the first 0) so that the
+    costliest stage is as cheap as it can be: dynamic programming over
+    contiguous groups of the segments, each non-empty."""
+    n = len(costs)
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    # best[k][i]: the least max-stage cost of the first i segments in k stages
+    best = [[inf] * (n + 1) for _ in range(stages + 1)]
+    start = [[0] * (n + 1) for _ in range(stages + 1)]
+    best[0][0] = 0.0
+    for k in range(1, stages + 1):
+        for i in range(k, n + 1):
+            for j in range(k - 1, i):
+                value = max(best[k - 1][j], prefix[i] - prefix[j])
+                if value < best[k][i]:
+                    best[k][i], start[k][i] = value, j
+    cuts, i = [], n
+    for k in range(stages, 0, -1):
+        i = start[k][i]
+        cuts.append(i)
+    return cuts[::-1]
+
+
+def stage_sums(costs: list[float], cuts: list[int]) -> list[float]:
+    """Each stage's cost, the stages starting at `cuts`."""
+    ends = [*cuts[1:], len(costs)]
+    return [sum(costs[a:b]) for a, b in zip(cuts, ends)]
+
+
+def _action_times(step: StepSplit, times, ranks: int) -> dict[tuple[str, int], float]:
+    """Predicted seconds of each stage function (a rank's, for the update): its
+    original ops' times."""
+    out: dict[tuple[str, int], float] = {}
+    for op, s in step.placed.items():
+        kind = step.kind(op)
+        key = (kind, s % ranks if kind == "U" else s)
+        out[key] = out.get(key, 0.0) + times.get(op, 0.0)
+    return out
+
+
+def pipeline_timeline(module: ModuleOp, target) -> Timeline | None:
+    """A pipelined step's simulated timeline on `target` (a cost.estimate
+    Target): each stage function's estimated time, run as the schedule's
+    action lists with the functions' messages; None when not pipelined."""
+    from ...cost.estimate import estimate
+
+    plan = pipeline_plan(module)
+    if plan is None:
+        return None
+    count = plan.stages * plan.virtual
+    times = {
+        (kind, s): estimate(module, target, stage_function(kind, s)).schedule.step_time
+        for kind, n in (("F", count), ("B", count), ("U", plan.stages))
+        for s in range(n)
+    }
+    return simulate(plan.actions, times, function_messages(module))
