@@ -747,7 +747,14 @@ class Trainer:
         }
         plan, code = self._source_text(saved)
         contents = artifact.Artifact(plan=plan, programs={0: code}, manifest=manifest)
-        artifact.write(directory, contents, WeightStore(), [], written=(staging, hashes))
+        artifact.write(
+            directory,
+            contents,
+            WeightStore(),
+            [],
+            written=(staging, hashes),
+            remove_replaced="later",
+        )
 
     def _source_text(self, saved: WeightStore) -> tuple[str, str]:
         """The captured step's IR and program code, as a checkpoint shows them:

@@ -30,6 +30,7 @@ import re
 import secrets
 import shutil
 import stat
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,11 +103,14 @@ def write(
     weight_names,
     *,
     written: tuple[Path, dict] | None = None,
+    remove_replaced: str = "now",
 ) -> Path:
     """Save atomically: `directory` becomes the new artifact only once it is
     complete, replacing an artifact (or an empty directory) there. `written`:
     (a staging directory other files were written into, their files' tensor
-    hashes), which become part of the artifact."""
+    hashes), which become part of the artifact. `remove_replaced="later"`:
+    the replaced artifact, already moved aside, is deleted by a thread (a
+    training checkpoint's gigabytes take a quarter second to unlink)."""
     target = Path(os.path.realpath(directory))
     _check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -137,7 +141,7 @@ def write(
         text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
         (staging / MANIFEST).write_text(text)
         _sync(staging)
-        _move_into_place(staging, target)
+        _move_into_place(staging, target, remove_replaced == "later")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -172,7 +176,7 @@ def _sync(directory: Path) -> None:
         checkpoint.flush(path)
 
 
-def _move_into_place(staging: Path, target: Path) -> None:
+def _move_into_place(staging: Path, target: Path, later: bool = False) -> None:
     try:
         staging.rename(target)  # no directory there, or an empty one
         return
@@ -186,7 +190,12 @@ def _move_into_place(staging: Path, target: Path) -> None:
     except BaseException:
         previous.rename(target)
         raise
-    shutil.rmtree(previous, ignore_errors=True)
+    if later:  # not a daemon: the interpreter finishes it before exiting
+        threading.Thread(
+            target=shutil.rmtree, args=(previous, True), name="plait-remove-replaced"
+        ).start()
+    else:
+        shutil.rmtree(previous, ignore_errors=True)
 
 
 # ---- reading -----------------------------------------------------------

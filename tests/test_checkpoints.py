@@ -138,6 +138,21 @@ def test_a_save_killed_midway_keeps_the_previous_checkpoint(tmp_path):
     assert plait.load_training(directory).steps == len(batches)
 
 
+def test_a_checkpoint_saved_over_another_replaces_it_whole(tmp_path):
+    """The replaced checkpoint is moved aside at once and deleted by a thread
+    (its gigabytes take a while to unlink): afterwards only the new one is there."""
+    trainer, batches = _trainer()
+    trainer.step(*batches[0])
+    trainer.save(tmp_path / "ckpt")
+    trainer.step(*batches[1])
+    trainer.save(tmp_path / "ckpt")
+    for thread in threading.enumerate():
+        if thread.name == "plait-remove-replaced":
+            thread.join()
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+    assert plait.load_training(tmp_path / "ckpt").steps == 2
+
+
 # ---- asynchronous saves ---------------------------------------------------------------
 
 
