@@ -44,13 +44,14 @@ def build(size: str):
     return LlamaForCausalLM(config).eval()
 
 
-def hf_generate(model, ids, new: int) -> torch.Tensor:
+def hf_generate(model, ids, new: int, **options) -> torch.Tensor:
     return model.generate(
         ids,
         attention_mask=torch.ones_like(ids),
         max_new_tokens=new,
         min_new_tokens=new,
         do_sample=False,
+        **options,
     )
 
 
@@ -62,15 +63,7 @@ def compiled_hf_generate(model, ids, new: int) -> torch.Tensor:
 
     config = CompileConfig(fullgraph=True, dynamic=False)
     config._compile_all_devices = True
-    return model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=new,
-        min_new_tokens=new,
-        do_sample=False,
-        cache_implementation="static",
-        compile_config=config,
-    )
+    return hf_generate(model, ids, new, cache_implementation="static", compile_config=config)
 
 
 def plait_generate(compiled, ids, new: int) -> torch.Tensor:

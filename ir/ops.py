@@ -497,14 +497,7 @@ class SendOp(IRDLOperation):
     irdl_options = (ParsePropInAttrDict(),)
 
     def __init__(self, input: SSAValue, axis: str, peer: int, tag: int):
-        super().__init__(
-            operands=[input],
-            properties={
-                "axis": StringAttr(axis),
-                "peer": IntegerAttr(peer, i64),
-                "tag": IntegerAttr(tag, i64),
-            },
-        )
+        super().__init__(operands=[input], properties=_peer_properties(axis, peer, tag))
 
 
 @irdl_op_definition
@@ -525,14 +518,12 @@ class RecvOp(IRDLOperation):
     irdl_options = (ParsePropInAttrDict(),)
 
     def __init__(self, result_type: TensorType, axis: str, peer: int, tag: int):
-        super().__init__(
-            result_types=[result_type],
-            properties={
-                "axis": StringAttr(axis),
-                "peer": IntegerAttr(peer, i64),
-                "tag": IntegerAttr(tag, i64),
-            },
-        )
+        super().__init__(result_types=[result_type], properties=_peer_properties(axis, peer, tag))
+
+
+def _peer_properties(axis: str, peer: int, tag: int) -> dict:
+    """A send's or recv's: along `axis`, the rank at coordinate `peer`, the message's `tag`."""
+    return {"axis": StringAttr(axis), "peer": IntegerAttr(peer, i64), "tag": IntegerAttr(tag, i64)}
 
 
 @irdl_op_definition
