@@ -753,7 +753,7 @@ class Trainer:
             WeightStore(),
             [],
             written=(staging, hashes),
-            remove_replaced="later",
+            remove_replaced_later=True,
         )
 
     def _source_text(self, saved: WeightStore) -> tuple[str, str]:

@@ -103,13 +103,13 @@ def write(
     weight_names,
     *,
     written: tuple[Path, dict] | None = None,
-    remove_replaced: str = "now",
+    remove_replaced_later: bool = False,
 ) -> Path:
     """Save atomically: `directory` becomes the new artifact only once it is
     complete, replacing an artifact (or an empty directory) there. `written`:
     (a staging directory other files were written into, their files' tensor
-    hashes), which become part of the artifact. `remove_replaced="later"`:
-    the replaced artifact, already moved aside, is deleted by a thread (a
+    hashes), which become part of the artifact. `remove_replaced_later`: the
+    replaced artifact, already moved aside, is deleted by a thread (a
     training checkpoint's gigabytes take a quarter second to unlink)."""
     target = Path(os.path.realpath(directory))
     _check_replaceable(target)
@@ -141,7 +141,7 @@ def write(
         text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
         (staging / MANIFEST).write_text(text)
         _sync(staging)
-        _move_into_place(staging, target, remove_replaced == "later")
+        _move_into_place(staging, target, remove_replaced_later)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
