@@ -29,23 +29,16 @@ import torch
 
 
 def main() -> None:
+    from llama3_70b import llama3_70b_config
     from plait.cost.estimate import Target, estimate
     from plait.frontend import hf
     from plait.frontend.capture import capture
     from plait.frontend.importer import import_program
     from plait.hardware import load
     from plait.passes.manager import PassManager
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=128256,
-        hidden_size=8192,
-        intermediate_size=28672,
-        num_hidden_layers=80,
-        num_attention_heads=64,
-        num_key_value_heads=8,
-        max_position_embeddings=8192,
-    )
+    config = llama3_70b_config()
     with torch.device("meta"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     start = time.perf_counter()

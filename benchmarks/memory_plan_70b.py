@@ -31,19 +31,11 @@ import torch
 
 
 def _model(layers: int):
+    from llama3_70b import llama3_70b_config
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=128256,
-        hidden_size=8192,
-        intermediate_size=28672,
-        num_hidden_layers=layers,
-        num_attention_heads=64,
-        num_key_value_heads=8,
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
-    )
+    config = llama3_70b_config(layers)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode:
         return LlamaForCausalLM(config), mode

@@ -83,23 +83,15 @@ def graphs(include_70b: bool):
 
 
 def llama_70b():
+    from llama3_70b import llama3_70b_config
     from plait.frontend import hf
     from plait.frontend.capture import capture
     from plait.frontend.importer import import_program
     from plait.passes.manager import PassManager
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
     from xdsl.dialects import func
 
-    config = LlamaConfig(
-        vocab_size=128256,
-        hidden_size=8192,
-        intermediate_size=28672,
-        num_hidden_layers=80,
-        num_attention_heads=64,
-        num_key_value_heads=8,
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
-    )
+    config = llama3_70b_config()
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     module, _ = import_program(capture(hf.wrap(model), hf.example_inputs(model, 1, 2048)))

@@ -25,23 +25,15 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=80)
     args = parser.parse_args()
 
+    from llama3_70b import llama3_70b_config
     from plait.frontend import hf
     from plait.frontend.capture import capture
     from plait.frontend.importer import import_program
     from plait.ir.text import verify_module
     from plait.passes.manager import PassManager, count_ops
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(  # Llama-3-70B
-        vocab_size=128256,
-        hidden_size=8192,
-        intermediate_size=28672,
-        num_hidden_layers=args.layers,
-        num_attention_heads=64,
-        num_key_value_heads=8,
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
-    )
+    config = llama3_70b_config(args.layers)
     phases = {}
     start = time.perf_counter()
     with torch.device("meta"):

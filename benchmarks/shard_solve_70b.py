@@ -20,6 +20,7 @@ import torch
 
 
 def run(layers: int, dynamic: bool) -> dict[str, float]:
+    from llama3_70b import llama3_70b_config
     from plait.cost.comm_cost import axis_links
     from plait.frontend import hf
     from plait.frontend.capture import capture
@@ -29,18 +30,9 @@ def run(layers: int, dynamic: bool) -> dict[str, float]:
     from plait.passes.manager import PassManager
     from plait.passes.options import SizeValues
     from plait.passes.shard.ilp import formulate, optimize
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=128256,
-        hidden_size=8192,
-        intermediate_size=28672,
-        num_hidden_layers=layers,
-        num_attention_heads=64,
-        num_key_value_heads=8,
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
-    )
+    config = llama3_70b_config(layers)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     times = {}
