@@ -13,8 +13,10 @@ functional collectives. `program.code` is the Python a user can read:
 
 from __future__ import annotations
 
+import builtins
 import functools
 import inspect
+import keyword
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ from xdsl.dialects.builtin import ModuleOp
 from xdsl.ir import Operation, SSAValue
 
 from .. import customops
+from ..customops.adam import adam_update_
 from ..ir import args as irargs
 from ..ir import symbolic
 from ..ir.attrs import (
@@ -69,6 +72,7 @@ from ..ir.text import where
 from ..ir.types import TensorType
 from ..ir.weights import WeightStore
 from . import bindings
+from .adam_chains import AdamChain, adam_chains
 
 
 class LoweringError(PlaitError):
@@ -187,6 +191,21 @@ def _repeat_chain(value: SSAValue | None, reader: Operation) -> list[Operation] 
 def _attr_key(name: str, shard: tuple | None) -> str:
     """A weight's or state's name in the program, marked by the dim it is sliced on."""
     return name if shard is None else f"{name}_shard{shard[0]}"
+
+
+_BUILTINS = set(dir(builtins)) | set(keyword.kwlist)
+
+
+def input_names(block) -> list[str]:
+    """A program's argument names: its inputs' name hints, made unique (two
+    inputs may share one: xDSL drops a hint's `_1`)."""
+    names: list[str] = []
+    for index, arg in enumerate(block.args):
+        name = arg.name_hint or f"input_{index}"
+        while name in names:
+            name = f"{name}_{index}"
+        names.append(name)
+    return names
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -450,6 +469,22 @@ class _Lowering:
             return
         for i, result in enumerate(op.results):
             self.values[result] = self._node(operator.getitem, (node, i), {}, op, result)
+
+    def fused_updates(self, block, takes) -> dict[Operation, AdamChain]:
+        """The Adam updates run as one call each (customops/adam.py): not when
+        re-exporting (plain ATen) or under Inductor (it fuses them itself)."""
+        if not self.fast or self.functional:
+            return {}
+        return {
+            op: chain
+            for op, chain in adam_chains(block).items()
+            if not any(isinstance(v, SSAValue) and v in takes for v in chain.call_args())
+            and not any(planned_offset(m) is not None for m in (op, *chain.members))
+        }
+
+    def lower_adam_update(self, op: CallOp, chain: AdamChain) -> None:
+        args = tuple(self.values[a] if isinstance(a, SSAValue) else a for a in chain.call_args())
+        self.values[op.results[0]] = self._node(adam_update_, args, {}, op)
 
     def stream(self, ops: list[Operation]):
         """The streamed weights' schedule: value -> its index (taken at first
@@ -752,9 +787,9 @@ class _Lowering:
     def run(self, fn: func.FuncOp) -> torch.fx.GraphModule:
         block = fn.body.blocks.first
         types = list(fn.function_type.inputs)
-        for index, arg in enumerate(block.args):
-            name = arg.name_hint or f"input_{index}"
-            self.values[arg] = self.graph.placeholder(name)
+        for arg, name in zip(block.args, input_names(block)):
+            # (fx renames a builtin's name, such as `input`, and can clash with the next)
+            self.values[arg] = self.graph.placeholder(f"{name}_" if name in _BUILTINS else name)
         # bind each symbol from the first input dim that is exactly that symbol,
         # else from one linear in it (a derived dim such as 2*k)
         for only_exact in (True, False):
@@ -785,9 +820,11 @@ class _Lowering:
                 if op.result in self.values:  # (a streamed weight is bound at first use)
                     self.values[op.result].meta[PARAM_META] = op
         takes, starts = self.stream(ops)
+        fused = self.fused_updates(block, takes)
+        skipped |= {member for chain in fused.values() for member in chain.members}
         for index, op in enumerate(ops):
             if isinstance(op, ParamOp) or op in skipped:
-                continue  # bound above, or a copy grouped-query attention does without
+                continue  # bound above, a copy grouped-query attention does without, or fused
             for repeated, source in self.grouped.get(op, ()):
                 self.values[repeated] = self.values[source]
             for value in op.operands:
@@ -795,7 +832,9 @@ class _Lowering:
                     node = self.graph.call_module("prefetch", ("take", takes.pop(value)))
                     node.name = value.name_hint or node.name
                     self.values[value] = node
-            if isinstance(op, CallOp):
+            if op in fused:
+                self.lower_adam_update(op, fused[op])
+            elif isinstance(op, CallOp):
                 self.lower_call(op)
             elif isinstance(op, CollectiveOp):
                 self.lower_collective(op)
@@ -893,7 +932,7 @@ def build_program(
     return Program(
         graph_module=gm,
         input_types=list(fn.function_type.inputs),
-        input_names=[a.name_hint or f"input_{i}" for i, a in enumerate(fn.body.blocks.first.args)],
+        input_names=input_names(fn.body.blocks.first),
         symbols=symbols.ranges if symbols is not None else {},
         compiled=torch.compile(gm, mode=fuse.data) if fuse is not None else None,  # (on first call)
     )

@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import functools
 import threading
-import warnings
-from pathlib import Path
 
 import torch
 
-from . import KernelArgumentError
+from . import KernelArgumentError, native
 
 # at most this many tokens use the sparse kernel; above, densify + GEMM in the
 # activations' dtype (benchmarks/quant_kernels.py: the dense path is faster
@@ -75,31 +73,11 @@ def dense_weight(values, scales, blocks, group: int, in_features: int, segments:
 @functools.lru_cache(maxsize=None)
 def extension():
     """The compiled C++ kernel, or None (with a warning) where it cannot be built."""
-    from torch.utils.cpp_extension import load
-
-    flags = ["-O3", "-fopenmp-simd"]
-    cpuinfo = Path("/proc/cpuinfo")
-    cpu = cpuinfo.read_text() if cpuinfo.is_file() else ""
-    if " avx2 " in cpu and " fma " in cpu:
-        flags += ["-mavx2", "-mfma"]
-    if " avx512f " in cpu:
-        flags += ["-mavx512f"]
-    if " f16c " in cpu:  # float16 scales to float in one instruction
-        flags += ["-mf16c"]
-    try:
-        return load(
-            name="plait_gqsa",
-            sources=[str(Path(__file__).with_name("gqsa.cpp"))],
-            extra_cflags=flags,
-            verbose=False,
-        )
-    except Exception as exc:  # no compiler, no headers: the dense path still works
-        warnings.warn(
-            f"plait: the C++ kernels could not be built ({exc}); GQSA layers run densified "
-            "and quantized layers' prefill dequantizes with torch ops",
-            stacklevel=2,
-        )
-        return None
+    return native.build(
+        "plait_gqsa",
+        "gqsa.cpp",
+        "GQSA layers run densified and quantized layers' prefill dequantizes with torch ops",
+    )
 
 
 def prepare_args(args: list) -> dict[str, torch.Tensor]:
