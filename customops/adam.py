@@ -47,7 +47,9 @@ def adam_update_(param, exp_avg, exp_avg_sq, grad, decay, weight, beta2, value,
     if _native((param, exp_avg, exp_avg_sq, grad)):
         scalars = (decay, bias_correction2_sqrt, eps, neg_step_size)
         d, bc, e, nss = (1.0 if s is None else s.item() for s in scalars)
-        extension().adam_update(param, exp_avg, exp_avg_sq, grad, d, weight, beta2, value, bc, e, nss)
+        extension().adam_update(
+            param, exp_avg, exp_avg_sq, grad, d, weight, beta2, value, bc, e, nss
+        )
         return param
     if decay is not None:
         aten.mul_.Tensor(param, decay)
