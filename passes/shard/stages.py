@@ -173,7 +173,7 @@ def _unbucket(fn: func.FuncOp, axis: str, index: int) -> list[list[str]]:
     for op in block.ops:
         if not (isinstance(op, ParamOp) and op.is_state and PLACEMENTS_ATTR in op.attributes):
             continue
-        if op.attributes[PLACEMENTS_ATTR].data[index].kind == "shard":
+        if op.attributes[PLACEMENTS_ATTR].data[index].kind not in ("replicate", "partial"):
             raise StageError(
                 f"pipeline after ZeRO is not supported yet: '{op.weight_name}' is split over "
                 f"the data axis '{axis}'; drop zero{{stage=...}} (and shard{{memory=...}}, which "
