@@ -206,6 +206,16 @@ def test_a_data_parallel_pipelined_checkpoint_continues_on_one_rank(data_paralle
     _close(resumed.step(*batches[-1]), losses[-1], "resumed loss", rtol=1e-6)
 
 
+def test_plait_estimate_shows_a_data_parallel_pipeline(data_parallel_run, capsys):
+    from plait.cli import main
+
+    assert main(["estimate", str(data_parallel_run[4]), "--hardware", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "mesh dp:2,pp:2, training step" in out
+    assert "1f1b, 2 stages x 2 micro-batches" in out
+    assert "stage 1 actions:         F0 B0 F1 B1 U" in out and "pipelined step:" in out
+
+
 def _functions(module) -> dict[str, func.FuncOp]:
     return {f.sym_name.data: f for f in module.ops if isinstance(f, func.FuncOp)}
 

@@ -30,6 +30,13 @@ the whole batch's gradient. The schedule (`pipeline_schedule`) is recorded
 on the module as each rank's list of actions:
 
     canonicalize,cse,dce,pipeline{stages=2,microbatches=4,schedule=1f1b}
+
+After `shard` over a data axis (dp:N, or dp:N,tp:M), each stage runs on
+its dp group: the micro-batches' gradients add up in the accumulators
+unreduced, and each rank's update reduces its stages' accumulators over
+its dp group once per step, in async buckets (shard's buckets, regrouped
+by stage: `grad_buckets.unbucket` / `bucket_by`). State that ZeRO splits
+over the data axis is refused.
 """
 
 from __future__ import annotations
