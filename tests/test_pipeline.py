@@ -199,6 +199,26 @@ def test_each_stage_reduces_its_own_gradients_over_dp_once_per_step(data_paralle
         assert bucket.input.type.nbytes == sum(held) > 0
 
 
+def test_small_dp_buckets_are_regrouped_by_stage(data_parallel_run):
+    """shard{bucket_mb}'s buckets, each cut by stage: several per update, each
+    of that rank's accumulators, every one once."""
+    stages = _pipeline("1f1b", micro=2).removeprefix(CLEAN + ",")
+    pipeline = f"{CLEAN},shard{{mesh=dp:2,bucket_mb=0.05}},{stages}"
+    module = PassManager.parse(pipeline).run(data_parallel_run[0].source.clone())
+    names = _functions(module)
+    for s in (0, 1):
+        update = list(names[f"update_stage{s}"].walk())
+        reduces = [o for o in update if isinstance(o, AllReduceOp)]
+        assert all(o.is_async is not None for o in reduces)
+        buckets = [o.input.type.nbytes for o in reduces]
+        held = [
+            o.result.type.nbytes
+            for o in update
+            if isinstance(o, ParamOp) and o.weight_name.startswith("grad_accumulator.")
+        ]
+        assert 2 <= len(buckets) < len(held) and sum(buckets) == sum(held), (s, buckets)
+
+
 def test_a_data_parallel_pipelined_checkpoint_continues_on_one_rank(data_parallel_run):
     _, batches, losses, _, saved, *_ = data_parallel_run
     resumed = plait.load_training(saved, pipeline=CLEAN)
