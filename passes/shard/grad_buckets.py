@@ -8,6 +8,11 @@ tensor (`cat` of the flattened gradients): its async all-reduce starts right
 after the bucket's last gradient is made, so it runs while backward goes on,
 and its `plait.wait` sits before the first op that reads a reduced gradient
 (the ladder/overlap passes' start-early, wait-late, with the same ops).
+
+A pass that moves gradients apart (pipeline's split by stage) undoes the
+buckets first (`unbucket`: one blocking all-reduce per gradient again) and
+rebuilds them where the gradients went (`bucket_by`: each old bucket's
+members that one function holds, as one bucket there).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from xdsl.rewriter import InsertPoint, Rewriter
 
 from ...ir.args import ArgsAttr, Operand
 from ...ir.ops import AllReduceOp, CallOp, LocalShardOp, WaitOp, call_op_class
-from ...ir.training import GRAD_OF
+from ...ir.training import GRAD_OF, gradients
 from ...ir.types import TensorType
 from ..reorder import hoist
 
@@ -41,6 +46,22 @@ def _is_gradient(value: SSAValue, hops: int = 4) -> bool:
             return False
         value = op.operands[0]
     return False
+
+
+def _gradient_name(value: SSAValue, marks: dict[SSAValue, str], hops: int = 4) -> str | None:
+    """The parameter whose marked gradient `value` is (or is a view of)."""
+    for _ in range(hops):
+        if value in marks:
+            return marks[value]
+        op = value.owner
+        if not isinstance(op, _THROUGH) or len(op.operands) != 1:
+            return None
+        value = op.operands[0]
+    return None
+
+
+def _marks(block: Block) -> dict[SSAValue, str]:
+    return {v: name for name, v in gradients(block.parent.parent).items()}
 
 
 def _static(t: TensorType) -> bool:
@@ -161,3 +182,72 @@ def _reduce_bucket(block: Block, bucket: list[AllReduceOp], axis: str) -> None:
         op.result.replace_all_uses_with(whole)
         Rewriter.erase_op(op)
         offset += count
+
+
+def unbucket(block: Block, axis: str) -> list[list[str]]:
+    """Undo `bucket_gradients` along `axis`: each bucket's gradients reduced
+    by a blocking all-reduce each, where the bucket was waited for; returns
+    each bucket's parameter names, in order (for `bucket_by`)."""
+    marks = _marks(block)
+    buckets = []
+    for start in [op for op in block.ops if isinstance(op, AllReduceOp)]:
+        found = _bucket(start, axis)
+        if found is None:
+            continue
+        flats, wait, cuts = found
+        names = []
+        for flat, cut in zip(flats, cuts):
+            gradient = flat.owner.operands[0]
+            whole = next(iter(cut.results[0].uses)).operation
+            reduce = AllReduceOp(gradient, axis, "sum")
+            reduce.location = whole.location
+            reduce.result.name_hint = whole.results[0].name_hint
+            Rewriter.insert_op(reduce, InsertPoint.before(wait))
+            whole.results[0].replace_all_uses_with(reduce.result)
+            Rewriter.erase_op(whole)
+            Rewriter.erase_op(cut)
+            names.append(_gradient_name(gradient, marks) or "")
+        cat = start.input.owner
+        for op in (wait, start, cat, *(f.owner for f in flats)):
+            Rewriter.erase_op(op)
+        buckets.append(names)
+    return buckets
+
+
+def _bucket(start: AllReduceOp, axis: str):
+    """A bucket `_reduce_bucket` made: (its flat gradients, its wait, the
+    slices of the reduced bucket, in the same order), or None."""
+    cat = start.input.owner
+    if not (
+        start.is_async is not None
+        and start.axis.data == axis
+        and isinstance(cat, CallOp)
+        and cat.target_name == "aten::cat"
+        and len(list(start.result.uses)) == 1
+    ):
+        return None
+    wait = next(iter(start.result.uses)).operation
+    cuts = sorted((u.operation for u in wait.result.uses), key=lambda op: op.arg("start"))
+    if len(cuts) != len(cat.operands):
+        return None
+    return list(cat.operands), wait, cuts
+
+
+def bucket_by(block: Block, axis: str, buckets: list[list[str]]) -> int:
+    """Reduce the blocking all-reduces along `axis` of the gradients each of
+    `buckets` names (`unbucket`'s) as one async bucket, of those `block`
+    has; returns how many buckets."""
+    marks = _marks(block)
+    reduces = {}
+    for op in block.ops:
+        if isinstance(op, AllReduceOp) and op.is_async is None and op.axis.data == axis:
+            name = _gradient_name(op.input, marks)
+            if name is not None and op.reduce.data == "sum" and _static(op.input.type):
+                reduces[name] = op
+    count = 0
+    for names in buckets:
+        bucket = [reduces[n] for n in names if n in reduces]
+        if bucket:
+            _reduce_bucket(block, bucket, axis)
+            count += 1
+    return count

@@ -30,6 +30,13 @@ the whole batch's gradient. The schedule (`pipeline_schedule`) is recorded
 on the module as each rank's list of actions:
 
     canonicalize,cse,dce,pipeline{stages=2,microbatches=4,schedule=1f1b}
+
+After `shard` over a data axis (dp:N, or dp:N,tp:M), each stage runs on
+its dp group: the micro-batches' gradients add up in the accumulators
+unreduced, and each rank's update reduces its stages' accumulators over
+its dp group once per step, in async buckets (shard's buckets, regrouped
+by stage: `grad_buckets.unbucket` / `bucket_by`). State that ZeRO splits
+over the data axis is refused.
 """
 
 from __future__ import annotations
@@ -40,10 +47,12 @@ from xdsl.context import Context
 from xdsl.dialects import func
 from xdsl.dialects.builtin import ModuleOp
 
-from ...ir.attrs import MESH_ATTR, PIPELINE_AXIS, MeshAttr, mesh_axes
+from ...ir.attrs import MESH_ATTR, PIPELINE_AXIS, PLACEMENTS_ATTR, MeshAttr, mesh_axes
+from ...ir.ops import ParamOp
 from ...ir.training import ACCUMULATE, TRAIN_STEP
 from ..base import Pass
 from ..options import OptionError, check_hardware
+from .grad_buckets import bucket_by, unbucket
 from .pipeline_schedule import (
     SCHEDULES,
     PipelinePlan,
@@ -103,12 +112,7 @@ class Pipeline(Pass):
             raise StageError("pipeline applies to a training step (plait.compile_training)")
         if PIPELINE_AXIS in mesh_axes(module):
             raise StageError(f"the step is already pipelined (mesh axis '{PIPELINE_AXIS}')")
-        data = [axis for axis in mesh_axes(module) if axis in DATA_AXES]
-        if data:  # (its gradient buckets mix the stages' parameters)
-            raise StageError(
-                f"pipeline after a data-parallel axis ('{data[0]}') is not supported yet; "
-                "shard over tp only (shard{mesh=tp:N}), or drop the pipeline"
-            )
+        data = [a for a, n in mesh_axes(module).items() if a in DATA_AXES and n > 1]
         if self.microbatches > 1 and ACCUMULATE not in functions:
             raise StageError(
                 f"pipeline{{microbatches={self.microbatches}}} needs the step captured for "
@@ -122,6 +126,7 @@ class Pipeline(Pass):
                     f"pipeline stages exchange tensors of fixed shapes, but input "
                     f"'{arg.name_hint}' is {arg.type}; compile without dynamic_shapes"
                 )
+        buckets = _unbucket(fn, data[0], list(mesh_axes(module)).index(data[0])) if data else []
         report = estimate(module, Target(load(self.hardware)), TRAIN_STEP)
         times = {row.op: row.time for row in report.ops}
         step = StepSplit(fn)
@@ -137,6 +142,10 @@ class Pipeline(Pass):
         cuts = best_cuts(costs, count)
         stage_times = stage_sums(costs, cuts)
         built = step.build(cuts, count, self.stages)
+        updates = {stage_function("U", r) for r in range(self.stages)} if data else set()
+        for f in built:  # each rank reduces its stages' gradients over its data group
+            if f.sym_name.data in updates:
+                bucket_by(f.body.blocks.first, data[0], buckets)
         for f in functions.values():
             f.detach()
         for f in built:
@@ -159,6 +168,25 @@ class Pipeline(Pass):
         }
         plan = PipelinePlan(self.stages, self.microbatches, self.schedule, actions, self.virtual)
         record(module, plan, notes)
+
+
+def _unbucket(fn: func.FuncOp, axis: str, index: int) -> list[list[str]]:
+    """The data axis's gradient buckets mix the stages' parameters: undone
+    here (and rebuilt in each rank's update, `bucket_by`), so that each
+    stage's gradients are reduced over its data-parallel group, once per
+    step, after its last micro-batch's backward. State split over the data
+    axis (ZeRO, mesh axis `index`) is refused."""
+    block = fn.body.blocks.first
+    for op in block.ops:
+        if not (isinstance(op, ParamOp) and op.is_state and PLACEMENTS_ATTR in op.attributes):
+            continue
+        if op.attributes[PLACEMENTS_ATTR].data[index].kind not in ("replicate", "partial"):
+            raise StageError(
+                f"pipeline after ZeRO is not supported yet: '{op.weight_name}' is split over "
+                f"the data axis '{axis}'; drop zero{{stage=...}} (and shard{{memory=...}}, which "
+                "may choose it) from the pipeline, or drop the pipeline"
+            )
+    return unbucket(block, axis)
 
 
 # ---- the cut --------------------------------------------------------------------
