@@ -51,6 +51,13 @@ def adam_update_(param, exp_avg, exp_avg_sq, grad, decay, weight, beta2, value,
             param, exp_avg, exp_avg_sq, grad, d, weight, beta2, value, bc, e, nss
         )
         return param
+    return reference(param, exp_avg, exp_avg_sq, grad, decay, weight, beta2, value,
+                     bias_correction2_sqrt, eps, neg_step_size)  # fmt: skip
+
+
+def reference(param, exp_avg, exp_avg_sq, grad, decay, weight, beta2, value,
+              bias_correction2_sqrt, eps, neg_step_size):  # fmt: skip
+    """The optimizer rows' eight calls."""
     if decay is not None:
         aten.mul_.Tensor(param, decay)
     aten.lerp_.Scalar(exp_avg, grad, weight)
