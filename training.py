@@ -873,7 +873,7 @@ def compile_training(
     """
     _schedule(lr)  # a bad lr should not wait for the export
     manager = PassManager.parse(pipeline)
-    accumulation = _pipeline_micro_batches(manager, accumulation, clip_grad_norm, example_args)
+    accumulation = _pipeline_micro_batches(manager, accumulation, example_args)
     spec = TrainingSpec(optimizer, dict(optimizer_options), accumulation, clip_grad_norm, precision)
     hf = is_hf_model(model)
     args = tuple(example_args)
@@ -904,7 +904,7 @@ def compile_training(
     )
 
 
-def _pipeline_micro_batches(manager: PassManager, accumulation: int, clip, batch) -> int:
+def _pipeline_micro_batches(manager: PassManager, accumulation: int, batch) -> int:
     """The micro-batches a pipeline pass splits the batch in: the step is
     captured for them (each one's loss divided by their number, as
     accumulation divides it)."""
@@ -924,11 +924,6 @@ def _pipeline_micro_batches(manager: PassManager, accumulation: int, clip, batch
         raise TrainingError(
             f"accumulation={accumulation} and pipeline{{microbatches={micro}}} both split the "
             f"batch; give one of them (the pipeline's micro-batches accumulate gradients)"
-        )
-    if clip is not None:
-        raise TrainingError(
-            "clip_grad_norm with pipeline stages needs the gradients' norm over every stage, "
-            "which plait does not compute yet; train without clipping"
         )
     return micro
 

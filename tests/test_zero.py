@@ -283,15 +283,21 @@ def test_a_zero_checkpoint_continues_on_one_rank(run, request):
     _check_continues_on_one_rank(request.getfixturevalue(run))
 
 
-@pytest.mark.parametrize("mesh", ["tp:2", None])
-def test_a_zero3_checkpoint_resumes_on_another_mesh(zero3, mesh):
+RESUMED_ON = {  # pass -> the mesh it makes
+    ",shard{mesh=tp:2}": {"tp": 2},
+    ",pipeline{stages=2}": {"pp": 2},
+    "": {},
+}
+
+
+@pytest.mark.parametrize("passes", RESUMED_ON)
+def test_a_zero3_checkpoint_resumes_on_another_mesh(zero3, passes):
     """Saved after 2 steps on dp:2 under zero{stage=3} (each rank wrote its
-    flat pieces), resumed on tp:2 and on one rank: the next step's loss is
-    the one the original mesh went on with."""
-    pipeline = "canonicalize,cse,dce" + (f",shard{{mesh={mesh}}}" if mesh else "")
-    loaded = plait.load_training(zero3.checkpoint, pipeline=pipeline)
+    flat pieces), resumed on tp:2, on two pipeline stages and on one rank:
+    the next step's loss is the one the original mesh went on with."""
+    loaded = plait.load_training(zero3.checkpoint, pipeline="canonicalize,cse,dce" + passes)
     try:
-        assert loaded.mesh == ({"tp": 2} if mesh else {}) and loaded.steps == SAVE_AFTER
+        assert loaded.mesh == RESUMED_ON[passes] and loaded.steps == SAVE_AFTER
         loss = loaded.step(*zero3.batches[SAVE_AFTER])
     finally:
         loaded.close()

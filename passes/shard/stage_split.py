@@ -12,6 +12,8 @@ in the same order, so each stage pair's messages match one for one).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from xdsl.dialects import func
 from xdsl.dialects.builtin import ArrayAttr, IntegerAttr, ModuleOp, NameLoc, StringAttr, i64
 from xdsl.ir import Block, BlockArgument, Operation, Region, SSAValue
@@ -19,7 +21,15 @@ from xdsl.ir import Block, BlockArgument, Operation, Region, SSAValue
 from ...ir.args import ArgsAttr, Operand
 from ...ir.attrs import PIPELINE_AXIS, STAGE_ATTR
 from ...ir.errors import PlaitError
-from ...ir.ops import TAGS_PER_MICRO_BATCH, CallOp, ParamOp, RecvOp, SendOp, call_op_class
+from ...ir.ops import (
+    TAGS_PER_MICRO_BATCH,
+    AllReduceOp,
+    CallOp,
+    ParamOp,
+    RecvOp,
+    SendOp,
+    call_op_class,
+)
 from ...ir.schema import writes_input
 from ...ir.text import where
 from ...ir.training import (
@@ -37,6 +47,7 @@ from ...ir.training import (
 )
 from ..residual import residual_chain
 from .pipeline_schedule import KINDS, stage_function
+from .step import insert_call, squares_for_global_norms
 
 KIND_OF_PHASE = {FORWARD: "F", BACKWARD: "B", OPTIMIZER: "U"}
 
@@ -52,6 +63,7 @@ class StepSplit:
     def __init__(self, fn: func.FuncOp):
         self.fn = fn
         self.block = fn.body.blocks.first
+        squares_for_global_norms(self.block, insert_call)  # (clipping: partial sums per stage)
         self.phases = step_phases(fn)
         self.loss = self.block.last_op.operands[0]
         _accumulate_in_backward(fn, self.phases)
@@ -60,6 +72,8 @@ class StepSplit:
         forward_adds = [m for m in residual_chain(self.block) if self.phases[m.add] == FORWARD]
         self.chain = forward_adds
         self.free = _free_ops(self.ops)
+        self.clip = _global_norm([op for op in self.ops if self.phases.get(op) == OPTIMIZER])
+        self.free |= self.clip.replicated if self.clip else set()
         self.segment = self._segments([m.result for m in self.chain] + [self.loss])
 
     def _segments(self, boundaries: list[SSAValue]) -> dict[Operation, int]:
@@ -220,6 +234,66 @@ def module_of(value: SSAValue) -> str:
     return where(value.owner)
 
 
+@dataclass(frozen=True)
+class GlobalNorm:
+    """Clipping's global norm in squares form (`squares_for_global_norms`):
+    `stack` of each gradient's sum of squares, `total` the sum that reads it,
+    `replicated` the scalar ops from `stack` to the clip coefficient. Every
+    rank's update computes them: its stack holds its stages' sums, and an
+    all-reduce over the pipeline after `total` makes it every stage's."""
+
+    stack: CallOp
+    total: CallOp
+    replicated: frozenset[Operation]
+
+
+def _global_norm(ops: list[Operation]) -> GlobalNorm | None:
+    """The optimizer's global norm among `ops` (the update's), if it clips."""
+    stacks = [
+        op
+        for op in ops
+        if isinstance(op, CallOp)
+        and op.target_name == "aten::stack"
+        and any(_is_sum(u.operation) for u in op.results[0].uses)
+        and all(v.type.shape == () for v in op.operands)
+    ]
+    if not stacks:
+        return None
+    if len(stacks) > 1:
+        raise StageError(f"{where(stacks[1])}: pipeline can clip by one global norm, not two")
+    stack = stacks[0]
+    replicated, todo = {stack}, [stack]
+    while todo:  # the scalar ops downstream: the norm and the clip coefficient
+        for result in todo.pop().results:
+            for use in result.uses:
+                reader = use.operation
+                if reader in replicated or not reader.results:
+                    continue
+                if all(r.type.shape == () for r in reader.results) and all(
+                    v.type.shape == () or v is stack.results[0] for v in reader.operands
+                ):
+                    replicated.add(reader)
+                    todo.append(reader)
+    total = next(u.operation for u in stack.results[0].uses if _is_sum(u.operation))
+    return GlobalNorm(stack, total, frozenset(replicated))
+
+
+def _is_sum(op) -> bool:
+    return isinstance(op, CallOp) and op.target_name == "aten::sum" and op.arg("dim") is None
+
+
+def _stack_of(stack: CallOp, values: list[SSAValue]) -> CallOp:
+    """`stack` over `values` (a rank's own stages' sums of squares)."""
+    args = (tuple(Operand(i) for i in range(len(values))), *stack.args.args[1:])
+    result = stack.results[0].type.with_shape((len(values),))
+    new = call_op_class(stack.target_name)(
+        stack.target_name, values, ArgsAttr(args, stack.args.kwargs), [result]
+    )
+    new.location = stack.location
+    new.results[0].name_hint = stack.results[0].name_hint
+    return new
+
+
 def _free_ops(ops: list[Operation]) -> set[Operation]:
     """Ops every stage can compute for itself: they read only inputs, buffers,
     constants, the step count and each other."""
@@ -333,9 +407,11 @@ class _Messages:
                 if producer[0] != "F" or producer[1] >= s:
                     self._refuse(v, "forward", producer[1], s)
                 self._message("F", producer[1], s, v)
+        partials = set(step.clip.stack.operands) if step.clip else set()
         for s in range(stages):
             for v in self.inputs.get(("U", s), []):
-                self._refuse(v, "forward or backward", self.stage[v.owner], s)
+                if v not in partials:  # (another rank's: its all-reduce brings them)
+                    self._refuse(v, "forward or backward", self.stage[v.owner], s)
 
     def _producer(self, value: SSAValue) -> tuple[str, int]:
         return self.step.kind(value.owner), self.stage[value.owner]
@@ -388,11 +464,21 @@ class _Messages:
         for op in step.ops:
             if op not in ops:
                 continue
-            missing = [v for v in op.operands if v not in mapping]
-            if missing:  # (a message plan that forgot a value: a bug here)
-                raise StageError(f"{where(op)}: stage {s} has no value for an operand")
-            clone = op.clone(value_mapper=mapping)
+            if step.clip and op is step.clip.stack:
+                clone = _stack_of(op, [mapping[v] for v in op.operands if v in mapping])
+                mapping[op.results[0]] = clone.results[0]
+            else:
+                missing = [v for v in op.operands if v not in mapping]
+                if missing:  # (a message plan that forgot a value: a bug here)
+                    raise StageError(f"{where(op)}: stage {s} has no value for an operand")
+                clone = op.clone(value_mapper=mapping)
             block.add_op(clone)
+            if step.clip and op is step.clip.total:  # this rank's stages' sum, over every stage
+                total = AllReduceOp(clone.results[0], PIPELINE_AXIS, "sum")
+                total.location = clone.location
+                total.results[0].name_hint = "grad_square_sum"
+                block.add_op(total)
+                mapping[op.results[0]] = total.results[0]
             for result in op.results:
                 for peer, tag in sends.get(result, []):
                     block.add_op(SendOp(mapping[result], PIPELINE_AXIS, peer, tag))

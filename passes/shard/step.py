@@ -34,7 +34,7 @@ from __future__ import annotations
 from xdsl.ir import Operation, SSAValue
 from xdsl.rewriter import InsertPoint, Rewriter
 
-from ...ir.args import Operand, Tag
+from ...ir.args import ArgsAttr, Operand, Tag
 from ...ir.attrs import PLACEMENTS_ATTR, REPLICATE, Placement, PlacementsAttr, partial, shard
 from ...ir.ops import AllReduceOp, CallOp, ParamOp, WaitOp, call_op_class
 from ...ir.schema import writes_input
@@ -454,6 +454,15 @@ def _l2_of_all(op: Operation) -> bool:
         and op.arg("ord", 2) == 2
         and op.arg("dim") is None
     )
+
+
+def insert_call(before: Operation, name: str, target: str, values, args, result_type):
+    """A new call of `target` on `values`, inserted before `before`, at its location."""
+    new = call_op_class(target)(target, values, ArgsAttr(tuple(args), ()), [result_type])
+    new.location = before.location
+    new.results[0].name_hint = name
+    Rewriter.insert_op(new, InsertPoint.before(before))
+    return new.results[0]
 
 
 def squares_for_global_norms(block, insert_call) -> None:
