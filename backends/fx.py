@@ -41,7 +41,7 @@ from ..ir.attrs import (
 )
 from ..ir.dtypes import TORCH_NAMES
 from ..ir.errors import PlaitError
-from ..ir.memory import host_tier, planned_offset
+from ..ir.memory import HOST_DEVICE, host_tier, on_host, planned_offset
 from ..ir.ops import (
     TAGS_PER_MICRO_BATCH,
     AllGatherOp,
@@ -417,8 +417,8 @@ class _Lowering:
         if isinstance(value, irargs.Tag):
             if value.kind == "dtype":
                 return torch_dtype(value.value)
-            if value.kind == "device":
-                return self.device
+            if value.kind == "device":  # offload's copies to the host, else the program's
+                return torch.device("cpu") if value.value == HOST_DEVICE else self.device
             if value.kind == "group":
                 if self.groups is None or value.value not in self.groups.names:
                     raise LoweringError(
@@ -595,6 +595,8 @@ class _Lowering:
         tensor = self.shared.get(("state", key))
         if tensor is None:
             device = torch.device("meta") if self.on_meta else self.device
+            if on_host(op) and not self.on_meta:  # offload: kept in host memory
+                device = torch.device("cpu")
             with torch.inference_mode(False):  # updated in place in and out of inference mode
                 if op.weight_name in self.weights:  # a copy: the program updates it in place
                     # ZeRO's flat piece of it, too
@@ -603,6 +605,8 @@ class _Lowering:
                     tensor = initial.to(device, copy=True)
                 else:
                     tensor = torch.zeros(type_.shape, dtype=torch_dtype(type_.dtype), device=device)
+                if device.type == "cpu" and self.device.type == "cuda":  # copied at full speed
+                    tensor = tensor.pin_memory()
             self.shared["state", key] = tensor
             layout = StateLayout(key, shard, self._flat_piece(op), self._owns(op))
             self.shared["layout", op.weight_name] = layout
