@@ -37,8 +37,8 @@ from xdsl.dialects import func
 from xdsl.dialects.builtin import ArrayAttr, ModuleOp, StringAttr
 from xdsl.ir import Block, Operation, Region, SSAValue
 
-from .args import ArgsAttr, Operand
-from .attrs import PLACEMENTS_ATTR, mesh_axes
+from .args import ArgsAttr, Operand, Tag
+from .attrs import PLACEMENTS_ATTR, MemorySpace, mesh_axes
 from .errors import PlaitError
 from .memory import on_host
 from .ops import AllGatherOp, CallOp, ParamOp, call_op_class
@@ -202,6 +202,8 @@ def state_module(module: ModuleOp, names: list[str]) -> ModuleOp:
         clone = param.clone()
         block.add_op(clone)
         value = clone.result
+        if on_host(clone):  # offload's state: gathered on the device (NCCL's)
+            value = _to_device(block, value)
         placed = param.attributes.get(PLACEMENTS_ATTR)
         for (axis, n), placement in zip(sizes.items(), placed.data if placed else ()):
             if placement.kind == "flat":  # first: the tensor the other axes split
@@ -220,6 +222,17 @@ def state_module(module: ModuleOp, names: list[str]) -> ModuleOp:
     out = ModuleOp([fn])
     out.attributes.update(module.attributes)
     return out
+
+
+def _to_device(block: Block, value: SSAValue) -> SSAValue:
+    copy = call_op_class("aten::_to_copy")(
+        "aten::_to_copy",
+        [value],
+        ArgsAttr((Operand(0),), (("device", Tag("device", MemorySpace.DEVICE.value)),)),
+        [value.type],
+    )
+    block.add_op(copy)
+    return copy.results[0]
 
 
 def _unflattened(block: Block, piece: SSAValue, axis: str, n: int, shape) -> SSAValue:

@@ -147,7 +147,9 @@ def test_on_one_device_the_plan_recomputes_and_trains_as_eager_within_the_budget
     with pytest.warns(UserWarning, match="sharded by the step rules"):
         trainer = plait.compile_training(model, batches[0], lr=1e-3, pipeline=pipeline)
     record = trainer.module.attributes[MEMORY_PLAN_ATTR].data
-    assert "chosen zero stage 0, remat saved <=" in record and "considered: nothing else" in record
+    assert "chosen zero stage 0, remat saved <=" in record and ", offload none:" in record
+    considered = record.split("considered: ")[1]  # the one other plan: offloading the optimizer
+    assert considered.count("zero stage") == 1 and "offload optimizer state" in considered
     assert "recomputes" in trainer.module.attributes[REMAT_ATTR].data
     trainer.measure_memory = True
     losses, _, reference = _eager(model, batches, _lm_loss, _adamw)
