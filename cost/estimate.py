@@ -18,6 +18,7 @@ same, so identical layers are costed once.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -275,7 +276,9 @@ def _op_estimates(fn: func.FuncOp, target: Target, links, subs):
     return rows, times, views
 
 
+@functools.cache
 def _host() -> Hardware:
+    """Where offload's update runs: the host's CPU, as `cpu.toml` describes one."""
     from ..hardware import load
 
     return load("cpu")

@@ -18,6 +18,7 @@ from plait.cost.estimate import Target, estimate
 from plait.cost.estimate_report import summary
 from plait.hardware import load
 from plait.ir.attrs import MEMORY_PLAN_ATTR
+from plait.ir.text import print_module
 from plait.ir.training import HOST_OPTIMIZER_STATE, OPTIMIZER_STATE, PARAMETERS
 from plait.passes.manager import PassManager
 from plait.passes.memory.remat_solve import least_saved
@@ -129,3 +130,20 @@ def test_a_budget_no_plan_meets_names_the_least_peak_with_offload(branchy_plans)
         match=rf"the least peak is {reached:.6g} B, with zero stage {stage}, .*offload optimizer",
     ):
         _plan(batch, reached * 0.9)
+
+
+def test_offload_twice_is_once_and_what_it_cannot_do_is_refused():
+    batch = (torch.randn(4, 8), torch.randn(4, 4))
+    captured = _step(Branchy(), batch).module
+
+    def passes(pipeline: str) -> str:
+        module = captured.clone()
+        PassManager.parse(pipeline).run(module)
+        return print_module(module)
+
+    once = passes("offload")
+    assert 'tier = "host"' in once and passes("offload,offload") == once
+    with pytest.raises(plait.PlaitError, match="put zero before offload"):
+        passes("shard{mesh=dp:2},offload,zero{stage=1}")
+    with pytest.raises(plait.PlaitError, match="SGD without momentum.*drop the offload pass"):
+        plait.compile_training(Branchy(), batch, optimizer="sgd", pipeline="offload")

@@ -85,6 +85,8 @@ def offload_update(fn: func.FuncOp) -> None:
             f"@{fn.sym_name.data} keeps no optimizer state per parameter (SGD without "
             "momentum): nothing to offload; drop the offload pass"
         )
+    if all(on_host(slot) for slot in slots):  # offloaded already (by the memory plan)
+        return
     for slot in slots:
         place_on_host(slot)
     host = _host_ops(block, step_phases(fn))
