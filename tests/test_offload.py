@@ -5,7 +5,8 @@ AdamW (losses and parameters to 1e-5); the moments are counted as host memory
 (trainer.memory(), measured and from the IR), not the device's, whose
 measured peak drops by them and is the cost model's; under a budget no ZeRO
 stage with remat meets, `shard{solve=ilp,memory}` picks offload and `plait
-estimate` shows it; a budget nothing meets names the least peak."""
+estimate` shows it (and a budget nothing meets names the least peak, with
+offload: tests/test_memory_solve.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from plait.cost.estimate import Target, estimate
 from plait.cost.estimate_report import summary
 from plait.hardware import load
 from plait.ir.attrs import MEMORY_PLAN_ATTR
-from plait.ir.text import print_module
+from plait.ir.text import parse_module, print_module
 from plait.ir.training import HOST_OPTIMIZER_STATE, OPTIMIZER_STATE, PARAMETERS
 from plait.passes.manager import PassManager
 from plait.passes.memory.remat_solve import least_saved
@@ -122,16 +123,6 @@ def test_a_budget_zero_and_remat_cannot_meet_picks_offload(branchy_plans):
     assert "offload none" in _plan(batch, 1e12)
 
 
-def test_a_budget_no_plan_meets_names_the_least_peak_with_offload(branchy_plans):
-    batch, least = branchy_plans
-    (stage, _), reached = min(least.items(), key=lambda kv: (kv[1], kv[0]))
-    with pytest.raises(
-        plait.PlaitError,
-        match=rf"the least peak is {reached:.6g} B, with zero stage {stage}, .*offload optimizer",
-    ):
-        _plan(batch, reached * 0.9)
-
-
 def test_offload_twice_is_once_and_what_it_cannot_do_is_refused():
     batch = (torch.randn(4, 8), torch.randn(4, 4))
     captured = _step(Branchy(), batch).module
@@ -143,6 +134,7 @@ def test_offload_twice_is_once_and_what_it_cannot_do_is_refused():
 
     once = passes("offload")
     assert 'tier = "host"' in once and passes("offload,offload") == once
+    assert print_module(parse_module(once)) == once  # the dump parses back
     with pytest.raises(plait.PlaitError, match="put zero before offload"):
         passes("shard{mesh=dp:2},offload,zero{stage=1}")
     with pytest.raises(plait.PlaitError, match="SGD without momentum.*drop the offload pass"):
