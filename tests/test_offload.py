@@ -69,7 +69,7 @@ def test_dp2_zero2_trains_as_eager_with_each_ranks_piece_in_host_memory(tmp_path
     shard = f"mesh=dp:2,bucket_mb={SMALL_BUCKETS}"
     then = f",zero{{stage=2,bucket_mb={SMALL_BUCKETS}}},offload"
     run = _run(model, shard, ADAMW, tmp_path, clip=DP_CLIP, then=then)
-    _check_parity(run)  # every step's loss and the final parameters (and the checkpoint's)
+    _check_parity(run)  # every step's loss and the final parameters, 1e-5
     moments = 2 * 4 * sum(p.numel() for p in model.parameters())
     priced = _peak(run.trainer.module)
     for record in run.measured:
