@@ -69,6 +69,7 @@ from ..ir.text import where
 from ..ir.types import TensorType
 from ..ir.weights import WeightStore
 from . import bindings
+from .host_tasks import HostTasks
 
 
 class LoweringError(PlaitError):
@@ -399,6 +400,8 @@ class _Lowering:
         self.arena_views: dict[str, torch.dtype] = {}  # attr name -> dtype viewing the arena
         self.arena_nodes: dict[str, torch.fx.Node] = {}
         self.streamed: list[tuple[ParamOp, tuple | None]] = []
+        self.host_tasks: HostTasks | None = None  # offload's host ops, on a thread
+        self.futures: dict[SSAValue, torch.fx.Node] = {}  # host value -> its Future
         self.grouped: dict[Operation, list[tuple]] = {}  # attention reading unrepeated k, v
 
     @functools.cached_property
@@ -450,6 +453,31 @@ class _Lowering:
             return
         for i, result in enumerate(op.results):
             self.values[result] = self._node(operator.getitem, (node, i), {}, op, result)
+
+    def lower_host_call(self, op: CallOp) -> bool:
+        """Submit a host op to the background thread (see host_tasks); False
+        where it runs in line (several results; a program Inductor compiles)."""
+        if self.functional or len(op.results) != 1:
+            return False
+        target = resolve_target(op.target_name, op)
+        args = tuple(self.arg(a, op) for a in op.args.args)
+        kwargs = {k: self.arg(v, op) for k, v in op.args.kwargs}
+        if not _check_call(op, target, args, kwargs):
+            return False
+        if self.host_tasks is None:
+            self.host_tasks = self.attrs["host"] = HostTasks()
+        task = ("submit", self.host_tasks.add(op.target_name, target), args, kwargs)
+        node = self._node("host", task, {}, op, kind="call_module")
+        self.values[op.results[0]] = self.futures[op.results[0]] = node
+        return True
+
+    def await_host_values(self, op: Operation) -> None:
+        """A device op reading host values waits for them (once each)."""
+        for value in op.operands:
+            if value in self.futures:
+                node = self.graph.call_module("host", ("result", self.futures.pop(value)))
+                node.name = value.name_hint or node.name
+                self.values[value] = node
 
     def stream(self, ops: list[Operation]):
         """The streamed weights' schedule: value -> its index (taken at first
@@ -799,7 +827,12 @@ class _Lowering:
                     node = self.graph.call_module("prefetch", ("take", takes.pop(value)))
                     node.name = value.name_hint or node.name
                     self.values[value] = node
-            if isinstance(op, CallOp):
+            submitted = isinstance(op, CallOp) and on_host(op) and self.lower_host_call(op)
+            if not submitted:  # (a host op run in line waits too)
+                self.await_host_values(op)
+            if submitted:
+                pass  # runs on the host's thread
+            elif isinstance(op, CallOp):
                 self.lower_call(op)
             elif isinstance(op, CollectiveOp):
                 self.lower_collective(op)
@@ -810,6 +843,8 @@ class _Lowering:
             elif isinstance(op, (SendOp, RecvOp)):
                 self.lower_point_to_point(op)
             elif isinstance(op, func.ReturnOp):
+                if self.host_tasks is not None:  # the step's update is done when it is
+                    self.graph.call_module("host", ("drain",))
                 self.graph.output(tuple(self.values[v] for v in op.arguments))
             else:
                 raise LoweringError(f"{where(op)}: the torch backend has no lowering for {op.name}")

@@ -19,10 +19,11 @@ what kernels allocate for themselves (workspaces) is in it and in no kind,
 so it is given as "unattributed"; on CPU, which has no allocator counter,
 that is 0.
 
-Host memory (`offload`'s optimizer state and the update it runs on the host)
-is counted by kind ("optimizer state (host)", "host temporary") but is no
-part of the peak, which is the device's: on CPU too, where the two are the
-same memory, so that what offload moves off the device shows.
+Host memory (`offload`'s optimizer state, and its update's results where it
+runs in line; on its background thread the mode does not see them) is counted
+by kind ("optimizer state (host)", "host temporary") but is no part of the
+peak, which is the device's: on CPU too, where the two are the same memory,
+so that what offload moves off the device shows.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""offload: optimizer state in host memory, its update run on the host.
+"""offload: optimizer state in host memory, its update run on the host (on a
+thread of its own, overlapping the device's write-backs).
 
 On one rank and on 2 gloo ranks under zero{stage=2} the step trains as eager
 AdamW (losses and parameters to 1e-5); the moments are counted as host memory
@@ -57,6 +58,10 @@ def test_one_rank_trains_as_eager_with_the_moments_in_host_memory():
     assert held[HOST_OPTIMIZER_STATE] == measured[HOST_OPTIMIZER_STATE] == moments
     # the device's peak is the cost model's, and lower by the moments than without offload
     assert measured[PEAK] == _peak(trainer.module)
+    # the update runs on the host's thread, which the cost model gives a lane of its own
+    assert "self.host('submit', 'aten::lerp_.Scalar', " in trainer.code
+    lanes = {e.lane for e in estimate(trainer.module, Target(load(HARDWARE))).schedule.events}
+    assert lanes == {"compute", "host"}
     on_device = trainer.source.clone()
     PassManager.parse(base).run(on_device)
     assert measured[PEAK] <= _peak(on_device) - moments

@@ -20,7 +20,10 @@ is written back into its device state after its last update:
     ... the update of %p_host, %m, %v ...
     %w_1 = plait.call "aten::copy_"(%w, %p_host_2) : ...
 
-On a CPU host and device are the same memory: the copies are real copies
+The backend runs the host's ops in order on a thread of their own
+(backends/host_tasks.py), which the cost model prices as a lane beside the
+device's: a device op waits only for the host values it reads. On a CPU
+host and device are the same memory: the copies are real copies
 between separate tensors, and the accounting (`ir.training.value_kinds`, the
 cost model, `trainer.memory()`) counts host values as host memory, not the
 device's. The step's scalar math and the gradients' reductions stay on the
