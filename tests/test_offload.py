@@ -144,3 +144,18 @@ def test_offload_twice_is_once_and_what_it_cannot_do_is_refused():
         passes("shard{mesh=dp:2},offload,zero{stage=1}")
     with pytest.raises(plait.PlaitError, match="SGD without momentum.*drop the offload pass"):
         plait.compile_training(Branchy(), batch, optimizer="sgd", pipeline="offload")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_the_moments_are_pinned_host_memory_and_the_step_is_eagers():
+    model = Branchy().cuda()
+    batches = [(torch.randn(4, 8).cuda(), torch.randn(4, 4).cuda()) for _ in range(3)]
+    trainer = plait.compile_training(model, batches[0], lr=1e-3, pipeline="canonicalize,offload")
+    trainer.measure_memory = True
+    losses, _, reference = _eager(model, batches, lambda m, x, y: m(x, y), _adamw)
+    _check_run(trainer, batches, losses, reference)
+    state = [(key, t) for key, t in trainer._shared.items() if key[0] == "state"]
+    moments = [t for (_, name), t in state if name.startswith("optimizer.exp_avg")]
+    assert moments and all(t.device.type == "cpu" and t.is_pinned() for t in moments)
+    measured = trainer.memory(measured=True)
+    assert measured[OPTIMIZER_STATE] == STEP_COUNT and measured[HOST_OPTIMIZER_STATE] > 0
