@@ -44,7 +44,7 @@ from ..ir.attrs import (
 )
 from ..ir.dtypes import TORCH_NAMES
 from ..ir.errors import PlaitError
-from ..ir.memory import host_tier, planned_offset
+from ..ir.memory import HOST_DEVICE, host_tier, on_host, planned_offset
 from ..ir.ops import (
     TAGS_PER_MICRO_BATCH,
     AllGatherOp,
@@ -73,6 +73,7 @@ from ..ir.types import TensorType
 from ..ir.weights import WeightStore
 from . import bindings
 from .adam_chains import AdamChain, adam_chains
+from .host_tasks import HostTasks
 
 
 class LoweringError(PlaitError):
@@ -418,6 +419,8 @@ class _Lowering:
         self.arena_views: dict[str, torch.dtype] = {}  # attr name -> dtype viewing the arena
         self.arena_nodes: dict[str, torch.fx.Node] = {}
         self.streamed: list[tuple[ParamOp, tuple | None]] = []
+        self.host_tasks: HostTasks | None = None  # offload's host ops, on a thread
+        self.futures: dict[SSAValue, torch.fx.Node] = {}  # host value -> its Future
         self.grouped: dict[Operation, list[tuple]] = {}  # attention reading unrepeated k, v
 
     @functools.cached_property
@@ -436,8 +439,8 @@ class _Lowering:
         if isinstance(value, irargs.Tag):
             if value.kind == "dtype":
                 return torch_dtype(value.value)
-            if value.kind == "device":
-                return self.device
+            if value.kind == "device":  # offload's copies to the host, else the program's
+                return torch.device("cpu") if value.value == HOST_DEVICE else self.device
             if value.kind == "group":
                 if self.groups is None or value.value not in self.groups.names:
                     raise LoweringError(
@@ -479,12 +482,39 @@ class _Lowering:
             op: chain
             for op, chain in adam_chains(block).items()
             if not any(isinstance(v, SSAValue) and v in takes for v in chain.call_args())
-            and not any(planned_offset(m) is not None for m in (op, *chain.members))
+            and not any(
+                planned_offset(m) is not None or on_host(m) for m in (op, *chain.members)
+            )
         }
 
     def lower_adam_update(self, op: CallOp, chain: AdamChain) -> None:
         args = tuple(self.values[a] if isinstance(a, SSAValue) else a for a in chain.call_args())
         self.values[op.results[0]] = self._node(adam_update_, args, {}, op)
+
+    def lower_host_call(self, op: CallOp) -> bool:
+        """Submit a host op to the background thread (see host_tasks); False
+        where it runs in line (several results; a program Inductor compiles)."""
+        if self.functional or len(op.results) != 1:
+            return False
+        target = resolve_target(op.target_name, op)
+        args = tuple(self.arg(a, op) for a in op.args.args)
+        kwargs = {k: self.arg(v, op) for k, v in op.args.kwargs}
+        if not _check_call(op, target, args, kwargs):
+            return False
+        if self.host_tasks is None:
+            self.host_tasks = self.attrs["host"] = HostTasks()
+        task = ("submit", self.host_tasks.add(op.target_name, target), args, kwargs)
+        node = self._node("host", task, {}, op, kind="call_module")
+        self.values[op.results[0]] = self.futures[op.results[0]] = node
+        return True
+
+    def await_host_values(self, op: Operation) -> None:
+        """A device op reading host values waits for them (once each)."""
+        for value in op.operands:
+            if value in self.futures:
+                node = self.graph.call_module("host", ("result", self.futures.pop(value)))
+                node.name = value.name_hint or node.name
+                self.values[value] = node
 
     def stream(self, ops: list[Operation]):
         """The streamed weights' schedule: value -> its index (taken at first
@@ -630,6 +660,8 @@ class _Lowering:
         tensor = self.shared.get(("state", key))
         if tensor is None:
             device = torch.device("meta") if self.on_meta else self.device
+            if on_host(op) and not self.on_meta:  # offload: kept in host memory
+                device = torch.device("cpu")
             with torch.inference_mode(False):  # updated in place in and out of inference mode
                 if op.weight_name in self.weights:  # a copy: the program updates it in place
                     # ZeRO's flat piece of it, too
@@ -638,6 +670,8 @@ class _Lowering:
                     tensor = initial.to(device, copy=True)
                 else:
                     tensor = torch.zeros(type_.shape, dtype=torch_dtype(type_.dtype), device=device)
+                if device.type == "cpu" and self.device.type == "cuda":  # copied at full speed
+                    tensor = tensor.pin_memory()
             self.shared["state", key] = tensor
             layout = StateLayout(key, shard, self._flat_piece(op), self._owns(op))
             self.shared["layout", op.weight_name] = layout
@@ -832,7 +866,12 @@ class _Lowering:
                     node = self.graph.call_module("prefetch", ("take", takes.pop(value)))
                     node.name = value.name_hint or node.name
                     self.values[value] = node
-            if op in fused:
+            submitted = isinstance(op, CallOp) and on_host(op) and self.lower_host_call(op)
+            if not submitted:  # (a host op run in line waits too)
+                self.await_host_values(op)
+            if submitted:
+                pass  # runs on the host's thread
+            elif op in fused:
                 self.lower_adam_update(op, fused[op])
             elif isinstance(op, CallOp):
                 self.lower_call(op)
@@ -845,6 +884,8 @@ class _Lowering:
             elif isinstance(op, (SendOp, RecvOp)):
                 self.lower_point_to_point(op)
             elif isinstance(op, func.ReturnOp):
+                if self.host_tasks is not None:  # the step's update is done when it is
+                    self.graph.call_module("host", ("drain",))
                 self.graph.output(tuple(self.values[v] for v in op.arguments))
             else:
                 raise LoweringError(f"{where(op)}: the torch backend has no lowering for {op.name}")

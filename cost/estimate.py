@@ -18,6 +18,7 @@ same, so identical layers are costed once.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -30,6 +31,7 @@ from ..hardware import Hardware
 from ..ir.attrs import MESH_ATTR, SYMBOLS_ATTR, MeshAttr
 from ..ir.effects import updates_state
 from ..ir.errors import PlaitError
+from ..ir.memory import crosses, on_host, value_on_host
 from ..ir.ops import CallOp, CollectiveOp, LocalShardOp, ParamOp, ReshapeOp, WaitOp
 from ..ir.schema import returns_alias
 from ..ir.text import module_path
@@ -235,7 +237,9 @@ def _check_values(module: ModuleOp, target: Target) -> None:
 
 def _op_estimates(fn: func.FuncOp, target: Target, links, subs):
     """Each op's estimate (alike ops share one), its time, and the ops that
-    make no new memory (views, aliases, in-place state updates)."""
+    make no new memory (views, aliases, in-place state updates). An op
+    `offload` runs on the host is priced on the host ("cpu"); a copy between
+    host and device at the hardware's host bandwidth."""
     hw = target.hardware
     context = sympy.Integer(target.context) if target.context is not None else None
     cache: dict[tuple, tuple[OpCost, sympy.Expr, float, float, float]] = {}
@@ -245,10 +249,13 @@ def _op_estimates(fn: func.FuncOp, target: Target, links, subs):
     orders = memory_orders(fn.body.blocks.first)
     for op in fn.body.blocks.first.ops:
         walks_strided = strided(op, orders)
-        key = (_signature(op, context), walks_strided)
+        key = (_signature(op, context), walks_strided, on_host(op), crosses(op))
         if key not in cache:
             cost = op_cost(op, context, walks_strided)
-            formula = _time_formula(op, cost, hw, links)
+            if crosses(op):
+                formula = _copy_time(op, hw)
+            else:
+                formula = _time_formula(op, cost, _host() if on_host(op) else hw, links)
             cache[key] = (
                 cost,
                 formula,
@@ -267,6 +274,24 @@ def _op_estimates(fn: func.FuncOp, target: Target, links, subs):
         times[op] = time
         rows.append(OpEstimate(op, family(op), module_path(op), cost, formula, time, flops, moved))
     return rows, times, views
+
+
+@functools.cache
+def _host() -> Hardware:
+    """Where offload's update runs: the host's CPU, as `cpu.toml` describes one."""
+    from ..hardware import load
+
+    return load("cpu")
+
+
+def _copy_time(op: Operation, hw: Hardware) -> sympy.Expr:
+    """Seconds of a copy between host and device memory (offload's)."""
+    if hw.host_bandwidth is None:
+        raise EstimateError(
+            f"{module_path(op) or op.name}: the step copies between host and device memory "
+            f"(offload), but hardware '{hw.name}' has no [host] bandwidth to price it with"
+        )
+    return _value_bytes(op.results[0]) / sympy.Float(hw.host_bandwidth)
 
 
 def _time_formula(op: Operation, cost: OpCost, hw, links) -> sympy.Expr:
@@ -293,6 +318,9 @@ def _value_sizes(fn: func.FuncOp, subs) -> dict[SSAValue, float]:
     by_type: dict[object, float] = {}
     sizes: dict[SSAValue, float] = {}
     for value in [*block.args, *(r for o in block.ops for r in o.results)]:
+        if value_on_host(value):  # offload's: in host memory, not the device's
+            sizes[value] = 0.0
+            continue
         if value.type not in by_type:
             by_type[value.type] = _evaluate(_value_bytes(value), subs)
         sizes[value] = by_type[value.type]

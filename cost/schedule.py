@@ -5,6 +5,8 @@ and its inputs are ready. A blocking collective holds the compute lane until
 it finishes; an async one is issued on the communication lane and only its
 `plait.wait` blocks compute, so compute between the two overlaps it. The
 time the compute lane spends waiting on collectives is exposed communication.
+`offload`'s host ops run in order on a third lane, the host's thread (see
+backends/host_tasks.py); a device op that reads a host value waits for it.
 
 Memory: weights and inputs stay resident; every other result is allocated
 when produced and freed after its last use (views share their base's memory),
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 from xdsl.dialects import func
 from xdsl.ir import Operation, SSAValue
 
+from ..ir.memory import on_host
 from ..ir.ops import AllGatherOp, ParamOp, WaitOp
 from .comm_cost import comm_axis
 
@@ -25,7 +28,7 @@ from .comm_cost import comm_axis
 @dataclass
 class Event:
     op: Operation
-    lane: str  # "compute" | "comm"
+    lane: str  # "compute" | "comm" | "host"
     start: float
     duration: float
 
@@ -62,7 +65,7 @@ def simulate(
     """
     out = Schedule()
     ready: dict[SSAValue, float] = {}
-    compute_free = comm_free = 0.0
+    compute_free = comm_free = host_free = 0.0
     block = fn.body.blocks.first
     for arg in block.args:
         ready[arg] = 0.0
@@ -86,6 +89,12 @@ def simulate(
             ready[op.result] = compute_free
         elif isinstance(op, func.ReturnOp):
             continue
+        elif on_host(op):
+            start = max(host_free, inputs_ready)
+            host_free = start + duration
+            out.events.append(Event(op, "host", start, duration))
+            for result in op.results:
+                ready[result] = host_free
         else:
             start = max(compute_free, inputs_ready)
             compute_free = start + duration
@@ -94,7 +103,7 @@ def simulate(
             out.compute_busy += duration
             for result in op.results:
                 ready[result] = compute_free
-    out.step_time = max(compute_free, comm_free)
+    out.step_time = max(compute_free, comm_free, host_free)  # (the step drains the host)
     _memory(block, sizes, views, out)
     return out
 

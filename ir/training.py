@@ -37,9 +37,10 @@ from xdsl.dialects import func
 from xdsl.dialects.builtin import ArrayAttr, ModuleOp, StringAttr
 from xdsl.ir import Block, Operation, Region, SSAValue
 
-from .args import ArgsAttr, Operand
-from .attrs import PLACEMENTS_ATTR, mesh_axes
+from .args import ArgsAttr, Operand, Tag
+from .attrs import PLACEMENTS_ATTR, MemorySpace, mesh_axes
 from .errors import PlaitError
+from .memory import on_host
 from .ops import AllGatherOp, CallOp, ParamOp, call_op_class
 from .schema import writes_input
 from .text import where
@@ -201,6 +202,8 @@ def state_module(module: ModuleOp, names: list[str]) -> ModuleOp:
         clone = param.clone()
         block.add_op(clone)
         value = clone.result
+        if on_host(clone):  # offload's state: gathered on the device (NCCL's)
+            value = _to_device(block, value)
         placed = param.attributes.get(PLACEMENTS_ATTR)
         for (axis, n), placement in zip(sizes.items(), placed.data if placed else ()):
             if placement.kind == "flat":  # first: the tensor the other axes split
@@ -219,6 +222,17 @@ def state_module(module: ModuleOp, names: list[str]) -> ModuleOp:
     out = ModuleOp([fn])
     out.attributes.update(module.attributes)
     return out
+
+
+def _to_device(block: Block, value: SSAValue) -> SSAValue:
+    copy = call_op_class("aten::_to_copy")(
+        "aten::_to_copy",
+        [value],
+        ArgsAttr((Operand(0),), (("device", Tag("device", MemorySpace.DEVICE.value)),)),
+        [value.type],
+    )
+    block.add_op(copy)
+    return copy.results[0]
 
 
 def _unflattened(block: Block, piece: SSAValue, axis: str, n: int, shape) -> SSAValue:
@@ -253,6 +267,11 @@ ACCUMULATORS = "gradient accumulators"
 INPUTS = "inputs"
 SAVED = "saved activations"
 TEMPORARY = "temporary"
+# in host memory (`offload`): optimizer state, and what the update on the host
+# computes; no part of the device's peak
+HOST_OPTIMIZER_STATE = "optimizer state (host)"
+HOST_TEMPORARY = "host temporary"
+HOST_KINDS = (HOST_OPTIMIZER_STATE, HOST_TEMPORARY)
 MEMORY_KINDS = (
     PARAMETERS,
     GRADIENT_BYTES,
@@ -261,6 +280,7 @@ MEMORY_KINDS = (
     INPUTS,
     SAVED,
     TEMPORARY,
+    *HOST_KINDS,
 )
 
 
@@ -271,15 +291,17 @@ def state_kind(op: ParamOp) -> str:
     if op.is_state and name.startswith(ACCUMULATOR + "."):
         return ACCUMULATORS
     if op.is_state and (STATE_OF in op.attributes or name == STEP_STATE):
-        return OPTIMIZER_STATE
+        return HOST_OPTIMIZER_STATE if on_host(op) else OPTIMIZER_STATE
     return PARAMETERS
 
 
 def step_memory(fn: func.FuncOp) -> dict[str, int]:
     """Bytes one rank holds for a training step, from its (per-rank) types:
     parameters (and the buffers the step updates), the gradients the
-    optimizer reads, the optimizer's state and the gradient accumulators."""
-    sizes = dict.fromkeys((PARAMETERS, GRADIENT_BYTES, OPTIMIZER_STATE, ACCUMULATORS), 0)
+    optimizer reads, the optimizer's state (on the device, and in host memory
+    where `offload` keeps it) and the gradient accumulators."""
+    kinds = (PARAMETERS, GRADIENT_BYTES, OPTIMIZER_STATE, HOST_OPTIMIZER_STATE, ACCUMULATORS)
+    sizes = dict.fromkeys(kinds, 0)
     seen = set()
     for op in fn.walk():
         if not (isinstance(op, ParamOp) and op.is_state) or op.weight_name in seen:
@@ -335,6 +357,8 @@ def value_kinds(fn: func.FuncOp) -> dict[SSAValue, str]:
         for result in op.results:
             if isinstance(op, ParamOp):
                 kinds[result] = state_kind(op)
+            elif on_host(op):
+                kinds[result] = HOST_TEMPORARY
             elif result in marked:
                 kinds[result] = GRADIENT_BYTES
             elif phases.get(op) == FORWARD and any(

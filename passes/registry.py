@@ -14,6 +14,7 @@ _PASSES: dict[str, str] = {
     "fuse": "fuse:Fuse",
     "ladder": "ladder:Ladder",
     "memplan": "memory.memplan:MemPlan",
+    "offload": "memory.offload:Offload",
     "overlap": "overlap:Overlap",
     "pipeline": "shard.stages:Pipeline",
     "quantize": "compress.quantize:Quantize",

@@ -18,6 +18,12 @@ On CUDA the peak is the caching allocator's (torch.cuda.max_memory_allocated):
 what kernels allocate for themselves (workspaces) is in it and in no kind,
 so it is given as "unattributed"; on CPU, which has no allocator counter,
 that is 0.
+
+Host memory (`offload`'s optimizer state, and its update's results where it
+runs in line; on its background thread the mode does not see them) is counted
+by kind ("optimizer state (host)", "host temporary") but is no part of the
+peak, which is the device's: on CPU too, where the two are the same memory,
+so that what offload moves off the device shows.
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from xdsl.ir import SSAValue
 
 from ..backends.fx import OP_META, PARAM_META, Program
-from ..ir.training import INPUTS, MEMORY_KINDS, TEMPORARY
+from ..ir.memory import on_host
+from ..ir.training import HOST_KINDS, HOST_TEMPORARY, INPUTS, MEMORY_KINDS, TEMPORARY
 
 PEAK = "peak"
 UNATTRIBUTED = "unattributed"
@@ -55,8 +62,9 @@ class Storages(TorchDispatchMode):
         self._live: dict[int, list] = {}  # id(storage) -> [bytes, kind, finalizer]
         self._lock = threading.RLock()  # a collective's thread may free a storage
         self.by_kind = dict.fromkeys(MEMORY_KINDS, 0)
-        self.current = self.peak = 0
+        self.current = self.peak = 0  # device bytes
         self.at_peak = dict(self.by_kind)
+        self.allocating = TEMPORARY  # the kind of what ATen calls allocate now
 
     def add(self, storage: torch.UntypedStorage, kind: str) -> None:
         key = id(storage)  # (the wrapper lives as long as the storage does)
@@ -66,6 +74,8 @@ class Storages(TorchDispatchMode):
             size = storage.nbytes()
             self._live[key] = [size, kind, weakref.finalize(storage, self._freed, key)]
             self.by_kind[kind] += size
+            if kind in HOST_KINDS:
+                return
             self.current += size
             if self.current > self.peak:
                 self.peak, self.at_peak = self.current, dict(self.by_kind)
@@ -74,7 +84,7 @@ class Storages(TorchDispatchMode):
         """A temporary storage turns out to hold a value of `kind`."""
         with self._lock:
             entry = self._live.get(id(storage))
-            if entry is not None and entry[1] == TEMPORARY and kind != TEMPORARY:
+            if entry is not None and entry[1] == TEMPORARY and kind not in (TEMPORARY, *HOST_KINDS):
                 self.by_kind[TEMPORARY] -= entry[0]
                 self.by_kind[kind] += entry[0]
                 entry[1] = kind
@@ -83,7 +93,8 @@ class Storages(TorchDispatchMode):
         with self._lock:
             size, kind, _ = self._live.pop(key)
             self.by_kind[kind] -= size
-            self.current -= size
+            if kind not in HOST_KINDS:
+                self.current -= size
 
     def close(self) -> None:
         """Stop watching the storages still alive."""
@@ -95,7 +106,7 @@ class Storages(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for storage in _storages(out):
-            self.add(storage, TEMPORARY)
+            self.add(storage, self.allocating)
         return out
 
 
@@ -108,6 +119,8 @@ class _Labelled(torch.fx.Interpreter):
         self.storages = storages
 
     def run_node(self, node: torch.fx.Node):
+        op = node.meta.get(OP_META)
+        self.storages.allocating = HOST_TEMPORARY if op is not None and on_host(op) else TEMPORARY
         result = super().run_node(node)
         kind = self.kinds.get(_value(node))
         if kind is not None:

@@ -27,7 +27,7 @@ from ..backends.fx import OP_META, Program
 @dataclass
 class TraceEvent:
     name: str
-    lane: str  # "compute" or "comm"
+    lane: str  # "compute", "comm" or "host" (offload's thread)
     start: float  # seconds
     duration: float
     rank: int = 0
@@ -151,7 +151,7 @@ def op_events(program: Program, inputs, rank: int = 0) -> list[TraceEvent]:
 
 
 def chrome_trace(events: list[TraceEvent]) -> dict:
-    lanes = {"compute": 0, "comm": 1}
+    lanes = {"compute": 0, "comm": 1, "host": 2}
     out = []
     for rank in sorted({e.rank for e in events}):
         out.append(

@@ -147,7 +147,9 @@ def test_on_one_device_the_plan_recomputes_and_trains_as_eager_within_the_budget
     with pytest.warns(UserWarning, match="sharded by the step rules"):
         trainer = plait.compile_training(model, batches[0], lr=1e-3, pipeline=pipeline)
     record = trainer.module.attributes[MEMORY_PLAN_ATTR].data
-    assert "chosen zero stage 0, remat saved <=" in record and "considered: nothing else" in record
+    assert "chosen zero stage 0, remat saved <=" in record and ", offload none:" in record
+    considered = record.split("considered: ")[1]  # the one other plan: offloading the optimizer
+    assert considered.count("zero stage") == 1 and "offload optimizer state" in considered
     assert "recomputes" in trainer.module.attributes[REMAT_ATTR].data
     trainer.measure_memory = True
     losses, _, reference = _eager(model, batches, _lm_loss, _adamw)
@@ -242,9 +244,16 @@ def test_a_stages_predicted_peak_is_the_cost_models(branchy_stages):
 
 
 def test_a_budget_no_plan_fits_names_the_least_peak_and_its_plan(branchy_stages):
-    least = min(branchy_stages, key=lambda f: f.peak(least_saved(f.graph)))
-    reached = least.peak(least_saved(least.graph))
+    """The least over every plan: each stage with and without offload."""
     batch = (torch.randn(4, 8), torch.randn(4, 4))
+    module = _step(Branchy(), batch).module
+    PassManager.parse("shard{mesh=dp:2}").run(module)
+    target = Target(load(HARDWARE))
+    offloaded = [stage_figures(module, f.stage, target, 25.0, True) for f in branchy_stages]
+    everything = [*branchy_stages, *offloaded]
+    least = min(everything, key=lambda f: (f.peak(least_saved(f.graph)), f.key))
+    reached = least.peak(least_saved(least.graph))
+    assert least.offload  # (keeping the moments on the host is what reaches least)
     pipeline = f"canonicalize,cse,dce,shard{{mesh=dp:2,solve=ilp,memory={reached * 0.9:.0f}}}"
     with pytest.raises(
         plait.PlaitError,

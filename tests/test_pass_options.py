@@ -24,6 +24,7 @@ BAD_OPTIONS = [
     ("cse{x=1}", "x=1", "has no option"),
     ("dce{x=1}", "x=1", "has no option"),
     ("overlap{x=1}", "x=1", "has no option"),
+    ("offload{x=1}", "x=1", "has no option"),
     ("ladder{layers=-1}", "layers=-1", "layers counts"),
     ("ladder{layers=two}", "layers=two", "expects int"),
     ("memplan{values=seq}", "values=seq", "'seq' is not NAME:INT"),

@@ -101,11 +101,12 @@ def liveness(fn: func.FuncOp, sizes: dict[SSAValue, int]) -> Liveness:
 
 
 def value_sizes(fn: func.FuncOp, values: dict[str, int]) -> dict[SSAValue, int]:
-    """Bytes of every tensor value (async ones: the tensor in flight), with the
-    size symbols set to `values`."""
+    """Device bytes of every tensor value (async ones: the tensor in flight),
+    with the size symbols set to `values`; 0 for a value in host memory."""
     import sympy
 
     from ...ir import symbolic
+    from ...ir.memory import value_on_host
     from ...ir.types import AsyncType, TensorType
 
     subs = {symbolic.symbol(n): sympy.Integer(v) for n, v in values.items()}
@@ -117,6 +118,9 @@ def value_sizes(fn: func.FuncOp, values: dict[str, int]) -> dict[SSAValue, int]:
         if isinstance(t, AsyncType):
             t = t.value_type
         if not isinstance(t, TensorType):
+            continue
+        if value_on_host(value):  # offload's: in host memory, no part of the device's
+            out[value] = 0
             continue
         if t not in cache:
             nbytes = sympy.sympify(t.nbytes).xreplace(subs)

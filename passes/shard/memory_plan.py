@@ -1,13 +1,16 @@
-"""One decision for a training step's memory: which ZeRO stage, and what to
-rematerialize, so that a rank's predicted peak fits a budget at the least
-predicted step time. `shard{solve=ilp,memory=BYTES}` makes it on a training
+"""One decision for a training step's memory: which ZeRO stage, what to
+rematerialize and whether to offload the optimizer, so that a rank's
+predicted peak fits a budget at the least predicted step time. `shard{solve=ilp,memory=BYTES}` makes it on a training
 step, after splitting it over its mesh:
 
     shard{mesh=dp:8,solve=ilp,hardware=h100-sxm,memory=60e9}
 
-For each stage the data axis allows (0 = none, 1..3 = `zero{stage}`), the
-existing `zero` transform runs on a copy of the step, and the cost model
-prices the copy: its step time (collectives and their overlap included), the
+For each stage the data axis allows (0 = none, 1..3 = `zero{stage}`), with
+and without `offload` (optimizer state in host memory, its update on the
+host), the existing `zero` (and `offload`) transforms run on a copy of the
+step, and the cost model prices the copy (offload's host bytes are no part of
+the device's peak; its copies cost the hardware's [host] bandwidth and its
+update runs at the host's, `cpu`'s, speed): its step time (collectives and their overlap included), the
 state a rank holds by kind (`ir.training.step_memory`) and every value's
 lifetime. A stage's peak with saved activations cut to S bytes is then
 
@@ -16,8 +19,9 @@ lifetime. A stage's peak with saved activations cut to S bytes is then
 (saved_t: the bytes alive at t that the forward keeps for backward; other_t:
 the rest), so the most S within `memory` follows from the lifetimes, and the
 remat integer program (`remat_solve`) gives the least recompute time storing
-at most that. The plan is the (stage, remat) of least step time + recompute
-time that fits; ties go to the lower stage (`decide`).
+at most that. The plan is the (stage, remat, offload) of least step time +
+recompute time that fits; ties go to the lower stage, then no offload
+(`decide`).
 
 peak(S) leaves out what recomputing holds in backward (a recomputed value
 lives from its clone to its last reader; remat bounds what the forward
@@ -28,12 +32,11 @@ is applied by running `zero` and `remat` on the step.
 
 `plait.memory_plan` records the budget, the chosen plan (its peak as priced
 after applying) and every plan considered, each a row: its choices (stage,
-remat limit, offload) and its predicted bytes by kind and seconds. Offload
-is a column no plan sets yet: a host-memory choice joins as more rows. A
+remat limit, offload) and its predicted bytes by kind and seconds. A
 budget no plan fits is an error naming the least peak any plan reaches,
 and that plan. The figures are @train_step's; with gradient accumulation
 @accumulate gets the same zero stage and remat limit, and the priced peak
-is the larger of the two functions'.
+is the larger of the two functions'. Offload's host memory is not budgeted.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from ...ir.training import (
     ACCUMULATE,
     ACCUMULATORS,
     GRADIENT_BYTES,
+    HOST_OPTIMIZER_STATE,
     OPTIMIZER_STATE,
     PARAMETERS,
     SAVED,
@@ -58,6 +62,7 @@ from ...ir.training import (
     step_memory,
 )
 from ..memory.liveness import value_sizes
+from ..memory.offload import Offload, OffloadError
 from ..memory.remat import Remat, priced_graph
 from ..memory.remat_graph import StepGraph
 from ..memory.remat_solve import RematError, least_saved, solve
@@ -67,6 +72,7 @@ from .zero import STAGES, Zero, ZeroError
 
 PEAK = "peak"
 NO_OFFLOAD = "none"
+OPTIMIZER_OFFLOAD = "optimizer state"  # `offload`: kept in host memory, updated there
 
 
 class MemoryPlanError(SolveError):
@@ -85,6 +91,11 @@ class StageFigures:
     saved: np.ndarray  # per op: bytes alive that the forward keeps for backward
     graph: StepGraph  # the remat integer program's graph of this step
     everything: int  # saved activations without remat
+    offload: bool = False  # the optimizer's state and update on the host
+
+    @property
+    def key(self) -> tuple[int, bool]:
+        return self.stage, self.offload
 
     def peak(self, saved_bytes: float) -> float:
         """Predicted peak with the saved activations cut to `saved_bytes`."""
@@ -103,8 +114,8 @@ class StageFigures:
 
 @dataclass(frozen=True)
 class PlanRow:
-    """One plan: its choices (a data row; an offload choice joins as a column)
-    and its predicted bytes per rank by kind and seconds per step."""
+    """One plan: its choices (a data row) and its predicted bytes per rank by
+    kind and seconds per step."""
 
     stage: int  # ZeRO stage, 0: none
     saved_limit: float | None  # remat: saved activations at most, None: no remat
@@ -112,8 +123,12 @@ class PlanRow:
     seconds: dict[str, float] = field(default_factory=dict)  # step, recompute, total
     recomputed: int = 0  # ops remat recomputes
     fits: bool = True
-    offload: str = NO_OFFLOAD  # what is kept in host memory (none yet)
+    offload: str = NO_OFFLOAD  # what is kept in host memory
     note: str = ""  # why a stage has no plan
+
+    @property
+    def key(self) -> tuple[int, bool]:
+        return self.stage, self.offload != NO_OFFLOAD
 
     @property
     def time(self) -> float:
@@ -136,7 +151,11 @@ class PlanRow:
         if self.note:
             return self.note
         if not self.fits:
-            return f"{self.choice()}: the least peak of zero stage {self.stage}, {self.peak:.6g} B"
+            offload = ", offload" if self.offload != NO_OFFLOAD else ""
+            return (
+                f"{self.choice()}: the least peak of zero stage {self.stage}{offload}, "
+                f"{self.peak:.6g} B"
+            )
         kinds = ", ".join(f"{k} {v:.6g} B" for k, v in self.memory.items() if k != PEAK)
         s = self.seconds
         priced = f", priced after applying {s['priced']:.6g} s/step" if "priced" in s else ""
@@ -146,11 +165,17 @@ class PlanRow:
         )
 
 
-def stage_figures(module: ModuleOp, stage: int, target, bucket_mb: float) -> StageFigures:
-    """Apply `zero{stage}` to a copy of the step (none for 0) and price it."""
-    if stage:
+def stage_figures(
+    module: ModuleOp, stage: int, target, bucket_mb: float, offload: bool = False
+) -> StageFigures:
+    """Apply `zero{stage}` (none for 0), and `offload` if asked, to a copy of
+    the step and price it."""
+    if stage or offload:
         module = module.clone()
+    if stage:
         Zero(stage=stage, bucket_mb=bucket_mb).apply(None, module)
+    if offload:
+        Offload().apply(None, module)
     fn = _step(module)
     report, graph = priced_graph(module, fn, target)
     schedule = report.schedule
@@ -174,6 +199,7 @@ def stage_figures(module: ModuleOp, stage: int, target, bucket_mb: float) -> Sta
         np.cumsum(saved)[:count],
         graph,
         everything,
+        offload,
     )
 
 
@@ -195,7 +221,7 @@ def _saved_values(graph: StepGraph, bases: dict[SSAValue, SSAValue]) -> set[SSAV
 
 def plan_row(figures: StageFigures, saved_bytes: float, recompute: float, memory: float, **kw):
     """The row of `figures`' stage storing `saved_bytes` and recomputing for `recompute` s."""
-    kinds = (PARAMETERS, GRADIENT_BYTES, OPTIMIZER_STATE, ACCUMULATORS)
+    kinds = (PARAMETERS, GRADIENT_BYTES, OPTIMIZER_STATE, HOST_OPTIMIZER_STATE, ACCUMULATORS)
     peak = figures.peak(saved_bytes)
     held = {k: float(figures.state[k]) for k in kinds if figures.state[k]}
     held[SAVED] = float(saved_bytes)
@@ -205,7 +231,10 @@ def plan_row(figures: StageFigures, saved_bytes: float, recompute: float, memory
         "recompute": recompute,
         "total": figures.step_time + recompute,
     }
-    return PlanRow(figures.stage, memory=held, seconds=seconds, fits=peak <= memory, **kw)
+    offload = OPTIMIZER_OFFLOAD if figures.offload else NO_OFFLOAD
+    return PlanRow(
+        figures.stage, memory=held, seconds=seconds, fits=peak <= memory, offload=offload, **kw
+    )
 
 
 def stage_row(figures: StageFigures, limit: float, memory: float, timeout_s: float):
@@ -233,7 +262,7 @@ def stage_row(figures: StageFigures, limit: float, memory: float, timeout_s: flo
 
 
 def _order(row: PlanRow) -> tuple:
-    return (row.time, row.stage)
+    return (row.time, *row.key)
 
 
 def decide(stages: list[StageFigures], memory: float, timeout_s: float = 10.0):
@@ -242,7 +271,7 @@ def decide(stages: list[StageFigures], memory: float, timeout_s: float = 10.0):
     rows = [stage_row(f, f.saved_limit(memory), memory, timeout_s) for f in stages]
     fitting = [r for r in rows if r.fits]
     if not fitting:
-        least = min(rows, key=lambda r: (r.peak, r.stage))
+        least = min(rows, key=lambda r: (r.peak, *r.key))
         raise MemoryPlanError(
             f"memory budget {memory:.6g} B per device is below what the training step's "
             f"weights and state need on this mesh under any plan: the least peak is "
@@ -255,9 +284,11 @@ REFINEMENTS = 3  # plans priced after applying, per stage, before the stage is g
 
 
 def apply_plan(module: ModuleOp, row: PlanRow, bucket_mb: float, hardware: str, values) -> None:
-    """Run the existing `zero` and `remat` transforms the plan chose."""
+    """Run the existing `zero`, `offload` and `remat` transforms the plan chose."""
     if row.stage:
         Zero(stage=row.stage, bucket_mb=bucket_mb).apply(None, module)
+    if row.offload != NO_OFFLOAD:
+        Offload().apply(None, module)
     if row.saved_limit is not None:
         Remat(budget=row.saved_limit, hardware=hardware, values=values).apply(None, module)
 
@@ -279,13 +310,16 @@ def plan_memory(
     data = any(a in DATA_AXES and n > 1 for a, n in axes.items())
     stages, skipped = [], []
     for stage in (0, *STAGES) if data else (0,):
-        try:
-            stages.append(stage_figures(module, stage, target, bucket_mb))
-        except ZeroError as exc:  # a step zero cannot split: that stage is no plan
-            note = f"zero stage {stage}: not applicable: {exc}"
-            skipped.append(PlanRow(stage, None, fits=False, note=note))
+        for offload in (False, True):
+            try:
+                stages.append(stage_figures(module, stage, target, bucket_mb, offload))
+            except (ZeroError, OffloadError) as exc:  # a step it cannot split: no plan
+                what = f"zero stage {stage}{', offload' if offload else ''}"
+                note = f"{what}: not applicable: {exc}"
+                kind = OPTIMIZER_OFFLOAD if offload else NO_OFFLOAD
+                skipped.append(PlanRow(stage, None, fits=False, offload=kind, note=note))
     _, rows = decide(stages, memory, timeout_s)
-    by_stage = {f.stage: f for f in stages}
+    by_stage = {f.key: f for f in stages}
     pending = sorted((r for r in rows if r.fits), key=_order)
     tries = dict.fromkeys(by_stage, 0)
     missed, chosen = [], None
@@ -301,10 +335,10 @@ def plan_memory(
             chosen = row
             break
         missed.append(replace(row, fits=False, note=_missed(row)))
-        tries[row.stage] += 1
-        figures = by_stage[row.stage]
+        tries[row.key] += 1
+        figures = by_stage[row.key]
         stored = row.memory[SAVED]
-        if tries[row.stage] < REFINEMENTS and stored > 0:
+        if tries[row.key] < REFINEMENTS and stored > 0:
             again = stage_row(figures, stored - (peak - memory), memory, timeout_s)
             if again.fits:
                 pending = sorted([*pending, again], key=_order)
@@ -316,8 +350,8 @@ def plan_memory(
             f"is {least.peak:.6g} B, with {least.choice()}; raise memory or use a larger mesh"
         )
     apply_plan(module, chosen, bucket_mb, hardware, values)
-    others = [r.describe() for r in [*rows, *missed, *skipped] if r.stage != chosen.stage]
-    others += [r.describe() for r in missed if r.stage == chosen.stage]
+    others = [r.describe() for r in [*rows, *missed, *skipped] if r.key != chosen.key]
+    others += [r.describe() for r in missed if r.key == chosen.key]
     module.attributes[MEMORY_PLAN_ATTR] = StringAttr(
         f"memory {memory:.6g} B per rank on {target.hardware.name}: chosen {chosen.describe()}; "
         f"considered: {' | '.join(others) or 'nothing else'}"

@@ -43,6 +43,7 @@ from xdsl.rewriter import InsertPoint, Rewriter
 from ...ir.args import ArgsAttr, Operand
 from ...ir.attrs import PLACEMENTS_ATTR, REPLICATE, PlacementsAttr, flat, mesh_axes
 from ...ir.errors import PlaitError
+from ...ir.memory import on_host
 from ...ir.ops import (
     AllGatherOp,
     AllReduceOp,
@@ -993,6 +994,11 @@ class Zero(Pass):
             raise ZeroError(
                 f"{here} shards a training step's state, and the program has no @{TRAIN_STEP}; "
                 "compile it with plait.compile_training"
+            )
+        if any(on_host(o) for o in functions[TRAIN_STEP].walk()):
+            raise ZeroError(
+                f"{here} after offload: the optimizer's update already runs on the host; "
+                "put zero before offload in the pipeline (offload then keeps each rank's pieces)"
             )
         axis = data[0]
         # stage 1 leaves @accumulate as it is: its accumulators stay whole
