@@ -482,9 +482,7 @@ class _Lowering:
             op: chain
             for op, chain in adam_chains(block).items()
             if not any(isinstance(v, SSAValue) and v in takes for v in chain.call_args())
-            and not any(
-                planned_offset(m) is not None or on_host(m) for m in (op, *chain.members)
-            )
+            and not any(planned_offset(m) is not None or on_host(m) for m in (op, *chain.members))
         }
 
     def lower_adam_update(self, op: CallOp, chain: AdamChain) -> None:
