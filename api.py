@@ -24,17 +24,18 @@ from torch.utils import _pytree as pytree
 from xdsl.dialects import func
 from xdsl.dialects.builtin import ModuleOp
 
-from .backends.fx import CollectiveGroups, Program, build_program, run_observed
+from .backends.fx import SENDS, CollectiveGroups, Program, build_program, mesh_coords, run_observed
 from .frontend import hf
 from .frontend.capture import capture
 from .frontend.importer import import_program
-from .ir.attrs import SYMBOLS_ATTR, mesh_axes
+from .ir.attrs import PIPELINE_AXIS, SYMBOLS_ATTR, mesh_axes
 from .ir.errors import PlaitError
 from .ir.libraries import libraries
 from .ir.ops import stored_weight_names
 from .ir.text import print_module
 from .ir.weights import WeightStore
 from .passes.manager import PassManager
+from .passes.shard.decode_stages import split_name, stage_function_name
 from .runtime import artifact
 from .runtime.inputs import bind_inputs, check_inputs, check_token_ids, token_id_limits
 from .runtime.prefetch import Prefetcher
@@ -122,7 +123,7 @@ class CompiledModel:
         """This rank's torch program of the entry function, built on first use
         (under torchrun or an initialized process group when the plan spans
         several ranks)."""
-        return self.program_of(self.function.sym_name.data)
+        return self.program_of(self._on_rank(self.function.sym_name.data))
 
     def program_of(self, function: str) -> Program:
         """This rank's program of `function`; the programs of one model share
@@ -145,7 +146,8 @@ class CompiledModel:
         groups = CollectiveGroups.placeholder(self.mesh, rank) if self.mesh else None
         weights = self.weights.as_meta()
         device = self.device if device is None else device
-        return _joined({f: self._build(weights, device, groups, f).code for f in self.functions})
+        functions = [f for f in self.functions if self._on_rank(f, rank) == f]  # its stages'
+        return _joined({f: self._build(weights, device, groups, f).code for f in functions})
 
     def _build(self, weights, device, groups, function: str, shared=None) -> Program:
         """The program of `function`; streamed weights come through a Prefetcher."""
@@ -280,7 +282,23 @@ class CompiledModel:
 
     def _call(self, function: str, inputs) -> tuple[torch.Tensor, ...]:
         """This rank's program of `function` on `inputs`, moved to the model's device."""
-        return self.program_of(function)(*[x.to(self.device) for x in inputs])
+        outputs = self.program_of(self._on_rank(function))(*[x.to(self.device) for x in inputs])
+        sends = self._shared.get(SENDS, [])  # a pipeline stage's: sent before it returns
+        for send in sends:
+            send.wait()
+        sends.clear()
+        return outputs
+
+    def _on_rank(self, function: str, rank: int | None = None) -> str:
+        """The function `rank` (default this process's) runs for `function`: of
+        generation programs cut into pipeline stages, its stage's ("decode" ->
+        "decode_stage1" on stage 1), else `function` itself."""
+        name = split_name(function)[0]
+        if PIPELINE_AXIS not in self.mesh or self._exact(stage_function_name(name, 0)) is None:
+            return function
+        if rank is None:
+            rank = _process_rank()
+        return stage_function_name(name, mesh_coords(self.mesh, rank)[PIPELINE_AXIS])
 
     @property
     def cache_size(self) -> tuple[int, int]:
@@ -301,6 +319,13 @@ class CompiledModel:
         return self._limits[function]
 
     def _function_named(self, name: str) -> func.FuncOp | None:
+        """@name, or its first pipeline stage's (the same inputs, for checking them)."""
+        found = self._exact(name)
+        if found is None and split_name(name)[1] is None:
+            return self._exact(stage_function_name(name, 0))
+        return found
+
+    def _exact(self, name: str) -> func.FuncOp | None:
         return next(
             (
                 op
@@ -536,6 +561,12 @@ def _joined(codes: dict[str, str]) -> str:
     if len(codes) == 1:
         return next(iter(codes.values()))
     return "\n".join(f"# ---- @{name} ----{code}" for name, code in codes.items())
+
+
+def _process_rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if _in_process_group() else 0
 
 
 def _in_process_group() -> bool:

@@ -53,6 +53,7 @@ from .pipeline_schedule import (
     simulate,
     stage_function,
 )
+from .decode_stages import is_generation, pipeline_generation
 from .rules import DATA_AXES
 from .stage_split import StageError, StepSplit, function_messages, module_of
 
@@ -99,8 +100,16 @@ class Pipeline(Pass):
         from ...hardware import load
 
         functions = {f.sym_name.data: f for f in module.ops if isinstance(f, func.FuncOp)}
+        if is_generation(module):  # @prefill and @decode (plait.compile_generation)
+            pipeline_generation(
+                module, self.stages, self.microbatches, self.virtual, self.hardware
+            )
+            return
         if TRAIN_STEP not in functions:
-            raise StageError("pipeline applies to a training step (plait.compile_training)")
+            raise StageError(
+                "pipeline applies to a training step (plait.compile_training) or to "
+                "generation programs (plait.compile_generation)"
+            )
         if PIPELINE_AXIS in mesh_axes(module):
             raise StageError(f"the step is already pipelined (mesh axis '{PIPELINE_AXIS}')")
         data = [axis for axis in mesh_axes(module) if axis in DATA_AXES]
