@@ -44,6 +44,7 @@ from ...ir.attrs import MESH_ATTR, PIPELINE_AXIS, MeshAttr, mesh_axes
 from ...ir.training import ACCUMULATE, TRAIN_STEP
 from ..base import Pass
 from ..options import OptionError, check_hardware
+from .decode_stages import is_generation, pipeline_generation
 from .pipeline_schedule import (
     SCHEDULES,
     PipelinePlan,
@@ -53,7 +54,6 @@ from .pipeline_schedule import (
     simulate,
     stage_function,
 )
-from .decode_stages import is_generation, pipeline_generation
 from .rules import DATA_AXES
 from .stage_split import StageError, StepSplit, function_messages, module_of
 
@@ -101,9 +101,7 @@ class Pipeline(Pass):
 
         functions = {f.sym_name.data: f for f in module.ops if isinstance(f, func.FuncOp)}
         if is_generation(module):  # @prefill and @decode (plait.compile_generation)
-            pipeline_generation(
-                module, self.stages, self.microbatches, self.virtual, self.hardware
-            )
+            pipeline_generation(module, self.stages, self.microbatches, self.virtual, self.hardware)
             return
         if TRAIN_STEP not in functions:
             raise StageError(
