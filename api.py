@@ -24,7 +24,15 @@ from torch.utils import _pytree as pytree
 from xdsl.dialects import func
 from xdsl.dialects.builtin import ModuleOp
 
-from .backends.fx import SENDS, CollectiveGroups, Program, build_program, mesh_coords, run_observed
+from .backends.fx import (
+    MICRO_BATCH,
+    SENDS,
+    CollectiveGroups,
+    Program,
+    build_program,
+    mesh_coords,
+    run_observed,
+)
 from .frontend import hf
 from .frontend.capture import capture
 from .frontend.importer import import_program
@@ -35,7 +43,12 @@ from .ir.ops import stored_weight_names
 from .ir.text import print_module
 from .ir.weights import WeightStore
 from .passes.manager import PassManager
-from .passes.shard.decode_stages import split_name, stage_function_name
+from .passes.shard.decode_stages import (
+    logits_function_name,
+    sequence_groups,
+    split_name,
+    stage_function_name,
+)
 from .runtime import artifact
 from .runtime.inputs import bind_inputs, check_inputs, check_token_ids, token_id_limits
 from .runtime.prefetch import Prefetcher
@@ -75,6 +88,10 @@ class CompiledModel:
         self.call_timeout: float | None = None
         self._programs: dict[str, Program] = {}
         self._shared: dict = {}  # what its programs share: weights, state (KV cache), arena
+        # pipelined generation's other groups of sequences: their programs, and the
+        # shared dict of each (the weights and arena above, a KV cache of its own)
+        self._group_programs: dict[tuple[str, int], Program] = {}
+        self._group_shared: dict[int, dict] = {}
         self._limits: dict[str, dict] = {}  # function -> its token-id inputs' table sizes
 
     @property
@@ -125,19 +142,40 @@ class CompiledModel:
         several ranks)."""
         return self.program_of(self._on_rank(self.function.sym_name.data))
 
-    def program_of(self, function: str) -> Program:
+    def program_of(self, function: str, group: int = 0) -> Program:
         """This rank's program of `function`; the programs of one model share
-        its weights and its state (the KV cache)."""
+        its weights and its state (the KV cache; of pipelined generation's
+        sequence `group`, its own)."""
+        if group:
+            return self._group_program(function, group)
         if function not in self._programs:
-            groups = None
-            if self.world_size > 1:
-                from .runtime.distributed import mesh_groups
-
-                groups = mesh_groups(self.mesh)
             self._programs[function] = self._build(
-                self.weights, self.device, groups, function, self._shared
+                self.weights, self.device, self._collective_groups(), function, self._shared
             )
         return self._programs[function]
+
+    def _collective_groups(self) -> CollectiveGroups | None:
+        if self.world_size == 1:
+            return None
+        from .runtime.distributed import mesh_groups
+
+        return mesh_groups(self.mesh)
+
+    def _group_program(self, function: str, group: int) -> Program:
+        """`function`'s program for a group of sequences other than the first:
+        group 0's weights, its own state, its messages' tags shifted by `group`."""
+        if (function, group) not in self._group_programs:
+            self.program_of(function)  # the weights it shares, read once
+            shared = self._group_shared.setdefault(group, {MICRO_BATCH: [group]})
+            shared.setdefault(SENDS, self._shared.setdefault(SENDS, []))
+            for key, value in self._shared.items():
+                if key[0] not in ("state", "layout", MICRO_BATCH[0]):
+                    shared.setdefault(key, value)
+            program = self._build(
+                self.weights, self.device, self._collective_groups(), function, shared
+            )
+            self._group_programs[function, group] = program
+        return self._group_programs[function, group]
 
     def rank_code(self, rank: int, device: str | torch.device | None = None) -> str:
         """The program source of `rank` on `device` (default the model's), with
@@ -257,13 +295,21 @@ class CompiledModel:
         ids = {"eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
         ids = {k: v if v is not None else self.generation.get(k) for k, v in ids.items()}
 
-        def run(function: str, *inputs: torch.Tensor) -> torch.Tensor:
-            (logits,) = self._call(function, inputs)
-            return logits
+        def run(group: int, function: str, *inputs: torch.Tensor):
+            finish = self._start(function, inputs, group)
+            return lambda: finish()[0]
 
         with torch.inference_mode():
             return generate(
-                run, batch, max_length, input_ids, max_new_tokens, attention_mask, sampling, **ids
+                run,
+                batch,
+                max_length,
+                input_ids,
+                max_new_tokens,
+                attention_mask,
+                sampling,
+                groups=sequence_groups(self.module),
+                **ids,
             )
 
     def run(self, function: str, *inputs: torch.Tensor) -> list[torch.Tensor]:
@@ -282,12 +328,31 @@ class CompiledModel:
 
     def _call(self, function: str, inputs) -> tuple[torch.Tensor, ...]:
         """This rank's program of `function` on `inputs`, moved to the model's device."""
-        outputs = self.program_of(self._on_rank(function))(*[x.to(self.device) for x in inputs])
-        sends = self._shared.get(SENDS, [])  # a pipeline stage's: sent before it returns
-        for send in sends:
-            send.wait()
-        sends.clear()
-        return outputs
+        return self._start(function, inputs)()
+
+    def _start(self, function: str, inputs, group: int = 0):
+        """Run this rank's program of `function` on `inputs`, for sequence
+        `group`; returns the function that gives its outputs: on a pipeline
+        stage before the last, the logits the last stage sends back (taken
+        as late as possible, so that the stage can start another group first)."""
+        sends = self._shared.setdefault(SENDS, [])
+        before = len(sends)
+        local = self._on_rank(function)
+        program = self.program_of(local, group)
+        outputs = program(*[x.to(self.device) for x in inputs])
+        mine = sends[before:]  # its messages to the next stage (or the logits, sent back)
+        del sends[before:]
+
+        def finish():
+            result = outputs
+            if not result and local != function:  # a stage before the last
+                name, stage = split_name(local)
+                result = self.program_of(logits_function_name(name, stage), group)()
+            for send in mine:
+                send.wait()
+            return result
+
+        return finish
 
     def _on_rank(self, function: str, rank: int | None = None) -> str:
         """The function `rank` (default this process's) runs for `function`: of
@@ -310,7 +375,8 @@ class CompiledModel:
                 "with plait.compile_generation(model, batch=..., max_length=...)"
             )
         ids = decode.function_type.inputs.data[0]
-        return ids.shape[0], self.symbols["context"][1]  # the most slots attention reads
+        groups = sequence_groups(self.module)  # pipelined: groups of sequences, each its cache
+        return ids.shape[0] * groups, self.symbols["context"][1]  # the most slots attention reads
 
     def _token_limits(self, function: str) -> dict[int, tuple[int, str]]:
         """Inputs of `function` that index an embedding: position -> (rows, where)."""
@@ -451,7 +517,13 @@ def compile_generation(
     from .frontend.decoding import capture_generation
 
     manager = PassManager.parse(pipeline, **options)
-    module, weights = capture_generation(model, batch, max_length)
+    groups = next((p.microbatches for p in manager.passes if p.name == "pipeline"), 1)
+    if batch % groups:
+        raise PlaitError(
+            f"pipeline{{microbatches={groups}}} runs groups of batch / {groups} sequences, "
+            f"but batch is {batch}; give a batch that {groups} divides"
+        )
+    module, weights = capture_generation(model, batch // groups, max_length)
     manager.run(module, weights)
     config = getattr(model, "generation_config", None)
     ids = {k: getattr(config, k, None) for k in ("eos_token_id", "pad_token_id")}

@@ -14,10 +14,16 @@ program's inputs and run on rank k of a new mesh axis `pp:S`:
     stage 0:  embeddings, layers 0..i    send the residual stream to stage 1
     stage 1:  recv it, layers i+1..       logits, sent back to every other stage
 
-so every stage returns the logits and every rank's decoding loop picks the
-same next token (and knows when all sequences end). A received value's size
-may be a symbol of the inputs (the prompt's length): the receiver computes
-it from its own inputs.
+and every rank's decoding loop picks the same next token (and knows when
+all sequences end): the other stages receive the logits in a function of
+their own, `@prefill_logits_stage<k>()`, so that they can start the next
+group of sequences first. With `microbatches=M` the programs are captured
+for batch / M sequences (`plait.compile_generation` does it) and the cache
+holds M such groups (`plait.sequence_groups`): while the last stage runs
+group g, the first runs group g + 1, and messages of group g carry tags
+shifted by g, as a training step's micro-batches do. A received value's
+size may be a symbol of the inputs (the prompt's length): the receiver
+computes it from its own inputs.
 """
 
 from __future__ import annotations
@@ -35,12 +41,24 @@ from ..residual import residual_chain
 from .stage_split import StageError
 
 GENERATION = ("prefill", "decode")
+GROUPS_ATTR = "plait.sequence_groups"  # module: the KV cache's groups of sequences (microbatches)
 _STAGE_SUFFIX = re.compile(r"^(.*)_stage(\d+)$")
 
 
 def stage_function_name(function: str, stage: int) -> str:
     """The function of a generation program that stage `stage` runs."""
     return f"{function}_stage{stage}"
+
+
+def logits_function_name(function: str, stage: int) -> str:
+    """The function where stage `stage` (not the last) receives `function`'s logits."""
+    return f"{function}_logits_stage{stage}"
+
+
+def sequence_groups(module: ModuleOp) -> int:
+    """The groups of sequences the programs run one after another (1 unless pipelined)."""
+    attr = module.attributes.get(GROUPS_ATTR)
+    return attr.value.data if attr is not None else 1
 
 
 def split_name(name: str) -> tuple[str, int | None]:
@@ -62,11 +80,10 @@ def pipeline_generation(
     from ...hardware import load
     from .stages import best_cuts
 
-    if microbatches > 1 or virtual > 1:
+    if virtual > 1:
         raise StageError(
-            f"pipeline{{microbatches={microbatches},virtual={virtual}}}: generation runs one "
-            "group of sequences through the stages (microbatches=1, virtual=1); a larger "
-            "batch (compile_generation(batch=...)) is what keeps the stages busy for now"
+            f"pipeline{{virtual={virtual}}}: generation runs one stage per rank (virtual=1); "
+            "microbatches=M keeps the stages busy with M groups of sequences"
         )
     if PIPELINE_AXIS in mesh_axes(module):
         raise StageError(f"the programs are already pipelined (mesh axis '{PIPELINE_AXIS}')")
@@ -103,6 +120,7 @@ def pipeline_generation(
         module.body.blocks.first.add_op(fn)
     axes = {**mesh_axes(module), PIPELINE_AXIS: stages}
     module.attributes[MESH_ATTR] = MeshAttr(tuple(axes.items()))
+    module.attributes[GROUPS_ATTR] = IntegerAttr(microbatches, i64)
 
 
 class GenerationSplit:
@@ -187,18 +205,20 @@ class GenerationSplit:
                 for result in op.results:
                     for peer, t in sends[s].get(result, []):
                         block.add_op(SendOp(mapping[result], PIPELINE_AXIS, peer, t))
+            outputs = []
             if s == last:
-                output = mapping[self.output]
+                outputs.append(mapping[self.output])
                 for peer, t in back.items():
-                    block.add_op(SendOp(output, PIPELINE_AXIS, peer, t))
-            else:
-                recv = RecvOp(self.output.type, PIPELINE_AXIS, last, back[s])
-                recv.results[0].name_hint = "logits"
-                block.add_op(recv)
-                output = recv.results[0]
-            block.add_op(func.ReturnOp(output))
-            types = ([a.type for a in block.args], [output.type])
+                    block.add_op(SendOp(outputs[0], PIPELINE_AXIS, peer, t))
+            block.add_op(func.ReturnOp(*outputs))
+            types = ([a.type for a in block.args], [v.type for v in outputs])
             built.append(func.FuncOp(stage_function_name(name, s), types, Region(block)))
+        for s, t in back.items():  # the logits, received when the runtime asks for them
+            recv = RecvOp(self.output.type, PIPELINE_AXIS, last, t)
+            recv.results[0].name_hint = "logits"
+            block = Block([recv, func.ReturnOp(recv.results[0])])
+            types = ([], [self.output.type])
+            built.append(func.FuncOp(logits_function_name(name, s), types, Region(block)))
         return built, tag + last
 
     def _closure(self, roots: list[Operation]) -> set[Operation]:
