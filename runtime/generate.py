@@ -144,8 +144,17 @@ def generate(
     return torch.cat([input_ids.cpu(), torch.cat(padded)], 1)
 
 
-def _decoding(batch, max_length, input_ids, attention_mask, max_new_tokens, sampling, generator,
-              eos, pad):  # fmt: skip
+def _decoding(
+    batch: int,
+    max_length: int,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    sampling: Sampling,
+    generator: torch.Generator | None,
+    eos: torch.Tensor,
+    pad: int,
+):
     """One group's decoding loop, as a generator: yields (function, *inputs),
     is sent each program's logits, returns the new tokens (rows x steps)."""
     rows, prompt = input_ids.shape
