@@ -68,7 +68,8 @@ def split_name(name: str) -> tuple[str, int | None]:
 
 
 def is_generation(module: ModuleOp) -> bool:
-    names = {f.sym_name.data for f in module.ops if isinstance(f, func.FuncOp)}
+    """@prefill and @decode, or their stages' functions."""
+    names = {split_name(f.sym_name.data)[0] for f in module.ops if isinstance(f, func.FuncOp)}
     return set(GENERATION) <= names
 
 
