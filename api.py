@@ -92,6 +92,7 @@ class CompiledModel:
         # shared dict of each (the weights and arena above, a KV cache of its own)
         self._group_programs: dict[tuple[str, int], Program] = {}
         self._group_shared: dict[int, dict] = {}
+        self._mesh_groups: CollectiveGroups | None = None
         self._limits: dict[str, dict] = {}  # function -> its token-id inputs' table sizes
 
     @property
@@ -155,11 +156,15 @@ class CompiledModel:
         return self._programs[function]
 
     def _collective_groups(self) -> CollectiveGroups | None:
+        """The mesh's process groups, made once: every rank makes every group
+        together, and pipeline stages build different numbers of programs."""
         if self.world_size == 1:
             return None
-        from .runtime.distributed import mesh_groups
+        if self._mesh_groups is None:
+            from .runtime.distributed import mesh_groups
 
-        return mesh_groups(self.mesh)
+            self._mesh_groups = mesh_groups(self.mesh)
+        return self._mesh_groups
 
     def _group_program(self, function: str, group: int) -> Program:
         """`function`'s program for a group of sequences other than the first:
