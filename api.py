@@ -168,13 +168,15 @@ class CompiledModel:
 
     def _group_program(self, function: str, group: int) -> Program:
         """`function`'s program for a group of sequences other than the first:
-        group 0's weights, its own state, its messages' tags shifted by `group`."""
+        group 0's weights, its own state and activation arena (a group's results
+        and messages stay intact while other groups run), its messages' tags
+        shifted by `group`."""
         if (function, group) not in self._group_programs:
             self.program_of(function)  # the weights it shares, read once
             shared = self._group_shared.setdefault(group, {MICRO_BATCH: [group]})
             shared.setdefault(SENDS, self._shared.setdefault(SENDS, []))
             for key, value in self._shared.items():
-                if key[0] not in ("state", "layout", MICRO_BATCH[0]):
+                if key[0] not in ("state", "layout", "arena", MICRO_BATCH[0]):
                     shared.setdefault(key, value)
             program = self._build(
                 self.weights, self.device, self._collective_groups(), function, shared
