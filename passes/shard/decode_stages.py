@@ -14,10 +14,10 @@ program's inputs and run on rank k of a new mesh axis `pp:S`:
     stage 0:  embeddings, layers 0..i    send the residual stream to stage 1
     stage 1:  recv it, layers i+1..       logits, sent back to every other stage
 
-and every rank's decoding loop picks the same next token (and knows when
-all sequences end): the other stages receive the logits in a function of
-their own, `@prefill_logits_stage<k>()`, so that they can start the next
-group of sequences first. With `microbatches=M` the programs are captured
+Every rank's decoding loop so picks the same next token (and knows when
+all sequences end). The stages before the last receive the logits in a
+function of their own, `@prefill_logits_stage<k>()`, so that they can start
+the next group of sequences first. With `microbatches=M` the programs are captured
 for batch / M sequences (`plait.compile_generation` does it) and the cache
 holds M such groups (`plait.sequence_groups`): while the last stage runs
 group g, the first runs group g + 1, and messages of group g carry tags
