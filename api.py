@@ -24,17 +24,31 @@ from torch.utils import _pytree as pytree
 from xdsl.dialects import func
 from xdsl.dialects.builtin import ModuleOp
 
-from .backends.fx import CollectiveGroups, Program, build_program, run_observed
+from .backends.fx import (
+    MICRO_BATCH,
+    SENDS,
+    CollectiveGroups,
+    Program,
+    build_program,
+    mesh_coords,
+    run_observed,
+)
 from .frontend import hf
 from .frontend.capture import capture
 from .frontend.importer import import_program
-from .ir.attrs import SYMBOLS_ATTR, mesh_axes
+from .ir.attrs import PIPELINE_AXIS, SYMBOLS_ATTR, mesh_axes
 from .ir.errors import PlaitError
 from .ir.libraries import libraries
 from .ir.ops import stored_weight_names
 from .ir.text import print_module
 from .ir.weights import WeightStore
 from .passes.manager import PassManager
+from .passes.shard.decode_stages import (
+    logits_function_name,
+    sequence_groups,
+    split_name,
+    stage_function_name,
+)
 from .runtime import artifact
 from .runtime.inputs import bind_inputs, check_inputs, check_token_ids, token_id_limits
 from .runtime.prefetch import Prefetcher
@@ -74,6 +88,11 @@ class CompiledModel:
         self.call_timeout: float | None = None
         self._programs: dict[str, Program] = {}
         self._shared: dict = {}  # what its programs share: weights, state (KV cache), arena
+        # pipelined generation's other groups of sequences: their programs, and the
+        # shared dict of each (the weights and arena above, a KV cache of its own)
+        self._group_programs: dict[tuple[str, int], Program] = {}
+        self._group_shared: dict[int, dict] = {}
+        self._mesh_groups: CollectiveGroups | None = None
         self._limits: dict[str, dict] = {}  # function -> its token-id inputs' table sizes
 
     @property
@@ -122,21 +141,48 @@ class CompiledModel:
         """This rank's torch program of the entry function, built on first use
         (under torchrun or an initialized process group when the plan spans
         several ranks)."""
-        return self.program_of(self.function.sym_name.data)
+        return self.program_of(self._on_rank(self.function.sym_name.data))
 
-    def program_of(self, function: str) -> Program:
+    def program_of(self, function: str, group: int = 0) -> Program:
         """This rank's program of `function`; the programs of one model share
-        its weights and its state (the KV cache)."""
+        its weights and its state (the KV cache; of pipelined generation's
+        sequence `group`, its own)."""
+        if group:
+            return self._group_program(function, group)
         if function not in self._programs:
-            groups = None
-            if self.world_size > 1:
-                from .runtime.distributed import mesh_groups
-
-                groups = mesh_groups(self.mesh)
             self._programs[function] = self._build(
-                self.weights, self.device, groups, function, self._shared
+                self.weights, self.device, self._collective_groups(), function, self._shared
             )
         return self._programs[function]
+
+    def _collective_groups(self) -> CollectiveGroups | None:
+        """The mesh's process groups, made once: every rank makes every group
+        together, and pipeline stages build different numbers of programs."""
+        if self.world_size == 1:
+            return None
+        if self._mesh_groups is None:
+            from .runtime.distributed import mesh_groups
+
+            self._mesh_groups = mesh_groups(self.mesh)
+        return self._mesh_groups
+
+    def _group_program(self, function: str, group: int) -> Program:
+        """`function`'s program for a group of sequences other than the first:
+        group 0's weights, its own state and activation arena (a group's results
+        and messages stay intact while other groups run), its messages' tags
+        shifted by `group`."""
+        if (function, group) not in self._group_programs:
+            self.program_of(function)  # the weights it shares, read once
+            shared = self._group_shared.setdefault(group, {MICRO_BATCH: [group]})
+            shared.setdefault(SENDS, self._shared.setdefault(SENDS, []))
+            for key, value in self._shared.items():
+                if key[0] not in ("state", "layout", "arena", MICRO_BATCH[0]):
+                    shared.setdefault(key, value)
+            program = self._build(
+                self.weights, self.device, self._collective_groups(), function, shared
+            )
+            self._group_programs[function, group] = program
+        return self._group_programs[function, group]
 
     def rank_code(self, rank: int, device: str | torch.device | None = None) -> str:
         """The program source of `rank` on `device` (default the model's), with
@@ -145,7 +191,8 @@ class CompiledModel:
         groups = CollectiveGroups.placeholder(self.mesh, rank) if self.mesh else None
         weights = self.weights.as_meta()
         device = self.device if device is None else device
-        return _joined({f: self._build(weights, device, groups, f).code for f in self.functions})
+        functions = [f for f in self.functions if self._on_rank(f, rank) == f]  # its stages'
+        return _joined({f: self._build(weights, device, groups, f).code for f in functions})
 
     def _build(self, weights, device, groups, function: str, shared=None) -> Program:
         """The program of `function`; streamed weights come through a Prefetcher."""
@@ -255,13 +302,21 @@ class CompiledModel:
         ids = {"eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
         ids = {k: v if v is not None else self.generation.get(k) for k, v in ids.items()}
 
-        def run(function: str, *inputs: torch.Tensor) -> torch.Tensor:
-            (logits,) = self._call(function, inputs)
-            return logits
+        def run(group: int, function: str, *inputs: torch.Tensor):
+            finish = self._start(function, inputs, group)
+            return lambda: finish()[0]
 
         with torch.inference_mode():
             return generate(
-                run, batch, max_length, input_ids, max_new_tokens, attention_mask, sampling, **ids
+                run,
+                batch,
+                max_length,
+                input_ids,
+                max_new_tokens,
+                attention_mask,
+                sampling,
+                groups=sequence_groups(self.module),
+                **ids,
             )
 
     def run(self, function: str, *inputs: torch.Tensor) -> list[torch.Tensor]:
@@ -280,7 +335,42 @@ class CompiledModel:
 
     def _call(self, function: str, inputs) -> tuple[torch.Tensor, ...]:
         """This rank's program of `function` on `inputs`, moved to the model's device."""
-        return self.program_of(function)(*[x.to(self.device) for x in inputs])
+        return self._start(function, inputs)()
+
+    def _start(self, function: str, inputs, group: int = 0):
+        """Run this rank's program of `function` on `inputs`, for sequence
+        `group`; returns the function that gives its outputs: on a pipeline
+        stage before the last, the logits the last stage sends back (taken
+        as late as possible, so that the stage can start another group first)."""
+        sends = self._shared.setdefault(SENDS, [])
+        before = len(sends)
+        local = self._on_rank(function)
+        program = self.program_of(local, group)
+        outputs = program(*[x.to(self.device) for x in inputs])
+        mine = sends[before:]  # its messages to the next stage (or the logits, sent back)
+        del sends[before:]
+
+        def finish():
+            result = outputs
+            if not result and local != function:  # a stage before the last
+                name, stage = split_name(local)
+                result = self.program_of(logits_function_name(name, stage), group)()
+            for send in mine:
+                send.wait()
+            return result
+
+        return finish
+
+    def _on_rank(self, function: str, rank: int | None = None) -> str:
+        """The function `rank` (default this process's) runs for `function`: of
+        generation programs cut into pipeline stages, its stage's ("decode" ->
+        "decode_stage1" on stage 1), else `function` itself."""
+        name = split_name(function)[0]
+        if PIPELINE_AXIS not in self.mesh or self._exact(stage_function_name(name, 0)) is None:
+            return function
+        if rank is None:
+            rank = _process_rank()
+        return stage_function_name(name, mesh_coords(self.mesh, rank)[PIPELINE_AXIS])
 
     @property
     def cache_size(self) -> tuple[int, int]:
@@ -292,7 +382,8 @@ class CompiledModel:
                 "with plait.compile_generation(model, batch=..., max_length=...)"
             )
         ids = decode.function_type.inputs.data[0]
-        return ids.shape[0], self.symbols["context"][1]  # the most slots attention reads
+        groups = sequence_groups(self.module)  # pipelined: groups of sequences, each its cache
+        return ids.shape[0] * groups, self.symbols["context"][1]  # the most slots attention reads
 
     def _token_limits(self, function: str) -> dict[int, tuple[int, str]]:
         """Inputs of `function` that index an embedding: position -> (rows, where)."""
@@ -301,6 +392,13 @@ class CompiledModel:
         return self._limits[function]
 
     def _function_named(self, name: str) -> func.FuncOp | None:
+        """@name, or its first pipeline stage's (the same inputs, for checking them)."""
+        found = self._exact(name)
+        if found is None and split_name(name)[1] is None:
+            return self._exact(stage_function_name(name, 0))
+        return found
+
+    def _exact(self, name: str) -> func.FuncOp | None:
         return next(
             (
                 op
@@ -426,7 +524,13 @@ def compile_generation(
     from .frontend.decoding import capture_generation
 
     manager = PassManager.parse(pipeline, **options)
-    module, weights = capture_generation(model, batch, max_length)
+    groups = next((p.microbatches for p in manager.passes if p.name == "pipeline"), 1)
+    if batch % groups:
+        raise PlaitError(
+            f"pipeline{{microbatches={groups}}} runs groups of batch / {groups} sequences, "
+            f"but batch is {batch}; give a batch that {groups} divides"
+        )
+    module, weights = capture_generation(model, batch // groups, max_length)
     manager.run(module, weights)
     config = getattr(model, "generation_config", None)
     ids = {k: getattr(config, k, None) for k in ("eos_token_id", "pad_token_id")}
@@ -536,6 +640,12 @@ def _joined(codes: dict[str, str]) -> str:
     if len(codes) == 1:
         return next(iter(codes.values()))
     return "\n".join(f"# ---- @{name} ----{code}" for name, code in codes.items())
+
+
+def _process_rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if _in_process_group() else 0
 
 
 def _in_process_group() -> bool:

@@ -709,7 +709,9 @@ class _Lowering:
             return
         t = op.result.type
         posted = self.bind("posted_recvs", self.shared.setdefault(POSTED, {}))
-        args = (tuple(t.shape), torch_dtype(t.dtype), self.device, rank, tag, micro, posted)
+        # a size symbol (a prompt's length) the rank computes from its own inputs
+        shape = tuple(self.syms.node(sympy.sympify(d)) for d in t.shape)
+        args = (shape, torch_dtype(t.dtype), self.device, rank, tag, micro, posted)
         self.values[op.result] = self._node(_recv, args, {}, op)
 
     def lower_collective(self, op: CollectiveOp) -> None:

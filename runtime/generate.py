@@ -96,7 +96,7 @@ def check_request(
 
 
 def generate(
-    run: Callable[..., torch.Tensor],
+    run: Callable[..., Callable[[], torch.Tensor]],
     batch: int,
     max_length: int,
     input_ids: torch.Tensor,
@@ -105,29 +105,71 @@ def generate(
     sampling: Sampling = Sampling(),
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
+    groups: int = 1,
 ) -> torch.Tensor:
-    """`run(function, *inputs)` calls the compiled program `function` ("prefill"
-    or "decode") compiled for a cache of `batch` sequences of `max_length` slots."""
+    """`run(group, function, *inputs)` starts the compiled program `function`
+    ("prefill" or "decode") on the cache's group of sequences `group` and
+    returns a function that gives its logits; the cache holds `groups` groups
+    of batch / groups sequences of `max_length` slots. Each group decodes on
+    its own; a group's next step starts as soon as its logits are in, after
+    the other groups' steps started (pipeline stages run one group while the
+    next stage runs another)."""
     check_request(batch, max_length, input_ids, max_new_tokens, attention_mask, sampling)
-    rows, prompt = input_ids.shape
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
     generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+    size = batch // groups
+    loops = {  # a group without a caller's sequence does not run
+        g: _decoding(size, max_length, rows, mask, max_new_tokens, sampling, generator, eos, pad)
+        for g, (rows, mask) in enumerate(
+            zip(input_ids.cpu().split(size), attention_mask.cpu().split(size))
+        )
+    }
+    pending = {g: run(g, *next(loop)) for g, loop in loops.items()}  # the prefills
+    new_tokens: dict[int, torch.Tensor] = {}
+    while pending:
+        for g in list(pending):
+            logits = pending.pop(g)()
+            try:
+                pending[g] = run(g, *loops[g].send(logits))
+            except StopIteration as done:
+                new_tokens[g] = done.value
+    longest = max(t.shape[1] for t in new_tokens.values())
+    padded = [
+        torch.nn.functional.pad(new_tokens[g], (0, longest - new_tokens[g].shape[1]), value=pad)
+        for g in sorted(new_tokens)
+    ]
+    return torch.cat([input_ids.cpu(), torch.cat(padded)], 1)
 
+
+def _decoding(
+    batch: int,
+    max_length: int,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    sampling: Sampling,
+    generator: torch.Generator | None,
+    eos: torch.Tensor,
+    pad: int,
+):
+    """One group's decoding loop, as a generator: yields (function, *inputs),
+    is sent each program's logits, returns the new tokens (rows x steps)."""
+    rows, prompt = input_ids.shape
     # the cache's rows beyond the caller's batch run on pad tokens and are dropped
     ids = torch.full((batch, prompt), pad, dtype=torch.long)
-    ids[:rows] = input_ids.cpu()
+    ids[:rows] = input_ids
     mask = torch.zeros(batch, prompt, dtype=torch.long)
-    mask[:rows] = attention_mask.cpu().long()
+    mask[:rows] = attention_mask.long()
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
     cache_mask = torch.zeros(batch, max_length, dtype=torch.long)
     cache_mask[:, :prompt] = mask
     lengths = mask.sum(-1)
 
     # attention reads the first `context` slots: the prompt, then one more per step
-    logits = run("prefill", ids, positions, torch.arange(prompt), cache_mask[:, :prompt])
+    logits = yield ("prefill", ids, positions, torch.arange(prompt), cache_mask[:, :prompt])
     unfinished = torch.ones(rows, dtype=torch.bool)
     new_tokens = []
     for step in range(max_new_tokens):
@@ -142,6 +184,6 @@ def generate(
         fed[:rows, 0] = chosen
         cache_mask[:, slot] = 1
         context = cache_mask[:, : slot + 1]
-        logits = run("decode", fed, lengths[:, None].clone(), torch.tensor([slot]), context)
+        logits = yield ("decode", fed, lengths[:, None].clone(), torch.tensor([slot]), context)
         lengths += 1
-    return torch.cat([input_ids.cpu(), torch.stack(new_tokens, 1)], 1)
+    return torch.stack(new_tokens, 1)

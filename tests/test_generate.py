@@ -256,3 +256,27 @@ def test_grouped_query_attention_reads_the_cache_unrepeated(lms):
     compiled = plait.compile_generation(lms("llama"), batch=1, max_length=16)
     code = compiled.program_of("decode").code
     assert code.count("enable_gqa = True") == 2 and ".expand(" not in code
+
+
+def test_pipeline_stages_generate_transformers_tokens_each_rank_its_layers(lms):
+    model = lms("llama")  # 2 layers: one per stage
+    ids = _prompts(model.config.vocab_size, 3)  # in groups of 2 sequences, the second padded
+    pipeline = "canonicalize,cse,dce,pipeline{stages=2,microbatches=2}"
+    staged = plait.compile_generation(model, batch=4, max_length=48, pipeline=pipeline)
+    assert staged.mesh == {"pp": 2} and staged.cache_size == (4, 48)
+    held = [staged.rank_code(r) for r in range(2)]  # each rank's programs' weights and state
+    for rank, layer in ((0, 0), (1, 1)):
+        assert f"kv_cache_{layer}_keys" in held[rank] and f"layers_{layer}_mlp" in held[rank]
+        assert f"kv_cache_{1 - layer}_keys" not in held[rank]
+        assert f"layers_{1 - layer}_mlp" not in held[rank]
+    assert "embed_tokens" in held[0] and "embed_tokens" not in held[1]
+    assert "lm_head" in held[1] and "lm_head" not in held[0]
+    try:  # each group of sequences has its own KV cache, on each stage
+        assert torch.equal(staged.generate(ids, NEW_TOKENS), _reference(model, ids))
+    finally:
+        staged.close()
+    with pytest.raises(plait.PlaitError, match="give a batch that 2 divides"):
+        plait.compile_generation(model, batch=3, pipeline=pipeline)
+    interleaved = "pipeline{stages=2,microbatches=2,schedule=interleaved,virtual=2}"
+    with pytest.raises(plait.PlaitError, match="generation runs one stage per rank"):
+        plait.compile_ir(staged.module.clone(), staged.weights, pipeline=interleaved)

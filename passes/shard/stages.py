@@ -52,6 +52,7 @@ from ...ir.ops import ParamOp
 from ...ir.training import ACCUMULATE, TRAIN_STEP
 from ..base import Pass
 from ..options import OptionError, check_hardware
+from .decode_stages import is_generation, pipeline_generation
 from .grad_buckets import bucket_by, unbucket
 from .pipeline_schedule import (
     SCHEDULES,
@@ -108,8 +109,14 @@ class Pipeline(Pass):
         from ...hardware import load
 
         functions = {f.sym_name.data: f for f in module.ops if isinstance(f, func.FuncOp)}
+        if is_generation(module):  # @prefill and @decode (plait.compile_generation)
+            pipeline_generation(module, self.stages, self.microbatches, self.virtual, self.hardware)
+            return
         if TRAIN_STEP not in functions:
-            raise StageError("pipeline applies to a training step (plait.compile_training)")
+            raise StageError(
+                "pipeline applies to a training step (plait.compile_training) or to "
+                "generation programs (plait.compile_generation)"
+            )
         if PIPELINE_AXIS in mesh_axes(module):
             raise StageError(f"the step is already pipelined (mesh axis '{PIPELINE_AXIS}')")
         data = [a for a, n in mesh_axes(module).items() if a in DATA_AXES and n > 1]
