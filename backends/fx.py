@@ -482,10 +482,21 @@ class _Lowering:
             op: chain
             for op, chain in adam_chains(block).items()
             if not any(isinstance(v, SSAValue) and v in takes for v in chain.call_args())
-            and not any(planned_offset(m) is not None or on_host(m) for m in (op, *chain.members))
+            and not any(planned_offset(m) is not None for m in (op, *chain.members))
+            and len({on_host(m) for m in (op, *chain.members)}) == 1  # (offload's: all host)
         }
 
     def lower_adam_update(self, op: CallOp, chain: AdamChain) -> None:
+        """One call for the chain: on the host's thread where offload put it
+        (DeepSpeed's CPU Adam is such a kernel), else in line."""
+        values = [a for a in chain.call_args() if isinstance(a, SSAValue)]
+        if on_host(op):
+            args = tuple(
+                self.values[a] if isinstance(a, SSAValue) else a for a in chain.call_args()
+            )
+            self._submit(op, "plait::adam_update_", adam_update_, args, {})
+            return
+        self.await_host_values(values)
         args = tuple(self.values[a] if isinstance(a, SSAValue) else a for a in chain.call_args())
         self.values[op.results[0]] = self._node(adam_update_, args, {}, op)
 
@@ -499,16 +510,19 @@ class _Lowering:
         kwargs = {k: self.arg(v, op) for k, v in op.args.kwargs}
         if not _check_call(op, target, args, kwargs):
             return False
-        if self.host_tasks is None:
-            self.host_tasks = self.attrs["host"] = HostTasks()
-        task = ("submit", self.host_tasks.add(op.target_name, target), args, kwargs)
-        node = self._node("host", task, {}, op, kind="call_module")
-        self.values[op.results[0]] = self.futures[op.results[0]] = node
+        self._submit(op, op.target_name, target, args, kwargs)
         return True
 
-    def await_host_values(self, op: Operation) -> None:
+    def _submit(self, op: CallOp, name: str, callee, args: tuple, kwargs: dict) -> None:
+        if self.host_tasks is None:
+            self.host_tasks = self.attrs["host"] = HostTasks()
+        task = ("submit", self.host_tasks.add(name, callee), args, kwargs)
+        node = self._node("host", task, {}, op, kind="call_module")
+        self.values[op.results[0]] = self.futures[op.results[0]] = node
+
+    def await_host_values(self, values) -> None:
         """A device op reading host values waits for them (once each)."""
-        for value in op.operands:
+        for value in values:
             if value in self.futures:
                 node = self.graph.call_module("host", ("result", self.futures.pop(value)))
                 node.name = value.name_hint or node.name
@@ -866,13 +880,15 @@ class _Lowering:
                     node = self.graph.call_module("prefetch", ("take", takes.pop(value)))
                     node.name = value.name_hint or node.name
                     self.values[value] = node
-            submitted = isinstance(op, CallOp) and on_host(op) and self.lower_host_call(op)
-            if not submitted:  # (a host op run in line waits too)
-                self.await_host_values(op)
-            if submitted:
-                pass  # runs on the host's thread
-            elif op in fused:
+            fused_here = op in fused
+            submitted = not fused_here and isinstance(op, CallOp) and on_host(op)
+            submitted = submitted and self.lower_host_call(op)  # (runs on the host's thread)
+            if not (fused_here or submitted):  # (a host op run in line waits too)
+                self.await_host_values(op.operands)
+            if fused_here:
                 self.lower_adam_update(op, fused[op])
+            elif submitted:
+                pass
             elif isinstance(op, CallOp):
                 self.lower_call(op)
             elif isinstance(op, CollectiveOp):
