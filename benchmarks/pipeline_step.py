@@ -20,6 +20,13 @@ Each round steps every variant once, in turn (the order rotating), after a
 barrier; reported are the median step times and the median, quartiles and
 range of the per-round ratios. The first step checks every baseline's loss
 against plait's.
+
+Then the measured bubble of each plait schedule, against the textbook
+fraction (S - 1) / (M + S - 1): each rank times every action of more steps;
+an action's compute is the least time it took over the micro-batches (in
+1F1B's steady state its input is already there), and the bubble is the
+share of the step, less the optimizer update (no part of the theory), that
+the rank's M forwards and backwards do not fill.
 """
 
 from __future__ import annotations
@@ -27,6 +34,9 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import statistics
+import time
+from collections import defaultdict
 
 import torch
 from train_step import CONFIGS, LR, build, loss_differences, make_batches, report, timed_rounds
@@ -126,6 +136,10 @@ def _rank(rank, world, port, config, batches, schedules, microbatches):
         baselines[f"plait {schedule}"] = name
     del model
     times, losses, _ = timed_rounds(variants, batches, dist.barrier)
+    trainers = {name: step.__self__ for name, step in variants.items() if name.startswith("plait")}
+    bubbles = {name: _measured_bubble(t, batches, dist.barrier) for name, t in trainers.items()}
+    gathered = [None] * world
+    dist.all_gather_object(gathered, bubbles)
     if rank == 0:
         for plait_name, base in baselines.items():
             differences = loss_differences(
@@ -138,7 +152,44 @@ def _rank(rank, world, port, config, batches, schedules, microbatches):
                 [base],
                 differences,
             )
+        theory = (world - 1) / (microbatches + world - 1)
+        for name in trainers:
+            measured = [b[name] for b in gathered]
+            shown = ", ".join(f"rank {r} {b:.1%}" for r, b in enumerate(measured))
+            mean = statistics.mean(measured)
+            print(
+                f"{name}: measured bubble {mean:.1%} ({shown}); textbook "
+                f"(S-1)/(M+S-1) = {theory:.1%}; {mean / theory - 1:+.0%} of it"
+            )
     dist.destroy_process_group()
+
+
+def _measured_bubble(trainer, batches, barrier) -> float:
+    """This rank's idle share of its forwards and backwards over the steps
+    (see the module docstring)."""
+    calls = defaultdict(list)  # function -> seconds of each call
+    run = trainer._run
+
+    def timed(function, inputs):
+        start = time.perf_counter()
+        out = run(function, inputs)
+        calls[function].append(time.perf_counter() - start)
+        return out
+
+    trainer._run = timed
+    steps = []
+    try:
+        for batch in batches:
+            barrier()
+            start = time.perf_counter()
+            trainer.step(*batch)
+            steps.append(time.perf_counter() - start)
+    finally:
+        trainer._run = run
+    count = len(batches)
+    update = sum(t for f, ts in calls.items() if f.startswith("update") for t in ts) / count
+    busy = sum(min(ts) * len(ts) / count for f, ts in calls.items() if not f.startswith("update"))
+    return 1 - busy / (statistics.median(steps) - update)
 
 
 def main() -> None:
