@@ -73,6 +73,7 @@ from ..ir.types import TensorType
 from ..ir.weights import WeightStore
 from . import bindings
 from .adam_chains import AdamChain, adam_chains
+from .collective_wait import wait_released
 from .host_tasks import HostTasks
 
 
@@ -415,6 +416,11 @@ class _Lowering:
         self.syms = _SymExprs(self.graph)
         # async collective value -> what its wait must apply after waiting
         self.finishers: dict[SSAValue, object] = {}
+        # on gloo, each collective gets a handle of its own to its input (unless
+        # it copies it), and its wait also waits until gloo lets go of that and
+        # of the result (`collective_wait`)
+        self.releases = fast and not functional and device.type == "cpu"
+        self.handed: dict[torch.fx.Node, torch.fx.Node] = {}  # pending -> what gloo holds
         self.arena_size = arena_size
         self.arena_views: dict[str, torch.dtype] = {}  # attr name -> dtype viewing the arena
         self.arena_nodes: dict[str, torch.fx.Node] = {}
@@ -746,6 +752,8 @@ class _Lowering:
         self.values[op.result] = finish(self._wait(self.values[op.input], op))
 
     def _wait(self, pending: torch.fx.Node, op: Operation) -> torch.fx.Node:
+        if self.releases:
+            return self._node(wait_released, (pending, self.handed.pop(pending)), {}, op)
         return self._node(torch.ops._c10d_functional.wait_tensor.default, (pending,), {}, op)
 
     def _start_collective(self, op: CollectiveOp, x: torch.fx.Node):
@@ -756,16 +764,20 @@ class _Lowering:
         aten = torch.ops.aten
         name = f"{op.results[0].name_hint or 'collective'}_pending"
 
-        def call(target, *args):
-            node = self.graph.create_node("call_function", target, args, {}, name=name)
+        def call(target, x, *args, copies_input=False):
+            if self.releases and not copies_input:
+                x = self.graph.call_function(aten.detach.default, (x,))
+            node = self.graph.create_node("call_function", target, (x, *args), {}, name=name)
             node.meta[OP_META] = op
+            self.handed[node] = node if copies_input else x
             return node
 
         if isinstance(op, AllReduceOp):
             # into the input itself when nothing else reads it (no copy)
             in_place = _dies_here(op) and not self.functional
             reduce = c10d.all_reduce_ if in_place else c10d.all_reduce
-            return call(reduce.default, x, op.reduce.data, group), lambda y: y
+            pending = call(reduce.default, x, op.reduce.data, group, copies_input=not in_place)
+            return pending, lambda y: y
         if isinstance(op, (AllGatherOp, ReduceScatterOp)):
             # functional collectives gather and scatter along dim 0; along another
             # dim the n pieces are put in a leading dim and back, one copy each way,

@@ -8,7 +8,11 @@ The program runs through torch.fx's Interpreter, which frees each value after
 its last use as the generated code does, under a TorchDispatchMode that sees
 every ATen call's results: a result whose storage is new is an allocation
 (a view or an in-place update returns a storage already counted), and
-`weakref.finalize` on the storage says when it is freed. The storages the
+`weakref.finalize` on the storage says when it is freed. A storage handed to
+a collective is freed when its last (strong) reference goes, which is when its
+memory goes too, though a work's weak reference can keep its Python object, and
+so its finalizer, alive for a while (on the collective's worker thread): those
+are looked at before each allocation instead. The storages the
 program holds before it runs (its state, weights, arena) and its inputs are
 counted from the start. Each allocation is of the kind of the IR value
 (`plait.ir.training.value_kinds`) whose node made it; one a node makes and
@@ -34,6 +38,7 @@ import weakref
 
 import torch
 import torch.fx
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 from xdsl.ir import SSAValue
@@ -61,6 +66,7 @@ class Storages(TorchDispatchMode):
         super().__init__()
         self._live: dict[int, list] = {}  # id(storage) -> [bytes, kind, finalizer]
         self._lock = threading.RLock()  # a collective's thread may free a storage
+        self._handed: dict[int, StorageWeakRef] = {}  # storages a collective was given
         self.by_kind = dict.fromkeys(MEMORY_KINDS, 0)
         self.current = self.peak = 0  # device bytes
         self.at_peak = dict(self.by_kind)
@@ -71,6 +77,7 @@ class Storages(TorchDispatchMode):
         with self._lock:
             if key in self._live:
                 return
+            self._sweep_handed()
             size = storage.nbytes()
             self._live[key] = [size, kind, weakref.finalize(storage, self._freed, key)]
             self.by_kind[kind] += size
@@ -91,10 +98,24 @@ class Storages(TorchDispatchMode):
 
     def _freed(self, key: int) -> None:
         with self._lock:
+            self._handed.pop(key, None)
             size, kind, _ = self._live.pop(key)
             self.by_kind[kind] -= size
             if kind not in HOST_KINDS:
                 self.current -= size
+
+    def _hand(self, storage: torch.UntypedStorage) -> None:
+        """`storage` goes to a collective: its memory is freed with its last
+        reference, which a weak reference (ours, the work's) does not keep."""
+        with self._lock:
+            if id(storage) in self._live:
+                self._handed.setdefault(id(storage), StorageWeakRef(storage))
+
+    def _sweep_handed(self) -> None:
+        for key, ref in list(self._handed.items()):
+            if ref.expired():
+                self._live[key][2].detach()
+                self._freed(key)
 
     def close(self) -> None:
         """Stop watching the storages still alive."""
@@ -102,11 +123,15 @@ class Storages(TorchDispatchMode):
             for _, _, finalizer in self._live.values():
                 finalizer.detach()
             self._live.clear()
+            self._handed.clear()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for storage in _storages(out):
             self.add(storage, self.allocating)
+        if getattr(func, "namespace", None) == "_c10d_functional":
+            for storage in _storages((args, out)):
+                self._hand(storage)
         return out
 
 

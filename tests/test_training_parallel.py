@@ -296,7 +296,8 @@ def test_tp_backward_has_megatron_all_reduces(tp_llama):
     """Per layer, forward all-reduces after o_proj and down_proj (row-parallel)
     and backward after the input gradients of q/k/v and gate/up (column-
     parallel), where forward had none; plus lm_head's (column-parallel over
-    the vocabulary) input gradient. The loss is vocab-parallel: no weight and
+    the vocabulary) input gradient, and in forward the vocab-parallel
+    embedding's lookup (Megatron's). The loss is vocab-parallel: no weight and
     no logits are gathered, only one log-sum-exp per row and rank, and the
     softmax's backward sums one number per row."""
     ops = _step_ops(tp_llama.trainer)
@@ -314,20 +315,21 @@ def test_tp_backward_has_megatron_all_reduces(tp_llama):
 
     layers = 2
     activations = reduced([rows, hidden])
-    assert len([i for i in activations if i < loss]) == 2 * layers
+    # forward: the vocab-parallel embedding's lookup, then two a layer
+    assert len([i for i in activations if i < loss]) == 2 * layers + 1
     assert len([i for i in activations if i > loss]) == 2 * layers + 1
     assert len(reduced([rows, 1])) == 1  # log_softmax's backward
     collectives = [op for op in ops if isinstance(op, CollectiveOp)]
     assert max(math.prod(op.input.type.shape) for op in collectives) == rows * hidden
     gathers = [op for op in ops if isinstance(op, AllGatherOp)]
     assert len(gathers) == 1 and list(gathers[0].input.type.shape) == [rows, 1]
-    # lm_head's weight gradient is computed for this rank's half of the vocabulary
-    (grad,) = [
-        op
-        for op in ops
-        if op.attributes.get(GRAD_OF) and "lm_head.weight" in str(op.attributes[GRAD_OF])
-    ]
-    assert list(grad.results[0].type.shape) == [256 // 2, hidden]
+    # lm_head's and the embedding's weight gradients are computed for this
+    # rank's half of the vocabulary
+    for table in ("lm_head.weight", "embed_tokens.weight"):
+        (grad,) = [
+            op for op in ops if op.attributes.get(GRAD_OF) and table in str(op.attributes[GRAD_OF])
+        ]
+        assert list(grad.results[0].type.shape) == [256 // 2, hidden]
 
 
 def test_tp_input_gradients_reduce_while_weight_gradients_compute(tp_llama):
@@ -580,7 +582,9 @@ def _check_continues_on_one_rank(run: Run) -> None:
 
 # ---- memory per rank ----------------------------------------------------------------
 
+# split over tp: Megatron's linears, the head and the embedding (vocab-parallel)
 _MEGATRON = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+_MEGATRON += ("embed_tokens", "wte", "wpe")
 
 
 def _parameter_bytes(model, tp: int = 1) -> int:

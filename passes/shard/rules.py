@@ -61,6 +61,7 @@ class Parallel(enum.Enum):
     SPLIT_MEAN = "split-mean"  # a mean over a split dim: the local mean / n, a partial sum
     NLL_SUM = "nll-sum"  # nll_loss's mean over split rows: sums and weights, reduced once
     SPLIT_CLASSES = "split-classes"  # log_softmax / nll_loss over split classes (vocab-parallel)
+    VOCAB_GRADIENT = "vocab-gradient"  # a vocab-parallel embedding's gradient: its rows only
     # batch norm over split rows: the whole batch's statistics (SyncBatchNorm's)
     BATCH_STATS = "batch-stats"  # forward: each rank's mean and variance gathered
     BATCH_STATS_BACKWARD = "batch-stats-backward"  # the gradient's sums all-reduced

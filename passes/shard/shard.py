@@ -461,42 +461,54 @@ class _Sharder:
         Rewriter.insert_op(new, InsertPoint.before(before))
         return new.results[0]
 
-    def vocab_parallel_lookup(self, op: CallOp, inputs: list[SSAValue]) -> None:
-        """Megatron's vocab-parallel embedding: this rank holds rows
-        [start, start + V/n); it looks up the ids in that range and gives zeros
-        for the rest, so the ranks' results sum to the lookup. `start` is the
-        first of this rank's slice of arange(V), which keeps the program SPMD."""
-        weight, indices = (op.arg(k).index for k in ("weight", "indices"))
-        table, ids = inputs[weight], inputs[indices]
-        vocab = self._full_type(table).shape[0]
-        per_rank = table.type.shape[0]
+    def held_ids(self, op: CallOp, ids: SSAValue, vocab: int) -> tuple[SSAValue, SSAValue]:
+        """Of token `ids` into a table whose V = `vocab` rows split over the
+        ranks, this rank holding rows [start, start + V/n): (which ids it
+        holds, as i1; the ids as its local rows, 0 for the others). `start`
+        is the first of this rank's slice of arange(V), which keeps the
+        program SPMD."""
         i64, flags = ids.type, TensorType(ids.type.shape, "i1")
-
         call = functools.partial(self._insert_call, op)
         mine = self._indices_here(op, "vocab", vocab)
         first = [Operand(0), 0, 0]
         start = call("vocab_start", "aten::select.int", [mine], first, TensorType([], "i64"))
         local = call("ids_here", "aten::sub.Tensor", [ids, start], [Operand(0), Operand(1)], i64)
         low = call("ids_from", "aten::ge.Scalar", [local], [Operand(0), 0], flags)
-        high = call("ids_below", "aten::lt.Scalar", [local], [Operand(0), per_rank], flags)
+        high = call("ids_below", "aten::lt.Scalar", [local], [Operand(0), vocab // self.n], flags)
         inside = call("held", "aten::logical_and", [low, high], [Operand(0), Operand(1)], flags)
         safe = call(
             "ids_held", "aten::where.ScalarOther", [inside, local], [Operand(0), Operand(1), 0], i64
         )
-        values = [
-            table if i == weight else safe if i == indices else v for i, v in enumerate(inputs)
-        ]
-        rows = call(
-            "rows", op.target_name, values, op.args.args, op.results[0].type, op.args.kwargs
+        return inside, safe
+
+    def masked_rows(self, before: CallOp, rows: SSAValue, inside: SSAValue, result_type):
+        """`rows` (one per id, features last) times `inside` (i1 per id): zeros
+        where this rank does not hold the id."""
+        keep_type = TensorType([*inside.type.shape, 1], "i1")
+        keep = self._insert_call(
+            before, "held_rows", "aten::unsqueeze", [inside], [Operand(0), -1], keep_type
         )
-        keep_type = TensorType([*flags.shape, 1], "i1")
-        keep = call("held_rows", "aten::unsqueeze", [inside], [Operand(0), -1], keep_type)
-        masked = call_op_class("aten::mul.Tensor")(
+        return call_op_class("aten::mul.Tensor")(
             "aten::mul.Tensor",
             [rows, keep],
             ArgsAttr((Operand(0), Operand(1)), ()),
-            [op.results[0].type],
+            [result_type],
         )
+
+    def vocab_parallel_lookup(self, op: CallOp, inputs: list[SSAValue]) -> None:
+        """Megatron's vocab-parallel embedding: this rank looks up the ids among
+        its rows and gives zeros for the rest, so the ranks' results sum to
+        the lookup."""
+        weight, indices = (op.arg(k).index for k in ("weight", "indices"))
+        table, ids = inputs[weight], inputs[indices]
+        inside, safe = self.held_ids(op, ids, self._full_type(table).shape[0])
+        values = [
+            table if i == weight else safe if i == indices else v for i, v in enumerate(inputs)
+        ]
+        rows = self._insert_call(
+            op, "rows", op.target_name, values, op.args.args, op.results[0].type, op.args.kwargs
+        )
+        masked = self.masked_rows(op, rows, inside, op.results[0].type)
         self._replace(op, masked, [Placement("partial", reduce="sum")])
 
     def local_positions(self, op: CallOp, inputs: list[SSAValue], decision: Decision):

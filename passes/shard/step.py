@@ -398,6 +398,34 @@ class StepSharding:
             sink_all(_carried_on(chain, local), self.s.block)
 
 
+def vocab_gradient(step: StepSharding, op: CallOp, inputs: list[SSAValue], decision) -> None:
+    """The gradient of a vocab-parallel table (`step_rules._embedding_backward`):
+    this rank sums the gradients of the ids it holds into its rows; the other
+    ids' gradients are zeroed and go to its row 0, adding nothing. The padding
+    id gets none, as torch's padding_idx gives it none."""
+    s = step.s
+    g, i = (op.arg(k).index for k in ("grad_output", "indices"))
+    grad, ids = inputs[g], inputs[i]
+    vocab = op.arg("num_weights")
+    inside, safe = s.held_ids(op, ids, vocab)
+    padding = op.arg("padding_idx")
+    if isinstance(padding, int) and padding >= 0:
+        flags = inside.type
+        real = s._insert_call(
+            op, "not_padding", "aten::ne.Scalar", [ids], [Operand(0), padding], flags
+        )
+        both = [Operand(0), Operand(1)]
+        inside = s._insert_call(op, "held", "aten::logical_and", [inside, real], both, flags)
+    masked = s.masked_rows(op, grad, inside, grad.type)
+    Rewriter.insert_op(masked, InsertPoint.before(op))
+    args = [Operand(0), Operand(1), vocab // s.n, -1, False]
+    result = local_type(op.results[0].type, decision.outputs[0], s.n)
+    rows = s._insert_call(op, "grad_rows", op.target_name, [masked.results[0], safe], args, result)
+    if GRAD_OF in op.attributes:  # the table's gradient, as the optimizer reads it
+        rows.owner.attributes[GRAD_OF] = op.attributes[GRAD_OF]
+    step._retire(op, [rows], decision.outputs)
+
+
 def _carried_on(chain: list[Operation], local: SSAValue) -> list[Operation]:
     """`chain` and the pure calls after it that read nothing but its values
     (or other late waits): moving them down changes no value they read. A
@@ -426,6 +454,7 @@ _REWRITES = {
     Parallel.SPLIT_MEAN: StepSharding.split_mean,
     Parallel.NLL_SUM: StepSharding.nll_sum,
     Parallel.SPLIT_CLASSES: split_classes,
+    Parallel.VOCAB_GRADIENT: vocab_gradient,
     Parallel.BATCH_STATS: sync_batch_norm,
     Parallel.BATCH_STATS_BACKWARD: sync_batch_norm_backward,
 }

@@ -303,14 +303,33 @@ def attention_step_rule(op: CallOp, arriving, types, n: int, free) -> Decision:
     return Decision(inputs, outputs)
 
 
+def _embedding(op: CallOp, arriving, types, n: int, free) -> Decision:
+    """A table the step trains, looked up at ids every rank holds, splits by
+    vocabulary (Megatron's vocab-parallel embedding): each rank keeps and
+    updates its rows, looks up the ids among them and gives zeros for the
+    rest, a partial sum (reduced once with a position embedding added to
+    it). Its backward is `_embedding_backward`'s vocabulary case."""
+    weight, ids = _index(op, "weight"), _index(op, "indices")
+    if weight in free and arriving[ids] == R and divides(types[weight].shape[0], n, op):
+        inputs = [R] * len(op.inputs)
+        inputs[weight] = shard(0)
+        return Decision(inputs, [SUM], Parallel.VOCAB)
+    return decide(op, arriving, types, n, set())
+
+
 def _embedding_backward(op: CallOp, arriving, types, n: int, free) -> Decision:
     """embedding_dense_backward(grad, indices, rows, padding, by_freq): ids
-    split -> the table's gradient is a partial sum; features split -> split."""
+    split -> the table's gradient is a partial sum; features split -> split;
+    both whole -> split by vocabulary, as `_embedding` splits the table
+    (each rank sums the gradients of the ids it holds into its rows)."""
     g, i = _index(op, "grad_output"), _index(op, "indices")
     grad, ids = arriving[g], arriving[i]
     if op.arg("scale_grad_by_freq"):
         return replicated(op)  # counts over the whole batch
     inputs = [R] * len(op.inputs)
+    rows = op.arg("num_weights")
+    if grad == R and ids == R and isinstance(rows, int) and divides(rows, n, op):
+        return Decision(inputs, [shard(0)], Parallel.VOCAB_GRADIENT)
     if grad.kind == "shard" and grad.dim < types[i].rank and ids == grad:
         inputs[g] = inputs[i] = grad
         return Decision(inputs, [SUM])
@@ -524,6 +543,7 @@ STEP_RULES = {
     "aten::select_backward": _slice_backward,
     "aten::native_layer_norm": _layer_norm,
     "aten::native_layer_norm_backward": _layer_norm_backward,
+    "aten::embedding": _embedding,
     "aten::embedding_dense_backward": _embedding_backward,
     "aten::nll_loss_forward": _nll_loss,
     "aten::nll_loss_backward": _nll_loss_backward,
