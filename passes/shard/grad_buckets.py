@@ -191,7 +191,7 @@ def unbucket(block: Block, axis: str) -> list[list[str]]:
     marks = _marks(block)
     buckets = []
     for start in [op for op in block.ops if isinstance(op, AllReduceOp)]:
-        found = _bucket(start, axis)
+        found = bucket_parts(start, axis)
         if found is None:
             continue
         flats, wait, cuts = found
@@ -214,9 +214,10 @@ def unbucket(block: Block, axis: str) -> list[list[str]]:
     return buckets
 
 
-def _bucket(start: AllReduceOp, axis: str):
+def bucket_parts(start: AllReduceOp, axis: str):
     """A bucket `_reduce_bucket` made: (its flat gradients, its wait, the
-    slices of the reduced bucket, in the same order), or None."""
+    slices of the reduced bucket, in the same order), or None for another
+    all-reduce."""
     cat = start.input.owner
     if not (
         start.is_async is not None

@@ -70,7 +70,7 @@ from ...ir.training import (
 from ...ir.types import TensorType
 from ..base import Pass
 from ..options import OptionError
-from .grad_buckets import BUCKET_MB
+from .grad_buckets import BUCKET_MB, bucket_parts
 from .rules import DATA_AXES
 from .step import _VIEWS, squares_for_global_norms
 
@@ -873,21 +873,11 @@ def _bucket(start: AllReduceOp, axis: str):
     """A gradient bucket's all-reduce (`grad_buckets._reduce_bucket`): (the flat
     gradients it concatenates, its wait, the whole gradients cut from it in
     order), or None for another all-reduce."""
-    cat = start.input.owner
-    if not (
-        start.is_async is not None
-        and start.axis.data == axis
-        and isinstance(cat, CallOp)
-        and cat.target_name == "aten::cat"
-        and len(list(start.result.uses)) == 1
-    ):
+    parts = bucket_parts(start, axis)
+    if parts is None:
         return None
-    wait = next(iter(start.result.uses)).operation
-    cuts = sorted((u.operation for u in wait.result.uses), key=lambda op: op.arg("start"))
-    wholes = [next(iter(c.results[0].uses)).operation.results[0] for c in cuts]
-    if len(wholes) != len(cat.operands):
-        return None
-    return list(cat.operands), wait, wholes
+    flats, wait, cuts = parts
+    return flats, wait, [next(iter(c.results[0].uses)).operation.results[0] for c in cuts]
 
 
 def _gradient_name(value: SSAValue, marked: dict[SSAValue, str]) -> str:
