@@ -32,7 +32,9 @@ def test_the_one_pass_update_is_the_eight_aten_calls_bit_for_bit(numel, weight, 
         assert torch.equal(a, b), f"{name}: {(a != b).sum().item()} of {numel} values differ"
 
 
-@pytest.mark.parametrize("optimizer, weight_decay", [("adamw", 0.01), ("adam", 0.01), ("adam", 0.0)])
+@pytest.mark.parametrize(
+    "optimizer, weight_decay", [("adamw", 0.01), ("adam", 0.01), ("adam", 0.0)]
+)
 def test_an_nn_sequential_trains_exactly_as_torch_optim(optimizer, weight_decay):
     """Every update runs fused, and 5 steps equal eager + torch.optim bit for bit.
     (nn.Sequential's forward takes `input`, a Python builtin's name: its
