@@ -495,16 +495,14 @@ class _Lowering:
     def lower_adam_update(self, op: CallOp, chain: AdamChain) -> None:
         """One call for the chain: on the host's thread where offload put it
         (DeepSpeed's CPU Adam is such a kernel), else in line."""
-        values = [a for a in chain.call_args() if isinstance(a, SSAValue)]
-        if on_host(op):
-            args = tuple(
-                self.values[a] if isinstance(a, SSAValue) else a for a in chain.call_args()
-            )
-            self._submit(op, "plait::adam_update_", adam_update_, args, {})
-            return
-        self.await_host_values(values)
+        host = on_host(op)
+        if not host:
+            self.await_host_values([a for a in chain.call_args() if isinstance(a, SSAValue)])
         args = tuple(self.values[a] if isinstance(a, SSAValue) else a for a in chain.call_args())
-        self.values[op.results[0]] = self._node(adam_update_, args, {}, op)
+        if host:
+            self._submit(op, "plait::adam_update_", adam_update_, args, {})
+        else:
+            self.values[op.results[0]] = self._node(adam_update_, args, {}, op)
 
     def lower_host_call(self, op: CallOp) -> bool:
         """Submit a host op to the background thread (see host_tasks); False
