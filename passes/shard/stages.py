@@ -70,7 +70,7 @@ from .stage_split import StageError, StepSplit, function_messages, module_of
 @dataclass(frozen=True)
 class Pipeline(Pass):
     name = "pipeline"
-    summary = "pipeline stages of a training step (GPipe, 1F1B) on a pp mesh axis"
+    summary = "pipeline stages of a training step (GPipe, 1F1B, interleaved) or of generation, on a pp mesh axis"
 
     stages: int = 2
     microbatches: int = 1
