@@ -32,13 +32,13 @@ import re
 
 from xdsl.dialects import func
 from xdsl.dialects.builtin import IntegerAttr, ModuleOp, i64
-from xdsl.ir import Block, BlockArgument, Operation, Region, SSAValue
+from xdsl.ir import Block, Operation, Region, SSAValue
 
 from ...ir.attrs import MESH_ATTR, PIPELINE_AXIS, STAGE_ATTR, SYMBOLS_ATTR, MeshAttr, mesh_axes
 from ...ir.ops import ParamOp, RecvOp, SendOp
 from ...ir.text import where
 from ..residual import residual_chain
-from .stage_split import StageError
+from .stage_split import StageError, boundary_segments, free_ops
 
 GENERATION = ("prefill", "decode")
 GROUPS_ATTR = "plait.sequence_groups"  # module: the KV cache's groups of sequences (microbatches)
@@ -137,19 +137,11 @@ class GenerationSplit:
         self.output = outputs[0]
         self.ops = list(self.block.ops)[:-1]
         self.chain = residual_chain(self.block)
-        self.free = _free_ops(self.ops)
+        self.free = free_ops(self.ops)
         self.segment = self._segments([m.result for m in self.chain] + [self.output])
 
     def _segments(self, boundaries: list[SSAValue]) -> dict[Operation, int]:
-        segment: dict[Operation, int] = {}
-        for j, value in enumerate(boundaries):  # the ops each boundary needs, and no earlier one
-            stack = [value.owner]
-            while stack:
-                op = stack.pop()
-                if not isinstance(op, Operation) or op in segment or op in self.free:
-                    continue
-                segment[op] = j
-                stack.extend(v.owner for v in op.operands)
+        segment = boundary_segments(boundaries, self.free)
         for op in self.ops:  # ops no boundary reads (in-place writes): after their operands
             if op not in segment and op not in self.free:
                 found = [segment[v.owner] for v in op.operands if v.owner in segment]
@@ -250,16 +242,3 @@ class GenerationSplit:
                     f"and {second}; pipeline keeps each state on one stage"
                 )
             op.attributes[STAGE_ATTR] = IntegerAttr(stage[op], i64)
-
-
-def _free_ops(ops: list[Operation]) -> set[Operation]:
-    """Ops every stage can compute for itself: weights, buffers and what reads
-    only them, the inputs and constants (not program state, which one stage holds)."""
-    free: set[Operation] = set()
-    for op in ops:
-        if isinstance(op, ParamOp):
-            if not op.is_state:
-                free.add(op)
-        elif all(isinstance(v, BlockArgument) or v.owner in free for v in op.operands):
-            free.add(op)
-    return free

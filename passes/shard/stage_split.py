@@ -71,21 +71,13 @@ class StepSplit:
         self.position = {op: i for i, op in enumerate(self.ops)}
         forward_adds = [m for m in residual_chain(self.block) if self.phases[m.add] == FORWARD]
         self.chain = forward_adds
-        self.free = _free_ops(self.ops)
+        self.free = free_ops(self.ops)
         self.clip = _global_norm([op for op in self.ops if self.phases.get(op) == OPTIMIZER])
         self.free |= self.clip.replicated if self.clip else set()
         self.segment = self._segments([m.result for m in self.chain] + [self.loss])
 
     def _segments(self, boundaries: list[SSAValue]) -> dict[Operation, int]:
-        segment: dict[Operation, int] = {}
-        for j, value in enumerate(boundaries):  # the ops each boundary needs, and no earlier one
-            stack = [value.owner]
-            while stack:
-                op = stack.pop()
-                if not isinstance(op, Operation) or op in segment or op in self.free:
-                    continue
-                segment[op] = j
-                stack.extend(v.owner for v in op.operands)
+        segment = boundary_segments(boundaries, self.free)
         params = {op.weight_name: op for op in self.ops if isinstance(op, ParamOp)}
         for op in self.ops:
             if op in segment or op in self.free:
@@ -294,9 +286,25 @@ def _stack_of(stack: CallOp, values: list[SSAValue]) -> CallOp:
     return new
 
 
-def _free_ops(ops: list[Operation]) -> set[Operation]:
+def boundary_segments(boundaries: list[SSAValue], free: set[Operation]) -> dict[Operation, int]:
+    """Each op's segment: the first boundary whose value needs it (free ops
+    belong to none)."""
+    segment: dict[Operation, int] = {}
+    for j, value in enumerate(boundaries):  # the ops each boundary needs, and no earlier one
+        stack = [value.owner]
+        while stack:
+            op = stack.pop()
+            if not isinstance(op, Operation) or op in segment or op in free:
+                continue
+            segment[op] = j
+            stack.extend(v.owner for v in op.operands)
+    return segment
+
+
+def free_ops(ops: list[Operation]) -> set[Operation]:
     """Ops every stage can compute for itself: they read only inputs, buffers,
-    constants, the step count and each other."""
+    weights that are not state, constants, the step count and each other
+    (not program state, which one stage holds)."""
     free: set[Operation] = set()
     for op in ops:
         if isinstance(op, ParamOp):

@@ -40,7 +40,7 @@ from xdsl.dialects.builtin import ArrayAttr, ModuleOp, StringAttr
 from xdsl.ir import Block, Operation, SSAValue
 from xdsl.rewriter import InsertPoint, Rewriter
 
-from ...ir.args import ArgsAttr, Operand
+from ...ir.args import Operand
 from ...ir.attrs import PLACEMENTS_ATTR, REPLICATE, PlacementsAttr, flat, mesh_axes
 from ...ir.errors import PlaitError
 from ...ir.memory import on_host
@@ -54,7 +54,6 @@ from ...ir.ops import (
     ParamOp,
     ReduceScatterOp,
     WaitOp,
-    call_op_class,
 )
 from ...ir.schema import writes_input
 from ...ir.text import where
@@ -67,27 +66,17 @@ from ...ir.training import (
     gradients,
     mark_gradient,
 )
-from ...ir.types import TensorType
 from ..base import Pass
 from ..options import OptionError
 from .grad_buckets import BUCKET_MB, bucket_parts
 from .rules import DATA_AXES
-from .step import _VIEWS, squares_for_global_norms
+from .step import _VIEWS, insert_call, squares_for_global_norms
 
 STAGES = {1: "optimizer state", 2: "and gradients", 3: "and parameters"}
 
 
 class ZeroError(PlaitError):
     """A program zero cannot shard, with what to change."""
-
-
-def _call(before: Operation, name: str, target: str, values, args, result: TensorType):
-    """A call of `target` on `values`, inserted before `before`, at its location."""
-    new = call_op_class(target)(target, values, ArgsAttr(tuple(args), ()), [result])
-    new.location = before.location
-    new.results[0].name_hint = name
-    Rewriter.insert_op(new, InsertPoint.before(before))
-    return new.results[0]
 
 
 def _insert(op: Operation, before: Operation, name: str) -> SSAValue:
@@ -104,7 +93,7 @@ def _hint(value: SSAValue) -> str:
 def _flattened(value: SSAValue, before: Operation) -> SSAValue:
     """`value` as one dim (a view when it is contiguous)."""
     t = value.type
-    return _call(
+    return insert_call(
         before,
         f"{_hint(value)}_flat",
         "aten::reshape",
@@ -119,7 +108,7 @@ def _padded(flat: SSAValue, length: int, before: Operation) -> SSAValue:
     numel = flat.type.shape[0]
     if numel == length:
         return flat
-    return _call(
+    return insert_call(
         before,
         f"{_hint(flat)}_padded",
         "aten::constant_pad_nd",
@@ -260,7 +249,7 @@ class _StepZero:
                 elif v is root and op is chain[0] and i == 0:  # the slice updated in place
                     piece = self.flat_piece(root, op)
                     values.append(
-                        _call(
+                        insert_call(
                             op,
                             f"param_piece.{name}",
                             "aten::clone",
@@ -355,7 +344,7 @@ class _StepZero:
                 [u.piece for u in bucket], start_at, end, [u.root for u in bucket]
             )
             for u, whole in zip(bucket, wholes):
-                _call(
+                insert_call(
                     end,
                     f"param.{_hint(u.root)}",
                     "aten::copy_",
@@ -417,7 +406,7 @@ class _StepZero:
     def _gather(self, pieces, start_at: Operation, first: Operation, roots) -> list[SSAValue]:
         t = pieces[0].type
         total = sum(p.type.shape[0] for p in pieces)
-        cat = _call(
+        cat = insert_call(
             start_at,
             "param_bucket",
             "aten::cat",
@@ -437,7 +426,7 @@ class _StepZero:
         """The whole tensors in a gathered bucket: rank r's pieces lie in row r."""
         t = pieces[0].type
         total = sum(p.type.shape[0] for p in pieces)
-        rows = _call(
+        rows = insert_call(
             before,
             "param_rows",
             "aten::view",
@@ -448,7 +437,7 @@ class _StepZero:
         wholes, offset = [], 0
         for piece, root in zip(pieces, roots):
             size, numel, name = piece.type.shape[0], math.prod(root.type.shape), _hint(root)
-            cut = _call(
+            cut = insert_call(
                 before,
                 f"{name}_pieces",
                 "aten::slice.Tensor",
@@ -456,7 +445,7 @@ class _StepZero:
                 [Operand(0), 1, offset, offset + size],
                 t.with_shape([self.n, size]),
             )
-            whole = _call(
+            whole = insert_call(
                 before,
                 f"{name}_flat",
                 "aten::reshape",
@@ -465,7 +454,7 @@ class _StepZero:
                 t.with_shape([self.n * size]),
             )
             if self.n * size != numel:
-                whole = _call(
+                whole = insert_call(
                     before,
                     f"{name}_unpadded",
                     "aten::slice.Tensor",
@@ -474,7 +463,7 @@ class _StepZero:
                     t.with_shape([numel]),
                 )
             wholes.append(
-                _call(
+                insert_call(
                     before,
                     f"{name}_whole",
                     "aten::view",
@@ -581,7 +570,7 @@ class _StepZero:
                 Rewriter.erase_op(op)
 
     def _cat(self, values, dim: int, before: Operation, shape) -> SSAValue:
-        return _call(
+        return insert_call(
             before,
             "grad_bucket",
             "aten::cat",
@@ -598,7 +587,7 @@ class _StepZero:
             size = self.piece_size(f.type.shape)
             x = _padded(f, size * self.n, start)
             rows.append(
-                _call(
+                insert_call(
                     start,
                     f"{_hint(f)}_rows",
                     "aten::view",
@@ -611,7 +600,7 @@ class _StepZero:
             total += size
         t = rows[0].type
         cat = self._cat(rows, 1, start, [self.n, total])
-        flat_bucket = _call(
+        flat_bucket = insert_call(
             start,
             "grad_bucket",
             "aten::reshape",
@@ -625,7 +614,7 @@ class _StepZero:
         scattering = _insert(scatter, start, "grad_bucket_scattering")
         waited = _insert(WaitOp(scattering), wait, "grad_bucket_scattered")
         for (_, whole, name, accumulated), (offset, size) in zip(members, offsets):
-            piece = _call(
+            piece = insert_call(
                 wait,
                 f"grad_piece.{name}",
                 "aten::slice.Tensor",
@@ -634,7 +623,7 @@ class _StepZero:
                 t.with_shape([size]),
             )
             if accumulated is not None:  # the accumulator's, then the last micro-batch's
-                piece = _call(
+                piece = insert_call(
                     wait,
                     f"grad.{name}",
                     "aten::add.Tensor",
@@ -656,7 +645,7 @@ class _StepZero:
         offset = 0
         for f, whole, _ in members:
             size = f.type.shape[0]
-            piece = _call(
+            piece = insert_call(
                 wait,
                 "grad_piece",
                 "aten::slice.Tensor",
@@ -664,7 +653,7 @@ class _StepZero:
                 [Operand(0), 0, offset, offset + size],
                 f.type,
             )
-            view = _call(
+            view = insert_call(
                 wait,
                 _hint(whole),
                 "aten::view",
@@ -679,7 +668,7 @@ class _StepZero:
         """Clipping's global norm over scattered gradients: each rank sums the
         squares of its pieces (zeros pad: they add none), of every gradient
         (those kept whole: a piece of them), and one all-reduce totals them."""
-        squares_for_global_norms(self.block, _call)  # (already so under a tensor axis)
+        squares_for_global_norms(self.block, insert_call)  # (already so under a tensor axis)
         stacks = {
             _stacked(total)
             for whole in self.known
@@ -701,7 +690,7 @@ class _StepZero:
                         "no gradient's sum of squares; use zero{stage=1}"
                     )
                 piece = self.known.get(g) or self.flat_piece(g, squares)
-                product = _call(
+                product = insert_call(
                     squares,
                     "grad_squares",
                     "aten::mul.Tensor",
@@ -709,7 +698,7 @@ class _StepZero:
                     [Operand(0), Operand(1)],
                     piece.type,
                 )
-                part = _call(
+                part = insert_call(
                     squares,
                     "grad_square_sum",
                     "aten::sum",
