@@ -147,6 +147,15 @@ def _unrepeated(value: SSAValue) -> SSAValue:
     return source
 
 
+def insert_call(before: Operation, name: str, target: str, values, args, result_type, kwargs=()):
+    """A new call of `target` on `values`, inserted before `before` (and at its location)."""
+    new = call_op_class(target)(target, values, ArgsAttr(tuple(args), tuple(kwargs)), [result_type])
+    new.location = before.location
+    new.results[0].name_hint = name
+    Rewriter.insert_op(new, InsertPoint.before(before))
+    return new.results[0]
+
+
 class _Sharder:
     """Shards one mesh axis. Along a tensor axis weights split (Megatron);
     along a data axis (`data`) the inputs split on their batch dim and
@@ -419,7 +428,7 @@ class _Sharder:
             tokens = self.reshard(mlp.tokens, shard(0), op)
             token_of_row = self.reshard(mlp.token_of_row, REPLICATE, op)
             args = [*map(Operand, range(3)), Tag("group", self.axis)]
-            rows = self._insert_call(
+            rows = insert_call(
                 op,
                 "routed_rows",
                 expert_kernel.DISPATCH,
@@ -439,7 +448,7 @@ class _Sharder:
     def _indices_here(self, before: CallOp, name: str, size: int) -> SSAValue:
         """This rank's slice of arange(size): which rows (vocabulary, experts) it
         holds, computed in the program so that it stays SPMD."""
-        every = self._insert_call(
+        every = insert_call(
             before,
             name,
             "aten::arange",
@@ -451,16 +460,6 @@ class _Sharder:
         local = TensorType([size // self.n], "i64")
         return self._insert(LocalShardOp(every, local, self.axis, 0), before, REPLICATE)
 
-    def _insert_call(self, before: CallOp, name, target, values, args, result_type, kwargs=()):
-        """A new call of `target`, inserted before `before` (and at its location)."""
-        new = call_op_class(target)(
-            target, values, ArgsAttr(tuple(args), tuple(kwargs)), [result_type]
-        )
-        new.location = before.location
-        new.results[0].name_hint = name
-        Rewriter.insert_op(new, InsertPoint.before(before))
-        return new.results[0]
-
     def held_ids(self, op: CallOp, ids: SSAValue, vocab: int) -> tuple[SSAValue, SSAValue]:
         """Of token `ids` into a table whose V = `vocab` rows split over the
         ranks, this rank holding rows [start, start + V/n): (which ids it
@@ -468,7 +467,7 @@ class _Sharder:
         is the first of this rank's slice of arange(V), which keeps the
         program SPMD."""
         i64, flags = ids.type, TensorType(ids.type.shape, "i1")
-        call = functools.partial(self._insert_call, op)
+        call = functools.partial(insert_call, op)
         mine = self._indices_here(op, "vocab", vocab)
         first = [Operand(0), 0, 0]
         start = call("vocab_start", "aten::select.int", [mine], first, TensorType([], "i64"))
@@ -485,7 +484,7 @@ class _Sharder:
         """`rows` (one per id, features last) times `inside` (i1 per id): zeros
         where this rank does not hold the id."""
         keep_type = TensorType([*inside.type.shape, 1], "i1")
-        keep = self._insert_call(
+        keep = insert_call(
             before, "held_rows", "aten::unsqueeze", [inside], [Operand(0), -1], keep_type
         )
         return call_op_class("aten::mul.Tensor")(
@@ -505,7 +504,7 @@ class _Sharder:
         values = [
             table if i == weight else safe if i == indices else v for i, v in enumerate(inputs)
         ]
-        rows = self._insert_call(
+        rows = insert_call(
             op, "rows", op.target_name, values, op.args.args, op.results[0].type, op.args.kwargs
         )
         masked = self.masked_rows(op, rows, inside, op.results[0].type)
@@ -519,11 +518,11 @@ class _Sharder:
         size = self._full_type(inputs[0]).shape[decision.inputs[0].dim]
         mine = self._indices_here(op, "rows", size)
         first = [Operand(0), 0, 0]
-        start = self._insert_call(
+        start = insert_call(
             op, "row_start", "aten::select.int", [mine], first, TensorType([], "i64")
         )
         args = [Operand(0), Operand(1)]
-        local = self._insert_call(
+        local = insert_call(
             op, "local_rows", "aten::sub.Tensor", [positions, start], args, positions.type
         )
         return [local if i == at else v for i, v in enumerate(inputs)]
@@ -539,7 +538,7 @@ class _Sharder:
             values = [v for i, v in enumerate(inputs) if i != bias]
             args = [Operand(0), Operand(1)]
         result = op.results[0]
-        partial_sum = self._insert_call(op, result.name_hint, target, values, args, result.type)
+        partial_sum = insert_call(op, result.name_hint, target, values, args, result.type)
         self.placement[partial_sum] = Placement("partial", reduce="sum")
         reduced = self.reshard(partial_sum, REPLICATE, op)
         add = call_op_class("aten::add.Tensor")(

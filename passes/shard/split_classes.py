@@ -30,6 +30,7 @@ from ...ir.attrs import REPLICATE, partial, shard
 from ...ir.ops import CallOp
 from ...ir.types import TensorType
 from .rules import Decision
+from .shard import insert_call
 
 if TYPE_CHECKING:  # (step.py imports this module)
     from .step import StepSharding
@@ -51,21 +52,21 @@ def _local_labels(step: StepSharding, op: CallOp, target: SSAValue, classes: int
     s, ignore = step.s, op.arg("ignore_index", -100)
     i64, flags = target.type, TensorType(target.type.shape, "i1")
     mine = s._indices_here(op, "classes", classes)
-    start = s._insert_call(
+    start = insert_call(
         op, "classes_start", "aten::select.int", [mine], [Operand(0), 0, 0], TensorType([], "i64")
     )
-    local = s._insert_call(
+    local = insert_call(
         op, "labels_here", "aten::sub.Tensor", [target, start], [Operand(0), Operand(1)], i64
     )
-    low = s._insert_call(op, "labels_from", "aten::ge.Scalar", [local], [Operand(0), 0], flags)
+    low = insert_call(op, "labels_from", "aten::ge.Scalar", [local], [Operand(0), 0], flags)
     per_rank = classes // s.n
-    high = s._insert_call(
+    high = insert_call(
         op, "labels_below", "aten::lt.Scalar", [local], [Operand(0), per_rank], flags
     )
-    kept = s._insert_call(
+    kept = insert_call(
         op, "labels_kept_here", "aten::logical_and", [low, high], [Operand(0), Operand(1)], flags
     )
-    labels = s._insert_call(
+    labels = insert_call(
         op,
         "labels_local",
         "aten::where.ScalarOther",
@@ -90,7 +91,7 @@ def _over_classes(step: StepSharding, op: CallOp, name: str, target: str, x: SSA
     one = list(x.type.shape)
     one[dim] = 1
     args = [Operand(0), (dim,), True]
-    return step.s._insert_call(op, name, target, [x], args, TensorType(one, x.type.dtype))
+    return insert_call(op, name, target, [x], args, TensorType(one, x.type.dtype))
 
 
 def log_softmax(step: StepSharding, op: CallOp, inputs: list[SSAValue], decision: Decision):
@@ -101,7 +102,7 @@ def log_softmax(step: StepSharding, op: CallOp, inputs: list[SSAValue], decision
     s.placement[here] = shard(dim)  # one column per rank
     every = s.reshard(here, R, op)
     total = _over_classes(step, op, "logsumexp", "aten::logsumexp", every, dim)
-    out = s._insert_call(
+    out = insert_call(
         op, "log_softmax", "aten::sub.Tensor", [x, total], [Operand(0), Operand(1)], x.type
     )
     step._retire(op, [out], decision.outputs)
@@ -114,11 +115,11 @@ def log_softmax_backward(step: StepSharding, op: CallOp, inputs: list[SSAValue],
     here = _over_classes(step, op, "grad_sum_here", "aten::sum.dim_IntList", grad, dim)
     s.placement[here] = partial("sum")
     summed = s.reshard(here, R, op)
-    probs = s._insert_call(op, "probs", "aten::exp", [out], [Operand(0)], out.type)
-    scaled = s._insert_call(
+    probs = insert_call(op, "probs", "aten::exp", [out], [Operand(0)], out.type)
+    scaled = insert_call(
         op, "probs_scaled", "aten::mul.Tensor", [probs, summed], [Operand(0), Operand(1)], out.type
     )
-    result = s._insert_call(
+    result = insert_call(
         op, "grad_logits", "aten::sub.Tensor", [grad, scaled], [Operand(0), Operand(1)], grad.type
     )
     step._retire(op, [result], decision.outputs)

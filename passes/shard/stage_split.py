@@ -47,7 +47,8 @@ from ...ir.training import (
 )
 from ..residual import residual_chain
 from .pipeline_schedule import KINDS, stage_function
-from .step import insert_call, squares_for_global_norms
+from .shard import insert_call
+from .step import squares_for_global_norms
 
 KIND_OF_PHASE = {FORWARD: "F", BACKWARD: "B", OPTIMIZER: "U"}
 

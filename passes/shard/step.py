@@ -34,7 +34,7 @@ from __future__ import annotations
 from xdsl.ir import Operation, SSAValue
 from xdsl.rewriter import InsertPoint, Rewriter
 
-from ...ir.args import ArgsAttr, Operand, Tag
+from ...ir.args import Operand, Tag
 from ...ir.attrs import PLACEMENTS_ATTR, REPLICATE, Placement, PlacementsAttr, partial, shard
 from ...ir.ops import AllReduceOp, CallOp, ParamOp, WaitOp, call_op_class
 from ...ir.schema import writes_input
@@ -42,7 +42,7 @@ from ...ir.training import ACCUMULATOR, GRAD_OF, STATE_OF
 from ...ir.types import TensorType
 from ..reorder import hoist_chain, sink_all
 from .rules import Decision, Parallel, _moved_dim, divides, local_type
-from .shard import _Sharder, _with_args
+from .shard import _Sharder, _with_args, insert_call
 from .split_classes import split_classes
 from .step_batch_norm import sync_batch_norm, sync_batch_norm_backward
 from .step_experts import StepExperts
@@ -85,7 +85,7 @@ class StepSharding:
                 if op.weight_name.startswith(ACCUMULATOR + "."):
                     self._mark(op, SUM)
         else:
-            squares_for_global_norms(block, sharder._insert_call)
+            squares_for_global_norms(block, insert_call)
 
     # ---- state ------------------------------------------------------------------
 
@@ -239,9 +239,7 @@ class StepSharding:
 
     def _call(self, before, target, values, args, shape, dtype, name=None) -> SSAValue:
         name = name or (values[0].name_hint or "value") + "_" + target.split("::")[1].split(".")[0]
-        return self.s._insert_call(
-            before, name, target, values, args, TensorType(list(shape), dtype)
-        )
+        return insert_call(before, name, target, values, args, TensorType(list(shape), dtype))
 
     # ---- rewrites ---------------------------------------------------------------
 
@@ -352,7 +350,7 @@ class StepSharding:
                 weights.type.dtype,
                 "label_weights_kept",
             )
-        return self.s._insert_call(
+        return insert_call(
             before,
             "loss_weight",
             "aten::sum",
@@ -411,16 +409,16 @@ def vocab_gradient(step: StepSharding, op: CallOp, inputs: list[SSAValue], decis
     padding = op.arg("padding_idx")
     if isinstance(padding, int) and padding >= 0:
         flags = inside.type
-        real = s._insert_call(
+        real = insert_call(
             op, "not_padding", "aten::ne.Scalar", [ids], [Operand(0), padding], flags
         )
         both = [Operand(0), Operand(1)]
-        inside = s._insert_call(op, "held", "aten::logical_and", [inside, real], both, flags)
+        inside = insert_call(op, "held", "aten::logical_and", [inside, real], both, flags)
     masked = s.masked_rows(op, grad, inside, grad.type)
     Rewriter.insert_op(masked, InsertPoint.before(op))
     args = [Operand(0), Operand(1), vocab // s.n, -1, False]
     result = local_type(op.results[0].type, decision.outputs[0], s.n)
-    rows = s._insert_call(op, "grad_rows", op.target_name, [masked.results[0], safe], args, result)
+    rows = insert_call(op, "grad_rows", op.target_name, [masked.results[0], safe], args, result)
     if GRAD_OF in op.attributes:  # the table's gradient, as the optimizer reads it
         rows.owner.attributes[GRAD_OF] = op.attributes[GRAD_OF]
     step._retire(op, [rows], decision.outputs)
@@ -485,20 +483,11 @@ def _l2_of_all(op: Operation) -> bool:
     )
 
 
-def insert_call(before: Operation, name: str, target: str, values, args, result_type):
-    """A new call of `target` on `values`, inserted before `before`, at its location."""
-    new = call_op_class(target)(target, values, ArgsAttr(tuple(args), ()), [result_type])
-    new.location = before.location
-    new.results[0].name_hint = name
-    Rewriter.insert_op(new, InsertPoint.before(before))
-    return new.results[0]
-
-
 def squares_for_global_norms(block, insert_call) -> None:
     """‖stack(‖g_i‖)‖ (clip_grad_norm_'s total norm) as sqrt(Σ_i sum(g_i * g_i)):
     over split gradients the sums are partial, and one all-reduce totals them.
     `insert_call(before, name, target, values, args, type)` makes the calls
-    (`_Sharder._insert_call`)."""
+    (`shard.insert_call`)."""
     for op in list(block.ops):
         stack = op.inputs[0].owner if _l2_of_all(op) else None
         if not (isinstance(stack, CallOp) and stack.target_name == "aten::stack"):

@@ -30,6 +30,7 @@ from ...ir.attrs import REPLICATE, partial, shard
 from ...ir.ops import CallOp
 from ...ir.training import GRAD_OF, mark_gradient
 from ...ir.types import TensorType
+from .shard import insert_call
 
 _BOTH = [Operand(0), Operand(1)]
 
@@ -51,7 +52,7 @@ class _Calls:
 
     def __call__(self, target, values, args, shape, name, kwargs=()) -> SSAValue:
         result = TensorType(list(shape), self.dtype)
-        return self.step.s._insert_call(self.op, name, target, values, args, result, kwargs)
+        return insert_call(self.op, name, target, values, args, result, kwargs)
 
     def binary(self, target: str, a: SSAValue, b: SSAValue, name: str) -> SSAValue:
         shape = a.type.shape if a.type.rank >= b.type.rank else b.type.shape

@@ -70,7 +70,8 @@ from ..base import Pass
 from ..options import OptionError
 from .grad_buckets import BUCKET_MB, bucket_parts
 from .rules import DATA_AXES
-from .step import _VIEWS, insert_call, squares_for_global_norms
+from .shard import insert_call
+from .step import _VIEWS, squares_for_global_norms
 
 STAGES = {1: "optimizer state", 2: "and gradients", 3: "and parameters"}
 
