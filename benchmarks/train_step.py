@@ -73,10 +73,11 @@ def make_batches(config: dict, rows: int, seq: int, count: int) -> list[tuple]:
     return out
 
 
-def torch_step(model, forward=None, context=contextlib.nullcontext):
-    """forward, backward, torch.optim.AdamW: a step function returning the
-    loss; `context()` around forward and backward (DTensor's loss_parallel)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
+def torch_step(model, forward=None, context=contextlib.nullcontext, optimizer=None):
+    """forward, backward, torch.optim.AdamW (or `optimizer`): a step function
+    returning the loss; `context()` around forward and backward (DTensor's
+    loss_parallel)."""
+    optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
     forward = model if forward is None else forward
 
     def step(ids, mask, labels):

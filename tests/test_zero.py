@@ -9,20 +9,23 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import replace
 
 import plait
 import pytest
 import torch
 from plait.ir.errors import PlaitError
+from plait.ir.attrs import REMAT_ATTR
 from plait.ir.ops import AllGatherOp, AllReduceOp, ReduceScatterOp, ReshapeOp
 from plait.ir.text import parse_module, print_module, verify_module
-from plait.ir.training import check_state_order
+from plait.ir.training import HOST_OPTIMIZER_STATE, OPTIMIZER_STATE, SAVED, check_state_order
 from plait.passes.manager import PassManager
+from plait.passes.memory.remat_solve import RematError
 from plait.passes.pipeline import PipelineError, parse_pipeline
 from plait.passes.shard.zero import Zero, ZeroError
 from plait.runtime import artifact
-from test_training import MLP, _check_run, _eager, _mlp_batches
+from test_training import MLP, _check_run, _eager, _hf_model, _mlp_batches
 from test_training_parallel import (
     ADAMW,
     DP_CLIP,
@@ -305,7 +308,41 @@ def test_a_zero3_checkpoint_resumes_on_another_mesh(zero3, passes):
     assert abs(loss.item() - expected.item()) <= 1e-6, (loss.item(), expected.item())
 
 
+def test_mixtral_at_dp2_tp2_trains_as_eager_with_remat_zero3_and_offload(tmp_path):
+    """4 gloo ranks, Mixtral's experts split over tp: remat before
+    zero{stage=3} (zero then gathers parameters again for what remat
+    recomputes), each rank's pieces of the moments in host memory. Equal to
+    eager's clipped AdamW; each rank stores at most remat's budget."""
+    model = _hf_model("mixtral", num_hidden_layers=1)
+    passes = ",remat{budget=0.5}" + _zero(3) + ",offload"
+    run = _sharded_run(
+        model,
+        f"mesh=dp:2,tp:2,bucket_mb={SMALL_BUCKETS}",
+        ADAMW,
+        tmp_path,
+        clip=DP_CLIP,
+        then=passes,
+    )
+    _check_parity(run)
+    budget = int(re.search(r"budget (\d+) B", run.trainer.module.attributes[REMAT_ATTR].data)[1])
+    for record in run.measured:
+        assert 0 < record[SAVED] <= budget
+        assert record[OPTIMIZER_STATE] == 8 and record[HOST_OPTIMIZER_STATE] > 0  # (the step count)
+
+
 # ---- bad input ----------------------------------------------------------------------
+
+
+def test_remat_after_zero3_says_to_put_it_first():
+    """zero{stage=3} gathers parameters for forward; remat after it would keep
+    them alive for what it recomputes."""
+    model, batches = MLP(), _mlp_batches(1)
+    with pytest.raises(RematError, match=r"Put remat before zero, e\.g\. shard\{mesh=dp:2\},remat"):
+        plait.compile_training(
+            model,
+            batches[0],
+            pipeline=f"canonicalize,shard{{mesh=dp:2}}{_zero(3)},remat{{budget=0.5}}",
+        )
 
 
 def test_an_unknown_stage_is_an_option_error():

@@ -79,6 +79,13 @@ class Remat(Pass):
         for fn in steps:
             name = fn.sym_name.data
             _, graph = priced_graph(op, fn, Target(hw, values=values))
+            if graph.gathered:
+                raise RematError(
+                    f"remat on @{name}: the step gathers whole parameters for its forward "
+                    "(zero{stage=3}); a recomputed op would keep them alive into backward. "
+                    "Put remat before zero, e.g. shard{mesh=dp:2},remat{...},zero{stage=3}: "
+                    "zero then gathers parameters again for what remat recomputes"
+                )
             everything = solve(graph, float("inf"), self.timeout).saved_bytes
             budget = self.budget * everything if self.budget <= 1 else self.budget
             try:

@@ -4,6 +4,7 @@ rematerialization integer program sees it.
     graph = step_graph(fn, times, sizes, bases)
     graph.nodes          # the ops before the loss, in block order (params excluded)
     graph.saved          # of them, those whose results an op after the loss reads
+    graph.gathered       # parameters zero{stage=3} gathers (not nodes, like parameters)
     graph.group[node]    # nodes in the same position of repeated layers share a group
 
 The step's block runs the forward up to the loss, then backward (from its
@@ -48,6 +49,7 @@ class StepGraph:
     bytes: dict[Operation, int]  # memory of a node's own (non-view) results
     time: dict[Operation, float]  # the cost model's seconds to run it once
     recomputable: dict[Operation, bool]
+    gathered: dict[Operation, None] = field(default_factory=dict)  # see gathered_parameters
     group: dict[Operation, tuple] = field(default_factory=dict)
 
 
@@ -85,7 +87,8 @@ def step_graph(
     ops = list(block.ops)
     phases = step_phases(fn)
     cut = _cut(ops, phases)
-    nodes = [op for op in ops[: cut + 1] if not isinstance(op, ParamOp)]
+    gathered = gathered_parameters(ops[: cut + 1])
+    nodes = [op for op in ops[: cut + 1] if not isinstance(op, ParamOp) and op not in gathered]
     members = set(nodes)
     late = ops[cut + 1 :]
     saved = {u.owner for op in late for u in op.operands if u.owner in members}
@@ -100,6 +103,7 @@ def step_graph(
         bytes={},
         time={n: float(times.get(n, 0.0)) for n in nodes},
         recomputable={n: recomputable(n) for n in nodes},
+        gathered=gathered,
     )
     for node in nodes:
         own = [r for r in node.results if r not in bases]
@@ -108,8 +112,24 @@ def step_graph(
             base = bases[node.results[0]].owner
             if base in members:
                 graph.view_of[node] = base
-    graph.group = _groups(nodes, graph.inputs)
+    graph.group = _groups(nodes, gathered)
     return graph
+
+
+def gathered_parameters(ops: list[Operation]) -> dict[Operation, None]:
+    """Whole parameters `zero{stage=3}` gathers for forward: the ops computed
+    from parameters alone through a collective. Backward gathers its own
+    copies, so for the integer program they are like parameters, free to
+    read (a recomputed op reads backward's copy when remat runs before zero)."""
+    derived: set[Operation] = set()
+    gathered: dict[Operation, None] = {}  # (in block order)
+    for op in ops:
+        owners = [v.owner for v in op.operands]
+        if owners and all(isinstance(o, ParamOp) or o in derived for o in owners):
+            derived.add(op)
+            if not recomputable(op) or any(o in gathered for o in owners):
+                gathered[op] = None
+    return gathered
 
 
 def _cut(ops: list[Operation], phases) -> int:
@@ -130,8 +150,8 @@ def _unique(items) -> list:
     return list(dict.fromkeys(items))
 
 
-def _layer(op: Operation, layers: dict[Operation, int | None], inputs) -> int | None:
-    found = [layers[n] for n in inputs[op] if layers[n] is not None]
+def _layer(op: Operation, layers: dict[Operation, int | None]) -> int | None:
+    found = [layers[v.owner] for v in op.operands if layers.get(v.owner) is not None]
     for value in op.operands:
         if isinstance(value.owner, ParamOp) and (m := _LAYER.search(value.owner.weight_name)):
             found.append(int(m[1]))
@@ -147,12 +167,15 @@ def _signature(op: Operation) -> tuple:
     )
 
 
-def _groups(nodes: list[Operation], inputs) -> dict[Operation, tuple]:
+def _groups(nodes: list[Operation], gathered: dict[Operation, None]) -> dict[Operation, tuple]:
+    """(a gathered parameter passes its layer on, as a parameter does)"""
     layers: dict[Operation, int | None] = {}
+    for op in gathered:  # (block order: each reads parameters or earlier ones)
+        layers[op] = _layer(op, layers)
     counts: dict[int, int] = {}
     groups = {}
     for index, node in enumerate(nodes):
-        layer = layers[node] = _layer(node, layers, inputs)
+        layer = layers[node] = _layer(node, layers)
         if layer is None:
             groups[node] = ("node", index)
             continue

@@ -28,7 +28,9 @@ lives from its clone to its last reader; remat bounds what the forward
 stores, not backward's peak), so the plan is applied to a copy and priced
 again: one over the budget asks its stage for fewer saved bytes by as much
 as it missed (a few times), and the next plan is tried. The plan that fits
-is applied by running `zero` and `remat` on the step.
+is applied by running `remat`, `zero` and `offload` on the step (remat
+first: zero{stage=3} then gathers parameters again for what it recomputes,
+as the price assumed: remat's graph reads gathered parameters for free).
 
 `plait.memory_plan` records the budget, the chosen plan (its peak as priced
 after applying) and every plan considered, each a row: its choices (stage,
@@ -284,13 +286,14 @@ REFINEMENTS = 3  # plans priced after applying, per stage, before the stage is g
 
 
 def apply_plan(module: ModuleOp, row: PlanRow, bucket_mb: float, hardware: str, values) -> None:
-    """Run the existing `zero`, `offload` and `remat` transforms the plan chose."""
+    """Run the existing `remat`, `zero` and `offload` transforms the plan chose
+    (remat first: zero{stage=3} gathers parameters for what it recomputes)."""
+    if row.saved_limit is not None:
+        Remat(budget=row.saved_limit, hardware=hardware, values=values).apply(None, module)
     if row.stage:
         Zero(stage=row.stage, bucket_mb=bucket_mb).apply(None, module)
     if row.offload != NO_OFFLOAD:
         Offload().apply(None, module)
-    if row.saved_limit is not None:
-        Remat(budget=row.saved_limit, hardware=hardware, values=values).apply(None, module)
 
 
 def plan_memory(
