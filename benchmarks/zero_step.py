@@ -30,11 +30,14 @@ Every variant starts from the same weights and takes the same batches; the
 first step checks the losses against plait's. Each round steps every
 variant once, in turn (the order rotating), after a barrier; reported are
 the median step time and the median, quartiles and range of the per-round
-ratios. Peak memory is measured the same way for every variant, on one
-more step: the bytes of tensor storage its state holds before the step
-(parameters, gradients, optimizer state: each rank's pieces) plus the
-highest point of the running sum of the allocations and frees the step
-makes (torch.profiler's memory events, all threads).
+ratios. Peak memory is measured the same way for every variant, on two
+more steps: the bytes of tensor storage its state holds (parameters,
+gradients, optimizer state: each rank's pieces) before the second, plus
+the most the process's heap grew during that step (every malloc of every
+thread, counted by benchmarks/heap_peak.c, preloaded into each rank: the
+collectives' own buffers, which gloo's threads allocate and free, included);
+plait's own runtime measure (tensor storage its program makes) is printed
+beside it.
 """
 
 from __future__ import annotations
@@ -61,24 +64,38 @@ SECTIONS = ("1", "2", "3", "remat")
 
 
 def plait_pipeline(world: int, stage: int, remat: int | None = None) -> str:
-    passes = f"canonicalize,cse,dce,shard{{mesh=dp:{world}}},zero{{stage={stage}}}"
-    if remat is not None:
-        passes += f",remat{{budget={remat}}}"
-    return passes + ",overlap,dce"
+    remat = "" if remat is None else f",remat{{budget={remat}}}"  # (before zero: see remat)
+    return f"canonicalize,cse,dce,shard{{mesh=dp:{world}}}{remat},zero{{stage={stage}}},overlap,dce"
 
 
-def allocated_peak(step, batch) -> tuple[int, int]:
-    """(highest, last) running sum of the bytes the step allocates and frees."""
-    from torch.profiler import profile
+def measured_peak(step, batches, state_bytes) -> int:
+    """This rank's peak bytes during the second of two steps: `state_bytes()`
+    (what the variant holds) before it, plus the most the heap grew during it
+    (heap_peak.c: every thread's allocations, the collectives' own buffers
+    included)."""
+    import ctypes
+    import os
 
-    with profile(profile_memory=True) as prof:
-        step(*batch)
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    running = highest = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        running += event.nbytes()
-        highest = max(highest, running)
-    return highest, running
+    heap = ctypes.CDLL(os.environ["PLAIT_HEAP_PEAK"])
+    heap.heap_current.restype = heap.heap_peak.restype = ctypes.c_long
+    step(*batches[0])
+    held = state_bytes()
+    heap.heap_reset()
+    before = heap.heap_current()
+    step(*batches[1])
+    return held + heap.heap_peak() - before
+
+
+def heap_counter() -> str:
+    """heap_peak.c built into a shared library, for LD_PRELOAD."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    library = Path(tempfile.mkdtemp(prefix="plait-heap-")) / "heap_peak.so"
+    source = Path(__file__).with_name("heap_peak.c")
+    subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
+    return str(library)
 
 
 def _local_bytes(tensor) -> int:
@@ -96,7 +113,8 @@ def torch_state_bytes(model, optimizer) -> int:
             if t is not None:
                 local = t.to_local() if hasattr(t, "to_local") else t
                 held[local.untyped_storage().data_ptr()] = _local_bytes(t)
-    for state in optimizer.state.values():
+    inner = getattr(optimizer, "optim", optimizer)  # (ZeroRedundancyOptimizer's: its rank's)
+    for state in inner.state.values():
         for t in state.values():
             if torch.is_tensor(t):
                 local = t.to_local() if hasattr(t, "to_local") else t
@@ -191,18 +209,17 @@ def _section(section, rank, world, config, batches, plait, dist) -> None:
     del model
     name = f"plait zero{stage}" + (f" remat{{budget={budget}}}" if budget else "")
     variants = {name: trainer.step, baseline: torch_variant}
-    times, losses, _ = timed_rounds(variants, batches[:-1], dist.barrier)
+    times, losses, _ = timed_rounds(variants, batches[:-2], dist.barrier)
     for tensor_losses in (losses[baseline],):
         tensor = torch.tensor(tensor_losses, dtype=torch.float64)
         dist.all_reduce(tensor)
         losses[baseline] = (tensor / world).tolist()
 
     trainer.measure_memory = True
-    plait_held = plait_state_bytes(trainer)
-    plait_peak = plait_held + allocated_peak(trainer.step, batches[-1])[0]
+    plait_peak = measured_peak(trainer.step, batches[-2:], lambda: plait_state_bytes(trainer))
     measured = trainer.memory(measured=True)["peak"]
-    torch_held = torch_variant.state_bytes()
-    torch_peak = torch_held + allocated_peak(torch_variant, batches[-1])[0]
+    torch_peak = measured_peak(torch_variant, batches[-2:], torch_variant.state_bytes)
+    plait_held, torch_held = plait_state_bytes(trainer), torch_variant.state_bytes()
     peaks = torch.tensor([plait_peak, torch_peak, measured, plait_held, torch_held])
     every = [torch.zeros_like(peaks) for _ in range(world)]
     dist.all_gather(every, peaks)
@@ -215,7 +232,7 @@ def _section(section, rank, world, config, batches, plait, dist) -> None:
             print(
                 f"  rank {r} peak: plait {p / 1e6:.1f} MB (its runtime's own measure "
                 f"{m / 1e6:.1f} MB), {baseline} {t / 1e6:.1f} MB: {p / t:.3f}x; "
-                f"state before the step {ph / 1e6:.1f} MB vs {th / 1e6:.1f} MB"
+                f"held between steps {ph / 1e6:.1f} MB vs {th / 1e6:.1f} MB"
             )
 
 
@@ -244,18 +261,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--only", default=",".join(SECTIONS), help="sections, comma-separated")
     args = parser.parse_args()
+    import os
+
     import torch.multiprocessing as mp
     from plait.runtime.workers import free_port
 
     torch.set_num_threads(1)
     config = CONFIGS["small" if args.small else "default"]
-    batches = make_batches(config, args.rows, args.seq, args.rounds + 2)
+    batches = make_batches(config, args.rows, args.seq, args.rounds + 3)
     params = sum(p.numel() for p in build(config).parameters())
     print(
         f"Llama {params / 1e6:.0f}M parameters, global batch {args.rows} x {args.seq}, "
         f"fp32, 1 thread per rank, 2 gloo ranks, {args.rounds} rounds after a warm-up step"
     )
     sections = set(args.only.split(","))
+    os.environ["PLAIT_HEAP_PEAK"] = library = heap_counter()
+    os.environ["LD_PRELOAD"] = library  # (the ranks' processes start with it)
     mp.spawn(_rank, (2, free_port(), config, batches, sections), nprocs=2)
 
 

@@ -112,7 +112,7 @@ def step_graph(
             base = bases[node.results[0]].owner
             if base in members:
                 graph.view_of[node] = base
-    graph.group = _groups(nodes, gathered)
+    graph.group = _groups(ops[: cut + 1], members)
     return graph
 
 
@@ -167,15 +167,15 @@ def _signature(op: Operation) -> tuple:
     )
 
 
-def _groups(nodes: list[Operation], gathered: dict[Operation, None]) -> dict[Operation, tuple]:
-    """(a gathered parameter passes its layer on, as a parameter does)"""
+def _groups(ops: list[Operation], members: set[Operation]) -> dict[Operation, tuple]:
+    """(every op up to the cut passes its layer on: a gathered parameter as a parameter does)"""
     layers: dict[Operation, int | None] = {}
-    for op in gathered:  # (block order: each reads parameters or earlier ones)
-        layers[op] = _layer(op, layers)
     counts: dict[int, int] = {}
     groups = {}
-    for index, node in enumerate(nodes):
+    for index, node in enumerate(ops):
         layer = layers[node] = _layer(node, layers)
+        if node not in members:
+            continue
         if layer is None:
             groups[node] = ("node", index)
             continue

@@ -87,6 +87,24 @@ def _insert(op: Operation, before: Operation, name: str) -> SSAValue:
     return op.results[0]
 
 
+IN_FLIGHT = 2  # a kind of bucket collective a rank has started and not waited for, at most
+
+
+def _bound_in_flight(block: Block, kind: type[CollectiveOp]) -> None:
+    """Wait for each async `kind` collective before the one IN_FLIGHT after it
+    starts (as FSDP bounds its reduce-scatters): its input, a whole bucket,
+    dies there, where otherwise every bucket would live until the update
+    reads the first piece (in reverse order of backward's buckets)."""
+    starts = [op for op in block.ops if isinstance(op, kind) and op.is_async is not None]
+    position = {op: i for i, op in enumerate(block.ops)}  # (moving a wait keeps the others' order)
+    for start, later in zip(starts, starts[IN_FLIGHT:]):
+        for use in list(start.results[0].uses):
+            wait = use.operation
+            if isinstance(wait, WaitOp) and position[wait] > position[later]:
+                wait.detach()
+                Rewriter.insert_op(wait, InsertPoint.before(later))
+
+
 def _hint(value: SSAValue) -> str:
     return value.name_hint or "value"
 
@@ -174,6 +192,7 @@ class _StepZero:
             self.gather_buckets(updated)
         if self.stage >= 2:
             self.update_accumulators()
+            _bound_in_flight(self.block, ReduceScatterOp)
         self.erase_gone()
 
     # ---- the layout -------------------------------------------------------------
@@ -333,14 +352,18 @@ class _StepZero:
 
     def gather_buckets(self, updated: list[_Updated]) -> None:
         """All-gather the updated slices in async buckets of about `bucket_bytes`,
-        each started after its last slice is made; wait at the step's end and
-        copy each parameter's pieces into it."""
+        each started after its last slice is made; wait (and copy each
+        parameter's pieces into it) where the bucket IN_FLIGHT later starts, or
+        at the step's end, so that few gathered buckets are alive at once."""
         position = {op: i for i, op in enumerate(self.block.ops)}
         updated = sorted(updated, key=lambda u: position[u.piece.owner])
-        end = self.block.last_op
-        for bucket in _buckets(updated, lambda u: u.piece, self.bucket_bytes):
-            position = {op: i for i, op in enumerate(self.block.ops)}
-            start_at = max((u.piece.owner for u in bucket), key=position.__getitem__).next_op
+        buckets = _buckets(updated, lambda u: u.piece, self.bucket_bytes)
+        starts = [
+            max((u.piece.owner for u in bucket), key=position.__getitem__).next_op
+            for bucket in buckets
+        ]
+        waits = starts[IN_FLIGHT:] + [self.block.last_op] * min(IN_FLIGHT, len(buckets))
+        for bucket, start_at, end in zip(buckets, starts, waits):
             wholes = self._gather(
                 [u.piece for u in bucket], start_at, end, [u.root for u in bucket]
             )
