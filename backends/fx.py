@@ -782,26 +782,24 @@ class _Lowering:
             # unless every dim before it has size 1 (batch 1 split by sequence):
             # then the pieces lie in memory as dim 0's would, and views suffice
             dim = op.dim.value.data
-            gather = isinstance(op, AllGatherOp)
-            target = c10d.all_gather_into_tensor if gather else c10d.reduce_scatter_tensor
-            reduce = () if gather else (op.reduce.data,)
+            ndim = len(op.input.type.shape)
             if dim and all(d == 1 for d in op.input.type.shape[:dim]):
                 flat = self.graph.call_function(aten.contiguous.default, (x,))
                 flat = self.graph.call_function(aten.flatten.using_ints, (flat, 0, dim))
-                pending = call(target.default, flat, *reduce, size, group)
+                pending, done = self._along_dim0(op, flat, ndim - dim, call)
                 ones = [1] * dim
                 return pending, lambda y: self._node(
-                    aten.unflatten.int, (y, 0, [*ones, -1]), {}, op
+                    aten.unflatten.int, (done(y), 0, [*ones, -1]), {}, op
                 )
-            if gather:
+            if isinstance(op, AllGatherOp):
                 x = self.graph.call_function(aten.contiguous.default, (x,))
-                pending = call(target.default, x, size, group)
+                pending, done = self._along_dim0(op, x, ndim, call)
                 if dim == 0:
-                    return pending, lambda y: y
-                return pending, lambda y: self._pieces_back(y, dim, size, op)
+                    return pending, done
+                return pending, lambda y: self._pieces_back(done(y), dim, size, op)
             if dim != 0:
                 x = self._pieces_first(x, dim, size)
-            return call(target.default, x, *reduce, size, group), lambda y: y
+            return self._along_dim0(op, x, ndim, call)
         if isinstance(op, AllToAllOp):  # piece i of split_dim to rank i, received pieces
             split, concat = op.split_dim.value.data, op.concat_dim.value.data  # joined on concat
             x = self._pieces_first(x, split, size)
@@ -810,6 +808,42 @@ class _Lowering:
             pending = call(c10d.all_to_all_single.default, x, [piece] * size, [piece] * size, group)
             return pending, lambda y: self._pieces_back(y, concat, size, op)
         raise LoweringError(f"{where(op)}: {op.name} has no lowering")
+
+    def _along_dim0(self, op: CollectiveOp, x: torch.fx.Node, ndim: int, call):
+        """An all-gather or reduce-scatter along dim 0 of `x` (`ndim` dims):
+        (pending, what turns the waited result into the collective's). On gloo
+        both copy into a buffer of their own (measured: a reduce-scatter one of
+        its input's size, an all-gather one of its output's), so a float one
+        runs as an in-place all-reduce, which needs none and is faster for a
+        reduce-scatter: of the input (a copy unless it dies here), then this
+        rank's piece copied out; or of the input padded with zeros to the
+        output's size (x + 0 is x exactly)."""
+        aten, c10d = torch.ops.aten, torch.ops._c10d_functional
+        group, size = self.groups.names[op.axis.data], self.groups.sizes[op.axis.data]
+        gather = isinstance(op, AllGatherOp)
+        if not (self.releases and torch_dtype(op.input.type.dtype).is_floating_point):
+            if gather:
+                return call(c10d.all_gather_into_tensor.default, x, size, group), lambda y: y
+            scatter = c10d.reduce_scatter_tensor.default
+            return call(scatter, x, op.reduce.data, size, group), lambda y: y
+        coord = self.groups.coords[op.axis.data]
+        if gather:
+            rows = self.graph.call_function(aten.sym_size.int, (x, 0))
+            before = self.graph.call_function(operator.mul, (rows, coord))
+            after = self.graph.call_function(operator.mul, (rows, size - 1 - coord))
+            pad = [0, 0] * (ndim - 1) + [before, after]
+            whole = self.graph.call_function(aten.constant_pad_nd.default, (x, pad, 0.0))
+            return call(c10d.all_reduce_.default, whole, "sum", group), lambda y: y
+        if not _dies_here(op):
+            x = self.graph.call_function(aten.clone.default, (x,))
+        pending = call(c10d.all_reduce_.default, x, op.reduce.data, group)
+
+        def piece(y: torch.fx.Node) -> torch.fx.Node:
+            pieces = self.graph.call_function(aten.chunk.default, (y, size, 0))
+            mine = self.graph.call_function(operator.getitem, (pieces, coord))
+            return self._node(aten.clone.default, (mine,), {}, op)
+
+        return pending, piece
 
     def _pieces_first(self, x: torch.fx.Node, dim: int, size: int) -> torch.fx.Node:
         """[..., d_dim, ...] -> [n * d0, ..., d_dim / n, ...]: piece i of `dim` leads."""
