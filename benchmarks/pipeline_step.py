@@ -202,11 +202,19 @@ def main() -> None:
     parser.add_argument("--microbatches", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--schedules", default=",".join(SCHEDULES))
+    parser.add_argument(
+        "--vocab",
+        type=int,
+        help="vocabulary size (a small one makes the stages balanced: the embedding "
+        "and lm_head, on the first and last stage, then cost little)",
+    )
     args = parser.parse_args()
     import torch.multiprocessing as mp
     from plait.runtime.workers import free_port
 
     config = CONFIGS["small" if args.small else "default"]
+    if args.vocab:
+        config = dict(config, vocab_size=args.vocab)
     batches = make_batches(config, args.rows, args.seq, args.rounds + 1)
     params = sum(p.numel() for p in build(config).parameters())
     print(
