@@ -222,6 +222,25 @@ def test_zero2_reduce_scatters_gradients(zero2):
     ]
 
 
+@pytest.mark.parametrize("run, kind", [("zero1", AllGatherOp), ("zero2", ReduceScatterOp)])
+def test_at_most_two_bucket_collectives_are_in_flight(run, kind, request):
+    """Each bucket's wait comes before the bucket two later starts (as FSDP
+    bounds them), so few whole buckets are alive at once; on gloo a float
+    reduce-scatter or all-gather runs as an in-place all-reduce (gloo's own
+    copy into buffers of their own, which nothing counts)."""
+    trainer = request.getfixturevalue(run).trainer
+    ops = _step_ops(trainer)
+    position = {op: i for i, op in enumerate(ops)}
+    starts = [op for op in _dp(ops, kind) if op.is_async is not None]
+    assert len(starts) >= 3
+    for start, later in zip(starts, starts[2:]):
+        (wait,) = [use.operation for use in start.result.uses]
+        assert position[wait] < position[later]
+    assert "all_gather_into_tensor" not in trainer.code
+    assert "reduce_scatter_tensor" not in trainer.code
+    assert "all_reduce_" in trainer.code
+
+
 def _leaves(value, ops) -> list:
     """The ops that read `value`, through the reshape family (views, slices)."""
     found = []
