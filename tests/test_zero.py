@@ -15,8 +15,8 @@ from dataclasses import replace
 import plait
 import pytest
 import torch
-from plait.ir.errors import PlaitError
 from plait.ir.attrs import REMAT_ATTR
+from plait.ir.errors import PlaitError
 from plait.ir.ops import AllGatherOp, AllReduceOp, ReduceScatterOp, ReshapeOp
 from plait.ir.text import parse_module, print_module, verify_module
 from plait.ir.training import HOST_OPTIMIZER_STATE, OPTIMIZER_STATE, SAVED, check_state_order
