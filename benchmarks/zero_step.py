@@ -68,22 +68,34 @@ def plait_pipeline(world: int, stage: int, remat: int | None = None) -> str:
     return f"canonicalize,cse,dce,shard{{mesh=dp:{world}}}{remat},zero{{stage={stage}}},overlap,dce"
 
 
+class Heap:
+    """The counters of heap_peak.c, preloaded into this process (see main)."""
+
+    def __init__(self):
+        import ctypes
+        import os
+
+        self.lib = ctypes.CDLL(os.environ["PLAIT_HEAP_PEAK"])
+        self.lib.heap_current.restype = self.lib.heap_peak.restype = ctypes.c_long
+
+    def growth(self, run) -> tuple[int, int]:
+        """(the most the heap grew while `run()` ran, what it grew by at the end)."""
+        self.lib.heap_reset()
+        before = self.lib.heap_current()
+        kept = run()
+        grown = (self.lib.heap_peak() - before, self.lib.heap_current() - before)
+        del kept
+        return grown
+
+
 def measured_peak(step, batches, state_bytes) -> int:
     """This rank's peak bytes during the second of two steps: `state_bytes()`
     (what the variant holds) before it, plus the most the heap grew during it
     (heap_peak.c: every thread's allocations, the collectives' own buffers
     included)."""
-    import ctypes
-    import os
-
-    heap = ctypes.CDLL(os.environ["PLAIT_HEAP_PEAK"])
-    heap.heap_current.restype = heap.heap_peak.restype = ctypes.c_long
     step(*batches[0])
     held = state_bytes()
-    heap.heap_reset()
-    before = heap.heap_current()
-    step(*batches[1])
-    return held + heap.heap_peak() - before
+    return held + Heap().growth(lambda: step(*batches[1]))[0]
 
 
 def heap_counter() -> str:
@@ -98,28 +110,18 @@ def heap_counter() -> str:
     return str(library)
 
 
-def _local_bytes(tensor) -> int:
-    if tensor is None:
-        return 0
-    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
-    return local.untyped_storage().nbytes()
+def _storage(tensor) -> torch.UntypedStorage:
+    """A tensor's (a DTensor's: this rank's piece's) storage."""
+    return (tensor.to_local() if hasattr(tensor, "to_local") else tensor).untyped_storage()
 
 
 def torch_state_bytes(model, optimizer) -> int:
     """This rank's parameters, gradients and optimizer state."""
-    held = {}
-    for p in model.parameters():
-        for t in (p, p.grad):
-            if t is not None:
-                local = t.to_local() if hasattr(t, "to_local") else t
-                held[local.untyped_storage().data_ptr()] = _local_bytes(t)
     inner = getattr(optimizer, "optim", optimizer)  # (ZeroRedundancyOptimizer's: its rank's)
-    for state in inner.state.values():
-        for t in state.values():
-            if torch.is_tensor(t):
-                local = t.to_local() if hasattr(t, "to_local") else t
-                held[local.untyped_storage().data_ptr()] = _local_bytes(t)
-    return sum(held.values())
+    tensors = [t for p in model.parameters() for t in (p, p.grad) if t is not None]
+    tensors += [t for state in inner.state.values() for t in state.values() if torch.is_tensor(t)]
+    storages = {_storage(t).data_ptr(): _storage(t).nbytes() for t in tensors}
+    return sum(storages.values())
 
 
 def plait_state_bytes(trainer) -> int:
@@ -147,16 +149,12 @@ class TorchVariant:
 
     def forward_held(self, batch) -> int:
         """Bytes the forward leaves allocated for backward (and the loss)."""
-        from torch.profiler import profile
-
         ids, mask, labels = rows_of(batch, self.rank, self.world)
         self.optimizer.zero_grad()
-        with profile(profile_memory=True) as prof:
-            loss = self.model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
-        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-        held = sum(e.nbytes() for e in events)
-        del loss, prof
-        return held
+        forward = functools.partial(
+            self.model, input_ids=ids, attention_mask=mask, labels=labels, use_cache=False
+        )
+        return Heap().growth(forward)[1]
 
 
 def fsdp2(model, world: int, reshard: bool, checkpointing: bool = False):
@@ -210,10 +208,9 @@ def _section(section, rank, world, config, batches, plait, dist) -> None:
     name = f"plait zero{stage}" + (f" remat{{budget={budget}}}" if budget else "")
     variants = {name: trainer.step, baseline: torch_variant}
     times, losses, _ = timed_rounds(variants, batches[:-2], dist.barrier)
-    for tensor_losses in (losses[baseline],):
-        tensor = torch.tensor(tensor_losses, dtype=torch.float64)
-        dist.all_reduce(tensor)
-        losses[baseline] = (tensor / world).tolist()
+    local = torch.tensor(losses[baseline], dtype=torch.float64)  # (this rank's rows)
+    dist.all_reduce(local)
+    losses[baseline] = (local / world).tolist()
 
     trainer.measure_memory = True
     plait_peak = measured_peak(trainer.step, batches[-2:], lambda: plait_state_bytes(trainer))
