@@ -821,12 +821,13 @@ class _Lowering:
         aten, c10d = torch.ops.aten, torch.ops._c10d_functional
         group, size = self.groups.names[op.axis.data], self.groups.sizes[op.axis.data]
         gather = isinstance(op, AllGatherOp)
-        if not (self.releases and torch_dtype(op.input.type.dtype).is_floating_point):
+        coord = self.groups.coords.get(op.axis.data)  # (groups made without coordinates: None)
+        float_ = torch_dtype(op.input.type.dtype).is_floating_point
+        if not (self.releases and float_ and coord is not None):
             if gather:
                 return call(c10d.all_gather_into_tensor.default, x, size, group), lambda y: y
             scatter = c10d.reduce_scatter_tensor.default
             return call(scatter, x, op.reduce.data, size, group), lambda y: y
-        coord = self.groups.coords[op.axis.data]
         if gather:
             rows = self.graph.call_function(aten.sym_size.int, (x, 0))
             before = self.graph.call_function(operator.mul, (rows, coord))

@@ -80,11 +80,12 @@ builtin.module {
 def collectives_rank(rank: int, world_size: int):
     """Run COLLECTIVES_IR on this rank with input filled with rank-dependent values."""
     import torch.distributed as dist
-    from plait.backends.fx import CollectiveGroups, build_program
+    from plait.backends.fx import CollectiveGroups, build_program, mesh_coords
     from plait.ir.text import parse_module
     from plait.ir.weights import WeightStore
 
-    groups = CollectiveGroups({"tp": dist.group.WORLD.group_name}, {"tp": world_size})
+    mesh = {"tp": world_size}
+    groups = CollectiveGroups({"tp": dist.group.WORLD.group_name}, mesh, mesh_coords(mesh, rank))
     program = build_program(parse_module(COLLECTIVES_IR), WeightStore(), groups=groups)
     x = torch.arange(24, dtype=torch.float32).reshape(4, 6) + 100 * rank
     return [t.clone() for t in program(x)], program.code
