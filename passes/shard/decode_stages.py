@@ -38,7 +38,7 @@ from ...ir.attrs import MESH_ATTR, PIPELINE_AXIS, STAGE_ATTR, SYMBOLS_ATTR, Mesh
 from ...ir.ops import ParamOp, RecvOp, SendOp
 from ...ir.text import where
 from ..residual import residual_chain
-from .stage_split import StageError, boundary_segments, free_ops
+from .stage_split import StageError, boundary_segments, closure, free_ops
 
 GENERATION = ("prefill", "decode")
 GROUPS_ATTR = "plait.sequence_groups"  # module: the KV cache's groups of sequences (microbatches)
@@ -160,7 +160,9 @@ class GenerationSplit:
         stage = {op: stage_of_segment[j] for op, j in self.segment.items()}
         self._check_state(stage)
         needs: list[set[Operation]] = [
-            self._closure([op for op in self.ops if stage.get(op) == s]) for s in range(stages)
+            # (each stage computes the free ops and reads the weights it needs)
+            closure([op for op in self.ops if stage.get(op) == s], self.free.__contains__)
+            for s in range(stages)
         ]
         position = {op: i for i, op in enumerate(self.ops)}
         recvs: list[list[tuple[SSAValue, int, int]]] = [[] for _ in range(stages)]
@@ -213,21 +215,6 @@ class GenerationSplit:
             types = ([], [self.output.type])
             built.append(func.FuncOp(logits_function_name(name, s), types, Region(block)))
         return built, tag + last
-
-    def _closure(self, roots: list[Operation]) -> set[Operation]:
-        """`roots` and the free ops and weights they read (each stage computes its own)."""
-        needed, stack = set(), list(roots)
-        while stack:
-            op = stack.pop()
-            if op in needed:
-                continue
-            needed.add(op)
-            stack.extend(
-                v.owner
-                for v in op.operands
-                if isinstance(v.owner, Operation) and (v.owner in self.free)
-            )
-        return needed
 
     def _check_state(self, stage: dict[Operation, int]) -> None:
         """A KV cache lives on one stage: the one of its layer."""

@@ -169,29 +169,17 @@ class StepSplit:
         ]
         for r in range(ranks):
             groups.setdefault(("U", r), []).extend(side_effects)
-        needs = {key: self._closure(ops) for key, ops in groups.items()}
+
+        def follows(op: Operation) -> bool:  # each stage recomputes the free ops it needs
+            return op in self.free or isinstance(op, ParamOp)  # and reads its parameters
+
+        needs = {key: closure(ops, follows) for key, ops in groups.items()}
         plan = _Messages(self, stage, needs, stages, ranks)
         built = []
         for kind, count in (("F", stages), ("B", stages), ("U", ranks)):
             for s in range(count):
                 built.append(plan.function(kind, s, needs.get((kind, s), set())))
         return built
-
-    def _closure(self, roots: list[Operation]) -> set[Operation]:
-        """`roots` and the free ops and parameters they read (recomputed here)."""
-        needed, stack = set(), list(roots)
-        while stack:
-            op = stack.pop()
-            if op in needed:
-                continue
-            needed.add(op)
-            for v in op.operands:
-                owner = v.owner
-                if isinstance(owner, Operation) and (
-                    owner in self.free or isinstance(owner, ParamOp)
-                ):
-                    stack.append(owner)
-        return needed
 
     def _check_parameters(self, stage: dict[Operation, int]) -> None:
         for op in self.ops:
@@ -285,6 +273,20 @@ def _stack_of(stack: CallOp, values: list[SSAValue]) -> CallOp:
     new.location = stack.location
     new.results[0].name_hint = stack.results[0].name_hint
     return new
+
+
+def closure(roots: list[Operation], follows) -> set[Operation]:
+    """`roots` and the ops they read, through operands, that `follows(op)` accepts."""
+    needed, stack = set(), list(roots)
+    while stack:
+        op = stack.pop()
+        if op in needed:
+            continue
+        needed.add(op)
+        stack.extend(
+            v.owner for v in op.operands if isinstance(v.owner, Operation) and follows(v.owner)
+        )
+    return needed
 
 
 def boundary_segments(boundaries: list[SSAValue], free: set[Operation]) -> dict[Operation, int]:
