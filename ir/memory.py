@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from xdsl.ir import Operation, SSAValue
 
+from .args import ArgsAttr, Operand, Tag
 from .attrs import MemAttr, MemorySpace
-from .ops import ParamOp
+from .ops import CallOp, ParamOp, call_op_class
 
 MEM = "mem"  # the op attribute holding a MemAttr
 
@@ -43,6 +44,8 @@ def stream_from_host(param: ParamOp) -> None:
 # the `device` tag value of a copy to host memory (`plait.ir.args.Tag`); the
 # backend maps it to the CPU and every other device tag to the program's device
 HOST_DEVICE = "host"
+DEVICE = MemorySpace.DEVICE.value  # (the program's device)
+COPY = "aten::_to_copy"
 
 
 def on_host(op: Operation) -> bool:
@@ -67,3 +70,13 @@ def crosses(op: Operation) -> bool:
     """Does `op` copy between host and device (one side's value, the other's result)?"""
     host = on_host(op)
     return any(value_on_host(v) != host for v in op.operands)
+
+
+def copy_to(value: SSAValue, device: str) -> CallOp:
+    """A copy of `value` to `device` (HOST_DEVICE: its result in host memory,
+    or DEVICE), not yet in a block."""
+    args = ArgsAttr((Operand(0),), (("device", Tag("device", device)),))
+    copy = call_op_class(COPY)(COPY, [value], args, [value.type])
+    if device == HOST_DEVICE:
+        place_on_host(copy)
+    return copy

@@ -37,10 +37,10 @@ from xdsl.dialects import func
 from xdsl.dialects.builtin import ArrayAttr, ModuleOp, StringAttr
 from xdsl.ir import Block, Operation, Region, SSAValue
 
-from .args import ArgsAttr, Operand, Tag
-from .attrs import PLACEMENTS_ATTR, MemorySpace, mesh_axes
+from .args import ArgsAttr, Operand
+from .attrs import PLACEMENTS_ATTR, mesh_axes
 from .errors import PlaitError
-from .memory import on_host
+from .memory import DEVICE, copy_to, on_host
 from .ops import AllGatherOp, CallOp, ParamOp, call_op_class
 from .schema import writes_input
 from .text import where
@@ -203,7 +203,9 @@ def state_module(module: ModuleOp, names: list[str]) -> ModuleOp:
         block.add_op(clone)
         value = clone.result
         if on_host(clone):  # offload's state: gathered on the device (NCCL's)
-            value = _to_device(block, value)
+            copy = copy_to(value, DEVICE)
+            block.add_op(copy)
+            value = copy.results[0]
         placed = param.attributes.get(PLACEMENTS_ATTR)
         for (axis, n), placement in zip(sizes.items(), placed.data if placed else ()):
             if placement.kind == "flat":  # first: the tensor the other axes split
@@ -222,17 +224,6 @@ def state_module(module: ModuleOp, names: list[str]) -> ModuleOp:
     out = ModuleOp([fn])
     out.attributes.update(module.attributes)
     return out
-
-
-def _to_device(block: Block, value: SSAValue) -> SSAValue:
-    copy = call_op_class("aten::_to_copy")(
-        "aten::_to_copy",
-        [value],
-        ArgsAttr((Operand(0),), (("device", Tag("device", MemorySpace.DEVICE.value)),)),
-        [value.type],
-    )
-    block.add_op(copy)
-    return copy.results[0]
 
 
 def _unflattened(block: Block, piece: SSAValue, axis: str, n: int, shape) -> SSAValue:
@@ -272,6 +263,8 @@ TEMPORARY = "temporary"
 HOST_OPTIMIZER_STATE = "optimizer state (host)"
 HOST_TEMPORARY = "host temporary"
 HOST_KINDS = (HOST_OPTIMIZER_STATE, HOST_TEMPORARY)
+# what a rank holds for a step, by kind (`step_memory`)
+STATE_KINDS = (PARAMETERS, GRADIENT_BYTES, OPTIMIZER_STATE, HOST_OPTIMIZER_STATE, ACCUMULATORS)
 MEMORY_KINDS = (
     PARAMETERS,
     GRADIENT_BYTES,
@@ -300,8 +293,7 @@ def step_memory(fn: func.FuncOp) -> dict[str, int]:
     parameters (and the buffers the step updates), the gradients the
     optimizer reads, the optimizer's state (on the device, and in host memory
     where `offload` keeps it) and the gradient accumulators."""
-    kinds = (PARAMETERS, GRADIENT_BYTES, OPTIMIZER_STATE, HOST_OPTIMIZER_STATE, ACCUMULATORS)
-    sizes = dict.fromkeys(kinds, 0)
+    sizes = dict.fromkeys(STATE_KINDS, 0)
     seen = set()
     for op in fn.walk():
         if not (isinstance(op, ParamOp) and op.is_state) or op.weight_name in seen:

@@ -40,17 +40,15 @@ from xdsl.dialects import func
 from xdsl.dialects.builtin import ModuleOp
 from xdsl.ir import Block, Operation, SSAValue
 
-from ...ir.args import ArgsAttr, Operand, Tag
-from ...ir.attrs import MemorySpace
+from ...ir.args import ArgsAttr, Operand
 from ...ir.errors import PlaitError
-from ...ir.memory import HOST_DEVICE, on_host, place_on_host, value_on_host
+from ...ir.memory import DEVICE, HOST_DEVICE, copy_to, on_host, place_on_host, value_on_host
 from ...ir.ops import CallOp, ParamOp, call_op_class
 from ...ir.schema import writes_input
 from ...ir.text import where
 from ...ir.training import OPTIMIZER, STATE_OF, TRAIN_STEP, check_state_order, step_phases
 from ..base import Pass
 
-COPY = "aten::_to_copy"
 WRITE_BACK = "aten::copy_"
 
 
@@ -145,14 +143,11 @@ def _host_ops(block: Block, phases: dict) -> set[Operation]:
 
 
 def _copy(value: SSAValue, device: str, before: Operation) -> SSAValue:
-    """`value` copied to `device` ("host", or the program's device), before `before`."""
-    args = ArgsAttr((Operand(0),), (("device", Tag("device", device)),))
-    copy = call_op_class(COPY)(COPY, [value], args, [value.type])
+    """`value` copied to `device` (HOST_DEVICE or DEVICE), before `before`."""
+    copy = copy_to(value, device)
     if value.name_hint:
         copy.results[0].name_hint = f"{value.name_hint}_{device}"
     before.parent_block().insert_op_before(copy, before)
-    if device == HOST_DEVICE:
-        place_on_host(copy)
     return copy.results[0]
 
 
@@ -187,7 +182,7 @@ def _place(block: Block, host: set[Operation]) -> None:
             for index, value in enumerate(op.operands):
                 if value_on_host(value):
                     if value not in to_device:
-                        to_device[value] = _copy(value, MemorySpace.DEVICE.value, op)
+                        to_device[value] = _copy(value, DEVICE, op)
                     op.operands[index] = to_device[value]
 
 

@@ -52,17 +52,7 @@ from xdsl.dialects.builtin import ModuleOp, StringAttr
 from xdsl.ir import SSAValue
 
 from ...ir.attrs import MEMORY_PLAN_ATTR, mesh_axes
-from ...ir.training import (
-    ACCUMULATE,
-    ACCUMULATORS,
-    GRADIENT_BYTES,
-    HOST_OPTIMIZER_STATE,
-    OPTIMIZER_STATE,
-    PARAMETERS,
-    SAVED,
-    TRAIN_STEP,
-    step_memory,
-)
+from ...ir.training import ACCUMULATE, SAVED, STATE_KINDS, TRAIN_STEP, step_memory
 from ..memory.liveness import value_sizes
 from ..memory.offload import Offload, OffloadError
 from ..memory.remat import Remat, priced_graph
@@ -223,9 +213,8 @@ def _saved_values(graph: StepGraph, bases: dict[SSAValue, SSAValue]) -> set[SSAV
 
 def plan_row(figures: StageFigures, saved_bytes: float, recompute: float, memory: float, **kw):
     """The row of `figures`' stage storing `saved_bytes` and recomputing for `recompute` s."""
-    kinds = (PARAMETERS, GRADIENT_BYTES, OPTIMIZER_STATE, HOST_OPTIMIZER_STATE, ACCUMULATORS)
     peak = figures.peak(saved_bytes)
-    held = {k: float(figures.state[k]) for k in kinds if figures.state[k]}
+    held = {k: float(figures.state[k]) for k in STATE_KINDS if figures.state[k]}
     held[SAVED] = float(saved_bytes)
     held[PEAK] = peak
     seconds = {
