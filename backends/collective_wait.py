@@ -22,13 +22,16 @@ import torch
 RELEASE_TIMEOUT_S = 1.0  # never hang on a worker that keeps a tensor (freed later, then)
 
 
-def wait_released(pending: torch.Tensor, handed: torch.Tensor) -> torch.Tensor:
+def wait_released(pending: torch.Tensor, handed: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
     """`pending`'s result, once the worker holds neither it nor `handed` (the
-    tensor the collective was given): each then has one reference, the
-    program's."""
+    tensor the collective was given; or the views of the result that several
+    were, one wait taking every collective on a storage): each then has one
+    reference, the program's (and the result one more per view: its base)."""
     result = torch.ops._c10d_functional.wait_tensor.default(pending)
+    views = handed if isinstance(handed, list) else []
+    held = [(result, 1 + len(views)), *((t, 1) for t in views or [handed])]
     deadline = None
-    while result._use_count() > 1 or handed._use_count() > 1:
+    while any(t._use_count() > count for t, count in held):
         deadline = deadline or time.monotonic() + RELEASE_TIMEOUT_S
         if time.monotonic() > deadline:
             break

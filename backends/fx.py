@@ -17,6 +17,7 @@ import builtins
 import functools
 import inspect
 import keyword
+import math
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ from ..ir.ops import (
     CollectiveOp,
     ElementwiseOp,
     EmbeddingOp,
+    GatherIntoOp,
     LinearOp,
     LocalShardOp,
     MatmulOp,
@@ -770,6 +772,8 @@ class _Lowering:
             self.handed[node] = node if copies_input else x
             return node
 
+        if isinstance(op, GatherIntoOp):
+            return self._gather_into(op, x, call)
         if isinstance(op, AllReduceOp):
             # into the input itself when nothing else reads it (no copy)
             in_place = _dies_here(op) and not self.functional
@@ -813,28 +817,23 @@ class _Lowering:
         """An all-gather or reduce-scatter along dim 0 of `x` (`ndim` dims):
         (pending, what turns the waited result into the collective's). On gloo
         both copy into a buffer of their own (measured: a reduce-scatter one of
-        its input's size, an all-gather one of its output's), so a float one
-        runs as an in-place all-reduce, which needs none and is faster for a
-        reduce-scatter: of the input (a copy unless it dies here), then this
-        rank's piece copied out; or of the input padded with zeros to the
-        output's size (x + 0 is x exactly)."""
+        its input's size, an all-gather one of its output's), so an all-gather
+        runs as one in-place broadcast per rank into the output (this rank's
+        piece copied in first: 3x faster than gloo's own, measured), and a
+        float reduce-scatter as an in-place all-reduce of its input (a copy
+        unless it dies here), then this rank's piece copied out."""
         aten, c10d = torch.ops.aten, torch.ops._c10d_functional
         group, size = self.groups.names[op.axis.data], self.groups.sizes[op.axis.data]
         gather = isinstance(op, AllGatherOp)
         coord = self.groups.coords.get(op.axis.data)  # (groups made without coordinates: None)
         float_ = torch_dtype(op.input.type.dtype).is_floating_point
-        if not (self.releases and float_ and coord is not None):
+        if not (self.releases and (gather or float_) and coord is not None):
             if gather:
                 return call(c10d.all_gather_into_tensor.default, x, size, group), lambda y: y
             scatter = c10d.reduce_scatter_tensor.default
             return call(scatter, x, op.reduce.data, size, group), lambda y: y
         if gather:
-            rows = self.graph.call_function(aten.sym_size.int, (x, 0))
-            before = self.graph.call_function(operator.mul, (rows, coord))
-            after = self.graph.call_function(operator.mul, (rows, size - 1 - coord))
-            pad = [0, 0] * (ndim - 1) + [before, after]
-            whole = self.graph.call_function(aten.constant_pad_nd.default, (x, pad, 0.0))
-            return call(c10d.all_reduce_.default, whole, "sum", group), lambda y: y
+            return self._broadcast_pieces(op, x, ndim, coord), lambda y: y
         if not _dies_here(op):
             x = self.graph.call_function(aten.clone.default, (x,))
         pending = call(c10d.all_reduce_.default, x, op.reduce.data, group)
@@ -845,6 +844,60 @@ class _Lowering:
             return self._node(aten.clone.default, (mine,), {}, op)
 
         return pending, piece
+
+    def _gather_into(self, op: GatherIntoOp, piece: torch.fx.Node, call):
+        """Rank r's piece into the destination's flat elements [r * p, (r + 1) * p):
+        on gloo one in-place broadcast per rank straight into the destination
+        (as ZeroRedundancyOptimizer makes parameters whole: no gathered copy);
+        elsewhere an all-gather, then a copy into it."""
+        aten, c10d = torch.ops.aten, torch.ops._c10d_functional
+        group, size = self.groups.names[op.axis.data], self.groups.sizes[op.axis.data]
+        coord = self.groups.coords.get(op.axis.data)
+        shape = [int(d) for d in op.dest.type.shape]
+        numel, p = math.prod(shape), int(op.input.type.shape[0])
+        flat = self.graph.call_function(aten.view.default, (self.values[op.dest], [numel]))
+
+        def whole(y: torch.fx.Node) -> torch.fx.Node:
+            return self._node(aten.view.default, (y, shape), {}, op)
+
+        if not (self.releases and coord is not None):
+            gathered = call(c10d.all_gather_into_tensor.default, piece, size, group)
+
+            def copied(y: torch.fx.Node) -> torch.fx.Node:
+                valid = self.graph.call_function(aten.slice.Tensor, (y, 0, 0, numel))
+                return whole(self.graph.call_function(aten.copy_.default, (flat, valid)))
+
+            return gathered, copied
+        sent = []
+        for r in range(size):
+            low, high = r * p, min((r + 1) * p, numel)
+            if low >= high:  # only padding
+                continue
+            region = self.graph.call_function(aten.slice.Tensor, (flat, 0, low, high))
+            if r == coord:
+                mine = self.graph.call_function(aten.slice.Tensor, (piece, 0, 0, high - low))
+                region = self.graph.call_function(aten.copy_.default, (region, mine))
+            sent.append(self.graph.call_function(c10d.broadcast_.default, (region, r, group)))
+        self.handed[flat] = sent
+        return flat, whole
+
+    def _broadcast_pieces(self, op: CollectiveOp, x: torch.fx.Node, ndim: int, coord: int):
+        """The all-gather of `x` along dim 0 as in-place broadcasts, rank r's
+        piece from rank r into row r of a fresh output: the pending output
+        (one wait takes every broadcast: gloo's works are kept by storage)."""
+        aten, c10d = torch.ops.aten, torch.ops._c10d_functional
+        group, size = self.groups.names[op.axis.data], self.groups.sizes[op.axis.data]
+        dims = [self.graph.call_function(aten.sym_size.int, (x, d)) for d in range(ndim)]
+        rows = self.graph.call_function(operator.mul, (dims[0], size))
+        out = self.graph.call_function(aten.new_empty.default, (x, [rows, *dims[1:]]))
+        pieces = self.graph.call_function(aten.unflatten.int, (out, 0, [size, -1]))
+        rows = [self.graph.call_function(aten.select.int, (pieces, 0, r)) for r in range(size)]
+        rows[coord] = self.graph.call_function(aten.copy_.default, (rows[coord], x))
+        self.handed[out] = [
+            self.graph.call_function(c10d.broadcast_.default, (row, r, group))
+            for r, row in enumerate(rows)
+        ]  # (every node read: torch.fx's Interpreter keeps an unread node's value)
+        return out
 
     def _pieces_first(self, x: torch.fx.Node, dim: int, size: int) -> torch.fx.Node:
         """[..., d_dim, ...] -> [n * d0, ..., d_dim / n, ...]: piece i of `dim` leads."""

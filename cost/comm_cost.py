@@ -22,7 +22,15 @@ import sympy
 
 from ..hardware import Hardware, Link
 from ..ir.args import Tag
-from ..ir.ops import AllGatherOp, AllReduceOp, AllToAllOp, CallOp, CollectiveOp, ReduceScatterOp
+from ..ir.ops import (
+    AllGatherOp,
+    AllReduceOp,
+    AllToAllOp,
+    CallOp,
+    CollectiveOp,
+    GatherIntoOp,
+    ReduceScatterOp,
+)
 from .op_cost import Expr, _type
 
 
@@ -70,6 +78,8 @@ def collective_time(op, links: dict[str, tuple[int, Link]]) -> Expr:
         return sympy.Integer(0)
     if isinstance(op, AllGatherOp):
         return ring_steps(p, sympy.sympify(_type(op.result).nbytes), link)
+    if isinstance(op, GatherIntoOp):  # every piece, padding and all
+        return ring_steps(p, p * n_in, link)
     if isinstance(op, (ReduceScatterOp, AllToAllOp)):
         return ring_steps(p, n_in, link)
     raise TypeError(f"no cost model for {op.name}")

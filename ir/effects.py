@@ -6,14 +6,14 @@ update of program state, such as a KV cache) or returns nothing (it exists
 for an effect, such as an assert). Calls to other libraries' operators
 are kept as they are: their effects are unknown. Parameters are pure;
 collectives are deterministic and issued identically by every rank, so they
-are removable but never merged.
+are removable (but a gather into state) and never merged.
 """
 
 from __future__ import annotations
 
 from xdsl.ir import Operation
 
-from .ops import CallOp, CollectiveOp, ParamOp, WaitOp
+from .ops import CallOp, CollectiveOp, GatherIntoOp, ParamOp, WaitOp
 from .schema import tags, writes_input
 
 
@@ -30,8 +30,13 @@ def _pure_call(op: CallOp) -> bool:
 
 
 def is_removable(op: Operation) -> bool:
-    """May the op be erased when its results are unused?"""
-    if isinstance(op, (ParamOp, CollectiveOp, WaitOp)):
+    """May the op be erased when its results are unused? Not a gather into
+    program state (it writes the state), nor the wait that completes it."""
+    if isinstance(op, WaitOp):
+        return is_removable(op.input.owner)
+    if isinstance(op, GatherIntoOp):
+        return False
+    if isinstance(op, (ParamOp, CollectiveOp)):
         return True
     return isinstance(op, CallOp) and _pure_call(op)
 
@@ -42,11 +47,15 @@ def is_mergeable(op: Operation) -> bool:
 
 
 def updates_state(op: Operation) -> bool:
-    """An in-place call on program state (a KV cache update): it writes the
-    state's memory, so its result is a view of the state, not a new buffer."""
+    """An in-place call on program state (a KV cache update), or a gather into
+    it: it writes the state's memory, so its result is a view of the state,
+    not a new buffer."""
+    if isinstance(op, GatherIntoOp):
+        return isinstance(op.dest.owner, ParamOp) and op.dest.owner.is_state
     if not isinstance(op, CallOp) or not op.operands or not writes_input(op.target_name):
         return False
     owner = op.operands[0].owner
     while isinstance(owner, CallOp) and owner.operands and writes_input(owner.target_name):
         owner = owner.operands[0].owner  # an earlier update of the same state
     return isinstance(owner, ParamOp) and owner.is_state
+

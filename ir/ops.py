@@ -392,6 +392,41 @@ class AllGatherOp(CollectiveOp):
 
 
 @irdl_op_definition
+class GatherIntoOp(CollectiveOp):
+    """All-gather each rank's flat piece into `dest`, in place: rank r's piece
+    fills dest's flat elements [r * piece, (r + 1) * piece), what lies past
+    dest's end (padding) is dropped; the result is `dest`, written. A
+    parameter updated slice by slice (ZeRO-1) is made whole this way without
+    a gathered copy; like an update of state, it is never moved or removed."""
+
+    name = "plait.all_gather_into"
+    dest = operand_def(TensorType)
+
+    assembly_format = (
+        "$input `into` $dest attr-dict `:` type($input) `,` type($dest) `->` type($result)"
+    )
+
+    def __init__(self, input: SSAValue, dest: SSAValue, axis: str, is_async: bool = False):
+        properties: dict[str, Attribute] = {"axis": StringAttr(axis)}
+        result_type = dest.type
+        if is_async:
+            properties["async"] = UnitAttr()
+            result_type = AsyncType(result_type)
+        # (IRDL orders a subclass's operands first: the destination, whose
+        # memory the result is, leads, as a view's source does)
+        IRDLOperation.__init__(
+            self, operands=[dest, input], result_types=[result_type], properties=properties
+        )
+
+    def verify_(self) -> None:
+        super().verify_()
+        if self.value_type != self.dest.type:
+            raise VerifyException("plait.all_gather_into yields its destination's type")
+        if self.input.type.rank != 1:
+            raise VerifyException("plait.all_gather_into gathers flat (1-d) pieces")
+
+
+@irdl_op_definition
 class ReduceScatterOp(CollectiveOp):
     """Reduce over the ranks, each rank keeping its slice along `dim`."""
 
@@ -556,7 +591,7 @@ class LocalShardOp(IRDLOperation):
             raise VerifyException("plait.local_shard cannot change the element type")
 
 
-COLLECTIVE_OPS = (AllReduceOp, AllGatherOp, ReduceScatterOp, AllToAllOp)
+COLLECTIVE_OPS = (AllReduceOp, AllGatherOp, GatherIntoOp, ReduceScatterOp, AllToAllOp)
 
 
 def is_call(op: Operation) -> bool:

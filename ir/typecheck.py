@@ -45,6 +45,7 @@ from .ops import (
     AllToAllOp,
     CallOp,
     CollectiveOp,
+    GatherIntoOp,
     LocalShardOp,
     ParamOp,
     ReduceScatterOp,
@@ -472,6 +473,9 @@ class _Checker:
                 )
 
     def collective(self, op: Operation) -> None:
+        if isinstance(op, GatherIntoOp):
+            self.gather_into(op)
+            return
         computed = []
         declared = _tensor_type(op.results[0])
         for i, point in enumerate(self.points):
@@ -484,6 +488,18 @@ class _Checker:
         what = f"{op.name} over '{op.axis.data}' ({self._axis_text(op)}) gives"
         self._expect(op, op.results[0], computed, what)
         self.values[op.results[0]] = computed
+
+    def gather_into(self, op: GatherIntoOp) -> None:
+        """The result is the destination, written; the pieces must cover it."""
+        n = _axis_size(op, self.mesh)
+        for (piece, _, _), (sizes, _, _) in zip(self.metas(op.input), self.metas(op.dest)):
+            if n and n * piece[0] < math.prod(sizes):
+                raise _Mismatch(
+                    f"{n} pieces of {piece[0]} cannot fill a destination of {math.prod(sizes)} "
+                    "elements; make each piece ceil(elements / ranks) long"
+                )
+        self._expect(op, op.results[0], self.metas(op.dest), f"{op.name} into {op.dest.type}")
+        self.values[op.results[0]] = self.metas(op.dest)
 
     def _axis_text(self, op: Operation) -> str:
         return f"{self.mesh[op.axis.data]} ranks" if self.mesh is not None else "no plait.mesh"

@@ -13,7 +13,7 @@ from xdsl.ir import Block, Operation, SSAValue
 from xdsl.rewriter import InsertPoint, Rewriter
 
 from ..ir.effects import is_mergeable
-from ..ir.ops import AllReduceOp, CallOp, CollectiveOp, LocalShardOp, WaitOp
+from ..ir.ops import AllReduceOp, CallOp, CollectiveOp, GatherIntoOp, LocalShardOp, WaitOp
 from ..ir.schema import writes_input
 
 
@@ -53,6 +53,8 @@ def _movable(op: Operation) -> bool:
     """Pure computations (a rank's slice of a value too) and collective
     starts; not waits, in-place updates or random draws (their order is part
     of what the program means)."""
+    if isinstance(op, GatherIntoOp):  # writes state in place
+        return False
     if isinstance(op, CollectiveOp):
         return op.is_async is not None
     return is_mergeable(op) or isinstance(op, LocalShardOp)

@@ -74,11 +74,11 @@ def test_collectives_on_two_gloo_ranks():
         assert torch.equal(rows, torch.cat(inputs)[None])
         assert torch.equal(row_sums, (inputs[0] + inputs[1])[None, 2 * rank : 2 * rank + 2])
         assert code.count("aten.movedim") == 4  # the [4, 6] gather and scatter, the all-to-all
-        # on gloo, gathers and scatters of floats are in-place all-reduces (gloo's
-        # own copy into buffers of their own): of the input padded with zeros, and
-        # of the input, then this rank's piece
+        # on gloo (whose own gathers and scatters copy into buffers of their own),
+        # a gather is one in-place broadcast per rank into the output, a float
+        # scatter an in-place all-reduce of the input, then this rank's piece
         assert "all_gather_into_tensor" not in code and "reduce_scatter_tensor" not in code
-        assert code.count("aten.constant_pad_nd") == 2 and code.count("aten.chunk") == 3
+        assert code.count("broadcast_.default") == 4 and code.count("aten.chunk") == 3
         # a fresh input nothing else reads is reduced in place (through a handle
         # of its own, backends/collective_wait.py); the program input is not
         handle = re.search(r"(\w+) = torch.ops.aten.detach.default\(n\)", code).group(1)

@@ -17,7 +17,7 @@ import pytest
 import torch
 from plait.ir.attrs import REMAT_ATTR
 from plait.ir.errors import PlaitError
-from plait.ir.ops import AllGatherOp, AllReduceOp, ReduceScatterOp, ReshapeOp
+from plait.ir.ops import AllGatherOp, AllReduceOp, GatherIntoOp, ReduceScatterOp, ReshapeOp
 from plait.ir.text import parse_module, print_module, verify_module
 from plait.ir.training import HOST_OPTIMIZER_STATE, OPTIMIZER_STATE, SAVED, check_state_order
 from plait.passes.manager import PassManager
@@ -194,13 +194,23 @@ def _dp(ops, kind) -> list:
     return [op for op in ops if isinstance(op, kind) and op.axis.data == "dp"]
 
 
-def test_zero1_all_gathers_updated_parameters_in_async_buckets(zero1):
+def test_zero1_gathers_each_updated_slice_into_its_parameter(zero1):
+    """One async plait.all_gather_into per parameter, into the parameter's own
+    state (no gathered copy); on gloo, one in-place broadcast per rank."""
     ops = _step_ops(zero1.trainer)
-    gathers = _dp(ops, AllGatherOp)
-    assert len(gathers) >= 2 and all(op.is_async is not None for op in gathers)
+    gathers = _dp(ops, GatherIntoOp)
+    assert all(op.is_async is not None for op in gathers)
+    names = sorted(op.dest.owner.weight_name for op in gathers)
+    assert names == sorted(name for name, _ in zero1.model.named_parameters())
     params = sum(p.numel() for p in zero1.model.parameters())
     assert sum(math.prod(op.input.type.shape) for op in gathers) == params // 2
-    assert _dp(ops, ReduceScatterOp) == []  # stage 1: gradients all-reduced whole
+    assert _dp(ops, AllGatherOp) == [] and _dp(ops, ReduceScatterOp) == []
+    assert zero1.trainer.code.count("broadcast_.default(") == 2 * len(gathers)
+    # started as each slice is made, all waited for at the end (nothing to free)
+    position = {op: i for i, op in enumerate(ops)}
+    waits = [use.operation for op in gathers for use in op.result.uses]
+    assert max(position[op] for op in gathers) < min(position[w] for w in waits)
+    assert min(position[op] for op in gathers) < position[gathers[-1].input.owner]
 
 
 def test_zero2_reduce_scatters_gradients(zero2):
@@ -222,23 +232,20 @@ def test_zero2_reduce_scatters_gradients(zero2):
     ]
 
 
-@pytest.mark.parametrize("run, kind", [("zero1", AllGatherOp), ("zero2", ReduceScatterOp)])
-def test_at_most_two_bucket_collectives_are_in_flight(run, kind, request):
+def test_at_most_two_gradient_buckets_are_in_flight(zero2):
     """Each bucket's wait comes before the bucket two later starts (as FSDP
     bounds them), so few whole buckets are alive at once; on gloo a float
-    reduce-scatter or all-gather runs as an in-place all-reduce (gloo's own
-    copy into buffers of their own, which nothing counts)."""
-    trainer = request.getfixturevalue(run).trainer
+    reduce-scatter runs as an in-place all-reduce (gloo's own copies into a
+    buffer of its own, which nothing counts)."""
+    trainer = zero2.trainer
     ops = _step_ops(trainer)
     position = {op: i for i, op in enumerate(ops)}
-    starts = [op for op in _dp(ops, kind) if op.is_async is not None]
+    starts = [op for op in _dp(ops, ReduceScatterOp) if op.is_async is not None]
     assert len(starts) >= 3
     for start, later in zip(starts, starts[2:]):
         (wait,) = [use.operation for use in start.result.uses]
         assert position[wait] < position[later]
-    assert "all_gather_into_tensor" not in trainer.code
-    assert "reduce_scatter_tensor" not in trainer.code
-    assert "all_reduce_" in trainer.code
+    assert "reduce_scatter_tensor" not in trainer.code and "all_reduce_" in trainer.code
 
 
 def _leaves(value, ops) -> list:

@@ -24,7 +24,7 @@ from xdsl.dialects import func
 from xdsl.ir import SSAValue
 
 from ...ir.effects import updates_state
-from ...ir.ops import CallOp, CollectiveOp, LocalShardOp, ParamOp, WaitOp
+from ...ir.ops import CallOp, CollectiveOp, GatherIntoOp, LocalShardOp, ParamOp, WaitOp
 from ...ir.schema import returns_alias, writes_input
 from ...ir.text import where
 
@@ -50,7 +50,7 @@ class Liveness:
 
 
 def _aliases(op) -> bool:
-    if isinstance(op, (WaitOp, LocalShardOp)):
+    if isinstance(op, (WaitOp, LocalShardOp, GatherIntoOp)):
         return True
     return isinstance(op, CallOp) and returns_alias(op.target_name)
 

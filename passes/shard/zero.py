@@ -5,9 +5,9 @@ whole (tp-local) parameters, gradients and optimizer moments, and all run
 the same update. ZeRO (Rajbhandari et al., 2020) splits that over the ranks:
 
 - stage 1, optimizer state: each rank keeps 1/N of every moment and runs the
-  optimizer's element-wise update on its 1/N of each parameter; the updated
-  slices are all-gathered in async buckets (each started when its last slice
-  is made, waited for at the step's end) and copied into the whole parameter.
+  optimizer's element-wise update on its 1/N of each parameter; each updated
+  slice is gathered straight into its parameter (`plait.all_gather_into`,
+  started when the slice is made, waited for at the step's end).
 - stage 2, and gradients: each gradient bucket's all-reduce becomes a
   reduce-scatter, so a rank receives only its slice of the summed gradients;
   gradient clipping's global norm sums the squares of the slices, over the
@@ -50,6 +50,7 @@ from ...ir.ops import (
     CallOp,
     CollectiveOp,
     ElementwiseOp,
+    GatherIntoOp,
     LocalShardOp,
     ParamOp,
     ReduceScatterOp,
@@ -189,7 +190,7 @@ class _StepZero:
         if self.stage >= 3:
             self.gather_before_use(updated)
         elif not self.accumulating:
-            self.gather_buckets(updated)
+            self.gather_into_parameters(updated)
         if self.stage >= 2:
             self.update_accumulators()
             _bound_in_flight(self.block, ReduceScatterOp)
@@ -350,32 +351,16 @@ class _StepZero:
 
     # ---- stage 1: whole parameters again --------------------------------------------
 
-    def gather_buckets(self, updated: list[_Updated]) -> None:
-        """All-gather the updated slices in async buckets of about `bucket_bytes`,
-        each started after its last slice is made; wait (and copy each
-        parameter's pieces into it) where the bucket IN_FLIGHT later starts, or
-        at the step's end, so that few gathered buckets are alive at once."""
-        position = {op: i for i, op in enumerate(self.block.ops)}
-        updated = sorted(updated, key=lambda u: position[u.piece.owner])
-        buckets = _buckets(updated, lambda u: u.piece, self.bucket_bytes)
-        starts = [
-            max((u.piece.owner for u in bucket), key=position.__getitem__).next_op
-            for bucket in buckets
-        ]
-        waits = starts[IN_FLIGHT:] + [self.block.last_op] * min(IN_FLIGHT, len(buckets))
-        for bucket, start_at, end in zip(buckets, starts, waits):
-            wholes = self._gather(
-                [u.piece for u in bucket], start_at, end, [u.root for u in bucket]
-            )
-            for u, whole in zip(bucket, wholes):
-                insert_call(
-                    end,
-                    f"param.{_hint(u.root)}",
-                    "aten::copy_",
-                    [u.root, whole],
-                    [Operand(0), Operand(1)],
-                    u.root.type,
-                )
+    def gather_into_parameters(self, updated: list[_Updated]) -> None:
+        """Each updated slice back into its parameter, in place, as soon as it is
+        made (plait.all_gather_into: no gathered copy; ZeroRedundancyOptimizer
+        broadcasts into the parameters likewise), all waited for at the step's
+        end: with no buffer to free, the updates need not wait for them
+        (measured on gloo: bounding them as buckets are bounded cost 2-3%)."""
+        for u in updated:
+            start = GatherIntoOp(u.piece, u.root, self.axis, is_async=True)
+            gathering = _insert(start, u.piece.owner.next_op, f"{_hint(u.root)}_gathering")
+            _insert(WaitOp(gathering), self.block.last_op, f"{_hint(u.root)}_whole")
 
     # ---- stage 3: parameters gathered before use -------------------------------------
 
@@ -969,7 +954,7 @@ class Zero(Pass):
     # after shard (`plait opt step.mlir --pipeline zero`) could not be replayed
 
     stage: int = 1  # 1: optimizer state; 2: and gradients; 3: and parameters
-    bucket_mb: float = BUCKET_MB  # updated parameters all-gathered in buckets of this
+    bucket_mb: float = BUCKET_MB  # parameters gathered (3), accumulators scattered (2), in buckets
 
     def __post_init__(self):
         super().__post_init__()
