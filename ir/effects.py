@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from xdsl.ir import Operation
 
-from .ops import CallOp, CollectiveOp, GatherIntoOp, ParamOp, WaitOp
-from .schema import tags, writes_input
+from .ops import CallOp, CollectiveOp, GatherIntoOp, LocalShardOp, ParamOp, WaitOp
+from .schema import returns_alias, tags, writes_input
 
 
 def _pure_call(op: CallOp) -> bool:
@@ -47,15 +47,20 @@ def is_mergeable(op: Operation) -> bool:
 
 
 def updates_state(op: Operation) -> bool:
-    """An in-place call on program state (a KV cache update), or a gather into
-    it: it writes the state's memory, so its result is a view of the state,
-    not a new buffer."""
+    """An in-place call on program state or a view of it (a KV cache update,
+    an optimizer's update of this rank's slice), or a gather into it: it
+    writes the state's memory, so its result is a view of the state, not a
+    new buffer."""
     if isinstance(op, GatherIntoOp):
         return isinstance(op.dest.owner, ParamOp) and op.dest.owner.is_state
     if not isinstance(op, CallOp) or not op.operands or not writes_input(op.target_name):
         return False
     owner = op.operands[0].owner
-    while isinstance(owner, CallOp) and owner.operands and writes_input(owner.target_name):
-        owner = owner.operands[0].owner  # an earlier update of the same state
+    while isinstance(owner, LocalShardOp) or (
+        isinstance(owner, CallOp)
+        and owner.operands
+        and (writes_input(owner.target_name) or returns_alias(owner.target_name))
+    ):
+        owner = owner.operands[0].owner  # an earlier update of the same state, or a view
     return isinstance(owner, ParamOp) and owner.is_state
 

@@ -267,18 +267,10 @@ class _StepZero:
                     values.append(mapped[v])
                 elif v is root and op is chain[0] and i == 0 and held is not None:
                     values.append(held)
-                elif v is root and op is chain[0] and i == 0:  # the slice updated in place
-                    piece = self.flat_piece(root, op)
-                    values.append(
-                        insert_call(
-                            op,
-                            f"param_piece.{name}",
-                            "aten::clone",
-                            [piece],
-                            [Operand(0)],
-                            piece.type,
-                        )
-                    )
+                elif v is root and op is chain[0] and i == 0:
+                    # this rank's slice of the parameter itself, updated in place
+                    # (padded: a copy, which the gather copies back)
+                    values.append(self.flat_piece(root, op))
                 elif v.type.rank == 0:
                     values.append(v)
                 elif tuple(v.type.shape) == shape:
