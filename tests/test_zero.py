@@ -356,6 +356,38 @@ def test_mixtral_at_dp2_tp2_trains_as_eager_with_remat_zero3_and_offload(tmp_pat
         assert record[OPTIMIZER_STATE] == 8 and record[HOST_OPTIMIZER_STATE] > 0  # (the step count)
 
 
+PARITY_STEPS = 10
+
+
+@pytest.mark.parametrize(
+    "arch, mesh, passes",
+    [
+        ("mixtral", "dp:2", _zero(1)),
+        ("mixtral", "dp:2", _zero(2)),
+        ("mixtral", "dp:2", ",remat{budget=0.5}" + _zero(3)),
+        ("llama", "dp:2,tp:2", _zero(1)),
+        ("llama", "dp:2,tp:2", ",remat{budget=0.5}" + _zero(2) + ",offload"),
+        ("mixtral", "dp:2,tp:2", _zero(1) + ",offload"),
+        ("mixtral", "dp:2,tp:2", _zero(2)),
+    ],
+)
+def test_stages_remat_and_offload_train_as_eager_for_ten_steps(arch, mesh, passes, tmp_path):
+    """The runs above (Llama at dp:2, four steps) on the other model and mesh:
+    each stage, with and without remat and offload, equals eager's clipped
+    AdamW for ten steps (losses and final parameters within 1e-5)."""
+    run = _sharded_run(
+        _hf_model(arch, num_hidden_layers=1),
+        f"mesh={mesh},bucket_mb={SMALL_BUCKETS}",
+        ADAMW,
+        tmp_path,
+        clip=DP_CLIP,
+        then=passes,
+        steps=PARITY_STEPS,
+    )
+    assert len(run.losses) == PARITY_STEPS
+    _check_parity(run)
+
+
 # ---- bad input ----------------------------------------------------------------------
 
 
