@@ -105,6 +105,32 @@ def test_plait_estimate_shows_the_plan(llama):
         assert f"the least peak of zero stage {stage}" in considered
 
 
+def test_a_stage_3_plan_chooses_its_gather_buckets_and_prefetch():
+    """Parameters outweigh activations here, so a budget under stage 2's peak
+    gets stage 3; its gathers (bucket size, buckets ahead) are the fastest
+    pair that fits of those priced: larger buckets and gathering further
+    ahead are faster on this step, and over the budget."""
+    model = _hf_model("llama", num_hidden_layers=2, intermediate_size=512)
+    module = _planned(_step(model, _batches(1, rows=2, seq=4)[0]), 0.4 * _replicated(model))
+    record = module.attributes[MEMORY_PLAN_ATTR].data
+    chosen, _, considered = record.partition("; considered: ")
+    assert _chosen_stage(module) == 3
+    pair = r"gathers in ([\d.e+-]+) MiB buckets (\d) ahead"
+    tried = re.findall(
+        pair + r": priced after applying at ([\d.e+-]+) B( over the budget)?, "
+        r"([\d.e+-]+) s/step",
+        considered,
+    )
+    assert len(tried) == 5  # 3 bucket sizes x 2 depths, less the chosen
+    mine = re.search(pair + r".*priced after applying ([\d.e+-]+) s/step", chosen)
+    chosen_time = float(mine[3])
+    fitting = [float(t) for *_, over, t in tried if not over]
+    assert all(chosen_time <= t for t in fitting)
+    assert any(over and float(t) < chosen_time for *_, over, t in tried)  # faster, over budget
+    gathers = (float(mine[1]), int(mine[2]))
+    assert (gathers[0] / SMALL_BUCKETS, gathers[1]) in {(s, p) for s in (0.5, 1, 2) for p in (1, 2)}
+
+
 def test_a_budget_below_the_replicated_state_shards_and_trains_as_eager(tmp_path):
     """2 gloo ranks: the plan shards parameters (stage 3) and/or recomputes;
     every step's loss and the final parameters equal eager AdamW's; each

@@ -248,6 +248,31 @@ def test_at_most_two_gradient_buckets_are_in_flight(zero2):
     assert "reduce_scatter_tensor" not in trainer.code and "all_reduce_" in trainer.code
 
 
+@pytest.mark.parametrize("prefetch", [1, 2])
+def test_zero3_gathers_prefetch_buckets_ahead(zero3, prefetch):
+    """zero{prefetch=P}: each bucket's gather starts where the bucket P before
+    it is first read, so P gathers are in flight while a bucket is in use."""
+    sharded = plait.compile_training(
+        zero3.model,
+        zero3.batches[0],
+        clip_grad_norm=DP_CLIP,
+        pipeline=_pipeline("dp:2", 3).rsplit(",zero", 1)[0],
+        **ADAMW,
+    )
+    module = parse_module(sharded.ir)
+    PassManager.parse(f"zero{{stage=3,bucket_mb={SMALL_BUCKETS},prefetch={prefetch}}}").run(module)
+    fn = next(
+        f for f in module.ops if getattr(f, "sym_name", None) and f.sym_name.data == "train_step"
+    )
+    in_flight, most = set(), 0
+    for op in fn.body.blocks.first.ops:
+        if isinstance(op, AllGatherOp) and op.axis.data == "dp" and op.is_async is not None:
+            in_flight.add(op.result)
+            most = max(most, len(in_flight))
+        in_flight.difference_update(op.operands)
+    assert most == prefetch
+
+
 def _leaves(value, ops) -> list:
     """The ops that read `value`, through the reshape family (views, slices)."""
     found = []
@@ -406,6 +431,11 @@ def test_remat_after_zero3_says_to_put_it_first():
 def test_an_unknown_stage_is_an_option_error():
     with pytest.raises(PipelineError, match=r"stage is one of 1 \(optimizer state\), .*3 .*not 4"):
         parse_pipeline("shard{mesh=dp:2},zero{stage=4}")
+
+
+def test_a_prefetch_below_one_is_an_option_error():
+    with pytest.raises(PipelineError, match=r"prefetch is how many buckets are gathered ahead"):
+        parse_pipeline("shard{mesh=dp:2},zero{stage=3,prefetch=0}")
 
 
 def test_zero_without_a_data_axis_says_what_to_change():

@@ -32,6 +32,11 @@ is applied by running `remat`, `zero` and `offload` on the step (remat
 first: zero{stage=3} then gathers parameters again for what it recomputes,
 as the price assumed: remat's graph reads gathered parameters for free).
 
+A stage 3 plan then chooses how parameters are gathered: its buckets (half,
+once and twice shard's `bucket_mb`) and how many buckets ahead each is
+gathered (1 or 2), each pair applied to a copy and priced, the fastest that
+fits (`zero{bucket_mb,prefetch}`).
+
 `plait.memory_plan` records the budget, the chosen plan (its peak as priced
 after applying) and every plan considered, each a row: its choices (stage,
 remat limit, offload) and its predicted bytes by kind and seconds. A
@@ -117,6 +122,7 @@ class PlanRow:
     fits: bool = True
     offload: str = NO_OFFLOAD  # what is kept in host memory
     note: str = ""  # why a stage has no plan
+    gathers: tuple[float, int] | None = None  # stage 3: bucket MiB, buckets gathered ahead
 
     @property
     def key(self) -> tuple[int, bool]:
@@ -137,7 +143,10 @@ class PlanRow:
             remat = f"remat saved <= {self.saved_limit:.6g} B ({self.recomputed} ops recomputed)"
         else:
             remat = f"remat storing the least it can, {self.saved_limit:.6g} B"
-        return f"zero stage {self.stage}, {remat}, offload {self.offload}"
+        gathers = ""
+        if self.gathers is not None:
+            gathers = f", gathers in {self.gathers[0]:.6g} MiB buckets {self.gathers[1]} ahead"
+        return f"zero stage {self.stage}, {remat}, offload {self.offload}{gathers}"
 
     def describe(self) -> str:
         if self.note:
@@ -280,7 +289,8 @@ def apply_plan(module: ModuleOp, row: PlanRow, bucket_mb: float, hardware: str, 
     if row.saved_limit is not None:
         Remat(budget=row.saved_limit, hardware=hardware, values=values).apply(None, module)
     if row.stage:
-        Zero(stage=row.stage, bucket_mb=bucket_mb).apply(None, module)
+        bucket_mb, prefetch = row.gathers or (bucket_mb, 1)
+        Zero(stage=row.stage, bucket_mb=bucket_mb, prefetch=prefetch).apply(None, module)
     if row.offload != NO_OFFLOAD:
         Offload().apply(None, module)
 
@@ -334,6 +344,9 @@ def plan_memory(
             again = stage_row(figures, stored - (peak - memory), memory, timeout_s)
             if again.fits:
                 pending = sorted([*pending, again], key=_order)
+    if chosen is not None and chosen.stage == 3:
+        chosen, tried = _choose_gathers(module, chosen, bucket_mb, memory, target, hardware, values)
+        missed += tried
     if chosen is None:
         least = min(missed, key=lambda r: r.peak)
         raise MemoryPlanError(
@@ -349,6 +362,37 @@ def plan_memory(
         f"considered: {' | '.join(others) or 'nothing else'}"
     )
     return chosen
+
+
+BUCKET_SCALES = (0.5, 1.0, 2.0)  # stage 3's gather buckets tried, times shard's bucket_mb
+PREFETCHES = (1, 2)  # and buckets gathered ahead of the one in use
+
+
+def _choose_gathers(module, chosen: PlanRow, bucket_mb, memory, target, hardware, values):
+    """Stage 3's gather buckets and prefetch depth: each pair applied to a copy
+    and priced (larger buckets pay fewer latencies and overlap less, gathering
+    further ahead hides more and holds more); the fastest that fits, and the
+    others (rows that are not chosen)."""
+    rows = [replace(chosen, gathers=(bucket_mb, 1))]
+    for scale in BUCKET_SCALES:
+        for prefetch in PREFETCHES:
+            if (scale, prefetch) == (1.0, 1):
+                continue  # the plan as priced
+            row = replace(chosen, gathers=(bucket_mb * scale, prefetch))
+            trial = module.clone()
+            apply_plan(trial, row, bucket_mb, hardware, values)
+            peak, seconds = _priced(trial, target)
+            memory_ = {**row.memory, PEAK: peak}
+            rows.append(replace(row, memory=memory_, seconds={**row.seconds, "priced": seconds}))
+    fitting = [r for r in rows if r.peak <= memory]
+    best = min(fitting, key=lambda r: r.seconds["priced"])
+    others = [replace(r, fits=False, note=_gathers_note(r, memory)) for r in rows if r is not best]
+    return best, others
+
+
+def _gathers_note(row: PlanRow, memory: float) -> str:
+    over = " over the budget" if row.peak > memory else ""
+    return f"{row.choice()}: priced after applying at {row.peak:.6g} B{over}, {row.seconds['priced']:.6g} s/step"
 
 
 def _priced(module: ModuleOp, target) -> tuple[float, float]:

@@ -17,7 +17,8 @@ the same update. ZeRO (Rajbhandari et al., 2020) splits that over the ranks:
 - stage 3, and parameters: each rank holds its piece of every parameter and
   updates it in place; a parameter is all-gathered whole just before its
   first use in forward and again in backward (each copy dies after its
-  phase), in async buckets, each started as the one before it is first used.
+  phase), in async buckets, each started as the one `prefetch` before it
+  (one by default) is first used.
 
 A rank's slice of a tensor is of its flattened form, zero-padded to a
 multiple of N (a `flat` placement: `plait.placements<[flat([176, 64])]>`,
@@ -158,9 +159,10 @@ class _StepZero:
         stage: int,
         bucket_bytes: float,
         split_accumulators: frozenset[str] = frozenset(),
+        prefetch: int = 1,
     ):
         self.block, self.axis, self.n, self.axes = block, axis, n, tuple(axes)
-        self.stage, self.bucket_bytes = stage, bucket_bytes
+        self.stage, self.bucket_bytes, self.prefetch = stage, bucket_bytes, prefetch
         self.split_accumulators = split_accumulators
         fn = block.parent_op()
         self.grads = gradients(fn)
@@ -362,7 +364,7 @@ class _StepZero:
         in backward, so that each whole copy dies after its phase (a view kept
         from forward is made again from the backward copy). Gathers go in
         buckets of about `bucket_bytes`, in the order of first use, each
-        started where the bucket before it is first used (prefetch, one ahead)."""
+        started where the bucket `prefetch` before it is first used."""
         forward = _ancestors(self.block.last_op)
         readers = {u.root: _readers(u.root) for u in updated}
         phases = [
@@ -379,7 +381,7 @@ class _StepZero:
             buckets += _buckets(used, lambda item: item[0].piece, self.bucket_bytes)
         firsts = [min((r[0] for _, ls in b for r in ls), key=position.__getitem__) for b in buckets]
         for i, bucket in enumerate(buckets):
-            start_at = firsts[i - 1] if i else firsts[i]
+            start_at = firsts[max(i - self.prefetch, 0)]
             self.gather_for(bucket, start_at, firsts[i])
         for u in updated:
             self.gone.extend(view for _, _, views in readers[u.root] for view in views)
@@ -947,9 +949,15 @@ class Zero(Pass):
 
     stage: int = 1  # 1: optimizer state; 2: and gradients; 3: and parameters
     bucket_mb: float = BUCKET_MB  # parameters gathered (3), accumulators scattered (2), in buckets
+    prefetch: int = 1  # stage 3: buckets gathered ahead of the one in use
 
     def __post_init__(self):
         super().__post_init__()
+        if self.prefetch < 1:
+            raise OptionError(
+                f"prefetch is how many buckets are gathered ahead, >= 1, not {self.prefetch}",
+                "prefetch",
+            )
         if self.stage not in STAGES:
             choices = ", ".join(f"{s} ({what})" for s, what in STAGES.items())
             raise OptionError(f"stage is one of {choices}, not {self.stage}", "stage")
@@ -987,4 +995,6 @@ class Zero(Pass):
         for name in (n for n in names if n in functions):
             block = functions[name].body.blocks.first
             bucket_bytes = self.bucket_mb * 2**20
-            _StepZero(block, axis, axes[axis], axes, self.stage, bucket_bytes, split).run()
+            _StepZero(
+                block, axis, axes[axis], axes, self.stage, bucket_bytes, split, self.prefetch
+            ).run()
