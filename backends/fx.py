@@ -888,8 +888,8 @@ class _Lowering:
         aten, c10d = torch.ops.aten, torch.ops._c10d_functional
         group, size = self.groups.names[op.axis.data], self.groups.sizes[op.axis.data]
         dims = [self.graph.call_function(aten.sym_size.int, (x, d)) for d in range(ndim)]
-        rows = self.graph.call_function(operator.mul, (dims[0], size))
-        out = self.graph.call_function(aten.new_empty.default, (x, [rows, *dims[1:]]))
+        length = self.graph.call_function(operator.mul, (dims[0], size))
+        out = self.graph.call_function(aten.new_empty.default, (x, [length, *dims[1:]]))
         pieces = self.graph.call_function(aten.unflatten.int, (out, 0, [size, -1]))
         rows = [self.graph.call_function(aten.select.int, (pieces, 0, r)) for r in range(size)]
         rows[coord] = self.graph.call_function(aten.copy_.default, (rows[coord], x))

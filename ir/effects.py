@@ -63,4 +63,3 @@ def updates_state(op: Operation) -> bool:
     ):
         owner = owner.operands[0].owner  # an earlier update of the same state, or a view
     return isinstance(owner, ParamOp) and owner.is_state
-
