@@ -382,8 +382,8 @@ def _choose_gathers(module, chosen: PlanRow, bucket_mb, memory, target, hardware
             trial = module.clone()
             apply_plan(trial, row, bucket_mb, hardware, values)
             peak, seconds = _priced(trial, target)
-            memory_ = {**row.memory, PEAK: peak}
-            rows.append(replace(row, memory=memory_, seconds={**row.seconds, "priced": seconds}))
+            priced = {**row.memory, PEAK: peak}
+            rows.append(replace(row, memory=priced, seconds={**row.seconds, "priced": seconds}))
     fitting = [r for r in rows if r.peak <= memory]
     best = min(fitting, key=lambda r: r.seconds["priced"])
     others = [replace(r, fits=False, note=_gathers_note(r, memory)) for r in rows if r is not best]
@@ -392,7 +392,8 @@ def _choose_gathers(module, chosen: PlanRow, bucket_mb, memory, target, hardware
 
 def _gathers_note(row: PlanRow, memory: float) -> str:
     over = " over the budget" if row.peak > memory else ""
-    return f"{row.choice()}: priced after applying at {row.peak:.6g} B{over}, {row.seconds['priced']:.6g} s/step"
+    seconds = row.seconds["priced"]
+    return f"{row.choice()}: priced after applying at {row.peak:.6g} B{over}, {seconds:.6g} s/step"
 
 
 def _priced(module: ModuleOp, target) -> tuple[float, float]:

@@ -89,15 +89,15 @@ def _insert(op: Operation, before: Operation, name: str) -> SSAValue:
     return op.results[0]
 
 
-IN_FLIGHT = 2  # a kind of bucket collective a rank has started and not waited for, at most
+IN_FLIGHT = 2  # gradient buckets a rank has started to reduce and not waited for, at most
 
 
-def _bound_in_flight(block: Block, kind: type[CollectiveOp]) -> None:
-    """Wait for each async `kind` collective before the one IN_FLIGHT after it
-    starts (as FSDP bounds its reduce-scatters): its input, a whole bucket,
-    dies there, where otherwise every bucket would live until the update
-    reads the first piece (in reverse order of backward's buckets)."""
-    starts = [op for op in block.ops if isinstance(op, kind) and op.is_async is not None]
+def _bound_in_flight(block: Block) -> None:
+    """Wait for each async reduce-scatter before the one IN_FLIGHT after it
+    starts (as FSDP bounds them): its input, a whole bucket, dies there, where
+    otherwise every bucket would live until the update reads the first piece
+    (in reverse order of backward's buckets)."""
+    starts = [op for op in block.ops if isinstance(op, ReduceScatterOp) and op.is_async is not None]
     position = {op: i for i, op in enumerate(block.ops)}  # (moving a wait keeps the others' order)
     for start, later in zip(starts, starts[IN_FLIGHT:]):
         for use in list(start.results[0].uses):
@@ -195,7 +195,7 @@ class _StepZero:
             self.gather_into_parameters(updated)
         if self.stage >= 2:
             self.update_accumulators()
-            _bound_in_flight(self.block, ReduceScatterOp)
+            _bound_in_flight(self.block)
         self.erase_gone()
 
     # ---- the layout -------------------------------------------------------------
@@ -349,8 +349,7 @@ class _StepZero:
         """Each updated slice back into its parameter, in place, as soon as it is
         made (plait.all_gather_into: no gathered copy; ZeroRedundancyOptimizer
         broadcasts into the parameters likewise), all waited for at the step's
-        end: with no buffer to free, the updates need not wait for them
-        (measured on gloo: bounding them as buckets are bounded cost 2-3%)."""
+        end: they hold no buffer to free, so the updates need not wait."""
         for u in updated:
             start = GatherIntoOp(u.piece, u.root, self.axis, is_async=True)
             gathering = _insert(start, u.piece.owner.next_op, f"{_hint(u.root)}_gathering")
