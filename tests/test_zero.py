@@ -50,8 +50,12 @@ def _pipeline(mesh: str, stage: int) -> str:
     return f"canonicalize,cse,dce,shard{{mesh={mesh},bucket_mb={SMALL_BUCKETS}}}{_zero(stage)}"
 
 
+PARITY_STEPS = 10
+
+
 def _run(mesh: str, stage: int, tmp, *, accumulation: int = 1) -> Run:
-    """A zero run next to eager's (AdamW, clipped), saving a checkpoint after SAVE_AFTER steps."""
+    """A zero run next to eager's (AdamW, clipped) for PARITY_STEPS steps,
+    saving a checkpoint after SAVE_AFTER steps."""
     shard = f"mesh={mesh},bucket_mb={SMALL_BUCKETS}"
     return _sharded_run(
         _llama(1),
@@ -61,6 +65,7 @@ def _run(mesh: str, stage: int, tmp, *, accumulation: int = 1) -> Run:
         accumulation=accumulation,
         clip=DP_CLIP,
         then=_zero(stage),
+        steps=PARITY_STEPS,
     )
 
 
@@ -373,15 +378,13 @@ def test_mixtral_at_dp2_tp2_trains_as_eager_with_remat_zero3_and_offload(tmp_pat
         tmp_path,
         clip=DP_CLIP,
         then=passes,
+        steps=PARITY_STEPS,
     )
     _check_parity(run)
     budget = int(re.search(r"budget (\d+) B", run.trainer.module.attributes[REMAT_ATTR].data)[1])
     for record in run.measured:
         assert 0 < record[SAVED] <= budget
         assert record[OPTIMIZER_STATE] == 8 and record[HOST_OPTIMIZER_STATE] > 0  # (the step count)
-
-
-PARITY_STEPS = 10
 
 
 @pytest.mark.parametrize(
@@ -397,7 +400,7 @@ PARITY_STEPS = 10
     ],
 )
 def test_stages_remat_and_offload_train_as_eager_for_ten_steps(arch, mesh, passes, tmp_path):
-    """The runs above (Llama at dp:2, four steps) on the other model and mesh:
+    """The runs above (Llama at dp:2) on the other model and mesh:
     each stage, with and without remat and offload, equals eager's clipped
     AdamW for ten steps (losses and final parameters within 1e-5)."""
     run = _sharded_run(
