@@ -86,9 +86,8 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
 def _prompts(args, compiled):
     """(input_ids, attention_mask, tokenizer or None) from --prompt-ids or --prompt,
     left padded to the longest."""
-    import torch
-
     import plait
+    import torch
 
     tokenizer = None
     if args.prompt:
@@ -161,7 +160,6 @@ def _run_generate(args, compiled, out) -> int:
 
 def _generated_inputs(compiled, dims: dict[str, int]):
     import torch
-
     from plait.backends.fx import torch_dtype
     from plait.ir import symbolic
 
@@ -194,9 +192,8 @@ def _launcher_args(args) -> list[str]:
 def run(args) -> int:
     import statistics
 
-    import torch
-
     import plait
+    import torch
     from plait.runtime import launch
 
     console, out = make_console(), make_console(stderr=False)
@@ -282,7 +279,6 @@ def run(args) -> int:
 def _write_measured_trace(path: str, compiled, inputs, rank: int, console) -> None:
     """One more run, timed op by op, as a Chrome trace: every rank's under torchrun."""
     import torch
-
     from plait.runtime.profile import op_events, write_trace
 
     events = op_events(compiled.program, [x.to(compiled.device) for x in inputs], rank)
