@@ -30,6 +30,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -125,7 +126,7 @@ def collective_failure(error: BaseException) -> str | None:
     as one line: the rank, the op, why; None for any other error."""
     if _COLLECTIVE_WAIT is None or not isinstance(error, RuntimeError):
         return None
-    if not (isinstance(error, dist.DistError) or "gloo" in str(error)):
+    if not (isinstance(error, dist.DistError) or "gloo" in str(error) or _in_wait(error)):
         return None
     why = re.sub(r"^\[[^]]*\]\s*", "", str(error).strip().splitlines()[0])  # "[file.cc:78] "
     return (
@@ -133,6 +134,15 @@ def collective_failure(error: BaseException) -> str | None:
         f"{why} (collectives wait at most {_COLLECTIVE_WAIT:g} s: plait run --timeout or "
         "PLAIT_TIMEOUT)"
     )
+
+
+def _in_wait(error: BaseException) -> bool:
+    """Raised while a program waited for a collective (gloo's transport errors,
+    as a broadcast's "Application timeout caused pair closure", name none)."""
+    from ..backends.collective_wait import wait_released
+
+    frames = traceback.walk_tb(error.__traceback__)
+    return any(frame.f_code is wait_released.__code__ for frame, _ in frames)
 
 
 def _collective_error(previous, kind, error, trace) -> None:
