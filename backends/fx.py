@@ -868,36 +868,44 @@ class _Lowering:
                 return whole(self.graph.call_function(aten.copy_.default, (flat, valid)))
 
             return gathered, copied
-        sent = []
-        for r in range(size):
-            low, high = r * p, min((r + 1) * p, numel)
-            if low >= high:  # only padding
-                continue
-            region = self.graph.call_function(aten.slice.Tensor, (flat, 0, low, high))
-            if r == coord:
-                mine = self.graph.call_function(aten.slice.Tensor, (piece, 0, 0, high - low))
-                region = self.graph.call_function(aten.copy_.default, (region, mine))
-            sent.append(self.graph.call_function(c10d.broadcast_.default, (region, r, group)))
-        self.handed[flat] = sent
+        regions = {
+            r: self.graph.call_function(
+                aten.slice.Tensor, (flat, 0, r * p, min((r + 1) * p, numel))
+            )
+            for r in range(size)
+            if r * p < numel  # (past the end: only padding)
+        }
+        if coord in regions:  # this rank's piece, less its padding
+            piece = self.graph.call_function(aten.slice.Tensor, (piece, 0, 0, numel - coord * p))
+        self.handed[flat] = self._broadcast_regions(op, regions, coord, piece)
         return flat, whole
 
     def _broadcast_pieces(self, op: CollectiveOp, x: torch.fx.Node, ndim: int, coord: int):
         """The all-gather of `x` along dim 0 as in-place broadcasts, rank r's
         piece from rank r into row r of a fresh output: the pending output
         (one wait takes every broadcast: gloo's works are kept by storage)."""
-        aten, c10d = torch.ops.aten, torch.ops._c10d_functional
-        group, size = self.groups.names[op.axis.data], self.groups.sizes[op.axis.data]
+        aten, size = torch.ops.aten, self.groups.sizes[op.axis.data]
         dims = [self.graph.call_function(aten.sym_size.int, (x, d)) for d in range(ndim)]
         length = self.graph.call_function(operator.mul, (dims[0], size))
         out = self.graph.call_function(aten.new_empty.default, (x, [length, *dims[1:]]))
         pieces = self.graph.call_function(aten.unflatten.int, (out, 0, [size, -1]))
-        rows = [self.graph.call_function(aten.select.int, (pieces, 0, r)) for r in range(size)]
-        rows[coord] = self.graph.call_function(aten.copy_.default, (rows[coord], x))
-        self.handed[out] = [
-            self.graph.call_function(c10d.broadcast_.default, (row, r, group))
-            for r, row in enumerate(rows)
-        ]  # (every node read: torch.fx's Interpreter keeps an unread node's value)
+        rows = {r: self.graph.call_function(aten.select.int, (pieces, 0, r)) for r in range(size)}
+        self.handed[out] = self._broadcast_regions(op, rows, coord, x)
         return out
+
+    def _broadcast_regions(self, op: CollectiveOp, regions: dict, coord: int, mine) -> list:
+        """Rank r's region broadcast from rank r, in place, for each r in
+        `regions` (this rank's filled from `mine` first): the broadcasts, which
+        the wait is handed (every node read: torch.fx's Interpreter keeps an
+        unread node's value)."""
+        aten, c10d = torch.ops.aten, torch.ops._c10d_functional
+        group = self.groups.names[op.axis.data]
+        sent = []
+        for r, region in regions.items():
+            if r == coord:
+                region = self.graph.call_function(aten.copy_.default, (region, mine))
+            sent.append(self.graph.call_function(c10d.broadcast_.default, (region, r, group)))
+        return sent
 
     def _pieces_first(self, x: torch.fx.Node, dim: int, size: int) -> torch.fx.Node:
         """[..., d_dim, ...] -> [n * d0, ..., d_dim / n, ...]: piece i of `dim` leads."""

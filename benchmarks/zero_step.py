@@ -120,7 +120,7 @@ def torch_state_bytes(model, optimizer) -> int:
     inner = getattr(optimizer, "optim", optimizer)  # (ZeroRedundancyOptimizer's: its rank's)
     tensors = [t for p in model.parameters() for t in (p, p.grad) if t is not None]
     tensors += [t for state in inner.state.values() for t in state.values() if torch.is_tensor(t)]
-    storages = {_storage(t).data_ptr(): _storage(t).nbytes() for t in tensors}
+    storages = {s.data_ptr(): s.nbytes() for s in map(_storage, tensors)}
     return sum(storages.values())
 
 

@@ -492,14 +492,15 @@ class _Checker:
     def gather_into(self, op: GatherIntoOp) -> None:
         """The result is the destination, written; the pieces must cover it."""
         n = _axis_size(op, self.mesh)
-        for (piece, _, _), (sizes, _, _) in zip(self.metas(op.input), self.metas(op.dest)):
+        dest = self.metas(op.dest)
+        for (piece, _, _), (sizes, _, _) in zip(self.metas(op.input), dest):
             if n and n * piece[0] < math.prod(sizes):
                 raise _Mismatch(
                     f"{n} pieces of {piece[0]} cannot fill a destination of {math.prod(sizes)} "
                     "elements; make each piece ceil(elements / ranks) long"
                 )
-        self._expect(op, op.results[0], self.metas(op.dest), f"{op.name} into {op.dest.type}")
-        self.values[op.results[0]] = self.metas(op.dest)
+        self._expect(op, op.results[0], dest, f"{op.name} into {op.dest.type}")
+        self.values[op.results[0]] = dest
 
     def _axis_text(self, op: Operation) -> str:
         return f"{self.mesh[op.axis.data]} ranks" if self.mesh is not None else "no plait.mesh"
