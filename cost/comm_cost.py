@@ -8,6 +8,7 @@ per rank and direction), and n bytes:
     all_gather   ring: (p-1)(alpha + n_out/(p beta))
     reduce_scatter    (p-1)(alpha + n_in/(p beta))
     all_to_all        (p-1)(alpha + n_in/(p beta))
+    send (one message to one peer)    alpha + n/beta
 
 An all-reduce takes the faster of ring and tree, as NCCL does. Mesh axes are
 listed outermost first; an axis spans the devices of itself and every axis
@@ -45,6 +46,11 @@ def axis_links(mesh: dict[str, int], hardware: Hardware) -> dict[str, tuple[int,
 
 def ring_steps(p: int, n: Expr, link: Link) -> Expr:
     return (p - 1) * (link.latency + n / (p * link.bandwidth))
+
+
+def message_time(n: float, link: Link) -> float:
+    """Seconds from a send's start until its receiver holds the n bytes."""
+    return link.latency + n / link.bandwidth
 
 
 def all_reduce_time(p: int, n: Expr, link: Link) -> Expr:

@@ -10,6 +10,7 @@ deadlock; bad options are clear errors.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import plait
 import pytest
 import torch
 from plait.cost.estimate import Target, estimate
-from plait.hardware import load
+from plait.hardware import Link, load
 from plait.ir.errors import PlaitError
 from plait.ir.ops import AllReduceOp, ParamOp, RecvOp, SendOp
 from plait.ir.text import parse_module, print_module
@@ -34,7 +35,7 @@ from plait.passes.shard.pipeline_schedule import (
     simulate,
 )
 from plait.passes.shard.stage_split import StepSplit, function_messages
-from plait.passes.shard.stages import best_cuts, stage_sums
+from plait.passes.shard.stages import best_cuts, pipeline_timeline, stage_sums
 from test_training import _close, _eager, _hf_model, _lm_loss
 from test_training_parallel import ADAMW, PARAM_ATOL, _batches, _optimizer
 from xdsl.dialects import func
@@ -377,8 +378,8 @@ def _chain(stages: int) -> dict:
     messages = {}
     for s in range(stages):
         up, down = s < stages - 1, s > 0
-        messages["F", s] = [("recv", s - 1)] * down + [("send", s)] * up
-        messages["B", s] = [("recv", 100 + s)] * up + [("send", 99 + s)] * down
+        messages["F", s] = [("recv", s - 1, 0)] * down + [("send", s, 0)] * up
+        messages["B", s] = [("recv", 100 + s, 0)] * up + [("send", 99 + s, 0)] * down
     return messages
 
 
@@ -405,6 +406,22 @@ def test_interleaving_shrinks_the_bubble_as_megatron_says():
     assert timeline.time == pytest.approx(2 * (micro + 3 / virtual))
 
 
+def test_a_message_reaches_its_receiver_after_the_links_latency_and_bytes():
+    """Two stages, one micro-batch of 1 s actions, each message 2e6 bytes on a
+    link of 1 ms latency and 1e9 bytes/s: the hidden state arrives 3 ms after
+    F0 ends, its gradient 3 ms after stage 1's B0."""
+    link = Link("test", None, bandwidth=1e9, latency=1e-3)
+    messages = {
+        key: [(what, tag, 2_000_000) for what, tag, _ in talk] for key, talk in _chain(2).items()
+    }
+    times = {(k, s): 1.0 for k in "FB" for s in range(2)}
+    timeline = simulate(gpipe(2, 1), times, messages, link)
+    assert timeline.spans[1][0][1] == pytest.approx(1.003)  # stage 1's F0 starts
+    assert timeline.spans[0][1][1] == pytest.approx(3.006)  # stage 0's B0 starts
+    assert timeline.time == pytest.approx(4.006)
+    assert simulate(gpipe(2, 1), times, messages).time == pytest.approx(4.0)
+
+
 def test_a_schedule_that_waits_for_a_message_never_sent_deadlocks():
     backward_first = [["B0", "F0", "U"], ["F0", "B0", "U"]]  # each waits for the other
     with pytest.raises(DeadlockError, match="rank 0 waits in B0"):
@@ -421,13 +438,39 @@ def test_every_send_of_the_compiled_stages_has_its_recv(runs):
         for rank, actions in enumerate(plan.actions):
             for action in actions:
                 kind, index, chunk = parse_action(action)
-                for what, tag in messages.get((kind, plan.stage_of(rank, chunk)), []):
+                for what, tag, _ in messages.get((kind, plan.stage_of(rank, chunk)), []):
                     counts.setdefault((tag, index), [0, 0])[what == "recv"] += 1
         # each boundary between stages: its hidden state up, its gradient down
         tags = range(2 * (plan.stages * plan.virtual - 1))
         assert sorted(counts) == [(tag, i) for tag in tags for i in range(MICRO)], schedule
         assert all(c == [1, 1] for c in counts.values()), schedule
         simulate(plan.actions, {}, messages)  # (raises if it deadlocks)
+        sizes = {  # a send and its recv carry one micro-batch's [1, seq, hidden] floats
+            tag: {size for talk in messages.values() for _, t, size in talk if t == tag}
+            for tag in tags
+        }
+        assert all(found == {_boundary_bytes(runs)} for found in sizes.values()), sizes
+
+
+def _boundary_bytes(runs) -> int:
+    """One micro-batch's hidden state (or its gradient): [1, seq, hidden] floats."""
+    _, batches, *_ = runs
+    return 4 * batches[0][0].shape[1] * _hf_model("llama").config.hidden_size
+
+
+def test_the_predicted_step_waits_for_each_message_on_the_pp_link(runs):
+    """GPipe on 2 stages: the step's critical path crosses the boundary twice
+    per micro-batch's way up and down, so pricing messages on cpu's gloo link
+    lengthens the step by at least two messages' time."""
+    out, *_ = runs
+    module = out["gpipe"].trainer.module
+    cpu = load("cpu")
+    timeline = pipeline_timeline(module, Target(cpu))
+    (link,) = cpu.links
+    instant = Link("instant", None, bandwidth=float("inf"), latency=0.0)
+    free = pipeline_timeline(module, Target(dataclasses.replace(cpu, links=(instant,))))
+    one = link.latency + _boundary_bytes(runs) / link.bandwidth
+    assert timeline.time - free.time >= 2 * one - 1e-12
 
 
 # ---- the cut --------------------------------------------------------------------

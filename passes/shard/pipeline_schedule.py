@@ -16,7 +16,8 @@ backwards; at most S-s micro-batches' activations are alive on stage s.
 Interleaved 1F1B (Narayanan et al. 2021, Megatron's order) gives each rank V
 chunks, shrinking the bubble V-fold. `simulate` runs the action lists with
 the functions' messages (sends never block, a receive waits for its send,
-matched by tag and micro-batch), for the predicted timeline and to prove
+matched by tag and micro-batch, and for the message's time on the pp axis's
+link: latency + bytes / bandwidth), for the predicted timeline and to prove
 that a schedule cannot deadlock.
 """
 
@@ -26,6 +27,8 @@ from dataclasses import dataclass
 
 from xdsl.dialects.builtin import ArrayAttr, DictionaryAttr, IntegerAttr, ModuleOp, StringAttr, i64
 
+from ...cost.comm_cost import message_time
+from ...hardware import Link
 from ...ir.attrs import PIPELINE_ATTR
 from ...ir.errors import PlaitError
 
@@ -145,9 +148,9 @@ def pipeline_plan(module: ModuleOp) -> PipelinePlan | None:
         ) from None
 
 
-# a (virtual) stage function's messages in order: ("send" | "recv", tag); a
-# send and its recv share a tag, unique in the module, and a micro-batch
-Messages = dict[tuple[str, int], list[tuple[str, int]]]
+# a (virtual) stage function's messages in order: ("send" | "recv", tag, bytes);
+# a send and its recv share a tag, unique in the module, and a micro-batch
+Messages = dict[tuple[str, int], list[tuple[str, int, int]]]
 
 
 @dataclass
@@ -165,14 +168,18 @@ class DeadlockError(PlaitError):
 
 
 def simulate(
-    actions: list[list[str]], times: dict[tuple[str, int], float], messages: Messages
+    actions: list[list[str]],
+    times: dict[tuple[str, int], float],
+    messages: Messages,
+    link: Link | None = None,
 ) -> Timeline:
     """Run the ranks' action lists: an action starts when its rank is free
-    and each message it receives was sent (by its sender's action's end);
-    sends never block. `times[(kind, stage)]` is an action's seconds (the
-    update's by rank). Raises DeadlockError when no rank can go on."""
+    and each message it receives has arrived (sent at its sender's action's
+    end, then `message_time` on `link`; None: at once); sends never block.
+    `times[(kind, stage)]` is an action's seconds (the update's by rank).
+    Raises DeadlockError when no rank can go on."""
     ranks = len(actions)
-    sent: dict[tuple[int, int | None], float] = {}  # (tag, micro-batch) -> when
+    arrived: dict[tuple[int, int | None], float] = {}  # (tag, micro-batch) -> when
     next_action = [0] * ranks
     clock = [0.0] * ranks
     spans: list[list[tuple[str, float, float]]] = [[] for _ in range(ranks)]
@@ -185,13 +192,13 @@ def simulate(
                 kind, index, chunk = parse_action(action)
                 stages = _action_stages(actions, r, kind, chunk)
                 talk = [m for stage in stages for m in messages.get((kind, stage), [])]
-                waits = [sent.get((tag, index)) for what, tag in talk if what == "recv"]
+                waits = [arrived.get((tag, index)) for what, tag, _ in talk if what == "recv"]
                 if None in waits:
                     break
                 end = max([clock[r], *waits]) + sum(times.get((kind, s), 0.0) for s in stages)
-                for what, tag in talk:
+                for what, tag, size in talk:
                     if what == "send":
-                        sent[tag, index] = end
+                        arrived[tag, index] = end + (message_time(size, link) if link else 0.0)
                 spans[r].append((action, max([clock[r], *waits]), end))
                 clock[r] = end
                 next_action[r] += 1

@@ -524,14 +524,18 @@ def _unique(name: str, taken: set[str]) -> str:
 
 def function_messages(module: ModuleOp) -> dict[tuple[str, int], list]:
     """Each stage function's sends and receives in order: (("F"|"B", stage) ->
-    [("send" | "recv", tag)]), what `simulate` runs."""
+    [("send" | "recv", tag, bytes)]), what `simulate` runs."""
     out = {}
     for fn in module.ops:
         if not isinstance(fn, func.FuncOp):
             continue
         kind, _, stage = fn.sym_name.data.partition("_stage")
         talk = [
-            ("send" if isinstance(op, SendOp) else "recv", op.tag.value.data)
+            (
+                "send" if isinstance(op, SendOp) else "recv",
+                op.tag.value.data,
+                int((op.input if isinstance(op, SendOp) else op.result).type.nbytes),
+            )
             for op in fn.walk()
             if isinstance(op, (SendOp, RecvOp)) and op.axis.data == PIPELINE_AXIS
         ]

@@ -47,6 +47,8 @@ from xdsl.context import Context
 from xdsl.dialects import func
 from xdsl.dialects.builtin import ModuleOp
 
+from ...cost.comm_cost import axis_links
+from ...hardware import Link
 from ...ir.attrs import MESH_ATTR, PIPELINE_AXIS, PLACEMENTS_ATTR, MeshAttr, mesh_axes
 from ...ir.ops import ParamOp
 from ...ir.training import ACCUMULATE, TRAIN_STEP
@@ -134,7 +136,8 @@ class Pipeline(Pass):
                     f"'{arg.name_hint}' is {arg.type}; compile without dynamic_shapes"
                 )
         buckets = _unbucket(fn, data[0], list(mesh_axes(module)).index(data[0])) if data else []
-        report = estimate(module, Target(load(self.hardware)), TRAIN_STEP)
+        hardware = load(self.hardware)
+        report = estimate(module, Target(hardware), TRAIN_STEP)
         times = {row.op: row.time for row in report.ops}
         step = StepSplit(fn)
         costs = step.segment_costs(times)
@@ -161,7 +164,10 @@ class Pipeline(Pass):
         module.attributes[MESH_ATTR] = MeshAttr(tuple(axes.items()))
         actions = SCHEDULES[self.schedule](self.stages, self.microbatches, self.virtual)
         timeline = simulate(
-            actions, _action_times(step, times, self.stages), function_messages(module)
+            actions,
+            _action_times(step, times, self.stages),
+            function_messages(module),
+            pipeline_link(module, hardware),
         )
         mean = sum(stage_times) / len(stage_times)
         notes = {
@@ -245,7 +251,8 @@ def _action_times(step: StepSplit, times, ranks: int) -> dict[tuple[str, int], f
 def pipeline_timeline(module: ModuleOp, target) -> Timeline | None:
     """A pipelined step's simulated timeline on `target` (a cost.estimate
     Target): each stage function's estimated time, run as the schedule's
-    action lists with the functions' messages; None when not pipelined."""
+    action lists with the functions' messages over the pp axis's link; None
+    when not pipelined."""
     from ...cost.estimate import estimate
 
     plan = pipeline_plan(module)
@@ -257,4 +264,11 @@ def pipeline_timeline(module: ModuleOp, target) -> Timeline | None:
         for kind, n in (("F", count), ("B", count), ("U", plan.stages))
         for s in range(n)
     }
-    return simulate(plan.actions, times, function_messages(module))
+    return simulate(
+        plan.actions, times, function_messages(module), pipeline_link(module, target.hardware)
+    )
+
+
+def pipeline_link(module: ModuleOp, hardware) -> Link:
+    """The link the pp axis's messages cross on `hardware`."""
+    return axis_links(mesh_axes(module), hardware)[PIPELINE_AXIS][1]
