@@ -60,7 +60,7 @@ from .passes.shard.rules import DATA_AXES
 from .runtime import artifact, checkpoint
 from .runtime.allocator import keep_freed_memory
 from .runtime.inputs import check_inputs
-from .runtime.memory import PEAK, measure
+from .runtime.memory import PEAK, measure, pipelined_record, storage_bytes
 from .runtime.prefetch import Prefetcher
 
 Schedule = Callable[[int], float]
@@ -302,13 +302,15 @@ class Trainer:
         `measure`: record what it allocates (see `memory`)."""
         micro = _micro_batches(batch, self.spec.accumulation)
         lr_input = torch.tensor(lr, dtype=torch.float64, device=self.device)
-        records: list[dict[str, int]] = []
+        records: list[tuple[dict[str, int], int]] = []  # each program's, and what it held
 
-        def run(function: str, inputs) -> tuple[torch.Tensor, ...]:
+        def run(function: str, inputs, held=()) -> tuple[torch.Tensor, ...]:
             if not measure:
                 return self._run(function, inputs)
-            outputs, record = self._run_measured(function, inputs)
-            records.append(record)
+            # (a forward keeps views of weights for its backward: state, counted as such)
+            resident = self._resident_storages()
+            outputs, record = self._run_measured(function, inputs, resident)
+            records.append((record, storage_bytes(held, resident)))
             return outputs
 
         if pipeline_plan(self.module) is not None:
@@ -320,8 +322,11 @@ class Trainer:
                 loss = losses[0]
                 for more in losses[1:]:
                     loss = loss + more
-        if measure:  # the step's peak: its program that needed the most
-            self._measured = max(records, key=lambda r: r[PEAK])
+        if measure and pipeline_plan(self.module) is not None:
+            # (the update ran last: it holds every stage's state)
+            self._measured = pipelined_record(records, records[-1][0])
+        elif measure:  # the step's peak: its program that needed the most
+            self._measured = max((r for r, _ in records), key=lambda r: r[PEAK])
         return loss
 
     def _run_stage(self, micro: list[tuple], lr_input: torch.Tensor, run) -> torch.Tensor:
@@ -349,12 +354,13 @@ class Trainer:
                     self._post_receives(plan, rank, actions[position + 1], receives)
                 current[0] = index
                 if kind == "F":
-                    outputs = run(stage_function(kind, stage), micro[index])
+                    outputs = run(stage_function(kind, stage), micro[index], list(kept.values()))
                     if stage == last:
                         loss = loss + outputs[0]
                     kept[index, stage] = tuple(outputs[1:] if stage == last else outputs)
                 else:
-                    run(stage_function(kind, stage), (*micro[index], *kept.pop((index, stage))))
+                    mine = kept.pop((index, stage))
+                    run(stage_function(kind, stage), (*micro[index], *mine), list(kept.values()))
             sends = self._shared.get(SENDS, [])  # (the programs' list: they went out async)
             for send in sends:
                 send.wait()
@@ -412,11 +418,22 @@ class Trainer:
     def _run(self, function: str, inputs) -> tuple[torch.Tensor, ...]:
         return self._program(function)(*[x.to(self.device) for x in inputs])
 
-    def _run_measured(self, function: str, inputs) -> tuple[tuple, dict[str, int]]:
+    def _run_measured(
+        self, function: str, inputs, resident=frozenset()
+    ) -> tuple[tuple, dict[str, int]]:
         """(outputs, what the run allocated: plait.runtime.memory's record)"""
         program = self._program(function)
         kinds = value_kinds(_function(self.module, function))
-        return measure(program, [x.to(self.device) for x in inputs], kinds, self.device)
+        inputs = [x.to(self.device) for x in inputs]
+        return measure(program, inputs, kinds, self.device, resident)
+
+    def _resident_storages(self) -> set[int]:
+        """Addresses of the storages of this rank's state and weights."""
+        return {
+            t.untyped_storage().data_ptr()
+            for key, t in self._shared.items()
+            if isinstance(t, torch.Tensor) and key[0] in ("state", "weight")
+        }
 
     def _workers(self):
         from .runtime.heartbeat import timeout_seconds
@@ -492,7 +509,10 @@ class Trainer:
         bytes of live tensor storage, and by kind those alive at the peak
         (parameters, gradients, optimizer state, gradient accumulators, inputs,
         saved activations, temporary; "unattributed": kernels' own, CUDA
-        only). A sharded step on worker processes gives a list, one per rank."""
+        only). A pipelined rank's: its stages' state, plus the most one action
+        allocated while the forwards' values kept for later backwards were
+        held (`runtime.memory.pipelined_record`). A sharded step on worker
+        processes gives a list, one per rank."""
         if not measured:
             plan = pipeline_plan(self.module)
             if plan is not None:  # the rank that holds the most

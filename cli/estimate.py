@@ -207,13 +207,15 @@ def run(args) -> int:
                 results[0], results[1], (pipelines[0] or "(none)", pipelines[1] or "(none)")
             )
         )
-    from plait.passes.shard.stages import pipeline_timeline
+    from plait.passes.shard.pipeline_cost import pipeline_peaks, pipeline_timeline
 
     timeline = pipeline_timeline(plan, Target(hardware, mesh, values))
     if timeline is not None:  # the step is every stage's actions, not one function
+        peaks = pipeline_peaks(plan, Target(hardware, mesh, values))
         print(
             f"pipelined step: {timeline.time * 1e3:.3f} ms, bubble {timeline.bubble:.1%} "
-            "(each stage function's estimate, run as the schedule)"
+            "(each stage function's estimate, run as the schedule); peak per pp rank: "
+            + ", ".join(f"{p / 2**20:.1f} MiB" for p in peaks)
         )
     if args.trace and timeline is not None:
         from plait.runtime.profile import TraceEvent, write_trace

@@ -45,7 +45,17 @@ from xdsl.ir import SSAValue
 
 from ..backends.fx import OP_META, PARAM_META, Program
 from ..ir.memory import on_host
-from ..ir.training import HOST_KINDS, HOST_TEMPORARY, INPUTS, MEMORY_KINDS, TEMPORARY
+from ..ir.training import (
+    ACCUMULATORS,
+    HOST_KINDS,
+    HOST_TEMPORARY,
+    INPUTS,
+    MEMORY_KINDS,
+    OPTIMIZER_STATE,
+    PARAMETERS,
+    SAVED,
+    TEMPORARY,
+)
 
 PEAK = "peak"
 UNATTRIBUTED = "unattributed"
@@ -164,8 +174,13 @@ def _value(node: torch.fx.Node) -> SSAValue | None:
     return op.results[0]
 
 
-def measure(program: Program, inputs, kinds: dict[SSAValue, str], device: torch.device):
-    """Run `program` on `inputs` (on `device`), measuring: (its outputs, the record)."""
+def measure(
+    program: Program, inputs, kinds: dict[SSAValue, str], device: torch.device, resident=()
+):
+    """Run `program` on `inputs` (on `device`), measuring: (its outputs, the
+    record). An input whose storage's address is in `resident` is a view of
+    state (a weight a pipeline stage's forward kept for its backward): counted
+    as parameters."""
     storages = Storages()
     module = program.graph_module
     for node in module.graph.nodes:  # held before the run: state, weights, arena
@@ -174,7 +189,7 @@ def measure(program: Program, inputs, kinds: dict[SSAValue, str], device: torch.
             for storage in _storages(getattr(module, node.target)):
                 storages.add(storage, kind)
     for storage in _storages(list(inputs)):
-        storages.add(storage, INPUTS)
+        storages.add(storage, PARAMETERS if storage.data_ptr() in resident else INPUTS)
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
@@ -192,6 +207,35 @@ def measure(program: Program, inputs, kinds: dict[SSAValue, str], device: torch.
         record[PEAK] = max(allocator, storages.peak)
         record[UNATTRIBUTED] = record[PEAK] - storages.peak
     return outputs, record
+
+
+STATE_HELD = (PARAMETERS, OPTIMIZER_STATE, ACCUMULATORS)  # alive through a whole step
+
+
+def pipelined_record(actions: list[tuple[dict[str, int], int]], state: dict[str, int]):
+    """A pipelined rank's step from its actions' records, each with the bytes
+    of the forwards' kept values it did not read (held for later backwards):
+    the rank's `state` (its update's record: every stage's parameters,
+    optimizer state and accumulators) plus, at the action that needed the
+    most, what it allocated and read beyond its state, and the kept values
+    it held."""
+
+    def beyond_state(entry) -> int:
+        record, held = entry
+        return record[PEAK] - sum(record[k] for k in STATE_HELD) + held
+
+    record, held = max(actions, key=beyond_state)
+    out = {**record, **{k: state[k] for k in STATE_HELD}}
+    out[SAVED] += held
+    out[PEAK] = sum(state[k] for k in STATE_HELD) + beyond_state((record, held))
+    return out
+
+
+def storage_bytes(tensors, resident=frozenset()) -> int:
+    """Bytes of the distinct storages under `tensors` (a pytree), but those
+    at the addresses in `resident` (state and weights, counted already)."""
+    found = {s.data_ptr(): s.nbytes() for s in _storages(tensors)}
+    return sum(n for address, n in found.items() if address not in resident)
 
 
 def gather(record: dict[str, int]) -> list[dict[str, int]]:

@@ -47,8 +47,6 @@ from xdsl.context import Context
 from xdsl.dialects import func
 from xdsl.dialects.builtin import ModuleOp
 
-from ...cost.comm_cost import axis_links
-from ...hardware import Link
 from ...ir.attrs import MESH_ATTR, PIPELINE_AXIS, PLACEMENTS_ATTR, MeshAttr, mesh_axes
 from ...ir.ops import ParamOp
 from ...ir.training import ACCUMULATE, TRAIN_STEP
@@ -56,15 +54,8 @@ from ..base import Pass
 from ..options import OptionError, check_hardware
 from .decode_stages import is_generation, pipeline_generation
 from .grad_buckets import bucket_by, unbucket
-from .pipeline_schedule import (
-    SCHEDULES,
-    PipelinePlan,
-    Timeline,
-    pipeline_plan,
-    record,
-    simulate,
-    stage_function,
-)
+from .pipeline_cost import pipeline_link
+from .pipeline_schedule import SCHEDULES, PipelinePlan, record, simulate
 from .rules import DATA_AXES
 from .stage_split import StageError, StepSplit, function_messages, module_of
 
@@ -246,29 +237,3 @@ def _action_times(step: StepSplit, times, ranks: int) -> dict[tuple[str, int], f
         key = (kind, s % ranks if kind == "U" else s)
         out[key] = out.get(key, 0.0) + times.get(op, 0.0)
     return out
-
-
-def pipeline_timeline(module: ModuleOp, target) -> Timeline | None:
-    """A pipelined step's simulated timeline on `target` (a cost.estimate
-    Target): each stage function's estimated time, run as the schedule's
-    action lists with the functions' messages over the pp axis's link; None
-    when not pipelined."""
-    from ...cost.estimate import estimate
-
-    plan = pipeline_plan(module)
-    if plan is None:
-        return None
-    count = plan.stages * plan.virtual
-    times = {
-        (kind, s): estimate(module, target, stage_function(kind, s)).schedule.step_time
-        for kind, n in (("F", count), ("B", count), ("U", plan.stages))
-        for s in range(n)
-    }
-    return simulate(
-        plan.actions, times, function_messages(module), pipeline_link(module, target.hardware)
-    )
-
-
-def pipeline_link(module: ModuleOp, hardware) -> Link:
-    """The link the pp axis's messages cross on `hardware`."""
-    return axis_links(mesh_axes(module), hardware)[PIPELINE_AXIS][1]

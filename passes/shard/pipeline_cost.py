@@ -1,0 +1,106 @@
+"""Analysis: a pipelined training step as the cost model sees it: each rank's
+timeline (its stage functions' estimated times run as the schedule's action
+lists, messages crossing the pp axis's link) and each rank's peak memory.
+
+A rank's peak: the state of its stages (parameters, optimizer state,
+gradient accumulators) plus, at each action in its list, the activations the
+forwards it ran keep for backwards it has not run yet (a forward's returned
+values), plus what the action itself allocates at its own peak
+(`estimate`'s activation peak: its temporaries, and a forward's kept values).
+GPipe keeps all M micro-batches' activations before the first backward,
+1F1B at most S - s on stage s.
+"""
+
+from __future__ import annotations
+
+from xdsl.dialects import func
+from xdsl.dialects.builtin import ModuleOp
+from xdsl.ir import OpResult
+
+from ...cost.comm_cost import axis_links
+from ...hardware import Link
+from ...ir.attrs import PIPELINE_AXIS, mesh_axes
+from ...ir.ops import ParamOp
+from ...ir.training import GRADIENT_BYTES, HOST_OPTIMIZER_STATE, step_memory
+from .pipeline_schedule import (
+    BACKWARD,
+    FORWARD,
+    UPDATE,
+    Timeline,
+    parse_action,
+    pipeline_plan,
+    simulate,
+    stage_function,
+)
+from .stage_split import function_messages
+
+HOST_KINDS = (GRADIENT_BYTES, HOST_OPTIMIZER_STATE)  # not the device's state: left out
+
+
+def pipeline_link(module: ModuleOp, hardware) -> Link:
+    """The link the pp axis's messages cross on `hardware`."""
+    return axis_links(mesh_axes(module), hardware)[PIPELINE_AXIS][1]
+
+
+def _estimates(module: ModuleOp, target) -> dict:
+    """Each stage function's estimate: (kind, stage) -> Estimate (the update's by rank)."""
+    from ...cost.estimate import estimate
+
+    plan = pipeline_plan(module)
+    count = plan.stages * plan.virtual
+    return {
+        (kind, s): estimate(module, target, stage_function(kind, s))
+        for kind, n in ((FORWARD, count), (BACKWARD, count), (UPDATE, plan.stages))
+        for s in range(n)
+    }
+
+
+def pipeline_timeline(module: ModuleOp, target, estimates: dict | None = None) -> Timeline | None:
+    """A pipelined step's simulated timeline on `target` (a cost.estimate
+    Target); None when not pipelined."""
+    plan = pipeline_plan(module)
+    if plan is None:
+        return None
+    estimates = estimates or _estimates(module, target)
+    times = {key: e.schedule.step_time for key, e in estimates.items()}
+    return simulate(
+        plan.actions, times, function_messages(module), pipeline_link(module, target.hardware)
+    )
+
+
+def pipeline_peaks(module: ModuleOp, target, estimates: dict | None = None) -> list[float]:
+    """Each pp rank's predicted peak bytes over a step (see the docstring)."""
+    plan = pipeline_plan(module)
+    estimates = estimates or _estimates(module, target)
+    functions = {f.sym_name.data: f for f in module.ops if isinstance(f, func.FuncOp)}
+    kept = {
+        s: _kept_bytes(functions[stage_function(FORWARD, s)], estimates[FORWARD, s].schedule)
+        for s in range(plan.stages * plan.virtual)
+    }
+    peaks = []
+    for rank, actions in enumerate(plan.actions):
+        held = step_memory(functions[stage_function(UPDATE, rank)])
+        state = sum(b for kind, b in held.items() if kind not in HOST_KINDS)
+        alive, peak = 0, 0.0
+        for action in actions:
+            kind, _, chunk = parse_action(action)
+            stage = rank if kind == UPDATE else plan.stage_of(rank, chunk)
+            schedule = estimates[kind, stage].schedule
+            # (a backward's inputs, its kept values among them, are counted in `alive`)
+            inputs = sum(int(a.type.nbytes) for a in functions[stage_function(kind, stage)].args)
+            own = schedule.activation_peak - (inputs if kind == BACKWARD else 0)
+            peak = max(peak, alive + own)
+            alive += {FORWARD: kept[stage], BACKWARD: -kept[stage]}.get(kind, 0)
+        peaks.append(state + peak)
+    return peaks
+
+
+def _kept_bytes(forward: func.FuncOp, schedule) -> int:
+    """The new memory a forward's returned values hold: each base once, none
+    of a parameter (the transposed weights it hands to backward) or input."""
+    bases = {schedule.bases.get(v, v) for v in forward.get_return_op().operands}
+    return sum(
+        int(b.type.nbytes)
+        for b in bases
+        if isinstance(b, OpResult) and not isinstance(b.owner, ParamOp)
+    )
