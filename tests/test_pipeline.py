@@ -25,6 +25,7 @@ from plait.ir.ops import AllReduceOp, ParamOp, RecvOp, SendOp
 from plait.ir.text import parse_module, print_module
 from plait.ir.training import BACKWARD, FORWARD, TRAIN_STEP
 from plait.passes.manager import PassManager
+from plait.passes.shard.pipeline_cost import pipeline_peaks, pipeline_timeline
 from plait.passes.shard.pipeline_schedule import (
     DeadlockError,
     gpipe,
@@ -35,7 +36,6 @@ from plait.passes.shard.pipeline_schedule import (
     simulate,
 )
 from plait.passes.shard.stage_split import StepSplit, function_messages
-from plait.passes.shard.pipeline_cost import pipeline_peaks, pipeline_timeline
 from plait.passes.shard.stages import best_cuts, stage_sums
 from test_training import _close, _eager, _hf_model, _lm_loss
 from test_training_parallel import ADAMW, PARAM_ATOL, _batches, _optimizer

@@ -55,7 +55,7 @@ from ..options import OptionError, check_hardware
 from .decode_stages import is_generation, pipeline_generation
 from .grad_buckets import bucket_by, unbucket
 from .pipeline_cost import pipeline_link
-from .pipeline_schedule import SCHEDULES, PipelinePlan, record, simulate
+from .pipeline_schedule import SCHEDULES, PipelinePlan, record, simulate, stage_function
 from .rules import DATA_AXES
 from .stage_split import StageError, StepSplit, function_messages, module_of
 
