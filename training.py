@@ -928,24 +928,30 @@ def _pipeline_micro_batches(manager: PassManager, accumulation: int, batch) -> i
     """The micro-batches a pipeline pass splits the batch in: the step is
     captured for them (each one's loss divided by their number, as
     accumulation divides it)."""
-    stages = [p for p in manager.passes if p.name == "pipeline"]
+    stages = _splitting_passes(manager)
     if not stages:
         return accumulation
-    micro = stages[0].microbatches
+    micro, name = stages[0].microbatches, stages[0].name
     for i, value in enumerate(batch):
         rows = value.shape[0] if isinstance(value, torch.Tensor) and value.dim() else None
         if rows is not None and rows % micro:
             raise TrainingError(
-                f"pipeline{{microbatches={micro}}} splits the batch along dim 0, but batch "
+                f"{name}{{microbatches={micro}}} splits the batch along dim 0, but batch "
                 f"input #{i} has {rows} rows; give microbatches that divide {rows}, or a batch "
                 f"of a multiple of {micro} rows"
             )
     if accumulation not in (1, micro):
         raise TrainingError(
-            f"accumulation={accumulation} and pipeline{{microbatches={micro}}} both split the "
+            f"accumulation={accumulation} and {name}{{microbatches={micro}}} both split the "
             f"batch; give one of them (the pipeline's micro-batches accumulate gradients)"
         )
     return micro
+
+
+def _splitting_passes(manager: PassManager) -> list:
+    """The passes that split a step's batch into micro-batches: `pipeline`, and
+    `parallelize`, which may choose pipeline stages."""
+    return [p for p in manager.passes if p.name in ("pipeline", "parallelize")]
 
 
 def _start_from_dcp(captured, directory: str | Path) -> None:
@@ -1055,12 +1061,12 @@ def load_training(
     pipeline = contents.manifest["pipeline"] if pipeline is None else pipeline
     module = source.clone()
     manager = PassManager.parse(pipeline)
-    stages = [p for p in manager.passes if p.name == "pipeline"]
+    stages = _splitting_passes(manager)
     if stages and stages[0].microbatches != spec.accumulation:
         raise TrainingError(
             f"{directory} holds a step captured for {spec.accumulation} micro-batch(es), but "
-            f"the pipeline asks for pipeline{{microbatches={stages[0].microbatches}}}; use "
-            f"microbatches={spec.accumulation}"
+            f"the pipeline asks for {stages[0].name}{{microbatches={stages[0].microbatches}}}; "
+            f"use microbatches={spec.accumulation}"
         )
     manager.run(module, weights)
     check_state_order(module)

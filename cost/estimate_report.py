@@ -97,7 +97,7 @@ def pipeline(estimate: Estimate) -> list[tuple[str, str]]:
 def memory_plan(estimate: Estimate) -> list[tuple[str, str]]:
     """Program state (a KV cache), the planned arena (memplan), the weight
     tiering (tier) and the rematerialization (remat), where the plan has them."""
-    from ..ir.attrs import ARENA_ATTR, MEMORY_PLAN_ATTR, REMAT_ATTR, TIERING_ATTR
+    from ..ir.attrs import ARENA_ATTR, MEMORY_PLAN_ATTR, MESH_PLAN_ATTR, REMAT_ATTR, TIERING_ATTR
     from ..ir.ops import ParamOp
     from ..ir.training import gradients, step_memory
 
@@ -126,6 +126,10 @@ def memory_plan(estimate: Estimate) -> list[tuple[str, str]]:
         rows.append(("weight tiering", module.attributes[TIERING_ATTR].data))
     if REMAT_ATTR in module.attributes:
         rows.append(("rematerialization", module.attributes[REMAT_ATTR].data))
+    if MESH_PLAN_ATTR in module.attributes:  # parallelize: why this mesh
+        chosen, _, considered = module.attributes[MESH_PLAN_ATTR].data.partition("; considered: ")
+        rows.append(("mesh plan", chosen))
+        rows.append(("meshes considered", considered))
     if MEMORY_PLAN_ATTR in module.attributes:  # shard{solve=ilp,memory}: why this stage and remat
         chosen, _, considered = module.attributes[MEMORY_PLAN_ATTR].data.partition("; considered: ")
         rows.append(("memory plan", chosen))

@@ -35,6 +35,7 @@ SHARDING_ATTR = "plait.sharding"  # module: how the shard solver chose (status, 
 TIERING_ATTR = "plait.tiering"  # module: what tier streams and its predicted step times
 REMAT_ATTR = "plait.remat"  # module: what remat recomputes, its budget and predicted cost
 MEMORY_PLAN_ATTR = "plait.memory_plan"  # module: the ZeRO stage and remat chosen for a budget
+MESH_PLAN_ATTR = "plait.mesh_plan"  # module: the dp x tp x pp mesh parallelize chose, and why
 FUSE_ATTR = "plait.fuse"  # module: its programs are compiled through Inductor, in this mode
 LIBRARIES_ATTR = "plait.libraries"  # module: Python modules that define custom ops
 PIPELINE_ATTR = "plait.pipeline"  # module: its stages' cut and schedule (see passes.shard.stages)

@@ -16,6 +16,7 @@ _PASSES: dict[str, str] = {
     "memplan": "memory.memplan:MemPlan",
     "offload": "memory.offload:Offload",
     "overlap": "overlap:Overlap",
+    "parallelize": "shard.parallelize:Parallelize",
     "pipeline": "shard.stages:Pipeline",
     "quantize": "compress.quantize:Quantize",
     "remat": "memory.remat:Remat",

@@ -73,7 +73,11 @@ OPTIMIZER_OFFLOAD = "optimizer state"  # `offload`: kept in host memory, updated
 
 
 class MemoryPlanError(SolveError):
-    """No plan fits the memory budget."""
+    """No plan fits the memory budget; `peak`: the least peak a plan reaches."""
+
+    def __init__(self, message: str, peak: float):
+        super().__init__(message)
+        self.peak = peak
 
 
 @dataclass
@@ -275,7 +279,8 @@ def decide(stages: list[StageFigures], memory: float, timeout_s: float = 10.0):
         raise MemoryPlanError(
             f"memory budget {memory:.6g} B per device is below what the training step's "
             f"weights and state need on this mesh under any plan: the least peak is "
-            f"{least.peak:.6g} B, with {least.choice()}; raise memory or use a larger mesh"
+            f"{least.peak:.6g} B, with {least.choice()}; raise memory or use a larger mesh",
+            least.peak,
         )
     return min(fitting, key=_order), rows
 
@@ -352,7 +357,8 @@ def plan_memory(
         raise MemoryPlanError(
             f"memory budget {memory:.6g} B per device is below what the training step's "
             "weights and state need on this mesh under any plan tried: the least priced peak "
-            f"is {least.peak:.6g} B, with {least.choice()}; raise memory or use a larger mesh"
+            f"is {least.peak:.6g} B, with {least.choice()}; raise memory or use a larger mesh",
+            least.peak,
         )
     apply_plan(module, chosen, bucket_mb, hardware, values)
     others = [r.describe() for r in [*rows, *missed, *skipped] if r.key != chosen.key]

@@ -42,7 +42,7 @@ def pipeline_link(module: ModuleOp, hardware) -> Link:
     return axis_links(mesh_axes(module), hardware)[PIPELINE_AXIS][1]
 
 
-def _estimates(module: ModuleOp, target) -> dict:
+def estimates_of(module: ModuleOp, target) -> dict:
     """Each stage function's estimate: (kind, stage) -> Estimate (the update's by rank)."""
     from ...cost.estimate import estimate
 
@@ -61,7 +61,7 @@ def pipeline_timeline(module: ModuleOp, target, estimates: dict | None = None) -
     plan = pipeline_plan(module)
     if plan is None:
         return None
-    estimates = estimates or _estimates(module, target)
+    estimates = estimates or estimates_of(module, target)
     times = {key: e.schedule.step_time for key, e in estimates.items()}
     return simulate(
         plan.actions, times, function_messages(module), pipeline_link(module, target.hardware)
@@ -71,7 +71,7 @@ def pipeline_timeline(module: ModuleOp, target, estimates: dict | None = None) -
 def pipeline_peaks(module: ModuleOp, target, estimates: dict | None = None) -> list[float]:
     """Each pp rank's predicted peak bytes over a step (see the docstring)."""
     plan = pipeline_plan(module)
-    estimates = estimates or _estimates(module, target)
+    estimates = estimates or estimates_of(module, target)
     functions = {f.sym_name.data: f for f in module.ops if isinstance(f, func.FuncOp)}
     kept = {
         s: _kept_bytes(functions[stage_function(FORWARD, s)], estimates[FORWARD, s].schedule)

@@ -1,0 +1,214 @@
+"""parallelize{devices=N,memory=BYTES,microbatches=M,schedule=1f1b,hardware=cpu}:
+choose a training step's mesh for N devices, pipeline stages included.
+
+Every way to split N devices into data, tensor and pipeline parallelism
+(dp x tp x pp = N, each axis of size 1 left out) is applied to a copy of the
+step and priced by the cost model on `hardware`:
+
+- pp = 1: `shard{mesh=dp:a,tp:b}`; given `memory`, with `solve=ilp`, which
+  also picks the ZeRO stage, remat and offload that fit (`memory_plan`).
+  Its time is the M micro-batches' programs (@accumulate M - 1 times, then
+  @train_step); its peak, the larger program's.
+- pp > 1: `shard` over the rest (if any), then
+  `pipeline{stages=pp,microbatches=M,schedule=S}`. Its time is the
+  simulated schedule (`pipeline_cost.pipeline_timeline`: stage functions'
+  estimates, messages on the pp link, the bubble); its peak, the rank that
+  holds the most (`pipeline_peaks`: state, kept activations in flight).
+
+A mesh the step cannot take (heads that do not split over tp, fewer
+residual boundaries than stages) is listed as not applicable, with why; one
+that no ZeRO/remat/offload plan fits, with its least peak.
+The chosen mesh is the fastest whose peak fits `memory` (all fit without
+one; ties go to fewer pipeline stages, then fewer tensor ranks), and it is
+applied to the step; `plait.mesh_plan` records every mesh with its priced
+seconds and peak. The step is captured for M micro-batches whatever is
+chosen (`plait.compile_training` reads `microbatches` here as it does on
+`pipeline`), so every mesh is priced on the same work.
+
+    canonicalize,cse,dce,parallelize{devices=4,memory=2e9,microbatches=4}
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+from xdsl.context import Context
+from xdsl.dialects import func
+from xdsl.dialects.builtin import ModuleOp, StringAttr
+
+from ...ir.attrs import MESH_ATTR, MESH_PLAN_ATTR
+from ...ir.errors import PlaitError
+from ...ir.training import ACCUMULATE, TRAIN_STEP
+from ..base import Pass
+from ..options import Mesh, OptionError, check_hardware
+from .memory_plan import MemoryPlanError
+from .pipeline_cost import estimates_of, pipeline_peaks, pipeline_timeline
+from .shard import Shard, Solver
+from .stage_split import StageError
+from .stages import Pipeline
+
+SCHEDULES = ("gpipe", "1f1b")  # (interleaved needs a chunk count per mesh: give it by hand)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One mesh: its axes (dp, tp, pp), and its priced seconds and peak bytes
+    per device, or why it does not apply."""
+
+    dp: int
+    tp: int
+    pp: int
+    seconds: float = float("inf")
+    peak: float = float("inf")
+    note: str = ""
+
+    @property
+    def mesh(self) -> str:
+        axes = (("dp", self.dp), ("tp", self.tp), ("pp", self.pp))
+        return ",".join(f"{a}:{n}" for a, n in axes if n > 1) or "one device"
+
+    @property
+    def priced(self) -> bool:
+        return not self.note
+
+    def describe(self) -> str:
+        if self.note:
+            return f"{self.mesh}: {self.note}"
+        return f"{self.mesh}: {self.seconds:.6g} s/step, peak {self.peak:.6g} B"
+
+
+@dataclass(frozen=True)
+class Parallelize(Pass):
+    name = "parallelize"
+    summary = "choose a training step's dp x tp x pp mesh for N devices: the fastest predicted step that fits memory"
+
+    devices: int = 2
+    memory: float | None = None  # bytes per device
+    microbatches: int = 1
+    schedule: str = "1f1b"
+    hardware: str = "cpu"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.devices < 1:
+            raise OptionError(f"devices must be >= 1, not {self.devices}", "devices")
+        if self.microbatches < 1:
+            raise OptionError(f"microbatches must be >= 1, not {self.microbatches}", "microbatches")
+        if self.schedule not in SCHEDULES:
+            raise OptionError(
+                f"schedule '{self.schedule}' is not one of {', '.join(SCHEDULES)} (for "
+                "interleaved, give shard and pipeline{virtual=V} yourself)",
+                "schedule",
+            )
+        check_hardware(self.hardware)
+
+    def apply(self, ctx: Context, module: ModuleOp) -> None:
+        names = {f.sym_name.data for f in module.ops if isinstance(f, func.FuncOp)}
+        if TRAIN_STEP not in names:
+            raise StageError("parallelize chooses a training step's mesh (plait.compile_training)")
+        if MESH_ATTR in module.attributes:
+            raise StageError(
+                "parallelize chooses the mesh itself: drop shard{mesh=...} and pipeline from "
+                "the pipeline, or drop parallelize"
+            )
+        candidates = self.price_meshes(module)
+        fitting = [c for c in candidates if c.priced and self._fits(c)]
+        if not fitting:
+            least = min(candidates, key=lambda c: c.peak)
+            hint = (
+                f"; the least peak is {least.mesh}'s, {least.peak:.6g} B"
+                if least.peak < math.inf
+                else ""
+            )
+            raise PlaitError(
+                f"parallelize: no mesh of {self.devices} devices fits memory "
+                f"{self.memory:.6g} B per device{hint}; raise memory or add devices"
+                if self.memory is not None
+                else f"parallelize: no mesh of {self.devices} devices applies to this step: "
+                + " | ".join(c.describe() for c in candidates)
+            )
+        chosen = min(fitting, key=lambda c: (c.seconds, c.pp, c.tp))
+        self._apply(chosen, module)
+        budget = f"memory {self.memory:.6g} B per device" if self.memory else "no memory budget"
+        others = [
+            c.describe() + ("" if not c.priced or self._fits(c) else ", over memory")
+            for c in candidates
+            if c is not chosen
+        ]
+        module.attributes[MESH_PLAN_ATTR] = StringAttr(
+            f"{self.devices} devices, {budget}, {self.microbatches} micro-batches on "
+            f"{self.hardware}: chosen {chosen.describe()}; considered: "
+            f"{' | '.join(others) or 'nothing else'}"
+        )
+
+    def price_meshes(self, module: ModuleOp) -> list[Candidate]:
+        """Every mesh of `devices`, priced on a copy of `module` (see the docstring)."""
+        return [self._price(module, *axes) for axes in meshes(self.devices)]
+
+    def _apply(self, candidate: Candidate, module: ModuleOp) -> None:
+        with warnings.catch_warnings():  # (shard{solve=ilp}'s note on training steps)
+            warnings.simplefilter("ignore")
+            for p in self._passes(candidate.dp, candidate.tp, candidate.pp):
+                p.apply(None, module)
+
+    def _fits(self, candidate: Candidate) -> bool:
+        return self.memory is None or candidate.peak <= self.memory
+
+    def _passes(self, dp: int, tp: int, pp: int) -> list[Pass]:
+        out: list[Pass] = []
+        if dp * tp > 1:
+            axes = tuple((a, n) for a, n in (("dp", dp), ("tp", tp)) if n > 1)
+            plan = self.memory is not None and pp == 1  # (pipeline after ZeRO is refused)
+            priced = {"solve": Solver.ILP, "hardware": self.hardware, "memory": self.memory}
+            out.append(Shard(mesh=Mesh(axes), **(priced if plan else {})))
+        if pp > 1:
+            out.append(
+                Pipeline(
+                    stages=pp,
+                    microbatches=self.microbatches,
+                    schedule=self.schedule,
+                    hardware=self.hardware,
+                )
+            )
+        return out
+
+    def _price(self, module: ModuleOp, dp: int, tp: int, pp: int) -> Candidate:
+        from ...cost.estimate import Target, estimate
+        from ...hardware import load
+
+        trial = module.clone()
+        try:
+            self._apply(Candidate(dp, tp, pp), trial)
+        except MemoryPlanError as exc:  # over the budget with any ZeRO stage, remat, offload
+            note = (
+                f"over memory with every ZeRO, remat and offload plan (least peak {exc.peak:.6g} B)"
+            )
+            return Candidate(dp, tp, pp, peak=exc.peak, note=note)
+        except PlaitError as exc:
+            return Candidate(dp, tp, pp, note=f"not applicable: {str(exc).splitlines()[0]}")
+        target = Target(load(self.hardware))
+        if pp > 1:
+            estimates = estimates_of(trial, target)
+            seconds = pipeline_timeline(trial, target, estimates).time
+            return Candidate(dp, tp, pp, seconds, max(pipeline_peaks(trial, target, estimates)))
+        names = {f.sym_name.data for f in trial.ops if isinstance(f, func.FuncOp)}
+        step = estimate(trial, target, TRAIN_STEP).schedule
+        seconds, peak = step.step_time, step.peak_memory
+        if ACCUMULATE in names:
+            micro = estimate(trial, target, ACCUMULATE).schedule
+            seconds += (self.microbatches - 1) * micro.step_time
+            peak = max(peak, micro.peak_memory)
+        return Candidate(dp, tp, pp, seconds, peak)
+
+
+def meshes(devices: int) -> list[tuple[int, int, int]]:
+    """Every (dp, tp, pp) whose product is `devices`."""
+    divisors = [d for d in range(1, devices + 1) if devices % d == 0]
+    return [
+        (dp, tp, devices // (dp * tp))
+        for dp in divisors
+        for tp in divisors
+        if devices % (dp * tp) == 0
+    ]

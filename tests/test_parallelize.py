@@ -1,0 +1,135 @@
+"""parallelize{devices,memory,microbatches}: the training step's dp x tp x pp
+mesh chosen by the cost model, the fastest that fits the memory budget."""
+
+from __future__ import annotations
+
+import math
+
+import plait
+import pytest
+from plait.cost.estimate import Target, estimate
+from plait.cost.estimate_report import memory_plan
+from plait.hardware import load
+from plait.ir.attrs import MESH_PLAN_ATTR
+from plait.ir.errors import PlaitError
+from plait.passes.manager import PassManager
+from plait.passes.shard.parallelize import Parallelize, meshes
+from plait.passes.shard.shard import Shard
+from test_training import _check_run, _eager, _hf_model, _lm_loss
+from test_training_parallel import ADAMW, _batches, _optimizer
+
+MICRO = 4
+ROWS = 8  # 2 rows a micro-batch: dp:2 splits them
+
+
+@pytest.fixture(scope="module")
+def step():
+    """A 2-layer Llama step captured for 4 micro-batches, and its batches."""
+    model = _hf_model("llama", num_hidden_layers=2)
+    batches = _batches(2, rows=ROWS)
+    trainer = plait.compile_training(
+        model, batches[0], pipeline="canonicalize,cse,dce", accumulation=MICRO, **ADAMW
+    )
+    return model, batches, trainer.module
+
+
+@pytest.fixture(scope="module")
+def four(step):
+    """Every mesh of 4 devices, priced without a budget."""
+    return _priced(step[2], devices=4)
+
+
+def _priced(module, **options):
+    return Parallelize(microbatches=MICRO, **options).price_meshes(module.clone())
+
+
+def _chosen(module, **options):
+    plan = module.clone()
+    Parallelize(microbatches=MICRO, **options).apply(None, plan)
+    return plan
+
+
+def test_the_meshes_of_n_devices_are_every_factorization():
+    assert sorted(meshes(4)) == [(1, 1, 4), (1, 2, 2), (1, 4, 1), (2, 1, 2), (2, 2, 1), (4, 1, 1)]
+    assert meshes(1) == [(1, 1, 1)]
+
+
+def test_without_a_budget_the_fastest_priced_mesh_is_chosen(step, four):
+    _, _, module = step
+    priced = four
+    assert len(priced) == 6 and all(c.seconds > 0 and c.peak > 0 for c in priced if c.priced)
+    assert any(c.pp > 1 for c in priced if c.priced) and any(c.pp == 1 for c in priced)
+    fastest = min((c for c in priced if c.priced), key=lambda c: c.seconds)
+    plan = _chosen(module, devices=4)
+    record = plan.attributes[MESH_PLAN_ATTR].data
+    assert record.startswith(f"4 devices, no memory budget, {MICRO} micro-batches on cpu: ")
+    assert f"chosen {fastest.mesh}: " in record
+    assert record.count(" | ") == len(priced) - 2  # every other mesh, listed
+    rows = dict(memory_plan(estimate(plan, Target(load("cpu")), _first_function(plan))))
+    assert rows["mesh plan"].endswith(f"chosen {fastest.describe()}")  # as plait estimate shows it
+    assert rows["meshes considered"].count(" | ") == len(priced) - 2
+
+
+def _first_function(module) -> str:
+    return next(iter(module.ops)).sym_name.data
+
+
+def test_a_budget_below_the_fastest_mesh_chooses_the_fastest_that_fits(step, four):
+    """The budget is just under the fastest mesh's peak: a slower mesh that
+    fits is chosen, and the faster one is recorded as over memory. (A choice
+    that ignored the budget would pick the faster one.)"""
+    _, _, module = step
+    fastest = min((c for c in four if c.priced), key=lambda c: c.seconds)
+    budget = fastest.peak - 1
+    priced = _priced(module, devices=4, memory=budget)
+    fitting = [c for c in priced if c.priced and c.peak <= budget]
+    expected = min(fitting, key=lambda c: c.seconds)
+    assert any(c.seconds < expected.seconds and c.peak > budget for c in priced if c.priced)
+    record = _chosen(module, devices=4, memory=budget).attributes[MESH_PLAN_ATTR].data
+    assert f"chosen {expected.mesh}: " in record
+    assert (
+        f"{fastest.mesh}: {fastest.seconds:.6g} s/step, peak {fastest.peak:.6g} B, over memory"
+        in (record)
+    )
+
+
+def test_a_budget_no_mesh_fits_names_the_least_peak(step):
+    _, _, module = step
+    least = min(_priced(module, devices=2, memory=1000), key=lambda c: c.peak)
+    assert least.peak < math.inf
+    with pytest.raises(
+        PlaitError, match=rf"no mesh of 2 devices fits memory 1000 B.*{least.mesh}'s"
+    ):
+        _chosen(module, devices=2, memory=1000)
+
+
+def test_the_chosen_mesh_trains_as_eager(step):
+    """compile_training captures the step for parallelize's micro-batches and
+    runs the chosen mesh on its worker ranks: losses and parameters equal
+    eager AdamW on the whole batch."""
+    model, batches, _ = step
+    pipeline = f"canonicalize,cse,dce,parallelize{{devices=2,microbatches={MICRO}}}"
+    trainer = plait.compile_training(model, batches[0], pipeline=pipeline, **ADAMW)
+    try:
+        assert math.prod(trainer.mesh.values()) == 2
+        expected, _, reference = _eager(
+            model, batches, _lm_loss, _optimizer(ADAMW), accumulation=MICRO
+        )
+        _check_run(trainer, batches, expected, reference)
+    finally:
+        trainer.close()
+
+
+def test_parallelize_after_shard_says_what_to_drop(step):
+    _, _, module = step
+    plan = module.clone()
+    Shard(mesh="tp:2").apply(None, plan)
+    with pytest.raises(PlaitError, match=r"chooses the mesh itself: drop shard"):
+        Parallelize(devices=2).apply(None, plan)
+
+
+def test_parallelize_options_are_checked():
+    with pytest.raises(PlaitError, match=r"schedule 'interleaved' is not one of gpipe, 1f1b"):
+        PassManager.parse("parallelize{devices=2,schedule=interleaved}")
+    with pytest.raises(PlaitError, match=r"devices must be >= 1"):
+        PassManager.parse("parallelize{devices=0}")
