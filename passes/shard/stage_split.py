@@ -66,6 +66,7 @@ class StepSplit:
         self.block = fn.body.blocks.first
         squares_for_global_norms(self.block, insert_call)  # (clipping: partial sums per stage)
         self.phases = step_phases(fn)
+        _state_reads_in_update(self.block, self.phases)
         self.loss = self.block.last_op.operands[0]
         _accumulate_in_backward(fn, self.phases)
         self.ops = list(self.block.ops)[:-1]
@@ -316,6 +317,28 @@ def free_ops(ops: list[Operation]) -> set[Operation]:
         elif all(isinstance(v, BlockArgument) or v.owner in free for v in op.operands):
             free.add(op)
     return free
+
+
+def _state_reads_in_update(block, phases: dict[Operation, str]) -> None:
+    """Ops that read only program state (a view of a parameter, this rank's
+    slice of it under zero{stage=1}) and that only the optimizer reads are the
+    optimizer's: `step_phases` calls them backward, since they read no
+    gradient, learning rate or optimizer state themselves."""
+    from_state: list[Operation] = []
+    for op in block.ops:
+        if (
+            phases.get(op) == BACKWARD
+            and op.operands
+            and all(
+                (isinstance(v.owner, ParamOp) and v.owner.is_state) or v.owner in from_state
+                for v in op.operands
+            )
+        ):
+            from_state.append(op)
+    for op in reversed(from_state):
+        readers = [u.operation for r in op.results for u in r.uses]
+        if readers and all(phases.get(r) == OPTIMIZER for r in readers):
+            phases[op] = OPTIMIZER
 
 
 def _accumulate_in_backward(fn: func.FuncOp, phases: dict[Operation, str]) -> None:

@@ -35,8 +35,9 @@ After `shard` over a data axis (dp:N, or dp:N,tp:M), each stage runs on
 its dp group: the micro-batches' gradients add up in the accumulators
 unreduced, and each rank's update reduces its stages' accumulators over
 its dp group once per step, in async buckets (shard's buckets, regrouped
-by stage: `grad_buckets.unbucket` / `bucket_by`). State that ZeRO splits
-over the data axis is refused.
+by stage: `grad_buckets.unbucket` / `bucket_by`). After `zero{stage=1}`
+each rank's update runs on its slices of its stages' optimizer state and
+gathers the slices into the parameters; stages 2 and 3 are refused.
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ from xdsl.dialects import func
 from xdsl.dialects.builtin import ModuleOp
 
 from ...ir.attrs import MESH_ATTR, PIPELINE_AXIS, PLACEMENTS_ATTR, MeshAttr, mesh_axes
-from ...ir.ops import ParamOp
-from ...ir.training import ACCUMULATE, TRAIN_STEP
+from ...ir.ops import ParamOp, ReduceScatterOp
+from ...ir.training import ACCUMULATE, STATE_OF, TRAIN_STEP
 from ..base import Pass
 from ..options import OptionError, check_hardware
 from .decode_stages import is_generation, pipeline_generation
@@ -178,19 +179,28 @@ def _unbucket(fn: func.FuncOp, axis: str, index: int) -> list[list[str]]:
     """The data axis's gradient buckets mix the stages' parameters: undone
     here (and rebuilt in each rank's update, `bucket_by`), so that each
     stage's gradients are reduced over its data-parallel group, once per
-    step, after its last micro-batch's backward. State split over the data
-    axis (ZeRO, mesh axis `index`) is refused."""
+    step, after its last micro-batch's backward. ZeRO stage 1 (optimizer
+    state in pieces over the data axis, mesh axis `index`: each rank's update
+    runs on its slices and gathers them into the parameters) goes with its
+    stages' updates; stages 2 and 3 are refused."""
     block = fn.body.blocks.first
     for op in block.ops:
+        if isinstance(op, ReduceScatterOp) and op.axis.data == axis:
+            _refuse_zero(2, f"gradients are reduce-scattered over the data axis '{axis}'")
         if not (isinstance(op, ParamOp) and op.is_state and PLACEMENTS_ATTR in op.attributes):
             continue
-        if op.attributes[PLACEMENTS_ATTR].data[index].kind not in ("replicate", "partial"):
-            raise StageError(
-                f"pipeline after ZeRO is not supported yet: '{op.weight_name}' is split over "
-                f"the data axis '{axis}'; drop zero{{stage=...}} (and shard{{memory=...}}, which "
-                "may choose it) from the pipeline, or drop the pipeline"
-            )
+        split = op.attributes[PLACEMENTS_ATTR].data[index].kind not in ("replicate", "partial")
+        if split and STATE_OF not in op.attributes:  # a parameter, not its optimizer state
+            _refuse_zero(3, f"'{op.weight_name}' is split over the data axis '{axis}'")
     return unbucket(block, axis)
+
+
+def _refuse_zero(stage: int, why: str) -> None:
+    raise StageError(
+        f"pipeline after zero{{stage={stage}}} is not supported yet ({why}); zero{{stage=1}} "
+        "composes with the pipeline, or drop zero (and shard{memory=...}, which may choose "
+        "it) or the pipeline"
+    )
 
 
 # ---- the cut --------------------------------------------------------------------
