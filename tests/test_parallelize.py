@@ -85,6 +85,9 @@ def test_a_budget_below_the_fastest_mesh_chooses_the_fastest_that_fits(step, fou
     fitting = [c for c in priced if c.priced and c.peak <= budget]
     expected = min(fitting, key=lambda c: c.seconds)
     assert any(c.seconds < expected.seconds and c.peak > budget for c in priced if c.priced)
+    # under a budget, a pipeline over dp is priced with zero{stage=1} too: less memory, slower
+    (plain,), (split,) = ([c for c in priced if (c.dp, c.pp, c.zero1) == (2, 2, z)] for z in (0, 1))
+    assert split.peak < plain.peak and split.seconds > plain.seconds
     record = _chosen(module, devices=4, memory=budget).attributes[MESH_PLAN_ATTR].data
     assert f"chosen {expected.mesh}: " in record
     assert (

@@ -10,7 +10,9 @@ step and priced by the cost model on `hardware`:
   Its time is the M micro-batches' programs (@accumulate M - 1 times, then
   @train_step); its peak, the larger program's.
 - pp > 1: `shard` over the rest (if any), then
-  `pipeline{stages=pp,microbatches=M,schedule=S}`. Its time is the
+  `pipeline{stages=pp,microbatches=M,schedule=S}`; given `memory` and a dp
+  axis, also with `zero{stage=1}` before the pipeline (the other stages do
+  not compose with it yet), as a mesh of its own. Its time is the
   simulated schedule (`pipeline_cost.pipeline_timeline`: stage functions'
   estimates, messages on the pp link, the bubble); its peak, the rank that
   holds the most (`pipeline_peaks`: state, kept activations in flight).
@@ -32,7 +34,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from xdsl.context import Context
 from xdsl.dialects import func
@@ -48,6 +50,7 @@ from .pipeline_cost import estimates_of, pipeline_peaks, pipeline_timeline
 from .shard import Shard, Solver
 from .stage_split import StageError
 from .stages import Pipeline
+from .zero import Zero
 
 SCHEDULES = ("gpipe", "1f1b")  # (interleaved needs a chunk count per mesh: give it by hand)
 
@@ -60,6 +63,7 @@ class Candidate:
     dp: int
     tp: int
     pp: int
+    zero1: bool = False  # a pipeline's optimizer state split over dp (zero{stage=1})
     seconds: float = float("inf")
     peak: float = float("inf")
     note: str = ""
@@ -67,7 +71,8 @@ class Candidate:
     @property
     def mesh(self) -> str:
         axes = (("dp", self.dp), ("tp", self.tp), ("pp", self.pp))
-        return ",".join(f"{a}:{n}" for a, n in axes if n > 1) or "one device"
+        text = ",".join(f"{a}:{n}" for a, n in axes if n > 1) or "one device"
+        return text + (" with zero{stage=1}" if self.zero1 else "")
 
     @property
     def priced(self) -> bool:
@@ -129,7 +134,7 @@ class Parallelize(Pass):
                 else f"parallelize: no mesh of {self.devices} devices applies to this step: "
                 + " | ".join(c.describe() for c in candidates)
             )
-        chosen = min(fitting, key=lambda c: (c.seconds, c.pp, c.tp))
+        chosen = min(fitting, key=lambda c: (c.seconds, c.pp, c.tp, c.zero1))
         self._apply(chosen, module)
         budget = f"memory {self.memory:.6g} B per device" if self.memory else "no memory budget"
         others = [
@@ -145,28 +150,34 @@ class Parallelize(Pass):
 
     def price_meshes(self, module: ModuleOp) -> list[Candidate]:
         """Every mesh of `devices`, priced on a copy of `module` (see the docstring)."""
-        return [self._price(module, *axes) for axes in meshes(self.devices)]
+        return [
+            self._price(module, Candidate(dp, tp, pp, zero1))
+            for dp, tp, pp in meshes(self.devices)
+            for zero1 in ((False, True) if pp > 1 and dp > 1 and self.memory else (False,))
+        ]
 
     def _apply(self, candidate: Candidate, module: ModuleOp) -> None:
         with warnings.catch_warnings():  # (shard{solve=ilp}'s note on training steps)
             warnings.simplefilter("ignore")
-            for p in self._passes(candidate.dp, candidate.tp, candidate.pp):
+            for p in self._passes(candidate):
                 p.apply(None, module)
 
     def _fits(self, candidate: Candidate) -> bool:
         return self.memory is None or candidate.peak <= self.memory
 
-    def _passes(self, dp: int, tp: int, pp: int) -> list[Pass]:
+    def _passes(self, c: Candidate) -> list[Pass]:
         out: list[Pass] = []
-        if dp * tp > 1:
-            axes = tuple((a, n) for a, n in (("dp", dp), ("tp", tp)) if n > 1)
-            plan = self.memory is not None and pp == 1  # (pipeline after ZeRO is refused)
+        if c.dp * c.tp > 1:
+            axes = tuple((a, n) for a, n in (("dp", c.dp), ("tp", c.tp)) if n > 1)
+            plan = self.memory is not None and c.pp == 1  # (a pipeline takes zero stage 1 only)
             priced = {"solve": Solver.ILP, "hardware": self.hardware, "memory": self.memory}
             out.append(Shard(mesh=Mesh(axes), **(priced if plan else {})))
-        if pp > 1:
+        if c.zero1:
+            out.append(Zero(stage=1))
+        if c.pp > 1:
             out.append(
                 Pipeline(
-                    stages=pp,
+                    stages=c.pp,
                     microbatches=self.microbatches,
                     schedule=self.schedule,
                     hardware=self.hardware,
@@ -174,25 +185,26 @@ class Parallelize(Pass):
             )
         return out
 
-    def _price(self, module: ModuleOp, dp: int, tp: int, pp: int) -> Candidate:
+    def _price(self, module: ModuleOp, candidate: Candidate) -> Candidate:
         from ...cost.estimate import Target, estimate
         from ...hardware import load
 
         trial = module.clone()
         try:
-            self._apply(Candidate(dp, tp, pp), trial)
+            self._apply(candidate, trial)
         except MemoryPlanError as exc:  # over the budget with any ZeRO stage, remat, offload
             note = (
                 f"over memory with every ZeRO, remat and offload plan (least peak {exc.peak:.6g} B)"
             )
-            return Candidate(dp, tp, pp, peak=exc.peak, note=note)
+            return replace(candidate, peak=exc.peak, note=note)
         except PlaitError as exc:
-            return Candidate(dp, tp, pp, note=f"not applicable: {str(exc).splitlines()[0]}")
+            return replace(candidate, note=f"not applicable: {str(exc).splitlines()[0]}")
         target = Target(load(self.hardware))
-        if pp > 1:
+        if candidate.pp > 1:
             estimates = estimates_of(trial, target)
             seconds = pipeline_timeline(trial, target, estimates).time
-            return Candidate(dp, tp, pp, seconds, max(pipeline_peaks(trial, target, estimates)))
+            peak = max(pipeline_peaks(trial, target, estimates))
+            return replace(candidate, seconds=seconds, peak=peak)
         names = {f.sym_name.data for f in trial.ops if isinstance(f, func.FuncOp)}
         step = estimate(trial, target, TRAIN_STEP).schedule
         seconds, peak = step.step_time, step.peak_memory
@@ -200,7 +212,7 @@ class Parallelize(Pass):
             micro = estimate(trial, target, ACCUMULATE).schedule
             seconds += (self.microbatches - 1) * micro.step_time
             peak = max(peak, micro.peak_memory)
-        return Candidate(dp, tp, pp, seconds, peak)
+        return replace(candidate, seconds=seconds, peak=peak)
 
 
 def meshes(devices: int) -> list[tuple[int, int, int]]:
