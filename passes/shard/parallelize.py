@@ -119,22 +119,7 @@ class Parallelize(Pass):
                 "the pipeline, or drop parallelize"
             )
         candidates = self.price_meshes(module)
-        fitting = [c for c in candidates if c.priced and self._fits(c)]
-        if not fitting:
-            least = min(candidates, key=lambda c: c.peak)
-            hint = (
-                f"; the least peak is {least.mesh}'s, {least.peak:.6g} B"
-                if least.peak < math.inf
-                else ""
-            )
-            raise PlaitError(
-                f"parallelize: no mesh of {self.devices} devices fits memory "
-                f"{self.memory:.6g} B per device{hint}; raise memory or add devices"
-                if self.memory is not None
-                else f"parallelize: no mesh of {self.devices} devices applies to this step: "
-                + " | ".join(c.describe() for c in candidates)
-            )
-        chosen = min(fitting, key=lambda c: (c.seconds, c.pp, c.tp, c.zero1))
+        chosen = self.choose(candidates)
         self._apply(chosen, module)
         budget = f"memory {self.memory:.6g} B per device" if self.memory else "no memory budget"
         others = [
@@ -146,6 +131,28 @@ class Parallelize(Pass):
             f"{self.devices} devices, {budget}, {self.microbatches} micro-batches on "
             f"{self.hardware}: chosen {chosen.describe()}; considered: "
             f"{' | '.join(others) or 'nothing else'}"
+        )
+
+    def choose(self, candidates: list[Candidate]) -> Candidate:
+        """The fastest priced mesh that fits (ties: fewer stages, fewer tensor
+        ranks, no ZeRO); an error naming the least peak when none fits."""
+        fitting = [c for c in candidates if c.priced and self._fits(c)]
+        if fitting:
+            return min(fitting, key=lambda c: (c.seconds, c.pp, c.tp, c.zero1))
+        if self.memory is None:
+            raise PlaitError(
+                f"parallelize: no mesh of {self.devices} devices applies to this step: "
+                + " | ".join(c.describe() for c in candidates)
+            )
+        least = min(candidates, key=lambda c: c.peak)
+        hint = (
+            f"; the least peak is {least.mesh}'s, {least.peak:.6g} B"
+            if least.peak < math.inf
+            else ""
+        )
+        raise PlaitError(
+            f"parallelize: no mesh of {self.devices} devices fits memory {self.memory:.6g} B "
+            f"per device{hint}; raise memory or add devices"
         )
 
     def price_meshes(self, module: ModuleOp) -> list[Candidate]:

@@ -34,7 +34,8 @@ from .pipeline_schedule import (
 )
 from .stage_split import function_messages
 
-HOST_KINDS = (GRADIENT_BYTES, HOST_OPTIMIZER_STATE)  # not the device's state: left out
+# left out of a rank's state: gradients (the accumulators hold them), host memory
+NOT_HELD = (GRADIENT_BYTES, HOST_OPTIMIZER_STATE)
 
 
 def pipeline_link(module: ModuleOp, hardware) -> Link:
@@ -80,7 +81,7 @@ def pipeline_peaks(module: ModuleOp, target, estimates: dict | None = None) -> l
     peaks = []
     for rank, actions in enumerate(plan.actions):
         held = step_memory(functions[stage_function(UPDATE, rank)])
-        state = sum(b for kind, b in held.items() if kind not in HOST_KINDS)
+        state = sum(b for kind, b in held.items() if kind not in NOT_HELD)
         alive, peak = 0, 0.0
         for action in actions:
             kind, _, chunk = parse_action(action)
