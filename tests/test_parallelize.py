@@ -12,7 +12,6 @@ from plait.cost.estimate_report import memory_plan
 from plait.hardware import load
 from plait.ir.attrs import MESH_PLAN_ATTR
 from plait.ir.errors import PlaitError
-from plait.passes.manager import PassManager
 from plait.passes.shard.parallelize import Candidate, Parallelize, meshes
 from plait.passes.shard.shard import Shard
 from test_training import _check_run, _eager, _hf_model, _lm_loss
@@ -119,10 +118,3 @@ def test_parallelize_after_shard_says_what_to_drop(step):
     Shard(mesh="tp:2").apply(None, plan)
     with pytest.raises(PlaitError, match=r"chooses the mesh itself: drop shard"):
         Parallelize(devices=2).apply(None, plan)
-
-
-def test_parallelize_options_are_checked():
-    with pytest.raises(PlaitError, match=r"schedule 'interleaved' is not one of gpipe, 1f1b"):
-        PassManager.parse("parallelize{devices=2,schedule=interleaved}")
-    with pytest.raises(PlaitError, match=r"devices must be >= 1"):
-        PassManager.parse("parallelize{devices=0}")
