@@ -13,7 +13,7 @@
 // correctly rounded one (it differs from std::sqrt in the last bit on about a
 // fifth of the values), so each block's sqrt is ATen's kernel itself.
 // Build with -ffp-contract=off: every other operation rounds as written.
-#include <torch/extension.h>
+#include <torch/python.h>  // (not torch/extension.h: the C++ frontend takes seconds to parse)
 #include <ATen/Parallel.h>
 
 #include <cmath>

@@ -4,7 +4,7 @@
 // both halves read x contiguously and the loops vectorize), one scale per
 // group, and the group's block column. Also the dense rows prefills multiply
 // with: of a GQSA weight, and of plait::quant_linear's int8/int4 weights.
-#include <torch/extension.h>
+#include <torch/python.h>  // (not torch/extension.h: the C++ frontend takes seconds to parse)
 #include <ATen/Parallel.h>
 
 #include <algorithm>
