@@ -304,7 +304,7 @@ class Trainer:
         lr_input = torch.tensor(lr, dtype=torch.float64, device=self.device)
         records: list[tuple[dict[str, int], int]] = []  # each program's, and what it held
 
-        def run(function: str, inputs, held=()) -> tuple[torch.Tensor, ...]:
+        def run(function: str, inputs, held=None) -> tuple[torch.Tensor, ...]:
             if not measure:
                 return self._run(function, inputs)
             # (a forward keeps views of weights for its backward: state, counted as such)
@@ -354,13 +354,13 @@ class Trainer:
                     self._post_receives(plan, rank, actions[position + 1], receives)
                 current[0] = index
                 if kind == "F":
-                    outputs = run(stage_function(kind, stage), micro[index], list(kept.values()))
+                    outputs = run(stage_function(kind, stage), micro[index], kept)
                     if stage == last:
                         loss = loss + outputs[0]
                     kept[index, stage] = tuple(outputs[1:] if stage == last else outputs)
                 else:
                     mine = kept.pop((index, stage))
-                    run(stage_function(kind, stage), (*micro[index], *mine), list(kept.values()))
+                    run(stage_function(kind, stage), (*micro[index], *mine), kept)
             sends = self._shared.get(SENDS, [])  # (the programs' list: they went out async)
             for send in sends:
                 send.wait()

@@ -207,11 +207,15 @@ def run(args) -> int:
                 results[0], results[1], (pipelines[0] or "(none)", pipelines[1] or "(none)")
             )
         )
-    from plait.passes.shard.pipeline_cost import pipeline_peaks, pipeline_timeline
+    from plait.passes.shard.pipeline_cost import estimates_of, pipeline_peaks, pipeline_timeline
+    from plait.passes.shard.pipeline_schedule import pipeline_plan
 
-    timeline = pipeline_timeline(plan, Target(hardware, mesh, values))
-    if timeline is not None:  # the step is every stage's actions, not one function
-        peaks = pipeline_peaks(plan, Target(hardware, mesh, values))
+    timeline = None
+    if pipeline_plan(plan) is not None:  # the step is every stage's actions, not one function
+        target = Target(hardware, mesh, values)
+        estimates = estimates_of(plan, target)  # (each stage function's, once for both)
+        timeline = pipeline_timeline(plan, target, estimates)
+        peaks = pipeline_peaks(plan, target, estimates)
         print(
             f"pipelined step: {timeline.time * 1e3:.3f} ms, bubble {timeline.bubble:.1%} "
             "(each stage function's estimate, run as the schedule); peak per pp rank: "

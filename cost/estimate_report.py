@@ -126,14 +126,14 @@ def memory_plan(estimate: Estimate) -> list[tuple[str, str]]:
         rows.append(("weight tiering", module.attributes[TIERING_ATTR].data))
     if REMAT_ATTR in module.attributes:
         rows.append(("rematerialization", module.attributes[REMAT_ATTR].data))
-    if MESH_PLAN_ATTR in module.attributes:  # parallelize: why this mesh
-        chosen, _, considered = module.attributes[MESH_PLAN_ATTR].data.partition("; considered: ")
-        rows.append(("mesh plan", chosen))
-        rows.append(("meshes considered", considered))
-    if MEMORY_PLAN_ATTR in module.attributes:  # shard{solve=ilp,memory}: why this stage and remat
-        chosen, _, considered = module.attributes[MEMORY_PLAN_ATTR].data.partition("; considered: ")
-        rows.append(("memory plan", chosen))
-        rows.append(("plans considered", considered))
+    choices = (  # why this mesh (parallelize), why this stage and remat (shard{memory})
+        (MESH_PLAN_ATTR, "mesh plan", "meshes considered"),
+        (MEMORY_PLAN_ATTR, "memory plan", "plans considered"),
+    )
+    for attr, chosen_row, considered_row in choices:
+        if attr in module.attributes:
+            chosen, _, considered = module.attributes[attr].data.partition("; considered: ")
+            rows += [(chosen_row, chosen), (considered_row, considered)]
     return rows
 
 

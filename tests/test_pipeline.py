@@ -149,9 +149,14 @@ def test_pipeline_stages_of_a_tensor_parallel_step_match_eager(runs):
         trainer.close()
     for step, (loss, want) in enumerate(zip(losses, expected)):
         _close(loss, want, f"pp:2,tp:2: loss of step {step}")
-    for name, tensor in reference.state_dict().items():  # (tp's bound, as test_training_parallel)
+    _check_parameters(state, reference, "pp:2,tp:2")
+
+
+def _check_parameters(state: dict, reference, label: str) -> None:
+    """Every parameter within PARAM_ATOL of eager's (tp's bound, as test_training_parallel)."""
+    for name, tensor in reference.state_dict().items():
         error = (state[name].double() - tensor.double()).abs().max().item()
-        assert error <= PARAM_ATOL, f"pp:2,tp:2: {name}: max error {error:.3g}"
+        assert error <= PARAM_ATOL, f"{label}: {name}: max error {error:.3g}"
 
 
 DP_STEPS = 4
@@ -188,9 +193,7 @@ def test_pipeline_stages_of_a_data_parallel_step_match_eager(data_parallel_run):
     assert trainer.mesh == {"dp": 2, "pp": 2}
     for step, (loss, want) in enumerate(zip(losses, expected)):
         _close(loss, want, f"pp:2,dp:2: loss of step {step}")
-    for name, tensor in reference.state_dict().items():
-        error = (state[name].double() - tensor.double()).abs().max().item()
-        assert error <= PARAM_ATOL, f"pp:2,dp:2: {name}: max error {error:.3g}"
+    _check_parameters(state, reference, "pp:2,dp:2")
 
 
 def test_each_stage_reduces_its_own_gradients_over_dp_once_per_step(data_parallel_run):
@@ -264,9 +267,7 @@ def test_zero1_splits_each_stages_optimizer_state_over_its_dp_pair(data_parallel
         trainer.close()
     for step, (loss, want) in enumerate(zip(losses, expected)):
         _close(loss, want, f"pp:2,dp:2,zero1: loss of step {step}")
-    for name, tensor in reference.state_dict().items():
-        error = (state[name].double() - tensor.double()).abs().max().item()
-        assert error <= PARAM_ATOL, f"pp:2,dp:2,zero1: {name}: max error {error:.3g}"
+    _check_parameters(state, reference, "pp:2,dp:2,zero1")
     whole = plain.memory()["optimizer state"]
     assert trainer.memory()["optimizer state"] <= whole / 2 + 64 * len(state), whole
     names = _functions(trainer.module)

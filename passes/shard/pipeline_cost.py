@@ -86,10 +86,9 @@ def pipeline_peaks(module: ModuleOp, target, estimates: dict | None = None) -> l
         for action in actions:
             kind, _, chunk = parse_action(action)
             stage = rank if kind == UPDATE else plan.stage_of(rank, chunk)
-            schedule = estimates[kind, stage].schedule
-            # (a backward's inputs, its kept values among them, are counted in `alive`)
-            inputs = sum(int(a.type.nbytes) for a in functions[stage_function(kind, stage)].args)
-            own = schedule.activation_peak - (inputs if kind == BACKWARD else 0)
+            own = estimates[kind, stage].schedule.activation_peak
+            if kind == BACKWARD:  # (its inputs, its kept values among them, are in `alive`)
+                own -= sum(int(a.type.nbytes) for a in functions[stage_function(kind, stage)].args)
             peak = max(peak, alive + own)
             alive += {FORWARD: kept[stage], BACKWARD: -kept[stage]}.get(kind, 0)
         peaks.append(state + peak)
