@@ -6,8 +6,9 @@ worker process per rank (gloo on CPU), started on the first call and reused.
     compiled.generate(ids)   # the whole decoding loop runs on every rank
     compiled.close()         # stops them (also when the model is dropped, and at exit)
 
-Each worker is a fresh Python running plait.runtime.rank_worker, with -P
-(never a re-import of the caller's script), that loads the plan from an artifact
+Each worker runs plait.runtime.rank_worker in a fresh Python with -P (never
+a re-import of the caller's script), forked from the launcher's (launcher.py:
+milliseconds instead of seconds of imports per rank), and loads the plan from an artifact
 directory: the one the model was loaded from, else a temporary save that
 the pool removes when it stops. The pool's TCPStore (in this process) joins
 them into a process group. Calls and results go through pipes as
@@ -42,7 +43,9 @@ from pathlib import Path
 import torch
 
 from ..ir.errors import PlaitError
+from . import launcher
 from .heartbeat import INTERVAL
+from .launcher import Forked
 
 STARTUP = 120.0  # seconds a worker may take to start beating (Python, torch, plait imports)
 
@@ -203,22 +206,10 @@ def _shut_down(ranks: list[_Rank], scratch: Path | None, store) -> None:
     del store  # (held until now: the workers' process group lives in it)
 
 
-# a worker imports this plait (the caller's, wherever it lies) and adds no
-# directory to sys.path; -P keeps the working directory off it too
-_START = """\
-import importlib.util, sys
-spec = importlib.util.spec_from_file_location("plait", sys.argv[1])
-sys.modules["plait"] = plait = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(plait)
-from plait.runtime.rank_worker import main
-main(sys.argv[2])
-"""
-
-
 class _Rank:
     """One worker process, the pipes to it, and what its heartbeats said."""
 
-    def __init__(self, rank: int, process: subprocess.Popen, requests: Connection):
+    def __init__(self, rank: int, process: subprocess.Popen | Forked, requests: Connection):
         self.rank = rank
         self.process = process
         self.requests = requests
@@ -235,13 +226,22 @@ class _Rank:
         requests_r, requests_w = os.pipe()
         replies_r, replies_w = os.pipe()
         setup = {**setup, "rank": rank, "requests": requests_r, "replies": replies_w}
-        plait = Path(__file__).resolve().parents[1] / "__init__.py"
         try:
-            process = subprocess.Popen(
-                [sys.executable, "-P", "-c", _START, str(plait), json.dumps(setup)],
-                pass_fds=(requests_r, replies_w),
-                stdin=subprocess.DEVNULL,
-            )
+            if launcher.AVAILABLE:
+                process = launcher.launcher().fork(setup, (requests_r, replies_w))
+            else:  # a fresh interpreter of its own
+                process = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-P",
+                        "-c",
+                        launcher.START,
+                        str(launcher.PLAIT),
+                        json.dumps(setup),
+                    ],
+                    pass_fds=(requests_r, replies_w),
+                    stdin=subprocess.DEVNULL,
+                )
         except BaseException:
             os.close(requests_w)
             os.close(replies_r)

@@ -3,6 +3,8 @@ clear errors for bad MODEL specs and bad inputs."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -259,22 +261,27 @@ def test_run_a_sharded_artifact_on_two_ranks_through_torchrun(tmp_path, capsys):
     assert "--nproc 2" in capsys.readouterr().err
     assert main(["run", str(single), "--dim", "seq=9", "--output", str(tmp_path / "a.st")]) == 0
     script = Path(sys.executable).parent / "plait"
-    result = subprocess.run(
-        [
-            str(script),
-            "run",
-            str(sharded),
-            "--nproc",
-            "2",
-            "--dim",
-            "seq=9",
-            "--output",
-            str(tmp_path / "b.st"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    busy = socket.socket()  # another job's rendezvous on torchrun's default port
+    with contextlib.suppress(OSError):  # (unless something holds it already)
+        busy.bind(("127.0.0.1", 29500))
+        busy.listen()
+    with busy:  # a free port is taken
+        result = subprocess.run(
+            [
+                str(script),
+                "run",
+                str(sharded),
+                "--nproc",
+                "2",
+                "--dim",
+                "seq=9",
+                "--output",
+                str(tmp_path / "b.st"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     assert result.returncode == 0, result.stderr[-2000:]
     a, b = (
         load_file(str(tmp_path / "a.st"))["output_0"],

@@ -20,6 +20,7 @@ from pathlib import Path
 import plait
 import pytest
 import torch
+from plait.runtime import launcher
 from plait.runtime.heartbeat import INTERVAL
 from plait.runtime.workers import WorkerError
 from safetensors.torch import load_file, save_file
@@ -87,6 +88,45 @@ def test_a_script_without_main_guard_and_stdin_call_a_sharded_model(tmp_path):
         assert float(stdout.split("max-diff")[1]) <= 1e-5
     assert not (tmp_path / "cwd" / "IMPORTED").exists()
     assert _copies(tmp_path / "tmp") == []
+
+
+@pytest.mark.skipif(not launcher.AVAILABLE, reason="the launcher forks ranks on Linux only")
+def test_ranks_fork_from_one_launcher_per_environment(monkeypatch):
+    """Pools fork their ranks from one launcher (a fresh Python that imported
+    plait once), which reports how each exits; a caller whose environment
+    changed gets a launcher started in it."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    x = torch.randn(4, 16)
+
+    def ranks_of(compiled) -> list[int]:
+        with torch.no_grad():
+            assert torch.allclose(compiled(x), model(x), atol=1e-5)
+        return [rank.process.pid for rank in compiled._pool.procs]
+
+    def parent(pid: int) -> int:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+    first = plait.compile(model, (x,), pipeline="shard{mesh=tp:2}")
+    second = plait.compile(model, (x,), pipeline="shard{mesh=tp:2}")
+    try:
+        zygote = launcher.launcher().process.pid
+        assert [parent(pid) for pid in ranks_of(first) + ranks_of(second)] == [zygote] * 4
+        ranks = first._pool.procs
+        ranks[1].process.kill()
+        assert ranks[1].wait() == -signal.SIGKILL and ranks[0].exitcode is None
+        monkeypatch.setenv("PLAIT_TEST_MARK", "changed")
+        third = plait.compile(model, (x,), pipeline="shard{mesh=tp:2}")
+        try:
+            moved = ranks_of(third)
+            assert launcher.launcher().process.pid not in (zygote, os.getpid())
+            assert {parent(pid) for pid in moved} == {launcher.launcher().process.pid}
+            assert b"PLAIT_TEST_MARK=changed" in Path(f"/proc/{moved[0]}/environ").read_bytes()
+        finally:
+            third.close()
+    finally:
+        first.close()
+        second.close()
 
 
 def test_model_outputs_keep_their_structure_on_workers_and_from_artifacts(tmp_path, monkeypatch):
