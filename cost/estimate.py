@@ -48,7 +48,7 @@ from ..ir.training import (
 )
 from ..ir.types import AsyncType, TensorType
 from .bounds import BoundResult, prove_at_most
-from .comm_cost import axis_links, collective_time
+from .comm_cost import axis_links, collective_time, comm_axis
 from .layout import memory_orders, strided
 from .op_cost import OpCost, op_cost
 from .schedule import Schedule, simulate
@@ -158,7 +158,8 @@ def estimate(module: ModuleOp, target: Target, function: str | None = None) -> E
 
     subs = {symbolic.symbol(n): sympy.Integer(v) for n, v in target.values.items()}
     rows, times, views = _op_estimates(fn, target, links, subs)
-    schedule = simulate(fn, times, _value_sizes(fn, subs), views)
+    contention = {op: links[comm_axis(op)][1].contention for op in times if comm_axis(op)}
+    schedule = simulate(fn, times, _value_sizes(fn, subs), views, contention)
     formulas = {
         "flops": sympy.Add(*(r.cost.flops for r in rows)),
         "bytes": sympy.Add(*(r.cost.bytes for r in rows if r.cost.kind != "collective")),

@@ -5,6 +5,9 @@ and its inputs are ready. A blocking collective holds the compute lane until
 it finishes; an async one is issued on the communication lane and only its
 `plait.wait` blocks compute, so compute between the two overlaps it. The
 time the compute lane spends waiting on collectives is exposed communication.
+Where a collective's own work runs on the cores compute uses (gloo on a CPU:
+its link's `contention`), each compute op is longer by that share of its
+overlap with the collectives in flight.
 `offload`'s host ops run in order on a third lane, the host's thread (see
 backends/host_tasks.py); a device op that reads a host value waits for it.
 
@@ -58,14 +61,19 @@ def simulate(
     times: dict[Operation, float],
     sizes: dict[SSAValue, float],
     views: set[Operation],
+    contention: dict[Operation, float] | None = None,
 ) -> Schedule:
     """Timeline and memory of `fn`, given each op's time and each value's bytes.
 
-    `views` are ops whose results alias their first operand (no allocation).
+    `views` are ops whose results alias their first operand (no allocation);
+    `contention`: collective -> the share of its time overlapped compute loses.
     """
     out = Schedule()
     ready: dict[SSAValue, float] = {}
     compute_free = comm_free = host_free = 0.0
+    in_flight: list[
+        tuple[float, float, float]
+    ] = []  # (start, end, share) of contending collectives
     block = fn.body.blocks.first
     for arg in block.args:
         ready[arg] = 0.0
@@ -75,6 +83,9 @@ def simulate(
         if comm_axis(op) is not None:  # a collective, or a kernel that communicates
             start = max(comm_free, inputs_ready, compute_free)
             comm_free = start + duration
+            share = (contention or {}).get(op, 0.0)
+            if share > 0 and getattr(op, "is_async", None) is not None:
+                in_flight.append((start, comm_free, share))
             out.events.append(Event(op, "comm", start, duration))
             out.comm_busy += duration
             if getattr(op, "is_async", None) is None:  # blocking: compute waits for it
@@ -97,6 +108,8 @@ def simulate(
                 ready[result] = host_free
         else:
             start = max(compute_free, inputs_ready)
+            in_flight = [w for w in in_flight if w[1] > start]
+            duration += _contended(start, duration, in_flight)
             compute_free = start + duration
             if duration > 0:
                 out.events.append(Event(op, "compute", start, duration))
@@ -106,6 +119,17 @@ def simulate(
     out.step_time = max(compute_free, comm_free, host_free)  # (the step drains the host)
     _memory(block, sizes, views, out)
     return out
+
+
+def _contended(start: float, duration: float, in_flight) -> float:
+    """Extra time of a compute op from `start` for `duration`: each
+    collective in flight takes its share of the time they overlap. (The
+    collectives run one after another, so overlaps do not add up past the op.)"""
+    extra = 0.0
+    for begin, end, share in in_flight:
+        overlap = min(end, start + duration) - max(begin, start)
+        extra += share * max(0.0, overlap)
+    return extra
 
 
 def _memory(block, sizes: dict[SSAValue, float], views: set[Operation], out: Schedule) -> None:

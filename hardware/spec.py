@@ -28,6 +28,8 @@ with its public source:
     devices = 8
     bandwidth = 450e9    # bytes/s per device per direction
     latency = 3e-6       # alpha of one step of a collective, seconds
+    contention = 0.0     # optional: the share of a collective's time its own work
+                         # takes from the compute it overlaps (gloo on the CPU's cores)
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ class Link:
     devices: int | None  # None: unbounded (a network)
     bandwidth: float  # bytes/s per device, one direction
     latency: float  # seconds per collective step
+    # share of an async collective's time that the compute it overlaps loses
+    # (0: the link moves data by itself; gloo's threads share the CPU's cores)
+    contention: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -171,6 +176,7 @@ def load(name_or_path: str | Path) -> Hardware:
             devices=entry.get("devices"),
             bandwidth=float(_require(entry, "bandwidth", f"{where} [[links]]")),
             latency=float(_require(entry, "latency", f"{where} [[links]]")),
+            contention=_share(entry.get("contention", 0.0), f"{where} [[links]] contention"),
         )
         for entry in data.get("links", [])
     )
@@ -202,3 +208,9 @@ def load(name_or_path: str | Path) -> Hardware:
         threads=int(data.get("threads", {}).get("count", 1)),
         grain=int(data.get("threads", {}).get("grain", 0)),
     )
+
+
+def _share(value, where: str) -> float:
+    if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise HardwareError(f"{where}: {value!r} is not a share between 0 and 1")
+    return float(value)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import itertools
+import math
 import multiprocessing as mp
 import os
 import platform
@@ -250,14 +251,47 @@ def _allreduce_worker(rank: int, port: int, sizes: list[int], queue) -> None:
             dist.all_reduce(x)
             times[n].append(time.perf_counter() - start)
     results = [(n, statistics.median(t)) for n, t in times.items()]
+    share = _contention(a, w, buffers[max(sizes)], statistics.median(times[max(sizes)]))
     if rank == 0:
-        queue.put(results)
+        queue.put((results, share))
     dist.barrier()
     dist.destroy_process_group()
 
 
-def gloo_all_reduce(sizes=(4096, 65536, 1 << 20, 4 << 20, 16 << 20)) -> tuple[float, float]:
-    """(alpha seconds, beta bytes/s) of 2-rank gloo all-reduce on loopback."""
+def _contention(a, w, x, reduce_time: float, rounds: int = 15) -> float:
+    """The share of an async all-reduce's time that the compute it overlaps
+    loses: compute of about twice its time, alone and with the all-reduce in
+    flight, in alternating rounds; (overlapped - alone) / the all-reduce's time."""
+    import torch.distributed as dist
+
+    linear = _median_time(lambda: torch.nn.functional.linear(a, w), 7)
+    count = max(1, math.ceil(2 * reduce_time / linear))
+
+    def compute():
+        for _ in range(count):
+            torch.nn.functional.linear(a, w)
+
+    alone, overlapped = [], []
+    for _ in range(rounds):
+        dist.barrier()
+        start = time.perf_counter()
+        compute()
+        alone.append(time.perf_counter() - start)
+        dist.barrier()
+        start = time.perf_counter()
+        work = dist.all_reduce(x, async_op=True)
+        compute()
+        work.wait()
+        overlapped.append(time.perf_counter() - start)
+    lost = statistics.median(overlapped) - statistics.median(alone)
+    return min(1.0, max(0.0, lost / reduce_time))
+
+
+def gloo_all_reduce(
+    sizes=(4096, 65536, 1 << 20, 4 << 20, 16 << 20),
+) -> tuple[float, float, float]:
+    """(alpha seconds, beta bytes/s, contention share) of 2-rank gloo
+    all-reduce on loopback."""
     ctx = mp.get_context("spawn")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -269,7 +303,7 @@ def gloo_all_reduce(sizes=(4096, 65536, 1 << 20, 4 << 20, 16 << 20)) -> tuple[fl
     for p in procs:
         p.start()
     try:
-        results = queue.get(timeout=300)
+        results, share = queue.get(timeout=300)
     except Exception as exc:
         codes = [p.exitcode for p in procs]
         raise RuntimeError(
@@ -285,7 +319,7 @@ def gloo_all_reduce(sizes=(4096, 65536, 1 << 20, 4 << 20, 16 << 20)) -> tuple[fl
     # sizes is ruled by the large ones and its intercept lost ~100 us here)
     (n_small, t_small), (n_large, t_large) = min(results), max(results)
     alpha = max((t_small - n_small * (t_large - t_small) / (n_large - n_small)) / 2, 1e-7)
-    return alpha, (n_large - n_small) / max(t_large - t_small, 1e-12)
+    return alpha, (n_large - n_small) / max(t_large - t_small, 1e-12), share
 
 
 def _memory_capacity() -> float:
@@ -315,7 +349,7 @@ class Measurements:
     capacity: float
     overheads: dict[str, float]
     in_sequence: float
-    link: tuple[float, float]  # gloo all-reduce (alpha, beta)
+    link: tuple[float, float, float]  # gloo all-reduce (alpha, beta, contention)
     where: str  # the machine, in words
     when: str
 
@@ -369,7 +403,7 @@ def hardware_text(m: Measurements) -> str:
     """The hardware file (TOML, as hardware/spec.py reads it) of the measurements."""
     how = f"measured by `plait calibrate` on {m.when}, {m.where}, torch {torch.__version__}"
     default_op, default_view = m.overheads["aten::add.Tensor"], m.overheads["aten::view"]
-    alpha, beta = m.link
+    alpha, beta, share = m.link
     lines = [
         "# This CPU, as measured by `plait calibrate` (re-run it to refresh).",
         'name = "cpu"',
@@ -420,6 +454,8 @@ def hardware_text(m: Measurements) -> str:
         'name = "gloo over loopback (2 processes)"',
         f"bandwidth = {beta:.4g}  # bytes/s, 2-rank all-reduces of 4 KB to 16 MB after compute",
         f"latency = {alpha:.4g}  # seconds per step, same measurement",
+        f"contention = {share:.3g}  # share of a 16 MB async all-reduce's time lost by the "
+        "compute it overlaps",
         "",
         "[sources]",
         f'all = "{how}"',

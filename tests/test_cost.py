@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import sympy
+from plait import hardware
 from plait.cost.bounds import prove_at_most
 from plait.cost.comm_cost import all_reduce_time, axis_links, collective_time
 from plait.cost.estimate import Target, estimate
@@ -205,7 +208,7 @@ SCHEDULE_IR = """\
 """
 
 
-def _schedule(async_: bool):
+def _schedule(async_: bool, hardware=None):
     body = SCHEDULE_IR.format(
         flag=", async" if async_ else "",
         type="!plait.async<!plait.tensor<[1024, 1024], f32>>"
@@ -218,7 +221,7 @@ def _schedule(async_: bool):
     if not async_:
         body = body.replace("%h = plait.all_reduce", "%r = plait.all_reduce")
     module, _ = _ops(body, "%x : !plait.tensor<[1024, 1024], f32>", symbols="", mesh="tp = 2")
-    return estimate(module, Target(load("a100-80gb"))).schedule
+    return estimate(module, Target(hardware or load("a100-80gb"))).schedule
 
 
 def test_async_collectives_overlap_the_compute_before_their_wait():
@@ -230,6 +233,33 @@ def test_async_collectives_overlap_the_compute_before_their_wait():
     assert overlapped.exposed_comm == pytest.approx(
         blocking.exposed_comm - min(blocking.comm_busy, blocking.compute_busy / 3), rel=0.05
     )
+
+
+@pytest.mark.parametrize("share", [0.0, 0.4, 1.0])
+def test_a_collective_that_contends_takes_its_share_of_the_compute_it_overlaps(share):
+    """A link whose collectives run on the compute's cores (gloo on a CPU):
+    the linear in flight with the all-reduce is longer by `share` of their
+    overlap; at 1, overlapping gains nothing over the blocking all-reduce."""
+    a100 = load("a100-80gb")
+    links = tuple(replace(link, contention=share) for link in a100.links)
+    blocking, overlapped = _schedule(False), _schedule(True, replace(a100, links=links))
+    linear = [e.duration for e in blocking.events if e.lane == "compute"][1]
+    reduce = next(e for e in overlapped.events if e.lane == "comm")
+    second = [e for e in overlapped.events if e.lane == "compute"][1]
+    assert second.start == pytest.approx(reduce.start)
+    assert second.duration == pytest.approx(linear + share * min(linear, reduce.duration))
+    if share == 1.0:
+        assert overlapped.step_time == pytest.approx(blocking.step_time)
+    else:
+        assert overlapped.step_time < blocking.step_time
+
+
+def test_a_contention_outside_0_to_1_is_refused(tmp_path):
+    cpu = (Path(hardware.__file__).parent / "cpu.toml").read_text()
+    bad = tmp_path / "bad.toml"
+    bad.write_text(cpu.replace("contention = ", "contention = 1", 1))
+    with pytest.raises(HardwareError, match=r"contention: 1[\d.]+ is not a share between 0 and 1"):
+        load(bad)
 
 
 def test_peak_memory_counts_live_activations_and_weights():
