@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import sympy
 from xdsl.dialects import func
@@ -152,7 +152,10 @@ def estimate(module: ModuleOp, target: Target, function: str | None = None) -> E
     """Estimate `function` (default: @forward, else @train_step, else the
     module's first function)."""
     fn = _function(module, function)
-    links = axis_links(_mesh(module, target), target.hardware)
+    mesh = _mesh(module, target)
+    # the ranks of a CPU mesh share its host's threads
+    target = replace(target, hardware=target.hardware.shared_by(math.prod(mesh.values())))
+    links = axis_links(mesh, target.hardware)
     _check_values(module, target)
     from ..ir import symbolic
 

@@ -35,7 +35,7 @@ with its public source:
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import sympy
@@ -126,6 +126,29 @@ class Hardware:
         if elements is not None and self.threads > 1 and self.grain:
             work = sympy.Piecewise((self.threads * work, elements <= self.grain), (work, True))
         return work + fixed
+
+    def shared_by(self, ranks: int) -> Hardware:
+        """One of `ranks` ranks on this host. A CPU file (`threads` > 1)
+        measured its rates with all its threads: each rank gets
+        threads // ranks of them (at least one, as plait's worker ranks and
+        torchrun give them) and that share of the compute rates and memory
+        bandwidth. A device per rank (a GPU file) is not shared."""
+        per_rank = max(1, self.threads // max(1, ranks))
+        if per_rank == self.threads:
+            return self
+        share = per_rank / self.threads
+        return replace(
+            self,
+            flops={k: v * share for k, v in self.flops.items()},
+            family_flops={
+                f: {k: v * share for k, v in rates.items()}
+                for f, rates in self.family_flops.items()
+            },
+            memory_bandwidth=self.memory_bandwidth * share,
+            caches=tuple((size, bw * share) for size, bw in self.caches),
+            host_bandwidth=self.host_bandwidth and self.host_bandwidth * share,
+            threads=per_rank,
+        )
 
     def link_for(self, devices: int) -> Link:
         """The innermost link that joins `devices` devices."""

@@ -262,6 +262,26 @@ def test_a_contention_outside_0_to_1_is_refused(tmp_path):
         load(bad)
 
 
+def test_ranks_on_one_cpu_host_share_its_threads():
+    """cpu.toml measured its rates with 2 threads: each of 2 ranks gets one,
+    and half the rates; 4 ranks still get one thread each. A GPU is one device per rank."""
+    cpu, a100 = load("cpu"), load("a100-80gb")
+    assert cpu.threads == 2 and cpu.shared_by(1) is cpu and a100.shared_by(8) is a100
+    for ranks in (2, 4):
+        rank = cpu.shared_by(ranks)
+        assert rank.threads == 1 and rank.peak_flops("f32") == cpu.peak_flops("f32") / 2
+        assert rank.peak_flops("f32", "attention") == cpu.peak_flops("f32", "attention") / 2
+        assert rank.memory_bandwidth == cpu.memory_bandwidth / 2
+    body = '    %y = plait.linear "aten::linear"(%x, %w) : !plait.tensor<[1024, 1024], f32>\n'
+    weight = '    %w = plait.param "w" : !plait.tensor<[1024, 1024], f32>\n'
+    arg = "%x : !plait.tensor<[1024, 1024], f32>"
+    alone, _ = _ops(weight + body, arg, symbols="", mesh="")
+    shared, _ = _ops(weight + body, arg, symbols="", mesh="tp = 2")
+    one, two = (estimate(m, Target(cpu)).schedule.compute_busy for m in (alone, shared))
+    fixed = cpu.op_overhead + cpu.sequence_overhead  # (a CPU's per-op cost is not shared)
+    assert two - fixed == pytest.approx(2 * (one - fixed))
+
+
 def test_peak_memory_counts_live_activations_and_weights():
     module, _ = _ops(
         '    %w = plait.param "w" : !plait.tensor<[256, 64], f32>\n'
