@@ -28,10 +28,14 @@ import socket
 import subprocess
 import sys
 import threading
+import weakref
 from pathlib import Path
+
+from ..ir.errors import PlaitError
 
 AVAILABLE = sys.platform == "linux" and hasattr(os, "pidfd_open")
 _MESSAGE = 1 << 20  # bytes: a setup is a few hundred
+ANSWER = 120.0  # seconds a fork may wait (the first, for the launcher's imports)
 
 # a fresh interpreter imports this plait (the caller's, wherever it lies) and
 # adds no directory to sys.path; -P keeps the working directory off it too.
@@ -50,12 +54,17 @@ main(sys.argv[2])
 PLAIT = Path(__file__).resolve().parents[1] / "__init__.py"
 
 
+class LauncherError(PlaitError):
+    pass
+
+
 class Forked:
     """A rank forked by the launcher, with subprocess.Popen's poll/kill/wait."""
 
     def __init__(self, pid: int):
         self.pid = pid
         self.pidfd = os.pidfd_open(pid)  # signals reach this process, never a reused pid
+        weakref.finalize(self, os.close, self.pidfd)
         self.code: int | None = None
         self.exited = threading.Event()
 
@@ -99,9 +108,15 @@ class Launcher:
         message = json.dumps({"setup": setup, "cwd": os.getcwd()}).encode()
         with self.lock:
             socket.send_fds(self.socket, [message], [*pipes, 1, 2])
-            pid = self.pids.get(timeout=60)
+            try:
+                pid = self.pids.get(timeout=ANSWER)
+            except queue.Empty:
+                pid = None
             if pid is None:
-                raise OSError("the worker launcher exited")
+                raise LauncherError(
+                    f"the worker launcher (pid {self.process.pid}) exited or did not answer "
+                    f"in {ANSWER:g} s; its error, if any, is above"
+                )
             rank = self.ranks[pid] = Forked(pid)
         return rank
 
@@ -121,7 +136,6 @@ class Launcher:
             rank = self.ranks.pop(message["exited"], None)
             if rank is not None:
                 rank.code = message["code"]
-                os.close(rank.pidfd)
                 rank.exited.set()
 
     @property
