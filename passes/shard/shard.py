@@ -64,6 +64,7 @@ from __future__ import annotations
 import enum
 import fnmatch
 import functools
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -786,7 +787,8 @@ class Shard(Pass):
         from ...cost.comm_cost import axis_links
         from ...hardware import load
 
-        hw = load(self._hardware)
+        # (the ranks of a CPU mesh share its host, as the estimates price them)
+        hw = load(self._hardware).shared_by(math.prod(self.mesh.as_dict().values()))
         values = (self.values or SizeValues()).at(module, "shard")
         _, link = axis_links({axis: n}, hw)[axis]
         split = EXPERT_AXIS not in self.mesh.as_dict()
