@@ -1,5 +1,6 @@
-"""One rank of a worker pool (see workers.py): `main(SETUP_JSON)` in a fresh
-`python -P`, which imported the caller's plait.
+"""One rank of a worker pool (see workers.py): `main(SETUP_JSON)` in a fork
+of the launcher (launcher.py), or a fresh `python -P` of its own, which
+imported the caller's plait.
 
 A process of its own, so it never imports the caller's script (a script
 without a main guard, a notebook, stdin all work), and with -P, so no module

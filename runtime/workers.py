@@ -6,11 +6,11 @@ worker process per rank (gloo on CPU), started on the first call and reused.
     compiled.generate(ids)   # the whole decoding loop runs on every rank
     compiled.close()         # stops them (also when the model is dropped, and at exit)
 
-Each worker runs plait.runtime.rank_worker in a fresh Python with -P (never
-a re-import of the caller's script), forked from the launcher's (launcher.py:
-milliseconds instead of seconds of imports per rank), and loads the plan from an artifact
-directory: the one the model was loaded from, else a temporary save that
-the pool removes when it stops. The pool's TCPStore (in this process) joins
+Each worker runs plait.runtime.rank_worker in a fork of the launcher
+(launcher.py): a fresh `python -P` that never imports the caller's script and
+imported torch and plait once, so a rank starts in milliseconds. It loads
+the plan from an artifact directory: the one the model was loaded from,
+else a temporary save that the pool removes when it stops. The pool's TCPStore (in this process) joins
 them into a process group. Calls and results go through pipes as
 torch.save bytes read with weights_only=True; results are tensors or flat
 lists of them, and the caller rebuilds the model's output structure.
