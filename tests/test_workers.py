@@ -129,6 +129,24 @@ def test_ranks_fork_from_one_launcher_per_environment(monkeypatch):
         second.close()
 
 
+def test_without_the_launcher_each_rank_is_a_fresh_interpreter(monkeypatch):
+    """Where ranks cannot fork from the launcher (no pidfds: not Linux), each
+    is a fresh `python -P` of the caller's own, and runs the same."""
+    monkeypatch.setattr(launcher, "AVAILABLE", False)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    x = torch.randn(4, 16)
+    compiled = plait.compile(model, (x,), pipeline="shard{mesh=tp:2}")
+    try:
+        with torch.no_grad():
+            assert torch.allclose(compiled(x), model(x), atol=1e-5)
+        ranks = compiled._pool.procs
+        assert all(isinstance(rank.process, subprocess.Popen) for rank in ranks)
+    finally:
+        compiled.close()
+    assert all(rank.exitcode == 0 for rank in ranks)
+
+
 def test_model_outputs_keep_their_structure_on_workers_and_from_artifacts(tmp_path, monkeypatch):
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.modeling_outputs import CausalLMOutputWithPast
