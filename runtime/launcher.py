@@ -61,10 +61,10 @@ class LauncherError(PlaitError):
 class Forked:
     """A rank forked by the launcher, with subprocess.Popen's poll/kill/wait."""
 
-    def __init__(self, pid: int):
+    def __init__(self, pid: int, pidfd: int):
         self.pid = pid
-        self.pidfd = os.pidfd_open(pid)  # signals reach this process, never a reused pid
-        weakref.finalize(self, os.close, self.pidfd)
+        self.pidfd = pidfd  # signals reach this process, never a reused pid
+        weakref.finalize(self, os.close, pidfd)
         self.code: int | None = None
         self.exited = threading.Event()
 
@@ -97,41 +97,47 @@ class Launcher:
                 stdin=subprocess.DEVNULL,
             )
         self.socket = ours
-        self.ranks: dict[int, Forked] = {}
-        self.pids: queue.Queue = queue.Queue()  # the launcher's reply to each fork
+        self.ranks: dict[int, Forked] = {}  # pid -> each rank that has not exited
+        self.forked: queue.Queue = queue.Queue()  # the launcher's reply to each fork
         self.lock = threading.Lock()  # one fork request at a time
         threading.Thread(target=self._read, daemon=True, name="plait-launcher").start()
 
     def fork(self, setup: dict, pipes: tuple[int, int]) -> Forked:
         """A rank running rank_worker.main(setup) on `pipes` (its requests'
         read end, its replies' write end), writing to our stdout and stderr."""
-        message = json.dumps({"setup": setup, "cwd": os.getcwd()}).encode()
+        try:
+            cwd = os.getcwd()
+        except OSError:  # the caller's directory was removed: the rank starts in the launcher's
+            cwd = None
+        message = json.dumps({"setup": setup, "cwd": cwd}).encode()
         with self.lock:
             socket.send_fds(self.socket, [message], [*pipes, 1, 2])
             try:
-                pid = self.pids.get(timeout=ANSWER)
+                rank = self.forked.get(timeout=ANSWER)
             except queue.Empty:
-                pid = None
-            if pid is None:
-                raise LauncherError(
-                    f"the worker launcher (pid {self.process.pid}) exited or did not answer "
-                    f"in {ANSWER:g} s; its error, if any, is above"
-                )
-            rank = self.ranks[pid] = Forked(pid)
+                rank = None
+        if rank is None:
+            raise LauncherError(
+                f"the worker launcher (pid {self.process.pid}) exited or did not answer "
+                f"in {ANSWER:g} s; its error, if any, is above"
+            )
         return rank
 
     def _read(self) -> None:
+        """The launcher's messages, in order: a rank is known here before its
+        exit is (it may exit before the pool has looked at it)."""
         while True:
             try:
-                data = self.socket.recv(_MESSAGE)
+                data, fds, _, _ = socket.recv_fds(self.socket, _MESSAGE, 1)
             except OSError:
                 data = b""
             if not data:  # the launcher is gone: nothing more will fork
-                self.pids.put(None)
+                self.forked.put(None)
                 return
             message = json.loads(data)
-            if "pid" in message:
-                self.pids.put(message["pid"])
+            if "pid" in message:  # with the rank's pidfd (valid after it exits, too)
+                rank = self.ranks[message["pid"]] = Forked(message["pid"], fds[0])
+                self.forked.put(rank)
                 continue
             rank = self.ranks.pop(message["exited"], None)
             if rank is not None:
@@ -200,8 +206,9 @@ def serve(fd: int) -> None:
                         os._exit(1)
                 for fd_ in fds:
                     os.close(fd_)
-                children[os.pidfd_open(pid)] = pid
-                _reply(parent, {"pid": pid})
+                pidfd = os.pidfd_open(pid)
+                children[pidfd] = pid
+                _reply(parent, {"pid": pid}, [pidfd])
             else:
                 pid = children.pop(each)
                 os.close(each)
@@ -209,9 +216,9 @@ def serve(fd: int) -> None:
                 _reply(parent, {"exited": pid, "code": os.waitstatus_to_exitcode(status)})
 
 
-def _reply(parent: socket.socket, message: dict) -> None:
+def _reply(parent: socket.socket, message: dict, fds: list[int] = ()) -> None:
     try:
-        parent.send(json.dumps(message).encode())
+        socket.send_fds(parent, [json.dumps(message).encode()], fds)
     except OSError:  # the parent is gone
         os._exit(0)
 
@@ -224,5 +231,6 @@ def _become_rank(main, request: dict, fds: list[int]) -> None:
     os.dup2(stderr, 2)
     os.close(stdout)
     os.close(stderr)
-    os.chdir(request["cwd"])
+    if request["cwd"] is not None:
+        os.chdir(request["cwd"])
     main(json.dumps({**request["setup"], "requests": requests, "replies": replies}))
