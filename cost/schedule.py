@@ -71,9 +71,9 @@ def simulate(
     out = Schedule()
     ready: dict[SSAValue, float] = {}
     compute_free = comm_free = host_free = 0.0
-    in_flight: list[
-        tuple[float, float, float]
-    ] = []  # (start, end, share) of contending collectives
+    contention = contention or {}
+    # (start, end, share) of the contending collectives in flight
+    in_flight: list[tuple[float, float, float]] = []
     block = fn.body.blocks.first
     for arg in block.args:
         ready[arg] = 0.0
@@ -83,7 +83,7 @@ def simulate(
         if comm_axis(op) is not None:  # a collective, or a kernel that communicates
             start = max(comm_free, inputs_ready, compute_free)
             comm_free = start + duration
-            share = (contention or {}).get(op, 0.0)
+            share = contention.get(op, 0.0)
             if share > 0 and getattr(op, "is_async", None) is not None:
                 in_flight.append((start, comm_free, share))
             out.events.append(Event(op, "comm", start, duration))
