@@ -1,20 +1,23 @@
 """Does `parallelize` choose the mesh that is fastest when run? Every mesh of
-2 gloo ranks (dp:2, tp:2, pp:2) priced by the cost model, then each run, side
-by side, on the same training step.
+2 gloo ranks (dp:2, tp:2, pp:2 with each schedule it prices) priced by the
+cost model, then each run, side by side, on the same training step.
 
-    python benchmarks/mesh_choice.py                  # the 111M Llama
+    plait calibrate -o here.toml                      # this machine, now
+    python benchmarks/mesh_choice.py --hardware here.toml   # the 111M Llama
     python benchmarks/mesh_choice.py --small --rounds 3
 
 The training benchmark's `transformers` Llama (`train_step.py`), fp32, one
 thread per rank, a global batch of --rows x --seq tokens in --microbatches
-micro-batches, AdamW. `parallelize{devices=2,microbatches=M,hardware=cpu}`
-prices each mesh (`Parallelize.price_meshes`) and names its choice; then
-each mesh's step is compiled as parallelize would apply it (`shard{mesh=dp:2}`,
-`shard{mesh=tp:2}`, `pipeline{stages=2,microbatches=M,schedule=1f1b}`, all
-captured for M micro-batches), and the three run in interleaved rounds
-(`timed_rounds`: every variant once a round, the order rotating). Reported:
-each mesh's predicted and measured median step, the ranks of both, and
-whether the choice is the measured fastest.
+micro-batches, AdamW. `parallelize{devices=2,microbatches=M,hardware=H}`
+prices each mesh and schedule (`Parallelize.price_meshes`) and names its
+choice; then each is compiled as parallelize would apply it
+(`shard{mesh=dp:2}`, `shard{mesh=tp:2}`, `pipeline{stages=2,microbatches=M,
+schedule=S,virtual=V}`, all captured for M micro-batches), and all run in
+interleaved rounds (`timed_rounds`: every variant once a round, the order
+rotating). Reported: each one's predicted and measured median step, and
+whether the choice is the measured fastest. Price with a file `plait
+calibrate` wrote on the machine it runs on: the shipped `cpu` file is
+another day's VM, whose gloo latency was a third of some others'.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 from train_step import CONFIGS, LR, build, loss_differences, make_batches, timed_rounds
 
 
-def _rank(rank, world, port, config, batches, microbatches, predicted, chosen):
+def _rank(rank, world, port, config, batches, microbatches, predicted, pipelines, chosen):
     import plait
     import torch.distributed as dist
 
@@ -40,7 +43,7 @@ def _rank(rank, world, port, config, batches, microbatches, predicted, chosen):
         plait.compile_training, model, batches[0], lr=LR, accumulation=microbatches
     )
     meshes = list(predicted)
-    variants = {mesh: compile_step(pipeline=_pipeline(mesh, microbatches)).step for mesh in meshes}
+    variants = {mesh: compile_step(pipeline=pipelines[mesh]).step for mesh in meshes}
     del model
     times, losses, _ = timed_rounds(variants, batches, dist.barrier)
     if rank == 0:
@@ -50,7 +53,7 @@ def _rank(rank, world, port, config, batches, microbatches, predicted, chosen):
         for mesh in sorted(meshes, key=measured.get):
             worst = differences.get(mesh, (0.0, 0.0))[1]
             print(
-                f"  {mesh:<6} predicted {predicted[mesh] * 1e3:9.1f} ms, measured "
+                f"  {mesh:<26} predicted {predicted[mesh] * 1e3:9.1f} ms, measured "
                 f"{measured[mesh] * 1e3:9.1f} ms (x{measured[mesh] / predicted[mesh]:.2f}); "
                 f"loss vs {meshes[0]}: max {worst:.1e}"
             )
@@ -59,12 +62,15 @@ def _rank(rank, world, port, config, batches, microbatches, predicted, chosen):
     dist.destroy_process_group()
 
 
-def _pipeline(mesh: str, microbatches: int) -> str:
-    """The passes parallelize applies for `mesh` without a memory budget."""
-    if mesh.startswith("pp:"):
-        stages = mesh.split(":")[1]
-        return f"canonicalize,cse,dce,pipeline{{stages={stages},microbatches={microbatches},schedule=1f1b}}"
-    return f"canonicalize,cse,dce,shard{{mesh={mesh}}}"
+def _pipeline(c, microbatches: int) -> str:
+    """The passes parallelize applies for candidate `c` without a memory budget."""
+    if c.pp > 1:
+        chunks = f",virtual={c.virtual}" if c.virtual > 1 else ""
+        return (
+            f"canonicalize,cse,dce,pipeline{{stages={c.pp},microbatches={microbatches},"
+            f"schedule={c.schedule}{chunks}}}"
+        )
+    return f"canonicalize,cse,dce,shard{{mesh={c.mesh}}}"
 
 
 def main() -> None:
@@ -76,6 +82,11 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--microbatches", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--hardware",
+        default="cpu",
+        help="what to price with: a shipped name, or a file from `plait calibrate` on this machine",
+    )
     args = parser.parse_args()
     import plait
     import torch.multiprocessing as mp
@@ -93,16 +104,17 @@ def main() -> None:
     captured = plait.compile_training(
         model, batches[0], lr=LR, accumulation=args.microbatches, pipeline="canonicalize,cse,dce"
     )
-    choice = Parallelize(devices=2, microbatches=args.microbatches)
+    choice = Parallelize(devices=2, microbatches=args.microbatches, hardware=args.hardware)
     priced = [c for c in choice.price_meshes(captured.module) if c.priced]
-    chosen = min(priced, key=lambda c: (c.seconds, c.pp, c.tp))
-    print("predicted (cost model, hardware cpu):")
+    chosen = choice.choose(priced)
+    print(f"predicted (cost model, hardware {args.hardware}):")
     for c in priced:
-        print(f"  {c.mesh:<6} {c.seconds * 1e3:9.1f} ms, peak {c.peak / 2**20:.1f} MiB per rank")
-    print(f"parallelize chooses {chosen.mesh}")
+        print(f"  {c.label:<26} {c.seconds * 1e3:9.1f} ms, peak {c.peak / 2**20:.1f} MiB per rank")
+    print(f"parallelize chooses {chosen.label}")
     del model, captured
-    predicted = {c.mesh: c.seconds for c in priced}
-    spawned = (2, free_port(), config, batches, args.microbatches, predicted, chosen.mesh)
+    predicted = {c.label: c.seconds for c in priced}
+    pipelines = {c.label: _pipeline(c, args.microbatches) for c in priced}
+    spawned = (2, free_port(), config, batches, args.microbatches, predicted, pipelines, chosen.label)
     mp.spawn(_rank, spawned, nprocs=2)
 
 

@@ -41,6 +41,14 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(_times(fn, repeats))
 
 
+def _trimmed_mean(samples: list[float], cut: float = 0.1) -> float:
+    """The mean of the middle of `samples`, the `cut` share at each end left
+    out: what many calls cost on average, without a rare stall elsewhere."""
+    ordered = sorted(samples)
+    drop = int(len(ordered) * cut)
+    return statistics.mean(ordered[drop : len(ordered) - drop])
+
+
 def _best_time(fn, repeats: int) -> float:
     """The fastest of many runs of a microsecond call, which noise only lengthens."""
     return min(_times(fn, repeats))
@@ -239,7 +247,10 @@ def _allreduce_worker(rank: int, port: int, sizes: list[int], queue) -> None:
     # each all-reduce after a module's worth of compute on both ranks, as programs
     # issue them: the ranks arrive at different times and gloo's threads have gone
     # to sleep (here ~1.5 ms more than all-reduces back to back); the sizes take
-    # turns in each round, so that a noisy stretch of time hits them alike
+    # turns in each round, so that a noisy stretch of time hits them alike.
+    # Their times are bimodal on a shared VM (1 MB: a quartile at 0.8 ms, the
+    # next at 3.4, from waking a peer thread): the median jumps between the
+    # modes from run to run, and a step pays the mean of what it issues
     a, w = torch.randn(128, 1024), torch.randn(1024, 1024)
     buffers = {n: torch.ones(n // 4) for n in sizes}
     times: dict[int, list[float]] = {n: [] for n in sizes}
@@ -250,8 +261,8 @@ def _allreduce_worker(rank: int, port: int, sizes: list[int], queue) -> None:
             start = time.perf_counter()
             dist.all_reduce(x)
             times[n].append(time.perf_counter() - start)
-    results = [(n, statistics.median(t)) for n, t in times.items()]
-    share = _contention(a, w, buffers[max(sizes)], statistics.median(times[max(sizes)]))
+    results = [(n, _trimmed_mean(t)) for n, t in times.items()]
+    share = _contention(a, w, buffers[max(sizes)], _trimmed_mean(times[max(sizes)]))
     if rank == 0:
         queue.put((results, share))
     dist.barrier()
@@ -452,7 +463,7 @@ def hardware_text(m: Measurements) -> str:
         "",
         "[[links]]",
         'name = "gloo over loopback (2 processes)"',
-        f"bandwidth = {beta:.4g}  # bytes/s, 2-rank all-reduces of 4 KB to 16 MB after compute",
+        f"bandwidth = {beta:.4g}  # bytes/s, mean 2-rank all-reduces of 4 KB to 16 MB after compute",
         f"latency = {alpha:.4g}  # seconds per step, same measurement",
         f"contention = {share:.3g}  # share of a 16 MB async all-reduce's time lost by the "
         "compute it overlaps",

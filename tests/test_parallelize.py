@@ -12,7 +12,9 @@ from plait.cost.estimate_report import memory_plan
 from plait.hardware import load
 from plait.ir.attrs import MESH_PLAN_ATTR
 from plait.ir.errors import PlaitError
+from plait.passes.options import OptionError
 from plait.passes.shard.parallelize import Candidate, Parallelize, meshes
+from plait.passes.shard.pipeline_schedule import pipeline_plan
 from plait.passes.shard.shard import Shard
 from test_training import _check_run, _eager, _hf_model, _lm_loss
 from test_training_parallel import ADAMW, _batches, _optimizer
@@ -45,14 +47,14 @@ def test_the_meshes_of_n_devices_are_every_factorization():
 
 def test_without_a_budget_the_fastest_priced_mesh_is_chosen(step, four):
     priced = four
-    assert len(priced) == 6 and all(c.seconds > 0 and c.peak > 0 for c in priced if c.priced)
+    assert {(c.dp, c.tp, c.pp) for c in priced} == set(meshes(4)) and all(c.seconds > 0 and c.peak > 0 for c in priced if c.priced)
     assert any(c.pp > 1 for c in priced if c.priced) and any(c.pp == 1 for c in priced)
     fastest = min((c for c in priced if c.priced), key=lambda c: c.seconds)
     plan = step[2].clone()
     Parallelize(microbatches=MICRO, devices=4).apply(None, plan)
     record = plan.attributes[MESH_PLAN_ATTR].data
     assert record.startswith(f"4 devices, no memory budget, {MICRO} micro-batches on cpu: ")
-    assert f"chosen {fastest.mesh}: " in record
+    assert f"chosen {fastest.label}: " in record
     assert record.count(" | ") == len(priced) - 2  # every other mesh, listed
     rows = dict(memory_plan(estimate(plan, Target(load("cpu")), _first_function(plan))))
     assert rows["mesh plan"].endswith(f"chosen {fastest.describe()}")  # as plait estimate shows it
@@ -61,6 +63,43 @@ def test_without_a_budget_the_fastest_priced_mesh_is_chosen(step, four):
 
 def _first_function(module) -> str:
     return next(iter(module.ops)).sym_name.data
+
+
+def test_auto_prices_1f1b_and_interleaved_while_more_stages_per_rank_pay(step, four):
+    """schedule=auto: each pipeline mesh priced with 1F1B and with interleaved
+    V = 2, 3, ... stages per rank, stopping at the first V no faster than the
+    best before it (or that the step's boundaries cannot take)."""
+    pipelines = {(c.dp, c.tp, c.pp) for c in four if c.pp > 1}
+    assert pipelines == {(1, 1, 4), (2, 1, 2), (1, 2, 2)}
+    for mesh in pipelines:
+        runs = [c for c in four if (c.dp, c.tp, c.pp) == mesh]
+        assert all(c.priced for c in runs) and (runs[0].schedule, runs[0].virtual) == ("1f1b", 1)
+        assert [(c.schedule, c.virtual) for c in runs[1:]] == [
+            ("interleaved", v) for v in range(2, len(runs) + 1)
+        ]
+        for before, after in zip(runs, runs[1:-1]):  # each V kept going was faster
+            assert after.seconds < before.seconds
+    # the 2-layer step has 4 residual boundaries: pp:4 cannot take 8 stages
+    assert len([c for c in four if c.pp == 4]) == 1
+    assert all(len([c for c in four if (c.dp, c.tp, c.pp) == m]) > 1 for m in pipelines - {(1, 1, 4)})
+    chosen = Parallelize(microbatches=MICRO, devices=4).choose(four)
+    plan = step[2].clone()
+    Parallelize(microbatches=MICRO, devices=4).apply(None, plan)
+    assert f"chosen {chosen.label}: " in plan.attributes[MESH_PLAN_ATTR].data
+    if chosen.pp > 1:  # the step runs the chosen schedule
+        applied = pipeline_plan(plan)
+        assert (applied.schedule, applied.virtual) == (chosen.schedule, chosen.virtual)
+
+
+def test_a_named_schedule_is_the_only_one_priced(step):
+    for schedule in ("gpipe", "interleaved"):
+        priced = Parallelize(devices=2, microbatches=MICRO, schedule=schedule).price_meshes(
+            step[2].clone()
+        )
+        pipelined = [c for c in priced if c.pp > 1]
+        assert pipelined and {c.schedule for c in pipelined} == {schedule}
+    with pytest.raises(OptionError, match=r"schedule .zb. is not one of auto, gpipe"):
+        Parallelize(devices=2, schedule="zb")
 
 
 def test_a_budget_below_the_fastest_mesh_chooses_the_fastest_that_fits(step, four):
@@ -76,7 +115,7 @@ def test_a_budget_below_the_fastest_mesh_chooses_the_fastest_that_fits(step, fou
     assert chosen.seconds == min(c.seconds for c in priced if c.priced and c.peak <= budget)
     assert any(c.seconds < chosen.seconds and c.peak > budget for c in priced if c.priced)
     # under a budget, a pipeline over dp is priced with zero{stage=1} too: less memory, slower
-    (plain,), (split,) = ([c for c in priced if (c.dp, c.pp, c.zero1) == (2, 2, z)] for z in (0, 1))
+    (plain,), (split,) = ([c for c in priced if (c.dp, c.pp, c.zero1, c.virtual) == (2, 2, z, 1)] for z in (0, 1))
     assert split.peak < plain.peak and split.seconds > plain.seconds
 
 

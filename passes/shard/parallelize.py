@@ -1,5 +1,6 @@
-"""parallelize{devices=N,memory=BYTES,microbatches=M,schedule=1f1b,hardware=cpu}:
-choose a training step's mesh for N devices, pipeline stages included.
+"""parallelize{devices=N,memory=BYTES,microbatches=M,schedule=auto,hardware=cpu}:
+choose a training step's mesh for N devices, pipeline stages and their
+schedule included.
 
 Every way to split N devices into data, tensor and pipeline parallelism
 (dp x tp x pp = N, each axis of size 1 left out) is applied to a copy of the
@@ -12,7 +13,12 @@ step and priced by the cost model on `hardware`:
 - pp > 1: `shard` over the rest (if any), then
   `pipeline{stages=pp,microbatches=M,schedule=S}`; given `memory` and a dp
   axis, also with `zero{stage=1}` before the pipeline (the other stages do
-  not compose with it yet), as a mesh of its own. Its time is the
+  not compose with it yet), as a mesh of its own. `schedule=auto` prices
+  1F1B and interleaved 1F1B with V = 2, 3, ... stages per rank (while M is a
+  multiple of pp, the step has the boundaries, and each V is faster than
+  the last: fewer idle slots, but V times the messages); `gpipe`, `1f1b` or
+  `interleaved` prices only that schedule (GPipe's bubble is 1F1B's, its
+  peak higher, so auto leaves it out). Its time is the
   simulated schedule (`pipeline_cost.pipeline_timeline`: stage functions'
   estimates, messages on the pp link, the bubble); its peak, the rank that
   holds the most (`pipeline_peaks`: state, kept activations in flight).
@@ -32,6 +38,7 @@ chosen (`plait.compile_training` reads `microbatches` here as it does on
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from dataclasses import dataclass, replace
@@ -52,7 +59,7 @@ from .stage_split import StageError
 from .stages import Pipeline
 from .zero import Zero
 
-SCHEDULES = ("gpipe", "1f1b")  # (interleaved needs a chunk count per mesh: give it by hand)
+SCHEDULES = ("auto", "gpipe", "1f1b", "interleaved")
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,8 @@ class Candidate:
     tp: int
     pp: int
     zero1: bool = False  # a pipeline's optimizer state split over dp (zero{stage=1})
+    schedule: str = ""  # a pipeline's ("" without one)
+    virtual: int = 1  # stages per pp rank (interleaved)
     seconds: float = float("inf")
     peak: float = float("inf")
     note: str = ""
@@ -75,13 +84,21 @@ class Candidate:
         return text + (" with zero{stage=1}" if self.zero1 else "")
 
     @property
+    def label(self) -> str:
+        """The mesh and, for a pipeline, its schedule."""
+        if not self.schedule:
+            return self.mesh
+        chunks = f", virtual={self.virtual}" if self.virtual > 1 else ""
+        return f"{self.mesh} ({self.schedule}{chunks})"
+
+    @property
     def priced(self) -> bool:
         return not self.note
 
     def describe(self) -> str:
         if self.note:
-            return f"{self.mesh}: {self.note}"
-        return f"{self.mesh}: {self.seconds:.6g} s/step, peak {self.peak:.6g} B"
+            return f"{self.label}: {self.note}"
+        return f"{self.label}: {self.seconds:.6g} s/step, peak {self.peak:.6g} B"
 
 
 @dataclass(frozen=True)
@@ -92,7 +109,7 @@ class Parallelize(Pass):
     devices: int = 2
     memory: float | None = None  # bytes per device
     microbatches: int = 1
-    schedule: str = "1f1b"
+    schedule: str = "auto"
     hardware: str = "cpu"
 
     def __post_init__(self):
@@ -103,9 +120,7 @@ class Parallelize(Pass):
             raise OptionError(f"microbatches must be >= 1, not {self.microbatches}", "microbatches")
         if self.schedule not in SCHEDULES:
             raise OptionError(
-                f"schedule '{self.schedule}' is not one of {', '.join(SCHEDULES)} (for "
-                "interleaved, give shard and pipeline{virtual=V} yourself)",
-                "schedule",
+                f"schedule '{self.schedule}' is not one of {', '.join(SCHEDULES)}", "schedule"
             )
         check_hardware(self.hardware)
 
@@ -135,10 +150,11 @@ class Parallelize(Pass):
 
     def choose(self, candidates: list[Candidate]) -> Candidate:
         """The fastest priced mesh that fits (ties: fewer stages, fewer tensor
-        ranks, no ZeRO); an error naming the least peak when none fits."""
+        ranks, no ZeRO, fewer stages per rank); an error naming the least peak
+        when none fits."""
         fitting = [c for c in candidates if c.priced and self._fits(c)]
         if fitting:
-            return min(fitting, key=lambda c: (c.seconds, c.pp, c.tp, c.zero1))
+            return min(fitting, key=lambda c: (c.seconds, c.pp, c.tp, c.zero1, c.virtual))
         if self.memory is None:
             raise PlaitError(
                 f"parallelize: no mesh of {self.devices} devices applies to this step: "
@@ -157,11 +173,38 @@ class Parallelize(Pass):
 
     def price_meshes(self, module: ModuleOp) -> list[Candidate]:
         """Every mesh of `devices`, priced on a copy of `module` (see the docstring)."""
-        return [
-            self._price(module, Candidate(dp, tp, pp, zero1))
-            for dp, tp, pp in meshes(self.devices)
-            for zero1 in ((False, True) if pp > 1 and dp > 1 and self.memory else (False,))
-        ]
+        out = []
+        for dp, tp, pp in meshes(self.devices):
+            for zero1 in (False, True) if pp > 1 and dp > 1 and self.memory else (False,):
+                out += self._price_schedules(module, Candidate(dp, tp, pp, zero1))
+        return out
+
+    def _price_schedules(self, module: ModuleOp, mesh: Candidate) -> list[Candidate]:
+        """`mesh` priced with each schedule `schedule` allows: interleaved with
+        one more stage per rank while that applies and is faster (a pipeline
+        step's time is about convex in V: the bubble shrinks as 1/V, messages
+        grow as V)."""
+        if mesh.pp == 1:
+            return [self._price(module, mesh)]
+        out = []
+        if self.schedule != "interleaved":
+            plain = "1f1b" if self.schedule == "auto" else self.schedule
+            out.append(self._price(module, replace(mesh, schedule=plain)))
+        if self.schedule not in ("auto", "interleaved") or self.microbatches % mesh.pp:
+            return out or [replace(mesh, note=f"interleaved needs microbatches a multiple of {mesh.pp}")]
+        best = min((c.seconds for c in out), default=math.inf)
+        for virtual in itertools.count(2):
+            priced = self._price(module, replace(mesh, schedule="interleaved", virtual=virtual))
+            if priced.priced and priced.seconds >= best:
+                out.append(priced)  # (listed, so the record shows the turn)
+                break
+            if not priced.priced:  # too few boundaries for V stages a rank: say why
+                if not out:  # only if no schedule applies
+                    out.append(priced)
+                break
+            out.append(priced)
+            best = priced.seconds
+        return out
 
     def _apply(self, candidate: Candidate, module: ModuleOp) -> None:
         with warnings.catch_warnings():  # (shard{solve=ilp}'s note on training steps)
@@ -186,7 +229,8 @@ class Parallelize(Pass):
                 Pipeline(
                     stages=c.pp,
                     microbatches=self.microbatches,
-                    schedule=self.schedule,
+                    schedule=c.schedule,
+                    virtual=c.virtual,
                     hardware=self.hardware,
                 )
             )
