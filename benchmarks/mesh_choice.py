@@ -114,7 +114,16 @@ def main() -> None:
     del model, captured
     predicted = {c.label: c.seconds for c in priced}
     pipelines = {c.label: _pipeline(c, args.microbatches) for c in priced}
-    spawned = (2, free_port(), config, batches, args.microbatches, predicted, pipelines, chosen.label)
+    spawned = (
+        2,
+        free_port(),
+        config,
+        batches,
+        args.microbatches,
+        predicted,
+        pipelines,
+        chosen.label,
+    )
     mp.spawn(_rank, spawned, nprocs=2)
 
 

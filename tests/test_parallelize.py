@@ -47,7 +47,9 @@ def test_the_meshes_of_n_devices_are_every_factorization():
 
 def test_without_a_budget_the_fastest_priced_mesh_is_chosen(step, four):
     priced = four
-    assert {(c.dp, c.tp, c.pp) for c in priced} == set(meshes(4)) and all(c.seconds > 0 and c.peak > 0 for c in priced if c.priced)
+    assert {(c.dp, c.tp, c.pp) for c in priced} == set(meshes(4)) and all(
+        c.seconds > 0 and c.peak > 0 for c in priced if c.priced
+    )
     assert any(c.pp > 1 for c in priced if c.priced) and any(c.pp == 1 for c in priced)
     fastest = min((c for c in priced if c.priced), key=lambda c: c.seconds)
     plan = step[2].clone()
@@ -81,7 +83,9 @@ def test_auto_prices_1f1b_and_interleaved_while_more_stages_per_rank_pay(step, f
             assert after.seconds < before.seconds
     # the 2-layer step has 4 residual boundaries: pp:4 cannot take 8 stages
     assert len([c for c in four if c.pp == 4]) == 1
-    assert all(len([c for c in four if (c.dp, c.tp, c.pp) == m]) > 1 for m in pipelines - {(1, 1, 4)})
+    assert all(
+        len([c for c in four if (c.dp, c.tp, c.pp) == m]) > 1 for m in pipelines - {(1, 1, 4)}
+    )
     chosen = Parallelize(microbatches=MICRO, devices=4).choose(four)
     plan = step[2].clone()
     Parallelize(microbatches=MICRO, devices=4).apply(None, plan)
@@ -115,7 +119,9 @@ def test_a_budget_below_the_fastest_mesh_chooses_the_fastest_that_fits(step, fou
     assert chosen.seconds == min(c.seconds for c in priced if c.priced and c.peak <= budget)
     assert any(c.seconds < chosen.seconds and c.peak > budget for c in priced if c.priced)
     # under a budget, a pipeline over dp is priced with zero{stage=1} too: less memory, slower
-    (plain,), (split,) = ([c for c in priced if (c.dp, c.pp, c.zero1, c.virtual) == (2, 2, z, 1)] for z in (0, 1))
+    (plain,), (split,) = (
+        [c for c in priced if (c.dp, c.pp, c.zero1, c.virtual) == (2, 2, z, 1)] for z in (0, 1)
+    )
     assert split.peak < plain.peak and split.seconds > plain.seconds
 
 

@@ -191,7 +191,9 @@ class Parallelize(Pass):
             plain = "1f1b" if self.schedule == "auto" else self.schedule
             out.append(self._price(module, replace(mesh, schedule=plain)))
         if self.schedule not in ("auto", "interleaved") or self.microbatches % mesh.pp:
-            return out or [replace(mesh, note=f"interleaved needs microbatches a multiple of {mesh.pp}")]
+            return out or [
+                replace(mesh, note=f"interleaved needs microbatches a multiple of {mesh.pp}")
+            ]
         best = min((c.seconds for c in out), default=math.inf)
         for virtual in itertools.count(2):
             priced = self._price(module, replace(mesh, schedule="interleaved", virtual=virtual))
