@@ -53,7 +53,7 @@ def _rank(rank, world, port, config, batches, microbatches, predicted, pipelines
         for mesh in sorted(meshes, key=measured.get):
             worst = differences.get(mesh, (0.0, 0.0))[1]
             print(
-                f"  {mesh:<26} predicted {predicted[mesh] * 1e3:9.1f} ms, measured "
+                f"  {mesh:<30} predicted {predicted[mesh] * 1e3:9.1f} ms, measured "
                 f"{measured[mesh] * 1e3:9.1f} ms (x{measured[mesh] / predicted[mesh]:.2f}); "
                 f"loss vs {meshes[0]}: max {worst:.1e}"
             )
@@ -109,7 +109,7 @@ def main() -> None:
     chosen = choice.choose(priced)
     print(f"predicted (cost model, hardware {args.hardware}):")
     for c in priced:
-        print(f"  {c.label:<26} {c.seconds * 1e3:9.1f} ms, peak {c.peak / 2**20:.1f} MiB per rank")
+        print(f"  {c.label:<30} {c.seconds * 1e3:9.1f} ms, peak {c.peak / 2**20:.1f} MiB per rank")
     print(f"parallelize chooses {chosen.label}")
     del model, captured
     predicted = {c.label: c.seconds for c in priced}

@@ -161,8 +161,8 @@ def estimate(module: ModuleOp, target: Target, function: str | None = None) -> E
 
     subs = {symbolic.symbol(n): sympy.Integer(v) for n, v in target.values.items()}
     rows, times, views = _op_estimates(fn, target, links, subs)
-    contention = {op: links[comm_axis(op)][1].contention for op in times if comm_axis(op)}
-    schedule = simulate(fn, times, _value_sizes(fn, subs), views, contention)
+    crossed = {op: links[comm_axis(op)][1] for op in times if comm_axis(op)}
+    schedule = simulate(fn, times, _value_sizes(fn, subs), views, crossed)
     formulas = {
         "flops": sympy.Add(*(r.cost.flops for r in rows)),
         "bytes": sympy.Add(*(r.cost.bytes for r in rows if r.cost.kind != "collective")),

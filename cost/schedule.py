@@ -7,7 +7,9 @@ it finishes; an async one is issued on the communication lane and only its
 time the compute lane spends waiting on collectives is exposed communication.
 Where a collective's own work runs on the cores compute uses (gloo on a CPU:
 its link's `contention`), each compute op is longer by that share of its
-overlap with the collectives in flight.
+overlap with the collectives in flight. A collective also waits for the
+ranks to arrive: its link's `skew` times the compute the rank did since
+its previous collective (ranks' compute times drift apart between syncs).
 `offload`'s host ops run in order on a third lane, the host's thread (see
 backends/host_tasks.py); a device op that reads a host value waits for it.
 
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from xdsl.dialects import func
 from xdsl.ir import Operation, SSAValue
 
+from ..hardware import Link
 from ..ir.memory import on_host
 from ..ir.ops import AllGatherOp, ParamOp, WaitOp
 from .comm_cost import comm_axis
@@ -61,17 +64,18 @@ def simulate(
     times: dict[Operation, float],
     sizes: dict[SSAValue, float],
     views: set[Operation],
-    contention: dict[Operation, float] | None = None,
+    links: dict[Operation, Link] | None = None,
 ) -> Schedule:
     """Timeline and memory of `fn`, given each op's time and each value's bytes.
 
     `views` are ops whose results alias their first operand (no allocation);
-    `contention`: collective -> the share of its time overlapped compute loses.
+    `links`: collective -> the link it crosses (its contention and skew).
     """
     out = Schedule()
     ready: dict[SSAValue, float] = {}
     compute_free = comm_free = host_free = 0.0
-    contention = contention or {}
+    since_sync = 0.0  # compute seconds since this rank's last collective
+    links = links or {}
     # (start, end, share) of the contending collectives in flight
     in_flight: list[tuple[float, float, float]] = []
     block = fn.body.blocks.first
@@ -81,9 +85,13 @@ def simulate(
         inputs_ready = max((ready.get(v, 0.0) for v in op.operands), default=0.0)
         duration = times.get(op, 0.0)
         if comm_axis(op) is not None:  # a collective, or a kernel that communicates
+            link = links.get(op)
+            if link is not None and duration > 0:  # (over one rank: no peers to wait for)
+                duration += link.skew * since_sync
+            since_sync = 0.0
             start = max(comm_free, inputs_ready, compute_free)
             comm_free = start + duration
-            share = contention.get(op, 0.0)
+            share = link.contention if link is not None else 0.0
             if share > 0 and getattr(op, "is_async", None) is not None:
                 in_flight.append((start, comm_free, share))
             out.events.append(Event(op, "comm", start, duration))
@@ -114,6 +122,7 @@ def simulate(
             if duration > 0:
                 out.events.append(Event(op, "compute", start, duration))
             out.compute_busy += duration
+            since_sync += duration
             for result in op.results:
                 ready[result] = compute_free
     out.step_time = max(compute_free, comm_free, host_free)  # (the step drains the host)

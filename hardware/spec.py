@@ -30,6 +30,8 @@ with its public source:
     latency = 3e-6       # alpha of one step of a collective, seconds
     contention = 0.0     # optional: the share of a collective's time its own work
                          # takes from the compute it overlaps (gloo on the CPU's cores)
+    skew = 0.0           # optional: seconds a collective waits for its peers to
+                         # arrive, per second of compute since the rank's last one
 """
 
 from __future__ import annotations
@@ -60,6 +62,9 @@ class Link:
     # share of an async collective's time that the compute it overlaps loses
     # (0: the link moves data by itself; gloo's threads share the CPU's cores)
     contention: float = 0.0
+    # seconds a collective waits for the ranks to arrive, per second of compute
+    # each did since its previous collective (their compute times drift apart)
+    skew: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -200,6 +205,7 @@ def load(name_or_path: str | Path) -> Hardware:
             bandwidth=float(_require(entry, "bandwidth", f"{where} [[links]]")),
             latency=float(_require(entry, "latency", f"{where} [[links]]")),
             contention=_share(entry.get("contention", 0.0), f"{where} [[links]] contention"),
+            skew=_share(entry.get("skew", 0.0), f"{where} [[links]] skew"),
         )
         for entry in data.get("links", [])
     )

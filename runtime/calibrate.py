@@ -254,19 +254,48 @@ def _allreduce_worker(rank: int, port: int, sizes: list[int], queue) -> None:
     a, w = torch.randn(128, 1024), torch.randn(1024, 1024)
     buffers = {n: torch.ones(n // 4) for n in sizes}
     times: dict[int, list[float]] = {n: [] for n in sizes}
+    computed: list[float] = []
     for _ in range(31):
         for n, x in buffers.items():
-            for _ in range(3):
-                torch.nn.functional.linear(a, w)
-            start = time.perf_counter()
-            dist.all_reduce(x)
-            times[n].append(time.perf_counter() - start)
-    results = [(n, _trimmed_mean(t)) for n, t in times.items()]
+            computed.append(_after_linears(a, w, 3, x, times[n]))
+    skew = _skew(a, w, buffers[min(sizes)])
+    # the all-reduce alone: less what the ranks' drift during the 3 linears added
+    # (the cost model adds it back for the compute a program does between collectives)
+    drift = skew * _trimmed_mean(computed)
+    results = [(n, _trimmed_mean(t) - drift) for n, t in times.items()]
     share = _contention(a, w, buffers[max(sizes)], _trimmed_mean(times[max(sizes)]))
     if rank == 0:
-        queue.put((results, share))
+        queue.put((results, share, skew))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _after_linears(a, w, count: int, x, times: list[float]) -> float:
+    """`count` linears, then an all-reduce of `x` timed into `times`; returns
+    the linears' seconds."""
+    import torch.distributed as dist
+
+    start = time.perf_counter()
+    for _ in range(count):
+        torch.nn.functional.linear(a, w)
+    reduce = time.perf_counter()
+    dist.all_reduce(x)
+    times.append(time.perf_counter() - reduce)
+    return reduce - start
+
+
+def _skew(a, w, x, few: int = 1, many: int = 16, rounds: int = 31) -> float:
+    """Seconds a small all-reduce waits for its peer per second of compute
+    before it: after `few` and after `many` linears, in alternating rounds
+    (the ranks' compute times drift apart; on this 2-core VM, 3-6%)."""
+    waits: dict[int, list[float]] = {few: [], many: []}
+    computed: dict[int, list[float]] = {few: [], many: []}
+    for _ in range(rounds):
+        for count in (few, many):
+            computed[count].append(_after_linears(a, w, count, x, waits[count]))
+    longer = _trimmed_mean(computed[many]) - _trimmed_mean(computed[few])
+    waited = _trimmed_mean(waits[many]) - _trimmed_mean(waits[few])
+    return min(1.0, max(0.0, waited / longer))
 
 
 def _contention(a, w, x, reduce_time: float, rounds: int = 15) -> float:
@@ -300,8 +329,8 @@ def _contention(a, w, x, reduce_time: float, rounds: int = 15) -> float:
 
 def gloo_all_reduce(
     sizes=(4096, 65536, 1 << 20, 4 << 20, 16 << 20),
-) -> tuple[float, float, float]:
-    """(alpha seconds, beta bytes/s, contention share) of 2-rank gloo
+) -> tuple[float, float, float, float]:
+    """(alpha seconds, beta bytes/s, contention share, skew) of 2-rank gloo
     all-reduce on loopback."""
     ctx = mp.get_context("spawn")
     with socket.socket() as s:
@@ -314,7 +343,7 @@ def gloo_all_reduce(
     for p in procs:
         p.start()
     try:
-        results, share = queue.get(timeout=300)
+        results, share, skew = queue.get(timeout=300)
     except Exception as exc:
         codes = [p.exitcode for p in procs]
         raise RuntimeError(
@@ -330,7 +359,7 @@ def gloo_all_reduce(
     # sizes is ruled by the large ones and its intercept lost ~100 us here)
     (n_small, t_small), (n_large, t_large) = min(results), max(results)
     alpha = max((t_small - n_small * (t_large - t_small) / (n_large - n_small)) / 2, 1e-7)
-    return alpha, (n_large - n_small) / max(t_large - t_small, 1e-12), share
+    return alpha, (n_large - n_small) / max(t_large - t_small, 1e-12), share, skew
 
 
 def _memory_capacity() -> float:
@@ -360,7 +389,7 @@ class Measurements:
     capacity: float
     overheads: dict[str, float]
     in_sequence: float
-    link: tuple[float, float, float]  # gloo all-reduce (alpha, beta, contention)
+    link: tuple[float, float, float, float]  # gloo all-reduce (alpha, beta, contention, skew)
     where: str  # the machine, in words
     when: str
 
@@ -414,7 +443,7 @@ def hardware_text(m: Measurements) -> str:
     """The hardware file (TOML, as hardware/spec.py reads it) of the measurements."""
     how = f"measured by `plait calibrate` on {m.when}, {m.where}, torch {torch.__version__}"
     default_op, default_view = m.overheads["aten::add.Tensor"], m.overheads["aten::view"]
-    alpha, beta, share = m.link
+    alpha, beta, share, skew = m.link
     lines = [
         "# This CPU, as measured by `plait calibrate` (re-run it to refresh).",
         'name = "cpu"',
@@ -464,9 +493,10 @@ def hardware_text(m: Measurements) -> str:
         "[[links]]",
         'name = "gloo over loopback (2 processes)"',
         f"bandwidth = {beta:.4g}  # bytes/s, mean 2-rank all-reduces of 4 KB to 16 MB after compute",
-        f"latency = {alpha:.4g}  # seconds per step, same measurement",
+        f"latency = {alpha:.4g}  # seconds per step, same measurement, less the ranks' drift",
         f"contention = {share:.3g}  # share of a 16 MB async all-reduce's time lost by the "
         "compute it overlaps",
+        f"skew = {skew:.3g}  # seconds a 4 KB all-reduce waits per second of compute before it",
         "",
         "[sources]",
         f'all = "{how}"',

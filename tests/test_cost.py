@@ -255,11 +255,37 @@ def test_a_collective_that_contends_takes_its_share_of_the_compute_it_overlaps(s
         assert overlapped.step_time < blocking.step_time
 
 
+SKEW_IR = """\
+    %w = plait.param "w" : !plait.tensor<[1024, 1024], f32>
+    %y = plait.linear "aten::linear"(%x, %w) : !plait.tensor<[1024, 1024], f32>
+    %a = plait.all_reduce %y {axis = "tp", reduce = "sum"} : !plait.tensor<[1024, 1024], f32> -> !plait.tensor<[1024, 1024], f32>
+    %b = plait.all_reduce %a {axis = "tp", reduce = "sum"} : !plait.tensor<[1024, 1024], f32> -> !plait.tensor<[1024, 1024], f32>
+"""
+
+
+@pytest.mark.parametrize("skew", [0.0, 0.05])
+def test_a_collective_waits_for_ranks_by_the_compute_since_the_last_one(skew):
+    """Ranks drift apart while they compute: a collective after a linear
+    waits `skew` of the linear's time more; the one right after it, nothing."""
+    a100 = load("a100-80gb")
+    skewed = replace(a100, links=tuple(replace(k, skew=skew) for k in a100.links))
+    module, _ = _ops(SKEW_IR, "%x : !plait.tensor<[1024, 1024], f32>", symbols="", mesh="tp = 2")
+    plain, schedule = (estimate(module, Target(h)).schedule for h in (a100, skewed))
+    (linear,) = [e.duration for e in schedule.events if e.lane == "compute"]
+    first, second = ([e.duration for e in s.events if e.lane == "comm"] for s in (plain, schedule))
+    assert second[0] == pytest.approx(first[0] + skew * linear)
+    assert second[1] == pytest.approx(first[1])
+    assert schedule.step_time == pytest.approx(plain.step_time + skew * linear)
+
+
 def test_a_contention_outside_0_to_1_is_refused(tmp_path):
     cpu = (Path(hardware.__file__).parent / "cpu.toml").read_text()
     bad = tmp_path / "bad.toml"
     bad.write_text(cpu.replace("contention = ", "contention = 1", 1))
     with pytest.raises(HardwareError, match=r"contention: 1[\d.]+ is not a share between 0 and 1"):
+        load(bad)
+    bad.write_text(cpu.replace("skew = ", "skew = -", 1))
+    with pytest.raises(HardwareError, match=r"skew: -[\d.]+ is not a share between 0 and 1"):
         load(bad)
 
 
