@@ -62,7 +62,7 @@ BAD_OPTIONS = [
     ("pipeline{virtual=2}", "virtual=2", "gpipe and 1f1b one (virtual=1)"),
     ("parallelize{devices=0}", "devices=0", "devices must be >= 1"),
     ("parallelize{microbatches=0}", "microbatches=0", "microbatches must be >= 1"),
-    ("parallelize{schedule=interleaved}", "schedule=interleaved", "not one of gpipe, 1f1b"),
+    ("parallelize{schedule=zb}", "schedule=zb", "not one of auto, gpipe, 1f1b, interleaved"),
     ("parallelize{hardware=h900}", "hardware=h900", "unknown hardware 'h900'"),
     ("canonicalize,shard{mesh=tp:2},nosuchpass", "nosuchpass", "unknown pass"),
 ]
