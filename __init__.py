@@ -13,16 +13,32 @@ See README.md for the CLI (`plait compile`, `plait opt`, `plait run`).
 """
 
 from ._version import __version__
-from .api import (
-    DEFAULT_PIPELINE,
-    CompiledModel,
-    compile,
-    compile_generation,
-    compile_ir,
-    load,
-)
 from .ir.errors import PlaitError
-from .training import Trainer, compile_training, load_training
+from .passes.registry import DEFAULT_PIPELINE
+
+# the rest imports torch, xDSL and every pass: loaded when first used, so that
+# `plait --help` and a script's `except plait.PlaitError` do not wait for it
+_LAZY = {
+    "CompiledModel": "api",
+    "compile": "api",
+    "compile_generation": "api",
+    "compile_ir": "api",
+    "load": "api",
+    "Trainer": "training",
+    "compile_training": "training",
+    "load_training": "training",
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'plait' has no attribute '{name}'")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "CompiledModel",

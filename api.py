@@ -43,6 +43,7 @@ from .ir.ops import stored_weight_names
 from .ir.text import print_module
 from .ir.weights import WeightStore
 from .passes.manager import PassManager
+from .passes.registry import DEFAULT_PIPELINE
 from .passes.shard.decode_stages import (
     logits_function_name,
     sequence_groups,
@@ -52,8 +53,6 @@ from .passes.shard.decode_stages import (
 from .runtime import artifact
 from .runtime.inputs import bind_inputs, check_inputs, check_token_ids, token_id_limits
 from .runtime.prefetch import Prefetcher
-
-DEFAULT_PIPELINE = "canonicalize,cse,dce"
 
 
 class CompiledModel:

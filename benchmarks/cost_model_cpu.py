@@ -10,7 +10,9 @@ VM's neighbours slow whole stretches of time down) and the whole forward
 model, and prints Kendall's tau between predicted and measured per-op times,
 pooled (goal >= 0.8) and within each op class (the IR op family: linear,
 elementwise, reshape = views, ...; goal >= 0.6 for elementwise and reshape),
-and the total's error (goal within +-25%).
+and the total's error (goal within +-25%). Then the same forward through
+`fuse` (Inductor's fused kernels): its measured time against the model's
+prediction with fusion groups (`cost/fusion.py`) and op by op.
 """
 
 from __future__ import annotations
@@ -132,6 +134,46 @@ def main() -> None:
     for row in slowest:
         name = f"{row.family} {row.module}"[:48]
         print(f"{name:<48} {row.time * 1e6:>13.1f} {measured[row.op] * 1e6:>12.1f}")
+    fused_forward(model, inputs, hardware, total_predicted, args.passes * args.forwards)
+
+
+def fused_forward(model, inputs, hardware, unfused: float, rounds: int) -> None:
+    """The same forward through `fuse` (Inductor): predicted with fusion groups
+    priced as one kernel each, and as if each op ran alone, against its
+    measured median (the unfused program's in the same rounds beside it)."""
+    import plait
+    from plait.frontend import hf
+
+    compiled = plait.compile(
+        hf.wrap(model),
+        hf.example_inputs(model, 2, 16),
+        dynamic_shapes=hf.dynamic_shapes(max_seq=1024),
+        pipeline=f"{plait.DEFAULT_PIPELINE},fuse",
+    )
+    plain = plait.compile(
+        hf.wrap(model),
+        hf.example_inputs(model, 2, 16),
+        dynamic_shapes=hf.dynamic_shapes(max_seq=1024),
+    )
+    predicted = compiled.estimate(hardware, values={"batch": 1, "seq": inputs[0].shape[1]})
+    times: dict[str, list[float]] = {"fused": [], "unfused": []}
+    with torch.inference_mode():
+        for program in (compiled, plain):
+            for _ in range(3):  # (the first call compiles)
+                program(*inputs)
+        for _ in range(rounds):
+            for name, program in (("fused", compiled), ("unfused", plain)):
+                start = time.perf_counter()
+                program(*inputs)
+                times[name].append(time.perf_counter() - start)
+    measured = {name: statistics.median(runs) for name, runs in times.items()}
+    fused = predicted.schedule.step_time
+    print(
+        f"\nfused forward (fuse, Inductor): measured {measured['fused'] * 1e3:.3f} ms "
+        f"(unfused beside it {measured['unfused'] * 1e3:.3f} ms); predicted with fusion "
+        f"{fused * 1e3:.3f} ms ({fused / measured['fused'] - 1:+.1%}), op by op "
+        f"{unfused * 1e3:.3f} ms ({unfused / measured['fused'] - 1:+.1%})"
+    )
 
 
 if __name__ == "__main__":

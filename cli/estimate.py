@@ -20,7 +20,7 @@ from .common import (
 
 
 def add_parser(sub, common: argparse.ArgumentParser) -> None:
-    from plait.frontend.hf import TASKS
+    from plait.frontend.hf_tasks import TASKS
 
     p = sub.add_parser(
         "estimate",

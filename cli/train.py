@@ -30,7 +30,7 @@ FROM_CHECKPOINT = ("optimizer", "weight_decay", "accumulation", "clip_grad_norm"
 
 
 def add_parser(sub, common: argparse.ArgumentParser) -> None:
-    from plait.frontend.hf import TASKS
+    from plait.frontend.hf_tasks import TASKS
 
     p = sub.add_parser(
         "train",

@@ -28,7 +28,7 @@ from xdsl.dialects.builtin import ModuleOp
 from xdsl.ir import Operation, SSAValue
 
 from ..hardware import Hardware
-from ..ir.attrs import MESH_ATTR, SYMBOLS_ATTR, MeshAttr
+from ..ir.attrs import FUSE_ATTR, MESH_ATTR, SYMBOLS_ATTR, MeshAttr
 from ..ir.effects import updates_state
 from ..ir.errors import PlaitError
 from ..ir.memory import crosses, on_host, value_on_host
@@ -49,6 +49,7 @@ from ..ir.training import (
 from ..ir.types import AsyncType, TensorType
 from .bounds import BoundResult, prove_at_most
 from .comm_cost import axis_links, collective_time, comm_axis
+from .fusion import fusion_groups, members
 from .layout import memory_orders, strided
 from .op_cost import OpCost, op_cost
 from .schedule import Schedule, simulate
@@ -161,8 +162,11 @@ def estimate(module: ModuleOp, target: Target, function: str | None = None) -> E
 
     subs = {symbolic.symbol(n): sympy.Integer(v) for n, v in target.values.items()}
     rows, times, views = _op_estimates(fn, target, links, subs)
+    sizes = _value_sizes(fn, subs)
+    if FUSE_ATTR in module.attributes:  # Inductor runs chains of small ops as one kernel
+        _fuse(fn, rows, times, sizes, target.hardware, subs)
     crossed = {op: links[comm_axis(op)][1] for op in times if comm_axis(op)}
-    schedule = simulate(fn, times, _value_sizes(fn, subs), views, crossed)
+    schedule = simulate(fn, times, sizes, views, crossed)
     formulas = {
         "flops": sympy.Add(*(r.cost.flops for r in rows)),
         "bytes": sympy.Add(*(r.cost.bytes for r in rows if r.cost.kind != "collective")),
@@ -314,6 +318,38 @@ def _time_formula(op: Operation, cost: OpCost, hw, links) -> sympy.Expr:
     if cost.kind == "view":
         return sympy.Float(hw.overhead(getattr(op, "target_name", None), view=True))
     return sympy.Integer(0)
+
+
+def _fuse(fn: func.FuncOp, rows: list[OpEstimate], times, sizes, hw: Hardware, subs) -> None:
+    """Each fusion group priced as one kernel on its last op (`fusion`): the
+    others take no time of their own, and what they produce stays in registers."""
+    row_of = {row.op: row for row in rows}
+    for end, ops in members(fusion_groups(fn.body.blocks.first)).items():
+        inside = set(ops)
+        read = {v for op in ops for v in op.operands if v.owner not in inside}
+        read -= {v for v in read if value_on_host(v)}
+        weights = sympy.Add(*(_value_bytes(v) for v in read if isinstance(v.owner, ParamOp)))
+        moved = sympy.Add(*map(_value_bytes, read), *map(_value_bytes, end.results))
+        compute = sympy.Add(
+            *(
+                row_of[op].cost.flops / hw.peak_flops(op_dtype(op), row_of[op].cost.rate)
+                for op in ops
+                if row_of[op].cost.kind == "compute"
+            )
+        )
+        elements = [row_of[op].cost.elements for op in ops if row_of[op].cost.elements is not None]
+        formula = hw.kernel_time(
+            compute, moved, weights=weights, elements=sympy.Max(*elements) if elements else None
+        )
+        for op in ops:
+            row = row_of[op]
+            row.cost = replace(row.cost, bytes=moved if op is end else sympy.Integer(0))
+            row.time_formula = formula if op is end else sympy.Integer(0)
+            row.time, row.bytes = _evaluate(row.time_formula, subs), _evaluate(row.cost.bytes, subs)
+            times[op] = row.time
+            if op is not end:
+                for result in op.results:
+                    sizes[result] = 0.0
 
 
 def _value_sizes(fn: func.FuncOp, subs) -> dict[SSAValue, float]:

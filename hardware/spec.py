@@ -111,6 +111,12 @@ class Hardware:
     def roofline(
         self, flops, moved, dtype: str, family=None, target=None, weights=0, elements=None
     ):
+        """Seconds of a kernel of `flops` at the rate of `family` in `dtype`
+        that moves `moved` bytes (see `kernel_time`)."""
+        compute = flops / self.peak_flops(dtype, family)
+        return self.kernel_time(compute, moved, target, weights, elements)
+
+    def kernel_time(self, compute, moved, target=None, weights=0, elements=None):
         """Seconds of a kernel: max(compute, memory) plus its fixed cost. Weights
         (`weights` of the `moved` bytes) stream from memory, as a forward pass
         touches each once; activations that fit in a cache (where the file
@@ -125,7 +131,6 @@ class Hardware:
                 (self.memory_bandwidth, True),
             )
         memory = activations / bandwidth + weights / self.memory_bandwidth
-        compute = flops / self.peak_flops(dtype, family)
         fixed = self.overhead(target, view=False) + self.sequence_overhead
         work = sympy.Max(compute, memory)
         if elements is not None and self.threads > 1 and self.grain:

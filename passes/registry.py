@@ -6,6 +6,9 @@ import importlib
 
 from ..ir.errors import PlaitError
 
+# what `plait.compile` and the CLI run when no pipeline is given
+DEFAULT_PIPELINE = "canonicalize,cse,dce"
+
 # name -> "module:Class", relative to plait.passes
 _PASSES: dict[str, str] = {
     "canonicalize": "canonicalize:Canonicalize",

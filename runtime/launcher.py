@@ -175,6 +175,8 @@ def serve(fd: int) -> None:
     import select
     import warnings
 
+    import plait.api  # noqa: F401  (the ranks' entry points: `import plait` alone loads neither)
+    import plait.training  # noqa: F401
     import safetensors.torch  # noqa: F401  (what loading an artifact imports: once, here)
     import torch._dynamo  # noqa: F401  (imported by torch's decompositions that typecheck the IR)
 

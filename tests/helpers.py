@@ -15,7 +15,9 @@ def _rank_processes():
     import multiprocessing as mp
 
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["helpers", "plait", "transformers", "torch._dynamo"])
+    ctx.set_forkserver_preload(
+        ["helpers", "plait.api", "plait.training", "transformers", "torch._dynamo"]
+    )
     return ctx
 
 

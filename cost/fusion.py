@@ -1,0 +1,43 @@
+"""Analysis: which ops a fusing backend (`fuse`: Inductor) runs as one kernel.
+
+Inductor fuses chains of element-wise ops, norms, softmaxes, reductions and
+views into one loop nest: a value only the next fused op reads stays in
+registers instead of going to memory and back. Modelled as vertical fusion:
+a fusible op joins the group of its users when they are all fusible and in
+one group. Matrix products, attention, embeddings, collectives and other
+kernels end a group.
+
+A group costs one kernel: one fixed cost, each member's FLOPs at its own
+rate, and only the bytes it reads from outside the group and the bytes of
+its last op's results; what stays inside allocates nothing.
+
+    groups = fusion_groups(block)   # op -> the op whose results leave its group
+"""
+
+from __future__ import annotations
+
+from xdsl.ir import Block, Operation
+
+from ..ir.ops import ElementwiseOp, NormOp, ReduceOp, ReshapeOp, SoftmaxOp
+
+FUSIBLE = (ElementwiseOp, NormOp, SoftmaxOp, ReduceOp, ReshapeOp)
+
+
+def fusion_groups(block: Block) -> dict[Operation, Operation]:
+    """Each fusible op -> the last op of its group (itself if it ends one)."""
+    group: dict[Operation, Operation] = {}
+    for op in reversed(list(block.ops)):
+        if not isinstance(op, FUSIBLE):
+            continue
+        users = {use.operation for result in op.results for use in result.uses}
+        ends = {group.get(user) for user in users}
+        group[op] = ends.pop() if len(ends) == 1 and None not in ends else op
+    return group
+
+
+def members(groups: dict[Operation, Operation]) -> dict[Operation, list[Operation]]:
+    """The last op of each group of more than one -> its ops, in program order."""
+    out: dict[Operation, list[Operation]] = {}
+    for op, end in groups.items():
+        out.setdefault(end, []).append(op)
+    return {end: ops[::-1] for end, ops in out.items() if len(ops) > 1}
