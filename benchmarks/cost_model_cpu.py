@@ -134,13 +134,14 @@ def main() -> None:
     for row in slowest:
         name = f"{row.family} {row.module}"[:48]
         print(f"{name:<48} {row.time * 1e6:>13.1f} {measured[row.op] * 1e6:>12.1f}")
-    fused_forward(model, inputs, hardware, total_predicted, args.passes * args.forwards)
+    fused_forward(model, inputs, hardware, compiled, total_predicted, args.passes * args.forwards)
 
 
-def fused_forward(model, inputs, hardware, unfused: float, rounds: int) -> None:
+def fused_forward(model, inputs, hardware, plain, unfused: float, rounds: int) -> None:
     """The same forward through `fuse` (Inductor): predicted with fusion groups
-    priced as one kernel each, and as if each op ran alone, against its
-    measured median (the unfused program's in the same rounds beside it)."""
+    priced as one kernel each, and as if each op ran alone (`unfused`, the
+    prediction for `plain`), against its measured median, with the unfused
+    program `plain` timed in the same rounds beside it."""
     import plait
     from plait.frontend import hf
 
@@ -149,11 +150,6 @@ def fused_forward(model, inputs, hardware, unfused: float, rounds: int) -> None:
         hf.example_inputs(model, 2, 16),
         dynamic_shapes=hf.dynamic_shapes(max_seq=1024),
         pipeline=f"{plait.DEFAULT_PIPELINE},fuse",
-    )
-    plain = plait.compile(
-        hf.wrap(model),
-        hf.example_inputs(model, 2, 16),
-        dynamic_shapes=hf.dynamic_shapes(max_seq=1024),
     )
     predicted = compiled.estimate(hardware, values={"batch": 1, "seq": inputs[0].shape[1]})
     times: dict[str, list[float]] = {"fused": [], "unfused": []}

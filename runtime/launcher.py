@@ -20,6 +20,7 @@ is a fresh interpreter.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import queue
@@ -175,8 +176,6 @@ def serve(fd: int) -> None:
     import select
     import warnings
 
-    import plait.api  # noqa: F401  (the ranks' entry points: `import plait` alone loads neither)
-    import plait.training  # noqa: F401
     import safetensors.torch  # noqa: F401  (what loading an artifact imports: once, here)
     import torch._dynamo  # noqa: F401  (imported by torch's decompositions that typecheck the IR)
 
@@ -197,6 +196,7 @@ def serve(fd: int) -> None:
                 if not data:
                     os._exit(0)
                 request = json.loads(data)
+                _import_entry_point(request["setup"].get("load"))
                 pid = os.fork()
                 if pid == 0:
                     try:
@@ -216,6 +216,17 @@ def serve(fd: int) -> None:
                 os.close(each)
                 _, status = os.waitpid(pid, 0)
                 _reply(parent, {"exited": pid, "code": os.waitstatus_to_exitcode(status)})
+
+
+def _import_entry_point(entry_point: str | None) -> None:
+    """The module of the ranks' entry point ('module:name'), imported here once
+    rather than in every fork (plait's api and training load when first used).
+    If it does not import, each rank reports why when it tries."""
+    if entry_point:
+        try:
+            importlib.import_module(entry_point.partition(":")[0])
+        except Exception:
+            pass
 
 
 def _reply(parent: socket.socket, message: dict, fds: list[int] = ()) -> None:
