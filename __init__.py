@@ -40,6 +40,10 @@ def __getattr__(name: str):
     return value
 
 
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
 __all__ = [
     "CompiledModel",
     "DEFAULT_PIPELINE",

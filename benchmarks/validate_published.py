@@ -54,8 +54,9 @@ CONFIGS = {
 class Predictor:
     """Captured programs per (model, tokens per sequence), sharded per TP degree."""
 
-    def __init__(self):
+    def __init__(self, fused: bool = False):
         self.captured, self.plans = {}, {}
+        self.fused = fused
 
     def _capture(self, model_name: str, seq: int):
         key = (model_name, seq)
@@ -83,6 +84,8 @@ class Predictor:
             pipeline = "canonicalize,cse,dce" + (f",shard{{mesh=tp:{tp}}},dce" if tp > 1 else "")
             if ladder and tp > 1:
                 pipeline += ",ladder"
+            if self.fused:
+                pipeline += ",fuse"
             PassManager.parse(pipeline).run(module, weights)
             self.plans[key] = module
         return self.plans[key]
@@ -115,12 +118,17 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--models", default="", help="comma-separated subset of models")
+    parser.add_argument(
+        "--fused",
+        action="store_true",
+        help="price the programs as compiled ones (`fuse`: fusion groups), as the sources ran them",
+    )
     args = parser.parse_args()
     data = json.loads(DATA.read_text())
     points = data["points"]
     if args.models:
         points = [p for p in points if p["model"] in args.models.split(",")]
-    predictor = Predictor()
+    predictor = Predictor(args.fused)
     rows = []
     print(
         f"{'source':<24} {'model':<12} {'hardware':<16} {'B':>3} {'TP':>2} "
