@@ -164,7 +164,7 @@ def estimate(module: ModuleOp, target: Target, function: str | None = None) -> E
     rows, times, views = _op_estimates(fn, target, links, subs)
     sizes = _value_sizes(fn, subs)
     if FUSE_ATTR in module.attributes:  # Inductor runs chains of small ops as one kernel
-        _fuse(fn, rows, times, sizes, target.hardware, subs)
+        _fuse(fn, rows, times, sizes, views, target.hardware, subs)
     crossed = {op: links[comm_axis(op)][1] for op in times if comm_axis(op)}
     schedule = simulate(fn, times, sizes, views, crossed)
     formulas = {
@@ -320,12 +320,17 @@ def _time_formula(op: Operation, cost: OpCost, hw, links) -> sympy.Expr:
     return sympy.Integer(0)
 
 
-def _fuse(fn: func.FuncOp, rows: list[OpEstimate], times, sizes, hw: Hardware, subs) -> None:
+def _fuse(fn: func.FuncOp, rows: list[OpEstimate], times, sizes, views, hw: Hardware, subs):
     """Each fusion group priced as one kernel on its last op (`fusion`): the
-    others take no time of their own, and what they produce stays in registers."""
+    others take no time of their own, and what they produce stays in
+    registers, except the memory the group writes (its last op's, or what
+    that op is a view of)."""
     row_of = {row.op: row for row in rows}
     for end, ops in members(fusion_groups(fn.body.blocks.first)).items():
         inside = set(ops)
+        written = end
+        while written in views and written.operands and written.operands[0].owner in inside:
+            written = written.operands[0].owner
         read = {v for op in ops for v in op.operands if v.owner not in inside}
         read -= {v for v in read if value_on_host(v)}
         weights = sympy.Add(*(_value_bytes(v) for v in read if isinstance(v.owner, ParamOp)))
@@ -347,7 +352,7 @@ def _fuse(fn: func.FuncOp, rows: list[OpEstimate], times, sizes, hw: Hardware, s
             row.time_formula = formula if op is end else sympy.Integer(0)
             row.time, row.bytes = _evaluate(row.time_formula, subs), _evaluate(row.cost.bytes, subs)
             times[op] = row.time
-            if op is not end:
+            if op is not end and op is not written:
                 for result in op.results:
                     sizes[result] = 0.0
 

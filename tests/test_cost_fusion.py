@@ -61,3 +61,17 @@ def test_a_fused_group_is_one_kernel_reading_its_inputs_once():
     # a and c stay in registers: less memory at the peak, never more
     assert fused.schedule.activation_peak <= plain.schedule.activation_peak
     assert sympy.sympify(fused.formulas["bytes"]) < sympy.sympify(plain.formulas["bytes"])
+
+
+def test_a_group_ending_in_a_view_writes_the_memory_it_views():
+    """mul then a view of it: one kernel, and the mul's result is what it
+    writes (the view owns no memory), so the peak still holds those bytes."""
+    body = (
+        f'    %a = plait.elementwise "aten::mul.Tensor"(%x, %x) : {T}\n'
+        '    %v = plait.reshape "aten::view"(%a, [16384]) : !plait.tensor<[16384], f32>\n'
+    )
+    module, ops = _module(body, fused=True)
+    assert fusion_groups(module.ops.first.body.blocks.first)[ops["a"]] is ops["v"]
+    schedule = estimate(module, Target(load("a100-80gb"))).schedule
+    assert schedule.activation_peak >= 2 * BYTES  # x, and a (seen through v)
+    assert [e.op for e in schedule.events if e.lane == "compute"] == [ops["v"]]
