@@ -197,16 +197,12 @@ class Parallelize(Pass):
         best = min((c.seconds for c in out), default=math.inf)
         for virtual in itertools.count(2):
             priced = self._price(module, replace(mesh, schedule="interleaved", virtual=virtual))
-            if priced.priced and priced.seconds >= best:
-                out.append(priced)  # (listed, so the record shows the turn)
-                break
-            if not priced.priced:  # too few boundaries for V stages a rank: say why
-                if not out:  # only if no schedule applies
-                    out.append(priced)
-                break
-            out.append(priced)
+            if not priced.priced:  # too few boundaries for V stages a rank: say why,
+                return out or [priced]  # if no schedule applies
+            out.append(priced)  # (the V no faster is listed too: the record shows the turn)
+            if priced.seconds >= best:
+                return out
             best = priced.seconds
-        return out
 
     def _apply(self, candidate: Candidate, module: ModuleOp) -> None:
         with warnings.catch_warnings():  # (shard{solve=ilp}'s note on training steps)
