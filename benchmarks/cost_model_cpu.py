@@ -86,11 +86,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
     inputs = hf.example_inputs(model, 1, args.seq)
-    compiled = plait.compile(
-        hf.wrap(model),
-        hf.example_inputs(model, 2, 16),
-        dynamic_shapes=hf.dynamic_shapes(max_seq=1024),
-    )
+    compiled = _compile(model, plait.DEFAULT_PIPELINE)
     hardware = load(args.hardware)
     predicted = compiled.estimate(hardware, values={"batch": 1, "seq": args.seq})
 
@@ -143,14 +139,8 @@ def fused_forward(model, inputs, hardware, plain, unfused: float, rounds: int) -
     prediction for `plain`), against its measured median, with the unfused
     program `plain` timed in the same rounds beside it."""
     import plait
-    from plait.frontend import hf
 
-    compiled = plait.compile(
-        hf.wrap(model),
-        hf.example_inputs(model, 2, 16),
-        dynamic_shapes=hf.dynamic_shapes(max_seq=1024),
-        pipeline=f"{plait.DEFAULT_PIPELINE},fuse",
-    )
+    compiled = _compile(model, f"{plait.DEFAULT_PIPELINE},fuse")
     predicted = compiled.estimate(hardware, values={"batch": 1, "seq": inputs[0].shape[1]})
     times: dict[str, list[float]] = {"fused": [], "unfused": []}
     with torch.inference_mode():
@@ -170,6 +160,19 @@ def fused_forward(model, inputs, hardware, plain, unfused: float, rounds: int) -
         f"{fused * 1e3:.3f} ms ({fused / measured['fused'] - 1:+.1%}), op by op "
         f"{unfused * 1e3:.3f} ms ({unfused / measured['fused'] - 1:+.1%}); fused / unfused: "
         f"predicted {fused / unfused:.3f}, measured {measured['fused'] / measured['unfused']:.3f}"
+    )
+
+
+def _compile(model, pipeline: str):
+    """The Llama's forward for any batch and up to 1024 positions."""
+    import plait
+    from plait.frontend import hf
+
+    return plait.compile(
+        hf.wrap(model),
+        hf.example_inputs(model, 2, 16),
+        dynamic_shapes=hf.dynamic_shapes(max_seq=1024),
+        pipeline=pipeline,
     )
 
 
