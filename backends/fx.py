@@ -37,6 +37,7 @@ from ..ir import symbolic
 from ..ir.attrs import (
     ARENA_ATTR,
     FUSE_ATTR,
+    FUSE_SCOPE_ATTR,
     PIPELINE_AXIS,
     PLACEMENTS_ATTR,
     STAGE_ATTR,
@@ -73,10 +74,12 @@ from ..ir.schema import out_variant
 from ..ir.text import where
 from ..ir.types import TensorType
 from ..ir.weights import WeightStore
+from ..passes.residual import residual_chain
 from . import bindings
 from .adam_chains import AdamChain, adam_chains
 from .collective_wait import wait_released
 from .host_tasks import HostTasks
+from .regions import compile_blocks
 
 
 class LoweringError(PlaitError):
@@ -1092,10 +1095,22 @@ def build_program(
     )
     gm = lowering.run(fn)
     symbols = module.attributes.get(SYMBOLS_ATTR)
+    compiled = None  # torch.compile compiles on the first call
+    if fuse is not None and FUSE_SCOPE_ATTR not in module.attributes:
+        compiled = compile_blocks(gm, _stream_nodes(fn, lowering.values), fuse.data)
+    if fuse is not None and compiled is None:
+        compiled = torch.compile(gm, mode=fuse.data)
     return Program(
         graph_module=gm,
         input_types=list(fn.function_type.inputs),
         input_names=input_names(fn.body.blocks.first),
         symbols=symbols.ranges if symbols is not None else {},
-        compiled=torch.compile(gm, mode=fuse.data) if fuse is not None else None,  # (on first call)
+        compiled=compiled,
     )
+
+
+def _stream_nodes(fn: func.FuncOp, values: dict) -> list[torch.fx.Node]:
+    """The nodes of the residual stream's values, its start first."""
+    chain = residual_chain(fn.body.blocks.first)
+    stream = [chain[0].stream, *(m.result for m in chain)] if chain else []
+    return [values[v] for v in stream if v in values]

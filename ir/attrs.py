@@ -37,6 +37,7 @@ REMAT_ATTR = "plait.remat"  # module: what remat recomputes, its budget and pred
 MEMORY_PLAN_ATTR = "plait.memory_plan"  # module: the ZeRO stage and remat chosen for a budget
 MESH_PLAN_ATTR = "plait.mesh_plan"  # module: the dp x tp x pp mesh parallelize chose, and why
 FUSE_ATTR = "plait.fuse"  # module: its programs are compiled through Inductor, in this mode
+FUSE_SCOPE_ATTR = "plait.fuse_scope"  # module: "whole" compiles each program as one graph
 LIBRARIES_ATTR = "plait.libraries"  # module: Python modules that define custom ops
 PIPELINE_ATTR = "plait.pipeline"  # module: its stages' cut and schedule (see passes.shard.stages)
 STAGE_ATTR = "plait.stage"  # state param: the one pipeline stage that holds it

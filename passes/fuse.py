@@ -6,7 +6,10 @@ module that the backend compiles every program it builds with
 a CPU, Triton on CUDA; `mode=reduce-overhead` adds CUDA graphs, for decode
 steps). The graph Inductor sees is the program as the passes left it:
 functional collectives and their waits in the order `overlap` or `ladder`
-chose. Nothing compiled is stored in an artifact: loading one compiles
+chose. By default (`scope=blocks`) each residual block is compiled once
+and reused by the layers that repeat it (backends/regions.py); `scope=whole`
+hands Inductor the whole program, which lets it fuse across blocks but
+compiles every layer. Nothing compiled is stored in an artifact: loading one compiles
 again here (Inductor's own cache makes that fast), so an artifact stays data.
 
 Put it last: `canonicalize,cse,dce,shard{mesh=tp:2},overlap,fuse`. It
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 from xdsl.context import Context
 from xdsl.dialects.builtin import ModuleOp, StringAttr
 
-from ..ir.attrs import ARENA_ATTR, FUSE_ATTR
+from ..ir.attrs import ARENA_ATTR, FUSE_ATTR, FUSE_SCOPE_ATTR
 from ..ir.errors import PlaitError
 from .base import Pass
 
@@ -38,12 +41,20 @@ class FuseMode(enum.Enum):
     MAX_AUTOTUNE = "max-autotune"  # search kernel configurations (slow to compile)
 
 
+class FuseScope(enum.Enum):
+    """What one torch.compile graph holds."""
+
+    BLOCKS = "blocks"  # one residual block: repeated blocks share their compiled graph
+    WHOLE = "whole"  # the whole program
+
+
 @dataclass(frozen=True)
 class Fuse(Pass):
     name = "fuse"
     summary = "compile each rank's program through Inductor (fused kernels; CUDA graphs)"
 
     mode: FuseMode = FuseMode.DEFAULT
+    scope: FuseScope = FuseScope.BLOCKS
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
         if ARENA_ATTR in op.attributes:
@@ -52,3 +63,5 @@ class Fuse(Pass):
                 "drop memplan from the pipeline (or fuse)"
             )
         op.attributes[FUSE_ATTR] = StringAttr(self.mode.value)
+        if self.scope is FuseScope.WHOLE:
+            op.attributes[FUSE_SCOPE_ATTR] = StringAttr(self.scope.value)
