@@ -7,7 +7,8 @@ same code with other weights as inputs, so one compiled graph serves them
 all (what PyTorch calls regional compilation).
 
 The cuts are the residual stream's values (`passes/residual.py` finds them
-in the IR). What does not depend on the stream (the embedding, masks,
+in the IR); runs of blocks that repeat together (a layer's attention and
+MLP) are joined into one. What does not depend on the stream (the embedding, masks,
 rotary tables, sizes) runs first, in line, so that the first block's graph
 is the others'. What writes or communicates, and what follows from it,
 keeps its place in a block.
@@ -35,20 +36,8 @@ def compile_blocks(
     nodes = list(gm.graph.nodes)
     if len(cuts) < 2 or any(n.op == "call_module" for n in nodes):
         return None
-    position = {n: i for i, n in enumerate(nodes)}
-    cuts = sorted(set(cuts), key=position.__getitem__)
-    start = cuts[0]
-    pinned = _pinned(nodes, start)
-    calls = [n for n in nodes if n.op in _CALLS]
-    in_line = [n for n in calls if position[n] <= position[start] or n not in pinned]
-    blocks, block = [], []
-    for node in calls:
-        if position[node] > position[start] and node in pinned:
-            block.append(node)
-            if node in cuts:
-                blocks.append(block)
-                block = []
-    blocks.append(block)
+    in_line, blocks = _cut(nodes, cuts)
+    blocks = _layers(blocks)
 
     graph, env = torch.fx.Graph(), {}
     for node in nodes:
@@ -72,6 +61,42 @@ def compile_blocks(
     output = next(n for n in nodes if n.op == "output")
     graph.output(torch.fx.map_arg(output.args[0], env.__getitem__))
     return torch.fx.GraphModule(root, graph, class_name="PlaitBlocks")
+
+
+def _cut(nodes: list[torch.fx.Node], cuts: list[torch.fx.Node]):
+    """(in_line, blocks): the calls that run before every block, and the
+    blocks, each ending at a cut, then what follows the last one."""
+    position = {n: i for i, n in enumerate(nodes)}
+    start = min(cuts, key=position.__getitem__)
+    pinned = _pinned(nodes, start)
+    calls = [n for n in nodes if n.op in _CALLS]
+    in_line = [n for n in calls if position[n] <= position[start] or n not in pinned]
+    blocks, block = [], []
+    for node in calls:
+        if position[node] > position[start] and node in pinned:
+            block.append(node)
+            if node in cuts:
+                blocks.append(block)
+                block = []
+    return in_line, [*blocks, block]
+
+
+def _layers(blocks: list[list[torch.fx.Node]], longest: int = 4) -> list[list[torch.fx.Node]]:
+    """Runs of p consecutive blocks joined, for the p (up to `longest`) whose
+    runs take the fewest distinct codes, the shortest of those: a transformer
+    layer is an attention block and an MLP block (p = 2), and joined, the
+    layer's two blocks fuse across their cut and the program makes half the
+    calls. What follows the last cut stays as it is."""
+    body, tail = blocks[:-1], blocks[-1:]
+    codes = [_extract(b)[2].code for b in body]
+    if not codes:
+        return blocks
+
+    def distinct(p: int) -> int:
+        return len({tuple(codes[i : i + p]) for i in range(0, len(codes), p)})
+
+    p = min(range(1, min(longest, len(codes)) + 1), key=lambda p: (distinct(p), p))
+    return [sum(body[i : i + p], []) for i in range(0, len(body), p)] + tail
 
 
 def _extract(block: list[torch.fx.Node]):

@@ -4,6 +4,7 @@ eager and compiled (static cache + torch.compile).
     python benchmarks/decode.py                   # one rank, three Llama sizes
     python benchmarks/decode.py --tp 2            # also TP=2 on gloo vs DTensor
     python benchmarks/decode.py --sizes tiny --repeats 9
+    python benchmarks/decode.py --fuse --threads 2 # also plait with `fuse`; 2 threads
 
 Greedy decoding of --new tokens after a --prompt-token prompt, batch 1, one
 thread per rank, fp32. Each round runs every variant once, in turn, so that
@@ -104,7 +105,7 @@ def report(title: str, results: dict, new: int, baseline: str) -> None:
         print(f"{name:<28}{rate:>10.1f}{decode * 1e3:>17.3f}{statistics.median(ratios):>9.2f}x")
 
 
-def single_rank(size: str, prompt: int, new: int, repeats: int, quantized: bool) -> None:
+def single_rank(size: str, prompt: int, new: int, repeats: int, quantized: bool, fuse: bool):
     import plait
 
     model = build(size)
@@ -117,6 +118,11 @@ def single_rank(size: str, prompt: int, new: int, repeats: int, quantized: bool)
         "transformers static+compile": lambda x, n: compiled_hf_generate(model, x, n),
         "plait": lambda x, n: plait_generate(compiled, x, n),
     }
+    if fuse:  # each residual block compiled once by Inductor, reused by every layer
+        fused = plait.compile_generation(
+            model, max_length=prompt + new, pipeline="canonicalize,cse,dce,fuse"
+        )
+        variants["plait fuse"] = lambda x, n: plait_generate(fused, x, n)
     unchecked = ()
     if quantized:  # other numerics: not checked against transformers' tokens
         int8 = plait.compile_generation(
@@ -128,7 +134,8 @@ def single_rank(size: str, prompt: int, new: int, repeats: int, quantized: bool)
         unchecked = ("plait int8 weights (RTN)",)
     results = rounds(variants, ids, new, repeats, unchecked=unchecked)
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    report(f"Llama {size} ({params:.1f}M parameters), 1 rank", results, new, "transformers eager")
+    title = f"Llama {size} ({params:.1f}M parameters), 1 rank, {torch.get_num_threads()} thread(s)"
+    report(title, results, new, "transformers eager")
 
 
 def _tp_rank(rank: int, world: int, port: int, size: str, prompt: int, new: int, repeats: int):
@@ -169,11 +176,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--tp", type=int, default=0, help="also run TP=N on gloo")
     parser.add_argument("--int8", action="store_true", help="also plait with int8 weights")
+    parser.add_argument("--fuse", action="store_true", help="also plait with `fuse` (Inductor)")
+    parser.add_argument("--threads", type=int, default=1, help="threads of the one-rank runs")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     sizes = [s.strip() for s in args.sizes.split(",")]
     for size in sizes:
-        single_rank(size, args.prompt, args.new, args.repeats, args.int8)
+        single_rank(size, args.prompt, args.new, args.repeats, args.int8, args.fuse)
     if args.tp > 1:
         import torch.multiprocessing as mp
         from plait.runtime.workers import free_port

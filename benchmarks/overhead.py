@@ -17,14 +17,14 @@ import time
 import torch
 
 
-def small_llama():
+def small_llama(layers: int = 12):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=32000,
         hidden_size=768,
         intermediate_size=2048,
-        num_hidden_layers=12,
+        num_hidden_layers=layers,
         num_attention_heads=12,
         num_key_value_heads=4,
         max_position_embeddings=2048,

@@ -31,6 +31,7 @@ BAD_OPTIONS = [
     ("tier{budget=0}", "budget=0", "budget is a share"),
     ("tier{hardware=h900}", "hardware=h900", "unknown hardware 'h900'"),
     ("fuse{mode=fast}", "mode=fast", "one of default, reduce-overhead, max-autotune"),
+    ("fuse{scope=layers}", "scope=layers", "one of blocks, whole"),
     ("remat{budget=0}", "budget=0", "budget is a share"),
     ("remat{budget=-1e6}", "budget=-1e6", "budget is a share"),
     ("remat{hardware=h900}", "hardware=h900", "unknown hardware 'h900'"),
