@@ -2,16 +2,16 @@
 
 A transformer's program repeats one block per layer. Handing Inductor the
 whole program makes Dynamo trace, and Inductor lower and schedule, every
-layer; cut at the residual stream, the blocks of a layer are graphs of the
-same code with other weights as inputs, so one compiled graph serves them
-all (what PyTorch calls regional compilation).
+layer; cut at the residual stream, the layers are graphs of the same code
+with other weights as inputs, so one compiled graph serves them all (what
+PyTorch calls regional compilation).
 
 The cuts are the residual stream's values (`passes/residual.py` finds them
 in the IR); runs of blocks that repeat together (a layer's attention and
-MLP) are joined into one. What does not depend on the stream (the embedding, masks,
-rotary tables, sizes) runs first, in line, so that the first block's graph
-is the others'. What writes or communicates, and what follows from it,
-keeps its place in a block.
+MLP) are joined into one. What does not depend on the stream (the
+embedding, masks, rotary tables, sizes) runs first, in line, so that the
+first layer's graph is the others'. What writes or communicates, and what
+follows from it, keeps its place in a block.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
     python benchmarks/tp_forward.py                 # TP=2, 1x128 and 1x1 tokens
     python benchmarks/tp_forward.py --repeats 31 --tp 2
+    python benchmarks/tp_forward.py --compiled      # also DTensor + torch.compile, plait + fuse
 
 A Llama-like `transformers` model (hidden 1024, 8 layers, 16 heads, 8 kv
 heads, vocab 8192: 117M parameters), fp32, one thread per rank, gloo ranks on
@@ -14,6 +15,12 @@ this machine, under torch.no_grad. Variants, each a full forward to logits:
     plait         plait.compile with shard{mesh=tp:2} (Megatron's rules)
     plait ilp     shard{mesh=tp:2,solve=ilp,hardware=cpu} (the solver's plan for
                   this machine's measured costs, if `plait calibrate` wrote one)
+
+and with --compiled:
+
+    DTensor+compile  the DTensor model through torch.compile (Inductor)
+    plait fuse       plait's TP program with `fuse` (Inductor, each block
+                     compiled once and reused by every layer)
 
 Each round runs every variant once, in turn, after a barrier, so that machine
 noise hits them alike; reported are medians over rounds and the median of
@@ -112,7 +119,7 @@ class HandWrittenTP(torch.nn.Module):
         return F.linear(F.rms_norm(x, (x.shape[-1],), self.norm, self.eps), self.lm_head)
 
 
-def _rank(rank: int, world: int, port: int, seqs: list[int], repeats: int, with_ilp: bool):
+def _rank(rank: int, world: int, port: int, seqs: list[int], repeats: int, extra: dict):
     import copy
 
     import plait
@@ -131,7 +138,10 @@ def _rank(rank: int, world: int, port: int, seqs: list[int], repeats: int, with_
     hand = HandWrittenTP(model, rank, world)
     wrapped = hf.wrap(model)
     pipelines = {"plait": f"canonicalize,cse,dce,shard{{mesh=tp:{world}}},dce"}
-    if with_ilp:
+    if extra["compiled"]:
+        pipelines["plait fuse"] = pipelines["plait"] + ",fuse"
+        dtensor_compiled = torch.compile(dtensor)
+    if extra["ilp"]:
         pipelines["plait ilp"] = (
             f"canonicalize,cse,dce,shard{{mesh=tp:{world},solve=ilp,hardware=cpu}},dce"
         )
@@ -145,6 +155,11 @@ def _rank(rank: int, world: int, port: int, seqs: list[int], repeats: int, with_
         }
         variants = {
             "DTensor": lambda: dtensor(ids, use_cache=False).logits,
+            **(
+                {"DTensor+compile": lambda: dtensor_compiled(ids, use_cache=False).logits}
+                if extra["compiled"]
+                else {}
+            ),
             "hand-written": lambda: hand(ids),
             **{name: (lambda c=c: c(ids, mask)) for name, c in compiled.items()},
         }
@@ -157,13 +172,14 @@ def _rank(rank: int, world: int, port: int, seqs: list[int], repeats: int, with_
 
 
 def report(seq: int, times: dict, repeats: int, world: int) -> None:
+    baselines = [b for b in ("DTensor", "DTensor+compile", "hand-written") if b in times]
     print(f"\nTP={world} forward, 1x{seq} tokens, medians over {repeats} rounds")
-    print(f"{'variant':<14}{'ms':>9}{'vs DTensor':>12}{'vs hand-written':>17}")
+    print(f"{'variant':<16}{'ms':>9}" + "".join(f"{'vs ' + b:>20}" for b in baselines))
     for name, runs in times.items():
-        to_dtensor = statistics.median(r / d for r, d in zip(runs, times["DTensor"]))
-        to_hand = statistics.median(r / h for r, h in zip(runs, times["hand-written"]))
+        ratios = [statistics.median(r / d for r, d in zip(runs, times[b])) for b in baselines]
         print(
-            f"{name:<14}{statistics.median(runs) * 1e3:>9.2f}{to_dtensor:>11.2f}x{to_hand:>16.2f}x"
+            f"{name:<16}{statistics.median(runs) * 1e3:>9.2f}"
+            + "".join(f"{r:>19.2f}x" for r in ratios)
         )
 
 
@@ -175,13 +191,17 @@ def main() -> None:
     parser.add_argument("--seqs", default="128,1")
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--no-ilp", action="store_true", help="leave out the ILP plan")
+    parser.add_argument(
+        "--compiled", action="store_true", help="also DTensor + torch.compile and plait + fuse"
+    )
     args = parser.parse_args()
     import torch.multiprocessing as mp
     from plait.runtime.workers import free_port
 
     seqs = [int(s) for s in args.seqs.split(",")]
     print(f"Llama-like, {sum(p.numel() for p in build().parameters()) / 1e6:.0f}M parameters")
-    mp.spawn(_rank, (args.tp, free_port(), seqs, args.repeats, not args.no_ilp), nprocs=args.tp)
+    extra = {"ilp": not args.no_ilp, "compiled": args.compiled}
+    mp.spawn(_rank, (args.tp, free_port(), seqs, args.repeats, extra), nprocs=args.tp)
 
 
 if __name__ == "__main__":
