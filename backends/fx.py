@@ -74,7 +74,7 @@ from ..ir.schema import out_variant
 from ..ir.text import where
 from ..ir.types import TensorType
 from ..ir.weights import WeightStore
-from ..passes.residual import residual_chain
+from ..passes.residual import residual_chain, residual_modules
 from . import bindings
 from .adam_chains import AdamChain, adam_chains
 from .collective_wait import wait_released
@@ -1110,7 +1110,11 @@ def build_program(
 
 
 def _stream_nodes(fn: func.FuncOp, values: dict) -> list[torch.fx.Node]:
-    """The nodes of the residual stream's values, its start first."""
-    chain = residual_chain(fn.body.blocks.first)
-    stream = [chain[0].stream, *(m.result for m in chain)] if chain else []
+    """The nodes of the residual stream's values, its start first, then every
+    residual module's result (a training step's backward's too)."""
+    block = fn.body.blocks.first
+    chain = residual_chain(block)
+    if not chain:
+        return []
+    stream = [chain[0].stream, *(m.result for m in residual_modules(block))]
     return [values[v] for v in stream if v in values]

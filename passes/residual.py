@@ -62,8 +62,10 @@ def _branch_readers(stream: SSAValue, branch: SSAValue, position: dict) -> list 
     return readers or None
 
 
-def residual_chain(block: Block) -> list[ResidualModule]:
-    """The longest chain of residual modules in program order (may be empty)."""
+def residual_modules(block: Block) -> list[ResidualModule]:
+    """Every residual module, in program order, one per stream value (a
+    training step's backward has them too: each add of a gradient that
+    flowed around a module to the one that flowed through it)."""
     ops = list(block.ops)
     position = {op: i for i, op in enumerate(ops)}
     modules: dict[SSAValue, ResidualModule] = {}  # keyed by the stream it reads
@@ -75,6 +77,12 @@ def residual_chain(block: Block) -> list[ResidualModule]:
             if readers is not None:
                 modules.setdefault(stream, ResidualModule(op, stream, branch, readers))
                 break
+    return list(modules.values())
+
+
+def residual_chain(block: Block) -> list[ResidualModule]:
+    """The longest chain of residual modules in program order (may be empty)."""
+    modules = {m.stream: m for m in residual_modules(block)}
     # follow r_{i-1} -> r_i from every start and keep the longest run
     by_result = {m.result: m for m in modules.values()}
     best: list[ResidualModule] = []

@@ -14,6 +14,7 @@ import plait
 import pytest
 import torch
 from plait.ir.errors import PlaitError
+from plait.ir.training import TRAIN_STEP
 from test_training import _adamw, _hf_model, _lm_batches, _lm_loss
 
 FUSED = "canonicalize,cse,dce,fuse"
@@ -89,13 +90,16 @@ def _plait_trained(model, batches, pipeline: str):
         copy.deepcopy(model), batches[0], optimizer="adamw", lr=1e-3, pipeline=pipeline
     )
     losses = [trainer.step(*batch) for batch in batches]
-    return torch.stack(losses), trainer.state_dict()
+    blocks = trainer._program(TRAIN_STEP).compiled
+    calls = [n.target for n in blocks.graph.nodes if n.op == "call_module"]
+    return torch.stack(losses), trainer.state_dict(), calls
 
 
 def test_a_whole_fused_training_step_equals_torch_compile():
     model, batches = _hf_model("llama", num_hidden_layers=1), _lm_batches(3)
     expected, reference = _trained(model, batches, compiled=True)
-    losses, trained = _plait_trained(model, batches, FUSED + "{scope=whole}")
+    losses, trained, calls = _plait_trained(model, batches, FUSED + "{scope=whole}")
+    assert calls == []  # one graph
     torch.testing.assert_close(losses, expected, rtol=1e-5, atol=0)
     for name, tensor in reference.items():
         error = (trained[name] - tensor).abs().max().item()
@@ -107,13 +111,15 @@ def test_a_fused_training_step_in_blocks_equals_eager_adamw():
     whole graph, so the reference is eager's step; torch.compile's own
     parameters end 1.3e-5 from eager's after these 3 steps, the blocks'
     2.3e-5 (AdamW scales rounding up to lr where a gradient is near 0)."""
-    model, batches = _hf_model("llama", num_hidden_layers=1), _lm_batches(3)
+    model, batches = _hf_model("llama", num_hidden_layers=3), _lm_batches(3)
     expected, reference = _trained(model, batches, compiled=False)
-    losses, trained = _plait_trained(model, batches, FUSED)
+    losses, trained, calls = _plait_trained(model, batches, FUSED)
     torch.testing.assert_close(losses, expected, rtol=1e-5, atol=0)
     for name, tensor in reference.items():
         error = (trained[name] - tensor).abs().max().item()
         assert error <= 5e-5, f"{name}: max error {error:.3g} against eager AdamW"
+    # the forward's layers share a block, and so do the backward's
+    assert len(calls) == 3 + 1 + 2 + 1 and len(set(calls)) == 4
 
 
 def test_fuse_after_memplan_is_refused():
