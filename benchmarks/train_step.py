@@ -175,10 +175,8 @@ def one_rank(config: dict, batches: list, extra: str | None) -> None:
     del model
     variants["torch.compile"] = torch_step(compiled_model, torch.compile(compiled_model))
     times, losses, warmup = timed_rounds(variants, batches)
-    print(
-        f"plait capture {capture:.1f} s; torch.compile's first step (its compile) "
-        f"{warmup['torch.compile']:.1f} s"
-    )
+    first = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in warmup.items())
+    print(f"plait capture {capture:.1f} s; first steps (with their compiles): {first}")
     differences = loss_differences(losses, ["eager", "torch.compile"])
     report("1 rank", times, "plait", ["eager", "torch.compile"], differences)
     _report_extra("1 rank", times, "plait", ["eager", "torch.compile"], extra)

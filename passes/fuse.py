@@ -9,8 +9,9 @@ functional collectives and their waits in the order `overlap` or `ladder`
 chose. By default (`scope=blocks`) each residual block is compiled once
 and reused by the layers that repeat it (backends/regions.py); `scope=whole`
 hands Inductor the whole program, which lets it fuse across blocks but
-compiles every layer. Nothing compiled is stored in an artifact: loading one compiles
-again here (Inductor's own cache makes that fast), so an artifact stays data.
+compiles every layer. Nothing compiled is stored in an artifact: loading
+one compiles again here (Inductor's own cache makes that fast), so an
+artifact stays data.
 
 Put it last: `canonicalize,cse,dce,shard{mesh=tp:2},overlap,fuse`. It
 replaces `memplan` (Inductor plans its own buffers).
