@@ -1096,7 +1096,7 @@ def build_program(
     gm = lowering.run(fn)
     symbols = module.attributes.get(SYMBOLS_ATTR)
     compiled = None  # torch.compile compiles on the first call
-    if fuse is not None and FUSE_SCOPE_ATTR not in module.attributes:
+    if fuse is not None and FUSE_SCOPE_ATTR in module.attributes:
         compiled = compile_blocks(gm, _stream_nodes(fn, lowering.values), fuse.data)
     if fuse is not None and compiled is None:
         compiled = torch.compile(gm, mode=fuse.data)

@@ -16,8 +16,8 @@ then times them in interleaved rounds; ratios to torch.compile are medians
 of the per-round ratios, with their IQR and range.
 
 Variants: plait's default pipeline (unfused ATen calls), plait with `fuse`
-(each residual block compiled once, reused by the layers that repeat it),
-plait with `fuse{scope=whole}` (the program as one graph), torch.compile.
+(the program as one graph), plait with `fuse{scope=blocks}` (each residual
+block compiled once, reused by the layers that repeat it), torch.compile.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from overhead import small_llama
 VARIANTS = {
     "plait": "canonicalize,cse,dce",
     "plait fuse": "canonicalize,cse,dce,fuse",
-    "plait fuse{scope=whole}": "canonicalize,cse,dce,fuse{scope=whole}",
+    "plait fuse{scope=blocks}": "canonicalize,cse,dce,fuse{scope=blocks}",
     "torch.compile": None,
 }
 BASELINE = "torch.compile"

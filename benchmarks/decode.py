@@ -118,7 +118,7 @@ def single_rank(size: str, prompt: int, new: int, repeats: int, quantized: bool,
         "transformers static+compile": lambda x, n: compiled_hf_generate(model, x, n),
         "plait": lambda x, n: plait_generate(compiled, x, n),
     }
-    if fuse:  # each residual block compiled once by Inductor, reused by every layer
+    if fuse:  # through Inductor
         fused = plait.compile_generation(
             model, max_length=prompt + new, pipeline="canonicalize,cse,dce,fuse"
         )

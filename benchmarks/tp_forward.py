@@ -19,8 +19,7 @@ this machine, under torch.no_grad. Variants, each a full forward to logits:
 and with --compiled:
 
     DTensor+compile  the DTensor model through torch.compile (Inductor)
-    plait fuse       plait's TP program with `fuse` (Inductor, each block
-                     compiled once and reused by every layer)
+    plait fuse       plait's TP program with `fuse` (Inductor)
 
 Each round runs every variant once, in turn, after a barrier, so that machine
 noise hits them alike; reported are medians over rounds and the median of

@@ -6,10 +6,11 @@ module that the backend compiles every program it builds with
 a CPU, Triton on CUDA; `mode=reduce-overhead` adds CUDA graphs, for decode
 steps). The graph Inductor sees is the program as the passes left it:
 functional collectives and their waits in the order `overlap` or `ladder`
-chose. By default (`scope=blocks`) each residual block is compiled once
-and reused by the layers that repeat it (backends/regions.py); `scope=whole`
-hands Inductor the whole program, which lets it fuse across blocks but
-compiles every layer. Nothing compiled is stored in an artifact: loading
+chose. By default (`scope=whole`) Inductor gets the whole program: it
+fuses across layers and plans every buffer, and compiles every layer.
+`scope=blocks` compiles each residual block once and reuses it for the
+layers that repeat it (backends/regions.py): a shorter compile for a
+slower program (measured in the README). Nothing compiled is stored in an artifact: loading
 one compiles again here (Inductor's own cache makes that fast), so an
 artifact stays data.
 
@@ -55,7 +56,7 @@ class Fuse(Pass):
     summary = "compile each rank's program through Inductor (fused kernels; CUDA graphs)"
 
     mode: FuseMode = FuseMode.DEFAULT
-    scope: FuseScope = FuseScope.BLOCKS
+    scope: FuseScope = FuseScope.WHOLE
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
         if ARENA_ATTR in op.attributes:
@@ -64,5 +65,5 @@ class Fuse(Pass):
                 "drop memplan from the pipeline (or fuse)"
             )
         op.attributes[FUSE_ATTR] = StringAttr(self.mode.value)
-        if self.scope is FuseScope.WHOLE:
+        if self.scope is FuseScope.BLOCKS:
             op.attributes[FUSE_SCOPE_ATTR] = StringAttr(self.scope.value)

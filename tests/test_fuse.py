@@ -2,9 +2,9 @@
 computes what torch.compile computes for the same model (the same fused
 kernels); against eager, both differ by the same rounding (fused kernels
 sum in another order), so parity is checked against torch.compile's step
-at 1e-6 and against eager's losses at 1e-5. By default each residual block
-is compiled once and the layers that repeat it reuse the compiled graph;
-`scope=whole` compiles the program as one graph."""
+at 1e-6 and against eager's losses at 1e-5. By default the program is one
+graph; with `scope=blocks` each residual block is compiled once and the
+layers that repeat it reuse the compiled graph."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from plait.ir.training import TRAIN_STEP
 from test_training import _adamw, _hf_model, _lm_batches, _lm_loss
 
 FUSED = "canonicalize,cse,dce,fuse"
+BLOCKS = FUSED + "{scope=blocks}"
 _LAYERS = {"llama": "num_hidden_layers", "gpt2": "n_layer"}
 
 
@@ -35,7 +36,7 @@ def test_each_repeated_block_compiles_once_and_the_forward_equals_eager(name):
     layers = 3
     model = _hf_model(name, **{_LAYERS[name]: layers}).eval()  # (no dropout)
     ids = _lm_batches(1)[0][0]
-    compiled = plait.compile(model, (ids,), pipeline=FUSED)
+    compiled = plait.compile(model, (ids,), pipeline=BLOCKS)
     assert "plait.fuse" in compiled.ir  # recorded in the plan, so artifacts and workers fuse too
     blocks = compiled.program.compiled
     calls = [n.target for n in blocks.graph.nodes if n.op == "call_module"]
@@ -48,10 +49,10 @@ def test_each_repeated_block_compiles_once_and_the_forward_equals_eager(name):
     torch.testing.assert_close(expected, torch.zeros_like(expected), rtol=0, atol=1e-5)
 
 
-def test_whole_scope_compiles_the_program_as_one_graph():
+def test_by_default_the_program_is_one_graph():
     model = _hf_model("llama", num_hidden_layers=2)
     ids = _lm_batches(1)[0][0]
-    compiled = plait.compile(model, (ids,), pipeline=FUSED + "{scope=whole}")
+    compiled = plait.compile(model, (ids,), pipeline=FUSED)
     with torch.no_grad():
         expected = model(ids).logits
         assert _compiled_graphs(lambda: expected.sub_(compiled(ids).logits)) == 1
@@ -65,7 +66,7 @@ def test_fused_generation_writes_the_cache_in_its_blocks_and_equals_transformers
         expected = model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False
         )
-    generator = plait.compile_generation(model, batch=2, max_length=32, pipeline=FUSED)
+    generator = plait.compile_generation(model, batch=2, max_length=32, pipeline=BLOCKS)
     assert type(generator.program_of("decode").compiled).__name__ == "PlaitBlocks"
     assert torch.equal(generator.generate(ids, max_new_tokens=8), expected)
 
@@ -95,10 +96,10 @@ def _plait_trained(model, batches, pipeline: str):
     return torch.stack(losses), trainer.state_dict(), calls
 
 
-def test_a_whole_fused_training_step_equals_torch_compile():
+def test_a_fused_training_step_equals_torch_compile():
     model, batches = _hf_model("llama", num_hidden_layers=1), _lm_batches(3)
     expected, reference = _trained(model, batches, compiled=True)
-    losses, trained, calls = _plait_trained(model, batches, FUSED + "{scope=whole}")
+    losses, trained, calls = _plait_trained(model, batches, FUSED)
     assert calls == []  # one graph
     torch.testing.assert_close(losses, expected, rtol=1e-5, atol=0)
     for name, tensor in reference.items():
@@ -113,7 +114,7 @@ def test_a_fused_training_step_in_blocks_equals_eager_adamw():
     2.3e-5 (AdamW scales rounding up to lr where a gradient is near 0)."""
     model, batches = _hf_model("llama", num_hidden_layers=3), _lm_batches(3)
     expected, reference = _trained(model, batches, compiled=False)
-    losses, trained, calls = _plait_trained(model, batches, FUSED)
+    losses, trained, calls = _plait_trained(model, batches, BLOCKS)
     torch.testing.assert_close(losses, expected, rtol=1e-5, atol=0)
     for name, tensor in reference.items():
         error = (trained[name] - tensor).abs().max().item()
