@@ -70,11 +70,11 @@ from ..ir.ops import (
     SoftmaxOp,
     WaitOp,
 )
+from ..ir.residual import residual_chain, residual_modules
 from ..ir.schema import out_variant
 from ..ir.text import where
 from ..ir.types import TensorType
 from ..ir.weights import WeightStore
-from ..passes.residual import residual_chain, residual_modules
 from . import bindings
 from .adam_chains import AdamChain, adam_chains
 from .collective_wait import wait_released

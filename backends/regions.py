@@ -6,7 +6,7 @@ layer; cut at the residual stream, the layers are graphs of the same code
 with other weights as inputs, so one compiled graph serves them all (what
 PyTorch calls regional compilation).
 
-The cuts are the residual stream's values (`passes/residual.py` finds them
+The cuts are the residual stream's values (`ir/residual.py` finds them
 in the IR); runs of blocks that repeat together (a layer's attention and
 MLP) are joined into one. What does not depend on the stream (the
 embedding, masks, rotary tables, sizes) runs first, in line, so that the
@@ -21,6 +21,8 @@ import types
 
 import torch
 import torch.fx
+
+from ..ir.residual import repeat_period
 
 _CALLS = ("call_function", "call_method")
 _PURE_MODULES = ("torch", "torch._C._VariableFunctions", "_operator", "operator")
@@ -81,21 +83,13 @@ def _cut(nodes: list[torch.fx.Node], cuts: list[torch.fx.Node]):
     return in_line, [*blocks, block]
 
 
-def _layers(blocks: list[list[torch.fx.Node]], longest: int = 4) -> list[list[torch.fx.Node]]:
-    """Runs of p consecutive blocks joined, for the p (up to `longest`) whose
-    runs take the fewest distinct codes, the shortest of those: a transformer
-    layer is an attention block and an MLP block (p = 2), and joined, the
-    layer's two blocks fuse across their cut and the program makes half the
-    calls. What follows the last cut stays as it is."""
+def _layers(blocks: list[list[torch.fx.Node]]) -> list[list[torch.fx.Node]]:
+    """Runs of consecutive blocks joined, as long as `repeat_period` of
+    their codes: joined, a layer's attention and MLP fuse across their cut
+    and the program makes half the calls. What follows the last cut stays
+    as it is."""
     body, tail = blocks[:-1], blocks[-1:]
-    codes = [_extract(b)[2].code for b in body]
-    if not codes:
-        return blocks
-
-    def distinct(p: int) -> int:
-        return len({tuple(codes[i : i + p]) for i in range(0, len(codes), p)})
-
-    p = min(range(1, min(longest, len(codes)) + 1), key=lambda p: (distinct(p), p))
+    p = repeat_period([_extract(b)[2].code for b in body])
     return [sum(body[i : i + p], []) for i in range(0, len(body), p)] + tail
 
 

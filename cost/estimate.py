@@ -28,11 +28,12 @@ from xdsl.dialects.builtin import ModuleOp
 from xdsl.ir import Operation, SSAValue
 
 from ..hardware import Hardware
-from ..ir.attrs import FUSE_ATTR, MESH_ATTR, SYMBOLS_ATTR, MeshAttr
+from ..ir.attrs import FUSE_ATTR, FUSE_SCOPE_ATTR, MESH_ATTR, SYMBOLS_ATTR, MeshAttr
 from ..ir.effects import updates_state
 from ..ir.errors import PlaitError
 from ..ir.memory import crosses, on_host, value_on_host
 from ..ir.ops import CallOp, CollectiveOp, LocalShardOp, ParamOp, ReshapeOp, WaitOp
+from ..ir.residual import block_ends
 from ..ir.schema import returns_alias
 from ..ir.text import module_path
 from ..ir.training import (
@@ -164,7 +165,9 @@ def estimate(module: ModuleOp, target: Target, function: str | None = None) -> E
     rows, times, views = _op_estimates(fn, target, links, subs)
     sizes = _value_sizes(fn, subs)
     if FUSE_ATTR in module.attributes:  # Inductor runs chains of small ops as one kernel
-        _fuse(fn, rows, times, sizes, views, target.hardware, subs)
+        blocks = FUSE_SCOPE_ATTR in module.attributes  # compiled apart: no group crosses a cut
+        cuts = block_ends(fn.body.blocks.first) if blocks else []
+        _fuse(fn, rows, times, sizes, views, target.hardware, subs, cuts)
     crossed = {op: links[comm_axis(op)][1] for op in times if comm_axis(op)}
     schedule = simulate(fn, times, sizes, views, crossed)
     formulas = {
@@ -320,13 +323,13 @@ def _time_formula(op: Operation, cost: OpCost, hw, links) -> sympy.Expr:
     return sympy.Integer(0)
 
 
-def _fuse(fn: func.FuncOp, rows: list[OpEstimate], times, sizes, views, hw: Hardware, subs):
+def _fuse(fn: func.FuncOp, rows: list[OpEstimate], times, sizes, views, hw: Hardware, subs, cuts):
     """Each fusion group priced as one kernel on its last op (`fusion`): the
     others take no time of their own, and what they produce stays in
     registers, except the memory the group writes (its last op's, or what
     that op is a view of)."""
     row_of = {row.op: row for row in rows}
-    for end, ops in members(fusion_groups(fn.body.blocks.first)).items():
+    for end, ops in members(fusion_groups(fn.body.blocks.first, cuts)).items():
         inside = set(ops)
         written = end
         while written in views and written.operands and written.operands[0].owner in inside:

@@ -16,6 +16,8 @@ its last op's results; what stays inside allocates nothing.
 
 from __future__ import annotations
 
+import bisect
+
 from xdsl.ir import Block, Operation
 
 from ..ir.ops import ElementwiseOp, NormOp, ReduceOp, ReshapeOp, SoftmaxOp
@@ -23,15 +25,21 @@ from ..ir.ops import ElementwiseOp, NormOp, ReduceOp, ReshapeOp, SoftmaxOp
 FUSIBLE = (ElementwiseOp, NormOp, SoftmaxOp, ReduceOp, ReshapeOp)
 
 
-def fusion_groups(block: Block) -> dict[Operation, Operation]:
-    """Each fusible op -> the last op of its group (itself if it ends one)."""
+def fusion_groups(block: Block, cuts: list[Operation] = ()) -> dict[Operation, Operation]:
+    """Each fusible op -> the last op of its group (itself if it ends one).
+    No group spans one of `cuts` (the ends of graphs compiled apart: an op
+    at a cut ends its graph)."""
+    ops = list(block.ops)
+    bounds = sorted(ops.index(c) for c in cuts)
+    graph = {op: bisect.bisect_left(bounds, i) for i, op in enumerate(ops)}
     group: dict[Operation, Operation] = {}
-    for op in reversed(list(block.ops)):
+    for op in reversed(ops):
         if not isinstance(op, FUSIBLE):
             continue
         users = {use.operation for result in op.results for use in result.uses}
         ends = {group.get(user) for user in users}
-        group[op] = ends.pop() if len(ends) == 1 and None not in ends else op
+        end = ends.pop() if len(ends) == 1 and None not in ends else op
+        group[op] = end if graph[end] == graph[op] else op
     return group
 
 

@@ -33,11 +33,11 @@ from xdsl.ir import Block, Operation, SSAValue
 from ..ir.attrs import MESH_ATTR
 from ..ir.errors import PlaitError
 from ..ir.ops import AllReduceOp, CallOp, ParamOp
+from ..ir.residual import ResidualModule, residual_chain
 from ..ir.text import where
 from .base import Pass, function_blocks
 from .options import OptionError
 from .reorder import make_async, sink
-from .residual import ResidualModule, residual_chain
 from .whole import whole_values
 
 

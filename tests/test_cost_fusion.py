@@ -75,3 +75,32 @@ def test_a_group_ending_in_a_view_writes_the_memory_it_views():
     schedule = estimate(module, Target(load("a100-80gb"))).schedule
     assert schedule.activation_peak >= 2 * BYTES  # x, and a (seen through v)
     assert [e.op for e in schedule.events if e.lane == "compute"] == [ops["v"]]
+
+
+def test_fused_blocks_are_priced_as_the_backend_compiles_them():
+    """With `fuse{scope=blocks}` the backend compiles each block apart: its
+    cuts are the IR's `block_ends`, no fusion group spans one, and the
+    forward costs no less than fused whole."""
+    import plait
+    from plait.ir.residual import block_ends
+    from test_training import _hf_model, _lm_batches
+
+    model = _hf_model("llama", num_hidden_layers=3)
+    ids = _lm_batches(1)[0][0]
+    blocks = plait.compile(model, (ids,), pipeline="canonicalize,cse,dce,fuse{scope=blocks}")
+    whole = plait.compile(model, (ids,), pipeline="canonicalize,cse,dce,fuse")
+    program = blocks.program.compiled
+    calls = [n for n in program.graph.nodes if n.op == "call_module"]
+    block = blocks.function.body.blocks.first
+    ends = block_ends(block)
+    assert len(ends) == 3 and len(calls) == len(ends) + 1  # a block per layer, then the head
+    ops = list(block.ops)
+    graph = {op: sum(ops.index(e) < i for e in ends) for i, op in enumerate(ops)}
+    groups = fusion_groups(block, ends)
+    assert any(end is not op for op, end in groups.items())  # it still fuses inside blocks
+    assert all(graph[op] == graph[end] for op, end in groups.items())
+    crossing = fusion_groups(block)  # whole: some group spans a layer's end
+    assert any(graph[op] != graph[end] for op, end in crossing.items())
+    target = Target(load("cpu"))
+    step = {m: estimate(m.module, target).schedule.step_time for m in (blocks, whole)}
+    assert step[blocks] > step[whole]

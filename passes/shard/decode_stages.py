@@ -36,8 +36,8 @@ from xdsl.ir import Block, Operation, Region, SSAValue
 
 from ...ir.attrs import MESH_ATTR, PIPELINE_AXIS, STAGE_ATTR, SYMBOLS_ATTR, MeshAttr, mesh_axes
 from ...ir.ops import ParamOp, RecvOp, SendOp
+from ...ir.residual import residual_chain
 from ...ir.text import where
-from ..residual import residual_chain
 from .stage_split import StageError, boundary_segments, closure, free_ops
 
 GENERATION = ("prefill", "decode")

@@ -30,6 +30,7 @@ from ...ir.ops import (
     SendOp,
     call_op_class,
 )
+from ...ir.residual import residual_chain
 from ...ir.schema import writes_input
 from ...ir.text import where
 from ...ir.training import (
@@ -45,7 +46,6 @@ from ...ir.training import (
     mark_gradient,
     step_phases,
 )
-from ..residual import residual_chain
 from .pipeline_schedule import KINDS, stage_function
 from .shard import insert_call
 from .step import squares_for_global_norms

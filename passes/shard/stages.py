@@ -2,7 +2,7 @@
 pipeline parallelism for a training step.
 
 The step's forward is cut into S stages at residual-stream boundaries
-(`passes.residual`), the cut chosen by dynamic programming over the cost
+(`ir.residual`), the cut chosen by dynamic programming over the cost
 model's op times (`estimate` on `hardware`) so the stages' predicted
 forward + backward times balance. Every op then belongs to one stage, by
 dataflow:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from xdsl.ir import Block, Operation, SSAValue
 
-from ..ir.ops import CallOp
+from .ops import CallOp
 
 
 @dataclass
@@ -96,3 +96,38 @@ def residual_chain(block: Block) -> list[ResidualModule]:
         if len(run) > len(best):
             best = run
     return best
+
+
+def repeat_period(codes: list, longest: int = 4) -> int:
+    """The run length p (at most `longest`) for which runs of p consecutive
+    `codes` take the fewest distinct values, the shortest such p: a
+    transformer layer is an attention module and an MLP module, p = 2."""
+    if not codes:
+        return 1
+
+    def distinct(p: int) -> int:
+        return len({tuple(codes[i : i + p]) for i in range(0, len(codes), p)})
+
+    return min(range(1, min(longest, len(codes)) + 1), key=lambda p: (distinct(p), p))
+
+
+def block_ends(block: Block) -> list[Operation]:
+    """The adds that end `fuse{scope=blocks}`'s compiled blocks: the residual
+    modules after the stream's start, in runs of `repeat_period` of their
+    op sequences (backends/regions.py cuts the lowered program there)."""
+    chain = residual_chain(block)
+    if not chain:
+        return []
+    ops = list(block.ops)
+    position = {op: i for i, op in enumerate(ops)}
+    start = position.get(chain[0].stream.owner, -1)
+    adds = sorted(
+        (m.add for m in residual_modules(block) if position[m.add] > start), key=position.get
+    )
+    bounds = [start, *(position[a] for a in adds)]
+    codes = [
+        tuple(op.name + getattr(op, "target_name", "") for op in ops[a + 1 : b + 1])
+        for a, b in zip(bounds, bounds[1:])
+    ]
+    p = repeat_period(codes)
+    return [adds[i] for i in range(len(adds)) if (i + 1) % p == 0 or i == len(adds) - 1]
