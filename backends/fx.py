@@ -70,7 +70,7 @@ from ..ir.ops import (
     SoftmaxOp,
     WaitOp,
 )
-from ..ir.residual import residual_chain, residual_modules
+from ..ir.residual import block_ends, residual_chain
 from ..ir.schema import out_variant
 from ..ir.text import where
 from ..ir.types import TensorType
@@ -1110,11 +1110,11 @@ def build_program(
 
 
 def _stream_nodes(fn: func.FuncOp, values: dict) -> list[torch.fx.Node]:
-    """The nodes of the residual stream's values, its start first, then every
-    residual module's result (a training step's backward's too)."""
+    """The nodes that cut `fuse{scope=blocks}`'s program: the residual
+    stream's start, then the end of each block (`block_ends`)."""
     block = fn.body.blocks.first
     chain = residual_chain(block)
     if not chain:
         return []
-    stream = [chain[0].stream, *(m.result for m in residual_modules(block))]
-    return [values[v] for v in stream if v in values]
+    cuts = [chain[0].stream, *(add.results[0] for add in block_ends(block))]
+    return [values[v] for v in cuts if v in values]

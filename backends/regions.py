@@ -6,12 +6,13 @@ layer; cut at the residual stream, the layers are graphs of the same code
 with other weights as inputs, so one compiled graph serves them all (what
 PyTorch calls regional compilation).
 
-The cuts are the residual stream's values (`ir/residual.py` finds them
-in the IR); runs of blocks that repeat together (a layer's attention and
-MLP) are joined into one. What does not depend on the stream (the
-embedding, masks, rotary tables, sizes) runs first, in line, so that the
-first layer's graph is the others'. What writes or communicates, and what
-follows from it, keeps its place in a block.
+The cuts are the residual stream's values where the IR's `block_ends`
+puts them: after each run of residual modules that repeats (a layer's
+attention and MLP), so the cost model prices the same blocks. What does
+not depend on the stream (the embedding, masks, rotary tables, sizes) runs
+first, in line, so that the first layer's graph is the others'. What
+writes or communicates, and what follows from it, keeps its place in a
+block.
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ import types
 
 import torch
 import torch.fx
-
-from ..ir.residual import repeat_period
 
 _CALLS = ("call_function", "call_method")
 _PURE_MODULES = ("torch", "torch._C._VariableFunctions", "_operator", "operator")
@@ -39,7 +38,6 @@ def compile_blocks(
     if len(cuts) < 2 or any(n.op == "call_module" for n in nodes):
         return None
     in_line, blocks = _cut(nodes, cuts)
-    blocks = _layers(blocks)
 
     graph, env = torch.fx.Graph(), {}
     for node in nodes:
@@ -68,7 +66,7 @@ def compile_blocks(
 def _cut(nodes: list[torch.fx.Node], cuts: list[torch.fx.Node]):
     """(in_line, blocks): the calls that run before every block, and the
     blocks, each ending at a cut, then what follows the last one."""
-    position = {n: i for i, n in enumerate(nodes)}
+    position, ends = {n: i for i, n in enumerate(nodes)}, set(cuts)
     start = min(cuts, key=position.__getitem__)
     pinned = _pinned(nodes, start)
     calls = [n for n in nodes if n.op in _CALLS]
@@ -77,20 +75,10 @@ def _cut(nodes: list[torch.fx.Node], cuts: list[torch.fx.Node]):
     for node in calls:
         if position[node] > position[start] and node in pinned:
             block.append(node)
-            if node in cuts:
+            if node in ends:
                 blocks.append(block)
                 block = []
     return in_line, [*blocks, block]
-
-
-def _layers(blocks: list[list[torch.fx.Node]]) -> list[list[torch.fx.Node]]:
-    """Runs of consecutive blocks joined, as long as `repeat_period` of
-    their codes: joined, a layer's attention and MLP fuse across their cut
-    and the program makes half the calls. What follows the last cut stays
-    as it is."""
-    body, tail = blocks[:-1], blocks[-1:]
-    p = repeat_period([_extract(b)[2].code for b in body])
-    return [sum(body[i : i + p], []) for i in range(0, len(body), p)] + tail
 
 
 def _extract(block: list[torch.fx.Node]):

@@ -113,20 +113,25 @@ def repeat_period(codes: list, longest: int = 4) -> int:
 
 def block_ends(block: Block) -> list[Operation]:
     """The adds that end `fuse{scope=blocks}`'s compiled blocks: the residual
-    modules after the stream's start, in runs of `repeat_period` of their
-    op sequences (backends/regions.py cuts the lowered program there)."""
+    modules after the stream's start, joined in runs of `repeat_period` of
+    their op sequences (counting only ops that depend on the stream: the
+    rest runs before the blocks)."""
     chain = residual_chain(block)
     if not chain:
         return []
     ops = list(block.ops)
     position = {op: i for i, op in enumerate(ops)}
-    start = position.get(chain[0].stream.owner, -1)
-    adds = sorted(
-        (m.add for m in residual_modules(block) if position[m.add] > start), key=position.get
-    )
+    stream, start = chain[0].stream, position.get(chain[0].stream.owner, -1)
+    streamed: set[Operation] = set()
+    for op in ops[start + 1 :]:
+        if any(v is stream or v.owner in streamed for v in op.operands):
+            streamed.add(op)
+    adds = sorted((m.add for m in residual_modules(block) if m.add in streamed), key=position.get)
     bounds = [start, *(position[a] for a in adds)]
     codes = [
-        tuple(op.name + getattr(op, "target_name", "") for op in ops[a + 1 : b + 1])
+        tuple(
+            op.name + getattr(op, "target_name", "") for op in ops[a + 1 : b + 1] if op in streamed
+        )
         for a, b in zip(bounds, bounds[1:])
     ]
     p = repeat_period(codes)
