@@ -7,7 +7,9 @@ A residual module adds a branch computed from the stream back onto it:
 `residual_chain` finds the longest sequence of such adds, each one's stream
 input the previous one's result, whatever the modules are called. For each
 module it records the ops of the branch that read the stream, which is what
-the ladder rewrite rewires.
+the ladder rewrite rewires. `block_ends` says where `fuse{scope=blocks}`
+cuts a program into separately compiled blocks; the backend and the cost
+model both cut there.
 """
 
 from __future__ import annotations
