@@ -70,7 +70,7 @@ from ..ir.ops import (
     SoftmaxOp,
     WaitOp,
 )
-from ..ir.residual import block_ends, residual_chain
+from ..ir.residual import block_cuts
 from ..ir.schema import out_variant
 from ..ir.text import where
 from ..ir.types import TensorType
@@ -1097,7 +1097,10 @@ def build_program(
     symbols = module.attributes.get(SYMBOLS_ATTR)
     compiled = None  # torch.compile compiles on the first call
     if fuse is not None and FUSE_SCOPE_ATTR in module.attributes:
-        compiled = compile_blocks(gm, _stream_nodes(fn, lowering.values), fuse.data)
+        cuts = [
+            lowering.values[v] for v in block_cuts(fn.body.blocks.first) if v in lowering.values
+        ]
+        compiled = compile_blocks(gm, cuts, fuse.data)
     if fuse is not None and compiled is None:
         compiled = torch.compile(gm, mode=fuse.data)
     return Program(
@@ -1107,14 +1110,3 @@ def build_program(
         symbols=symbols.ranges if symbols is not None else {},
         compiled=compiled,
     )
-
-
-def _stream_nodes(fn: func.FuncOp, values: dict) -> list[torch.fx.Node]:
-    """The nodes that cut `fuse{scope=blocks}`'s program: the residual
-    stream's start, then the end of each block (`block_ends`)."""
-    block = fn.body.blocks.first
-    chain = residual_chain(block)
-    if not chain:
-        return []
-    cuts = [chain[0].stream, *(add.results[0] for add in block_ends(block))]
-    return [values[v] for v in cuts if v in values]

@@ -6,7 +6,7 @@ layer; cut at the residual stream, the layers are graphs of the same code
 with other weights as inputs, so one compiled graph serves them all (what
 PyTorch calls regional compilation).
 
-The cuts are the residual stream's values where the IR's `block_ends`
+The cuts are the residual stream's values where the IR's `block_cuts`
 puts them: after each run of residual modules that repeats (a layer's
 attention and MLP), so the cost model prices the same blocks. What does
 not depend on the stream (the embedding, masks, rotary tables, sizes) runs

@@ -33,6 +33,7 @@ import time
 
 import torch
 from overhead import small_llama
+from rounds import checked_rounds
 
 VARIANTS = {
     "plait": "canonicalize,cse,dce",
@@ -75,19 +76,9 @@ def compile_once(name: str, layers: int) -> float:
 def speed(layers: int, rounds: int) -> dict[str, list[float]]:
     wrapper, inputs = _model(layers)
     fns = {"eager": wrapper} | {n: _compile(n, wrapper, inputs) for n in VARIANTS}
-    with torch.inference_mode():
-        reference = _logits(wrapper(*inputs))
-        for name, fn in fns.items():  # also the warm-up (and the compile)
-            error = (_logits(fn(*inputs)) - reference).abs().max() / reference.abs().max()
-            if error > 1e-5:
-                raise SystemExit(f"{name}: logits differ from eager's by {error:.2e}")
-        times = {name: [] for name in fns}
-        for _ in range(rounds):
-            for name, fn in fns.items():
-                start = time.perf_counter()
-                fn(*inputs)
-                times[name].append(time.perf_counter() - start)
-    return times
+    variants = {name: (lambda fn=fn: _logits(fn(*inputs))) for name, fn in fns.items()}
+    with torch.inference_mode():  # the check is also the warm-up (and the compile)
+        return checked_rounds(variants, _logits(wrapper(*inputs)), rounds, barrier=lambda: None)
 
 
 def _child(args: list[str], env: dict) -> dict:

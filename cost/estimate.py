@@ -33,7 +33,7 @@ from ..ir.effects import updates_state
 from ..ir.errors import PlaitError
 from ..ir.memory import crosses, on_host, value_on_host
 from ..ir.ops import CallOp, CollectiveOp, LocalShardOp, ParamOp, ReshapeOp, WaitOp
-from ..ir.residual import block_ends
+from ..ir.residual import block_cuts
 from ..ir.schema import returns_alias
 from ..ir.text import module_path
 from ..ir.training import (
@@ -166,7 +166,7 @@ def estimate(module: ModuleOp, target: Target, function: str | None = None) -> E
     sizes = _value_sizes(fn, subs)
     if FUSE_ATTR in module.attributes:  # Inductor runs chains of small ops as one kernel
         blocks = FUSE_SCOPE_ATTR in module.attributes  # compiled apart: no group crosses a cut
-        cuts = block_ends(fn.body.blocks.first) if blocks else []
+        cuts = [v.owner for v in block_cuts(fn.body.blocks.first)[1:]] if blocks else []
         _fuse(fn, rows, times, sizes, views, target.hardware, subs, cuts)
     crossed = {op: links[comm_axis(op)][1] for op in times if comm_axis(op)}
     schedule = simulate(fn, times, sizes, views, crossed)

@@ -30,8 +30,9 @@ def fusion_groups(block: Block, cuts: list[Operation] = ()) -> dict[Operation, O
     No group spans one of `cuts` (the ends of graphs compiled apart: an op
     at a cut ends its graph)."""
     ops = list(block.ops)
-    bounds = sorted(ops.index(c) for c in cuts)
-    graph = {op: bisect.bisect_left(bounds, i) for i, op in enumerate(ops)}
+    position = {op: i for i, op in enumerate(ops)}
+    bounds = sorted(position[c] for c in cuts)
+    graph = {op: bisect.bisect_left(bounds, position[op]) for op in ops}
     group: dict[Operation, Operation] = {}
     for op in reversed(ops):
         if not isinstance(op, FUSIBLE):

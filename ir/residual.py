@@ -7,7 +7,7 @@ A residual module adds a branch computed from the stream back onto it:
 `residual_chain` finds the longest sequence of such adds, each one's stream
 input the previous one's result, whatever the modules are called. For each
 module it records the ops of the branch that read the stream, which is what
-the ladder rewrite rewires. `block_ends` says where `fuse{scope=blocks}`
+the ladder rewrite rewires. `block_cuts` says where `fuse{scope=blocks}`
 cuts a program into separately compiled blocks; the backend and the cost
 model both cut there.
 """
@@ -84,8 +84,13 @@ def residual_modules(block: Block) -> list[ResidualModule]:
 
 def residual_chain(block: Block) -> list[ResidualModule]:
     """The longest chain of residual modules in program order (may be empty)."""
-    modules = {m.stream: m for m in residual_modules(block)}
-    # follow r_{i-1} -> r_i from every start and keep the longest run
+    return _longest_run(residual_modules(block))
+
+
+def _longest_run(found: list[ResidualModule]) -> list[ResidualModule]:
+    """Of the modules `found`, the longest run in which each reads the
+    previous one's result (r_{i-1} -> r_i), followed from every start."""
+    modules = {m.stream: m for m in found}
     by_result = {m.result: m for m in modules.values()}
     best: list[ResidualModule] = []
     for module in modules.values():
@@ -113,12 +118,15 @@ def repeat_period(codes: list, longest: int = 4) -> int:
     return min(range(1, min(longest, len(codes)) + 1), key=lambda p: (distinct(p), p))
 
 
-def block_ends(block: Block) -> list[Operation]:
-    """The adds that end `fuse{scope=blocks}`'s compiled blocks: the residual
-    modules after the stream's start, joined in runs of `repeat_period` of
-    their op sequences (counting only ops that depend on the stream: the
-    rest runs before the blocks)."""
-    chain = residual_chain(block)
+def block_cuts(block: Block) -> list[SSAValue]:
+    """Where `fuse{scope=blocks}` cuts a program into compiled blocks: the
+    residual stream's start, then the last value of each block, the result
+    of a residual module after the start (empty without a stream). The
+    modules are joined in runs of `repeat_period` of their op sequences,
+    counting only ops that depend on the stream (the rest runs before the
+    blocks)."""
+    modules = residual_modules(block)
+    chain = _longest_run(modules)
     if not chain:
         return []
     ops = list(block.ops)
@@ -128,7 +136,7 @@ def block_ends(block: Block) -> list[Operation]:
     for op in ops[start + 1 :]:
         if any(v is stream or v.owner in streamed for v in op.operands):
             streamed.add(op)
-    adds = sorted((m.add for m in residual_modules(block) if m.add in streamed), key=position.get)
+    adds = sorted((m.add for m in modules if m.add in streamed), key=position.get)
     bounds = [start, *(position[a] for a in adds)]
     codes = [
         tuple(
@@ -137,4 +145,5 @@ def block_ends(block: Block) -> list[Operation]:
         for a, b in zip(bounds, bounds[1:])
     ]
     p = repeat_period(codes)
-    return [adds[i] for i in range(len(adds)) if (i + 1) % p == 0 or i == len(adds) - 1]
+    ends = [adds[i] for i in range(len(adds)) if (i + 1) % p == 0 or i == len(adds) - 1]
+    return [stream, *(add.results[0] for add in ends)]

@@ -79,10 +79,10 @@ def test_a_group_ending_in_a_view_writes_the_memory_it_views():
 
 def test_fused_blocks_are_priced_as_the_backend_compiles_them():
     """With `fuse{scope=blocks}` the backend compiles each block apart: its
-    cuts are the IR's `block_ends`, no fusion group spans one, and the
+    cuts are the IR's `block_cuts`, no fusion group spans one, and the
     forward costs no less than fused whole."""
     import plait
-    from plait.ir.residual import block_ends
+    from plait.ir.residual import block_cuts
     from test_training import _hf_model, _lm_batches
 
     model = _hf_model("llama", num_hidden_layers=3)
@@ -92,7 +92,7 @@ def test_fused_blocks_are_priced_as_the_backend_compiles_them():
     program = blocks.program.compiled
     calls = [n for n in program.graph.nodes if n.op == "call_module"]
     block = blocks.function.body.blocks.first
-    ends = block_ends(block)
+    ends = [v.owner for v in block_cuts(block)[1:]]  # the ends of the blocks
     assert len(ends) == 3 and len(calls) == len(ends) + 1  # a block per layer, then the head
     ops = list(block.ops)
     graph = {op: sum(ops.index(e) < i for e in ends) for i, op in enumerate(ops)}
