@@ -88,6 +88,22 @@ def pooled(tmp_path_factory) -> dict[int, torch.Tensor]:
     return _losses(err)
 
 
+def test_training_starts_from_a_transformers_checkpoint_directory(tmp_path):
+    """A `save_pretrained` directory's weights (not the example's: the
+    embedding is doubled before saving) start the run, as they start
+    compile_training on the model transformers loads from it."""
+    model = llama_tiny()[0].model
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(2)
+    model.save_pretrained(tmp_path)
+    code, _, err = _train("train", str(tmp_path), "--batch", str(ROWS), "--seq", str(SEQ),
+                          "--steps", "2")  # fmt: skip
+    assert code == 0, err
+    trainer = plait.compile_training(model, (_ids(0), _ids(0)))
+    expected = [trainer.step(_ids(step), _ids(step)) for step in range(2)]
+    assert _losses(err) == dict(enumerate(expected))
+
+
 def test_dp2_on_worker_ranks_matches_one_rank(pooled, reference):
     assert sorted(pooled) == [0, 1]
     for step, loss in pooled.items():  # the gradient all-reduce sums in another order

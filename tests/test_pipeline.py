@@ -1,9 +1,9 @@
 """Pipeline parallelism for training steps: `pipeline{stages,microbatches,schedule}`.
 
-A 2-layer Llama on pp:2 (two real gloo ranks, from one process) with GPipe
-and 1F1B trains as eager torch with AdamW does on the whole batch, its
-gradients clipped by their norm over every stage, and so on pp:2 with tp:2
-or dp:2 (four ranks); the cut
+A 2-layer Llama on pp:2 (two real gloo ranks, from one process) with GPipe,
+1F1B and interleaved 1F1B trains as eager torch with AdamW does on the whole
+batch, its gradients clipped by their norm over every stage, and so on
+pp:2,tp:2 with each schedule and on pp:2,dp:2 (four ranks); the cut
 is the best by brute force; the schedules are the textbook ones and cannot
 deadlock; bad options are clear errors.
 """
@@ -132,14 +132,25 @@ def test_a_pipelined_checkpoint_continues_on_one_rank(runs):
 TP_STEPS = 2
 
 
-def test_pipeline_stages_of_a_tensor_parallel_step_match_eager(runs):
-    """shard{mesh=tp:2} then pipeline: 4 ranks, each stage's tp:2 pair."""
-    _, batches, _, _, start = runs
+@pytest.fixture(scope="module")
+def tp_eager(runs):
+    """Eager AdamW's first TP_STEPS steps: losses and the model after them."""
+    _, batches, *_ = runs
     model = _hf_model("llama", num_hidden_layers=2)
     expected, _, reference = _eager(
         model, batches[:TP_STEPS], _lm_loss, _optimizer(ADAMW), clip=CLIP
     )
-    pipeline = f"{CLEAN},shard{{mesh=tp:2}},{_pipeline('1f1b').removeprefix(CLEAN + ',')}"
+    return expected, reference
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved"])
+def test_pipeline_stages_of_a_tensor_parallel_step_match_eager(runs, tp_eager, schedule):
+    """shard{mesh=tp:2} then pipeline: 4 ranks, each stage's tp:2 pair
+    (interleaved: 4 stages, two on each pair)."""
+    _, batches, _, _, start = runs
+    expected, reference = tp_eager
+    stages = _pipeline(schedule, virtual=2 if schedule == "interleaved" else 1)
+    pipeline = f"{CLEAN},shard{{mesh=tp:2}},{stages.removeprefix(CLEAN + ',')}"
     trainer = plait.load_training(start, pipeline=pipeline)
     assert trainer.mesh == {"tp": 2, "pp": 2}
     try:
@@ -148,8 +159,8 @@ def test_pipeline_stages_of_a_tensor_parallel_step_match_eager(runs):
     finally:
         trainer.close()
     for step, (loss, want) in enumerate(zip(losses, expected)):
-        _close(loss, want, f"pp:2,tp:2: loss of step {step}")
-    _check_parameters(state, reference, "pp:2,tp:2")
+        _close(loss, want, f"pp:2,tp:2, {schedule}: loss of step {step}")
+    _check_parameters(state, reference, f"pp:2,tp:2, {schedule}")
 
 
 def _check_parameters(state: dict, reference, label: str) -> None:
