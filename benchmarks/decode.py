@@ -5,6 +5,7 @@ eager and compiled (static cache + torch.compile).
     python benchmarks/decode.py --tp 2            # also TP=2 on gloo vs DTensor
     python benchmarks/decode.py --sizes tiny --repeats 9
     python benchmarks/decode.py --fuse --threads 2 # also plait with `fuse`; 2 threads
+    python benchmarks/decode.py --sizes 120M --pp 2 --batch 4  # pipelined throughput
 
 Greedy decoding of --new tokens after a --prompt-token prompt, batch 1, one
 thread per rank, fp32. Each round runs every variant once, in turn, so that
@@ -16,6 +17,13 @@ prompt: (time for N new tokens - time for 1) / (N - 1).
 TP=2: both ranks run plait (`shard{mesh=tp:2}`) and the same `transformers`
 model parallelized with DTensor (`parallelize_module`, q/k/v/gate/up
 colwise, o/down rowwise), each decoding with its own generate loop.
+
+--pp S: throughput of a batch of --batch sequences (tokens/s over the
+batch) through plait's generation programs cut in S pipeline stages
+(`pipeline{stages=S,microbatches=M}`, worker ranks of one thread each), with
+M = 1 (one group: a stage waits while the others run) and M = S groups of
+sequences in flight, against plait on one rank with S threads: the same
+cores. Their tokens must equal the one rank's.
 """
 
 from __future__ import annotations
@@ -94,12 +102,13 @@ def rounds(variants: dict, ids, new: int, repeats: int, barrier=lambda: None, un
     return out
 
 
-def report(title: str, results: dict, new: int, baseline: str) -> None:
+def report(title: str, results: dict, new: int, baseline: str, batch: int = 1) -> None:
+    """tokens/s counts every sequence's tokens; decode ms/token is a step's."""
     print(f"\n{title} — {new} new tokens, medians over {len(results[baseline])} rounds")
     print(f"{'variant':<28}{'tokens/s':>10}{'decode ms/token':>17}{'speed-up':>10}")
     base = results[baseline]
     for name, runs in results.items():
-        rate = statistics.median(new / full for full, _ in runs)
+        rate = statistics.median(batch * new / full for full, _ in runs)
         decode = statistics.median((full - one) / (new - 1) for full, one in runs)
         ratios = [(b[0] - b[1]) / (r[0] - r[1]) for r, b in zip(runs, base)]
         print(f"{name:<28}{rate:>10.1f}{decode * 1e3:>17.3f}{statistics.median(ratios):>9.2f}x")
@@ -136,6 +145,39 @@ def single_rank(size: str, prompt: int, new: int, repeats: int, quantized: bool,
     params = sum(p.numel() for p in model.parameters()) / 1e6
     title = f"Llama {size} ({params:.1f}M parameters), 1 rank, {torch.get_num_threads()} thread(s)"
     report(title, results, new, "transformers eager")
+
+
+def pipelined(size: str, prompt: int, new: int, repeats: int, stages: int, batch: int):
+    import plait
+
+    model = build(size)
+    ids = torch.randint(
+        3, model.config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(0)
+    )
+    torch.set_num_threads(stages)  # one rank on the cores the stages share
+    length = prompt + new
+    variants = {
+        f"plait 1 rank, {stages} threads": plait.compile_generation(
+            model, batch=batch, max_length=length
+        )
+    }
+    for groups in (1, stages):
+        stage_pass = f"pipeline{{stages={stages},microbatches={groups}}}"
+        variants[f"plait pp:{stages}, {groups} group(s)"] = plait.compile_generation(
+            model, batch=batch, max_length=length, pipeline=f"canonicalize,cse,dce,{stage_pass}"
+        )
+    try:
+        calls = {
+            name: lambda x, n, c=compiled: plait_generate(c, x, n)
+            for name, compiled in variants.items()
+        }
+        results = rounds(calls, ids, new, repeats)
+    finally:
+        for compiled in variants.values():
+            compiled.close()
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    title = f"Llama {size} ({params:.1f}M parameters), batch {batch}, pipelined over {stages} ranks"
+    report(title, results, new, next(iter(variants)), batch)
 
 
 def _tp_rank(rank: int, world: int, port: int, size: str, prompt: int, new: int, repeats: int):
@@ -178,9 +220,15 @@ def main() -> None:
     parser.add_argument("--int8", action="store_true", help="also plait with int8 weights")
     parser.add_argument("--fuse", action="store_true", help="also plait with `fuse` (Inductor)")
     parser.add_argument("--threads", type=int, default=1, help="threads of the one-rank runs")
+    parser.add_argument("--pp", type=int, default=0, help="only pipelined throughput, S stages")
+    parser.add_argument("--batch", type=int, default=4, help="sequences (with --pp)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sizes = [s.strip() for s in args.sizes.split(",")]
+    if args.pp > 1:
+        for size in sizes:
+            pipelined(size, args.prompt, args.new, args.repeats, args.pp, args.batch)
+        return
     for size in sizes:
         single_rank(size, args.prompt, args.new, args.repeats, args.int8, args.fuse)
     if args.tp > 1:
