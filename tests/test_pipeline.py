@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 from dataclasses import dataclass
 
 import plait
@@ -21,7 +22,7 @@ import torch
 from plait.cost.estimate import Target, estimate
 from plait.hardware import Link, load
 from plait.ir.errors import PlaitError
-from plait.ir.ops import AllReduceOp, GatherIntoOp, ParamOp, RecvOp, SendOp
+from plait.ir.ops import AllReduceOp, GatherIntoOp, ParamOp, RecvOp, ReduceScatterOp, SendOp
 from plait.ir.text import parse_module, print_module
 from plait.ir.training import BACKWARD, FORWARD, TRAIN_STEP
 from plait.passes.manager import PassManager
@@ -256,9 +257,11 @@ def test_a_data_parallel_pipelined_checkpoint_continues_on_one_rank(data_paralle
 
 
 def test_zero1_splits_each_stages_optimizer_state_over_its_dp_pair(data_parallel_run, tmp_path):
-    """zero{stage=1} between shard and pipeline: each rank's update runs on its
-    half of its stages' moments and gathers the updated halves into the
-    parameters, one gather per parameter; the steps equal eager's (clipped),
+    """zero{stage=1} between shard and pipeline: each rank's update
+    reduce-scatters its stages' accumulators (no gradient all-reduce: it
+    reads only its halves), runs on its half of its stages' moments and
+    gathers the updated halves into the parameters, one gather per
+    parameter; the steps equal eager's (clipped, the norm from the halves),
     and a checkpoint saved before the last step continues on one rank."""
     plain, batches, _, _, _, expected, reference = data_parallel_run
     stages = _pipeline("1f1b", micro=2).removeprefix(CLEAN + ",")
@@ -284,6 +287,17 @@ def test_zero1_splits_each_stages_optimizer_state_over_its_dp_pair(data_parallel
     names = _functions(trainer.module)
     gathers = [o for s in (0, 1) for o in names[f"update_stage{s}"].walk()]
     assert sum(isinstance(o, GatherIntoOp) for o in gathers) == len(list(model.parameters()))
+    for s in (0, 1):
+        update = list(names[f"update_stage{s}"].walk())
+        (scatter,) = [o for o in update if isinstance(o, ReduceScatterOp)]
+        held = sum(
+            o.result.type.nbytes
+            for o in update
+            if isinstance(o, ParamOp) and o.weight_name.startswith("grad_accumulator.")
+        )
+        assert scatter.input.type.nbytes >= held and scatter.is_async is not None
+        reduced = [o.input.type.shape for o in update if isinstance(o, AllReduceOp)]
+        assert all(len(shape) <= 1 and math.prod(shape) < 64 for shape in reduced), reduced
     resumed = plait.load_training(saved, pipeline=CLEAN)
     _close(resumed.step(*batches[-1]), losses[-1], "zero1 resumed on one rank", rtol=1e-6)
 

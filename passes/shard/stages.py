@@ -36,8 +36,10 @@ its dp group: the micro-batches' gradients add up in the accumulators
 unreduced, and each rank's update reduces its stages' accumulators over
 its dp group once per step, in async buckets (shard's buckets, regrouped
 by stage: `grad_buckets.unbucket` / `bucket_by`). After `zero{stage=1}`
-each rank's update runs on its slices of its stages' optimizer state and
-gathers the slices into the parameters; stages 2 and 3 are refused.
+each rank's update reduce-scatters its stages' accumulators (it reads only
+its slices: half an all-reduce's bytes), runs on its slices of the
+optimizer state and gathers the slices into the parameters; stages 2 and 3
+are refused.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ from .pipeline_cost import pipeline_link
 from .pipeline_schedule import SCHEDULES, PipelinePlan, record, simulate, stage_function
 from .rules import DATA_AXES
 from .stage_split import StageError, StepSplit, function_messages, module_of
+from .zero import scatter_reduced_gradients
 
 
 @dataclass(frozen=True)
@@ -127,7 +130,9 @@ class Pipeline(Pass):
                     f"pipeline stages exchange tensors of fixed shapes, but input "
                     f"'{arg.name_hint}' is {arg.type}; compile without dynamic_shapes"
                 )
-        buckets = _unbucket(fn, data[0], list(mesh_axes(module)).index(data[0])) if data else []
+        axes = mesh_axes(module)
+        buckets = _unbucket(fn, data[0], list(axes).index(data[0])) if data else []
+        sliced = data and _optimizer_state_split(fn, data[0], list(axes).index(data[0]))
         hardware = load(self.hardware)
         report = estimate(module, Target(hardware), TRAIN_STEP)
         times = {row.op: row.time for row in report.ops}
@@ -148,11 +153,13 @@ class Pipeline(Pass):
         for f in built:  # each rank reduces its stages' gradients over its data group
             if f.sym_name.data in updates:
                 bucket_by(f.body.blocks.first, data[0], buckets)
+                if sliced:  # zero{stage=1}: into this rank's slices only
+                    scatter_reduced_gradients(f, data[0], axes[data[0]], tuple(axes))
         for f in functions.values():
             f.detach()
         for f in built:
             module.body.blocks.first.add_op(f)
-        axes = {**mesh_axes(module), PIPELINE_AXIS: self.stages}
+        axes = {**axes, PIPELINE_AXIS: self.stages}
         module.attributes[MESH_ATTR] = MeshAttr(tuple(axes.items()))
         actions = SCHEDULES[self.schedule](self.stages, self.microbatches, self.virtual)
         timeline = simulate(
@@ -193,6 +200,18 @@ def _unbucket(fn: func.FuncOp, axis: str, index: int) -> list[list[str]]:
         if split and STATE_OF not in op.attributes:  # a parameter, not its optimizer state
             _refuse_zero(3, f"'{op.weight_name}' is split over the data axis '{axis}'")
     return unbucket(block, axis)
+
+
+def _optimizer_state_split(fn: func.FuncOp, axis: str, index: int) -> bool:
+    """zero{stage=1} ran: optimizer state is split over the data axis."""
+    return any(
+        isinstance(op, ParamOp)
+        and op.is_state
+        and STATE_OF in op.attributes
+        and PLACEMENTS_ATTR in op.attributes
+        and op.attributes[PLACEMENTS_ATTR].data[index].kind not in ("replicate", "partial")
+        for op in fn.body.blocks.first.ops
+    )
 
 
 def _refuse_zero(stage: int, why: str) -> None:

@@ -724,6 +724,29 @@ class _StepZero:
                         "which zero{stage=2} keeps only this rank's slice; use zero{stage=1}"
                     )
 
+    def slices_from_pieces(self) -> None:
+        """Where stage 1 cut this rank's slice from a whole reduced gradient
+        (flattened, padded, `local_shard` along the axis), the scattered
+        piece is that slice: the same elements of the same padded layout."""
+        for whole, piece in self.known.items():
+            for use in list(whole.uses):
+                chain, op = [], use.operation
+                while (
+                    isinstance(op, CallOp)
+                    and op.target_name in ("aten::reshape", "aten::constant_pad_nd")
+                    and op.results[0].has_one_use()
+                ):
+                    chain.append(op)
+                    op = next(iter(op.results[0].uses)).operation
+                if (
+                    isinstance(op, LocalShardOp)
+                    and op.axis.data == self.axis
+                    and op.results[0].type == piece.type
+                ):
+                    op.results[0].replace_all_uses_with(piece)
+                    Rewriter.erase_op(op)
+                    self.gone.extend(chain)
+
     # ---- cleaning up ------------------------------------------------------------------
 
     def erase_gone(self) -> None:
@@ -748,6 +771,21 @@ class _StepZero:
                     f"zero{{stage={self.stage}}} holds as this rank's piece"
                 )
             Rewriter.erase_op(param)
+
+
+def scatter_reduced_gradients(fn: func.FuncOp, axis: str, n: int, axes) -> None:
+    """A pipelined rank's update after zero{stage=1} (`pipeline` calls it):
+    each gradient bucket's all-reduce over `axis` becomes a reduce-scatter,
+    as the update reads only this rank's slice of each reduced gradient; a
+    rank sends and receives half the bytes of an all-reduce (FSDP's
+    reduction under torchtitan's pipelines). Clipping's norm then sums the
+    slices' squares over the axis. The accumulators stay whole: every
+    micro-batch adds into them."""
+    zero = _StepZero(fn.body.blocks.first, axis, n, axes, stage=2, bucket_bytes=0.0)
+    zero.scatter_buckets()
+    zero.slices_from_pieces()
+    zero.norms_from_slices()
+    zero.erase_gone()
 
 
 def _buckets(items: list, piece, bucket_bytes: float) -> list[list]:
