@@ -131,8 +131,7 @@ class Pipeline(Pass):
                     f"'{arg.name_hint}' is {arg.type}; compile without dynamic_shapes"
                 )
         axes = mesh_axes(module)
-        buckets = _unbucket(fn, data[0], list(axes).index(data[0])) if data else []
-        sliced = data and _optimizer_state_split(fn, data[0], list(axes).index(data[0]))
+        buckets, sliced = _unbucket(fn, data[0], list(axes).index(data[0])) if data else ([], False)
         hardware = load(self.hardware)
         report = estimate(module, Target(hardware), TRAIN_STEP)
         times = {row.op: row.time for row in report.ops}
@@ -182,15 +181,16 @@ class Pipeline(Pass):
         record(module, plan, notes)
 
 
-def _unbucket(fn: func.FuncOp, axis: str, index: int) -> list[list[str]]:
+def _unbucket(fn: func.FuncOp, axis: str, index: int) -> tuple[list[list[str]], bool]:
     """The data axis's gradient buckets mix the stages' parameters: undone
     here (and rebuilt in each rank's update, `bucket_by`), so that each
     stage's gradients are reduced over its data-parallel group, once per
-    step, after its last micro-batch's backward. ZeRO stage 1 (optimizer
-    state in pieces over the data axis, mesh axis `index`: each rank's update
-    runs on its slices and gathers them into the parameters) goes with its
-    stages' updates; stages 2 and 3 are refused."""
+    step, after its last micro-batch's backward. Also whether zero{stage=1}
+    split the optimizer state over the data axis (mesh axis `index`): each
+    rank's update then reduce-scatters, runs on its slices and gathers them
+    into the parameters. Stages 2 and 3 are refused."""
     block = fn.body.blocks.first
+    sliced = False
     for op in block.ops:
         if isinstance(op, ReduceScatterOp) and op.axis.data == axis:
             _refuse_zero(2, f"gradients are reduce-scattered over the data axis '{axis}'")
@@ -199,19 +199,8 @@ def _unbucket(fn: func.FuncOp, axis: str, index: int) -> list[list[str]]:
         split = op.attributes[PLACEMENTS_ATTR].data[index].kind not in ("replicate", "partial")
         if split and STATE_OF not in op.attributes:  # a parameter, not its optimizer state
             _refuse_zero(3, f"'{op.weight_name}' is split over the data axis '{axis}'")
-    return unbucket(block, axis)
-
-
-def _optimizer_state_split(fn: func.FuncOp, axis: str, index: int) -> bool:
-    """zero{stage=1} ran: optimizer state is split over the data axis."""
-    return any(
-        isinstance(op, ParamOp)
-        and op.is_state
-        and STATE_OF in op.attributes
-        and PLACEMENTS_ATTR in op.attributes
-        and op.attributes[PLACEMENTS_ATTR].data[index].kind not in ("replicate", "partial")
-        for op in fn.body.blocks.first.ops
-    )
+        sliced = sliced or split
+    return unbucket(block, axis), sliced
 
 
 def _refuse_zero(stage: int, why: str) -> None:
