@@ -33,7 +33,7 @@ from ..ir.effects import updates_state
 from ..ir.errors import PlaitError
 from ..ir.memory import crosses, on_host, value_on_host
 from ..ir.ops import CallOp, CollectiveOp, LocalShardOp, ParamOp, ReshapeOp, WaitOp
-from ..ir.residual import block_cuts
+from ..ir.residual import block_cuts, off_stream
 from ..ir.schema import returns_alias
 from ..ir.text import module_path
 from ..ir.training import (
@@ -166,8 +166,10 @@ def estimate(module: ModuleOp, target: Target, function: str | None = None) -> E
     sizes = _value_sizes(fn, subs)
     if FUSE_ATTR in module.attributes:  # Inductor runs chains of small ops as one kernel
         blocks = FUSE_SCOPE_ATTR in module.attributes  # compiled apart: no group crosses a cut
-        cuts = [v.owner for v in block_cuts(fn.body.blocks.first)[1:]] if blocks else []
-        _fuse(fn, rows, times, sizes, views, target.hardware, subs, cuts)
+        body = fn.body.blocks.first
+        cuts = [v.owner for v in block_cuts(body)[1:]] if blocks else []
+        unfused = off_stream(body) if blocks else set()  # run before the blocks, unfused
+        _fuse(fn, rows, times, sizes, views, target.hardware, subs, cuts, unfused)
     crossed = {op: links[comm_axis(op)][1] for op in times if comm_axis(op)}
     schedule = simulate(fn, times, sizes, views, crossed)
     formulas = {
@@ -323,13 +325,15 @@ def _time_formula(op: Operation, cost: OpCost, hw, links) -> sympy.Expr:
     return sympy.Integer(0)
 
 
-def _fuse(fn: func.FuncOp, rows: list[OpEstimate], times, sizes, views, hw: Hardware, subs, cuts):
+def _fuse(
+    fn: func.FuncOp, rows: list[OpEstimate], times, sizes, views, hw: Hardware, subs, cuts, unfused
+):
     """Each fusion group priced as one kernel on its last op (`fusion`): the
     others take no time of their own, and what they produce stays in
     registers, except the memory the group writes (its last op's, or what
     that op is a view of)."""
     row_of = {row.op: row for row in rows}
-    for end, ops in members(fusion_groups(fn.body.blocks.first, cuts)).items():
+    for end, ops in members(fusion_groups(fn.body.blocks.first, cuts, unfused)).items():
         inside = set(ops)
         written = end
         while written in views and written.operands and written.operands[0].owner in inside:

@@ -25,10 +25,13 @@ from ..ir.ops import ElementwiseOp, NormOp, ReduceOp, ReshapeOp, SoftmaxOp
 FUSIBLE = (ElementwiseOp, NormOp, SoftmaxOp, ReduceOp, ReshapeOp)
 
 
-def fusion_groups(block: Block, cuts: list[Operation] = ()) -> dict[Operation, Operation]:
+def fusion_groups(
+    block: Block, cuts: list[Operation] = (), unfused: set[Operation] = frozenset()
+) -> dict[Operation, Operation]:
     """Each fusible op -> the last op of its group (itself if it ends one).
     No group spans one of `cuts` (the ends of graphs compiled apart: an op
-    at a cut ends its graph)."""
+    at a cut ends its graph); the ops in `unfused` run alone (what compiled
+    blocks leave outside them)."""
     ops = list(block.ops)
     position = {op: i for i, op in enumerate(ops)}
     bounds = sorted(position[c] for c in cuts)
@@ -36,6 +39,9 @@ def fusion_groups(block: Block, cuts: list[Operation] = ()) -> dict[Operation, O
     group: dict[Operation, Operation] = {}
     for op in reversed(ops):
         if not isinstance(op, FUSIBLE):
+            continue
+        if op in unfused:
+            group[op] = op
             continue
         users = {use.operation for result in op.results for use in result.uses}
         ends = {group.get(user) for user in users}

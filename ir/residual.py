@@ -131,13 +131,10 @@ def block_cuts(block: Block) -> list[SSAValue]:
         return []
     ops = list(block.ops)
     position = {op: i for i, op in enumerate(ops)}
-    stream, start = chain[0].stream, position.get(chain[0].stream.owner, -1)
-    streamed: set[Operation] = set()
-    for op in ops[start + 1 :]:
-        if any(v is stream or v.owner in streamed for v in op.operands):
-            streamed.add(op)
+    stream = chain[0].stream
+    streamed = _streamed(ops, position, stream)
     adds = sorted((m.add for m in modules if m.add in streamed), key=position.get)
-    bounds = [start, *(position[a] for a in adds)]
+    bounds = [position.get(stream.owner, -1), *(position[a] for a in adds)]
     codes = [
         tuple(
             op.name + getattr(op, "target_name", "") for op in ops[a + 1 : b + 1] if op in streamed
@@ -147,3 +144,24 @@ def block_cuts(block: Block) -> list[SSAValue]:
     p = repeat_period(codes)
     ends = [adds[i] for i in range(len(adds)) if (i + 1) % p == 0 or i == len(adds) - 1]
     return [stream, *(add.results[0] for add in ends)]
+
+
+def off_stream(block: Block) -> set[Operation]:
+    """The ops that do not depend on the residual stream's start (the
+    embedding, masks, rotary tables, sizes): `fuse{scope=blocks}` runs them
+    before its blocks, unfused. Empty without a stream."""
+    chain = _longest_run(residual_modules(block))
+    if not chain:
+        return set()
+    ops = list(block.ops)
+    streamed = _streamed(ops, {op: i for i, op in enumerate(ops)}, chain[0].stream)
+    return {op for op in ops if op not in streamed}
+
+
+def _streamed(ops: list[Operation], position, stream: SSAValue) -> set[Operation]:
+    """The ops after the stream's start that read it, directly or through others."""
+    streamed: set[Operation] = set()
+    for op in ops[position.get(stream.owner, -1) + 1 :]:
+        if any(v is stream or v.owner in streamed for v in op.operands):
+            streamed.add(op)
+    return streamed
