@@ -64,10 +64,11 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run)
 
 
-def _estimate_module(args, console):
+def _estimate_module(args, console, groups: int = 1):
     """The IR to estimate: from an artifact, an IR file, or a captured model (on
     meta); with --decode, a causal LM's @prefill and @decode programs, so that
-    its KV cache is counted."""
+    its KV cache is counted (for batch / `groups` sequences: a pipeline's
+    groups, as plait.compile_generation captures them)."""
     from plait.frontend.capture import capture
     from plait.frontend.decoding import capture_generation
     from plait.frontend.importer import import_program
@@ -90,7 +91,12 @@ def _estimate_module(args, console):
             model = causal_lm(loaded.model, "--decode")
             longest = getattr(getattr(model, "config", None), "max_position_embeddings", None)
             context = args.context or args.seq or min(DEFAULT_SEQ, longest or DEFAULT_SEQ)
-            return capture_generation(model, args.batch, context)
+            if args.batch % groups:
+                raise UsageError(
+                    f"pipeline{{microbatches={groups}}} runs groups of batch / {groups} "
+                    f"sequences, but --batch is {args.batch}; give a batch that {groups} divides"
+                )
+            return capture_generation(model, args.batch // groups, context)
         return import_program(capture(loaded.model, loaded.example_inputs, loaded.dynamic_shapes))
 
 
@@ -171,24 +177,32 @@ def run(args) -> int:
     if args.compare is not None:
         pipelines.append(args.compare)
     managers = [PassManager.parse(p, **pass_manager_options(args)) for p in pipelines]
-    module, weights = _estimate_module(args, console)
+    stages = [p for p in managers[0].passes if p.name == "pipeline"]
+    groups = stages[0].microbatches if stages and args.decode else 1
+    module, weights = _estimate_module(args, console, groups)
     results, meshes = [], []
     for manager in managers:
         plan = module.clone() if len(managers) > 1 else module
         manager.run(plan, weights)
-        # a generation plan: @decode for --decode, else @prefill of a --seq prompt
-        if args.decode and "decode" not in _functions(plan):
+        # a generation plan: @decode for --decode (its first stage's, cut into
+        # pipeline stages), else @prefill of a --seq prompt
+        function = None
+        if args.decode:
+            function = next((f for f in ("decode", "decode_stage0") if f in _functions(plan)), None)
+        if args.decode and function is None:
             raise PlaitError(
                 f"--decode estimates a @decode program, whose KV cache it counts, and "
-                f"{args.model} has only @{', @'.join(_functions(plan))}; compile it with "
-                "--generate, or estimate the Hugging Face model (directory or --example) itself"
+                f"{args.model or args.example} has only @{', @'.join(_functions(plan))}; compile "
+                "it with --generate, or estimate the Hugging Face model (directory or --example) "
+                "itself"
             )
         values = _estimate_values(args, plan, dims)
         context = values.get("context", args.context or values.get("seq")) if args.decode else None
-        function = "decode" if args.decode else None
         results.append(estimate(plan, Target(hardware, mesh, values, context), function))
         meshes.append(_mesh_text(plan))
     mode = f"decode, context {context}" if args.decode else "prefill"
+    if function == "decode_stage0":
+        mode += ", @decode_stage0 below"
     from plait.ir.attrs import PIPELINE_ATTR
 
     pipelined = PIPELINE_ATTR in plan.attributes
@@ -207,9 +221,24 @@ def run(args) -> int:
                 results[0], results[1], (pipelines[0] or "(none)", pipelines[1] or "(none)")
             )
         )
-    from plait.passes.shard.pipeline_cost import estimates_of, pipeline_peaks, pipeline_timeline
+    from plait.passes.shard.pipeline_cost import (
+        estimates_of,
+        generation_step,
+        pipeline_peaks,
+        pipeline_timeline,
+    )
     from plait.passes.shard.pipeline_schedule import pipeline_plan
 
+    step = generation_step(plan, Target(hardware, mesh, values, context)) if args.decode else None
+    if step is not None:  # every group's token passes every stage
+        bound = "the stages' round trip" if step.round_trip >= step.busiest else "the busiest stage"
+        print(
+            f"pipelined decode: {step.groups} group(s) of {args.batch // step.groups} sequences "
+            f"over {len(step.stage_times)} stages; a group's program per stage "
+            + ", ".join(f"{t * 1e3:.3f}" for t in step.stage_times)
+            + f" ms; a token for every group {step.time * 1e3:.3f} ms (bound by {bound}), "
+            f"{args.batch / step.time:,.0f} tokens/s"
+        )
     timeline = None
     if pipeline_plan(plan) is not None:  # the step is every stage's actions, not one function
         target = Target(hardware, mesh, values)

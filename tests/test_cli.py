@@ -4,6 +4,7 @@ clear errors for bad MODEL specs and bad inputs."""
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import subprocess
 import sys
@@ -682,6 +683,26 @@ def test_estimate_counts_the_kv_cache_prints_the_mesh_and_refuses_sizes_out_of_r
     assert code == 1 and "'seq' = 2048 (from --seq) is outside the range [2, 256]" in err
     code, out, err = _run(capsys, "estimate", str(tmp_path / "llama"))  # --seq: 2048 at most
     assert code == 0 and "mesh none (one device), prefill, batch=1, seq=256" in out
+
+
+def test_estimate_of_pipelined_decoding_shows_the_token_step_of_every_group(capsys):
+    """--decode over pipeline stages: the plan is captured for batch / M
+    sequences (each group its own cache), stage 0's decode program is shown,
+    and a token for every group takes at least one group's way through the
+    stages and the busiest stage's M programs; a batch M does not divide is
+    one error line."""
+    stages = "canonicalize,cse,dce,pipeline{stages=2,microbatches=2}"
+    argv = ["estimate", "--example", "llama-tiny", "--decode", "--context", "64"]
+    code, out, err = _run(capsys, *argv, "--batch", "4", "--pipeline", stages)
+    assert code == 0, err
+    assert out.splitlines()[1].startswith("mesh pp:2, decode, context 64, @decode_stage0 below")
+    line = next(text for text in out.splitlines() if text.startswith("pipelined decode:"))
+    assert "2 group(s) of 2 sequences over 2 stages" in line
+    times = re.search(r"per stage ([\d.]+), ([\d.]+) ms; a token for every group ([\d.]+) ms", line)
+    first, second, token = map(float, times.groups())
+    assert token >= max(2 * max(first, second), first + second) - 2e-3  # (printed to 1 us)
+    code, _, err = _run(capsys, *argv, "--batch", "3", "--pipeline", stages)
+    assert code == 2 and "give a batch that 2 divides" in err and "Traceback" not in err
 
 
 def _run_under_torchrun(rank, world_size, argv):

@@ -1,6 +1,7 @@
 """Analysis: a pipelined training step as the cost model sees it: each rank's
 timeline (its stage functions' estimated times run as the schedule's action
-lists, messages crossing the pp axis's link) and each rank's peak memory.
+lists, messages crossing the pp axis's link) and each rank's peak memory;
+and a pipelined generation's token step (`generation_step`).
 
 A rank's peak: the state of its stages (parameters, optimizer state,
 gradient accumulators) plus, at each action in its list, the activations the
@@ -13,6 +14,8 @@ GPipe keeps all M micro-batches' activations before the first backward,
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from xdsl.dialects import func
 from xdsl.dialects.builtin import ModuleOp
 from xdsl.ir import OpResult
@@ -20,8 +23,9 @@ from xdsl.ir import OpResult
 from ...cost.comm_cost import axis_links
 from ...hardware import Link
 from ...ir.attrs import PIPELINE_AXIS, mesh_axes
-from ...ir.ops import ParamOp
+from ...ir.ops import ParamOp, SendOp
 from ...ir.training import GRADIENT_BYTES, HOST_OPTIMIZER_STATE, step_memory
+from .decode_stages import sequence_groups, stage_function_name
 from .pipeline_schedule import (
     BACKWARD,
     FORWARD,
@@ -104,3 +108,56 @@ def _kept_bytes(forward: func.FuncOp, schedule) -> int:
         for b in bases
         if isinstance(b, OpResult) and not isinstance(b.owner, ParamOp)
     )
+
+
+@dataclass(frozen=True)
+class GenerationStep:
+    """A pipelined generation's token step for every group of sequences:
+    each group passes the stages in turn (a stage's program, then its
+    message to the next; the last sends the logits back), and each stage
+    runs every group's program once a token."""
+
+    stage_times: list[float]  # seconds of each stage's program, one group
+    message_times: list[float]  # seconds of each stage's messages (the last's: the logits)
+    groups: int
+
+    @property
+    def round_trip(self) -> float:
+        """One group's token: every stage and every message in turn."""
+        return sum(self.stage_times) + sum(self.message_times)
+
+    @property
+    def busiest(self) -> float:
+        """The busiest stage's programs for every group."""
+        return self.groups * max(self.stage_times)
+
+    @property
+    def time(self) -> float:
+        """Seconds a token takes every group, in the steady state."""
+        return max(self.round_trip, self.busiest)
+
+
+def generation_step(module: ModuleOp, target, function: str = "decode") -> GenerationStep | None:
+    """`function` (prefill or decode) of generation programs cut into pipeline
+    stages, as the cost model sees it on `target`; None when not cut."""
+    from ...cost.estimate import estimate
+
+    functions = {f.sym_name.data: f for f in module.ops if isinstance(f, func.FuncOp)}
+    stages = []
+    while stage_function_name(function, len(stages)) in functions:
+        stages.append(functions[stage_function_name(function, len(stages))])
+    if not stages:
+        return None
+    link = pipeline_link(module, target.hardware)
+    times, messages = [], []
+    for fn in stages:
+        times.append(estimate(module, target, fn.sym_name.data).schedule.step_time)
+        sends = [op for op in fn.walk() if isinstance(op, SendOp)]
+        # a stage's messages go out together (async): the largest arrives last
+        messages.append(
+            max(
+                (link.latency + int(op.input.type.nbytes) / link.bandwidth for op in sends),
+                default=0.0,
+            )
+        )
+    return GenerationStep(times, messages, sequence_groups(module))

@@ -111,8 +111,9 @@ class Pipeline(Pass):
             return
         if TRAIN_STEP not in functions:
             raise StageError(
-                "pipeline applies to a training step (plait.compile_training) or to "
-                "generation programs (plait.compile_generation)"
+                "pipeline applies to a training step (plait.compile_training, plait train) or "
+                "to generation programs (plait.compile_generation, plait compile --generate, "
+                "plait estimate --decode), not to a forward"
             )
         if PIPELINE_AXIS in mesh_axes(module):
             raise StageError(f"the step is already pipelined (mesh axis '{PIPELINE_AXIS}')")
