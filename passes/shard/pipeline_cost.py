@@ -138,8 +138,9 @@ class GenerationStep:
 
 
 def generation_step(module: ModuleOp, target, function: str = "decode") -> GenerationStep | None:
-    """`function` (prefill or decode) of generation programs cut into pipeline
-    stages, as the cost model sees it on `target`; None when not cut."""
+    """The token step of `function` (decode: its messages' sizes are fixed) of
+    generation programs cut into pipeline stages, as the cost model sees it
+    on `target`; None when not cut."""
     from ...cost.estimate import estimate
 
     functions = {f.sym_name.data: f for f in module.ops if isinstance(f, func.FuncOp)}
