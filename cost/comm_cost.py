@@ -23,6 +23,7 @@ import sympy
 
 from ..hardware import Hardware, Link
 from ..ir.args import Tag
+from ..ir.dtypes import is_floating
 from ..ir.ops import (
     AllGatherOp,
     AllReduceOp,
@@ -86,6 +87,12 @@ def collective_time(op, links: dict[str, tuple[int, Link]]) -> Expr:
         return ring_steps(p, sympy.sympify(_type(op.result).nbytes), link)
     if isinstance(op, GatherIntoOp):  # every piece, padding and all
         return ring_steps(p, p * n_in, link)
+    if (
+        isinstance(op, ReduceScatterOp)
+        and link.scatter_as_all_reduce
+        and is_floating(_type(op.input).dtype)
+    ):
+        return all_reduce_time(p, n_in, link)  # as plait runs it there (see Link)
     if isinstance(op, (ReduceScatterOp, AllToAllOp)):
         return ring_steps(p, n_in, link)
     raise TypeError(f"no cost model for {op.name}")

@@ -32,6 +32,8 @@ with its public source:
                          # takes from the compute it overlaps (gloo on the CPU's cores)
     skew = 0.0           # optional: seconds a collective waits for its peers to
                          # arrive, per second of compute since the rank's last one
+    scatter_as_all_reduce = false  # optional: plait runs a float reduce-scatter
+                         # here as an all-reduce (gloo: faster than its own)
 """
 
 from __future__ import annotations
@@ -65,6 +67,10 @@ class Link:
     # seconds a collective waits for the ranks to arrive, per second of compute
     # each did since its previous collective (their compute times drift apart)
     skew: float = 0.0
+    # plait's programs run a float reduce-scatter over this link as an
+    # all-reduce, then keep their piece (backends/fx on gloo, where that is
+    # faster than gloo's own reduce-scatter): priced as that all-reduce
+    scatter_as_all_reduce: bool = False
 
 
 @dataclass(frozen=True)
@@ -211,6 +217,10 @@ def load(name_or_path: str | Path) -> Hardware:
             latency=float(_require(entry, "latency", f"{where} [[links]]")),
             contention=_share(entry.get("contention", 0.0), f"{where} [[links]] contention"),
             skew=_share(entry.get("skew", 0.0), f"{where} [[links]] skew"),
+            scatter_as_all_reduce=_flag(
+                entry.get("scatter_as_all_reduce", False),
+                f"{where} [[links]] scatter_as_all_reduce",
+            ),
         )
         for entry in data.get("links", [])
     )
@@ -242,6 +252,12 @@ def load(name_or_path: str | Path) -> Hardware:
         threads=int(data.get("threads", {}).get("count", 1)),
         grain=int(data.get("threads", {}).get("grain", 0)),
     )
+
+
+def _flag(value, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise HardwareError(f"{where}: {value!r} is not true or false")
+    return value
 
 
 def _share(value, where: str) -> float:

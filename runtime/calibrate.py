@@ -497,6 +497,7 @@ def hardware_text(m: Measurements) -> str:
         f"contention = {share:.3g}  # share of a 16 MB async all-reduce's time lost by the "
         "compute it overlaps",
         f"skew = {skew:.3g}  # seconds a 4 KB all-reduce waits per second of compute before it",
+        "scatter_as_all_reduce = true  # plait runs a float reduce-scatter on gloo as one",
         "",
         "[sources]",
         f'all = "{how}"',

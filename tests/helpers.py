@@ -141,6 +141,7 @@ def check_calibrated_hardware(path, compiled_model) -> None:
     hardware = load(path)
     assert hardware.peak_flops("f32") > 1e9 and hardware.memory_bandwidth > 1e9
     assert hardware.links[0].devices is None and hardware.links[0].latency > 0
+    assert hardware.links[0].scatter_as_all_reduce  # as plait runs reduce-scatters on gloo
     assert "aten::index.Tensor" in hardware.target_overhead
     for family in ("transcendental", "strided", "reduce"):
         assert hardware.family_flops[family]["f32"] > 1e6

@@ -178,6 +178,27 @@ def test_each_collective_by_alpha_beta():
     assert float(collective_time(a2a, links)) == pytest.approx(3 * (alpha + n / (4 * beta)))
 
 
+def test_a_reduce_scatter_plait_runs_as_an_all_reduce_is_priced_as_one():
+    """On a link whose programs run a float reduce-scatter as an all-reduce
+    (gloo: `cpu`'s link says so), it costs that all-reduce; an integer one
+    stays a ring reduce-scatter, as it does on every other link."""
+    _, (floats, ints) = _ops(
+        '    %s = plait.reduce_scatter %x {axis = "tp", dim = 0 : i64, reduce = "sum"} : !plait.tensor<[1024], bf16> -> !plait.tensor<[512], bf16>\n'
+        '    %c = plait.reduce_scatter %i {axis = "tp", dim = 0 : i64, reduce = "sum"} : !plait.tensor<[1024], i64> -> !plait.tensor<[512], i64>\n',
+        "%x : !plait.tensor<[1024], bf16>, %i : !plait.tensor<[1024], i64>",
+    )
+    gloo = load("cpu").links[0]
+    assert gloo.scatter_as_all_reduce and not LINK.scatter_as_all_reduce
+    links = {"tp": (2, gloo)}
+    assert float(collective_time(floats, links)) == pytest.approx(
+        float(all_reduce_time(2, sympy.Float(2048), gloo))
+    )
+    assert float(collective_time(ints, links)) == pytest.approx(
+        gloo.latency + 8192 / (2 * gloo.bandwidth)
+    )
+    assert float(collective_time(floats, {"tp": (2, LINK)})) == pytest.approx(2e-6 + 2048 / 200e9)
+
+
 def test_mesh_axes_map_to_links():
     h100 = load("h100-sxm")
     links = axis_links({"dp": 2, "tp": 8}, h100)
@@ -278,7 +299,7 @@ def test_a_collective_waits_for_ranks_by_the_compute_since_the_last_one(skew):
     assert schedule.step_time == pytest.approx(plain.step_time + skew * linear)
 
 
-def test_a_contention_outside_0_to_1_is_refused(tmp_path):
+def test_link_figures_out_of_their_range_are_refused(tmp_path):
     cpu = (Path(hardware.__file__).parent / "cpu.toml").read_text()
     bad = tmp_path / "bad.toml"
     bad.write_text(cpu.replace("contention = ", "contention = 1", 1))
@@ -286,6 +307,9 @@ def test_a_contention_outside_0_to_1_is_refused(tmp_path):
         load(bad)
     bad.write_text(cpu.replace("skew = ", "skew = -", 1))
     with pytest.raises(HardwareError, match=r"skew: -[\d.]+ is not a share between 0 and 1"):
+        load(bad)
+    bad.write_text(cpu.replace("scatter_as_all_reduce = true", "scatter_as_all_reduce = 1", 1))
+    with pytest.raises(HardwareError, match="scatter_as_all_reduce: 1 is not true or false"):
         load(bad)
 
 
