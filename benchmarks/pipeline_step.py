@@ -33,7 +33,7 @@ part of the theory) that a rank spends idle:
   steady state its input is already there), and idle is what the rank's M
   forwards and backwards do not fill. Any action slower than its fastest
   (a noisy neighbour, a cold cache) counts as idle.
-- from waits for messages: an action's compute is its time less the time
+- less waits for messages: an action's compute is its time less the time
   it blocked in torch.distributed's point-to-point calls (a recv, an
   irecv's wait), and idle is the rest of the step: the waits, the step's
   end (its sends' waits, the loss summed over the stages) and the runtime
