@@ -1098,7 +1098,9 @@ def build_program(
     compiled = None  # torch.compile compiles on the first call
     if fuse is not None and FUSE_SCOPE_ATTR in module.attributes:
         cuts = [
-            lowering.values[v] for v in block_cuts(fn.body.blocks.first) if v in lowering.values
+            lowering.values[v]
+            for v in block_cuts(fn.body.blocks.first).values
+            if v in lowering.values
         ]
         compiled = compile_blocks(gm, cuts, fuse.data)
     if fuse is not None and compiled is None:

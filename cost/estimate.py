@@ -33,7 +33,7 @@ from ..ir.effects import updates_state
 from ..ir.errors import PlaitError
 from ..ir.memory import crosses, on_host, value_on_host
 from ..ir.ops import CallOp, CollectiveOp, LocalShardOp, ParamOp, ReshapeOp, WaitOp
-from ..ir.residual import block_cuts, off_stream
+from ..ir.residual import BlockCuts, block_cuts
 from ..ir.schema import returns_alias
 from ..ir.text import module_path
 from ..ir.training import (
@@ -165,11 +165,10 @@ def estimate(module: ModuleOp, target: Target, function: str | None = None) -> E
     rows, times, views = _op_estimates(fn, target, links, subs)
     sizes = _value_sizes(fn, subs)
     if FUSE_ATTR in module.attributes:  # Inductor runs chains of small ops as one kernel
-        blocks = FUSE_SCOPE_ATTR in module.attributes  # compiled apart: no group crosses a cut
-        body = fn.body.blocks.first
-        cuts = [v.owner for v in block_cuts(body)[1:]] if blocks else []
-        unfused = off_stream(body) if blocks else set()  # run before the blocks, unfused
-        _fuse(fn, rows, times, sizes, views, target.hardware, subs, cuts, unfused)
+        # blocks compiled apart: no group crosses a cut, what runs before them is unfused
+        blocks = FUSE_SCOPE_ATTR in module.attributes
+        cut = block_cuts(fn.body.blocks.first) if blocks else BlockCuts([], frozenset())
+        _fuse(fn, rows, times, sizes, views, target.hardware, subs, cut.ends, cut.off_stream)
     crossed = {op: links[comm_axis(op)][1] for op in times if comm_axis(op)}
     schedule = simulate(fn, times, sizes, views, crossed)
     formulas = {

@@ -26,7 +26,7 @@ FUSIBLE = (ElementwiseOp, NormOp, SoftmaxOp, ReduceOp, ReshapeOp)
 
 
 def fusion_groups(
-    block: Block, cuts: list[Operation] = (), unfused: set[Operation] = frozenset()
+    block: Block, cuts: list[Operation] = (), unfused: frozenset[Operation] = frozenset()
 ) -> dict[Operation, Operation]:
     """Each fusible op -> the last op of its group (itself if it ends one).
     No group spans one of `cuts` (the ends of graphs compiled apart: an op

@@ -118,17 +118,31 @@ def repeat_period(codes: list, longest: int = 4) -> int:
     return min(range(1, min(longest, len(codes)) + 1), key=lambda p: (distinct(p), p))
 
 
-def block_cuts(block: Block) -> list[SSAValue]:
+@dataclass(frozen=True)
+class BlockCuts:
+    """Where `fuse{scope=blocks}` cuts a program into compiled blocks."""
+
+    values: list[SSAValue]  # the stream's start, then the last value of each block
+    off_stream: frozenset[Operation]  # what runs before the blocks, unfused
+
+    @property
+    def ends(self) -> list[Operation]:
+        """The ops whose results end the blocks."""
+        return [v.owner for v in self.values[1:]]
+
+
+def block_cuts(block: Block) -> BlockCuts:
     """Where `fuse{scope=blocks}` cuts a program into compiled blocks: the
     residual stream's start, then the last value of each block, the result
-    of a residual module after the start (empty without a stream). The
+    of a residual module after the start (none without a stream). The
     modules are joined in runs of `repeat_period` of their op sequences,
-    counting only ops that depend on the stream (the rest runs before the
-    blocks)."""
+    counting only ops that depend on the stream; the rest (the embedding,
+    masks, rotary tables, sizes) is off the stream and runs before the
+    blocks, unfused."""
     modules = residual_modules(block)
     chain = _longest_run(modules)
     if not chain:
-        return []
+        return BlockCuts([], frozenset())
     ops = list(block.ops)
     position = {op: i for i, op in enumerate(ops)}
     stream = chain[0].stream
@@ -143,19 +157,10 @@ def block_cuts(block: Block) -> list[SSAValue]:
     ]
     p = repeat_period(codes)
     ends = [adds[i] for i in range(len(adds)) if (i + 1) % p == 0 or i == len(adds) - 1]
-    return [stream, *(add.results[0] for add in ends)]
-
-
-def off_stream(block: Block) -> set[Operation]:
-    """The ops that do not depend on the residual stream's start (the
-    embedding, masks, rotary tables, sizes): `fuse{scope=blocks}` runs them
-    before its blocks, unfused. Empty without a stream."""
-    chain = _longest_run(residual_modules(block))
-    if not chain:
-        return set()
-    ops = list(block.ops)
-    streamed = _streamed(ops, {op: i for i, op in enumerate(ops)}, chain[0].stream)
-    return {op for op in ops if op not in streamed}
+    return BlockCuts(
+        [stream, *(add.results[0] for add in ends)],
+        frozenset(op for op in ops if op not in streamed),
+    )
 
 
 def _streamed(ops: list[Operation], position, stream: SSAValue) -> set[Operation]:

@@ -83,7 +83,7 @@ def test_fused_blocks_are_priced_as_the_backend_compiles_them():
     before the blocks is priced unfused, and the forward costs no less than
     fused whole."""
     import plait
-    from plait.ir.residual import block_cuts, off_stream
+    from plait.ir.residual import block_cuts
     from test_training import _hf_model, _lm_batches
 
     model = _hf_model("llama", num_hidden_layers=3)
@@ -93,7 +93,8 @@ def test_fused_blocks_are_priced_as_the_backend_compiles_them():
     program = blocks.program.compiled
     calls = [n for n in program.graph.nodes if n.op == "call_module"]
     block = blocks.function.body.blocks.first
-    ends = [v.owner for v in block_cuts(block)[1:]]  # the ends of the blocks
+    cut = block_cuts(block)
+    ends = cut.ends  # the ends of the blocks
     assert len(ends) == 3 and len(calls) == len(ends) + 1  # a block per layer, then the head
     ops = list(block.ops)
     graph = {op: sum(ops.index(e) < i for e in ends) for i, op in enumerate(ops)}
@@ -113,6 +114,6 @@ def test_fused_blocks_are_priced_as_the_backend_compiles_them():
         row = {r.op: r.time for r in report.ops}
         times[m] = [row.get(op) for op in m.function.body.blocks.first.ops]
     before = [
-        i for i, op in enumerate(ops) if op in off_stream(block) and crossing.get(op, op) is not op
+        i for i, op in enumerate(ops) if op in cut.off_stream and crossing.get(op, op) is not op
     ]
     assert before and all(times[whole][i] == 0 < times[blocks][i] for i in before), before
